@@ -1,0 +1,151 @@
+import pickle
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bisenetv2 import BiSeNetV2, load_paddleseg, load_weights, pad_same, read_pdparams
+from conftest import shared_fixture
+
+
+@pytest.fixture(scope="module")
+def paddle_weights():
+    return shared_fixture("paddleseg_bisenetv2", "bisenetv2_random.pdparams")
+
+
+def relative_error(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def test_reproduces_paddleseg_logits(paddle_weights):
+    folder = paddle_weights.parent
+    model = load_paddleseg(BiSeNetV2(19), paddle_weights).eval()
+    images = torch.from_numpy(np.load(folder / "input.npy"))
+    expected = torch.from_numpy(np.load(folder / "expected_logits.npy"))
+    with torch.no_grad():
+        logits = model(images)
+    assert logits.shape == expected.shape
+    # float32 through ~60 layers: PaddleSeg's own float32 rounding is ~2e-6 of the norm
+    assert relative_error(logits, expected) < 1e-5
+    assert torch.equal(logits.argmax(1), expected.argmax(1))
+
+
+def test_pad_same_matches_paddle_rule():
+    # Paddle's 'same': out = ceil(n / s), total = (out - 1) * s + k - n, smaller half first
+    x = torch.zeros(1, 1, 6, 7)
+    assert pad_same(x, 3, 2).shape[-2:] == (7, 9)  # 6: (0, 1); 7: (1, 1)
+    marked = pad_same(torch.ones(1, 1, 6, 7), 3, 2)
+    assert marked[0, 0, 0, 1] == 1 and marked[0, 0, -1, 1] == 0  # even height: nothing on top
+    assert marked[0, 0, 1, 0] == 0 and marked[0, 0, 1, -1] == 0  # odd width: one each side
+
+
+@pytest.mark.parametrize("size", [(64, 128), (97, 131), (33, 35)])
+def test_train_mode_head_shapes(size):
+    torch.manual_seed(0)
+    model = BiSeNetV2(19).train()
+    outputs = model(torch.randn(2, 3, *size))
+    assert len(outputs) == 5
+    ceil = lambda n, s: -(-n // s)  # every stride 2 layer rounds up
+    strides = [8, 4, 8, 16, 32]  # main, stem, stage 3, stage 4, stage 5
+    for out, stride in zip(outputs, strides):
+        assert out.shape == (2, 19, ceil(size[0], stride), ceil(size[1], stride))
+
+
+@pytest.mark.parametrize("size", [(1, 1), (31, 47), (96, 160)])
+def test_eval_mode_logits_at_input_size(size):
+    model = BiSeNetV2(7).eval()
+    with torch.no_grad():
+        logits = model(torch.randn(1, 3, *size))
+    assert logits.shape == (1, 7, *size)
+    assert torch.isfinite(logits).all()
+
+
+def test_eval_is_upsampled_main_head():
+    torch.manual_seed(1)
+    model = BiSeNetV2(19)
+    images = torch.randn(1, 3, 50, 70)
+    model.train()
+    for m in model.modules():  # train-mode structure, eval-mode BN and dropout
+        if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.Dropout)):
+            m.eval()
+    with torch.no_grad():
+        main = model(images)[0]
+        model.eval()
+        logits = model(images)
+    expected = F.interpolate(main, size=(50, 70), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(logits, expected)
+
+
+def write_pdparams(path, state):
+    with open(path, "wb") as f:
+        pickle.dump(state, f, protocol=4)
+
+
+def test_load_paddleseg_names_missing_tensor(paddle_weights, tmp_path):
+    state = read_pdparams(paddle_weights)
+    del state["bga.conv._batch_norm._variance"]
+    write_pdparams(tmp_path / "m.pdparams", state)
+    with pytest.raises(ValueError, match=r"missing: bga\.conv\._batch_norm\._variance"):
+        load_paddleseg(BiSeNetV2(19), tmp_path / "m.pdparams")
+
+
+def test_load_paddleseg_names_misshaped_tensor(paddle_weights, tmp_path):
+    state = read_pdparams(paddle_weights)
+    state["head.conv_1x1.weight"] = np.zeros((18, 128, 1, 1), np.float32)
+    write_pdparams(tmp_path / "m.pdparams", state)
+    with pytest.raises(ValueError, match=r"mis-shaped: head\.conv_1x1\.weight \(18, 128, 1, 1\)"):
+        load_paddleseg(BiSeNetV2(19), tmp_path / "m.pdparams")
+
+
+def test_load_paddleseg_names_unexpected_tensor(paddle_weights, tmp_path):
+    state = read_pdparams(paddle_weights)
+    state["extra.weight"] = np.zeros(3, np.float32)
+    write_pdparams(tmp_path / "m.pdparams", state)
+    with pytest.raises(ValueError, match=r"unexpected: extra\.weight"):
+        load_paddleseg(BiSeNetV2(19), tmp_path / "m.pdparams")
+
+
+def test_load_paddleseg_leaves_model_untouched_on_error(paddle_weights, tmp_path):
+    state = read_pdparams(paddle_weights)
+    del state["db.convs.0._conv.weight"]
+    write_pdparams(tmp_path / "m.pdparams", state)
+    model = BiSeNetV2(19)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError):
+        load_paddleseg(model, tmp_path / "m.pdparams")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_load_paddleseg_refuses_code_in_pickle(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+    write_pdparams(tmp_path / "evil.pdparams", {"x": Evil()})
+    with pytest.raises(ValueError, match="refusing to unpickle builtins.print"):
+        load_paddleseg(BiSeNetV2(19), tmp_path / "evil.pdparams")
+
+
+@pytest.mark.parametrize("content", [b"", b"not a pickle at all"])
+def test_corrupt_weights_are_named(tmp_path, content):
+    for name in ("w.pdparams", "w.pt"):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError, match=name):
+            load_weights(BiSeNetV2(19), tmp_path / name)
+    with pytest.raises(FileNotFoundError, match="absent.pt"):
+        load_weights(BiSeNetV2(19), tmp_path / "absent.pt")
+
+
+def test_project_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(2)
+    model = BiSeNetV2(19)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+    torch.save({"model": model.state_dict(), "iter": 3}, tmp_path / "c.pt")
+    loaded = load_weights(BiSeNetV2(19), tmp_path / "c.pt")
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    # wrong number of classes is named, not a traceback from deep inside
+    with pytest.raises(ValueError, match="does not fit BiSeNetV2"):
+        load_weights(BiSeNetV2(5), tmp_path / "c.pt")
