@@ -1,0 +1,773 @@
+"""Train and evaluate BiSeNetV2 on Cityscapes: PaddleSeg's bisenet_cityscapes_1024x1024_160k.
+
+    python train_ddp.py --demo                                    # synthetic data, CPU, minutes
+    python train_ddp.py --data-dir /data/cityscapes --do-eval     # one process
+    torchrun --nproc_per_node=8 train_ddp.py --data-dir /data/cityscapes --do-eval
+    python train_ddp.py --data-dir /data/cityscapes --eval-only --weights model.pdparams --flip
+
+The defaults are the seed's recipe: 160k iterations of 4 crops of 1024x1024 per process, SGD
+(momentum 0.9, weight decay 5e-4), lr 0.05 with poly(0.9) decay to 0 and no warmup, plain
+cross-entropy on the main and the 4 auxiliary heads (weight 1 each); augmentation
+ResizeStepScaling(0.5, 2.0, 0.25), RandomPaddingCrop (image padded 127.5, label 255),
+horizontal flip, RandomDistort (brightness, contrast, saturation 0.4, hue 18, each p 0.5, in
+random order), normalize mean 0.5 std 0.5. The data dir holds train.txt / val.txt as written
+by prepare_data.py.
+
+Determinism: which samples a step sees and every augmentation draw are functions of
+(--seed, iteration), and the torch RNG (dropout) is reseeded from (--seed, iteration, rank)
+each step, so `--resume` continues exactly where a run stopped: on the CPU a resumed run ends
+bitwise equal to an uninterrupted one.
+"""
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image
+
+from bisenetv2 import BiSeNetV2, load_weights
+
+CITYSCAPES_CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light",
+                      "traffic sign", "vegetation", "terrain", "sky", "person", "rider", "car",
+                      "truck", "bus", "train", "motorcycle", "bicycle")
+
+
+class UserError(Exception):
+    """Bad input or a stopped run: reported as one line, exit code 2."""
+
+
+# ---------------------------------------------------------------------------------------
+# Configuration
+
+DEMO_DEFAULTS = dict(iters=300, batch_size=8, crop_size=[128, 256], lr=0.05, log_iters=20,
+                     save_interval=150, do_eval=True, num_workers=2, save_dir="output/demo")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = parser.add_argument
+    add("--data-dir", help="Cityscapes root with train.txt / val.txt (see prepare_data.py)")
+    add("--demo", action="store_true",
+        help="make a synthetic Cityscapes-layout dataset in the cache and train on it briefly: "
+             + ", ".join(f"{k}={v}" for k, v in DEMO_DEFAULTS.items()))
+    # schedule and optimiser
+    add("--iters", type=int, default=160000)
+    add("--batch-size", type=int, default=4, help="images per process")
+    add("--crop-size", type=int, nargs=2, default=[1024, 1024], metavar=("H", "W"))
+    add("--lr", type=float, default=0.05)
+    add("--momentum", type=float, default=0.9)
+    add("--weight-decay", type=float, default=5e-4)
+    add("--power", type=float, default=0.9, help="poly decay exponent")
+    add("--warmup-iters", type=int, default=0, help="linear warmup from 0")
+    # loss
+    add("--loss", choices=("ce", "ohem"), default="ce")
+    add("--ohem-thresh", type=float, default=0.7, help="ohem: keep pixels with p(label) < this")
+    add("--ohem-min-kept", type=int, default=None, help="ohem: at least this many (default valid // 16)")
+    add("--aux-weight", type=float, default=1.0, help="weight of each of the 4 auxiliary losses")
+    add("--num-classes", type=int, default=19)
+    add("--ignore-index", type=int, default=255)
+    # augmentation
+    add("--min-scale", type=float, default=0.5)
+    add("--max-scale", type=float, default=2.0)
+    add("--scale-step", type=float, default=0.25)
+    # system
+    add("--amp", choices=("bf16", "fp16", "none"), default=None, help="default: bf16 on CUDA, none on CPU")
+    add("--no-sync-bn", action="store_true", help="plain BN per process under DDP")
+    add("--kernels", choices=("auto", "cuda", "torch"), default="auto",
+        help="fused CUDA loss and BGA kernels (auto: when they build on a GPU machine)")
+    add("--num-workers", type=int, default=4, help="DataLoader workers per process")
+    add("--seed", type=int, default=0)
+    # bookkeeping
+    add("--save-dir", "--save_dir", default="output")
+    add("--save-interval", "--save_interval", type=int, default=500)
+    add("--keep-checkpoints", type=int, default=5)
+    add("--log-iters", type=int, default=10)
+    add("--resume", action="store_true", help="continue from the newest complete checkpoint in --save-dir")
+    add("--tensorboard", "--use_vdl", action="store_true", help="TensorBoard scalars in --save-dir")
+    # evaluation
+    add("--do-eval", "--do_eval", action="store_true", help="evaluate on val at every --eval-interval")
+    add("--eval-interval", type=int, default=None, help="default: --save-interval")
+    add("--eval-only", action="store_true", help="evaluate --weights on val and exit")
+    add("--weights", help="initial weights: a checkpoint of this project or a PaddleSeg .pdparams")
+    add("--pred-dir", help="evaluation writes each prediction here as a Cityscapes labelIds PNG")
+    add("--flip", action="store_true", help="evaluation: add horizontally flipped inference")
+    add("--scales", type=float, nargs="+", default=[1.0], help="evaluation: inference scales")
+    if argv is None:
+        argv = sys.argv[1:]
+    if "--demo" in argv:
+        parser.set_defaults(**DEMO_DEFAULTS)
+    args = parser.parse_args(argv)
+    if args.eval_interval is None:
+        args.eval_interval = args.save_interval
+    for name in ("iters", "batch_size", "save_interval", "eval_interval", "log_iters", "keep_checkpoints"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.eval_only and not args.weights:
+        parser.error("--eval-only needs --weights")
+    if not args.demo and not args.data_dir:
+        parser.error("--data-dir is required (or --demo)")
+    return args
+
+
+# ---------------------------------------------------------------------------------------
+# Data: list files, decoding, augmentation
+
+
+def read_list(data_dir, split):
+    """-> [(image path, label path)] from DATA_DIR/SPLIT.txt (`<image> <label>` relative to
+    the root; separated by spaces or a comma). Every file must exist."""
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise UserError(f"--data-dir {root}: no such directory")
+    list_file = root / f"{split}.txt"
+    if not list_file.is_file():
+        raise UserError(f"{list_file}: no such list file (run prepare_data.py --cityscapes_path {root})")
+    pairs = []
+    for line_no, line in enumerate(list_file.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        fields = line.replace(",", " ").split()
+        if len(fields) != 2:
+            raise UserError(f"{list_file}:{line_no}: expected '<image> <label>', got {line.strip()!r}")
+        image, label = root / fields[0], root / fields[1]
+        for path in (image, label):
+            if not path.is_file():
+                raise UserError(f"{list_file}:{line_no}: {path} does not exist")
+        pairs.append((image, label))
+    if not pairs:
+        raise UserError(f"{list_file}: empty list")
+    return pairs
+
+
+class DataError(Exception):
+    """A corrupt or inconsistent sample; raised in DataLoader workers."""
+
+
+def load_pair(image_path, label_path, num_classes, ignore_index):
+    """-> image (3, H, W) float32 RGB in [0, 255], label (H, W) uint8 train ids (or ignore)."""
+    try:
+        with Image.open(image_path) as im:
+            image = np.asarray(im.convert("RGB"))
+        with Image.open(label_path) as im:
+            if im.mode not in ("L", "P", "I", "I;16"):
+                raise DataError(f"{label_path}: label image has mode {im.mode}, expected one channel of train ids")
+            label = np.asarray(im)
+    except DataError:
+        raise
+    except Exception as e:
+        bad = image_path if "image" not in locals() else label_path
+        raise DataError(f"{bad}: unreadable image ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+    if image.shape[:2] != label.shape:
+        raise DataError(f"{image_path}: image is {image.shape[1]}x{image.shape[0]} but its label "
+                        f"{label_path} is {label.shape[1]}x{label.shape[0]}")
+    bad_values = np.setdiff1d(np.unique(label), np.r_[np.arange(num_classes), ignore_index])
+    if bad_values.size:
+        raise DataError(f"{label_path}: values {bad_values[:8].tolist()} are neither train ids "
+                        f"0..{num_classes - 1} nor {ignore_index}")
+    image = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float()  # (3, H, W)
+    return image, torch.from_numpy(label.astype(np.uint8))
+
+
+def draw_augmentation(rng, height, width, args):
+    """Draws every random choice of one sample's augmentation, in PaddleSeg's order.
+    The parameters are plain numbers, so the same draws can be applied anywhere."""
+    num_scales = int(round((args.max_scale - args.min_scale) / args.scale_step)) + 1
+    scale = float(rng.choice(np.linspace(args.min_scale, args.max_scale, num_scales)))
+    scaled_h, scaled_w = int(round(scale * height)), int(round(scale * width))
+    crop_h, crop_w = args.crop_size
+    padded_h, padded_w = max(scaled_h, crop_h), max(scaled_w, crop_w)
+    return dict(
+        scaled_size=(scaled_h, scaled_w),
+        crop_offset=(int(rng.integers(padded_h - crop_h + 1)), int(rng.integers(padded_w - crop_w + 1))),
+        flip=bool(rng.uniform() < 0.5),
+        # RandomDistort: four ops in random order, each applied with probability 0.5
+        distort_order=[int(i) for i in rng.permutation(4)],
+        distort_apply=[bool(rng.uniform() < 0.5) for _ in range(4)],
+        brightness=float(rng.uniform(0.6, 1.4)),
+        contrast=float(rng.uniform(0.6, 1.4)),
+        saturation=float(rng.uniform(0.6, 1.4)),
+        hue=float(rng.uniform(-18, 18)),
+    )
+
+
+def luminance(image):
+    """ITU-R 601-2 luma, as PIL's convert('L'): (..., 3, H, W) -> (..., 1, H, W)."""
+    weights = image.new_tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
+    return (image * weights).sum(-3, keepdim=True)
+
+
+def shift_hue(image, delta):
+    """Rotates the hue of an RGB image in [0, 255] by delta/256 of a turn (PIL's HSV hue is
+    a uint8, so PaddleSeg's hue delta of up to 18 is about 25 degrees)."""
+    rgb = image / 255.0
+    maxc, _ = rgb.max(-3)
+    minc, _ = rgb.min(-3)
+    span = maxc - minc
+    safe_span = torch.where(span > 0, span, torch.ones_like(span))
+    r, g, b = rgb.unbind(-3)
+    hue = torch.where(maxc == r, (g - b) / safe_span,
+                      torch.where(maxc == g, 2.0 + (b - r) / safe_span, 4.0 + (r - g) / safe_span))
+    hue = torch.where(span > 0, hue / 6.0, torch.zeros_like(hue))
+    hue = torch.remainder(hue + delta / 256.0, 1.0)
+    saturation = torch.where(maxc > 0, span / torch.where(maxc > 0, maxc, torch.ones_like(maxc)),
+                             torch.zeros_like(maxc))
+    # HSV -> RGB: channel n gets v - v*s*clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6
+    k = torch.remainder(torch.stack([5.0 + hue * 6, 3.0 + hue * 6, 1.0 + hue * 6], -3), 6.0)
+    ramp = torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0)
+    return (maxc.unsqueeze(-3) * (1 - saturation.unsqueeze(-3) * ramp)) * 255.0
+
+
+def distort(image, params):
+    """PaddleSeg's RandomDistort on a float RGB image in [0, 255], with PIL ImageEnhance's
+    formulas (in float: no uint8 rounding between the ops)."""
+    for op in params["distort_order"]:
+        if not params["distort_apply"][op]:
+            continue
+        if op == 0:    # brightness: blend with black
+            image = image * params["brightness"]
+        elif op == 1:  # contrast: blend with the mean grey level
+            mean = luminance(image).mean()
+            image = mean + params["contrast"] * (image - mean)
+        elif op == 2:  # saturation: blend with the grey image
+            grey = luminance(image)
+            image = grey + params["saturation"] * (image - grey)
+        else:
+            image = shift_hue(image, params["hue"])
+        image = image.clamp(0, 255)
+    return image
+
+
+def augment(image, label, params, crop_size, ignore_index=255):
+    """image (3, H, W) float in [0, 255], label (H, W) uint8 -> normalised image (3, h, w)
+    and label (h, w), (h, w) = crop_size: ResizeStepScaling, RandomPaddingCrop,
+    RandomHorizontalFlip, RandomDistort, Normalize(0.5, 0.5)."""
+    scaled_h, scaled_w = params["scaled_size"]
+    # cv2.INTER_LINEAR and INTER_NEAREST, as PaddleSeg resizes (no antialiasing)
+    image = F.interpolate(image[None], size=(scaled_h, scaled_w), mode="bilinear", align_corners=False)[0]
+    label = F.interpolate(label[None, None].float(), size=(scaled_h, scaled_w), mode="nearest")[0, 0]
+    label = label.to(torch.uint8)
+    crop_h, crop_w = crop_size
+    pad_h, pad_w = max(crop_h - scaled_h, 0), max(crop_w - scaled_w, 0)
+    if pad_h or pad_w:  # bottom and right, as cv2.copyMakeBorder(0, pad_h, 0, pad_w)
+        image = F.pad(image, (0, pad_w, 0, pad_h), value=127.5)
+        label = F.pad(label, (0, pad_w, 0, pad_h), value=ignore_index)
+    top, left = params["crop_offset"]
+    image = image[:, top:top + crop_h, left:left + crop_w]
+    label = label[top:top + crop_h, left:left + crop_w]
+    if params["flip"]:
+        image, label = image.flip(-1), label.flip(-1)
+    image = distort(image, params)
+    return (image / 255.0 - 0.5) / 0.5, label.contiguous()
+
+
+class TrainSet(torch.utils.data.Dataset):
+    """Items are addressed by (index, stream position); the position seeds the sample's
+    augmentation, so a step's batch is the same whichever worker or run makes it."""
+
+    def __init__(self, pairs, args):
+        self.pairs, self.args = pairs, args
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, item):
+        index, position = item
+        image, label = load_pair(*self.pairs[index], self.args.num_classes, self.args.ignore_index)
+        rng = np.random.default_rng([self.args.seed, position])
+        params = draw_augmentation(rng, image.shape[1], image.shape[2], self.args)
+        return augment(image, label, params, self.args.crop_size, self.args.ignore_index)
+
+
+class StepSampler(torch.utils.data.Sampler):
+    """Yields this rank's batches for iterations start_iter .. iters - 1.
+
+    The training stream is the concatenation of per-epoch permutations (seeded by seed and
+    epoch); iteration i consumes positions [i * G, (i + 1) * G), G = batch * world size, and
+    rank r takes the r-th slice of batch size. Each item is (dataset index, position)."""
+
+    def __init__(self, num_samples, batch_size, rank, world_size, seed, start_iter, iters):
+        self.num_samples, self.batch_size = num_samples, batch_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.start_iter, self.iters = start_iter, iters
+        self._epoch, self._order = None, None
+
+    def index_at(self, position):
+        epoch = position // self.num_samples
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._order = epoch, torch.randperm(self.num_samples, generator=generator)
+        return int(self._order[position % self.num_samples])
+
+    def __iter__(self):
+        global_batch = self.batch_size * self.world_size
+        for it in range(self.start_iter, self.iters):
+            first = it * global_batch + self.rank * self.batch_size
+            yield [(self.index_at(p), p) for p in range(first, first + self.batch_size)]
+
+    def __len__(self):
+        return self.iters - self.start_iter
+
+
+def load_eval_sample(pair, args):
+    image, label = load_pair(*pair, args.num_classes, args.ignore_index)
+    return (image / 255.0 - 0.5) / 0.5, label
+
+
+# ---------------------------------------------------------------------------------------
+# Loss
+
+
+def segmentation_losses(outputs, labels, loss_fn, args):
+    """-> (N_heads,) float32 losses of the main head and the auxiliary heads, each computed
+    on the head's logits bilinearly upsampled to the labels' size."""
+    thresh = args.ohem_thresh if args.loss == "ohem" else None
+    return torch.stack([loss_fn(out, labels, thresh=thresh, min_kept=args.ohem_min_kept,
+                                ignore_index=args.ignore_index) for out in outputs])
+
+
+# ---------------------------------------------------------------------------------------
+# Evaluation
+
+
+def confusion_matrix(pred, label, num_classes, ignore_index):
+    """(num_classes, num_classes) int64: rows ground truth, columns prediction."""
+    valid = label != ignore_index
+    index = label[valid].long() * num_classes + pred[valid].long()
+    return torch.bincount(index, minlength=num_classes ** 2).view(num_classes, num_classes)
+
+
+def metrics_from_confusion(confusion):
+    """mIoU over the classes that occur in the ground truth or the predictions (as the
+    official Cityscapes evaluator averages), pixel accuracy, per-class IoU (None: absent)."""
+    confusion = confusion.double()
+    true_pos = confusion.diag()
+    union = confusion.sum(0) + confusion.sum(1) - true_pos
+    present = union > 0
+    iou = true_pos / union.clamp(min=1)
+    class_iou = [float(v) if p else None for v, p in zip(iou.tolist(), present.tolist())]
+    return dict(mIoU=float(iou[present].mean()) if present.any() else 0.0,
+                pixel_acc=float(true_pos.sum() / confusion.sum().clamp(min=1)),
+                class_IoU=class_iou)
+
+
+@torch.no_grad()
+def predict_logits_sum(model, image, scales, flip):
+    """PaddleSeg's aug_inference: softmax summed over scales (and flips) at the input size;
+    plain logits when there is a single scale 1.0 and no flip."""
+    height, width = image.shape[-2:]
+    if list(scales) == [1.0] and not flip:
+        return model(image)
+    total = 0
+    for scale in scales:
+        size = (int(height * scale + 0.5), int(width * scale + 0.5))
+        scaled = image if size == (height, width) else F.interpolate(image, size=size, mode="bilinear",
+                                                                      align_corners=False)
+        for flipped in ((False, True) if flip else (False,)):
+            logits = model(scaled.flip(-1) if flipped else scaled)
+            logits = logits.flip(-1) if flipped else logits
+            logits = F.interpolate(logits.float(), size=(height, width), mode="bilinear", align_corners=False)
+            total = total + logits.softmax(1)
+    return total
+
+
+def train_id_to_label_id(num_classes):
+    from cityscapesscripts.helpers.labels import trainId2label
+    table = np.zeros(256, np.uint8)
+    for train_id in range(num_classes):
+        table[train_id] = trainId2label[train_id].id
+    return table
+
+
+@torch.no_grad()
+def evaluate(model, pairs, args, env):
+    """Full-resolution evaluation, batch 1, sharded over the processes; the confusion
+    matrix is summed across them. -> metrics dict (identical on every rank)."""
+    was_training = model.training
+    model.eval()
+    confusion = torch.zeros(args.num_classes, args.num_classes, dtype=torch.int64, device=env.device)
+    to_label_ids = train_id_to_label_id(args.num_classes) if args.pred_dir else None
+    shard = pairs[env.rank::env.world_size]
+    start = time.perf_counter()
+    for count, pair in enumerate(shard, 1):
+        try:
+            image, label = load_eval_sample(pair, args)
+        except DataError as e:
+            raise UserError(str(e)) from None
+        image = image[None].to(env.device, non_blocking=True)
+        with torch.autocast(env.device.type, dtype=env.amp_dtype, enabled=env.amp_dtype is not None):
+            scores = predict_logits_sum(model, image, args.scales, args.flip)
+        pred = scores.argmax(1)[0]
+        confusion += confusion_matrix(pred, label.to(env.device), args.num_classes, args.ignore_index)
+        if args.pred_dir:
+            image_path = pair[0]
+            out = Path(args.pred_dir) / image_path.parent.name / image_path.name
+            out.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(to_label_ids[pred.cpu().numpy()]).save(out)
+        if env.rank == 0 and (count % 100 == 0 or count == len(shard)):
+            print(f"eval [{count}/{len(shard)}] {(time.perf_counter() - start) / count:.3f} s/image", flush=True)
+    if env.world_size > 1:
+        dist.all_reduce(confusion)
+    model.train(was_training)
+    return metrics_from_confusion(confusion.cpu())
+
+
+def format_metrics(metrics, num_classes):
+    names = CITYSCAPES_CLASSES if num_classes == len(CITYSCAPES_CLASSES) else [str(i) for i in range(num_classes)]
+    lines = [f"{'class':>14}  IoU"]
+    for name, iou in zip(names, metrics["class_IoU"]):
+        lines.append(f"{name:>14}  {'  -' if iou is None else f'{100 * iou:5.2f}'}")
+    lines.append(f"{'mIoU':>14}  {100 * metrics['mIoU']:5.2f}   pixel acc {100 * metrics['pixel_acc']:.2f}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file in the same folder, fsync, then rename over `path`:
+    a reader (or a crash) sees the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def checkpoint_iter(path):
+    try:
+        return int(path.stem.split("_", 1)[1])
+    except (IndexError, ValueError):
+        return -1
+
+
+def list_checkpoints(save_dir):
+    """iter_N.pt in save_dir, newest first."""
+    return sorted((p for p in Path(save_dir).glob("iter_*.pt") if checkpoint_iter(p) >= 0),
+                  key=checkpoint_iter, reverse=True)
+
+
+def read_checkpoint(path):
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(checkpoint, dict) or not {"model", "optimizer", "iter", "args"} <= checkpoint.keys():
+        raise ValueError("not a training checkpoint of this project")
+    return checkpoint
+
+
+def newest_checkpoint(save_dir):
+    """The newest checkpoint that loads; unreadable ones are reported and passed over."""
+    for path in list_checkpoints(save_dir):
+        try:
+            return path, read_checkpoint(path)
+        except Exception as e:
+            print(f"warning: skipping unreadable checkpoint {path} ({type(e).__name__}: "
+                  f"{str(e).splitlines()[0] if str(e) else ''})", file=sys.stderr)
+    return None, None
+
+
+# ---------------------------------------------------------------------------------------
+# Processes, devices, kernels
+
+
+class Env:
+    """Where this process runs: rank, world size, device, autocast dtype."""
+
+    def __init__(self, args):
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.rank = int(os.environ.get("RANK", 0))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(self.local_rank)
+            self.device = torch.device("cuda", self.local_rank)
+        else:
+            self.device = torch.device("cpu")
+        if self.world_size > 1:
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
+                                    device_id=self.device if self.device.type == "cuda" else None)
+        amp = args.amp or ("bf16" if self.device.type == "cuda" else "none")
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
+        args.amp = amp
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    def log(self, *parts):
+        if self.main:
+            print(*parts, flush=True)
+
+    def close(self):
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def select_ops(mode, env):
+    """-> (loss function, BGA function), the fused CUDA kernels or the PyTorch reference."""
+    import kernels
+    try:
+        return kernels.select(mode, device=env.device, log=env.log)
+    except RuntimeError as e:  # --kernels cuda and no build: loud, one line
+        raise UserError(f"--kernels {mode}: {' '.join(str(e).split())}") from None
+
+
+def load_weights_or_fail(model, path):
+    try:
+        load_weights(model, path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--weights: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------
+# Training
+
+
+def lr_at(it, args):
+    """Poly decay to 0 over --iters (PaddleSeg's PolynomialDecay, end_lr 0), after an
+    optional linear warmup from 0."""
+    if it < args.warmup_iters:
+        return args.lr * it / args.warmup_iters
+    return args.lr * (1 - it / args.iters) ** args.power
+
+
+def step_seed(*keys):
+    return int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0] >> 1)
+
+
+class MetricsLog:
+    """metrics.jsonl (and TensorBoard when asked) in the save dir, rank 0 only."""
+
+    def __init__(self, args, env):
+        self.active = env.main
+        self.writer = None
+        if self.active and args.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise UserError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
+            self.writer = SummaryWriter(args.save_dir)
+        self.path = Path(args.save_dir) / "metrics.jsonl"
+
+    def write(self, record, step):
+        if not self.active:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "iter":
+                    self.writer.add_scalar(key, value, step)
+            self.writer.flush()
+
+
+def train(args, env):
+    pairs = read_list(args.data_dir, "train")
+    val_pairs = read_list(args.data_dir, "val") if args.do_eval else None
+    save_dir = Path(args.save_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    if env.main:  # a write cut short by a kill leaves only its hidden temporary file
+        for leftover in save_dir.glob(".*.pt.tmp*"):
+            leftover.unlink(missing_ok=True)
+
+    torch.manual_seed(args.seed)
+    model = BiSeNetV2(args.num_classes)
+    loss_fn, bga_fn = select_ops(args.kernels, env)
+    model.bga.aggregate = bga_fn
+    if args.weights:
+        load_weights_or_fail(model, args.weights)
+        env.log(f"initial weights: {args.weights}")
+    model.to(env.device)
+    sync_bn = env.world_size > 1 and not args.no_sync_bn
+    if sync_bn and env.device.type != "cuda":
+        env.log("note: SyncBatchNorm needs CUDA; plain per-process BatchNorm on CPU")
+        sync_bn = False
+    if sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    scaler = torch.amp.GradScaler(env.device.type, enabled=env.amp_dtype == torch.float16)
+
+    start_iter, best = 0, dict(mIoU=-1.0, iter=None)
+    if args.resume:
+        path, checkpoint = newest_checkpoint(save_dir)
+        if checkpoint is None:
+            env.log(f"--resume: no checkpoint in {save_dir}; starting from scratch")
+        else:
+            model.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            scaler.load_state_dict(checkpoint["scaler"])
+            start_iter, best = checkpoint["iter"], checkpoint["best"]
+            env.log(f"resumed from {path} at iteration {start_iter}")
+
+    ddp_model = model
+    if env.world_size > 1:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
+
+    sampler = StepSampler(len(pairs), args.batch_size, env.rank, env.world_size, args.seed,
+                          start_iter, args.iters)
+    loader = torch.utils.data.DataLoader(
+        TrainSet(pairs, args), batch_sampler=sampler, num_workers=args.num_workers,
+        pin_memory=env.device.type == "cuda", persistent_workers=False,
+        prefetch_factor=4 if args.num_workers > 0 else None)
+    log = MetricsLog(args, env)
+
+    def save(it):
+        state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
+                     scaler=scaler.state_dict(), iter=it, best=best, args=vars(args))
+        atomic_save(state, save_dir / f"iter_{it}.pt")
+        for old in list_checkpoints(save_dir)[args.keep_checkpoints:]:
+            old.unlink(missing_ok=True)
+
+    num_heads = 5
+    loss_sum = torch.zeros(num_heads, device=env.device)   # summed over the log window, on device
+    first_bad_iter = torch.full((), -1, dtype=torch.int64, device=env.device)
+    window_start, window_iters, reader_time = time.perf_counter(), 0, 0.0
+    run_start, run_start_iter = time.perf_counter(), start_iter
+    model.train()
+    batches = iter(loader)
+    for it in range(start_iter, args.iters):
+        fetch_start = time.perf_counter()
+        try:
+            images, labels = next(batches)
+        except DataError as e:  # re-raised from a worker with its traceback in the message
+            raise UserError(str(e).strip().splitlines()[-1].removeprefix(f"{DataError.__module__}.")
+                            .removeprefix("DataError: ")) from None
+        reader_time += time.perf_counter() - fetch_start
+        images = images.to(env.device, non_blocking=True)
+        labels = labels.to(env.device, non_blocking=True)
+
+        lr = lr_at(it, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        torch.manual_seed(step_seed(args.seed, it, env.rank))  # dropout draws, exact on resume
+        with torch.autocast(env.device.type, dtype=env.amp_dtype, enabled=env.amp_dtype is not None):
+            outputs = ddp_model(images)
+        losses = segmentation_losses(outputs, labels, loss_fn, args)
+        weights = losses.new_tensor([1.0] + [args.aux_weight] * (num_heads - 1))
+        loss = (losses * weights).sum()
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+        loss_sum += losses.detach()
+        first_bad_iter = torch.where((first_bad_iter < 0) & ~torch.isfinite(loss.detach()),
+                                     torch.full_like(first_bad_iter, it + 1), first_bad_iter)
+        window_iters += 1
+        done = it + 1
+        is_save = done % args.save_interval == 0 or done == args.iters
+        if done % args.log_iters == 0 or is_save:
+            # the only host synchronisation: losses and the non-finite check
+            bad = int(first_bad_iter)
+            if bad >= 0:
+                last = list_checkpoints(save_dir)
+                raise UserError(f"non-finite loss at iteration {bad}; stopped, last good checkpoint: "
+                                f"{last[0] if last else 'none'}")
+            mean_losses = (loss_sum / window_iters).tolist()
+            now = time.perf_counter()
+            batch_cost = (now - window_start) / window_iters
+            images_per_s = args.batch_size * env.world_size / batch_cost
+            eta = (now - run_start) / (done - run_start_iter) * (args.iters - done)
+            peak_mb = torch.cuda.max_memory_allocated(env.device) / 2**20 if env.device.type == "cuda" else 0.0
+            record = dict(iter=done, loss=sum(w * l for w, l in zip(weights.tolist(), mean_losses)),
+                          loss_main=mean_losses[0], **{f"loss_aux{i}": mean_losses[i] for i in range(1, num_heads)},
+                          lr=lr, batch_cost=batch_cost, reader_cost=reader_time / window_iters,
+                          images_per_s=images_per_s, peak_mem_mb=peak_mb)
+            env.log(f"iter {done}/{args.iters}  loss {record['loss']:.4f} "
+                    f"[{' '.join(f'{v:.3f}' for v in mean_losses)}]  lr {lr:.6f}  "
+                    f"batch_cost {batch_cost:.4f}s  reader_cost {record['reader_cost']:.4f}s  "
+                    f"{images_per_s:.1f} img/s  ETA {datetime.timedelta(seconds=round(eta))}  "
+                    f"mem {peak_mb:.0f}MB")
+            log.write(record, done)
+            loss_sum.zero_()
+            window_start, window_iters, reader_time = time.perf_counter(), 0, 0.0
+        if is_save:
+            if args.do_eval and (done % args.eval_interval == 0 or done == args.iters):
+                metrics = evaluate(model, val_pairs, args, env)
+                env.log(format_metrics(metrics, args.num_classes))
+                log.write(dict(iter=done, mIoU=metrics["mIoU"], pixel_acc=metrics["pixel_acc"]), done)
+                if env.main:
+                    write_json(save_dir / "eval_metrics.json", dict(iter=done, **metrics))
+                if metrics["mIoU"] > best["mIoU"]:
+                    best = dict(mIoU=metrics["mIoU"], iter=done)
+                    if env.main:
+                        atomic_save(dict(model=model.state_dict(), iter=done, metrics=metrics,
+                                         args=vars(args)), save_dir / "best.pt")
+                env.log(f"best mIoU {100 * best['mIoU']:.2f} at iteration {best['iter']}")
+            if env.main:
+                save(done)
+            window_start = time.perf_counter()
+    if env.world_size > 1:
+        dist.barrier()
+    env.log(f"done: {args.iters} iterations, checkpoints in {save_dir}")
+
+
+def write_json(path, obj):
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def eval_only(args, env):
+    pairs = read_list(args.data_dir, "val")
+    model = BiSeNetV2(args.num_classes)
+    _, bga_fn = select_ops(args.kernels, env)
+    model.bga.aggregate = bga_fn
+    load_weights_or_fail(model, args.weights)
+    model.to(env.device)
+    metrics = evaluate(model, pairs, args, env)
+    env.log(format_metrics(metrics, args.num_classes))
+    if env.main:
+        Path(args.save_dir).mkdir(parents=True, exist_ok=True)
+        write_json(Path(args.save_dir) / "eval_metrics.json", dict(weights=str(args.weights), **metrics))
+        env.log(f"wrote {Path(args.save_dir) / 'eval_metrics.json'}")
+
+
+def demo_data_dir():
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bisenetv2" / "synthetic_cityscapes"
+    if not (cache / "train.txt").is_file() or not (cache / "val.txt").is_file():
+        import prepare_data
+        print(f"demo: writing a synthetic Cityscapes-layout dataset to {cache}", flush=True)
+        prepare_data.make_synthetic(cache)
+    return str(cache)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    env = None
+    try:
+        env = Env(args)
+        if args.demo and not args.data_dir:
+            if env.main:
+                args.data_dir = demo_data_dir()
+            if env.world_size > 1:
+                dist.barrier()
+            args.data_dir = args.data_dir or demo_data_dir()
+        env.log("config: " + json.dumps(vars(args), sort_keys=True))
+        env.log(f"processes {env.world_size}, device {env.device}, autocast {args.amp}, torch {torch.__version__}")
+        if args.eval_only:
+            eval_only(args, env)
+        else:
+            train(args, env)
+    except UserError as e:
+        print(f"train_ddp.py: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        if env is not None:
+            env.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
