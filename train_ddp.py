@@ -246,27 +246,64 @@ def distort(image, params):
     return image
 
 
-def augment(image, label, params, crop_size, ignore_index=255):
-    """image (3, H, W) float in [0, 255], label (H, W) uint8 -> normalised image (3, h, w)
-    and label (h, w), (h, w) = crop_size: ResizeStepScaling, RandomPaddingCrop,
-    RandomHorizontalFlip, RandomDistort, Normalize(0.5, 0.5)."""
-    scaled_h, scaled_w = params["scaled_size"]
-    # cv2.INTER_LINEAR and INTER_NEAREST, as PaddleSeg resizes (no antialiasing)
-    image = F.interpolate(image[None], size=(scaled_h, scaled_w), mode="bilinear", align_corners=False)[0]
-    label = F.interpolate(label[None, None].float(), size=(scaled_h, scaled_w), mode="nearest")[0, 0]
-    label = label.to(torch.uint8)
+def crop_taps(offsets, scaled_sizes, in_size, crop, flips, device):
+    """Source taps of the resize -> pad -> crop -> flip chain along one axis, for a batch.
+
+    offsets, scaled_sizes: per sample; flips: per sample or None. -> bilinear taps i0, i1
+    (B, crop) int64 and weights w0, w1 (B, crop) float32 (PyTorch's/cv2's align_corners=False
+    formula, clamped at 0), the nearest tap (B, crop) (PyTorch's 'nearest', i.e. cv2's
+    INTER_NEAREST: floor(dst * in / out) in float32) and `inside` (B, crop): False in the
+    bottom/right padding."""
+    dst = torch.arange(crop, device=device)
+    rows = []
+    for b, (offset, scaled) in enumerate(zip(offsets, scaled_sizes)):
+        pos = offset + (crop - 1 - dst if flips is not None and flips[b] else dst)  # in the scaled image
+        scale = torch.tensor(float(in_size), dtype=torch.float32) / scaled   # float32, as ATen
+        src = ((pos.float() + 0.5) * scale.to(device) - 0.5).clamp(min=0)
+        i0 = src.long().clamp(max=in_size - 1)
+        i1 = torch.where(i0 < in_size - 1, i0 + 1, i0)
+        w1 = src - i0.float()
+        nearest = (pos.float() * scale.to(device)).floor().long().clamp(max=in_size - 1)
+        inside = pos < scaled
+        rows.append((i0, i1, 1 - w1, w1, nearest.where(inside, 0), inside))
+    return [torch.stack(column) for column in zip(*rows)]
+
+
+def augment_batch(images, labels, params_list, crop_size, ignore_index=255):
+    """images (B, 3, H, W) in [0, 255] (uint8 or float), labels (B, H, W) uint8, on any
+    device; one params dict per sample (draw_augmentation) -> normalised float32 images
+    (B, 3, h, w) and uint8 labels (B, h, w), (h, w) = crop_size.
+
+    ResizeStepScaling, RandomPaddingCrop, RandomHorizontalFlip, RandomDistort, Normalize(0.5,
+    0.5). The resize is computed for the crop window only: gathers along rows, then columns,
+    with the taps of `F.interpolate(bilinear / nearest, align_corners=False)` (cv2's
+    INTER_LINEAR / INTER_NEAREST, as PaddleSeg resizes: no antialiasing)."""
+    batch, _, height, width = images.shape
     crop_h, crop_w = crop_size
-    pad_h, pad_w = max(crop_h - scaled_h, 0), max(crop_w - scaled_w, 0)
-    if pad_h or pad_w:  # bottom and right, as cv2.copyMakeBorder(0, pad_h, 0, pad_w)
-        image = F.pad(image, (0, pad_w, 0, pad_h), value=127.5)
-        label = F.pad(label, (0, pad_w, 0, pad_h), value=ignore_index)
-    top, left = params["crop_offset"]
-    image = image[:, top:top + crop_h, left:left + crop_w]
-    label = label[top:top + crop_h, left:left + crop_w]
-    if params["flip"]:
-        image, label = image.flip(-1), label.flip(-1)
-    image = distort(image, params)
-    return (image / 255.0 - 0.5) / 0.5, label.contiguous()
+    device = images.device
+    tops, lefts = zip(*(p["crop_offset"] for p in params_list))
+    scaled_hs, scaled_ws = zip(*(p["scaled_size"] for p in params_list))
+    y0, y1, wy0, wy1, y_near, y_in = crop_taps(tops, scaled_hs, height, crop_h, None, device)
+    x0, x1, wx0, wx1, x_near, x_in = crop_taps(lefts, scaled_ws, width, crop_w,
+                                               [p["flip"] for p in params_list], device)
+    images = images.float()
+    rows = lambda idx: images.gather(2, idx[:, None, :, None].expand(batch, 3, crop_h, width))
+    blended_rows = wy0[:, None, :, None] * rows(y0) + wy1[:, None, :, None] * rows(y1)  # (B, 3, h, W)
+    cols = lambda idx: blended_rows.gather(3, idx[:, None, None, :].expand(batch, 3, crop_h, crop_w))
+    out = wx0[:, None, None, :] * cols(x0) + wx1[:, None, None, :] * cols(x1)           # (B, 3, h, w)
+    inside = y_in[:, :, None] & x_in[:, None, :]                                       # (B, h, w)
+    out = torch.where(inside[:, None], out, torch.full_like(out, 127.5))  # image padding 127.5
+    label_rows = labels.gather(1, y_near[:, :, None].expand(batch, crop_h, width))
+    out_labels = label_rows.gather(2, x_near[:, None, :].expand(batch, crop_h, crop_w))
+    out_labels = torch.where(inside, out_labels, torch.full_like(out_labels, ignore_index))
+    out = torch.stack([distort(image, params) for image, params in zip(out, params_list)])
+    return (out / 255.0 - 0.5) / 0.5, out_labels
+
+
+def augment(image, label, params, crop_size, ignore_index=255):
+    """One sample: image (3, H, W), label (H, W) -> augment_batch's result for it."""
+    images, labels = augment_batch(image[None], label[None], [params], crop_size, ignore_index)
+    return images[0], labels[0]
 
 
 class TrainSet(torch.utils.data.Dataset):
