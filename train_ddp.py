@@ -704,13 +704,10 @@ def train(args, env):
         window_iters += 1
         done = it + 1
         is_save = done % args.save_interval == 0 or done == args.iters
-        if done % args.log_iters == 0 or is_save:
+        is_eval = args.do_eval and (done % args.eval_interval == 0 or done == args.iters)
+        if done % args.log_iters == 0 or is_save or is_eval:
             # the only host synchronisation: losses and the non-finite check
-            bad = int(first_bad_iter)
-            if bad >= 0:
-                last = list_checkpoints(save_dir)
-                raise UserError(f"non-finite loss at iteration {bad}; stopped, last good checkpoint: "
-                                f"{last[0] if last else 'none'}")
+            check_finite(first_bad_iter, save_dir, env)
             mean_losses = (loss_sum / window_iters).tolist()
             now = time.perf_counter()
             batch_cost = (now - window_start) / window_iters
@@ -728,26 +725,38 @@ def train(args, env):
                     f"mem {peak_mb:.0f}MB")
             log.write(record, done)
             loss_sum.zero_()
-            window_start, window_iters, reader_time = time.perf_counter(), 0, 0.0
-        if is_save:
-            if args.do_eval and (done % args.eval_interval == 0 or done == args.iters):
-                metrics = evaluate(model, val_pairs, args, env)
-                env.log(format_metrics(metrics, args.num_classes))
-                log.write(dict(iter=done, mIoU=metrics["mIoU"], pixel_acc=metrics["pixel_acc"]), done)
-                if env.main:
-                    write_json(save_dir / "eval_metrics.json", dict(iter=done, **metrics))
-                if metrics["mIoU"] > best["mIoU"]:
-                    best = dict(mIoU=metrics["mIoU"], iter=done)
-                    if env.main:
-                        atomic_save(dict(model=model.state_dict(), iter=done, metrics=metrics,
-                                         args=vars(args)), save_dir / "best.pt")
-                env.log(f"best mIoU {100 * best['mIoU']:.2f} at iteration {best['iter']}")
+            window_iters, reader_time = 0, 0.0
+        if is_eval:
+            metrics = evaluate(model, val_pairs, args, env)
+            env.log(format_metrics(metrics, args.num_classes))
+            log.write(dict(iter=done, mIoU=metrics["mIoU"], pixel_acc=metrics["pixel_acc"]), done)
             if env.main:
-                save(done)
-            window_start = time.perf_counter()
+                write_json(save_dir / "eval_metrics.json", dict(iter=done, **metrics))
+            if metrics["mIoU"] > best["mIoU"]:
+                best = dict(mIoU=metrics["mIoU"], iter=done)
+                if env.main:
+                    atomic_save(dict(model=model.state_dict(), iter=done, metrics=metrics, args=vars(args)),
+                                save_dir / "best.pt")
+            env.log(f"best mIoU {100 * best['mIoU']:.2f} at iteration {best['iter']}")
+        if is_save and env.main:
+            save(done)
+        if done % args.log_iters == 0 or is_save or is_eval:
+            window_start = time.perf_counter()  # evaluation and saving stay out of batch_cost
     if env.world_size > 1:
         dist.barrier()
     env.log(f"done: {args.iters} iterations, checkpoints in {save_dir}")
+
+
+def check_finite(first_bad_iter, save_dir, env):
+    """Stops the run (every rank) if any rank saw a non-finite loss; names the iteration."""
+    bad = torch.where(first_bad_iter >= 0, first_bad_iter, torch.full_like(first_bad_iter, 2**62))
+    if env.world_size > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MIN)
+    bad = int(bad)
+    if bad < 2**62:
+        last = list_checkpoints(save_dir)
+        raise UserError(f"non-finite loss at iteration {bad}; stopped, last good checkpoint: "
+                        f"{last[0] if last else 'none'}")
 
 
 def write_json(path, obj):
