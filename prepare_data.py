@@ -1,0 +1,275 @@
+"""Prepare Cityscapes for train_ddp.py, or make a small synthetic dataset in its layout.
+
+    python prepare_data.py --cityscapes_path /data/cityscapes [--num_workers 8] [--separator ,]
+    python prepare_data.py --synthetic /tmp/synthetic [--num-images 48]
+
+Cityscapes: every gtFine/*/*/*_gtFine_polygons.json becomes *_gtFine_labelTrainIds.png through
+cityscapesscripts (as PaddleSeg's convert_cityscapes.py does); a frame with only
+*_gtFine_labelIds.png gets its train ids through cityscapesscripts' label table. Outputs that
+are already there are skipped, and each PNG is written to a temporary name and renamed, so an
+interrupted run leaves no half-written file. If only the official zips are in the folder they
+are extracted first. Then sorted train.txt, val.txt and test.txt list `<image> <label>`
+relative to the root.
+"""
+import argparse
+import os
+import sys
+import zipfile
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SPLITS = ("train", "val", "test")
+ZIPS = ("gtFine_trainvaltest.zip", "leftImg8bit_trainvaltest.zip")
+
+
+class PrepareError(Exception):
+    """Bad input: reported as one line, exit code 2."""
+
+
+def label_id_to_train_id():
+    """(256,) uint8: Cityscapes label id -> train id (255 for ignored and unknown ids)."""
+    from cityscapesscripts.helpers.labels import labels
+    table = np.full(256, 255, np.uint8)
+    for label in labels:
+        if 0 <= label.id < 256 and label.trainId not in (-1, 255):
+            table[label.id] = label.trainId
+    return table
+
+
+def save_png_atomic(array, path):
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
+    Image.fromarray(array).save(tmp)
+    os.replace(tmp, path)
+
+
+def convert_one(task):
+    """(source, target) -> None: writes target's train ids from polygons or labelIds."""
+    source, target = task
+    if source.endswith("_polygons.json"):
+        from cityscapesscripts.helpers.annotation import Annotation
+        from cityscapesscripts.preparation.json2labelImg import createLabelImage
+        annotation = Annotation()
+        annotation.fromJsonFile(source)
+        train_ids = np.asarray(createLabelImage(annotation, "trainIds"))
+    else:
+        train_ids = label_id_to_train_id()[np.asarray(Image.open(source))]
+    save_png_atomic(train_ids.astype(np.uint8), target)
+
+
+def extract_zips(root):
+    for name in ZIPS:
+        with zipfile.ZipFile(root / name) as archive:
+            members = archive.infolist()
+            for i, member in enumerate(members, 1):
+                archive.extract(member, root)
+                if i % 1000 == 0 or i == len(members):
+                    print(f"extracting {name}: {i}/{len(members)}", file=sys.stderr, flush=True)
+
+
+def find_frames(root, split):
+    """-> sorted [(image, label target, label source)] of one split."""
+    frames = []
+    for image in sorted((root / "leftImg8bit" / split).glob("*/*_leftImg8bit.png")):
+        stem = image.name[:-len("_leftImg8bit.png")]
+        gt = root / "gtFine" / split / image.parent.name
+        target = gt / f"{stem}_gtFine_labelTrainIds.png"
+        polygons, label_ids = gt / f"{stem}_gtFine_polygons.json", gt / f"{stem}_gtFine_labelIds.png"
+        source = polygons if polygons.is_file() else label_ids if label_ids.is_file() else None
+        if source is None and not target.is_file():
+            raise PrepareError(f"{image}: no label for this frame (neither {polygons.name} nor {label_ids.name})")
+        frames.append((image, target, source))
+    return frames
+
+
+def prepare_cityscapes(root, num_workers=None, separator=" "):
+    """Writes the train-id PNGs and the list files under root. -> {split: frame count}."""
+    root = Path(root)
+    if not root.is_dir():
+        raise PrepareError(f"--cityscapes_path {root}: no such directory")
+    if not (root / "leftImg8bit").is_dir() and all((root / z).is_file() for z in ZIPS):
+        extract_zips(root)
+    if not (root / "leftImg8bit").is_dir():
+        raise PrepareError(f"{root}: no leftImg8bit/ folder (nor {' and '.join(ZIPS)})")
+    frames = {split: find_frames(root, split) for split in SPLITS}
+    tasks = [(str(source), str(target)) for split in SPLITS for _, target, source in frames[split]
+             if not target.is_file()]
+    if tasks:
+        with Pool(num_workers or os.cpu_count()) as pool:
+            for done, _ in enumerate(pool.imap_unordered(convert_one, tasks, chunksize=8), 1):
+                if done % 100 == 0 or done == len(tasks):
+                    print(f"train ids: {done}/{len(tasks)}", file=sys.stderr, flush=True)
+    counts = {}
+    for split in SPLITS:
+        if not frames[split]:
+            continue
+        lines = []
+        for image, target, _ in frames[split]:
+            with Image.open(image) as im, Image.open(target) as lab:
+                if im.size != lab.size:
+                    raise PrepareError(f"{image}: image is {im.size[0]}x{im.size[1]} but its label {target} "
+                                       f"is {lab.size[0]}x{lab.size[1]}")
+            lines.append(f"{image.relative_to(root)}{separator}{target.relative_to(root)}")
+        list_file = root / f"{split}.txt"
+        tmp = list_file.with_name(f".{list_file.name}.tmp{os.getpid()}")
+        tmp.write_text("\n".join(lines) + "\n")
+        os.replace(tmp, list_file)
+        counts[split] = len(lines)
+        print(f"{split}: {len(lines)} frames -> {list_file}", file=sys.stderr)
+    return counts
+
+
+# ---------------------------------------------------------------------------------------
+# A synthetic street scene dataset: shapes and textures carry the 19 classes
+
+TRAIN_CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light",
+                 "traffic sign", "vegetation", "terrain", "sky", "person", "rider", "car",
+                 "truck", "bus", "train", "motorcycle", "bicycle")
+
+
+def box(x0, y0, x1, y1):
+    return [(int(x0), int(y0)), (int(x1), int(y0)), (int(x1), int(y1)), (int(x0), int(y1))]
+
+
+def blob(rng, cx, cy, rx, ry, points=10):
+    angles = np.sort(rng.uniform(0, 2 * np.pi, points))
+    radius = rng.uniform(0.7, 1.0, points)
+    return [(int(cx + rx * r * np.cos(a)), int(cy + ry * r * np.sin(a))) for a, r in zip(angles, radius)]
+
+
+def street_scene(rng, height, width):
+    """-> list of (class name, polygon), back to front, for one street scene of the given
+    size (laid out on a 256x512 canvas, then scaled)."""
+    objects = street_scene_256x512(rng)
+    sy, sx = height / 256, width / 512
+    return [(name, [(int(x * sx), int(y * sy)) for x, y in polygon]) for name, polygon in objects]
+
+
+def street_scene_256x512(rng):
+    height, width = 256, 512
+    horizon = int(height * rng.uniform(0.35, 0.5))
+    vanish_x = width * rng.uniform(0.35, 0.65)
+    objects = [("sky", box(0, 0, width - 1, horizon + 5))]
+    x = -rng.integers(0, 30)
+    while x < width:  # a row of buildings, walls and fences below the horizon line
+        w = rng.integers(width // 10, width // 4)
+        top = rng.integers(height // 20, horizon)
+        objects.append(("building", box(x, top, x + w, horizon + 10)))
+        x += w + rng.integers(0, 10)
+    for _ in range(rng.integers(1, 3)):
+        x0 = rng.uniform(0, width * 0.8)
+        objects.append((str(rng.choice(["wall", "fence"])),
+                        box(x0, horizon - rng.integers(8, 25), x0 + rng.uniform(40, 120), horizon + 10)))
+    for _ in range(rng.integers(2, 5)):  # trees
+        objects.append(("vegetation", blob(rng, rng.uniform(0, width), horizon - rng.uniform(0, 30),
+                                           rng.uniform(20, 50), rng.uniform(20, 45))))
+    objects.append(("terrain", box(0, horizon, width - 1, height - 1)))
+    road_left, road_right = width * rng.uniform(-0.3, 0.15), width * rng.uniform(0.85, 1.3)
+    walk = width * rng.uniform(0.15, 0.3)
+    objects.append(("sidewalk", [(int(vanish_x - 12), horizon), (int(vanish_x + 12), horizon),
+                                 (int(road_right + walk), height - 1), (int(road_left - walk), height - 1)]))
+    objects.append(("road", [(int(vanish_x - 4), horizon), (int(vanish_x + 4), horizon),
+                             (int(road_right), height - 1), (int(road_left), height - 1)]))
+    for _ in range(rng.integers(1, 4)):  # poles with a light or a sign
+        px, base = rng.uniform(0, width), rng.uniform(horizon + 10, height * 0.8)
+        top = base - rng.uniform(60, 110)
+        objects.append(("pole", box(px, top, px + rng.integers(3, 6), base)))
+        if rng.uniform() < 0.5:
+            objects.append(("traffic light", box(px - 4, top - 20, px + 8, top)))
+        else:
+            objects.append(("traffic sign", blob(rng, px + 2, top - 8, 10, 10, points=6)))
+    vehicles = {"car": (50, 25), "truck": (80, 45), "bus": (110, 50), "train": (160, 55),
+                "motorcycle": (22, 20), "bicycle": (22, 18)}
+    for _ in range(rng.integers(2, 6)):  # traffic, larger when nearer
+        name = str(rng.choice(list(vehicles)))
+        base = rng.uniform(horizon + 20, height - 5)
+        depth = (base - horizon) / (height - horizon)
+        w, h = (s * (0.4 + depth) for s in vehicles[name])
+        x0 = rng.uniform(road_left, road_right - w)
+        objects.append((name, box(x0, base - h, x0 + w, base)))
+        if name in ("motorcycle", "bicycle"):
+            objects.append(("rider", blob(rng, x0 + w / 2, base - h - 10 * (0.4 + depth), 5 * (0.4 + depth),
+                                          12 * (0.4 + depth), points=8)))
+    for _ in range(rng.integers(1, 5)):  # pedestrians on the sidewalk
+        base = rng.uniform(horizon + 15, height - 5)
+        scale = 0.4 + (base - horizon) / (height - horizon)
+        x = rng.uniform(0, width)
+        objects.append(("person", blob(rng, x, base - 18 * scale, 5 * scale, 18 * scale, points=8)))
+    return objects
+
+
+def render_scene(rng, objects, height, width):
+    """Rasterises the polygons as json2labelImg does and paints each class with its own
+    colour and texture. -> (H, W, 3) uint8 RGB."""
+    from cityscapesscripts.helpers.labels import name2label
+    class_map = Image.new("L", (width, height), 255)
+    draw = ImageDraw.Draw(class_map)
+    for name, polygon in objects:
+        draw.polygon(polygon, fill=name2label[name].trainId)
+    class_map = np.asarray(class_map)
+    palette = np.array([name2label[n].color for n in TRAIN_CLASSES] + [(0, 0, 0)], np.float32)
+    palette[:-1] += rng.normal(0, 12, (len(TRAIN_CLASSES), 3))  # per-image colour shifts
+    image = palette[np.minimum(class_map, len(TRAIN_CLASSES))]
+    ys, xs = np.mgrid[0:height, 0:width]
+    stripes = np.sin(xs * rng.uniform(0.3, 0.8)) * 18          # fences, buildings' windows
+    windows = ((ys // 6 + xs // 6) % 2) * 25
+    texture = {TRAIN_CLASSES.index("building"): windows, TRAIN_CLASSES.index("fence"): stripes,
+               TRAIN_CLASSES.index("vegetation"): rng.normal(0, 20, (height, width)),
+               TRAIN_CLASSES.index("road"): rng.normal(0, 6, (height, width)),
+               TRAIN_CLASSES.index("sky"): (ys / height) * 40}
+    for train_id, pattern in texture.items():
+        image[class_map == train_id] += pattern[class_map == train_id][:, None]
+    image += rng.normal(0, 4, image.shape)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def make_synthetic(root, num_images=48, seed=0, size=(256, 512), num_workers=None):
+    """Writes a Cityscapes-layout dataset (train: num_images frames, val: max(8, num_images
+    // 4)) with polygon annotations, then prepares it. -> {split: frame count}."""
+    import json
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    height, width = size
+    for split, count in (("train", num_images), ("val", max(8, num_images // 4))):
+        for i in range(count):
+            city = f"synth{i % 3}"
+            stem = f"{city}_{i:06d}_000019"
+            objects = street_scene(rng, height, width)
+            image_dir, gt_dir = root / "leftImg8bit" / split / city, root / "gtFine" / split / city
+            image_dir.mkdir(parents=True, exist_ok=True)
+            gt_dir.mkdir(parents=True, exist_ok=True)
+            annotation = dict(imgHeight=height, imgWidth=width,
+                              objects=[dict(label=name, polygon=[list(p) for p in polygon]) for name, polygon in objects])
+            (gt_dir / f"{stem}_gtFine_polygons.json").write_text(json.dumps(annotation))
+            save_png_atomic(render_scene(rng, objects, height, width), image_dir / f"{stem}_leftImg8bit.png")
+    return prepare_cityscapes(root, num_workers=num_workers)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cityscapes_path", "--cityscapes-path", help="Cityscapes root (leftImg8bit/, gtFine/)")
+    parser.add_argument("--synthetic", metavar="DIR", help="write and prepare a synthetic dataset here")
+    parser.add_argument("--num-images", "--num_images", type=int, default=48, help="--synthetic: train frames")
+    parser.add_argument("--seed", type=int, default=0, help="--synthetic: random seed")
+    parser.add_argument("--num_workers", "--num-workers", type=int, default=None, help="default: all cores")
+    parser.add_argument("--separator", default=" ", help="between image and label in the lists (' ' or ',')")
+    args = parser.parse_args(argv)
+    if bool(args.cityscapes_path) == bool(args.synthetic):
+        parser.error("give one of --cityscapes_path and --synthetic")
+    try:
+        if args.synthetic:
+            counts = make_synthetic(args.synthetic, args.num_images, args.seed, num_workers=args.num_workers)
+        else:
+            counts = prepare_cityscapes(args.cityscapes_path, args.num_workers, args.separator)
+    except PrepareError as e:
+        print(f"prepare_data.py: error: {e}", file=sys.stderr)
+        return 2
+    print("frames: " + ", ".join(f"{split} {n}" for split, n in counts.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

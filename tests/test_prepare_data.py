@@ -1,0 +1,96 @@
+"""prepare_data.py: polygons and labelIds conversion, lists, reruns, zips, bad input."""
+import json
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import prepare_data
+from conftest import ROOT, shared_fixture
+
+
+def read_list(root, split):
+    return [line.split(" ") for line in (root / f"{split}.txt").read_text().splitlines()]
+
+
+def test_synthetic_polygons_path(tmp_path):
+    from cityscapesscripts.preparation.json2labelImg import json2labelImg
+    root = tmp_path / "synthetic"
+    counts = prepare_data.make_synthetic(root, num_images=6, size=(64, 128), num_workers=1)
+    assert counts == {"train": 6, "val": 8}
+    for split in ("train", "val"):
+        entries = read_list(root, split)
+        assert entries == sorted(entries) and len(entries) == counts[split]
+        for image, label in entries:
+            assert (root / image).is_file() and image.endswith("_leftImg8bit.png")
+            train_ids = np.asarray(Image.open(root / label))
+            assert train_ids.shape == (64, 128)
+            assert set(np.unique(train_ids)) <= set(range(19)) | {255}
+    # the labels are cityscapesscripts' own rendering of the polygons
+    image, label = read_list(root, "val")[0]
+    polygons = root / label.replace("_labelTrainIds.png", "_polygons.json")
+    json2labelImg(str(polygons), str(tmp_path / "theirs.png"), "trainIds")
+    np.testing.assert_array_equal(np.asarray(Image.open(root / label)), np.asarray(Image.open(tmp_path / "theirs.png")))
+    # street-like: a scene carries many classes, all of them over the dataset
+    seen = set()
+    for _, label in read_list(root, "train") + read_list(root, "val"):
+        seen |= set(np.unique(np.asarray(Image.open(root / label))).tolist())
+    assert len(seen - {255}) >= 15
+
+
+def test_label_ids_path_and_rerun_is_noop(tmp_path):
+    from cityscapesscripts.helpers.labels import id2label
+    root = tmp_path / "cityscapes"
+    shutil.copytree(shared_fixture("cityscapes_sample"), root)
+    assert prepare_data.prepare_cityscapes(root, num_workers=1) == {"val": 1}
+    ((image, label),) = read_list(root, "val")
+    label_ids = np.asarray(Image.open(root / label.replace("labelTrainIds", "labelIds")))
+    expected = np.vectorize(lambda i: 255 if id2label[i].trainId in (-1, 255) else id2label[i].trainId)(label_ids)
+    np.testing.assert_array_equal(np.asarray(Image.open(root / label)), expected)
+    mtime, listing = (root / label).stat().st_mtime_ns, (root / "val.txt").read_text()
+    assert prepare_data.prepare_cityscapes(root, num_workers=1) == {"val": 1}
+    assert (root / label).stat().st_mtime_ns == mtime and (root / "val.txt").read_text() == listing
+    prepare_data.prepare_cityscapes(root, num_workers=1, separator=",")
+    assert (root / "val.txt").read_text() == listing.replace(" ", ",")
+
+
+def test_frame_without_label_is_named(tmp_path):
+    root = tmp_path / "cityscapes"
+    shutil.copytree(shared_fixture("cityscapes_sample"), root)
+    for path in root.glob("gtFine/val/*/*"):
+        path.unlink()
+    with pytest.raises(prepare_data.PrepareError, match="frankfurt_000000_000294_leftImg8bit.png: no label"):
+        prepare_data.prepare_cityscapes(root, num_workers=1)
+    assert not (root / "val.txt").exists()
+
+
+def test_image_and_label_sizes_must_match(tmp_path):
+    root = tmp_path / "cityscapes"
+    shutil.copytree(shared_fixture("cityscapes_sample"), root)
+    label_ids = next(root.glob("gtFine/val/*/*_labelIds.png"))
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(label_ids)
+    with pytest.raises(prepare_data.PrepareError, match="256x128 but its label"):
+        prepare_data.prepare_cityscapes(root, num_workers=1)
+
+
+def test_official_zips_are_extracted(tmp_path):
+    source = shared_fixture("cityscapes_sample")
+    root = tmp_path / "zipped"
+    root.mkdir()
+    for name, folder in zip(prepare_data.ZIPS, ("gtFine", "leftImg8bit")):
+        with zipfile.ZipFile(root / name, "w") as archive:
+            for path in (source / folder).rglob("*"):
+                archive.write(path, path.relative_to(source))
+    assert prepare_data.prepare_cityscapes(root, num_workers=1) == {"val": 1}
+    assert len(read_list(root, "val")) == 1
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "prepare_data.py"), "--cityscapes_path",
+                             str(tmp_path / "absent")], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "absent" in result.stderr
