@@ -78,10 +78,13 @@ __global__ void __launch_bounds__(kThreads) bga_forward_kernel(
 }
 
 // Backward: one block per (low-res tile, channel group, sample); see bga_math.h.
-template <typename scalar_t, typename acc_t>
+// kGroup > 0 makes the channel group a compile-time constant (1 for NCHW, 16 for
+// channels_last), which turns the item loops' divisions by it into shifts.
+template <typename scalar_t, typename acc_t, int kGroup>
 __global__ void __launch_bounds__(kThreads) bga_backward_kernel(
-    BgaGeometry<acc_t> geo, BgaBackwardData<scalar_t> data, int group, int tile_h, int tile_w,
+    BgaGeometry<acc_t> geo, BgaBackwardData<scalar_t> data, int runtime_group, int tile_h, int tile_w,
     int tiles_x, int window_capacity, int row_capacity) {
+  const int group = kGroup > 0 ? kGroup : runtime_group;
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   acc_t* window_grad = reinterpret_cast<acc_t*>(shared_bytes);
   acc_t* window_sem_grad = window_grad + window_capacity;
@@ -178,8 +181,18 @@ void backward_typed(const at::Tensor& grad_out, const at::Tensor& detail_keep, c
   const int row_capacity = window_h * tile_w * group;
   const dim3 grid(static_cast<unsigned>(tiles_y * tiles_x), static_cast<unsigned>(groups),
                   static_cast<unsigned>(geo.N));
-  bga_backward_kernel<scalar_t, acc_t><<<grid, kThreads, buffer * sizeof(acc_t), c10::cuda::getCurrentCUDAStream()>>>(
-      geo, data, group, tile_h, tile_w, tiles_x, window_capacity, row_capacity);
+  const size_t shared = static_cast<size_t>(buffer) * sizeof(acc_t);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  if (group == 1) {
+    bga_backward_kernel<scalar_t, acc_t, 1><<<grid, kThreads, shared, stream>>>(
+        geo, data, group, tile_h, tile_w, tiles_x, window_capacity, row_capacity);
+  } else if (group == 16) {
+    bga_backward_kernel<scalar_t, acc_t, 16><<<grid, kThreads, shared, stream>>>(
+        geo, data, group, tile_h, tile_w, tiles_x, window_capacity, row_capacity);
+  } else {
+    bga_backward_kernel<scalar_t, acc_t, 0><<<grid, kThreads, shared, stream>>>(
+        geo, data, group, tile_h, tile_w, tiles_x, window_capacity, row_capacity);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
