@@ -360,3 +360,22 @@ def test_bisenet_autocast_bf16_runs_kernel(cuda_kernel):
     assert outputs[0].dtype == torch.bfloat16
     sum(out.float().sum() for out in outputs).backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_cpu_autocast_bisenet_feeds_one_dtype(monkeypatch):
+    # under autocast the BGA's four inputs come from convs (and an average pool): all
+    # bfloat16, which the op's one-dtype check must accept; CPU tensors always take the
+    # reference, whatever use_cuda_kernel says
+    monkeypatch.setattr(bga, "use_cuda_kernel", True)
+    model = BiSeNetV2(5).train()
+    seen = []
+
+    def recording_aggregate(*inputs):
+        out = bga.bga_aggregate(*inputs)
+        seen.append([t.dtype for t in inputs] + [out.dtype])
+        return out
+
+    model.bga.aggregate = recording_aggregate
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs = model(torch.randn(2, 3, 64, 64))
+    assert seen == [[torch.bfloat16] * 5] and outputs[0].dtype == torch.bfloat16
