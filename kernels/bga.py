@@ -1,0 +1,187 @@
+"""Fused Bilateral Guided Aggregation gating of BiSeNetV2 as one custom op.
+
+    bga_aggregate(detail_keep, sem_up, detail_down, sem_keep)
+        = detail_keep * sigmoid(up(sem_up)) + up(detail_down * sigmoid(sem_keep))
+
+detail_keep (N, C, H, W); sem_up, detail_down, sem_keep (N, C, h, w); `up` is bilinear
+(align_corners=False) to (H, W), as F.interpolate(size=(H, W)). A drop-in replacement for
+`bisenetv2.bga_aggregate`: `model.bga.aggregate = kernels.bga.bga_aggregate`.
+
+`bga_aggregate` is the custom op `bisenet::bga_aggregate` (with a fake implementation and
+autograd), so torch.compile sees one op. On CUDA tensors it runs the fused kernels of
+csrc/bga.cu (one forward kernel, one backward kernel) when the extension is in use, see
+`use_cuda_kernel`; otherwise, and always on CPU, the plain-PyTorch reference below.
+The output (and every gradient) is in detail_keep's memory format: channels_last when
+detail_keep is channels_last (and not also plain contiguous), else NCHW.
+"""
+import torch
+import torch.nn.functional as F
+
+__all__ = ["bga_aggregate", "bga_aggregate_backward", "bga_aggregate_reference",
+           "bga_aggregate_backward_reference", "use_cuda_kernel", "kernel_loaded"]
+
+# Which implementation CUDA tensors get:
+#   None  - the CUDA kernel if the extension is already loaded (kernels.build.load()),
+#           else the reference;
+#   True  - the CUDA kernel, loading the extension if needed (raises if that fails);
+#   False - the reference.
+use_cuda_kernel = None
+
+
+def kernel_loaded():
+    """True when the extension's ops (bisenet_cuda::bga_forward/backward) are registered."""
+    try:
+        torch.ops.bisenet_cuda.bga_forward
+        torch.ops.bisenet_cuda.bga_backward
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def _kernel_for(tensor):
+    """Whether `tensor`'s op runs the CUDA kernel (see use_cuda_kernel)."""
+    if tensor.device.type != "cuda" or use_cuda_kernel is False:
+        return False
+    if use_cuda_kernel is None:
+        return kernel_loaded()
+    if not kernel_loaded():
+        from .build import load  # noqa: PLC0415 - the build is heavy, load only on request
+        load()
+        if not kernel_loaded():
+            raise RuntimeError("kernels.bga: use_cuda_kernel is True but the extension has no "
+                               "bisenet_cuda::bga_forward after kernels.build.load()")
+    return True
+
+
+def _output_format(detail_keep):
+    """The memory format of the op's outputs: detail_keep's (the kernels' rule too)."""
+    if not detail_keep.is_contiguous() and detail_keep.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def check_inputs(detail_keep, sem_up, detail_down, sem_keep):
+    """ValueError naming the offending input unless detail_keep is (N, C, H, W) and the
+    other three are one (N, C, h, w) shape, all of one floating dtype on one device."""
+    named = {"detail_keep": detail_keep, "sem_up": sem_up, "detail_down": detail_down,
+             "sem_keep": sem_keep}
+    for name, tensor in named.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"bga_aggregate: {name} must be a tensor, got {type(tensor).__name__}")
+        if tensor.dim() != 4:
+            raise ValueError(f"bga_aggregate: {name} must be 4D (N, C, H, W), got shape {tuple(tensor.shape)}")
+        if 0 in tensor.shape[2:]:
+            raise ValueError(f"bga_aggregate: {name} has an empty plane, shape {tuple(tensor.shape)}")
+        if not tensor.dtype.is_floating_point:
+            raise ValueError(f"bga_aggregate: {name} must be floating point, got {tensor.dtype}")
+    for name in ("sem_up", "detail_down", "sem_keep"):
+        tensor = named[name]
+        if tensor.shape[:2] != detail_keep.shape[:2]:
+            raise ValueError(f"bga_aggregate: {name} {tuple(tensor.shape)} and detail_keep "
+                             f"{tuple(detail_keep.shape)} differ in N or C")
+        if tensor.shape != sem_up.shape:
+            raise ValueError(f"bga_aggregate: {name} {tuple(tensor.shape)} and sem_up "
+                             f"{tuple(sem_up.shape)} differ")
+    dtypes = {name: tensor.dtype for name, tensor in named.items()}
+    if len(set(dtypes.values())) > 1:
+        listed = ", ".join(f"{name} {dtype}" for name, dtype in dtypes.items())
+        raise ValueError(f"bga_aggregate: inputs must share one dtype, got {listed}")
+    devices = {name: tensor.device for name, tensor in named.items()}
+    if len(set(devices.values())) > 1:
+        listed = ", ".join(f"{name} {device}" for name, device in devices.items())
+        raise ValueError(f"bga_aggregate: inputs must be on one device, got {listed}")
+
+
+# ---------------------------------------------------------------------------------------
+# Reference (plain PyTorch): the CPU path and the tests' oracle.
+
+def _up(low, size):
+    return F.interpolate(low, size=size, mode="bilinear", align_corners=False)
+
+
+def _up_adjoint(high, low_shape):
+    """up^T: the adjoint of _up from low_shape (N, C, h, w) to high's (H, W)."""
+    return torch.ops.aten.upsample_bilinear2d_backward(
+        high, list(high.shape[-2:]), list(low_shape), False, None, None)
+
+
+def bga_aggregate_reference(detail_keep, sem_up, detail_down, sem_keep):
+    """detail_keep * sigmoid(up(sem_up)) + up(detail_down * sigmoid(sem_keep)), the same
+    composition as bisenetv2.bga_aggregate, output in detail_keep's memory format."""
+    size = detail_keep.shape[-2:]
+    out = detail_keep * torch.sigmoid(_up(sem_up, size)) + _up(detail_down * torch.sigmoid(sem_keep), size)
+    return out.contiguous(memory_format=_output_format(detail_keep))
+
+
+def bga_aggregate_backward_reference(grad_out, detail_keep, sem_up, detail_down, sem_keep):
+    """The four input gradients of bga_aggregate, written out:
+        s = sigmoid(up(sem_up)), gate = sigmoid(sem_keep)
+        grad_detail_keep = g * s
+        grad_sem_up      = up^T(g * detail_keep * s * (1 - s))
+        grad_detail_down = up^T(g) * gate
+        grad_sem_keep    = up^T(g) * detail_down * gate * (1 - gate)"""
+    fmt = _output_format(detail_keep)
+    sem_gate = torch.sigmoid(_up(sem_up, detail_keep.shape[-2:]))
+    gate = torch.sigmoid(sem_keep)
+    up_t_grad = _up_adjoint(grad_out, sem_up.shape)
+    grads = (grad_out * sem_gate,
+             _up_adjoint(grad_out * detail_keep * sem_gate * (1 - sem_gate), sem_up.shape),
+             up_t_grad * gate,
+             up_t_grad * detail_down * gate * (1 - gate))
+    return tuple(grad.contiguous(memory_format=fmt) for grad in grads)
+
+
+# ---------------------------------------------------------------------------------------
+# The custom ops.
+
+def _empty_like_output(tensor, fmt):
+    return torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device, memory_format=fmt)
+
+
+@torch.library.custom_op("bisenet::bga_aggregate", mutates_args=())
+def bga_aggregate(detail_keep: torch.Tensor, sem_up: torch.Tensor, detail_down: torch.Tensor,
+                  sem_keep: torch.Tensor) -> torch.Tensor:
+    """detail_keep * sigmoid(up(sem_up)) + up(detail_down * sigmoid(sem_keep)); see the
+    module docstring."""
+    check_inputs(detail_keep, sem_up, detail_down, sem_keep)
+    if _kernel_for(detail_keep):
+        return torch.ops.bisenet_cuda.bga_forward(detail_keep, sem_up, detail_down, sem_keep)
+    return bga_aggregate_reference(detail_keep, sem_up, detail_down, sem_keep)
+
+
+@bga_aggregate.register_fake
+def _(detail_keep, sem_up, detail_down, sem_keep):
+    check_inputs(detail_keep, sem_up, detail_down, sem_keep)
+    return _empty_like_output(detail_keep, _output_format(detail_keep))
+
+
+@torch.library.custom_op("bisenet::bga_aggregate_backward", mutates_args=())
+def bga_aggregate_backward(grad_out: torch.Tensor, detail_keep: torch.Tensor, sem_up: torch.Tensor,
+                           detail_down: torch.Tensor, sem_keep: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_detail_keep, grad_sem_up, grad_detail_down, grad_sem_keep) of bga_aggregate
+    for the output gradient grad_out (N, C, H, W)."""
+    check_inputs(detail_keep, sem_up, detail_down, sem_keep)
+    grad_out = grad_out.to(detail_keep.dtype)
+    if _kernel_for(detail_keep):
+        return tuple(torch.ops.bisenet_cuda.bga_backward(grad_out, detail_keep, sem_up, detail_down, sem_keep))
+    return bga_aggregate_backward_reference(grad_out, detail_keep, sem_up, detail_down, sem_keep)
+
+
+@bga_aggregate_backward.register_fake
+def _(grad_out, detail_keep, sem_up, detail_down, sem_keep):
+    check_inputs(detail_keep, sem_up, detail_down, sem_keep)
+    fmt = _output_format(detail_keep)
+    return (_empty_like_output(detail_keep, fmt), _empty_like_output(sem_up, fmt),
+            _empty_like_output(sem_up, fmt), _empty_like_output(sem_up, fmt))
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)  # detail_keep, sem_up, detail_down, sem_keep
+
+
+def _backward(ctx, grad_out):
+    return bga_aggregate_backward(grad_out, *ctx.saved_tensors)
+
+
+bga_aggregate.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,235 @@
+// Operator registration of the fused BGA gating, and its C++ CPU loops.
+//
+//   bisenet_cuda::bga_forward(detail_keep, sem_up, detail_down, sem_keep) -> out
+//   bisenet_cuda::bga_backward(grad_out, detail_keep, sem_up, detail_down, sem_keep,
+//                              tile_h=0, tile_w=0)
+//       -> (grad_detail_keep, grad_sem_up, grad_detail_down, grad_sem_keep)
+//
+// detail_keep / grad_out (N, C, H, W), the others (N, C, h, w). Outputs are in
+// detail_keep's memory format (channels_last when detail_keep is channels_last and not
+// also plain contiguous, else NCHW); inputs in another format are copied into it.
+// tile_h / tile_w (low-res pixels) override the backward's tiling (0: automatic); the
+// tests use them to put tile borders everywhere.
+//
+// The CPU implementations run the same per-item functions (bga_math.h) as the CUDA
+// kernels, in the same tiling, so testing them on a CPU checks the kernels' arithmetic.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <tuple>
+#include <vector>
+
+#include "bga_math.h"
+
+namespace bisenet {
+
+// bga.cu
+void bga_forward_cuda_launch(const at::Tensor& detail_keep, const at::Tensor& sem_up, const at::Tensor& detail_down,
+                             const at::Tensor& sem_keep, const at::Tensor& out, bool channels_last);
+void bga_backward_cuda_launch(const at::Tensor& grad_out, const at::Tensor& detail_keep, const at::Tensor& sem_up,
+                              const at::Tensor& detail_down, const at::Tensor& sem_keep,
+                              const at::Tensor& grad_detail_keep, const at::Tensor& grad_sem_up,
+                              const at::Tensor& grad_detail_down, const at::Tensor& grad_sem_keep, int group,
+                              int tile_h, int tile_w);
+
+namespace {
+
+using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// CPU tiles get the same shared-memory budget as the CUDA blocks, so the CPU loop walks
+// the tiles the kernel would.
+constexpr int64_t kSharedBytes = 48 * 1024;
+
+void check_inputs(const char* op, const at::Tensor& detail_keep, const at::Tensor& sem_up,
+                  const at::Tensor& detail_down, const at::Tensor& sem_keep) {
+  const at::Tensor* low[] = {&sem_up, &detail_down, &sem_keep};
+  const char* low_names[] = {"sem_up", "detail_down", "sem_keep"};
+  TORCH_CHECK(detail_keep.dim() == 4, op, ": detail_keep must be 4D (N, C, H, W), got ", detail_keep.sizes());
+  TORCH_CHECK(at::isFloatingType(detail_keep.scalar_type()), op, ": detail_keep must be floating point, got ",
+              detail_keep.scalar_type());
+  TORCH_CHECK(detail_keep.size(2) > 0 && detail_keep.size(3) > 0, op, ": detail_keep has an empty plane ",
+              detail_keep.sizes());
+  for (int i = 0; i < 3; ++i) {
+    const at::Tensor& t = *low[i];
+    TORCH_CHECK(t.dim() == 4, op, ": ", low_names[i], " must be 4D (N, C, h, w), got ", t.sizes());
+    TORCH_CHECK(t.size(0) == detail_keep.size(0) && t.size(1) == detail_keep.size(1), op, ": ", low_names[i],
+                " ", t.sizes(), " and detail_keep ", detail_keep.sizes(), " differ in N or C");
+    TORCH_CHECK(t.sizes() == sem_up.sizes(), op, ": ", low_names[i], " ", t.sizes(), " and sem_up ",
+                sem_up.sizes(), " differ");
+    TORCH_CHECK(t.size(2) > 0 && t.size(3) > 0, op, ": ", low_names[i], " has an empty plane ", t.sizes());
+    TORCH_CHECK(t.scalar_type() == detail_keep.scalar_type(), op, ": ", low_names[i], " is ", t.scalar_type(),
+                " but detail_keep is ", detail_keep.scalar_type());
+    TORCH_CHECK(t.device() == detail_keep.device(), op, ": ", low_names[i], " is on ", t.device(),
+                " but detail_keep is on ", detail_keep.device());
+  }
+}
+
+at::MemoryFormat output_format(const at::Tensor& detail_keep) {
+  if (!detail_keep.is_contiguous() && detail_keep.is_contiguous(at::MemoryFormat::ChannelsLast))
+    return at::MemoryFormat::ChannelsLast;
+  return at::MemoryFormat::Contiguous;
+}
+
+// Channels per backward block: one in NCHW (threads along W), 16 in channels_last
+// (threads along C; 16 channels are a full 32-byte sector in 16-bit types).
+int channel_group(at::MemoryFormat format, int64_t channels) {
+  if (format != at::MemoryFormat::ChannelsLast) return 1;
+  return static_cast<int>(std::min<int64_t>(channels, 16));
+}
+
+template <typename scalar_t>
+using acc_of = typename std::conditional<std::is_same<scalar_t, double>::value, double, float>::type;
+
+template <typename scalar_t>
+void forward_cpu_typed(const at::Tensor& detail_keep, const at::Tensor& sem_up, const at::Tensor& detail_down,
+                       const at::Tensor& sem_keep, const at::Tensor& out) {
+  using acc_t = acc_of<scalar_t>;
+  auto geo = make_geometry<acc_t>(detail_keep.sizes().data(), detail_keep.strides().data(),
+                                  sem_up.sizes().data(), sem_up.strides().data());
+  const scalar_t* keep = detail_keep.const_data_ptr<scalar_t>();
+  const scalar_t* up = sem_up.const_data_ptr<scalar_t>();
+  const scalar_t* down = detail_down.const_data_ptr<scalar_t>();
+  const scalar_t* gate = sem_keep.const_data_ptr<scalar_t>();
+  scalar_t* result = out.mutable_data_ptr<scalar_t>();
+  for (int n = 0; n < geo.N; ++n)
+    for (int c = 0; c < geo.C; ++c) {
+      int64_t plane = n * geo.lo_sn + c * geo.lo_sc;
+      for (int y = 0; y < geo.H; ++y) {
+        Taps<acc_t> ty = bilinear_taps<acc_t>(y, geo.h, geo.scale_y);
+        for (int x = 0; x < geo.W; ++x) {
+          Taps<acc_t> tx = bilinear_taps<acc_t>(x, geo.w, geo.scale_x);
+          int64_t hi = n * geo.hi_sn + c * geo.hi_sc + y * geo.hi_sy + x * geo.hi_sx;
+          result[hi] = static_cast<scalar_t>(bga_forward_value<scalar_t, acc_t>(
+              static_cast<acc_t>(keep[hi]), up + plane, down + plane, gate + plane, geo.lo_sy, geo.lo_sx, ty, tx));
+        }
+      }
+    }
+}
+
+// The CUDA backward kernel's blocks, one after the other; "threads" are the item loops.
+template <typename scalar_t>
+void backward_cpu_typed(const at::Tensor& grad_out, const at::Tensor& detail_keep, const at::Tensor& sem_up,
+                        const at::Tensor& detail_down, const at::Tensor& sem_keep, const at::Tensor& grad_detail_keep,
+                        const at::Tensor& grad_sem_up, const at::Tensor& grad_detail_down,
+                        const at::Tensor& grad_sem_keep, int group, int tile_h, int tile_w) {
+  using acc_t = acc_of<scalar_t>;
+  auto geo = make_geometry<acc_t>(detail_keep.sizes().data(), detail_keep.strides().data(),
+                                  sem_up.sizes().data(), sem_up.strides().data());
+  if (tile_h <= 0 || tile_w <= 0) {
+    TORCH_CHECK(choose_tile(geo, group, kSharedBytes / static_cast<int64_t>(sizeof(acc_t)), &tile_h, &tile_w),
+                "bga_backward: upscale from ", geo.h, "x", geo.w, " to ", geo.H, "x", geo.W,
+                " is too large for the kernel's shared memory");
+  }
+  int window_h, window_w;
+  max_window(geo, tile_h, tile_w, &window_h, &window_w);
+  std::vector<acc_t> window_grad(static_cast<size_t>(window_h) * window_w * group);
+  std::vector<acc_t> window_sem_grad(window_grad.size());
+  std::vector<acc_t> row_grad(static_cast<size_t>(window_h) * tile_w * group);
+  std::vector<acc_t> row_sem_grad(row_grad.size());
+  BgaBackwardData<scalar_t> data;
+  data.grad_out = grad_out.const_data_ptr<scalar_t>();
+  data.detail_keep = detail_keep.const_data_ptr<scalar_t>();
+  data.sem_up = sem_up.const_data_ptr<scalar_t>();
+  data.detail_down = detail_down.const_data_ptr<scalar_t>();
+  data.sem_keep = sem_keep.const_data_ptr<scalar_t>();
+  data.grad_detail_keep = grad_detail_keep.mutable_data_ptr<scalar_t>();
+  data.grad_sem_up = grad_sem_up.mutable_data_ptr<scalar_t>();
+  data.grad_detail_down = grad_detail_down.mutable_data_ptr<scalar_t>();
+  data.grad_sem_keep = grad_sem_keep.mutable_data_ptr<scalar_t>();
+  const int tiles_y = (geo.h + tile_h - 1) / tile_h;
+  const int tiles_x = (geo.w + tile_w - 1) / tile_w;
+  const int groups = (geo.C + group - 1) / group;
+  for (int n = 0; n < geo.N; ++n)
+    for (int group_index = 0; group_index < groups; ++group_index)
+      for (int tile_y = 0; tile_y < tiles_y; ++tile_y)
+        for (int tile_x = 0; tile_x < tiles_x; ++tile_x) {
+          const BgaTile t = make_tile(geo, n, group_index, group, tile_y, tile_x, tile_h, tile_w);
+          const int window_items = (t.wy1 - t.wy0) * (t.wx1 - t.wx0) * group;
+          for (int item = 0; item < window_items; ++item)
+            backward_window_item<scalar_t, acc_t>(item, group, t, geo, data, window_grad.data(),
+                                                  window_sem_grad.data());
+          const int row_items = (t.wy1 - t.wy0) * (t.lx1 - t.lx0) * group;
+          for (int item = 0; item < row_items; ++item)
+            backward_xpass_item<acc_t>(item, group, t, geo, window_grad.data(), window_sem_grad.data(),
+                                       row_grad.data(), row_sem_grad.data());
+          const int tile_items = (t.ly1 - t.ly0) * (t.lx1 - t.lx0) * group;
+          for (int item = 0; item < tile_items; ++item)
+            backward_ypass_item<scalar_t, acc_t>(item, group, t, geo, row_grad.data(), row_sem_grad.data(), data);
+        }
+}
+
+at::Tensor bga_forward_impl(const at::Tensor& detail_keep_in, const at::Tensor& sem_up_in,
+                            const at::Tensor& detail_down_in, const at::Tensor& sem_keep_in) {
+  check_inputs("bga_forward", detail_keep_in, sem_up_in, detail_down_in, sem_keep_in);
+  const at::MemoryFormat format = output_format(detail_keep_in);
+  at::Tensor detail_keep = detail_keep_in.contiguous(format);
+  at::Tensor sem_up = sem_up_in.contiguous(format);
+  at::Tensor detail_down = detail_down_in.contiguous(format);
+  at::Tensor sem_keep = sem_keep_in.contiguous(format);
+  at::Tensor out = at::empty(detail_keep.sizes(), detail_keep.options().memory_format(format));
+  if (detail_keep.is_cuda()) {
+    bga_forward_cuda_launch(detail_keep, sem_up, detail_down, sem_keep, out,
+                            format == at::MemoryFormat::ChannelsLast);
+    return out;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, detail_keep.scalar_type(), "bga_forward_cpu", [&] {
+    forward_cpu_typed<scalar_t>(detail_keep, sem_up, detail_down, sem_keep, out);
+  });
+  return out;
+}
+
+Grads bga_backward_impl(const at::Tensor& grad_out_in, const at::Tensor& detail_keep_in, const at::Tensor& sem_up_in,
+                        const at::Tensor& detail_down_in, const at::Tensor& sem_keep_in, int64_t tile_h,
+                        int64_t tile_w) {
+  check_inputs("bga_backward", detail_keep_in, sem_up_in, detail_down_in, sem_keep_in);
+  TORCH_CHECK(grad_out_in.sizes() == detail_keep_in.sizes(), "bga_backward: grad_out ", grad_out_in.sizes(),
+              " and detail_keep ", detail_keep_in.sizes(), " differ");
+  TORCH_CHECK(grad_out_in.scalar_type() == detail_keep_in.scalar_type(), "bga_backward: grad_out is ",
+              grad_out_in.scalar_type(), " but detail_keep is ", detail_keep_in.scalar_type());
+  TORCH_CHECK(grad_out_in.device() == detail_keep_in.device(), "bga_backward: grad_out is on ",
+              grad_out_in.device(), " but detail_keep is on ", detail_keep_in.device());
+  TORCH_CHECK(tile_h >= 0 && tile_w >= 0, "bga_backward: tile sizes must be >= 0, got ", tile_h, "x", tile_w);
+  const at::MemoryFormat format = output_format(detail_keep_in);
+  at::Tensor grad_out = grad_out_in.contiguous(format);
+  at::Tensor detail_keep = detail_keep_in.contiguous(format);
+  at::Tensor sem_up = sem_up_in.contiguous(format);
+  at::Tensor detail_down = detail_down_in.contiguous(format);
+  at::Tensor sem_keep = sem_keep_in.contiguous(format);
+  at::Tensor grad_detail_keep = at::empty(detail_keep.sizes(), detail_keep.options().memory_format(format));
+  at::Tensor grad_sem_up = at::empty(sem_up.sizes(), sem_up.options().memory_format(format));
+  at::Tensor grad_detail_down = at::empty(sem_up.sizes(), sem_up.options().memory_format(format));
+  at::Tensor grad_sem_keep = at::empty(sem_up.sizes(), sem_up.options().memory_format(format));
+  const int group = channel_group(format, detail_keep.size(1));
+  if (detail_keep.is_cuda()) {
+    bga_backward_cuda_launch(grad_out, detail_keep, sem_up, detail_down, sem_keep, grad_detail_keep, grad_sem_up,
+                             grad_detail_down, grad_sem_keep, group, static_cast<int>(tile_h),
+                             static_cast<int>(tile_w));
+  } else if (grad_out.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, detail_keep.scalar_type(), "bga_backward_cpu", [&] {
+      backward_cpu_typed<scalar_t>(grad_out, detail_keep, sem_up, detail_down, sem_keep, grad_detail_keep,
+                                   grad_sem_up, grad_detail_down, grad_sem_keep, group, static_cast<int>(tile_h),
+                                   static_cast<int>(tile_w));
+    });
+  }
+  return Grads(grad_detail_keep, grad_sem_up, grad_detail_down, grad_sem_keep);
+}
+
+}  // namespace
+}  // namespace bisenet
+
+TORCH_LIBRARY_FRAGMENT(bisenet_cuda, m) {
+  m.def("bga_forward(Tensor detail_keep, Tensor sem_up, Tensor detail_down, Tensor sem_keep) -> Tensor");
+  m.def(
+      "bga_backward(Tensor grad_out, Tensor detail_keep, Tensor sem_up, Tensor detail_down, Tensor sem_keep, "
+      "int tile_h=0, int tile_w=0) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(bisenet_cuda, CPU, m) {
+  m.impl("bga_forward", &bisenet::bga_forward_impl);
+  m.impl("bga_backward", &bisenet::bga_backward_impl);
+}
+
+TORCH_LIBRARY_IMPL(bisenet_cuda, CUDA, m) {
+  m.impl("bga_forward", &bisenet::bga_forward_impl);
+  m.impl("bga_backward", &bisenet::bga_backward_impl);
+}

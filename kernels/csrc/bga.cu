@@ -1,0 +1,236 @@
+// CUDA kernels of the fused BGA gating: one forward kernel, one backward kernel.
+// The arithmetic lives in bga_math.h (shared with the C++ CPU loops in bga.cpp); this file
+// only maps items to threads and launches. The tensors arrive from bga.cpp already checked,
+// dense in one memory format (NCHW or channels_last) and allocated.
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include "bga_math.h"
+
+namespace bisenet {
+namespace {
+
+constexpr int kThreads = 256;
+// Shared memory per backward block: the default limit (no opt-in), which leaves room for
+// four blocks (1024 threads) per H100 SM.
+constexpr int64_t kSharedBytes = 48 * 1024;
+
+template <typename scalar_t>
+struct AccType { using type = float; };
+template <>
+struct AccType<double> { using type = double; };
+
+// Forward: kVec consecutive elements of the fastest dimension (W for NCHW, C for
+// channels_last) per thread, read and written as one vector when kVec > 1.
+template <typename scalar_t, int kVec>
+struct alignas(sizeof(scalar_t) * kVec) Vec {
+  scalar_t v[kVec];
+};
+
+template <typename scalar_t, typename acc_t, int kVec>
+__global__ void __launch_bounds__(kThreads) bga_forward_kernel(
+    BgaGeometry<acc_t> geo, bool channels_last, int64_t vectors,
+    const scalar_t* __restrict__ detail_keep, const scalar_t* __restrict__ sem_up,
+    const scalar_t* __restrict__ detail_down, const scalar_t* __restrict__ sem_keep,
+    scalar_t* __restrict__ out) {
+  for (int64_t vec = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; vec < vectors;
+       vec += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    // The tensors are dense, so element `index` sits at offset `index` in memory order.
+    int64_t index = vec * kVec;
+    int n, c, y, x;
+    if (channels_last) {  // (N, H, W, C) in memory
+      c = static_cast<int>(index % geo.C);
+      int64_t rest = index / geo.C;
+      x = static_cast<int>(rest % geo.W);
+      rest /= geo.W;
+      y = static_cast<int>(rest % geo.H);
+      n = static_cast<int>(rest / geo.H);
+    } else {  // (N, C, H, W) in memory
+      x = static_cast<int>(index % geo.W);
+      int64_t rest = index / geo.W;
+      y = static_cast<int>(rest % geo.H);
+      rest /= geo.H;
+      c = static_cast<int>(rest % geo.C);
+      n = static_cast<int>(rest / geo.C);
+    }
+    Vec<scalar_t, kVec> keep = *reinterpret_cast<const Vec<scalar_t, kVec>*>(detail_keep + index);
+    Vec<scalar_t, kVec> result;
+    Taps<acc_t> ty = bilinear_taps<acc_t>(y, geo.h, geo.scale_y);
+    Taps<acc_t> tx = bilinear_taps<acc_t>(x, geo.w, geo.scale_x);
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) {
+      // the vector runs along x (NCHW) or along c (channels_last), never across a row or
+      // a pixel: the host picks kVec dividing W or C
+      int xk = channels_last ? x : x + k;
+      int ck = channels_last ? c + k : c;
+      if (!channels_last && k > 0) tx = bilinear_taps<acc_t>(xk, geo.w, geo.scale_x);
+      int64_t plane = n * geo.lo_sn + ck * geo.lo_sc;
+      result.v[k] = static_cast<scalar_t>(bga_forward_value<scalar_t, acc_t>(
+          static_cast<acc_t>(keep.v[k]), sem_up + plane, detail_down + plane, sem_keep + plane,
+          geo.lo_sy, geo.lo_sx, ty, tx));
+    }
+    *reinterpret_cast<Vec<scalar_t, kVec>*>(out + index) = result;
+  }
+}
+
+// Backward: one block per (low-res tile, channel group, sample); see bga_math.h.
+// kGroup > 0 makes the channel group a compile-time constant (1 for NCHW, 16 for
+// channels_last), which turns the item loops' divisions by it into shifts.
+template <typename scalar_t, typename acc_t, int kGroup>
+__global__ void __launch_bounds__(kThreads) bga_backward_kernel(
+    BgaGeometry<acc_t> geo, BgaBackwardData<scalar_t> data, int runtime_group, int tile_h, int tile_w,
+    int tiles_x, int window_capacity, int row_capacity) {
+  const int group = kGroup > 0 ? kGroup : runtime_group;
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  acc_t* window_grad = reinterpret_cast<acc_t*>(shared_bytes);
+  acc_t* window_sem_grad = window_grad + window_capacity;
+  acc_t* row_grad = window_sem_grad + window_capacity;
+  acc_t* row_sem_grad = row_grad + row_capacity;
+
+  const BgaTile t = make_tile(geo, static_cast<int>(blockIdx.z), static_cast<int>(blockIdx.y), group,
+                              static_cast<int>(blockIdx.x) / tiles_x, static_cast<int>(blockIdx.x) % tiles_x,
+                              tile_h, tile_w);
+  const int window_items = (t.wy1 - t.wy0) * (t.wx1 - t.wx0) * group;
+  for (int item = threadIdx.x; item < window_items; item += blockDim.x)
+    backward_window_item<scalar_t, acc_t>(item, group, t, geo, data, window_grad, window_sem_grad);
+  __syncthreads();
+  const int row_items = (t.wy1 - t.wy0) * (t.lx1 - t.lx0) * group;
+  for (int item = threadIdx.x; item < row_items; item += blockDim.x)
+    backward_xpass_item<acc_t>(item, group, t, geo, window_grad, window_sem_grad, row_grad, row_sem_grad);
+  __syncthreads();
+  const int tile_items = (t.ly1 - t.ly0) * (t.lx1 - t.lx0) * group;
+  for (int item = threadIdx.x; item < tile_items; item += blockDim.x)
+    backward_ypass_item<scalar_t, acc_t>(item, group, t, geo, row_grad, row_sem_grad, data);
+}
+
+template <typename scalar_t>
+BgaGeometry<typename AccType<scalar_t>::type> geometry_of(const at::Tensor& high, const at::Tensor& low) {
+  return make_geometry<typename AccType<scalar_t>::type>(high.sizes().data(), high.strides().data(),
+                                                         low.sizes().data(), low.strides().data());
+}
+
+bool aligned(const void* ptr, size_t bytes) {
+  return reinterpret_cast<uintptr_t>(ptr) % bytes == 0;
+}
+
+template <typename scalar_t>
+void forward_typed(const at::Tensor& detail_keep, const at::Tensor& sem_up, const at::Tensor& detail_down,
+                   const at::Tensor& sem_keep, const at::Tensor& out, bool channels_last) {
+  using acc_t = typename AccType<scalar_t>::type;
+  auto geo = geometry_of<scalar_t>(detail_keep, sem_up);
+  const scalar_t* keep_ptr = detail_keep.const_data_ptr<scalar_t>();
+  scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
+  const int64_t elements = detail_keep.numel();
+  const int fastest = channels_last ? geo.C : geo.W;
+  constexpr int kVec = 4;
+  const bool vectorise = fastest % kVec == 0 && aligned(keep_ptr, sizeof(scalar_t) * kVec) &&
+                         aligned(out_ptr, sizeof(scalar_t) * kVec);
+  const int64_t vectors = vectorise ? elements / kVec : elements;
+  const int64_t max_blocks = 65535LL * 8;
+  const int64_t blocks = std::min<int64_t>((vectors + kThreads - 1) / kThreads, max_blocks);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  if (vectorise) {
+    bga_forward_kernel<scalar_t, acc_t, kVec><<<blocks, kThreads, 0, stream>>>(
+        geo, channels_last, vectors, keep_ptr, sem_up.const_data_ptr<scalar_t>(),
+        detail_down.const_data_ptr<scalar_t>(), sem_keep.const_data_ptr<scalar_t>(), out_ptr);
+  } else {
+    bga_forward_kernel<scalar_t, acc_t, 1><<<blocks, kThreads, 0, stream>>>(
+        geo, channels_last, vectors, keep_ptr, sem_up.const_data_ptr<scalar_t>(),
+        detail_down.const_data_ptr<scalar_t>(), sem_keep.const_data_ptr<scalar_t>(), out_ptr);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t>
+void backward_typed(const at::Tensor& grad_out, const at::Tensor& detail_keep, const at::Tensor& sem_up,
+                    const at::Tensor& detail_down, const at::Tensor& sem_keep, const at::Tensor& grad_detail_keep,
+                    const at::Tensor& grad_sem_up, const at::Tensor& grad_detail_down,
+                    const at::Tensor& grad_sem_keep, int group, int tile_h, int tile_w) {
+  using acc_t = typename AccType<scalar_t>::type;
+  auto geo = geometry_of<scalar_t>(detail_keep, sem_up);
+  const int64_t budget = kSharedBytes / static_cast<int64_t>(sizeof(acc_t));
+  if (tile_h <= 0 || tile_w <= 0) {
+    TORCH_CHECK(choose_tile(geo, group, budget, &tile_h, &tile_w),
+                "bga_backward: upscale from ", geo.h, "x", geo.w, " to ", geo.H, "x", geo.W,
+                " is too large for the kernel's shared memory");
+  }
+  int window_h, window_w;
+  max_window(geo, tile_h, tile_w, &window_h, &window_w);
+  const int64_t buffer = backward_buffer_elements(window_h, window_w, tile_w, group);
+  TORCH_CHECK(buffer <= budget, "bga_backward: tile ", tile_h, "x", tile_w,
+              " needs more than the kernel's 48 KiB of shared memory");
+  const int tiles_y = (geo.h + tile_h - 1) / tile_h;
+  const int tiles_x = (geo.w + tile_w - 1) / tile_w;
+  const int groups = (geo.C + group - 1) / group;
+  TORCH_CHECK(groups <= 65535 && geo.N <= 65535, "bga_backward: too many channels or samples for the grid");
+  BgaBackwardData<scalar_t> data;
+  data.grad_out = grad_out.const_data_ptr<scalar_t>();
+  data.detail_keep = detail_keep.const_data_ptr<scalar_t>();
+  data.sem_up = sem_up.const_data_ptr<scalar_t>();
+  data.detail_down = detail_down.const_data_ptr<scalar_t>();
+  data.sem_keep = sem_keep.const_data_ptr<scalar_t>();
+  data.grad_detail_keep = grad_detail_keep.mutable_data_ptr<scalar_t>();
+  data.grad_sem_up = grad_sem_up.mutable_data_ptr<scalar_t>();
+  data.grad_detail_down = grad_detail_down.mutable_data_ptr<scalar_t>();
+  data.grad_sem_keep = grad_sem_keep.mutable_data_ptr<scalar_t>();
+  const int window_capacity = window_h * window_w * group;
+  const int row_capacity = window_h * tile_w * group;
+  const dim3 grid(static_cast<unsigned>(tiles_y * tiles_x), static_cast<unsigned>(groups),
+                  static_cast<unsigned>(geo.N));
+  const size_t shared = static_cast<size_t>(buffer) * sizeof(acc_t);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  if (group == 1) {
+    bga_backward_kernel<scalar_t, acc_t, 1><<<grid, kThreads, shared, stream>>>(
+        geo, data, group, tile_h, tile_w, tiles_x, window_capacity, row_capacity);
+  } else if (group == 16) {
+    bga_backward_kernel<scalar_t, acc_t, 16><<<grid, kThreads, shared, stream>>>(
+        geo, data, group, tile_h, tile_w, tiles_x, window_capacity, row_capacity);
+  } else {
+    bga_backward_kernel<scalar_t, acc_t, 0><<<grid, kThreads, shared, stream>>>(
+        geo, data, group, tile_h, tile_w, tiles_x, window_capacity, row_capacity);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+void bga_forward_cuda_launch(const at::Tensor& detail_keep, const at::Tensor& sem_up, const at::Tensor& detail_down,
+                             const at::Tensor& sem_keep, const at::Tensor& out, bool channels_last) {
+  if (out.numel() == 0) return;
+  c10::cuda::CUDAGuard guard(detail_keep.device());
+  switch (detail_keep.scalar_type()) {
+    case at::kFloat: forward_typed<float>(detail_keep, sem_up, detail_down, sem_keep, out, channels_last); break;
+    case at::kDouble: forward_typed<double>(detail_keep, sem_up, detail_down, sem_keep, out, channels_last); break;
+    case at::kHalf: forward_typed<c10::Half>(detail_keep, sem_up, detail_down, sem_keep, out, channels_last); break;
+    case at::kBFloat16:
+      forward_typed<c10::BFloat16>(detail_keep, sem_up, detail_down, sem_keep, out, channels_last);
+      break;
+    default: TORCH_CHECK(false, "bga_forward: unsupported dtype ", detail_keep.scalar_type());
+  }
+}
+
+void bga_backward_cuda_launch(const at::Tensor& grad_out, const at::Tensor& detail_keep, const at::Tensor& sem_up,
+                              const at::Tensor& detail_down, const at::Tensor& sem_keep,
+                              const at::Tensor& grad_detail_keep, const at::Tensor& grad_sem_up,
+                              const at::Tensor& grad_detail_down, const at::Tensor& grad_sem_keep, int group,
+                              int tile_h, int tile_w) {
+  if (grad_out.numel() == 0 || sem_up.numel() == 0) return;
+  c10::cuda::CUDAGuard guard(detail_keep.device());
+#define BISENET_BGA_BACKWARD(scalar_t)                                                                       \
+  backward_typed<scalar_t>(grad_out, detail_keep, sem_up, detail_down, sem_keep, grad_detail_keep, grad_sem_up, \
+                           grad_detail_down, grad_sem_keep, group, tile_h, tile_w)
+  switch (detail_keep.scalar_type()) {
+    case at::kFloat: BISENET_BGA_BACKWARD(float); break;
+    case at::kDouble: BISENET_BGA_BACKWARD(double); break;
+    case at::kHalf: BISENET_BGA_BACKWARD(c10::Half); break;
+    case at::kBFloat16: BISENET_BGA_BACKWARD(c10::BFloat16); break;
+    default: TORCH_CHECK(false, "bga_backward: unsupported dtype ", detail_keep.scalar_type());
+  }
+#undef BISENET_BGA_BACKWARD
+}
+
+}  // namespace bisenet

@@ -1,0 +1,324 @@
+// The arithmetic of the fused Bilateral Guided Aggregation (BiSeNetV2's BGA gating):
+//   out = detail_keep * sigmoid(up(sem_up)) + up(detail_down * sigmoid(sem_keep))
+// with `up` bilinear (align_corners=False) from the low-res (h, w) to the high-res (H, W).
+//
+// Everything here is __host__ __device__: the CUDA kernels (bga.cu) run these functions
+// with one thread per item, the C++ CPU loops (bga.cpp) run the very same functions in a
+// serial loop, so the CPU tests check the kernels' arithmetic and their tiling.
+//
+// Backward as a deterministic gather (no atomics). The adjoint of `up` sends high-res row y
+// to its two taps i0(y), i1(y); since i0 is non-decreasing in y, the high-res rows feeding
+// low-res row i are the contiguous range of rows with i0 in {i - 1, i}. The low-res plane
+// is cut into tiles; a tile's "window" is every high-res pixel whose taps touch the tile,
+// and it "owns" (writes grad_detail_keep for) the high-res pixels whose i0 lies in the
+// tile, so every high-res pixel is written exactly once. Per tile:
+//   1. window items: per high-res pixel, grad_detail_keep (if owned) and the two values
+//      to scatter back, g and g * detail_keep * s * (1 - s) with s = sigmoid(up(sem_up));
+//   2. x-pass items: per (window row, low-res column) the weighted sum along x;
+//   3. y-pass items: per low-res pixel the weighted sum along y, then the three
+//      low-res gradients.
+// Items are numbered channel-group-fastest: with one channel per group (NCHW) consecutive
+// items walk along x, with several channels per group (channels_last) along C, so
+// consecutive CUDA threads touch consecutive addresses in both memory formats.
+#pragma once
+
+#include <math.h>
+#include <stdint.h>
+
+#include "bilinear.h"
+
+namespace bisenet {
+
+BISENET_HD float exp_acc(float v) { return expf(v); }
+BISENET_HD double exp_acc(double v) { return exp(v); }
+
+template <typename acc_t>
+BISENET_HD acc_t sigmoid_acc(acc_t v) {
+  return static_cast<acc_t>(1) / (static_cast<acc_t>(1) + exp_acc(-v));
+}
+
+// Sizes and element strides. All high-res tensors (detail_keep, grad_out, out,
+// grad_detail_keep) share one set of strides, all low-res tensors the other.
+template <typename acc_t>
+struct BgaGeometry {
+  int N, C, H, W;  // high-res
+  int h, w;        // low-res
+  int64_t hi_sn, hi_sc, hi_sy, hi_sx;
+  int64_t lo_sn, lo_sc, lo_sy, lo_sx;
+  acc_t scale_y, scale_x;  // in / out, as ATen computes them
+};
+
+// Smallest dst in [0, out_size] whose tap i0 is >= i (out_size when there is none).
+// i0(dst) is non-decreasing, so the rows with i0 in [a, b) are [first(a), first(b)).
+// The estimate inverts src = scale * (dst + 0.5) - 0.5; the loops make it exact for the
+// float arithmetic of bilinear_taps.
+template <typename acc_t>
+BISENET_HD int first_dst_with_tap_at_least(int i, int in_size, int out_size, acc_t scale) {
+  if (i <= 0) return 0;
+  if (i >= in_size) return out_size;
+  acc_t estimate = (static_cast<acc_t>(i) + static_cast<acc_t>(0.5)) / scale - static_cast<acc_t>(0.5);
+  int dst = estimate <= static_cast<acc_t>(0) ? 0 : static_cast<int>(estimate);
+  if (dst > out_size) dst = out_size;
+  while (dst > 0 && bilinear_taps<acc_t>(dst - 1, in_size, scale).i0 >= i) --dst;
+  while (dst < out_size && bilinear_taps<acc_t>(dst, in_size, scale).i0 < i) ++dst;
+  return dst;
+}
+
+// Weight with which high-res index dst (taps t) reads low-res index i (both taps may be i
+// at the last row/column, where i1 == i0).
+template <typename acc_t>
+BISENET_HD acc_t tap_weight(const Taps<acc_t>& t, int i) {
+  acc_t weight = static_cast<acc_t>(0);
+  if (t.i0 == i) weight += t.w0;
+  if (t.i1 == i) weight += t.w1;
+  return weight;
+}
+
+template <typename scalar_t, typename acc_t>
+BISENET_HD acc_t load_acc(const scalar_t* ptr, int64_t offset) {
+  return static_cast<acc_t>(ptr[offset]);
+}
+
+// up(plane) at one high-res pixel, in ATen's order: wy0 * (wx0 * v00 + wx1 * v01) + wy1 * (...).
+template <typename scalar_t, typename acc_t>
+BISENET_HD acc_t bilinear_sample(const scalar_t* plane, int64_t sy, int64_t sx,
+                                 const Taps<acc_t>& ty, const Taps<acc_t>& tx) {
+  acc_t row0 = tx.w0 * load_acc<scalar_t, acc_t>(plane, ty.i0 * sy + tx.i0 * sx) +
+               tx.w1 * load_acc<scalar_t, acc_t>(plane, ty.i0 * sy + tx.i1 * sx);
+  acc_t row1 = tx.w0 * load_acc<scalar_t, acc_t>(plane, ty.i1 * sy + tx.i0 * sx) +
+               tx.w1 * load_acc<scalar_t, acc_t>(plane, ty.i1 * sy + tx.i1 * sx);
+  return ty.w0 * row0 + ty.w1 * row1;
+}
+
+// detail_down * sigmoid(sem_keep) at one low-res offset.
+template <typename scalar_t, typename acc_t>
+BISENET_HD acc_t gated_detail(const scalar_t* detail_down, const scalar_t* sem_keep, int64_t offset) {
+  return load_acc<scalar_t, acc_t>(detail_down, offset) *
+         sigmoid_acc(load_acc<scalar_t, acc_t>(sem_keep, offset));
+}
+
+// The forward output at high-res (n, c, y, x). The *_plane pointers point at (n, c).
+template <typename scalar_t, typename acc_t>
+BISENET_HD acc_t bga_forward_value(acc_t detail_keep, const scalar_t* sem_up_plane,
+                                   const scalar_t* detail_down_plane, const scalar_t* sem_keep_plane,
+                                   int64_t sy, int64_t sx, const Taps<acc_t>& ty, const Taps<acc_t>& tx) {
+  acc_t sem_gate = sigmoid_acc(bilinear_sample<scalar_t, acc_t>(sem_up_plane, sy, sx, ty, tx));
+  int64_t o00 = ty.i0 * sy + tx.i0 * sx, o01 = ty.i0 * sy + tx.i1 * sx;
+  int64_t o10 = ty.i1 * sy + tx.i0 * sx, o11 = ty.i1 * sy + tx.i1 * sx;
+  acc_t row0 = tx.w0 * gated_detail<scalar_t, acc_t>(detail_down_plane, sem_keep_plane, o00) +
+               tx.w1 * gated_detail<scalar_t, acc_t>(detail_down_plane, sem_keep_plane, o01);
+  acc_t row1 = tx.w0 * gated_detail<scalar_t, acc_t>(detail_down_plane, sem_keep_plane, o10) +
+               tx.w1 * gated_detail<scalar_t, acc_t>(detail_down_plane, sem_keep_plane, o11);
+  return detail_keep * sem_gate + (ty.w0 * row0 + ty.w1 * row1);
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward tiling.
+
+// One block of work: low-res tile [ly0, ly1) x [lx0, lx1) of channels [c0, c0 + groups)
+// of sample n, and its high-res window [wy0, wy1) x [wx0, wx1) of which it owns
+// [own_y0, wy1) x [own_x0, wx1).
+struct BgaTile {
+  int n, c0, channels;  // channels: how many of the group's `group` slots are real
+  int ly0, ly1, lx0, lx1;
+  int wy0, wy1, wx0, wx1;
+  int own_y0, own_x0;
+};
+
+template <typename acc_t>
+BISENET_HD BgaTile make_tile(const BgaGeometry<acc_t>& geo, int n, int group_index, int group,
+                             int tile_y, int tile_x, int tile_h, int tile_w) {
+  BgaTile t;
+  t.n = n;
+  t.c0 = group_index * group;
+  t.channels = geo.C - t.c0 < group ? geo.C - t.c0 : group;
+  t.ly0 = tile_y * tile_h;
+  t.ly1 = t.ly0 + tile_h < geo.h ? t.ly0 + tile_h : geo.h;
+  t.lx0 = tile_x * tile_w;
+  t.lx1 = t.lx0 + tile_w < geo.w ? t.lx0 + tile_w : geo.w;
+  t.wy0 = first_dst_with_tap_at_least(t.ly0 - 1, geo.h, geo.H, geo.scale_y);
+  t.own_y0 = first_dst_with_tap_at_least(t.ly0, geo.h, geo.H, geo.scale_y);
+  t.wy1 = first_dst_with_tap_at_least(t.ly1, geo.h, geo.H, geo.scale_y);
+  t.wx0 = first_dst_with_tap_at_least(t.lx0 - 1, geo.w, geo.W, geo.scale_x);
+  t.own_x0 = first_dst_with_tap_at_least(t.lx0, geo.w, geo.W, geo.scale_x);
+  t.wx1 = first_dst_with_tap_at_least(t.lx1, geo.w, geo.W, geo.scale_x);
+  return t;
+}
+
+template <typename scalar_t>
+struct BgaBackwardData {
+  const scalar_t* grad_out;     // high-res
+  const scalar_t* detail_keep;  // high-res
+  const scalar_t* sem_up;       // low-res
+  const scalar_t* detail_down;  // low-res
+  const scalar_t* sem_keep;     // low-res
+  scalar_t* grad_detail_keep;   // high-res
+  scalar_t* grad_sem_up;        // low-res
+  scalar_t* grad_detail_down;   // low-res
+  scalar_t* grad_sem_keep;      // low-res
+};
+
+// Step 1, item = ((row * window_width) + col) * group + slot over the window.
+// Writes grad_detail_keep when the tile owns the pixel; stores g and
+// g * detail_keep * s * (1 - s) in the window buffers (zeros for unused channel slots).
+template <typename scalar_t, typename acc_t>
+BISENET_HD void backward_window_item(int item, int group, const BgaTile& t, const BgaGeometry<acc_t>& geo,
+                                     const BgaBackwardData<scalar_t>& d, acc_t* window_grad,
+                                     acc_t* window_sem_grad) {
+  int slot = item % group;
+  int pixel = item / group;
+  int window_width = t.wx1 - t.wx0;
+  int y = t.wy0 + pixel / window_width;
+  int x = t.wx0 + pixel % window_width;
+  if (slot >= t.channels) {
+    window_grad[item] = static_cast<acc_t>(0);
+    window_sem_grad[item] = static_cast<acc_t>(0);
+    return;
+  }
+  int c = t.c0 + slot;
+  int64_t hi = t.n * geo.hi_sn + c * geo.hi_sc + y * geo.hi_sy + x * geo.hi_sx;
+  const scalar_t* sem_up_plane = d.sem_up + t.n * geo.lo_sn + c * geo.lo_sc;
+  Taps<acc_t> ty = bilinear_taps<acc_t>(y, geo.h, geo.scale_y);
+  Taps<acc_t> tx = bilinear_taps<acc_t>(x, geo.w, geo.scale_x);
+  acc_t s = sigmoid_acc(bilinear_sample<scalar_t, acc_t>(sem_up_plane, geo.lo_sy, geo.lo_sx, ty, tx));
+  acc_t g = load_acc<scalar_t, acc_t>(d.grad_out, hi);
+  acc_t detail_keep = load_acc<scalar_t, acc_t>(d.detail_keep, hi);
+  if (y >= t.own_y0 && x >= t.own_x0) d.grad_detail_keep[hi] = static_cast<scalar_t>(g * s);
+  window_grad[item] = g;
+  window_sem_grad[item] = g * detail_keep * s * (static_cast<acc_t>(1) - s);
+}
+
+// Step 2, item = ((row * tile_width) + j) * group + slot: the window row's sums along x
+// for low-res column lx0 + j.
+template <typename acc_t>
+BISENET_HD void backward_xpass_item(int item, int group, const BgaTile& t, const BgaGeometry<acc_t>& geo,
+                                    const acc_t* window_grad, const acc_t* window_sem_grad,
+                                    acc_t* row_grad, acc_t* row_sem_grad) {
+  int slot = item % group;
+  int rest = item / group;
+  int tile_width = t.lx1 - t.lx0;
+  int j = rest % tile_width;
+  int row = rest / tile_width;
+  int ix = t.lx0 + j;
+  int window_width = t.wx1 - t.wx0;
+  int x_begin = first_dst_with_tap_at_least(ix - 1, geo.w, geo.W, geo.scale_x);
+  int x_end = first_dst_with_tap_at_least(ix + 1, geo.w, geo.W, geo.scale_x);
+  acc_t sum_grad = static_cast<acc_t>(0), sum_sem_grad = static_cast<acc_t>(0);
+  for (int x = x_begin; x < x_end; ++x) {
+    acc_t weight = tap_weight(bilinear_taps<acc_t>(x, geo.w, geo.scale_x), ix);
+    int at = (row * window_width + (x - t.wx0)) * group + slot;
+    sum_grad += weight * window_grad[at];
+    sum_sem_grad += weight * window_sem_grad[at];
+  }
+  row_grad[item] = sum_grad;
+  row_sem_grad[item] = sum_sem_grad;
+}
+
+// Step 3, item = ((i * tile_width) + j) * group + slot: low-res pixel (ly0 + i, lx0 + j).
+// up^T(g) and up^T(g * detail_keep * s * (1 - s)) by summing the x-pass along y, then
+//   grad_sem_up = up^T(g * detail_keep * s * (1 - s))
+//   grad_detail_down = up^T(g) * sigmoid(sem_keep)
+//   grad_sem_keep = up^T(g) * detail_down * sigmoid(sem_keep) * (1 - sigmoid(sem_keep))
+template <typename scalar_t, typename acc_t>
+BISENET_HD void backward_ypass_item(int item, int group, const BgaTile& t, const BgaGeometry<acc_t>& geo,
+                                    const acc_t* row_grad, const acc_t* row_sem_grad,
+                                    const BgaBackwardData<scalar_t>& d) {
+  int slot = item % group;
+  if (slot >= t.channels) return;
+  int rest = item / group;
+  int tile_width = t.lx1 - t.lx0;
+  int j = rest % tile_width;
+  int iy = t.ly0 + rest / tile_width;
+  int y_begin = first_dst_with_tap_at_least(iy - 1, geo.h, geo.H, geo.scale_y);
+  int y_end = first_dst_with_tap_at_least(iy + 1, geo.h, geo.H, geo.scale_y);
+  acc_t up_t_grad = static_cast<acc_t>(0), up_t_sem_grad = static_cast<acc_t>(0);
+  for (int y = y_begin; y < y_end; ++y) {
+    acc_t weight = tap_weight(bilinear_taps<acc_t>(y, geo.h, geo.scale_y), iy);
+    int at = ((y - t.wy0) * tile_width + j) * group + slot;
+    up_t_grad += weight * row_grad[at];
+    up_t_sem_grad += weight * row_sem_grad[at];
+  }
+  int c = t.c0 + slot;
+  int64_t lo = t.n * geo.lo_sn + c * geo.lo_sc + iy * geo.lo_sy + (t.lx0 + j) * geo.lo_sx;
+  acc_t gate = sigmoid_acc(load_acc<scalar_t, acc_t>(d.sem_keep, lo));
+  acc_t detail_down = load_acc<scalar_t, acc_t>(d.detail_down, lo);
+  d.grad_sem_up[lo] = static_cast<scalar_t>(up_t_sem_grad);
+  d.grad_detail_down[lo] = static_cast<scalar_t>(up_t_grad * gate);
+  d.grad_sem_keep[lo] = static_cast<scalar_t>(up_t_grad * detail_down * gate * (static_cast<acc_t>(1) - gate));
+}
+
+// Sizes and strides as at::Tensor::sizes() / strides() give them (N, C, H, W order).
+template <typename acc_t>
+inline BgaGeometry<acc_t> make_geometry(const int64_t* hi_sizes, const int64_t* hi_strides,
+                                        const int64_t* lo_sizes, const int64_t* lo_strides) {
+  BgaGeometry<acc_t> geo;
+  geo.N = static_cast<int>(hi_sizes[0]);
+  geo.C = static_cast<int>(hi_sizes[1]);
+  geo.H = static_cast<int>(hi_sizes[2]);
+  geo.W = static_cast<int>(hi_sizes[3]);
+  geo.h = static_cast<int>(lo_sizes[2]);
+  geo.w = static_cast<int>(lo_sizes[3]);
+  geo.hi_sn = hi_strides[0];
+  geo.hi_sc = hi_strides[1];
+  geo.hi_sy = hi_strides[2];
+  geo.hi_sx = hi_strides[3];
+  geo.lo_sn = lo_strides[0];
+  geo.lo_sc = lo_strides[1];
+  geo.lo_sy = lo_strides[2];
+  geo.lo_sx = lo_strides[3];
+  geo.scale_y = bilinear_scale<acc_t>(geo.h, geo.H);
+  geo.scale_x = bilinear_scale<acc_t>(geo.w, geo.W);
+  return geo;
+}
+
+// Host side: the largest window over all tiles of a tiling (the shared-memory size).
+template <typename acc_t>
+inline void max_window(const BgaGeometry<acc_t>& geo, int tile_h, int tile_w, int* height, int* width) {
+  *height = 0;
+  *width = 0;
+  for (int ly0 = 0; ly0 < geo.h; ly0 += tile_h) {
+    int ly1 = ly0 + tile_h < geo.h ? ly0 + tile_h : geo.h;
+    int rows = first_dst_with_tap_at_least(ly1, geo.h, geo.H, geo.scale_y) -
+               first_dst_with_tap_at_least(ly0 - 1, geo.h, geo.H, geo.scale_y);
+    if (rows > *height) *height = rows;
+  }
+  for (int lx0 = 0; lx0 < geo.w; lx0 += tile_w) {
+    int lx1 = lx0 + tile_w < geo.w ? lx0 + tile_w : geo.w;
+    int cols = first_dst_with_tap_at_least(lx1, geo.w, geo.W, geo.scale_x) -
+               first_dst_with_tap_at_least(lx0 - 1, geo.w, geo.W, geo.scale_x);
+    if (cols > *width) *width = cols;
+  }
+}
+
+// Accumulator elements per tile: the window (two values per pixel and slot) and the
+// x-pass (two values per window row, tile column and slot).
+inline int64_t backward_buffer_elements(int window_h, int window_w, int tile_w, int group) {
+  return 2 * static_cast<int64_t>(window_h) * group * (static_cast<int64_t>(window_w) + tile_w);
+}
+
+// Host side: the tile (in low-res pixels) for the backward. Starts from tiles owning about
+// 64 x 64 high-res pixels and shrinks the longer side until the buffers fit
+// `budget_elements`; returns false when not even a 1 x 1 tile fits (a huge upscale).
+// A larger tile re-reads less of the neighbours' windows (the halo: about one upscale
+// factor of rows and columns per tile).
+template <typename acc_t>
+inline bool choose_tile(const BgaGeometry<acc_t>& geo, int group, int64_t budget_elements,
+                        int* tile_h, int* tile_w) {
+  const int target = 64;
+  int th = static_cast<int>((static_cast<int64_t>(target) * geo.h + geo.H - 1) / (geo.H > 0 ? geo.H : 1));
+  int tw = static_cast<int>((static_cast<int64_t>(target) * geo.w + geo.W - 1) / (geo.W > 0 ? geo.W : 1));
+  th = th < 1 ? 1 : (th > geo.h ? geo.h : th);
+  tw = tw < 1 ? 1 : (tw > geo.w ? geo.w : tw);
+  while (true) {
+    int window_h, window_w;
+    max_window(geo, th, tw, &window_h, &window_w);
+    if (backward_buffer_elements(window_h, window_w, tw, group) <= budget_elements) break;
+    if (th == 1 && tw == 1) return false;
+    if (th >= tw && th > 1) --th; else --tw;
+  }
+  *tile_h = th;
+  *tile_w = tw;
+  return true;
+}
+
+}  // namespace bisenet

@@ -1,0 +1,381 @@
+"""Tests of the fused BGA gating (kernels/bga.py, kernels/csrc/bga*.{h,cpp,cu}).
+
+CPU: the reference against bisenetv2's plain composition and gradcheck; the C++ CPU loops
+(the CUDA kernels' per-item functions and tiling, run serially) against the reference; the
+custom op under opcheck, torch.compile(fullgraph=True) and inside BiSeNetV2.
+GPU (marked gpu): the CUDA kernels against the float64 reference.
+
+Tests that need the compiled extension (kernels.build.load()) skip when it cannot be
+built, unless BISENET_REQUIRE_KERNELS=1, where they fail.
+"""
+import os
+
+import pytest
+import torch
+
+import bisenetv2
+from bisenetv2 import BiSeNetV2
+from kernels import bga
+
+REQUIRE_KERNELS = os.environ.get("BISENET_REQUIRE_KERNELS") == "1"
+
+# (N, C, H, W) from (h, w): upscale 1, 2, 4, non-integer (9 from 4, 9 x 11 from 3 x 4),
+# odd sizes, and a downscale (every low-res pixel need not be touched by a tap).
+CPU_SHAPES = [
+    ((2, 3, 5, 7), (5, 7)),     # factor 1
+    ((1, 2, 10, 14), (5, 7)),   # factor 2
+    ((2, 3, 20, 12), (5, 3)),   # factor 4
+    ((1, 2, 9, 9), (4, 4)),     # 2.25
+    ((2, 3, 9, 11), (3, 4)),    # 3, 2.75
+    ((1, 2, 4, 3), (9, 11)),    # downscale
+]
+TILES = [(0, 0), (1, 1), (2, 3)]  # automatic, and tile borders everywhere
+
+
+def random_inputs(shape, low_hw, dtype=torch.float64, device="cpu", channels_last=False, seed=0):
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    n, c, _, _ = shape
+    tensors = [torch.randn(shape, generator=generator, dtype=torch.float64)]
+    tensors += [torch.randn((n, c) + tuple(low_hw), generator=generator, dtype=torch.float64) for _ in range(3)]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return [t.to(device=device, dtype=dtype).contiguous(memory_format=fmt) for t in tensors]
+
+
+def plain_composition(detail_keep, sem_up, detail_down, sem_keep):
+    return bisenetv2.bga_aggregate(detail_keep, sem_up, detail_down, sem_keep)
+
+
+def autograd_grads(fn, inputs, grad_out):
+    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+    out = fn(*leaves)
+    return out, torch.autograd.grad(out, leaves, grad_out)
+
+
+def relative_error(actual, expected):
+    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
+
+
+@pytest.fixture(scope="module")
+def extension():
+    """torch.ops.bisenet_cuda after kernels.build.load()."""
+    try:
+        from kernels import build
+        build.load()
+    except Exception as error:  # ImportError before the merge, any build error after it
+        if REQUIRE_KERNELS:
+            pytest.fail(f"BISENET_REQUIRE_KERNELS=1 but the kernels did not build: {error!r}")
+        pytest.skip(f"kernels extension unavailable: {error!r}")
+    return torch.ops.bisenet_cuda
+
+
+# ---------------------------------------------------------------------------------------
+# Reference
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_reference_equals_bisenetv2_composition(channels_last):
+    inputs = random_inputs((2, 3, 9, 11), (3, 4), channels_last=channels_last)
+    out = bga.bga_aggregate_reference(*inputs)
+    # the same float64 operations in the same order: equal up to the layout's rounding
+    torch.testing.assert_close(out, plain_composition(*inputs), rtol=1e-14, atol=1e-14)
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def test_custom_op_gradcheck_cpu():
+    # the custom op on CPU: reference forward, hand-written backward (up^T through ATen's
+    # upsample_bilinear2d_backward); gradcheck compares it with finite differences
+    inputs = [t.requires_grad_(True) for t in random_inputs((2, 3, 9, 11), (3, 4))]
+    assert torch.autograd.gradcheck(bga.bga_aggregate, inputs)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_backward_reference_equals_autograd(channels_last):
+    inputs = random_inputs((2, 3, 9, 11), (3, 4), channels_last=channels_last)
+    grad_out = torch.randn(2, 3, 9, 11, dtype=torch.float64)
+    _, expected = autograd_grads(plain_composition, inputs, grad_out)
+    grads = bga.bga_aggregate_backward_reference(grad_out, *inputs)
+    for grad, want in zip(grads, expected):
+        torch.testing.assert_close(grad, want, rtol=1e-12, atol=1e-12)  # float64, a few ops
+
+
+# ---------------------------------------------------------------------------------------
+# Input checks
+
+def test_rejects_mixed_dtypes_naming_them():
+    inputs = random_inputs((1, 2, 8, 8), (2, 2), dtype=torch.float32)
+    inputs[2] = inputs[2].to(torch.bfloat16)
+    with pytest.raises(ValueError, match="detail_down torch.bfloat16"):
+        bga.bga_aggregate(*inputs)
+
+
+@pytest.mark.parametrize("case, pattern", [
+    ("3d", "detail_keep must be 4D"),
+    ("channels", "sem_up .* differ in N or C"),
+    ("low_sizes", "sem_keep .* and sem_up .* differ"),
+    ("device", "one device"),
+    ("integer", "sem_up must be floating point"),
+])
+def test_rejects_bad_shapes_and_devices(case, pattern):
+    detail_keep, sem_up, detail_down, sem_keep = random_inputs((1, 2, 8, 8), (2, 2), dtype=torch.float32)
+    if case == "3d":
+        detail_keep = detail_keep[0]
+    elif case == "channels":
+        sem_up = torch.zeros(1, 3, 2, 2)
+    elif case == "low_sizes":
+        sem_keep = torch.zeros(1, 2, 3, 2)
+    elif case == "device":
+        sem_keep = sem_keep.to("meta")
+    elif case == "integer":
+        sem_up = sem_up.long()
+    with pytest.raises(ValueError, match=pattern):
+        bga.bga_aggregate(detail_keep, sem_up, detail_down, sem_keep)
+
+
+# ---------------------------------------------------------------------------------------
+# The C++ CPU loops: the kernels' arithmetic and tiling
+
+@pytest.mark.parametrize("shape, low_hw", CPU_SHAPES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cpu_loop_float64_matches_reference(extension, shape, low_hw, channels_last):
+    inputs = random_inputs(shape, low_hw, channels_last=channels_last, seed=sum(shape))
+    grad_out = torch.randn(shape, dtype=torch.float64)
+    expected_out = bga.bga_aggregate_reference(*inputs)
+    expected_grads = bga.bga_aggregate_backward_reference(grad_out, *inputs)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    out = extension.bga_forward(*inputs)
+    # float64 throughout, sums of at most a few dozen terms: rounding ~1e-15
+    torch.testing.assert_close(out, expected_out, rtol=1e-12, atol=1e-12)
+    assert out.is_contiguous(memory_format=fmt)
+    for tile_h, tile_w in TILES:
+        grads = extension.bga_backward(grad_out, *inputs, tile_h, tile_w)
+        for name, grad, want in zip(["detail_keep", "sem_up", "detail_down", "sem_keep"], grads, expected_grads):
+            torch.testing.assert_close(grad, want, rtol=1e-12, atol=1e-12, msg=lambda m: f"grad_{name}: {m}")
+            assert grad.is_contiguous(memory_format=fmt), name
+
+
+# Rounding of the output to the storage type, relative to the value: half an ulp is 2^-8
+# of a bfloat16 (8 significant bits) and 2^-11 of a float16 (11 bits); float32 results
+# carry ~1e-7 of float32 arithmetic on top. The oracle is float64 on the same (rounded)
+# inputs, so nothing else differs. `atol` covers values that cancel to ~0, at the float32
+# arithmetic's rounding of the terms (~1e-6 of their size, which is O(1) here).
+TOLERANCES = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (2 ** -8, 1e-5), torch.float16: (2 ** -11, 1e-5)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cpu_loop_low_precision_matches_float64(extension, dtype, channels_last):
+    rtol, atol = TOLERANCES[dtype]
+    inputs = random_inputs((2, 18, 9, 11), (3, 4), dtype=dtype, channels_last=channels_last)
+    grad_out = torch.randn(2, 18, 9, 11).to(dtype)
+    exact = [t.double() for t in inputs]
+    out = extension.bga_forward(*inputs)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), bga.bga_aggregate_reference(*exact), rtol=rtol, atol=atol)
+    grads = extension.bga_backward(grad_out, *inputs)
+    expected = bga.bga_aggregate_backward_reference(grad_out.double(), *exact)
+    for grad, want in zip(grads, expected):
+        assert grad.dtype == dtype
+        torch.testing.assert_close(grad.double(), want, rtol=rtol, atol=atol)
+
+
+def test_cpu_loop_mixed_formats_follow_detail_keep(extension):
+    # NCHW detail_keep with channels_last low-res inputs (and grad_out): copied, NCHW out
+    inputs = random_inputs((1, 4, 9, 11), (3, 4))
+    inputs[1:] = [t.contiguous(memory_format=torch.channels_last) for t in inputs[1:]]
+    grad_out = torch.randn(1, 4, 9, 11, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    out = extension.bga_forward(*inputs)
+    assert out.is_contiguous()
+    torch.testing.assert_close(out, bga.bga_aggregate_reference(*inputs), rtol=1e-12, atol=1e-12)
+    grads = extension.bga_backward(grad_out, *inputs)
+    for grad, want in zip(grads, bga.bga_aggregate_backward_reference(grad_out, *inputs)):
+        assert grad.is_contiguous()
+        torch.testing.assert_close(grad, want, rtol=1e-12, atol=1e-12)
+
+
+def test_cpu_loop_rejects_mismatched_dtype(extension):
+    inputs = random_inputs((1, 2, 8, 8), (2, 2))
+    inputs[3] = inputs[3].float()
+    with pytest.raises(RuntimeError, match="sem_keep is Float but detail_keep is Double"):
+        extension.bga_forward(*inputs)
+
+
+# ---------------------------------------------------------------------------------------
+# The custom op
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_opcheck_cpu(channels_last):
+    inputs = random_inputs((2, 3, 9, 11), (3, 4), dtype=torch.float32, channels_last=channels_last)
+    torch.library.opcheck(bga.bga_aggregate, [t.requires_grad_(True) for t in inputs])
+    grad_out = torch.randn(2, 3, 9, 11)
+    torch.library.opcheck(bga.bga_aggregate_backward, [grad_out] + [t.detach() for t in inputs])
+
+
+def test_compile_fullgraph_cpu():
+    def gated_sum(detail_keep, sem_up, detail_down, sem_keep):
+        return (bga.bga_aggregate(detail_keep, sem_up, detail_down, sem_keep) * 2).relu().sum()
+
+    compiled = torch.compile(gated_sum, fullgraph=True, backend="aot_eager")
+    inputs = random_inputs((2, 3, 9, 11), (3, 4), dtype=torch.float32)
+    eager_leaves = [t.clone().requires_grad_(True) for t in inputs]
+    compiled_leaves = [t.clone().requires_grad_(True) for t in inputs]
+    eager = gated_sum(*eager_leaves)
+    eager.backward()
+    result = compiled(*compiled_leaves)
+    result.backward()
+    # the same float32 operations: only the sum's order may differ
+    torch.testing.assert_close(result, eager, rtol=1e-6, atol=1e-6)
+    for leaf, want in zip(compiled_leaves, eager_leaves):
+        torch.testing.assert_close(leaf.grad, want.grad, rtol=1e-6, atol=1e-6)
+
+
+def run_bisenet(model, images, aggregate, seed=0):
+    """Train-mode outputs and parameter gradients of a fixed weighted sum of them (the
+    seed fixes the heads' dropout masks)."""
+    model.bga.aggregate = aggregate
+    model.zero_grad()
+    torch.manual_seed(seed)
+    outputs = model(images)
+    generator = torch.Generator().manual_seed(seed)
+    loss = sum((out * torch.randn(out.shape, generator=generator, dtype=out.dtype).to(out.device)).sum()
+               for out in outputs)
+    loss.backward()
+    grads = {name: param.grad.detach().clone() for name, param in model.named_parameters()}
+    return [out.detach() for out in outputs], grads
+
+
+def test_bisenet_with_fused_op_matches_default_cpu():
+    torch.manual_seed(0)
+    model = BiSeNetV2(5).double().train()
+    images = torch.randn(2, 3, 64, 96, dtype=torch.float64)
+    expected_outputs, expected_grads = run_bisenet(model, images, bisenetv2.bga_aggregate)
+    outputs, grads = run_bisenet(model, images, bga.bga_aggregate)
+    for out, want in zip(outputs, expected_outputs):
+        torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)  # float64, same math
+    for name, want in expected_grads.items():
+        torch.testing.assert_close(grads[name], want, rtol=1e-9, atol=1e-9, msg=lambda m: f"{name}: {m}")
+
+
+# ---------------------------------------------------------------------------------------
+# GPU: the CUDA kernels
+
+GPU_SHAPES = [
+    ((1, 1, 8, 8), (8, 8)),          # factor 1
+    ((2, 7, 17, 23), (9, 12)),       # ~2, odd
+    ((3, 7, 36, 20), (9, 5)),        # factor 4
+    ((1, 7, 9, 11), (4, 4)),         # non-integer
+    ((2, 128, 64, 64), (16, 16)),    # BiSeNetV2's BGA at 512 x 512
+    ((1, 128, 65, 129), (17, 33)),   # odd BiSeNet-like
+    ((3, 1, 5, 3), (9, 11)),         # downscale
+]
+
+
+@pytest.fixture
+def cuda_kernel(extension, monkeypatch):
+    monkeypatch.setattr(bga, "use_cuda_kernel", True)
+    return extension
+
+
+def poison_cuda_cache(nbytes):
+    """Hand freed NaN-filled blocks to the caching allocator, so that an output the kernel
+    forgot to write comes back as NaN instead of a lucky zero."""
+    for size in (nbytes, 4 * nbytes):
+        torch.full((size // 4 + 1,), float("nan"), device="cuda")
+    torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape, low_hw", GPU_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cuda_kernels_match_float64_reference(cuda_kernel, shape, low_hw, dtype, channels_last):
+    rtol, atol = TOLERANCES.get(dtype, (1e-12, 1e-12))
+    inputs = random_inputs(shape, low_hw, dtype=dtype, device="cuda", channels_last=channels_last,
+                           seed=sum(shape) + len(low_hw))
+    grad_out = torch.randn(shape, device="cuda").to(dtype)
+    exact = [t.double() for t in inputs]
+    expected_out = bga.bga_aggregate_reference(*exact)
+    expected_grads = bga.bga_aggregate_backward_reference(grad_out.double(), *exact)
+    fmt = torch.channels_last if channels_last and shape[1] > 1 else torch.contiguous_format
+    poison_cuda_cache(inputs[0].numel() * inputs[0].element_size())
+    leaves = [t.clone().requires_grad_(True) for t in inputs]
+    out = bga.bga_aggregate(*leaves)
+    out.backward(grad_out)
+    assert out.dtype == dtype and out.is_contiguous(memory_format=fmt)
+    torch.testing.assert_close(out.double(), expected_out, rtol=rtol, atol=atol)
+    for leaf, want in zip(leaves, expected_grads):
+        assert leaf.grad.dtype == dtype
+        torch.testing.assert_close(leaf.grad.double(), want, rtol=rtol, atol=atol)
+    for tile_h, tile_w in TILES[1:]:  # tile borders everywhere: the halo logic
+        poison_cuda_cache(inputs[0].numel() * inputs[0].element_size())
+        grads = cuda_kernel.bga_backward(grad_out, *inputs, tile_h, tile_w)
+        for grad, want in zip(grads, expected_grads):
+            torch.testing.assert_close(grad.double(), want, rtol=rtol, atol=atol)
+
+
+@pytest.mark.gpu
+def test_cuda_backward_is_deterministic(cuda_kernel):
+    inputs = random_inputs((4, 128, 128, 128), (32, 32), dtype=torch.float32, device="cuda")
+    grad_out = torch.randn(4, 128, 128, 128, device="cuda")
+    first = cuda_kernel.bga_backward(grad_out, *inputs)
+    second = cuda_kernel.bga_backward(grad_out, *inputs)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_cuda_compile_fullgraph_uses_one_op(cuda_kernel):
+    def gated(detail_keep, sem_up, detail_down, sem_keep):
+        return bga.bga_aggregate(detail_keep, sem_up, detail_down, sem_keep).float().square().mean()
+
+    inputs = random_inputs((2, 128, 64, 64), (16, 16), dtype=torch.bfloat16, device="cuda", channels_last=True)
+    eager_leaves = [t.clone().requires_grad_(True) for t in inputs]
+    compiled_leaves = [t.clone().requires_grad_(True) for t in inputs]
+    gated(*eager_leaves).backward()
+    torch.compile(gated, fullgraph=True)(*compiled_leaves).backward()
+    for leaf, want in zip(compiled_leaves, eager_leaves):
+        torch.testing.assert_close(leaf.grad, want.grad, rtol=0, atol=0)  # the same kernels
+
+
+@pytest.mark.gpu
+def test_bisenet_with_cuda_kernel_matches_default(cuda_kernel):
+    torch.manual_seed(0)
+    model = BiSeNetV2(5).cuda().train().to(memory_format=torch.channels_last)
+    images = torch.randn(2, 3, 128, 256, device="cuda").contiguous(memory_format=torch.channels_last)
+    expected_outputs, expected_grads = run_bisenet(model, images, bisenetv2.bga_aggregate)
+    outputs, grads = run_bisenet(model, images, bga.bga_aggregate)
+    # float32 kernel vs float32 eager ops through ~20 layers after the BGA (and BN's batch
+    # statistics): rounding differences of ~1e-7 grow to ~1e-6 of the norms
+    for out, want in zip(outputs, expected_outputs):
+        assert relative_error(out, want) < 1e-5
+    for name, want in expected_grads.items():
+        assert relative_error(grads[name], want) < 1e-4, name
+
+
+@pytest.mark.gpu
+def test_bisenet_autocast_bf16_runs_kernel(cuda_kernel):
+    model = BiSeNetV2(5).cuda().train()
+    model.bga.aggregate = bga.bga_aggregate
+    images = torch.randn(2, 3, 128, 128, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        outputs = model(images)
+    assert outputs[0].dtype == torch.bfloat16
+    sum(out.float().sum() for out in outputs).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_cpu_autocast_bisenet_feeds_one_dtype(monkeypatch):
+    # under autocast the BGA's four inputs come from convs (and an average pool): all
+    # bfloat16, which the op's one-dtype check must accept; CPU tensors always take the
+    # reference, whatever use_cuda_kernel says
+    monkeypatch.setattr(bga, "use_cuda_kernel", True)
+    model = BiSeNetV2(5).train()
+    seen = []
+
+    def recording_aggregate(*inputs):
+        out = bga.bga_aggregate(*inputs)
+        seen.append([t.dtype for t in inputs] + [out.dtype])
+        return out
+
+    model.bga.aggregate = recording_aggregate
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs = model(torch.randn(2, 3, 64, 64))
+    assert seen == [[torch.bfloat16] * 5] and outputs[0].dtype == torch.bfloat16
