@@ -339,8 +339,11 @@ def test_cuda_compile_fullgraph_uses_one_op(cuda_kernel):
     compiled_leaves = [t.clone().requires_grad_(True) for t in inputs]
     gated(*eager_leaves).backward()
     torch.compile(gated, fullgraph=True)(*compiled_leaves).backward()
+    # the same kernels; only the incoming gradient, 2 * out / numel, may round differently
+    # (by one bfloat16 ulp, 2^-7 relative) between inductor's code and eager's
     for leaf, want in zip(compiled_leaves, eager_leaves):
-        torch.testing.assert_close(leaf.grad, want.grad, rtol=0, atol=0)  # the same kernels
+        scale = want.grad.abs().max().item()
+        torch.testing.assert_close(leaf.grad, want.grad, rtol=2 ** -7, atol=2 ** -7 * scale)
 
 
 @pytest.mark.gpu
