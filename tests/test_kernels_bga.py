@@ -30,6 +30,7 @@ CPU_SHAPES = [
     ((1, 2, 4, 3), (9, 11)),    # downscale
 ]
 TILES = [(0, 0), (1, 1), (2, 3)]  # automatic, and tile borders everywhere
+GRAD_NAMES = ["grad_detail_keep", "grad_sem_up", "grad_detail_down", "grad_sem_keep"]
 
 
 def random_inputs(shape, low_hw, dtype=torch.float64, device="cpu", channels_last=False, seed=0):
@@ -147,34 +148,42 @@ def test_cpu_loop_float64_matches_reference(extension, shape, low_hw, channels_l
     assert out.is_contiguous(memory_format=fmt)
     for tile_h, tile_w in TILES:
         grads = extension.bga_backward(grad_out, *inputs, tile_h, tile_w)
-        for name, grad, want in zip(["detail_keep", "sem_up", "detail_down", "sem_keep"], grads, expected_grads):
-            torch.testing.assert_close(grad, want, rtol=1e-12, atol=1e-12, msg=lambda m: f"grad_{name}: {m}")
+        for name, grad, want in zip(GRAD_NAMES, grads, expected_grads):
+            torch.testing.assert_close(grad, want, rtol=1e-12, atol=1e-12, msg=lambda m: f"{name}: {m}")
             assert grad.is_contiguous(memory_format=fmt), name
 
 
-# Rounding of the output to the storage type, relative to the value: half an ulp is 2^-8
-# of a bfloat16 (8 significant bits) and 2^-11 of a float16 (11 bits); float32 results
-# carry ~1e-7 of float32 arithmetic on top. The oracle is float64 on the same (rounded)
-# inputs, so nothing else differs. `atol` covers values that cancel to ~0, at the float32
-# arithmetic's rounding of the terms (~1e-6 of their size, which is O(1) here).
-TOLERANCES = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (2 ** -8, 1e-5), torch.float16: (2 ** -11, 1e-5)}
+# Tolerances against the float64 oracle on the same (rounded) inputs, (rtol, atol as a
+# fraction of the largest |expected|):
+#   rtol: rounding of the result to the storage type, half an ulp relative to the value:
+#         2^-8 for bfloat16 (8 significant bits), 2^-11 for float16 (11 bits); float32
+#         results carry only float32 arithmetic, a few ulps (~1e-7), so 1e-5 is loose;
+#   atol: float32 accumulation where terms cancel: a gradient sums at most
+#         (2 * ceil(scale))^2 = 64 (for the x4 shapes) weighted terms, each no larger than
+#         the largest value, so the error stays below 64 * 2^-24 ~ 4e-6 of it; 2e-5 is 5x that.
+TOLERANCES = {torch.float32: (1e-5, 2e-5), torch.bfloat16: (2 ** -8, 2e-5),
+              torch.float16: (2 ** -11, 2e-5), torch.float64: (1e-12, 1e-12)}
+
+
+def assert_matches(actual, expected, dtype, what):
+    rtol, atol_fraction = TOLERANCES[dtype]
+    assert actual.dtype == dtype, what
+    torch.testing.assert_close(actual.double(), expected, rtol=rtol,
+                               atol=atol_fraction * expected.abs().max().item(),
+                               msg=lambda message: f"{what}: {message}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_cpu_loop_low_precision_matches_float64(extension, dtype, channels_last):
-    rtol, atol = TOLERANCES[dtype]
     inputs = random_inputs((2, 18, 9, 11), (3, 4), dtype=dtype, channels_last=channels_last)
     grad_out = torch.randn(2, 18, 9, 11).to(dtype)
     exact = [t.double() for t in inputs]
-    out = extension.bga_forward(*inputs)
-    assert out.dtype == dtype
-    torch.testing.assert_close(out.double(), bga.bga_aggregate_reference(*exact), rtol=rtol, atol=atol)
+    assert_matches(extension.bga_forward(*inputs), bga.bga_aggregate_reference(*exact), dtype, "out")
     grads = extension.bga_backward(grad_out, *inputs)
     expected = bga.bga_aggregate_backward_reference(grad_out.double(), *exact)
-    for grad, want in zip(grads, expected):
-        assert grad.dtype == dtype
-        torch.testing.assert_close(grad.double(), want, rtol=rtol, atol=atol)
+    for name, grad, want in zip(GRAD_NAMES, grads, expected):
+        assert_matches(grad, want, dtype, name)
 
 
 def test_cpu_loop_mixed_formats_follow_detail_keep(extension):
@@ -245,7 +254,7 @@ def run_bisenet(model, images, aggregate, seed=0):
 def test_bisenet_with_fused_op_matches_default_cpu():
     torch.manual_seed(0)
     model = BiSeNetV2(5).double().train()
-    images = torch.randn(2, 3, 64, 96, dtype=torch.float64)
+    images = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     expected_outputs, expected_grads = run_bisenet(model, images, bisenetv2.bga_aggregate)
     outputs, grads = run_bisenet(model, images, bga.bga_aggregate)
     for out, want in zip(outputs, expected_outputs):
@@ -287,7 +296,6 @@ def poison_cuda_cache(nbytes):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_cuda_kernels_match_float64_reference(cuda_kernel, shape, low_hw, dtype, channels_last):
-    rtol, atol = TOLERANCES.get(dtype, (1e-12, 1e-12))
     inputs = random_inputs(shape, low_hw, dtype=dtype, device="cuda", channels_last=channels_last,
                            seed=sum(shape) + len(low_hw))
     grad_out = torch.randn(shape, device="cuda").to(dtype)
@@ -299,16 +307,16 @@ def test_cuda_kernels_match_float64_reference(cuda_kernel, shape, low_hw, dtype,
     leaves = [t.clone().requires_grad_(True) for t in inputs]
     out = bga.bga_aggregate(*leaves)
     out.backward(grad_out)
-    assert out.dtype == dtype and out.is_contiguous(memory_format=fmt)
-    torch.testing.assert_close(out.double(), expected_out, rtol=rtol, atol=atol)
-    for leaf, want in zip(leaves, expected_grads):
-        assert leaf.grad.dtype == dtype
-        torch.testing.assert_close(leaf.grad.double(), want, rtol=rtol, atol=atol)
+    assert out.is_contiguous(memory_format=fmt)
+    assert_matches(out, expected_out, dtype, "out")
+    for name, leaf, want in zip(GRAD_NAMES, leaves, expected_grads):
+        assert leaf.grad.is_contiguous(memory_format=fmt), name
+        assert_matches(leaf.grad, want, dtype, name)
     for tile_h, tile_w in TILES[1:]:  # tile borders everywhere: the halo logic
         poison_cuda_cache(inputs[0].numel() * inputs[0].element_size())
         grads = cuda_kernel.bga_backward(grad_out, *inputs, tile_h, tile_w)
-        for grad, want in zip(grads, expected_grads):
-            torch.testing.assert_close(grad.double(), want, rtol=rtol, atol=atol)
+        for name, grad, want in zip(GRAD_NAMES, grads, expected_grads):
+            assert_matches(grad, want, dtype, f"{name} with {tile_h}x{tile_w} tiles")
 
 
 @pytest.mark.gpu
@@ -331,8 +339,11 @@ def test_cuda_compile_fullgraph_uses_one_op(cuda_kernel):
     compiled_leaves = [t.clone().requires_grad_(True) for t in inputs]
     gated(*eager_leaves).backward()
     torch.compile(gated, fullgraph=True)(*compiled_leaves).backward()
+    # the same kernels; only the incoming gradient, 2 * out / numel, may round differently
+    # (by one bfloat16 ulp, 2^-7 relative) between inductor's code and eager's
     for leaf, want in zip(compiled_leaves, eager_leaves):
-        torch.testing.assert_close(leaf.grad, want.grad, rtol=0, atol=0)  # the same kernels
+        scale = want.grad.abs().max().item()
+        torch.testing.assert_close(leaf.grad, want.grad, rtol=2 ** -7, atol=2 ** -7 * scale)
 
 
 @pytest.mark.gpu

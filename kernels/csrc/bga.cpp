@@ -16,7 +16,9 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "bga_math.h"
