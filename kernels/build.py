@@ -1,0 +1,145 @@
+"""JIT build of the CUDA extension (all of kernels/csrc/*.cpp and *.cu) with
+torch.utils.cpp_extension.load (ninja), into a cache folder keyed by the sources, the torch
+version and the target architectures.
+
+Several ranks may start at once: one builds under a file lock, the others wait for it; a
+lock left by a killed build (its process gone on this host, or older than
+BISENET_KERNELS_LOCK_TIMEOUT seconds, default 1800) is removed with a message, never waited
+on forever.
+"""
+import hashlib
+import os
+import socket
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+CSRC = Path(__file__).resolve().parent / "csrc"
+_loaded = False
+
+
+def sources():
+    return sorted(p for p in CSRC.iterdir() if p.suffix in (".cpp", ".cu"))
+
+
+def cache_root():
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bisenet_kernels"
+    return Path(os.environ.get("BISENET_KERNELS_CACHE", default))
+
+
+def arch_list():
+    """The visible GPU's architecture, else sm_80 and sm_90."""
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        return f"{major}.{minor}"
+    return "8.0;9.0"
+
+
+def check_cuda_home():
+    """-> the CUDA toolkit folder, or a RuntimeError that says how to point at it."""
+    from torch.utils import cpp_extension
+    home = cpp_extension.CUDA_HOME
+    toolkit = home is not None and (Path(home) / "bin" / "nvcc").is_file() and \
+        (Path(home) / "include" / "cuda_runtime.h").is_file() and \
+        any((Path(home) / lib).glob("libcudart.so*") for lib in ("lib64", "lib"))
+    if not toolkit:
+        raise RuntimeError(f"kernels: CUDA_HOME={home} is not a CUDA toolkit (nvcc, include/cuda_runtime.h, "
+                           "lib64/libcudart.so); torch guesses it from the nvcc on PATH, which may be a wrapper: "
+                           "set CUDA_HOME, e.g. export CUDA_HOME=/usr/local/cuda")
+    return home
+
+
+def _lock_is_stale(lock, timeout):
+    try:
+        host, pid, started = lock.read_text().split()
+        pid, started = int(pid), float(started)
+    except (OSError, ValueError):
+        return time.time() - lock.stat().st_mtime > 60  # unreadable for a minute: a torn write
+    if time.time() - started > timeout:
+        return True
+    if host == socket.gethostname():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+    return False
+
+
+@contextmanager
+def build_lock(lock, timeout=None, poll=0.5):
+    """Exclusive lock file holding 'hostname pid start-time'; waiters poll; a stale lock is
+    removed loudly."""
+    timeout = float(os.environ.get("BISENET_KERNELS_LOCK_TIMEOUT", 1800)) if timeout is None else timeout
+    lock = Path(lock)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    announced = False
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                stale = _lock_is_stale(lock, timeout)
+            except FileNotFoundError:
+                continue
+            if stale:
+                print(f"kernels: removing stale build lock {lock} ({lock.read_text().strip() if lock.exists() else ''})",
+                      file=sys.stderr, flush=True)
+                lock.unlink(missing_ok=True)
+                continue
+            if not announced:
+                print(f"kernels: waiting for the build in progress ({lock})", file=sys.stderr, flush=True)
+                announced = True
+            time.sleep(poll)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{socket.gethostname()} {os.getpid()} {time.time()}\n")
+        break
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def load(verbose=False):
+    """Builds (once per source version) and loads the extension; its ops appear under
+    torch.ops.bisenet_cuda. Raises RuntimeError with the cause when it cannot."""
+    global _loaded
+    if _loaded:
+        return True
+    from torch.utils import cpp_extension
+    check_cuda_home()
+    arch = arch_list()
+    files = sources()
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode() + path.read_bytes())
+    for header in sorted(CSRC.glob("*.h")):
+        digest.update(header.name.encode() + header.read_bytes())
+    digest.update(f"{torch.__version__} {torch.version.cuda} {arch}".encode())
+    key = digest.hexdigest()[:16]
+    build_dir = cache_root() / f"bisenet_kernels_{key}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    old_arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    os.environ["TORCH_CUDA_ARCH_LIST"] = arch
+    try:
+        with build_lock(build_dir / "bisenet_build.lock"):
+            # torch's own baton ('lock') is never waited on here: under our lock it is stale
+            (build_dir / "lock").unlink(missing_ok=True)
+            cpp_extension.load(name=f"bisenet_kernels_{key}", sources=[str(p) for p in files],
+                               extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "-lineinfo"],
+                               build_directory=str(build_dir), is_python_module=False, verbose=verbose)
+    except Exception as e:
+        raise RuntimeError(f"kernels: building the CUDA extension in {build_dir} failed: "
+                           f"{type(e).__name__}: {str(e)[-2000:]}") from e
+    finally:
+        if old_arch is None:
+            os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = old_arch
+    _loaded = True
+    return True
