@@ -367,8 +367,9 @@ def segmentation_losses(outputs, labels, loss_fn, args):
     """-> (N_heads,) float32 losses of the main head and the auxiliary heads, each computed
     on the head's logits bilinearly upsampled to the labels' size."""
     thresh = args.ohem_thresh if args.loss == "ohem" else None
+    # validate=False: the loader has checked the labels, and the step stays free of host syncs
     return torch.stack([loss_fn(out, labels, thresh=thresh, min_kept=args.ohem_min_kept,
-                                ignore_index=args.ignore_index) for out in outputs])
+                                ignore_index=args.ignore_index, validate=False) for out in outputs])
 
 
 # ---------------------------------------------------------------------------------------
