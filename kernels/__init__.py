@@ -1,6 +1,6 @@
 """BiSeNetV2's fused CUDA kernels and their PyTorch references.
 
-    ohem_cross_entropy(logits, labels, thresh=0.7, min_kept=None, ignore_index=255)
+    ohem_cross_entropy(logits, labels, thresh=0.7, min_kept=None, ignore_index=255, validate=True)
     bga_aggregate(detail_keep, sem_up, detail_down, sem_keep)
     load()                      # JIT-build the CUDA extension (kernels/build.py)
     select(mode, device, log)   # -> (loss function, BGA function) for train_ddp.py --kernels
@@ -35,5 +35,5 @@ def select(mode, device, log=print):
         log(f"kernels: the CUDA extension did not build, using the PyTorch references: {' '.join(str(e).split())[:500]}")
         return ohem_cross_entropy_reference, bga_aggregate_reference
     bga.use_cuda_kernel = True
-    log("kernels: fused CUDA BGA kernel; loss: PyTorch reference (the fused loss kernel is not built yet)")
-    return ohem_cross_entropy_reference, bga_aggregate
+    log("kernels: fused CUDA kernels (upsample+CE/OHEM loss, BGA)")
+    return ohem_cross_entropy, bga_aggregate

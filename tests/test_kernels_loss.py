@@ -1,4 +1,13 @@
-"""The loss reference (kernels/loss.py) against plain compositions, and the build machinery."""
+"""The loss (kernels/loss.py, kernels/csrc/ohem_ce*) and the build machinery.
+
+CPU: the reference against plain compositions (CoinCheung's OHEM, F.cross_entropy) and
+gradcheck; the fused path (custom op + radix select) against the reference; the C++ CPU
+loops (the CUDA kernels' per-item functions, run serially) against the reference; opcheck
+and torch.compile(fullgraph=True). GPU (marked gpu): the CUDA kernels against the float64
+reference on many shapes and dtypes, poisoned outputs, determinism, no host sync.
+Tests that need the compiled extension skip when it cannot be built, unless
+BISENET_REQUIRE_KERNELS=1, where they fail.
+"""
 import math
 import os
 import threading
@@ -9,8 +18,13 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from kernels import build
+from kernels import bga, build
+from kernels import loss as loss_module
+from kernels.loss import ohem_cross_entropy as loss_fused
 from kernels.loss import ohem_cross_entropy_reference as loss_ref
+
+REQUIRE_KERNELS = os.environ.get("BISENET_REQUIRE_KERNELS") == "1"
+EPS32 = 2.0 ** -24  # float32 unit roundoff
 
 
 def coincheung_ohem(logits, labels, thresh, min_kept, ignore_index=255):
@@ -105,6 +119,392 @@ def test_bad_labels_are_named():
         loss_ref(logits, labels)
     with pytest.raises(ValueError, match="int64 or uint8"):
         loss_ref(logits, labels.clamp(max=4).int())
+
+
+# --- the fused path on the CPU: custom op + radix select ------------------------------
+
+CASES = [(2, 5, (3, 4), (11, 13)), (1, 19, (16, 16), (128, 128)), (2, 3, (7, 9), (7, 9)),
+         (1, 4, (9, 11), (4, 3)), (1, 3, (1, 1), (5, 5))]  # 2.75-8x up, 1x, down, one pixel
+OHEM = [(None, None), (0.7, None), (0.7, 40), (0.3, 10 ** 6), (0.99, 3)]
+
+
+@pytest.mark.parametrize("n,c,low,high", CASES)
+def test_fused_path_matches_reference_float64(n, c, low, high):
+    logits, labels = random_case(n=n, c=c, low=low, high=high, seed=c)
+    for thresh, min_kept in OHEM:
+        leaves = [logits.clone().requires_grad_(True) for _ in range(2)]
+        want = loss_ref(leaves[0], labels, thresh=thresh, min_kept=min_kept)
+        got = loss_fused(leaves[1], labels, thresh=thresh, min_kept=min_kept)
+        # the same float64 arithmetic up to summation order: ~1e-16 relative
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        (want_grad,), (got_grad,) = (torch.autograd.grad(v, x) for v, x in ((want, leaves[0]), (got, leaves[1])))
+        torch.testing.assert_close(got_grad, want_grad, rtol=1e-12, atol=1e-13)
+
+
+def test_fused_path_float32_and_uint8_labels():
+    logits, labels = random_case(n=2, c=19, low=(8, 8), high=(64, 64), seed=7)
+    for thresh, min_kept in OHEM:
+        want = loss_ref(logits, labels, thresh=thresh, min_kept=min_kept)
+        got = loss_fused(logits.float(), labels.to(torch.uint8), thresh=thresh, min_kept=min_kept)
+        # float32 per-pixel losses of size ~|z| + log C ~ 10: ~1e-6 absolute each
+        assert abs(got.item() - want.item()) < 64 * EPS32 * 10
+
+
+def test_fused_gradcheck_float64():
+    logits, labels = random_case(n=1, c=3, low=(2, 3), high=(5, 7), seed=3)
+    for thresh, min_kept in ((None, None), (0.7, 5), (0.9, 30)):
+        leaf = logits.clone().requires_grad_(True)
+        assert torch.autograd.gradcheck(lambda x: loss_fused(x, labels, thresh=thresh, min_kept=min_kept), (leaf,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_radix_select_equals_sort(dtype):
+    g = torch.Generator().manual_seed(0)
+    values = torch.rand(5000, generator=g, dtype=torch.float64).to(dtype) * 5
+    values[100:400] = values[7]           # a long run of ties
+    values[400:410] = 0.0                 # zeros are valid values too
+    valid = torch.rand(5000, generator=g) < 0.8
+    num_valid = int(valid.sum())
+    for k in (1, 2, 17, 250, num_valid // 2, num_valid - 1, num_valid):
+        k = torch.tensor(k)
+        want = loss_module.kth_largest_by_sort(values, valid, k)
+        got = loss_module.kth_largest_by_radix(values, valid, k)
+        assert got.item() == want.item(), int(k)
+
+
+def test_fused_ties_all_ignored_and_one_valid_pixel():
+    logits = torch.zeros(1, 2, 1, 4, dtype=torch.float64, requires_grad=True)
+    labels = torch.zeros(1, 1, 4, dtype=torch.long)
+    loss = loss_fused(logits, labels, thresh=0.1, min_kept=2)  # none hard: the top 2 of 4 equal
+    assert loss.item() == pytest.approx(math.log(2))
+    (grad,) = torch.autograd.grad(loss, logits)
+    assert torch.allclose(grad[0, 0, 0], grad[0, 0, 0, :1].expand(4))
+    for thresh in (None, 0.7):
+        leaf = torch.randn(1, 3, 2, 2, dtype=torch.float64, requires_grad=True)
+        loss = loss_fused(leaf, torch.full((1, 4, 4), 255), thresh=thresh)
+        (grad,) = torch.autograd.grad(loss, leaf)
+        assert loss.item() == 0.0 and torch.all(grad == 0)
+    logits, labels = random_case(n=1, c=4, seed=5)
+    labels.fill_(255)
+    labels[0, 3, 7] = 2
+    for thresh in (None, 0.7, 0.01):
+        torch.testing.assert_close(loss_fused(logits, labels, thresh=thresh, min_kept=5),
+                                   loss_ref(logits, labels, thresh=thresh, min_kept=5))
+
+
+def test_fused_bad_label_raises_or_poisons():
+    logits, labels = random_case()
+    labels[1, 2, 3] = 9
+    with pytest.raises(ValueError, match="value 9 is outside"):
+        loss_fused(logits, labels)
+    for thresh in (None, 0.7, 0.01):  # unvalidated: never an out-of-bounds read, a NaN loss
+        assert torch.isnan(loss_fused(logits, labels, thresh=thresh, validate=False))
+
+
+def test_opcheck_cpu():
+    logits, labels = random_case(n=2, c=4, low=(3, 5), high=(9, 11), seed=2)
+    logits = logits.float().requires_grad_(True)
+    torch.library.opcheck(loss_module.upsample_cross_entropy, (logits, labels, 255))
+    loss, lse = loss_module.upsample_cross_entropy(logits.detach(), labels, 255)
+    torch.library.opcheck(loss_module.upsample_cross_entropy_backward,
+                          (torch.randn_like(loss), logits.detach(), labels, lse, 255))
+
+
+@pytest.mark.parametrize("thresh", [None, 0.7])
+def test_compile_fullgraph_cpu(thresh):
+    """One graph (no break: nothing in the loss asks the host for a value)."""
+    logits, labels = random_case(n=2, c=5, seed=4)
+    leaves = [logits.float().requires_grad_(True) for _ in range(2)]
+    fn = lambda x: loss_fused(x, labels, thresh=thresh, min_kept=30, validate=False)  # noqa: E731
+    eager = fn(leaves[0])
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")(leaves[1])
+    torch.testing.assert_close(compiled, eager)
+    eager.backward()
+    compiled.backward()
+    torch.testing.assert_close(leaves[1].grad, leaves[0].grad)
+
+
+# --- the C++ CPU loops: the CUDA kernels' arithmetic ----------------------------------
+
+@pytest.fixture(scope="module")
+def extension():
+    try:
+        build.load()
+    except Exception as error:
+        if REQUIRE_KERNELS:
+            pytest.fail(f"BISENET_REQUIRE_KERNELS=1 but the kernels did not build: {error!r}")
+        pytest.skip(f"kernels extension unavailable: {error!r}")
+    return torch.ops.bisenet_cuda
+
+
+def support_size(low, high):
+    """High-res pixels that read one low-res logit, at most: (2 * H / h + 2) per axis."""
+    return math.prod(2 * math.ceil(big / small) + 2 for small, big in zip(low, high))
+
+
+@pytest.mark.parametrize("n,c,low,high", CASES)
+@pytest.mark.parametrize("label_dtype", [torch.int64, torch.uint8])
+def test_cpu_loop_float64_matches_reference(extension, n, c, low, high, label_dtype):
+    logits, labels = random_case(n=n, c=c, low=low, high=high, seed=n + c)
+    labels = labels.to(label_dtype)
+    loss, lse = extension.upsample_ce_forward(logits, labels, 255)
+    want_loss, want_lse = loss_module.upsample_cross_entropy_reference(logits, labels, 255)
+    torch.testing.assert_close(loss, want_loss, rtol=0, atol=1e-12)
+    torch.testing.assert_close(lse, want_lse, rtol=0, atol=1e-12)
+    grad_loss = torch.randn(labels.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    grad_loss[labels == 0] = 0.0  # not kept by OHEM: skipped
+    got = extension.upsample_ce_backward(grad_loss, logits, labels, lse, 255)
+    want = loss_module.upsample_cross_entropy_backward_reference(grad_loss, logits, labels, want_lse, 255)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-13 * support_size(low, high))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cpu_loop_low_precision_matches_float64(extension, dtype):
+    n, c, low, high = 2, 19, (8, 8), (64, 64)
+    logits, labels = random_case(n=n, c=c, low=low, high=high, seed=11)
+    logits = logits.to(dtype)
+    exact = logits.double()  # the same (rounded) values, float64 arithmetic
+    loss, lse = extension.upsample_ce_forward(logits, labels, 255)
+    want_loss, want_lse = loss_module.upsample_cross_entropy_reference(exact, labels, 255)
+    assert loss.dtype == lse.dtype == torch.float32
+    # float32 arithmetic: interpolation ~4 ulp of |z|, the exp sum C ulp, log; |z| + log C < 16
+    scale = exact.abs().max().item() + math.log(c)
+    tol = 4 * c * EPS32 * scale
+    torch.testing.assert_close(loss.double(), want_loss, rtol=0, atol=tol)
+    torch.testing.assert_close(lse.double(), want_lse, rtol=0, atol=tol)
+    grad_loss = torch.randn(labels.shape, generator=torch.Generator().manual_seed(2))
+    got = extension.upsample_ce_backward(grad_loss, logits, labels, lse, 255)
+    want = loss_module.upsample_cross_entropy_backward_reference(grad_loss.double(), exact, labels, want_lse, 255)
+    assert got.dtype == dtype
+    # each of up to S terms |g| * |p - onehot| <= |g| carries ~(C + 8) ulp (the exp of z - lse);
+    # then the rounding to dtype: half an ulp of the result
+    terms = support_size(low, high) * grad_loss.abs().max().item()
+    rounding = {torch.float32: EPS32, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}[dtype]
+    torch.testing.assert_close(got.double(), want, rtol=rounding, atol=(c + 8) * EPS32 * terms * 4)
+
+
+def test_cpu_loop_bad_label_is_nan_not_a_wild_read(extension):
+    logits, labels = random_case(n=1, c=3, seed=6)
+    labels[0, 0, 0] = 200  # neither a class nor 255
+    loss, lse = extension.upsample_ce_forward(logits, labels, 255)
+    assert torch.isnan(loss[0, 0, 0]) and torch.isnan(lse[0, 0, 0])
+    assert torch.isfinite(loss.flatten()[1:]).all()
+
+
+def test_cpu_loop_radix_histogram(extension):
+    g = torch.Generator().manual_seed(0)
+    bits = torch.randint(-2 ** 31, 2 ** 31 - 1, (5000,), generator=g, dtype=torch.int32)
+    bits[:3000] = bits[:3000].abs() & 0x00FF_FFFF  # many entries sharing the top byte
+    for shift in (24, 16, 8, 0):
+        prefixes = [0, 0x0012_0000, int(bits[3]) & ~((1 << (shift + 8)) - 1) if shift < 24 else 0]
+        for prefix in prefixes:
+            prefix = torch.tensor(prefix)
+            assert torch.equal(extension.radix_histogram(bits, prefix, shift),
+                               loss_module.radix_histogram_reference(bits, prefix, shift))
+
+
+def test_cpu_loop_rejects_bad_inputs(extension):
+    logits, labels = random_case()
+    with pytest.raises(RuntimeError, match="labels must be int64 or uint8"):
+        extension.upsample_ce_forward(logits, labels.int(), 255)
+    with pytest.raises(RuntimeError, match="differ in N"):
+        extension.upsample_ce_forward(logits, labels[:1], 255)
+    loss, lse = extension.upsample_ce_forward(logits, labels, 255)
+    with pytest.raises(RuntimeError, match="lse must be Double"):
+        extension.upsample_ce_backward(loss, logits, labels, lse.float(), 255)
+
+
+# --- GPU: the CUDA kernels ------------------------------------------------------------
+
+@pytest.fixture
+def cuda_kernel(extension, monkeypatch):
+    monkeypatch.setattr(bga, "use_cuda_kernel", True)
+    return extension
+
+
+def poison_cuda_cache(nbytes):
+    """Hand freed NaN-filled blocks to the caching allocator, so that an output the kernel
+    forgot to write comes back as NaN instead of a lucky zero."""
+    for size in (nbytes, 4 * nbytes):
+        torch.full((size // 4 + 1,), float("nan"), device="cuda")
+    torch.cuda.synchronize()
+
+
+def cuda_case(n, c, low, high, seed, ignore_frac=0.2, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, c, *low, generator=g, dtype=torch.float64) * scale
+    labels = torch.randint(0, c, (n, *high), generator=g)
+    labels[torch.rand(n, *high, generator=g) < ignore_frac] = 255
+    return logits.cuda(), labels.cuda()
+
+
+GPU_CASES = [
+    (2, 19, (128, 128), (1024, 1024)),   # the main head at the seed's crop
+    (2, 19, (32, 32), (1024, 1024)),     # the 1/32 head
+    (3, 19, (97, 131), (389, 523)),      # odd sizes, non-integer factors
+    (1, 37, (5, 7), (5, 7)),             # factor 1, C other than 19
+    (2, 3, (40, 30), (11, 13)),          # downscale
+    (1, 1, (1, 1), (3, 2)),              # one class, one logit
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,c,low,high", GPU_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cuda_pixel_op_matches_float64_reference(cuda_kernel, n, c, low, high, dtype, channels_last):
+    logits, labels = cuda_case(n, c, low, high, seed=c + low[0])
+    logits = logits.to(dtype)
+    if channels_last:
+        logits = logits.contiguous(memory_format=torch.channels_last)
+    exact = logits.double()
+    want_loss, want_lse = loss_module.upsample_cross_entropy_reference(exact, labels, 255)
+    grad_loss = torch.randn(labels.shape, device="cuda", dtype=torch.float64)
+    grad_loss[torch.rand(labels.shape, device="cuda") < 0.5] = 0.0
+    want_grad = loss_module.upsample_cross_entropy_backward_reference(grad_loss, exact, labels, want_lse, 255)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    eps = 2.0 ** -53 if dtype == torch.float64 else EPS32
+    for label_dtype in (torch.int64, torch.uint8):
+        poison_cuda_cache(labels.numel() * 8)
+        loss, lse = loss_module.upsample_cross_entropy(logits, labels.to(label_dtype), 255)
+        assert loss.dtype == lse.dtype == acc
+        tol = 4 * max(c, 2) * eps * (exact.abs().max().item() + math.log(max(c, 2)))
+        torch.testing.assert_close(loss.double(), want_loss, rtol=0, atol=tol)
+        torch.testing.assert_close(lse.double(), want_lse, rtol=0, atol=tol)
+        poison_cuda_cache(logits.numel() * 8)
+        grad = loss_module.upsample_cross_entropy_backward(grad_loss.to(acc), logits, labels.to(label_dtype), lse, 255)
+        assert grad.dtype == dtype and grad.shape == logits.shape
+        terms = support_size(low, high) * grad_loss.abs().max().item()
+        rounding = {torch.float32: EPS32, torch.float64: 2.0 ** -53, torch.bfloat16: 2.0 ** -8,
+                    torch.float16: 2.0 ** -11}[dtype]
+        torch.testing.assert_close(grad.double(), want_grad, rtol=rounding, atol=4 * (c + 8) * eps * terms)
+
+
+@pytest.mark.gpu
+OHEM_CASES = ["random", "one_valid", "all_ignored", "min_kept_above_valid", "few_hard"]
+
+
+@pytest.mark.parametrize("case", OHEM_CASES)
+@pytest.mark.parametrize("thresh,min_kept", OHEM)
+def test_cuda_loss_matches_reference_float64(cuda_kernel, case, thresh, min_kept):
+    """float64 kernels vs the float64 reference: the selection sees the same values."""
+    logits, labels = cuda_case(2, 19, (32, 48), (256, 384), seed=OHEM_CASES.index(case),
+                               scale=0.1 if case == "few_hard" else 3.0)
+    if case == "one_valid":
+        labels.fill_(255)
+        labels[1, 100, 200] = 4
+    elif case == "all_ignored":
+        labels.fill_(255)
+    elif case == "min_kept_above_valid":
+        labels[:, :, 10:] = 255
+        min_kept = 10 ** 7
+    leaves = [logits.clone().requires_grad_(True) for _ in range(2)]
+    want = loss_ref(leaves[0], labels, thresh=thresh, min_kept=min_kept)
+    poison_cuda_cache(labels.numel() * 8)
+    got = loss_fused(leaves[1], labels, thresh=thresh, min_kept=min_kept)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    (want_grad,) = torch.autograd.grad(want, leaves[0])
+    (got_grad,) = torch.autograd.grad(got, leaves[1])
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_ce_loss_low_precision(cuda_kernel, dtype):
+    logits, labels = cuda_case(4, 19, (128, 128), (1024, 1024), seed=3)
+    logits = logits.to(dtype)
+    leaves = [logits.double().requires_grad_(True), logits.clone().requires_grad_(True)]
+    want = loss_ref(leaves[0], labels, thresh=None)
+    got = loss_fused(leaves[1], labels, thresh=None, validate=False)
+    # a mean of per-pixel float32 losses, each within 4 * C ulp of |z| + log C
+    tol = 4 * 19 * EPS32 * (logits.double().abs().max().item() + math.log(19))
+    assert abs(got.item() - want.item()) < tol
+    (want_grad,) = torch.autograd.grad(want, leaves[0])
+    (got_grad,) = torch.autograd.grad(got, leaves[1])
+    terms = support_size((128, 128), (1024, 1024)) / int((labels != 255).sum())
+    rounding = EPS32 if dtype == torch.float32 else 2.0 ** -8
+    torch.testing.assert_close(got_grad.double(), want_grad, rtol=rounding, atol=4 * 27 * EPS32 * terms)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("size", [1000, 4 * 1024 * 1024])
+def test_cuda_radix_select_equals_sort(cuda_kernel, size):
+    values = torch.rand(size, device="cuda") * 5
+    values[size // 10: size // 3] = values[3]  # long runs of one value, as late passes see
+    valid = torch.rand(size, device="cuda") < 0.8
+    num_valid = int(valid.sum())
+    for k in (1, 7, num_valid // 16, num_valid // 2, num_valid):
+        k = torch.tensor(k, device="cuda")
+        assert loss_module.kth_largest_by_radix(values, valid, k).item() == \
+            loss_module.kth_largest_by_sort(values, valid, k).item()
+
+
+@pytest.mark.gpu
+def test_cuda_backward_is_deterministic(cuda_kernel):
+    logits, labels = cuda_case(4, 19, (128, 128), (1024, 1024), seed=5)
+    logits = logits.float().requires_grad_(True)
+    grads = [torch.autograd.grad(loss_fused(logits, labels, thresh=0.7, validate=False), logits)[0]
+             for _ in range(2)]
+    assert torch.equal(grads[0], grads[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("thresh", [None, 0.7])
+def test_cuda_step_has_no_host_sync(cuda_kernel, thresh):
+    logits, labels = cuda_case(2, 19, (64, 64), (512, 512), seed=6)
+    logits = logits.to(torch.bfloat16).requires_grad_(True)
+    loss_fused(logits, labels, thresh=thresh, validate=False).backward()  # warm-up (lazy inits)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = loss_fused(logits, labels, thresh=thresh, validate=False)
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss).item()
+
+
+@pytest.mark.gpu
+def test_cuda_bad_label_is_nan_not_a_crash(cuda_kernel):
+    logits, labels = cuda_case(1, 19, (16, 16), (128, 128), seed=7)
+    labels[0, 5, 5] = 77
+    for thresh in (None, 0.7):
+        assert torch.isnan(loss_fused(logits.float(), labels, thresh=thresh, validate=False)).item()
+    torch.cuda.synchronize()  # no device-side fault
+    with pytest.raises(ValueError, match="value 77"):
+        loss_fused(logits.float(), labels)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("thresh", [None, 0.7])
+def test_cuda_compile_fullgraph(cuda_kernel, thresh):
+    logits, labels = cuda_case(2, 19, (64, 64), (512, 512), seed=8)
+    leaves = [logits.to(torch.bfloat16).requires_grad_(True) for _ in range(2)]
+    fn = lambda x: loss_fused(x, labels, thresh=thresh, validate=False)  # noqa: E731
+    eager = fn(leaves[0])
+    compiled = torch.compile(fn, fullgraph=True)(leaves[1])
+    # the same kernels; inductor may sum the per-pixel losses in another order
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    eager.backward()
+    compiled.backward()
+    torch.testing.assert_close(leaves[1].grad.float(), leaves[0].grad.float(), rtol=2 ** -7, atol=1e-8)
+
+
+@pytest.mark.gpu
+def test_cuda_peak_memory_is_a_tenth_of_eager(cuda_kernel):
+    """Forward + backward at the seed's main head: 4 x 19 x 1024 x 1024 never materialised."""
+    logits, labels = cuda_case(4, 19, (128, 128), (1024, 1024), seed=9)
+    logits, labels = logits.to(torch.bfloat16).requires_grad_(True), labels.to(torch.uint8)  # as in training
+    peaks = []
+    for fn in (loss_ref, loss_fused):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn(logits, labels, thresh=0.7, validate=False).backward()
+        torch.cuda.synchronize()
+        peaks.append(torch.cuda.max_memory_allocated() - base)
+        logits.grad = None
+    assert peaks[1] <= peaks[0] / 10, peaks
 
 
 def test_select_logs_its_choice():

@@ -1,7 +1,11 @@
 // Bilinear taps of PyTorch's F.interpolate(mode="bilinear", align_corners=False, size=...),
-// shared by the CUDA kernels and the C++ CPU loops (so the CPU tests check the kernels'
+// the sample at one pixel and the rows/columns that read a low-res index (for the gather
+// backward), shared by the CUDA kernels and the C++ CPU loops (so the CPU tests check the kernels'
 // arithmetic). Light on purpose: no torch headers.
 #pragma once
+
+#include <math.h>
+#include <stdint.h>
 
 #if defined(__CUDACC__)
 #define BISENET_HD __host__ __device__ __forceinline__
@@ -37,6 +41,51 @@ BISENET_HD Taps<acc_t> bilinear_taps(int dst, int in_size, acc_t scale) {
   t.w1 = src - static_cast<acc_t>(t.i0);
   t.w0 = static_cast<acc_t>(1) - t.w1;
   return t;
+}
+
+BISENET_HD float exp_acc(float v) { return expf(v); }
+BISENET_HD double exp_acc(double v) { return exp(v); }
+
+// Smallest dst in [0, out_size] whose tap i0 is >= i (out_size when there is none).
+// i0(dst) is non-decreasing, so the rows with i0 in [a, b) are [first(a), first(b)).
+// The estimate inverts src = scale * (dst + 0.5) - 0.5; the loops make it exact for the
+// float arithmetic of bilinear_taps.
+template <typename acc_t>
+BISENET_HD int first_dst_with_tap_at_least(int i, int in_size, int out_size, acc_t scale) {
+  if (i <= 0) return 0;
+  if (i >= in_size) return out_size;
+  acc_t estimate = (static_cast<acc_t>(i) + static_cast<acc_t>(0.5)) / scale - static_cast<acc_t>(0.5);
+  int dst = estimate <= static_cast<acc_t>(0) ? 0 : static_cast<int>(estimate);
+  if (dst > out_size) dst = out_size;
+  while (dst > 0 && bilinear_taps<acc_t>(dst - 1, in_size, scale).i0 >= i) --dst;
+  while (dst < out_size && bilinear_taps<acc_t>(dst, in_size, scale).i0 < i) ++dst;
+  return dst;
+}
+
+// Weight with which high-res index dst (taps t) reads low-res index i (both taps may be i
+// at the last row/column, where i1 == i0).
+template <typename acc_t>
+BISENET_HD acc_t tap_weight(const Taps<acc_t>& t, int i) {
+  acc_t weight = static_cast<acc_t>(0);
+  if (t.i0 == i) weight += t.w0;
+  if (t.i1 == i) weight += t.w1;
+  return weight;
+}
+
+template <typename scalar_t, typename acc_t>
+BISENET_HD acc_t load_acc(const scalar_t* ptr, int64_t offset) {
+  return static_cast<acc_t>(ptr[offset]);
+}
+
+// up(plane) at one high-res pixel, in ATen's order: wy0 * (wx0 * v00 + wx1 * v01) + wy1 * (...).
+template <typename scalar_t, typename acc_t>
+BISENET_HD acc_t bilinear_sample(const scalar_t* plane, int64_t sy, int64_t sx,
+                                 const Taps<acc_t>& ty, const Taps<acc_t>& tx) {
+  acc_t row0 = tx.w0 * load_acc<scalar_t, acc_t>(plane, ty.i0 * sy + tx.i0 * sx) +
+               tx.w1 * load_acc<scalar_t, acc_t>(plane, ty.i0 * sy + tx.i1 * sx);
+  acc_t row1 = tx.w0 * load_acc<scalar_t, acc_t>(plane, ty.i1 * sy + tx.i0 * sx) +
+               tx.w1 * load_acc<scalar_t, acc_t>(plane, ty.i1 * sy + tx.i1 * sx);
+  return ty.w0 * row0 + ty.w1 * row1;
 }
 
 }  // namespace bisenet

@@ -1,0 +1,188 @@
+// Operator registration of the fused upsample + cross-entropy loss, and its C++ CPU loops.
+//
+//   bisenet_cuda::upsample_ce_forward(logits, labels, ignore_index) -> (loss, lse)
+//   bisenet_cuda::upsample_ce_backward(grad_loss, logits, labels, lse, ignore_index) -> grad_logits
+//   bisenet_cuda::radix_histogram(bits, prefix, shift) -> counts
+//
+// logits (N, C, h, w) float32/bfloat16/float16/float64, labels (N, H, W) int64 or uint8;
+// loss, lse, grad_loss (N, H, W) float32 (float64 for float64 logits); grad_logits like
+// logits (NCHW). radix_histogram: bits (M,) int32, prefix a 0-dim int64 tensor on the same
+// device, shift in {0, 8, 16, 24} -> counts (256,) int64 (see radix_digit).
+//
+// The CPU implementations run the same per-item functions (ohem_ce_math.h) as the CUDA
+// kernels, so testing them on a CPU checks the kernels' arithmetic.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <tuple>
+#include <type_traits>
+
+#include "ohem_ce_math.h"
+
+namespace bisenet {
+
+// ohem_ce.cu
+void ce_forward_cuda_launch(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index,
+                            const at::Tensor& loss, const at::Tensor& lse);
+void ce_backward_cuda_launch(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& labels,
+                             const at::Tensor& lse, int64_t ignore_index, const at::Tensor& grad_logits);
+void radix_histogram_cuda_launch(const at::Tensor& bits, const at::Tensor& prefix, int64_t shift,
+                                 const at::Tensor& counts);
+
+namespace {
+
+at::ScalarType acc_type(const at::Tensor& logits) {
+  return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_inputs(const char* op, const at::Tensor& logits, const at::Tensor& labels) {
+  TORCH_CHECK(logits.dim() == 4, op, ": logits must be (N, C, h, w), got ", logits.sizes());
+  TORCH_CHECK(labels.dim() == 3, op, ": labels must be (N, H, W), got ", labels.sizes());
+  TORCH_CHECK(logits.size(0) == labels.size(0), op, ": logits ", logits.sizes(), " and labels ", labels.sizes(),
+              " differ in N");
+  TORCH_CHECK(logits.size(1) > 0 && logits.size(2) > 0 && logits.size(3) > 0, op, ": logits ", logits.sizes(),
+              " has no class or an empty plane");
+  const auto dtype = logits.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16, op,
+              ": logits must be float32, float64, float16 or bfloat16, got ", dtype);
+  TORCH_CHECK(labels.scalar_type() == at::kLong || labels.scalar_type() == at::kByte, op,
+              ": labels must be int64 or uint8, got ", labels.scalar_type());
+  TORCH_CHECK(logits.device() == labels.device(), op, ": logits are on ", logits.device(), " but labels on ",
+              labels.device());
+  TORCH_CHECK(logits.numel() < (int64_t{1} << 31) && labels.size(1) < (int64_t{1} << 31) &&
+                  labels.size(2) < (int64_t{1} << 31),
+              op, ": sizes too large");
+}
+
+void check_pixel_tensor(const char* op, const char* name, const at::Tensor& tensor, const at::Tensor& logits,
+                        const at::Tensor& labels) {
+  TORCH_CHECK(tensor.sizes() == labels.sizes(), op, ": ", name, " ", tensor.sizes(), " and labels ", labels.sizes(),
+              " differ");
+  TORCH_CHECK(tensor.scalar_type() == acc_type(logits), op, ": ", name, " must be ", acc_type(logits), ", got ",
+              tensor.scalar_type());
+  TORCH_CHECK(tensor.device() == logits.device(), op, ": ", name, " is on ", tensor.device(), " but logits on ",
+              logits.device());
+}
+
+template <typename scalar_t>
+using acc_of = typename std::conditional<std::is_same<scalar_t, double>::value, double, float>::type;
+
+template <typename scalar_t, typename label_t>
+void forward_cpu_typed(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index,
+                       const at::Tensor& loss, const at::Tensor& lse) {
+  using acc_t = acc_of<scalar_t>;
+  auto geo = make_ce_geometry<acc_t>(logits.size(0), logits.size(1), logits.size(2), logits.size(3),
+                                     labels.size(1), labels.size(2));
+  const scalar_t* logit_data = logits.const_data_ptr<scalar_t>();
+  const label_t* label_data = labels.const_data_ptr<label_t>();
+  acc_t* loss_data = loss.mutable_data_ptr<acc_t>();
+  acc_t* lse_data = lse.mutable_data_ptr<acc_t>();
+  for (int64_t pixel = 0; pixel < labels.numel(); ++pixel)
+    ce_pixel_forward<scalar_t, label_t, acc_t>(pixel, geo, logit_data, label_data, ignore_index, loss_data,
+                                               lse_data);
+}
+
+template <typename scalar_t, typename label_t>
+void backward_cpu_typed(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& labels,
+                        const at::Tensor& lse, int64_t ignore_index, const at::Tensor& grad_logits) {
+  using acc_t = acc_of<scalar_t>;
+  auto geo = make_ce_geometry<acc_t>(logits.size(0), logits.size(1), logits.size(2), logits.size(3),
+                                     labels.size(1), labels.size(2));
+  const scalar_t* logit_data = logits.const_data_ptr<scalar_t>();
+  const label_t* label_data = labels.const_data_ptr<label_t>();
+  const acc_t* grad_data = grad_loss.const_data_ptr<acc_t>();
+  const acc_t* lse_data = lse.const_data_ptr<acc_t>();
+  scalar_t* out = grad_logits.mutable_data_ptr<scalar_t>();
+  for (int64_t item = 0; item < logits.numel(); ++item)
+    out[item] = static_cast<scalar_t>(ce_logit_backward<scalar_t, label_t, acc_t>(
+        item, geo, logit_data, label_data, grad_data, lse_data, ignore_index));
+}
+
+std::tuple<at::Tensor, at::Tensor> upsample_ce_forward_impl(const at::Tensor& logits_in, const at::Tensor& labels_in,
+                                                            int64_t ignore_index) {
+  check_inputs("upsample_ce_forward", logits_in, labels_in);
+  at::Tensor logits = logits_in.contiguous();
+  at::Tensor labels = labels_in.contiguous();
+  at::Tensor loss = at::empty(labels.sizes(), logits.options().dtype(acc_type(logits)));
+  at::Tensor lse = at::empty(labels.sizes(), logits.options().dtype(acc_type(logits)));
+  if (logits.is_cuda()) {
+    ce_forward_cuda_launch(logits, labels, ignore_index, loss, lse);
+    return {loss, lse};
+  }
+  const bool bytes = labels.scalar_type() == at::kByte;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "upsample_ce_forward_cpu", [&] {
+    if (bytes)
+      forward_cpu_typed<scalar_t, uint8_t>(logits, labels, ignore_index, loss, lse);
+    else
+      forward_cpu_typed<scalar_t, int64_t>(logits, labels, ignore_index, loss, lse);
+  });
+  return {loss, lse};
+}
+
+at::Tensor upsample_ce_backward_impl(const at::Tensor& grad_loss_in, const at::Tensor& logits_in,
+                                     const at::Tensor& labels_in, const at::Tensor& lse_in, int64_t ignore_index) {
+  check_inputs("upsample_ce_backward", logits_in, labels_in);
+  check_pixel_tensor("upsample_ce_backward", "grad_loss", grad_loss_in, logits_in, labels_in);
+  check_pixel_tensor("upsample_ce_backward", "lse", lse_in, logits_in, labels_in);
+  at::Tensor logits = logits_in.contiguous();
+  at::Tensor labels = labels_in.contiguous();
+  at::Tensor grad_loss = grad_loss_in.contiguous();
+  at::Tensor lse = lse_in.contiguous();
+  at::Tensor grad_logits = at::empty(logits.sizes(), logits.options());
+  if (logits.is_cuda()) {
+    ce_backward_cuda_launch(grad_loss, logits, labels, lse, ignore_index, grad_logits);
+    return grad_logits;
+  }
+  const bool bytes = labels.scalar_type() == at::kByte;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "upsample_ce_backward_cpu", [&] {
+    if (bytes)
+      backward_cpu_typed<scalar_t, uint8_t>(grad_loss, logits, labels, lse, ignore_index, grad_logits);
+    else
+      backward_cpu_typed<scalar_t, int64_t>(grad_loss, logits, labels, lse, ignore_index, grad_logits);
+  });
+  return grad_logits;
+}
+
+at::Tensor radix_histogram_impl(const at::Tensor& bits_in, const at::Tensor& prefix, int64_t shift) {
+  TORCH_CHECK(bits_in.dim() == 1 && bits_in.scalar_type() == at::kInt, "radix_histogram: bits must be (M,) int32, got ",
+              bits_in.sizes(), " ", bits_in.scalar_type());
+  TORCH_CHECK(prefix.dim() == 0 && prefix.scalar_type() == at::kLong && prefix.device() == bits_in.device(),
+              "radix_histogram: prefix must be a 0-dim int64 tensor on ", bits_in.device());
+  TORCH_CHECK(shift == 0 || shift == 8 || shift == 16 || shift == 24, "radix_histogram: shift must be 0, 8, 16 or 24, got ",
+              shift);
+  at::Tensor bits = bits_in.contiguous();
+  at::Tensor counts = at::zeros({256}, bits.options().dtype(at::kLong));
+  if (bits.is_cuda()) {
+    radix_histogram_cuda_launch(bits, prefix, shift, counts);
+    return counts;
+  }
+  const uint32_t prefix_bits = static_cast<uint32_t>(prefix.item<int64_t>());
+  const int32_t* data = bits.const_data_ptr<int32_t>();
+  int64_t* out = counts.mutable_data_ptr<int64_t>();
+  for (int64_t index = 0; index < bits.numel(); ++index) {
+    const int digit = radix_digit(data[index], prefix_bits, static_cast<int>(shift));
+    if (digit >= 0) ++out[digit];
+  }
+  return counts;
+}
+
+}  // namespace
+}  // namespace bisenet
+
+TORCH_LIBRARY_FRAGMENT(bisenet_cuda, m) {
+  m.def("upsample_ce_forward(Tensor logits, Tensor labels, int ignore_index) -> (Tensor, Tensor)");
+  m.def("upsample_ce_backward(Tensor grad_loss, Tensor logits, Tensor labels, Tensor lse, int ignore_index) -> Tensor");
+  m.def("radix_histogram(Tensor bits, Tensor prefix, int shift) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(bisenet_cuda, CPU, m) {
+  m.impl("upsample_ce_forward", &bisenet::upsample_ce_forward_impl);
+  m.impl("upsample_ce_backward", &bisenet::upsample_ce_backward_impl);
+  m.impl("radix_histogram", &bisenet::radix_histogram_impl);
+}
+
+TORCH_LIBRARY_IMPL(bisenet_cuda, CUDA, m) {
+  m.impl("upsample_ce_forward", &bisenet::upsample_ce_forward_impl);
+  m.impl("upsample_ce_backward", &bisenet::upsample_ce_backward_impl);
+  m.impl("radix_histogram", &bisenet::radix_histogram_impl);
+}
