@@ -1,0 +1,264 @@
+"""Benchmark of the fused kernels against eager PyTorch and torch.compile of the same code.
+
+    python -m kernels.bench                    # the seed's shapes on the GPU, markdown table
+    python -m kernels.bench --no-compile       # skip the torch.compile column (minutes faster)
+    python -m kernels.bench --device cpu --quick   # a smoke run of the table's machinery
+
+Loss rows: logits of each BiSeNetV2 head (main 1/8 and auxiliary 1/4, 1/8, 1/16, 1/32 of a
+1024x1024 crop, 19 classes; the 1/8 auxiliary head has the main head's shape) against uint8 labels of 1024x1024, CE and OHEM (thresh 0.7,
+n_min = valid // 16), forward + backward. BGA rows: 128 channels, 128x128 from 32x32,
+forward + backward, NCHW and channels_last. Each variant:
+  eager    the PyTorch references (F.interpolate + F.cross_entropy + sort; the BGA composition)
+  compile  torch.compile of those same functions
+  fused    kernels.ohem_cross_entropy / kernels.bga_aggregate with the CUDA kernels
+Times are medians of --iters runs after --warmup runs (CUDA events on the GPU). GB/s counts
+the bytes the fused kernels must move (see bytes_moved_*), for every column, against the
+device-to-device copy bandwidth measured in the same run. Peak memory is the allocator's
+peak above what the inputs already hold, for one forward + backward.
+"""
+import argparse
+import datetime
+import math
+import statistics
+import time
+
+import torch
+
+from . import bga as bga_module
+from .bga import bga_aggregate, bga_aggregate_reference
+from .loss import ohem_cross_entropy, ohem_cross_entropy_reference
+
+# the heads' resolutions (the 1/8 auxiliary head has the main head's shape)
+HEADS = [("main 1/8", 8), ("aux 1/4", 4), ("aux 1/16", 16), ("aux 1/32", 32)]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--batch", type=int, nargs="+", default=[4, 8])
+    parser.add_argument("--size", type=int, default=1024, help="label (crop) side")
+    parser.add_argument("--classes", type=int, default=19)
+    parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=sorted(DTYPES))
+    parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, few runs: checks the machinery")
+    parser.add_argument("--out", help="also write the table (markdown) to this file")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.batch, args.size, args.iters, args.warmup = [2], 64, 3, 1
+    return args
+
+
+# ---------------------------------------------------------------------------------------
+# Measuring
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(fn, device, warmup, iters):
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            start = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+def peak_mb(fn, device):
+    """Peak allocation above the current one during one call, in MB (None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
+
+
+def copy_bandwidth_gbs(device, nbytes, warmup, iters):
+    """Device-to-device copy: (read + write) bytes / median time."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).normal_()
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), device, warmup, iters)
+    return 2 * src.numel() * 4 / ms / 1e6
+
+
+# ---------------------------------------------------------------------------------------
+# Bytes the fused kernels must move, forward + backward
+
+def bytes_moved_loss(logits, labels):
+    """logits read by the forward and the backward, their gradient written; labels read
+    twice; per pixel, float32 loss and lse written once and read once, and the incoming
+    per-pixel gradient written and read once."""
+    logit_bytes = logits.numel() * logits.element_size()
+    return 3 * logit_bytes + 2 * labels.numel() * labels.element_size() + 6 * 4 * labels.numel()
+
+
+def bytes_moved_bga(detail_keep, low):
+    """Forward: read detail_keep and the three low-res inputs, write out. Backward: read
+    grad_out, detail_keep and the three low-res inputs, write the four gradients."""
+    high_bytes = detail_keep.numel() * detail_keep.element_size()
+    low_bytes = low.numel() * low.element_size()
+    return (2 * high_bytes + 3 * low_bytes) + (3 * high_bytes + 6 * low_bytes)
+
+
+# ---------------------------------------------------------------------------------------
+# Cases
+
+def loss_step(loss_fn, logits, labels, thresh):
+    def step():
+        logits.grad = None
+        loss_fn(logits, labels, thresh=thresh, validate=False).backward()
+    return step
+
+
+def bga_step(fn, inputs, grad_out):
+    def step():
+        for tensor in inputs:
+            tensor.grad = None
+        fn(*inputs).backward(grad_out)
+    return step
+
+
+def variants(eager_fn, fused_fn, device, compile_):
+    out = [("eager", eager_fn)]
+    if compile_:
+        out.append(("compile", torch.compile(eager_fn, fullgraph=True, dynamic=False)))
+    if device.type == "cuda":
+        out.append(("fused", fused_fn))
+    return out
+
+
+def measure_row(name, make_step, fns, nbytes, args, device):
+    row = dict(case=name)
+    for label, fn in fns:
+        step = make_step(fn)
+        try:
+            row[f"{label}_ms"] = median_ms(step, device, args.warmup, args.iters)
+            row[f"{label}_mb"] = peak_mb(step, device)
+        except Exception as e:  # e.g. the compiler missing: the table says so
+            row[f"{label}_ms"] = None
+            row[f"{label}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
+    row["bytes"] = nbytes
+    return row
+
+
+def loss_rows(args, device):
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    for batch in args.batch:
+        labels = torch.randint(0, args.classes, (batch, args.size, args.size), generator=generator)
+        labels[torch.rand(labels.shape, generator=generator) < 0.1] = 255
+        labels = labels.to(torch.uint8).to(device)
+        for dtype_name in args.dtypes:
+            for head, stride in HEADS:
+                side = args.size // stride
+                logits = (torch.randn(batch, args.classes, side, side, generator=generator) * 3)
+                logits = logits.to(device=device, dtype=DTYPES[dtype_name]).requires_grad_(True)
+                for loss_name, thresh in (("CE", None), ("OHEM", 0.7)):
+                    fns = variants(ohem_cross_entropy_reference, ohem_cross_entropy, device, not args.no_compile)
+                    yield measure_row(
+                        f"loss {loss_name} {head} {batch}x{args.classes}x{side}x{side} -> {args.size}^2 {dtype_name}",
+                        lambda fn: loss_step(fn, logits, labels, thresh), fns,
+                        bytes_moved_loss(logits, labels), args, device)
+
+
+def bga_rows(args, device):
+    generator = torch.Generator(device="cpu").manual_seed(1)
+    channels, side = 128, args.size // 32  # detail 1/8, semantic 1/32 of the crop
+    for batch in args.batch:
+        for dtype_name in args.dtypes:
+            for channels_last in (False, True):
+                fmt = torch.channels_last if channels_last else torch.contiguous_format
+                shapes = [(batch, channels, side * 4, side * 4)] + [(batch, channels, side, side)] * 3
+                inputs = [torch.randn(shape, generator=generator).to(device=device, dtype=DTYPES[dtype_name])
+                          .contiguous(memory_format=fmt).requires_grad_(True) for shape in shapes]
+                grad_out = torch.randn(shapes[0], generator=generator).to(device=device, dtype=DTYPES[dtype_name])
+                grad_out = grad_out.contiguous(memory_format=fmt)
+                fns = variants(bga_aggregate_reference, bga_aggregate, device, not args.no_compile)
+                yield measure_row(
+                    f"BGA {batch}x{channels}x{side * 4}x{side * 4} from {side}x{side} {dtype_name} "
+                    f"{'NHWC' if channels_last else 'NCHW'}",
+                    lambda fn: bga_step(fn, inputs, grad_out), fns,
+                    bytes_moved_bga(inputs[0], inputs[1]), args, device)
+
+
+# ---------------------------------------------------------------------------------------
+# The table
+
+def fmt(value, spec):
+    return "—" if value is None else format(value, spec)
+
+
+def speedup(slow, fast):
+    return f"{slow / fast:.1f}x" if slow and fast else "—"
+
+
+def table(rows, copy_gbs, device):
+    lines = ["| case | eager ms | compile ms | fused ms | fused vs eager | fused vs compile | "
+             "fused GB/s (% of copy) | eager MB | compile MB | fused MB |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for row in rows:
+        eager, compiled, fused = row.get("eager_ms"), row.get("compile_ms"), row.get("fused_ms")
+        gbs = row["bytes"] / fused / 1e6 if fused else None
+        lines.append(
+            f"| {row['case']} | {fmt(eager, '.3f')} | {fmt(compiled, '.3f')} | {fmt(fused, '.3f')} | "
+            f"{speedup(eager, fused)} | {speedup(compiled, fused)} | "
+            f"{fmt(gbs, '.0f')} ({fmt(100 * gbs / copy_gbs if gbs else None, '.0f')}%) | "
+            f"{fmt(row.get('eager_mb'), '.0f')} | {fmt(row.get('compile_mb'), '.0f')} | {fmt(row.get('fused_mb'), '.0f')} |")
+        for key in ("eager_error", "compile_error", "fused_error"):
+            if key in row:
+                lines.append(f"| ↳ {key.split('_')[0]} failed: {row[key]} | | | | | | | | | |")
+    return "\n".join(lines)
+
+
+def header(device, copy_gbs):
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    return (f"device: {name}; torch {torch.__version__} (CUDA {torch.version.cuda}); "
+            f"{datetime.date.today().isoformat()}; copy bandwidth {copy_gbs:.0f} GB/s (read + write)")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        from .build import load
+        load()
+        bga_module.use_cuda_kernel = True
+        torch.backends.cudnn.benchmark = True
+    else:
+        print("note: no CUDA device: eager (and compile) only; the fused column needs a GPU")
+    copy_gbs = copy_bandwidth_gbs(device, 2 ** 30 if device.type == "cuda" else 2 ** 24, args.warmup, args.iters)
+    lines = [header(device, copy_gbs), ""]
+    print(lines[0], flush=True)
+    rows = []
+    for row in list(loss_rows(args, device)) + list(bga_rows(args, device)):
+        rows.append(row)
+        print(f"  {row['case']}: " + ", ".join(f"{k} {fmt(v, '.3f')}" for k, v in row.items()
+                                               if k.endswith("_ms")), flush=True)
+    lines.append(table(rows, copy_gbs, device))
+    text = "\n".join(lines)
+    print("\n" + text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,13 @@
+"""The benchmark's machinery on the CPU (its numbers need a GPU: python -m kernels.bench)."""
+from kernels import bench
+
+
+def test_quick_bench_prints_a_row_per_case(tmp_path, capsys):
+    out = tmp_path / "table.md"
+    rows = bench.main(["--device", "cpu", "--quick", "--no-compile", "--dtypes", "bf16", "--out", str(out)])
+    # 4 head resolutions x (CE, OHEM) loss rows, NCHW and channels_last BGA rows, batch 2
+    assert [row["case"].split()[0] for row in rows] == ["loss"] * 8 + ["BGA"] * 2
+    assert all(row["eager_ms"] > 0 and "fused_ms" not in row for row in rows)
+    table = out.read_text().splitlines()
+    assert table[0].startswith("device: CPU") and len([line for line in table if line.startswith("| loss")]) == 8
+    assert "OHEM main 1/8 2x19x8x8 -> 64^2 bf16" in capsys.readouterr().out
