@@ -121,10 +121,17 @@ def radix_histogram_reference(bits, prefix, shift):
     return counts.scatter_add_(0, digit, torch.ones_like(digit))[:256]
 
 
-def radix_histogram(bits, prefix, shift):
+@torch.library.custom_op("bisenet::radix_histogram", mutates_args=())
+def radix_histogram(bits: torch.Tensor, prefix: torch.Tensor, shift: int) -> torch.Tensor:
+    """radix_histogram_reference's counts; the CUDA kernel for int32 bits on a GPU."""
     if bits.dtype == torch.int32 and bga._kernel_for(bits):
         return torch.ops.bisenet_cuda.radix_histogram(bits, prefix, shift)
     return radix_histogram_reference(bits, prefix, shift)
+
+
+@radix_histogram.register_fake
+def _(bits, prefix, shift):
+    return bits.new_empty(256, dtype=torch.int64)
 
 
 def kth_largest_by_radix(values, valid, k):

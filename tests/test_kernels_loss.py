@@ -208,6 +208,8 @@ def test_opcheck_cpu():
     loss, lse = loss_module.upsample_cross_entropy(logits.detach(), labels, 255)
     torch.library.opcheck(loss_module.upsample_cross_entropy_backward,
                           (torch.randn_like(loss), logits.detach(), labels, lse, 255))
+    bits = torch.rand(100).view(torch.int32)
+    torch.library.opcheck(loss_module.radix_histogram, (bits, torch.tensor(0x3F00_0000), 16))
 
 
 @pytest.mark.parametrize("thresh", [None, 0.7])
@@ -380,10 +382,10 @@ def test_cuda_pixel_op_matches_float64_reference(cuda_kernel, n, c, low, high, d
         torch.testing.assert_close(grad.double(), want_grad, rtol=rounding, atol=4 * (c + 8) * eps * terms)
 
 
-@pytest.mark.gpu
 OHEM_CASES = ["random", "one_valid", "all_ignored", "min_kept_above_valid", "few_hard"]
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("case", OHEM_CASES)
 @pytest.mark.parametrize("thresh,min_kept", OHEM)
 def test_cuda_loss_matches_reference_float64(cuda_kernel, case, thresh, min_kept):
