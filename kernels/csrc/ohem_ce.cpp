@@ -16,6 +16,7 @@
 
 #include <tuple>
 #include <type_traits>
+#include <vector>
 
 #include "ohem_ce_math.h"
 
@@ -93,9 +94,22 @@ void backward_cpu_typed(const at::Tensor& grad_loss, const at::Tensor& logits, c
   const acc_t* grad_data = grad_loss.const_data_ptr<acc_t>();
   const acc_t* lse_data = lse.const_data_ptr<acc_t>();
   scalar_t* out = grad_logits.mutable_data_ptr<scalar_t>();
-  for (int64_t item = 0; item < logits.numel(); ++item)
-    out[item] = static_cast<scalar_t>(ce_logit_backward<scalar_t, label_t, acc_t>(
-        item, geo, logit_data, label_data, grad_data, lse_data, ignore_index));
+  const int64_t pixels = labels.size(1) * labels.size(2);
+  std::vector<acc_t> row_sums(static_cast<size_t>(geo.W));
+  // the CUDA kernel's blocks (n, c, i) one after the other, its two stages as loops
+  for (int64_t row = 0; row < logits.size(0) * logits.size(1) * logits.size(2); ++row) {
+    const int i = static_cast<int>(row % geo.h);
+    const int64_t nc = row / geo.h;
+    const int c = static_cast<int>(nc % geo.C);
+    const int64_t n = nc / geo.C;
+    const scalar_t* plane = logit_data + nc * geo.h * geo.w;
+    for (int x = 0; x < geo.W; ++x)
+      row_sums[x] = ce_backward_row_sum<scalar_t, label_t, acc_t>(geo, plane, label_data + n * pixels,
+                                                                  grad_data + n * pixels, lse_data + n * pixels,
+                                                                  ignore_index, c, i, x);
+    for (int j = 0; j < geo.w; ++j)
+      out[row * geo.w + j] = static_cast<scalar_t>(ce_backward_column_sum<acc_t>(geo, row_sums.data(), j));
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor> upsample_ce_forward_impl(const at::Tensor& logits_in, const at::Tensor& labels_in,

@@ -41,18 +41,28 @@ __global__ void __launch_bounds__(kThreads) ce_forward_kernel(
   }
 }
 
-// One thread per low-res logit (n, c, i, j), consecutive threads along j: each sums over
-// the high-res pixels that read it (no atomics, a fixed order: deterministic).
+// One block per low-res row (n, c, i): the row sums of every high-res column into shared
+// memory, then the low-res row's gradients (ohem_ce_math.h: no atomics, deterministic).
 template <typename scalar_t, typename label_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) ce_backward_kernel(
-    CeGeometry<acc_t> geo, int64_t items, const scalar_t* __restrict__ logits, const label_t* __restrict__ labels,
+    CeGeometry<acc_t> geo, const scalar_t* __restrict__ logits, const label_t* __restrict__ labels,
     const acc_t* __restrict__ grad_loss, const acc_t* __restrict__ lse, int64_t ignore_index,
     scalar_t* __restrict__ grad_logits) {
-  for (int64_t item = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; item < items;
-       item += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    grad_logits[item] = static_cast<scalar_t>(
-        ce_logit_backward<scalar_t, label_t, acc_t>(item, geo, logits, labels, grad_loss, lse, ignore_index));
-  }
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  acc_t* row_sums = reinterpret_cast<acc_t*>(shared_bytes);  // (W,)
+  const int64_t row = blockIdx.x;                             // (n * C + c) * h + i
+  const int i = static_cast<int>(row % geo.h);
+  const int64_t nc = row / geo.h;
+  const int c = static_cast<int>(nc % geo.C);
+  const int64_t n = nc / geo.C;
+  const int64_t pixels = static_cast<int64_t>(geo.H) * geo.W;
+  const scalar_t* plane = logits + nc * geo.h * geo.w;
+  for (int x = threadIdx.x; x < geo.W; x += blockDim.x)
+    row_sums[x] = ce_backward_row_sum<scalar_t, label_t, acc_t>(geo, plane, labels + n * pixels, grad_loss + n * pixels,
+                                                                lse + n * pixels, ignore_index, c, i, x);
+  __syncthreads();
+  for (int j = threadIdx.x; j < geo.w; j += blockDim.x)
+    grad_logits[row * geo.w + j] = static_cast<scalar_t>(ce_backward_column_sum<acc_t>(geo, row_sums, j));
 }
 
 // One pass of the radix select: counts[d] += number of entries in bin d (radix_digit).
@@ -101,11 +111,13 @@ void backward_typed(const at::Tensor& grad_loss, const at::Tensor& logits, const
   using acc_t = typename AccType<scalar_t>::type;
   auto geo = make_ce_geometry<acc_t>(logits.size(0), logits.size(1), logits.size(2), logits.size(3),
                                      labels.size(1), labels.size(2));
-  const int64_t items = logits.numel();
-  ce_backward_kernel<scalar_t, label_t, acc_t><<<blocks_for(items), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      geo, items, logits.const_data_ptr<scalar_t>(), labels.const_data_ptr<label_t>(),
-      grad_loss.const_data_ptr<acc_t>(), lse.const_data_ptr<acc_t>(), ignore_index,
-      grad_logits.mutable_data_ptr<scalar_t>());
+  const int64_t rows = logits.size(0) * logits.size(1) * logits.size(2);
+  const size_t shared = static_cast<size_t>(geo.W) * sizeof(acc_t);
+  TORCH_CHECK(shared <= 48 * 1024, "upsample_ce_backward: labels ", geo.W, " wide need more than 48 KiB of shared memory");
+  TORCH_CHECK(rows < (int64_t{1} << 31), "upsample_ce_backward: too many logit rows");
+  ce_backward_kernel<scalar_t, label_t, acc_t><<<rows, kThreads, shared, c10::cuda::getCurrentCUDAStream()>>>(
+      geo, logits.const_data_ptr<scalar_t>(), labels.const_data_ptr<label_t>(), grad_loss.const_data_ptr<acc_t>(),
+      lse.const_data_ptr<acc_t>(), ignore_index, grad_logits.mutable_data_ptr<scalar_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

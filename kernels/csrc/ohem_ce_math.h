@@ -10,12 +10,16 @@
 //
 // Forward: one item per high-res pixel; z is interpolated on the fly from the low-res logits
 // (4 taps per class), never stored. The pixel keeps its loss and lse (for the backward).
-// Backward, a deterministic gather (no atomics): one item per low-res logit (n, c, i, j). Its
-// gradient is sum over the high-res pixels p that read it of
-//     tap_weight_y * tap_weight_x * grad_loss[p] * (exp(z[c, p] - lse[p]) - [c == label[p]])
-// with z[c, p] recomputed from the logits; the pixels that read low-res row i are the rows
-// whose first tap is i - 1 or i (bilinear.h: first_dst_with_tap_at_least), likewise columns.
-// Pixels with a zero incoming gradient (ignored, or not kept by OHEM) are skipped.
+// Backward, a deterministic gather (no atomics), separable like the upsampling: the gradient
+// of logit (n, c, i, j) is
+//     sum_x w_x(x, j) * [ sum_y w_y(y, i) * g[y, x] * (exp(z[c, y, x] - lse[y, x]) - [c == label]) ]
+// with z recomputed from the logits; the rows that read low-res row i are those whose first
+// tap is i - 1 or i (bilinear.h: first_dst_with_tap_at_least), likewise columns. One CUDA
+// block per low-res row (n, c, i): stage 1, one item per high-res column x, the bracket (the
+// row sums, W values in shared memory); stage 2, one item per low-res column j, the x-sum.
+// Each high-res (c, y, x) is evaluated by the two blocks of its two row taps (not four
+// times, as a gather per logit would), with reads coalesced along x. Pixels with a zero
+// incoming gradient (ignored, or not kept by OHEM) are skipped.
 //
 // The OHEM selection needs the k-th largest pixel loss; it is found by a radix select over
 // the loss's float bits (non-negative floats order as their bit patterns read as integers),
@@ -101,47 +105,42 @@ BISENET_HD void ce_pixel_forward(int64_t pixel, const CeGeometry<acc_t>& geo, co
   loss[pixel] = pixel_lse - label_z;
 }
 
-// Gradient of low-res logit `item` (flat index into (N, C, h, w)) for the per-pixel loss
-// gradient grad_loss (N, H, W); lse from the forward.
+// Backward, stage 1 of a block (n, c, i): the y-sum of high-res column x for low-res row i,
+//     sum over y reading row i of  w_y(y, i) * g[y, x] * (exp(z[c, y, x] - lse[y, x]) - [c == label])
+// (0 terms for ignored pixels and zero incoming gradients, which are skipped).
+// plane: logits (n, c) (h, w); the per-pixel pointers point at sample n's (H, W).
 template <typename scalar_t, typename label_t, typename acc_t>
-BISENET_HD acc_t ce_logit_backward(int64_t item, const CeGeometry<acc_t>& geo, const scalar_t* logits,
-                                   const label_t* labels, const acc_t* grad_loss, const acc_t* lse,
-                                   int64_t ignore_index) {
-  const int j = static_cast<int>(item % geo.w);
-  const int i = static_cast<int>((item / geo.w) % geo.h);
-  const int64_t nc = item / (static_cast<int64_t>(geo.w) * geo.h);
-  const int c = static_cast<int>(nc % geo.C);
-  const int64_t n = nc / geo.C;
-  const scalar_t* plane = logits + nc * geo.h * geo.w;
-  const int64_t pixels = static_cast<int64_t>(geo.H) * geo.W;
-  const label_t* sample_labels = labels + n * pixels;
-  const acc_t* sample_grad = grad_loss + n * pixels;
-  const acc_t* sample_lse = lse + n * pixels;
+BISENET_HD acc_t ce_backward_row_sum(const CeGeometry<acc_t>& geo, const scalar_t* plane, const label_t* labels,
+                                     const acc_t* grad_loss, const acc_t* lse, int64_t ignore_index, int c, int i,
+                                     int x) {
+  const Taps<acc_t> tx = bilinear_taps<acc_t>(x, geo.w, geo.scale_x);
   const int y_begin = first_dst_with_tap_at_least(i - 1, geo.h, geo.H, geo.scale_y);
   const int y_end = first_dst_with_tap_at_least(i + 1, geo.h, geo.H, geo.scale_y);
-  const int x_begin = first_dst_with_tap_at_least(j - 1, geo.w, geo.W, geo.scale_x);
-  const int x_end = first_dst_with_tap_at_least(j + 1, geo.w, geo.W, geo.scale_x);
-  acc_t grad = static_cast<acc_t>(0);
+  acc_t sum = static_cast<acc_t>(0);
   for (int y = y_begin; y < y_end; ++y) {
+    const int64_t p = static_cast<int64_t>(y) * geo.W + x;
+    const acc_t g = grad_loss[p];
+    const int64_t label = static_cast<int64_t>(labels[p]);
+    if (g == static_cast<acc_t>(0) || label == ignore_index) continue;
     const Taps<acc_t> ty = bilinear_taps<acc_t>(y, geo.h, geo.scale_y);
     const acc_t weight_y = tap_weight(ty, i);
     if (weight_y == static_cast<acc_t>(0)) continue;
-    acc_t row = static_cast<acc_t>(0);
-    for (int x = x_begin; x < x_end; ++x) {
-      const Taps<acc_t> tx = bilinear_taps<acc_t>(x, geo.w, geo.scale_x);
-      const acc_t weight_x = tap_weight(tx, j);
-      if (weight_x == static_cast<acc_t>(0)) continue;
-      const int64_t p = static_cast<int64_t>(y) * geo.W + x;
-      const acc_t g = sample_grad[p];
-      const int64_t label = static_cast<int64_t>(sample_labels[p]);
-      if (g == static_cast<acc_t>(0) || label == ignore_index) continue;
-      const acc_t z = bilinear_sample<scalar_t, acc_t>(plane, geo.w, 1, ty, tx);
-      acc_t d = exp_acc(z - sample_lse[p]);
-      if (label == c) d -= static_cast<acc_t>(1);
-      row += weight_x * g * d;
-    }
-    grad += weight_y * row;
+    const acc_t z = bilinear_sample<scalar_t, acc_t>(plane, geo.w, 1, ty, tx);
+    acc_t d = exp_acc(z - lse[p]);
+    if (label == c) d -= static_cast<acc_t>(1);
+    sum += weight_y * g * d;
   }
+  return sum;
+}
+
+// Backward, stage 2: the gradient of logit (n, c, i, j) from the block's row sums (W).
+template <typename acc_t>
+BISENET_HD acc_t ce_backward_column_sum(const CeGeometry<acc_t>& geo, const acc_t* row_sums, int j) {
+  const int x_begin = first_dst_with_tap_at_least(j - 1, geo.w, geo.W, geo.scale_x);
+  const int x_end = first_dst_with_tap_at_least(j + 1, geo.w, geo.W, geo.scale_x);
+  acc_t grad = static_cast<acc_t>(0);
+  for (int x = x_begin; x < x_end; ++x)
+    grad += tap_weight(bilinear_taps<acc_t>(x, geo.w, geo.scale_x), j) * row_sums[x];
   return grad;
 }
 
