@@ -18,7 +18,6 @@ peak above what the inputs already hold, for one forward + backward.
 """
 import argparse
 import datetime
-import math
 import statistics
 import time
 

@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -28,3 +29,37 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# --- the CUDA extension (tests/test_kernels_*.py) ----------------------------------------
+
+@pytest.fixture(scope="session")
+def extension():
+    """torch.ops.bisenet_cuda after kernels.build.load(); skips when it cannot be built,
+    unless BISENET_REQUIRE_KERNELS=1 (CI), where that fails the test."""
+    import torch
+    try:
+        from kernels import build
+        build.load()
+    except Exception as error:
+        if os.environ.get("BISENET_REQUIRE_KERNELS") == "1":
+            pytest.fail(f"BISENET_REQUIRE_KERNELS=1 but the kernels did not build: {error!r}")
+        pytest.skip(f"kernels extension unavailable: {error!r}")
+    return torch.ops.bisenet_cuda
+
+
+@pytest.fixture
+def cuda_kernel(extension, monkeypatch):
+    """The extension, with every op of the package sending CUDA tensors to its kernels."""
+    from kernels import bga
+    monkeypatch.setattr(bga, "use_cuda_kernel", True)
+    return extension
+
+
+def poison_cuda_cache(nbytes):
+    """Hand freed NaN-filled blocks to the caching allocator, so that an output a kernel
+    forgot to write comes back as NaN instead of a lucky zero."""
+    import torch
+    for size in (nbytes, 4 * nbytes):
+        torch.full((size // 4 + 1,), float("nan"), device="cuda")
+    torch.cuda.synchronize()

@@ -8,16 +8,15 @@ GPU (marked gpu): the CUDA kernels against the float64 reference.
 Tests that need the compiled extension (kernels.build.load()) skip when it cannot be
 built, unless BISENET_REQUIRE_KERNELS=1, where they fail.
 """
-import os
 
 import pytest
 import torch
 
 import bisenetv2
 from bisenetv2 import BiSeNetV2
+from conftest import poison_cuda_cache
 from kernels import bga
 
-REQUIRE_KERNELS = os.environ.get("BISENET_REQUIRE_KERNELS") == "1"
 
 # (N, C, H, W) from (h, w): upscale 1, 2, 4, non-integer (9 from 4, 9 x 11 from 3 x 4),
 # odd sizes, and a downscale (every low-res pixel need not be touched by a tap).
@@ -54,19 +53,6 @@ def autograd_grads(fn, inputs, grad_out):
 
 def relative_error(actual, expected):
     return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
-
-
-@pytest.fixture(scope="module")
-def extension():
-    """torch.ops.bisenet_cuda after kernels.build.load()."""
-    try:
-        from kernels import build
-        build.load()
-    except Exception as error:  # ImportError before the merge, any build error after it
-        if REQUIRE_KERNELS:
-            pytest.fail(f"BISENET_REQUIRE_KERNELS=1 but the kernels did not build: {error!r}")
-        pytest.skip(f"kernels extension unavailable: {error!r}")
-    return torch.ops.bisenet_cuda
 
 
 # ---------------------------------------------------------------------------------------
@@ -275,20 +261,6 @@ GPU_SHAPES = [
     ((1, 128, 65, 129), (17, 33)),   # odd BiSeNet-like
     ((3, 1, 5, 3), (9, 11)),         # downscale
 ]
-
-
-@pytest.fixture
-def cuda_kernel(extension, monkeypatch):
-    monkeypatch.setattr(bga, "use_cuda_kernel", True)
-    return extension
-
-
-def poison_cuda_cache(nbytes):
-    """Hand freed NaN-filled blocks to the caching allocator, so that an output the kernel
-    forgot to write comes back as NaN instead of a lucky zero."""
-    for size in (nbytes, 4 * nbytes):
-        torch.full((size // 4 + 1,), float("nan"), device="cuda")
-    torch.cuda.synchronize()
 
 
 @pytest.mark.gpu

@@ -18,12 +18,12 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from kernels import bga, build
+from conftest import poison_cuda_cache
+from kernels import build
 from kernels import loss as loss_module
 from kernels.loss import ohem_cross_entropy as loss_fused
 from kernels.loss import ohem_cross_entropy_reference as loss_ref
 
-REQUIRE_KERNELS = os.environ.get("BISENET_REQUIRE_KERNELS") == "1"
 EPS32 = 2.0 ** -24  # float32 unit roundoff
 
 
@@ -228,17 +228,6 @@ def test_compile_fullgraph_cpu(thresh):
 
 # --- the C++ CPU loops: the CUDA kernels' arithmetic ----------------------------------
 
-@pytest.fixture(scope="module")
-def extension():
-    try:
-        build.load()
-    except Exception as error:
-        if REQUIRE_KERNELS:
-            pytest.fail(f"BISENET_REQUIRE_KERNELS=1 but the kernels did not build: {error!r}")
-        pytest.skip(f"kernels extension unavailable: {error!r}")
-    return torch.ops.bisenet_cuda
-
-
 def support_size(low, high):
     """High-res pixels that read one low-res logit, at most: (2 * H / h + 2) per axis."""
     return math.prod(2 * math.ceil(big / small) + 2 for small, big in zip(low, high))
@@ -325,20 +314,6 @@ def test_cpu_loop_rejects_bad_inputs(extension):
 
 
 # --- GPU: the CUDA kernels ------------------------------------------------------------
-
-@pytest.fixture
-def cuda_kernel(extension, monkeypatch):
-    monkeypatch.setattr(bga, "use_cuda_kernel", True)
-    return extension
-
-
-def poison_cuda_cache(nbytes):
-    """Hand freed NaN-filled blocks to the caching allocator, so that an output the kernel
-    forgot to write comes back as NaN instead of a lucky zero."""
-    for size in (nbytes, 4 * nbytes):
-        torch.full((size // 4 + 1,), float("nan"), device="cuda")
-    torch.cuda.synchronize()
-
 
 def cuda_case(n, c, low, high, seed, ignore_frac=0.2, scale=3.0):
     g = torch.Generator().manual_seed(seed)
