@@ -413,8 +413,9 @@ def pack_split(root, split, num_classes=19, ignore_index=255, num_workers=None, 
 
 
 def read_pack(root, split, num_classes=19, ignore_index=255, mmap=True):
-    """-> index dict of ROOT/packed/SPLIT.json with `images` (N, H, W, 3) and `labels`
-    (N, H, W) uint8 memory maps (read-only; None with mmap=False). FileNotFoundError when
+    """-> index dict of ROOT/packed/SPLIT.json, with `path` (the index), `images_path`,
+    `labels_path` and `images` (N, H, W, 3), `labels` (N, H, W): read-only uint8 memory
+    maps (None with mmap=False). FileNotFoundError when
     there is no pack; StalePack naming the reason when the list file, a source file or the
     label settings changed since packing, or the arrays are missing or mis-shaped."""
     root = Path(root)
@@ -441,10 +442,10 @@ def read_pack(root, split, num_classes=19, ignore_index=255, mmap=True):
     if changed:
         raise StalePack(f"{index_path}: {changed[0]} changed since it was packed")
     shape = (index["count"], index["height"], index["width"])
-    arrays = {}
+    arrays = dict(images_path=pack_dir(root) / index["images"], labels_path=pack_dir(root) / index["labels"])
     for key, expected in (("images", (*shape, 3)), ("labels", shape)):
         try:
-            array = np.load(pack_dir(root) / index[key], mmap_mode="r")
+            array = np.load(arrays[f"{key}_path"], mmap_mode="r")
         except (OSError, ValueError) as e:
             raise StalePack(f"{index_path}: {index[key]} unreadable ({type(e).__name__})") from None
         if array.shape != expected or array.dtype != np.uint8:
