@@ -134,7 +134,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.eval_interval is None:
         args.eval_interval = args.save_interval
-    for name in ("iters", "batch_size", "save_interval", "eval_interval", "log_iters", "keep_checkpoints"):
+    for name in ("iters", "batch_size", "save_interval", "eval_interval", "log_iters", "keep_checkpoints",
+                 "benchmark_iters", "benchmark_infer_iters"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.eval_only and not args.weights:
@@ -1020,8 +1021,218 @@ def demo_data_dir():
     return str(cache)
 
 
+# ---------------------------------------------------------------------------------------
+# Throughput benchmark (python train_ddp.py --benchmark; see BENCHMARKS.md)
+
+BASELINE = dict(packed=False, aug_device="cpu", amp="none", channels_last=False, kernels="torch",
+                fused_sgd=False, cudnn_benchmark=False, compile=False)
+ALL_ON = dict(packed=True, aug_device="cuda", amp="bf16", channels_last=True, kernels="cuda",
+              fused_sgd=True, cudnn_benchmark=True, compile=True)
+# (row name, what it changes against the baseline, the changed settings)
+BENCHMARK_CONFIGS = [
+    ("baseline", "eager fp32, NCHW, --kernels torch, PNG decode + per-sample aug in workers", {}),
+    ("packed+gpu-aug", "memory-mapped pack, workers gather uint8, batch augmented on the GPU",
+     dict(packed=True, aug_device="cuda")),
+    ("bf16", "bf16 autocast", dict(amp="bf16")),
+    ("channels_last", "model and input channels_last", dict(channels_last=True)),
+    ("fused-kernels", "--kernels cuda (fused BGA; loss as built)", dict(kernels="cuda")),
+    ("fused-sgd", "SGD(fused=True)", dict(fused_sgd=True)),
+    ("cudnn-benchmark", "cudnn.benchmark", dict(cudnn_benchmark=True)),
+    ("compile", "torch.compile of model and loss", dict(compile=True)),
+    ("all", "all of the above together", ALL_ON),
+]
+ASSUMED_MULTI_GPU_OVERHEAD = 1.10  # 8-GPU step time / 1-GPU step time, not measured here
+
+
+def benchmark_data(args, env):
+    """-> (data dir, pack index or None, note). Without --data-dir: a synthetic dataset of
+    --benchmark-image-size frames in the cache, packed."""
+    import prepare_data
+    if args.data_dir:
+        try:
+            return args.data_dir, find_pack(args), ""
+        except UserError as e:
+            return args.data_dir, None, str(e)
+    height, width = args.benchmark_image_size
+    cache = (Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bisenetv2"
+             / f"synthetic_cityscapes_{height}x{width}")
+    if not (cache / "train.txt").is_file():
+        env.log(f"benchmark: writing a synthetic {width}x{height} dataset to {cache}")
+        prepare_data.make_synthetic(cache, num_images=16, size=(height, width))
+    prepare_data.pack_split(cache, "train", args.num_classes, args.ignore_index, log=env.log)
+    args.data_dir = str(cache)
+    return str(cache), find_pack(args), ""
+
+
+def needs_cuda(settings):
+    """Why a configuration is not run on the CPU (None: it runs)."""
+    if settings["kernels"] == "cuda" or settings["fused_sgd"] or settings["cudnn_benchmark"]:
+        return "needs CUDA"
+    if settings["compile"]:
+        return "not run on CPU (compiling the training step takes minutes there)"
+    return None
+
+
+def run_config(args, env, settings, pairs, pack):
+    """Trains a fresh model for --benchmark-warmup + --benchmark-iters iterations with
+    `settings` through train's own pieces (loader, batch_to_device, train_step). -> dict:
+    images/s (measured iterations, wall clock, synchronised at both ends), median step ms
+    (CUDA events between step starts on a GPU, the host clock on the CPU), reader share
+    (time the host waited for the loader / wall time), peak memory MiB (CUDA)."""
+    import copy
+    args = copy.copy(args)
+    for key, value in settings.items():
+        if key != "packed":
+            setattr(args, key, value)
+    args.iters = args.benchmark_warmup + args.benchmark_iters
+    env.amp_dtype = {"bf16": torch.bfloat16, "none": None}[args.amp]
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    cuda = env.device.type == "cuda"
+    model, loss_fn = build_model(args, env)
+    optimizer = make_optimizer(model, args)
+    scaler = torch.amp.GradScaler(env.device.type, enabled=False)
+    step_model, losses_fn = step_functions(model, args, env)
+    loader = make_train_loader(pairs, pack if settings["packed"] else None, args, env, 0)
+    head_weights = head_weights_on(env.device, args)
+    model.train()
+    batches = iter(loader)
+    starts, reader_wait = [], 0.0
+    for it in range(args.iters):
+        if it == args.benchmark_warmup:
+            if cuda:
+                torch.cuda.synchronize(env.device)
+                torch.cuda.reset_peak_memory_stats(env.device)
+            start, reader_wait = time.perf_counter(), 0.0
+        if it >= args.benchmark_warmup:
+            if cuda:
+                starts.append(torch.cuda.Event(enable_timing=True))
+                starts[-1].record()
+            else:
+                starts.append(time.perf_counter())
+        fetch_start = time.perf_counter()
+        batch = next_batch(batches)
+        reader_wait += time.perf_counter() - fetch_start
+        images, labels = batch_to_device(batch, args, env)
+        train_step(step_model, losses_fn, optimizer, scaler, images, labels, loss_fn, head_weights,
+                   lr_at(it, args), step_seed(args.seed, it, env.rank), args, env)
+    if cuda:
+        starts.append(torch.cuda.Event(enable_timing=True))
+        starts[-1].record()
+        torch.cuda.synchronize(env.device)
+        steps_ms = [a.elapsed_time(b) for a, b in zip(starts, starts[1:])]
+    else:
+        starts.append(time.perf_counter())
+        steps_ms = [1000 * (b - a) for a, b in zip(starts, starts[1:])]
+    wall = time.perf_counter() - start
+    result = dict(images_per_s=args.benchmark_iters * args.batch_size / wall,
+                  step_ms=float(np.median(steps_ms)), reader_share=reader_wait / wall,
+                  peak_mib=torch.cuda.max_memory_allocated(env.device) / 2**20 if cuda else None)
+    del batches, loader, step_model, model, optimizer
+    if args.compile:
+        torch._dynamo.reset()
+    if cuda:
+        torch.cuda.empty_cache()
+    return result
+
+
+@torch.no_grad()
+def inference_fps(args, env, dtype, channels_last, compiled):
+    """-> images/s of the eval-mode model (main head upsampled to the input) at
+    1x3x--benchmark-infer-size, after 3 warm-up calls (more when compiled)."""
+    torch.backends.cudnn.benchmark = env.device.type == "cuda"
+    model = BiSeNetV2(args.num_classes).to(env.device).eval()
+    image = torch.randn(1, 3, *args.benchmark_infer_size, device=env.device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+        image = image.contiguous(memory_format=torch.channels_last)
+    run = torch.compile(model) if compiled else model
+    sync = (lambda: torch.cuda.synchronize(env.device)) if env.device.type == "cuda" else (lambda: None)
+    with torch.autocast(env.device.type, dtype=dtype, enabled=dtype is not None):
+        for _ in range(10 if compiled else 3):
+            run(image)
+        sync()
+        start = time.perf_counter()
+        for _ in range(args.benchmark_infer_iters):
+            run(image)
+        sync()
+    if compiled:
+        torch._dynamo.reset()
+    return args.benchmark_infer_iters / (time.perf_counter() - start)
+
+
 def benchmark(args, env):
-    raise UserError("--benchmark: not written yet")
+    """Runs each BENCHMARK_CONFIGS row and the inference variants in this process and prints
+    one markdown table (also to --benchmark-out). -> exit code 0."""
+    if env.world_size > 1:
+        raise UserError("--benchmark runs in one process (one GPU)")
+    cuda = env.device.type == "cuda"
+    data_dir, pack, pack_note = benchmark_data(args, env)
+    pairs = read_list(data_dir, "train")
+    names = [name for name, _, _ in BENCHMARK_CONFIGS]
+    unknown = set(args.benchmark_configs or []) - set(names)
+    if unknown:
+        raise UserError(f"--benchmark-configs: unknown {sorted(unknown)}; rows are {', '.join(names)}")
+    device_name = torch.cuda.get_device_name(env.device) if cuda else f"CPU ({os.cpu_count()} cores)"
+    lines = [f"## `train_ddp.py --benchmark`: {device_name}",
+             "",
+             f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, "
+             f"{args.batch_size} crops of {args.crop_size[0]}x{args.crop_size[1]} per step, data {data_dir} "
+             f"({'packed' if pack else 'no fresh pack'}), {args.num_workers} DataLoader workers, "
+             f"{args.benchmark_iters} measured iterations after {args.benchmark_warmup} warm-up",
+             "",
+             "| config | change against the baseline | images/s | step ms (median) | reader share | peak MiB | note |",
+             "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+    results = {}
+    for name, what, change in BENCHMARK_CONFIGS:
+        if args.benchmark_configs and name not in args.benchmark_configs:
+            continue
+        settings = dict(BASELINE, **change)
+        note = None if cuda else needs_cuda(settings)
+        if note is None and settings["packed"] and pack is None:
+            note = pack_note or "no pack of the train split: run prepare_data.py --pack"
+        if note is None:
+            try:
+                env.log(f"benchmark: {name} ...")
+                results[name] = result = run_config(args, env, settings, pairs, pack)
+                note = "" if cuda or not settings["aug_device"] == "cuda" else "aug batched on the CPU (no CUDA)"
+            except (UserError, RuntimeError) as e:
+                note = f"failed: {' '.join(str(e).split())[:160]}"
+        if name not in results:
+            lines.append(f"| {name} | {what} | - | - | - | - | {note} |")
+            continue
+        peak = "-" if result["peak_mib"] is None else f"{result['peak_mib']:.0f}"
+        lines.append(f"| {name} | {what} | {result['images_per_s']:.1f} | {result['step_ms']:.1f} | "
+                     f"{100 * result['reader_share']:.0f}% | {peak} | {note} |")
+    height, width = args.benchmark_infer_size
+    lines += ["", f"| inference 1x3x{height}x{width}, eval mode | images/s | ms/image | note |",
+              "| --- | ---: | ---: | --- |"]
+    for label, dtype, channels_last, compiled in (("fp32 eager, NCHW", None, False, False),
+                                                  ("bf16 channels_last", torch.bfloat16, True, False),
+                                                  ("bf16 channels_last compiled", torch.bfloat16, True, True)):
+        if (compiled or dtype is not None) and not cuda:
+            lines.append(f"| {label} | - | - | {'needs CUDA' if not compiled else 'not run on CPU'} |")
+            continue
+        try:
+            fps = inference_fps(args, env, dtype, channels_last, compiled)
+            lines.append(f"| {label} | {fps:.1f} | {1000 / fps:.2f} |  |")
+        except RuntimeError as e:
+            lines.append(f"| {label} | - | - | failed: {' '.join(str(e).split())[:160]} |")
+    lines.append("")
+    if "all" in results:
+        hours = 160000 * results["all"]["step_ms"] / 1000 * ASSUMED_MULTI_GPU_OVERHEAD / 3600
+        lines.append(f"Projected 160k iterations on 8 GPUs (4 crops each): {hours:.1f} h = 160000 x "
+                     f"{results['all']['step_ms']:.1f} ms (the 'all' median step) x {ASSUMED_MULTI_GPU_OVERHEAD} "
+                     f"(assumed: DDP all-reduce and SyncBatchNorm are not measured on one GPU).")
+    else:
+        lines.append("Projected 160k iterations on 8 GPUs: n/a (the 'all' row was not measured).")
+    table = "\n".join(lines) + "\n"
+    print(table, flush=True)
+    if args.benchmark_out:
+        out = Path(args.benchmark_out)
+        tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+        tmp.write_text(table)
+        os.replace(tmp, out)
+    return 0
 
 
 def main(argv=None):

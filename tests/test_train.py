@@ -477,7 +477,8 @@ def test_gpu_step_has_no_host_sync_and_gpu_augmentation_matches(tmp_path):
     for it in range(3):
         batch = next(batches)
         torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
+        # iteration 0 is a warm-up (cudnn autotuning and lazy initialisation may synchronise)
+        torch.cuda.set_sync_debug_mode("error" if it > 0 else "default")
         try:
             images, labels = train_ddp.batch_to_device(batch, args, env)
             train_ddp.train_step(step_model, losses_fn, optimizer, scaler, images, labels, loss_fn, head_weights,
@@ -491,3 +492,27 @@ def test_gpu_step_has_no_host_sync_and_gpu_augmentation_matches(tmp_path):
             # CUDA may contract a * b + c into one rounding (FMA): float32 rounding of values
             # up to 255 per op, a few ops, / 127.5
             torch.testing.assert_close(images[b].float().cpu(), image, atol=1e-4, rtol=0)
+
+
+def test_benchmark_smoke_prints_every_row(tmp_path, capsys):
+    """--benchmark at tiny shapes on the CPU: one table with every configuration row (those
+    needing CUDA marked), the inference rows and the projection line."""
+    root = make_dataset(tmp_path / "data", size=(40, 60))
+    pack(root)
+    out = tmp_path / "bench.md"
+    assert train_ddp.main(["--benchmark", "--data-dir", str(root), "--batch-size", "2", "--crop-size", "64", "128",
+                           "--benchmark-iters", "3", "--benchmark-warmup", "1", "--benchmark-infer-size", "64", "128",
+                           "--benchmark-infer-iters", "2", "--num-workers", "0", "--benchmark-out", str(out)]) == 0
+    table = out.read_text()
+    assert table in capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]]
+            for line in table.splitlines() if line.startswith("| ") and not line.startswith("| ---")}
+    names = [name for name, _, _ in train_ddp.BENCHMARK_CONFIGS]
+    assert set(names) <= rows.keys()
+    for name in ("baseline", "packed+gpu-aug", "bf16", "channels_last"):  # measured on the CPU
+        images_per_s, step_ms = float(rows[name][1]), float(rows[name][2])
+        assert images_per_s > 0 and step_ms > 0 and rows[name][3].endswith("%")
+    for name in ("fused-kernels", "fused-sgd", "cudnn-benchmark", "all"):
+        assert rows[name][1] == "-" and rows[name][5] == "needs CUDA"
+    assert float(rows["fp32 eager, NCHW"][0]) > 0
+    assert "Projected 160k iterations on 8 GPUs: n/a" in table
