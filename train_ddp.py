@@ -13,6 +13,15 @@ horizontal flip, RandomDistort (brightness, contrast, saturation 0.4, hue 18, ea
 random order), normalize mean 0.5 std 0.5. The data dir holds train.txt / val.txt as written
 by prepare_data.py.
 
+Speed (see BENCHMARKS.md): with `prepare_data.py --pack` the train split is read from
+memory-mapped uint8 arrays instead of decoding PNGs ("data: packed ..." in the log; a pack
+whose list or files changed since is an error), and on CUDA the workers then only gather raw
+frames while the main process augments the whole batch on the GPU (--aug-device) with the
+same seeded draws. On CUDA the step runs in bf16 autocast, channels_last, with fused SGD and
+cudnn.benchmark (--no-channels-last, --amp none, ... turn them off); --compile adds
+torch.compile. `python train_ddp.py --benchmark` measures these variants against an eager
+baseline and prints one markdown table.
+
 Determinism: which samples a step sees and every augmentation draw are functions of
 (--seed, iteration), and the torch RNG (dropout) is reseeded from (--seed, iteration, rank)
 each step, so `--resume` continues exactly where a run stopped: on the CPU a resumed run ends
@@ -298,6 +307,7 @@ def distort_batch(images, params_list):
     batch = images.shape[0]
     factors = to_device(torch.tensor([[p.get(name, 0.0) for name in DISTORT_FACTORS] for p in params_list],
                                      dtype=torch.float32), images.device)            # (B, 4)
+    copied = False
     for place in range(max(len(p["distort_order"]) for p in params_list)):
         for op in range(4):
             chosen = [b for b, p in enumerate(params_list) if place < len(p["distort_order"])
@@ -308,9 +318,11 @@ def distort_batch(images, params_list):
                 factor = factors[:, op].view(batch, 1, 1, 1)
                 images = distort_op(op, images, factor).clamp(0, 255)
                 continue
+            if not copied:  # the caller's tensor stays untouched; then updated in place
+                images, copied = images.clone(), True
             index = to_device(torch.tensor(chosen), images.device)
             factor = factors[index, op].view(len(chosen), 1, 1, 1)
-            images = images.index_copy(0, index, distort_op(op, images[index], factor).clamp(0, 255))
+            images.index_copy_(0, index, distort_op(op, images[index], factor).clamp(0, 255))
     return images
 
 
@@ -430,8 +442,9 @@ def collate_raw(items):
     sizes = {tuple(image.shape) for image, _, _ in items}
     if len(sizes) > 1:
         raise DataError(f"--aug-device cuda needs frames of one size, a batch has {sorted(sizes)}")
-    images, labels, positions = zip(*items)
-    return torch.stack(images), torch.stack(labels), torch.tensor(positions)
+    # default_collate stacks straight into shared memory in a worker process
+    images, labels, positions = torch.utils.data.default_collate(items)
+    return images, labels, positions
 
 
 def augment_on_device(images, labels, positions, args):
@@ -441,7 +454,8 @@ def augment_on_device(images, labels, positions, args):
     the parameters are drawn on the host from the positions."""
     height, width = images.shape[1:3]
     params = [sample_params(p, height, width, args) for p in positions.tolist()]
-    return augment_batch(images.permute(0, 3, 1, 2), labels, params, args.crop_size, args.ignore_index)
+    images = images.permute(0, 3, 1, 2).contiguous()  # (B, 3, H, W): coalesced row gathers
+    return augment_batch(images, labels, params, args.crop_size, args.ignore_index)
 
 
 class StepSampler(torch.utils.data.Sampler):
@@ -1013,11 +1027,13 @@ def eval_only(args, env):
 
 
 def demo_data_dir():
+    """The demo's synthetic dataset in the cache, made on first use; its train split packed."""
+    import prepare_data
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bisenetv2" / "synthetic_cityscapes"
     if not (cache / "train.txt").is_file() or not (cache / "val.txt").is_file():
-        import prepare_data
         print(f"demo: writing a synthetic Cityscapes-layout dataset to {cache}", flush=True)
         prepare_data.make_synthetic(cache)
+    prepare_data.pack_split(cache, "train", log=lambda *a: None)  # a no-op when fresh
     return str(cache)
 
 
@@ -1026,7 +1042,7 @@ def demo_data_dir():
 
 BASELINE = dict(packed=False, aug_device="cpu", amp="none", channels_last=False, kernels="torch",
                 fused_sgd=False, cudnn_benchmark=False, compile=False)
-ALL_ON = dict(packed=True, aug_device="cuda", amp="bf16", channels_last=True, kernels="cuda",
+ALL_ON = dict(packed=True, aug_device="cuda", amp="bf16", channels_last=True, kernels="auto",
               fused_sgd=True, cudnn_benchmark=True, compile=True)
 # (row name, what it changes against the baseline, the changed settings)
 BENCHMARK_CONFIGS = [
@@ -1039,9 +1055,9 @@ BENCHMARK_CONFIGS = [
     ("fused-sgd", "SGD(fused=True)", dict(fused_sgd=True)),
     ("cudnn-benchmark", "cudnn.benchmark", dict(cudnn_benchmark=True)),
     ("compile", "torch.compile of model and loss", dict(compile=True)),
-    ("all", "all of the above together", ALL_ON),
+    ("all", "all of the above together (--kernels auto: the references if the build fails)", ALL_ON),
 ]
-ASSUMED_MULTI_GPU_OVERHEAD = 1.10  # 8-GPU step time / 1-GPU step time, not measured here
+ASSUMED_MULTI_GPU_OVERHEAD = 1.15  # 8-GPU step time / 1-GPU step time: an estimate (BENCHMARKS.md), not measured
 
 
 def benchmark_data(args, env):
@@ -1124,7 +1140,9 @@ def run_config(args, env, settings, pairs, pack):
         starts.append(time.perf_counter())
         steps_ms = [1000 * (b - a) for a, b in zip(starts, starts[1:])]
     wall = time.perf_counter() - start
-    result = dict(images_per_s=args.benchmark_iters * args.batch_size / wall,
+    import kernels
+    result = dict(fused_bga=model.bga.aggregate is not kernels.bga_aggregate_reference,
+                  images_per_s=args.benchmark_iters * args.batch_size / wall,
                   step_ms=float(np.median(steps_ms)), reader_share=reader_wait / wall,
                   peak_mib=torch.cuda.max_memory_allocated(env.device) / 2**20 if cuda else None)
     del batches, loader, step_model, model, optimizer
@@ -1195,6 +1213,8 @@ def benchmark(args, env):
                 env.log(f"benchmark: {name} ...")
                 results[name] = result = run_config(args, env, settings, pairs, pack)
                 note = "" if cuda or not settings["aug_device"] == "cuda" else "aug batched on the CPU (no CUDA)"
+                if settings["kernels"] != "torch":
+                    note += "BGA: fused CUDA kernel" if result["fused_bga"] else "BGA: PyTorch reference (no build)"
             except (UserError, RuntimeError) as e:
                 note = f"failed: {' '.join(str(e).split())[:160]}"
         if name not in results:
