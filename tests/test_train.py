@@ -516,3 +516,22 @@ def test_benchmark_smoke_prints_every_row(tmp_path, capsys):
         assert rows[name][1] == "-" and rows[name][5] == "needs CUDA"
     assert float(rows["fp32 eager, NCHW"][0]) > 0
     assert "Projected 160k iterations on 8 GPUs: n/a" in table
+
+
+@pytest.mark.gpu
+def test_benchmark_on_gpu_measures_every_row(tmp_path):
+    """On a GPU every row is measured (the fused-kernels row may report a failed build)
+    and the projection line has a number."""
+    root = make_dataset(tmp_path / "data", size=(64, 128))
+    pack(root)
+    out = tmp_path / "bench.md"
+    assert train_ddp.main(["--benchmark", "--data-dir", str(root), "--batch-size", "2", "--crop-size", "64", "128",
+                           "--benchmark-iters", "3", "--benchmark-warmup", "2", "--benchmark-infer-size", "64", "128",
+                           "--benchmark-infer-iters", "2", "--num-workers", "1", "--benchmark-out", str(out)]) == 0
+    table = out.read_text()
+    rows = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]]
+            for line in table.splitlines() if line.startswith("| ") and not line.startswith("| ---")}
+    for name, _, _ in train_ddp.BENCHMARK_CONFIGS:
+        if name != "fused-kernels":
+            assert float(rows[name][1]) > 0 and float(rows[name][4]) > 0, rows[name]
+    assert "Projected 160k iterations on 8 GPUs: n/a" not in table
