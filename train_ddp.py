@@ -844,18 +844,36 @@ def next_batch(batches):
                         .removeprefix("DataError: ")) from None
 
 
+COPY_STREAMS = {}  # device -> the side stream that copies batches in
+
+
+def copy_batch_in(tensors, device):
+    """Host (pinned) batch tensors -> `device`. On CUDA the copies run on a side stream that
+    the current stream then waits for: since the step never synchronises, the host runs
+    ahead and the next batch's copy overlaps the previous step's kernels instead of
+    queueing behind them. record_stream keeps the allocator from reusing the copies' memory
+    before the current stream is done with it."""
+    if device.type != "cuda":
+        return [t.to(device) for t in tensors]
+    stream = COPY_STREAMS.setdefault(device, torch.cuda.Stream(device))
+    with torch.cuda.stream(stream):
+        copies = [t.to(device, non_blocking=True) for t in tensors]
+    current = torch.cuda.current_stream(device)
+    current.wait_stream(stream)
+    for copy in copies:
+        copy.record_stream(current)
+    return copies
+
+
 def batch_to_device(batch, args, env):
     """A loader batch -> the step's images (B, 3, h, w) and labels (B, h, w) on the device;
     with --aug-device cuda the raw frames are augmented there. No host synchronisation."""
     if args.aug_device == "cuda":
         images, labels, positions = batch
-        images = images.to(env.device, non_blocking=True)
-        labels = labels.to(env.device, non_blocking=True)
+        images, labels = copy_batch_in((images, labels), env.device)
         images, labels = augment_on_device(images, labels, positions, args)
     else:
-        images, labels = batch
-        images = images.to(env.device, non_blocking=True)
-        labels = labels.to(env.device, non_blocking=True)
+        images, labels = copy_batch_in(batch, env.device)
     if args.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     return images, labels
