@@ -147,6 +147,8 @@ def parse_args(argv=None):
                  "benchmark_iters", "benchmark_infer_iters"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.benchmark_warmup < 0:
+        parser.error("--benchmark-warmup must be at least 0")
     if args.eval_only and not args.weights:
         parser.error("--eval-only needs --weights")
     if not args.demo and not args.data_dir and not args.benchmark:
