@@ -2,6 +2,8 @@
 
     python prepare_data.py --cityscapes_path /data/cityscapes [--num_workers 8] [--separator ,]
     python prepare_data.py --synthetic /tmp/synthetic [--num-images 48]
+    python prepare_data.py --cityscapes_path /data/cityscapes --pack     # then decode once into packed/
+
 
 Cityscapes: every gtFine/*/*/*_gtFine_polygons.json becomes *_gtFine_labelTrainIds.png through
 cityscapesscripts (as PaddleSeg's convert_cityscapes.py does); a frame with only
@@ -10,9 +12,21 @@ are already there are skipped, and each PNG is written to a temporary name and r
 interrupted run leaves no half-written file. If only the official zips are in the folder they
 are extracted first. Then sorted train.txt, val.txt and test.txt list `<image> <label>`
 relative to the root.
+
+--pack stores each split listed in train.txt / val.txt once more, decoded: ROOT/packed/SPLIT.json
+(the index) and two raw .npy arrays beside it, images (N, H, W, 3) uint8 RGB and train ids
+(N, H, W) uint8, which train_ddp.py memory-maps instead of decoding PNGs (about 50 ms per
+2048x1024 frame and core). The labels are validated while packing. The index holds the
+list file's SHA-256 and each source file's size and mtime, so a pack of a list or files that
+changed since is detected as stale (read_pack raises StalePack); the arrays are written under
+fresh names and the index is renamed over the old one last, so a reader sees the old pack or
+the new one, never a mix. All frames of a split must have one size (Cityscapes: 1024x2048).
 """
 import argparse
+import hashlib
+import json
 import os
+import secrets
 import sys
 import zipfile
 from multiprocessing import Pool
@@ -248,6 +262,198 @@ def make_synthetic(root, num_images=48, seed=0, size=(256, 512), num_workers=Non
     return prepare_cityscapes(root, num_workers=num_workers)
 
 
+# ---------------------------------------------------------------------------------------
+# Packed splits: decoded uint8 arrays, memory-mappable
+
+PACK_FORMAT = 1
+
+
+class StalePack(Exception):
+    """The pack of a split no longer matches its list file or its source files."""
+
+
+def pack_dir(root):
+    return Path(root) / "packed"
+
+
+def list_pairs(root, split):
+    """-> (list file bytes, [(image, label)] as written in ROOT/SPLIT.txt, root-relative)."""
+    list_file = Path(root) / f"{split}.txt"
+    if not list_file.is_file():
+        raise PrepareError(f"{list_file}: no such list file")
+    content = list_file.read_bytes()
+    pairs = []
+    for line_no, line in enumerate(content.decode().splitlines(), 1):
+        if not line.strip():
+            continue
+        fields = line.replace(",", " ").split()
+        if len(fields) != 2:
+            raise PrepareError(f"{list_file}:{line_no}: expected '<image> <label>', got {line.strip()!r}")
+        pairs.append((fields[0], fields[1]))
+    if not pairs:
+        raise PrepareError(f"{list_file}: empty list")
+    return content, pairs
+
+
+def file_stamps(root, pairs):
+    """[[size, mtime_ns] per image and label]: what tells a changed source file."""
+    stamps = []
+    for pair in pairs:
+        for name in pair:
+            stat = (Path(root) / name).stat()
+            stamps.append([stat.st_size, stat.st_mtime_ns])
+    return stamps
+
+
+def decode_frame(image_path, label_path, num_classes=19, ignore_index=255):
+    """-> image (H, W, 3) uint8 RGB, label (H, W) uint8 train ids; PrepareError naming the
+    file for an unreadable image, a label of several channels, values that are neither
+    train ids 0..num_classes-1 nor ignore_index, or image and label of different sizes."""
+    try:
+        with Image.open(image_path) as im:
+            image = np.asarray(im.convert("RGB"))
+    except Exception as e:
+        raise PrepareError(f"{image_path}: unreadable image ({type(e).__name__})") from None
+    try:
+        with Image.open(label_path) as im:
+            if im.mode not in ("L", "P", "I", "I;16"):
+                raise PrepareError(f"{label_path}: label image has mode {im.mode}, expected one channel of train ids")
+            label = np.asarray(im)
+    except PrepareError:
+        raise
+    except Exception as e:
+        raise PrepareError(f"{label_path}: unreadable image ({type(e).__name__})") from None
+    if image.shape[:2] != label.shape:
+        raise PrepareError(f"{image_path}: image is {image.shape[1]}x{image.shape[0]} but its label "
+                           f"{label_path} is {label.shape[1]}x{label.shape[0]}")
+    allowed = np.zeros(256, bool)
+    allowed[:num_classes] = True
+    allowed[ignore_index] = True
+    if label.dtype != np.uint8 and (label.min() < 0 or label.max() > 255):
+        bad = np.unique(label[(label < 0) | (label > 255)])
+    else:
+        label = label.astype(np.uint8)
+        counts = np.bincount(label.ravel(), minlength=256)
+        bad = np.flatnonzero((counts > 0) & ~allowed)
+    if bad.size:
+        raise PrepareError(f"{label_path}: values {bad[:8].tolist()} are neither train ids "
+                           f"0..{num_classes - 1} nor {ignore_index}")
+    return image, label
+
+
+def pack_one(task):
+    """Decodes frame `index` into the open .npy files (run in a worker process)."""
+    images_file, labels_file, index, image_path, label_path, num_classes, ignore_index = task
+    image, label = decode_frame(image_path, label_path, num_classes, ignore_index)
+    images = np.load(images_file, mmap_mode="r+")
+    labels = np.load(labels_file, mmap_mode="r+")
+    if image.shape != images.shape[1:]:
+        raise PrepareError(f"{image_path}: image is {image.shape[1]}x{image.shape[0]} but the split's first "
+                           f"frame is {images.shape[2]}x{images.shape[1]}; --pack needs one size per split")
+    images[index] = image
+    labels[index] = label
+    images.flush()
+    labels.flush()
+
+
+def pack_split(root, split, num_classes=19, ignore_index=255, num_workers=None, log=print):
+    """Decodes the frames listed in ROOT/SPLIT.txt into ROOT/packed/ (see the module doc).
+    Skips the work when a fresh pack is there. -> path of the index."""
+    root = Path(root)
+    content, pairs = list_pairs(root, split)
+    out = pack_dir(root)
+    out.mkdir(exist_ok=True)
+    index_path = out / f"{split}.json"
+    try:
+        read_pack(root, split, num_classes, ignore_index, mmap=False)
+        log(f"{split}: pack is up to date: {index_path}")
+        return index_path
+    except (FileNotFoundError, StalePack):
+        pass
+    first_image, first_label = decode_frame(root / pairs[0][0], root / pairs[0][1], num_classes, ignore_index)
+    height, width = first_label.shape
+    token = secrets.token_hex(4)
+    names = dict(images=f"{split}.{token}.images.npy", labels=f"{split}.{token}.labels.npy")
+    images_file, labels_file = out / names["images"], out / names["labels"]
+    try:
+        images = np.lib.format.open_memmap(images_file, "w+", np.uint8, (len(pairs), height, width, 3))
+        labels = np.lib.format.open_memmap(labels_file, "w+", np.uint8, (len(pairs), height, width))
+        images[0], labels[0] = first_image, first_label
+        del images, labels
+        tasks = [(str(images_file), str(labels_file), i, str(root / image), str(root / label),
+                  num_classes, ignore_index) for i, (image, label) in enumerate(pairs) if i > 0]
+        workers = min(num_workers or os.cpu_count(), max(len(tasks), 1))
+        if workers > 1:
+            with Pool(workers) as pool:
+                for done, _ in enumerate(pool.imap_unordered(pack_one, tasks, chunksize=4), 2):
+                    if done % 100 == 0 or done == len(pairs):
+                        log(f"{split}: packed {done}/{len(pairs)}")
+        else:
+            for task in tasks:
+                pack_one(task)
+        for path in (images_file, labels_file):
+            with open(path, "rb+") as f:
+                os.fsync(f.fileno())
+        index = dict(format=PACK_FORMAT, split=split, count=len(pairs), height=height, width=width,
+                     num_classes=num_classes, ignore_index=ignore_index,
+                     list_sha256=hashlib.sha256(content).hexdigest(), files=[list(p) for p in pairs],
+                     stamps=file_stamps(root, pairs), **names)
+        tmp = index_path.with_name(f".{index_path.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(index) + "\n")
+        os.replace(tmp, index_path)
+    except BaseException:
+        images_file.unlink(missing_ok=True)
+        labels_file.unlink(missing_ok=True)
+        raise
+    for old in out.glob(f"{split}.*.npy"):  # arrays of the replaced pack
+        if old.name not in names.values():
+            old.unlink(missing_ok=True)
+    log(f"{split}: {len(pairs)} frames of {width}x{height} packed -> {index_path}")
+    return index_path
+
+
+def read_pack(root, split, num_classes=19, ignore_index=255, mmap=True):
+    """-> index dict of ROOT/packed/SPLIT.json, with `path` (the index), `images_path`,
+    `labels_path` and `images` (N, H, W, 3), `labels` (N, H, W): read-only uint8 memory
+    maps (None with mmap=False). FileNotFoundError when
+    there is no pack; StalePack naming the reason when the list file, a source file or the
+    label settings changed since packing, or the arrays are missing or mis-shaped."""
+    root = Path(root)
+    index_path = pack_dir(root) / f"{split}.json"
+    if not index_path.is_file():
+        raise FileNotFoundError(f"{index_path}: no pack")
+    try:
+        index = json.loads(index_path.read_text())
+        assert index["format"] == PACK_FORMAT
+    except Exception:
+        raise StalePack(f"{index_path}: unreadable or of another format") from None
+    list_file = root / f"{split}.txt"
+    if not list_file.is_file() or hashlib.sha256(list_file.read_bytes()).hexdigest() != index["list_sha256"]:
+        raise StalePack(f"{index_path}: {list_file.name} changed since it was packed")
+    if (index["num_classes"], index["ignore_index"]) != (num_classes, ignore_index):
+        raise StalePack(f"{index_path}: packed for {index['num_classes']} classes and ignore index "
+                        f"{index['ignore_index']}, not {num_classes} and {ignore_index}")
+    try:
+        stamps = file_stamps(root, index["files"])
+    except OSError as e:
+        raise StalePack(f"{index_path}: a source file is gone ({e.filename})") from None
+    changed = [name for name, old, new in zip((n for p in index["files"] for n in p), index["stamps"], stamps)
+               if old != new]
+    if changed:
+        raise StalePack(f"{index_path}: {changed[0]} changed since it was packed")
+    shape = (index["count"], index["height"], index["width"])
+    arrays = dict(images_path=pack_dir(root) / index["images"], labels_path=pack_dir(root) / index["labels"])
+    for key, expected in (("images", (*shape, 3)), ("labels", shape)):
+        try:
+            array = np.load(arrays[f"{key}_path"], mmap_mode="r")
+        except (OSError, ValueError) as e:
+            raise StalePack(f"{index_path}: {index[key]} unreadable ({type(e).__name__})") from None
+        if array.shape != expected or array.dtype != np.uint8:
+            raise StalePack(f"{index_path}: {index[key]} is {array.dtype} {array.shape}, expected uint8 {expected}")
+        arrays[key] = array if mmap else None
+    return dict(index, path=index_path, **arrays)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cityscapes_path", "--cityscapes-path", help="Cityscapes root (leftImg8bit/, gtFine/)")
@@ -256,6 +462,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="--synthetic: random seed")
     parser.add_argument("--num_workers", "--num-workers", type=int, default=None, help="default: all cores")
     parser.add_argument("--separator", default=" ", help="between image and label in the lists (' ' or ',')")
+    parser.add_argument("--pack", action="store_true",
+                        help="then decode train and val into ROOT/packed/ (uint8 arrays train_ddp.py memory-maps)")
     args = parser.parse_args(argv)
     if bool(args.cityscapes_path) == bool(args.synthetic):
         parser.error("give one of --cityscapes_path and --synthetic")
@@ -264,6 +472,12 @@ def main(argv=None):
             counts = make_synthetic(args.synthetic, args.num_images, args.seed, num_workers=args.num_workers)
         else:
             counts = prepare_cityscapes(args.cityscapes_path, args.num_workers, args.separator)
+        if args.pack:
+            root = args.synthetic or args.cityscapes_path
+            for split in ("train", "val"):
+                if (Path(root) / f"{split}.txt").is_file():
+                    pack_split(root, split, num_workers=args.num_workers,
+                               log=lambda *a: print(*a, file=sys.stderr, flush=True))
     except PrepareError as e:
         print(f"prepare_data.py: error: {e}", file=sys.stderr)
         return 2

@@ -13,6 +13,15 @@ horizontal flip, RandomDistort (brightness, contrast, saturation 0.4, hue 18, ea
 random order), normalize mean 0.5 std 0.5. The data dir holds train.txt / val.txt as written
 by prepare_data.py.
 
+Speed (see BENCHMARKS.md): with `prepare_data.py --pack` the train split is read from
+memory-mapped uint8 arrays instead of decoding PNGs ("data: packed ..." in the log; a pack
+whose list or files changed since is an error), and on CUDA the workers then only gather raw
+frames while the main process augments the whole batch on the GPU (--aug-device) with the
+same seeded draws. On CUDA the step runs in bf16 autocast, channels_last, with fused SGD and
+cudnn.benchmark (--no-channels-last, --amp none, ... turn them off); --compile adds
+torch.compile. `python train_ddp.py --benchmark` measures these variants against an eager
+baseline and prints one markdown table.
+
 Determinism: which samples a step sees and every augmentation draw are functions of
 (--seed, iteration), and the torch RNG (dropout) is reseeded from (--seed, iteration, rank)
 each step, so `--resume` continues exactly where a run stopped: on the CPU a resumed run ends
@@ -85,6 +94,32 @@ def parse_args(argv=None):
     add("--kernels", choices=("auto", "cuda", "torch"), default="auto",
         help="fused CUDA loss and BGA kernels (auto: when they build on a GPU machine)")
     add("--num-workers", type=int, default=4, help="DataLoader workers per process")
+    # input pipeline and step speed (None: resolved at start, printed in the config line)
+    add("--no-pack", action="store_true", help="read the PNGs even when DATA_DIR/packed/ holds a fresh "
+        "pack (prepare_data.py --pack)")
+    add("--aug-device", choices=("auto", "cpu", "cuda"), default="auto",
+        help="cpu: decode/read and augment each sample in the DataLoader workers; cuda: the workers only "
+             "read uint8 frames, the main process augments the whole batch on the GPU (same draws); "
+             "auto: cuda when training on CUDA from a packed split")
+    add("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+        help="model and input in channels_last memory format (default: on with CUDA)")
+    add("--compile", action="store_true", help="torch.compile the model and the loss")
+    add("--fused-sgd", action=argparse.BooleanOptionalAction, default=None,
+        help="SGD's fused CUDA implementation (default: on with CUDA when available)")
+    add("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=None,
+        help="cudnn.benchmark autotuning (default: on with CUDA)")
+    # throughput benchmark
+    add("--benchmark", action="store_true",
+        help="measure training throughput of the step's variants and inference FPS; print one table")
+    add("--benchmark-iters", type=int, default=200, help="measured iterations per configuration")
+    add("--benchmark-warmup", type=int, default=20, help="iterations before measuring")
+    add("--benchmark-configs", nargs="+", default=None, metavar="NAME",
+        help="only these rows (default: all; see BENCHMARKS.md)")
+    add("--benchmark-infer-size", type=int, nargs=2, default=[1024, 2048], metavar=("H", "W"))
+    add("--benchmark-infer-iters", type=int, default=50)
+    add("--benchmark-image-size", type=int, nargs=2, default=[1024, 2048], metavar=("H", "W"),
+        help="frame size of the synthetic dataset the benchmark makes when no --data-dir is given")
+    add("--benchmark-out", help="also write the table to this file")
     add("--seed", type=int, default=0)
     # bookkeeping
     add("--save-dir", "--save_dir", default="output")
@@ -108,12 +143,15 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.eval_interval is None:
         args.eval_interval = args.save_interval
-    for name in ("iters", "batch_size", "save_interval", "eval_interval", "log_iters", "keep_checkpoints"):
+    for name in ("iters", "batch_size", "save_interval", "eval_interval", "log_iters", "keep_checkpoints",
+                 "benchmark_iters", "benchmark_infer_iters"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.benchmark_warmup < 0:
+        parser.error("--benchmark-warmup must be at least 0")
     if args.eval_only and not args.weights:
         parser.error("--eval-only needs --weights")
-    if not args.demo and not args.data_dir:
+    if not args.demo and not args.data_dir and not args.benchmark:
         parser.error("--data-dir is required (or --demo)")
     return args
 
@@ -152,8 +190,8 @@ class DataError(Exception):
     """A corrupt or inconsistent sample; raised in DataLoader workers."""
 
 
-def load_pair(image_path, label_path, num_classes, ignore_index):
-    """-> image (3, H, W) float32 RGB in [0, 255], label (H, W) uint8 train ids (or ignore)."""
+def load_frame(image_path, label_path, num_classes, ignore_index):
+    """-> image (H, W, 3) uint8 RGB, label (H, W) uint8 train ids (or ignore), as numpy."""
     try:
         with Image.open(image_path) as im:
             image = np.asarray(im.convert("RGB"))
@@ -173,8 +211,18 @@ def load_pair(image_path, label_path, num_classes, ignore_index):
     if bad_values.size:
         raise DataError(f"{label_path}: values {bad_values[:8].tolist()} are neither train ids "
                         f"0..{num_classes - 1} nor {ignore_index}")
-    image = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float()  # (3, H, W)
-    return image, torch.from_numpy(label.astype(np.uint8))
+    return image, label.astype(np.uint8)
+
+
+def image_tensor(image):
+    """(H, W, 3) uint8 numpy -> (3, H, W) float32 tensor in [0, 255]."""
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float()
+
+
+def load_pair(image_path, label_path, num_classes, ignore_index):
+    """-> image (3, H, W) float32 RGB in [0, 255], label (H, W) uint8 train ids (or ignore)."""
+    image, label = load_frame(image_path, label_path, num_classes, ignore_index)
+    return image_tensor(image), torch.from_numpy(label)
 
 
 def draw_augmentation(rng, height, width, args):
@@ -199,15 +247,25 @@ def draw_augmentation(rng, height, width, args):
     )
 
 
+def to_device(tensor, device):
+    """A small host tensor on `device` without a host synchronisation: through pinned
+    memory and an asynchronous copy on CUDA (a plain copy from pageable memory waits for
+    the stream, i.e. for the previous step)."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def luminance(image):
     """ITU-R 601-2 luma, as PIL's convert('L'): (..., 3, H, W) -> (..., 1, H, W)."""
-    weights = image.new_tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
+    weights = to_device(torch.tensor([0.299, 0.587, 0.114], dtype=image.dtype), image.device).view(3, 1, 1)
     return (image * weights).sum(-3, keepdim=True)
 
 
 def shift_hue(image, delta):
-    """Rotates the hue of an RGB image in [0, 255] by delta/256 of a turn (PIL's HSV hue is
-    a uint8, so PaddleSeg's hue delta of up to 18 is about 25 degrees)."""
+    """Rotates the hue of RGB images (..., 3, H, W) in [0, 255] by delta/256 of a turn
+    (delta a number or a tensor broadcasting against (..., H, W)); PIL's HSV hue is a
+    uint8, so PaddleSeg's hue delta of up to 18 is about 25 degrees."""
     rgb = image / 255.0
     maxc, _ = rgb.max(-3)
     minc, _ = rgb.min(-3)
@@ -226,24 +284,53 @@ def shift_hue(image, delta):
     return (maxc.unsqueeze(-3) * (1 - saturation.unsqueeze(-3) * ramp)) * 255.0
 
 
+DISTORT_FACTORS = ("brightness", "contrast", "saturation", "hue")
+
+
+def distort_op(op, images, factor):
+    """RandomDistort's op `op` on images (n, 3, H, W); factor (n, 1, 1, 1) float32."""
+    if op == 0:    # brightness: blend with black
+        return images * factor
+    if op == 1:    # contrast: blend with each image's mean grey level
+        mean = luminance(images).mean((-3, -2, -1), keepdim=True)
+        return mean + factor * (images - mean)
+    if op == 2:    # saturation: blend with the grey image
+        grey = luminance(images)
+        return grey + factor * (images - grey)
+    return shift_hue(images, factor[:, 0])
+
+
+def distort_batch(images, params_list):
+    """PaddleSeg's RandomDistort on float RGB images (B, 3, H, W) in [0, 255], one params
+    dict per image, with PIL ImageEnhance's formulas (in float: no uint8 rounding between
+    the ops). Batched: at each of the 4 places of the random order, each op runs once on
+    the images that have it there and applied; the choice is made on the host from the
+    params, so there is no host synchronisation."""
+    batch = images.shape[0]
+    factors = to_device(torch.tensor([[p.get(name, 0.0) for name in DISTORT_FACTORS] for p in params_list],
+                                     dtype=torch.float32), images.device)            # (B, 4)
+    copied = False
+    for place in range(max(len(p["distort_order"]) for p in params_list)):
+        for op in range(4):
+            chosen = [b for b, p in enumerate(params_list) if place < len(p["distort_order"])
+                      and p["distort_order"][place] == op and p["distort_apply"][op]]
+            if not chosen:
+                continue
+            if len(chosen) == batch:
+                factor = factors[:, op].view(batch, 1, 1, 1)
+                images = distort_op(op, images, factor).clamp(0, 255)
+                continue
+            if not copied:  # the caller's tensor stays untouched; then updated in place
+                images, copied = images.clone(), True
+            index = to_device(torch.tensor(chosen), images.device)
+            factor = factors[index, op].view(len(chosen), 1, 1, 1)
+            images.index_copy_(0, index, distort_op(op, images[index], factor).clamp(0, 255))
+    return images
+
+
 def distort(image, params):
-    """PaddleSeg's RandomDistort on a float RGB image in [0, 255], with PIL ImageEnhance's
-    formulas (in float: no uint8 rounding between the ops)."""
-    for op in params["distort_order"]:
-        if not params["distort_apply"][op]:
-            continue
-        if op == 0:    # brightness: blend with black
-            image = image * params["brightness"]
-        elif op == 1:  # contrast: blend with the mean grey level
-            mean = luminance(image).mean()
-            image = mean + params["contrast"] * (image - mean)
-        elif op == 2:  # saturation: blend with the grey image
-            grey = luminance(image)
-            image = grey + params["saturation"] * (image - grey)
-        else:
-            image = shift_hue(image, params["hue"])
-        image = image.clamp(0, 255)
-    return image
+    """One image (3, H, W): distort_batch's result for it."""
+    return distort_batch(image[None], [params])[0]
 
 
 def crop_taps(offsets, scaled_sizes, in_size, crop, flips, device):
@@ -253,20 +340,21 @@ def crop_taps(offsets, scaled_sizes, in_size, crop, flips, device):
     (B, crop) int64 and weights w0, w1 (B, crop) float32 (PyTorch's/cv2's align_corners=False
     formula, clamped at 0), the nearest tap (B, crop) (PyTorch's 'nearest', i.e. cv2's
     INTER_NEAREST: floor(dst * in / out) in float32) and `inside` (B, crop): False in the
-    bottom/right padding."""
-    dst = torch.arange(crop, device=device)
+    bottom/right padding. Computed on the host in float32 (the same IEEE operations as on
+    a GPU, one op at a time) and moved to `device` without a host synchronisation."""
+    dst = torch.arange(crop)
     rows = []
     for b, (offset, scaled) in enumerate(zip(offsets, scaled_sizes)):
         pos = offset + (crop - 1 - dst if flips is not None and flips[b] else dst)  # in the scaled image
         scale = torch.tensor(float(in_size), dtype=torch.float32) / scaled   # float32, as ATen
-        src = ((pos.float() + 0.5) * scale.to(device) - 0.5).clamp(min=0)
+        src = ((pos.float() + 0.5) * scale - 0.5).clamp(min=0)
         i0 = src.long().clamp(max=in_size - 1)
         i1 = torch.where(i0 < in_size - 1, i0 + 1, i0)
         w1 = src - i0.float()
-        nearest = (pos.float() * scale.to(device)).floor().long().clamp(max=in_size - 1)
+        nearest = (pos.float() * scale).floor().long().clamp(max=in_size - 1)
         inside = pos < scaled
         rows.append((i0, i1, 1 - w1, w1, nearest.where(inside, 0), inside))
-    return [torch.stack(column) for column in zip(*rows)]
+    return [to_device(torch.stack(column), device) for column in zip(*rows)]
 
 
 def augment_batch(images, labels, params_list, crop_size, ignore_index=255):
@@ -286,8 +374,8 @@ def augment_batch(images, labels, params_list, crop_size, ignore_index=255):
     y0, y1, wy0, wy1, y_near, y_in = crop_taps(tops, scaled_hs, height, crop_h, None, device)
     x0, x1, wx0, wx1, x_near, x_in = crop_taps(lefts, scaled_ws, width, crop_w,
                                                [p["flip"] for p in params_list], device)
-    images = images.float()
-    rows = lambda idx: images.gather(2, idx[:, None, :, None].expand(batch, 3, crop_h, width))
+    # (uint8 rows are gathered first, then converted: the same numbers as converting first)
+    rows = lambda idx: images.gather(2, idx[:, None, :, None].expand(batch, 3, crop_h, width)).float()
     blended_rows = wy0[:, None, :, None] * rows(y0) + wy1[:, None, :, None] * rows(y1)  # (B, 3, h, W)
     cols = lambda idx: blended_rows.gather(3, idx[:, None, None, :].expand(batch, 3, crop_h, crop_w))
     out = wx0[:, None, None, :] * cols(x0) + wx1[:, None, None, :] * cols(x1)           # (B, 3, h, w)
@@ -296,7 +384,7 @@ def augment_batch(images, labels, params_list, crop_size, ignore_index=255):
     label_rows = labels.gather(1, y_near[:, :, None].expand(batch, crop_h, width))
     out_labels = label_rows.gather(2, x_near[:, None, :].expand(batch, crop_h, crop_w))
     out_labels = torch.where(inside, out_labels, torch.full_like(out_labels, ignore_index))
-    out = torch.stack([distort(image, params) for image, params in zip(out, params_list)])
+    out = distort_batch(out, params_list)
     return (out / 255.0 - 0.5) / 0.5, out_labels
 
 
@@ -306,22 +394,70 @@ def augment(image, label, params, crop_size, ignore_index=255):
     return images[0], labels[0]
 
 
+def sample_params(position, height, width, args):
+    """The augmentation draws of the sample at stream `position`: a function of (--seed,
+    position) only, whichever process, worker or device makes the batch."""
+    return draw_augmentation(np.random.default_rng([args.seed, position]), height, width, args)
+
+
 class TrainSet(torch.utils.data.Dataset):
     """Items are addressed by (index, stream position); the position seeds the sample's
-    augmentation, so a step's batch is the same whichever worker or run makes it."""
+    augmentation, so a step's batch is the same whichever worker or run makes it.
 
-    def __init__(self, pairs, args):
-        self.pairs, self.args = pairs, args
+    Frames come from the PNGs of `pairs` or, given `pack` (prepare_data.read_pack's index),
+    from its memory-mapped arrays (opened lazily in each worker). raw=False: the item is
+    the augmented sample (image (3, h, w) float32, label (h, w) uint8). raw=True: the
+    decoded frame, image (H, W, 3) uint8, label (H, W) uint8, and the position, for
+    augment_on_device to augment the whole batch on the training device."""
+
+    def __init__(self, pairs, args, pack=None, raw=False):
+        self.pairs, self.args, self.raw = pairs, args, raw
+        self.pack_files = None if pack is None else (pack["images_path"], pack["labels_path"])
+        self.length = len(pairs) if pack is None else pack["count"]
+        self._arrays = None
 
     def __len__(self):
-        return len(self.pairs)
+        return self.length
+
+    def frame(self, index):
+        """-> image (H, W, 3) uint8, label (H, W) uint8 numpy arrays of frame `index`."""
+        if self.pack_files is None:
+            return load_frame(*self.pairs[index], self.args.num_classes, self.args.ignore_index)
+        if self._arrays is None:
+            self._arrays = [np.load(path, mmap_mode="r") for path in self.pack_files]
+        images, labels = self._arrays
+        return np.array(images[index]), np.array(labels[index])  # copies out of the page cache
 
     def __getitem__(self, item):
         index, position = item
-        image, label = load_pair(*self.pairs[index], self.args.num_classes, self.args.ignore_index)
-        rng = np.random.default_rng([self.args.seed, position])
-        params = draw_augmentation(rng, image.shape[1], image.shape[2], self.args)
-        return augment(image, label, params, self.args.crop_size, self.args.ignore_index)
+        image, label = self.frame(index)
+        if self.raw:
+            return torch.from_numpy(image), torch.from_numpy(label), position
+        params = sample_params(position, image.shape[0], image.shape[1], self.args)
+        return augment(image_tensor(image), torch.from_numpy(label), params, self.args.crop_size,
+                       self.args.ignore_index)
+
+
+def collate_raw(items):
+    """TrainSet(raw=True) items -> images (B, H, W, 3) uint8, labels (B, H, W) uint8,
+    positions (B,) int64. The frames of a batch must have one size."""
+    sizes = {tuple(image.shape) for image, _, _ in items}
+    if len(sizes) > 1:
+        raise DataError(f"--aug-device cuda needs frames of one size, a batch has {sorted(sizes)}")
+    # default_collate stacks straight into shared memory in a worker process
+    images, labels, positions = torch.utils.data.default_collate(items)
+    return images, labels, positions
+
+
+def augment_on_device(images, labels, positions, args):
+    """A raw batch already on the training device (collate_raw's images and labels;
+    positions as a host tensor) -> augment_batch's normalised images (B, 3, h, w) and
+    labels (B, h, w), with the same draws as TrainSet's per-sample path. No host sync:
+    the parameters are drawn on the host from the positions."""
+    height, width = images.shape[1:3]
+    params = [sample_params(p, height, width, args) for p in positions.tolist()]
+    images = images.permute(0, 3, 1, 2).contiguous()  # (B, 3, H, W): coalesced row gathers
+    return augment_batch(images, labels, params, args.crop_size, args.ignore_index)
 
 
 class StepSampler(torch.utils.data.Sampler):
@@ -441,6 +577,8 @@ def evaluate(model, pairs, args, env):
         except DataError as e:
             raise UserError(str(e)) from None
         image = image[None].to(env.device, non_blocking=True)
+        if args.channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
         with torch.autocast(env.device.type, dtype=env.amp_dtype, enabled=env.amp_dtype is not None):
             scores = predict_logits_sum(model, image, args.scales, args.flip)
         pred = scores.argmax(1)[0]
@@ -608,15 +746,47 @@ class MetricsLog:
             self.writer.flush()
 
 
-def train(args, env):
-    pairs = read_list(args.data_dir, "train")
-    val_pairs = read_list(args.data_dir, "val") if args.do_eval else None
-    save_dir = Path(args.save_dir)
-    save_dir.mkdir(parents=True, exist_ok=True)
-    if env.main:  # a write cut short by a kill leaves only its hidden temporary file
-        for leftover in save_dir.glob(".*.pt.tmp*"):
-            leftover.unlink(missing_ok=True)
+def find_pack(args, split="train"):
+    """-> prepare_data.read_pack's index of DATA_DIR/packed/SPLIT (arrays not opened), or
+    None when there is none or --no-pack. A stale pack (its list or a source file changed
+    since packing) is an error: training on it would silently use other data."""
+    import prepare_data
+    if args.no_pack:
+        return None
+    try:
+        return prepare_data.read_pack(args.data_dir, split, args.num_classes, args.ignore_index, mmap=False)
+    except FileNotFoundError:
+        return None
+    except prepare_data.StalePack as e:
+        raise UserError(f"stale pack: {e}; re-run prepare_data.py --pack (or train with --no-pack)") from None
 
+
+def resolve_speed_flags(args, env, packed):
+    """Fills the None/auto speed flags from the device (see parse_args); all on for CUDA
+    except --compile, all off on the CPU."""
+    cuda = env.device.type == "cuda"
+    if args.aug_device == "auto":
+        args.aug_device = "cuda" if cuda and packed else "cpu"
+    if args.aug_device == "cuda" and not cuda:
+        raise UserError("--aug-device cuda needs a CUDA device")
+    for name in ("channels_last", "cudnn_benchmark"):
+        if getattr(args, name) is None:
+            setattr(args, name, cuda)
+    if args.fused_sgd is None:
+        args.fused_sgd = cuda and fused_sgd_available()
+    if args.fused_sgd and not cuda:
+        raise UserError("--fused-sgd needs a CUDA device")
+    torch.backends.cudnn.benchmark = bool(args.cudnn_benchmark)
+
+
+def fused_sgd_available():
+    import inspect
+    return "fused" in inspect.signature(torch.optim.SGD).parameters
+
+
+def build_model(args, env):
+    """-> (model on the device, loss function): BiSeNetV2 with the selected BGA op, the
+    initial weights, channels_last and SyncBatchNorm as configured."""
     torch.manual_seed(args.seed)
     model = BiSeNetV2(args.num_classes)
     loss_fn, bga_fn = select_ops(args.kernels, env)
@@ -625,14 +795,132 @@ def train(args, env):
         load_weights_or_fail(model, args.weights)
         env.log(f"initial weights: {args.weights}")
     model.to(env.device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
     sync_bn = env.world_size > 1 and not args.no_sync_bn
     if sync_bn and env.device.type != "cuda":
         env.log("note: SyncBatchNorm needs CUDA; plain per-process BatchNorm on CPU")
         sync_bn = False
     if sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
+    return model, loss_fn
+
+
+def make_optimizer(model, args):
+    fused = dict(fused=True) if args.fused_sgd else {}
+    return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                           weight_decay=args.weight_decay, **fused)
+
+
+def step_functions(model, args, env):
+    """-> (the model the step calls: DDP-wrapped and compiled as configured, the losses
+    function: segmentation_losses, compiled with --compile)."""
+    step_model = model
+    if env.world_size > 1:
+        step_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
+    losses_fn = segmentation_losses
+    if args.compile:
+        step_model = torch.compile(step_model)
+        losses_fn = torch.compile(segmentation_losses)
+    return step_model, losses_fn
+
+
+def make_train_loader(pairs, pack, args, env, start_iter):
+    """The DataLoader of this rank's batches for iterations start_iter .. --iters - 1."""
+    raw = args.aug_device == "cuda"
+    dataset = TrainSet(pairs, args, pack=pack, raw=raw)
+    sampler = StepSampler(len(dataset), args.batch_size, env.rank, env.world_size, args.seed,
+                          start_iter, args.iters)
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, num_workers=args.num_workers, collate_fn=collate_raw if raw else None,
+        pin_memory=env.device.type == "cuda", persistent_workers=False,
+        prefetch_factor=4 if args.num_workers > 0 else None)
+
+
+def next_batch(batches):
+    try:
+        return next(batches)
+    except DataError as e:  # re-raised from a worker with its traceback in the message
+        raise UserError(str(e).strip().splitlines()[-1].removeprefix(f"{DataError.__module__}.")
+                        .removeprefix("DataError: ")) from None
+
+
+COPY_STREAMS = {}  # device -> the side stream that copies batches in
+
+
+def copy_batch_in(tensors, device):
+    """Host (pinned) batch tensors -> `device`. On CUDA the copies run on a side stream that
+    the current stream then waits for: since the step never synchronises, the host runs
+    ahead and the next batch's copy overlaps the previous step's kernels instead of
+    queueing behind them. record_stream keeps the allocator from reusing the copies' memory
+    before the current stream is done with it."""
+    if device.type != "cuda":
+        return [t.to(device) for t in tensors]
+    stream = COPY_STREAMS.setdefault(device, torch.cuda.Stream(device))
+    with torch.cuda.stream(stream):
+        copies = [t.to(device, non_blocking=True) for t in tensors]
+    current = torch.cuda.current_stream(device)
+    current.wait_stream(stream)
+    for copy in copies:
+        copy.record_stream(current)
+    return copies
+
+
+def batch_to_device(batch, args, env):
+    """A loader batch -> the step's images (B, 3, h, w) and labels (B, h, w) on the device;
+    with --aug-device cuda the raw frames are augmented there. No host synchronisation."""
+    if args.aug_device == "cuda":
+        images, labels, positions = batch
+        images, labels = copy_batch_in((images, labels), env.device)
+        images, labels = augment_on_device(images, labels, positions, args)
+    else:
+        images, labels = copy_batch_in(batch, env.device)
+    if args.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, labels
+
+
+def train_step(step_model, losses_fn, optimizer, scaler, images, labels, loss_fn, head_weights, lr, seed,
+               args, env):
+    """One SGD step; -> per-head losses (N_heads,) and the weighted total, detached, on the
+    device. No host synchronisation: lr is a Python number, the seed is set on the host."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    torch.manual_seed(seed)  # dropout draws, exact on resume
+    with torch.autocast(env.device.type, dtype=env.amp_dtype, enabled=env.amp_dtype is not None):
+        outputs = step_model(images)
+    losses = losses_fn(outputs, labels, loss_fn, args)
+    loss = (losses * head_weights).sum()
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return losses.detach(), loss.detach()
+
+
+NUM_HEADS = 5
+
+
+def head_weights_on(device, args):
+    """(N_heads,) float32: 1 for the main head, --aux-weight for the auxiliary ones."""
+    return to_device(torch.tensor([1.0] + [args.aux_weight] * (NUM_HEADS - 1)), device)
+
+
+def train(args, env):
+    pairs = read_list(args.data_dir, "train")
+    pack = find_pack(args)
+    env.log(f"data: packed {pack['path']}" if pack else f"data: PNG files ({args.data_dir}/train.txt)")
+    env.log(f"augmentation: {'batched on the GPU in the main process' if args.aug_device == 'cuda' else 'per sample in the DataLoader workers'}")
+    val_pairs = read_list(args.data_dir, "val") if args.do_eval else None
+    save_dir = Path(args.save_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    if env.main:  # a write cut short by a kill leaves only its hidden temporary file
+        for leftover in save_dir.glob(".*.pt.tmp*"):
+            leftover.unlink(missing_ok=True)
+
+    model, loss_fn = build_model(args, env)
+    optimizer = make_optimizer(model, args)
     scaler = torch.amp.GradScaler(env.device.type, enabled=env.amp_dtype == torch.float16)
 
     start_iter, best = 0, dict(mIoU=-1.0, iter=None)
@@ -647,17 +935,8 @@ def train(args, env):
             start_iter, best = checkpoint["iter"], checkpoint["best"]
             env.log(f"resumed from {path} at iteration {start_iter}")
 
-    ddp_model = model
-    if env.world_size > 1:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
-
-    sampler = StepSampler(len(pairs), args.batch_size, env.rank, env.world_size, args.seed,
-                          start_iter, args.iters)
-    loader = torch.utils.data.DataLoader(
-        TrainSet(pairs, args), batch_sampler=sampler, num_workers=args.num_workers,
-        pin_memory=env.device.type == "cuda", persistent_workers=False,
-        prefetch_factor=4 if args.num_workers > 0 else None)
+    step_model, losses_fn = step_functions(model, args, env)
+    loader = make_train_loader(pairs, pack, args, env, start_iter)
     log = MetricsLog(args, env)
 
     def save(it):
@@ -667,8 +946,8 @@ def train(args, env):
         for old in list_checkpoints(save_dir)[args.keep_checkpoints:]:
             old.unlink(missing_ok=True)
 
-    num_heads = 5
-    loss_sum = torch.zeros(num_heads, device=env.device)   # summed over the log window, on device
+    head_weights = head_weights_on(env.device, args)
+    loss_sum = torch.zeros(NUM_HEADS, device=env.device)   # summed over the log window, on device
     first_bad_iter = torch.full((), -1, dtype=torch.int64, device=env.device)
     window_start, window_iters, reader_time = time.perf_counter(), 0, 0.0
     run_start, run_start_iter = time.perf_counter(), start_iter
@@ -676,31 +955,15 @@ def train(args, env):
     batches = iter(loader)
     for it in range(start_iter, args.iters):
         fetch_start = time.perf_counter()
-        try:
-            images, labels = next(batches)
-        except DataError as e:  # re-raised from a worker with its traceback in the message
-            raise UserError(str(e).strip().splitlines()[-1].removeprefix(f"{DataError.__module__}.")
-                            .removeprefix("DataError: ")) from None
+        batch = next_batch(batches)
         reader_time += time.perf_counter() - fetch_start
-        images = images.to(env.device, non_blocking=True)
-        labels = labels.to(env.device, non_blocking=True)
-
+        images, labels = batch_to_device(batch, args, env)
         lr = lr_at(it, args)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        torch.manual_seed(step_seed(args.seed, it, env.rank))  # dropout draws, exact on resume
-        with torch.autocast(env.device.type, dtype=env.amp_dtype, enabled=env.amp_dtype is not None):
-            outputs = ddp_model(images)
-        losses = segmentation_losses(outputs, labels, loss_fn, args)
-        weights = losses.new_tensor([1.0] + [args.aux_weight] * (num_heads - 1))
-        loss = (losses * weights).sum()
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        losses, loss = train_step(step_model, losses_fn, optimizer, scaler, images, labels, loss_fn, head_weights,
+                                  lr, step_seed(args.seed, it, env.rank), args, env)
 
-        loss_sum += losses.detach()
-        first_bad_iter = torch.where((first_bad_iter < 0) & ~torch.isfinite(loss.detach()),
+        loss_sum += losses
+        first_bad_iter = torch.where((first_bad_iter < 0) & ~torch.isfinite(loss),
                                      torch.full_like(first_bad_iter, it + 1), first_bad_iter)
         window_iters += 1
         done = it + 1
@@ -715,8 +978,8 @@ def train(args, env):
             images_per_s = args.batch_size * env.world_size / batch_cost
             eta = (now - run_start) / (done - run_start_iter) * (args.iters - done)
             peak_mb = torch.cuda.max_memory_allocated(env.device) / 2**20 if env.device.type == "cuda" else 0.0
-            record = dict(iter=done, loss=sum(w * l for w, l in zip(weights.tolist(), mean_losses)),
-                          loss_main=mean_losses[0], **{f"loss_aux{i}": mean_losses[i] for i in range(1, num_heads)},
+            record = dict(iter=done, loss=sum(w * l for w, l in zip(head_weights.tolist(), mean_losses)),
+                          loss_main=mean_losses[0], **{f"loss_aux{i}": mean_losses[i] for i in range(1, NUM_HEADS)},
                           lr=lr, batch_cost=batch_cost, reader_cost=reader_time / window_iters,
                           images_per_s=images_per_s, peak_mem_mb=peak_mb)
             env.log(f"iter {done}/{args.iters}  loss {record['loss']:.4f} "
@@ -773,6 +1036,8 @@ def eval_only(args, env):
     model.bga.aggregate = bga_fn
     load_weights_or_fail(model, args.weights)
     model.to(env.device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
     metrics = evaluate(model, pairs, args, env)
     env.log(format_metrics(metrics, args.num_classes))
     if env.main:
@@ -782,12 +1047,232 @@ def eval_only(args, env):
 
 
 def demo_data_dir():
+    """The demo's synthetic dataset in the cache, made on first use; its train split packed."""
+    import prepare_data
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bisenetv2" / "synthetic_cityscapes"
     if not (cache / "train.txt").is_file() or not (cache / "val.txt").is_file():
-        import prepare_data
         print(f"demo: writing a synthetic Cityscapes-layout dataset to {cache}", flush=True)
         prepare_data.make_synthetic(cache)
+    prepare_data.pack_split(cache, "train", log=lambda *a: None)  # a no-op when fresh
     return str(cache)
+
+
+# ---------------------------------------------------------------------------------------
+# Throughput benchmark (python train_ddp.py --benchmark; see BENCHMARKS.md)
+
+BASELINE = dict(packed=False, aug_device="cpu", amp="none", channels_last=False, kernels="torch",
+                fused_sgd=False, cudnn_benchmark=False, compile=False)
+ALL_ON = dict(packed=True, aug_device="cuda", amp="bf16", channels_last=True, kernels="auto",
+              fused_sgd=True, cudnn_benchmark=True, compile=True)
+# (row name, what it changes against the baseline, the changed settings)
+BENCHMARK_CONFIGS = [
+    ("baseline", "eager fp32, NCHW, --kernels torch, PNG decode + per-sample aug in workers", {}),
+    ("packed+gpu-aug", "memory-mapped pack, workers gather uint8, batch augmented on the GPU",
+     dict(packed=True, aug_device="cuda")),
+    ("bf16", "bf16 autocast", dict(amp="bf16")),
+    ("channels_last", "model and input channels_last", dict(channels_last=True)),
+    ("fused-kernels", "--kernels cuda (fused BGA; loss as built)", dict(kernels="cuda")),
+    ("fused-sgd", "SGD(fused=True)", dict(fused_sgd=True)),
+    ("cudnn-benchmark", "cudnn.benchmark", dict(cudnn_benchmark=True)),
+    ("compile", "torch.compile of model and loss", dict(compile=True)),
+    ("all", "all of the above together (--kernels auto: the references if the build fails)", ALL_ON),
+]
+ASSUMED_MULTI_GPU_OVERHEAD = 1.15  # 8-GPU step time / 1-GPU step time: an estimate (BENCHMARKS.md), not measured
+
+
+def benchmark_data(args, env):
+    """-> (data dir, pack index or None, note). Without --data-dir: a synthetic dataset of
+    --benchmark-image-size frames in the cache, packed."""
+    import prepare_data
+    if args.data_dir:
+        try:
+            return args.data_dir, find_pack(args), ""
+        except UserError as e:
+            return args.data_dir, None, str(e)
+    height, width = args.benchmark_image_size
+    cache = (Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bisenetv2"
+             / f"synthetic_cityscapes_{height}x{width}")
+    if not (cache / "train.txt").is_file():
+        env.log(f"benchmark: writing a synthetic {width}x{height} dataset to {cache}")
+        prepare_data.make_synthetic(cache, num_images=16, size=(height, width))
+    prepare_data.pack_split(cache, "train", args.num_classes, args.ignore_index, log=env.log)
+    args.data_dir = str(cache)
+    return str(cache), find_pack(args), ""
+
+
+def needs_cuda(settings):
+    """Why a configuration is not run on the CPU (None: it runs)."""
+    if settings["kernels"] == "cuda" or settings["fused_sgd"] or settings["cudnn_benchmark"]:
+        return "needs CUDA"
+    if settings["compile"]:
+        return "not run on CPU (compiling the training step takes minutes there)"
+    return None
+
+
+def run_config(args, env, settings, pairs, pack):
+    """Trains a fresh model for --benchmark-warmup + --benchmark-iters iterations with
+    `settings` through train's own pieces (loader, batch_to_device, train_step). -> dict:
+    images/s (measured iterations, wall clock, synchronised at both ends), median step ms
+    (CUDA events between step starts on a GPU, the host clock on the CPU), reader share
+    (time the host waited for the loader / wall time), peak memory MiB (CUDA)."""
+    import copy
+    args = copy.copy(args)
+    for key, value in settings.items():
+        if key != "packed":
+            setattr(args, key, value)
+    args.iters = args.benchmark_warmup + args.benchmark_iters
+    env.amp_dtype = {"bf16": torch.bfloat16, "none": None}[args.amp]
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    cuda = env.device.type == "cuda"
+    model, loss_fn = build_model(args, env)
+    optimizer = make_optimizer(model, args)
+    scaler = torch.amp.GradScaler(env.device.type, enabled=False)
+    step_model, losses_fn = step_functions(model, args, env)
+    loader = make_train_loader(pairs, pack if settings["packed"] else None, args, env, 0)
+    head_weights = head_weights_on(env.device, args)
+    model.train()
+    batches = iter(loader)
+    starts, reader_wait = [], 0.0
+    for it in range(args.iters):
+        if it == args.benchmark_warmup:
+            if cuda:
+                torch.cuda.synchronize(env.device)
+                torch.cuda.reset_peak_memory_stats(env.device)
+            start, reader_wait = time.perf_counter(), 0.0
+        if it >= args.benchmark_warmup:
+            if cuda:
+                starts.append(torch.cuda.Event(enable_timing=True))
+                starts[-1].record()
+            else:
+                starts.append(time.perf_counter())
+        fetch_start = time.perf_counter()
+        batch = next_batch(batches)
+        reader_wait += time.perf_counter() - fetch_start
+        images, labels = batch_to_device(batch, args, env)
+        train_step(step_model, losses_fn, optimizer, scaler, images, labels, loss_fn, head_weights,
+                   lr_at(it, args), step_seed(args.seed, it, env.rank), args, env)
+    if cuda:
+        starts.append(torch.cuda.Event(enable_timing=True))
+        starts[-1].record()
+        torch.cuda.synchronize(env.device)
+        steps_ms = [a.elapsed_time(b) for a, b in zip(starts, starts[1:])]
+    else:
+        starts.append(time.perf_counter())
+        steps_ms = [1000 * (b - a) for a, b in zip(starts, starts[1:])]
+    wall = time.perf_counter() - start
+    import kernels
+    result = dict(fused_bga=model.bga.aggregate is not kernels.bga_aggregate_reference,
+                  images_per_s=args.benchmark_iters * args.batch_size / wall,
+                  step_ms=float(np.median(steps_ms)), reader_share=reader_wait / wall,
+                  peak_mib=torch.cuda.max_memory_allocated(env.device) / 2**20 if cuda else None)
+    del batches, loader, step_model, model, optimizer
+    if args.compile:
+        torch._dynamo.reset()
+    if cuda:
+        torch.cuda.empty_cache()
+    return result
+
+
+@torch.no_grad()
+def inference_fps(args, env, dtype, channels_last, compiled):
+    """-> images/s of the eval-mode model (main head upsampled to the input) at
+    1x3x--benchmark-infer-size, after 3 warm-up calls (more when compiled)."""
+    torch.backends.cudnn.benchmark = env.device.type == "cuda"
+    model = BiSeNetV2(args.num_classes).to(env.device).eval()
+    image = torch.randn(1, 3, *args.benchmark_infer_size, device=env.device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+        image = image.contiguous(memory_format=torch.channels_last)
+    run = torch.compile(model) if compiled else model
+    sync = (lambda: torch.cuda.synchronize(env.device)) if env.device.type == "cuda" else (lambda: None)
+    with torch.autocast(env.device.type, dtype=dtype, enabled=dtype is not None):
+        for _ in range(10 if compiled else 3):
+            run(image)
+        sync()
+        start = time.perf_counter()
+        for _ in range(args.benchmark_infer_iters):
+            run(image)
+        sync()
+    if compiled:
+        torch._dynamo.reset()
+    return args.benchmark_infer_iters / (time.perf_counter() - start)
+
+
+def benchmark(args, env):
+    """Runs each BENCHMARK_CONFIGS row and the inference variants in this process and prints
+    one markdown table (also to --benchmark-out). -> exit code 0."""
+    if env.world_size > 1:
+        raise UserError("--benchmark runs in one process (one GPU)")
+    cuda = env.device.type == "cuda"
+    data_dir, pack, pack_note = benchmark_data(args, env)
+    pairs = read_list(data_dir, "train")
+    names = [name for name, _, _ in BENCHMARK_CONFIGS]
+    unknown = set(args.benchmark_configs or []) - set(names)
+    if unknown:
+        raise UserError(f"--benchmark-configs: unknown {sorted(unknown)}; rows are {', '.join(names)}")
+    device_name = torch.cuda.get_device_name(env.device) if cuda else f"CPU ({os.cpu_count()} cores)"
+    lines = [f"## `train_ddp.py --benchmark`: {device_name}",
+             "",
+             f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, "
+             f"{args.batch_size} crops of {args.crop_size[0]}x{args.crop_size[1]} per step, data {data_dir} "
+             f"({'packed' if pack else 'no fresh pack'}), {args.num_workers} DataLoader workers, "
+             f"{args.benchmark_iters} measured iterations after {args.benchmark_warmup} warm-up",
+             "",
+             "| config | change against the baseline | images/s | step ms (median) | reader share | peak MiB | note |",
+             "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+    results = {}
+    for name, what, change in BENCHMARK_CONFIGS:
+        if args.benchmark_configs and name not in args.benchmark_configs:
+            continue
+        settings = dict(BASELINE, **change)
+        note = None if cuda else needs_cuda(settings)
+        if note is None and settings["packed"] and pack is None:
+            note = pack_note or "no pack of the train split: run prepare_data.py --pack"
+        if note is None:
+            try:
+                env.log(f"benchmark: {name} ...")
+                results[name] = result = run_config(args, env, settings, pairs, pack)
+                note = "" if cuda or not settings["aug_device"] == "cuda" else "aug batched on the CPU (no CUDA)"
+                if settings["kernels"] != "torch":
+                    note += "BGA: fused CUDA kernel" if result["fused_bga"] else "BGA: PyTorch reference (no build)"
+            except (UserError, RuntimeError) as e:
+                note = f"failed: {' '.join(str(e).split())[:160]}"
+        if name not in results:
+            lines.append(f"| {name} | {what} | - | - | - | - | {note} |")
+            continue
+        peak = "-" if result["peak_mib"] is None else f"{result['peak_mib']:.0f}"
+        lines.append(f"| {name} | {what} | {result['images_per_s']:.1f} | {result['step_ms']:.1f} | "
+                     f"{100 * result['reader_share']:.0f}% | {peak} | {note} |")
+    height, width = args.benchmark_infer_size
+    lines += ["", f"| inference 1x3x{height}x{width}, eval mode | images/s | ms/image | note |",
+              "| --- | ---: | ---: | --- |"]
+    for label, dtype, channels_last, compiled in (("fp32 eager, NCHW", None, False, False),
+                                                  ("bf16 channels_last", torch.bfloat16, True, False),
+                                                  ("bf16 channels_last compiled", torch.bfloat16, True, True)):
+        if (compiled or dtype is not None) and not cuda:
+            lines.append(f"| {label} | - | - | {'needs CUDA' if not compiled else 'not run on CPU'} |")
+            continue
+        try:
+            fps = inference_fps(args, env, dtype, channels_last, compiled)
+            lines.append(f"| {label} | {fps:.1f} | {1000 / fps:.2f} |  |")
+        except RuntimeError as e:
+            lines.append(f"| {label} | - | - | failed: {' '.join(str(e).split())[:160]} |")
+    lines.append("")
+    if "all" in results:
+        hours = 160000 * results["all"]["step_ms"] / 1000 * ASSUMED_MULTI_GPU_OVERHEAD / 3600
+        lines.append(f"Projected 160k iterations on 8 GPUs (4 crops each): {hours:.1f} h = 160000 x "
+                     f"{results['all']['step_ms']:.1f} ms (the 'all' median step) x {ASSUMED_MULTI_GPU_OVERHEAD} "
+                     f"(assumed: DDP all-reduce and SyncBatchNorm are not measured on one GPU).")
+    else:
+        lines.append("Projected 160k iterations on 8 GPUs: n/a (the 'all' row was not measured).")
+    table = "\n".join(lines) + "\n"
+    print(table, flush=True)
+    if args.benchmark_out:
+        out = Path(args.benchmark_out)
+        tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+        tmp.write_text(table)
+        os.replace(tmp, out)
+    return 0
 
 
 def main(argv=None):
@@ -801,6 +1286,9 @@ def main(argv=None):
             if env.world_size > 1:
                 dist.barrier()
             args.data_dir = args.data_dir or demo_data_dir()
+        if args.benchmark:
+            return benchmark(args, env)
+        resolve_speed_flags(args, env, packed=not args.eval_only and find_pack(args) is not None)
         env.log("config: " + json.dumps(vars(args), sort_keys=True))
         env.log(f"processes {env.world_size}, device {env.device}, autocast {args.amp}, torch {torch.__version__}")
         if args.eval_only:

@@ -94,3 +94,67 @@ def test_cli_errors_are_one_line(tmp_path):
                              str(tmp_path / "absent")], capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "absent" in result.stderr
+
+
+# --- --pack -----------------------------------------------------------------------------
+
+def write_frames(root, split, labels, size=(20, 30)):
+    """Random photos with the given (H, W) uint8 labels; the split's list file."""
+    rng = np.random.default_rng(len(labels))
+    lines = []
+    for i, label in enumerate(labels):
+        folder = root / split
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (*label.shape, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+        Image.fromarray(label).save(folder / f"lab{i}.png")
+        lines.append(f"{split}/img{i}.png {split}/lab{i}.png")
+    (root / f"{split}.txt").write_text("\n".join(lines) + "\n")
+
+
+def test_pack_holds_the_decoded_frames_and_detects_staleness(tmp_path):
+    root = tmp_path / "synthetic"
+    assert prepare_data.main(["--synthetic", str(root), "--num-images", "3", "--pack", "--num-workers", "2"]) == 0
+    for split, count in (("train", 3), ("val", 8)):
+        pack = prepare_data.read_pack(root, split)
+        assert pack["images"].shape == (count, 256, 512, 3) and pack["labels"].shape == (count, 256, 512)
+        assert [tuple(p) for p in pack["files"]] == [tuple(p) for p in read_list(root, split)]
+        for i, (image, label) in enumerate(read_list(root, split)):
+            np.testing.assert_array_equal(pack["images"][i], np.asarray(Image.open(root / image).convert("RGB")))
+            np.testing.assert_array_equal(pack["labels"][i], np.asarray(Image.open(root / label)))
+    # a rerun keeps the fresh pack; a changed list file or source file makes it stale
+    index = root / "packed" / "train.json"
+    mtime = index.stat().st_mtime_ns
+    prepare_data.pack_split(root, "train", log=lambda *a: None)
+    assert index.stat().st_mtime_ns == mtime
+    listing = (root / "train.txt").read_text()
+    (root / "train.txt").write_text("\n".join(listing.splitlines()[:2]) + "\n")
+    with pytest.raises(prepare_data.StalePack, match="train.txt changed"):
+        prepare_data.read_pack(root, "train")
+    prepare_data.pack_split(root, "train", num_workers=1, log=lambda *a: None)
+    assert prepare_data.read_pack(root, "train")["images"].shape[0] == 2
+    assert len(list((root / "packed").glob("train.*.npy"))) == 2  # the replaced arrays are gone
+    label = root / read_list(root, "train")[0][1]
+    Image.fromarray(np.zeros((256, 512), np.uint8)).save(label)
+    with pytest.raises(prepare_data.StalePack, match=label.name):
+        prepare_data.read_pack(root, "train")
+    with pytest.raises(prepare_data.StalePack, match="not 20 and 255"):
+        prepare_data.read_pack(root, "val", num_classes=20)
+
+
+def test_pack_rejects_bad_labels_and_mixed_sizes(tmp_path):
+    good = np.full((20, 30), 3, np.uint8)
+    good[0] = 255
+    bad = good.copy()
+    bad[5, 5] = 40
+    write_frames(tmp_path, "train", [good, bad])
+    with pytest.raises(prepare_data.PrepareError, match=r"lab1.png: values \[40\]"):
+        prepare_data.pack_split(tmp_path, "train", num_workers=1, log=lambda *a: None)
+    assert not (tmp_path / "packed" / "train.json").exists() and not list((tmp_path / "packed").glob("*.npy"))
+    write_frames(tmp_path, "train", [good, np.zeros((21, 30), np.uint8)])
+    with pytest.raises(prepare_data.PrepareError, match="img1.png: image is 30x21 .* one size per split"):
+        prepare_data.pack_split(tmp_path, "train", num_workers=2, log=lambda *a: None)
+    assert not list((tmp_path / "packed").glob("*.npy"))
+    result = subprocess.run([sys.executable, str(ROOT / "prepare_data.py"), "--cityscapes_path", str(tmp_path),
+                             "--pack"], capture_output=True, text=True)
+    assert result.returncode == 2  # no leftImg8bit/: a one-line error
+    assert result.stderr.strip().count("\n") == 0

@@ -395,3 +395,143 @@ def test_batched_augmentation_equals_whole_image_chain():
         # up to 255 (~255 * 2^-24 per op, a few ops), amplified at most 1.4x by the distortions
         torch.testing.assert_close(out_images[b], expected_image, atol=1e-4, rtol=0)
         assert set(out_labels[b].unique().tolist()) <= set(range(19)) | {255}
+
+
+# --- packed splits, augmentation on the device, step flags ------------------------------
+
+def pack(root):
+    import prepare_data
+    for split in ("train", "val"):
+        prepare_data.pack_split(root, split, num_workers=1, log=lambda *a: None)
+
+
+def test_packed_frames_and_device_augmentation_give_the_png_batches(tmp_path):
+    """TrainSet over the pack returns the PNG path's samples bitwise; the raw batch
+    augmented in the main process (augment_on_device, here on the CPU) has the same draws
+    and agrees up to float rounding."""
+    import prepare_data
+    root = make_dataset(tmp_path / "data", num_train=5, size=(37, 53))
+    pack(root)
+    args = args_for("--crop-size", "48", "64", "--batch-size", "4")
+    pairs = train_ddp.read_list(root, "train")
+    index = prepare_data.read_pack(root, "train", mmap=False)
+    png, packed = train_ddp.TrainSet(pairs, args), train_ddp.TrainSet(pairs, args, pack=index)
+    raw = train_ddp.TrainSet(pairs, args, pack=index, raw=True)
+    sampler = train_ddp.StepSampler(5, 4, 0, 1, seed=0, start_iter=0, iters=3)
+    for batch_items in sampler:
+        expected = [png[item] for item in batch_items]
+        for (image, label), item in zip(expected, batch_items):
+            got_image, got_label = packed[item]
+            assert torch.equal(got_image, image) and torch.equal(got_label, label)
+        images, labels, positions = train_ddp.collate_raw([raw[item] for item in batch_items])
+        assert images.dtype == torch.uint8 and images.shape == (4, 37, 53, 3)
+        out_images, out_labels = train_ddp.augment_on_device(images, labels, positions, args)
+        for b, (image, label) in enumerate(expected):
+            assert torch.equal(out_labels[b], label)
+            # the same float32 ops on the same numbers; only the contrast op's mean is summed
+            # over a batch instead of one image (another summation order): < 2e-4 grey
+            # levels for 3072 values <= 255, scaled by |1 - contrast| <= 0.4, at most 1.4x
+            # per later op, then / 127.5 -> well under 1e-5; 1e-4 leaves headroom
+            torch.testing.assert_close(out_images[b], image, atol=1e-4, rtol=0)
+        assert set(out_labels.unique().tolist()) <= set(range(19)) | {255}
+
+
+def test_training_from_the_pack_equals_training_from_pngs(tmp_path, capsys):
+    root = make_dataset(tmp_path / "data")
+    common = ["--data-dir", str(root), "--iters", "2", "--save-interval", "2", *TINY]
+    assert train_ddp.main([*common, "--save-dir", str(tmp_path / "png")]) == 0
+    assert "data: PNG files" in capsys.readouterr().out
+    pack(root)
+    assert train_ddp.main([*common, "--save-dir", str(tmp_path / "packed")]) == 0
+    out = capsys.readouterr().out
+    assert f"data: packed {root / 'packed' / 'train.json'}" in out
+    config = json.loads(out.split("config: ", 1)[1].splitlines()[0])
+    assert config["aug_device"] == "cpu" and config["channels_last"] is False and config["fused_sgd"] is False
+    assert_same_state(torch.load(tmp_path / "png" / "iter_2.pt", weights_only=True),
+                      torch.load(tmp_path / "packed" / "iter_2.pt", weights_only=True))
+    # a stale pack is a one-line error naming what changed; --no-pack reads the PNGs
+    (root / "train.txt").write_text((root / "train.txt").read_text() + "\n")
+    assert_one_line_error(*run_script(*common, "--save-dir", str(tmp_path / "stale")),
+                          "train.txt changed", "prepare_data.py --pack")
+    assert train_ddp.main([*common, "--no-pack", "--save-dir", str(tmp_path / "nopack")]) == 0
+    assert_one_line_error(*run_script(*common, "--aug-device", "cuda", "--no-pack"), "needs a CUDA device")
+
+
+@pytest.mark.gpu
+def test_gpu_step_has_no_host_sync_and_gpu_augmentation_matches(tmp_path):
+    root = make_dataset(tmp_path / "data", num_train=4, size=(64, 96))
+    pack(root)
+    args = train_ddp.parse_args(["--data-dir", str(root), "--crop-size", "64", "64", "--batch-size", "2",
+                                 "--num-workers", "0", "--iters", "3", "--kernels", "torch"])
+    env = train_ddp.Env(args)
+    train_ddp.resolve_speed_flags(args, env, packed=True)
+    assert args.aug_device == "cuda" and args.channels_last and args.fused_sgd
+    model, loss_fn = train_ddp.build_model(args, env)
+    optimizer = train_ddp.make_optimizer(model, args)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    step_model, losses_fn = train_ddp.step_functions(model, args, env)
+    index = train_ddp.find_pack(args)
+    batches = iter(train_ddp.make_train_loader(train_ddp.read_list(root, "train"), index, args, env, 0))
+    head_weights = train_ddp.head_weights_on(env.device, args)
+    png = train_ddp.TrainSet(train_ddp.read_list(root, "train"), args)
+    for it in range(3):
+        batch = next(batches)
+        torch.cuda.synchronize()
+        # iteration 0 is a warm-up (cudnn autotuning and lazy initialisation may synchronise)
+        torch.cuda.set_sync_debug_mode("error" if it > 0 else "default")
+        try:
+            images, labels = train_ddp.batch_to_device(batch, args, env)
+            train_ddp.train_step(step_model, losses_fn, optimizer, scaler, images, labels, loss_fn, head_weights,
+                                 0.01, it, args, env)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        items = list(train_ddp.StepSampler(4, 2, 0, 1, 0, it, it + 1))[0]
+        for b, item in enumerate(items):
+            image, label = png[item]
+            assert torch.equal(labels[b].cpu(), label)
+            # CUDA may contract a * b + c into one rounding (FMA): float32 rounding of values
+            # up to 255 per op, a few ops, / 127.5
+            torch.testing.assert_close(images[b].float().cpu(), image, atol=1e-4, rtol=0)
+
+
+def test_benchmark_smoke_prints_every_row(tmp_path, capsys):
+    """--benchmark at tiny shapes on the CPU: one table with every configuration row (those
+    needing CUDA marked), the inference rows and the projection line."""
+    root = make_dataset(tmp_path / "data", size=(40, 60))
+    pack(root)
+    out = tmp_path / "bench.md"
+    assert train_ddp.main(["--benchmark", "--data-dir", str(root), "--batch-size", "2", "--crop-size", "64", "128",
+                           "--benchmark-iters", "3", "--benchmark-warmup", "1", "--benchmark-infer-size", "64", "128",
+                           "--benchmark-infer-iters", "2", "--num-workers", "0", "--benchmark-out", str(out)]) == 0
+    table = out.read_text()
+    assert table in capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]]
+            for line in table.splitlines() if line.startswith("| ") and not line.startswith("| ---")}
+    names = [name for name, _, _ in train_ddp.BENCHMARK_CONFIGS]
+    assert set(names) <= rows.keys()
+    for name in ("baseline", "packed+gpu-aug", "bf16", "channels_last"):  # measured on the CPU
+        images_per_s, step_ms = float(rows[name][1]), float(rows[name][2])
+        assert images_per_s > 0 and step_ms > 0 and rows[name][3].endswith("%")
+    for name in ("fused-kernels", "fused-sgd", "cudnn-benchmark", "all"):
+        assert rows[name][1] == "-" and rows[name][5] == "needs CUDA"
+    assert float(rows["fp32 eager, NCHW"][0]) > 0
+    assert "Projected 160k iterations on 8 GPUs: n/a" in table
+
+
+@pytest.mark.gpu
+def test_benchmark_on_gpu_measures_every_row(tmp_path):
+    """On a GPU every row is measured (the fused-kernels row may report a failed build)
+    and the projection line has a number."""
+    root = make_dataset(tmp_path / "data", size=(64, 128))
+    pack(root)
+    out = tmp_path / "bench.md"
+    assert train_ddp.main(["--benchmark", "--data-dir", str(root), "--batch-size", "2", "--crop-size", "64", "128",
+                           "--benchmark-iters", "3", "--benchmark-warmup", "2", "--benchmark-infer-size", "64", "128",
+                           "--benchmark-infer-iters", "2", "--num-workers", "1", "--benchmark-out", str(out)]) == 0
+    table = out.read_text()
+    rows = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]]
+            for line in table.splitlines() if line.startswith("| ") and not line.startswith("| ---")}
+    for name, _, _ in train_ddp.BENCHMARK_CONFIGS:
+        if name != "fused-kernels":
+            assert float(rows[name][1]) > 0 and float(rows[name][4]) > 0, rows[name]
+    assert "Projected 160k iterations on 8 GPUs: n/a" not in table
