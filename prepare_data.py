@@ -276,23 +276,30 @@ def pack_dir(root):
     return Path(root) / "packed"
 
 
+def parse_list(list_file, text):
+    """-> [(line number, image, label)] of a list file's text (`<image> <label>` per line,
+    separated by spaces or a comma; blank lines skipped); PrepareError on a bad line or an
+    empty list."""
+    entries = []
+    for line_no, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        fields = line.replace(",", " ").split()
+        if len(fields) != 2:
+            raise PrepareError(f"{list_file}:{line_no}: expected '<image> <label>', got {line.strip()!r}")
+        entries.append((line_no, fields[0], fields[1]))
+    if not entries:
+        raise PrepareError(f"{list_file}: empty list")
+    return entries
+
+
 def list_pairs(root, split):
     """-> (list file bytes, [(image, label)] as written in ROOT/SPLIT.txt, root-relative)."""
     list_file = Path(root) / f"{split}.txt"
     if not list_file.is_file():
         raise PrepareError(f"{list_file}: no such list file")
     content = list_file.read_bytes()
-    pairs = []
-    for line_no, line in enumerate(content.decode().splitlines(), 1):
-        if not line.strip():
-            continue
-        fields = line.replace(",", " ").split()
-        if len(fields) != 2:
-            raise PrepareError(f"{list_file}:{line_no}: expected '<image> <label>', got {line.strip()!r}")
-        pairs.append((fields[0], fields[1]))
-    if not pairs:
-        raise PrepareError(f"{list_file}: empty list")
-    return content, pairs
+    return content, [(image, label) for _, image, label in parse_list(list_file, content.decode())]
 
 
 def file_stamps(root, pairs):

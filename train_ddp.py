@@ -30,7 +30,6 @@ bitwise equal to an uninterrupted one.
 import argparse
 import datetime
 import json
-import math
 import os
 import sys
 import time
@@ -169,20 +168,18 @@ def read_list(data_dir, split):
     list_file = root / f"{split}.txt"
     if not list_file.is_file():
         raise UserError(f"{list_file}: no such list file (run prepare_data.py --cityscapes_path {root})")
+    import prepare_data
+    try:
+        entries = prepare_data.parse_list(list_file, list_file.read_text())
+    except prepare_data.PrepareError as e:
+        raise UserError(str(e)) from None
     pairs = []
-    for line_no, line in enumerate(list_file.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        fields = line.replace(",", " ").split()
-        if len(fields) != 2:
-            raise UserError(f"{list_file}:{line_no}: expected '<image> <label>', got {line.strip()!r}")
-        image, label = root / fields[0], root / fields[1]
+    for line_no, image, label in entries:
+        image, label = root / image, root / label
         for path in (image, label):
             if not path.is_file():
                 raise UserError(f"{list_file}:{line_no}: {path} does not exist")
         pairs.append((image, label))
-    if not pairs:
-        raise UserError(f"{list_file}: empty list")
     return pairs
 
 
@@ -191,27 +188,13 @@ class DataError(Exception):
 
 
 def load_frame(image_path, label_path, num_classes, ignore_index):
-    """-> image (H, W, 3) uint8 RGB, label (H, W) uint8 train ids (or ignore), as numpy."""
+    """-> image (H, W, 3) uint8 RGB, label (H, W) uint8 train ids (or ignore), as numpy;
+    DataError naming the file (prepare_data.decode_frame's checks)."""
+    import prepare_data
     try:
-        with Image.open(image_path) as im:
-            image = np.asarray(im.convert("RGB"))
-        with Image.open(label_path) as im:
-            if im.mode not in ("L", "P", "I", "I;16"):
-                raise DataError(f"{label_path}: label image has mode {im.mode}, expected one channel of train ids")
-            label = np.asarray(im)
-    except DataError:
-        raise
-    except Exception as e:
-        bad = image_path if "image" not in locals() else label_path
-        raise DataError(f"{bad}: unreadable image ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
-    if image.shape[:2] != label.shape:
-        raise DataError(f"{image_path}: image is {image.shape[1]}x{image.shape[0]} but its label "
-                        f"{label_path} is {label.shape[1]}x{label.shape[0]}")
-    bad_values = np.setdiff1d(np.unique(label), np.r_[np.arange(num_classes), ignore_index])
-    if bad_values.size:
-        raise DataError(f"{label_path}: values {bad_values[:8].tolist()} are neither train ids "
-                        f"0..{num_classes - 1} nor {ignore_index}")
-    return image, label.astype(np.uint8)
+        return prepare_data.decode_frame(image_path, label_path, num_classes, ignore_index)
+    except prepare_data.PrepareError as e:
+        raise DataError(str(e)) from None
 
 
 def image_tensor(image):

@@ -1,5 +1,4 @@
 """prepare_data.py: polygons and labelIds conversion, lists, reruns, zips, bad input."""
-import json
 import shutil
 import subprocess
 import sys

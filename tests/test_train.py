@@ -494,19 +494,30 @@ def test_gpu_step_has_no_host_sync_and_gpu_augmentation_matches(tmp_path):
             torch.testing.assert_close(images[b].float().cpu(), image, atol=1e-4, rtol=0)
 
 
-def test_benchmark_smoke_prints_every_row(tmp_path, capsys):
-    """--benchmark at tiny shapes on the CPU: one table with every configuration row (those
-    needing CUDA marked), the inference rows and the projection line."""
-    root = make_dataset(tmp_path / "data", size=(40, 60))
+def table_rows(table):
+    """A markdown table -> {first cell: [the other cells]}."""
+    return {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]]
+            for line in table.splitlines() if line.startswith("| ") and not line.startswith("| ---")}
+
+
+def run_small_benchmark(tmp_path, size, warmup, workers):
+    """--benchmark on a small packed dataset at tiny shapes -> the table it wrote."""
+    root = make_dataset(tmp_path / "data", size=size)
     pack(root)
     out = tmp_path / "bench.md"
     assert train_ddp.main(["--benchmark", "--data-dir", str(root), "--batch-size", "2", "--crop-size", "64", "128",
-                           "--benchmark-iters", "3", "--benchmark-warmup", "1", "--benchmark-infer-size", "64", "128",
-                           "--benchmark-infer-iters", "2", "--num-workers", "0", "--benchmark-out", str(out)]) == 0
-    table = out.read_text()
+                           "--benchmark-iters", "3", "--benchmark-warmup", str(warmup), "--benchmark-infer-size",
+                           "64", "128", "--benchmark-infer-iters", "2", "--num-workers", str(workers),
+                           "--benchmark-out", str(out)]) == 0
+    return out.read_text()
+
+
+def test_benchmark_smoke_prints_every_row(tmp_path, capsys):
+    """--benchmark at tiny shapes on the CPU: one table with every configuration row (those
+    needing CUDA marked), the inference rows and the projection line."""
+    table = run_small_benchmark(tmp_path, size=(40, 60), warmup=1, workers=0)
     assert table in capsys.readouterr().out
-    rows = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]]
-            for line in table.splitlines() if line.startswith("| ") and not line.startswith("| ---")}
+    rows = table_rows(table)
     names = [name for name, _, _ in train_ddp.BENCHMARK_CONFIGS]
     assert set(names) <= rows.keys()
     for name in ("baseline", "packed+gpu-aug", "bf16", "channels_last"):  # measured on the CPU
@@ -522,15 +533,8 @@ def test_benchmark_smoke_prints_every_row(tmp_path, capsys):
 def test_benchmark_on_gpu_measures_every_row(tmp_path):
     """On a GPU every row is measured (the fused-kernels row may report a failed build)
     and the projection line has a number."""
-    root = make_dataset(tmp_path / "data", size=(64, 128))
-    pack(root)
-    out = tmp_path / "bench.md"
-    assert train_ddp.main(["--benchmark", "--data-dir", str(root), "--batch-size", "2", "--crop-size", "64", "128",
-                           "--benchmark-iters", "3", "--benchmark-warmup", "2", "--benchmark-infer-size", "64", "128",
-                           "--benchmark-infer-iters", "2", "--num-workers", "1", "--benchmark-out", str(out)]) == 0
-    table = out.read_text()
-    rows = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]]
-            for line in table.splitlines() if line.startswith("| ") and not line.startswith("| ---")}
+    table = run_small_benchmark(tmp_path, size=(64, 128), warmup=2, workers=1)
+    rows = table_rows(table)
     for name, _, _ in train_ddp.BENCHMARK_CONFIGS:
         if name != "fused-kernels":
             assert float(rows[name][1]) > 0 and float(rows[name][4]) > 0, rows[name]
