@@ -1054,7 +1054,7 @@ BENCHMARK_CONFIGS = [
      dict(packed=True, aug_device="cuda")),
     ("bf16", "bf16 autocast", dict(amp="bf16")),
     ("channels_last", "model and input channels_last", dict(channels_last=True)),
-    ("fused-kernels", "--kernels cuda (fused BGA; loss as built)", dict(kernels="cuda")),
+    ("fused-kernels", "--kernels cuda (fused loss and BGA)", dict(kernels="cuda")),
     ("fused-sgd", "SGD(fused=True)", dict(fused_sgd=True)),
     ("cudnn-benchmark", "cudnn.benchmark", dict(cudnn_benchmark=True)),
     ("compile", "torch.compile of model and loss", dict(compile=True)),
@@ -1144,7 +1144,7 @@ def run_config(args, env, settings, pairs, pack):
         steps_ms = [1000 * (b - a) for a, b in zip(starts, starts[1:])]
     wall = time.perf_counter() - start
     import kernels
-    result = dict(fused_bga=model.bga.aggregate is not kernels.bga_aggregate_reference,
+    result = dict(fused_kernels=model.bga.aggregate is not kernels.bga_aggregate_reference,
                   images_per_s=args.benchmark_iters * args.batch_size / wall,
                   step_ms=float(np.median(steps_ms)), reader_share=reader_wait / wall,
                   peak_mib=torch.cuda.max_memory_allocated(env.device) / 2**20 if cuda else None)
@@ -1217,7 +1217,8 @@ def benchmark(args, env):
                 results[name] = result = run_config(args, env, settings, pairs, pack)
                 note = "" if cuda or not settings["aug_device"] == "cuda" else "aug batched on the CPU (no CUDA)"
                 if settings["kernels"] != "torch":
-                    note += "BGA: fused CUDA kernel" if result["fused_bga"] else "BGA: PyTorch reference (no build)"
+                    note += ("kernels: fused CUDA loss and BGA" if result["fused_kernels"]
+                             else "kernels: PyTorch references (no build)")
             except (UserError, RuntimeError) as e:
                 note = f"failed: {' '.join(str(e).split())[:160]}"
         if name not in results:
