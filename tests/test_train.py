@@ -458,11 +458,12 @@ def test_training_from_the_pack_equals_training_from_pngs(tmp_path, capsys):
 
 
 @pytest.mark.gpu
-def test_gpu_step_has_no_host_sync_and_gpu_augmentation_matches(tmp_path):
+@pytest.mark.parametrize("kernels", ["torch", "cuda"])
+def test_gpu_step_has_no_host_sync_and_gpu_augmentation_matches(tmp_path, kernels):
     root = make_dataset(tmp_path / "data", num_train=4, size=(64, 96))
     pack(root)
     args = train_ddp.parse_args(["--data-dir", str(root), "--crop-size", "64", "64", "--batch-size", "2",
-                                 "--num-workers", "0", "--iters", "3", "--kernels", "torch"])
+                                 "--num-workers", "0", "--iters", "3", "--kernels", kernels])
     env = train_ddp.Env(args)
     train_ddp.resolve_speed_flags(args, env, packed=True)
     assert args.aug_device == "cuda" and args.channels_last and args.fused_sgd
