@@ -540,3 +540,21 @@ def test_benchmark_on_gpu_measures_every_row(tmp_path):
         if name != "fused-kernels":
             assert float(rows[name][1]) > 0 and float(rows[name][4]) > 0, rows[name]
     assert "Projected 160k iterations on 8 GPUs: n/a" not in table
+
+
+@pytest.mark.parametrize("loss", ["ce", "ohem"])
+def test_compile_sees_model_and_loss_without_graph_breaks(loss):
+    """--compile: the model (with the fused BGA op) and the five losses (the fused loss op and
+    its sync-free selection) each trace as one graph; a host sync or an unsupported op in
+    either would be a graph break."""
+    import kernels
+    model = train_ddp.BiSeNetV2(19).train()
+    model.bga.aggregate = kernels.bga_aggregate
+    images = torch.randn(2, 3, 64, 128)
+    labels = torch.randint(0, 19, (2, 64, 128), dtype=torch.uint8)
+    args = train_ddp.parse_args(["--demo", "--loss", loss])
+    explained = torch._dynamo.explain(model)(images)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    outputs = [out.detach().requires_grad_(True) for out in model(images)]
+    explained = torch._dynamo.explain(train_ddp.segmentation_losses)(outputs, labels, kernels.ohem_cross_entropy, args)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
