@@ -66,7 +66,6 @@ def upsample(logits, size):
 
 def pixel_losses(logits, labels, ignore_index=255):
     """-> per-pixel cross-entropy (N, H, W) float32 (0 where ignored) and the valid mask."""
-    check_inputs(logits, labels)
     labels = labels.long()
     valid = labels != ignore_index
     loss = F.cross_entropy(upsample(logits, labels.shape[-2:]), torch.where(valid, labels, 0), reduction="none")
@@ -79,13 +78,13 @@ def kth_largest_by_sort(values, valid, k):
     return ranked.index_select(0, (k - 1).clamp(min=0).view(1)).squeeze(0)
 
 
-def ohem_weights(loss, valid, thresh, min_kept, kth_largest=kth_largest_by_sort):
+def ohem_weights(loss, valid, thresh, min_kept):
     """Per-pixel weights (flattened) whose weighted sum over their sum is the OHEM loss."""
     loss, valid = loss.flatten(), valid.flatten()
     num_valid = valid.sum()
     k = num_valid // 16 if min_kept is None else num_valid.clamp(max=min_kept)
     hard = valid & (loss > -math.log(thresh))
-    kth = kth_largest(loss, valid, k)
+    kth = kth_largest_by_sort(loss, valid, k)
     greater, equal = valid & (loss > kth), valid & (loss == kth)
     share = (k - greater.sum()).to(loss.dtype) / equal.sum().clamp(min=1)
     top_k = greater.to(loss.dtype) + equal.to(loss.dtype) * share
