@@ -70,8 +70,8 @@ def check_inputs(detail_keep, sem_up, detail_down, sem_keep):
             raise ValueError(f"bga_aggregate: {name} must be a tensor, got {type(tensor).__name__}")
         if tensor.dim() != 4:
             raise ValueError(f"bga_aggregate: {name} must be 4D (N, C, H, W), got shape {tuple(tensor.shape)}")
-        if 0 in tensor.shape[2:]:
-            raise ValueError(f"bga_aggregate: {name} has an empty plane, shape {tuple(tensor.shape)}")
+        if 0 in tensor.shape[1:]:
+            raise ValueError(f"bga_aggregate: {name} has no channel or an empty plane, shape {tuple(tensor.shape)}")
         if not tensor.dtype.is_floating_point:
             raise ValueError(f"bga_aggregate: {name} must be floating point, got {tensor.dtype}")
     for name in ("sem_up", "detail_down", "sem_keep"):

@@ -197,11 +197,63 @@ def test_cpu_loop_rejects_mismatched_dtype(extension):
 # The custom op
 
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_opcheck_cpu(channels_last):
-    inputs = random_inputs((2, 3, 9, 11), (3, 4), dtype=torch.float32, channels_last=channels_last)
+def test_opcheck(kernel_device, channels_last):
+    inputs = random_inputs((2, 3, 9, 11), (3, 4), dtype=torch.float32, device=kernel_device,
+                           channels_last=channels_last)
     torch.library.opcheck(bga.bga_aggregate, [t.requires_grad_(True) for t in inputs])
-    grad_out = torch.randn(2, 3, 9, 11)
+    grad_out = torch.randn(2, 3, 9, 11, device=kernel_device)
     torch.library.opcheck(bga.bga_aggregate_backward, [grad_out] + [t.detach() for t in inputs])
+
+
+# ---------------------------------------------------------------------------------------
+# One body, CPU (the C++ loops) and GPU (the kernels, marked gpu)
+
+def test_empty_batch(kernel_device, extension):
+    shape = (0, 3, 9, 11)
+    inputs = random_inputs(shape, (3, 4), dtype=torch.float32, device=kernel_device)
+    assert extension.bga_forward(*inputs).shape == shape
+    grads = extension.bga_backward(torch.zeros(shape, device=kernel_device), *inputs)
+    assert [tuple(g.shape) for g in grads] == [shape] + [shape[:2] + (3, 4)] * 3
+    leaves = [t.requires_grad_(True) for t in inputs]
+    bga.bga_aggregate(*leaves).sum().backward()
+    assert all(leaf.grad.shape == leaf.shape for leaf in leaves)
+    for empty in ((1, 0, 9, 11), (1, 3, 0, 11)):  # no channel, no row: refused on every device
+        with pytest.raises(ValueError, match="no channel or an empty plane"):
+            bga.bga_aggregate(*random_inputs(empty, (3, 4), dtype=torch.float32, device=kernel_device))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_sliced_inputs(kernel_device, extension, channels_last):
+    """Slices of larger tensors (non-contiguous in either format) give the dense result."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    big = random_inputs((2, 40, 19, 25), (7, 9), dtype=torch.float32, device=kernel_device,
+                        channels_last=channels_last)
+    sliced = [big[0][:, 3:23, 1:18, ::2]] + [t[:, 3:23, 1:5, 2:8] for t in big[1:]]  # 17x13 from 4x6
+    assert not any(t.is_contiguous(memory_format=fmt) for t in sliced)
+    dense = [t.contiguous(memory_format=fmt) for t in sliced]
+    grad_out = torch.randn(sliced[0].shape, device=kernel_device)
+    assert torch.equal(extension.bga_forward(*sliced), extension.bga_forward(*dense))
+    for got, want in zip(extension.bga_backward(grad_out, *sliced), extension.bga_backward(grad_out, *dense)):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.gpu
+def test_cuda_on_a_side_stream(cuda_kernel):
+    inputs = random_inputs((2, 64, 64, 64), (16, 16), dtype=torch.bfloat16, device="cuda", channels_last=True)
+    grad_out = torch.randn(2, 64, 64, 64, device="cuda").to(torch.bfloat16)
+    expected_leaves = [t.clone().requires_grad_(True) for t in inputs]
+    expected = bga.bga_aggregate(*expected_leaves)
+    expected.backward(grad_out)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        leaves = [(t * 1).requires_grad_(True) for t in inputs]  # made on the side stream, used at once
+        out = bga.bga_aggregate(*leaves)
+        out.backward(grad_out)
+    side.synchronize()
+    assert torch.equal(out, expected)
+    for leaf, want in zip(leaves, expected_leaves):
+        assert torch.equal(leaf.grad, want.grad)
 
 
 def test_compile_fullgraph_cpu():
@@ -286,9 +338,24 @@ def test_cuda_kernels_match_float64_reference(cuda_kernel, shape, low_hw, dtype,
         assert_matches(leaf.grad, want, dtype, name)
     for tile_h, tile_w in TILES[1:]:  # tile borders everywhere: the halo logic
         poison_cuda_cache(inputs[0].numel() * inputs[0].element_size())
+        if not tile_fits(cuda_kernel, shape, low_hw, channels_last, dtype, (tile_h, tile_w)):
+            # e.g. 2x3 tiles in float64 channels_last at C=128: refused before the launch
+            with pytest.raises(RuntimeError, match="bytes of shared memory, more than"):
+                cuda_kernel.bga_backward(grad_out, *inputs, tile_h, tile_w)
+            continue
         grads = cuda_kernel.bga_backward(grad_out, *inputs, tile_h, tile_w)
         for name, grad, want in zip(GRAD_NAMES, grads, expected_grads):
             assert_matches(grad, want, dtype, f"{name} with {tile_h}x{tile_w} tiles")
+
+
+def tile_fits(extension, shape, low_hw, channels_last, dtype, tile):
+    """Whether the backward's plan for this explicit tile is within the shared-memory budget."""
+    try:
+        extension.bga_backward_plan(list(shape), list(low_hw), channels_last, dtype, *tile)
+    except RuntimeError as error:
+        assert "shared memory" in str(error)
+        return False
+    return True
 
 
 @pytest.mark.gpu
@@ -319,7 +386,11 @@ def test_cuda_compile_fullgraph_uses_one_op(cuda_kernel):
 
 
 @pytest.mark.gpu
-def test_bisenet_with_cuda_kernel_matches_default(cuda_kernel):
+def test_bisenet_with_cuda_kernel_matches_default(cuda_kernel, monkeypatch):
+    # float32 convolutions and matmuls, not TF32 (torch's cuDNN default), on both sides:
+    # TF32's 10-bit mantissa would swamp the comparison below
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     torch.manual_seed(0)
     model = BiSeNetV2(5).cuda().train().to(memory_format=torch.channels_last)
     images = torch.randn(2, 3, 128, 256, device="cuda").contiguous(memory_format=torch.channels_last)

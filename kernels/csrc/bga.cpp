@@ -4,15 +4,24 @@
 //   bisenet_cuda::bga_backward(grad_out, detail_keep, sem_up, detail_down, sem_keep,
 //                              tile_h=0, tile_w=0)
 //       -> (grad_detail_keep, grad_sem_up, grad_detail_down, grad_sem_keep)
+//   bisenet_cuda::bga_backward_plan(size, low_size, channels_last, dtype, tile_h=0, tile_w=0)
+//       -> [group, tile_h, tile_w, window_capacity, row_capacity, shared_bytes,
+//           most_window_items, most_row_items]
 //
 // detail_keep / grad_out (N, C, H, W), the others (N, C, h, w). Outputs are in
 // detail_keep's memory format (channels_last when detail_keep is channels_last and not
 // also plain contiguous, else NCHW); inputs in another format are copied into it.
 // tile_h / tile_w (low-res pixels) override the backward's tiling (0: automatic); the
-// tests use them to put tile borders everywhere.
+// tests use them to put tile borders everywhere. The backward's plan (tile, buffer
+// capacities, shared bytes, channels per block; bga_math.h) is made here once for both devices, so a tiling
+// over the kernel's shared-memory budget is the same error on the CPU as on the GPU;
+// bga_backward_plan shows it (size = (N, C, H, W), low_size = (h, w)) with the most
+// elements any tile of it needs, for the tests' sweep of sizes.
 //
 // The CPU implementations run the same per-item functions (bga_math.h) as the CUDA
-// kernels, in the same tiling, so testing them on a CPU checks the kernels' arithmetic.
+// kernels, in the same tiling, with the same arithmetic (same_bits.h), so testing them on a
+// CPU checks the kernels' numbers bit for bit; the CPU loop also checks every tile's
+// buffers against the plan's capacities.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -31,16 +40,12 @@ void bga_forward_cuda_launch(const at::Tensor& detail_keep, const at::Tensor& se
 void bga_backward_cuda_launch(const at::Tensor& grad_out, const at::Tensor& detail_keep, const at::Tensor& sem_up,
                               const at::Tensor& detail_down, const at::Tensor& sem_keep,
                               const at::Tensor& grad_detail_keep, const at::Tensor& grad_sem_up,
-                              const at::Tensor& grad_detail_down, const at::Tensor& grad_sem_keep, int group,
-                              int tile_h, int tile_w);
+                              const at::Tensor& grad_detail_down, const at::Tensor& grad_sem_keep,
+                              const BgaBackwardPlan& plan);
 
 namespace {
 
 using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
-// CPU tiles get the same shared-memory budget as the CUDA blocks, so the CPU loop walks
-// the tiles the kernel would.
-constexpr int64_t kSharedBytes = 48 * 1024;
 
 void check_inputs(const char* op, const at::Tensor& detail_keep, const at::Tensor& sem_up,
                   const at::Tensor& detail_down, const at::Tensor& sem_keep) {
@@ -72,8 +77,9 @@ at::MemoryFormat output_format(const at::Tensor& detail_keep) {
   return at::MemoryFormat::Contiguous;
 }
 
-// Channels per backward block: one in NCHW (threads along W), 16 in channels_last
-// (threads along C; 16 channels are a full 32-byte sector in 16-bit types).
+// Channels per backward block, at most: one in NCHW (threads along W), 16 in channels_last
+// (threads along C; 16 channels are a full 32-byte sector in 16-bit types). The plan halves
+// it where a large upscale leaves no tile that fits.
 int channel_group(at::MemoryFormat format, int64_t channels) {
   if (format != at::MemoryFormat::ChannelsLast) return 1;
   return static_cast<int>(std::min<int64_t>(channels, 16));
@@ -108,25 +114,33 @@ void forward_cpu_typed(const at::Tensor& detail_keep, const at::Tensor& sem_up, 
     }
 }
 
-// The CUDA backward kernel's blocks, one after the other; "threads" are the item loops.
+// The backward's plan for these sizes (see the file comment); raises when it cannot launch.
+template <typename acc_t>
+BgaBackwardPlan backward_plan(const BgaGeometry<acc_t>& geo, int group, int64_t tile_h, int64_t tile_w) {
+  BgaBackwardPlan plan;
+  const BgaPlanStatus status = plan_backward(geo, group, static_cast<int>(tile_h), static_cast<int>(tile_w),
+                                             kBgaSharedBytes, &plan);
+  TORCH_CHECK(status != BgaPlanStatus::kUpscaleTooLarge, "bga_backward: upscale from ", geo.h, "x", geo.w, " to ",
+              geo.H, "x", geo.W, " is too large for the kernel's shared memory");
+  TORCH_CHECK(status == BgaPlanStatus::kOk, "bga_backward: tile ", plan.tile_h, "x", plan.tile_w, " needs ",
+              plan.shared_bytes, " bytes of shared memory, more than the kernel's ", kBgaSharedBytes);
+  return plan;
+}
+
+// The CUDA backward kernel's blocks, one after the other; "threads" are the item loops; the
+// buffers have the plan's capacities, which every tile is checked against.
 template <typename scalar_t>
 void backward_cpu_typed(const at::Tensor& grad_out, const at::Tensor& detail_keep, const at::Tensor& sem_up,
                         const at::Tensor& detail_down, const at::Tensor& sem_keep, const at::Tensor& grad_detail_keep,
                         const at::Tensor& grad_sem_up, const at::Tensor& grad_detail_down,
-                        const at::Tensor& grad_sem_keep, int group, int tile_h, int tile_w) {
+                        const at::Tensor& grad_sem_keep, const BgaBackwardPlan& plan) {
   using acc_t = acc_of<scalar_t>;
+  const int group = plan.group;
   auto geo = make_geometry<acc_t>(detail_keep.sizes().data(), detail_keep.strides().data(),
                                   sem_up.sizes().data(), sem_up.strides().data());
-  if (tile_h <= 0 || tile_w <= 0) {
-    TORCH_CHECK(choose_tile(geo, group, kSharedBytes / static_cast<int64_t>(sizeof(acc_t)), &tile_h, &tile_w),
-                "bga_backward: upscale from ", geo.h, "x", geo.w, " to ", geo.H, "x", geo.W,
-                " is too large for the kernel's shared memory");
-  }
-  int window_h, window_w;
-  max_window(geo, tile_h, tile_w, &window_h, &window_w);
-  std::vector<acc_t> window_grad(static_cast<size_t>(window_h) * window_w * group);
+  std::vector<acc_t> window_grad(static_cast<size_t>(plan.window_capacity));
   std::vector<acc_t> window_sem_grad(window_grad.size());
-  std::vector<acc_t> row_grad(static_cast<size_t>(window_h) * tile_w * group);
+  std::vector<acc_t> row_grad(static_cast<size_t>(plan.row_capacity));
   std::vector<acc_t> row_sem_grad(row_grad.size());
   BgaBackwardData<scalar_t> data;
   data.grad_out = grad_out.const_data_ptr<scalar_t>();
@@ -138,19 +152,23 @@ void backward_cpu_typed(const at::Tensor& grad_out, const at::Tensor& detail_kee
   data.grad_sem_up = grad_sem_up.mutable_data_ptr<scalar_t>();
   data.grad_detail_down = grad_detail_down.mutable_data_ptr<scalar_t>();
   data.grad_sem_keep = grad_sem_keep.mutable_data_ptr<scalar_t>();
-  const int tiles_y = (geo.h + tile_h - 1) / tile_h;
-  const int tiles_x = (geo.w + tile_w - 1) / tile_w;
+  const int tiles_y = (geo.h + plan.tile_h - 1) / plan.tile_h;
+  const int tiles_x = (geo.w + plan.tile_w - 1) / plan.tile_w;
   const int groups = (geo.C + group - 1) / group;
   for (int n = 0; n < geo.N; ++n)
     for (int group_index = 0; group_index < groups; ++group_index)
       for (int tile_y = 0; tile_y < tiles_y; ++tile_y)
         for (int tile_x = 0; tile_x < tiles_x; ++tile_x) {
-          const BgaTile t = make_tile(geo, n, group_index, group, tile_y, tile_x, tile_h, tile_w);
-          const int window_items = (t.wy1 - t.wy0) * (t.wx1 - t.wx0) * group;
+          const BgaTile t = make_tile(geo, n, group_index, group, tile_y, tile_x, plan.tile_h, plan.tile_w);
+          const int window_items = static_cast<int>(tile_window_items(t, group));
+          const int row_items = static_cast<int>(tile_row_items(t, group));
+          TORCH_CHECK(window_items <= plan.window_capacity && row_items <= plan.row_capacity,
+                      "bga_backward: tile (", tile_y, ", ", tile_x, ") needs ", window_items, " window and ",
+                      row_items, " row elements, the plan has room for ", plan.window_capacity, " and ",
+                      plan.row_capacity);
           for (int item = 0; item < window_items; ++item)
             backward_window_item<scalar_t, acc_t>(item, group, t, geo, data, window_grad.data(),
                                                   window_sem_grad.data());
-          const int row_items = (t.wy1 - t.wy0) * (t.lx1 - t.lx0) * group;
           for (int item = 0; item < row_items; ++item)
             backward_xpass_item<acc_t>(item, group, t, geo, window_grad.data(), window_sem_grad.data(),
                                        row_grad.data(), row_sem_grad.data());
@@ -202,18 +220,50 @@ Grads bga_backward_impl(const at::Tensor& grad_out_in, const at::Tensor& detail_
   at::Tensor grad_detail_down = at::empty(sem_up.sizes(), sem_up.options().memory_format(format));
   at::Tensor grad_sem_keep = at::empty(sem_up.sizes(), sem_up.options().memory_format(format));
   const int group = channel_group(format, detail_keep.size(1));
-  if (detail_keep.is_cuda()) {
-    bga_backward_cuda_launch(grad_out, detail_keep, sem_up, detail_down, sem_keep, grad_detail_keep, grad_sem_up,
-                             grad_detail_down, grad_sem_keep, group, static_cast<int>(tile_h),
-                             static_cast<int>(tile_w));
-  } else if (grad_out.numel() > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, detail_keep.scalar_type(), "bga_backward_cpu", [&] {
+  if (grad_out.numel() == 0) return Grads(grad_detail_keep, grad_sem_up, grad_detail_down, grad_sem_keep);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, detail_keep.scalar_type(), "bga_backward", [&] {
+    using acc_t = acc_of<scalar_t>;
+    const BgaBackwardPlan plan = backward_plan(
+        make_geometry<acc_t>(detail_keep.sizes().data(), detail_keep.strides().data(), sem_up.sizes().data(),
+                             sem_up.strides().data()),
+        group, tile_h, tile_w);
+    if (detail_keep.is_cuda()) {
+      bga_backward_cuda_launch(grad_out, detail_keep, sem_up, detail_down, sem_keep, grad_detail_keep, grad_sem_up,
+                               grad_detail_down, grad_sem_keep, plan);
+    } else {
       backward_cpu_typed<scalar_t>(grad_out, detail_keep, sem_up, detail_down, sem_keep, grad_detail_keep,
-                                   grad_sem_up, grad_detail_down, grad_sem_keep, group, static_cast<int>(tile_h),
-                                   static_cast<int>(tile_w));
-    });
-  }
+                                   grad_sem_up, grad_detail_down, grad_sem_keep, plan);
+    }
+  });
   return Grads(grad_detail_keep, grad_sem_up, grad_detail_down, grad_sem_keep);
+}
+
+// The plan bga_backward would follow for these sizes, and the most elements any of its
+// tiles needs in each buffer (walking the tiles as the kernel does).
+std::vector<int64_t> bga_backward_plan_impl(at::IntArrayRef size, at::IntArrayRef low_size, bool channels_last,
+                                            at::ScalarType dtype, int64_t tile_h, int64_t tile_w) {
+  TORCH_CHECK(size.size() == 4 && low_size.size() == 2, "bga_backward_plan: size must be (N, C, H, W) and low_size (h, w)");
+  TORCH_CHECK(at::isFloatingType(dtype), "bga_backward_plan: dtype must be floating point, got ", dtype);
+  const int64_t hi_sizes[4] = {size[0], size[1], size[2], size[3]};
+  const int64_t lo_sizes[4] = {size[0], size[1], low_size[0], low_size[1]};
+  const int64_t strides[4] = {0, 0, 0, 0};  // the plan does not depend on them
+  const int group = channel_group(channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous, size[1]);
+  std::vector<int64_t> result;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "bga_backward_plan", [&] {
+    using acc_t = acc_of<scalar_t>;
+    const auto geo = make_geometry<acc_t>(hi_sizes, strides, lo_sizes, strides);
+    const BgaBackwardPlan plan = backward_plan(geo, group, tile_h, tile_w);
+    int64_t most_window = 0, most_row = 0;
+    for (int tile_y = 0; tile_y * plan.tile_h < geo.h; ++tile_y)
+      for (int tile_x = 0; tile_x * plan.tile_w < geo.w; ++tile_x) {
+        const BgaTile t = make_tile(geo, 0, 0, plan.group, tile_y, tile_x, plan.tile_h, plan.tile_w);
+        most_window = std::max(most_window, tile_window_items(t, plan.group));
+        most_row = std::max(most_row, tile_row_items(t, plan.group));
+      }
+    result = {plan.group, plan.tile_h, plan.tile_w, plan.window_capacity, plan.row_capacity, plan.shared_bytes, most_window,
+              most_row};
+  });
+  return result;
 }
 
 }  // namespace
@@ -224,6 +274,10 @@ TORCH_LIBRARY_FRAGMENT(bisenet_cuda, m) {
   m.def(
       "bga_backward(Tensor grad_out, Tensor detail_keep, Tensor sem_up, Tensor detail_down, Tensor sem_keep, "
       "int tile_h=0, int tile_w=0) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "bga_backward_plan(int[] size, int[] low_size, bool channels_last, ScalarType dtype, int tile_h=0, "
+      "int tile_w=0) -> int[]",
+      &bisenet::bga_backward_plan_impl);
 }
 
 TORCH_LIBRARY_IMPL(bisenet_cuda, CPU, m) {

@@ -1,7 +1,8 @@
 // CUDA kernels of the fused BGA gating: one forward kernel, one backward kernel.
 // The arithmetic lives in bga_math.h (shared with the C++ CPU loops in bga.cpp); this file
 // only maps items to threads and launches. The tensors arrive from bga.cpp already checked,
-// dense in one memory format (NCHW or channels_last) and allocated.
+// dense in one memory format (NCHW or channels_last) and allocated, with the backward's
+// plan (tile, buffer capacities, shared bytes) made there for both devices.
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -17,9 +18,6 @@ namespace bisenet {
 namespace {
 
 constexpr int kThreads = 256;
-// Shared memory per backward block: the default limit (no opt-in), which leaves room for
-// four blocks (1024 threads) per H100 SM.
-constexpr int64_t kSharedBytes = 48 * 1024;
 
 template <typename scalar_t>
 struct AccType { using type = float; };
@@ -151,22 +149,12 @@ template <typename scalar_t>
 void backward_typed(const at::Tensor& grad_out, const at::Tensor& detail_keep, const at::Tensor& sem_up,
                     const at::Tensor& detail_down, const at::Tensor& sem_keep, const at::Tensor& grad_detail_keep,
                     const at::Tensor& grad_sem_up, const at::Tensor& grad_detail_down,
-                    const at::Tensor& grad_sem_keep, int group, int tile_h, int tile_w) {
+                    const at::Tensor& grad_sem_keep, const BgaBackwardPlan& plan) {
   using acc_t = typename AccType<scalar_t>::type;
+  const int group = plan.group;
   auto geo = geometry_of<scalar_t>(detail_keep, sem_up);
-  const int64_t budget = kSharedBytes / static_cast<int64_t>(sizeof(acc_t));
-  if (tile_h <= 0 || tile_w <= 0) {
-    TORCH_CHECK(choose_tile(geo, group, budget, &tile_h, &tile_w),
-                "bga_backward: upscale from ", geo.h, "x", geo.w, " to ", geo.H, "x", geo.W,
-                " is too large for the kernel's shared memory");
-  }
-  int window_h, window_w;
-  max_window(geo, tile_h, tile_w, &window_h, &window_w);
-  const int64_t buffer = backward_buffer_elements(window_h, window_w, tile_w, group);
-  TORCH_CHECK(buffer <= budget, "bga_backward: tile ", tile_h, "x", tile_w,
-              " needs more than the kernel's 48 KiB of shared memory");
-  const int tiles_y = (geo.h + tile_h - 1) / tile_h;
-  const int tiles_x = (geo.w + tile_w - 1) / tile_w;
+  const int tiles_y = (geo.h + plan.tile_h - 1) / plan.tile_h;
+  const int tiles_x = (geo.w + plan.tile_w - 1) / plan.tile_w;
   const int groups = (geo.C + group - 1) / group;
   TORCH_CHECK(groups <= 65535 && geo.N <= 65535, "bga_backward: too many channels or samples for the grid");
   BgaBackwardData<scalar_t> data;
@@ -179,21 +167,19 @@ void backward_typed(const at::Tensor& grad_out, const at::Tensor& detail_keep, c
   data.grad_sem_up = grad_sem_up.mutable_data_ptr<scalar_t>();
   data.grad_detail_down = grad_detail_down.mutable_data_ptr<scalar_t>();
   data.grad_sem_keep = grad_sem_keep.mutable_data_ptr<scalar_t>();
-  const int window_capacity = window_h * window_w * group;
-  const int row_capacity = window_h * tile_w * group;
   const dim3 grid(static_cast<unsigned>(tiles_y * tiles_x), static_cast<unsigned>(groups),
                   static_cast<unsigned>(geo.N));
-  const size_t shared = static_cast<size_t>(buffer) * sizeof(acc_t);
+  const size_t shared = static_cast<size_t>(plan.shared_bytes);
   auto stream = c10::cuda::getCurrentCUDAStream();
   if (group == 1) {
     bga_backward_kernel<scalar_t, acc_t, 1><<<grid, kThreads, shared, stream>>>(
-        geo, data, group, tile_h, tile_w, tiles_x, window_capacity, row_capacity);
+        geo, data, group, plan.tile_h, plan.tile_w, tiles_x, plan.window_capacity, plan.row_capacity);
   } else if (group == 16) {
     bga_backward_kernel<scalar_t, acc_t, 16><<<grid, kThreads, shared, stream>>>(
-        geo, data, group, tile_h, tile_w, tiles_x, window_capacity, row_capacity);
+        geo, data, group, plan.tile_h, plan.tile_w, tiles_x, plan.window_capacity, plan.row_capacity);
   } else {
     bga_backward_kernel<scalar_t, acc_t, 0><<<grid, kThreads, shared, stream>>>(
-        geo, data, group, tile_h, tile_w, tiles_x, window_capacity, row_capacity);
+        geo, data, group, plan.tile_h, plan.tile_w, tiles_x, plan.window_capacity, plan.row_capacity);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -218,13 +204,13 @@ void bga_forward_cuda_launch(const at::Tensor& detail_keep, const at::Tensor& se
 void bga_backward_cuda_launch(const at::Tensor& grad_out, const at::Tensor& detail_keep, const at::Tensor& sem_up,
                               const at::Tensor& detail_down, const at::Tensor& sem_keep,
                               const at::Tensor& grad_detail_keep, const at::Tensor& grad_sem_up,
-                              const at::Tensor& grad_detail_down, const at::Tensor& grad_sem_keep, int group,
-                              int tile_h, int tile_w) {
+                              const at::Tensor& grad_detail_down, const at::Tensor& grad_sem_keep,
+                              const BgaBackwardPlan& plan) {
   if (grad_out.numel() == 0 || sem_up.numel() == 0) return;
   c10::cuda::CUDAGuard guard(detail_keep.device());
 #define BISENET_BGA_BACKWARD(scalar_t)                                                                       \
   backward_typed<scalar_t>(grad_out, detail_keep, sem_up, detail_down, sem_keep, grad_detail_keep, grad_sem_up, \
-                           grad_detail_down, grad_sem_keep, group, tile_h, tile_w)
+                           grad_detail_down, grad_sem_keep, plan)
   switch (detail_keep.scalar_type()) {
     case at::kFloat: BISENET_BGA_BACKWARD(float); break;
     case at::kDouble: BISENET_BGA_BACKWARD(double); break;

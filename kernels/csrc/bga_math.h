@@ -29,11 +29,6 @@
 
 namespace bisenet {
 
-template <typename acc_t>
-BISENET_HD acc_t sigmoid_acc(acc_t v) {
-  return static_cast<acc_t>(1) / (static_cast<acc_t>(1) + exp_acc(-v));
-}
-
 // Sizes and element strides. All high-res tensors (detail_keep, grad_out, out,
 // grad_detail_keep) share one set of strides, all low-res tensors the other.
 template <typename acc_t>
@@ -60,11 +55,11 @@ BISENET_HD acc_t bga_forward_value(acc_t detail_keep, const scalar_t* sem_up_pla
   acc_t sem_gate = sigmoid_acc(bilinear_sample<scalar_t, acc_t>(sem_up_plane, sy, sx, ty, tx));
   int64_t o00 = ty.i0 * sy + tx.i0 * sx, o01 = ty.i0 * sy + tx.i1 * sx;
   int64_t o10 = ty.i1 * sy + tx.i0 * sx, o11 = ty.i1 * sy + tx.i1 * sx;
-  acc_t row0 = tx.w0 * gated_detail<scalar_t, acc_t>(detail_down_plane, sem_keep_plane, o00) +
-               tx.w1 * gated_detail<scalar_t, acc_t>(detail_down_plane, sem_keep_plane, o01);
-  acc_t row1 = tx.w0 * gated_detail<scalar_t, acc_t>(detail_down_plane, sem_keep_plane, o10) +
-               tx.w1 * gated_detail<scalar_t, acc_t>(detail_down_plane, sem_keep_plane, o11);
-  return detail_keep * sem_gate + (ty.w0 * row0 + ty.w1 * row1);
+  acc_t row0 = lerp_taps(tx, gated_detail<scalar_t, acc_t>(detail_down_plane, sem_keep_plane, o00),
+                         gated_detail<scalar_t, acc_t>(detail_down_plane, sem_keep_plane, o01));
+  acc_t row1 = lerp_taps(tx, gated_detail<scalar_t, acc_t>(detail_down_plane, sem_keep_plane, o10),
+                         gated_detail<scalar_t, acc_t>(detail_down_plane, sem_keep_plane, o11));
+  return fma_acc(detail_keep, sem_gate, lerp_taps(ty, row0, row1));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -162,8 +157,8 @@ BISENET_HD void backward_xpass_item(int item, int group, const BgaTile& t, const
   for (int x = x_begin; x < x_end; ++x) {
     acc_t weight = tap_weight(bilinear_taps<acc_t>(x, geo.w, geo.scale_x), ix);
     int at = (row * window_width + (x - t.wx0)) * group + slot;
-    sum_grad += weight * window_grad[at];
-    sum_sem_grad += weight * window_sem_grad[at];
+    sum_grad = fma_acc(weight, window_grad[at], sum_grad);
+    sum_sem_grad = fma_acc(weight, window_sem_grad[at], sum_sem_grad);
   }
   row_grad[item] = sum_grad;
   row_sem_grad[item] = sum_sem_grad;
@@ -190,8 +185,8 @@ BISENET_HD void backward_ypass_item(int item, int group, const BgaTile& t, const
   for (int y = y_begin; y < y_end; ++y) {
     acc_t weight = tap_weight(bilinear_taps<acc_t>(y, geo.h, geo.scale_y), iy);
     int at = ((y - t.wy0) * tile_width + j) * group + slot;
-    up_t_grad += weight * row_grad[at];
-    up_t_sem_grad += weight * row_sem_grad[at];
+    up_t_grad = fma_acc(weight, row_grad[at], up_t_grad);
+    up_t_sem_grad = fma_acc(weight, row_sem_grad[at], up_t_sem_grad);
   }
   int c = t.c0 + slot;
   int64_t lo = t.n * geo.lo_sn + c * geo.lo_sc + iy * geo.lo_sy + (t.lx0 + j) * geo.lo_sx;
@@ -226,7 +221,9 @@ inline BgaGeometry<acc_t> make_geometry(const int64_t* hi_sizes, const int64_t* 
   return geo;
 }
 
-// Host side: the largest window over all tiles of a tiling (the shared-memory size).
+// Host side: the largest window over all tiles of a tiling (the shared-memory size), from
+// the same tap arithmetic the kernel's make_tile runs (same_bits.h: the host's numbers are
+// the device's).
 template <typename acc_t>
 inline void max_window(const BgaGeometry<acc_t>& geo, int tile_h, int tile_w, int* height, int* width) {
   *height = 0;
@@ -274,6 +271,57 @@ inline bool choose_tile(const BgaGeometry<acc_t>& geo, int group, int64_t budget
   *tile_h = th;
   *tile_w = tw;
   return true;
+}
+
+// The backward's launch plan, made once on the host and followed by the CUDA launch and
+// the CPU loop alike (so a tiling that cannot launch fails on the CPU too): the channels per
+// block, the tile, the capacity of each window buffer and each x-pass buffer (elements),
+// the shared bytes.
+struct BgaBackwardPlan {
+  int group;
+  int tile_h, tile_w;
+  int window_capacity, row_capacity;
+  int64_t shared_bytes;
+};
+
+// The buffer sizes of one tile as the kernel indexes them (step 1 and step 2 items).
+inline int64_t tile_window_items(const BgaTile& t, int group) {
+  return static_cast<int64_t>(t.wy1 - t.wy0) * (t.wx1 - t.wx0) * group;
+}
+inline int64_t tile_row_items(const BgaTile& t, int group) {
+  return static_cast<int64_t>(t.wy1 - t.wy0) * (t.lx1 - t.lx0) * group;
+}
+
+// Shared memory per backward block: the default limit (no opt-in), which leaves room for
+// four blocks (1024 threads) per H100 SM. The CPU loop plans with the same budget.
+constexpr int64_t kBgaSharedBytes = 48 * 1024;
+
+enum class BgaPlanStatus { kOk, kUpscaleTooLarge, kOverBudget };
+
+// group: the channels per block (1 for NCHW, up to 16 for channels_last). tile_h, tile_w
+// <= 0: the tile is chosen by choose_tile, halving the channel group while not even a 1 x 1
+// tile fits (large upscales in channels_last); an explicit tile keeps the group.
+// budget_bytes: the shared memory per block.
+template <typename acc_t>
+inline BgaPlanStatus plan_backward(const BgaGeometry<acc_t>& geo, int group, int tile_h, int tile_w,
+                                   int64_t budget_bytes, BgaBackwardPlan* plan) {
+  const int64_t budget = budget_bytes / static_cast<int64_t>(sizeof(acc_t));
+  if (tile_h <= 0 || tile_w <= 0) {
+    while (!choose_tile(geo, group, budget, &tile_h, &tile_w)) {
+      if (group == 1) return BgaPlanStatus::kUpscaleTooLarge;
+      group /= 2;
+    }
+  }
+  int window_h, window_w;
+  max_window(geo, tile_h, tile_w, &window_h, &window_w);
+  const int64_t elements = backward_buffer_elements(window_h, window_w, tile_w, group);
+  plan->group = group;
+  plan->tile_h = tile_h;
+  plan->tile_w = tile_w;
+  plan->window_capacity = window_h * window_w * group;
+  plan->row_capacity = window_h * tile_w * group;
+  plan->shared_bytes = elements * static_cast<int64_t>(sizeof(acc_t));
+  return elements <= budget ? BgaPlanStatus::kOk : BgaPlanStatus::kOverBudget;
 }
 
 }  // namespace bisenet

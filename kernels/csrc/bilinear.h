@@ -1,23 +1,20 @@
 // Bilinear taps of PyTorch's F.interpolate(mode="bilinear", align_corners=False, size=...),
 // the sample at one pixel and the rows/columns that read a low-res index (for the gather
 // backward), shared by the CUDA kernels and the C++ CPU loops (so the CPU tests check the kernels'
-// arithmetic). Light on purpose: no torch headers.
+// arithmetic, bit for bit: see same_bits.h). Light on purpose: no torch headers.
 #pragma once
 
-#include <math.h>
 #include <stdint.h>
 
-#if defined(__CUDACC__)
-#define BISENET_HD __host__ __device__ __forceinline__
-#else
-#define BISENET_HD inline
-#endif
+#include "same_bits.h"
 
 namespace bisenet {
 
 // The two source rows (or columns) and their weights for one output index, exactly as
 // ATen's upsample_bilinear2d computes them with align_corners=False and no scale factor:
 // scale = in / out, src = max(scale * (dst + 0.5) - 0.5, 0), i0 = (int)src,
+// (the multiply-add as one fma, as nvcc compiles ATen's CUDA kernel; so host and device
+// agree on every tap, which the backward's tile sizes depend on)
 // i1 = i0 + (i0 < in - 1), w1 = src - i0, w0 = 1 - w1. `acc_t` is float for float/half/
 // bfloat16 data and double for double data, as in ATen.
 template <typename acc_t>
@@ -33,7 +30,7 @@ BISENET_HD acc_t bilinear_scale(int in_size, int out_size) {
 
 template <typename acc_t>
 BISENET_HD Taps<acc_t> bilinear_taps(int dst, int in_size, acc_t scale) {
-  acc_t src = scale * (static_cast<acc_t>(dst) + static_cast<acc_t>(0.5)) - static_cast<acc_t>(0.5);
+  acc_t src = fma_acc(scale, static_cast<acc_t>(dst) + static_cast<acc_t>(0.5), static_cast<acc_t>(-0.5));
   if (src < static_cast<acc_t>(0)) src = static_cast<acc_t>(0);
   Taps<acc_t> t;
   t.i0 = static_cast<int>(src);
@@ -42,9 +39,6 @@ BISENET_HD Taps<acc_t> bilinear_taps(int dst, int in_size, acc_t scale) {
   t.w0 = static_cast<acc_t>(1) - t.w1;
   return t;
 }
-
-BISENET_HD float exp_acc(float v) { return expf(v); }
-BISENET_HD double exp_acc(double v) { return exp(v); }
 
 // Smallest dst in [0, out_size] whose tap i0 is >= i (out_size when there is none).
 // i0(dst) is non-decreasing, so the rows with i0 in [a, b) are [first(a), first(b)).
@@ -77,15 +71,21 @@ BISENET_HD acc_t load_acc(const scalar_t* ptr, int64_t offset) {
   return static_cast<acc_t>(ptr[offset]);
 }
 
+// w0 * v0 + w1 * v1 with one fma: the interpolation between two taps.
+template <typename acc_t>
+BISENET_HD acc_t lerp_taps(const Taps<acc_t>& t, acc_t v0, acc_t v1) {
+  return fma_acc(t.w1, v1, t.w0 * v0);
+}
+
 // up(plane) at one high-res pixel, in ATen's order: wy0 * (wx0 * v00 + wx1 * v01) + wy1 * (...).
 template <typename scalar_t, typename acc_t>
 BISENET_HD acc_t bilinear_sample(const scalar_t* plane, int64_t sy, int64_t sx,
                                  const Taps<acc_t>& ty, const Taps<acc_t>& tx) {
-  acc_t row0 = tx.w0 * load_acc<scalar_t, acc_t>(plane, ty.i0 * sy + tx.i0 * sx) +
-               tx.w1 * load_acc<scalar_t, acc_t>(plane, ty.i0 * sy + tx.i1 * sx);
-  acc_t row1 = tx.w0 * load_acc<scalar_t, acc_t>(plane, ty.i1 * sy + tx.i0 * sx) +
-               tx.w1 * load_acc<scalar_t, acc_t>(plane, ty.i1 * sy + tx.i1 * sx);
-  return ty.w0 * row0 + ty.w1 * row1;
+  acc_t row0 = lerp_taps(tx, load_acc<scalar_t, acc_t>(plane, ty.i0 * sy + tx.i0 * sx),
+                         load_acc<scalar_t, acc_t>(plane, ty.i0 * sy + tx.i1 * sx));
+  acc_t row1 = lerp_taps(tx, load_acc<scalar_t, acc_t>(plane, ty.i1 * sy + tx.i0 * sx),
+                         load_acc<scalar_t, acc_t>(plane, ty.i1 * sy + tx.i1 * sx));
+  return lerp_taps(ty, row0, row1);
 }
 
 }  // namespace bisenet

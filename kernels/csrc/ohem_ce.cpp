@@ -10,7 +10,8 @@
 // device, shift in {0, 8, 16, 24} -> counts (256,) int64 (see radix_digit).
 //
 // The CPU implementations run the same per-item functions (ohem_ce_math.h) as the CUDA
-// kernels, so testing them on a CPU checks the kernels' arithmetic.
+// kernels with the same arithmetic (same_bits.h) and the same shared-memory budget check,
+// so testing them on a CPU checks the kernels' numbers bit for bit.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -138,6 +139,11 @@ at::Tensor upsample_ce_backward_impl(const at::Tensor& grad_loss_in, const at::T
   check_inputs("upsample_ce_backward", logits_in, labels_in);
   check_pixel_tensor("upsample_ce_backward", "grad_loss", grad_loss_in, logits_in, labels_in);
   check_pixel_tensor("upsample_ce_backward", "lse", lse_in, logits_in, labels_in);
+  const int64_t acc_bytes = acc_type(logits_in) == at::kDouble ? 8 : 4;
+  TORCH_CHECK(ce_backward_shared_bytes(labels_in.size(2), acc_bytes) <= kCeSharedBytes, "upsample_ce_backward: labels ",
+              labels_in.size(2), " wide need more than the kernel's ", kCeSharedBytes, " bytes of shared memory");
+  TORCH_CHECK(logits_in.size(0) * logits_in.size(1) * logits_in.size(2) < (int64_t{1} << 31),
+              "upsample_ce_backward: too many logit rows");
   at::Tensor logits = logits_in.contiguous();
   at::Tensor labels = labels_in.contiguous();
   at::Tensor grad_loss = grad_loss_in.contiguous();

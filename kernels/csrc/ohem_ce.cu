@@ -111,10 +111,8 @@ void backward_typed(const at::Tensor& grad_loss, const at::Tensor& logits, const
   using acc_t = typename AccType<scalar_t>::type;
   auto geo = make_ce_geometry<acc_t>(logits.size(0), logits.size(1), logits.size(2), logits.size(3),
                                      labels.size(1), labels.size(2));
-  const int64_t rows = logits.size(0) * logits.size(1) * logits.size(2);
-  const size_t shared = static_cast<size_t>(geo.W) * sizeof(acc_t);
-  TORCH_CHECK(shared <= 48 * 1024, "upsample_ce_backward: labels ", geo.W, " wide need more than 48 KiB of shared memory");
-  TORCH_CHECK(rows < (int64_t{1} << 31), "upsample_ce_backward: too many logit rows");
+  const int64_t rows = logits.size(0) * logits.size(1) * logits.size(2);  // < 2^31, checked in ohem_ce.cpp
+  const size_t shared = static_cast<size_t>(ce_backward_shared_bytes(geo.W, sizeof(acc_t)));  // <= the budget, idem
   ce_backward_kernel<scalar_t, label_t, acc_t><<<rows, kThreads, shared, c10::cuda::getCurrentCUDAStream()>>>(
       geo, logits.const_data_ptr<scalar_t>(), labels.const_data_ptr<label_t>(), grad_loss.const_data_ptr<acc_t>(),
       lse.const_data_ptr<acc_t>(), ignore_index, grad_logits.mutable_data_ptr<scalar_t>());

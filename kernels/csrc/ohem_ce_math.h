@@ -33,9 +33,6 @@
 
 namespace bisenet {
 
-BISENET_HD float log_acc(float v) { return logf(v); }
-BISENET_HD double log_acc(double v) { return log(v); }
-
 template <typename acc_t>
 BISENET_HD acc_t quiet_nan() {
   return static_cast<acc_t>(NAN);
@@ -94,7 +91,7 @@ BISENET_HD void ce_pixel_forward(int64_t pixel, const CeGeometry<acc_t>& geo, co
     const acc_t z = bilinear_sample<scalar_t, acc_t>(sample + c * plane, geo.w, 1, ty, tx);
     if (c == label) label_z = z;
     if (z > max_z) {
-      sum = sum * exp_acc(max_z - z) + static_cast<acc_t>(1);
+      sum = fma_acc(sum, exp_acc(max_z - z), static_cast<acc_t>(1));
       max_z = z;
     } else {
       sum += exp_acc(z - max_z);
@@ -128,10 +125,16 @@ BISENET_HD acc_t ce_backward_row_sum(const CeGeometry<acc_t>& geo, const scalar_
     const acc_t z = bilinear_sample<scalar_t, acc_t>(plane, geo.w, 1, ty, tx);
     acc_t d = exp_acc(z - lse[p]);
     if (label == c) d -= static_cast<acc_t>(1);
-    sum += weight_y * g * d;
+    sum = fma_acc(weight_y * g, d, sum);
   }
   return sum;
 }
+
+// The backward block's shared memory: the row sums of one low-res row (W values). The
+// budget is the default per-block limit; ohem_ce.cpp checks it for the CPU loop and the
+// CUDA launch alike.
+constexpr int64_t kCeSharedBytes = 48 * 1024;
+inline int64_t ce_backward_shared_bytes(int64_t W, int64_t acc_bytes) { return W * acc_bytes; }
 
 // Backward, stage 2: the gradient of logit (n, c, i, j) from the block's row sums (W).
 template <typename acc_t>
@@ -140,7 +143,7 @@ BISENET_HD acc_t ce_backward_column_sum(const CeGeometry<acc_t>& geo, const acc_
   const int x_end = first_dst_with_tap_at_least(j + 1, geo.w, geo.W, geo.scale_x);
   acc_t grad = static_cast<acc_t>(0);
   for (int x = x_begin; x < x_end; ++x)
-    grad += tap_weight(bilinear_taps<acc_t>(x, geo.w, geo.scale_x), j) * row_sums[x];
+    grad = fma_acc(tap_weight(bilinear_taps<acc_t>(x, geo.w, geo.scale_x), j), row_sums[x], grad);
   return grad;
 }
 

@@ -1,0 +1,40 @@
+// The GPU side of bisenet_cuda::same_bits_math (same_bits.cpp): one thread per element.
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
+
+#include "same_bits.h"
+
+namespace bisenet {
+namespace {
+
+template <typename acc_t>
+__global__ void same_bits_math_kernel(const acc_t* __restrict__ x, int64_t count, int fn, acc_t* __restrict__ y) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < count;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const acc_t v = x[i];
+    y[i] = fn == 0 ? exp_acc(v) : fn == 1 ? log_acc(v) : sigmoid_acc(v);
+  }
+}
+
+}  // namespace
+
+void same_bits_math_cuda_launch(const at::Tensor& x, int fn, const at::Tensor& y) {
+  if (x.numel() == 0) return;
+  c10::cuda::CUDAGuard guard(x.device());
+  const int64_t blocks = std::min<int64_t>((x.numel() + 255) / 256, 65535LL * 8);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  if (x.scalar_type() == at::kDouble) {
+    same_bits_math_kernel<double><<<blocks, 256, 0, stream>>>(x.const_data_ptr<double>(), x.numel(), fn,
+                                                              y.mutable_data_ptr<double>());
+  } else {
+    same_bits_math_kernel<float><<<blocks, 256, 0, stream>>>(x.const_data_ptr<float>(), x.numel(), fn,
+                                                             y.mutable_data_ptr<float>());
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace bisenet

@@ -1,0 +1,240 @@
+"""The kernels compute the same bits on the host and on the device (kernels/csrc/same_bits.h).
+
+CPU: the error of same_bits.h's exp, log and sigmoid against higher-precision references;
+the BGA backward's plan (tile, shared-memory capacities) against what every tile of it
+needs, swept over sizes; a tiling over the shared-memory budget fails on the CPU as it would
+at launch. GPU (marked gpu): the CUDA kernels and the C++ CPU loops give identical results,
+bit for bit, for the math functions, the BGA and the loss, on odd sizes.
+"""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import poison_cuda_cache
+
+EPS32, EPS64 = 2.0 ** -23, 2.0 ** -52  # one ulp at 1
+
+
+def ulps(actual, exact, eps):
+    """|actual - exact| in units of the last place of exact (numpy arrays; exact nonzero)."""
+    exact = np.asarray(exact, dtype=np.longdouble)
+    ulp = np.exp2(np.floor(np.log2(np.abs(exact)))) * eps
+    return np.abs(np.asarray(actual, dtype=np.longdouble) - exact) / ulp
+
+
+def float32_sweep(low, high, count=200_001, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    even = torch.linspace(low, high, count, dtype=torch.float64)
+    scattered = torch.rand(count, generator=generator, dtype=torch.float64) * (high - low) + low
+    return torch.cat([even, scattered]).float()
+
+
+# ---------------------------------------------------------------------------------------
+# Accuracy of the functions (CPU: the C++ loop runs same_bits.h)
+
+def test_exp_within_two_ulp(extension):
+    x = float32_sweep(-87.33, 88.72)
+    y = extension.same_bits_math(x, "exp")
+    assert ulps(y.numpy(), np.exp(x.numpy().astype(np.longdouble)), EPS32).max() <= 2
+    x64 = x.double() * (1 + 1e-9)
+    y64 = extension.same_bits_math(x64, "exp")
+    assert ulps(y64.numpy(), np.exp(x64.numpy().astype(np.longdouble)), EPS64).max() <= 2
+
+
+def test_exp_edges(extension):
+    x = torch.tensor([float("nan"), float("inf"), -float("inf"), 89.0, -88.0, 0.0, -0.0])
+    y = extension.same_bits_math(x, "exp")
+    assert math.isnan(y[0]) and y[1] == math.inf and y[2] == 0 and y[3] == math.inf and y[4] == 0
+    assert y[5] == 1 and y[6] == 1
+
+
+def test_log_within_two_ulp(extension):
+    # every binade of float32, subnormals included, and densely around 1 (lse's log(sum))
+    x = torch.cat([torch.logspace(-44, 38, 400_001, dtype=torch.float64).float(),
+                   float32_sweep(0.5, 40.0)])
+    x = x[(x > 0) & (x != 1)]
+    y = extension.same_bits_math(x, "log")
+    exact = np.log(x.numpy().astype(np.longdouble))
+    # 2 ulp of the result, or of 2^-24 absolute where the result is tiny (x near 1)
+    error = np.abs(y.numpy().astype(np.longdouble) - exact)
+    bound = 2 * np.maximum(np.exp2(np.floor(np.log2(np.abs(exact)))) * EPS32, 2.0 ** -24)
+    assert (error <= bound).all()
+    x64 = x.double() * (1 + 1e-9)
+    error64 = np.abs(extension.same_bits_math(x64, "log").numpy().astype(np.longdouble) -
+                     np.log(x64.numpy().astype(np.longdouble)))
+    exact64 = np.log(x64.numpy().astype(np.longdouble))
+    assert (error64 <= 2 * np.maximum(np.exp2(np.floor(np.log2(np.abs(exact64)))) * EPS64, 2.0 ** -53)).all()
+
+
+def test_log_edges(extension):
+    y = extension.same_bits_math(torch.tensor([0.0, -1.0, float("nan"), float("inf"), 1.0]), "log")
+    assert y[0] == -math.inf and math.isnan(y[1]) and math.isnan(y[2]) and y[3] == math.inf and y[4] == 0
+
+
+def test_sigmoid_within_four_ulp(extension):
+    # 1 / (1 + exp(-v)): exp's 2 ulp, the sum's and the division's roundings
+    x = float32_sweep(-80.0, 80.0)
+    y = extension.same_bits_math(x, "sigmoid")
+    exact = 1 / (1 + np.exp(-x.numpy().astype(np.longdouble)))
+    assert ulps(y.numpy(), exact, EPS32).max() <= 4
+
+
+def test_math_rejects_bad_input(extension):
+    with pytest.raises(RuntimeError, match="fn must be exp, log or sigmoid"):
+        extension.same_bits_math(torch.ones(2), "tanh")
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        extension.same_bits_math(torch.ones(2, dtype=torch.bfloat16), "exp")
+
+
+# ---------------------------------------------------------------------------------------
+# The BGA backward's plan (CPU; the plan is made on the host for both devices)
+
+def plan(extension, size, low, channels_last, dtype, tile=(0, 0)):
+    """-> dict of bga_backward_plan's numbers, or None when the tiling is over budget."""
+    try:
+        values = extension.bga_backward_plan(list(size), list(low), channels_last, dtype, *tile)
+    except RuntimeError as error:
+        assert "shared memory" in str(error)
+        return None
+    keys = ["group", "tile_h", "tile_w", "window_capacity", "row_capacity", "shared_bytes", "most_window", "most_row"]
+    return dict(zip(keys, values))
+
+
+def sweep_shapes():
+    """Every high-res side 8..600 against its 1/4 and 1/8 low-res side (rounded up, as the
+    model's stride-2 layers do), square and 1:2 (a Cityscapes frame's aspect)."""
+    for side in range(8, 601):
+        for ratio in (4, 8):
+            low = -(-side // ratio)
+            yield (side, side), (low, low)
+            yield (side, 2 * side + 1), (low, -(-(2 * side + 1) // ratio))
+
+
+@pytest.mark.parametrize("channels_last, dtype", [(False, torch.float32), (True, torch.float32),
+                                                  (True, torch.float64)])
+def test_backward_plan_has_room_for_every_tile(extension, channels_last, dtype):
+    tiles = [(0, 0), (1, 1), (2, 3)]
+    checked = 0
+    shapes = list(sweep_shapes())
+    for (height, width), low in shapes:
+        for tile in tiles:
+            numbers = plan(extension, (1, 128, height, width), low, channels_last, dtype, tile)
+            if numbers is None:
+                assert tile != (0, 0), f"no automatic tiling for {height}x{width} from {low}"
+                continue
+            assert numbers["most_window"] <= numbers["window_capacity"], (height, width, low, tile, numbers)
+            assert numbers["most_row"] <= numbers["row_capacity"], (height, width, low, tile, numbers)
+            assert numbers["shared_bytes"] <= 48 * 1024
+            checked += 1
+    assert checked > len(shapes)  # every automatic tiling, and explicit ones within budget
+
+
+def test_backward_257_from_65_fits_and_matches_reference(extension):
+    # the sizes where the host and the device once disagreed on a tile's extent (FMA)
+    from kernels import bga
+    for channels_last, channels in ((False, 2), (True, 16)):
+        numbers = plan(extension, (1, channels, 257, 257), (65, 65), channels_last, torch.float32)
+        assert numbers["most_window"] <= numbers["window_capacity"]
+        assert numbers["most_row"] <= numbers["row_capacity"]
+        generator = torch.Generator().manual_seed(channels)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        inputs = [torch.randn(1, channels, 257, 257, generator=generator, dtype=torch.float64)]
+        inputs += [torch.randn(1, channels, 65, 65, generator=generator, dtype=torch.float64) for _ in range(3)]
+        inputs = [t.contiguous(memory_format=fmt) for t in inputs]
+        grad_out = torch.randn(1, channels, 257, 257, generator=generator, dtype=torch.float64)
+        grads = extension.bga_backward(grad_out, *inputs)
+        for grad, want in zip(grads, bga.bga_aggregate_backward_reference(grad_out, *inputs)):
+            torch.testing.assert_close(grad, want, rtol=1e-12, atol=1e-12)
+
+
+def test_tiling_over_budget_fails_on_cpu_as_at_launch(extension):
+    # float64 channels_last at C=128 with 2x3 tiles (factor 4) needs more than 48 KiB
+    size, low = (1, 128, 64, 64), (16, 16)
+    assert plan(extension, size, low, True, torch.float64, (2, 3)) is None
+    inputs = [torch.randn(size, dtype=torch.float64)] + [torch.randn(1, 128, *low, dtype=torch.float64)
+                                                          for _ in range(3)]
+    inputs = [t.contiguous(memory_format=torch.channels_last) for t in inputs]
+    with pytest.raises(RuntimeError, match="bytes of shared memory, more than the kernel's 49152"):
+        extension.bga_backward(torch.randn(size, dtype=torch.float64), *inputs, 2, 3)
+
+
+def test_ce_backward_budget_fails_on_cpu_as_at_launch(extension):
+    # one row of float64 row sums per block: 6144 wide fits in 48 KiB, 6145 does not
+    logits = torch.randn(1, 2, 1, 3, dtype=torch.float64)
+    for width, fits in ((6144, True), (6145, False)):
+        labels = torch.zeros(1, 1, width, dtype=torch.long)
+        loss, lse = extension.upsample_ce_forward(logits, labels, 255)
+        if fits:
+            extension.upsample_ce_backward(torch.ones_like(loss), logits, labels, lse, 255)
+        else:
+            with pytest.raises(RuntimeError, match="6145 wide need more than the kernel's 49152 bytes"):
+                extension.upsample_ce_backward(torch.ones_like(loss), logits, labels, lse, 255)
+
+
+# ---------------------------------------------------------------------------------------
+# GPU: the same bits on both devices
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fn", ["exp", "log", "sigmoid"])
+def test_cuda_math_equals_cpu_bitwise(extension, fn):
+    # a stride through every float32 bit pattern (NaNs compared as NaNs), and float64 values
+    bits = torch.arange(0, 2 ** 32, 4093, dtype=torch.int64)
+    x = (bits - 2 ** 31).to(torch.int32).view(torch.float32)
+    x = torch.cat([x, float32_sweep(-90.0, 90.0, count=100_001)])
+    cpu = extension.same_bits_math(x, fn)
+    cuda = extension.same_bits_math(x.cuda(), fn).cpu()
+    assert torch.equal(cpu.isnan(), cuda.isnan())
+    assert torch.equal(cpu.nan_to_num(0.0).view(torch.int32), cuda.nan_to_num(0.0).view(torch.int32))
+    x64 = torch.randn(100_000, dtype=torch.float64) * 300
+    x64 = x64.abs() if fn == "log" else x64
+    assert torch.equal(extension.same_bits_math(x64, fn), extension.same_bits_math(x64.cuda(), fn).cpu())
+
+
+ODD_SIZES = [((257, 257), (65, 65)), ((257, 513), (33, 65)), ((97, 131), (13, 17)), ((9, 11), (3, 4)),
+             ((33, 35), (9, 9)), ((5, 3), (9, 11))]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("high, low", ODD_SIZES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cuda_bga_equals_cpu_loop_bitwise(extension, high, low, dtype, channels_last):
+    generator = torch.Generator().manual_seed(high[0] + low[1])
+    channels = 20 if channels_last else 3
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    inputs = [torch.randn(2, channels, *high, generator=generator)]
+    inputs += [torch.randn(2, channels, *low, generator=generator) for _ in range(3)]
+    inputs = [t.to(dtype).contiguous(memory_format=fmt) for t in inputs]
+    grad_out = torch.randn(2, channels, *high, generator=generator).to(dtype)
+    on_gpu = [t.cuda() for t in inputs]
+    poison_cuda_cache(inputs[0].numel() * 8)
+    assert torch.equal(extension.bga_forward(*on_gpu).cpu(), extension.bga_forward(*inputs))
+    for tile in ((0, 0), (1, 1), (2, 3)):
+        if plan(extension, (2, channels) + high, low, channels_last, dtype, tile) is None:
+            continue
+        poison_cuda_cache(inputs[0].numel() * 8)
+        cuda_grads = extension.bga_backward(grad_out.cuda(), *on_gpu, *tile)
+        for cuda_grad, cpu_grad in zip(cuda_grads, extension.bga_backward(grad_out, *inputs, *tile)):
+            assert torch.equal(cuda_grad.cpu(), cpu_grad), tile
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("high, low", ODD_SIZES + [((1024, 1024), (128, 128))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_loss_equals_cpu_loop_bitwise(extension, high, low, dtype):
+    generator = torch.Generator().manual_seed(high[1] + low[0])
+    logits = (torch.randn(2, 19, *low, generator=generator) * 3).to(dtype)
+    labels = torch.randint(0, 19, (2, *high), generator=generator)
+    labels[torch.rand(2, *high, generator=generator) < 0.2] = 255
+    loss, lse = extension.upsample_ce_forward(logits, labels, 255)
+    poison_cuda_cache(labels.numel() * 8)
+    cuda_loss, cuda_lse = extension.upsample_ce_forward(logits.cuda(), labels.cuda(), 255)
+    assert torch.equal(cuda_loss.cpu(), loss) and torch.equal(cuda_lse.cpu(), lse)
+    grad_loss = torch.randn(labels.shape, generator=generator)
+    grad_loss[torch.rand(labels.shape, generator=generator) < 0.5] = 0
+    grad = extension.upsample_ce_backward(grad_loss, logits, labels, lse, 255)
+    poison_cuda_cache(logits.numel() * 8)
+    cuda_grad = extension.upsample_ce_backward(grad_loss.cuda(), logits.cuda(), labels.cuda(), cuda_lse, 255)
+    assert torch.equal(cuda_grad.cpu(), grad)
