@@ -38,18 +38,35 @@ def arch_list():
     return "8.0;9.0"
 
 
-def check_cuda_home():
-    """-> the CUDA toolkit folder, or a RuntimeError that says how to point at it."""
-    from torch.utils import cpp_extension
-    home = cpp_extension.CUDA_HOME
-    toolkit = home is not None and (Path(home) / "bin" / "nvcc").is_file() and \
+# Where a CUDA toolkit usually is; used when torch's guess is not one (see check_cuda_home).
+DEFAULT_TOOLKIT = "/usr/local/cuda"
+
+
+def is_toolkit(home):
+    """Whether `home` holds nvcc, include/cuda_runtime.h and libcudart."""
+    return home is not None and (Path(home) / "bin" / "nvcc").is_file() and \
         (Path(home) / "include" / "cuda_runtime.h").is_file() and \
         any((Path(home) / lib).glob("libcudart.so*") for lib in ("lib64", "lib"))
-    if not toolkit:
-        raise RuntimeError(f"kernels: CUDA_HOME={home} is not a CUDA toolkit (nvcc, include/cuda_runtime.h, "
-                           "lib64/libcudart.so); torch guesses it from the nvcc on PATH, which may be a wrapper: "
-                           "set CUDA_HOME, e.g. export CUDA_HOME=/usr/local/cuda")
-    return home
+
+
+def check_cuda_home():
+    """-> the CUDA toolkit folder. torch guesses CUDA_HOME from the nvcc on PATH, which may be
+    a wrapper outside the toolkit (then the guess is e.g. /usr/local); when the guess is not a
+    toolkit and DEFAULT_TOOLKIT is, that is used, and the switch is logged. Otherwise a
+    RuntimeError that says how to point at one."""
+    from torch.utils import cpp_extension
+    home = cpp_extension.CUDA_HOME
+    if is_toolkit(home):
+        return home
+    if is_toolkit(DEFAULT_TOOLKIT):
+        print(f"kernels: CUDA_HOME={home} is not a CUDA toolkit (nvcc on PATH may be a wrapper); "
+              f"using {DEFAULT_TOOLKIT}", file=sys.stderr, flush=True)
+        cpp_extension.CUDA_HOME = DEFAULT_TOOLKIT
+        os.environ["CUDA_HOME"] = DEFAULT_TOOLKIT
+        return DEFAULT_TOOLKIT
+    raise RuntimeError(f"kernels: CUDA_HOME={home} is not a CUDA toolkit (nvcc, include/cuda_runtime.h, "
+                       "lib64/libcudart.so), nor is " + DEFAULT_TOOLKIT + "; torch guesses it from the nvcc on "
+                       "PATH, which may be a wrapper: set CUDA_HOME, e.g. export CUDA_HOME=/opt/cuda")
 
 
 def _lock_is_stale(lock, timeout):
@@ -131,7 +148,10 @@ def load(verbose=False):
             # torch's own baton ('lock') is never waited on here: under our lock it is stale
             (build_dir / "lock").unlink(missing_ok=True)
             cpp_extension.load(name=f"bisenet_kernels_{key}", sources=[str(p) for p in files],
-                               extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "-lineinfo"],
+                               # no implicit multiply-add contraction on either side: the
+                               # kernels' arithmetic is written with explicit fma (same_bits.h)
+                               extra_cflags=["-O3", "-ffp-contract=off"],
+                               extra_cuda_cflags=["-O3", "-lineinfo", "--fmad=false"],
                                build_directory=str(build_dir), is_python_module=False, verbose=verbose)
     except Exception as e:
         raise RuntimeError(f"kernels: building the CUDA extension in {build_dir} failed: "

@@ -44,6 +44,8 @@ def check_inputs(logits, labels):
         raise ValueError(f"ohem_cross_entropy: logits must be float32, float64, float16 or bfloat16, got {logits.dtype}")
     if 0 in logits.shape[1:]:
         raise ValueError(f"ohem_cross_entropy: logits {tuple(logits.shape)} have no class or an empty plane")
+    if 0 in labels.shape[1:]:
+        raise ValueError(f"ohem_cross_entropy: labels {tuple(labels.shape)} have an empty plane")
     if logits.device != labels.device:
         raise ValueError(f"ohem_cross_entropy: logits are on {logits.device} but labels on {labels.device}")
 

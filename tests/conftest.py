@@ -63,3 +63,17 @@ def poison_cuda_cache(nbytes):
     for size in (nbytes, 4 * nbytes):
         torch.full((size // 4 + 1,), float("nan"), device="cuda")
     torch.cuda.synchronize()
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def kernel_device(request):
+    """Each test body once on the CPU and once on the GPU (marked gpu) with the CUDA kernels in
+    use (the cuda_kernel fixture), as pytorch/extension-cpp's tests run one body per device."""
+    if request.param == "cuda":
+        request.getfixturevalue("cuda_kernel")
+    return torch_device(request.param)
+
+
+def torch_device(name):
+    import torch
+    return torch.device(name)

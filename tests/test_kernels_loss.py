@@ -201,15 +201,160 @@ def test_fused_bad_label_raises_or_poisons():
         assert torch.isnan(loss_fused(logits, labels, thresh=thresh, validate=False))
 
 
-def test_opcheck_cpu():
+def test_opcheck(kernel_device):
     logits, labels = random_case(n=2, c=4, low=(3, 5), high=(9, 11), seed=2)
-    logits = logits.float().requires_grad_(True)
+    logits, labels = logits.float().to(kernel_device).requires_grad_(True), labels.to(kernel_device)
     torch.library.opcheck(loss_module.upsample_cross_entropy, (logits, labels, 255))
     loss, lse = loss_module.upsample_cross_entropy(logits.detach(), labels, 255)
     torch.library.opcheck(loss_module.upsample_cross_entropy_backward,
                           (torch.randn_like(loss), logits.detach(), labels, lse, 255))
-    bits = torch.rand(100).view(torch.int32)
-    torch.library.opcheck(loss_module.radix_histogram, (bits, torch.tensor(0x3F00_0000), 16))
+    bits = torch.rand(100, device=kernel_device).view(torch.int32)
+    torch.library.opcheck(loss_module.radix_histogram,
+                          (bits, torch.tensor(0x3F00_0000, device=kernel_device), 16))
+
+
+# --- one body, CPU and GPU (the GPU run marked gpu, with the CUDA kernels) -------------
+
+def separated_rank(values, near):
+    """The first rank r >= near (1-based) whose loss is clearly above the next one's, so that
+    float32 and float64 losses rank the pixels around it alike."""
+    rank = near
+    while values[rank - 1] - values[rank] < 1e-4:  # float32 losses are within ~1e-5 of float64
+        rank += 1
+    return rank
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ohem_top_k_branch(kernel_device, dtype):
+    """0 < hard < k < valid: the k largest, not the hard pixels, are kept."""
+    logits, labels = random_case(n=2, c=19, low=(16, 24), high=(128, 192), seed=11)
+    logits = logits.to(dtype)
+    exact = logits.double()
+    loss, valid = loss_module.pixel_losses(exact, labels)
+    values = loss[valid].sort(descending=True).values
+    num_valid = int(valid.sum())
+    k = separated_rank(values, num_valid // 16)
+    hard = separated_rank(values, k // 2)
+    thresh = math.exp(-float(values[hard - 1] + values[hard]) / 2)
+    assert 0 < hard < k < num_valid and int((values > -math.log(thresh)).sum()) == hard
+    leaves = [exact.clone().requires_grad_(True), logits.to(kernel_device).requires_grad_(True)]
+    want = loss_ref(leaves[0], labels, thresh=thresh, min_kept=k)
+    got = loss_fused(leaves[1], labels.to(kernel_device), thresh=thresh, min_kept=k, validate=False)
+    assert torch.isclose(want, values[:k].mean())  # the top-k branch
+    # a mean of float32 per-pixel losses, each within 4 C ulp of |z| + log C
+    assert abs(got.item() - want.item()) < 4 * 19 * EPS32 * (exact.abs().max().item() + math.log(19))
+    (want_grad,), (got_grad,) = (torch.autograd.grad(v, x) for v, x in ((want, leaves[0]), (got, leaves[1])))
+    # the gradient stored in the logits' dtype: one rounding each (2^-9 relative on average in bf16)
+    error = ((got_grad.double().cpu() - want_grad).norm() / want_grad.norm()).item()
+    assert error < (2.0 ** -8 if dtype == torch.bfloat16 else 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ohem_ties_at_the_kth_value(kernel_device, dtype):
+    """Exact ties at the k-th largest loss share the remaining weight: zero logits at scale 1
+    give every such pixel the loss log C, bit for bit."""
+    g = torch.Generator().manual_seed(13)
+    c, high = 19, (48, 64)
+    labels = torch.randint(0, c, (2, *high), generator=g)
+    labels[torch.rand(2, *high, generator=g) < 0.1] = 255
+    logits = torch.zeros(2, c, *high)
+    hard_pixels = torch.nonzero(labels != 255)[torch.randperm(int((labels != 255).sum()), generator=g)[:50]]
+    for n, y, x in hard_pixels.tolist():
+        logits[n, labels[n, y, x], y, x] = -4.0  # loss log(18 + e^-4) + 4 ~ 6.89
+    k = 50 + 100  # the 50 hard pixels, then 100 of the thousands tied at log 19
+    thresh = math.exp(-(math.log(c) + 1))
+    hard_loss = math.log(18 + math.exp(-4)) + 4
+    expected = (50 * hard_loss + 100 * math.log(c)) / k
+    leaves = [logits.double().requires_grad_(True), logits.to(dtype).to(kernel_device).requires_grad_(True)]
+    want = loss_ref(leaves[0], labels, thresh=thresh, min_kept=k)
+    got = loss_fused(leaves[1], labels.to(kernel_device), thresh=thresh, min_kept=k, validate=False)
+    assert want.item() == pytest.approx(expected, rel=1e-12)
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+    (want_grad,), (got_grad,) = (torch.autograd.grad(v, x) for v, x in ((want, leaves[0]), (got, leaves[1])))
+    error = ((got_grad.double().cpu() - want_grad).norm() / want_grad.norm()).item()
+    assert error < (2.0 ** -8 if dtype == torch.bfloat16 else 1e-5)
+    # every tied pixel gets the same share: its gradient is share * (1/C - onehot(label))
+    tied = (logits.abs().sum(1) == 0) & (labels != 255)
+    per_pixel = got_grad.float().cpu().permute(0, 2, 3, 1)[tied].abs()  # (tied pixels, C)
+    for extreme in (per_pixel.amax(1), per_pixel.amin(1)):
+        assert torch.equal(extreme, extreme[:1].expand_as(extreme))
+
+
+@pytest.mark.parametrize("thresh", [None, 0.7])
+def test_empty_batch_and_empty_planes(kernel_device, thresh):
+    logits = torch.randn(0, 19, 8, 8, device=kernel_device, requires_grad=True)
+    labels = torch.zeros(0, 64, 64, dtype=torch.uint8, device=kernel_device)
+    loss = loss_fused(logits, labels, thresh=thresh)
+    loss.backward()
+    assert loss.item() == 0 and logits.grad.shape == (0, 19, 8, 8)
+    with pytest.raises(ValueError, match="empty plane"):
+        loss_fused(torch.randn(1, 19, 0, 8, device=kernel_device), torch.zeros(1, 64, 64, dtype=torch.long,
+                                                                               device=kernel_device))
+    with pytest.raises(ValueError, match="labels .* empty plane"):
+        loss_fused(torch.randn(1, 19, 8, 8, device=kernel_device), torch.zeros(1, 0, 64, dtype=torch.long,
+                                                                               device=kernel_device))
+
+
+def test_sliced_inputs(kernel_device, extension):
+    """Non-contiguous logits and labels (slices of larger tensors) give the contiguous result."""
+    logits_full, labels_full = random_case(n=2, c=7, low=(20, 30), high=(80, 130), seed=17)
+    logits = logits_full.float().to(kernel_device)[:, :, ::2, 1::2]    # (2, 7, 10, 15)
+    labels = labels_full.to(kernel_device)[:, :, 5:125]                 # (2, 80, 120)
+    assert not logits.is_contiguous() and not labels.is_contiguous()
+    for thresh in (None, 0.7):
+        leaves = [logits.clone().requires_grad_(True), logits.contiguous().requires_grad_(True)]
+        sliced = loss_fused(leaves[0], labels, thresh=thresh)
+        dense = loss_fused(leaves[1], labels.contiguous(), thresh=thresh)
+        sliced.backward()
+        dense.backward()
+        assert torch.equal(sliced, dense) and torch.equal(leaves[0].grad, leaves[1].grad)
+    # the extension's ops themselves (on the CPU: the C++ loops)
+    loss, lse = extension.upsample_ce_forward(logits, labels, 255)
+    dense_loss, dense_lse = extension.upsample_ce_forward(logits.contiguous(), labels.contiguous(), 255)
+    assert torch.equal(loss, dense_loss) and torch.equal(lse, dense_lse)
+
+
+@pytest.mark.gpu
+def test_cuda_loss_on_a_side_stream(cuda_kernel):
+    logits, labels = cuda_case(2, 19, (32, 48), (256, 384), seed=12)
+    logits = logits.float()
+    expected_leaf = logits.clone().requires_grad_(True)
+    expected = loss_fused(expected_leaf, labels, thresh=0.7, validate=False)
+    expected.backward()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        leaf = (logits * 1.0).requires_grad_(True)  # made on the side stream, used at once
+        loss = loss_fused(leaf, labels, thresh=0.7, validate=False)
+        loss.backward()
+    side.synchronize()
+    assert torch.equal(loss, expected) and torch.equal(leaf.grad, expected_leaf.grad)
+
+
+@pytest.mark.gpu
+def test_cuda_five_head_loss_compiled_under_bf16_autocast(cuda_kernel):
+    """The training loss: OHEM on the five heads (1/8, 1/4, 1/8, 1/16, 1/32 of a 256 crop),
+    bf16 channels_last logits, under autocast, compiled as one graph."""
+    g = torch.Generator().manual_seed(21)
+    labels = torch.randint(0, 19, (2, 256, 256), generator=g)
+    labels[torch.rand(2, 256, 256, generator=g) < 0.1] = 255
+    labels = labels.to(torch.uint8).cuda()
+    heads = [(torch.randn(2, 19, 256 // s, 256 // s, generator=g) * 3).cuda().to(torch.bfloat16)
+             .contiguous(memory_format=torch.channels_last) for s in (8, 4, 8, 16, 32)]
+
+    def total(*logits):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return sum(loss_fused(head, labels, thresh=0.7, validate=False) for head in logits)
+
+    eager_leaves = [h.clone().requires_grad_(True) for h in heads]
+    compiled_leaves = [h.clone().requires_grad_(True) for h in heads]
+    eager = total(*eager_leaves)
+    compiled = torch.compile(total, fullgraph=True)(*compiled_leaves)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)  # the sums' order may differ
+    eager.backward()
+    compiled.backward()
+    for got, want in zip(compiled_leaves, eager_leaves):
+        torch.testing.assert_close(got.grad.float(), want.grad.float(), rtol=2 ** -7, atol=1e-8)
 
 
 @pytest.mark.parametrize("thresh", [None, 0.7])
@@ -503,6 +648,38 @@ def test_select_logs_its_choice():
         kernels.select("cuda", torch.device("cpu"), log=messages.append)
 
 
+def test_check_cases_pass_and_catch_a_wrong_op(monkeypatch):
+    """kernels.check's cases (what select() runs before using the kernels) on the CPU, where
+    the ops take their reference paths: all within tolerance; a wrong BGA is caught by name."""
+    from kernels import bga, check
+    assert all(not message for *_, message in check.run_cases(torch.device("cpu"), check.FULL))
+    monkeypatch.setattr(bga, "bga_aggregate", lambda *inputs: bga.bga_aggregate_reference(*inputs) * 1.01)
+    failed = [(op, message) for op, _, _, message in check.run_cases(torch.device("cpu")) if message]
+    assert failed and all(op == "bga" and "relative error 1.0" in message for op, message in failed)
+
+
+def test_select_falls_back_per_op_when_a_kernel_disagrees(monkeypatch):
+    from kernels import bga, check
+    monkeypatch.setattr(kernels, "load", lambda: True)
+    monkeypatch.setattr(bga, "use_cuda_kernel", None)
+    monkeypatch.setattr(check, "run_cases", lambda device, cases: [
+        ("loss", "CE case", 1e-7, ""), ("bga", "BGA case", 0.3, "relative error 3.00e-01 > 1e-04")])
+    messages = []
+    loss_fn, bga_fn = kernels.select("auto", torch.device("cuda"), log=messages.append)
+    assert loss_fn is kernels.ohem_cross_entropy and bga_fn is kernels.bga_aggregate_reference
+    assert messages == ["kernels: the fused bga kernel disagrees with its reference (BGA case: relative error "
+                        "3.00e-01 > 1e-04); using the PyTorch reference",
+                        "kernels: fused CUDA kernels (upsample+CE/OHEM loss), checked against the references"]
+    with pytest.raises(RuntimeError, match="disagree with their references: BGA case: relative error"):
+        kernels.select("cuda", torch.device("cuda"), log=messages.append)
+
+
+def test_check_command_on_cpu(extension, capsys):
+    from kernels import check
+    assert check.main(["--quick", "--device", "cpu"]) == 0
+    assert "4 passed, 0 failed" in capsys.readouterr().out
+
+
 # --- build machinery --------------------------------------------------------------------
 
 def test_stale_lock_of_a_dead_process_is_removed(tmp_path, capsys):
@@ -527,16 +704,35 @@ def test_live_lock_makes_the_second_builder_wait(tmp_path):
     assert order == ["holder out", "waiter in"]
 
 
-def test_wrong_cuda_home_is_explained(monkeypatch):
+def test_wrong_cuda_home_is_explained(monkeypatch, tmp_path):
     from torch.utils import cpp_extension
     monkeypatch.setattr(cpp_extension, "CUDA_HOME", "/usr/local")
-    with pytest.raises(RuntimeError, match="export CUDA_HOME=/usr/local/cuda"):
+    monkeypatch.setattr(build, "DEFAULT_TOOLKIT", str(tmp_path))  # no toolkit there either
+    with pytest.raises(RuntimeError, match="is not a CUDA toolkit .* set CUDA_HOME"):
         build.check_cuda_home()
+
+
+def test_wrong_cuda_home_falls_back_to_the_toolkit(monkeypatch, tmp_path, capsys):
+    """torch's guess from a wrapper nvcc (e.g. /usr/local) is replaced by a real toolkit,
+    loudly. A fake toolkit folder stands in for /usr/local/cuda."""
+    from torch.utils import cpp_extension
+    toolkit = tmp_path / "cuda"
+    for name in ("bin/nvcc", "include/cuda_runtime.h", "lib64/libcudart.so.13"):
+        (toolkit / name).parent.mkdir(parents=True, exist_ok=True)
+        (toolkit / name).write_text("")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", "/usr/local")
+    monkeypatch.setattr(build, "DEFAULT_TOOLKIT", str(toolkit))
+    monkeypatch.setenv("CUDA_HOME", "/usr/local")
+    assert build.check_cuda_home() == str(toolkit)
+    assert cpp_extension.CUDA_HOME == str(toolkit) and os.environ["CUDA_HOME"] == str(toolkit)
+    assert f"CUDA_HOME=/usr/local is not a CUDA toolkit (nvcc on PATH may be a wrapper); using {toolkit}" \
+        in capsys.readouterr().err
 
 
 def test_extension_builds_from_scratch(tmp_path):
     """CI has nvcc but no GPU: the CUDA extension must still compile (for sm_80 and sm_90).
-    In a fresh process and cache folder (a process cannot register the same ops twice)."""
+    In a fresh process and cache folder (a process cannot register the same ops twice), with
+    CUDA_HOME unset: kernels.load() finds the toolkit itself (check_cuda_home)."""
     import subprocess
     import sys
     if os.environ.get("BISENET_REQUIRE_KERNELS") != "1":
@@ -545,6 +741,7 @@ def test_extension_builds_from_scratch(tmp_path):
         except RuntimeError as e:
             pytest.skip(str(e))
     env = dict(os.environ, BISENET_KERNELS_CACHE=str(tmp_path / "cache"))
+    env.pop("CUDA_HOME", None)
     code = "import torch, kernels; kernels.load(); print(torch.ops.bisenet_cuda.bga_forward)"
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=1200)
