@@ -11,6 +11,8 @@ forward + backward, NCHW and channels_last. Each variant:
   eager    the PyTorch references (F.interpolate + F.cross_entropy + sort; the BGA composition)
   compile  torch.compile of those same functions
   fused    kernels.ohem_cross_entropy / kernels.bga_aggregate with the CUDA kernels
+Before a row is timed, each variant's result (loss or output, and every input gradient) is
+compared with eager's; a disagreement stops the table (exit 1), naming the row and variant.
 Times are medians of --iters runs after --warmup runs (CUDA events on the GPU). GB/s counts
 the bytes the fused kernels must move (see bytes_moved_*), for every column, against the
 device-to-device copy bandwidth measured in the same run. Peak memory is the allocator's
@@ -19,6 +21,7 @@ peak above what the inputs already hold, for one forward + backward.
 import argparse
 import datetime
 import statistics
+import sys
 import time
 
 import torch
@@ -123,7 +126,9 @@ def bytes_moved_bga(detail_keep, low):
 def loss_step(loss_fn, logits, labels, thresh):
     def step():
         logits.grad = None
-        loss_fn(logits, labels, thresh=thresh, validate=False).backward()
+        loss = loss_fn(logits, labels, thresh=thresh, validate=False)
+        loss.backward()
+        return [loss.detach(), logits.grad]
     return step
 
 
@@ -131,8 +136,28 @@ def bga_step(fn, inputs, grad_out):
     def step():
         for tensor in inputs:
             tensor.grad = None
-        fn(*inputs).backward(grad_out)
+        out = fn(*inputs)
+        out.backward(grad_out)
+        return [out.detach()] + [tensor.grad for tensor in inputs]
     return step
+
+
+# A variant's result (the loss or output, then each input gradient) against eager's: the
+# relative L2 error of each. Both sides round the same inputs in the same storage type, so
+# they differ by float32 arithmetic (~1e-6) and, for 16-bit results, by one rounding of each
+# element (2^-9 relative on average for bfloat16): the limits are several times those.
+AGREEMENT = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+
+def disagreement(results, expected, dtype):
+    """A message naming the first result beyond AGREEMENT[dtype] of eager's, else ''."""
+    for index, (actual, want) in enumerate(zip(results, expected)):
+        want = want.double()
+        error = ((actual.double() - want).norm() / want.norm().clamp(min=1e-30)).item()
+        if not error <= AGREEMENT[dtype]:
+            what = "result" if index == 0 else f"gradient {index}"
+            return f"{what}: relative error {error:.2e} > {AGREEMENT[dtype]:.0e}"
+    return ""
 
 
 def variants(eager_fn, fused_fn, device, compile_):
@@ -144,16 +169,28 @@ def variants(eager_fn, fused_fn, device, compile_):
     return out
 
 
-def measure_row(name, make_step, fns, nbytes, args, device):
+class WrongResult(Exception):
+    """A variant disagrees with eager: the table stops."""
+
+
+def measure_row(name, make_step, fns, nbytes, args, device, dtype):
+    """Each variant checked against eager's result, then timed. fns[0] is eager."""
     row = dict(case=name)
+    expected = None
     for label, fn in fns:
         step = make_step(fn)
         try:
-            row[f"{label}_ms"] = median_ms(step, device, args.warmup, args.iters)
-            row[f"{label}_mb"] = peak_mb(step, device)
+            results = [t.detach().clone() for t in step()]
         except Exception as e:  # e.g. the compiler missing: the table says so
             row[f"{label}_ms"] = None
             row[f"{label}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
+            continue
+        if expected is None:
+            expected = results
+        elif message := disagreement(results, expected, dtype):
+            raise WrongResult(f"kernels.bench: {name}: {label} disagrees with eager ({message})")
+        row[f"{label}_ms"] = median_ms(step, device, args.warmup, args.iters)
+        row[f"{label}_mb"] = peak_mb(step, device)
     row["bytes"] = nbytes
     return row
 
@@ -174,7 +211,7 @@ def loss_rows(args, device):
                     yield measure_row(
                         f"loss {loss_name} {head} {batch}x{args.classes}x{side}x{side} -> {args.size}^2 {dtype_name}",
                         lambda fn: loss_step(fn, logits, labels, thresh), fns,
-                        bytes_moved_loss(logits, labels), args, device)
+                        bytes_moved_loss(logits, labels), args, device, DTYPES[dtype_name])
 
 
 def bga_rows(args, device):
@@ -194,7 +231,7 @@ def bga_rows(args, device):
                     f"BGA {batch}x{channels}x{side * 4}x{side * 4} from {side}x{side} {dtype_name} "
                     f"{'NHWC' if channels_last else 'NCHW'}",
                     lambda fn: bga_step(fn, inputs, grad_out), fns,
-                    bytes_moved_bga(inputs[0], inputs[1]), args, device)
+                    bytes_moved_bga(inputs[0], inputs[1]), args, device, DTYPES[dtype_name])
 
 
 # ---------------------------------------------------------------------------------------
@@ -246,10 +283,15 @@ def main(argv=None):
     lines = [header(device, copy_gbs), ""]
     print(lines[0], flush=True)
     rows = []
-    for row in list(loss_rows(args, device)) + list(bga_rows(args, device)):
-        rows.append(row)
-        print(f"  {row['case']}: " + ", ".join(f"{k} {fmt(v, '.3f')}" for k, v in row.items()
-                                               if k.endswith("_ms")), flush=True)
+    try:
+        for rows_of in (loss_rows, bga_rows):
+            for row in rows_of(args, device):
+                rows.append(row)
+                print(f"  {row['case']}: " + ", ".join(f"{k} {fmt(v, '.3f')}" for k, v in row.items()
+                                                       if k.endswith("_ms")), flush=True)
+    except WrongResult as e:
+        print(e, file=sys.stderr)
+        raise SystemExit(1)
     lines.append(table(rows, copy_gbs, device))
     text = "\n".join(lines)
     print("\n" + text)
