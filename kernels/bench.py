@@ -26,7 +26,6 @@ import time
 
 import torch
 
-from . import bga as bga_module
 from .bga import bga_aggregate, bga_aggregate_reference
 from .loss import ohem_cross_entropy, ohem_cross_entropy_reference
 
@@ -273,9 +272,9 @@ def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda":
-        from .build import load
+        from . import load, use_kernels
         load()
-        bga_module.use_cuda_kernel = True
+        use_kernels(True)
         torch.backends.cudnn.benchmark = True
     else:
         print("note: no CUDA device: eager (and compile) only; the fused column needs a GPU")

@@ -10,47 +10,21 @@ detail_keep (N, C, H, W); sem_up, detail_down, sem_keep (N, C, h, w); `up` is bi
 `bga_aggregate` is the custom op `bisenet::bga_aggregate` (with a fake implementation and
 autograd), so torch.compile sees one op. On CUDA tensors it runs the fused kernels of
 csrc/bga.cu (one forward kernel, one backward kernel) when the extension is in use, see
-`use_cuda_kernel`; otherwise, and always on CPU, the plain-PyTorch reference below.
+`EXTENSION.use_cuda_kernel`; otherwise, and always on CPU, the plain-PyTorch reference below.
 The output (and every gradient) is in detail_keep's memory format: channels_last when
 detail_keep is channels_last (and not also plain contiguous), else NCHW.
 """
 import torch
 import torch.nn.functional as F
 
+from .build import Extension
+
 __all__ = ["bga_aggregate", "bga_aggregate_backward", "bga_aggregate_reference",
-           "bga_aggregate_backward_reference", "use_cuda_kernel", "kernel_loaded"]
+           "bga_aggregate_backward_reference", "EXTENSION"]
 
-# Which implementation CUDA tensors get:
-#   None  - the CUDA kernel if the extension is already loaded (kernels.build.load()),
-#           else the reference;
-#   True  - the CUDA kernel, loading the extension if needed (raises if that fails);
-#   False - the reference.
-use_cuda_kernel = None
-
-
-def kernel_loaded():
-    """True when the extension's ops (bisenet_cuda::bga_forward/backward) are registered."""
-    try:
-        torch.ops.bisenet_cuda.bga_forward
-        torch.ops.bisenet_cuda.bga_backward
-    except (AttributeError, RuntimeError):
-        return False
-    return True
-
-
-def _kernel_for(tensor):
-    """Whether `tensor`'s op runs the CUDA kernel (see use_cuda_kernel)."""
-    if tensor.device.type != "cuda" or use_cuda_kernel is False:
-        return False
-    if use_cuda_kernel is None:
-        return kernel_loaded()
-    if not kernel_loaded():
-        from .build import load  # noqa: PLC0415 - the build is heavy, load only on request
-        load()
-        if not kernel_loaded():
-            raise RuntimeError("kernels.bga: use_cuda_kernel is True but the extension has no "
-                               "bisenet_cuda::bga_forward after kernels.build.load()")
-    return True
+# csrc/bga.cpp (schema, checks, the CPU loops) and csrc/bga.cu (the CUDA kernels); its
+# use_cuda_kernel says whether CUDA tensors get the kernels (kernels.select sets it)
+EXTENSION = Extension("bisenet_bga", ["bga.cpp", "bga.cu"], ["bga_forward", "bga_backward", "bga_backward_plan"])
 
 
 def _output_format(detail_keep):
@@ -144,7 +118,7 @@ def bga_aggregate(detail_keep: torch.Tensor, sem_up: torch.Tensor, detail_down: 
     """detail_keep * sigmoid(up(sem_up)) + up(detail_down * sigmoid(sem_keep)); see the
     module docstring."""
     check_inputs(detail_keep, sem_up, detail_down, sem_keep)
-    if _kernel_for(detail_keep):
+    if EXTENSION.runs_kernel(detail_keep):
         return torch.ops.bisenet_cuda.bga_forward(detail_keep, sem_up, detail_down, sem_keep)
     return bga_aggregate_reference(detail_keep, sem_up, detail_down, sem_keep)
 
@@ -163,7 +137,7 @@ def bga_aggregate_backward(grad_out: torch.Tensor, detail_keep: torch.Tensor, se
     for the output gradient grad_out (N, C, H, W)."""
     check_inputs(detail_keep, sem_up, detail_down, sem_keep)
     grad_out = grad_out.to(detail_keep.dtype)
-    if _kernel_for(detail_keep):
+    if EXTENSION.runs_kernel(detail_keep):
         return tuple(torch.ops.bisenet_cuda.bga_backward(grad_out, detail_keep, sem_up, detail_down, sem_keep))
     return bga_aggregate_backward_reference(grad_out, detail_keep, sem_up, detail_down, sem_keep)
 

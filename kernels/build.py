@@ -1,6 +1,7 @@
-"""JIT build of the CUDA extension (all of kernels/csrc/*.cpp and *.cu) with
-torch.utils.cpp_extension.load (ninja), into a cache folder keyed by the sources, the torch
-version and the target architectures.
+"""JIT build of each op's CUDA extension (its own .cpp and .cu in csrc/, with the headers
+there) with torch.utils.cpp_extension.load (ninja), lazily, into a cache folder keyed by
+those files, the torch version and the target architectures. An op module declares its
+`Extension`; copying an op means copying its Python file, this one and its csrc/ files.
 
 Several ranks may start at once: one builds under a file lock, the others wait for it; a
 lock left by a killed build (its process gone on this host, or older than
@@ -18,11 +19,6 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-_loaded = False
-
-
-def sources():
-    return sorted(p for p in CSRC.iterdir() if p.suffix in (".cpp", ".cu"))
 
 
 def cache_root():
@@ -122,24 +118,18 @@ def build_lock(lock, timeout=None, poll=0.5):
         lock.unlink(missing_ok=True)
 
 
-def load(verbose=False):
-    """Builds (once per source version) and loads the extension; its ops appear under
-    torch.ops.bisenet_cuda. Raises RuntimeError with the cause when it cannot."""
-    global _loaded
-    if _loaded:
-        return True
+def build_and_load(name, sources, verbose=False):
+    """Builds (once per source version) and loads the library made of `sources` (paths);
+    its ops appear under torch.ops. Raises RuntimeError with the cause when it cannot."""
     from torch.utils import cpp_extension
     check_cuda_home()
     arch = arch_list()
-    files = sources()
     digest = hashlib.sha256()
-    for path in files:
+    for path in sorted(sources) + sorted(CSRC.glob("*.h")):
         digest.update(path.name.encode() + path.read_bytes())
-    for header in sorted(CSRC.glob("*.h")):
-        digest.update(header.name.encode() + header.read_bytes())
     digest.update(f"{torch.__version__} {torch.version.cuda} {arch}".encode())
     key = digest.hexdigest()[:16]
-    build_dir = cache_root() / f"bisenet_kernels_{key}"
+    build_dir = cache_root() / f"{name}_{key}"
     build_dir.mkdir(parents=True, exist_ok=True)
     old_arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
     os.environ["TORCH_CUDA_ARCH_LIST"] = arch
@@ -147,19 +137,56 @@ def load(verbose=False):
         with build_lock(build_dir / "bisenet_build.lock"):
             # torch's own baton ('lock') is never waited on here: under our lock it is stale
             (build_dir / "lock").unlink(missing_ok=True)
-            cpp_extension.load(name=f"bisenet_kernels_{key}", sources=[str(p) for p in files],
+            cpp_extension.load(name=f"{name}_{key}", sources=[str(p) for p in sources],
                                # no implicit multiply-add contraction on either side: the
                                # kernels' arithmetic is written with explicit fma (same_bits.h)
                                extra_cflags=["-O3", "-ffp-contract=off"],
                                extra_cuda_cflags=["-O3", "-lineinfo", "--fmad=false"],
                                build_directory=str(build_dir), is_python_module=False, verbose=verbose)
     except Exception as e:
-        raise RuntimeError(f"kernels: building the CUDA extension in {build_dir} failed: "
+        raise RuntimeError(f"kernels: building the CUDA extension {name} in {build_dir} failed: "
                            f"{type(e).__name__}: {str(e)[-2000:]}") from e
     finally:
         if old_arch is None:
             os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
         else:
             os.environ["TORCH_CUDA_ARCH_LIST"] = old_arch
-    _loaded = True
-    return True
+
+
+class Extension:
+    """One op's compiled library: `sources` (file names in csrc/) registering `ops` under
+    torch.ops.bisenet_cuda, built on first need.
+
+    use_cuda_kernel says which implementation an op gives CUDA tensors:
+      None  - the CUDA kernel if the library is already loaded (load()), else the reference;
+      True  - the CUDA kernel, building and loading the library if needed (raises if that fails);
+      False - the reference.
+    CPU tensors always get the reference (the C++ CPU loops are for the tests)."""
+
+    def __init__(self, name, sources, ops):
+        self.name, self.sources, self.ops = name, tuple(sources), tuple(ops)
+        self.use_cuda_kernel = None
+
+    def loaded(self):
+        try:
+            for op in self.ops:
+                getattr(torch.ops.bisenet_cuda, op)
+        except (AttributeError, RuntimeError):
+            return False
+        return True
+
+    def load(self, verbose=False):
+        if not self.loaded():
+            build_and_load(self.name, [CSRC / source for source in self.sources], verbose=verbose)
+            if not self.loaded():
+                raise RuntimeError(f"kernels: {self.name} built but registers no {', '.join(self.ops)}")
+        return torch.ops.bisenet_cuda
+
+    def runs_kernel(self, tensor):
+        """Whether an op of this library runs its CUDA kernel on `tensor` (see above)."""
+        if tensor.device.type != "cuda" or self.use_cuda_kernel is False:
+            return False
+        if self.use_cuda_kernel is None:
+            return self.loaded()
+        self.load()
+        return True

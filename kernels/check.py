@@ -82,9 +82,11 @@ FULL = QUICK + [
 def run_cases(device, cases=QUICK, seed=0):
     """-> [(op, case name, error or None, message)]: error is the relative error, message
     says what went wrong (empty when within TOLERANCE). The CUDA kernels are used for the
-    duration (bga.use_cuda_kernel), whatever the caller had set."""
-    previous = bga.use_cuda_kernel
-    bga.use_cuda_kernel = True
+    duration (each EXTENSION.use_cuda_kernel), whatever the caller had set."""
+    extensions = (loss.EXTENSION, bga.EXTENSION)
+    previous = [extension.use_cuda_kernel for extension in extensions]
+    for extension in extensions:
+        extension.use_cuda_kernel = True
     results = []
     try:
         for op, name, run in cases:
@@ -97,7 +99,8 @@ def run_cases(device, cases=QUICK, seed=0):
             bad = not error <= TOLERANCE  # NaN is bad
             results.append((op, name, error, f"relative error {error:.2e} > {TOLERANCE:.0e}" if bad else ""))
     finally:
-        bga.use_cuda_kernel = previous
+        for extension, value in zip(extensions, previous):
+            extension.use_cuda_kernel = value
     return results
 
 
@@ -106,7 +109,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="only the cases kernels.select() runs")
     parser.add_argument("--device", default="cuda")
     args = parser.parse_args(argv)
-    from .build import load
+    from . import load
     load()
     results = run_cases(torch.device(args.device), QUICK if args.quick else FULL)
     for op, name, error, message in results:

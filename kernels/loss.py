@@ -26,10 +26,15 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import bga  # bga.use_cuda_kernel / bga._kernel_for decide for every op of the package
+from .build import Extension
 
 __all__ = ["ohem_cross_entropy", "ohem_cross_entropy_reference", "upsample_cross_entropy",
-           "upsample_cross_entropy_backward", "check_labels"]
+           "upsample_cross_entropy_backward", "check_labels", "EXTENSION"]
+
+# csrc/ohem_ce.cpp (schema, checks, the CPU loops) and csrc/ohem_ce.cu (the CUDA kernels);
+# its use_cuda_kernel says whether CUDA tensors get the kernels (kernels.select sets it)
+EXTENSION = Extension("bisenet_loss", ["ohem_ce.cpp", "ohem_ce.cu"],
+                      ["upsample_ce_forward", "upsample_ce_backward", "radix_histogram"])
 
 
 def check_inputs(logits, labels):
@@ -125,7 +130,7 @@ def radix_histogram_reference(bits, prefix, shift):
 @torch.library.custom_op("bisenet::radix_histogram", mutates_args=())
 def radix_histogram(bits: torch.Tensor, prefix: torch.Tensor, shift: int) -> torch.Tensor:
     """radix_histogram_reference's counts; the CUDA kernel for int32 bits on a GPU."""
-    if bits.dtype == torch.int32 and bga._kernel_for(bits):
+    if bits.dtype == torch.int32 and EXTENSION.runs_kernel(bits):
         return torch.ops.bisenet_cuda.radix_histogram(bits, prefix, shift)
     return radix_histogram_reference(bits, prefix, shift)
 
@@ -193,7 +198,7 @@ def upsample_cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
                            ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, lse) per pixel; see upsample_cross_entropy_reference. lse is not differentiable."""
     check_inputs(logits, labels)
-    if bga._kernel_for(logits):
+    if EXTENSION.runs_kernel(logits):
         loss, lse = torch.ops.bisenet_cuda.upsample_ce_forward(logits, labels, ignore_index)
         return loss, lse
     return upsample_cross_entropy_reference(logits, labels, ignore_index)
@@ -212,7 +217,7 @@ def upsample_cross_entropy_backward(grad_loss: torch.Tensor, logits: torch.Tenso
     """The gradient of the logits (N, C, h, w), NCHW, for the per-pixel loss gradient."""
     check_inputs(logits, labels)
     grad_loss = grad_loss.to(lse.dtype)
-    if bga._kernel_for(logits):
+    if EXTENSION.runs_kernel(logits):
         return torch.ops.bisenet_cuda.upsample_ce_backward(grad_loss, logits, labels, lse, ignore_index)
     return upsample_cross_entropy_backward_reference(grad_loss, logits, labels, lse, ignore_index)
 

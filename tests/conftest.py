@@ -35,12 +35,15 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def extension():
-    """torch.ops.bisenet_cuda after kernels.build.load(); skips when it cannot be built,
-    unless BISENET_REQUIRE_KERNELS=1 (CI), where that fails the test."""
+    """torch.ops.bisenet_cuda with every op's extension loaded (kernels.load()), and the
+    same_bits_math test op; skips when they cannot be built, unless BISENET_REQUIRE_KERNELS=1
+    (CI), where that fails the test."""
     import torch
     try:
-        from kernels import build
-        build.load()
+        import kernels
+        from kernels.build import Extension
+        kernels.load()
+        Extension("bisenet_same_bits", ["same_bits.cpp", "same_bits.cu"], ["same_bits_math"]).load()
     except Exception as error:
         if os.environ.get("BISENET_REQUIRE_KERNELS") == "1":
             pytest.fail(f"BISENET_REQUIRE_KERNELS=1 but the kernels did not build: {error!r}")
@@ -51,8 +54,9 @@ def extension():
 @pytest.fixture
 def cuda_kernel(extension, monkeypatch):
     """The extension, with every op of the package sending CUDA tensors to its kernels."""
-    from kernels import bga
-    monkeypatch.setattr(bga, "use_cuda_kernel", True)
+    import kernels
+    for op_extension in kernels.EXTENSIONS.values():
+        monkeypatch.setattr(op_extension, "use_cuda_kernel", True)
     return extension
 
 

@@ -5,7 +5,7 @@ CPU: the reference against bisenetv2's plain composition and gradcheck; the C++ 
 custom op under opcheck, torch.compile(fullgraph=True) and inside BiSeNetV2.
 GPU (marked gpu): the CUDA kernels against the float64 reference.
 
-Tests that need the compiled extension (kernels.build.load()) skip when it cannot be
+Tests that need the compiled extension (kernels.load()) skip when it cannot be
 built, unless BISENET_REQUIRE_KERNELS=1, where they fail.
 """
 
@@ -420,7 +420,7 @@ def test_cpu_autocast_bisenet_feeds_one_dtype(monkeypatch):
     # under autocast the BGA's four inputs come from convs (and an average pool): all
     # bfloat16, which the op's one-dtype check must accept; CPU tensors always take the
     # reference, whatever use_cuda_kernel says
-    monkeypatch.setattr(bga, "use_cuda_kernel", True)
+    monkeypatch.setattr(bga.EXTENSION, "use_cuda_kernel", True)
     model = BiSeNetV2(5).train()
     seen = []
 

@@ -659,9 +659,10 @@ def test_check_cases_pass_and_catch_a_wrong_op(monkeypatch):
 
 
 def test_select_falls_back_per_op_when_a_kernel_disagrees(monkeypatch):
-    from kernels import bga, check
+    from kernels import check
     monkeypatch.setattr(kernels, "load", lambda: True)
-    monkeypatch.setattr(bga, "use_cuda_kernel", None)
+    for op_extension in kernels.EXTENSIONS.values():
+        monkeypatch.setattr(op_extension, "use_cuda_kernel", None)
     monkeypatch.setattr(check, "run_cases", lambda device, cases: [
         ("loss", "CE case", 1e-7, ""), ("bga", "BGA case", 0.3, "relative error 3.00e-01 > 1e-04")])
     messages = []
@@ -729,10 +730,13 @@ def test_wrong_cuda_home_falls_back_to_the_toolkit(monkeypatch, tmp_path, capsys
         in capsys.readouterr().err
 
 
-def test_extension_builds_from_scratch(tmp_path):
-    """CI has nvcc but no GPU: the CUDA extension must still compile (for sm_80 and sm_90).
-    In a fresh process and cache folder (a process cannot register the same ops twice), with
-    CUDA_HOME unset: kernels.load() finds the toolkit itself (check_cuda_home)."""
+def test_loss_copied_alone_builds_and_runs(tmp_path):
+    """The loss op copied into another project on its own (kernels/ without the BGA's files,
+    the package's __init__ replaced): it builds its own sources only, in a fresh process
+    and cache folder, with CUDA_HOME unset (kernels.load() finds the toolkit itself), and
+    its C++ CPU loop and custom op run. CI has nvcc but no GPU: the CUDA side still compiles
+    (for sm_80 and sm_90)."""
+    import shutil
     import subprocess
     import sys
     if os.environ.get("BISENET_REQUIRE_KERNELS") != "1":
@@ -740,10 +744,30 @@ def test_extension_builds_from_scratch(tmp_path):
             build.check_cuda_home()
         except RuntimeError as e:
             pytest.skip(str(e))
-    env = dict(os.environ, BISENET_KERNELS_CACHE=str(tmp_path / "cache"))
+    kernels_dir = os.path.dirname(os.path.abspath(kernels.__file__))
+    copy = tmp_path / "project" / "lossops"
+    shutil.copytree(kernels_dir, copy, ignore=shutil.ignore_patterns(
+        "bga*", "same_bits.c*", "__init__.py", "check.py", "bench.py", "__pycache__"))
+    (copy / "__init__.py").write_text("")
+    code = """
+import torch
+from lossops.loss import EXTENSION, ohem_cross_entropy, upsample_cross_entropy_reference
+ops = EXTENSION.load()
+logits = torch.randn(2, 5, 4, 6, dtype=torch.float64)
+labels = torch.randint(0, 5, (2, 13, 17))
+loss, lse = ops.upsample_ce_forward(logits, labels, 255)
+want, _ = upsample_cross_entropy_reference(logits, labels, 255)
+assert torch.allclose(loss, want, rtol=1e-12, atol=1e-12)
+leaf = logits.requires_grad_(True)
+ohem_cross_entropy(leaf, labels, thresh=0.7).backward()
+assert torch.isfinite(leaf.grad).all()
+print("loss copy ok")
+"""
+    env = dict(os.environ, BISENET_KERNELS_CACHE=str(tmp_path / "cache"), PYTHONPATH=str(copy.parent))
     env.pop("CUDA_HOME", None)
-    code = "import torch, kernels; kernels.load(); print(torch.ops.bisenet_cuda.bga_forward)"
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=1200)
+                            cwd=str(tmp_path), timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert list((tmp_path / "cache").glob("bisenet_kernels_*/*.so"))
+    assert "loss copy ok" in result.stdout
+    built = sorted(path.parent.name.split("_")[1] for path in (tmp_path / "cache").glob("*/*.so"))
+    assert built == ["loss"], built  # bisenet_loss_<key>: the loss's sources only

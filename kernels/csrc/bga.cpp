@@ -30,18 +30,9 @@
 #include <type_traits>
 #include <vector>
 
-#include "bga_math.h"
+#include "bga_op.h"
 
 namespace bisenet {
-
-// bga.cu
-void bga_forward_cuda_launch(const at::Tensor& detail_keep, const at::Tensor& sem_up, const at::Tensor& detail_down,
-                             const at::Tensor& sem_keep, const at::Tensor& out, bool channels_last);
-void bga_backward_cuda_launch(const at::Tensor& grad_out, const at::Tensor& detail_keep, const at::Tensor& sem_up,
-                              const at::Tensor& detail_down, const at::Tensor& sem_keep,
-                              const at::Tensor& grad_detail_keep, const at::Tensor& grad_sem_up,
-                              const at::Tensor& grad_detail_down, const at::Tensor& grad_sem_keep,
-                              const BgaBackwardPlan& plan);
 
 namespace {
 
@@ -89,16 +80,15 @@ template <typename scalar_t>
 using acc_of = typename std::conditional<std::is_same<scalar_t, double>::value, double, float>::type;
 
 template <typename scalar_t>
-void forward_cpu_typed(const at::Tensor& detail_keep, const at::Tensor& sem_up, const at::Tensor& detail_down,
-                       const at::Tensor& sem_keep, const at::Tensor& out) {
+void forward_cpu_typed(const BgaForwardCall& call) {
   using acc_t = acc_of<scalar_t>;
-  auto geo = make_geometry<acc_t>(detail_keep.sizes().data(), detail_keep.strides().data(),
-                                  sem_up.sizes().data(), sem_up.strides().data());
-  const scalar_t* keep = detail_keep.const_data_ptr<scalar_t>();
-  const scalar_t* up = sem_up.const_data_ptr<scalar_t>();
-  const scalar_t* down = detail_down.const_data_ptr<scalar_t>();
-  const scalar_t* gate = sem_keep.const_data_ptr<scalar_t>();
-  scalar_t* result = out.mutable_data_ptr<scalar_t>();
+  auto geo = make_geometry<acc_t>(call.detail_keep.sizes().data(), call.detail_keep.strides().data(),
+                                  call.sem_up.sizes().data(), call.sem_up.strides().data());
+  const scalar_t* keep = call.detail_keep.const_data_ptr<scalar_t>();
+  const scalar_t* up = call.sem_up.const_data_ptr<scalar_t>();
+  const scalar_t* down = call.detail_down.const_data_ptr<scalar_t>();
+  const scalar_t* gate = call.sem_keep.const_data_ptr<scalar_t>();
+  scalar_t* result = call.out.mutable_data_ptr<scalar_t>();
   for (int n = 0; n < geo.N; ++n)
     for (int c = 0; c < geo.C; ++c) {
       int64_t plane = n * geo.lo_sn + c * geo.lo_sc;
@@ -130,28 +120,17 @@ BgaBackwardPlan backward_plan(const BgaGeometry<acc_t>& geo, int group, int64_t 
 // The CUDA backward kernel's blocks, one after the other; "threads" are the item loops; the
 // buffers have the plan's capacities, which every tile is checked against.
 template <typename scalar_t>
-void backward_cpu_typed(const at::Tensor& grad_out, const at::Tensor& detail_keep, const at::Tensor& sem_up,
-                        const at::Tensor& detail_down, const at::Tensor& sem_keep, const at::Tensor& grad_detail_keep,
-                        const at::Tensor& grad_sem_up, const at::Tensor& grad_detail_down,
-                        const at::Tensor& grad_sem_keep, const BgaBackwardPlan& plan) {
+void backward_cpu_typed(const BgaBackwardCall& call) {
   using acc_t = acc_of<scalar_t>;
+  const BgaBackwardPlan& plan = call.plan;
   const int group = plan.group;
-  auto geo = make_geometry<acc_t>(detail_keep.sizes().data(), detail_keep.strides().data(),
-                                  sem_up.sizes().data(), sem_up.strides().data());
+  auto geo = make_geometry<acc_t>(call.detail_keep.sizes().data(), call.detail_keep.strides().data(),
+                                  call.sem_up.sizes().data(), call.sem_up.strides().data());
   std::vector<acc_t> window_grad(static_cast<size_t>(plan.window_capacity));
   std::vector<acc_t> window_sem_grad(window_grad.size());
   std::vector<acc_t> row_grad(static_cast<size_t>(plan.row_capacity));
   std::vector<acc_t> row_sem_grad(row_grad.size());
-  BgaBackwardData<scalar_t> data;
-  data.grad_out = grad_out.const_data_ptr<scalar_t>();
-  data.detail_keep = detail_keep.const_data_ptr<scalar_t>();
-  data.sem_up = sem_up.const_data_ptr<scalar_t>();
-  data.detail_down = detail_down.const_data_ptr<scalar_t>();
-  data.sem_keep = sem_keep.const_data_ptr<scalar_t>();
-  data.grad_detail_keep = grad_detail_keep.mutable_data_ptr<scalar_t>();
-  data.grad_sem_up = grad_sem_up.mutable_data_ptr<scalar_t>();
-  data.grad_detail_down = grad_detail_down.mutable_data_ptr<scalar_t>();
-  data.grad_sem_keep = grad_sem_keep.mutable_data_ptr<scalar_t>();
+  const BgaBackwardData<scalar_t> data = backward_data<scalar_t>(call);
   const int tiles_y = (geo.h + plan.tile_h - 1) / plan.tile_h;
   const int tiles_x = (geo.w + plan.tile_w - 1) / plan.tile_w;
   const int groups = (geo.C + group - 1) / group;
@@ -178,64 +157,76 @@ void backward_cpu_typed(const at::Tensor& grad_out, const at::Tensor& detail_kee
         }
 }
 
-at::Tensor bga_forward_impl(const at::Tensor& detail_keep_in, const at::Tensor& sem_up_in,
-                            const at::Tensor& detail_down_in, const at::Tensor& sem_keep_in) {
-  check_inputs("bga_forward", detail_keep_in, sem_up_in, detail_down_in, sem_keep_in);
-  const at::MemoryFormat format = output_format(detail_keep_in);
-  at::Tensor detail_keep = detail_keep_in.contiguous(format);
-  at::Tensor sem_up = sem_up_in.contiguous(format);
-  at::Tensor detail_down = detail_down_in.contiguous(format);
-  at::Tensor sem_keep = sem_keep_in.contiguous(format);
-  at::Tensor out = at::empty(detail_keep.sizes(), detail_keep.options().memory_format(format));
-  if (detail_keep.is_cuda()) {
-    bga_forward_cuda_launch(detail_keep, sem_up, detail_down, sem_keep, out,
-                            format == at::MemoryFormat::ChannelsLast);
-    return out;
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, detail_keep.scalar_type(), "bga_forward_cpu", [&] {
-    forward_cpu_typed<scalar_t>(detail_keep, sem_up, detail_down, sem_keep, out);
-  });
-  return out;
+}  // namespace
+
+BgaForwardCall prepare_bga_forward(const at::Tensor& detail_keep, const at::Tensor& sem_up,
+                                   const at::Tensor& detail_down, const at::Tensor& sem_keep) {
+  check_inputs("bga_forward", detail_keep, sem_up, detail_down, sem_keep);
+  const at::MemoryFormat format = output_format(detail_keep);
+  BgaForwardCall call;
+  call.detail_keep = detail_keep.contiguous(format);
+  call.sem_up = sem_up.contiguous(format);
+  call.detail_down = detail_down.contiguous(format);
+  call.sem_keep = sem_keep.contiguous(format);
+  call.out = at::empty(detail_keep.sizes(), detail_keep.options().memory_format(format));
+  call.channels_last = format == at::MemoryFormat::ChannelsLast;
+  return call;
 }
 
-Grads bga_backward_impl(const at::Tensor& grad_out_in, const at::Tensor& detail_keep_in, const at::Tensor& sem_up_in,
-                        const at::Tensor& detail_down_in, const at::Tensor& sem_keep_in, int64_t tile_h,
-                        int64_t tile_w) {
-  check_inputs("bga_backward", detail_keep_in, sem_up_in, detail_down_in, sem_keep_in);
-  TORCH_CHECK(grad_out_in.sizes() == detail_keep_in.sizes(), "bga_backward: grad_out ", grad_out_in.sizes(),
-              " and detail_keep ", detail_keep_in.sizes(), " differ");
-  TORCH_CHECK(grad_out_in.scalar_type() == detail_keep_in.scalar_type(), "bga_backward: grad_out is ",
-              grad_out_in.scalar_type(), " but detail_keep is ", detail_keep_in.scalar_type());
-  TORCH_CHECK(grad_out_in.device() == detail_keep_in.device(), "bga_backward: grad_out is on ",
-              grad_out_in.device(), " but detail_keep is on ", detail_keep_in.device());
+BgaBackwardCall prepare_bga_backward(const at::Tensor& grad_out, const at::Tensor& detail_keep,
+                                     const at::Tensor& sem_up, const at::Tensor& detail_down,
+                                     const at::Tensor& sem_keep, int64_t tile_h, int64_t tile_w) {
+  check_inputs("bga_backward", detail_keep, sem_up, detail_down, sem_keep);
+  TORCH_CHECK(grad_out.sizes() == detail_keep.sizes(), "bga_backward: grad_out ", grad_out.sizes(),
+              " and detail_keep ", detail_keep.sizes(), " differ");
+  TORCH_CHECK(grad_out.scalar_type() == detail_keep.scalar_type(), "bga_backward: grad_out is ",
+              grad_out.scalar_type(), " but detail_keep is ", detail_keep.scalar_type());
+  TORCH_CHECK(grad_out.device() == detail_keep.device(), "bga_backward: grad_out is on ", grad_out.device(),
+              " but detail_keep is on ", detail_keep.device());
   TORCH_CHECK(tile_h >= 0 && tile_w >= 0, "bga_backward: tile sizes must be >= 0, got ", tile_h, "x", tile_w);
-  const at::MemoryFormat format = output_format(detail_keep_in);
-  at::Tensor grad_out = grad_out_in.contiguous(format);
-  at::Tensor detail_keep = detail_keep_in.contiguous(format);
-  at::Tensor sem_up = sem_up_in.contiguous(format);
-  at::Tensor detail_down = detail_down_in.contiguous(format);
-  at::Tensor sem_keep = sem_keep_in.contiguous(format);
-  at::Tensor grad_detail_keep = at::empty(detail_keep.sizes(), detail_keep.options().memory_format(format));
-  at::Tensor grad_sem_up = at::empty(sem_up.sizes(), sem_up.options().memory_format(format));
-  at::Tensor grad_detail_down = at::empty(sem_up.sizes(), sem_up.options().memory_format(format));
-  at::Tensor grad_sem_keep = at::empty(sem_up.sizes(), sem_up.options().memory_format(format));
+  const at::MemoryFormat format = output_format(detail_keep);
+  BgaBackwardCall call;
+  call.grad_out = grad_out.contiguous(format);
+  call.detail_keep = detail_keep.contiguous(format);
+  call.sem_up = sem_up.contiguous(format);
+  call.detail_down = detail_down.contiguous(format);
+  call.sem_keep = sem_keep.contiguous(format);
+  call.grad_detail_keep = at::empty(detail_keep.sizes(), detail_keep.options().memory_format(format));
+  call.grad_sem_up = at::empty(sem_up.sizes(), sem_up.options().memory_format(format));
+  call.grad_detail_down = at::empty(sem_up.sizes(), sem_up.options().memory_format(format));
+  call.grad_sem_keep = at::empty(sem_up.sizes(), sem_up.options().memory_format(format));
+  call.empty = grad_out.numel() == 0;
+  call.plan = BgaBackwardPlan{};
+  if (call.empty) return call;
   const int group = channel_group(format, detail_keep.size(1));
-  if (grad_out.numel() == 0) return Grads(grad_detail_keep, grad_sem_up, grad_detail_down, grad_sem_keep);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, detail_keep.scalar_type(), "bga_backward", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, detail_keep.scalar_type(), "bga_backward_plan", [&] {
     using acc_t = acc_of<scalar_t>;
-    const BgaBackwardPlan plan = backward_plan(
-        make_geometry<acc_t>(detail_keep.sizes().data(), detail_keep.strides().data(), sem_up.sizes().data(),
-                             sem_up.strides().data()),
-        group, tile_h, tile_w);
-    if (detail_keep.is_cuda()) {
-      bga_backward_cuda_launch(grad_out, detail_keep, sem_up, detail_down, sem_keep, grad_detail_keep, grad_sem_up,
-                               grad_detail_down, grad_sem_keep, plan);
-    } else {
-      backward_cpu_typed<scalar_t>(grad_out, detail_keep, sem_up, detail_down, sem_keep, grad_detail_keep,
-                                   grad_sem_up, grad_detail_down, grad_sem_keep, plan);
-    }
+    call.plan = backward_plan(make_geometry<acc_t>(call.detail_keep.sizes().data(), call.detail_keep.strides().data(),
+                                                   call.sem_up.sizes().data(), call.sem_up.strides().data()),
+                              group, tile_h, tile_w);
   });
-  return Grads(grad_detail_keep, grad_sem_up, grad_detail_down, grad_sem_keep);
+  return call;
+}
+
+namespace {
+
+at::Tensor bga_forward_cpu(const at::Tensor& detail_keep, const at::Tensor& sem_up, const at::Tensor& detail_down,
+                           const at::Tensor& sem_keep) {
+  const BgaForwardCall call = prepare_bga_forward(detail_keep, sem_up, detail_down, sem_keep);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, detail_keep.scalar_type(), "bga_forward_cpu",
+                                  [&] { forward_cpu_typed<scalar_t>(call); });
+  return call.out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bga_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& detail_keep, const at::Tensor& sem_up, const at::Tensor& detail_down,
+    const at::Tensor& sem_keep, int64_t tile_h, int64_t tile_w) {
+  const BgaBackwardCall call = prepare_bga_backward(grad_out, detail_keep, sem_up, detail_down, sem_keep, tile_h, tile_w);
+  if (!call.empty) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, detail_keep.scalar_type(), "bga_backward_cpu",
+                                    [&] { backward_cpu_typed<scalar_t>(call); });
+  }
+  return {call.grad_detail_keep, call.grad_sem_up, call.grad_detail_down, call.grad_sem_keep};
 }
 
 // The plan bga_backward would follow for these sizes, and the most elements any of its
@@ -280,12 +271,8 @@ TORCH_LIBRARY_FRAGMENT(bisenet_cuda, m) {
       &bisenet::bga_backward_plan_impl);
 }
 
+// the CUDA implementations are registered in bga.cu
 TORCH_LIBRARY_IMPL(bisenet_cuda, CPU, m) {
-  m.impl("bga_forward", &bisenet::bga_forward_impl);
-  m.impl("bga_backward", &bisenet::bga_backward_impl);
-}
-
-TORCH_LIBRARY_IMPL(bisenet_cuda, CUDA, m) {
-  m.impl("bga_forward", &bisenet::bga_forward_impl);
-  m.impl("bga_backward", &bisenet::bga_backward_impl);
+  m.impl("bga_forward", &bisenet::bga_forward_cpu);
+  m.impl("bga_backward", &bisenet::bga_backward_cpu);
 }

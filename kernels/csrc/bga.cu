@@ -1,18 +1,22 @@
 // CUDA kernels of the fused BGA gating: one forward kernel, one backward kernel.
 // The arithmetic lives in bga_math.h (shared with the C++ CPU loops in bga.cpp); this file
-// only maps items to threads and launches. The tensors arrive from bga.cpp already checked,
-// dense in one memory format (NCHW or channels_last) and allocated, with the backward's
-// plan (tile, buffer capacities, shared bytes) made there for both devices.
+// maps items to threads, launches, and registers the CUDA implementations of the ops whose
+// schema bga.cpp defines. prepare_bga_forward/backward (bga_op.h) check the inputs, make
+// them dense in one memory format (NCHW or channels_last), allocate the outputs and make
+// the backward's plan (tile, buffer capacities, shared bytes), for both devices alike.
 #include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <torch/library.h>
 
 #include <algorithm>
+#include <tuple>
 
-#include "bga_math.h"
+#include "bga_op.h"
 
 namespace bisenet {
 namespace {
@@ -118,14 +122,13 @@ bool aligned(const void* ptr, size_t bytes) {
 }
 
 template <typename scalar_t>
-void forward_typed(const at::Tensor& detail_keep, const at::Tensor& sem_up, const at::Tensor& detail_down,
-                   const at::Tensor& sem_keep, const at::Tensor& out, bool channels_last) {
+void forward_typed(const BgaForwardCall& call) {
   using acc_t = typename AccType<scalar_t>::type;
-  auto geo = geometry_of<scalar_t>(detail_keep, sem_up);
-  const scalar_t* keep_ptr = detail_keep.const_data_ptr<scalar_t>();
-  scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
-  const int64_t elements = detail_keep.numel();
-  const int fastest = channels_last ? geo.C : geo.W;
+  auto geo = geometry_of<scalar_t>(call.detail_keep, call.sem_up);
+  const scalar_t* keep_ptr = call.detail_keep.const_data_ptr<scalar_t>();
+  scalar_t* out_ptr = call.out.mutable_data_ptr<scalar_t>();
+  const int64_t elements = call.detail_keep.numel();
+  const int fastest = call.channels_last ? geo.C : geo.W;
   constexpr int kVec = 4;
   const bool vectorise = fastest % kVec == 0 && aligned(keep_ptr, sizeof(scalar_t) * kVec) &&
                          aligned(out_ptr, sizeof(scalar_t) * kVec);
@@ -133,40 +136,30 @@ void forward_typed(const at::Tensor& detail_keep, const at::Tensor& sem_up, cons
   const int64_t max_blocks = 65535LL * 8;
   const int64_t blocks = std::min<int64_t>((vectors + kThreads - 1) / kThreads, max_blocks);
   auto stream = c10::cuda::getCurrentCUDAStream();
+  const scalar_t* sem_up = call.sem_up.const_data_ptr<scalar_t>();
+  const scalar_t* detail_down = call.detail_down.const_data_ptr<scalar_t>();
+  const scalar_t* sem_keep = call.sem_keep.const_data_ptr<scalar_t>();
   if (vectorise) {
     bga_forward_kernel<scalar_t, acc_t, kVec><<<blocks, kThreads, 0, stream>>>(
-        geo, channels_last, vectors, keep_ptr, sem_up.const_data_ptr<scalar_t>(),
-        detail_down.const_data_ptr<scalar_t>(), sem_keep.const_data_ptr<scalar_t>(), out_ptr);
+        geo, call.channels_last, vectors, keep_ptr, sem_up, detail_down, sem_keep, out_ptr);
   } else {
     bga_forward_kernel<scalar_t, acc_t, 1><<<blocks, kThreads, 0, stream>>>(
-        geo, channels_last, vectors, keep_ptr, sem_up.const_data_ptr<scalar_t>(),
-        detail_down.const_data_ptr<scalar_t>(), sem_keep.const_data_ptr<scalar_t>(), out_ptr);
+        geo, call.channels_last, vectors, keep_ptr, sem_up, detail_down, sem_keep, out_ptr);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename scalar_t>
-void backward_typed(const at::Tensor& grad_out, const at::Tensor& detail_keep, const at::Tensor& sem_up,
-                    const at::Tensor& detail_down, const at::Tensor& sem_keep, const at::Tensor& grad_detail_keep,
-                    const at::Tensor& grad_sem_up, const at::Tensor& grad_detail_down,
-                    const at::Tensor& grad_sem_keep, const BgaBackwardPlan& plan) {
+void backward_typed(const BgaBackwardCall& call) {
   using acc_t = typename AccType<scalar_t>::type;
+  const BgaBackwardPlan& plan = call.plan;
   const int group = plan.group;
-  auto geo = geometry_of<scalar_t>(detail_keep, sem_up);
+  auto geo = geometry_of<scalar_t>(call.detail_keep, call.sem_up);
   const int tiles_y = (geo.h + plan.tile_h - 1) / plan.tile_h;
   const int tiles_x = (geo.w + plan.tile_w - 1) / plan.tile_w;
   const int groups = (geo.C + group - 1) / group;
   TORCH_CHECK(groups <= 65535 && geo.N <= 65535, "bga_backward: too many channels or samples for the grid");
-  BgaBackwardData<scalar_t> data;
-  data.grad_out = grad_out.const_data_ptr<scalar_t>();
-  data.detail_keep = detail_keep.const_data_ptr<scalar_t>();
-  data.sem_up = sem_up.const_data_ptr<scalar_t>();
-  data.detail_down = detail_down.const_data_ptr<scalar_t>();
-  data.sem_keep = sem_keep.const_data_ptr<scalar_t>();
-  data.grad_detail_keep = grad_detail_keep.mutable_data_ptr<scalar_t>();
-  data.grad_sem_up = grad_sem_up.mutable_data_ptr<scalar_t>();
-  data.grad_detail_down = grad_detail_down.mutable_data_ptr<scalar_t>();
-  data.grad_sem_keep = grad_sem_keep.mutable_data_ptr<scalar_t>();
+  const BgaBackwardData<scalar_t> data = backward_data<scalar_t>(call);
   const dim3 grid(static_cast<unsigned>(tiles_y * tiles_x), static_cast<unsigned>(groups),
                   static_cast<unsigned>(geo.N));
   const size_t shared = static_cast<size_t>(plan.shared_bytes);
@@ -184,41 +177,32 @@ void backward_typed(const at::Tensor& grad_out, const at::Tensor& detail_keep, c
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+at::Tensor bga_forward_cuda(const at::Tensor& detail_keep, const at::Tensor& sem_up, const at::Tensor& detail_down,
+                            const at::Tensor& sem_keep) {
+  const BgaForwardCall call = prepare_bga_forward(detail_keep, sem_up, detail_down, sem_keep);
+  if (call.out.numel() == 0) return call.out;
+  c10::cuda::CUDAGuard guard(detail_keep.device());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, detail_keep.scalar_type(), "bga_forward_cuda",
+                                  [&] { forward_typed<scalar_t>(call); });
+  return call.out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bga_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& detail_keep, const at::Tensor& sem_up, const at::Tensor& detail_down,
+    const at::Tensor& sem_keep, int64_t tile_h, int64_t tile_w) {
+  const BgaBackwardCall call = prepare_bga_backward(grad_out, detail_keep, sem_up, detail_down, sem_keep, tile_h, tile_w);
+  if (!call.empty) {
+    c10::cuda::CUDAGuard guard(detail_keep.device());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, detail_keep.scalar_type(), "bga_backward_cuda",
+                                    [&] { backward_typed<scalar_t>(call); });
+  }
+  return {call.grad_detail_keep, call.grad_sem_up, call.grad_detail_down, call.grad_sem_keep};
+}
+
 }  // namespace
-
-void bga_forward_cuda_launch(const at::Tensor& detail_keep, const at::Tensor& sem_up, const at::Tensor& detail_down,
-                             const at::Tensor& sem_keep, const at::Tensor& out, bool channels_last) {
-  if (out.numel() == 0) return;
-  c10::cuda::CUDAGuard guard(detail_keep.device());
-  switch (detail_keep.scalar_type()) {
-    case at::kFloat: forward_typed<float>(detail_keep, sem_up, detail_down, sem_keep, out, channels_last); break;
-    case at::kDouble: forward_typed<double>(detail_keep, sem_up, detail_down, sem_keep, out, channels_last); break;
-    case at::kHalf: forward_typed<c10::Half>(detail_keep, sem_up, detail_down, sem_keep, out, channels_last); break;
-    case at::kBFloat16:
-      forward_typed<c10::BFloat16>(detail_keep, sem_up, detail_down, sem_keep, out, channels_last);
-      break;
-    default: TORCH_CHECK(false, "bga_forward: unsupported dtype ", detail_keep.scalar_type());
-  }
-}
-
-void bga_backward_cuda_launch(const at::Tensor& grad_out, const at::Tensor& detail_keep, const at::Tensor& sem_up,
-                              const at::Tensor& detail_down, const at::Tensor& sem_keep,
-                              const at::Tensor& grad_detail_keep, const at::Tensor& grad_sem_up,
-                              const at::Tensor& grad_detail_down, const at::Tensor& grad_sem_keep,
-                              const BgaBackwardPlan& plan) {
-  if (grad_out.numel() == 0 || sem_up.numel() == 0) return;
-  c10::cuda::CUDAGuard guard(detail_keep.device());
-#define BISENET_BGA_BACKWARD(scalar_t)                                                                       \
-  backward_typed<scalar_t>(grad_out, detail_keep, sem_up, detail_down, sem_keep, grad_detail_keep, grad_sem_up, \
-                           grad_detail_down, grad_sem_keep, plan)
-  switch (detail_keep.scalar_type()) {
-    case at::kFloat: BISENET_BGA_BACKWARD(float); break;
-    case at::kDouble: BISENET_BGA_BACKWARD(double); break;
-    case at::kHalf: BISENET_BGA_BACKWARD(c10::Half); break;
-    case at::kBFloat16: BISENET_BGA_BACKWARD(c10::BFloat16); break;
-    default: TORCH_CHECK(false, "bga_backward: unsupported dtype ", detail_keep.scalar_type());
-  }
-#undef BISENET_BGA_BACKWARD
-}
-
 }  // namespace bisenet
+
+TORCH_LIBRARY_IMPL(bisenet_cuda, CUDA, m) {
+  m.impl("bga_forward", &bisenet::bga_forward_cuda);
+  m.impl("bga_backward", &bisenet::bga_backward_cuda);
+}

@@ -19,17 +19,9 @@
 #include <type_traits>
 #include <vector>
 
-#include "ohem_ce_math.h"
+#include "ohem_ce_op.h"
 
 namespace bisenet {
-
-// ohem_ce.cu
-void ce_forward_cuda_launch(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index,
-                            const at::Tensor& loss, const at::Tensor& lse);
-void ce_backward_cuda_launch(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& labels,
-                             const at::Tensor& lse, int64_t ignore_index, const at::Tensor& grad_logits);
-void radix_histogram_cuda_launch(const at::Tensor& bits, const at::Tensor& prefix, int64_t shift,
-                                 const at::Tensor& counts);
 
 namespace {
 
@@ -113,77 +105,85 @@ void backward_cpu_typed(const at::Tensor& grad_loss, const at::Tensor& logits, c
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> upsample_ce_forward_impl(const at::Tensor& logits_in, const at::Tensor& labels_in,
-                                                            int64_t ignore_index) {
-  check_inputs("upsample_ce_forward", logits_in, labels_in);
-  at::Tensor logits = logits_in.contiguous();
-  at::Tensor labels = labels_in.contiguous();
-  at::Tensor loss = at::empty(labels.sizes(), logits.options().dtype(acc_type(logits)));
-  at::Tensor lse = at::empty(labels.sizes(), logits.options().dtype(acc_type(logits)));
-  if (logits.is_cuda()) {
-    ce_forward_cuda_launch(logits, labels, ignore_index, loss, lse);
-    return {loss, lse};
-  }
-  const bool bytes = labels.scalar_type() == at::kByte;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "upsample_ce_forward_cpu", [&] {
-    if (bytes)
-      forward_cpu_typed<scalar_t, uint8_t>(logits, labels, ignore_index, loss, lse);
-    else
-      forward_cpu_typed<scalar_t, int64_t>(logits, labels, ignore_index, loss, lse);
-  });
-  return {loss, lse};
+}  // namespace
+
+CeForwardCall prepare_ce_forward(const at::Tensor& logits, const at::Tensor& labels) {
+  check_inputs("upsample_ce_forward", logits, labels);
+  CeForwardCall call;
+  call.logits = logits.contiguous();
+  call.labels = labels.contiguous();
+  call.loss = at::empty(labels.sizes(), logits.options().dtype(acc_type(logits)));
+  call.lse = at::empty(labels.sizes(), logits.options().dtype(acc_type(logits)));
+  return call;
 }
 
-at::Tensor upsample_ce_backward_impl(const at::Tensor& grad_loss_in, const at::Tensor& logits_in,
-                                     const at::Tensor& labels_in, const at::Tensor& lse_in, int64_t ignore_index) {
-  check_inputs("upsample_ce_backward", logits_in, labels_in);
-  check_pixel_tensor("upsample_ce_backward", "grad_loss", grad_loss_in, logits_in, labels_in);
-  check_pixel_tensor("upsample_ce_backward", "lse", lse_in, logits_in, labels_in);
-  const int64_t acc_bytes = acc_type(logits_in) == at::kDouble ? 8 : 4;
-  TORCH_CHECK(ce_backward_shared_bytes(labels_in.size(2), acc_bytes) <= kCeSharedBytes, "upsample_ce_backward: labels ",
-              labels_in.size(2), " wide need more than the kernel's ", kCeSharedBytes, " bytes of shared memory");
-  TORCH_CHECK(logits_in.size(0) * logits_in.size(1) * logits_in.size(2) < (int64_t{1} << 31),
+CeBackwardCall prepare_ce_backward(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& labels,
+                                   const at::Tensor& lse) {
+  check_inputs("upsample_ce_backward", logits, labels);
+  check_pixel_tensor("upsample_ce_backward", "grad_loss", grad_loss, logits, labels);
+  check_pixel_tensor("upsample_ce_backward", "lse", lse, logits, labels);
+  const int64_t acc_bytes = acc_type(logits) == at::kDouble ? 8 : 4;
+  TORCH_CHECK(ce_backward_shared_bytes(labels.size(2), acc_bytes) <= kCeSharedBytes, "upsample_ce_backward: labels ",
+              labels.size(2), " wide need more than the kernel's ", kCeSharedBytes, " bytes of shared memory");
+  TORCH_CHECK(logits.size(0) * logits.size(1) * logits.size(2) < (int64_t{1} << 31),
               "upsample_ce_backward: too many logit rows");
-  at::Tensor logits = logits_in.contiguous();
-  at::Tensor labels = labels_in.contiguous();
-  at::Tensor grad_loss = grad_loss_in.contiguous();
-  at::Tensor lse = lse_in.contiguous();
-  at::Tensor grad_logits = at::empty(logits.sizes(), logits.options());
-  if (logits.is_cuda()) {
-    ce_backward_cuda_launch(grad_loss, logits, labels, lse, ignore_index, grad_logits);
-    return grad_logits;
-  }
-  const bool bytes = labels.scalar_type() == at::kByte;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "upsample_ce_backward_cpu", [&] {
-    if (bytes)
-      backward_cpu_typed<scalar_t, uint8_t>(grad_loss, logits, labels, lse, ignore_index, grad_logits);
-    else
-      backward_cpu_typed<scalar_t, int64_t>(grad_loss, logits, labels, lse, ignore_index, grad_logits);
-  });
-  return grad_logits;
+  CeBackwardCall call;
+  call.logits = logits.contiguous();
+  call.labels = labels.contiguous();
+  call.grad_loss = grad_loss.contiguous();
+  call.lse = lse.contiguous();
+  call.grad_logits = at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
+  return call;
 }
 
-at::Tensor radix_histogram_impl(const at::Tensor& bits_in, const at::Tensor& prefix, int64_t shift) {
-  TORCH_CHECK(bits_in.dim() == 1 && bits_in.scalar_type() == at::kInt, "radix_histogram: bits must be (M,) int32, got ",
-              bits_in.sizes(), " ", bits_in.scalar_type());
-  TORCH_CHECK(prefix.dim() == 0 && prefix.scalar_type() == at::kLong && prefix.device() == bits_in.device(),
-              "radix_histogram: prefix must be a 0-dim int64 tensor on ", bits_in.device());
-  TORCH_CHECK(shift == 0 || shift == 8 || shift == 16 || shift == 24, "radix_histogram: shift must be 0, 8, 16 or 24, got ",
-              shift);
-  at::Tensor bits = bits_in.contiguous();
-  at::Tensor counts = at::zeros({256}, bits.options().dtype(at::kLong));
-  if (bits.is_cuda()) {
-    radix_histogram_cuda_launch(bits, prefix, shift, counts);
-    return counts;
-  }
-  const uint32_t prefix_bits = static_cast<uint32_t>(prefix.item<int64_t>());
-  const int32_t* data = bits.const_data_ptr<int32_t>();
-  int64_t* out = counts.mutable_data_ptr<int64_t>();
-  for (int64_t index = 0; index < bits.numel(); ++index) {
-    const int digit = radix_digit(data[index], prefix_bits, static_cast<int>(shift));
+RadixCall prepare_radix_histogram(const at::Tensor& bits, const at::Tensor& prefix, int64_t shift) {
+  TORCH_CHECK(bits.dim() == 1 && bits.scalar_type() == at::kInt, "radix_histogram: bits must be (M,) int32, got ",
+              bits.sizes(), " ", bits.scalar_type());
+  TORCH_CHECK(prefix.dim() == 0 && prefix.scalar_type() == at::kLong && prefix.device() == bits.device(),
+              "radix_histogram: prefix must be a 0-dim int64 tensor on ", bits.device());
+  TORCH_CHECK(shift == 0 || shift == 8 || shift == 16 || shift == 24,
+              "radix_histogram: shift must be 0, 8, 16 or 24, got ", shift);
+  RadixCall call;
+  call.bits = bits.contiguous();
+  call.prefix = prefix;
+  call.shift = static_cast<int>(shift);
+  call.counts = at::zeros({256}, bits.options().dtype(at::kLong));
+  return call;
+}
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> upsample_ce_forward_cpu(const at::Tensor& logits, const at::Tensor& labels,
+                                                           int64_t ignore_index) {
+  const CeForwardCall call = prepare_ce_forward(logits, labels);
+#define BISENET_CE_FORWARD(scalar_t, label_t) \
+  forward_cpu_typed<scalar_t, label_t>(call.logits, call.labels, ignore_index, call.loss, call.lse)
+  BISENET_CE_DISPATCH(call.logits, call.labels, BISENET_CE_FORWARD);
+#undef BISENET_CE_FORWARD
+  return {call.loss, call.lse};
+}
+
+at::Tensor upsample_ce_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& labels,
+                                    const at::Tensor& lse, int64_t ignore_index) {
+  const CeBackwardCall call = prepare_ce_backward(grad_loss, logits, labels, lse);
+#define BISENET_CE_BACKWARD(scalar_t, label_t)                                                                \
+  backward_cpu_typed<scalar_t, label_t>(call.grad_loss, call.logits, call.labels, call.lse, ignore_index, \
+                                        call.grad_logits)
+  BISENET_CE_DISPATCH(call.logits, call.labels, BISENET_CE_BACKWARD);
+#undef BISENET_CE_BACKWARD
+  return call.grad_logits;
+}
+
+at::Tensor radix_histogram_cpu(const at::Tensor& bits, const at::Tensor& prefix, int64_t shift) {
+  const RadixCall call = prepare_radix_histogram(bits, prefix, shift);
+  const uint32_t prefix_bits = static_cast<uint32_t>(call.prefix.item<int64_t>());
+  const int32_t* data = call.bits.const_data_ptr<int32_t>();
+  int64_t* out = call.counts.mutable_data_ptr<int64_t>();
+  for (int64_t index = 0; index < call.bits.numel(); ++index) {
+    const int digit = radix_digit(data[index], prefix_bits, call.shift);
     if (digit >= 0) ++out[digit];
   }
-  return counts;
+  return call.counts;
 }
 
 }  // namespace
@@ -195,14 +195,9 @@ TORCH_LIBRARY_FRAGMENT(bisenet_cuda, m) {
   m.def("radix_histogram(Tensor bits, Tensor prefix, int shift) -> Tensor");
 }
 
+// the CUDA implementations are registered in ohem_ce.cu
 TORCH_LIBRARY_IMPL(bisenet_cuda, CPU, m) {
-  m.impl("upsample_ce_forward", &bisenet::upsample_ce_forward_impl);
-  m.impl("upsample_ce_backward", &bisenet::upsample_ce_backward_impl);
-  m.impl("radix_histogram", &bisenet::radix_histogram_impl);
-}
-
-TORCH_LIBRARY_IMPL(bisenet_cuda, CUDA, m) {
-  m.impl("upsample_ce_forward", &bisenet::upsample_ce_forward_impl);
-  m.impl("upsample_ce_backward", &bisenet::upsample_ce_backward_impl);
-  m.impl("radix_histogram", &bisenet::radix_histogram_impl);
+  m.impl("upsample_ce_forward", &bisenet::upsample_ce_forward_cpu);
+  m.impl("upsample_ce_backward", &bisenet::upsample_ce_backward_cpu);
+  m.impl("radix_histogram", &bisenet::radix_histogram_cpu);
 }

@@ -1,19 +1,22 @@
 // CUDA kernels of the fused upsample + cross-entropy loss: the per-pixel forward, the
 // gather backward into the low-res logits, and the histogram pass of the OHEM radix select.
 // The arithmetic lives in ohem_ce_math.h (shared with the C++ CPU loops in ohem_ce.cpp);
-// this file only maps items to threads and launches. The tensors arrive from ohem_ce.cpp
-// checked, contiguous and allocated.
+// this file maps items to threads, launches, and registers the CUDA implementations of the
+// ops whose schema ohem_ce.cpp defines; prepare_* (ohem_ce_op.h) check the inputs, make them
+// contiguous and allocate the outputs, for both devices alike.
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <tuple>
 
-#include "ohem_ce_math.h"
+#include "ohem_ce_op.h"
 
 namespace bisenet {
 namespace {
@@ -93,77 +96,72 @@ __global__ void __launch_bounds__(kThreads) radix_histogram_kernel(
 }
 
 template <typename scalar_t, typename label_t>
-void forward_typed(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index, const at::Tensor& loss,
-                   const at::Tensor& lse) {
+void forward_typed(const CeForwardCall& call, int64_t ignore_index) {
   using acc_t = typename AccType<scalar_t>::type;
+  const at::Tensor& logits = call.logits;
   auto geo = make_ce_geometry<acc_t>(logits.size(0), logits.size(1), logits.size(2), logits.size(3),
-                                     labels.size(1), labels.size(2));
-  const int64_t pixels = labels.numel();
+                                     call.labels.size(1), call.labels.size(2));
+  const int64_t pixels = call.labels.numel();
   ce_forward_kernel<scalar_t, label_t, acc_t><<<blocks_for(pixels), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      geo, pixels, logits.const_data_ptr<scalar_t>(), labels.const_data_ptr<label_t>(), ignore_index,
-      loss.mutable_data_ptr<acc_t>(), lse.mutable_data_ptr<acc_t>());
+      geo, pixels, logits.const_data_ptr<scalar_t>(), call.labels.const_data_ptr<label_t>(), ignore_index,
+      call.loss.mutable_data_ptr<acc_t>(), call.lse.mutable_data_ptr<acc_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename scalar_t, typename label_t>
-void backward_typed(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& labels,
-                    const at::Tensor& lse, int64_t ignore_index, const at::Tensor& grad_logits) {
+void backward_typed(const CeBackwardCall& call, int64_t ignore_index) {
   using acc_t = typename AccType<scalar_t>::type;
+  const at::Tensor& logits = call.logits;
   auto geo = make_ce_geometry<acc_t>(logits.size(0), logits.size(1), logits.size(2), logits.size(3),
-                                     labels.size(1), labels.size(2));
-  const int64_t rows = logits.size(0) * logits.size(1) * logits.size(2);  // < 2^31, checked in ohem_ce.cpp
-  const size_t shared = static_cast<size_t>(ce_backward_shared_bytes(geo.W, sizeof(acc_t)));  // <= the budget, idem
+                                     call.labels.size(1), call.labels.size(2));
+  const int64_t rows = logits.size(0) * logits.size(1) * logits.size(2);  // < 2^31, checked by prepare
+  const size_t shared = static_cast<size_t>(ce_backward_shared_bytes(geo.W, sizeof(acc_t)));  // within the budget, idem
   ce_backward_kernel<scalar_t, label_t, acc_t><<<rows, kThreads, shared, c10::cuda::getCurrentCUDAStream()>>>(
-      geo, logits.const_data_ptr<scalar_t>(), labels.const_data_ptr<label_t>(), grad_loss.const_data_ptr<acc_t>(),
-      lse.const_data_ptr<acc_t>(), ignore_index, grad_logits.mutable_data_ptr<scalar_t>());
+      geo, logits.const_data_ptr<scalar_t>(), call.labels.const_data_ptr<label_t>(),
+      call.grad_loss.const_data_ptr<acc_t>(), call.lse.const_data_ptr<acc_t>(), ignore_index,
+      call.grad_logits.mutable_data_ptr<scalar_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Runs CALL(scalar_t, label_t) for the logits' and labels' dtypes.
-#define BISENET_CE_DISPATCH(op, logits, labels, CALL)                                                       \
-  do {                                                                                                      \
-    const bool bytes = (labels).scalar_type() == at::kByte;                                                 \
-    TORCH_CHECK(bytes || (labels).scalar_type() == at::kLong, op, ": labels must be int64 or uint8, got ",  \
-                (labels).scalar_type());                                                                    \
-    switch ((logits).scalar_type()) {                                                                       \
-      case at::kFloat: if (bytes) CALL(float, uint8_t); else CALL(float, int64_t); break;                   \
-      case at::kDouble: if (bytes) CALL(double, uint8_t); else CALL(double, int64_t); break;                \
-      case at::kHalf: if (bytes) CALL(c10::Half, uint8_t); else CALL(c10::Half, int64_t); break;            \
-      case at::kBFloat16: if (bytes) CALL(c10::BFloat16, uint8_t); else CALL(c10::BFloat16, int64_t); break; \
-      default: TORCH_CHECK(false, op, ": unsupported logits dtype ", (logits).scalar_type());              \
-    }                                                                                                       \
-  } while (0)
+std::tuple<at::Tensor, at::Tensor> upsample_ce_forward_cuda(const at::Tensor& logits, const at::Tensor& labels,
+                                                            int64_t ignore_index) {
+  const CeForwardCall call = prepare_ce_forward(logits, labels);
+  if (call.labels.numel() == 0) return {call.loss, call.lse};
+  c10::cuda::CUDAGuard guard(logits.device());
+#define BISENET_CE_FORWARD(scalar_t, label_t) forward_typed<scalar_t, label_t>(call, ignore_index)
+  BISENET_CE_DISPATCH(call.logits, call.labels, BISENET_CE_FORWARD);
+#undef BISENET_CE_FORWARD
+  return {call.loss, call.lse};
+}
+
+at::Tensor upsample_ce_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& labels,
+                                     const at::Tensor& lse, int64_t ignore_index) {
+  const CeBackwardCall call = prepare_ce_backward(grad_loss, logits, labels, lse);
+  if (call.logits.numel() == 0) return call.grad_logits;
+  c10::cuda::CUDAGuard guard(logits.device());
+#define BISENET_CE_BACKWARD(scalar_t, label_t) backward_typed<scalar_t, label_t>(call, ignore_index)
+  BISENET_CE_DISPATCH(call.logits, call.labels, BISENET_CE_BACKWARD);
+#undef BISENET_CE_BACKWARD
+  return call.grad_logits;
+}
+
+at::Tensor radix_histogram_cuda(const at::Tensor& bits, const at::Tensor& prefix, int64_t shift) {
+  const RadixCall call = prepare_radix_histogram(bits, prefix, shift);
+  if (call.bits.numel() == 0) return call.counts;
+  c10::cuda::CUDAGuard guard(bits.device());
+  const int64_t blocks = std::min<int64_t>(blocks_for(call.bits.numel()), 1024);
+  radix_histogram_kernel<<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      call.bits.const_data_ptr<int32_t>(), call.bits.numel(), call.prefix.const_data_ptr<int64_t>(), call.shift,
+      reinterpret_cast<unsigned long long*>(call.counts.mutable_data_ptr<int64_t>()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return call.counts;
+}
 
 }  // namespace
-
-void ce_forward_cuda_launch(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index,
-                            const at::Tensor& loss, const at::Tensor& lse) {
-  if (labels.numel() == 0) return;
-  c10::cuda::CUDAGuard guard(logits.device());
-#define BISENET_CE_FORWARD(scalar_t, label_t) forward_typed<scalar_t, label_t>(logits, labels, ignore_index, loss, lse)
-  BISENET_CE_DISPATCH("upsample_ce_forward", logits, labels, BISENET_CE_FORWARD);
-#undef BISENET_CE_FORWARD
-}
-
-void ce_backward_cuda_launch(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& labels,
-                             const at::Tensor& lse, int64_t ignore_index, const at::Tensor& grad_logits) {
-  if (logits.numel() == 0) return;
-  c10::cuda::CUDAGuard guard(logits.device());
-#define BISENET_CE_BACKWARD(scalar_t, label_t) \
-  backward_typed<scalar_t, label_t>(grad_loss, logits, labels, lse, ignore_index, grad_logits)
-  BISENET_CE_DISPATCH("upsample_ce_backward", logits, labels, BISENET_CE_BACKWARD);
-#undef BISENET_CE_BACKWARD
-}
-
-void radix_histogram_cuda_launch(const at::Tensor& bits, const at::Tensor& prefix, int64_t shift,
-                                 const at::Tensor& counts) {
-  if (bits.numel() == 0) return;
-  c10::cuda::CUDAGuard guard(bits.device());
-  const int64_t blocks = std::min<int64_t>(blocks_for(bits.numel()), 1024);
-  radix_histogram_kernel<<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      bits.const_data_ptr<int32_t>(), bits.numel(), prefix.const_data_ptr<int64_t>(), static_cast<int>(shift),
-      reinterpret_cast<unsigned long long*>(counts.mutable_data_ptr<int64_t>()));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
 }  // namespace bisenet
+
+TORCH_LIBRARY_IMPL(bisenet_cuda, CUDA, m) {
+  m.impl("upsample_ce_forward", &bisenet::upsample_ce_forward_cuda);
+  m.impl("upsample_ce_backward", &bisenet::upsample_ce_backward_cuda);
+  m.impl("radix_histogram", &bisenet::radix_histogram_cuda);
+}

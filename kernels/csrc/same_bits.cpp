@@ -1,43 +1,43 @@
 // bisenet_cuda::same_bits_math(x, fn) -> y: same_bits.h's exp_acc, log_acc or sigmoid_acc
 // (fn "exp", "log", "sigmoid") of every element of x (float32 or float64), on the CPU by a
-// loop here, on the GPU by the kernel in same_bits.cu. The tests measure the functions'
+// loop here, on the GPU by the kernel in same_bits.cu (which registers its implementation). The tests measure the functions'
 // error on the CPU, and on a GPU compare the two devices' results bit for bit.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <string>
+#include <utility>
 
 #include "same_bits.h"
 
 namespace bisenet {
 
-// same_bits.cu
-void same_bits_math_cuda_launch(const at::Tensor& x, int fn, const at::Tensor& y);
-
-namespace {
-
-int function_code(const std::string& fn) {
+int same_bits_function(c10::string_view fn_name) {
+  const std::string fn(fn_name);
   if (fn == "exp") return 0;
   if (fn == "log") return 1;
   TORCH_CHECK(fn == "sigmoid", "same_bits_math: fn must be exp, log or sigmoid, got ", fn);
   return 2;
 }
 
+// -> (x contiguous, the output allocated)
+std::pair<at::Tensor, at::Tensor> prepare_same_bits(const at::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "same_bits_math: x must be float32 or float64, got ", x.scalar_type());
+  at::Tensor dense = x.contiguous();
+  return {dense, at::empty_like(dense)};
+}
+
+namespace {
+
 template <typename acc_t>
 acc_t apply(int fn, acc_t v) {
   return fn == 0 ? exp_acc(v) : fn == 1 ? log_acc(v) : sigmoid_acc(v);
 }
 
-at::Tensor same_bits_math_impl(const at::Tensor& x_in, c10::string_view fn_name) {
-  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kDouble,
-              "same_bits_math: x must be float32 or float64, got ", x_in.scalar_type());
-  const int fn = function_code(std::string(fn_name));
-  at::Tensor x = x_in.contiguous();
-  at::Tensor y = at::empty_like(x);
-  if (x.is_cuda()) {
-    same_bits_math_cuda_launch(x, fn, y);
-    return y;
-  }
+at::Tensor same_bits_math_cpu(const at::Tensor& x_in, c10::string_view fn_name) {
+  const auto [x, y] = prepare_same_bits(x_in);
+  const int fn = same_bits_function(fn_name);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "same_bits_math_cpu", [&] {
     const scalar_t* in = x.const_data_ptr<scalar_t>();
     scalar_t* out = y.mutable_data_ptr<scalar_t>();
@@ -53,10 +53,7 @@ TORCH_LIBRARY_FRAGMENT(bisenet_cuda, m) {
   m.def("same_bits_math(Tensor x, str fn) -> Tensor");
 }
 
+// the CUDA implementation is registered in same_bits.cu
 TORCH_LIBRARY_IMPL(bisenet_cuda, CPU, m) {
-  m.impl("same_bits_math", &bisenet::same_bits_math_impl);
-}
-
-TORCH_LIBRARY_IMPL(bisenet_cuda, CUDA, m) {
-  m.impl("same_bits_math", &bisenet::same_bits_math_impl);
+  m.impl("same_bits_math", &bisenet::same_bits_math_cpu);
 }

@@ -3,8 +3,11 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <c10/util/string_view.h>
+#include <torch/library.h>
 
 #include <algorithm>
+#include <utility>
 
 #include "same_bits.h"
 
@@ -22,8 +25,14 @@ __global__ void same_bits_math_kernel(const acc_t* __restrict__ x, int64_t count
 
 }  // namespace
 
-void same_bits_math_cuda_launch(const at::Tensor& x, int fn, const at::Tensor& y) {
-  if (x.numel() == 0) return;
+// same_bits.cpp
+int same_bits_function(c10::string_view fn_name);
+std::pair<at::Tensor, at::Tensor> prepare_same_bits(const at::Tensor& x);
+
+at::Tensor same_bits_math_cuda(const at::Tensor& x_in, c10::string_view fn_name) {
+  const auto [x, y] = prepare_same_bits(x_in);
+  const int fn = same_bits_function(fn_name);
+  if (x.numel() == 0) return y;
   c10::cuda::CUDAGuard guard(x.device());
   const int64_t blocks = std::min<int64_t>((x.numel() + 255) / 256, 65535LL * 8);
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -35,6 +44,11 @@ void same_bits_math_cuda_launch(const at::Tensor& x, int fn, const at::Tensor& y
                                                              y.mutable_data_ptr<float>());
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return y;
 }
 
 }  // namespace bisenet
+
+TORCH_LIBRARY_IMPL(bisenet_cuda, CUDA, m) {
+  m.impl("same_bits_math", &bisenet::same_bits_math_cuda);
+}

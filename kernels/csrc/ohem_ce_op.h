@@ -1,0 +1,48 @@
+// The host side shared by the two implementations of bisenet_cuda::upsample_ce_forward,
+// upsample_ce_backward and radix_histogram: ohem_ce.cpp (the schema, the input checks, the
+// CPU loops, registered for CPU) and ohem_ce.cu (the CUDA kernels, registered for CUDA). A
+// call is checked, its tensors made contiguous and its outputs allocated once, here,
+// whatever the device.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include "ohem_ce_math.h"
+
+namespace bisenet {
+
+struct CeForwardCall {
+  at::Tensor logits, labels;  // contiguous
+  at::Tensor loss, lse;       // (N, H, W) float32 (float64 for float64 logits)
+};
+
+struct CeBackwardCall {
+  at::Tensor grad_loss, logits, labels, lse;  // contiguous
+  at::Tensor grad_logits;
+};
+
+struct RadixCall {
+  at::Tensor bits, prefix;  // (M,) int32 contiguous, 0-dim int64
+  int shift;
+  at::Tensor counts;        // (256,) int64, zeros
+};
+
+// ohem_ce.cpp
+CeForwardCall prepare_ce_forward(const at::Tensor& logits, const at::Tensor& labels);
+CeBackwardCall prepare_ce_backward(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& labels,
+                                   const at::Tensor& lse);
+RadixCall prepare_radix_histogram(const at::Tensor& bits, const at::Tensor& prefix, int64_t shift);
+
+// Runs CALL(scalar_t, label_t) for the logits' and labels' dtypes (checked by the prepare_*).
+#define BISENET_CE_DISPATCH(logits, labels, CALL)                                                    \
+  do {                                                                                               \
+    const bool bytes = (labels).scalar_type() == at::kByte;                                          \
+    switch ((logits).scalar_type()) {                                                                \
+      case at::kFloat: if (bytes) CALL(float, uint8_t); else CALL(float, int64_t); break;            \
+      case at::kDouble: if (bytes) CALL(double, uint8_t); else CALL(double, int64_t); break;         \
+      case at::kHalf: if (bytes) CALL(c10::Half, uint8_t); else CALL(c10::Half, int64_t); break;     \
+      default: if (bytes) CALL(c10::BFloat16, uint8_t); else CALL(c10::BFloat16, int64_t); break;    \
+    }                                                                                                \
+  } while (0)
+
+}  // namespace bisenet
