@@ -9,7 +9,7 @@ detail_keep (N, C, H, W); sem_up, detail_down, sem_keep (N, C, h, w); `up` is bi
 
 `bga_aggregate` is the custom op `bisenet::bga_aggregate` (with a fake implementation and
 autograd), so torch.compile sees one op. On CUDA tensors it runs the fused kernels of
-csrc/bga.cu (one forward kernel, one backward kernel) when the extension is in use, see
+csrc/bga.cu (two forward kernels, one backward kernel) when the extension is in use, see
 `EXTENSION.use_cuda_kernel`; otherwise, and always on CPU, the plain-PyTorch reference below.
 The output (and every gradient) is in detail_keep's memory format: channels_last when
 detail_keep is channels_last (and not also plain contiguous), else NCHW.

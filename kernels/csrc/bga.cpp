@@ -86,9 +86,11 @@ void forward_cpu_typed(const BgaForwardCall& call) {
                                   call.sem_up.sizes().data(), call.sem_up.strides().data());
   const scalar_t* keep = call.detail_keep.const_data_ptr<scalar_t>();
   const scalar_t* up = call.sem_up.const_data_ptr<scalar_t>();
-  const scalar_t* down = call.detail_down.const_data_ptr<scalar_t>();
-  const scalar_t* gate = call.sem_keep.const_data_ptr<scalar_t>();
+  acc_t* gated = call.gated.mutable_data_ptr<acc_t>();
   scalar_t* result = call.out.mutable_data_ptr<scalar_t>();
+  const scalar_t* detail_down = call.detail_down.const_data_ptr<scalar_t>();
+  const scalar_t* sem_keep = call.sem_keep.const_data_ptr<scalar_t>();
+  for (int64_t offset = 0; offset < call.gated.numel(); ++offset) bga_gate_item(offset, detail_down, sem_keep, gated);
   for (int n = 0; n < geo.N; ++n)
     for (int c = 0; c < geo.C; ++c) {
       int64_t plane = n * geo.lo_sn + c * geo.lo_sc;
@@ -98,7 +100,7 @@ void forward_cpu_typed(const BgaForwardCall& call) {
           Taps<acc_t> tx = bilinear_taps<acc_t>(x, geo.w, geo.scale_x);
           int64_t hi = n * geo.hi_sn + c * geo.hi_sc + y * geo.hi_sy + x * geo.hi_sx;
           result[hi] = static_cast<scalar_t>(bga_forward_value<scalar_t, acc_t>(
-              static_cast<acc_t>(keep[hi]), up + plane, down + plane, gate + plane, geo.lo_sy, geo.lo_sx, ty, tx));
+              static_cast<acc_t>(keep[hi]), up + plane, gated + plane, geo.lo_sy, geo.lo_sx, ty, tx));
         }
       }
     }
@@ -168,6 +170,8 @@ BgaForwardCall prepare_bga_forward(const at::Tensor& detail_keep, const at::Tens
   call.sem_up = sem_up.contiguous(format);
   call.detail_down = detail_down.contiguous(format);
   call.sem_keep = sem_keep.contiguous(format);
+  const at::ScalarType acc = detail_keep.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  call.gated = at::empty(sem_up.sizes(), sem_up.options().dtype(acc).memory_format(format));
   call.out = at::empty(detail_keep.sizes(), detail_keep.options().memory_format(format));
   call.channels_last = format == at::MemoryFormat::ChannelsLast;
   return call;

@@ -1,4 +1,5 @@
-// CUDA kernels of the fused BGA gating: one forward kernel, one backward kernel.
+// CUDA kernels of the fused BGA gating: two forward kernels (the low-res gate, then the
+// output), one backward kernel.
 // The arithmetic lives in bga_math.h (shared with the C++ CPU loops in bga.cpp); this file
 // maps items to threads, launches, and registers the CUDA implementations of the ops whose
 // schema bga.cpp defines. prepare_bga_forward/backward (bga_op.h) check the inputs, make
@@ -35,12 +36,21 @@ struct alignas(sizeof(scalar_t) * kVec) Vec {
   scalar_t v[kVec];
 };
 
+// Forward pass 1: one thread per low-res element (bga_math.h: bga_gate_item).
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) bga_gate_kernel(
+    int64_t count, const scalar_t* __restrict__ detail_down, const scalar_t* __restrict__ sem_keep,
+    acc_t* __restrict__ gated) {
+  for (int64_t offset = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; offset < count;
+       offset += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    bga_gate_item(offset, detail_down, sem_keep, gated);
+}
+
 template <typename scalar_t, typename acc_t, int kVec>
 __global__ void __launch_bounds__(kThreads) bga_forward_kernel(
     BgaGeometry<acc_t> geo, bool channels_last, int64_t vectors,
     const scalar_t* __restrict__ detail_keep, const scalar_t* __restrict__ sem_up,
-    const scalar_t* __restrict__ detail_down, const scalar_t* __restrict__ sem_keep,
-    scalar_t* __restrict__ out) {
+    const acc_t* __restrict__ gated, scalar_t* __restrict__ out) {
   for (int64_t vec = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; vec < vectors;
        vec += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     // The tensors are dense, so element `index` sits at offset `index` in memory order.
@@ -74,8 +84,7 @@ __global__ void __launch_bounds__(kThreads) bga_forward_kernel(
       if (!channels_last && k > 0) tx = bilinear_taps<acc_t>(xk, geo.w, geo.scale_x);
       int64_t plane = n * geo.lo_sn + ck * geo.lo_sc;
       result.v[k] = static_cast<scalar_t>(bga_forward_value<scalar_t, acc_t>(
-          static_cast<acc_t>(keep.v[k]), sem_up + plane, detail_down + plane, sem_keep + plane,
-          geo.lo_sy, geo.lo_sx, ty, tx));
+          static_cast<acc_t>(keep.v[k]), sem_up + plane, gated + plane, geo.lo_sy, geo.lo_sx, ty, tx));
     }
     *reinterpret_cast<Vec<scalar_t, kVec>*>(out + index) = result;
   }
@@ -137,14 +146,18 @@ void forward_typed(const BgaForwardCall& call) {
   const int64_t blocks = std::min<int64_t>((vectors + kThreads - 1) / kThreads, max_blocks);
   auto stream = c10::cuda::getCurrentCUDAStream();
   const scalar_t* sem_up = call.sem_up.const_data_ptr<scalar_t>();
-  const scalar_t* detail_down = call.detail_down.const_data_ptr<scalar_t>();
-  const scalar_t* sem_keep = call.sem_keep.const_data_ptr<scalar_t>();
+  acc_t* gated = call.gated.mutable_data_ptr<acc_t>();
+  const int64_t low = call.gated.numel();
+  bga_gate_kernel<scalar_t, acc_t><<<std::min<int64_t>((low + kThreads - 1) / kThreads, max_blocks), kThreads, 0,
+                                     stream>>>(low, call.detail_down.const_data_ptr<scalar_t>(),
+                                               call.sem_keep.const_data_ptr<scalar_t>(), gated);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (vectorise) {
     bga_forward_kernel<scalar_t, acc_t, kVec><<<blocks, kThreads, 0, stream>>>(
-        geo, call.channels_last, vectors, keep_ptr, sem_up, detail_down, sem_keep, out_ptr);
+        geo, call.channels_last, vectors, keep_ptr, sem_up, gated, out_ptr);
   } else {
     bga_forward_kernel<scalar_t, acc_t, 1><<<blocks, kThreads, 0, stream>>>(
-        geo, call.channels_last, vectors, keep_ptr, sem_up, detail_down, sem_keep, out_ptr);
+        geo, call.channels_last, vectors, keep_ptr, sem_up, gated, out_ptr);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

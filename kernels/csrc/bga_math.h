@@ -47,19 +47,21 @@ BISENET_HD acc_t gated_detail(const scalar_t* detail_down, const scalar_t* sem_k
          sigmoid_acc(load_acc<scalar_t, acc_t>(sem_keep, offset));
 }
 
-// The forward output at high-res (n, c, y, x). The *_plane pointers point at (n, c).
+// Forward, pass 1, one item per low-res element (a dense tensor: the item is the offset):
+// detail_down * sigmoid(sem_keep), kept in acc_t for pass 2, so each low-res element's
+// sigmoid is taken once, not once for every high-res pixel that reads it (16 at x4).
 template <typename scalar_t, typename acc_t>
-BISENET_HD acc_t bga_forward_value(acc_t detail_keep, const scalar_t* sem_up_plane,
-                                   const scalar_t* detail_down_plane, const scalar_t* sem_keep_plane,
+BISENET_HD void bga_gate_item(int64_t offset, const scalar_t* detail_down, const scalar_t* sem_keep, acc_t* gated) {
+  gated[offset] = gated_detail<scalar_t, acc_t>(detail_down, sem_keep, offset);
+}
+
+// Forward, pass 2: the output at high-res (n, c, y, x). sem_up_plane and gated_plane point
+// at (n, c) of tensors with the low-res strides sy, sx.
+template <typename scalar_t, typename acc_t>
+BISENET_HD acc_t bga_forward_value(acc_t detail_keep, const scalar_t* sem_up_plane, const acc_t* gated_plane,
                                    int64_t sy, int64_t sx, const Taps<acc_t>& ty, const Taps<acc_t>& tx) {
   acc_t sem_gate = sigmoid_acc(bilinear_sample<scalar_t, acc_t>(sem_up_plane, sy, sx, ty, tx));
-  int64_t o00 = ty.i0 * sy + tx.i0 * sx, o01 = ty.i0 * sy + tx.i1 * sx;
-  int64_t o10 = ty.i1 * sy + tx.i0 * sx, o11 = ty.i1 * sy + tx.i1 * sx;
-  acc_t row0 = lerp_taps(tx, gated_detail<scalar_t, acc_t>(detail_down_plane, sem_keep_plane, o00),
-                         gated_detail<scalar_t, acc_t>(detail_down_plane, sem_keep_plane, o01));
-  acc_t row1 = lerp_taps(tx, gated_detail<scalar_t, acc_t>(detail_down_plane, sem_keep_plane, o10),
-                         gated_detail<scalar_t, acc_t>(detail_down_plane, sem_keep_plane, o11));
-  return fma_acc(detail_keep, sem_gate, lerp_taps(ty, row0, row1));
+  return fma_acc(detail_keep, sem_gate, bilinear_sample<acc_t, acc_t>(gated_plane, sy, sx, ty, tx));
 }
 
 // ---------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ namespace bisenet {
 
 struct BgaForwardCall {
   at::Tensor detail_keep, sem_up, detail_down, sem_keep;  // inputs, dense in one format
+  at::Tensor gated;  // workspace: detail_down * sigmoid(sem_keep) in float (double), low-res layout
   at::Tensor out;
   bool channels_last;
 };
