@@ -17,9 +17,10 @@ tensors, not Python numbers); only `validate=True` syncs, to raise on a bad labe
   ohem_cross_entropy: the per-pixel loss is the custom op `bisenet::upsample_cross_entropy`
       (CUDA: csrc/ohem_ce.cu interpolates on the fly, never materialising (N, C, H, W), and
       its backward writes the low-res gradient directly, deterministically; CPU: plain
-      PyTorch), and the k-th largest comes from a radix select (4 histogram passes of 8 bits,
-      `bisenet_cuda::radix_histogram` on CUDA). With validate=False a label outside [0, C)
-      that is not ignore_index makes the loss NaN instead of raising.
+      PyTorch), and the selection is the custom op `bisenet::ohem_weights` (CUDA: a radix
+      select of the k-th largest loss and the weights, counts kept on the device; CPU: the
+      sort-based reference). With validate=False a label outside [0, C) that is not
+      ignore_index makes the loss NaN instead of raising.
 """
 import math
 
@@ -29,12 +30,12 @@ import torch.nn.functional as F
 from .build import Extension
 
 __all__ = ["ohem_cross_entropy", "ohem_cross_entropy_reference", "upsample_cross_entropy",
-           "upsample_cross_entropy_backward", "check_labels", "EXTENSION"]
+           "upsample_cross_entropy_backward", "ohem_weights_op", "check_labels", "EXTENSION"]
 
 # csrc/ohem_ce.cpp (schema, checks, the CPU loops) and csrc/ohem_ce.cu (the CUDA kernels);
 # its use_cuda_kernel says whether CUDA tensors get the kernels (kernels.select sets it)
 EXTENSION = Extension("bisenet_loss", ["ohem_ce.cpp", "ohem_ce.cu"],
-                      ["upsample_ce_forward", "upsample_ce_backward", "radix_histogram"])
+                      ["upsample_ce_forward", "upsample_ce_backward", "ohem_weights"])
 
 
 def check_inputs(logits, labels):
@@ -81,16 +82,18 @@ def pixel_losses(logits, labels, ignore_index=255):
 
 def kth_largest_by_sort(values, valid, k):
     """The k-th largest (k >= 1; any value when k == 0) of values[valid], flat tensors."""
-    ranked = torch.where(valid, values, torch.full_like(values, -1.0)).sort(descending=True).values
+    ranked = torch.where(valid, values, torch.full_like(values, -1.0))
+    ranked = torch.cat([ranked, ranked.new_full((1,), -1.0)]).sort(descending=True).values  # never empty
     return ranked.index_select(0, (k - 1).clamp(min=0).view(1)).squeeze(0)
 
 
-def ohem_weights(loss, valid, thresh, min_kept):
-    """Per-pixel weights (flattened) whose weighted sum over their sum is the OHEM loss."""
+def ohem_weights(loss, valid, threshold, min_kept):
+    """Per-pixel weights (flattened) whose weighted sum over their sum is the OHEM loss;
+    threshold = -log(thresh)."""
     loss, valid = loss.flatten(), valid.flatten()
     num_valid = valid.sum()
     k = num_valid // 16 if min_kept is None else num_valid.clamp(max=min_kept)
-    hard = valid & (loss > -math.log(thresh))
+    hard = valid & (loss > threshold)
     kth = kth_largest_by_sort(loss, valid, k)
     greater, equal = valid & (loss > kth), valid & (loss == kth)
     share = (k - greater.sum()).to(loss.dtype) / equal.sum().clamp(min=1)
@@ -106,57 +109,36 @@ def ohem_cross_entropy_reference(logits, labels, thresh=0.7, min_kept=None, igno
     loss, valid = pixel_losses(logits, labels, ignore_index)
     if thresh is None:
         return loss.sum() / valid.sum().clamp(min=1)
-    weights = ohem_weights(loss, valid, thresh, min_kept)
+    weights = ohem_weights(loss, valid, -math.log(thresh), min_kept)
     return (loss.flatten() * weights).sum() / weights.sum().clamp(min=1e-12)
 
 
 # ---------------------------------------------------------------------------------------
-# Radix select of the k-th largest: 8 bits at a time from the top of the values' bit
-# patterns (non-negative floats order like their bits read as integers; excluded entries
-# are set to -1.0, a negative pattern, and never counted).
+# The OHEM selection as one op: per-pixel weights, normalised, so that sum(weights * loss)
+# is the OHEM loss. On CUDA a dozen small kernels with the running counts on the device
+# (csrc/ohem_ce.cu: counts, a radix select of the k-th largest loss, the weights), no host
+# synchronisation; elsewhere the sort-based reference.
 
-def radix_histogram_reference(bits, prefix, shift):
-    """counts (256,) int64 of digit (bits >> shift) & 255 over the entries >= 0 whose bits
-    above shift + 8 equal prefix's; bits int32 or int64, prefix a 0-dim int64 tensor."""
-    wide = bits.long()
-    include = wide >= 0
-    if shift + 8 < bits.element_size() * 8:
-        include &= (wide >> (shift + 8)) == (prefix >> (shift + 8))
-    digit = torch.where(include, (wide >> shift) & 255, torch.full_like(wide, 256))
-    counts = torch.zeros(257, dtype=torch.int64, device=bits.device)
-    return counts.scatter_add_(0, digit, torch.ones_like(digit))[:256]
+def ohem_weights_reference(loss, labels, ignore_index, threshold, min_kept):
+    """ohem_weights (above) for the op's arguments (min_kept < 0: valid // 16), divided by
+    their sum: (N, H, W) like loss."""
+    weights = ohem_weights(loss, labels != ignore_index, threshold, None if min_kept < 0 else min_kept)
+    return (weights / weights.sum().clamp(min=1e-12)).view_as(loss)
 
 
-@torch.library.custom_op("bisenet::radix_histogram", mutates_args=())
-def radix_histogram(bits: torch.Tensor, prefix: torch.Tensor, shift: int) -> torch.Tensor:
-    """radix_histogram_reference's counts; the CUDA kernel for int32 bits on a GPU."""
-    if bits.dtype == torch.int32 and EXTENSION.runs_kernel(bits):
-        return torch.ops.bisenet_cuda.radix_histogram(bits, prefix, shift)
-    return radix_histogram_reference(bits, prefix, shift)
+@torch.library.custom_op("bisenet::ohem_weights", mutates_args=())
+def ohem_weights_op(loss: torch.Tensor, labels: torch.Tensor, ignore_index: int, threshold: float,
+                    min_kept: int) -> torch.Tensor:
+    """The weights of each pixel's loss in the OHEM loss (see the module docstring); loss
+    (N, H, W) float32 or float64, detached. Not differentiable: the selection is a constant."""
+    if EXTENSION.runs_kernel(loss):
+        return torch.ops.bisenet_cuda.ohem_weights(loss, labels, ignore_index, threshold, min_kept)
+    return ohem_weights_reference(loss, labels, ignore_index, threshold, min_kept)
 
 
-@radix_histogram.register_fake
-def _(bits, prefix, shift):
-    return bits.new_empty(256, dtype=torch.int64)
-
-
-def kth_largest_by_radix(values, valid, k):
-    """kth_largest_by_sort's result without a sort: values float32 (4 passes) or float64
-    (8). valid=None counts every entry (then all must be >= 0)."""
-    int_dtype, width = (torch.int64, 64) if values.dtype == torch.float64 else (torch.int32, 32)
-    if valid is not None:
-        values = torch.where(valid, values, torch.full_like(values, -1.0))
-    bits = values.view(int_dtype)
-    prefix = torch.zeros((), dtype=torch.int64, device=values.device)
-    remaining = k.clamp(min=1)  # the rank still to find inside the bins matching prefix
-    for shift in range(width - 8, -1, -8):
-        counts = radix_histogram(bits, prefix, shift)            # (256,)
-        at_least = counts.flip(0).cumsum(0).flip(0)              # at_least[d]: entries with digit >= d
-        digit = ((at_least >= remaining).sum() - 1).clamp(min=0)  # the largest d with at_least[d] >= remaining
-        above = at_least.index_select(0, digit.view(1)) - counts.index_select(0, digit.view(1))
-        remaining = remaining - above.squeeze(0)
-        prefix = prefix | (digit << shift)
-    return prefix.to(int_dtype).view(values.dtype)
+@ohem_weights_op.register_fake
+def _(loss, labels, ignore_index, threshold, min_kept):
+    return torch.empty_like(loss, memory_format=torch.contiguous_format)
 
 
 # ---------------------------------------------------------------------------------------
@@ -247,31 +229,16 @@ def ohem_cross_entropy(logits, labels, thresh=0.7, min_kept=None, ignore_index=2
     """See the module docstring. validate=True raises a ValueError on a bad label (a host
     sync); validate=False trusts the labels (a bad one makes the loss NaN).
 
-    The same selection as ohem_weights, written to keep little at full resolution: the
-    ignored pixels' losses are 0 (so the k-th largest of all pixels is the k-th largest of
-    the valid ones, for k <= valid), and autograd keeps two boolean masks, not weights."""
+    Two custom ops and a weighted sum: the per-pixel losses (never (N, C, H, W)), the OHEM
+    weights (the selection), sum(weights * loss); autograd keeps the weights. A pixel's NaN
+    loss (a bad label) makes the sum NaN whatever its weight. Where a rounding leaves a
+    valid pixel's loss a hair below 0, the CUDA selection ranks it as 0."""
     check_inputs(logits, labels)
     if validate:
         check_labels(labels, logits.shape[1], ignore_index)
     loss, _ = upsample_cross_entropy(logits, labels, ignore_index)
-    valid = labels != ignore_index
     if thresh is None:
-        return loss.sum() / valid.sum().clamp(min=1)
-    flat, valid = loss.detach().flatten(), valid.flatten()
-    num_valid = valid.sum()
-    k = num_valid // 16 if min_kept is None else num_valid.clamp(max=min_kept)
-    hard = valid & (flat > -math.log(thresh))
-    num_hard = hard.sum()
-    kth = kth_largest_by_radix(flat, None, k)
-    greater = flat > kth                      # kth >= 0 = an ignored pixel's loss
-    tied = valid & (flat == kth)
-    use_hard = (num_hard >= k) | (k == 0)
-    kept = torch.where(use_hard, hard, greater)
-    tied = tied & ~use_hard
-    share = (k - greater.sum()).to(flat.dtype) / tied.sum().clamp(min=1)  # the weight of a tied pixel
-    zero = torch.zeros((), dtype=loss.dtype, device=loss.device)
-    flat_loss = loss.flatten()
-    total = torch.where(kept, flat_loss, zero).sum() + share * torch.where(tied, flat_loss, zero).sum()
-    value = total / torch.where(use_hard, num_hard, k).clamp(min=1)
-    # a NaN pixel (bad label) need not be kept: the loss still says so
-    return torch.where(torch.isnan(flat).any(), torch.full_like(value, math.nan), value)
+        return loss.sum() / (labels != ignore_index).sum().clamp(min=1)
+    weights = ohem_weights_op(loss.detach(), labels, ignore_index, -math.log(thresh),
+                              -1 if min_kept is None else int(min_kept))
+    return (loss * weights).sum()

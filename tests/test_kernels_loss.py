@@ -1,7 +1,7 @@
 """The loss (kernels/loss.py, kernels/csrc/ohem_ce*) and the build machinery.
 
 CPU: the reference against plain compositions (CoinCheung's OHEM, F.cross_entropy) and
-gradcheck; the fused path (custom op + radix select) against the reference; the C++ CPU
+gradcheck; the fused path (custom ops: per-pixel loss, OHEM weights) against the reference; the C++ CPU
 loops (the CUDA kernels' per-item functions, run serially) against the reference; opcheck
 and torch.compile(fullgraph=True). GPU (marked gpu): the CUDA kernels against the float64
 reference on many shapes and dtypes, poisoned outputs, determinism, no host sync.
@@ -121,7 +121,7 @@ def test_bad_labels_are_named():
         loss_ref(logits, labels.clamp(max=4).int())
 
 
-# --- the fused path on the CPU: custom op + radix select ------------------------------
+# --- the fused path on the CPU: the custom ops ------------------------------------------
 
 CASES = [(2, 5, (3, 4), (11, 13)), (1, 19, (16, 16), (128, 128)), (2, 3, (7, 9), (7, 9)),
          (1, 4, (9, 11), (4, 3)), (1, 3, (1, 1), (5, 5))]  # 2.75-8x up, 1x, down, one pixel
@@ -157,19 +157,64 @@ def test_fused_gradcheck_float64():
         assert torch.autograd.gradcheck(lambda x: loss_fused(x, labels, thresh=thresh, min_kept=min_kept), (leaf,))
 
 
+def selection_case(size, dtype, seed=0, device="cpu"):
+    """Per-pixel losses (1, 1, size) with a long run of ties, zeros and ignored pixels."""
+    g = torch.Generator().manual_seed(seed)
+    loss = torch.rand(size, generator=g, dtype=torch.float64).to(dtype) * 5
+    loss[size // 50: size // 12] = loss[7]   # a long run of one value, as late passes see
+    loss[size // 12: size // 12 + 10] = 0.0  # zeros are valid losses too
+    labels = torch.randint(0, 19, (size,), generator=g)
+    ignored = torch.rand(size, generator=g) < 0.2
+    labels[ignored] = 255
+    loss[ignored] = 0.0
+    return loss.view(1, 1, size).to(device), labels.view(1, 1, size).to(device)
+
+
+def assert_same_selection(got, want):
+    """The same pixels kept, with the same weights up to the float rounding of share / k."""
+    assert torch.equal(got > 0, want > 0)
+    torch.testing.assert_close(got.double(), want.double(), rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_radix_select_equals_sort(dtype):
-    g = torch.Generator().manual_seed(0)
-    values = torch.rand(5000, generator=g, dtype=torch.float64).to(dtype) * 5
-    values[100:400] = values[7]           # a long run of ties
-    values[400:410] = 0.0                 # zeros are valid values too
-    valid = torch.rand(5000, generator=g) < 0.8
-    num_valid = int(valid.sum())
-    for k in (1, 2, 17, 250, num_valid // 2, num_valid - 1, num_valid):
-        k = torch.tensor(k)
-        want = loss_module.kth_largest_by_sort(values, valid, k)
-        got = loss_module.kth_largest_by_radix(values, valid, k)
-        assert got.item() == want.item(), int(k)
+def test_ohem_weights_op_equals_reference(kernel_device, extension, dtype):
+    """The C++ loop (CPU) and the kernels (GPU) against the sort-based reference, for every k
+    from 1 to all valid pixels, ties at the k-th value, both branches."""
+    loss, labels = selection_case(5000, dtype, device=kernel_device)
+    num_valid = int((labels != 255).sum())
+    for threshold in (10.0, 4.0, 0.5):  # no hard pixel, some, most
+        for k in (1, 2, 17, 250, num_valid // 2, num_valid - 1, num_valid, 10 ** 9):
+            got = extension.ohem_weights(loss, labels, 255, threshold, k)
+            want = loss_module.ohem_weights_reference(loss.cpu(), labels.cpu(), 255, threshold, k)
+            assert got.dtype == dtype and got.shape == loss.shape
+            assert_same_selection(got.cpu(), want)
+    default_k = extension.ohem_weights(loss, labels.to(torch.uint8), 255, 4.0, -1)  # valid // 16
+    assert_same_selection(default_k.cpu(), loss_module.ohem_weights_reference(loss.cpu(), labels.cpu(), 255, 4.0, -1))
+
+
+def test_ohem_dispatches_few_ops():
+    """The OHEM loss, forward and backward, is a handful of dispatched ops (two custom ops and
+    a weighted sum; their backward), not the dozens of small ops a selection made of
+    tensor ops issues: each is a kernel launch on a GPU."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    logits, labels = random_case(n=2, c=19, low=(16, 16), high=(128, 128), seed=4)
+    logits = logits.float().requires_grad_(True)
+    loss_fused(logits, labels, thresh=0.7, validate=False).backward()  # warm-up
+    logits.grad = None
+    with Count() as count:
+        loss_fused(logits, labels, thresh=0.7, validate=False).backward()
+    assert len(count.ops) <= 12, count.ops
+    assert sum("bisenet" in op for op in count.ops) == 3, count.ops  # forward, weights, backward
 
 
 def test_fused_ties_all_ignored_and_one_valid_pixel():
@@ -208,9 +253,7 @@ def test_opcheck(kernel_device):
     loss, lse = loss_module.upsample_cross_entropy(logits.detach(), labels, 255)
     torch.library.opcheck(loss_module.upsample_cross_entropy_backward,
                           (torch.randn_like(loss), logits.detach(), labels, lse, 255))
-    bits = torch.rand(100, device=kernel_device).view(torch.int32)
-    torch.library.opcheck(loss_module.radix_histogram,
-                          (bits, torch.tensor(0x3F00_0000, device=kernel_device), 16))
+    torch.library.opcheck(loss_module.ohem_weights_op, (loss.detach(), labels, 255, 0.5, 20))
 
 
 # --- one body, CPU and GPU (the GPU run marked gpu, with the CUDA kernels) -------------
@@ -435,18 +478,6 @@ def test_cpu_loop_bad_label_is_nan_not_a_wild_read(extension):
     assert torch.isfinite(loss.flatten()[1:]).all()
 
 
-def test_cpu_loop_radix_histogram(extension):
-    g = torch.Generator().manual_seed(0)
-    bits = torch.randint(-2 ** 31, 2 ** 31 - 1, (5000,), generator=g, dtype=torch.int32)
-    bits[:3000] = bits[:3000].abs() & 0x00FF_FFFF  # many entries sharing the top byte
-    for shift in (24, 16, 8, 0):
-        prefixes = [0, 0x0012_0000, int(bits[3]) & ~((1 << (shift + 8)) - 1) if shift < 24 else 0]
-        for prefix in prefixes:
-            prefix = torch.tensor(prefix)
-            assert torch.equal(extension.radix_histogram(bits, prefix, shift),
-                               loss_module.radix_histogram_reference(bits, prefix, shift))
-
-
 def test_cpu_loop_rejects_bad_inputs(extension):
     logits, labels = random_case()
     with pytest.raises(RuntimeError, match="labels must be int64 or uint8"):
@@ -560,16 +591,13 @@ def test_cuda_ce_loss_low_precision(cuda_kernel, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("size", [1000, 4 * 1024 * 1024])
-def test_cuda_radix_select_equals_sort(cuda_kernel, size):
-    values = torch.rand(size, device="cuda") * 5
-    values[size // 10: size // 3] = values[3]  # long runs of one value, as late passes see
-    valid = torch.rand(size, device="cuda") < 0.8
-    num_valid = int(valid.sum())
+def test_cuda_ohem_weights_at_the_seeds_size(cuda_kernel):
+    """4 x 1024 x 1024 pixels with long runs of ties: the kernels' selection is the sort's."""
+    loss, labels = selection_case(4 * 1024 * 1024, torch.float32, device="cuda")
+    num_valid = int((labels != 255).sum())
     for k in (1, 7, num_valid // 16, num_valid // 2, num_valid):
-        k = torch.tensor(k, device="cuda")
-        assert loss_module.kth_largest_by_radix(values, valid, k).item() == \
-            loss_module.kth_largest_by_sort(values, valid, k).item()
+        got = cuda_kernel.ohem_weights(loss, labels, 255, 4.0, k)
+        assert_same_selection(got, loss_module.ohem_weights_reference(loss, labels, 255, 4.0, k))
 
 
 @pytest.mark.gpu

@@ -2,12 +2,13 @@
 //
 //   bisenet_cuda::upsample_ce_forward(logits, labels, ignore_index) -> (loss, lse)
 //   bisenet_cuda::upsample_ce_backward(grad_loss, logits, labels, lse, ignore_index) -> grad_logits
-//   bisenet_cuda::radix_histogram(bits, prefix, shift) -> counts
+//   bisenet_cuda::ohem_weights(loss, labels, ignore_index, threshold, min_kept) -> weights
 //
 // logits (N, C, h, w) float32/bfloat16/float16/float64, labels (N, H, W) int64 or uint8;
 // loss, lse, grad_loss (N, H, W) float32 (float64 for float64 logits); grad_logits like
-// logits (NCHW). radix_histogram: bits (M,) int32, prefix a 0-dim int64 tensor on the same
-// device, shift in {0, 8, 16, 24} -> counts (256,) int64 (see radix_digit).
+// logits (NCHW). ohem_weights: loss (N, H, W) float32/float64 (the per-pixel losses, 0 where
+// ignored), labels as above, threshold = -log(thresh), min_kept < 0 for valid // 16 ->
+// weights like loss, sum(weights * loss) the OHEM loss (ohem_ce_math.h); no host sync.
 //
 // The CPU implementations run the same per-item functions (ohem_ce_math.h) as the CUDA
 // kernels with the same arithmetic (same_bits.h) and the same shared-memory budget check,
@@ -136,18 +137,23 @@ CeBackwardCall prepare_ce_backward(const at::Tensor& grad_loss, const at::Tensor
   return call;
 }
 
-RadixCall prepare_radix_histogram(const at::Tensor& bits, const at::Tensor& prefix, int64_t shift) {
-  TORCH_CHECK(bits.dim() == 1 && bits.scalar_type() == at::kInt, "radix_histogram: bits must be (M,) int32, got ",
-              bits.sizes(), " ", bits.scalar_type());
-  TORCH_CHECK(prefix.dim() == 0 && prefix.scalar_type() == at::kLong && prefix.device() == bits.device(),
-              "radix_histogram: prefix must be a 0-dim int64 tensor on ", bits.device());
-  TORCH_CHECK(shift == 0 || shift == 8 || shift == 16 || shift == 24,
-              "radix_histogram: shift must be 0, 8, 16 or 24, got ", shift);
-  RadixCall call;
-  call.bits = bits.contiguous();
-  call.prefix = prefix;
-  call.shift = static_cast<int>(shift);
-  call.counts = at::zeros({256}, bits.options().dtype(at::kLong));
+OhemCall prepare_ohem_weights(const at::Tensor& loss, const at::Tensor& labels, double threshold, int64_t min_kept) {
+  TORCH_CHECK(loss.dim() == 3 && (loss.scalar_type() == at::kFloat || loss.scalar_type() == at::kDouble),
+              "ohem_weights: loss must be (N, H, W) float32 or float64, got ", loss.sizes(), " ", loss.scalar_type());
+  TORCH_CHECK(labels.sizes() == loss.sizes(), "ohem_weights: labels ", labels.sizes(), " and loss ", loss.sizes(),
+              " differ");
+  TORCH_CHECK(labels.scalar_type() == at::kLong || labels.scalar_type() == at::kByte,
+              "ohem_weights: labels must be int64 or uint8, got ", labels.scalar_type());
+  TORCH_CHECK(labels.device() == loss.device(), "ohem_weights: labels are on ", labels.device(), " but loss on ",
+              loss.device());
+  OhemCall call;
+  call.loss = loss.contiguous();
+  call.labels = labels.contiguous();
+  call.weights = at::empty_like(call.loss);
+  call.state = at::zeros({kOhemStateSize}, loss.options().dtype(at::kLong));
+  call.counts = at::zeros({256}, loss.options().dtype(at::kLong));
+  call.threshold = threshold;
+  call.min_kept = min_kept;
   return call;
 }
 
@@ -174,16 +180,56 @@ at::Tensor upsample_ce_backward_cpu(const at::Tensor& grad_loss, const at::Tenso
   return call.grad_logits;
 }
 
-at::Tensor radix_histogram_cpu(const at::Tensor& bits, const at::Tensor& prefix, int64_t shift) {
-  const RadixCall call = prepare_radix_histogram(bits, prefix, shift);
-  const uint32_t prefix_bits = static_cast<uint32_t>(call.prefix.item<int64_t>());
-  const int32_t* data = call.bits.const_data_ptr<int32_t>();
-  int64_t* out = call.counts.mutable_data_ptr<int64_t>();
-  for (int64_t index = 0; index < call.bits.numel(); ++index) {
-    const int digit = radix_digit(data[index], prefix_bits, call.shift);
-    if (digit >= 0) ++out[digit];
+// The CUDA implementation's kernels (ohem_ce.cu) one after the other, as loops.
+template <typename acc_t, typename label_t>
+void ohem_weights_cpu_typed(const OhemCall& call, int64_t ignore_index) {
+  const acc_t* loss = call.loss.const_data_ptr<acc_t>();
+  const label_t* labels = call.labels.const_data_ptr<label_t>();
+  acc_t* weights = call.weights.mutable_data_ptr<acc_t>();
+  int64_t* state = call.state.mutable_data_ptr<int64_t>();
+  int64_t* counts = call.counts.mutable_data_ptr<int64_t>();
+  const int64_t pixels = call.loss.numel();
+  const acc_t threshold = static_cast<acc_t>(call.threshold);
+  for (int64_t p = 0; p < pixels; ++p) {
+    const bool valid = static_cast<int64_t>(labels[p]) != ignore_index;
+    state[kOhemValid] += valid;
+    state[kOhemHard] += valid && loss[p] > threshold;
   }
-  return call.counts;
+  ohem_setup(state, call.min_kept);
+  if (!state[kOhemUseHard]) {
+    for (int shift = static_cast<int>(sizeof(acc_t)) * 8 - 8; shift >= 0; shift -= 8) {
+      for (int d = 0; d < 256; ++d) counts[d] = 0;
+      for (int64_t p = 0; p < pixels; ++p) {
+        if (static_cast<int64_t>(labels[p]) == ignore_index) continue;
+        const int digit = ohem_digit(ohem_key(loss[p]), state[kOhemPrefix], shift);
+        if (digit >= 0) ++counts[digit];
+      }
+      ohem_pick_digit(counts, shift, state);
+    }
+    const auto kth = static_cast<typename OhemKey<acc_t>::type>(state[kOhemPrefix]);
+    for (int64_t p = 0; p < pixels; ++p) {
+      if (static_cast<int64_t>(labels[p]) == ignore_index) continue;
+      const auto key = ohem_key(loss[p]);
+      state[kOhemGreater] += key > kth;
+      state[kOhemTied] += key == kth;
+    }
+  }
+  for (int64_t p = 0; p < pixels; ++p)
+    weights[p] = ohem_pixel_weight(loss[p], static_cast<int64_t>(labels[p]) != ignore_index, threshold, state);
+}
+
+at::Tensor ohem_weights_cpu(const at::Tensor& loss, const at::Tensor& labels, int64_t ignore_index, double threshold,
+                            int64_t min_kept) {
+  const OhemCall call = prepare_ohem_weights(loss, labels, threshold, min_kept);
+  const bool bytes = call.labels.scalar_type() == at::kByte;
+  if (call.loss.scalar_type() == at::kDouble) {
+    if (bytes) ohem_weights_cpu_typed<double, uint8_t>(call, ignore_index);
+    else ohem_weights_cpu_typed<double, int64_t>(call, ignore_index);
+  } else {
+    if (bytes) ohem_weights_cpu_typed<float, uint8_t>(call, ignore_index);
+    else ohem_weights_cpu_typed<float, int64_t>(call, ignore_index);
+  }
+  return call.weights;
 }
 
 }  // namespace
@@ -192,12 +238,12 @@ at::Tensor radix_histogram_cpu(const at::Tensor& bits, const at::Tensor& prefix,
 TORCH_LIBRARY_FRAGMENT(bisenet_cuda, m) {
   m.def("upsample_ce_forward(Tensor logits, Tensor labels, int ignore_index) -> (Tensor, Tensor)");
   m.def("upsample_ce_backward(Tensor grad_loss, Tensor logits, Tensor labels, Tensor lse, int ignore_index) -> Tensor");
-  m.def("radix_histogram(Tensor bits, Tensor prefix, int shift) -> Tensor");
+  m.def("ohem_weights(Tensor loss, Tensor labels, int ignore_index, float threshold, int min_kept) -> Tensor");
 }
 
 // the CUDA implementations are registered in ohem_ce.cu
 TORCH_LIBRARY_IMPL(bisenet_cuda, CPU, m) {
   m.impl("upsample_ce_forward", &bisenet::upsample_ce_forward_cpu);
   m.impl("upsample_ce_backward", &bisenet::upsample_ce_backward_cpu);
-  m.impl("radix_histogram", &bisenet::radix_histogram_cpu);
+  m.impl("ohem_weights", &bisenet::ohem_weights_cpu);
 }

@@ -1,5 +1,5 @@
 // CUDA kernels of the fused upsample + cross-entropy loss: the per-pixel forward, the
-// gather backward into the low-res logits, and the histogram pass of the OHEM radix select.
+// gather backward into the low-res logits, and the OHEM selection's weights.
 // The arithmetic lives in ohem_ce_math.h (shared with the C++ CPU loops in ohem_ce.cpp);
 // this file maps items to threads, launches, and registers the CUDA implementations of the
 // ops whose schema ohem_ce.cpp defines; prepare_* (ohem_ce_op.h) check the inputs, make them
@@ -68,24 +68,57 @@ __global__ void __launch_bounds__(kThreads) ce_backward_kernel(
     grad_logits[row * geo.w + j] = static_cast<scalar_t>(ce_backward_column_sum<acc_t>(geo, row_sums, j));
 }
 
-// One pass of the radix select: counts[d] += number of entries in bin d (radix_digit).
-// Per-block bins in shared memory; lanes of a warp holding the same digit add once
-// (__match_any_sync), since late passes see long runs of equal digits. Every lane of a warp
+// ---------------------------------------------------------------------------------------
+// OHEM weights (ohem_ce_math.h): a dozen small launches inside one op, the running numbers
+// in `state` on the device, no host synchronisation.
+
+// Sums of per-thread counts over the block's warps into state[slot_a], state[slot_b].
+__device__ void add_counts(int64_t a, int64_t b, int64_t* state, int slot_a, int slot_b) {
+  for (int offset = 16; offset > 0; offset /= 2) {
+    a += __shfl_down_sync(0xFFFFFFFFu, a, offset);
+    b += __shfl_down_sync(0xFFFFFFFFu, b, offset);
+  }
+  if ((threadIdx.x & 31) == 0) {
+    if (a) atomicAdd(reinterpret_cast<unsigned long long*>(state + slot_a), static_cast<unsigned long long>(a));
+    if (b) atomicAdd(reinterpret_cast<unsigned long long*>(state + slot_b), static_cast<unsigned long long>(b));
+  }
+}
+
+template <typename acc_t, typename label_t>
+__global__ void __launch_bounds__(kThreads) ohem_count_kernel(
+    const acc_t* __restrict__ loss, const label_t* __restrict__ labels, int64_t pixels, int64_t ignore_index,
+    acc_t threshold, int64_t* __restrict__ state) {
+  int64_t valid = 0, hard = 0;
+  for (int64_t p = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; p < pixels;
+       p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const bool is_valid = static_cast<int64_t>(labels[p]) != ignore_index;
+    valid += is_valid;
+    hard += is_valid && loss[p] > threshold;
+  }
+  add_counts(valid, hard, state, kOhemValid, kOhemHard);
+}
+
+__global__ void ohem_setup_kernel(int64_t* state, int64_t min_kept) { ohem_setup(state, min_kept); }
+
+// One pass's histogram: per-block bins in shared memory; lanes of a warp holding the same
+// digit add once (__match_any_sync: late passes see long runs of one digit). Every lane
 // runs the same iterations (lanes past the end hold digit -1), so the match sees all 32.
-// The prefix is read on the device: no host synchronisation.
-__global__ void __launch_bounds__(kThreads) radix_histogram_kernel(
-    const int32_t* __restrict__ bits, int64_t count, const int64_t* __restrict__ prefix, int shift,
-    unsigned long long* __restrict__ counts) {
+template <typename acc_t, typename label_t>
+__global__ void __launch_bounds__(kThreads) ohem_histogram_kernel(
+    const acc_t* __restrict__ loss, const label_t* __restrict__ labels, int64_t pixels, int64_t ignore_index,
+    int shift, const int64_t* __restrict__ state, unsigned long long* __restrict__ counts) {
+  if (state[kOhemUseHard]) return;
   __shared__ unsigned int bins[256];
   for (int b = threadIdx.x; b < 256; b += blockDim.x) bins[b] = 0;
   __syncthreads();
-  const uint32_t prefix_bits = static_cast<uint32_t>(*prefix);
+  const int64_t prefix = state[kOhemPrefix];
   const int lane = threadIdx.x & 31;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t base = blockIdx.x * static_cast<int64_t>(blockDim.x) + (threadIdx.x & ~31); base < count;
+  for (int64_t base = blockIdx.x * static_cast<int64_t>(blockDim.x) + (threadIdx.x & ~31); base < pixels;
        base += stride) {
-    const int64_t index = base + lane;
-    const int digit = index < count ? radix_digit(bits[index], prefix_bits, shift) : -1;
+    const int64_t p = base + lane;
+    const int digit = p < pixels && static_cast<int64_t>(labels[p]) != ignore_index
+                          ? ohem_digit(ohem_key(loss[p]), prefix, shift) : -1;
     const unsigned peers = __match_any_sync(0xFFFFFFFFu, digit);
     if (digit >= 0 && lane == __ffs(peers) - 1) atomicAdd(&bins[digit], static_cast<unsigned>(__popc(peers)));
   }
@@ -93,6 +126,39 @@ __global__ void __launch_bounds__(kThreads) radix_histogram_kernel(
   for (int b = threadIdx.x; b < 256; b += blockDim.x) {
     if (bins[b] != 0) atomicAdd(&counts[b], static_cast<unsigned long long>(bins[b]));
   }
+}
+
+// One thread: the pass's digit into the state, the histogram cleared for the next pass.
+__global__ void ohem_pick_kernel(int64_t* state, int64_t* counts, int shift) {
+  if (state[kOhemUseHard]) return;
+  ohem_pick_digit(counts, shift, state);
+  for (int d = 0; d < 256; ++d) counts[d] = 0;
+}
+
+template <typename acc_t, typename label_t>
+__global__ void __launch_bounds__(kThreads) ohem_tally_kernel(
+    const acc_t* __restrict__ loss, const label_t* __restrict__ labels, int64_t pixels, int64_t ignore_index,
+    int64_t* __restrict__ state) {
+  if (state[kOhemUseHard]) return;
+  const auto kth = static_cast<typename OhemKey<acc_t>::type>(state[kOhemPrefix]);
+  int64_t greater = 0, tied = 0;
+  for (int64_t p = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; p < pixels;
+       p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    if (static_cast<int64_t>(labels[p]) == ignore_index) continue;
+    const auto key = ohem_key(loss[p]);
+    greater += key > kth;
+    tied += key == kth;
+  }
+  add_counts(greater, tied, state, kOhemGreater, kOhemTied);
+}
+
+template <typename acc_t, typename label_t>
+__global__ void __launch_bounds__(kThreads) ohem_weights_kernel(
+    const acc_t* __restrict__ loss, const label_t* __restrict__ labels, int64_t pixels, int64_t ignore_index,
+    acc_t threshold, const int64_t* __restrict__ state, acc_t* __restrict__ weights) {
+  for (int64_t p = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; p < pixels;
+       p += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    weights[p] = ohem_pixel_weight(loss[p], static_cast<int64_t>(labels[p]) != ignore_index, threshold, state);
 }
 
 template <typename scalar_t, typename label_t>
@@ -145,16 +211,44 @@ at::Tensor upsample_ce_backward_cuda(const at::Tensor& grad_loss, const at::Tens
   return call.grad_logits;
 }
 
-at::Tensor radix_histogram_cuda(const at::Tensor& bits, const at::Tensor& prefix, int64_t shift) {
-  const RadixCall call = prepare_radix_histogram(bits, prefix, shift);
-  if (call.bits.numel() == 0) return call.counts;
-  c10::cuda::CUDAGuard guard(bits.device());
-  const int64_t blocks = std::min<int64_t>(blocks_for(call.bits.numel()), 1024);
-  radix_histogram_kernel<<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      call.bits.const_data_ptr<int32_t>(), call.bits.numel(), call.prefix.const_data_ptr<int64_t>(), call.shift,
-      reinterpret_cast<unsigned long long*>(call.counts.mutable_data_ptr<int64_t>()));
+template <typename acc_t, typename label_t>
+void ohem_weights_typed(const OhemCall& call, int64_t ignore_index) {
+  const acc_t* loss = call.loss.const_data_ptr<acc_t>();
+  const label_t* labels = call.labels.const_data_ptr<label_t>();
+  int64_t* state = call.state.mutable_data_ptr<int64_t>();
+  int64_t* counts = call.counts.mutable_data_ptr<int64_t>();
+  const int64_t pixels = call.loss.numel();
+  const acc_t threshold = static_cast<acc_t>(call.threshold);
+  const int64_t reduce_blocks = std::min<int64_t>(blocks_for(pixels), 1024);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  ohem_count_kernel<acc_t, label_t><<<reduce_blocks, kThreads, 0, stream>>>(loss, labels, pixels, ignore_index,
+                                                                           threshold, state);
+  ohem_setup_kernel<<<1, 1, 0, stream>>>(state, call.min_kept);
+  for (int shift = static_cast<int>(sizeof(acc_t)) * 8 - 8; shift >= 0; shift -= 8) {
+    ohem_histogram_kernel<acc_t, label_t><<<reduce_blocks, kThreads, 0, stream>>>(
+        loss, labels, pixels, ignore_index, shift, state, reinterpret_cast<unsigned long long*>(counts));
+    ohem_pick_kernel<<<1, 1, 0, stream>>>(state, counts, shift);
+  }
+  ohem_tally_kernel<acc_t, label_t><<<reduce_blocks, kThreads, 0, stream>>>(loss, labels, pixels, ignore_index, state);
+  ohem_weights_kernel<acc_t, label_t><<<blocks_for(pixels), kThreads, 0, stream>>>(
+      loss, labels, pixels, ignore_index, threshold, state, call.weights.mutable_data_ptr<acc_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return call.counts;
+}
+
+at::Tensor ohem_weights_cuda(const at::Tensor& loss, const at::Tensor& labels, int64_t ignore_index, double threshold,
+                             int64_t min_kept) {
+  const OhemCall call = prepare_ohem_weights(loss, labels, threshold, min_kept);
+  if (call.loss.numel() == 0) return call.weights;
+  c10::cuda::CUDAGuard guard(loss.device());
+  const bool bytes = call.labels.scalar_type() == at::kByte;
+  if (call.loss.scalar_type() == at::kDouble) {
+    if (bytes) ohem_weights_typed<double, uint8_t>(call, ignore_index);
+    else ohem_weights_typed<double, int64_t>(call, ignore_index);
+  } else {
+    if (bytes) ohem_weights_typed<float, uint8_t>(call, ignore_index);
+    else ohem_weights_typed<float, int64_t>(call, ignore_index);
+  }
+  return call.weights;
 }
 
 }  // namespace
@@ -163,5 +257,5 @@ at::Tensor radix_histogram_cuda(const at::Tensor& bits, const at::Tensor& prefix
 TORCH_LIBRARY_IMPL(bisenet_cuda, CUDA, m) {
   m.impl("upsample_ce_forward", &bisenet::upsample_ce_forward_cuda);
   m.impl("upsample_ce_backward", &bisenet::upsample_ce_backward_cuda);
-  m.impl("radix_histogram", &bisenet::radix_histogram_cuda);
+  m.impl("ohem_weights", &bisenet::ohem_weights_cuda);
 }

@@ -21,9 +21,8 @@
 // times, as a gather per logit would), with reads coalesced along x. Pixels with a zero
 // incoming gradient (ignored, or not kept by OHEM) are skipped.
 //
-// The OHEM selection needs the k-th largest pixel loss; it is found by a radix select over
-// the loss's float bits (non-negative floats order as their bit patterns read as integers),
-// 8 bits at a time from the top: radix_digit says which of 256 bins an entry falls in.
+// The OHEM selection (the k-th largest pixel loss by a radix select, then per-pixel
+// weights) is at the end of this file.
 #pragma once
 
 #include <math.h>
@@ -147,16 +146,95 @@ BISENET_HD acc_t ce_backward_column_sum(const CeGeometry<acc_t>& geo, const acc_
   return grad;
 }
 
-// Radix select: the bin (0..255) of 32-bit pattern `bits` in the pass that looks at bits
-// [shift, shift + 8), given the bits above them fixed to `prefix`; -1 when the entry is
-// excluded (a negative pattern: excluded entries are marked with a negative value) or
-// does not match the prefix.
-BISENET_HD int radix_digit(int32_t bits, uint32_t prefix, int shift) {
-  if (bits < 0) return -1;
-  const uint32_t value = static_cast<uint32_t>(bits);
-  const uint32_t high_mask = shift >= 24 ? 0u : (0xFFFFFFFFu << (shift + 8));
-  if ((value & high_mask) != (prefix & high_mask)) return -1;
-  return static_cast<int>((value >> shift) & 0xFFu);
+// ---------------------------------------------------------------------------------------
+// OHEM selection: bisenet_cuda::ohem_weights(loss, labels, ignore_index, threshold,
+// min_kept) -> per-pixel weights w with sum(w * loss) the OHEM loss. Valid pixels are those
+// whose label is not ignore_index; k = min(min_kept, valid) (valid // 16 when min_kept < 0);
+// the hard pixels are the valid ones with loss > threshold (= -log(thresh)). If at least k
+// are hard (or k == 0), w = [hard] / hard; else the k largest losses: w = [loss > kth] / k,
+// and the pixels tied at the k-th largest share what remains, (k - greater) / tied / k each.
+//
+// The k-th largest comes from a radix select, 8 bits at a time from the top, over each valid
+// pixel's key: its loss clamped at 0 (a rounding can leave a loss a hair below 0, and -0.0
+// reads negative) as unsigned bits, which order like the non-negative floats. The running
+// numbers live in a small int64 array on the device (OhemState), so no value comes to the
+// host: counts, then per pass a histogram of the matching keys' next digit and the pick of
+// the digit, then the counts of keys above and at the k-th, then the weights.
+enum OhemState { kOhemValid, kOhemHard, kOhemK, kOhemUseHard, kOhemRemaining, kOhemPrefix, kOhemGreater,
+                 kOhemTied, kOhemStateSize };
+
+template <typename acc_t>
+struct OhemKey;
+template <>
+struct OhemKey<float> {
+  using type = uint32_t;
+};
+template <>
+struct OhemKey<double> {
+  using type = uint64_t;
+};
+
+template <typename acc_t>
+BISENET_HD typename OhemKey<acc_t>::type ohem_key(acc_t loss) {
+  return static_cast<typename OhemKey<acc_t>::type>(value_to_bits(loss > static_cast<acc_t>(0) ? loss
+                                                                                                 : static_cast<acc_t>(0)));
+}
+
+// After the counts: k, the branch, and the radix select's starting point.
+BISENET_HD void ohem_setup(int64_t* state, int64_t min_kept) {
+  const int64_t valid = state[kOhemValid];
+  const int64_t k = min_kept < 0 ? valid / 16 : (min_kept < valid ? min_kept : valid);
+  state[kOhemK] = k;
+  state[kOhemUseHard] = (state[kOhemHard] >= k || k == 0) ? 1 : 0;
+  state[kOhemRemaining] = k > 1 ? k : 1;  // the rank still to find among the keys matching the prefix
+  state[kOhemPrefix] = 0;
+  state[kOhemGreater] = 0;
+  state[kOhemTied] = 0;
+}
+
+// The bin (0..255) of `key` in the pass over bits [shift, shift + 8), or -1 when its bits
+// above those differ from the prefix's.
+template <typename key_t>
+BISENET_HD int ohem_digit(key_t key, int64_t prefix, int shift) {
+  const int width = static_cast<int>(sizeof(key_t) * 8);
+  const key_t high_mask = shift + 8 >= width ? static_cast<key_t>(0) : (~static_cast<key_t>(0) << (shift + 8));
+  if ((key & high_mask) != (static_cast<key_t>(prefix) & high_mask)) return -1;
+  return static_cast<int>((key >> shift) & 0xFF);
+}
+
+// After a pass's histogram: the largest digit d with at least `remaining` keys at or above
+// it joins the prefix; the keys above it are ranked, so `remaining` drops by their number.
+BISENET_HD void ohem_pick_digit(const int64_t* counts, int shift, int64_t* state) {
+  int64_t at_least = 0;
+  int digit = 0;
+  int64_t above = 0;
+  for (int d = 255; d >= 0; --d) {
+    if (at_least + counts[d] >= state[kOhemRemaining]) {
+      digit = d;
+      above = at_least;
+      break;
+    }
+    at_least += counts[d];
+  }
+  state[kOhemRemaining] -= above;
+  state[kOhemPrefix] |= static_cast<int64_t>(digit) << shift;
+}
+
+// The weight of one pixel, once the state is complete.
+template <typename acc_t>
+BISENET_HD acc_t ohem_pixel_weight(acc_t loss, bool valid, acc_t threshold, const int64_t* state) {
+  if (!valid) return static_cast<acc_t>(0);
+  if (state[kOhemUseHard]) {
+    const int64_t hard = state[kOhemHard];
+    return loss > threshold ? static_cast<acc_t>(1) / static_cast<acc_t>(hard > 1 ? hard : 1) : static_cast<acc_t>(0);
+  }
+  const auto key = ohem_key(loss);
+  const auto kth = static_cast<decltype(key)>(state[kOhemPrefix]);
+  const acc_t k = static_cast<acc_t>(state[kOhemK]);
+  if (key > kth) return static_cast<acc_t>(1) / k;
+  if (key < kth) return static_cast<acc_t>(0);
+  const acc_t share = static_cast<acc_t>(state[kOhemK] - state[kOhemGreater]) / static_cast<acc_t>(state[kOhemTied]);
+  return share / k;
 }
 
 }  // namespace bisenet

@@ -1,5 +1,5 @@
 // The host side shared by the two implementations of bisenet_cuda::upsample_ce_forward,
-// upsample_ce_backward and radix_histogram: ohem_ce.cpp (the schema, the input checks, the
+// upsample_ce_backward and ohem_weights: ohem_ce.cpp (the schema, the input checks, the
 // CPU loops, registered for CPU) and ohem_ce.cu (the CUDA kernels, registered for CUDA). A
 // call is checked, its tensors made contiguous and its outputs allocated once, here,
 // whatever the device.
@@ -21,17 +21,20 @@ struct CeBackwardCall {
   at::Tensor grad_logits;
 };
 
-struct RadixCall {
-  at::Tensor bits, prefix;  // (M,) int32 contiguous, 0-dim int64
-  int shift;
-  at::Tensor counts;        // (256,) int64, zeros
+struct OhemCall {
+  at::Tensor loss, labels;  // (N, H, W) contiguous; loss float32 or float64
+  at::Tensor weights;       // like loss
+  at::Tensor state;         // (kOhemStateSize,) int64, zeros: ohem_ce_math.h's OhemState
+  at::Tensor counts;        // (256,) int64, zeros: one pass's histogram
+  double threshold;
+  int64_t min_kept;
 };
 
 // ohem_ce.cpp
 CeForwardCall prepare_ce_forward(const at::Tensor& logits, const at::Tensor& labels);
 CeBackwardCall prepare_ce_backward(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& labels,
                                    const at::Tensor& lse);
-RadixCall prepare_radix_histogram(const at::Tensor& bits, const at::Tensor& prefix, int64_t shift);
+OhemCall prepare_ohem_weights(const at::Tensor& loss, const at::Tensor& labels, double threshold, int64_t min_kept);
 
 // Runs CALL(scalar_t, label_t) for the logits' and labels' dtypes (checked by the prepare_*).
 #define BISENET_CE_DISPATCH(logits, labels, CALL)                                                    \
