@@ -221,14 +221,9 @@ void ohem_weights_cpu_typed(const OhemCall& call, int64_t ignore_index) {
 at::Tensor ohem_weights_cpu(const at::Tensor& loss, const at::Tensor& labels, int64_t ignore_index, double threshold,
                             int64_t min_kept) {
   const OhemCall call = prepare_ohem_weights(loss, labels, threshold, min_kept);
-  const bool bytes = call.labels.scalar_type() == at::kByte;
-  if (call.loss.scalar_type() == at::kDouble) {
-    if (bytes) ohem_weights_cpu_typed<double, uint8_t>(call, ignore_index);
-    else ohem_weights_cpu_typed<double, int64_t>(call, ignore_index);
-  } else {
-    if (bytes) ohem_weights_cpu_typed<float, uint8_t>(call, ignore_index);
-    else ohem_weights_cpu_typed<float, int64_t>(call, ignore_index);
-  }
+#define BISENET_OHEM_WEIGHTS(acc_t, label_t) ohem_weights_cpu_typed<acc_t, label_t>(call, ignore_index)
+  BISENET_OHEM_DISPATCH(call.loss, call.labels, BISENET_OHEM_WEIGHTS);
+#undef BISENET_OHEM_WEIGHTS
   return call.weights;
 }
 

@@ -240,14 +240,9 @@ at::Tensor ohem_weights_cuda(const at::Tensor& loss, const at::Tensor& labels, i
   const OhemCall call = prepare_ohem_weights(loss, labels, threshold, min_kept);
   if (call.loss.numel() == 0) return call.weights;
   c10::cuda::CUDAGuard guard(loss.device());
-  const bool bytes = call.labels.scalar_type() == at::kByte;
-  if (call.loss.scalar_type() == at::kDouble) {
-    if (bytes) ohem_weights_typed<double, uint8_t>(call, ignore_index);
-    else ohem_weights_typed<double, int64_t>(call, ignore_index);
-  } else {
-    if (bytes) ohem_weights_typed<float, uint8_t>(call, ignore_index);
-    else ohem_weights_typed<float, int64_t>(call, ignore_index);
-  }
+#define BISENET_OHEM_WEIGHTS(acc_t, label_t) ohem_weights_typed<acc_t, label_t>(call, ignore_index)
+  BISENET_OHEM_DISPATCH(call.loss, call.labels, BISENET_OHEM_WEIGHTS);
+#undef BISENET_OHEM_WEIGHTS
   return call.weights;
 }
 

@@ -48,4 +48,15 @@ OhemCall prepare_ohem_weights(const at::Tensor& loss, const at::Tensor& labels, 
     }                                                                                                \
   } while (0)
 
+// Runs CALL(acc_t, label_t) for ohem_weights' loss and labels dtypes (checked by prepare).
+#define BISENET_OHEM_DISPATCH(loss, labels, CALL)                 \
+  do {                                                            \
+    const bool bytes = (labels).scalar_type() == at::kByte;       \
+    if ((loss).scalar_type() == at::kDouble) {                    \
+      if (bytes) CALL(double, uint8_t); else CALL(double, int64_t); \
+    } else {                                                      \
+      if (bytes) CALL(float, uint8_t); else CALL(float, int64_t);   \
+    }                                                             \
+  } while (0)
+
 }  // namespace bisenet
