@@ -46,26 +46,28 @@ __global__ void __launch_bounds__(kThreads) bga_gate_kernel(
     bga_gate_item(offset, detail_down, sem_keep, gated);
 }
 
-template <typename scalar_t, typename acc_t, int kVec>
+// index_t: int32_t when the output has fewer than 2^30 elements (the divisions that find a
+// vector's (n, c, y, x) are several times cheaper than in 64 bits), else int64_t.
+template <typename scalar_t, typename acc_t, int kVec, typename index_t>
 __global__ void __launch_bounds__(kThreads) bga_forward_kernel(
-    BgaGeometry<acc_t> geo, bool channels_last, int64_t vectors,
+    BgaGeometry<acc_t> geo, bool channels_last, index_t vectors,
     const scalar_t* __restrict__ detail_keep, const scalar_t* __restrict__ sem_up,
     const acc_t* __restrict__ gated, scalar_t* __restrict__ out) {
-  for (int64_t vec = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; vec < vectors;
-       vec += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  for (index_t vec = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; vec < vectors;
+       vec += static_cast<index_t>(gridDim.x) * blockDim.x) {
     // The tensors are dense, so element `index` sits at offset `index` in memory order.
-    int64_t index = vec * kVec;
+    const index_t index = vec * kVec;
     int n, c, y, x;
     if (channels_last) {  // (N, H, W, C) in memory
       c = static_cast<int>(index % geo.C);
-      int64_t rest = index / geo.C;
+      index_t rest = index / geo.C;
       x = static_cast<int>(rest % geo.W);
       rest /= geo.W;
       y = static_cast<int>(rest % geo.H);
       n = static_cast<int>(rest / geo.H);
     } else {  // (N, C, H, W) in memory
       x = static_cast<int>(index % geo.W);
-      int64_t rest = index / geo.W;
+      index_t rest = index / geo.W;
       y = static_cast<int>(rest % geo.H);
       rest /= geo.H;
       c = static_cast<int>(rest % geo.C);
@@ -138,7 +140,7 @@ void forward_typed(const BgaForwardCall& call) {
   scalar_t* out_ptr = call.out.mutable_data_ptr<scalar_t>();
   const int64_t elements = call.detail_keep.numel();
   const int fastest = call.channels_last ? geo.C : geo.W;
-  constexpr int kVec = 4;
+  constexpr int kVec = 16 / sizeof(scalar_t);  // 16-byte loads and stores: 8 bf16, 4 float, 2 double
   const bool vectorise = fastest % kVec == 0 && aligned(keep_ptr, sizeof(scalar_t) * kVec) &&
                          aligned(out_ptr, sizeof(scalar_t) * kVec);
   const int64_t vectors = vectorise ? elements / kVec : elements;
@@ -152,11 +154,19 @@ void forward_typed(const BgaForwardCall& call) {
                                      stream>>>(low, call.detail_down.const_data_ptr<scalar_t>(),
                                                call.sem_keep.const_data_ptr<scalar_t>(), gated);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (vectorise) {
-    bga_forward_kernel<scalar_t, acc_t, kVec><<<blocks, kThreads, 0, stream>>>(
+  // 32-bit indices while index + the grid's stride (at most 65535 * 8 * 256 * kVec) stays below 2^31
+  const bool small = elements < (int64_t{1} << 30);
+  if (vectorise && small) {
+    bga_forward_kernel<scalar_t, acc_t, kVec, int32_t><<<blocks, kThreads, 0, stream>>>(
+        geo, call.channels_last, static_cast<int32_t>(vectors), keep_ptr, sem_up, gated, out_ptr);
+  } else if (vectorise) {
+    bga_forward_kernel<scalar_t, acc_t, kVec, int64_t><<<blocks, kThreads, 0, stream>>>(
         geo, call.channels_last, vectors, keep_ptr, sem_up, gated, out_ptr);
+  } else if (small) {
+    bga_forward_kernel<scalar_t, acc_t, 1, int32_t><<<blocks, kThreads, 0, stream>>>(
+        geo, call.channels_last, static_cast<int32_t>(vectors), keep_ptr, sem_up, gated, out_ptr);
   } else {
-    bga_forward_kernel<scalar_t, acc_t, 1><<<blocks, kThreads, 0, stream>>>(
+    bga_forward_kernel<scalar_t, acc_t, 1, int64_t><<<blocks, kThreads, 0, stream>>>(
         geo, call.channels_last, vectors, keep_ptr, sem_up, gated, out_ptr);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
