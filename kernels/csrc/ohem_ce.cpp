@@ -77,32 +77,33 @@ void forward_cpu_typed(const at::Tensor& logits, const at::Tensor& labels, int64
                                                lse_data);
 }
 
+// The CUDA kernel's blocks (n, class group, i) one after the other, its two stages as loops.
 template <typename scalar_t, typename label_t>
-void backward_cpu_typed(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& labels,
-                        const at::Tensor& lse, int64_t ignore_index, const at::Tensor& grad_logits) {
+void backward_cpu_typed(const CeBackwardCall& call, int64_t ignore_index) {
   using acc_t = acc_of<scalar_t>;
+  const at::Tensor& logits = call.logits;
   auto geo = make_ce_geometry<acc_t>(logits.size(0), logits.size(1), logits.size(2), logits.size(3),
-                                     labels.size(1), labels.size(2));
+                                     call.labels.size(1), call.labels.size(2));
   const scalar_t* logit_data = logits.const_data_ptr<scalar_t>();
-  const label_t* label_data = labels.const_data_ptr<label_t>();
-  const acc_t* grad_data = grad_loss.const_data_ptr<acc_t>();
-  const acc_t* lse_data = lse.const_data_ptr<acc_t>();
-  scalar_t* out = grad_logits.mutable_data_ptr<scalar_t>();
-  const int64_t pixels = labels.size(1) * labels.size(2);
-  std::vector<acc_t> row_sums(static_cast<size_t>(geo.W));
-  // the CUDA kernel's blocks (n, c, i) one after the other, its two stages as loops
-  for (int64_t row = 0; row < logits.size(0) * logits.size(1) * logits.size(2); ++row) {
-    const int i = static_cast<int>(row % geo.h);
-    const int64_t nc = row / geo.h;
-    const int c = static_cast<int>(nc % geo.C);
-    const int64_t n = nc / geo.C;
-    const scalar_t* plane = logit_data + nc * geo.h * geo.w;
+  const label_t* labels = call.labels.const_data_ptr<label_t>();
+  const acc_t* grad_loss = call.grad_loss.const_data_ptr<acc_t>();
+  const acc_t* lse = call.lse.const_data_ptr<acc_t>();
+  scalar_t* out = call.grad_logits.mutable_data_ptr<scalar_t>();
+  const int64_t pixels = static_cast<int64_t>(geo.H) * geo.W;
+  const int64_t plane = static_cast<int64_t>(geo.h) * geo.w;
+  const int groups = (geo.C + call.classes_per_block - 1) / call.classes_per_block;
+  std::vector<acc_t> row_sums(static_cast<size_t>(call.classes_per_block) * geo.W);  // (classes, W)
+  for (int64_t block = 0; block < static_cast<int64_t>(geo.N) * groups * geo.h; ++block) {
+    const CeBackwardBlock b = ce_backward_block(block, geo, call.classes_per_block);
     for (int x = 0; x < geo.W; ++x)
-      row_sums[x] = ce_backward_row_sum<scalar_t, label_t, acc_t>(geo, plane, label_data + n * pixels,
-                                                                  grad_data + n * pixels, lse_data + n * pixels,
-                                                                  ignore_index, c, i, x);
-    for (int j = 0; j < geo.w; ++j)
-      out[row * geo.w + j] = static_cast<scalar_t>(ce_backward_column_sum<acc_t>(geo, row_sums.data(), j));
+      ce_backward_row_sums<scalar_t, label_t, acc_t>(geo, logit_data + b.n * geo.C * plane, labels + b.n * pixels,
+                                                     grad_loss + b.n * pixels, lse + b.n * pixels, ignore_index,
+                                                     b.c0, b.classes, b.i, x, row_sums.data() + x, geo.W);
+    for (int item = 0; item < b.classes * geo.w; ++item) {
+      const int k = item / geo.w, j = item % geo.w;
+      out[((b.n * geo.C + b.c0 + k) * geo.h + b.i) * geo.w + j] =
+          static_cast<scalar_t>(ce_backward_column_sum<acc_t>(geo, row_sums.data() + k * geo.W, j));
+    }
   }
 }
 
@@ -124,8 +125,9 @@ CeBackwardCall prepare_ce_backward(const at::Tensor& grad_loss, const at::Tensor
   check_pixel_tensor("upsample_ce_backward", "grad_loss", grad_loss, logits, labels);
   check_pixel_tensor("upsample_ce_backward", "lse", lse, logits, labels);
   const int64_t acc_bytes = acc_type(logits) == at::kDouble ? 8 : 4;
-  TORCH_CHECK(ce_backward_shared_bytes(labels.size(2), acc_bytes) <= kCeSharedBytes, "upsample_ce_backward: labels ",
-              labels.size(2), " wide need more than the kernel's ", kCeSharedBytes, " bytes of shared memory");
+  const int classes_per_block = ce_backward_classes_per_block(logits.size(1), labels.size(2), acc_bytes);
+  TORCH_CHECK(classes_per_block >= 1, "upsample_ce_backward: labels ", labels.size(2), " wide need more than the kernel's ",
+              kCeSharedBytes, " bytes of shared memory");
   TORCH_CHECK(logits.size(0) * logits.size(1) * logits.size(2) < (int64_t{1} << 31),
               "upsample_ce_backward: too many logit rows");
   CeBackwardCall call;
@@ -134,6 +136,7 @@ CeBackwardCall prepare_ce_backward(const at::Tensor& grad_loss, const at::Tensor
   call.grad_loss = grad_loss.contiguous();
   call.lse = lse.contiguous();
   call.grad_logits = at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
+  call.classes_per_block = classes_per_block;
   return call;
 }
 
@@ -172,9 +175,7 @@ std::tuple<at::Tensor, at::Tensor> upsample_ce_forward_cpu(const at::Tensor& log
 at::Tensor upsample_ce_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& labels,
                                     const at::Tensor& lse, int64_t ignore_index) {
   const CeBackwardCall call = prepare_ce_backward(grad_loss, logits, labels, lse);
-#define BISENET_CE_BACKWARD(scalar_t, label_t)                                                                \
-  backward_cpu_typed<scalar_t, label_t>(call.grad_loss, call.logits, call.labels, call.lse, ignore_index, \
-                                        call.grad_logits)
+#define BISENET_CE_BACKWARD(scalar_t, label_t) backward_cpu_typed<scalar_t, label_t>(call, ignore_index)
   BISENET_CE_DISPATCH(call.logits, call.labels, BISENET_CE_BACKWARD);
 #undef BISENET_CE_BACKWARD
   return call.grad_logits;

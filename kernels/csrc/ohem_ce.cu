@@ -48,24 +48,24 @@ __global__ void __launch_bounds__(kThreads) ce_forward_kernel(
 // memory, then the low-res row's gradients (ohem_ce_math.h: no atomics, deterministic).
 template <typename scalar_t, typename label_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) ce_backward_kernel(
-    CeGeometry<acc_t> geo, const scalar_t* __restrict__ logits, const label_t* __restrict__ labels,
-    const acc_t* __restrict__ grad_loss, const acc_t* __restrict__ lse, int64_t ignore_index,
-    scalar_t* __restrict__ grad_logits) {
+    CeGeometry<acc_t> geo, int classes_per_block, const scalar_t* __restrict__ logits,
+    const label_t* __restrict__ labels, const acc_t* __restrict__ grad_loss, const acc_t* __restrict__ lse,
+    int64_t ignore_index, scalar_t* __restrict__ grad_logits) {
   extern __shared__ __align__(16) unsigned char shared_bytes[];
-  acc_t* row_sums = reinterpret_cast<acc_t*>(shared_bytes);  // (W,)
-  const int64_t row = blockIdx.x;                             // (n * C + c) * h + i
-  const int i = static_cast<int>(row % geo.h);
-  const int64_t nc = row / geo.h;
-  const int c = static_cast<int>(nc % geo.C);
-  const int64_t n = nc / geo.C;
+  acc_t* row_sums = reinterpret_cast<acc_t*>(shared_bytes);  // (classes, W)
+  const CeBackwardBlock b = ce_backward_block(blockIdx.x, geo, classes_per_block);
   const int64_t pixels = static_cast<int64_t>(geo.H) * geo.W;
-  const scalar_t* plane = logits + nc * geo.h * geo.w;
+  const int64_t plane = static_cast<int64_t>(geo.h) * geo.w;
   for (int x = threadIdx.x; x < geo.W; x += blockDim.x)
-    row_sums[x] = ce_backward_row_sum<scalar_t, label_t, acc_t>(geo, plane, labels + n * pixels, grad_loss + n * pixels,
-                                                                lse + n * pixels, ignore_index, c, i, x);
+    ce_backward_row_sums<scalar_t, label_t, acc_t>(geo, logits + b.n * geo.C * plane, labels + b.n * pixels,
+                                                   grad_loss + b.n * pixels, lse + b.n * pixels, ignore_index, b.c0,
+                                                   b.classes, b.i, x, row_sums + x, geo.W);
   __syncthreads();
-  for (int j = threadIdx.x; j < geo.w; j += blockDim.x)
-    grad_logits[row * geo.w + j] = static_cast<scalar_t>(ce_backward_column_sum<acc_t>(geo, row_sums, j));
+  for (int item = threadIdx.x; item < b.classes * geo.w; item += blockDim.x) {
+    const int k = item / geo.w, j = item % geo.w;
+    grad_logits[((b.n * geo.C + b.c0 + k) * geo.h + b.i) * geo.w + j] =
+        static_cast<scalar_t>(ce_backward_column_sum<acc_t>(geo, row_sums + k * geo.W, j));
+  }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -180,10 +180,11 @@ void backward_typed(const CeBackwardCall& call, int64_t ignore_index) {
   const at::Tensor& logits = call.logits;
   auto geo = make_ce_geometry<acc_t>(logits.size(0), logits.size(1), logits.size(2), logits.size(3),
                                      call.labels.size(1), call.labels.size(2));
-  const int64_t rows = logits.size(0) * logits.size(1) * logits.size(2);  // < 2^31, checked by prepare
-  const size_t shared = static_cast<size_t>(ce_backward_shared_bytes(geo.W, sizeof(acc_t)));  // within the budget, idem
-  ce_backward_kernel<scalar_t, label_t, acc_t><<<rows, kThreads, shared, c10::cuda::getCurrentCUDAStream()>>>(
-      geo, logits.const_data_ptr<scalar_t>(), call.labels.const_data_ptr<label_t>(),
+  const int groups = (geo.C + call.classes_per_block - 1) / call.classes_per_block;
+  const int64_t blocks = logits.size(0) * groups * logits.size(2);  // < 2^31 rows, checked by prepare
+  const size_t shared = static_cast<size_t>(call.classes_per_block) * geo.W * sizeof(acc_t);  // within the budget, idem
+  ce_backward_kernel<scalar_t, label_t, acc_t><<<blocks, kThreads, shared, c10::cuda::getCurrentCUDAStream()>>>(
+      geo, call.classes_per_block, logits.const_data_ptr<scalar_t>(), call.labels.const_data_ptr<label_t>(),
       call.grad_loss.const_data_ptr<acc_t>(), call.lse.const_data_ptr<acc_t>(), ignore_index,
       call.grad_logits.mutable_data_ptr<scalar_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -15,11 +15,13 @@
 //     sum_x w_x(x, j) * [ sum_y w_y(y, i) * g[y, x] * (exp(z[c, y, x] - lse[y, x]) - [c == label]) ]
 // with z recomputed from the logits; the rows that read low-res row i are those whose first
 // tap is i - 1 or i (bilinear.h: first_dst_with_tap_at_least), likewise columns. One CUDA
-// block per low-res row (n, c, i): stage 1, one item per high-res column x, the bracket (the
-// row sums, W values in shared memory); stage 2, one item per low-res column j, the x-sum.
-// Each high-res (c, y, x) is evaluated by the two blocks of its two row taps (not four
-// times, as a gather per logit would), with reads coalesced along x. Pixels with a zero
-// incoming gradient (ignored, or not kept by OHEM) are skipped.
+// block per low-res row and group of up to 8 classes (n, c0, i): stage 1, one item per
+// high-res column x, the bracket for each class of the group (the row sums, W values per
+// class in shared memory; the pixel's gradient, label and lse read once for the group);
+// stage 2, one item per (class, low-res column j), the x-sum. Each high-res (c, y, x) is
+// evaluated by the two blocks of its two row taps (not four times, as a gather per logit
+// would), with reads coalesced along x. Pixels with a zero incoming gradient (ignored, or not
+// kept by OHEM) are skipped.
 //
 // The OHEM selection (the k-th largest pixel loss by a radix select, then per-pixel
 // weights) is at the end of this file.
@@ -101,18 +103,22 @@ BISENET_HD void ce_pixel_forward(int64_t pixel, const CeGeometry<acc_t>& geo, co
   loss[pixel] = pixel_lse - label_z;
 }
 
-// Backward, stage 1 of a block (n, c, i): the y-sum of high-res column x for low-res row i,
+// Backward, stage 1 of a block (n, class group [c0, c0 + classes), i): for high-res column x
+// and each class c of the group, the y-sum for low-res row i,
 //     sum over y reading row i of  w_y(y, i) * g[y, x] * (exp(z[c, y, x] - lse[y, x]) - [c == label])
-// (0 terms for ignored pixels and zero incoming gradients, which are skipped).
-// plane: logits (n, c) (h, w); the per-pixel pointers point at sample n's (H, W).
+// (0 terms for ignored pixels and zero incoming gradients, which are skipped), into
+// sums[k * stride] for class c0 + k. Each pixel's gradient, label and lse are read once for
+// the whole group. sample: logits of sample n (C, h, w); the per-pixel pointers point at
+// sample n's (H, W).
 template <typename scalar_t, typename label_t, typename acc_t>
-BISENET_HD acc_t ce_backward_row_sum(const CeGeometry<acc_t>& geo, const scalar_t* plane, const label_t* labels,
-                                     const acc_t* grad_loss, const acc_t* lse, int64_t ignore_index, int c, int i,
-                                     int x) {
+BISENET_HD void ce_backward_row_sums(const CeGeometry<acc_t>& geo, const scalar_t* sample, const label_t* labels,
+                                     const acc_t* grad_loss, const acc_t* lse, int64_t ignore_index, int c0,
+                                     int classes, int i, int x, acc_t* sums, int stride) {
   const Taps<acc_t> tx = bilinear_taps<acc_t>(x, geo.w, geo.scale_x);
   const int y_begin = first_dst_with_tap_at_least(i - 1, geo.h, geo.H, geo.scale_y);
   const int y_end = first_dst_with_tap_at_least(i + 1, geo.h, geo.H, geo.scale_y);
-  acc_t sum = static_cast<acc_t>(0);
+  const int64_t plane = static_cast<int64_t>(geo.h) * geo.w;
+  for (int k = 0; k < classes; ++k) sums[k * stride] = static_cast<acc_t>(0);
   for (int y = y_begin; y < y_end; ++y) {
     const int64_t p = static_cast<int64_t>(y) * geo.W + x;
     const acc_t g = grad_loss[p];
@@ -121,21 +127,49 @@ BISENET_HD acc_t ce_backward_row_sum(const CeGeometry<acc_t>& geo, const scalar_
     const Taps<acc_t> ty = bilinear_taps<acc_t>(y, geo.h, geo.scale_y);
     const acc_t weight_y = tap_weight(ty, i);
     if (weight_y == static_cast<acc_t>(0)) continue;
-    const acc_t z = bilinear_sample<scalar_t, acc_t>(plane, geo.w, 1, ty, tx);
-    acc_t d = exp_acc(z - lse[p]);
-    if (label == c) d -= static_cast<acc_t>(1);
-    sum = fma_acc(weight_y * g, d, sum);
+    const acc_t weighted_g = weight_y * g;
+    const acc_t pixel_lse = lse[p];
+    for (int k = 0; k < classes; ++k) {
+      const int c = c0 + k;
+      const acc_t z = bilinear_sample<scalar_t, acc_t>(sample + c * plane, geo.w, 1, ty, tx);
+      acc_t d = exp_acc(z - pixel_lse);
+      if (label == c) d -= static_cast<acc_t>(1);
+      sums[k * stride] = fma_acc(weighted_g, d, sums[k * stride]);
+    }
   }
-  return sum;
 }
 
-// The backward block's shared memory: the row sums of one low-res row (W values). The
-// budget is the default per-block limit; ohem_ce.cpp checks it for the CPU loop and the
+// The backward block's classes: as many as 8 whose row sums (W values each) fit the
+// shared-memory budget; ohem_ce.cpp checks that one class fits, for the CPU loop and the
 // CUDA launch alike.
 constexpr int64_t kCeSharedBytes = 48 * 1024;
-inline int64_t ce_backward_shared_bytes(int64_t W, int64_t acc_bytes) { return W * acc_bytes; }
+inline int ce_backward_classes_per_block(int64_t C, int64_t W, int64_t acc_bytes) {
+  int64_t classes = kCeSharedBytes / (W * acc_bytes);
+  if (classes > 8) classes = 8;
+  if (classes > C) classes = C;
+  return static_cast<int>(classes);
+}
 
-// Backward, stage 2: the gradient of logit (n, c, i, j) from the block's row sums (W).
+// Which rows and classes backward block `block` owns: blocks run over (n, class group, i),
+// i fastest.
+struct CeBackwardBlock {
+  int64_t n;
+  int c0, classes, i;
+};
+
+template <typename acc_t>
+BISENET_HD CeBackwardBlock ce_backward_block(int64_t block, const CeGeometry<acc_t>& geo, int classes_per_block) {
+  const int groups = (geo.C + classes_per_block - 1) / classes_per_block;
+  CeBackwardBlock b;
+  b.i = static_cast<int>(block % geo.h);
+  const int64_t rest = block / geo.h;
+  b.c0 = static_cast<int>(rest % groups) * classes_per_block;
+  b.n = rest / groups;
+  b.classes = geo.C - b.c0 < classes_per_block ? geo.C - b.c0 : classes_per_block;
+  return b;
+}
+
+// Backward, stage 2: the gradient of logit (n, c, i, j) from its class's row sums (W).
 template <typename acc_t>
 BISENET_HD acc_t ce_backward_column_sum(const CeGeometry<acc_t>& geo, const acc_t* row_sums, int j) {
   const int x_begin = first_dst_with_tap_at_least(j - 1, geo.w, geo.W, geo.scale_x);

@@ -19,6 +19,7 @@ struct CeForwardCall {
 struct CeBackwardCall {
   at::Tensor grad_loss, logits, labels, lse;  // contiguous
   at::Tensor grad_logits;
+  int classes_per_block;  // ohem_ce_math.h: ce_backward_classes_per_block
 };
 
 struct OhemCall {
