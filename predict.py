@@ -85,6 +85,7 @@ class Predictor:
                    the input in and replay it; a new shape recaptures (and is logged). The
                    returned tensor is then the graph's output buffer, overwritten by the
                    next call: clone it to keep it.
+    On CUDA it turns on torch.backends.cudnn.benchmark (a process-wide setting).
     """
 
     def __init__(self, model, device, dtype=torch.float32, channels_last=False, compile=False,
@@ -100,7 +101,7 @@ class Predictor:
         self.model.to(memory_format=self.memory_format)
         self.device, self.dtype, self.output, self.log = device, dtype, output, log
         if device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
+            torch.backends.cudnn.benchmark = True  # one input shape at a time: autotune each once
         self.forward = torch.compile(self.eager_forward, dynamic=False) if compile else self.eager_forward
         self.cuda_graph = cuda_graph
         self.graph = None  # (input shape and dtype, static input, CUDAGraph, static output)
@@ -142,15 +143,18 @@ class OnnxPredictor:
     """An ONNX export (export.py) run by onnxruntime: images (N, 3, H, W) float32 -> (N, H, W)
     uint8 train ids as a numpy array, whether the graph outputs logits or train ids.
     `fixed_size` is the graph's (H, W), None when symbolic; `batch` is its fixed batch
-    size, None when symbolic. Raises ValueError when the file is not a readable export."""
+    size, None when symbolic. device None: onnxruntime's CUDA provider when it has one, else
+    the CPU (the log line names the provider); a CUDA device requires the CUDA provider.
+    Raises ValueError when the file is not a readable export."""
 
-    def __init__(self, path, device=torch.device("cpu"), log=print):
+    def __init__(self, path, device=None, log=print):
         import onnxruntime
+        available = onnxruntime.get_available_providers()
         providers = ["CPUExecutionProvider"]
-        if device.type == "cuda":
-            if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
-                raise ValueError(f"{path}: --device {device}: this onnxruntime has no CUDA provider "
-                                 f"(it has {', '.join(onnxruntime.get_available_providers())})")
+        if device is not None and device.type == "cuda" and "CUDAExecutionProvider" not in available:
+            raise ValueError(f"{path}: --device {device}: this onnxruntime has no CUDA provider "
+                             f"(it has {', '.join(available)})")
+        if (device is None or device.type == "cuda") and "CUDAExecutionProvider" in available:
             providers.insert(0, "CUDAExecutionProvider")
         if not Path(path).is_file():
             raise ValueError(f"{path}: no such ONNX file")
@@ -290,7 +294,7 @@ def load_runner(args, device, log):
     train ids (numpy); fixed_size is the (H, W) every image must have, or None. Raises
     OSError or ValueError for unreadable weights."""
     if args.weights.endswith(".onnx"):
-        runner = OnnxPredictor(args.weights, device, log)
+        runner = OnnxPredictor(args.weights, None if args.device == "auto" else device, log)
         most = min(runner.batch or args.batch_size, args.batch_size)
         if most < args.batch_size:
             log(f"the export's batch size is fixed at {runner.batch}: images go {most} at a time")
@@ -300,7 +304,8 @@ def load_runner(args, device, log):
     dtype = torch.bfloat16 if cuda and not args.fp32 else torch.float32
     predictor = Predictor(model, device, dtype, channels_last=cuda, compile=args.compile,
                           cuda_graph=args.cuda_graph, log=log)
-    log(f"PyTorch on {device}: {str(dtype).removeprefix('torch.')}, {'channels_last' if cuda else 'NCHW'}"
+    log(f"PyTorch on {device}: {str(dtype).removeprefix('torch.')}, "
+        f"{'channels_last, cudnn.benchmark' if cuda else 'NCHW'}"
         f"{', compiled' if args.compile else ''}{', CUDA graphs' if args.cuda_graph else ''}")
     return (lambda images: predictor(images).cpu().numpy()), None, args.batch_size
 
