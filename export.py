@@ -51,7 +51,7 @@ def export_onnx(model, out, size=(512, 1024), dynamic=False, argmax=False, opset
     import onnx
     model = copy.deepcopy(model).float().cpu().eval()
     if model.bga.aggregate is not bga_aggregate:
-        log("export: the BGA is exported as the plain-PyTorch bga_aggregate, not the fused kernel")
+        log("the BGA is exported as the plain-PyTorch bga_aggregate, not the fused kernel")
         model.bga.aggregate = bga_aggregate
     graph = TrainIds(model).eval() if argmax else model
     output_name = "train_ids" if argmax else "logits"
@@ -72,7 +72,7 @@ def export_onnx(model, out, size=(512, 1024), dynamic=False, argmax=False, opset
     finally:
         tmp.unlink(missing_ok=True)
     shape = "N x 3 x H x W" if dynamic else f"1 x 3 x {size[0]} x {size[1]}"
-    log(f"export: {out} (opset {opset}, images {shape} -> {output_name}, onnx.checker passed)")
+    log(f"wrote {out}: opset {opset}, images {shape} -> {output_name}, onnx.checker passed")
     return out
 
 
