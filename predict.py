@@ -79,7 +79,8 @@ class Predictor:
                    torch.bfloat16: BatchNorm folded into the convs in float32, then weights
                    and activations in bf16
     channels_last  model and input in channels_last (NHWC) memory format
-    compile        torch.compile (shape-specialised; a new input shape recompiles)
+    compile        torch.compile, shape-specialised: each new input shape compiles again
+                   (past torch._dynamo's recompile limit, 8, torch warns and runs eagerly)
     cuda_graph     CUDA only: the first call at an input shape (and dtype) warms up on a
                    side stream and captures one CUDA graph, later calls at that shape copy
                    the input in and replay it; a new shape recaptures (and is logged). The
