@@ -329,7 +329,13 @@ def main(argv=None):
         print(f"predict.py: error: {message}", file=sys.stderr)
         return 2
 
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    try:
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
+                              else args.device)
+    except RuntimeError:
+        return bad_input(f"--device {args.device}: not a device (auto, cpu, cuda or cuda:N)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return bad_input(f"--device {args.device}: no CUDA device here")
     input_path, out_dir = Path(args.input), Path(args.out)
     if args.batch_size < 1:
         return bad_input(f"--batch-size {args.batch_size}: must be positive")

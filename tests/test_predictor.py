@@ -101,7 +101,8 @@ def test_predict_batches_equal_one_at_a_time(photo, tmp_path):
 
 
 @pytest.mark.parametrize("args, named", [(["--batch-size", "0"], "--batch-size 0: must be positive"),
-                                         (["--cuda-graph", "--device", "cpu"], "--cuda-graph needs a CUDA device")])
+                                         (["--cuda-graph", "--device", "cpu"], "--cuda-graph needs a CUDA device"),
+                                         (["--device", "gpu"], "--device gpu: not a device")])
 def test_predict_bad_arguments_exit_2(photo, tmp_path, capsys, args, named):
     weights = shared_fixture("paddleseg_bisenetv2", "bisenetv2_random.pdparams")
     argv = ["--weights", str(weights), "--input", str(tmp_path), "--out", str(tmp_path / "o")] + args
