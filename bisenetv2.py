@@ -49,11 +49,17 @@ __all__ = ["BiSeNetV2", "bga_aggregate", "load_paddleseg", "load_weights"]
 
 def pad_same(x, kernel_size, stride):
     """Pads x the way Paddle's padding='same' does: output size ceil(size / stride), the
-    total padding split with the smaller half first (TensorFlow's SAME)."""
+    total padding split with the smaller half first (TensorFlow's SAME).
+
+    Every division here has non-negative operands: a traced size is a tensor, and ONNX
+    export turns `//` into Div, which truncates; `-(-size // stride)` would round the
+    wrong way in an exported graph."""
     pads = []
     for size in (x.shape[-1], x.shape[-2]):  # F.pad takes the last dim first
-        out = -(-size // stride)
-        total = max((out - 1) * stride + kernel_size - size, 0)
+        out = (size + stride - 1) // stride
+        total = (out - 1) * stride + kernel_size - size  # in [kernel_size - stride, kernel_size - 1]
+        if kernel_size < stride:  # only then can it be negative; decided on constants, not sizes
+            total = max(total, 0)
         pads += [total // 2, total - total // 2]
     return F.pad(x, pads)
 

@@ -1,17 +1,27 @@
-"""Segment images with BiSeNetV2.
+"""Segment images with BiSeNetV2, and the fast inference path.
 
-    python predict.py --weights W --input IMG_OR_DIR --out DIR [--overlay]
+    python predict.py --weights W --input IMG_OR_DIR --out DIR [--overlay] [--batch-size N]
+                      [--compile] [--cuda-graph]
 
-W is one of this project's checkpoints (train_ddp.py's iter_N.pt / best.pt) or a PaddleSeg
-`.pdparams` (e.g. bisenet_cityscapes_1024x1024_160k/model.pdparams). For every image NAME.ext
-it writes NAME_trainIds.png (uint8 Cityscapes train ids, the input's size) and NAME_color.png
+W is one of this project's checkpoints (train_ddp.py's iter_N.pt / best.pt), a PaddleSeg
+`.pdparams` (e.g. bisenet_cityscapes_1024x1024_160k/model.pdparams) or an ONNX export
+(export.py's `.onnx`, run with onnxruntime). For every image NAME.ext it writes
+NAME_trainIds.png (uint8 Cityscapes train ids, the input's size) and NAME_color.png
 (Cityscapes palette); --overlay adds NAME_overlay.png, the palette blended over the photo.
-A folder is searched recursively and its sub-folders are mirrored under --out.
-Preprocessing is PaddleSeg's: RGB, / 255, mean 0.5, std 0.5. CUDA with bf16 autocast when
-available, else CPU in float32. An unreadable image is reported and skipped; the exit code is
-then 1.
+A folder is searched recursively and its sub-folders are mirrored under --out; consecutive
+images of one size go through the model together, up to --batch-size at a time.
+Preprocessing is PaddleSeg's: RGB, / 255, mean 0.5, std 0.5.
+
+PyTorch weights run on CUDA when available, in bf16 (BatchNorm folded into the convs, then
+model and activations in bf16; --fp32 keeps float32) and channels_last; --compile adds
+torch.compile, --cuda-graph replays a CUDA graph per input shape. On the CPU: float32,
+eager. `.onnx` weights run on onnxruntime's CPU provider (its CUDA provider with --device
+cuda when the installed onnxruntime has it). An unreadable image, or one that does not fit
+a fixed-size export, is reported and skipped; the exit code is then 1. Bad weights or
+arguments: one line and exit code 2.
 """
 import argparse
+import copy
 import sys
 import time
 from pathlib import Path
@@ -20,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bisenetv2 import BiSeNetV2, load_weights
+from bisenetv2 import BiSeNetV2, ConvBN, load_weights
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -35,21 +45,224 @@ def cityscapes_palette(num_classes=19):
     return palette
 
 
-def preprocess(image):
-    """PIL image -> (1, 3, H, W) float32, PaddleSeg's normalisation: (rgb / 255 - 0.5) / 0.5."""
-    rgb = np.asarray(image.convert("RGB"), dtype=np.float32)  # (H, W, 3)
-    return torch.from_numpy((rgb / 255.0 - 0.5) / 0.5).permute(2, 0, 1)[None].contiguous()
+def preprocess(photos):
+    """PIL images of one size -> (N, 3, H, W) float32, PaddleSeg's normalisation:
+    (rgb / 255 - 0.5) / 0.5."""
+    rgb = np.stack([np.asarray(photo.convert("RGB"), dtype=np.float32) for photo in photos])  # (N, H, W, 3)
+    return torch.from_numpy((rgb / 255.0 - 0.5) / 0.5).permute(0, 3, 1, 2).contiguous()
 
 
-@torch.no_grad()
-def predict_train_ids(model, image, device, bf16):
-    """-> (H, W) uint8 numpy array of train ids, the argmax of the model's logits."""
-    images = preprocess(image).to(device)
-    if device.type == "cuda":
-        images = images.contiguous(memory_format=torch.channels_last)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        logits = model(images)
-    return logits.argmax(1)[0].to(torch.uint8).cpu().numpy()
+# ---------------------------------------------------------------------------------------
+# The fast PyTorch inference path
+
+
+def fold_batchnorm(model):
+    """An eval-mode copy of `model` with every ConvBN's BatchNorm folded into its conv
+    (weight * gamma / sqrt(var + eps), bias beta - mean * gamma / sqrt(var + eps)): the
+    same function, one pass over memory fewer per layer, and no BN statistics to round
+    when the copy is cast to bf16."""
+    model = copy.deepcopy(model).eval()
+    for module in model.modules():
+        if isinstance(module, ConvBN):
+            module.conv = torch.nn.utils.fusion.fuse_conv_bn_eval(module.conv, module.bn)
+            module.bn = torch.nn.Identity()
+    return model
+
+
+class Predictor:
+    """The fast inference path for an eval-mode BiSeNetV2:
+    images (N, 3, H, W) float32, normalised, on any device -> on `device`, either
+    (N, H, W) uint8 train ids (output='train_ids', the argmax in the same graph) or the
+    (N, C, H, W) logits in `dtype` (output='logits').
+
+    dtype          torch.float32: the model as given (on CUDA, cuDNN may use TF32);
+                   torch.bfloat16: BatchNorm folded into the convs in float32, then weights
+                   and activations in bf16
+    channels_last  model and input in channels_last (NHWC) memory format
+    compile        torch.compile, shape-specialised: each new input shape compiles again
+                   (past torch._dynamo's recompile limit, 8, torch warns and runs eagerly)
+    cuda_graph     CUDA only: the first call at an input shape (and dtype) warms up on a
+                   side stream and captures one CUDA graph, later calls at that shape copy
+                   the input in and replay it; a new shape recaptures (and is logged). The
+                   returned tensor is then the graph's output buffer, overwritten by the
+                   next call: clone it to keep it.
+    On CUDA it turns on torch.backends.cudnn.benchmark (a process-wide setting).
+    """
+
+    def __init__(self, model, device, dtype=torch.float32, channels_last=False, compile=False,
+                 cuda_graph=False, output="train_ids", log=print):
+        device = torch.device(device)
+        if cuda_graph and device.type != "cuda":
+            raise ValueError(f"cuda_graph needs a CUDA device, not {device}")
+        if output not in ("train_ids", "logits"):
+            raise ValueError(f"output must be 'train_ids' or 'logits', not {output!r}")
+        model = fold_batchnorm(model) if dtype == torch.bfloat16 else copy.deepcopy(model).eval()
+        self.model = model.to(device=device, dtype=dtype)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.model.to(memory_format=self.memory_format)
+        self.device, self.dtype, self.output, self.log = device, dtype, output, log
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # one input shape at a time: autotune each once
+        self.forward = torch.compile(self.eager_forward, dynamic=False) if compile else self.eager_forward
+        self.cuda_graph = cuda_graph
+        self.graph = None  # (input shape and dtype, static input, CUDAGraph, static output)
+
+    def eager_forward(self, images):
+        images = images.to(self.device, self.dtype, memory_format=self.memory_format)
+        logits = self.model(images)
+        return logits.argmax(1).to(torch.uint8) if self.output == "train_ids" else logits
+
+    @torch.no_grad()
+    def __call__(self, images):
+        if not self.cuda_graph:
+            return self.forward(images)
+        key = (tuple(images.shape), images.dtype)
+        if self.graph is None or self.graph[0] != key:
+            self.graph = None  # free the old graph's memory before capturing the new one
+            self.graph = self.capture(images, key)
+        _, static_images, graph, static_output = self.graph
+        static_images.copy_(images, non_blocking=True)
+        graph.replay()
+        return static_output
+
+    def capture(self, images, key):
+        self.log(f"predictor: capturing a CUDA graph for input {key[0]} {key[1]}")
+        static_images = images.to(self.device, copy=True)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):  # cuDNN autotuning, compilation and lazy init, outside the capture
+            for _ in range(3):
+                self.forward(static_images)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_output = self.forward(static_images)
+        return key, static_images, graph, static_output
+
+
+class OnnxPredictor:
+    """An ONNX export (export.py) run by onnxruntime: images (N, 3, H, W) float32 -> (N, H, W)
+    uint8 train ids as a numpy array, whether the graph outputs logits or train ids.
+    `fixed_size` is the graph's (H, W), None when symbolic; `batch` is its fixed batch
+    size, None when symbolic. device None: onnxruntime's CUDA provider when it has one, else
+    the CPU (the log line names the provider); a CUDA device requires the CUDA provider.
+    Raises ValueError when the file is not a readable export."""
+
+    def __init__(self, path, device=None, log=print):
+        import onnxruntime
+        available = onnxruntime.get_available_providers()
+        providers = ["CPUExecutionProvider"]
+        if device is not None and device.type == "cuda" and "CUDAExecutionProvider" not in available:
+            raise ValueError(f"{path}: --device {device}: this onnxruntime has no CUDA provider "
+                             f"(it has {', '.join(available)})")
+        if (device is None or device.type == "cuda") and "CUDAExecutionProvider" in available:
+            providers.insert(0, "CUDAExecutionProvider")
+        if not Path(path).is_file():
+            raise ValueError(f"{path}: no such ONNX file")
+        try:
+            self.session = onnxruntime.InferenceSession(str(path), providers=providers)
+        except Exception as e:  # onnxruntime raises its own types for unreadable models
+            raise ValueError(f"{path}: not a readable ONNX model ({type(e).__name__}: "
+                             f"{' '.join(str(e).split())[:200]})") from None
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        if len(inputs) != 1 or len(inputs[0].shape) != 4 or len(outputs) != 1 \
+                or len(outputs[0].shape) not in (3, 4):
+            raise ValueError(f"{path}: not a BiSeNetV2 export (one 4-d input, one output of train "
+                             f"ids or logits)")
+        self.input_name = inputs[0].name
+        batch, _, height, width = inputs[0].shape  # ints, or names where symbolic
+        self.batch = batch if isinstance(batch, int) else None
+        self.fixed_size = (height, width) if isinstance(height, int) and isinstance(width, int) else None
+        self.outputs_logits = len(outputs[0].shape) == 4
+        log(f"predictor: onnxruntime {onnxruntime.__version__} on {self.session.get_providers()[0]}, "
+            f"input {inputs[0].shape}, output {outputs[0].name} {outputs[0].shape}")
+
+    def __call__(self, images):
+        images = np.ascontiguousarray(np.asarray(images, dtype=np.float32))
+        output = self.session.run(None, {self.input_name: images})[0]
+        return output.argmax(1).astype(np.uint8) if self.outputs_logits else output.astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------
+# Timing the inference paths (for the benchmark; no test times anything)
+
+INFERENCE_ROWS = (  # label, Predictor settings
+    ("fp32 eager, NCHW", dict(dtype=torch.float32)),
+    ("bf16 channels_last", dict(dtype=torch.bfloat16, channels_last=True)),
+    ("bf16 channels_last compiled", dict(dtype=torch.bfloat16, channels_last=True, compile=True)),
+    ("bf16 channels_last CUDA graph", dict(dtype=torch.bfloat16, channels_last=True, cuda_graph=True)),
+    ("bf16 channels_last compiled + CUDA graph",
+     dict(dtype=torch.bfloat16, channels_last=True, compile=True, cuda_graph=True)),
+)
+
+
+def inference_fps(run, images, iters=50, warmup=10):
+    """-> images/s of run(images) over `iters` calls after `warmup` calls (compilation, cuDNN
+    autotuning and graph capture happen there). With `images` a CUDA tensor, timed with CUDA
+    events around the measured calls (launch gaps included); otherwise by the host clock."""
+    for _ in range(warmup):
+        run(images)
+    if isinstance(images, torch.Tensor) and images.is_cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            run(images)
+        end.record()
+        end.synchronize()
+        seconds = start.elapsed_time(end) / 1000
+    else:
+        begin = time.perf_counter()
+        for _ in range(iters):
+            run(images)
+        seconds = time.perf_counter() - begin
+    return iters * images.shape[0] / seconds
+
+
+def inference_table(model, device, sizes=((1024, 2048), (512, 1024)), batch=1, iters=50, warmup=10,
+                    onnx_iters=3, log=print):
+    """-> a markdown table of images/s of the eval-mode logits at each (H, W) in `sizes`,
+    `batch` images per call: every INFERENCE_ROWS path on `device` (on a CPU only fp32
+    eager runs, the others are noted as needing CUDA), then onnxruntime on the CPU (one
+    --dynamic export of `model`, `onnx_iters` calls after one warm-up)."""
+    import tempfile
+    from export import export_onnx
+    device = torch.device(device)
+    sizes_head = " | ".join(f"{h}x{w} images/s | ms/batch" for h, w in sizes)
+    lines = [f"| inference, batch {batch}, eval-mode logits | {sizes_head} | note |",
+             "| --- |" + " ---: | ---: |" * len(sizes) + " --- |"]
+
+    def row(label, measure):  # measure(size) -> images/s
+        cells, note = [], ""
+        for size in sizes:
+            try:
+                fps = measure(size)
+                cells += [f"{fps:.1f}", f"{1000 * batch / fps:.2f}"]
+            except RuntimeError as e:
+                cells += ["-", "-"]
+                note = f"failed: {' '.join(str(e).split())[:160]}"
+        lines.append(f"| {label} | {' | '.join(cells)} | {note} |")
+
+    for label, settings in INFERENCE_ROWS:
+        if device.type != "cuda" and settings != dict(dtype=torch.float32):
+            lines.append(f"| {label} |" + " - | - |" * len(sizes) + " needs CUDA |")
+            continue
+        log(f"inference_table: {label}")
+        predictor = Predictor(model, device, output="logits", log=log, **settings)
+        row(label, lambda size: inference_fps(predictor, torch.randn(batch, 3, *size, device=device),
+                                              iters, warmup))
+        del predictor
+        if settings.get("compile"):
+            torch._dynamo.reset()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    with tempfile.TemporaryDirectory() as folder:
+        log("inference_table: onnxruntime on the CPU")
+        runner = OnnxPredictor(export_onnx(model, Path(folder) / "model.onnx", sizes[0], dynamic=True, log=log),
+                               log=log)
+        run = lambda images: runner.session.run(None, {runner.input_name: images})
+        row("onnxruntime CPU, fp32", lambda size: inference_fps(
+            run, np.random.randn(batch, 3, *size).astype(np.float32), onnx_iters, warmup=1))
+    return "\n".join(lines) + "\n"
 
 
 def find_images(input_path):
@@ -62,65 +275,128 @@ def find_images(input_path):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--weights", required=True, help="project checkpoint (.pt) or PaddleSeg .pdparams")
+    parser.add_argument("--weights", required=True,
+                        help="project checkpoint (.pt), PaddleSeg .pdparams or ONNX export (.onnx)")
     parser.add_argument("--input", required=True, help="an image or a folder of images")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--overlay", action="store_true", help="also write NAME_overlay.png")
     parser.add_argument("--alpha", type=float, default=0.5, help="overlay: weight of the palette")
     parser.add_argument("--num-classes", type=int, default=19)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--fp32", action="store_true", help="no bf16 autocast on CUDA")
+    parser.add_argument("--batch-size", type=int, default=1, help="images of one size per forward pass")
+    parser.add_argument("--fp32", action="store_true", help="float32 on CUDA (default bf16)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--cuda-graph", action="store_true", help="replay a CUDA graph per input shape")
     return parser.parse_args(argv)
+
+
+def load_runner(args, device, log):
+    """-> (run, fixed_size, most_per_call): run maps (N, 3, H, W) float32 to (N, H, W) uint8
+    train ids (numpy); fixed_size is the (H, W) every image must have, or None. Raises
+    OSError or ValueError for unreadable weights."""
+    if args.weights.endswith(".onnx"):
+        runner = OnnxPredictor(args.weights, None if args.device == "auto" else device, log)
+        most = min(runner.batch or args.batch_size, args.batch_size)
+        if most < args.batch_size:
+            log(f"the export's batch size is fixed at {runner.batch}: images go {most} at a time")
+        return runner, runner.fixed_size, most
+    model = load_weights(BiSeNetV2(args.num_classes), args.weights)
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda and not args.fp32 else torch.float32
+    predictor = Predictor(model, device, dtype, channels_last=cuda, compile=args.compile,
+                          cuda_graph=args.cuda_graph, log=log)
+    log(f"PyTorch on {device}: {str(dtype).removeprefix('torch.')}, "
+        f"{'channels_last, cudnn.benchmark' if cuda else 'NCHW'}"
+        f"{', compiled' if args.compile else ''}{', CUDA graphs' if args.cuda_graph else ''}")
+    return (lambda images: predictor(images).cpu().numpy()), None, args.batch_size
+
+
+def read_photo(path):
+    """-> the image as RGB, or raises OSError naming why it is unreadable."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.convert("RGB")
+    except Exception as e:  # PIL raises several types for truncated or foreign files
+        raise OSError(f"unreadable image ({type(e).__name__}: {e})") from None
 
 
 def main(argv=None):
     args = parse_args(argv)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    bf16 = device.type == "cuda" and not args.fp32
+    log = lambda line: print(f"predict.py: {line}", file=sys.stderr)
+
+    def bad_input(message):
+        print(f"predict.py: error: {message}", file=sys.stderr)
+        return 2
+
+    try:
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
+                              else args.device)
+    except RuntimeError:
+        return bad_input(f"--device {args.device}: not a device (auto, cpu, cuda or cuda:N)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return bad_input(f"--device {args.device}: no CUDA device here")
     input_path, out_dir = Path(args.input), Path(args.out)
+    if args.batch_size < 1:
+        return bad_input(f"--batch-size {args.batch_size}: must be positive")
+    if args.cuda_graph and device.type != "cuda":
+        return bad_input(f"--cuda-graph needs a CUDA device, not {device}")
+    if args.weights.endswith(".onnx") and (args.compile or args.cuda_graph or args.fp32):
+        return bad_input("--compile, --cuda-graph and --fp32 are for PyTorch weights, not an .onnx")
     if not input_path.exists():
-        sys.exit(f"predict.py: --input {input_path}: no such file or folder")
+        return bad_input(f"--input {input_path}: no such file or folder")
     images = find_images(input_path)
     if not images:
-        sys.exit(f"predict.py: --input {input_path}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in it")
-
-    model = BiSeNetV2(args.num_classes)
+        return bad_input(f"--input {input_path}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in it")
     try:
-        load_weights(model, args.weights)
+        run, fixed_size, most_per_call = load_runner(args, device, log)
     except (OSError, ValueError) as e:
-        sys.exit(f"predict.py: --weights: {e}")
-    model.to(device).eval()
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
+        return bad_input(f"--weights: {e}")
     palette = cityscapes_palette(args.num_classes)
-    print(f"predict.py: {len(images)} image(s) on {device}{' (bf16 autocast)' if bf16 else ''} -> {out_dir}",
-          file=sys.stderr)
+    log(f"{len(images)} image(s) -> {out_dir}")
 
-    failed = 0
+    failed, done = 0, 0
     start = time.perf_counter()
-    for index, (image_path, stem) in enumerate(images, 1):
+
+    def write(batch):  # batch: [(path, stem, photo)], photos of one size
+        nonlocal done
+        train_ids = run(preprocess([photo for _, _, photo in batch]))  # (N, H, W) uint8
+        for (image_path, stem, photo), ids in zip(batch, train_ids):
+            target = out_dir / stem
+            target.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(ids).save(f"{target}_trainIds.png")
+            color = palette[ids]  # (H, W, 3)
+            Image.fromarray(color).save(f"{target}_color.png")
+            if args.overlay:
+                blend = (1 - args.alpha) * np.asarray(photo, np.float32) + args.alpha * color
+                Image.fromarray(blend.round().clip(0, 255).astype(np.uint8)).save(f"{target}_overlay.png")
+            done += 1
+            if len(images) > 1:
+                elapsed = time.perf_counter() - start
+                print(f"[{done + failed}/{len(images)}] {image_path.name}  {elapsed / done:.2f} s/image",
+                      file=sys.stderr)
+
+    batch = []
+    for image_path, stem in images:
         try:
-            with Image.open(image_path) as image:
-                image.load()
-                photo = image.convert("RGB")
-        except Exception as e:  # PIL raises several types for truncated or foreign files
-            print(f"predict.py: skipping {image_path}: unreadable image ({type(e).__name__}: {e})", file=sys.stderr)
+            photo = read_photo(image_path)
+        except OSError as e:
+            log(f"skipping {image_path}: {e}")
             failed += 1
             continue
-        train_ids = predict_train_ids(model, photo, device, bf16)
-        target = out_dir / stem
-        target.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(train_ids).save(f"{target}_trainIds.png")
-        color = palette[train_ids]  # (H, W, 3)
-        Image.fromarray(color).save(f"{target}_color.png")
-        if args.overlay:
-            blend = (1 - args.alpha) * np.asarray(photo, np.float32) + args.alpha * color
-            Image.fromarray(blend.round().clip(0, 255).astype(np.uint8)).save(f"{target}_overlay.png")
-        if len(images) > 1:
-            elapsed = time.perf_counter() - start
-            print(f"[{index}/{len(images)}] {image_path.name}  {elapsed / index:.2f} s/image", file=sys.stderr)
+        if fixed_size is not None and photo.size != fixed_size[::-1]:
+            log(f"skipping {image_path}: {photo.height}x{photo.width}, but the export's input is fixed at "
+                f"{fixed_size[0]}x{fixed_size[1]} (export with --dynamic for any size)")
+            failed += 1
+            continue
+        if batch and (batch[0][2].size != photo.size or len(batch) == most_per_call):
+            write(batch)
+            batch = []
+        batch.append((image_path, stem, photo))
+    if batch:
+        write(batch)
     if failed:
-        print(f"predict.py: {failed} of {len(images)} image(s) could not be read", file=sys.stderr)
+        log(f"{failed} of {len(images)} image(s) skipped")
         return 1
     return 0
 

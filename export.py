@@ -1,0 +1,115 @@
+"""Export BiSeNetV2 to ONNX.
+
+    python export.py --weights W --out model.onnx [--size H W] [--dynamic] [--argmax] [--opset N]
+
+W is one of this project's checkpoints or a PaddleSeg `.pdparams`. The graph is the eval-mode
+model: input `images` (N, 3, H, W) float32, normalised as predict.py does ((rgb / 255 - 0.5)
+/ 0.5); output `logits` (N, num_classes, H, W) float32, the main head upsampled to the
+input, or with --argmax `train_ids` (N, H, W) uint8. --size is the example input (default
+512 1024) and, without --dynamic, the graph's fixed size with batch 1; --dynamic makes
+batch, height and width symbolic, so one export serves every size.
+
+The exporter is torch.export's (`torch.onnx.export(dynamo=True)`, torch's default since 2.9;
+it needs `onnxscript`): it records sizes symbolically and keeps the size arithmetic exact,
+while the TorchScript exporter is deprecated. It writes opset 18 and above. The model is
+exported with the plain-PyTorch BGA (the fused CUDA kernels are never exported). The file
+is checked with `onnx.checker` (full check, with shape inference) before it replaces --out.
+"""
+import argparse
+import copy
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from bisenetv2 import BiSeNetV2, bga_aggregate, load_weights
+
+MIN_OPSET = 18  # the lowest opset torch.export's ONNX translation writes without conversion
+
+
+def max_opset():
+    import onnx
+    return onnx.defs.onnx_opset_version()
+
+
+class TrainIds(torch.nn.Module):
+    """images -> (N, H, W) uint8 train ids: the argmax of the model's logits over classes."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images):
+        return self.model(images).argmax(1).to(torch.uint8)
+
+
+def export_onnx(model, out, size=(512, 1024), dynamic=False, argmax=False, opset=MIN_OPSET, log=print):
+    """Exports the eval-mode graph of `model` (a BiSeNetV2; a float32 CPU copy is exported,
+    with the plain-PyTorch BGA) to the ONNX file `out`, checks it with onnx.checker and only
+    then renames it over `out`. -> Path(out)."""
+    import onnx
+    model = copy.deepcopy(model).float().cpu().eval()
+    if model.bga.aggregate is not bga_aggregate:
+        log("the BGA is exported as the plain-PyTorch bga_aggregate, not the fused kernel")
+        model.bga.aggregate = bga_aggregate
+    graph = TrainIds(model).eval() if argmax else model
+    output_name = "train_ids" if argmax else "logits"
+    images = torch.zeros(1, 3, *size)
+    dynamic_shapes = None
+    if dynamic:
+        dim = torch.export.Dim
+        dynamic_shapes = {"images": {0: dim("batch"), 2: dim("height"), 3: dim("width")}}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    try:
+        torch.onnx.export(graph, (images,), str(tmp), dynamo=True, opset_version=opset,
+                          input_names=["images"], output_names=[output_name],
+                          dynamic_shapes=dynamic_shapes, external_data=False, verbose=False)
+        onnx.checker.check_model(str(tmp), full_check=True)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    shape = "N x 3 x H x W" if dynamic else f"1 x 3 x {size[0]} x {size[1]}"
+    log(f"wrote {out}: opset {opset}, images {shape} -> {output_name}, onnx.checker passed")
+    return out
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--weights", required=True, help="project checkpoint (.pt) or PaddleSeg .pdparams")
+    parser.add_argument("--out", required=True, help="the .onnx file to write")
+    parser.add_argument("--size", type=int, nargs=2, default=(512, 1024), metavar=("H", "W"),
+                        help="input height and width (the fixed size without --dynamic)")
+    parser.add_argument("--dynamic", action="store_true", help="symbolic batch, height and width")
+    parser.add_argument("--argmax", action="store_true", help="output uint8 train ids instead of logits")
+    parser.add_argument("--opset", type=int, default=MIN_OPSET, help=f"ONNX opset (default {MIN_OPSET})")
+    parser.add_argument("--num-classes", type=int, default=19)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+
+    def bad_input(message):
+        print(f"export.py: error: {message}", file=sys.stderr)
+        return 2
+
+    if min(args.size) < 1:
+        return bad_input(f"--size {args.size[0]} {args.size[1]}: height and width must be positive")
+    if not MIN_OPSET <= args.opset <= max_opset():
+        return bad_input(f"--opset {args.opset}: unsupported; the exporter writes opsets "
+                         f"{MIN_OPSET} to {max_opset()}")
+    model = BiSeNetV2(args.num_classes)
+    try:
+        load_weights(model, args.weights)
+    except (OSError, ValueError) as e:
+        return bad_input(f"--weights: {e}")
+    export_onnx(model, args.out, tuple(args.size), args.dynamic, args.argmax, args.opset,
+                log=lambda line: print(f"export.py: {line}", file=sys.stderr))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
