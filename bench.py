@@ -4,7 +4,7 @@
     python bench.py --data-dir /data/cityscapes --num-workers 8
 
 Each row trains a fresh model in this process with train_ddp.py's own pieces (resolve_config
-from the row's train_ddp flags, build_training, data.make_loader, data.batch_to_device,
+from the row's train_ddp flags, build_training, data.make_loader, data.next_batch,
 train_step), so what is measured is the training loop itself. One process, one GPU; see
 BENCHMARKS.md for the rows and the columns.
 """
@@ -103,12 +103,10 @@ def run_config(args, env, data_dir, pairs, settings):
             starts.append(clock())
             if cuda:
                 starts[-1].record()
-        fetch_start = time.perf_counter()
-        batch = next(batches)
-        reader_wait += time.perf_counter() - fetch_start
-        images, labels = data.batch_to_device(batch, env.device, config)
+        images, labels, waited = data.next_batch(batches, env.device, config)
+        reader_wait += waited
         train_ddp.train_step(step_model, criterion, optimizer, scaler, images, labels,
-                             train_ddp.lr_at(it, config), train_ddp.step_seed(config.seed, it), amp_dtype)
+                             train_ddp.lr_at(it, config), train_ddp.step_seed(config.seed, it, env.rank), amp_dtype)
     starts.append(clock())
     if cuda:
         starts[-1].record()
@@ -157,7 +155,7 @@ def benchmark(args, env):
     data_dir = args.data_dir or str(prepare_data.synthetic_in_cache(args.image_size, 16, log=env.log))
     pairs = data.read_list(data_dir, "train")
     try:
-        pack, pack_note = data.find_pack(data_dir, "train", 19, 255), "no pack of the train split: run prepare_data.py --pack"
+        pack, pack_note = data.find_pack(data_dir, "train", 19, 255), "no pack: run prepare_data.py --pack"
     except BadInput as e:
         pack, pack_note = None, str(e)
     device_name = torch.cuda.get_device_name(env.device) if cuda else f"CPU ({os.cpu_count()} cores)"
@@ -185,7 +183,7 @@ def benchmark(args, env):
                     note = ("kernels: fused CUDA loss and BGA" if result["kernels"] == "cuda"
                             else "kernels: PyTorch references (no build)")
             except (BadInput, RuntimeError) as e:
-                note = f"failed: {' '.join(train_ddp.one_line(e).split())[:160]}"
+                note = f"failed: {' '.join(data.one_line(e).split())[:160]}"
         if name not in results:
             lines.append(f"| {name} | {what} | - | - | - | - | {note} |")
             continue
@@ -229,7 +227,7 @@ def main(argv=None):
         if args.out:
             data.atomic_write(args.out, table)
     except BadInput as e:
-        print(f"bench.py: error: {train_ddp.one_line(e)}", file=sys.stderr, flush=True)
+        print(f"bench.py: error: {data.one_line(e)}", file=sys.stderr, flush=True)
         return 2
     finally:
         train_ddp.cleanup_process()

@@ -3,7 +3,7 @@
     list file -> frames (PNG pairs, or a pack of decoded uint8 arrays)
               -> augmentation (per sample in the DataLoader workers, or batched on the GPU:
                  the same draws either way)
-              -> TrainSet, StepSampler, make_loader -> batch_to_device -> the step's tensors
+              -> TrainSet, StepSampler, make_loader -> next_batch (batch_to_device) -> the step's tensors
 
 A split is listed in DATA_DIR/SPLIT.txt as `<image> <label>` per line, relative to DATA_DIR
 (prepare_data.py writes them); labels are Cityscapes train ids 0..18, 255 ignored. A pack
@@ -17,6 +17,8 @@ makes it.
 import hashlib
 import json
 import os
+import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +37,12 @@ class BadInput(Exception):
 
 class StalePack(BadInput):
     """The pack of a split no longer matches its list file or its source files."""
+
+
+def one_line(error):
+    """A BadInput's message. Raised in a DataLoader worker, the message carries the worker's
+    traceback, whose last line is `data.BadInput: <message>`."""
+    return re.sub(r"^data\.\w+: ", "", str(error).strip().splitlines()[-1])
 
 
 def label_id_to_train_id():
@@ -276,8 +284,7 @@ def sample_params(position, height, width, config):
 def to_device(tensor, device):
     """A small host tensor on `device` without a CPU-GPU sync point: a copy from pageable
     memory waits for the stream (i.e. for the previous step), one through pinned memory with
-    non_blocking=True does not. The training step relies on this; its only sync point is
-    the loss read at log time."""
+    non_blocking=True does not (the augmentation on the GPU is part of the sync-free step)."""
     if device.type != "cuda":
         return tensor.to(device)
     return tensor.pin_memory().to(device, non_blocking=True)
@@ -549,3 +556,12 @@ def batch_to_device(batch, device, config):
     if config.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     return images, labels
+
+
+def next_batch(batches, device, config):
+    """The next batch of a make_loader iterator on `device` (batch_to_device) -> images,
+    labels, and the seconds the host waited for the loader (the reader cost)."""
+    start = time.perf_counter()
+    batch = next(batches)
+    waited = time.perf_counter() - start
+    return *batch_to_device(batch, device, config), waited

@@ -50,6 +50,7 @@ DEMO_DEFAULTS = dict(iters=300, batch_size=8, crop_size=[128, 256], lr=0.05, log
 DEMO_FRAME_SIZE = (256, 512)
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 NUM_HEADS = 5  # the main head and the auxiliary heads on the stem and stages 3, 4, 5
+NEVER = 2**62  # the iteration of a non-finite loss that has not happened
 
 
 def make_parser():
@@ -426,15 +427,10 @@ def format_metrics(metrics, num_classes):
 # Checkpoints: SAVE_DIR/iter_N.pt (newest --keep-checkpoints kept) and best.pt
 
 
-def checkpoint_iter(path):
-    match = re.fullmatch(r"iter_(\d+)\.pt", path.name)
-    return int(match[1]) if match else -1
-
-
 def list_checkpoints(save_dir):
     """iter_N.pt in save_dir, newest first."""
-    return sorted((p for p in Path(save_dir).glob("iter_*.pt") if checkpoint_iter(p) >= 0),
-                  key=checkpoint_iter, reverse=True)
+    found = [(int(m[1]), p) for p in Path(save_dir).glob("iter_*.pt") if (m := re.fullmatch(r"iter_(\d+)\.pt", p.name))]
+    return [path for _, path in sorted(found, reverse=True)]
 
 
 def newest_checkpoint(save_dir):
@@ -461,38 +457,28 @@ def save_on_master(obj, path, env):
 # Training
 
 
-class MetricsLog:
-    """SAVE_DIR/metrics.jsonl (and TensorBoard with --tensorboard), rank 0 only."""
+def open_tensorboard(config):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise BadInput("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
+    return SummaryWriter(config.save_dir)
 
-    def __init__(self, config, env):
-        self.active, self.writer = env.main, None
-        self.path = Path(config.save_dir) / "metrics.jsonl"
-        if self.active and config.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise BadInput("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
-            self.writer = SummaryWriter(config.save_dir)
 
-    def write(self, record, step):
-        if not self.active:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.writer:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "iter":
-                    self.writer.add_scalar(key, value, step)
-            self.writer.flush()
+def write_record(record, save_dir, tensorboard):
+    """A line of SAVE_DIR/metrics.jsonl, and TensorBoard scalars when it is open (rank 0 only)."""
+    with open(Path(save_dir) / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    for key, value in record.items():
+        if tensorboard and key != "iter":
+            tensorboard.add_scalar(key, value, record["iter"])
 
 
 def check_finite(first_bad_iter, save_dir, env):
     """Stops the run (every rank) if any rank saw a non-finite loss; names the iteration."""
-    bad = torch.where(first_bad_iter >= 0, first_bad_iter, torch.full_like(first_bad_iter, 2**62))
     if env.world_size > 1:
-        dist.all_reduce(bad, op=dist.ReduceOp.MIN)
-    bad = int(bad)
-    if bad < 2**62:
+        dist.all_reduce(first_bad_iter, op=dist.ReduceOp.MIN)
+    if (bad := int(first_bad_iter)) < NEVER:
         last = list_checkpoints(save_dir)
         raise BadInput(f"non-finite loss at iteration {bad}; stopped, last good checkpoint: "
                        f"{last[0] if last else 'none'}")
@@ -502,8 +488,6 @@ def train(config, env, ops):
     pairs = data.read_list(config.data_dir, "train")
     pack = data.find_pack(config.data_dir, "train", config.num_classes, config.ignore_index) if config.pack else None
     env.log(f"data: packed {pack['path']}" if pack else f"data: PNG files ({config.data_dir}/train.txt)")
-    env.log("augmentation: " + ("batched on the GPU in the main process" if config.aug_device == "cuda"
-                                else "per sample in the DataLoader workers"))
     val_pairs = data.read_list(config.data_dir, "val") if config.do_eval else None
     save_dir = Path(config.save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
@@ -524,53 +508,50 @@ def train(config, env, ops):
             start_iter, best = checkpoint["iter"], checkpoint["best"]
             env.log(f"resumed from {path} at iteration {start_iter}")
     batches = iter(data.make_loader(pairs, pack, config, env.rank, env.world_size, start_iter))
-    log = MetricsLog(config, env)
-    amp_dtype = AMP_DTYPES[config.amp]
+    tensorboard = open_tensorboard(config) if config.tensorboard and env.main else None
+    amp_dtype, cuda = AMP_DTYPES[config.amp], env.device.type == "cuda"
 
     loss_sum = torch.zeros(1 + NUM_HEADS, device=env.device)  # total and per head, summed over the log window
-    first_bad_iter = torch.full((), -1, dtype=torch.int64, device=env.device)
+    first_bad_iter = torch.full((), NEVER, dtype=torch.int64, device=env.device)  # of a non-finite loss
     window_start, window_iters, reader_time = time.perf_counter(), 0, 0.0
     run_start, run_start_iter = time.perf_counter(), start_iter
     model.train()
     for it in range(start_iter, config.iters):
-        fetch_start = time.perf_counter()
-        batch = next(batches)
-        reader_time += time.perf_counter() - fetch_start
-        images, labels = data.batch_to_device(batch, env.device, config)
+        images, labels, waited = data.next_batch(batches, env.device, config)
+        reader_time += waited
         lr = lr_at(it, config)
         losses, loss = train_step(step_model, criterion, optimizer, scaler, images, labels, lr,
                                   step_seed(config.seed, it, env.rank), amp_dtype)
         loss_sum += torch.cat([loss[None], losses])
-        first_bad_iter = torch.where((first_bad_iter < 0) & ~torch.isfinite(loss),
-                                     torch.full_like(first_bad_iter, it + 1), first_bad_iter)
+        first_bad_iter = torch.where(torch.isfinite(loss), first_bad_iter, first_bad_iter.clamp(max=it + 1))
         window_iters += 1
         done = it + 1
         is_save = done % config.save_interval == 0 or done == config.iters
         is_eval = config.do_eval and (done % config.eval_interval == 0 or done == config.iters)
         if done % config.log_iters == 0 or is_save or is_eval:
             check_finite(first_bad_iter, save_dir, env)  # a CPU-GPU sync point, the loop's only one
-            mean_loss, *mean_losses = (loss_sum / window_iters).tolist()
+            loss_mean, *head_means = (loss_sum / window_iters).tolist()
             now = time.perf_counter()
             batch_cost = (now - window_start) / window_iters
-            eta = (now - run_start) / (done - run_start_iter) * (config.iters - done)
-            peak_mb = torch.cuda.max_memory_allocated(env.device) / 2**20 if env.device.type == "cuda" else 0.0
-            record = dict(iter=done, loss=mean_loss,
-                          loss_main=mean_losses[0], **{f"loss_aux{i}": mean_losses[i] for i in range(1, NUM_HEADS)},
-                          lr=lr, batch_cost=batch_cost, reader_cost=reader_time / window_iters,
-                          images_per_s=config.global_batch / batch_cost, peak_mem_mb=peak_mb)
-            env.log(f"iter {done}/{config.iters}  loss {record['loss']:.4f} "
-                    f"[{' '.join(f'{v:.3f}' for v in mean_losses)}]  lr {lr:.6f}  "
-                    f"batch_cost {batch_cost:.4f}s  reader_cost {record['reader_cost']:.4f}s  "
-                    f"{record['images_per_s']:.1f} img/s  ETA {datetime.timedelta(seconds=round(eta))}  "
-                    f"mem {peak_mb:.0f}MB")
-            log.write(record, done)
+            eta = datetime.timedelta(seconds=round((now - run_start) / (done - run_start_iter) * (config.iters - done)))
+            peak_mb = torch.cuda.max_memory_allocated(env.device) / 2**20 if cuda else 0.0
+            record = dict(iter=done, loss=loss_mean, loss_main=head_means[0],
+                          **{f"loss_aux{i}": v for i, v in enumerate(head_means[1:], 1)}, lr=lr, batch_cost=batch_cost,
+                          reader_cost=reader_time / window_iters, images_per_s=config.global_batch / batch_cost,
+                          peak_mem_mb=peak_mb)
+            env.log(f"iter {done}/{config.iters}  loss {loss_mean:.4f} [{' '.join(f'{v:.3f}' for v in head_means)}]  "
+                    f"lr {lr:.6f}  batch_cost {batch_cost:.4f}s  reader_cost {record['reader_cost']:.4f}s  "
+                    f"{record['images_per_s']:.1f} img/s  ETA {eta}  mem {peak_mb:.0f}MB")
+            if env.main:
+                write_record(record, save_dir, tensorboard)
             loss_sum.zero_()
             window_iters, reader_time = 0, 0.0
         if is_eval:
             metrics = evaluate(model, val_pairs, config, env)
             env.log(format_metrics(metrics, config.num_classes))
-            log.write(dict(iter=done, mIoU=metrics["mIoU"], pixel_acc=metrics["pixel_acc"]), done)
             if env.main:
+                write_record(dict(iter=done, mIoU=metrics["mIoU"], pixel_acc=metrics["pixel_acc"]), save_dir,
+                             tensorboard)
                 data.atomic_write(save_dir / "eval_metrics.json", json.dumps(dict(iter=done, **metrics), indent=2))
             if metrics["mIoU"] > best["mIoU"]:
                 best = dict(mIoU=metrics["mIoU"], iter=done)
@@ -601,12 +582,6 @@ def eval_only(config, env, ops):
         env.log(f"wrote {out}")
 
 
-def one_line(error):
-    """BadInput's message; raised in a DataLoader worker, the message carries the worker's
-    traceback, whose last line is `data.BadInput: <message>`."""
-    return re.sub(r"^data\.\w+: ", "", str(error).strip().splitlines()[-1])
-
-
 def main(argv=None):
     args = parse_args(argv)
     env = setup_process()
@@ -619,7 +594,7 @@ def main(argv=None):
         else:
             train(config, env, ops)
     except BadInput as e:
-        print(f"train_ddp.py: error: {one_line(e)}", file=sys.stderr, flush=True)
+        print(f"train_ddp.py: error: {data.one_line(e)}", file=sys.stderr, flush=True)
         return 2
     finally:
         cleanup_process()
