@@ -148,9 +148,7 @@ class Process(NamedTuple):
     local_rank: int
     device: torch.device
 
-    @property
-    def main(self):
-        return self.rank == 0
+    main = property(lambda self: self.rank == 0)  # rank 0 logs and writes for all
 
     def log(self, *parts):
         if self.main:
@@ -469,9 +467,11 @@ def write_record(record, save_dir, tensorboard):
     """A line of SAVE_DIR/metrics.jsonl, and TensorBoard scalars when it is open (rank 0 only)."""
     with open(Path(save_dir) / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
-    for key, value in record.items():
-        if tensorboard and key != "iter":
-            tensorboard.add_scalar(key, value, record["iter"])
+    if tensorboard:
+        for key, value in record.items():
+            if key != "iter":
+                tensorboard.add_scalar(key, value, record["iter"])
+        tensorboard.flush()
 
 
 def check_finite(first_bad_iter, save_dir, env):
