@@ -47,7 +47,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = parser.add_argument
-    add("--data-dir", help="a prepared Cityscapes root (default: a synthetic set of --image-size frames in the cache)")
+    add("--data-dir", help="a prepared Cityscapes root; None: a synthetic set of --image-size frames in the cache")
     add("--image-size", type=int, nargs=2, default=[1024, 2048], metavar=("H", "W"),
         help="frame size of the synthetic dataset made when no --data-dir is given")
     add("--batch-size", type=int, default=4, help="crops per step")
@@ -56,7 +56,7 @@ def parse_args(argv=None):
     add("--iters", type=int, default=200, help="measured iterations per configuration")
     add("--warmup", type=int, default=20, help="iterations before measuring (compilation, cudnn autotuning)")
     add("--configs", nargs="+", default=None, metavar="NAME", choices=[name for name, *_ in CONFIGS],
-        help="only these rows (default: all)")
+        help=f"only these rows, of {', '.join(name for name, *_ in CONFIGS)}; None: all")
     add("--infer-size", type=int, nargs=2, default=[1024, 2048], metavar=("H", "W"))
     add("--infer-iters", type=int, default=50)
     add("--out", help="also write the table to this file")
