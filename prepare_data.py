@@ -1,4 +1,4 @@
-"""Prepare Cityscapes for train_ddp.py, or make a small synthetic dataset in its layout.
+"""Prepare Cityscapes for train_ddp.py, make a small synthetic dataset in its layout, pack splits.
 
     python prepare_data.py --cityscapes_path /data/cityscapes [--num_workers 8] [--separator ,]
     python prepare_data.py --synthetic /tmp/synthetic [--num-images 48]
@@ -18,9 +18,12 @@ relative to the root.
 (N, H, W) uint8, which train_ddp.py memory-maps instead of decoding PNGs (about 50 ms per
 2048x1024 frame and core). The labels are validated while packing. The index holds the
 list file's SHA-256 and each source file's size and mtime, so a pack of a list or files that
-changed since is detected as stale (read_pack raises StalePack); the arrays are written under
-fresh names and the index is renamed over the old one last, so a reader sees the old pack or
-the new one, never a mix. All frames of a split must have one size (Cityscapes: 1024x2048).
+changed since is detected as stale (data.read_pack raises StalePack); the arrays are written
+under fresh names and the index is renamed over the old one last, so a reader sees the old
+pack or the new one, never a mix. All frames of a split must have one size (Cityscapes:
+1024x2048).
+
+What reading needs (list files, frames, packs, the label table) lives in data.py.
 """
 import argparse
 import hashlib
@@ -35,29 +38,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from data import (CITYSCAPES_CLASSES, PACK_FORMAT, BadInput, StalePack, atomic_write, cache_dir, file_stamps,
+                  label_id_to_train_id, pack_dir, read_frame, read_list, read_pack)
+
 SPLITS = ("train", "val", "test")
 ZIPS = ("gtFine_trainvaltest.zip", "leftImg8bit_trainvaltest.zip")
 
 
-class PrepareError(Exception):
-    """Bad input: reported as one line, exit code 2."""
-
-
-def label_id_to_train_id():
-    """(256,) uint8: Cityscapes label id -> train id (255 for ignored and unknown ids)."""
-    from cityscapesscripts.helpers.labels import labels
-    table = np.full(256, 255, np.uint8)
-    for label in labels:
-        if 0 <= label.id < 256 and label.trainId not in (-1, 255):
-            table[label.id] = label.trainId
-    return table
-
-
-def save_png_atomic(array, path):
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    Image.fromarray(array).save(tmp)
-    os.replace(tmp, path)
+def save_png(array, path):
+    atomic_write(path, lambda f: Image.fromarray(array).save(f, format="PNG"))
 
 
 def convert_one(task):
@@ -71,7 +60,7 @@ def convert_one(task):
         train_ids = np.asarray(createLabelImage(annotation, "trainIds"))
     else:
         train_ids = label_id_to_train_id()[np.asarray(Image.open(source))]
-    save_png_atomic(train_ids.astype(np.uint8), target)
+    save_png(train_ids.astype(np.uint8), target)
 
 
 def extract_zips(root):
@@ -94,7 +83,7 @@ def find_frames(root, split):
         polygons, label_ids = gt / f"{stem}_gtFine_polygons.json", gt / f"{stem}_gtFine_labelIds.png"
         source = polygons if polygons.is_file() else label_ids if label_ids.is_file() else None
         if source is None and not target.is_file():
-            raise PrepareError(f"{image}: no label for this frame (neither {polygons.name} nor {label_ids.name})")
+            raise BadInput(f"{image}: no label for this frame (neither {polygons.name} nor {label_ids.name})")
         frames.append((image, target, source))
     return frames
 
@@ -103,11 +92,11 @@ def prepare_cityscapes(root, num_workers=None, separator=" "):
     """Writes the train-id PNGs and the list files under root. -> {split: frame count}."""
     root = Path(root)
     if not root.is_dir():
-        raise PrepareError(f"--cityscapes_path {root}: no such directory")
+        raise BadInput(f"--cityscapes_path {root}: no such directory")
     if not (root / "leftImg8bit").is_dir() and all((root / z).is_file() for z in ZIPS):
         extract_zips(root)
     if not (root / "leftImg8bit").is_dir():
-        raise PrepareError(f"{root}: no leftImg8bit/ folder (nor {' and '.join(ZIPS)})")
+        raise BadInput(f"{root}: no leftImg8bit/ folder (nor {' and '.join(ZIPS)})")
     frames = {split: find_frames(root, split) for split in SPLITS}
     tasks = [(str(source), str(target)) for split in SPLITS for _, target, source in frames[split]
              if not target.is_file()]
@@ -124,13 +113,11 @@ def prepare_cityscapes(root, num_workers=None, separator=" "):
         for image, target, _ in frames[split]:
             with Image.open(image) as im, Image.open(target) as lab:
                 if im.size != lab.size:
-                    raise PrepareError(f"{image}: image is {im.size[0]}x{im.size[1]} but its label {target} "
-                                       f"is {lab.size[0]}x{lab.size[1]}")
+                    raise BadInput(f"{image}: image is {im.size[0]}x{im.size[1]} but its label {target} "
+                                   f"is {lab.size[0]}x{lab.size[1]}")
             lines.append(f"{image.relative_to(root)}{separator}{target.relative_to(root)}")
         list_file = root / f"{split}.txt"
-        tmp = list_file.with_name(f".{list_file.name}.tmp{os.getpid()}")
-        tmp.write_text("\n".join(lines) + "\n")
-        os.replace(tmp, list_file)
+        atomic_write(list_file, "\n".join(lines) + "\n")
         counts[split] = len(lines)
         print(f"{split}: {len(lines)} frames -> {list_file}", file=sys.stderr)
     return counts
@@ -138,11 +125,6 @@ def prepare_cityscapes(root, num_workers=None, separator=" "):
 
 # ---------------------------------------------------------------------------------------
 # A synthetic street scene dataset: shapes and textures carry the 19 classes
-
-TRAIN_CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light",
-                 "traffic sign", "vegetation", "terrain", "sky", "person", "rider", "car",
-                 "truck", "bus", "train", "motorcycle", "bicycle")
-
 
 def box(x0, y0, x1, y1):
     return [(int(x0), int(y0)), (int(x1), int(y0)), (int(x1), int(y1)), (int(x0), int(y1))]
@@ -224,16 +206,16 @@ def render_scene(rng, objects, height, width):
     for name, polygon in objects:
         draw.polygon(polygon, fill=name2label[name].trainId)
     class_map = np.asarray(class_map)
-    palette = np.array([name2label[n].color for n in TRAIN_CLASSES] + [(0, 0, 0)], np.float32)
-    palette[:-1] += rng.normal(0, 12, (len(TRAIN_CLASSES), 3))  # per-image colour shifts
-    image = palette[np.minimum(class_map, len(TRAIN_CLASSES))]
+    palette = np.array([name2label[n].color for n in CITYSCAPES_CLASSES] + [(0, 0, 0)], np.float32)
+    palette[:-1] += rng.normal(0, 12, (len(CITYSCAPES_CLASSES), 3))  # per-image colour shifts
+    image = palette[np.minimum(class_map, len(CITYSCAPES_CLASSES))]
     ys, xs = np.mgrid[0:height, 0:width]
     stripes = np.sin(xs * rng.uniform(0.3, 0.8)) * 18          # fences, buildings' windows
     windows = ((ys // 6 + xs // 6) % 2) * 25
-    texture = {TRAIN_CLASSES.index("building"): windows, TRAIN_CLASSES.index("fence"): stripes,
-               TRAIN_CLASSES.index("vegetation"): rng.normal(0, 20, (height, width)),
-               TRAIN_CLASSES.index("road"): rng.normal(0, 6, (height, width)),
-               TRAIN_CLASSES.index("sky"): (ys / height) * 40}
+    texture = {CITYSCAPES_CLASSES.index("building"): windows, CITYSCAPES_CLASSES.index("fence"): stripes,
+               CITYSCAPES_CLASSES.index("vegetation"): rng.normal(0, 20, (height, width)),
+               CITYSCAPES_CLASSES.index("road"): rng.normal(0, 6, (height, width)),
+               CITYSCAPES_CLASSES.index("sky"): (ys / height) * 40}
     for train_id, pattern in texture.items():
         image[class_map == train_id] += pattern[class_map == train_id][:, None]
     image += rng.normal(0, 4, image.shape)
@@ -243,7 +225,6 @@ def render_scene(rng, objects, height, width):
 def make_synthetic(root, num_images=48, seed=0, size=(256, 512), num_workers=None):
     """Writes a Cityscapes-layout dataset (train: num_images frames, val: max(8, num_images
     // 4)) with polygon annotations, then prepares it. -> {split: frame count}."""
-    import json
     root = Path(root)
     rng = np.random.default_rng(seed)
     height, width = size
@@ -258,105 +239,23 @@ def make_synthetic(root, num_images=48, seed=0, size=(256, 512), num_workers=Non
             annotation = dict(imgHeight=height, imgWidth=width,
                               objects=[dict(label=name, polygon=[list(p) for p in polygon]) for name, polygon in objects])
             (gt_dir / f"{stem}_gtFine_polygons.json").write_text(json.dumps(annotation))
-            save_png_atomic(render_scene(rng, objects, height, width), image_dir / f"{stem}_leftImg8bit.png")
+            save_png(render_scene(rng, objects, height, width), image_dir / f"{stem}_leftImg8bit.png")
     return prepare_cityscapes(root, num_workers=num_workers)
 
 
 # ---------------------------------------------------------------------------------------
-# Packed splits: decoded uint8 arrays, memory-mappable
-
-PACK_FORMAT = 1
-
-
-class StalePack(Exception):
-    """The pack of a split no longer matches its list file or its source files."""
-
-
-def pack_dir(root):
-    return Path(root) / "packed"
-
-
-def parse_list(list_file, text):
-    """-> [(line number, image, label)] of a list file's text (`<image> <label>` per line,
-    separated by spaces or a comma; blank lines skipped); PrepareError on a bad line or an
-    empty list."""
-    entries = []
-    for line_no, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        fields = line.replace(",", " ").split()
-        if len(fields) != 2:
-            raise PrepareError(f"{list_file}:{line_no}: expected '<image> <label>', got {line.strip()!r}")
-        entries.append((line_no, fields[0], fields[1]))
-    if not entries:
-        raise PrepareError(f"{list_file}: empty list")
-    return entries
-
-
-def list_pairs(root, split):
-    """-> (list file bytes, [(image, label)] as written in ROOT/SPLIT.txt, root-relative)."""
-    list_file = Path(root) / f"{split}.txt"
-    if not list_file.is_file():
-        raise PrepareError(f"{list_file}: no such list file")
-    content = list_file.read_bytes()
-    return content, [(image, label) for _, image, label in parse_list(list_file, content.decode())]
-
-
-def file_stamps(root, pairs):
-    """[[size, mtime_ns] per image and label]: what tells a changed source file."""
-    stamps = []
-    for pair in pairs:
-        for name in pair:
-            stat = (Path(root) / name).stat()
-            stamps.append([stat.st_size, stat.st_mtime_ns])
-    return stamps
-
-
-def decode_frame(image_path, label_path, num_classes=19, ignore_index=255):
-    """-> image (H, W, 3) uint8 RGB, label (H, W) uint8 train ids; PrepareError naming the
-    file for an unreadable image, a label of several channels, values that are neither
-    train ids 0..num_classes-1 nor ignore_index, or image and label of different sizes."""
-    try:
-        with Image.open(image_path) as im:
-            image = np.asarray(im.convert("RGB"))
-    except Exception as e:
-        raise PrepareError(f"{image_path}: unreadable image ({type(e).__name__})") from None
-    try:
-        with Image.open(label_path) as im:
-            if im.mode not in ("L", "P", "I", "I;16"):
-                raise PrepareError(f"{label_path}: label image has mode {im.mode}, expected one channel of train ids")
-            label = np.asarray(im)
-    except PrepareError:
-        raise
-    except Exception as e:
-        raise PrepareError(f"{label_path}: unreadable image ({type(e).__name__})") from None
-    if image.shape[:2] != label.shape:
-        raise PrepareError(f"{image_path}: image is {image.shape[1]}x{image.shape[0]} but its label "
-                           f"{label_path} is {label.shape[1]}x{label.shape[0]}")
-    allowed = np.zeros(256, bool)
-    allowed[:num_classes] = True
-    allowed[ignore_index] = True
-    if label.dtype != np.uint8 and (label.min() < 0 or label.max() > 255):
-        bad = np.unique(label[(label < 0) | (label > 255)])
-    else:
-        label = label.astype(np.uint8)
-        counts = np.bincount(label.ravel(), minlength=256)
-        bad = np.flatnonzero((counts > 0) & ~allowed)
-    if bad.size:
-        raise PrepareError(f"{label_path}: values {bad[:8].tolist()} are neither train ids "
-                           f"0..{num_classes - 1} nor {ignore_index}")
-    return image, label
+# Packed splits: decoded uint8 arrays, memory-mappable (data.read_pack reads them)
 
 
 def pack_one(task):
     """Decodes frame `index` into the open .npy files (run in a worker process)."""
     images_file, labels_file, index, image_path, label_path, num_classes, ignore_index = task
-    image, label = decode_frame(image_path, label_path, num_classes, ignore_index)
+    image, label = read_frame(image_path, label_path, num_classes, ignore_index)
     images = np.load(images_file, mmap_mode="r+")
     labels = np.load(labels_file, mmap_mode="r+")
     if image.shape != images.shape[1:]:
-        raise PrepareError(f"{image_path}: image is {image.shape[1]}x{image.shape[0]} but the split's first "
-                           f"frame is {images.shape[2]}x{images.shape[1]}; --pack needs one size per split")
+        raise BadInput(f"{image_path}: image is {image.shape[1]}x{image.shape[0]} but the split's first "
+                       f"frame is {images.shape[2]}x{images.shape[1]}; --pack needs one size per split")
     images[index] = image
     labels[index] = label
     images.flush()
@@ -367,7 +266,8 @@ def pack_split(root, split, num_classes=19, ignore_index=255, num_workers=None, 
     """Decodes the frames listed in ROOT/SPLIT.txt into ROOT/packed/ (see the module doc).
     Skips the work when a fresh pack is there. -> path of the index."""
     root = Path(root)
-    content, pairs = list_pairs(root, split)
+    pairs = [(str(image.relative_to(root)), str(label.relative_to(root))) for image, label in read_list(root, split)]
+    content = (root / f"{split}.txt").read_bytes()
     out = pack_dir(root)
     out.mkdir(exist_ok=True)
     index_path = out / f"{split}.json"
@@ -377,7 +277,7 @@ def pack_split(root, split, num_classes=19, ignore_index=255, num_workers=None, 
         return index_path
     except (FileNotFoundError, StalePack):
         pass
-    first_image, first_label = decode_frame(root / pairs[0][0], root / pairs[0][1], num_classes, ignore_index)
+    first_image, first_label = read_frame(root / pairs[0][0], root / pairs[0][1], num_classes, ignore_index)
     height, width = first_label.shape
     token = secrets.token_hex(4)
     names = dict(images=f"{split}.{token}.images.npy", labels=f"{split}.{token}.labels.npy")
@@ -404,10 +304,8 @@ def pack_split(root, split, num_classes=19, ignore_index=255, num_workers=None, 
         index = dict(format=PACK_FORMAT, split=split, count=len(pairs), height=height, width=width,
                      num_classes=num_classes, ignore_index=ignore_index,
                      list_sha256=hashlib.sha256(content).hexdigest(), files=[list(p) for p in pairs],
-                     stamps=file_stamps(root, pairs), **names)
-        tmp = index_path.with_name(f".{index_path.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(index) + "\n")
-        os.replace(tmp, index_path)
+                     stamps=file_stamps(root, [name for pair in pairs for name in pair]), **names)
+        atomic_write(index_path, json.dumps(index) + "\n")
     except BaseException:
         images_file.unlink(missing_ok=True)
         labels_file.unlink(missing_ok=True)
@@ -419,46 +317,15 @@ def pack_split(root, split, num_classes=19, ignore_index=255, num_workers=None, 
     return index_path
 
 
-def read_pack(root, split, num_classes=19, ignore_index=255, mmap=True):
-    """-> index dict of ROOT/packed/SPLIT.json, with `path` (the index), `images_path`,
-    `labels_path` and `images` (N, H, W, 3), `labels` (N, H, W): read-only uint8 memory
-    maps (None with mmap=False). FileNotFoundError when
-    there is no pack; StalePack naming the reason when the list file, a source file or the
-    label settings changed since packing, or the arrays are missing or mis-shaped."""
-    root = Path(root)
-    index_path = pack_dir(root) / f"{split}.json"
-    if not index_path.is_file():
-        raise FileNotFoundError(f"{index_path}: no pack")
-    try:
-        index = json.loads(index_path.read_text())
-        assert index["format"] == PACK_FORMAT
-    except Exception:
-        raise StalePack(f"{index_path}: unreadable or of another format") from None
-    list_file = root / f"{split}.txt"
-    if not list_file.is_file() or hashlib.sha256(list_file.read_bytes()).hexdigest() != index["list_sha256"]:
-        raise StalePack(f"{index_path}: {list_file.name} changed since it was packed")
-    if (index["num_classes"], index["ignore_index"]) != (num_classes, ignore_index):
-        raise StalePack(f"{index_path}: packed for {index['num_classes']} classes and ignore index "
-                        f"{index['ignore_index']}, not {num_classes} and {ignore_index}")
-    try:
-        stamps = file_stamps(root, index["files"])
-    except OSError as e:
-        raise StalePack(f"{index_path}: a source file is gone ({e.filename})") from None
-    changed = [name for name, old, new in zip((n for p in index["files"] for n in p), index["stamps"], stamps)
-               if old != new]
-    if changed:
-        raise StalePack(f"{index_path}: {changed[0]} changed since it was packed")
-    shape = (index["count"], index["height"], index["width"])
-    arrays = dict(images_path=pack_dir(root) / index["images"], labels_path=pack_dir(root) / index["labels"])
-    for key, expected in (("images", (*shape, 3)), ("labels", shape)):
-        try:
-            array = np.load(arrays[f"{key}_path"], mmap_mode="r")
-        except (OSError, ValueError) as e:
-            raise StalePack(f"{index_path}: {index[key]} unreadable ({type(e).__name__})") from None
-        if array.shape != expected or array.dtype != np.uint8:
-            raise StalePack(f"{index_path}: {index[key]} is {array.dtype} {array.shape}, expected uint8 {expected}")
-        arrays[key] = array if mmap else None
-    return dict(index, path=index_path, **arrays)
+def synthetic_in_cache(size, num_images, log=print):
+    """-> DATA_DIR of a synthetic dataset of `size` (H, W) frames in the cache folder
+    (data.cache_dir()), written on first use, its train split packed (a no-op when fresh)."""
+    root = cache_dir() / f"synthetic_cityscapes_{size[0]}x{size[1]}"
+    if not (root / "train.txt").is_file() or not (root / "val.txt").is_file():
+        log(f"writing a synthetic Cityscapes-layout dataset of {size[1]}x{size[0]} frames to {root}")
+        make_synthetic(root, num_images=num_images, size=tuple(size))
+    pack_split(root, "train", log=lambda *a: None)
+    return root
 
 
 def main(argv=None):
@@ -485,7 +352,7 @@ def main(argv=None):
                 if (Path(root) / f"{split}.txt").is_file():
                     pack_split(root, split, num_workers=args.num_workers,
                                log=lambda *a: print(*a, file=sys.stderr, flush=True))
-    except PrepareError as e:
+    except BadInput as e:
         print(f"prepare_data.py: error: {e}", file=sys.stderr)
         return 2
     print("frames: " + ", ".join(f"{split} {n}" for split, n in counts.items()))

@@ -19,6 +19,7 @@ def shared_fixture(*parts):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped without one")
+    config.addinivalue_line("markers", "slow: minutes on a CPU (learning, torchrun runs); CI runs them")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import data
 import prepare_data
 from conftest import ROOT, shared_fixture
 
@@ -62,7 +63,7 @@ def test_frame_without_label_is_named(tmp_path):
     shutil.copytree(shared_fixture("cityscapes_sample"), root)
     for path in root.glob("gtFine/val/*/*"):
         path.unlink()
-    with pytest.raises(prepare_data.PrepareError, match="frankfurt_000000_000294_leftImg8bit.png: no label"):
+    with pytest.raises(data.BadInput, match="frankfurt_000000_000294_leftImg8bit.png: no label"):
         prepare_data.prepare_cityscapes(root, num_workers=1)
     assert not (root / "val.txt").exists()
 
@@ -72,7 +73,7 @@ def test_image_and_label_sizes_must_match(tmp_path):
     shutil.copytree(shared_fixture("cityscapes_sample"), root)
     label_ids = next(root.glob("gtFine/val/*/*_labelIds.png"))
     Image.fromarray(np.zeros((64, 64), np.uint8)).save(label_ids)
-    with pytest.raises(prepare_data.PrepareError, match="256x128 but its label"):
+    with pytest.raises(data.BadInput, match="256x128 but its label"):
         prepare_data.prepare_cityscapes(root, num_workers=1)
 
 
@@ -114,7 +115,7 @@ def test_pack_holds_the_decoded_frames_and_detects_staleness(tmp_path):
     root = tmp_path / "synthetic"
     assert prepare_data.main(["--synthetic", str(root), "--num-images", "3", "--pack", "--num-workers", "2"]) == 0
     for split, count in (("train", 3), ("val", 8)):
-        pack = prepare_data.read_pack(root, split)
+        pack = data.read_pack(root, split)
         assert pack["images"].shape == (count, 256, 512, 3) and pack["labels"].shape == (count, 256, 512)
         assert [tuple(p) for p in pack["files"]] == [tuple(p) for p in read_list(root, split)]
         for i, (image, label) in enumerate(read_list(root, split)):
@@ -127,17 +128,17 @@ def test_pack_holds_the_decoded_frames_and_detects_staleness(tmp_path):
     assert index.stat().st_mtime_ns == mtime
     listing = (root / "train.txt").read_text()
     (root / "train.txt").write_text("\n".join(listing.splitlines()[:2]) + "\n")
-    with pytest.raises(prepare_data.StalePack, match="train.txt changed"):
-        prepare_data.read_pack(root, "train")
+    with pytest.raises(data.StalePack, match="train.txt changed"):
+        data.read_pack(root, "train")
     prepare_data.pack_split(root, "train", num_workers=1, log=lambda *a: None)
-    assert prepare_data.read_pack(root, "train")["images"].shape[0] == 2
+    assert data.read_pack(root, "train")["images"].shape[0] == 2
     assert len(list((root / "packed").glob("train.*.npy"))) == 2  # the replaced arrays are gone
     label = root / read_list(root, "train")[0][1]
     Image.fromarray(np.zeros((256, 512), np.uint8)).save(label)
-    with pytest.raises(prepare_data.StalePack, match=label.name):
-        prepare_data.read_pack(root, "train")
-    with pytest.raises(prepare_data.StalePack, match="not 20 and 255"):
-        prepare_data.read_pack(root, "val", num_classes=20)
+    with pytest.raises(data.StalePack, match=label.name):
+        data.read_pack(root, "train")
+    with pytest.raises(data.StalePack, match="not 20 and 255"):
+        data.read_pack(root, "val", num_classes=20)
 
 
 def test_pack_rejects_bad_labels_and_mixed_sizes(tmp_path):
@@ -146,11 +147,11 @@ def test_pack_rejects_bad_labels_and_mixed_sizes(tmp_path):
     bad = good.copy()
     bad[5, 5] = 40
     write_frames(tmp_path, "train", [good, bad])
-    with pytest.raises(prepare_data.PrepareError, match=r"lab1.png: values \[40\]"):
+    with pytest.raises(data.BadInput, match=r"lab1.png: values \[40\]"):
         prepare_data.pack_split(tmp_path, "train", num_workers=1, log=lambda *a: None)
     assert not (tmp_path / "packed" / "train.json").exists() and not list((tmp_path / "packed").glob("*.npy"))
     write_frames(tmp_path, "train", [good, np.zeros((21, 30), np.uint8)])
-    with pytest.raises(prepare_data.PrepareError, match="img1.png: image is 30x21 .* one size per split"):
+    with pytest.raises(data.BadInput, match="img1.png: image is 30x21 .* one size per split"):
         prepare_data.pack_split(tmp_path, "train", num_workers=2, log=lambda *a: None)
     assert not list((tmp_path / "packed").glob("*.npy"))
     result = subprocess.run([sys.executable, str(ROOT / "prepare_data.py"), "--cityscapes_path", str(tmp_path),

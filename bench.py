@@ -1,0 +1,238 @@
+"""Training throughput of train_ddp.py's step variants, and inference FPS: one markdown table.
+
+    python bench.py --out bench.md                     # synthetic 2048x1024 frames, made once
+    python bench.py --data-dir /data/cityscapes --num-workers 8
+
+Each row trains a fresh model in this process with train_ddp.py's own pieces (resolve_config
+from the row's train_ddp flags, build_training, data.make_loader, data.next_batch,
+train_step), so what is measured is the training loop itself. One process, one GPU; see
+BENCHMARKS.md for the rows and the columns.
+"""
+import argparse
+import datetime
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+import data
+import prepare_data
+import train_ddp
+from bisenetv2 import BiSeNetV2
+from data import BadInput
+
+BASELINE = dict(packed=False, aug_device="cpu", amp="none", channels_last=False, kernels="torch",
+                fused_sgd=False, cudnn_benchmark=False, compile=False)
+# (row name, what it changes against the baseline, the changed settings, runs on a CPU)
+CONFIGS = [
+    ("baseline", "eager fp32, NCHW, --kernels torch, PNG decode + per-sample aug in workers", {}, True),
+    ("packed+gpu-aug", "memory-mapped pack, workers gather uint8, batch augmented on the GPU",
+     dict(packed=True, aug_device="cuda"), False),
+    ("bf16", "bf16 autocast", dict(amp="bf16"), True),
+    ("channels_last", "model and input channels_last", dict(channels_last=True), True),
+    ("fused-kernels", "--kernels cuda (fused loss and BGA)", dict(kernels="cuda"), False),
+    ("fused-sgd", "SGD(fused=True)", dict(fused_sgd=True), False),
+    ("cudnn-benchmark", "cudnn.benchmark", dict(cudnn_benchmark=True), False),
+    ("compile", "torch.compile of model and loss", dict(compile=True), False),
+    ("all", "all of the above together (--kernels auto: the references if the build fails)",
+     dict(packed=True, aug_device="cuda", amp="bf16", channels_last=True, kernels="auto", fused_sgd=True,
+          cudnn_benchmark=True, compile=True), False),
+]
+ASSUMED_MULTI_GPU_OVERHEAD = 1.15  # 8-GPU step time / 1-GPU step time: an estimate (BENCHMARKS.md), not measured
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = parser.add_argument
+    add("--data-dir", help="a prepared Cityscapes root; None: a synthetic set of --image-size frames in the cache")
+    add("--image-size", type=int, nargs=2, default=[1024, 2048], metavar=("H", "W"),
+        help="frame size of the synthetic dataset made when no --data-dir is given")
+    add("--batch-size", type=int, default=4, help="crops per step")
+    add("--crop-size", type=int, nargs=2, default=[1024, 1024], metavar=("H", "W"))
+    add("--num-workers", type=int, default=4, help="DataLoader workers")
+    add("--iters", type=int, default=200, help="measured iterations per configuration")
+    add("--warmup", type=int, default=20, help="iterations before measuring (compilation, cudnn autotuning)")
+    add("--configs", nargs="+", default=None, metavar="NAME", choices=[name for name, *_ in CONFIGS],
+        help=f"only these rows, of {', '.join(name for name, *_ in CONFIGS)}; None: all")
+    add("--infer-size", type=int, nargs=2, default=[1024, 2048], metavar=("H", "W"))
+    add("--infer-iters", type=int, default=50)
+    add("--out", help="also write the table to this file")
+    args = parser.parse_args(argv)
+    for name in ("iters", "infer_iters", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.warmup < 0:
+        parser.error("--warmup must be at least 0")
+    return args
+
+
+def train_flags(settings):
+    """A row's settings -> train_ddp.py flags."""
+    on_off = lambda name: f"--{'' if settings[name] else 'no-'}{name.replace('_', '-')}"
+    return [*([] if settings["packed"] else ["--no-pack"]), "--aug-device", settings["aug_device"],
+            "--amp", settings["amp"], "--kernels", settings["kernels"], on_off("channels_last"),
+            on_off("fused_sgd"), on_off("cudnn_benchmark"), *(["--compile"] if settings["compile"] else [])]
+
+
+def run_config(args, env, data_dir, pairs, settings):
+    """Trains a fresh model for --warmup + --iters iterations with the row's settings. -> dict:
+    images/s (measured iterations, wall clock, synchronised at both ends), median step ms (CUDA
+    events between step starts on a GPU, the host clock on the CPU), reader share (time the
+    host waited for the loader / wall time), peak memory MiB (CUDA)."""
+    flags = ["--data-dir", data_dir, "--batch-size", str(args.batch_size), "--crop-size", *map(str, args.crop_size),
+             "--num-workers", str(args.num_workers), "--iters", str(args.warmup + args.iters), *train_flags(settings)]
+    config, ops = train_ddp.resolve_config(train_ddp.parse_args(flags), env)
+    pack = data.find_pack(data_dir, "train", config.num_classes, config.ignore_index) if config.pack else None
+    model, step_model, criterion, optimizer, scaler = train_ddp.build_training(config, env, ops)
+    batches = iter(data.make_loader(pairs, pack, config, 0, 1, 0))
+    amp_dtype = train_ddp.AMP_DTYPES[config.amp]
+    cuda = env.device.type == "cuda"
+    clock = lambda: torch.cuda.Event(enable_timing=True) if cuda else time.perf_counter()
+    model.train()
+    starts, reader_wait = [], 0.0
+    for it in range(config.iters):
+        if it == args.warmup:
+            if cuda:
+                torch.cuda.synchronize(env.device)
+                torch.cuda.reset_peak_memory_stats(env.device)
+            start, reader_wait = time.perf_counter(), 0.0
+        if it >= args.warmup:
+            starts.append(clock())
+            if cuda:
+                starts[-1].record()
+        images, labels, waited = data.next_batch(batches, env.device, config)
+        reader_wait += waited
+        train_ddp.train_step(step_model, criterion, optimizer, scaler, images, labels,
+                             train_ddp.lr_at(it, config), train_ddp.step_seed(config.seed, it, env.rank), amp_dtype)
+    starts.append(clock())
+    if cuda:
+        starts[-1].record()
+        torch.cuda.synchronize(env.device)
+    steps_ms = [a.elapsed_time(b) if cuda else 1000 * (b - a) for a, b in zip(starts, starts[1:])]
+    wall = time.perf_counter() - start
+    result = dict(kernels=config.kernels, images_per_s=args.iters * args.batch_size / wall,
+                  step_ms=float(np.median(steps_ms)), reader_share=reader_wait / wall,
+                  peak_mib=torch.cuda.max_memory_allocated(env.device) / 2**20 if cuda else None)
+    del batches, step_model, model, optimizer
+    if config.compile:
+        torch._dynamo.reset()
+    if cuda:
+        torch.cuda.empty_cache()
+    return result
+
+
+@torch.no_grad()
+def inference_fps(args, env, dtype, channels_last, compiled):
+    """-> images/s of the eval-mode model (main head upsampled to the input) at
+    1x3x--infer-size, after 3 warm-up calls (10 when compiled)."""
+    torch.backends.cudnn.benchmark = env.device.type == "cuda"
+    model = BiSeNetV2(19).to(env.device).eval()
+    image = torch.randn(1, 3, *args.infer_size, device=env.device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+        image = image.contiguous(memory_format=torch.channels_last)
+    run = torch.compile(model) if compiled else model
+    sync = (lambda: torch.cuda.synchronize(env.device)) if env.device.type == "cuda" else (lambda: None)
+    with torch.autocast(env.device.type, dtype=dtype, enabled=dtype is not None):
+        for _ in range(10 if compiled else 3):
+            run(image)
+        sync()
+        start = time.perf_counter()
+        for _ in range(args.infer_iters):
+            run(image)
+        sync()
+    if compiled:
+        torch._dynamo.reset()
+    return args.infer_iters / (time.perf_counter() - start)
+
+
+def benchmark(args, env):
+    """Runs each CONFIGS row (or --configs) and the inference variants -> the table."""
+    cuda = env.device.type == "cuda"
+    data_dir = args.data_dir or str(prepare_data.synthetic_in_cache(args.image_size, 16, log=env.log))
+    pairs = data.read_list(data_dir, "train")
+    try:
+        pack, pack_note = data.find_pack(data_dir, "train", 19, 255), "no pack: run prepare_data.py --pack"
+    except BadInput as e:
+        pack, pack_note = None, str(e)
+    device_name = torch.cuda.get_device_name(env.device) if cuda else f"CPU ({os.cpu_count()} cores)"
+    lines = [f"## `bench.py`: {device_name}", "",
+             f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, "
+             f"{args.batch_size} crops of {args.crop_size[0]}x{args.crop_size[1]} per step, data {data_dir} "
+             f"({'packed' if pack else 'no fresh pack'}), {args.num_workers} DataLoader workers, "
+             f"{args.iters} measured iterations after {args.warmup} warm-up", "",
+             "| config | change against the baseline | images/s | step ms (median) | reader share | peak MiB | note |",
+             "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+    results = {}
+    for name, what, change, runs_on_cpu in CONFIGS:
+        if args.configs and name not in args.configs:
+            continue
+        settings = dict(BASELINE, **change)
+        note = "" if cuda or runs_on_cpu else "not run on CPU (compiling takes minutes)" if name == "compile" \
+            else "needs CUDA"
+        if not note and settings["packed"] and pack is None:
+            note = pack_note
+        if not note:
+            env.log(f"bench: {name} ...")
+            try:
+                results[name] = result = run_config(args, env, data_dir, pairs, settings)
+                if settings["kernels"] != "torch":
+                    note = ("kernels: fused CUDA loss and BGA" if result["kernels"] == "cuda"
+                            else "kernels: PyTorch references (no build)")
+            except (BadInput, RuntimeError) as e:
+                note = f"failed: {' '.join(data.one_line(e).split())[:160]}"
+        if name not in results:
+            lines.append(f"| {name} | {what} | - | - | - | - | {note} |")
+            continue
+        peak = "-" if result["peak_mib"] is None else f"{result['peak_mib']:.0f}"
+        lines.append(f"| {name} | {what} | {result['images_per_s']:.1f} | {result['step_ms']:.1f} | "
+                     f"{100 * result['reader_share']:.0f}% | {peak} | {note} |")
+    height, width = args.infer_size
+    lines += ["", f"| inference 1x3x{height}x{width}, eval mode | images/s | ms/image | note |",
+              "| --- | ---: | ---: | --- |"]
+    for label, dtype, channels_last, compiled in (("fp32 eager, NCHW", None, False, False),
+                                                  ("bf16 channels_last", torch.bfloat16, True, False),
+                                                  ("bf16 channels_last compiled", torch.bfloat16, True, True)):
+        if (compiled or dtype is not None) and not cuda:
+            lines.append(f"| {label} | - | - | {'not run on CPU' if compiled else 'needs CUDA'} |")
+            continue
+        try:
+            fps = inference_fps(args, env, dtype, channels_last, compiled)
+            lines.append(f"| {label} | {fps:.1f} | {1000 / fps:.2f} |  |")
+        except RuntimeError as e:
+            lines.append(f"| {label} | - | - | failed: {' '.join(str(e).split())[:160]} |")
+    lines.append("")
+    if "all" in results:
+        step_ms = results["all"]["step_ms"]
+        hours = 160000 * step_ms / 1000 * ASSUMED_MULTI_GPU_OVERHEAD / 3600
+        lines.append(f"Projected 160k iterations on 8 GPUs (4 crops each): {hours:.1f} h = 160000 x {step_ms:.1f} ms "
+                     f"(the 'all' median step) x {ASSUMED_MULTI_GPU_OVERHEAD} (assumed: DDP all-reduce and "
+                     f"SyncBatchNorm are not measured on one GPU).")
+    else:
+        lines.append("Projected 160k iterations on 8 GPUs: n/a (the 'all' row was not measured).")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    env = train_ddp.setup_process()
+    try:
+        if env.world_size > 1:
+            raise BadInput("bench.py runs in one process (one GPU)")
+        table = benchmark(args, env)
+        print(table, flush=True)
+        if args.out:
+            data.atomic_write(args.out, table)
+    except BadInput as e:
+        print(f"bench.py: error: {data.one_line(e)}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        train_ddp.cleanup_process()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

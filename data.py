@@ -1,0 +1,567 @@
+"""The input pipeline of train_ddp.py, bench.py and prepare_data.py, as one library.
+
+    list file -> frames (PNG pairs, or a pack of decoded uint8 arrays)
+              -> augmentation (per sample in the DataLoader workers, or batched on the GPU:
+                 the same draws either way)
+              -> TrainSet, StepSampler, make_loader -> next_batch (batch_to_device) -> the step's tensors
+
+A split is listed in DATA_DIR/SPLIT.txt as `<image> <label>` per line, relative to DATA_DIR
+(prepare_data.py writes them); labels are Cityscapes train ids 0..18, 255 ignored. A pack
+(prepare_data.py --pack) is DATA_DIR/packed/SPLIT.json, an index, and two .npy arrays beside
+it, images (N, H, W, 3) and labels (N, H, W), uint8, read memory-mapped.
+
+Every augmentation draw of a sample is a function of (seed, the sample's position in the
+training stream), so a step's batch is the same whichever worker, device or resumed run
+makes it.
+"""
+import hashlib
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+CITYSCAPES_CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light",
+                      "traffic sign", "vegetation", "terrain", "sky", "person", "rider", "car",
+                      "truck", "bus", "train", "motorcycle", "bicycle")
+
+
+class BadInput(Exception):
+    """Bad input (a missing or corrupt file, wrong shapes, labels out of range, a stale pack,
+    bad weights, a non-finite loss): the scripts' main reports it as one line, exit code 2."""
+
+
+class StalePack(BadInput):
+    """The pack of a split no longer matches its list file or its source files."""
+
+
+def one_line(error):
+    """A BadInput's message. Raised in a DataLoader worker, the message carries the worker's
+    traceback, whose last line is `data.BadInput: <message>`."""
+    return re.sub(r"^data\.\w+: ", "", str(error).strip().splitlines()[-1])
+
+
+def label_id_to_train_id():
+    """(256,) uint8: Cityscapes label id -> train id (255 for ignored and unknown ids), from
+    cityscapesscripts' label table."""
+    from cityscapesscripts.helpers.labels import labels
+    table = np.full(256, 255, np.uint8)
+    for label in labels:
+        if 0 <= label.id < 256 and label.trainId not in (-1, 255):
+            table[label.id] = label.trainId
+    return table
+
+
+def train_id_to_label_id():
+    """(256,) uint8: train id -> Cityscapes label id, the inverse of label_id_to_train_id
+    (for predictions in the official evaluator's labelIds form); 0 for the rest."""
+    table = np.zeros(256, np.uint8)
+    for label_id, train_id in enumerate(label_id_to_train_id()):
+        if train_id != 255:
+            table[train_id] = label_id
+    return table
+
+
+def atomic_write(path, content):
+    """Writes `content` (str, bytes, or a function that writes to a binary file) to a
+    temporary file beside `path`, fsyncs it and renames it over `path`: a reader, or a
+    crash, sees the old file or the new one, never half of one. A write cut short by
+    SIGKILL leaves only the hidden `.NAME.tmpPID`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            if callable(content):
+                content(f)
+            else:
+                f.write(content.encode() if isinstance(content, str) else content)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def cache_dir():
+    """$XDG_CACHE_HOME/bisenetv2 (default ~/.cache/bisenetv2): the synthetic datasets."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bisenetv2"
+
+
+# ---------------------------------------------------------------------------------------
+# List files and frames
+
+
+def parse_list(list_file, text):
+    """-> [(line number, image, label)] of a list file's text (separated by spaces or a
+    comma; blank lines skipped); BadInput on a bad line or an empty list."""
+    entries = []
+    for line_no, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        fields = line.replace(",", " ").split()
+        if len(fields) != 2:
+            raise BadInput(f"{list_file}:{line_no}: expected '<image> <label>', got {line.strip()!r}")
+        entries.append((line_no, fields[0], fields[1]))
+    if not entries:
+        raise BadInput(f"{list_file}: empty list")
+    return entries
+
+
+def read_list(data_dir, split):
+    """-> [(image path, label path)] of DATA_DIR/SPLIT.txt; BadInput unless every file exists."""
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise BadInput(f"--data-dir {root}: no such directory")
+    list_file = root / f"{split}.txt"
+    if not list_file.is_file():
+        raise BadInput(f"{list_file}: no such list file (run prepare_data.py --cityscapes_path {root})")
+    pairs = []
+    for line_no, image, label in parse_list(list_file, list_file.read_text()):
+        image, label = root / image, root / label
+        for path in (image, label):
+            if not path.is_file():
+                raise BadInput(f"{list_file}:{line_no}: {path} does not exist")
+        pairs.append((image, label))
+    return pairs
+
+
+def read_frame(image_path, label_path, num_classes=19, ignore_index=255):
+    """-> image (H, W, 3) uint8 RGB, label (H, W) uint8 train ids. BadInput naming the file
+    for an unreadable image, a label of several channels, values that are neither train ids
+    0..num_classes-1 nor ignore_index, or image and label of different sizes."""
+    try:
+        with Image.open(image_path) as im:
+            image = np.asarray(im.convert("RGB"))
+    except Exception as e:
+        raise BadInput(f"{image_path}: unreadable image ({type(e).__name__})") from None
+    try:
+        with Image.open(label_path) as im:
+            mode = im.mode
+            label = np.asarray(im) if mode in ("L", "P", "I", "I;16") else None
+    except Exception as e:
+        raise BadInput(f"{label_path}: unreadable image ({type(e).__name__})") from None
+    if label is None:
+        raise BadInput(f"{label_path}: label image has mode {mode}, expected one channel of train ids")
+    if image.shape[:2] != label.shape:
+        raise BadInput(f"{image_path}: image is {image.shape[1]}x{image.shape[0]} but its label "
+                       f"{label_path} is {label.shape[1]}x{label.shape[0]}")
+    allowed = np.zeros(256, bool)
+    allowed[:num_classes] = True
+    allowed[ignore_index] = True
+    if label.dtype != np.uint8 and (label.min() < 0 or label.max() > 255):
+        bad = np.unique(label[(label < 0) | (label > 255)])
+    else:
+        label = label.astype(np.uint8)
+        bad = np.flatnonzero((np.bincount(label.ravel(), minlength=256) > 0) & ~allowed)
+    if bad.size:
+        raise BadInput(f"{label_path}: values {bad[:8].tolist()} are neither train ids "
+                       f"0..{num_classes - 1} nor {ignore_index}")
+    return image, label
+
+
+def image_tensor(image):
+    """(H, W, 3) uint8 numpy -> (3, H, W) float32 tensor in [0, 255]."""
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float()
+
+
+def normalize(images):
+    """[0, 255] -> PaddleSeg's Normalize(mean 0.5, std 0.5) of x / 255."""
+    return (images / 255.0 - 0.5) / 0.5
+
+
+def eval_sample(pair, config):
+    """An evaluation frame at full resolution: normalised image (3, H, W) float32, label (H, W) uint8."""
+    image, label = read_frame(*pair, config.num_classes, config.ignore_index)
+    return normalize(image_tensor(image)), torch.from_numpy(label)
+
+
+# ---------------------------------------------------------------------------------------
+# Packs (reading; prepare_data.pack_split writes them)
+
+PACK_FORMAT = 1
+
+
+def pack_dir(data_dir):
+    return Path(data_dir) / "packed"
+
+
+def file_stamps(data_dir, names):
+    """[[size, mtime_ns] per file]: what tells a changed source file."""
+    return [[stat.st_size, stat.st_mtime_ns] for stat in (Path(data_dir, name).stat() for name in names)]
+
+
+def read_pack(data_dir, split, num_classes=19, ignore_index=255, mmap=True):
+    """-> the index of DATA_DIR/packed/SPLIT.json, with `path` (the index), `images_path`,
+    `labels_path` and `images` (N, H, W, 3), `labels` (N, H, W): read-only uint8 memory maps
+    (None with mmap=False). FileNotFoundError when there is no pack; StalePack naming the
+    reason when the list file, a source file or the label settings changed since packing,
+    or the arrays are missing or mis-shaped."""
+    root = Path(data_dir)
+    index_path = pack_dir(root) / f"{split}.json"
+    if not index_path.is_file():
+        raise FileNotFoundError(f"{index_path}: no pack")
+    try:
+        index = json.loads(index_path.read_text())
+        assert index["format"] == PACK_FORMAT
+    except Exception:
+        raise StalePack(f"{index_path}: unreadable or of another format") from None
+    list_file = root / f"{split}.txt"
+    if not list_file.is_file() or hashlib.sha256(list_file.read_bytes()).hexdigest() != index["list_sha256"]:
+        raise StalePack(f"{index_path}: {list_file.name} changed since it was packed")
+    if (index["num_classes"], index["ignore_index"]) != (num_classes, ignore_index):
+        raise StalePack(f"{index_path}: packed for {index['num_classes']} classes and ignore index "
+                        f"{index['ignore_index']}, not {num_classes} and {ignore_index}")
+    names = [name for pair in index["files"] for name in pair]
+    try:
+        stamps = file_stamps(root, names)
+    except OSError as e:
+        raise StalePack(f"{index_path}: a source file is gone ({e.filename})") from None
+    changed = [name for name, old, new in zip(names, index["stamps"], stamps) if old != new]
+    if changed:
+        raise StalePack(f"{index_path}: {changed[0]} changed since it was packed")
+    shape = (index["count"], index["height"], index["width"])
+    arrays = dict(images_path=pack_dir(root) / index["images"], labels_path=pack_dir(root) / index["labels"])
+    for key, expected in (("images", (*shape, 3)), ("labels", shape)):
+        try:
+            array = np.load(arrays[f"{key}_path"], mmap_mode="r")
+        except (OSError, ValueError) as e:
+            raise StalePack(f"{index_path}: {index[key]} unreadable ({type(e).__name__})") from None
+        if array.shape != expected or array.dtype != np.uint8:
+            raise StalePack(f"{index_path}: {index[key]} is {array.dtype} {array.shape}, expected uint8 {expected}")
+        arrays[key] = array if mmap else None
+    return dict(index, path=index_path, **arrays)
+
+
+def find_pack(data_dir, split, num_classes, ignore_index):
+    """-> read_pack's index (arrays not opened), or None when there is no pack. A stale pack
+    is bad input: training on it would silently use other data."""
+    try:
+        return read_pack(data_dir, split, num_classes, ignore_index, mmap=False)
+    except FileNotFoundError:
+        return None
+    except StalePack as e:
+        raise BadInput(f"stale pack: {e}; re-run prepare_data.py --pack (or train with --no-pack)") from None
+
+
+# ---------------------------------------------------------------------------------------
+# Augmentation: PaddleSeg's ResizeStepScaling, RandomPaddingCrop, RandomHorizontalFlip,
+# RandomDistort, Normalize. The draws are plain numbers made on the host; the same batched
+# tensor code applies them per sample in a worker or to a whole batch on the GPU.
+
+
+def draw_augmentation(rng, height, width, config):
+    """Every random choice of one sample's augmentation, in PaddleSeg's order (uses
+    config.min_scale, max_scale, scale_step, crop_size)."""
+    num_scales = int(round((config.max_scale - config.min_scale) / config.scale_step)) + 1
+    scale = float(rng.choice(np.linspace(config.min_scale, config.max_scale, num_scales)))
+    scaled_h, scaled_w = int(round(scale * height)), int(round(scale * width))
+    crop_h, crop_w = config.crop_size
+    padded_h, padded_w = max(scaled_h, crop_h), max(scaled_w, crop_w)
+    return dict(
+        scaled_size=(scaled_h, scaled_w),
+        crop_offset=(int(rng.integers(padded_h - crop_h + 1)), int(rng.integers(padded_w - crop_w + 1))),
+        flip=bool(rng.uniform() < 0.5),
+        # RandomDistort: four ops in random order, each applied with probability 0.5
+        distort_order=[int(i) for i in rng.permutation(4)],
+        distort_apply=[bool(rng.uniform() < 0.5) for _ in range(4)],
+        brightness=float(rng.uniform(0.6, 1.4)),
+        contrast=float(rng.uniform(0.6, 1.4)),
+        saturation=float(rng.uniform(0.6, 1.4)),
+        hue=float(rng.uniform(-18, 18)),
+    )
+
+
+def sample_params(position, height, width, config):
+    """The draws of the sample at stream `position`: a function of (config.seed, position)."""
+    return draw_augmentation(np.random.default_rng([config.seed, position]), height, width, config)
+
+
+def to_device(tensor, device):
+    """A small host tensor on `device` without a CPU-GPU sync point: a copy from pageable
+    memory waits for the stream (i.e. for the previous step), one through pinned memory with
+    non_blocking=True does not (the augmentation on the GPU is part of the sync-free step)."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def luminance(image):
+    """ITU-R 601-2 luma, as PIL's convert('L'): (..., 3, H, W) -> (..., 1, H, W)."""
+    weights = to_device(torch.tensor([0.299, 0.587, 0.114], dtype=image.dtype), image.device).view(3, 1, 1)
+    return (image * weights).sum(-3, keepdim=True)
+
+
+def shift_hue(image, delta):
+    """Rotates the hue of RGB images (..., 3, H, W) in [0, 255] by delta/256 of a turn
+    (delta a number or a tensor broadcasting against (..., H, W)); PIL's HSV hue is a
+    uint8, so PaddleSeg's hue delta of up to 18 is about 25 degrees."""
+    rgb = image / 255.0
+    maxc, _ = rgb.max(-3)
+    minc, _ = rgb.min(-3)
+    span = maxc - minc
+    safe_span = torch.where(span > 0, span, torch.ones_like(span))
+    r, g, b = rgb.unbind(-3)
+    hue = torch.where(maxc == r, (g - b) / safe_span,
+                      torch.where(maxc == g, 2.0 + (b - r) / safe_span, 4.0 + (r - g) / safe_span))
+    hue = torch.where(span > 0, hue / 6.0, torch.zeros_like(hue))
+    hue = torch.remainder(hue + delta / 256.0, 1.0)
+    saturation = torch.where(maxc > 0, span / torch.where(maxc > 0, maxc, torch.ones_like(maxc)),
+                             torch.zeros_like(maxc))
+    # HSV -> RGB: channel n gets v - v*s*clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6
+    k = torch.remainder(torch.stack([5.0 + hue * 6, 3.0 + hue * 6, 1.0 + hue * 6], -3), 6.0)
+    ramp = torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0)
+    return (maxc.unsqueeze(-3) * (1 - saturation.unsqueeze(-3) * ramp)) * 255.0
+
+
+DISTORT_FACTORS = ("brightness", "contrast", "saturation", "hue")
+
+
+def distort_op(op, images, factor):
+    """RandomDistort's op `op` on images (n, 3, H, W); factor (n, 1, 1, 1) float32."""
+    if op == 0:    # brightness: blend with black
+        return images * factor
+    if op == 1:    # contrast: blend with each image's mean grey level
+        mean = luminance(images).mean((-3, -2, -1), keepdim=True)
+        return mean + factor * (images - mean)
+    if op == 2:    # saturation: blend with the grey image
+        grey = luminance(images)
+        return grey + factor * (images - grey)
+    return shift_hue(images, factor[:, 0])
+
+
+def distort_batch(images, params_list):
+    """PaddleSeg's RandomDistort on float RGB images (B, 3, H, W) in [0, 255], one params
+    dict per image, with PIL ImageEnhance's formulas (in float: no uint8 rounding between
+    the ops). Batched: at each of the 4 places of the random order, each op runs once on
+    the images that have it there and applied (chosen on the host from the params)."""
+    batch = images.shape[0]
+    factors = to_device(torch.tensor([[p.get(name, 0.0) for name in DISTORT_FACTORS] for p in params_list],
+                                     dtype=torch.float32), images.device)            # (B, 4)
+    copied = False
+    for place in range(max(len(p["distort_order"]) for p in params_list)):
+        for op in range(4):
+            chosen = [b for b, p in enumerate(params_list) if place < len(p["distort_order"])
+                      and p["distort_order"][place] == op and p["distort_apply"][op]]
+            if not chosen:
+                continue
+            if len(chosen) == batch:
+                factor = factors[:, op].view(batch, 1, 1, 1)
+                images = distort_op(op, images, factor).clamp(0, 255)
+                continue
+            if not copied:  # the caller's tensor stays untouched; then updated in place
+                images, copied = images.clone(), True
+            index = to_device(torch.tensor(chosen), images.device)
+            factor = factors[index, op].view(len(chosen), 1, 1, 1)
+            images.index_copy_(0, index, distort_op(op, images[index], factor).clamp(0, 255))
+    return images
+
+
+def distort(image, params):
+    """One image (3, H, W): distort_batch's result for it."""
+    return distort_batch(image[None], [params])[0]
+
+
+def crop_taps(offsets, scaled_sizes, in_size, crop, flips, device):
+    """Source taps of the resize -> pad -> crop -> flip chain along one axis, for a batch.
+
+    offsets, scaled_sizes: per sample; flips: per sample or None. -> bilinear taps i0, i1
+    (B, crop) int64 and weights w0, w1 (B, crop) float32 (PyTorch's/cv2's align_corners=False
+    formula, clamped at 0), the nearest tap (B, crop) (PyTorch's 'nearest', i.e. cv2's
+    INTER_NEAREST: floor(dst * in / out) in float32) and `inside` (B, crop): False in the
+    bottom/right padding. Computed on the host in float32 (the same IEEE operations as on
+    a GPU, one op at a time)."""
+    dst = torch.arange(crop)
+    rows = []
+    for b, (offset, scaled) in enumerate(zip(offsets, scaled_sizes)):
+        pos = offset + (crop - 1 - dst if flips is not None and flips[b] else dst)  # in the scaled image
+        scale = torch.tensor(float(in_size), dtype=torch.float32) / scaled   # float32, as ATen
+        src = ((pos.float() + 0.5) * scale - 0.5).clamp(min=0)
+        i0 = src.long().clamp(max=in_size - 1)
+        i1 = torch.where(i0 < in_size - 1, i0 + 1, i0)
+        w1 = src - i0.float()
+        nearest = (pos.float() * scale).floor().long().clamp(max=in_size - 1)
+        inside = pos < scaled
+        rows.append((i0, i1, 1 - w1, w1, nearest.where(inside, 0), inside))
+    return [to_device(torch.stack(column), device) for column in zip(*rows)]
+
+
+def augment_batch(images, labels, params_list, crop_size, ignore_index=255):
+    """images (B, 3, H, W) in [0, 255] (uint8 or float), labels (B, H, W) uint8, on any
+    device; one params dict per sample (draw_augmentation) -> normalised float32 images
+    (B, 3, h, w) and uint8 labels (B, h, w), (h, w) = crop_size.
+
+    The resize is computed for the crop window only: gathers along rows, then columns, with
+    the taps of `F.interpolate(bilinear / nearest, align_corners=False)` (cv2's INTER_LINEAR /
+    INTER_NEAREST, as PaddleSeg resizes: no antialiasing). Padding: image 127.5, label 255."""
+    batch, _, height, width = images.shape
+    crop_h, crop_w = crop_size
+    device = images.device
+    tops, lefts = zip(*(p["crop_offset"] for p in params_list))
+    scaled_hs, scaled_ws = zip(*(p["scaled_size"] for p in params_list))
+    y0, y1, wy0, wy1, y_near, y_in = crop_taps(tops, scaled_hs, height, crop_h, None, device)
+    x0, x1, wx0, wx1, x_near, x_in = crop_taps(lefts, scaled_ws, width, crop_w,
+                                               [p["flip"] for p in params_list], device)
+    # (uint8 rows are gathered first, then converted: the same numbers as converting first)
+    rows = lambda idx: images.gather(2, idx[:, None, :, None].expand(batch, 3, crop_h, width)).float()
+    blended_rows = wy0[:, None, :, None] * rows(y0) + wy1[:, None, :, None] * rows(y1)  # (B, 3, h, W)
+    cols = lambda idx: blended_rows.gather(3, idx[:, None, None, :].expand(batch, 3, crop_h, crop_w))
+    out = wx0[:, None, None, :] * cols(x0) + wx1[:, None, None, :] * cols(x1)           # (B, 3, h, w)
+    inside = y_in[:, :, None] & x_in[:, None, :]                                       # (B, h, w)
+    out = torch.where(inside[:, None], out, torch.full_like(out, 127.5))
+    label_rows = labels.gather(1, y_near[:, :, None].expand(batch, crop_h, width))
+    out_labels = label_rows.gather(2, x_near[:, None, :].expand(batch, crop_h, crop_w))
+    out_labels = torch.where(inside, out_labels, torch.full_like(out_labels, ignore_index))
+    return normalize(distort_batch(out, params_list)), out_labels
+
+
+def augment(image, label, params, crop_size, ignore_index=255):
+    """One sample: image (3, H, W), label (H, W) -> augment_batch's result for it."""
+    images, labels = augment_batch(image[None], label[None], [params], crop_size, ignore_index)
+    return images[0], labels[0]
+
+
+# ---------------------------------------------------------------------------------------
+# Dataset, sampler, loader
+
+
+class TrainSet(torch.utils.data.Dataset):
+    """Items are addressed by (index, stream position); the position seeds the sample's
+    augmentation.
+
+    Frames come from the PNGs of `pairs` or, given `pack` (find_pack's index), from its
+    memory-mapped arrays (opened lazily in each worker). raw=False: the item is the
+    augmented sample (image (3, h, w) float32, label (h, w) uint8). raw=True: the frame,
+    image (H, W, 3) uint8, label (H, W) uint8, and the position, for batch_to_device to
+    augment the whole batch on the training device."""
+
+    def __init__(self, pairs, config, pack=None, raw=False):
+        self.pairs, self.config, self.raw = pairs, config, raw
+        self.pack_files = None if pack is None else (pack["images_path"], pack["labels_path"])
+        self.length = len(pairs) if pack is None else pack["count"]
+        self._arrays = None
+
+    def __len__(self):
+        return self.length
+
+    def frame(self, index):
+        """-> image (H, W, 3) uint8, label (H, W) uint8 numpy arrays of frame `index`."""
+        if self.pack_files is None:
+            return read_frame(*self.pairs[index], self.config.num_classes, self.config.ignore_index)
+        if self._arrays is None:
+            self._arrays = [np.load(path, mmap_mode="r") for path in self.pack_files]
+        images, labels = self._arrays
+        return np.array(images[index]), np.array(labels[index])  # copies out of the page cache
+
+    def __getitem__(self, item):
+        index, position = item
+        image, label = self.frame(index)
+        if self.raw:
+            return torch.from_numpy(image), torch.from_numpy(label), position
+        params = sample_params(position, image.shape[0], image.shape[1], self.config)
+        return augment(image_tensor(image), torch.from_numpy(label), params, self.config.crop_size,
+                       self.config.ignore_index)
+
+
+def collate_raw(items):
+    """TrainSet(raw=True) items -> images (B, H, W, 3) uint8, labels (B, H, W) uint8,
+    positions (B,) int64. The frames of a batch must have one size."""
+    sizes = {tuple(image.shape) for image, _, _ in items}
+    if len(sizes) > 1:
+        raise BadInput(f"--aug-device cuda needs frames of one size, a batch has {sorted(sizes)}")
+    # default_collate stacks straight into shared memory in a worker process
+    return torch.utils.data.default_collate(items)
+
+
+class StepSampler(torch.utils.data.Sampler):
+    """Yields this rank's batches for iterations start_iter .. iters - 1.
+
+    The training stream is the concatenation of per-epoch permutations (seeded by seed and
+    epoch); iteration i consumes positions [i * G, (i + 1) * G), G = batch * world size, and
+    rank r takes the r-th slice of batch size. Each item is (dataset index, position)."""
+
+    def __init__(self, num_samples, batch_size, rank, world_size, seed, start_iter, iters):
+        self.num_samples, self.batch_size = num_samples, batch_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.start_iter, self.iters = start_iter, iters
+        self._epoch, self._order = None, None
+
+    def index_at(self, position):
+        epoch = position // self.num_samples
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._order = epoch, torch.randperm(self.num_samples, generator=generator)
+        return int(self._order[position % self.num_samples])
+
+    def __iter__(self):
+        global_batch = self.batch_size * self.world_size
+        for it in range(self.start_iter, self.iters):
+            first = it * global_batch + self.rank * self.batch_size
+            yield [(self.index_at(p), p) for p in range(first, first + self.batch_size)]
+
+    def __len__(self):
+        return self.iters - self.start_iter
+
+
+def make_loader(pairs, pack, config, rank, world_size, start_iter):
+    """The DataLoader of this rank's host batches for iterations start_iter .. config.iters - 1
+    (uses config.seed, batch_size, num_workers, aug_device, device and the augmentation's
+    settings). aug_device 'cuda': the workers only read raw uint8 frames (collate_raw)."""
+    raw = config.aug_device == "cuda"
+    dataset = TrainSet(pairs, config, pack=pack, raw=raw)
+    sampler = StepSampler(len(dataset), config.batch_size, rank, world_size, config.seed, start_iter, config.iters)
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, num_workers=config.num_workers, collate_fn=collate_raw if raw else None,
+        pin_memory=torch.device(config.device).type == "cuda",
+        prefetch_factor=4 if config.num_workers > 0 else None)
+
+
+COPY_STREAMS = {}  # device -> the side stream that copies batches in
+
+
+def copy_batch_in(tensors, device):
+    """Host (pinned) batch tensors -> `device`. On CUDA the copies run on a side stream that
+    the current stream then waits for: the host runs ahead of the GPU, so the next batch's
+    copy overlaps the previous step's kernels instead of queueing behind them.
+    record_stream keeps the allocator from reusing the copies' memory too early."""
+    if device.type != "cuda":
+        return [t.to(device) for t in tensors]
+    stream = COPY_STREAMS.setdefault(device, torch.cuda.Stream(device))
+    with torch.cuda.stream(stream):
+        copies = [t.to(device, non_blocking=True) for t in tensors]
+    current = torch.cuda.current_stream(device)
+    current.wait_stream(stream)
+    for copy in copies:
+        copy.record_stream(current)
+    return copies
+
+
+def batch_to_device(batch, device, config):
+    """A make_loader batch -> the step's normalised images (B, 3, h, w) (channels_last when
+    config.channels_last) and labels (B, h, w) on `device`. With aug_device 'cuda' the raw
+    frames are augmented there, the whole batch at once, with TrainSet's draws."""
+    if config.aug_device == "cuda":
+        images, labels, positions = batch
+        images, labels = copy_batch_in((images, labels), device)
+        height, width = images.shape[1:3]
+        params = [sample_params(p, height, width, config) for p in positions.tolist()]
+        images = images.permute(0, 3, 1, 2).contiguous()  # (B, H, W, 3) -> (B, 3, H, W): coalesced row gathers
+        images, labels = augment_batch(images, labels, params, config.crop_size, config.ignore_index)
+    else:
+        images, labels = copy_batch_in(batch, device)
+    if config.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, labels
+
+
+def next_batch(batches, device, config):
+    """The next batch of a make_loader iterator on `device` (batch_to_device) -> images,
+    labels, and the seconds the host waited for the loader (the reader cost)."""
+    start = time.perf_counter()
+    batch = next(batches)
+    waited = time.perf_counter() - start
+    return *batch_to_device(batch, device, config), waited

@@ -1,0 +1,172 @@
+"""data.py: the augmentation (CPU and batched on a device, same draws), the sampler, the
+loader over PNGs and over a pack, the label table."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import data
+from datasets import data_config, make_dataset, pack
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+NO_DISTORT = dict(distort_order=[0, 1, 2, 3], distort_apply=[False] * 4, brightness=1.0, contrast=1.0,
+                  saturation=1.0, hue=0.0)
+
+
+def test_scale_set_is_paddleseg_step_scaling():
+    config = data_config()
+    rng = np.random.default_rng(0)
+    seen = {data.draw_augmentation(rng, 100, 200, config)["scaled_size"] for _ in range(400)}
+    expected = {(int(round(s * 100)), int(round(s * 200))) for s in (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)}
+    assert seen == expected
+
+
+def test_padding_values_and_label_values_preserved():
+    image = torch.full((3, 20, 30), 200.0)
+    label = torch.from_numpy(np.kron(np.arange(6, dtype=np.uint8).reshape(2, 3), np.ones((10, 10), np.uint8)))
+    params = dict(NO_DISTORT, scaled_size=(20, 30), crop_offset=(0, 0), flip=False)
+    out_image, out_label = data.augment(image, label, params, (64, 96))
+    assert out_image.shape == (3, 64, 96) and out_label.shape == (64, 96)
+    # padded bottom/right: image 127.5 -> (127.5 / 255 - 0.5) / 0.5 = 0, label 255
+    assert torch.all(out_image[:, 20:] == 0) and torch.all(out_image[:, :, 30:] == 0)
+    assert torch.all(out_label[20:] == 255) and torch.all(out_label[:, 30:] == 255)
+    torch.testing.assert_close(out_image[:, :20, :30], torch.full((3, 20, 30), 200 / 255 * 2 - 1))
+    assert torch.equal(out_label[:20, :30], label)
+    # nearest resizing never invents label values
+    for scale in (0.5, 0.75, 1.25, 2.0):
+        params["scaled_size"] = (int(round(20 * scale)), int(round(30 * scale)))
+        _, resized = data.augment(image, label, params, (64, 96))
+        assert set(resized.unique().tolist()) <= set(range(6)) | {255}
+
+
+def test_flip_moves_image_and_label_together():
+    label = torch.arange(24, dtype=torch.uint8).repeat(16, 1)           # label = column index
+    image = (label.float() * 10).expand(3, 16, 24).clone()               # image encodes the column
+    for flip in (False, True):
+        params = dict(NO_DISTORT, scaled_size=(16, 24), crop_offset=(0, 0), flip=flip)
+        out_image, out_label = data.augment(image, label, params, (16, 24))
+        pixel = ((out_image + 1) / 2 * 255).round()
+        assert torch.equal(pixel[0], out_label.float() * 10)
+        assert out_label[0, 0] == (23 if flip else 0)
+
+
+def test_distort_matches_pil_enhance():
+    from PIL import ImageEnhance
+    rng = np.random.default_rng(3)
+    photo = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8))
+    image = torch.from_numpy(np.asarray(photo).transpose(2, 0, 1).copy()).float()
+    for op, name, enhancer in [(0, "brightness", ImageEnhance.Brightness), (2, "saturation", ImageEnhance.Color)]:
+        params = dict(NO_DISTORT, distort_apply=[i == op for i in range(4)], brightness=1.3, saturation=0.7)
+        ours = data.distort(image, params)
+        theirs = np.asarray(enhancer(photo).enhance(params[name])).transpose(2, 0, 1)
+        # PIL truncates each blend to uint8 (< 1 grey level) and rounds its grey image to uint8
+        # (< 0.5, weighted by 1 - factor in the blend)
+        bound = 1 + 0.5 * abs(1 - params[name]) + 1e-3
+        assert (ours - torch.from_numpy(theirs.astype(np.float32))).abs().max() <= bound
+    # hue: a full turn (256 steps of PIL's uint8 hue) is the identity, half a turn is not
+    full = dict(distort_order=[3], distort_apply=[False, False, False, True], hue=256.0)
+    torch.testing.assert_close(data.distort(image, full), image, atol=1e-3, rtol=0)
+    assert (data.distort(image, dict(full, hue=128.0)) - image).abs().max() > 50
+
+
+def reference_augment(image, label, params, crop_size):
+    """The textbook chain, written out with whole-image ops: F.interpolate the full image,
+    pad bottom/right, crop, flip."""
+    size = params["scaled_size"]
+    image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
+    label = F.interpolate(label[None, None].float(), size=size, mode="nearest")[0, 0].to(torch.uint8)
+    pad_h, pad_w = max(crop_size[0] - size[0], 0), max(crop_size[1] - size[1], 0)
+    image = F.pad(image, (0, pad_w, 0, pad_h), value=127.5)
+    label = F.pad(label, (0, pad_w, 0, pad_h), value=255)
+    top, left = params["crop_offset"]
+    image = image[:, top:top + crop_size[0], left:left + crop_size[1]]
+    label = label[top:top + crop_size[0], left:left + crop_size[1]]
+    if params["flip"]:
+        image, label = image.flip(-1), label.flip(-1)
+    return (data.distort(image, params) / 255 - 0.5) / 0.5, label
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_batched_augmentation_equals_whole_image_chain(device):
+    """The batch path on `device` against the whole-image chain on the CPU, on the same
+    parameters, every sample of a batch with its own draws."""
+    config = data_config("--crop-size", "48", "64")
+    rng = np.random.default_rng(5)
+    images = torch.from_numpy(rng.integers(0, 256, (6, 3, 37, 53), dtype=np.uint8))
+    labels = torch.from_numpy(rng.integers(0, 19, (6, 37, 53), dtype=np.uint8))
+    params = [data.draw_augmentation(rng, 37, 53, config) for _ in range(6)]
+    params[0]["flip"], params[1]["flip"] = True, False
+    out_images, out_labels = data.augment_batch(images.to(device), labels.to(device), params, config.crop_size)
+    assert out_images.device.type == device
+    for b in range(6):
+        expected_image, expected_label = reference_augment(images[b].float(), labels[b], params[b], config.crop_size)
+        assert torch.equal(out_labels[b].cpu(), expected_label)
+        # the same taps and weights, summed in another order (and on CUDA perhaps contracted
+        # into FMAs): float32 rounding of values up to 255 (~255 * 2^-24 per op, a few ops),
+        # amplified at most 1.4x by the distortions
+        torch.testing.assert_close(out_images[b].cpu(), expected_image, atol=1e-4, rtol=0)
+        assert set(out_labels[b].unique().tolist()) <= set(range(19)) | {255}
+
+
+def test_sampler_shards_ranks_and_resumes():
+    full = list(data.StepSampler(10, 2, 0, 2, seed=1, start_iter=0, iters=12))
+    other = list(data.StepSampler(10, 2, 1, 2, seed=1, start_iter=0, iters=12))
+    resumed = list(data.StepSampler(10, 2, 0, 2, seed=1, start_iter=7, iters=12))
+    assert resumed == full[7:]
+    # each epoch of 10 positions covers every sample once across the two ranks
+    positions = sorted(p for batch in full + other for _, p in batch)
+    assert positions == list(range(48))
+    first_epoch = [i for batch in full[:3] + other[:3] for i, p in batch if p < 10]
+    assert sorted(first_epoch) == list(range(10))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_loader_from_pack_and_on_device_gives_the_png_batches(tmp_path, device):
+    """The loader over the pack gives the PNG loader's batches bitwise; with aug_device
+    'cuda' (the workers read raw frames, batch_to_device augments the batch on `device`) the
+    draws are the same and the images agree up to float rounding."""
+    root = make_dataset(tmp_path / "data", num_train=5, size=(37, 53))
+    pack(root)
+    pairs = data.read_list(root, "train")
+    index = data.find_pack(root, "train", 19, 255)
+    cpu_config = data_config("--crop-size", "48", "64", "--batch-size", "4", "--iters", "3", "--num-workers", "0")
+    raw_config = data_config("--crop-size", "48", "64", "--batch-size", "4", "--iters", "3", "--num-workers", "1",
+                             device=device, aug_device="cuda")
+    png = data.make_loader(pairs, None, cpu_config, rank=0, world_size=1, start_iter=0)
+    packed = data.make_loader(pairs, index, cpu_config, rank=0, world_size=1, start_iter=0)
+    raw = data.make_loader(pairs, index, raw_config, rank=0, world_size=1, start_iter=0)
+    count = 0
+    for png_batch, packed_batch, raw_batch in zip(png, packed, raw):
+        count += 1
+        assert all(torch.equal(a, b) for a, b in zip(png_batch, packed_batch))
+        assert raw_batch[0].dtype == torch.uint8 and raw_batch[0].shape == (4, 37, 53, 3)
+        images, labels = data.batch_to_device(raw_batch, torch.device(device), raw_config)
+        assert images.device.type == device and images.shape == (4, 3, 48, 64)
+        assert torch.equal(labels.cpu(), png_batch[1])
+        # the same float32 ops on the same numbers; only the contrast op's mean is summed over
+        # a batch instead of one image (another summation order): well under 1e-5 after / 127.5
+        torch.testing.assert_close(images.cpu(), png_batch[0], atol=1e-4, rtol=0)
+    assert count == 3
+
+
+def test_label_tables_are_cityscapes_and_inverse():
+    from cityscapesscripts.helpers.labels import trainId2label
+    to_train, to_label = data.label_id_to_train_id(), data.train_id_to_label_id()
+    for train_id, name in enumerate(data.CITYSCAPES_CLASSES):
+        assert trainId2label[train_id].name == name
+        assert to_label[train_id] == trainId2label[train_id].id and to_train[to_label[train_id]] == train_id
+    assert sorted(set(to_train.tolist())) == list(range(19)) + [255]
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "state.bin"
+    data.atomic_write(path, "good")
+
+    def fails(f):
+        f.write(b"half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        data.atomic_write(path, fails)
+    assert path.read_text() == "good" and [p.name for p in tmp_path.iterdir()] == ["state.bin"]
