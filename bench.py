@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 import data
+import predict
 import prepare_data
 import train_ddp
 from bisenetv2 import BiSeNetV2
@@ -57,7 +58,8 @@ def parse_args(argv=None):
     add("--warmup", type=int, default=20, help="iterations before measuring (compilation, cudnn autotuning)")
     add("--configs", nargs="+", default=None, metavar="NAME", choices=[name for name, *_ in CONFIGS],
         help=f"only these rows, of {', '.join(name for name, *_ in CONFIGS)}; None: all")
-    add("--infer-size", type=int, nargs=2, default=[1024, 2048], metavar=("H", "W"))
+    add("--infer-size", type=int, nargs=2, action="append", default=None, metavar=("H", "W"),
+        help="inference input size, repeatable; None: 1024 2048 and 512 1024 (the paper's FPS setting)")
     add("--infer-iters", type=int, default=50)
     add("--out", help="also write the table to this file")
     args = parser.parse_args(argv)
@@ -124,31 +126,6 @@ def run_config(args, env, data_dir, pairs, settings):
     return result
 
 
-@torch.no_grad()
-def inference_fps(args, env, dtype, channels_last, compiled):
-    """-> images/s of the eval-mode model (main head upsampled to the input) at
-    1x3x--infer-size, after 3 warm-up calls (10 when compiled)."""
-    torch.backends.cudnn.benchmark = env.device.type == "cuda"
-    model = BiSeNetV2(19).to(env.device).eval()
-    image = torch.randn(1, 3, *args.infer_size, device=env.device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-        image = image.contiguous(memory_format=torch.channels_last)
-    run = torch.compile(model) if compiled else model
-    sync = (lambda: torch.cuda.synchronize(env.device)) if env.device.type == "cuda" else (lambda: None)
-    with torch.autocast(env.device.type, dtype=dtype, enabled=dtype is not None):
-        for _ in range(10 if compiled else 3):
-            run(image)
-        sync()
-        start = time.perf_counter()
-        for _ in range(args.infer_iters):
-            run(image)
-        sync()
-    if compiled:
-        torch._dynamo.reset()
-    return args.infer_iters / (time.perf_counter() - start)
-
-
 def benchmark(args, env):
     """Runs each CONFIGS row (or --configs) and the inference variants -> the table."""
     cuda = env.device.type == "cuda"
@@ -180,8 +157,9 @@ def benchmark(args, env):
             try:
                 results[name] = result = run_config(args, env, data_dir, pairs, settings)
                 if settings["kernels"] != "torch":
-                    note = ("kernels: fused CUDA loss and BGA" if result["kernels"] == "cuda"
-                            else "kernels: PyTorch references (no build)")
+                    note = {"cuda": "kernels: fused CUDA loss and BGA",
+                            "torch": "kernels: PyTorch references (no build)"}.get(
+                        result["kernels"], f"kernels: {result['kernels']}")
             except (BadInput, RuntimeError) as e:
                 note = f"failed: {' '.join(data.one_line(e).split())[:160]}"
         if name not in results:
@@ -190,20 +168,10 @@ def benchmark(args, env):
         peak = "-" if result["peak_mib"] is None else f"{result['peak_mib']:.0f}"
         lines.append(f"| {name} | {what} | {result['images_per_s']:.1f} | {result['step_ms']:.1f} | "
                      f"{100 * result['reader_share']:.0f}% | {peak} | {note} |")
-    height, width = args.infer_size
-    lines += ["", f"| inference 1x3x{height}x{width}, eval mode | images/s | ms/image | note |",
-              "| --- | ---: | ---: | --- |"]
-    for label, dtype, channels_last, compiled in (("fp32 eager, NCHW", None, False, False),
-                                                  ("bf16 channels_last", torch.bfloat16, True, False),
-                                                  ("bf16 channels_last compiled", torch.bfloat16, True, True)):
-        if (compiled or dtype is not None) and not cuda:
-            lines.append(f"| {label} | - | - | {'not run on CPU' if compiled else 'needs CUDA'} |")
-            continue
-        try:
-            fps = inference_fps(args, env, dtype, channels_last, compiled)
-            lines.append(f"| {label} | {fps:.1f} | {1000 / fps:.2f} |  |")
-        except RuntimeError as e:
-            lines.append(f"| {label} | - | - | failed: {' '.join(str(e).split())[:160]} |")
+    # inference: predict.py's paths (fp32 eager, bf16 channels_last, compiled, CUDA graphs; onnxruntime on the CPU)
+    sizes = [tuple(size) for size in args.infer_size] if args.infer_size else [(1024, 2048), (512, 1024)]
+    lines += ["", predict.inference_table(BiSeNetV2(19), env.device, sizes=sizes, iters=args.infer_iters,
+                                          log=env.log).rstrip("\n")]
     lines.append("")
     if "all" in results:
         step_ms = results["all"]["step_ms"]

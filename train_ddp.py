@@ -217,10 +217,21 @@ def resolve_config(args, env):
         amp=args.amp or ("bf16" if cuda else "none"),
         channels_last=cuda if args.channels_last is None else args.channels_last,
         cudnn_benchmark=cuda if args.cudnn_benchmark is None else args.cudnn_benchmark,
-        kernels="torch" if ops[0] is kernels.ohem_cross_entropy_reference else "cuda",
+        kernels=kernels_in_use(ops),
         sync_bn=sync_bn, eval_interval=args.eval_interval or args.save_interval))
     torch.backends.cudnn.benchmark = config.cudnn_benchmark
     return config, ops
+
+
+def kernels_in_use(ops):
+    """'cuda' (both fused), 'torch' (both references), or which op is which (kernels.select
+    falls back per op when one disagrees with its reference)."""
+    loss_fn, bga_fn = ops
+    fused = dict(loss=loss_fn is not kernels.ohem_cross_entropy_reference,
+                 bga=bga_fn is not kernels.bga_aggregate_reference)
+    if all(fused.values()) or not any(fused.values()):
+        return "cuda" if fused["loss"] else "torch"
+    return ", ".join(f"{op} {'cuda' if on else 'torch'}" for op, on in fused.items())
 
 
 RESOLVED = ("device", "world_size", "global_batch", "pack", "sync_bn")  # settings that are not flags

@@ -42,6 +42,9 @@ def parse_args(argv=None):
     parser.add_argument("--size", type=int, default=1024, help="label (crop) side")
     parser.add_argument("--classes", type=int, default=19)
     parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=sorted(DTYPES))
+    parser.add_argument("--heads", type=int, nargs="+", default=[stride for _, stride in HEADS],
+                        choices=[stride for _, stride in HEADS], metavar="STRIDE",
+                        help="loss rows for the heads at these strides only (8: main, 4, 16, 32: auxiliary)")
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
@@ -205,6 +208,8 @@ def loss_rows(args, device):
         labels = labels.to(torch.uint8).to(device)
         for dtype_name in args.dtypes:
             for head, stride in HEADS:
+                if stride not in args.heads:
+                    continue
                 side = args.size // stride
                 logits = (torch.randn(batch, args.classes, side, side, generator=generator) * 3)
                 logits = logits.to(device=device, dtype=DTYPES[dtype_name]).requires_grad_(True)
