@@ -436,10 +436,10 @@ def format_metrics(metrics, num_classes):
 # Checkpoints: SAVE_DIR/iter_N.pt (newest --keep-checkpoints kept) and best.pt
 
 
-def list_checkpoints(save_dir):
-    """iter_N.pt in save_dir, newest first."""
+def list_checkpoints(save_dir, up_to=NEVER):
+    """iter_N.pt in save_dir with N <= up_to, newest first."""
     found = [(int(m[1]), p) for p in Path(save_dir).glob("iter_*.pt") if (m := re.fullmatch(r"iter_(\d+)\.pt", p.name))]
-    return [path for _, path in sorted(found, reverse=True)]
+    return [path for it, path in sorted(found, reverse=True) if it <= up_to]
 
 
 def newest_checkpoint(save_dir):
@@ -501,6 +501,9 @@ def train(config, env, ops):
     env.log(f"data: packed {pack['path']}" if pack else f"data: PNG files ({config.data_dir}/train.txt)")
     val_pairs = data.read_list(config.data_dir, "val") if config.do_eval else None
     save_dir = Path(config.save_dir)
+    if not config.resume and (held := list_checkpoints(save_dir) + list(save_dir.glob("best.pt"))):
+        raise BadInput(f"--save-dir {save_dir} holds checkpoints of another run ({held[0].name}); "
+                       f"continue it with --resume or choose another --save-dir")
     save_dir.mkdir(parents=True, exist_ok=True)
     if env.main:  # a write cut short by a kill leaves only its hidden temporary file
         for leftover in save_dir.glob(".*.pt.tmp*"):
@@ -573,7 +576,7 @@ def train(config, env, ops):
             save_on_master(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
                                 iter=done, best=best, config=vars(config)), save_dir / f"iter_{done}.pt", env)
             if env.main:
-                for old in list_checkpoints(save_dir)[config.keep_checkpoints:]:
+                for old in list_checkpoints(save_dir, up_to=done)[config.keep_checkpoints:]:  # later ones stay
                     old.unlink(missing_ok=True)
         if done % config.log_iters == 0 or is_save or is_eval:
             window_start = time.perf_counter()  # evaluation and saving stay out of batch_cost

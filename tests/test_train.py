@@ -237,6 +237,33 @@ def test_resume_is_bitwise_exact_in_process(tmp_path):
     assert_same_state(load(tmp_path / "a" / "iter_6.pt"), load(tmp_path / "b" / "iter_6.pt"))
 
 
+def test_a_save_dir_belongs_to_one_run(tmp_path):
+    root = make_dataset(tmp_path / "data")
+    save_dir = tmp_path / "out"
+    common = ["--data-dir", str(root), "--iters", "6", "--save-interval", "3", "--save-dir", str(save_dir), *TINY]
+    assert train_ddp.main(common) == 0
+    before = {p.name: p.read_bytes() for p in save_dir.glob("*.pt")}
+    # a second run without --resume is refused before it trains, and nothing is touched
+    code, out, err = run_script(*common)
+    assert_one_line_error(code, out, err, str(save_dir), "--resume", "another --save-dir")
+    assert "iter 2/" not in out
+    assert {p.name: p.read_bytes() for p in save_dir.glob("*.pt")} == before
+
+
+def test_rotation_keeps_checkpoints_later_than_the_one_written(tmp_path):
+    """A resume that passes over an unreadable iter_9.pt writes iter_6.pt; keeping one
+    checkpoint must not delete that one in favour of the later unreadable one."""
+    root = make_dataset(tmp_path / "data")
+    save_dir = tmp_path / "out"
+    common = ["--data-dir", str(root), "--iters", "6", "--save-interval", "3", "--save-dir", str(save_dir), *TINY]
+    assert train_ddp.main(common) == 0
+    (save_dir / "iter_6.pt").unlink()
+    (save_dir / "iter_9.pt").write_bytes(b"corrupt")
+    assert train_ddp.main([*common, "--resume", "--keep-checkpoints", "1"]) == 0
+    assert sorted(p.name for p in save_dir.glob("iter_*.pt")) == ["iter_6.pt", "iter_9.pt"]
+    assert load(save_dir / "iter_6.pt")["iter"] == 6
+
+
 def torchrun(args):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                str(ROOT / "train_ddp.py"), *args]
