@@ -25,6 +25,7 @@ import argparse
 import datetime
 import inspect
 import json
+import math
 import os
 import re
 import sys
@@ -53,8 +54,13 @@ NUM_HEADS = 5  # the main head and the auxiliary heads on the stem and stages 3,
 NEVER = 2**62  # the iteration of a non-finite loss that has not happened
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    def error(self, message):  # a bad flag is one line, exit 2, as all bad input (--help has the usage)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def make_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = OneLineErrors(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     group = parser.add_argument_group("data").add_argument
     group("--data-dir", help="Cityscapes root with train.txt / val.txt (see prepare_data.py)")
@@ -126,11 +132,17 @@ def parse_args(argv=None):
     if "--demo" in argv:
         parser.set_defaults(**DEMO_DEFAULTS)
     args = parser.parse_args(argv)
-    for name in ("iters", "batch_size", "save_interval", "log_iters", "keep_checkpoints"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.eval_interval is not None and args.eval_interval < 1:
-        parser.error("--eval-interval must be at least 1")
+    at_least_1 = ("iters", "batch_size", "save_interval", "log_iters", "keep_checkpoints", "eval_interval")
+    rules = [(name, "at least 1", getattr(args, name) is None or getattr(args, name) >= 1) for name in at_least_1]
+    rules += [("lr", "finite and positive", math.isfinite(args.lr) and args.lr > 0),  # (NaN fails every comparison)
+              ("crop_size", "positive", min(args.crop_size) > 0), ("num_workers", "at least 0", args.num_workers >= 0),
+              ("scale_step", "positive", args.scale_step > 0),
+              ("min_scale", "positive and at most --max-scale", 0 < args.min_scale <= args.max_scale),
+              ("ignore_index", "in 0..255", 0 <= args.ignore_index <= 255)]
+    for name, rule, ok in rules:
+        if not ok:
+            value = getattr(args, name)
+            parser.error(f"--{name.replace('_', '-')} must be {rule}, got {' '.join(map(str, value)) if isinstance(value, list) else value}")
     if args.eval_only and not args.weights:
         parser.error("--eval-only needs --weights")
     if not args.demo and not args.data_dir:
@@ -485,14 +497,29 @@ def write_record(record, save_dir, tensorboard):
         tensorboard.flush()
 
 
-def check_finite(first_bad_iter, save_dir, env):
+def stop_before_saving(problem, done, save_dir):
+    last = list_checkpoints(save_dir, up_to=done)
+    raise BadInput(f"{problem}; stopped, last good checkpoint: {last[0] if last else 'none'}")
+
+
+def check_finite(first_bad_iter, done, save_dir, env):
     """Stops the run (every rank) if any rank saw a non-finite loss; names the iteration."""
     if env.world_size > 1:
         dist.all_reduce(first_bad_iter, op=dist.ReduceOp.MIN)
     if (bad := int(first_bad_iter)) < NEVER:
-        last = list_checkpoints(save_dir)
-        raise BadInput(f"non-finite loss at iteration {bad}; stopped, last good checkpoint: "
-                       f"{last[0] if last else 'none'}")
+        stop_before_saving(f"non-finite loss at iteration {bad}", done, save_dir)
+
+
+def check_weights_finite(model, done, save_dir, env):
+    """Before a checkpoint or an evaluation: stops the run (every rank) unless every parameter
+    and buffer on every rank is finite. Reduced on the device, read once."""
+    state = {name: t for name, t in model.state_dict().items() if t.is_floating_point()}
+    finite = torch.stack([torch.isfinite(t).all() for t in state.values()]).all().long()
+    if env.world_size > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if not finite:
+        bad = next((name for name, t in state.items() if not torch.isfinite(t).all()), "on another rank")
+        stop_before_saving(f"non-finite weights ({bad}) at iteration {done}, not saved", done, save_dir)
 
 
 def train(config, env, ops):
@@ -543,7 +570,9 @@ def train(config, env, ops):
         is_save = done % config.save_interval == 0 or done == config.iters
         is_eval = config.do_eval and (done % config.eval_interval == 0 or done == config.iters)
         if done % config.log_iters == 0 or is_save or is_eval:
-            check_finite(first_bad_iter, save_dir, env)  # a CPU-GPU sync point, the loop's only one
+            check_finite(first_bad_iter, done, save_dir, env)  # a CPU-GPU sync point, the loop's only one
+            if is_save or is_eval:  # nothing non-finite is evaluated or written
+                check_weights_finite(model, done, save_dir, env)
             loss_mean, *head_means = (loss_sum / window_iters).tolist()
             now = time.perf_counter()
             batch_cost = (now - window_start) / window_iters

@@ -376,6 +376,41 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
     assert sorted(p.name for p in save_dir.glob("iter_*.pt")) == ["iter_2.pt", "iter_4.pt"]
 
 
+def test_non_finite_weights_are_never_saved(tmp_path, monkeypatch, capsys):
+    """A BatchNorm running mean gone NaN at iteration 5 leaves the training loss finite (train
+    mode normalises with batch statistics); the checkpoint of iteration 6 is refused."""
+    root = make_dataset(tmp_path / "data")
+    save_dir = tmp_path / "out"
+    real_step, calls = train_ddp.train_step, []
+
+    def step_poisoning_a_buffer_at_5(model, *args):
+        calls.append(1)
+        result = real_step(model, *args)
+        if len(calls) == 5:
+            model.semantic.stem.conv.bn.running_mean.fill_(float("nan"))
+        return result
+
+    monkeypatch.setattr(train_ddp, "train_step", step_poisoning_a_buffer_at_5)
+    code = train_ddp.main(["--data-dir", str(root), "--iters", "8", "--save-interval", "2",
+                           "--log-iters", "1", "--save-dir", str(save_dir), *TINY[:-2]])
+    err = capsys.readouterr().err
+    assert code == 2 and "non-finite weights (semantic.stem.conv.bn.running_mean) at iteration 6" in err, err
+    assert "iter_4.pt" in err
+    assert sorted(p.name for p in save_dir.glob("iter_*.pt")) == ["iter_2.pt", "iter_4.pt"]
+
+
+def test_bad_flag_values_are_one_line(tmp_path, capsys):
+    assert_one_line_error(*run_script("--data-dir", str(tmp_path), "--lr", "nan"), "--lr must be finite and positive")
+    for flags, fragment in ((["--lr", "0"], "--lr"), (["--lr", "inf"], "--lr"), (["--crop-size", "0", "8"], "--crop-size"),
+                            (["--num-workers", "-1"], "--num-workers"), (["--scale-step", "0"], "--scale-step"),
+                            (["--min-scale", "2", "--max-scale", "1"], "--min-scale"),
+                            (["--min-scale", "0"], "--min-scale"), (["--ignore-index", "256"], "--ignore-index"),
+                            (["--ignore-index", "-1"], "--ignore-index"), (["--eval-interval", "0"], "--eval-interval")):
+        with pytest.raises(SystemExit) as stop:
+            train_ddp.main(["--data-dir", str(tmp_path), *flags])
+        assert_one_line_error(stop.value.code, "", capsys.readouterr().err, fragment, "must be")
+
+
 @pytest.mark.parametrize("loss", ["ce", "ohem"])
 def test_compile_sees_model_and_loss_without_graph_breaks(loss):
     """--compile: the model (with the fused BGA op) and the five-head loss (the fused loss op
