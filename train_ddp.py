@@ -28,6 +28,7 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 import time
 import types
@@ -522,7 +523,36 @@ def check_weights_finite(model, done, save_dir, env):
         stop_before_saving(f"non-finite weights ({bad}) at iteration {done}, not saved", done, save_dir)
 
 
-def train(config, env, ops):
+class StopSignals:
+    """While open, SIGTERM and SIGINT only record themselves in `received`; the loop reads it
+    at its log point, saves and stops. Closing restores the previous handlers."""
+
+    def __enter__(self):
+        self.received = 0
+        self.previous = {sig: signal.signal(sig, self.record) for sig in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def record(self, signum, frame):
+        self.received = signum
+
+    def __exit__(self, *exc_info):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def agreed_stop(signals, env):
+    """-> the stop signal any rank received, or 0: the same on every rank. Called at the log
+    point only, where the loop syncs anyway, so a stop costs no per-step sync (and waits up to
+    --log-iters steps)."""
+    if env.world_size == 1:
+        return signals.received
+    received = torch.tensor(signals.received, device=env.device)
+    dist.all_reduce(received, op=dist.ReduceOp.MAX)
+    return int(received)
+
+
+def train(config, env, ops, signals):
+    """-> 0 when the run completed, else the signal that stopped it after a checkpoint."""
     pairs = data.read_list(config.data_dir, "train")
     pack = data.find_pack(config.data_dir, "train", config.num_classes, config.ignore_index) if config.pack else None
     env.log(f"data: packed {pack['path']}" if pack else f"data: PNG files ({config.data_dir}/train.txt)")
@@ -556,6 +586,7 @@ def train(config, env, ops):
     first_bad_iter = torch.full((), NEVER, dtype=torch.int64, device=env.device)  # of a non-finite loss
     window_start, window_iters, reader_time = time.perf_counter(), 0, 0.0
     run_start, run_start_iter = time.perf_counter(), start_iter
+    stop = 0  # the signal all ranks stop on, read at the log point
     model.train()
     for it in range(start_iter, config.iters):
         images, labels, waited = data.next_batch(batches, env.device, config)
@@ -571,6 +602,8 @@ def train(config, env, ops):
         is_eval = config.do_eval and (done % config.eval_interval == 0 or done == config.iters)
         if done % config.log_iters == 0 or is_save or is_eval:
             check_finite(first_bad_iter, done, save_dir, env)  # a CPU-GPU sync point, the loop's only one
+            if stop := agreed_stop(signals, env):  # save now; an evaluation due now would delay that
+                is_save, is_eval = True, False
             if is_save or is_eval:  # nothing non-finite is evaluated or written
                 check_weights_finite(model, done, save_dir, env)
             loss_mean, *head_means = (loss_sum / window_iters).tolist()
@@ -609,9 +642,14 @@ def train(config, env, ops):
                     old.unlink(missing_ok=True)
         if done % config.log_iters == 0 or is_save or is_eval:
             window_start = time.perf_counter()  # evaluation and saving stay out of batch_cost
+        if stop:
+            env.log(f"stopped at iteration {done} ({signal.Signals(stop).name}), checkpoint "
+                    f"{save_dir / f'iter_{done}.pt'}; resume with --resume")
+            return stop
     if env.world_size > 1:
         dist.barrier()
     env.log(f"done: {config.iters} iterations, checkpoints in {save_dir}")
+    return 0
 
 
 def eval_only(config, env, ops):
@@ -635,7 +673,9 @@ def main(argv=None):
         if config.eval_only:
             eval_only(config, env, ops)
         else:
-            train(config, env, ops)
+            with StopSignals() as signals:
+                if stopped := train(config, env, ops, signals):
+                    return 128 + stopped  # the shell's code for a process ended by that signal
     except BadInput as e:
         print(f"train_ddp.py: error: {data.one_line(e)}", file=sys.stderr, flush=True)
         return 2

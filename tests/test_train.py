@@ -296,6 +296,66 @@ def test_torchrun_sigkill_then_resume_is_bitwise_exact(tmp_path):
     assert_same_state(load(tmp_path / "a" / "iter_30.pt"), load(tmp_path / "b" / "iter_30.pt"))
 
 
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
+def test_stop_signal_saves_then_resume_is_bitwise_exact(tmp_path, monkeypatch, capsys, stop_signal):
+    """A signal during iteration 5 (logging every 2): the run saves iter_6.pt at the next log
+    point, says so in one line and exits 128 + signal; resumed, it ends as an uninterrupted run."""
+    root = make_dataset(tmp_path / "data")
+    common = ["--data-dir", str(root), "--iters", "8", "--save-interval", "4", *TINY]
+    assert train_ddp.main([*common, "--save-dir", str(tmp_path / "a")]) == 0
+    real_step, calls = train_ddp.train_step, []
+
+    def step_signalled_at_5(*args):
+        calls.append(1)
+        if len(calls) == 5:
+            os.kill(os.getpid(), stop_signal)
+        return real_step(*args)
+
+    handlers_before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    monkeypatch.setattr(train_ddp, "train_step", step_signalled_at_5)
+    save_dir = tmp_path / "b"
+    assert train_ddp.main([*common, "--save-dir", str(save_dir)]) == 128 + stop_signal
+    assert (f"stopped at iteration 6 ({stop_signal.name}), checkpoint {save_dir / 'iter_6.pt'}; "
+            "resume with --resume\n") in capsys.readouterr().out
+    assert sorted(p.name for p in save_dir.glob("iter_*.pt")) == ["iter_4.pt", "iter_6.pt"]
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers_before
+    monkeypatch.setattr(train_ddp, "train_step", real_step)
+    assert train_ddp.main([*common, "--save-dir", str(save_dir), "--resume"]) == 0
+    assert_same_state(load(tmp_path / "a" / "iter_8.pt"), load(save_dir / "iter_8.pt"))
+
+
+@pytest.mark.slow
+def test_torchrun_sigterm_saves_then_resume_is_bitwise_exact(tmp_path):
+    """SIGTERM to torchrun, its ranks and their DataLoader workers: every rank stops at the
+    same iteration after its checkpoint, and the resumed run ends as an uninterrupted one."""
+    root = make_dataset(tmp_path / "data", num_train=6)
+    common = ["--data-dir", str(root), "--iters", "30", "--save-interval", "3", "--keep-checkpoints", "3", *TINY,
+              "--num-workers", "1"]
+    reference = torchrun([*common, "--save-dir", str(tmp_path / "a")])
+    output = reference.communicate(timeout=600)[0]
+    assert reference.returncode == 0, output
+
+    stopped = torchrun([*common, "--save-dir", str(tmp_path / "b")])
+    deadline = time.time() + 300
+    while not (tmp_path / "b" / "iter_9.pt").exists():
+        assert stopped.poll() is None and time.time() < deadline, stopped.communicate()[0]
+        time.sleep(0.05)
+    os.killpg(stopped.pid, signal.SIGTERM)
+    output = stopped.communicate(timeout=300)[0]
+    assert stopped.returncode != 0, output
+    lines = [line for line in output.splitlines() if line.startswith("stopped at iteration")]
+    assert len(lines) == 1, output  # rank 0 speaks for both
+    stop_iter = int(lines[0].split()[3])
+    assert 9 <= stop_iter < 30 and "(SIGTERM)" in lines[0] and "resume with --resume" in lines[0], output
+    assert load(tmp_path / "b" / f"iter_{stop_iter}.pt")["iter"] == stop_iter
+
+    resumed = torchrun([*common, "--save-dir", str(tmp_path / "b"), "--resume"])
+    output = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0, output
+    assert f"resumed from {tmp_path / 'b' / f'iter_{stop_iter}.pt'} at iteration {stop_iter}" in output
+    assert_same_state(load(tmp_path / "a" / "iter_30.pt"), load(tmp_path / "b" / "iter_30.pt"))
+
+
 # --- packs ------------------------------------------------------------------------------
 
 def test_training_from_the_pack_equals_training_from_pngs(tmp_path, capsys):
