@@ -470,6 +470,22 @@ def newest_checkpoint(save_dir):
     return None, None
 
 
+# the settings a resumed run must share with its checkpoint: each changes what training computes
+COMPUTATION = ("iters", "batch_size", "crop_size", "lr", "momentum", "weight_decay", "power", "warmup_iters", "seed",
+               "loss", "ohem_thresh", "ohem_min_kept", "aux_weight", "num_classes", "ignore_index", "min_scale",
+               "max_scale", "scale_step", "world_size", "aug_device", "amp", "channels_last", "fused_sgd", "kernels",
+               "compile", "sync_bn")
+
+
+def check_same_computation(saved, config, path):
+    """BadInput listing each COMPUTATION setting where `config` differs from the checkpoint's."""
+    changed = [f"{name} {saved.get(name)} -> {getattr(config, name)}"
+               for name in COMPUTATION if saved.get(name) != getattr(config, name)]
+    if changed:
+        raise BadInput(f"--resume: {path} was trained with other settings (saved -> given): {', '.join(changed)}; "
+                       f"resume with the saved ones or choose another --save-dir")
+
+
 def save_on_master(obj, path, env):
     if env.main:
         data.atomic_write(path, lambda f: torch.save(obj, f))
@@ -573,6 +589,7 @@ def train(config, env, ops, signals):
         if checkpoint is None:
             env.log(f"--resume: no checkpoint in {save_dir}; starting from scratch")
         else:
+            check_same_computation(checkpoint["config"], config, path)
             model.load_state_dict(checkpoint["model"])
             optimizer.load_state_dict(checkpoint["optimizer"])
             scaler.load_state_dict(checkpoint["scaler"])

@@ -264,6 +264,21 @@ def test_rotation_keeps_checkpoints_later_than_the_one_written(tmp_path):
     assert load(save_dir / "iter_6.pt")["iter"] == 6
 
 
+def test_resume_refuses_settings_that_change_the_computation(tmp_path, capsys):
+    root = make_dataset(tmp_path / "data")
+    save_dir = tmp_path / "out"
+    common = ["--data-dir", str(root), "--iters", "6", "--save-interval", "3", "--save-dir", str(save_dir), *TINY]
+    assert train_ddp.main(common) == 0
+    (save_dir / "iter_6.pt").unlink()
+    code, out, err = run_script(*common, "--resume", "--lr", "0.01", "--crop-size", "32", "40", "--iters", "9")
+    assert_one_line_error(code, out, err, str(save_dir / "iter_3.pt"), "(saved -> given)", "iters 6 -> 9",
+                          "crop_size [32, 48] -> [32, 40]", "lr 0.05 -> 0.01")
+    assert "batch_size" not in err and not (save_dir / "iter_6.pt").exists()
+    # bookkeeping settings may change
+    assert train_ddp.main([*common, "--resume", "--log-iters", "3", "--keep-checkpoints", "1"]) == 0
+    assert f"resumed from {save_dir / 'iter_3.pt'}" in capsys.readouterr().out
+
+
 def torchrun(args):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                str(ROOT / "train_ddp.py"), *args]
