@@ -62,7 +62,7 @@ class OneLineErrors(argparse.ArgumentParser):
 
 def make_parser():
     parser = OneLineErrors(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     group = parser.add_argument_group("data").add_argument
     group("--data-dir", help="Cityscapes root with train.txt / val.txt (see prepare_data.py)")
     group("--demo", action="store_true",
@@ -143,7 +143,8 @@ def parse_args(argv=None):
     for name, rule, ok in rules:
         if not ok:
             value = getattr(args, name)
-            parser.error(f"--{name.replace('_', '-')} must be {rule}, got {' '.join(map(str, value)) if isinstance(value, list) else value}")
+            value = " ".join(map(str, value)) if isinstance(value, list) else value
+            parser.error(f"--{name.replace('_', '-')} must be {rule}, got {value}")
     if args.eval_only and not args.weights:
         parser.error("--eval-only needs --weights")
     if not args.demo and not args.data_dir:
@@ -660,11 +661,13 @@ def train(config, env, ops, signals):
         if done % config.log_iters == 0 or is_save or is_eval:
             window_start = time.perf_counter()  # evaluation and saving stay out of batch_cost
         if stop:
-            env.log(f"stopped at iteration {done} ({signal.Signals(stop).name}), checkpoint "
-                    f"{save_dir / f'iter_{done}.pt'}; resume with --resume")
-            return stop
+            break
     if env.world_size > 1:
-        dist.barrier()
+        dist.barrier()  # no rank leaves before rank 0 has written
+    if stop:
+        env.log(f"stopped at iteration {done} ({signal.Signals(stop).name}), checkpoint "
+                f"{save_dir / f'iter_{done}.pt'}; resume with --resume")
+        return stop
     env.log(f"done: {config.iters} iterations, checkpoints in {save_dir}")
     return 0
 
