@@ -516,8 +516,15 @@ def make_loader(pairs, pack, config, rank, world_size, start_iter):
     sampler = StepSampler(len(dataset), config.batch_size, rank, world_size, config.seed, start_iter, config.iters)
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=config.num_workers, collate_fn=collate_raw if raw else None,
-        pin_memory=torch.device(config.device).type == "cuda",
+        pin_memory=torch.device(config.device).type == "cuda", worker_init_fn=leave_process_group,
         prefetch_factor=4 if config.num_workers > 0 else None)
+
+
+def leave_process_group(worker_id):
+    """A Ctrl-C or a SIGTERM to the process group is the main process's to handle (it saves and
+    stops); a worker it killed would fail the batch in flight. In a group of its own, a worker
+    still ends when the DataLoader signals it directly."""
+    os.setpgrp()
 
 
 COPY_STREAMS = {}  # device -> the side stream that copies batches in

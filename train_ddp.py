@@ -25,8 +25,10 @@ import argparse
 import datetime
 import inspect
 import json
+import math
 import os
 import re
+import signal
 import sys
 import time
 import types
@@ -53,9 +55,14 @@ NUM_HEADS = 5  # the main head and the auxiliary heads on the stem and stages 3,
 NEVER = 2**62  # the iteration of a non-finite loss that has not happened
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    def error(self, message):  # a bad flag is one line, exit 2, as all bad input (--help has the usage)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def make_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = OneLineErrors(description=__doc__.split("\n\n")[0],
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     group = parser.add_argument_group("data").add_argument
     group("--data-dir", help="Cityscapes root with train.txt / val.txt (see prepare_data.py)")
     group("--demo", action="store_true",
@@ -126,11 +133,18 @@ def parse_args(argv=None):
     if "--demo" in argv:
         parser.set_defaults(**DEMO_DEFAULTS)
     args = parser.parse_args(argv)
-    for name in ("iters", "batch_size", "save_interval", "log_iters", "keep_checkpoints"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.eval_interval is not None and args.eval_interval < 1:
-        parser.error("--eval-interval must be at least 1")
+    at_least_1 = ("iters", "batch_size", "save_interval", "log_iters", "keep_checkpoints", "eval_interval")
+    rules = [(name, "at least 1", getattr(args, name) is None or getattr(args, name) >= 1) for name in at_least_1]
+    rules += [("lr", "finite and positive", math.isfinite(args.lr) and args.lr > 0),  # (NaN fails every comparison)
+              ("crop_size", "positive", min(args.crop_size) > 0), ("num_workers", "at least 0", args.num_workers >= 0),
+              ("scale_step", "positive", args.scale_step > 0),
+              ("min_scale", "positive and at most --max-scale", 0 < args.min_scale <= args.max_scale),
+              ("ignore_index", "in 0..255", 0 <= args.ignore_index <= 255)]
+    for name, rule, ok in rules:
+        if not ok:
+            value = getattr(args, name)
+            value = " ".join(map(str, value)) if isinstance(value, list) else value
+            parser.error(f"--{name.replace('_', '-')} must be {rule}, got {value}")
     if args.eval_only and not args.weights:
         parser.error("--eval-only needs --weights")
     if not args.demo and not args.data_dir:
@@ -436,10 +450,10 @@ def format_metrics(metrics, num_classes):
 # Checkpoints: SAVE_DIR/iter_N.pt (newest --keep-checkpoints kept) and best.pt
 
 
-def list_checkpoints(save_dir):
-    """iter_N.pt in save_dir, newest first."""
+def list_checkpoints(save_dir, up_to=NEVER):
+    """iter_N.pt in save_dir with N <= up_to, newest first."""
     found = [(int(m[1]), p) for p in Path(save_dir).glob("iter_*.pt") if (m := re.fullmatch(r"iter_(\d+)\.pt", p.name))]
-    return [path for _, path in sorted(found, reverse=True)]
+    return [path for it, path in sorted(found, reverse=True) if it <= up_to]
 
 
 def newest_checkpoint(save_dir):
@@ -455,6 +469,22 @@ def newest_checkpoint(save_dir):
             print(f"warning: skipping unreadable checkpoint {path} ({type(e).__name__}: "
                   f"{str(e).splitlines()[0] if str(e) else ''})", file=sys.stderr)
     return None, None
+
+
+# the settings a resumed run must share with its checkpoint: each changes what training computes
+COMPUTATION = ("iters", "batch_size", "crop_size", "lr", "momentum", "weight_decay", "power", "warmup_iters", "seed",
+               "loss", "ohem_thresh", "ohem_min_kept", "aux_weight", "num_classes", "ignore_index", "min_scale",
+               "max_scale", "scale_step", "world_size", "aug_device", "amp", "channels_last", "fused_sgd", "kernels",
+               "compile", "sync_bn")
+
+
+def check_same_computation(saved, config, path):
+    """BadInput listing each COMPUTATION setting where `config` differs from the checkpoint's."""
+    changed = [f"{name} {saved.get(name)} -> {getattr(config, name)}"
+               for name in COMPUTATION if saved.get(name) != getattr(config, name)]
+    if changed:
+        raise BadInput(f"--resume: {path} was trained with other settings (saved -> given): {', '.join(changed)}; "
+                       f"resume with the saved ones or choose another --save-dir")
 
 
 def save_on_master(obj, path, env):
@@ -485,22 +515,69 @@ def write_record(record, save_dir, tensorboard):
         tensorboard.flush()
 
 
-def check_finite(first_bad_iter, save_dir, env):
+def stop_before_saving(problem, done, save_dir):
+    last = list_checkpoints(save_dir, up_to=done)
+    raise BadInput(f"{problem}; stopped, last good checkpoint: {last[0] if last else 'none'}")
+
+
+def check_finite(first_bad_iter, done, save_dir, env):
     """Stops the run (every rank) if any rank saw a non-finite loss; names the iteration."""
     if env.world_size > 1:
         dist.all_reduce(first_bad_iter, op=dist.ReduceOp.MIN)
     if (bad := int(first_bad_iter)) < NEVER:
-        last = list_checkpoints(save_dir)
-        raise BadInput(f"non-finite loss at iteration {bad}; stopped, last good checkpoint: "
-                       f"{last[0] if last else 'none'}")
+        stop_before_saving(f"non-finite loss at iteration {bad}", done, save_dir)
 
 
-def train(config, env, ops):
+def check_weights_finite(model, done, save_dir, env):
+    """Before a checkpoint or an evaluation: stops the run (every rank) unless every parameter
+    and buffer on every rank is finite. Reduced on the device, read once."""
+    state = {name: t for name, t in model.state_dict().items() if t.is_floating_point()}
+    finite = torch.stack([torch.isfinite(t).all() for t in state.values()]).all().long()
+    if env.world_size > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if not finite:
+        bad = next((name for name, t in state.items() if not torch.isfinite(t).all()), "on another rank")
+        stop_before_saving(f"non-finite weights ({bad}) at iteration {done}, not saved", done, save_dir)
+
+
+class StopSignals:
+    """While open, SIGTERM and SIGINT only record themselves in `received`; the loop reads it
+    at its log point, saves and stops. Closing restores the previous handlers."""
+
+    def __enter__(self):
+        self.received = 0
+        self.previous = {sig: signal.signal(sig, self.record) for sig in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def record(self, signum, frame):
+        self.received = signum
+
+    def __exit__(self, *exc_info):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def agreed_stop(signals, env):
+    """-> the stop signal any rank received, or 0: the same on every rank. Called at the log
+    point only, where the loop syncs anyway, so a stop costs no per-step sync (and waits up to
+    --log-iters steps)."""
+    if env.world_size == 1:
+        return signals.received
+    received = torch.tensor(signals.received, device=env.device)
+    dist.all_reduce(received, op=dist.ReduceOp.MAX)
+    return int(received)
+
+
+def train(config, env, ops, signals):
+    """-> 0 when the run completed, else the signal that stopped it after a checkpoint."""
     pairs = data.read_list(config.data_dir, "train")
     pack = data.find_pack(config.data_dir, "train", config.num_classes, config.ignore_index) if config.pack else None
     env.log(f"data: packed {pack['path']}" if pack else f"data: PNG files ({config.data_dir}/train.txt)")
     val_pairs = data.read_list(config.data_dir, "val") if config.do_eval else None
     save_dir = Path(config.save_dir)
+    if not config.resume and (held := list_checkpoints(save_dir) + list(save_dir.glob("best.pt"))):
+        raise BadInput(f"--save-dir {save_dir} holds checkpoints of another run ({held[0].name}); "
+                       f"continue it with --resume or choose another --save-dir")
     save_dir.mkdir(parents=True, exist_ok=True)
     if env.main:  # a write cut short by a kill leaves only its hidden temporary file
         for leftover in save_dir.glob(".*.pt.tmp*"):
@@ -513,6 +590,7 @@ def train(config, env, ops):
         if checkpoint is None:
             env.log(f"--resume: no checkpoint in {save_dir}; starting from scratch")
         else:
+            check_same_computation(checkpoint["config"], config, path)
             model.load_state_dict(checkpoint["model"])
             optimizer.load_state_dict(checkpoint["optimizer"])
             scaler.load_state_dict(checkpoint["scaler"])
@@ -526,6 +604,7 @@ def train(config, env, ops):
     first_bad_iter = torch.full((), NEVER, dtype=torch.int64, device=env.device)  # of a non-finite loss
     window_start, window_iters, reader_time = time.perf_counter(), 0, 0.0
     run_start, run_start_iter = time.perf_counter(), start_iter
+    stop = 0  # the signal all ranks stop on, read at the log point
     model.train()
     for it in range(start_iter, config.iters):
         images, labels, waited = data.next_batch(batches, env.device, config)
@@ -540,7 +619,11 @@ def train(config, env, ops):
         is_save = done % config.save_interval == 0 or done == config.iters
         is_eval = config.do_eval and (done % config.eval_interval == 0 or done == config.iters)
         if done % config.log_iters == 0 or is_save or is_eval:
-            check_finite(first_bad_iter, save_dir, env)  # a CPU-GPU sync point, the loop's only one
+            check_finite(first_bad_iter, done, save_dir, env)  # a CPU-GPU sync point, the loop's only one
+            if stop := agreed_stop(signals, env):  # save now; an evaluation due now would delay that
+                is_save, is_eval = True, False
+            if is_save or is_eval:  # nothing non-finite is evaluated or written
+                check_weights_finite(model, done, save_dir, env)
             loss_mean, *head_means = (loss_sum / window_iters).tolist()
             now = time.perf_counter()
             batch_cost = (now - window_start) / window_iters
@@ -573,13 +656,20 @@ def train(config, env, ops):
             save_on_master(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
                                 iter=done, best=best, config=vars(config)), save_dir / f"iter_{done}.pt", env)
             if env.main:
-                for old in list_checkpoints(save_dir)[config.keep_checkpoints:]:
+                for old in list_checkpoints(save_dir, up_to=done)[config.keep_checkpoints:]:  # later ones stay
                     old.unlink(missing_ok=True)
         if done % config.log_iters == 0 or is_save or is_eval:
             window_start = time.perf_counter()  # evaluation and saving stay out of batch_cost
+        if stop:
+            break
     if env.world_size > 1:
-        dist.barrier()
+        dist.barrier()  # no rank leaves before rank 0 has written
+    if stop:
+        env.log(f"stopped at iteration {done} ({signal.Signals(stop).name}), checkpoint "
+                f"{save_dir / f'iter_{done}.pt'}; resume with --resume")
+        return stop
     env.log(f"done: {config.iters} iterations, checkpoints in {save_dir}")
+    return 0
 
 
 def eval_only(config, env, ops):
@@ -603,7 +693,9 @@ def main(argv=None):
         if config.eval_only:
             eval_only(config, env, ops)
         else:
-            train(config, env, ops)
+            with StopSignals() as signals:
+                if stopped := train(config, env, ops, signals):
+                    return 128 + stopped  # the shell's code for a process ended by that signal
     except BadInput as e:
         print(f"train_ddp.py: error: {data.one_line(e)}", file=sys.stderr, flush=True)
         return 2

@@ -237,6 +237,48 @@ def test_resume_is_bitwise_exact_in_process(tmp_path):
     assert_same_state(load(tmp_path / "a" / "iter_6.pt"), load(tmp_path / "b" / "iter_6.pt"))
 
 
+def test_a_save_dir_belongs_to_one_run(tmp_path):
+    root = make_dataset(tmp_path / "data")
+    save_dir = tmp_path / "out"
+    common = ["--data-dir", str(root), "--iters", "6", "--save-interval", "3", "--save-dir", str(save_dir), *TINY]
+    assert train_ddp.main(common) == 0
+    before = {p.name: p.read_bytes() for p in save_dir.glob("*.pt")}
+    # a second run without --resume is refused before it trains, and nothing is touched
+    code, out, err = run_script(*common)
+    assert_one_line_error(code, out, err, str(save_dir), "--resume", "another --save-dir")
+    assert "iter 2/" not in out
+    assert {p.name: p.read_bytes() for p in save_dir.glob("*.pt")} == before
+
+
+def test_rotation_keeps_checkpoints_later_than_the_one_written(tmp_path):
+    """A resume that passes over an unreadable iter_9.pt writes iter_6.pt; keeping one
+    checkpoint must not delete that one in favour of the later unreadable one."""
+    root = make_dataset(tmp_path / "data")
+    save_dir = tmp_path / "out"
+    common = ["--data-dir", str(root), "--iters", "6", "--save-interval", "3", "--save-dir", str(save_dir), *TINY]
+    assert train_ddp.main(common) == 0
+    (save_dir / "iter_6.pt").unlink()
+    (save_dir / "iter_9.pt").write_bytes(b"corrupt")
+    assert train_ddp.main([*common, "--resume", "--keep-checkpoints", "1"]) == 0
+    assert sorted(p.name for p in save_dir.glob("iter_*.pt")) == ["iter_6.pt", "iter_9.pt"]
+    assert load(save_dir / "iter_6.pt")["iter"] == 6
+
+
+def test_resume_refuses_settings_that_change_the_computation(tmp_path, capsys):
+    root = make_dataset(tmp_path / "data")
+    save_dir = tmp_path / "out"
+    common = ["--data-dir", str(root), "--iters", "6", "--save-interval", "3", "--save-dir", str(save_dir), *TINY]
+    assert train_ddp.main(common) == 0
+    (save_dir / "iter_6.pt").unlink()
+    code, out, err = run_script(*common, "--resume", "--lr", "0.01", "--crop-size", "32", "40", "--iters", "9")
+    assert_one_line_error(code, out, err, str(save_dir / "iter_3.pt"), "(saved -> given)", "iters 6 -> 9",
+                          "crop_size [32, 48] -> [32, 40]", "lr 0.05 -> 0.01")
+    assert "batch_size" not in err and not (save_dir / "iter_6.pt").exists()
+    # bookkeeping settings may change
+    assert train_ddp.main([*common, "--resume", "--log-iters", "3", "--keep-checkpoints", "1"]) == 0
+    assert f"resumed from {save_dir / 'iter_3.pt'}" in capsys.readouterr().out
+
+
 def torchrun(args):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                str(ROOT / "train_ddp.py"), *args]
@@ -266,6 +308,66 @@ def test_torchrun_sigkill_then_resume_is_bitwise_exact(tmp_path):
     output = resumed.communicate(timeout=600)[0]
     assert resumed.returncode == 0, output
     assert "resumed from" in output
+    assert_same_state(load(tmp_path / "a" / "iter_30.pt"), load(tmp_path / "b" / "iter_30.pt"))
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
+def test_stop_signal_saves_then_resume_is_bitwise_exact(tmp_path, monkeypatch, capsys, stop_signal):
+    """A signal during iteration 5 (logging every 2): the run saves iter_6.pt at the next log
+    point, says so in one line and exits 128 + signal; resumed, it ends as an uninterrupted run."""
+    root = make_dataset(tmp_path / "data")
+    common = ["--data-dir", str(root), "--iters", "8", "--save-interval", "4", *TINY]
+    assert train_ddp.main([*common, "--save-dir", str(tmp_path / "a")]) == 0
+    real_step, calls = train_ddp.train_step, []
+
+    def step_signalled_at_5(*args):
+        calls.append(1)
+        if len(calls) == 5:
+            os.kill(os.getpid(), stop_signal)
+        return real_step(*args)
+
+    handlers_before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    monkeypatch.setattr(train_ddp, "train_step", step_signalled_at_5)
+    save_dir = tmp_path / "b"
+    assert train_ddp.main([*common, "--save-dir", str(save_dir)]) == 128 + stop_signal
+    assert (f"stopped at iteration 6 ({stop_signal.name}), checkpoint {save_dir / 'iter_6.pt'}; "
+            "resume with --resume\n") in capsys.readouterr().out
+    assert sorted(p.name for p in save_dir.glob("iter_*.pt")) == ["iter_4.pt", "iter_6.pt"]
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers_before
+    monkeypatch.setattr(train_ddp, "train_step", real_step)
+    assert train_ddp.main([*common, "--save-dir", str(save_dir), "--resume"]) == 0
+    assert_same_state(load(tmp_path / "a" / "iter_8.pt"), load(save_dir / "iter_8.pt"))
+
+
+@pytest.mark.slow
+def test_torchrun_sigterm_saves_then_resume_is_bitwise_exact(tmp_path):
+    """SIGTERM to torchrun, its ranks and their DataLoader workers: every rank stops at the
+    same iteration after its checkpoint, and the resumed run ends as an uninterrupted one."""
+    root = make_dataset(tmp_path / "data", num_train=6)
+    common = ["--data-dir", str(root), "--iters", "30", "--save-interval", "3", "--keep-checkpoints", "3", *TINY,
+              "--num-workers", "1"]
+    reference = torchrun([*common, "--save-dir", str(tmp_path / "a")])
+    output = reference.communicate(timeout=600)[0]
+    assert reference.returncode == 0, output
+
+    stopped = torchrun([*common, "--save-dir", str(tmp_path / "b")])
+    deadline = time.time() + 300
+    while not (tmp_path / "b" / "iter_9.pt").exists():
+        assert stopped.poll() is None and time.time() < deadline, stopped.communicate()[0]
+        time.sleep(0.05)
+    os.killpg(stopped.pid, signal.SIGTERM)
+    output = stopped.communicate(timeout=300)[0]
+    assert stopped.returncode != 0, output
+    lines = [line for line in output.splitlines() if line.startswith("stopped at iteration")]
+    assert len(lines) == 1, output  # rank 0 speaks for both
+    stop_iter = int(lines[0].split()[3])
+    assert 9 <= stop_iter < 30 and "(SIGTERM)" in lines[0] and "resume with --resume" in lines[0], output
+    assert load(tmp_path / "b" / f"iter_{stop_iter}.pt")["iter"] == stop_iter
+
+    resumed = torchrun([*common, "--save-dir", str(tmp_path / "b"), "--resume"])
+    output = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0, output
+    assert f"resumed from {tmp_path / 'b' / f'iter_{stop_iter}.pt'} at iteration {stop_iter}" in output
     assert_same_state(load(tmp_path / "a" / "iter_30.pt"), load(tmp_path / "b" / "iter_30.pt"))
 
 
@@ -347,6 +449,41 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
     err = capsys.readouterr().err
     assert code == 2 and "non-finite loss at iteration 5" in err and "iter_4.pt" in err
     assert sorted(p.name for p in save_dir.glob("iter_*.pt")) == ["iter_2.pt", "iter_4.pt"]
+
+
+def test_non_finite_weights_are_never_saved(tmp_path, monkeypatch, capsys):
+    """A BatchNorm running mean gone NaN at iteration 5 leaves the training loss finite (train
+    mode normalises with batch statistics); the checkpoint of iteration 6 is refused."""
+    root = make_dataset(tmp_path / "data")
+    save_dir = tmp_path / "out"
+    real_step, calls = train_ddp.train_step, []
+
+    def step_poisoning_a_buffer_at_5(model, *args):
+        calls.append(1)
+        result = real_step(model, *args)
+        if len(calls) == 5:
+            model.semantic.stem.conv.bn.running_mean.fill_(float("nan"))
+        return result
+
+    monkeypatch.setattr(train_ddp, "train_step", step_poisoning_a_buffer_at_5)
+    code = train_ddp.main(["--data-dir", str(root), "--iters", "8", "--save-interval", "2",
+                           "--log-iters", "1", "--save-dir", str(save_dir), *TINY[:-2]])
+    err = capsys.readouterr().err
+    assert code == 2 and "non-finite weights (semantic.stem.conv.bn.running_mean) at iteration 6" in err, err
+    assert "iter_4.pt" in err
+    assert sorted(p.name for p in save_dir.glob("iter_*.pt")) == ["iter_2.pt", "iter_4.pt"]
+
+
+def test_bad_flag_values_are_one_line(tmp_path, capsys):
+    assert_one_line_error(*run_script("--data-dir", str(tmp_path), "--lr", "nan"), "--lr must be finite and positive")
+    for flags, fragment in ((["--lr", "0"], "--lr"), (["--lr", "inf"], "--lr"), (["--crop-size", "0", "8"], "--crop-size"),
+                            (["--num-workers", "-1"], "--num-workers"), (["--scale-step", "0"], "--scale-step"),
+                            (["--min-scale", "2", "--max-scale", "1"], "--min-scale"),
+                            (["--min-scale", "0"], "--min-scale"), (["--ignore-index", "256"], "--ignore-index"),
+                            (["--ignore-index", "-1"], "--ignore-index"), (["--eval-interval", "0"], "--eval-interval")):
+        with pytest.raises(SystemExit) as stop:
+            train_ddp.main(["--data-dir", str(tmp_path), *flags])
+        assert_one_line_error(stop.value.code, "", capsys.readouterr().err, fragment, "must be")
 
 
 @pytest.mark.parametrize("loss", ["ce", "ohem"])
