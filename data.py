@@ -164,6 +164,27 @@ def read_frame(image_path, label_path, num_classes=19, ignore_index=255):
     return image, label
 
 
+def _label_counts(task):
+    pair, num_classes, ignore_index = task
+    label = read_frame(*pair, num_classes, ignore_index)[1]
+    return np.bincount(label.ravel(), minlength=256)[:num_classes]
+
+
+def class_pixel_counts(pairs, pack, num_classes, ignore_index, workers):
+    """(num_classes,) int64: the pixels of each class in a split's labels, from the pack's
+    label array when there is one, else from the PNGs, read by `workers` processes."""
+    if pack is not None:
+        labels = np.load(pack["labels_path"], mmap_mode="r")
+        counts = sum(np.bincount(frame.ravel(), minlength=256) for frame in labels)
+        return counts[:num_classes].astype(np.int64)
+    tasks = [(pair, num_classes, ignore_index) for pair in pairs]
+    if workers < 2:
+        return sum(map(_label_counts, tasks)).astype(np.int64)
+    import multiprocessing
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        return sum(pool.imap_unordered(_label_counts, tasks, chunksize=8)).astype(np.int64)
+
+
 def image_tensor(image):
     """(H, W, 3) uint8 numpy -> (3, H, W) float32 tensor in [0, 255]."""
     return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float()

@@ -43,8 +43,9 @@ from PIL import Image
 
 import data
 import kernels
+import predict
 import prepare_data
-from bisenetv2 import BiSeNetV2, load_weights
+from bisenetv2 import BiSeNetV2, load_matching, load_weights
 from data import BadInput
 
 DEMO_DEFAULTS = dict(iters=300, batch_size=8, crop_size=[128, 256], lr=0.05, log_iters=20,
@@ -85,6 +86,9 @@ def make_parser():
     group("--ohem-thresh", type=float, default=0.7, help="ohem: keep pixels with p(label) < this")
     group("--ohem-min-kept", type=int, default=None, help="ohem: at least this many (default valid // 16)")
     group("--aux-weight", type=float, default=1.0, help="weight of each of the 4 auxiliary losses")
+    group("--class-weights", nargs="+", metavar="W",
+          help="a loss weight per class (CE and OHEM: the class-weighted mean), or 'auto': median frequency "
+               "balancing from the training labels (median_frequency_weights)")
     group("--num-classes", type=int, default=19)
     group("--ignore-index", type=int, default=255)
     group = parser.add_argument_group("augmentation").add_argument
@@ -112,11 +116,17 @@ def make_parser():
     group("--eval-interval", type=int, default=None, help="None: --save-interval")
     group("--eval-only", action="store_true", help="evaluate --weights on val and exit")
     group("--weights", help="initial weights: a checkpoint of this project or a PaddleSeg .pdparams")
+    group("--init-only", action="store_true",
+          help="with --weights: load only the tensors whose name and shape fit (a fine-tune to another number "
+               "of classes: the heads' last convs stay freshly initialised, each one logged)")
     group("--eval-amp", choices=("none", "bf16"), default="none",
           help="evaluation autocast; none: float32, as PaddleSeg evaluates its published 73.19")
     group("--pred-dir", help="evaluation writes each prediction here as a Cityscapes labelIds PNG")
     group("--flip", action="store_true", help="evaluation: add horizontally flipped inference")
     group("--scales", type=float, nargs="+", default=[1.0], help="evaluation: inference scales")
+    group("--slide", type=int, nargs=2, metavar=("H", "W"),
+          help="evaluation: sliding-window inference with windows of H x W (PaddleSeg's slide_inference)")
+    group("--stride", type=int, nargs=2, metavar=("H", "W"), help="--slide: the windows' step (default: half)")
     group = parser.add_argument_group("bookkeeping").add_argument
     group("--save-dir", "--save_dir", default="output")
     group("--save-interval", "--save_interval", type=int, default=500)
@@ -125,6 +135,16 @@ def make_parser():
     group("--resume", action="store_true", help="continue from the newest complete checkpoint in --save-dir")
     group("--tensorboard", "--use_vdl", action="store_true", help="TensorBoard scalars in --save-dir")
     return parser
+
+
+def class_weights_ok(values):
+    if values is None or values == ["auto"]:
+        return True
+    try:
+        weights = [float(v) for v in values]
+    except ValueError:
+        return False
+    return all(math.isfinite(w) and w >= 0 for w in weights) and any(w > 0 for w in weights)
 
 
 def parse_args(argv=None):
@@ -139,7 +159,10 @@ def parse_args(argv=None):
               ("crop_size", "positive", min(args.crop_size) > 0), ("num_workers", "at least 0", args.num_workers >= 0),
               ("scale_step", "positive", args.scale_step > 0),
               ("min_scale", "positive and at most --max-scale", 0 < args.min_scale <= args.max_scale),
-              ("ignore_index", "in 0..255", 0 <= args.ignore_index <= 255)]
+              ("ignore_index", "in 0..255", 0 <= args.ignore_index <= 255),
+              ("slide", "positive", args.slide is None or min(args.slide) > 0),
+              ("stride", "positive, with --slide", args.stride is None or (args.slide and min(args.stride) > 0)),
+              ("class_weights", "'auto' or non-negative numbers, not all 0", class_weights_ok(args.class_weights))]
     for name, rule, ok in rules:
         if not ok:
             value = getattr(args, name)
@@ -147,6 +170,8 @@ def parse_args(argv=None):
             parser.error(f"--{name.replace('_', '-')} must be {rule}, got {value}")
     if args.eval_only and not args.weights:
         parser.error("--eval-only needs --weights")
+    if args.init_only and (not args.weights or args.eval_only):
+        parser.error("--init-only needs --weights, for training")
     if not args.demo and not args.data_dir:
         parser.error("--data-dir is required (or --demo)")
     return args
@@ -224,10 +249,11 @@ def resolve_config(args, env):
     if sync_bn and not cuda:
         env.log("note: SyncBatchNorm needs CUDA; plain per-process BatchNorm on CPU")
         sync_bn = False
+    class_weights = resolve_class_weights(args, data_dir, pack, env)
     settings = {k: v for k, v in vars(args).items() if k not in ("no_pack", "no_sync_bn")}
     config = Config(**dict(
-        settings, device=str(env.device), world_size=env.world_size, global_batch=args.batch_size * env.world_size,
-        data_dir=data_dir, pack=str(pack["path"]) if pack else None, aug_device=aug_device, fused_sgd=fused_sgd,
+        settings, class_weights=class_weights, device=str(env.device), world_size=env.world_size,
+        global_batch=args.batch_size * env.world_size, data_dir=data_dir, pack=str(pack["path"]) if pack else None, aug_device=aug_device, fused_sgd=fused_sgd,
         amp=args.amp or ("bf16" if cuda else "none"),
         channels_last=cuda if args.channels_last is None else args.channels_last,
         cudnn_benchmark=cuda if args.cudnn_benchmark is None else args.cudnn_benchmark,
@@ -235,6 +261,42 @@ def resolve_config(args, env):
         sync_bn=sync_bn, eval_interval=args.eval_interval or args.save_interval))
     torch.backends.cudnn.benchmark = config.cudnn_benchmark
     return config, ops
+
+
+def median_frequency_weights(counts):
+    """Median frequency balancing (Eigen and Fergus 2015, as SegNet weights its loss): a
+    class's weight is median(f) / f_c, f_c its share of the labelled pixels and the median
+    over the classes present; a class absent from the labels weighs 0."""
+    freq = np.asarray(counts, np.float64) / max(int(np.sum(counts)), 1)
+    present = freq > 0
+    if not present.any():
+        raise BadInput("--class-weights auto: the training labels hold no labelled pixel")
+    weights = np.where(present, np.median(freq[present]) / np.where(present, freq, 1), 0.0)
+    return [round(float(w), 6) for w in weights]
+
+
+def resolve_class_weights(args, data_dir, pack, env):
+    """--class-weights as numbers (one per class), 'auto' counted from the training labels
+    on rank 0 and sent to the others, or None."""
+    if args.class_weights is None or args.eval_only:
+        return None
+    if args.class_weights != ["auto"]:
+        weights = [float(w) for w in args.class_weights]
+        if len(weights) != args.num_classes:
+            raise BadInput(f"--class-weights: {len(weights)} weights for {args.num_classes} classes")
+        return weights
+    weights = [None]
+    if env.main:
+        start = time.perf_counter()
+        counts = data.class_pixel_counts(data.read_list(data_dir, "train"), pack and data.read_pack(
+            data_dir, "train", args.num_classes, args.ignore_index), args.num_classes, args.ignore_index,
+            args.num_workers)
+        weights = [median_frequency_weights(counts)]
+        env.log(f"--class-weights auto: median frequency balancing over {int(counts.sum())} labelled pixels "
+                f"({time.perf_counter() - start:.1f} s): {weights[0]}")
+    if dist.is_initialized():
+        dist.broadcast_object_list(weights, src=0)
+    return weights[0]
 
 
 def kernels_in_use(ops):
@@ -277,10 +339,14 @@ def build_model(config, env, bga_fn):
     model.bga.aggregate = bga_fn
     if config.weights:
         try:
-            load_weights(model, config.weights)
+            skipped = load_matching(model, config.weights) if config.init_only else []
+            if not config.init_only:
+                load_weights(model, config.weights)
         except (OSError, ValueError) as e:
             raise BadInput(f"--weights: {e}") from None
         env.log(f"initial weights: {config.weights}")
+        for name in skipped:
+            env.log(f"  --init-only: {name} {tuple(model.state_dict()[name].shape)} does not fit: freshly initialised")
     model.to(env.device)
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -298,11 +364,14 @@ class SegmentationLoss(torch.nn.Module):
         self.thresh = config.ohem_thresh if config.loss == "ohem" else None
         self.min_kept = config.ohem_min_kept
         self.register_buffer("head_weights", torch.tensor([1.0] + [config.aux_weight] * (NUM_HEADS - 1)))
+        self.register_buffer("class_weights", None if config.class_weights is None else
+                             torch.tensor(config.class_weights, dtype=torch.float32))
 
     def forward(self, outputs, labels):
         # validate=False: the loader has checked the labels (checking here would be a CPU-GPU sync point)
         losses = torch.stack([self.loss_fn(out, labels, thresh=self.thresh, min_kept=self.min_kept,
-                                           ignore_index=self.ignore_index, validate=False) for out in outputs])
+                                           ignore_index=self.ignore_index, validate=False,
+                                           class_weights=self.class_weights) for out in outputs])
         return losses, (losses * self.head_weights).sum()
 
 
@@ -387,10 +456,14 @@ class ConfusionMatrix:
                     class_IoU=[float(v) if p else None for v, p in zip(iou.tolist(), present.tolist())])
 
 
-def infer(model, image, scales, flip):
+def infer(model, image, scales, flip, slide=None, stride=None):
     """PaddleSeg's aug_inference: softmax summed over scales (and flips) at the input size;
-    plain logits when there is a single scale 1.0 and no flip."""
+    plain logits when there is a single scale 1.0 and no flip. With slide (H, W) every
+    forward pass is a sliding-window one (predict.slide_logits; stride None: half a window)."""
     height, width = image.shape[-2:]
+    if slide:
+        whole_model = model
+        model = lambda images: predict.slide_logits(whole_model, images, slide, stride)  # noqa: E731
     if list(scales) == [1.0] and not flip:
         return model(image)
     total = 0
@@ -423,7 +496,7 @@ def evaluate(model, pairs, config, env):
         if config.channels_last:
             image = image.contiguous(memory_format=torch.channels_last)
         with torch.autocast(env.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            pred = infer(model, image, config.scales, config.flip).argmax(1)[0]
+            pred = infer(model, image, config.scales, config.flip, config.slide, config.stride).argmax(1)[0]
         confusion.update(pred, label.to(env.device))
         if config.pred_dir:
             out = Path(config.pred_dir) / pair[0].parent.name / pair[0].name
@@ -473,7 +546,7 @@ def newest_checkpoint(save_dir):
 
 # the settings a resumed run must share with its checkpoint: each changes what training computes
 COMPUTATION = ("iters", "batch_size", "crop_size", "lr", "momentum", "weight_decay", "power", "warmup_iters", "seed",
-               "loss", "ohem_thresh", "ohem_min_kept", "aux_weight", "num_classes", "ignore_index", "min_scale",
+               "loss", "ohem_thresh", "ohem_min_kept", "aux_weight", "class_weights", "num_classes", "ignore_index", "min_scale",
                "max_scale", "scale_step", "world_size", "aug_device", "amp", "channels_last", "fused_sgd", "kernels",
                "compile", "sync_bn")
 
