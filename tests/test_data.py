@@ -129,13 +129,13 @@ def test_loader_from_pack_and_on_device_gives_the_png_batches(tmp_path, device):
     root = make_dataset(tmp_path / "data", num_train=5, size=(37, 53))
     pack(root)
     pairs = data.read_list(root, "train")
-    index = data.find_pack(root, "train", 19, 255)
+    index = data.find_pack(root, "train", data.CITYSCAPES)
     cpu_config = data_config("--crop-size", "48", "64", "--batch-size", "4", "--iters", "3", "--num-workers", "0")
     raw_config = data_config("--crop-size", "48", "64", "--batch-size", "4", "--iters", "3", "--num-workers", "1",
                              device=device, aug_device="cuda")
-    png = data.make_loader(pairs, None, cpu_config, rank=0, world_size=1, start_iter=0)
-    packed = data.make_loader(pairs, index, cpu_config, rank=0, world_size=1, start_iter=0)
-    raw = data.make_loader(pairs, index, raw_config, rank=0, world_size=1, start_iter=0)
+    png = data.make_loader(pairs, None, data.CITYSCAPES, cpu_config, rank=0, world_size=1, start_iter=0)
+    packed = data.make_loader(pairs, index, data.CITYSCAPES, cpu_config, rank=0, world_size=1, start_iter=0)
+    raw = data.make_loader(pairs, index, data.CITYSCAPES, raw_config, rank=0, world_size=1, start_iter=0)
     count = 0
     for png_batch, packed_batch, raw_batch in zip(png, packed, raw):
         count += 1
