@@ -228,8 +228,8 @@ def prepare_folders(images, labels, out, val_fraction=None, val_images=None, val
         log(f"pairs: train {len(pairs)} from {images}, val {len(splits['val'])} from {val_images}")
     else:
         val_fraction = 0.1 if val_fraction is None else val_fraction
-        num_val = round(val_fraction * len(pairs))
-        if not 1 <= num_val < len(pairs):
+        num_val = max(1, round(val_fraction * len(pairs)))
+        if num_val >= len(pairs):
             raise BadInput(f"--val-fraction {val_fraction} of {len(pairs)} pairs leaves {num_val} for val "
                            f"and {len(pairs) - num_val} for train; each split needs at least one")
         in_val = np.zeros(len(pairs), bool)

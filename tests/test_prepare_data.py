@@ -114,6 +114,7 @@ def write_frames(root, split, labels, size=(20, 30)):
 def test_pack_holds_the_decoded_frames_and_detects_staleness(tmp_path):
     root = tmp_path / "synthetic"
     assert prepare_data.main(["--synthetic", str(root), "--num-images", "3", "--pack", "--num-workers", "2"]) == 0
+    assert not (root / "dataset.json").exists() and data.read_dataset_info(root) is data.CITYSCAPES
     for split, count in (("train", 3), ("val", 8)):
         pack = data.read_pack(root, split, data.CITYSCAPES)
         assert pack["images"].shape == (count, 256, 512, 3) and pack["labels"].shape == (count, 256, 512)
