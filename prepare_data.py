@@ -1,8 +1,11 @@
-"""Prepare Cityscapes for train_ddp.py, make a small synthetic dataset in its layout, pack splits.
+"""Prepare Cityscapes or your own dataset for train_ddp.py, make a small synthetic dataset, pack splits.
 
     python prepare_data.py --cityscapes_path /data/cityscapes [--num_workers 8] [--separator ,]
     python prepare_data.py --synthetic /tmp/synthetic [--num-images 48]
+    python prepare_data.py --images DIR --labels DIR --out ROOT [--label-map 0:0 255:1] [--classes NAME ...]
+                           [--val-fraction 0.1 [--seed 0] | --val-images DIR --val-labels DIR] [--ignore-index 255]
     python prepare_data.py --cityscapes_path /data/cityscapes --pack     # then decode once into packed/
+    python prepare_data.py --data-dir ROOT --pack                        # pack a prepared dataset
 
 
 Cityscapes: every gtFine/*/*/*_gtFine_polygons.json becomes *_gtFine_labelTrainIds.png through
@@ -13,6 +16,17 @@ interrupted run leaves no half-written file. If only the official zips are in th
 are extracted first. Then sorted train.txt, val.txt and test.txt list `<image> <label>`
 relative to the root.
 
+Your own dataset (--images, --labels, --out): images (.png .jpg .jpeg .bmp .tif .tiff) and
+one-channel label PNGs, found recursively (hidden files skipped), pair when their paths under
+the two folders are equal up to the extension, after the Cityscapes suffixes are taken off the
+names (`_leftImg8bit` of an image, `_gtFine_labelTrainIds` of a label). Val is --val-images/
+--val-labels, or round(--val-fraction * pairs) pairs (at least one) drawn from the sorted pairs
+by a permutation seeded with --seed. Every label is read (in a pool of workers): its size must
+be its image's, and each value must be in --label-map (stored value -> train id) or be
+--ignore-index; without a map the values are train ids. The classes are --classes, or
+class0..classN-1 up to the highest train id (found, or a map's target). Writes OUT/train.txt,
+OUT/val.txt (paths relative to OUT, ../ where outside it) and OUT/dataset.json (data.DatasetInfo).
+
 --pack stores each split listed in train.txt / val.txt once more, decoded: ROOT/packed/SPLIT.json
 (the index) and two raw .npy arrays beside it, images (N, H, W, 3) uint8 RGB and train ids
 (N, H, W) uint8, which train_ddp.py memory-maps instead of decoding PNGs (about 50 ms per
@@ -21,7 +35,9 @@ list file's SHA-256 and each source file's size and mtime, so a pack of a list o
 changed since is detected as stale (data.read_pack raises StalePack); the arrays are written
 under fresh names and the index is renamed over the old one last, so a reader sees the old
 pack or the new one, never a mix. All frames of a split must have one size (Cityscapes:
-1024x2048).
+1024x2048); otherwise the split is not packed and one line names a frame of another size (the
+dataset stays usable: train_ddp.py reads the PNG files). The labels are packed as train ids (the
+label map of ROOT/dataset.json applied).
 
 What reading needs (list files, frames, packs, the label table) lives in data.py.
 """
