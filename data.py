@@ -78,7 +78,7 @@ class DatasetInfo(NamedTuple):
     colors: tuple           # one (r, g, b) per class
     ignore_index: int       # 0..255, not a train id
     label_map: dict | None  # stored label value (int) -> train id or ignore_index; None: the PNGs hold train ids
-    label_ids: tuple | None # train id -> Cityscapes label id (for the official evaluator's files); None outside Cityscapes
+    label_ids: tuple | None  # train id -> Cityscapes label id (the official evaluator's files); None elsewhere
 
 
 def cityscapes_info():
@@ -244,7 +244,7 @@ def read_list(data_dir, split):
         raise BadInput(f"--data-dir {root}: no such directory")
     list_file = root / f"{split}.txt"
     if not list_file.is_file():
-        raise BadInput(f"{list_file}: no such list file (run prepare_data.py --cityscapes_path {root})")
+        raise BadInput(f"{list_file}: no such list file (prepare_data.py writes it)")
     pairs = []
     for line_no, image, label in parse_list(list_file, list_file.read_text()):
         image, label = root / image, root / label
@@ -355,6 +355,7 @@ def pack_labels_key(info):
 
 
 def describe_labels_key(key):
+    """pack_labels_key's tuple in words."""
     num_classes, ignore_index, label_map = key
     return f"{num_classes} classes, ignore index {ignore_index}" + (f", label map {label_map}" if label_map else "")
 
@@ -364,8 +365,7 @@ def read_pack(data_dir, split, info, mmap=True):
     `labels_path` and `images` (N, H, W, 3), `labels` (N, H, W): read-only uint8 memory maps
     (None with mmap=False). FileNotFoundError when there is no pack; StalePack naming the
     reason when the list file, a source file or the dataset's classes, ignore index or label
-    map (info: DatasetInfo) changed since packing,
-    or the arrays are missing or mis-shaped."""
+    map (info: DatasetInfo) changed since packing, or the arrays are missing or mis-shaped."""
     root = Path(data_dir)
     index_path = pack_dir(root) / f"{split}.json"
     if not index_path.is_file():
@@ -602,9 +602,9 @@ class TrainSet(torch.utils.data.Dataset):
     Frames come from the PNGs of `pairs` (train ids through the label map of `info`, a
     DatasetInfo) or, given `pack` (find_pack's index), from its memory-mapped arrays (opened
     lazily in each worker). raw=False: the item is the augmented sample (image (3, h, w)
-    float32, label (h, w) uint8). raw=True: the frame,
-    image (H, W, 3) uint8, label (H, W) uint8, and the position, for batch_to_device to
-    augment the whole batch on the training device."""
+    float32, label (h, w) uint8). raw=True: the frame, image (H, W, 3) uint8, label (H, W)
+    uint8, and the position, for batch_to_device to augment the whole batch on the training
+    device."""
 
     def __init__(self, pairs, info, config, pack=None, raw=False):
         self.pairs, self.info, self.config, self.raw = pairs, info, config, raw
@@ -676,8 +676,9 @@ class StepSampler(torch.utils.data.Sampler):
 
 def make_loader(pairs, pack, info, config, rank, world_size, start_iter):
     """The DataLoader of this rank's host batches for iterations start_iter .. config.iters - 1
-    (info: read_dataset_info's DatasetInfo; uses config.seed, batch_size, num_workers, aug_device, device and the augmentation's
-    settings). aug_device 'cuda': the workers only read raw uint8 frames (collate_raw)."""
+    (info: read_dataset_info's DatasetInfo; uses config.seed, batch_size, num_workers, aug_device,
+    device and the augmentation's settings). aug_device 'cuda': the workers only read raw uint8
+    frames (collate_raw)."""
     raw = config.aug_device == "cuda"
     dataset = TrainSet(pairs, info, config, pack=pack, raw=raw)
     sampler = StepSampler(len(dataset), config.batch_size, rank, world_size, config.seed, start_iter, config.iters)

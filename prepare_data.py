@@ -54,10 +54,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from data import (CITYSCAPES_CLASSES, DATASET_FILE, PACK_FORMAT, BadInput, DatasetInfo, StalePack, atomic_write,
-                  cache_dir, describe_labels_key, disallowed_values, file_stamps, fixed_palette, label_id_to_train_id,
-                  pack_dir, pack_labels_key, read_dataset_info, read_frame, read_label, read_list, read_pack,
-                  stored_values, write_dataset_info)
+from data import (CITYSCAPES, CITYSCAPES_CLASSES, DATASET_FILE, PACK_FORMAT, BadInput, DatasetInfo, StalePack,
+                  atomic_write, cache_dir, describe_labels_key, disallowed_values, file_stamps, fixed_palette,
+                  label_id_to_train_id, pack_dir, pack_labels_key, read_dataset_info, read_frame, read_label,
+                  read_list, read_pack, stored_values, write_dataset_info)
 
 SPLITS = ("train", "val", "test")
 ZIPS = ("gtFine_trainvaltest.zip", "leftImg8bit_trainvaltest.zip")
@@ -211,6 +211,9 @@ def dataset_info_for(present, classes, label_map, ignore_index):
         if not train_ids:
             raise BadInput(f"the labels hold no train ids (every value is --ignore-index {ignore_index})")
         classes = [f"class{i}" for i in range(max(train_ids) + 1)]
+        if len(classes) == 1:
+            raise BadInput(f"the labels hold one train id, 0, besides --ignore-index {ignore_index}: one class "
+                           f"(masks storing 0 and 255 need --label-map 0:0 255:1; or name the classes: --classes)")
     num_classes = len(classes)
     for value, train_id in sorted((label_map or {}).items()):
         if train_id >= num_classes and train_id != ignore_index:
@@ -348,13 +351,12 @@ def street_scene_256x512(rng):
 def render_scene(rng, objects, height, width):
     """Rasterises the polygons as json2labelImg does and paints each class with its own
     colour and texture. -> (H, W, 3) uint8 RGB."""
-    from cityscapesscripts.helpers.labels import name2label
     class_map = Image.new("L", (width, height), 255)
     draw = ImageDraw.Draw(class_map)
     for name, polygon in objects:
-        draw.polygon(polygon, fill=name2label[name].trainId)
+        draw.polygon(polygon, fill=CITYSCAPES_CLASSES.index(name))
     class_map = np.asarray(class_map)
-    palette = np.array([name2label[n].color for n in CITYSCAPES_CLASSES] + [(0, 0, 0)], np.float32)
+    palette = np.array([*CITYSCAPES.colors, (0, 0, 0)], np.float32)
     palette[:-1] += rng.normal(0, 12, (len(CITYSCAPES_CLASSES), 3))  # per-image colour shifts
     image = palette[np.minimum(class_map, len(CITYSCAPES_CLASSES))]
     ys, xs = np.mgrid[0:height, 0:width]

@@ -49,7 +49,8 @@ def test_binary_masks_become_train_ids_and_pack(tmp_path):
     train, val = list_pairs(out, "train"), list_pairs(out, "val")
     # paths relative to the root, here leading out of it; sorted; a split of all ten frames
     assert train == sorted(train) and val == sorted(val)
-    assert all(image.startswith("../mine/images/") and label.startswith("../mine/masks/") for image, label in train + val)
+    assert all(image.startswith("../mine/images/") and label.startswith("../mine/masks/")
+               for image, label in train + val)
     stems = sorted(image.split("/")[-1] for image, _ in train + val)
     assert stems == [f"frame{i:03d}.jpg" for i in range(10)]
     assert all(image.split("/")[-1][:-4] == label.split("/")[-1][:-4] for image, label in train + val)
@@ -128,8 +129,11 @@ def test_image_and_mask_of_other_sizes_are_named(tmp_path):
     assert not (out / "train.txt").exists()
 
 
-def test_map_to_a_class_beyond_classes_is_named(tmp_path):
+def test_class_count_mistakes_are_named(tmp_path):
+    """0/255 masks without a map: one class; a map to a class beyond --classes."""
     images, masks = make_binary_folders(tmp_path / "mine", n=4)
+    with pytest.raises(data.BadInput, match="one class .* need --label-map 0:0 255:1"):  # 255 ignored: one class left
+        prepare_data.prepare_folders(images, masks, tmp_path / "out", num_workers=1, log=lambda *a: None)
     assert_one_line_error(prepare("--images", images, "--labels", masks, "--out", tmp_path / "out",
                                   "--classes", "background", "object", "--label-map", "0:0", "255:2"),
                           "--label-map 255:2: class 2, but there are 2 classes (0..1)")
@@ -170,7 +174,8 @@ def test_a_value_not_in_the_map_at_load_time_is_named(tmp_path):
 def test_corrupt_dataset_json_is_named(tmp_path):
     images, masks = make_binary_folders(tmp_path / "mine", n=4)
     out = tmp_path / "out"
-    prepare_here("--images", images, "--labels", masks, "--out", out, "--label-map", "0:0", "255:1", "--num-workers", "1")
+    prepare_here("--images", images, "--labels", masks, "--out", out, "--label-map", "0:0", "255:1",
+                 "--num-workers", "1")
     content = json.loads((out / "dataset.json").read_text())
     (out / "dataset.json").write_text(json.dumps(dict(content, label_map={"0": 0, "255": 5})))
     assert_one_line_error(prepare("--data-dir", out, "--pack"),
