@@ -426,11 +426,11 @@ def check_one_size(root, split, pairs):
     sizes = [image_size(root / image) for image, _ in pairs]
     differ = [i for i, size in enumerate(sizes) if size != sizes[0]]
     if differ:
-        (w0, h0), (w, h) = sizes[0], sizes[differ[0]]
-        raise BadInput(f"{root / split}.txt: not packed: frames differ in size ({pairs[differ[0]][0]} is {w}x{h}, "
-                       f"{pairs[0][0]} {w0}x{h0}; {len(differ)} of {len(pairs)} frames differ from the first); "
-                       f"a pack needs one size per split; the dataset stays usable unpacked (train_ddp.py "
-                       f"reads its PNG files)")
+        named = ", ".join(f"{pairs[i][0]} is {sizes[i][0]}x{sizes[i][1]}" for i in differ[:3])
+        raise BadInput(f"{root / split}.txt: not packed: frames differ in size ({pairs[0][0]} is {sizes[0][0]}x"
+                       f"{sizes[0][1]}, {named}{', ...' if len(differ) > 3 else ''}: {len(differ)} of {len(pairs)} "
+                       f"frames differ from the first); a pack needs one size per split; the dataset stays usable "
+                       f"unpacked (train_ddp.py reads its PNG files)")
 
 
 def pack_split(root, split, num_workers=None, log=print):

@@ -147,7 +147,8 @@ def test_pack_of_frames_of_several_sizes_is_refused_and_png_reading_stays(tmp_pa
     prepare_here("--images", images, "--labels", masks, "--out", out, "--label-map", "0:0", "255:1",
                  "--val-images", images, "--val-labels", masks, "--num-workers", "1")
     assert_one_line_error(prepare("--data-dir", out, "--pack"), "train.txt: not packed: frames differ in size",
-                          "frame002.jpg is 32x20", "frame000.jpg 32x24", "stays usable unpacked")
+                          "frame000.jpg is 32x24, ", "frame002.jpg is 32x20: 1 of 4 frames differ",
+                          "stays usable unpacked")
     assert not list((out / "packed").glob("*.npy"))
     info = data.read_dataset_info(out)
     assert data.find_pack(out, "train", info) is None

@@ -154,8 +154,8 @@ def test_pack_rejects_bad_labels_and_mixed_sizes(tmp_path):
         prepare_data.pack_split(tmp_path, "train", num_workers=1, log=lambda *a: None)
     assert not (tmp_path / "packed" / "train.json").exists() and not list((tmp_path / "packed").glob("*.npy"))
     write_frames(tmp_path, "train", [good, np.zeros((21, 30), np.uint8)])
-    with pytest.raises(data.BadInput, match=r"train.txt: not packed: frames differ in size \(train/img1.png is "
-                                            r"30x21, train/img0.png 30x20; 1 of 2 .* stays usable unpacked"):
+    with pytest.raises(data.BadInput, match=r"train.txt: not packed: frames differ in size \(train/img0.png is "
+                                            r"30x20, train/img1.png is 30x21: 1 of 2 .* stays usable unpacked"):
         prepare_data.pack_split(tmp_path, "train", num_workers=2, log=lambda *a: None)
     assert not list((tmp_path / "packed").glob("*.npy"))
     result = subprocess.run([sys.executable, str(ROOT / "prepare_data.py"), "--cityscapes_path", str(tmp_path),
