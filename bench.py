@@ -87,9 +87,10 @@ def run_config(args, env, data_dir, pairs, settings):
     flags = ["--data-dir", data_dir, "--batch-size", str(args.batch_size), "--crop-size", *map(str, args.crop_size),
              "--num-workers", str(args.num_workers), "--iters", str(args.warmup + args.iters), *train_flags(settings)]
     config, ops = train_ddp.resolve_config(train_ddp.parse_args(flags), env)
-    pack = data.find_pack(data_dir, "train", config.num_classes, config.ignore_index) if config.pack else None
+    info = data.read_dataset_info(data_dir)
+    pack = data.find_pack(data_dir, "train", info) if config.pack else None
     model, step_model, criterion, optimizer, scaler = train_ddp.build_training(config, env, ops)
-    batches = iter(data.make_loader(pairs, pack, config, 0, 1, 0))
+    batches = iter(data.make_loader(pairs, pack, info, config, 0, 1, 0))
     amp_dtype = train_ddp.AMP_DTYPES[config.amp]
     cuda = env.device.type == "cuda"
     clock = lambda: torch.cuda.Event(enable_timing=True) if cuda else time.perf_counter()
@@ -130,9 +131,10 @@ def benchmark(args, env):
     """Runs each CONFIGS row (or --configs) and the inference variants -> the table."""
     cuda = env.device.type == "cuda"
     data_dir = args.data_dir or str(prepare_data.synthetic_in_cache(args.image_size, 16, log=env.log))
-    pairs = data.read_list(data_dir, "train")
+    pairs, info = data.read_list(data_dir, "train"), data.read_dataset_info(data_dir)
     try:
-        pack, pack_note = data.find_pack(data_dir, "train", 19, 255), "no pack: run prepare_data.py --pack"
+        pack = data.find_pack(data_dir, "train", info)
+        pack_note = "no pack: run prepare_data.py --pack"
     except BadInput as e:
         pack, pack_note = None, str(e)
     device_name = torch.cuda.get_device_name(env.device) if cuda else f"CPU ({os.cpu_count()} cores)"

@@ -6,9 +6,11 @@
               -> TrainSet, StepSampler, make_loader -> next_batch (batch_to_device) -> the step's tensors
 
 A split is listed in DATA_DIR/SPLIT.txt as `<image> <label>` per line, relative to DATA_DIR
-(prepare_data.py writes them); labels are Cityscapes train ids 0..18, 255 ignored. A pack
+(prepare_data.py writes them). DATA_DIR/dataset.json names the classes (DatasetInfo); without
+it the dataset is Cityscapes: train ids 0..18, 255 ignored. A label PNG holds train ids, or
+values that the dataset's label map turns into train ids as it is read. A pack
 (prepare_data.py --pack) is DATA_DIR/packed/SPLIT.json, an index, and two .npy arrays beside
-it, images (N, H, W, 3) and labels (N, H, W), uint8, read memory-mapped.
+it, images (N, H, W, 3) and train ids (N, H, W), uint8, read memory-mapped.
 
 Every augmentation draw of a sample is a function of (seed, the sample's position in the
 training stream), so a step's batch is the same whichever worker, device or resumed run
@@ -20,15 +22,11 @@ import os
 import re
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
-
-CITYSCAPES_CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light",
-                      "traffic sign", "vegetation", "terrain", "sky", "person", "rider", "car",
-                      "truck", "bus", "train", "motorcycle", "bicycle")
-
 
 class BadInput(Exception):
     """Bad input (a missing or corrupt file, wrong shapes, labels out of range, a stale pack,
@@ -43,27 +41,6 @@ def one_line(error):
     """A BadInput's message. Raised in a DataLoader worker, the message carries the worker's
     traceback, whose last line is `data.BadInput: <message>`."""
     return re.sub(r"^data\.\w+: ", "", str(error).strip().splitlines()[-1])
-
-
-def label_id_to_train_id():
-    """(256,) uint8: Cityscapes label id -> train id (255 for ignored and unknown ids), from
-    cityscapesscripts' label table."""
-    from cityscapesscripts.helpers.labels import labels
-    table = np.full(256, 255, np.uint8)
-    for label in labels:
-        if 0 <= label.id < 256 and label.trainId not in (-1, 255):
-            table[label.id] = label.trainId
-    return table
-
-
-def train_id_to_label_id():
-    """(256,) uint8: train id -> Cityscapes label id, the inverse of label_id_to_train_id
-    (for predictions in the official evaluator's labelIds form); 0 for the rest."""
-    table = np.zeros(256, np.uint8)
-    for label_id, train_id in enumerate(label_id_to_train_id()):
-        if train_id != 255:
-            table[train_id] = label_id
-    return table
 
 
 def atomic_write(path, content):
@@ -93,6 +70,154 @@ def cache_dir():
 
 
 # ---------------------------------------------------------------------------------------
+# The dataset's classes: DATA_DIR/dataset.json, or Cityscapes without one
+
+
+class DatasetInfo(NamedTuple):
+    class_names: tuple      # one str per class; len == number of classes
+    colors: tuple           # one (r, g, b) per class
+    ignore_index: int       # 0..255, not a train id
+    label_map: dict | None  # stored label value (int) -> train id or ignore_index; None: the PNGs hold train ids
+    label_ids: tuple | None  # train id -> Cityscapes label id (the official evaluator's files); None elsewhere
+
+
+def cityscapes_info():
+    """The 19 evaluated classes of cityscapesscripts' label table, in train id order."""
+    from cityscapesscripts.helpers.labels import trainId2label
+    labels = [trainId2label[train_id] for train_id in range(19)]
+    return DatasetInfo(tuple(label.name for label in labels), tuple(tuple(label.color) for label in labels),
+                       255, None, tuple(label.id for label in labels))
+
+
+CITYSCAPES = cityscapes_info()
+CITYSCAPES_CLASSES = CITYSCAPES.class_names
+DATASET_FILE = "dataset.json"
+
+
+def label_id_to_train_id():
+    """(256,) uint8: Cityscapes label id -> train id (255 for ignored and unknown ids)."""
+    table = np.full(256, 255, np.uint8)
+    table[list(CITYSCAPES.label_ids)] = np.arange(len(CITYSCAPES.label_ids))
+    return table
+
+
+def train_id_to_label_id():
+    """(256,) uint8: train id -> Cityscapes label id, the inverse of label_id_to_train_id
+    (for predictions in the official evaluator's labelIds form); 0 for the rest."""
+    table = np.zeros(256, np.uint8)
+    table[:len(CITYSCAPES.label_ids)] = CITYSCAPES.label_ids
+    return table
+
+
+def fixed_palette():
+    """(256, 3) uint8: the PASCAL VOC colour map (index i's bits, three at a time, spread
+    over r, g, b from the high bit down): 0 black, 1 (128, 0, 0), 2 (0, 128, 0), 3 (128, 128, 0), ..."""
+    palette = np.zeros((256, 3), np.uint8)
+    for index in range(256):
+        bits = index
+        for shift in range(7, -1, -1):
+            for channel in range(3):
+                palette[index, channel] |= ((bits >> channel) & 1) << shift
+            bits >>= 3
+    return palette
+
+
+def dataset_palette(info):
+    """(256, 3) uint8: train id -> colour: info.colors for 0..N-1, fixed_palette for the other
+    indices, ignore_index black."""
+    palette = fixed_palette()
+    palette[:len(info.colors)] = info.colors
+    palette[info.ignore_index] = 0
+    return palette
+
+
+def dataset_info_from_json(content, source):
+    """dataset.json's content -> DatasetInfo; BadInput naming `source` and what is wrong.
+    Keys: classes (required), colors (default: fixed_palette), ignore_index (default 255),
+    label_map (optional)."""
+    def invalid(what):
+        return BadInput(f"{source}: {what}")
+
+    def is_int(value):
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    if not isinstance(content, dict):
+        raise invalid("expected a JSON object with 'classes'")
+    unknown = sorted(set(content) - {"classes", "colors", "ignore_index", "label_map"})
+    if unknown:
+        raise invalid(f"unknown key {unknown[0]!r} (keys: classes, colors, ignore_index, label_map)")
+    names = content.get("classes")
+    if not (isinstance(names, list) and 1 <= len(names) <= 255 and all(isinstance(n, str) and n for n in names)):
+        raise invalid("'classes' must be a list of 1 to 255 class names")
+    num_classes = len(names)
+    ignore_index = content.get("ignore_index", 255)
+    if not (is_int(ignore_index) and num_classes <= ignore_index <= 255):
+        raise invalid(f"'ignore_index' must be an integer in {num_classes}..255 (not one of the "
+                      f"{num_classes} train ids), got {ignore_index!r}")
+    colors = content.get("colors", fixed_palette()[:num_classes].tolist())
+    if not (isinstance(colors, list) and len(colors) == num_classes and all(
+            isinstance(c, list) and len(c) == 3 and all(is_int(v) and 0 <= v <= 255 for v in c) for c in colors)):
+        raise invalid(f"'colors' must hold one [r, g, b] (0..255) per class, {num_classes} in all")
+    label_map = content.get("label_map")
+    if label_map is not None:
+        if not (isinstance(label_map, dict) and label_map):
+            raise invalid("'label_map' must be an object {\"stored value\": train id, ...}")
+        for key, value in label_map.items():
+            if not (re.fullmatch(r"[0-9]{1,3}", key) and int(key) <= 255):
+                raise invalid(f"'label_map' key {key!r} is not a label value 0..255")
+            if not (is_int(value) and (0 <= value < num_classes or value == ignore_index)):
+                raise invalid(f"'label_map' maps {key} to {value!r}, neither a train id "
+                              f"0..{num_classes - 1} nor the ignore index {ignore_index}")
+        label_map = {int(key): value for key, value in label_map.items()}
+    return DatasetInfo(tuple(names), tuple(tuple(c) for c in colors), ignore_index, label_map, None)
+
+
+def dataset_info_json(info):
+    """DatasetInfo -> dataset.json's content (label_ids are Cityscapes' own, not stored)."""
+    content = dict(classes=list(info.class_names), colors=[list(c) for c in info.colors],
+                   ignore_index=info.ignore_index)
+    if info.label_map is not None:
+        content["label_map"] = {str(value): train_id for value, train_id in sorted(info.label_map.items())}
+    return content
+
+
+def read_dataset_info(data_dir):
+    """-> DatasetInfo of DATA_DIR/dataset.json, or CITYSCAPES when there is none; BadInput
+    (one line naming the file and what is wrong) for a corrupt or invalid file."""
+    path = Path(data_dir) / DATASET_FILE
+    if not path.is_file():
+        return CITYSCAPES
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise BadInput(f"{path}: unreadable ({type(e).__name__}: {' '.join(str(e).split())})") from None
+    return dataset_info_from_json(content, path)
+
+
+def write_dataset_info(data_dir, info):
+    """Writes DATA_DIR/dataset.json atomically; BadInput (and nothing written) for an info
+    that read_dataset_info would reject."""
+    path = Path(data_dir) / DATASET_FILE
+    content = dataset_info_json(info)
+    dataset_info_from_json(json.loads(json.dumps(content)), path)
+    atomic_write(path, json.dumps(content, indent=1) + "\n")
+
+
+def label_table(info):
+    """(256,) int16: stored label value -> train id or ignore_index; -1 for a value the
+    dataset does not allow (not in the label map nor the ignore index; without a map: not a
+    train id nor the ignore index). A value that the map holds is mapped even when it is the
+    ignore index (0/255 masks: --label-map 0:0 255:1)."""
+    table = np.full(256, -1, np.int16)
+    if info.label_map is None:
+        table[:len(info.class_names)] = np.arange(len(info.class_names))
+    table[info.ignore_index] = info.ignore_index
+    for value, train_id in (info.label_map or {}).items():
+        table[value] = train_id
+    return table
+
+
+# ---------------------------------------------------------------------------------------
 # List files and frames
 
 
@@ -119,7 +244,7 @@ def read_list(data_dir, split):
         raise BadInput(f"--data-dir {root}: no such directory")
     list_file = root / f"{split}.txt"
     if not list_file.is_file():
-        raise BadInput(f"{list_file}: no such list file (run prepare_data.py --cityscapes_path {root})")
+        raise BadInput(f"{list_file}: no such list file (prepare_data.py writes it)")
     pairs = []
     for line_no, image, label in parse_list(list_file, list_file.read_text()):
         image, label = root / image, root / label
@@ -130,37 +255,65 @@ def read_list(data_dir, split):
     return pairs
 
 
-def read_frame(image_path, label_path, num_classes=19, ignore_index=255):
-    """-> image (H, W, 3) uint8 RGB, label (H, W) uint8 train ids. BadInput naming the file
-    for an unreadable image, a label of several channels, values that are neither train ids
-    0..num_classes-1 nor ignore_index, or image and label of different sizes."""
+def read_image(image_path):
+    """-> (H, W, 3) uint8 RGB; BadInput naming the file when it is unreadable."""
     try:
         with Image.open(image_path) as im:
-            image = np.asarray(im.convert("RGB"))
+            return np.asarray(im.convert("RGB"))
     except Exception as e:
         raise BadInput(f"{image_path}: unreadable image ({type(e).__name__})") from None
+
+
+def read_label(label_path):
+    """-> (H, W) uint8: the stored values of a label PNG; BadInput naming the file when it is
+    unreadable, has several channels or values beyond 0..255."""
     try:
         with Image.open(label_path) as im:
             mode = im.mode
-            label = np.asarray(im) if mode in ("L", "P", "I", "I;16") else None
+            label = np.array(im) if mode in ("L", "P", "I", "I;16") else None  # writable, for torch
     except Exception as e:
         raise BadInput(f"{label_path}: unreadable image ({type(e).__name__})") from None
     if label is None:
-        raise BadInput(f"{label_path}: label image has mode {mode}, expected one channel of train ids")
+        raise BadInput(f"{label_path}: label image has mode {mode}, expected one channel of label values")
+    if label.dtype != np.uint8:
+        if label.min() < 0 or label.max() > 255:
+            bad = np.unique(label[(label < 0) | (label > 255)])
+            raise BadInput(f"{label_path}: values {bad[:8].tolist()} are beyond the label values 0..255")
+        label = label.astype(np.uint8)
+    return label
+
+
+def stored_values(label):
+    """(256,) bool: which values occur in a (H, W) uint8 label."""
+    return np.bincount(label.ravel(), minlength=256) > 0
+
+
+def disallowed_values(label_path, present, info):
+    """BadInput naming the file and its first values that `info` does not allow (present:
+    (256,) bool, stored_values), or None when all are allowed."""
+    bad = np.flatnonzero(present & (label_table(info) < 0))
+    if not bad.size:
+        return None
+    if info.label_map is None:
+        allowed = f"neither train ids 0..{len(info.class_names) - 1} nor {info.ignore_index}"
+    else:
+        allowed = f"neither in the label map {sorted(info.label_map)} nor the ignore index {info.ignore_index}"
+    return BadInput(f"{label_path}: values {bad[:8].tolist()} are {allowed}")
+
+
+def read_frame(image_path, label_path, info):
+    """-> image (H, W, 3) uint8 RGB, label (H, W) uint8 train ids (the stored values through
+    label_table(info)). BadInput naming the file for an unreadable image, a label of several
+    channels, values the dataset does not allow, or image and label of different sizes."""
+    image, label = read_image(image_path), read_label(label_path)
     if image.shape[:2] != label.shape:
         raise BadInput(f"{image_path}: image is {image.shape[1]}x{image.shape[0]} but its label "
                        f"{label_path} is {label.shape[1]}x{label.shape[0]}")
-    allowed = np.zeros(256, bool)
-    allowed[:num_classes] = True
-    allowed[ignore_index] = True
-    if label.dtype != np.uint8 and (label.min() < 0 or label.max() > 255):
-        bad = np.unique(label[(label < 0) | (label > 255)])
-    else:
-        label = label.astype(np.uint8)
-        bad = np.flatnonzero((np.bincount(label.ravel(), minlength=256) > 0) & ~allowed)
-    if bad.size:
-        raise BadInput(f"{label_path}: values {bad[:8].tolist()} are neither train ids "
-                       f"0..{num_classes - 1} nor {ignore_index}")
+    error = disallowed_values(label_path, stored_values(label), info)
+    if error:
+        raise error
+    if info.label_map is not None:
+        label = label_table(info).astype(np.uint8)[label]
     return image, label
 
 
@@ -195,9 +348,9 @@ def normalize(images):
     return (images / 255.0 - 0.5) / 0.5
 
 
-def eval_sample(pair, config):
+def eval_sample(pair, info, config):
     """An evaluation frame at full resolution: normalised image (3, H, W) float32, label (H, W) uint8."""
-    image, label = read_frame(*pair, config.num_classes, config.ignore_index)
+    image, label = read_frame(*pair, info)
     return normalize(image_tensor(image)), torch.from_numpy(label)
 
 
@@ -216,12 +369,24 @@ def file_stamps(data_dir, names):
     return [[stat.st_size, stat.st_mtime_ns] for stat in (Path(data_dir, name).stat() for name in names)]
 
 
-def read_pack(data_dir, split, num_classes=19, ignore_index=255, mmap=True):
+def pack_labels_key(info):
+    """What a pack's train ids depend on besides the files: (number of classes, ignore index,
+    label map as in dataset.json or None)."""
+    return len(info.class_names), info.ignore_index, dataset_info_json(info).get("label_map")
+
+
+def describe_labels_key(key):
+    """pack_labels_key's tuple in words."""
+    num_classes, ignore_index, label_map = key
+    return f"{num_classes} classes, ignore index {ignore_index}" + (f", label map {label_map}" if label_map else "")
+
+
+def read_pack(data_dir, split, info, mmap=True):
     """-> the index of DATA_DIR/packed/SPLIT.json, with `path` (the index), `images_path`,
     `labels_path` and `images` (N, H, W, 3), `labels` (N, H, W): read-only uint8 memory maps
     (None with mmap=False). FileNotFoundError when there is no pack; StalePack naming the
-    reason when the list file, a source file or the label settings changed since packing,
-    or the arrays are missing or mis-shaped."""
+    reason when the list file, a source file or the dataset's classes, ignore index or label
+    map (info: DatasetInfo) changed since packing, or the arrays are missing or mis-shaped."""
     root = Path(data_dir)
     index_path = pack_dir(root) / f"{split}.json"
     if not index_path.is_file():
@@ -234,9 +399,10 @@ def read_pack(data_dir, split, num_classes=19, ignore_index=255, mmap=True):
     list_file = root / f"{split}.txt"
     if not list_file.is_file() or hashlib.sha256(list_file.read_bytes()).hexdigest() != index["list_sha256"]:
         raise StalePack(f"{index_path}: {list_file.name} changed since it was packed")
-    if (index["num_classes"], index["ignore_index"]) != (num_classes, ignore_index):
-        raise StalePack(f"{index_path}: packed for {index['num_classes']} classes and ignore index "
-                        f"{index['ignore_index']}, not {num_classes} and {ignore_index}")
+    packed_for = (index["num_classes"], index["ignore_index"], index.get("label_map"))
+    if packed_for != pack_labels_key(info):
+        raise StalePack(f"{index_path}: packed for {describe_labels_key(packed_for)}, "
+                        f"not {describe_labels_key(pack_labels_key(info))}")
     names = [name for pair in index["files"] for name in pair]
     try:
         stamps = file_stamps(root, names)
@@ -258,11 +424,11 @@ def read_pack(data_dir, split, num_classes=19, ignore_index=255, mmap=True):
     return dict(index, path=index_path, **arrays)
 
 
-def find_pack(data_dir, split, num_classes, ignore_index):
+def find_pack(data_dir, split, info):
     """-> read_pack's index (arrays not opened), or None when there is no pack. A stale pack
     is bad input: training on it would silently use other data."""
     try:
-        return read_pack(data_dir, split, num_classes, ignore_index, mmap=False)
+        return read_pack(data_dir, split, info, mmap=False)
     except FileNotFoundError:
         return None
     except StalePack as e:
@@ -454,14 +620,15 @@ class TrainSet(torch.utils.data.Dataset):
     """Items are addressed by (index, stream position); the position seeds the sample's
     augmentation.
 
-    Frames come from the PNGs of `pairs` or, given `pack` (find_pack's index), from its
-    memory-mapped arrays (opened lazily in each worker). raw=False: the item is the
-    augmented sample (image (3, h, w) float32, label (h, w) uint8). raw=True: the frame,
-    image (H, W, 3) uint8, label (H, W) uint8, and the position, for batch_to_device to
-    augment the whole batch on the training device."""
+    Frames come from the PNGs of `pairs` (train ids through the label map of `info`, a
+    DatasetInfo) or, given `pack` (find_pack's index), from its memory-mapped arrays (opened
+    lazily in each worker). raw=False: the item is the augmented sample (image (3, h, w)
+    float32, label (h, w) uint8). raw=True: the frame, image (H, W, 3) uint8, label (H, W)
+    uint8, and the position, for batch_to_device to augment the whole batch on the training
+    device."""
 
-    def __init__(self, pairs, config, pack=None, raw=False):
-        self.pairs, self.config, self.raw = pairs, config, raw
+    def __init__(self, pairs, info, config, pack=None, raw=False):
+        self.pairs, self.info, self.config, self.raw = pairs, info, config, raw
         self.pack_files = None if pack is None else (pack["images_path"], pack["labels_path"])
         self.length = len(pairs) if pack is None else pack["count"]
         self._arrays = None
@@ -472,7 +639,7 @@ class TrainSet(torch.utils.data.Dataset):
     def frame(self, index):
         """-> image (H, W, 3) uint8, label (H, W) uint8 numpy arrays of frame `index`."""
         if self.pack_files is None:
-            return read_frame(*self.pairs[index], self.config.num_classes, self.config.ignore_index)
+            return read_frame(*self.pairs[index], self.info)
         if self._arrays is None:
             self._arrays = [np.load(path, mmap_mode="r") for path in self.pack_files]
         images, labels = self._arrays
@@ -528,12 +695,13 @@ class StepSampler(torch.utils.data.Sampler):
         return self.iters - self.start_iter
 
 
-def make_loader(pairs, pack, config, rank, world_size, start_iter):
+def make_loader(pairs, pack, info, config, rank, world_size, start_iter):
     """The DataLoader of this rank's host batches for iterations start_iter .. config.iters - 1
-    (uses config.seed, batch_size, num_workers, aug_device, device and the augmentation's
-    settings). aug_device 'cuda': the workers only read raw uint8 frames (collate_raw)."""
+    (info: read_dataset_info's DatasetInfo; uses config.seed, batch_size, num_workers, aug_device,
+    device and the augmentation's settings). aug_device 'cuda': the workers only read raw uint8
+    frames (collate_raw)."""
     raw = config.aug_device == "cuda"
-    dataset = TrainSet(pairs, config, pack=pack, raw=raw)
+    dataset = TrainSet(pairs, info, config, pack=pack, raw=raw)
     sampler = StepSampler(len(dataset), config.batch_size, rank, world_size, config.seed, start_iter, config.iters)
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=config.num_workers, collate_fn=collate_raw if raw else None,

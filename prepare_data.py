@@ -1,8 +1,11 @@
-"""Prepare Cityscapes for train_ddp.py, make a small synthetic dataset in its layout, pack splits.
+"""Prepare Cityscapes or your own dataset for train_ddp.py, make a small synthetic dataset, pack splits.
 
     python prepare_data.py --cityscapes_path /data/cityscapes [--num_workers 8] [--separator ,]
     python prepare_data.py --synthetic /tmp/synthetic [--num-images 48]
+    python prepare_data.py --images DIR --labels DIR --out ROOT [--label-map 0:0 255:1] [--classes NAME ...]
+                           [--val-fraction 0.1 [--seed 0] | --val-images DIR --val-labels DIR] [--ignore-index 255]
     python prepare_data.py --cityscapes_path /data/cityscapes --pack     # then decode once into packed/
+    python prepare_data.py --data-dir ROOT --pack                        # pack a prepared dataset
 
 
 Cityscapes: every gtFine/*/*/*_gtFine_polygons.json becomes *_gtFine_labelTrainIds.png through
@@ -13,6 +16,17 @@ interrupted run leaves no half-written file. If only the official zips are in th
 are extracted first. Then sorted train.txt, val.txt and test.txt list `<image> <label>`
 relative to the root.
 
+Your own dataset (--images, --labels, --out): images (.png .jpg .jpeg .bmp .tif .tiff) and
+one-channel label PNGs, found recursively (hidden files skipped), pair when their paths under
+the two folders are equal up to the extension, after the Cityscapes suffixes are taken off the
+names (`_leftImg8bit` of an image, `_gtFine_labelTrainIds` of a label). Val is --val-images/
+--val-labels, or round(--val-fraction * pairs) pairs (at least one) drawn from the sorted pairs
+by a permutation seeded with --seed. Every label is read (in a pool of workers): its size must
+be its image's, and each value must be in --label-map (stored value -> train id) or be
+--ignore-index; without a map the values are train ids. The classes are --classes, or
+class0..classN-1 up to the highest train id (found, or a map's target). Writes OUT/train.txt,
+OUT/val.txt (paths relative to OUT, ../ where outside it) and OUT/dataset.json (data.DatasetInfo).
+
 --pack stores each split listed in train.txt / val.txt once more, decoded: ROOT/packed/SPLIT.json
 (the index) and two raw .npy arrays beside it, images (N, H, W, 3) uint8 RGB and train ids
 (N, H, W) uint8, which train_ddp.py memory-maps instead of decoding PNGs (about 50 ms per
@@ -21,7 +35,9 @@ list file's SHA-256 and each source file's size and mtime, so a pack of a list o
 changed since is detected as stale (data.read_pack raises StalePack); the arrays are written
 under fresh names and the index is renamed over the old one last, so a reader sees the old
 pack or the new one, never a mix. All frames of a split must have one size (Cityscapes:
-1024x2048).
+1024x2048); otherwise the split is not packed and one line names a frame of another size (the
+dataset stays usable: train_ddp.py reads the PNG files). The labels are packed as train ids (the
+label map of ROOT/dataset.json applied).
 
 What reading needs (list files, frames, packs, the label table) lives in data.py.
 """
@@ -38,8 +54,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from data import (CITYSCAPES_CLASSES, PACK_FORMAT, BadInput, StalePack, atomic_write, cache_dir, file_stamps,
-                  label_id_to_train_id, pack_dir, read_frame, read_list, read_pack)
+from data import (CITYSCAPES, CITYSCAPES_CLASSES, DATASET_FILE, PACK_FORMAT, BadInput, DatasetInfo, StalePack,
+                  atomic_write, cache_dir, describe_labels_key, disallowed_values, file_stamps, fixed_palette,
+                  label_id_to_train_id, pack_dir, pack_labels_key, read_dataset_info, read_frame, read_label,
+                  read_list, read_pack, stored_values, write_dataset_info)
 
 SPLITS = ("train", "val", "test")
 ZIPS = ("gtFine_trainvaltest.zip", "leftImg8bit_trainvaltest.zip")
@@ -124,6 +142,139 @@ def prepare_cityscapes(root, num_workers=None, separator=" "):
 
 
 # ---------------------------------------------------------------------------------------
+# Your own dataset: a folder of images and a folder of label PNGs
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+IMAGE_SUFFIX, LABEL_SUFFIX = "_leftImg8bit", "_gtFine_labelTrainIds"  # Cityscapes' names pair too
+
+
+def files_by_key(folder, extensions, suffix, flag):
+    """-> {pairing key: path} of the files under `folder` (recursive, hidden files skipped)
+    with one of `extensions` (any case). The key is the path under `folder` without the
+    extension and without `suffix` at the end of the name."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise BadInput(f"{flag} {folder}: no such directory")
+    found = {}
+    for path in sorted(folder.rglob("*")):
+        if path.name.startswith(".") or path.suffix.lower() not in extensions or not path.is_file():
+            continue
+        key = path.relative_to(folder).with_suffix("").as_posix()
+        key = key[:-len(suffix)] if key.endswith(suffix) else key
+        if key in found:
+            raise BadInput(f"{found[key]} and {path}: two files under {flag} pair as {key!r}; keep one")
+        found[key] = path
+    return found
+
+
+def find_pairs(images_dir, labels_dir, image_flag="--images", label_flag="--labels"):
+    """-> [(image, label)] sorted by key: images and label PNGs at the same path under their
+    folders up to the extension (and the Cityscapes suffixes); BadInput naming the first few
+    unpaired files and their count, or for no pairs at all."""
+    images = files_by_key(images_dir, IMAGE_EXTENSIONS, IMAGE_SUFFIX, image_flag)
+    labels = files_by_key(labels_dir, (".png",), LABEL_SUFFIX, label_flag)
+    unpaired = [images[key] for key in sorted(images.keys() - labels.keys())]
+    unpaired += [labels[key] for key in sorted(labels.keys() - images.keys())]
+    if unpaired:
+        raise BadInput(f"{len(unpaired)} unpaired file(s): {', '.join(map(str, unpaired[:3]))}"
+                       f"{', ...' if len(unpaired) > 3 else ''} (an image and its label need the same path "
+                       f"under {image_flag} and {label_flag} up to the extension)")
+    if not images:
+        raise BadInput(f"{image_flag} {images_dir}: no images ({', '.join(IMAGE_EXTENSIONS)})")
+    return [(images[key], labels[key]) for key in sorted(images)]
+
+
+def scan_pair(pair):
+    """(image, label) -> (256,) bool of the label's stored values; BadInput naming the file for
+    an unreadable label or image, or sizes that differ (run in a worker process)."""
+    image, label = pair
+    values = read_label(label)
+    width, height = image_size(image)
+    if (height, width) != values.shape:
+        raise BadInput(f"{image}: image is {width}x{height} but its label {label} is "
+                       f"{values.shape[1]}x{values.shape[0]}")
+    return stored_values(values)
+
+
+def dataset_info_for(present, classes, label_map, ignore_index):
+    """The DatasetInfo of the flags and the label values found (present: (256,) bool over all
+    labels). Classes: --classes, or as many as the highest train id + 1 (of the values found,
+    mapped, and of the map's targets); BadInput naming the flag for a map to a class beyond
+    --classes or an ignore index among the train ids."""
+    if label_map is None:
+        train_ids = set(np.flatnonzero(present).tolist())
+    else:
+        train_ids = {label_map[v] for v in np.flatnonzero(present).tolist() if v in label_map}
+        train_ids |= set(label_map.values())
+    train_ids.discard(ignore_index)
+    if classes is None:
+        if not train_ids:
+            raise BadInput(f"the labels hold no train ids (every value is --ignore-index {ignore_index})")
+        classes = [f"class{i}" for i in range(max(train_ids) + 1)]
+        if len(classes) == 1:
+            raise BadInput(f"the labels hold one train id, 0, besides --ignore-index {ignore_index}: one class "
+                           f"(masks storing 0 and 255 need --label-map 0:0 255:1; or name the classes: --classes)")
+    num_classes = len(classes)
+    for value, train_id in sorted((label_map or {}).items()):
+        if train_id >= num_classes and train_id != ignore_index:
+            raise BadInput(f"--label-map {value}:{train_id}: class {train_id}, but there are {num_classes} "
+                           f"classes (0..{num_classes - 1}) and the ignore index is {ignore_index}")
+    if ignore_index < num_classes:
+        raise BadInput(f"--ignore-index {ignore_index} is one of the {num_classes} train ids 0..{num_classes - 1}")
+    return DatasetInfo(tuple(classes), tuple(map(tuple, fixed_palette()[:num_classes].tolist())),
+                       ignore_index, label_map, None)
+
+
+def list_line(root, image, label):
+    """`<image> <label>` relative to root (../ for files outside it); BadInput for a path that
+    a list file cannot hold (its fields are separated by spaces or a comma)."""
+    names = [os.path.relpath(path, root) for path in (image, label)]
+    for name in names:
+        if any(c.isspace() or c == "," for c in name):
+            raise BadInput(f"{name}: a space or comma in the path; list files separate their fields "
+                           f"by them (rename it)")
+    return " ".join(names)
+
+
+def prepare_folders(images, labels, out, val_fraction=None, val_images=None, val_labels=None, seed=0,
+                    classes=None, label_map=None, ignore_index=255, num_workers=None, log=print):
+    """Pairs the images and labels, splits them, checks every label, writes OUT/train.txt,
+    OUT/val.txt and OUT/dataset.json. -> {split: frame count}."""
+    out = Path(out)
+    pairs = find_pairs(images, labels)
+    if val_images:
+        splits = dict(train=pairs, val=find_pairs(val_images, val_labels, "--val-images", "--val-labels"))
+        log(f"pairs: train {len(pairs)} from {images}, val {len(splits['val'])} from {val_images}")
+    else:
+        val_fraction = 0.1 if val_fraction is None else val_fraction
+        num_val = max(1, round(val_fraction * len(pairs)))
+        if num_val >= len(pairs):
+            raise BadInput(f"--val-fraction {val_fraction} of {len(pairs)} pairs leaves {num_val} for val "
+                           f"and {len(pairs) - num_val} for train; each split needs at least one")
+        in_val = np.zeros(len(pairs), bool)
+        in_val[np.random.default_rng(seed).permutation(len(pairs))[:num_val]] = True
+        splits = dict(train=[p for p, v in zip(pairs, in_val) if not v], val=[p for p, v in zip(pairs, in_val) if v])
+        log(f"pairs: {len(pairs)}, val {num_val} of them (--val-fraction {val_fraction}, --seed {seed})")
+    everything = splits["train"] + splits["val"]
+    with Pool(min(num_workers or os.cpu_count(), len(everything))) as pool:
+        present = list(pool.imap(scan_pair, [(str(i), str(l)) for i, l in everything], chunksize=8))
+    info = dataset_info_for(np.any(present, axis=0), classes, label_map, ignore_index)
+    for (_, label), values in zip(everything, present):
+        error = disallowed_values(label, values, info)
+        if error:
+            raise error
+    out.mkdir(parents=True, exist_ok=True)
+    lines = {split: [list_line(out, *pair) for pair in split_pairs] for split, split_pairs in splits.items()}
+    write_dataset_info(out, info)
+    for split, split_lines in lines.items():
+        atomic_write(out / f"{split}.txt", "\n".join(split_lines) + "\n")
+    names = ", ".join(info.class_names[:8]) + (", ..." if len(info.class_names) > 8 else "")
+    log(f"classes: {len(info.class_names)} ({names}), ignore index {info.ignore_index}"
+        f"{f', label map {label_map}' if label_map else ''} -> {out / DATASET_FILE}")
+    return {split: len(split_lines) for split, split_lines in lines.items()}
+
+
+# ---------------------------------------------------------------------------------------
 # A synthetic street scene dataset: shapes and textures carry the 19 classes
 
 def box(x0, y0, x1, y1):
@@ -200,13 +351,12 @@ def street_scene_256x512(rng):
 def render_scene(rng, objects, height, width):
     """Rasterises the polygons as json2labelImg does and paints each class with its own
     colour and texture. -> (H, W, 3) uint8 RGB."""
-    from cityscapesscripts.helpers.labels import name2label
     class_map = Image.new("L", (width, height), 255)
     draw = ImageDraw.Draw(class_map)
     for name, polygon in objects:
-        draw.polygon(polygon, fill=name2label[name].trainId)
+        draw.polygon(polygon, fill=CITYSCAPES_CLASSES.index(name))
     class_map = np.asarray(class_map)
-    palette = np.array([name2label[n].color for n in CITYSCAPES_CLASSES] + [(0, 0, 0)], np.float32)
+    palette = np.array([*CITYSCAPES.colors, (0, 0, 0)], np.float32)
     palette[:-1] += rng.normal(0, 12, (len(CITYSCAPES_CLASSES), 3))  # per-image colour shifts
     image = palette[np.minimum(class_map, len(CITYSCAPES_CLASSES))]
     ys, xs = np.mgrid[0:height, 0:width]
@@ -249,8 +399,8 @@ def make_synthetic(root, num_images=48, seed=0, size=(256, 512), num_workers=Non
 
 def pack_one(task):
     """Decodes frame `index` into the open .npy files (run in a worker process)."""
-    images_file, labels_file, index, image_path, label_path, num_classes, ignore_index = task
-    image, label = read_frame(image_path, label_path, num_classes, ignore_index)
+    images_file, labels_file, index, image_path, label_path, info = task
+    image, label = read_frame(image_path, label_path, info)
     images = np.load(images_file, mmap_mode="r+")
     labels = np.load(labels_file, mmap_mode="r+")
     if image.shape != images.shape[1:]:
@@ -262,22 +412,48 @@ def pack_one(task):
     labels.flush()
 
 
-def pack_split(root, split, num_classes=19, ignore_index=255, num_workers=None, log=print):
-    """Decodes the frames listed in ROOT/SPLIT.txt into ROOT/packed/ (see the module doc).
-    Skips the work when a fresh pack is there. -> path of the index."""
+def image_size(path):
+    """-> (width, height) from the file's header; BadInput naming an unreadable file."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except Exception as e:
+        raise BadInput(f"{path}: unreadable image ({type(e).__name__})") from None
+
+
+def check_one_size(root, split, pairs):
+    """BadInput naming the frames of another size than the split's first: a pack holds one size."""
+    sizes = [image_size(root / image) for image, _ in pairs]
+    differ = [i for i, size in enumerate(sizes) if size != sizes[0]]
+    if differ:
+        named = ", ".join(f"{pairs[i][0]} is {sizes[i][0]}x{sizes[i][1]}" for i in differ[:3])
+        raise BadInput(f"{root / split}.txt: not packed: frames differ in size ({pairs[0][0]} is {sizes[0][0]}x"
+                       f"{sizes[0][1]}, {named}{', ...' if len(differ) > 3 else ''}: {len(differ)} of {len(pairs)} "
+                       f"frames differ from the first); a pack needs one size per split; the dataset stays usable "
+                       f"unpacked (train_ddp.py reads its PNG files)")
+
+
+def pack_split(root, split, num_workers=None, log=print):
+    """Decodes the frames listed in ROOT/SPLIT.txt into ROOT/packed/, labels as train ids
+    (the label map of ROOT/dataset.json applied; see the module doc). Skips the work when a
+    fresh pack is there. -> path of the index."""
     root = Path(root)
-    pairs = [(str(image.relative_to(root)), str(label.relative_to(root))) for image, label in read_list(root, split)]
+    info = read_dataset_info(root)
+    pairs = [(os.path.relpath(image, root), os.path.relpath(label, root)) for image, label in read_list(root, split)]
     content = (root / f"{split}.txt").read_bytes()
     out = pack_dir(root)
     out.mkdir(exist_ok=True)
     index_path = out / f"{split}.json"
     try:
-        read_pack(root, split, num_classes, ignore_index, mmap=False)
+        read_pack(root, split, info, mmap=False)
         log(f"{split}: pack is up to date: {index_path}")
         return index_path
     except (FileNotFoundError, StalePack):
         pass
-    first_image, first_label = read_frame(root / pairs[0][0], root / pairs[0][1], num_classes, ignore_index)
+    source = root / DATASET_FILE if (root / DATASET_FILE).is_file() else f"no {DATASET_FILE}: Cityscapes"
+    log(f"{split}: packing train ids of {describe_labels_key(pack_labels_key(info))} ({source})")
+    check_one_size(root, split, pairs)
+    first_image, first_label = read_frame(root / pairs[0][0], root / pairs[0][1], info)
     height, width = first_label.shape
     token = secrets.token_hex(4)
     names = dict(images=f"{split}.{token}.images.npy", labels=f"{split}.{token}.labels.npy")
@@ -287,8 +463,8 @@ def pack_split(root, split, num_classes=19, ignore_index=255, num_workers=None, 
         labels = np.lib.format.open_memmap(labels_file, "w+", np.uint8, (len(pairs), height, width))
         images[0], labels[0] = first_image, first_label
         del images, labels
-        tasks = [(str(images_file), str(labels_file), i, str(root / image), str(root / label),
-                  num_classes, ignore_index) for i, (image, label) in enumerate(pairs) if i > 0]
+        tasks = [(str(images_file), str(labels_file), i, str(root / image), str(root / label), info)
+                 for i, (image, label) in enumerate(pairs) if i > 0]
         workers = min(num_workers or os.cpu_count(), max(len(tasks), 1))
         if workers > 1:
             with Pool(workers) as pool:
@@ -301,8 +477,9 @@ def pack_split(root, split, num_classes=19, ignore_index=255, num_workers=None, 
         for path in (images_file, labels_file):
             with open(path, "rb+") as f:
                 os.fsync(f.fileno())
+        num_classes, ignore_index, label_map = pack_labels_key(info)
         index = dict(format=PACK_FORMAT, split=split, count=len(pairs), height=height, width=width,
-                     num_classes=num_classes, ignore_index=ignore_index,
+                     num_classes=num_classes, ignore_index=ignore_index, label_map=label_map,
                      list_sha256=hashlib.sha256(content).hexdigest(), files=[list(p) for p in pairs],
                      stamps=file_stamps(root, [name for pair in pairs for name in pair]), **names)
         atomic_write(index_path, json.dumps(index) + "\n")
@@ -328,30 +505,81 @@ def synthetic_in_cache(size, num_images, log=print):
     return root
 
 
+def label_map_entry(text):
+    """--label-map's SRC:DST -> (SRC, DST), both in 0..255."""
+    try:
+        source, target = (int(part) for part in text.split(":"))
+        assert 0 <= source <= 255 and 0 <= target <= 255
+    except (ValueError, AssertionError):
+        raise argparse.ArgumentTypeError(f"expected SRC:DST, stored label value:train id, both in 0..255; "
+                                         f"got {text!r}") from None
+    return source, target
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cityscapes_path", "--cityscapes-path", help="Cityscapes root (leftImg8bit/, gtFine/)")
     parser.add_argument("--synthetic", metavar="DIR", help="write and prepare a synthetic dataset here")
+    parser.add_argument("--images", metavar="DIR", help="your dataset: its images (with --labels, --out)")
+    parser.add_argument("--data-dir", "--data_dir", metavar="ROOT", help="pack a prepared dataset (with --pack)")
     parser.add_argument("--num-images", "--num_images", type=int, default=48, help="--synthetic: train frames")
-    parser.add_argument("--seed", type=int, default=0, help="--synthetic: random seed")
+    parser.add_argument("--seed", type=int, default=0, help="--synthetic, --val-fraction: random seed")
     parser.add_argument("--num_workers", "--num-workers", type=int, default=None, help="default: all cores")
     parser.add_argument("--separator", default=" ", help="between image and label in the lists (' ' or ',')")
     parser.add_argument("--pack", action="store_true",
                         help="then decode train and val into ROOT/packed/ (uint8 arrays train_ddp.py memory-maps)")
+    own = parser.add_argument_group("your own dataset (--images)")
+    own.add_argument("--labels", metavar="DIR", help="label PNGs, at the images' paths up to the extension")
+    own.add_argument("--out", metavar="ROOT", help="where train.txt, val.txt and dataset.json go")
+    own.add_argument("--val-fraction", type=float, help="of the pairs, drawn with --seed, for val (default 0.1)")
+    own.add_argument("--val-images", metavar="DIR", help="val from these folders instead (with --val-labels)")
+    own.add_argument("--val-labels", metavar="DIR")
+    own.add_argument("--classes", nargs="+", metavar="NAME", help="class names, train id order "
+                     "(default: class0.. up to the highest train id found)")
+    own.add_argument("--label-map", nargs="+", type=label_map_entry, metavar="SRC:DST",
+                     help="stored label value -> train id (or the ignore index), e.g. 0:0 255:1; every "
+                          "other value must be the ignore index")
+    own.add_argument("--ignore-index", type=int, default=255, help="the label value not trained on")
     args = parser.parse_args(argv)
-    if bool(args.cityscapes_path) == bool(args.synthetic):
-        parser.error("give one of --cityscapes_path and --synthetic")
+    modes = [args.cityscapes_path, args.synthetic, args.images, args.data_dir]
+    if sum(bool(mode) for mode in modes) != 1:
+        parser.error("give one of --cityscapes_path, --synthetic, --images and --data-dir")
+    if args.data_dir and not args.pack:
+        parser.error("--data-dir is for packing a prepared dataset: add --pack")
+    own_flags = ("labels", "out", "val_fraction", "val_images", "val_labels", "classes", "label_map")
+    if not args.images and any(getattr(args, name) is not None for name in own_flags):
+        parser.error("--labels, --out, --val-*, --classes and --label-map go with --images")
+    if args.images and not (args.labels and args.out):
+        parser.error("--images needs --labels and --out")
+    if bool(args.val_images) != bool(args.val_labels) or (args.val_images and args.val_fraction is not None):
+        parser.error("give --val-images with --val-labels, or --val-fraction")
+    if args.val_fraction is not None and not 0 < args.val_fraction < 1:
+        parser.error(f"--val-fraction must be between 0 and 1, got {args.val_fraction}")
+    if not 0 <= args.ignore_index <= 255:
+        parser.error(f"--ignore-index must be in 0..255, got {args.ignore_index}")
+    label_map = dict(args.label_map) if args.label_map else None
+    if args.label_map and len(label_map) < len(args.label_map):
+        parser.error("--label-map names a stored value twice")
+    log = lambda *a: print(*a, file=sys.stderr, flush=True)
     try:
         if args.synthetic:
             counts = make_synthetic(args.synthetic, args.num_images, args.seed, num_workers=args.num_workers)
-        else:
+        elif args.images:
+            counts = prepare_folders(args.images, args.labels, args.out, args.val_fraction, args.val_images,
+                                     args.val_labels, args.seed, args.classes, label_map, args.ignore_index,
+                                     args.num_workers, log=log)
+        elif args.cityscapes_path:
             counts = prepare_cityscapes(args.cityscapes_path, args.num_workers, args.separator)
+        else:
+            counts = {split: len(read_list(args.data_dir, split)) for split in ("train", "val")
+                      if (Path(args.data_dir) / f"{split}.txt").is_file()}
+            if not counts:
+                raise BadInput(f"--data-dir {args.data_dir}: no train.txt or val.txt to pack")
         if args.pack:
-            root = args.synthetic or args.cityscapes_path
+            root = args.synthetic or args.out or args.cityscapes_path or args.data_dir
             for split in ("train", "val"):
                 if (Path(root) / f"{split}.txt").is_file():
-                    pack_split(root, split, num_workers=args.num_workers,
-                               log=lambda *a: print(*a, file=sys.stderr, flush=True))
+                    pack_split(root, split, num_workers=args.num_workers, log=log)
     except BadInput as e:
         print(f"prepare_data.py: error: {e}", file=sys.stderr)
         return 2

@@ -234,7 +234,7 @@ def resolve_config(args, env):
             dist.barrier()
     pack = None
     if not args.no_pack and not args.eval_only:
-        pack = data.find_pack(data_dir, "train", args.num_classes, args.ignore_index)
+        pack = data.find_pack(data_dir, "train", data.read_dataset_info(data_dir))
     aug_device = args.aug_device if args.aug_device != "auto" else "cuda" if cuda and pack else "cpu"
     fused_sgd_available = "fused" in inspect.signature(torch.optim.SGD).parameters
     fused_sgd = cuda and fused_sgd_available if args.fused_sgd is None else args.fused_sgd
@@ -486,12 +486,13 @@ def evaluate(model, pairs, config, env):
     was_training = model.training
     model.eval()
     confusion = ConfusionMatrix(config.num_classes, config.ignore_index, env.device)
+    info = data.read_dataset_info(config.data_dir)
     to_label_ids = data.train_id_to_label_id()
     amp_dtype = AMP_DTYPES[config.eval_amp]
     shard = pairs[env.rank::env.world_size]
     start = time.perf_counter()
     for count, pair in enumerate(shard, 1):
-        image, label = data.eval_sample(pair, config)
+        image, label = data.eval_sample(pair, info, config)
         image = image[None].to(env.device)
         if config.channels_last:
             image = image.contiguous(memory_format=torch.channels_last)
@@ -643,8 +644,8 @@ def agreed_stop(signals, env):
 
 def train(config, env, ops, signals):
     """-> 0 when the run completed, else the signal that stopped it after a checkpoint."""
-    pairs = data.read_list(config.data_dir, "train")
-    pack = data.find_pack(config.data_dir, "train", config.num_classes, config.ignore_index) if config.pack else None
+    pairs, info = data.read_list(config.data_dir, "train"), data.read_dataset_info(config.data_dir)
+    pack = data.find_pack(config.data_dir, "train", info) if config.pack else None
     env.log(f"data: packed {pack['path']}" if pack else f"data: PNG files ({config.data_dir}/train.txt)")
     val_pairs = data.read_list(config.data_dir, "val") if config.do_eval else None
     save_dir = Path(config.save_dir)
@@ -669,7 +670,7 @@ def train(config, env, ops, signals):
             scaler.load_state_dict(checkpoint["scaler"])
             start_iter, best = checkpoint["iter"], checkpoint["best"]
             env.log(f"resumed from {path} at iteration {start_iter}")
-    batches = iter(data.make_loader(pairs, pack, config, env.rank, env.world_size, start_iter))
+    batches = iter(data.make_loader(pairs, pack, info, config, env.rank, env.world_size, start_iter))
     tensorboard = open_tensorboard(config) if config.tensorboard and env.main else None
     amp_dtype, cuda = AMP_DTYPES[config.amp], env.device.type == "cuda"
 

@@ -30,6 +30,27 @@ def make_dataset(root, num_train=4, num_val=2, size=(40, 60), num_classes=19, se
     return Path(root)
 
 
+def make_binary_folders(root, n=8, size=(24, 32), seed=0):
+    """A small 2-class dataset as annotation tools often write one: ROOT/images/frameNNN.jpg
+    photos and ROOT/masks/frameNNN.png masks storing 0 (background) and 255 (the object: a
+    brighter rectangle); the last frame in a subfolder of each. -> (images dir, masks dir)."""
+    rng = np.random.default_rng(seed)
+    height, width = size
+    images, masks = Path(root) / "images", Path(root) / "masks"
+    for i in range(n):
+        folder = "more/" if i == n - 1 else ""
+        (images / folder).mkdir(parents=True, exist_ok=True)
+        (masks / folder).mkdir(parents=True, exist_ok=True)
+        mask = np.zeros(size, np.uint8)
+        top, left = rng.integers(0, height // 2), rng.integers(0, width // 2)
+        mask[top:top + height // 2, left:left + width // 2] = 255
+        photo = rng.integers(0, 100, (*size, 3)).astype(np.uint8)
+        photo[mask == 255] += 120
+        Image.fromarray(photo).save(images / f"{folder}frame{i:03d}.jpg", quality=95)
+        Image.fromarray(mask).save(masks / f"{folder}frame{i:03d}.png")
+    return images, masks
+
+
 def pack(root):
     for split in ("train", "val"):
         prepare_data.pack_split(root, split, num_workers=1, log=lambda *a: None)

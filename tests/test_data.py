@@ -1,5 +1,8 @@
 """data.py: the augmentation (CPU and batched on a device, same draws), the sampler, the
-loader over PNGs and over a pack, the label table."""
+loader over PNGs and over a pack, the label tables, the dataset's classes (dataset.json)."""
+import json
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -129,13 +132,13 @@ def test_loader_from_pack_and_on_device_gives_the_png_batches(tmp_path, device):
     root = make_dataset(tmp_path / "data", num_train=5, size=(37, 53))
     pack(root)
     pairs = data.read_list(root, "train")
-    index = data.find_pack(root, "train", 19, 255)
+    index = data.find_pack(root, "train", data.CITYSCAPES)
     cpu_config = data_config("--crop-size", "48", "64", "--batch-size", "4", "--iters", "3", "--num-workers", "0")
     raw_config = data_config("--crop-size", "48", "64", "--batch-size", "4", "--iters", "3", "--num-workers", "1",
                              device=device, aug_device="cuda")
-    png = data.make_loader(pairs, None, cpu_config, rank=0, world_size=1, start_iter=0)
-    packed = data.make_loader(pairs, index, cpu_config, rank=0, world_size=1, start_iter=0)
-    raw = data.make_loader(pairs, index, raw_config, rank=0, world_size=1, start_iter=0)
+    png = data.make_loader(pairs, None, data.CITYSCAPES, cpu_config, rank=0, world_size=1, start_iter=0)
+    packed = data.make_loader(pairs, index, data.CITYSCAPES, cpu_config, rank=0, world_size=1, start_iter=0)
+    raw = data.make_loader(pairs, index, data.CITYSCAPES, raw_config, rank=0, world_size=1, start_iter=0)
     count = 0
     for png_batch, packed_batch, raw_batch in zip(png, packed, raw):
         count += 1
@@ -151,12 +154,57 @@ def test_loader_from_pack_and_on_device_gives_the_png_batches(tmp_path, device):
 
 
 def test_label_tables_are_cityscapes_and_inverse():
-    from cityscapesscripts.helpers.labels import trainId2label
+    from cityscapesscripts.helpers.labels import id2label, trainId2label
     to_train, to_label = data.label_id_to_train_id(), data.train_id_to_label_id()
+    assert len(data.CITYSCAPES.class_names) == len(data.CITYSCAPES.colors) == 19
+    assert data.CITYSCAPES.ignore_index == 255 and data.CITYSCAPES.label_map is None
     for train_id, name in enumerate(data.CITYSCAPES_CLASSES):
-        assert trainId2label[train_id].name == name
-        assert to_label[train_id] == trainId2label[train_id].id and to_train[to_label[train_id]] == train_id
+        label = trainId2label[train_id]
+        assert label.name == name and data.CITYSCAPES.colors[train_id] == label.color
+        assert to_label[train_id] == label.id and to_train[to_label[train_id]] == train_id
     assert sorted(set(to_train.tolist())) == list(range(19)) + [255]
+    for label_id, label in id2label.items():  # every other label id is ignored
+        if 0 <= label_id < 256 and label.trainId in (-1, 255):
+            assert to_train[label_id] == 255
+    palette = data.dataset_palette(data.CITYSCAPES)
+    assert palette[13].tolist() == [0, 0, 142] and palette[255].tolist() == [0, 0, 0]
+    assert palette[19].tolist() == data.fixed_palette()[19].tolist() != [0, 0, 0]
+
+
+def test_dataset_info_round_trip_label_table_and_validation(tmp_path):
+    assert data.read_dataset_info(tmp_path) is data.CITYSCAPES  # no dataset.json
+    info = data.DatasetInfo(("background", "object"), ((1, 2, 3), (4, 5, 6)), 200, {0: 0, 255: 1, 7: 200}, None)
+    data.write_dataset_info(tmp_path, info)
+    assert data.read_dataset_info(tmp_path) == info
+    table = data.label_table(info)
+    assert table[[0, 255, 7, 200]].tolist() == [0, 1, 200, 200]  # 200: the ignore index, allowed unmapped
+    assert (table < 0).sum() == 256 - 4
+    assert data.label_table(data.CITYSCAPES)[[0, 18, 19, 254, 255]].tolist() == [0, 18, -1, -1, 255]
+    # reading applies the table; a value it does not allow is named with the file
+    Image.fromarray(np.zeros((2, 3, 3), np.uint8)).save(tmp_path / "image.png")
+    Image.fromarray(np.array([[0, 255, 7], [200, 0, 0]], np.uint8)).save(tmp_path / "label.png")
+    _, label = data.read_frame(tmp_path / "image.png", tmp_path / "label.png", info)
+    assert label.tolist() == [[0, 1, 200], [200, 0, 0]] and label.dtype == np.uint8
+    with pytest.raises(data.BadInput, match=r"label.png: values \[7, 200\] are neither train ids 0..1 nor 255"):
+        data.read_frame(tmp_path / "image.png", tmp_path / "label.png", info._replace(ignore_index=255, label_map=None))
+    # what is wrong with a dataset.json is named, and write_dataset_info writes nothing bad
+    path = tmp_path / "dataset.json"
+    for content, message in [
+            ([1], "expected a JSON object"),
+            ({"classes": []}, "'classes' must be a list of 1 to 255"),
+            ({"classes": ["a"], "colour": []}, "unknown key 'colour'"),
+            ({"classes": ["a", "b"], "ignore_index": 1}, "'ignore_index' must be an integer in 2..255"),
+            ({"classes": ["a"], "colors": [[1, 2]]}, "'colors' must hold one"),
+            ({"classes": ["a"], "label_map": {"256": 0}}, "'label_map' key '256' is not a label value"),
+            ({"classes": ["a"], "label_map": {"3": 1}}, "'label_map' maps 3 to 1, neither a train id 0..0")]:
+        path.write_text(json.dumps(content))
+        with pytest.raises(data.BadInput, match=f"dataset.json: {re.escape(message)}"):
+            data.read_dataset_info(tmp_path)
+    path.unlink()
+    with pytest.raises(data.BadInput, match="'ignore_index' must be"):
+        data.write_dataset_info(tmp_path, info._replace(ignore_index=1))
+    assert not path.exists()
+    assert json.loads(json.dumps(data.dataset_info_json(data.CITYSCAPES)))["classes"][0] == "road"
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):

@@ -114,8 +114,9 @@ def write_frames(root, split, labels, size=(20, 30)):
 def test_pack_holds_the_decoded_frames_and_detects_staleness(tmp_path):
     root = tmp_path / "synthetic"
     assert prepare_data.main(["--synthetic", str(root), "--num-images", "3", "--pack", "--num-workers", "2"]) == 0
+    assert not (root / "dataset.json").exists() and data.read_dataset_info(root) is data.CITYSCAPES
     for split, count in (("train", 3), ("val", 8)):
-        pack = data.read_pack(root, split)
+        pack = data.read_pack(root, split, data.CITYSCAPES)
         assert pack["images"].shape == (count, 256, 512, 3) and pack["labels"].shape == (count, 256, 512)
         assert [tuple(p) for p in pack["files"]] == [tuple(p) for p in read_list(root, split)]
         for i, (image, label) in enumerate(read_list(root, split)):
@@ -129,16 +130,18 @@ def test_pack_holds_the_decoded_frames_and_detects_staleness(tmp_path):
     listing = (root / "train.txt").read_text()
     (root / "train.txt").write_text("\n".join(listing.splitlines()[:2]) + "\n")
     with pytest.raises(data.StalePack, match="train.txt changed"):
-        data.read_pack(root, "train")
+        data.read_pack(root, "train", data.CITYSCAPES)
     prepare_data.pack_split(root, "train", num_workers=1, log=lambda *a: None)
-    assert data.read_pack(root, "train")["images"].shape[0] == 2
+    assert data.read_pack(root, "train", data.CITYSCAPES)["images"].shape[0] == 2
     assert len(list((root / "packed").glob("train.*.npy"))) == 2  # the replaced arrays are gone
     label = root / read_list(root, "train")[0][1]
     Image.fromarray(np.zeros((256, 512), np.uint8)).save(label)
     with pytest.raises(data.StalePack, match=label.name):
-        data.read_pack(root, "train")
-    with pytest.raises(data.StalePack, match="not 20 and 255"):
-        data.read_pack(root, "val", num_classes=20)
+        data.read_pack(root, "train", data.CITYSCAPES)
+    binary = data.DatasetInfo(("a", "b"), ((0, 0, 0), (9, 9, 9)), 255, {0: 0, 255: 1}, None)
+    with pytest.raises(data.StalePack, match=r"packed for 19 classes, ignore index 255, not 2 classes, ignore "
+                                             r"index 255, label map \{'0': 0, '255': 1\}"):
+        data.read_pack(root, "val", binary)
 
 
 def test_pack_rejects_bad_labels_and_mixed_sizes(tmp_path):
@@ -151,7 +154,8 @@ def test_pack_rejects_bad_labels_and_mixed_sizes(tmp_path):
         prepare_data.pack_split(tmp_path, "train", num_workers=1, log=lambda *a: None)
     assert not (tmp_path / "packed" / "train.json").exists() and not list((tmp_path / "packed").glob("*.npy"))
     write_frames(tmp_path, "train", [good, np.zeros((21, 30), np.uint8)])
-    with pytest.raises(data.BadInput, match="img1.png: image is 30x21 .* one size per split"):
+    with pytest.raises(data.BadInput, match=r"train.txt: not packed: frames differ in size \(train/img0.png is "
+                                            r"30x20, train/img1.png is 30x21: 1 of 2 .* stays usable unpacked"):
         prepare_data.pack_split(tmp_path, "train", num_workers=2, log=lambda *a: None)
     assert not list((tmp_path / "packed").glob("*.npy"))
     result = subprocess.run([sys.executable, str(ROOT / "prepare_data.py"), "--cityscapes_path", str(tmp_path),

@@ -107,8 +107,8 @@ def test_train_step_from_the_loader(tmp_path, device):
                                                                     else (False, False, "none"))
     model, step_model, criterion, optimizer, scaler = train_ddp.build_training(config, env, ops)
     before = [p.detach().clone() for p in model.parameters()]
-    index = data.find_pack(root, "train", 19, 255)
-    batches = iter(data.make_loader(data.read_list(root, "train"), index, config, 0, 1, 0))
+    index = data.find_pack(root, "train", data.CITYSCAPES)
+    batches = iter(data.make_loader(data.read_list(root, "train"), index, data.CITYSCAPES, config, 0, 1, 0))
     for it in range(3):
         batch = next(batches)
         if device == "cuda":
@@ -199,7 +199,8 @@ def test_evaluation_is_float32_unless_eval_amp(tmp_path, capsys):
     common = ["--data-dir", str(root), "--eval-only", "--weights", str(weights), "--kernels", "torch"]
     assert train_ddp.main([*common, "--save-dir", str(tmp_path / "a"), "--pred-dir", str(tmp_path / "fp32")]) == 0
     image_path, _ = data.read_list(root, "val")[0]
-    image, _ = data.eval_sample((image_path, data.read_list(root, "val")[0][1]), train_ddp.parse_args(common))
+    image, _ = data.eval_sample((image_path, data.read_list(root, "val")[0][1]), data.CITYSCAPES,
+                                train_ddp.parse_args(common))
     model = load_weights(BiSeNetV2(19), weights).eval()
     with torch.no_grad():
         expected = model(image[None]).argmax(1)[0].numpy()
