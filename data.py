@@ -122,6 +122,13 @@ def fixed_palette():
     return palette
 
 
+def numbered_info(num_classes, ignore_index=255, class_names=None):
+    """A DatasetInfo without a dataset.json: classes named class0, class1, ... (or
+    class_names), fixed_palette's colours, no label map."""
+    names = tuple(class_names or (f"class{i}" for i in range(num_classes)))
+    return DatasetInfo(names, tuple(map(tuple, fixed_palette()[:len(names)].tolist())), ignore_index, None, None)
+
+
 def dataset_palette(info):
     """(256, 3) uint8: train id -> colour: info.colors for 0..N-1, fixed_palette for the other
     indices, ignore_index black."""
@@ -318,24 +325,23 @@ def read_frame(image_path, label_path, info):
 
 
 def _label_counts(task):
-    pair, num_classes, ignore_index = task
-    label = read_frame(*pair, num_classes, ignore_index)[1]
-    return np.bincount(label.ravel(), minlength=256)[:num_classes]
+    pair, info = task
+    return np.bincount(read_frame(*pair, info)[1].ravel(), minlength=256)
 
 
-def class_pixel_counts(pairs, pack, num_classes, ignore_index, workers):
-    """(num_classes,) int64: the pixels of each class in a split's labels, from the pack's
-    label array when there is one, else from the PNGs, read by `workers` processes."""
+def class_pixel_counts(pairs, pack, info, workers):
+    """(classes,) int64: the pixels of each class in a split's labels (train ids), from the
+    pack's label array when there is one, else from the PNGs, read by `workers` processes."""
+    num_classes = len(info.class_names)
     if pack is not None:
         labels = np.load(pack["labels_path"], mmap_mode="r")
-        counts = sum(np.bincount(frame.ravel(), minlength=256) for frame in labels)
-        return counts[:num_classes].astype(np.int64)
-    tasks = [(pair, num_classes, ignore_index) for pair in pairs]
+        return sum(np.bincount(frame.ravel(), minlength=256) for frame in labels)[:num_classes].astype(np.int64)
+    tasks = [(pair, info) for pair in pairs]
     if workers < 2:
-        return sum(map(_label_counts, tasks)).astype(np.int64)
+        return sum(map(_label_counts, tasks))[:num_classes].astype(np.int64)
     import multiprocessing
     with multiprocessing.get_context("fork").Pool(workers) as pool:
-        return sum(pool.imap_unordered(_label_counts, tasks, chunksize=8)).astype(np.int64)
+        return sum(pool.imap_unordered(_label_counts, tasks, chunksize=8))[:num_classes].astype(np.int64)
 
 
 def image_tensor(image):

@@ -6,8 +6,9 @@
 W is one of this project's checkpoints (train_ddp.py's iter_N.pt / best.pt), a PaddleSeg
 `.pdparams` (e.g. bisenet_cityscapes_1024x1024_160k/model.pdparams) or an ONNX export
 (export.py's `.onnx`, run with onnxruntime). For every image NAME.ext it writes
-NAME_trainIds.png (uint8 Cityscapes train ids, the input's size) and NAME_color.png
-(Cityscapes palette); --overlay adds NAME_overlay.png, the palette blended over the photo.
+NAME_trainIds.png (uint8 train ids, the input's size) and NAME_color.png (the
+dataset's colours: Cityscapes', or those of the dataset.json the checkpoint was trained
+with or --dataset names); --overlay adds NAME_overlay.png, the palette blended over the photo.
 A folder is searched recursively and its sub-folders are mirrored under --out; consecutive
 images of one size go through the model together, up to --batch-size at a time.
 Preprocessing is PaddleSeg's: RGB, / 255, mean 0.5, std 0.5.
@@ -33,19 +34,35 @@ import numpy as np
 import torch
 from PIL import Image
 
+import data
 from bisenetv2 import BiSeNetV2, ConvBN, load_weights
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
 
-def cityscapes_palette(num_classes=19):
-    """(256, 3) uint8: train id -> Cityscapes colour; 255 (ignore) and unknown ids black."""
-    from cityscapesscripts.helpers.labels import trainId2label
-    palette = np.zeros((256, 3), np.uint8)
-    for train_id in range(num_classes):
-        if train_id in trainId2label:
-            palette[train_id] = trainId2label[train_id].color
-    return palette
+def dataset_of(args):
+    """-> the data.DatasetInfo whose classes the weights predict (their number, names and
+    colours): --dataset's dataset.json; else the dataset a project checkpoint was trained on
+    (its config); else Cityscapes' 19 classes, or --num-classes numbered ones. BadInput or
+    OSError for an unreadable file."""
+    if args.dataset:
+        root = Path(args.dataset)
+        root = root.parent if root.name == data.DATASET_FILE else root
+        if not (root / data.DATASET_FILE).is_file():
+            raise data.BadInput(f"--dataset {args.dataset}: no {data.DATASET_FILE} there")
+        return data.read_dataset_info(root)
+    if not args.weights.endswith((".pdparams", ".onnx")):
+        try:
+            checkpoint = torch.load(args.weights, map_location="cpu", weights_only=True)
+        except Exception:  # load_weights names what is wrong with the file
+            checkpoint = None
+        config = checkpoint.get("config") if isinstance(checkpoint, dict) else None
+        saved = config.get("dataset") if isinstance(config, dict) else None
+        if saved is not None:
+            return data.dataset_info_from_json(saved, f"{args.weights} (its config's dataset)")
+    if args.num_classes in (None, len(data.CITYSCAPES.class_names)):
+        return data.CITYSCAPES
+    return data.numbered_info(args.num_classes)
 
 
 def preprocess(photos):
@@ -312,7 +329,10 @@ def parse_args(argv=None):
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--overlay", action="store_true", help="also write NAME_overlay.png")
     parser.add_argument("--alpha", type=float, default=0.5, help="overlay: weight of the palette")
-    parser.add_argument("--num-classes", type=int, default=19)
+    parser.add_argument("--num-classes", type=int, default=None,
+                        help="None: as many as --dataset's or the checkpoint's dataset has, else 19")
+    parser.add_argument("--dataset", help="a data dir (or its dataset.json) whose classes' colours to draw; "
+                                          "default: the checkpoint's dataset, else Cityscapes'")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--batch-size", type=int, default=1, help="images of one size per forward pass")
     parser.add_argument("--fp32", action="store_true", help="float32 on CUDA (default bf16)")
@@ -325,7 +345,7 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def load_runner(args, device, log):
+def load_runner(args, num_classes, device, log):
     """-> (run, fixed_size, most_per_call): run maps (N, 3, H, W) float32 to (N, H, W) uint8
     train ids (numpy); fixed_size is the (H, W) every image must have, or None. Raises
     OSError or ValueError for unreadable weights."""
@@ -335,7 +355,7 @@ def load_runner(args, device, log):
         if most < args.batch_size:
             log(f"the export's batch size is fixed at {runner.batch}: images go {most} at a time")
         return runner, runner.fixed_size, most
-    model = load_weights(BiSeNetV2(args.num_classes), args.weights)
+    model = load_weights(BiSeNetV2(num_classes), args.weights)
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda and not args.fp32 else torch.float32
     predictor = Predictor(model, device, dtype, channels_last=cuda, compile=args.compile,
@@ -395,10 +415,17 @@ def main(argv=None):
     if not images:
         return bad_input(f"--input {input_path}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in it")
     try:
-        run, fixed_size, most_per_call = load_runner(args, device, log)
+        dataset = dataset_of(args)
+        num_classes = len(dataset.class_names)
+        if args.num_classes not in (None, num_classes):
+            return bad_input(f"--num-classes {args.num_classes}, but the dataset has {num_classes} classes "
+                             f"({', '.join(dataset.class_names[:4])}, ...)")
+        run, fixed_size, most_per_call = load_runner(args, num_classes, device, log)
+    except data.BadInput as e:
+        return bad_input(str(e))
     except (OSError, ValueError) as e:
         return bad_input(f"--weights: {e}")
-    palette = cityscapes_palette(args.num_classes)
+    palette = data.dataset_palette(dataset)
     log(f"{len(images)} image(s) -> {out_dir}")
 
     failed, done = 0, 0

@@ -7,11 +7,12 @@ import pytest
 import torch
 from PIL import Image
 
+import data
 import predict
 import train_ddp
 from bisenetv2 import BiSeNetV2, load_matching, load_paddleseg
 from conftest import shared_fixture
-from datasets import make_dataset
+from datasets import make_binary_folders, make_dataset
 from test_train import TINY, assert_one_line_error, load, run_script
 
 HEAD_CONVS = [f"{head}.classifier.{name}" for head in ("head", "aux_heads.0", "aux_heads.1", "aux_heads.2",
@@ -124,3 +125,32 @@ def test_eval_and_predict_with_a_covering_window_equal_whole_image(tmp_path, cap
     assert_one_line_error(*run_script("--weights", str(tmp_path / "w.pt"), "--input", str(root / "val"),
                                       "--out", str(tmp_path / "p"), "--stride", "4", "4", script="predict.py"),
                           "--stride needs --slide")
+
+
+def test_own_dataset_from_folders_to_predictions(tmp_path):
+    """The README's worked example: 0/255 masks -> prepare_data -> a fine-tune from 19-class
+    weights with class weights and evaluation -> predict.py, each with the documented commands."""
+    images, masks = make_binary_folders(tmp_path / "mine", n=6)
+    root = tmp_path / "prepared"
+    code, _, err = run_script("--images", str(images), "--labels", str(masks), "--out", str(root),
+                              "--label-map", "0:0", "255:1", "--classes", "background", "object",
+                              "--val-fraction", "0.34", script="prepare_data.py")
+    assert code == 0, err
+    torch.manual_seed(0)
+    torch.save({"model": BiSeNetV2(19).state_dict()}, tmp_path / "cityscapes.pt")
+    save_dir, pred_dir = tmp_path / "out", tmp_path / "val_preds"
+    train = ["--data-dir", str(root), "--weights", str(tmp_path / "cityscapes.pt"), "--init-only", "--iters", "2",
+             "--save-interval", "2", "--do-eval", "--pred-dir", str(pred_dir), "--save-dir", str(save_dir), *TINY]
+    assert_one_line_error(*run_script(*train, "--num-classes", "3"), "--num-classes 3", "dataset.json says 2")
+    code, out, err = run_script(*train, "--class-weights", "auto")
+    assert code == 0, err
+    assert "dataset: 2 classes" in out + err and "        object  " in out  # the IoU table names the classes
+    predicted = [np.asarray(Image.open(p)) for p in pred_dir.rglob("*.png")]
+    assert len(predicted) == 2 and all(set(np.unique(p)) <= {0, 1} for p in predicted)  # train ids, not label ids
+    code, _, err = run_script("--weights", str(save_dir / "iter_2.pt"), "--input", str(images), "--out",
+                              str(tmp_path / "pred"), "--device", "cpu", script="predict.py")
+    assert code == 0, err
+    ids = np.asarray(Image.open(tmp_path / "pred" / "frame000_trainIds.png"))
+    color = np.asarray(Image.open(tmp_path / "pred" / "frame000_color.png"))
+    assert set(np.unique(ids)) <= {0, 1}
+    np.testing.assert_array_equal(color, data.dataset_palette(data.read_dataset_info(root))[ids])
