@@ -210,6 +210,36 @@ def write_dataset_info(data_dir, info):
     atomic_write(path, json.dumps(content, indent=1) + "\n")
 
 
+def dataset_of_weights(weights, dataset_dir=None, num_classes=None):
+    """-> the DatasetInfo whose classes `weights` predict (their number, names, colours):
+    DATASET_DIR's dataset.json when given (a data dir, or the file itself); else the dataset
+    a project checkpoint was trained on (its config) or an ONNX export holds (its metadata,
+    export.py); else Cityscapes' 19 classes, or num_classes numbered ones. BadInput for a
+    missing or invalid dataset.json; a weights file that does not load is left to its loader."""
+    if dataset_dir:
+        root = Path(dataset_dir)
+        root = root.parent if root.name == DATASET_FILE else root
+        if not (root / DATASET_FILE).is_file():
+            raise BadInput(f"--dataset {dataset_dir}: no {DATASET_FILE} there")
+        return read_dataset_info(root)
+    saved = None
+    try:
+        if str(weights).endswith(".onnx"):
+            import onnx
+            saved = {p.key: p.value for p in onnx.load(str(weights)).metadata_props}.get("dataset")
+            saved = saved and json.loads(saved)
+        elif not str(weights).endswith(".pdparams"):
+            config = torch.load(weights, map_location="cpu", weights_only=True).get("config")
+            saved = config.get("dataset") if isinstance(config, dict) else None
+    except Exception:  # the weights' own loader names what is wrong with the file
+        saved = None
+    if saved is not None:
+        return dataset_info_from_json(saved, f"{weights} (the dataset it was trained on)")
+    if num_classes in (None, len(CITYSCAPES.class_names)):
+        return CITYSCAPES
+    return numbered_info(num_classes)
+
+
 def label_table(info):
     """(256,) int16: stored label value -> train id or ignore_index; -1 for a value the
     dataset does not allow (not in the label map nor the ignore index; without a map: not a

@@ -40,31 +40,6 @@ from bisenetv2 import BiSeNetV2, ConvBN, load_weights
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
 
-def dataset_of(args):
-    """-> the data.DatasetInfo whose classes the weights predict (their number, names and
-    colours): --dataset's dataset.json; else the dataset a project checkpoint was trained on
-    (its config); else Cityscapes' 19 classes, or --num-classes numbered ones. BadInput or
-    OSError for an unreadable file."""
-    if args.dataset:
-        root = Path(args.dataset)
-        root = root.parent if root.name == data.DATASET_FILE else root
-        if not (root / data.DATASET_FILE).is_file():
-            raise data.BadInput(f"--dataset {args.dataset}: no {data.DATASET_FILE} there")
-        return data.read_dataset_info(root)
-    if not args.weights.endswith((".pdparams", ".onnx")):
-        try:
-            checkpoint = torch.load(args.weights, map_location="cpu", weights_only=True)
-        except Exception:  # load_weights names what is wrong with the file
-            checkpoint = None
-        config = checkpoint.get("config") if isinstance(checkpoint, dict) else None
-        saved = config.get("dataset") if isinstance(config, dict) else None
-        if saved is not None:
-            return data.dataset_info_from_json(saved, f"{args.weights} (its config's dataset)")
-    if args.num_classes in (None, len(data.CITYSCAPES.class_names)):
-        return data.CITYSCAPES
-    return data.numbered_info(args.num_classes)
-
-
 def preprocess(photos):
     """PIL images of one size -> (N, 3, H, W) float32, PaddleSeg's normalisation:
     (rgb / 255 - 0.5) / 0.5."""
@@ -415,7 +390,7 @@ def main(argv=None):
     if not images:
         return bad_input(f"--input {input_path}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in it")
     try:
-        dataset = dataset_of(args)
+        dataset = data.dataset_of_weights(args.weights, args.dataset, args.num_classes)
         num_classes = len(dataset.class_names)
         if args.num_classes not in (None, num_classes):
             return bad_input(f"--num-classes {args.num_classes}, but the dataset has {num_classes} classes "

@@ -154,3 +154,14 @@ def test_own_dataset_from_folders_to_predictions(tmp_path):
     color = np.asarray(Image.open(tmp_path / "pred" / "frame000_color.png"))
     assert set(np.unique(ids)) <= {0, 1}
     np.testing.assert_array_equal(color, data.dataset_palette(data.read_dataset_info(root))[ids])
+    # the export records the dataset; predict.py on it draws the same colours
+    code, _, err = run_script("--weights", str(save_dir / "iter_2.pt"), "--out", str(tmp_path / "m.onnx"),
+                              "--size", "24", "32", script="export.py")
+    assert code == 0, err
+    assert data.dataset_of_weights(tmp_path / "m.onnx") == data.read_dataset_info(root)
+    code, _, err = run_script("--weights", str(tmp_path / "m.onnx"), "--input", str(images / "frame000.jpg"),
+                              "--out", str(tmp_path / "onnx_pred"), script="predict.py")
+    assert code == 0, err
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "onnx_pred" / "frame000_color.png")),
+                                  data.dataset_palette(data.read_dataset_info(root))[
+                                      np.asarray(Image.open(tmp_path / "onnx_pred" / "frame000_trainIds.png"))])
