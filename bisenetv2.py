@@ -365,15 +365,12 @@ def paddleseg_names(model):
     return pairs
 
 
-def load_paddleseg(model, path):
-    """Loads PaddleSeg BiSeNetV2 weights (`.pdparams`, e.g. PaddleSeg's
-    bisenet_cityscapes_1024x1024_160k/model.pdparams) into `model`.
-
-    Maps PaddleSeg's names to ours and folds each conv bias that feeds a BatchNorm into
-    the BN's running mean (BN(conv(x) + b) == BN'(conv(x)) with mean' = mean - b).
-    Strict: raises ValueError listing every missing, unexpected or mis-shaped tensor.
-    Returns the model.
-    """
+def paddleseg_state(model, path):
+    """-> (state, problems): the tensors of a PaddleSeg `.pdparams` under `model`'s names, in
+    float64, each conv bias that feeds a BatchNorm folded into the BN's running mean
+    (BN(conv(x) + b) == BN'(conv(x)) with mean' = mean - b), and a list of what does not fit
+    `model` ("missing: ...", "unexpected: ...", "mis-shaped: ..."); a tensor that is missing
+    or mis-shaped is absent from state."""
     paddle_state = read_pdparams(path)
     ours = model.state_dict()
     new_state, used = {}, set()
@@ -412,31 +409,31 @@ def load_paddleseg(model, path):
                 new_state[f"{torch_prefix}.{name}"] = take(f"{paddle}.{name}", f"{torch_prefix}.{name}")
 
     unexpected = sorted(set(paddle_state) - used)
-    problems = []
-    if missing:
-        problems.append("missing: " + ", ".join(missing))
-    if unexpected:
-        problems.append("unexpected: " + ", ".join(unexpected))
-    if misshaped:
-        problems.append("mis-shaped: " + ", ".join(misshaped))
+    problems = [f"{kind}: " + ", ".join(names) for kind, names in
+                (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if names]
+    return {key: value for key, value in new_state.items() if value is not None}, problems
+
+
+def load_paddleseg(model, path):
+    """Loads PaddleSeg BiSeNetV2 weights (`.pdparams`, e.g. PaddleSeg's
+    bisenet_cityscapes_1024x1024_160k/model.pdparams) into `model`: PaddleSeg's names mapped
+    to ours, conv biases folded (paddleseg_state). Strict: raises ValueError listing every
+    missing, unexpected or mis-shaped tensor, and the model is left untouched. Returns the model.
+    """
+    state, problems = paddleseg_state(model, path)
     if problems:
         raise ValueError(f"{path}: not a PaddleSeg BiSeNetV2 with {model.num_classes} classes; "
                          + "; ".join(problems))
-    for key, value in ours.items():
-        if key.endswith("num_batches_tracked"):
-            new_state[key] = value
-        else:
-            new_state[key] = new_state[key].to(value.dtype)
-    model.load_state_dict(new_state, strict=True)
+    for key, value in model.state_dict().items():
+        state[key] = value if key.endswith("num_batches_tracked") else state[key].to(value.dtype)
+    model.load_state_dict(state, strict=True)
     return model
 
 
-def load_weights(model, path):
-    """Loads either a PaddleSeg `.pdparams` or one of this project's checkpoints (a dict
-    with a 'model' state dict, or a bare state dict; read with weights_only=True)."""
+def checkpoint_state(path):
+    """The model state dict of one of this project's checkpoints (a dict with a 'model'
+    state dict, or a bare state dict; read with weights_only=True), DDP's prefix removed."""
     path = str(path)
-    if path.endswith(".pdparams"):
-        return load_paddleseg(model, path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -446,10 +443,33 @@ def load_weights(model, path):
     state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict):
         raise ValueError(f"{path}: not a checkpoint (no model state dict in it)")
-    state = {k.removeprefix("module."): v for k, v in state.items()}  # saved from DDP
+    return {k.removeprefix("module."): v for k, v in state.items()}  # saved from DDP
+
+
+def load_weights(model, path):
+    """Loads either a PaddleSeg `.pdparams` or one of this project's checkpoints, strictly.
+    Returns the model."""
+    if str(path).endswith(".pdparams"):
+        return load_paddleseg(model, path)
+    state = checkpoint_state(path)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise ValueError(f"{path}: does not fit BiSeNetV2({model.num_classes}): "
                          + " ".join(str(e).split())) from None
     return model
+
+
+def load_matching(model, path):
+    """Loads, from a PaddleSeg `.pdparams` or a project checkpoint, every tensor whose name
+    and shape match `model`'s and leaves the others as they are: a fine-tune from weights
+    trained with another number of classes (only the heads' last convs differ). -> the
+    names of `model`'s tensors left as they were. ValueError when no tensor fits."""
+    ours = model.state_dict()
+    state = paddleseg_state(model, path)[0] if str(path).endswith(".pdparams") else checkpoint_state(path)
+    fits = {key: value.to(ours[key].dtype) for key, value in state.items()
+            if key in ours and isinstance(value, torch.Tensor) and value.shape == ours[key].shape}
+    if not any(key.endswith(".weight") for key in fits):
+        raise ValueError(f"{path}: no tensor of it fits BiSeNetV2({model.num_classes})")
+    model.load_state_dict(fits, strict=False)
+    return sorted(key for key in ours if key not in fits and not key.endswith("num_batches_tracked"))

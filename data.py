@@ -122,6 +122,13 @@ def fixed_palette():
     return palette
 
 
+def numbered_info(num_classes, ignore_index=255, class_names=None):
+    """A DatasetInfo without a dataset.json: classes named class0, class1, ... (or
+    class_names), fixed_palette's colours, no label map."""
+    names = tuple(class_names or (f"class{i}" for i in range(num_classes)))
+    return DatasetInfo(names, tuple(map(tuple, fixed_palette()[:len(names)].tolist())), ignore_index, None, None)
+
+
 def dataset_palette(info):
     """(256, 3) uint8: train id -> colour: info.colors for 0..N-1, fixed_palette for the other
     indices, ignore_index black."""
@@ -201,6 +208,36 @@ def write_dataset_info(data_dir, info):
     content = dataset_info_json(info)
     dataset_info_from_json(json.loads(json.dumps(content)), path)
     atomic_write(path, json.dumps(content, indent=1) + "\n")
+
+
+def dataset_of_weights(weights, dataset_dir=None, num_classes=None):
+    """-> the DatasetInfo whose classes `weights` predict (their number, names, colours):
+    DATASET_DIR's dataset.json when given (a data dir, or the file itself); else the dataset
+    a project checkpoint was trained on (its config) or an ONNX export holds (its metadata,
+    export.py); else Cityscapes' 19 classes, or num_classes numbered ones. BadInput for a
+    missing or invalid dataset.json; a weights file that does not load is left to its loader."""
+    if dataset_dir:
+        root = Path(dataset_dir)
+        root = root.parent if root.name == DATASET_FILE else root
+        if not (root / DATASET_FILE).is_file():
+            raise BadInput(f"--dataset {dataset_dir}: no {DATASET_FILE} there")
+        return read_dataset_info(root)
+    saved = None
+    try:
+        if str(weights).endswith(".onnx"):
+            import onnx
+            saved = {p.key: p.value for p in onnx.load(str(weights)).metadata_props}.get("dataset")
+            saved = saved and json.loads(saved)
+        elif not str(weights).endswith(".pdparams"):
+            config = torch.load(weights, map_location="cpu", weights_only=True).get("config")
+            saved = config.get("dataset") if isinstance(config, dict) else None
+    except Exception:  # the weights' own loader names what is wrong with the file
+        saved = None
+    if saved is not None:
+        return dataset_info_from_json(saved, f"{weights} (the dataset it was trained on)")
+    if num_classes in (None, len(CITYSCAPES.class_names)):
+        return CITYSCAPES
+    return numbered_info(num_classes)
 
 
 def label_table(info):
@@ -315,6 +352,26 @@ def read_frame(image_path, label_path, info):
     if info.label_map is not None:
         label = label_table(info).astype(np.uint8)[label]
     return image, label
+
+
+def _label_counts(task):
+    pair, info = task
+    return np.bincount(read_frame(*pair, info)[1].ravel(), minlength=256)
+
+
+def class_pixel_counts(pairs, pack, info, workers):
+    """(classes,) int64: the pixels of each class in a split's labels (train ids), from the
+    pack's label array when there is one, else from the PNGs, read by `workers` processes."""
+    num_classes = len(info.class_names)
+    if pack is not None:
+        labels = np.load(pack["labels_path"], mmap_mode="r")
+        return sum(np.bincount(frame.ravel(), minlength=256) for frame in labels)[:num_classes].astype(np.int64)
+    tasks = [(pair, info) for pair in pairs]
+    if workers < 2:
+        return sum(map(_label_counts, tasks))[:num_classes].astype(np.int64)
+    import multiprocessing
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        return sum(pool.imap_unordered(_label_counts, tasks, chunksize=8))[:num_classes].astype(np.int64)
 
 
 def image_tensor(image):

@@ -14,15 +14,20 @@ it needs `onnxscript`): it records sizes symbolically and keeps the size arithme
 while the TorchScript exporter is deprecated. It writes opset 18 and above. The model is
 exported with the plain-PyTorch BGA (the fused CUDA kernels are never exported). The file
 is checked with `onnx.checker` (full check, with shape inference) before it replaces --out.
+The classes (names, colours, ignore index: dataset.json's content, from the checkpoint's
+config, --dataset, or Cityscapes') go into the model's metadata entry "dataset", where
+predict.py finds them.
 """
 import argparse
 import copy
+import json
 import os
 import sys
 from pathlib import Path
 
 import torch
 
+import data
 from bisenetv2 import BiSeNetV2, bga_aggregate, load_weights
 
 MIN_OPSET = 18  # the lowest opset torch.export's ONNX translation writes without conversion
@@ -44,10 +49,12 @@ class TrainIds(torch.nn.Module):
         return self.model(images).argmax(1).to(torch.uint8)
 
 
-def export_onnx(model, out, size=(512, 1024), dynamic=False, argmax=False, opset=MIN_OPSET, log=print):
+def export_onnx(model, out, size=(512, 1024), dynamic=False, argmax=False, opset=MIN_OPSET, dataset=None,
+                log=print):
     """Exports the eval-mode graph of `model` (a BiSeNetV2; a float32 CPU copy is exported,
-    with the plain-PyTorch BGA) to the ONNX file `out`, checks it with onnx.checker and only
-    then renames it over `out`. -> Path(out)."""
+    with the plain-PyTorch BGA) to the ONNX file `out`, with `dataset` (a data.DatasetInfo:
+    class names, colours) as dataset.json's content in the metadata entry "dataset"; checks
+    it with onnx.checker and only then renames it over `out`. -> Path(out)."""
     import onnx
     model = copy.deepcopy(model).float().cpu().eval()
     if model.bga.aggregate is not bga_aggregate:
@@ -67,6 +74,10 @@ def export_onnx(model, out, size=(512, 1024), dynamic=False, argmax=False, opset
         torch.onnx.export(graph, (images,), str(tmp), dynamo=True, opset_version=opset,
                           input_names=["images"], output_names=[output_name],
                           dynamic_shapes=dynamic_shapes, external_data=False, verbose=False)
+        if dataset is not None:
+            exported = onnx.load(str(tmp))
+            exported.metadata_props.add(key="dataset", value=json.dumps(data.dataset_info_json(dataset)))
+            onnx.save(exported, str(tmp))
         onnx.checker.check_model(str(tmp), full_check=True)
         os.replace(tmp, out)
     finally:
@@ -85,7 +96,10 @@ def parse_args(argv=None):
     parser.add_argument("--dynamic", action="store_true", help="symbolic batch, height and width")
     parser.add_argument("--argmax", action="store_true", help="output uint8 train ids instead of logits")
     parser.add_argument("--opset", type=int, default=MIN_OPSET, help=f"ONNX opset (default {MIN_OPSET})")
-    parser.add_argument("--num-classes", type=int, default=19)
+    parser.add_argument("--num-classes", type=int, default=None,
+                        help="None: as many as the checkpoint's dataset (or --dataset's) has, else 19")
+    parser.add_argument("--dataset", help="a data dir (or its dataset.json) whose classes to record in the export; "
+                                          "default: the checkpoint's dataset, else Cityscapes'")
     return parser.parse_args(argv)
 
 
@@ -101,12 +115,18 @@ def main(argv=None):
     if not MIN_OPSET <= args.opset <= max_opset():
         return bad_input(f"--opset {args.opset}: unsupported; the exporter writes opsets "
                          f"{MIN_OPSET} to {max_opset()}")
-    model = BiSeNetV2(args.num_classes)
+    try:
+        dataset = data.dataset_of_weights(args.weights, args.dataset, args.num_classes)
+    except data.BadInput as e:
+        return bad_input(str(e))
+    if args.num_classes not in (None, len(dataset.class_names)):
+        return bad_input(f"--num-classes {args.num_classes}, but the dataset has {len(dataset.class_names)} classes")
+    model = BiSeNetV2(len(dataset.class_names))
     try:
         load_weights(model, args.weights)
     except (OSError, ValueError) as e:
         return bad_input(f"--weights: {e}")
-    export_onnx(model, args.out, tuple(args.size), args.dynamic, args.argmax, args.opset,
+    export_onnx(model, args.out, tuple(args.size), args.dynamic, args.argmax, args.opset, dataset,
                 log=lambda line: print(f"export.py: {line}", file=sys.stderr))
     return 0
 

@@ -1,13 +1,14 @@
 """Segment images with BiSeNetV2, and the fast inference path.
 
     python predict.py --weights W --input IMG_OR_DIR --out DIR [--overlay] [--batch-size N]
-                      [--compile] [--cuda-graph]
+                      [--compile] [--cuda-graph] [--slide H W [--stride H W]]
 
 W is one of this project's checkpoints (train_ddp.py's iter_N.pt / best.pt), a PaddleSeg
 `.pdparams` (e.g. bisenet_cityscapes_1024x1024_160k/model.pdparams) or an ONNX export
 (export.py's `.onnx`, run with onnxruntime). For every image NAME.ext it writes
-NAME_trainIds.png (uint8 Cityscapes train ids, the input's size) and NAME_color.png
-(Cityscapes palette); --overlay adds NAME_overlay.png, the palette blended over the photo.
+NAME_trainIds.png (uint8 train ids, the input's size) and NAME_color.png (the
+dataset's colours: Cityscapes', or those of the dataset.json the checkpoint was trained
+with or --dataset names); --overlay adds NAME_overlay.png, the palette blended over the photo.
 A folder is searched recursively and its sub-folders are mirrored under --out; consecutive
 images of one size go through the model together, up to --batch-size at a time.
 Preprocessing is PaddleSeg's: RGB, / 255, mean 0.5, std 0.5.
@@ -15,13 +16,16 @@ Preprocessing is PaddleSeg's: RGB, / 255, mean 0.5, std 0.5.
 PyTorch weights run on CUDA when available, in bf16 (BatchNorm folded into the convs, then
 model and activations in bf16; --fp32 keeps float32) and channels_last; --compile adds
 torch.compile, --cuda-graph replays a CUDA graph per input shape. On the CPU: float32,
-eager. `.onnx` weights run on onnxruntime's CPU provider (its CUDA provider with --device
-cuda when the installed onnxruntime has it). An unreadable image, or one that does not fit
+eager. --slide H W segments each image window by window (every --stride, default half a
+window), the logits of overlapping windows averaged, as PaddleSeg's slide_inference.
+`.onnx` weights run on onnxruntime's CPU provider (its CUDA provider with --device cuda
+when the installed onnxruntime has it). An unreadable image, or one that does not fit
 a fixed-size export, is reported and skipped; the exit code is then 1. Bad weights or
 arguments: one line and exit code 2.
 """
 import argparse
 import copy
+import math
 import sys
 import time
 from pathlib import Path
@@ -30,19 +34,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+import data
 from bisenetv2 import BiSeNetV2, ConvBN, load_weights
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
-
-
-def cityscapes_palette(num_classes=19):
-    """(256, 3) uint8: train id -> Cityscapes colour; 255 (ignore) and unknown ids black."""
-    from cityscapesscripts.helpers.labels import trainId2label
-    palette = np.zeros((256, 3), np.uint8)
-    for train_id in range(num_classes):
-        if train_id in trainId2label:
-            palette[train_id] = trainId2label[train_id].color
-    return palette
 
 
 def preprocess(photos):
@@ -196,6 +191,34 @@ INFERENCE_ROWS = (  # label, Predictor settings
 )
 
 
+def slide_windows(height, width, window, stride=None):
+    """PaddleSeg's slide_inference grid over an (height, width) image: windows of `window`
+    (H, W) every `stride` (H, W; None: half the window), the last row and column moved back
+    to end at the border (clipped to the image when it is smaller). -> [(top, bottom, left, right)]."""
+    stride = stride or [max(1, side // 2) for side in window]
+    def starts(size, win, step):
+        count = 1 if size <= win else math.ceil((size - win) / step) + 1
+        return [(max(min(i * step + win, size) - win, 0), min(i * step + win, size)) for i in range(count)]
+    return [(top, bottom, left, right) for top, bottom in starts(height, window[0], stride[0])
+            for left, right in starts(width, window[1], stride[1])]
+
+
+def slide_logits(logits_fn, images, window, stride=None):
+    """Sliding-window inference: logits_fn (images (N, 3, h, w) -> logits (N, C, h, w)) on
+    each window of images (N, 3, H, W); each pixel's logits summed over the windows that
+    cover it, divided by their count, in float32 (PaddleSeg's slide_inference). -> (N, C, H, W)."""
+    height, width = images.shape[-2:]
+    total = count = None
+    for top, bottom, left, right in slide_windows(height, width, window, stride):
+        logits = logits_fn(images[:, :, top:bottom, left:right]).float()
+        if total is None:
+            total = logits.new_zeros(logits.shape[:2] + (height, width))
+            count = logits.new_zeros(1, 1, height, width)
+        total[:, :, top:bottom, left:right] += logits
+        count[:, :, top:bottom, left:right] += 1
+    return total / count
+
+
 def inference_fps(run, images, iters=50, warmup=10):
     """-> images/s of run(images) over `iters` calls after `warmup` calls (compilation, cuDNN
     autotuning and graph capture happen there). With `images` a CUDA tensor, timed with CUDA
@@ -281,16 +304,23 @@ def parse_args(argv=None):
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--overlay", action="store_true", help="also write NAME_overlay.png")
     parser.add_argument("--alpha", type=float, default=0.5, help="overlay: weight of the palette")
-    parser.add_argument("--num-classes", type=int, default=19)
+    parser.add_argument("--num-classes", type=int, default=None,
+                        help="None: as many as --dataset's or the checkpoint's dataset has, else 19")
+    parser.add_argument("--dataset", help="a data dir (or its dataset.json) whose classes' colours to draw; "
+                                          "default: the checkpoint's dataset, else Cityscapes'")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--batch-size", type=int, default=1, help="images of one size per forward pass")
     parser.add_argument("--fp32", action="store_true", help="float32 on CUDA (default bf16)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--cuda-graph", action="store_true", help="replay a CUDA graph per input shape")
+    parser.add_argument("--slide", type=int, nargs=2, metavar=("H", "W"),
+                        help="sliding-window inference with windows of H x W (PaddleSeg's slide_inference)")
+    parser.add_argument("--stride", type=int, nargs=2, metavar=("H", "W"),
+                        help="--slide: the windows' step (default: half the window)")
     return parser.parse_args(argv)
 
 
-def load_runner(args, device, log):
+def load_runner(args, num_classes, device, log):
     """-> (run, fixed_size, most_per_call): run maps (N, 3, H, W) float32 to (N, H, W) uint8
     train ids (numpy); fixed_size is the (H, W) every image must have, or None. Raises
     OSError or ValueError for unreadable weights."""
@@ -300,7 +330,7 @@ def load_runner(args, device, log):
         if most < args.batch_size:
             log(f"the export's batch size is fixed at {runner.batch}: images go {most} at a time")
         return runner, runner.fixed_size, most
-    model = load_weights(BiSeNetV2(args.num_classes), args.weights)
+    model = load_weights(BiSeNetV2(num_classes), args.weights)
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda and not args.fp32 else torch.float32
     predictor = Predictor(model, device, dtype, channels_last=cuda, compile=args.compile,
@@ -308,7 +338,13 @@ def load_runner(args, device, log):
     log(f"PyTorch on {device}: {str(dtype).removeprefix('torch.')}, "
         f"{'channels_last, cudnn.benchmark' if cuda else 'NCHW'}"
         f"{', compiled' if args.compile else ''}{', CUDA graphs' if args.cuda_graph else ''}")
-    return (lambda images: predictor(images).cpu().numpy()), None, args.batch_size
+    if not args.slide:
+        return (lambda images: predictor(images).cpu().numpy()), None, args.batch_size
+    predictor.output = "logits"
+    log(f"sliding windows of {args.slide[0]}x{args.slide[1]} every "
+        + (f"{args.stride[0]}x{args.stride[1]}" if args.stride else "half a window"))
+    return (lambda images: slide_logits(predictor, images, args.slide, args.stride).argmax(1).to(torch.uint8)
+            .cpu().numpy()), None, args.batch_size
 
 
 def read_photo(path):
@@ -341,18 +377,30 @@ def main(argv=None):
         return bad_input(f"--batch-size {args.batch_size}: must be positive")
     if args.cuda_graph and device.type != "cuda":
         return bad_input(f"--cuda-graph needs a CUDA device, not {device}")
-    if args.weights.endswith(".onnx") and (args.compile or args.cuda_graph or args.fp32):
-        return bad_input("--compile, --cuda-graph and --fp32 are for PyTorch weights, not an .onnx")
+    if args.weights.endswith(".onnx") and (args.compile or args.cuda_graph or args.fp32 or args.slide):
+        return bad_input("--compile, --cuda-graph, --fp32 and --slide are for PyTorch weights, not an .onnx")
+    for flag, size in (("--slide", args.slide), ("--stride", args.stride)):
+        if size is not None and min(size) < 1:
+            return bad_input(f"{flag} {size[0]} {size[1]}: must be positive")
+    if args.stride and not args.slide:
+        return bad_input("--stride needs --slide")
     if not input_path.exists():
         return bad_input(f"--input {input_path}: no such file or folder")
     images = find_images(input_path)
     if not images:
         return bad_input(f"--input {input_path}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in it")
     try:
-        run, fixed_size, most_per_call = load_runner(args, device, log)
+        dataset = data.dataset_of_weights(args.weights, args.dataset, args.num_classes)
+        num_classes = len(dataset.class_names)
+        if args.num_classes not in (None, num_classes):
+            return bad_input(f"--num-classes {args.num_classes}, but the dataset has {num_classes} classes "
+                             f"({', '.join(dataset.class_names[:4])}, ...)")
+        run, fixed_size, most_per_call = load_runner(args, num_classes, device, log)
+    except data.BadInput as e:
+        return bad_input(str(e))
     except (OSError, ValueError) as e:
         return bad_input(f"--weights: {e}")
-    palette = cityscapes_palette(args.num_classes)
+    palette = data.dataset_palette(dataset)
     log(f"{len(images)} image(s) -> {out_dir}")
 
     failed, done = 0, 0

@@ -54,9 +54,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from data import (CITYSCAPES, CITYSCAPES_CLASSES, DATASET_FILE, PACK_FORMAT, BadInput, DatasetInfo, StalePack,
-                  atomic_write, cache_dir, describe_labels_key, disallowed_values, file_stamps, fixed_palette,
-                  label_id_to_train_id, pack_dir, pack_labels_key, read_dataset_info, read_frame, read_label,
+from data import (CITYSCAPES, CITYSCAPES_CLASSES, DATASET_FILE, PACK_FORMAT, BadInput, StalePack,
+                  atomic_write, cache_dir, describe_labels_key, disallowed_values, file_stamps,
+                  label_id_to_train_id, numbered_info, pack_dir, pack_labels_key, read_dataset_info, read_frame, read_label,
                   read_list, read_pack, stored_values, write_dataset_info)
 
 SPLITS = ("train", "val", "test")
@@ -210,7 +210,7 @@ def dataset_info_for(present, classes, label_map, ignore_index):
     if classes is None:
         if not train_ids:
             raise BadInput(f"the labels hold no train ids (every value is --ignore-index {ignore_index})")
-        classes = [f"class{i}" for i in range(max(train_ids) + 1)]
+        classes = numbered_info(max(train_ids) + 1).class_names
         if len(classes) == 1:
             raise BadInput(f"the labels hold one train id, 0, besides --ignore-index {ignore_index}: one class "
                            f"(masks storing 0 and 255 need --label-map 0:0 255:1; or name the classes: --classes)")
@@ -221,8 +221,7 @@ def dataset_info_for(present, classes, label_map, ignore_index):
                            f"classes (0..{num_classes - 1}) and the ignore index is {ignore_index}")
     if ignore_index < num_classes:
         raise BadInput(f"--ignore-index {ignore_index} is one of the {num_classes} train ids 0..{num_classes - 1}")
-    return DatasetInfo(tuple(classes), tuple(map(tuple, fixed_palette()[:num_classes].tolist())),
-                       ignore_index, label_map, None)
+    return numbered_info(num_classes, ignore_index, classes)._replace(label_map=label_map)
 
 
 def list_line(root, image, label):

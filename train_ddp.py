@@ -43,8 +43,9 @@ from PIL import Image
 
 import data
 import kernels
+import predict
 import prepare_data
-from bisenetv2 import BiSeNetV2, load_weights
+from bisenetv2 import BiSeNetV2, load_matching, load_weights
 from data import BadInput
 
 DEMO_DEFAULTS = dict(iters=300, batch_size=8, crop_size=[128, 256], lr=0.05, log_iters=20,
@@ -85,8 +86,12 @@ def make_parser():
     group("--ohem-thresh", type=float, default=0.7, help="ohem: keep pixels with p(label) < this")
     group("--ohem-min-kept", type=int, default=None, help="ohem: at least this many (default valid // 16)")
     group("--aux-weight", type=float, default=1.0, help="weight of each of the 4 auxiliary losses")
-    group("--num-classes", type=int, default=19)
-    group("--ignore-index", type=int, default=255)
+    group("--class-weights", nargs="+", metavar="W",
+          help="a loss weight per class (CE and OHEM: the class-weighted mean), or 'auto': median frequency "
+               "balancing from the training labels (median_frequency_weights)")
+    group("--num-classes", type=int, default=None,
+          help="None: DATA_DIR/dataset.json's classes, or Cityscapes' 19 without one")
+    group("--ignore-index", type=int, default=None, help="None: dataset.json's, or 255")
     group = parser.add_argument_group("augmentation").add_argument
     group("--min-scale", type=float, default=0.5)
     group("--max-scale", type=float, default=2.0)
@@ -112,11 +117,18 @@ def make_parser():
     group("--eval-interval", type=int, default=None, help="None: --save-interval")
     group("--eval-only", action="store_true", help="evaluate --weights on val and exit")
     group("--weights", help="initial weights: a checkpoint of this project or a PaddleSeg .pdparams")
+    group("--init-only", action="store_true",
+          help="with --weights: load only the tensors whose name and shape fit (a fine-tune to another number "
+               "of classes: the heads' last convs stay freshly initialised, each one logged)")
     group("--eval-amp", choices=("none", "bf16"), default="none",
           help="evaluation autocast; none: float32, as PaddleSeg evaluates its published 73.19")
-    group("--pred-dir", help="evaluation writes each prediction here as a Cityscapes labelIds PNG")
+    group("--pred-dir", help="evaluation writes each prediction here as a PNG of Cityscapes label ids "
+                             "(of train ids for a dataset other than Cityscapes)")
     group("--flip", action="store_true", help="evaluation: add horizontally flipped inference")
     group("--scales", type=float, nargs="+", default=[1.0], help="evaluation: inference scales")
+    group("--slide", type=int, nargs=2, metavar=("H", "W"),
+          help="evaluation: sliding-window inference with windows of H x W (PaddleSeg's slide_inference)")
+    group("--stride", type=int, nargs=2, metavar=("H", "W"), help="--slide: the windows' step (default: half)")
     group = parser.add_argument_group("bookkeeping").add_argument
     group("--save-dir", "--save_dir", default="output")
     group("--save-interval", "--save_interval", type=int, default=500)
@@ -125,6 +137,16 @@ def make_parser():
     group("--resume", action="store_true", help="continue from the newest complete checkpoint in --save-dir")
     group("--tensorboard", "--use_vdl", action="store_true", help="TensorBoard scalars in --save-dir")
     return parser
+
+
+def class_weights_ok(values):
+    if values is None or values == ["auto"]:
+        return True
+    try:
+        weights = [float(v) for v in values]
+    except ValueError:
+        return False
+    return all(math.isfinite(w) and w >= 0 for w in weights) and any(w > 0 for w in weights)
 
 
 def parse_args(argv=None):
@@ -139,7 +161,11 @@ def parse_args(argv=None):
               ("crop_size", "positive", min(args.crop_size) > 0), ("num_workers", "at least 0", args.num_workers >= 0),
               ("scale_step", "positive", args.scale_step > 0),
               ("min_scale", "positive and at most --max-scale", 0 < args.min_scale <= args.max_scale),
-              ("ignore_index", "in 0..255", 0 <= args.ignore_index <= 255)]
+              ("num_classes", "in 1..255", args.num_classes is None or 1 <= args.num_classes <= 255),
+              ("ignore_index", "in 0..255", args.ignore_index is None or 0 <= args.ignore_index <= 255),
+              ("slide", "positive", args.slide is None or min(args.slide) > 0),
+              ("stride", "positive, with --slide", args.stride is None or (args.slide and min(args.stride) > 0)),
+              ("class_weights", "'auto' or non-negative numbers, not all 0", class_weights_ok(args.class_weights))]
     for name, rule, ok in rules:
         if not ok:
             value = getattr(args, name)
@@ -147,6 +173,8 @@ def parse_args(argv=None):
             parser.error(f"--{name.replace('_', '-')} must be {rule}, got {value}")
     if args.eval_only and not args.weights:
         parser.error("--eval-only needs --weights")
+    if args.init_only and (not args.weights or args.eval_only):
+        parser.error("--init-only needs --weights, for training")
     if not args.demo and not args.data_dir:
         parser.error("--data-dir is required (or --demo)")
     return args
@@ -207,9 +235,10 @@ def resolve_config(args, env):
         data_dir = str(prepare_data.synthetic_in_cache(DEMO_FRAME_SIZE, 48, log=env.log))
         if env.main and env.world_size > 1:
             dist.barrier()
+    dataset = resolve_dataset(args, data_dir, env)
     pack = None
     if not args.no_pack and not args.eval_only:
-        pack = data.find_pack(data_dir, "train", data.read_dataset_info(data_dir))
+        pack = data.find_pack(data_dir, "train", dataset)
     aug_device = args.aug_device if args.aug_device != "auto" else "cuda" if cuda and pack else "cpu"
     fused_sgd_available = "fused" in inspect.signature(torch.optim.SGD).parameters
     fused_sgd = cuda and fused_sgd_available if args.fused_sgd is None else args.fused_sgd
@@ -224,10 +253,12 @@ def resolve_config(args, env):
     if sync_bn and not cuda:
         env.log("note: SyncBatchNorm needs CUDA; plain per-process BatchNorm on CPU")
         sync_bn = False
+    class_weights = resolve_class_weights(args, data_dir, dataset, pack, env)
     settings = {k: v for k, v in vars(args).items() if k not in ("no_pack", "no_sync_bn")}
     config = Config(**dict(
-        settings, device=str(env.device), world_size=env.world_size, global_batch=args.batch_size * env.world_size,
-        data_dir=data_dir, pack=str(pack["path"]) if pack else None, aug_device=aug_device, fused_sgd=fused_sgd,
+        settings, dataset=dataset, num_classes=len(dataset.class_names), ignore_index=dataset.ignore_index,
+        class_weights=class_weights, device=str(env.device), world_size=env.world_size,
+        global_batch=args.batch_size * env.world_size, data_dir=data_dir, pack=str(pack["path"]) if pack else None, aug_device=aug_device, fused_sgd=fused_sgd,
         amp=args.amp or ("bf16" if cuda else "none"),
         channels_last=cuda if args.channels_last is None else args.channels_last,
         cudnn_benchmark=cuda if args.cudnn_benchmark is None else args.cudnn_benchmark,
@@ -235,6 +266,63 @@ def resolve_config(args, env):
         sync_bn=sync_bn, eval_interval=args.eval_interval or args.save_interval))
     torch.backends.cudnn.benchmark = config.cudnn_benchmark
     return config, ops
+
+
+def median_frequency_weights(counts):
+    """Median frequency balancing (Eigen and Fergus 2015, as SegNet weights its loss): a
+    class's weight is median(f) / f_c, f_c its share of the labelled pixels and the median
+    over the classes present; a class absent from the labels weighs 0."""
+    freq = np.asarray(counts, np.float64) / max(int(np.sum(counts)), 1)
+    present = freq > 0
+    if not present.any():
+        raise BadInput("--class-weights auto: the training labels hold no labelled pixel")
+    weights = np.where(present, np.median(freq[present]) / np.where(present, freq, 1), 0.0)
+    return [round(float(w), 6) for w in weights]
+
+
+def resolve_dataset(args, data_dir, env):
+    """The dataset's classes (data.DatasetInfo): DATA_DIR/dataset.json, whose number of
+    classes and ignore index --num-classes and --ignore-index may repeat but not contradict;
+    without one, Cityscapes' 19 classes, or --num-classes numbered ones (data.numbered_info)."""
+    path = Path(data_dir) / data.DATASET_FILE
+    if path.is_file():
+        dataset, source = data.read_dataset_info(data_dir), path
+        for flag, given, own in (("--num-classes", args.num_classes, len(dataset.class_names)),
+                                 ("--ignore-index", args.ignore_index, dataset.ignore_index)):
+            if given is not None and given != own:
+                raise BadInput(f"{flag} {given}, but {path} says {own} (leave the flag out)")
+    else:
+        num_classes = 19 if args.num_classes is None else args.num_classes
+        cityscapes = num_classes == len(data.CITYSCAPES.class_names)
+        dataset = data.CITYSCAPES if cityscapes else data.numbered_info(num_classes)
+        dataset = dataset._replace(ignore_index=255 if args.ignore_index is None else args.ignore_index)
+        source = "Cityscapes' classes" if cityscapes else "--num-classes, no dataset.json"
+    env.log(f"dataset: {len(dataset.class_names)} classes ({source}), ignore index {dataset.ignore_index}")
+    return dataset
+
+
+def resolve_class_weights(args, data_dir, dataset, pack, env):
+    """--class-weights as numbers (one per class), 'auto' counted from the training labels
+    on rank 0 and sent to the others, or None."""
+    if args.class_weights is None or args.eval_only:
+        return None
+    if args.class_weights != ["auto"]:
+        weights, num_classes = [float(w) for w in args.class_weights], len(dataset.class_names)
+        if len(weights) != num_classes:
+            raise BadInput(f"--class-weights: {len(weights)} weights for {num_classes} classes")
+        return weights
+    weights = [None]
+    if env.main:
+        start = time.perf_counter()
+        counts = data.class_pixel_counts(data.read_list(data_dir, "train"),
+                                         pack and data.read_pack(data_dir, "train", dataset), dataset,
+                                         args.num_workers)
+        weights = [median_frequency_weights(counts)]
+        env.log(f"--class-weights auto: median frequency balancing over {int(counts.sum())} labelled pixels "
+                f"({time.perf_counter() - start:.1f} s): {weights[0]}")
+    if dist.is_initialized():
+        dist.broadcast_object_list(weights, src=0)
+    return weights[0]
 
 
 def kernels_in_use(ops):
@@ -277,10 +365,14 @@ def build_model(config, env, bga_fn):
     model.bga.aggregate = bga_fn
     if config.weights:
         try:
-            load_weights(model, config.weights)
+            skipped = load_matching(model, config.weights) if config.init_only else []
+            if not config.init_only:
+                load_weights(model, config.weights)
         except (OSError, ValueError) as e:
             raise BadInput(f"--weights: {e}") from None
         env.log(f"initial weights: {config.weights}")
+        for name in skipped:
+            env.log(f"  --init-only: {name} {tuple(model.state_dict()[name].shape)} does not fit: freshly initialised")
     model.to(env.device)
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -298,11 +390,14 @@ class SegmentationLoss(torch.nn.Module):
         self.thresh = config.ohem_thresh if config.loss == "ohem" else None
         self.min_kept = config.ohem_min_kept
         self.register_buffer("head_weights", torch.tensor([1.0] + [config.aux_weight] * (NUM_HEADS - 1)))
+        self.register_buffer("class_weights", None if config.class_weights is None else
+                             torch.tensor(config.class_weights, dtype=torch.float32))
 
     def forward(self, outputs, labels):
         # validate=False: the loader has checked the labels (checking here would be a CPU-GPU sync point)
         losses = torch.stack([self.loss_fn(out, labels, thresh=self.thresh, min_kept=self.min_kept,
-                                           ignore_index=self.ignore_index, validate=False) for out in outputs])
+                                           ignore_index=self.ignore_index, validate=False,
+                                           class_weights=self.class_weights) for out in outputs])
         return losses, (losses * self.head_weights).sum()
 
 
@@ -387,10 +482,14 @@ class ConfusionMatrix:
                     class_IoU=[float(v) if p else None for v, p in zip(iou.tolist(), present.tolist())])
 
 
-def infer(model, image, scales, flip):
+def infer(model, image, scales, flip, slide=None, stride=None):
     """PaddleSeg's aug_inference: softmax summed over scales (and flips) at the input size;
-    plain logits when there is a single scale 1.0 and no flip."""
+    plain logits when there is a single scale 1.0 and no flip. With slide (H, W) every
+    forward pass is a sliding-window one (predict.slide_logits; stride None: half a window)."""
     height, width = image.shape[-2:]
+    if slide:
+        whole_model = model
+        model = lambda images: predict.slide_logits(whole_model, images, slide, stride)  # noqa: E731
     if list(scales) == [1.0] and not flip:
         return model(image)
     total = 0
@@ -413,24 +512,23 @@ def evaluate(model, pairs, config, env):
     was_training = model.training
     model.eval()
     confusion = ConfusionMatrix(config.num_classes, config.ignore_index, env.device)
-    info = data.read_dataset_info(config.data_dir)
-    to_label_ids = data.train_id_to_label_id()
+    label_ids = np.array(config.dataset.label_ids or range(config.num_classes), np.uint8)  # train id -> PNG value
     amp_dtype = AMP_DTYPES[config.eval_amp]
     shard = pairs[env.rank::env.world_size]
     start = time.perf_counter()
     for count, pair in enumerate(shard, 1):
-        image, label = data.eval_sample(pair, info, config)
+        image, label = data.eval_sample(pair, config.dataset, config)
         image = image[None].to(env.device)
         if config.channels_last:
             image = image.contiguous(memory_format=torch.channels_last)
         with torch.autocast(env.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            pred = infer(model, image, config.scales, config.flip).argmax(1)[0]
+            pred = infer(model, image, config.scales, config.flip, config.slide, config.stride).argmax(1)[0]
         confusion.update(pred, label.to(env.device))
         if config.pred_dir:
-            out = Path(config.pred_dir) / pair[0].parent.name / pair[0].name
+            out = (Path(config.pred_dir) / pair[0].parent.name / pair[0].name).with_suffix(".png")
             out.parent.mkdir(parents=True, exist_ok=True)
-            label_ids = to_label_ids[pred.cpu().numpy()]
-            data.atomic_write(out, lambda f: Image.fromarray(label_ids).save(f, format="PNG"))
+            written = label_ids[pred.cpu().numpy()]
+            data.atomic_write(out, lambda f: Image.fromarray(written).save(f, format="PNG"))
         if env.main and (count % 100 == 0 or count == len(shard)):
             print(f"eval [{count}/{len(shard)}] {(time.perf_counter() - start) / count:.3f} s/image", flush=True)
     confusion.reduce_from_all_processes()
@@ -438,12 +536,12 @@ def evaluate(model, pairs, config, env):
     return confusion.compute()
 
 
-def format_metrics(metrics, num_classes):
-    names = data.CITYSCAPES_CLASSES if num_classes == len(data.CITYSCAPES_CLASSES) else range(num_classes)
-    lines = [f"{'class':>14}  IoU"]
-    lines += [f"{name:>14}  {'  -' if iou is None else f'{100 * iou:5.2f}'}"
-              for name, iou in zip(names, metrics["class_IoU"])]
-    lines.append(f"{'mIoU':>14}  {100 * metrics['mIoU']:5.2f}   pixel acc {100 * metrics['pixel_acc']:.2f}")
+def format_metrics(metrics, class_names):
+    width = max(14, *map(len, class_names))
+    lines = [f"{'class':>{width}}  IoU"]
+    lines += [f"{name:>{width}}  {'  -' if iou is None else f'{100 * iou:5.2f}'}"
+              for name, iou in zip(class_names, metrics["class_IoU"])]
+    lines.append(f"{'mIoU':>{width}}  {100 * metrics['mIoU']:5.2f}   pixel acc {100 * metrics['pixel_acc']:.2f}")
     return "\n".join(lines)
 
 
@@ -474,7 +572,7 @@ def newest_checkpoint(save_dir):
 
 # the settings a resumed run must share with its checkpoint: each changes what training computes
 COMPUTATION = ("iters", "batch_size", "crop_size", "lr", "momentum", "weight_decay", "power", "warmup_iters", "seed",
-               "loss", "ohem_thresh", "ohem_min_kept", "aux_weight", "num_classes", "ignore_index", "min_scale",
+               "loss", "ohem_thresh", "ohem_min_kept", "aux_weight", "class_weights", "num_classes", "ignore_index", "min_scale",
                "max_scale", "scale_step", "world_size", "aug_device", "amp", "channels_last", "fused_sgd", "kernels",
                "compile", "sync_bn")
 
@@ -486,6 +584,12 @@ def check_same_computation(saved, config, path):
     if changed:
         raise BadInput(f"--resume: {path} was trained with other settings (saved -> given): {', '.join(changed)}; "
                        f"resume with the saved ones or choose another --save-dir")
+
+
+def saved_config(config):
+    """The config as a checkpoint holds it: plain values (weights_only loading), the dataset
+    as dataset.json's content (predict.py and export.py read it from there)."""
+    return dict(vars(config), dataset=data.dataset_info_json(config.dataset))
 
 
 def save_on_master(obj, path, env):
@@ -571,8 +675,8 @@ def agreed_stop(signals, env):
 
 def train(config, env, ops, signals):
     """-> 0 when the run completed, else the signal that stopped it after a checkpoint."""
-    pairs, info = data.read_list(config.data_dir, "train"), data.read_dataset_info(config.data_dir)
-    pack = data.find_pack(config.data_dir, "train", info) if config.pack else None
+    pairs = data.read_list(config.data_dir, "train")
+    pack = data.find_pack(config.data_dir, "train", config.dataset) if config.pack else None
     env.log(f"data: packed {pack['path']}" if pack else f"data: PNG files ({config.data_dir}/train.txt)")
     val_pairs = data.read_list(config.data_dir, "val") if config.do_eval else None
     save_dir = Path(config.save_dir)
@@ -597,7 +701,7 @@ def train(config, env, ops, signals):
             scaler.load_state_dict(checkpoint["scaler"])
             start_iter, best = checkpoint["iter"], checkpoint["best"]
             env.log(f"resumed from {path} at iteration {start_iter}")
-    batches = iter(data.make_loader(pairs, pack, info, config, env.rank, env.world_size, start_iter))
+    batches = iter(data.make_loader(pairs, pack, config.dataset, config, env.rank, env.world_size, start_iter))
     tensorboard = open_tensorboard(config) if config.tensorboard and env.main else None
     amp_dtype, cuda = AMP_DTYPES[config.amp], env.device.type == "cuda"
 
@@ -643,19 +747,19 @@ def train(config, env, ops, signals):
             window_iters, reader_time = 0, 0.0
         if is_eval:
             metrics = evaluate(model, val_pairs, config, env)
-            env.log(format_metrics(metrics, config.num_classes))
+            env.log(format_metrics(metrics, config.dataset.class_names))
             if env.main:
                 write_record(dict(iter=done, mIoU=metrics["mIoU"], pixel_acc=metrics["pixel_acc"]), save_dir,
                              tensorboard)
                 data.atomic_write(save_dir / "eval_metrics.json", json.dumps(dict(iter=done, **metrics), indent=2))
             if metrics["mIoU"] > best["mIoU"]:
                 best = dict(mIoU=metrics["mIoU"], iter=done)
-                save_on_master(dict(model=model.state_dict(), iter=done, metrics=metrics, config=vars(config)),
+                save_on_master(dict(model=model.state_dict(), iter=done, metrics=metrics, config=saved_config(config)),
                                save_dir / "best.pt", env)
             env.log(f"best mIoU {100 * best['mIoU']:.2f} at iteration {best['iter']}")
         if is_save:
             save_on_master(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                                iter=done, best=best, config=vars(config)), save_dir / f"iter_{done}.pt", env)
+                                iter=done, best=best, config=saved_config(config)), save_dir / f"iter_{done}.pt", env)
             if env.main:
                 for old in list_checkpoints(save_dir, up_to=done)[config.keep_checkpoints:]:  # later ones stay
                     old.unlink(missing_ok=True)
@@ -676,7 +780,7 @@ def train(config, env, ops, signals):
 def eval_only(config, env, ops):
     pairs = data.read_list(config.data_dir, "val")
     metrics = evaluate(build_model(config, env, ops[1]), pairs, config, env)
-    env.log(format_metrics(metrics, config.num_classes))
+    env.log(format_metrics(metrics, config.dataset.class_names))
     if env.main:
         out = Path(config.save_dir) / "eval_metrics.json"
         out.parent.mkdir(parents=True, exist_ok=True)

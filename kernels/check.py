@@ -28,16 +28,19 @@ def relative_error(actual, expected):
     return ((actual.double() - expected).norm() / expected.norm().clamp(min=1e-30)).item()
 
 
-def loss_case(name, n, classes, low, high, thresh):
+def loss_case(name, n, classes, low, high, thresh, weighted=False):
     def run(device, generator):
+        class_weights = torch.rand(classes, generator=generator).to(device) + 0.1 if weighted else None
         logits = (torch.randn(n, classes, *low, generator=generator) * 3).to(device)
         labels = torch.randint(0, classes, (n, *high), generator=generator)
         labels[torch.rand(n, *high, generator=generator) < 0.1] = 255
         labels = labels.to(device)
         fused_logits = logits.clone().requires_grad_(True)
         exact_logits = logits.double().requires_grad_(True)
-        fused = loss.ohem_cross_entropy(fused_logits, labels, thresh=thresh, validate=False)
-        exact = loss.ohem_cross_entropy_reference(exact_logits, labels, thresh=thresh, validate=False)
+        fused = loss.ohem_cross_entropy(fused_logits, labels, thresh=thresh, validate=False,
+                                        class_weights=class_weights)
+        exact = loss.ohem_cross_entropy_reference(exact_logits, labels, thresh=thresh, validate=False,
+                                                  class_weights=class_weights)
         fused.backward()
         exact.backward()
         return max(relative_error(fused, exact), relative_error(fused_logits.grad, exact_logits.grad))
@@ -64,6 +67,7 @@ def bga_case(name, n, channels, high, low, channels_last):
 QUICK = [
     loss_case("CE 2x19x9x13 -> 67x101", 2, 19, (9, 13), (67, 101), None),
     loss_case("OHEM 2x19x9x13 -> 67x101", 2, 19, (9, 13), (67, 101), 0.7),
+    loss_case("OHEM 2x19x9x13 -> 67x101, class weights", 2, 19, (9, 13), (67, 101), 0.7, weighted=True),
     bga_case("BGA 2x3x33x35 from 9x9 NCHW", 2, 3, (33, 35), (9, 9), False),
     bga_case("BGA 2x20x33x35 from 9x9 NHWC", 2, 20, (33, 35), (9, 9), True),
 ]

@@ -1,6 +1,7 @@
 """Cross-entropy / OHEM on low-resolution logits against full-resolution labels.
 
-    ohem_cross_entropy(logits, labels, thresh=0.7, min_kept=None, ignore_index=255, validate=True)
+    ohem_cross_entropy(logits, labels, thresh=0.7, min_kept=None, ignore_index=255, validate=True,
+                       class_weights=None)
 
 logits (N, C, h, w) are bilinearly upsampled to the labels' (H, W) (align_corners=False, in
 float32 from the upcast logits), then the per-pixel cross-entropy in float32, then
@@ -9,6 +10,9 @@ float32 from the upcast logits), then the per-pixel cross-entropy in float32, th
       the pixels whose loss exceeds -log(thresh) if at least k do, else the k largest; the
       mean of the kept (0 when none). Ties at the k-th largest value share the remaining
       weight equally, so the loss equals the top-k mean whatever the order of equal values.
+With class_weights (C,) the mean is weighted by each pixel's class, sum(w[y] l) / sum(w[y])
+over the pixels that count (torch's and PaddleSeg's weighted CE); OHEM selects on the
+unweighted losses (how hard a pixel is does not depend on its class's weight).
 
 Two implementations, neither with a host synchronisation (the selection is done with
 tensors, not Python numbers); only `validate=True` syncs, to raise on a bad label:
@@ -23,6 +27,7 @@ tensors, not Python numbers); only `validate=True` syncs, to raise on a bad labe
       ignore_index makes the loss NaN instead of raising.
 """
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -102,14 +107,35 @@ def ohem_weights(loss, valid, threshold, min_kept):
     return torch.where(use_hard, hard.to(loss.dtype), top_k)
 
 
-def ohem_cross_entropy_reference(logits, labels, thresh=0.7, min_kept=None, ignore_index=255, validate=True):
+def class_weight_of_pixels(labels, class_weights, ignore_index):
+    """Each pixel's class weight, like labels, in class_weights' dtype; 0 where the label is
+    ignore_index or outside [0, C)."""
+    labels = labels.long()
+    num_classes = class_weights.numel()
+    inside = (labels != ignore_index) & (labels >= 0) & (labels < num_classes)
+    return torch.where(inside, class_weights[labels.clamp(0, num_classes - 1)], 0)
+
+
+def mean_loss(loss, labels, ignore_index, class_weights):
+    """The mean of the per-pixel loss over the pixels not ignored (0 when none), weighted by
+    their class's weight when class_weights is given."""
+    if class_weights is None:
+        return loss.sum() / (labels != ignore_index).sum().clamp(min=1)
+    weights = class_weight_of_pixels(labels, class_weights.to(loss), ignore_index)
+    return (loss * weights).sum() / weights.sum().clamp(min=1e-12)
+
+
+def ohem_cross_entropy_reference(logits, labels, thresh=0.7, min_kept=None, ignore_index=255, validate=True,
+                                 class_weights=None):
     check_inputs(logits, labels)
     if validate:
         check_labels(labels, logits.shape[1], ignore_index)
     loss, valid = pixel_losses(logits, labels, ignore_index)
     if thresh is None:
-        return loss.sum() / valid.sum().clamp(min=1)
+        return mean_loss(loss, labels, ignore_index, class_weights)
     weights = ohem_weights(loss, valid, -math.log(thresh), min_kept)
+    if class_weights is not None:
+        weights = weights * class_weight_of_pixels(labels, class_weights.to(loss), ignore_index).flatten()
     return (loss.flatten() * weights).sum() / weights.sum().clamp(min=1e-12)
 
 
@@ -119,25 +145,28 @@ def ohem_cross_entropy_reference(logits, labels, thresh=0.7, min_kept=None, igno
 # (csrc/ohem_ce.cu: counts, a radix select of the k-th largest loss, the weights), no host
 # synchronisation; elsewhere the sort-based reference.
 
-def ohem_weights_reference(loss, labels, ignore_index, threshold, min_kept):
-    """ohem_weights (above) for the op's arguments (min_kept < 0: valid // 16), divided by
-    their sum: (N, H, W) like loss."""
+def ohem_weights_reference(loss, labels, ignore_index, threshold, min_kept, class_weights=None):
+    """ohem_weights (above) for the op's arguments (min_kept < 0: valid // 16), times each
+    pixel's class weight when class_weights is given, divided by their sum: (N, H, W) like loss."""
     weights = ohem_weights(loss, labels != ignore_index, threshold, None if min_kept < 0 else min_kept)
+    if class_weights is not None:
+        weights = weights * class_weight_of_pixels(labels, class_weights, ignore_index).flatten()
     return (weights / weights.sum().clamp(min=1e-12)).view_as(loss)
 
 
 @torch.library.custom_op("bisenet::ohem_weights", mutates_args=())
 def ohem_weights_op(loss: torch.Tensor, labels: torch.Tensor, ignore_index: int, threshold: float,
-                    min_kept: int) -> torch.Tensor:
+                    min_kept: int, class_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The weights of each pixel's loss in the OHEM loss (see the module docstring); loss
-    (N, H, W) float32 or float64, detached. Not differentiable: the selection is a constant."""
+    (N, H, W) float32 or float64, detached; class_weights (C,) in loss's dtype, or None. Not
+    differentiable: the selection is a constant."""
     if EXTENSION.runs_kernel(loss):
-        return torch.ops.bisenet_cuda.ohem_weights(loss, labels, ignore_index, threshold, min_kept)
-    return ohem_weights_reference(loss, labels, ignore_index, threshold, min_kept)
+        return torch.ops.bisenet_cuda.ohem_weights(loss, labels, ignore_index, threshold, min_kept, class_weights)
+    return ohem_weights_reference(loss, labels, ignore_index, threshold, min_kept, class_weights)
 
 
 @ohem_weights_op.register_fake
-def _(loss, labels, ignore_index, threshold, min_kept):
+def _(loss, labels, ignore_index, threshold, min_kept, class_weights=None):
     return torch.empty_like(loss, memory_format=torch.contiguous_format)
 
 
@@ -225,7 +254,8 @@ def _backward(ctx, grad_loss, grad_lse):
 upsample_cross_entropy.register_autograd(_backward, setup_context=_setup_context)
 
 
-def ohem_cross_entropy(logits, labels, thresh=0.7, min_kept=None, ignore_index=255, validate=True):
+def ohem_cross_entropy(logits, labels, thresh=0.7, min_kept=None, ignore_index=255, validate=True,
+                       class_weights=None):
     """See the module docstring. validate=True raises a ValueError on a bad label (a host
     sync); validate=False trusts the labels (a bad one makes the loss NaN).
 
@@ -238,7 +268,9 @@ def ohem_cross_entropy(logits, labels, thresh=0.7, min_kept=None, ignore_index=2
         check_labels(labels, logits.shape[1], ignore_index)
     loss, _ = upsample_cross_entropy(logits, labels, ignore_index)
     if thresh is None:
-        return loss.sum() / (labels != ignore_index).sum().clamp(min=1)
+        return mean_loss(loss, labels, ignore_index, class_weights)
+    if class_weights is not None:
+        class_weights = class_weights.to(loss)
     weights = ohem_weights_op(loss.detach(), labels, ignore_index, -math.log(thresh),
-                              -1 if min_kept is None else int(min_kept))
+                              -1 if min_kept is None else int(min_kept), class_weights)
     return (loss * weights).sum()

@@ -80,7 +80,8 @@ def data_config(*argv, **settings):
     """What data.py reads from a config: train_ddp's defaults for `argv`, then `settings`
     (device, aug_device, channels_last, ... as resolve_config would set them)."""
     args = train_ddp.parse_args(["--data-dir", "unused", *argv])
-    defaults = dict(device="cpu", aug_device="cpu", channels_last=False)
+    defaults = dict(device="cpu", aug_device="cpu", channels_last=False, num_classes=args.num_classes or 19,
+                    ignore_index=255 if args.ignore_index is None else args.ignore_index)
     return types.SimpleNamespace(**{**vars(args), **defaults, **settings})
 
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
+import data
 import export
 import predict
 from bisenetv2 import BiSeNetV2, load_paddleseg
@@ -122,7 +123,7 @@ def test_argmax_export_and_predict_onnx(model, frame_path, argmax_export, tmp_pa
     assert train_ids.shape == expected.shape
     assert (train_ids == expected).mean() >= 0.9999
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "street_1024x512_color.png")),
-                                  predict.cityscapes_palette()[train_ids])
+                                  data.dataset_palette(data.CITYSCAPES)[train_ids])
     assert Image.open(tmp_path / "street_1024x512_overlay.png").size == (1024, 512)
 
 

@@ -192,6 +192,58 @@ def test_ohem_weights_op_equals_reference(kernel_device, extension, dtype):
     assert_same_selection(default_k.cpu(), loss_module.ohem_weights_reference(loss.cpu(), labels.cpu(), 255, 4.0, -1))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_class_weighted_ohem_weights_op_equals_reference(kernel_device, extension, dtype):
+    """Class weights in the selection op (counts per class, their weighted total): the C++
+    loop (CPU) and the kernels (GPU) against the reference, both branches, ties at the k-th
+    value, a class with weight 0, labels outside the weights' classes."""
+    loss, labels = selection_case(5000, dtype, device=kernel_device)
+    class_weights = torch.linspace(0.0, 3.0, 19, dtype=dtype)  # class 0 weighs nothing
+    num_valid = int((labels != 255).sum())
+    for threshold in (10.0, 4.0, 0.5):
+        for k in (1, 17, num_valid // 2, num_valid, -1):
+            got = extension.ohem_weights(loss, labels, 255, threshold, k, class_weights.to(kernel_device))
+            want = loss_module.ohem_weights_reference(loss.cpu(), labels.cpu(), 255, threshold, k, class_weights)
+            assert_same_selection(got.cpu(), want)
+            assert got.sum().item() == pytest.approx(1.0, rel=1e-5)
+    few = extension.ohem_weights(loss, labels, 255, 0.5, 17, class_weights[:5].to(kernel_device))  # labels >= 5 weigh 0
+    assert_same_selection(few.cpu(), loss_module.ohem_weights_reference(loss.cpu(), labels.cpu(), 255, 0.5, 17,
+                                                                        class_weights[:5]))
+    assert torch.all(few.cpu()[labels.cpu() >= 5] == 0)
+    with pytest.raises(RuntimeError, match="class_weights must be"):
+        extension.ohem_weights(loss, labels, 255, 0.5, 17, class_weights.to(torch.float16).to(kernel_device))
+
+
+@pytest.mark.parametrize("thresh", [None, 0.7, 1e-9])
+def test_class_weighted_loss(kernel_device, thresh):
+    """Fused (CPU op or CUDA kernels) against the float64 reference, value and gradient; the
+    reference against torch's weighted cross-entropy (CE) and against a direct weighted mean
+    of the top-k (OHEM); weights all equal give the unweighted loss."""
+    logits, labels = random_case(n=2, c=5, low=(5, 6), high=(19, 23), seed=7)
+    class_weights = torch.tensor([0.5, 2.0, 1.0, 0.0, 3.0], dtype=torch.float64)
+    exact = logits.clone().requires_grad_(True)
+    want = loss_ref(exact, labels, thresh=thresh, min_kept=40, class_weights=class_weights)
+    (want_grad,) = torch.autograd.grad(want, exact)
+    fused = logits.float().to(kernel_device).requires_grad_(True)
+    got = loss_fused(fused, labels.to(kernel_device), thresh=thresh, min_kept=40,
+                     class_weights=class_weights.float().to(kernel_device))
+    (got_grad,) = torch.autograd.grad(got, fused)
+    assert abs(got.item() - want.item()) <= 1e-5 * abs(want.item())
+    torch.testing.assert_close(got_grad.cpu().double(), want_grad, rtol=1e-4, atol=1e-7)
+    up = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    if thresh is None:
+        torch.testing.assert_close(want, F.cross_entropy(up, labels, weight=class_weights, ignore_index=255))
+    elif thresh == 1e-9:  # no pixel is hard (a loss above 20.7): the 40 largest losses, weighted (no ties in random data)
+        per_pixel = F.cross_entropy(up, labels, ignore_index=255, reduction="none").flatten()
+        top = per_pixel.topk(40).indices
+        weights = class_weights[labels.flatten()[top]]
+        torch.testing.assert_close(want, (per_pixel[top] * weights).sum() / weights.sum())
+    equal = loss_fused(fused.detach(), labels.to(kernel_device), thresh=thresh, min_kept=40,
+                       class_weights=torch.full((5,), 2.5, device=kernel_device))
+    plain = loss_fused(fused.detach(), labels.to(kernel_device), thresh=thresh, min_kept=40)
+    assert abs(equal.item() - plain.item()) <= 1e-6 * abs(plain.item())
+
+
 def test_ohem_dispatches_few_ops():
     """The OHEM loss, forward and backward, is a handful of dispatched ops (two custom ops and
     a weighted sum; their backward), not the dozens of small ops a selection made of
@@ -254,6 +306,8 @@ def test_opcheck(kernel_device):
     torch.library.opcheck(loss_module.upsample_cross_entropy_backward,
                           (torch.randn_like(loss), logits.detach(), labels, lse, 255))
     torch.library.opcheck(loss_module.ohem_weights_op, (loss.detach(), labels, 255, 0.5, 20))
+    torch.library.opcheck(loss_module.ohem_weights_op,
+                          (loss.detach(), labels, 255, 0.5, 20, torch.rand(4, device=kernel_device)))
 
 
 # --- one body, CPU and GPU (the GPU run marked gpu, with the CUDA kernels) -------------

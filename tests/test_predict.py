@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+import data
 import predict
 from bisenetv2 import BiSeNetV2, load_paddleseg
 from conftest import ROOT, shared_fixture
@@ -34,7 +35,7 @@ def test_predict_street_frame_equals_argmax(weights, tmp_path):
     with torch.no_grad():
         expected = model(images).argmax(1)[0].numpy()
     np.testing.assert_array_equal(train_ids, expected)
-    np.testing.assert_array_equal(color, predict.cityscapes_palette()[expected])
+    np.testing.assert_array_equal(color, data.dataset_palette(data.CITYSCAPES)[expected])
 
 
 def test_predict_folder_skips_corrupt_image(tmp_path):

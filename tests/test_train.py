@@ -15,7 +15,7 @@ from PIL import Image
 import data
 import train_ddp
 from conftest import ROOT, shared_fixture
-from datasets import make_dataset, pack, sample_dataset
+from datasets import data_config, make_dataset, pack, sample_dataset
 
 TINY = ["--crop-size", "32", "48", "--batch-size", "2", "--num-workers", "0", "--kernels", "torch",
         "--log-iters", "2"]
@@ -145,7 +145,7 @@ def test_losses_against_hand_computed_values():
     # min_kept above the valid count keeps all valid pixels
     assert kernels.ohem_cross_entropy(logits, labels, thresh=0.1, min_kept=50).item() == pytest.approx(ce.item(), rel=1e-6)
     # the five heads' loss: the same per head, the weighted sum (main 1, auxiliary --aux-weight)
-    config = train_ddp.parse_args(["--data-dir", "unused", "--aux-weight", "0.5"])
+    config = data_config("--aux-weight", "0.5")
     criterion = train_ddp.SegmentationLoss(kernels.ohem_cross_entropy_reference, config)
     losses, total = criterion([logits] * 5, labels)
     torch.testing.assert_close(losses, ce.expand(5))
@@ -498,7 +498,7 @@ def test_compile_sees_model_and_loss_without_graph_breaks(loss):
     model.bga.aggregate = kernels.bga_aggregate
     images = torch.randn(2, 3, 64, 128)
     labels = torch.randint(0, 19, (2, 64, 128), dtype=torch.uint8)
-    config = train_ddp.parse_args(["--demo", "--loss", loss])
+    config = data_config("--loss", loss)
     explained = torch._dynamo.explain(model)(images)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
     outputs = [out.detach().requires_grad_(True) for out in model(images)]

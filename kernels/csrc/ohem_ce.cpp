@@ -2,13 +2,14 @@
 //
 //   bisenet_cuda::upsample_ce_forward(logits, labels, ignore_index) -> (loss, lse)
 //   bisenet_cuda::upsample_ce_backward(grad_loss, logits, labels, lse, ignore_index) -> grad_logits
-//   bisenet_cuda::ohem_weights(loss, labels, ignore_index, threshold, min_kept) -> weights
+//   bisenet_cuda::ohem_weights(loss, labels, ignore_index, threshold, min_kept, class_weights) -> weights
 //
 // logits (N, C, h, w) float32/bfloat16/float16/float64, labels (N, H, W) int64 or uint8;
 // loss, lse, grad_loss (N, H, W) float32 (float64 for float64 logits); grad_logits like
 // logits (NCHW). ohem_weights: loss (N, H, W) float32/float64 (the per-pixel losses, 0 where
 // ignored), labels as above, threshold = -log(thresh), min_kept < 0 for valid // 16 ->
 // weights like loss, sum(weights * loss) the OHEM loss (ohem_ce_math.h); no host sync.
+// class_weights (C,) like loss, optional: the kept pixels' class-weighted mean instead.
 //
 // The CPU implementations run the same per-item functions (ohem_ce_math.h) as the CUDA
 // kernels with the same arithmetic (same_bits.h) and the same shared-memory budget check,
@@ -140,7 +141,8 @@ CeBackwardCall prepare_ce_backward(const at::Tensor& grad_loss, const at::Tensor
   return call;
 }
 
-OhemCall prepare_ohem_weights(const at::Tensor& loss, const at::Tensor& labels, double threshold, int64_t min_kept) {
+OhemCall prepare_ohem_weights(const at::Tensor& loss, const at::Tensor& labels, double threshold, int64_t min_kept,
+                              const std::optional<at::Tensor>& class_weights) {
   TORCH_CHECK(loss.dim() == 3 && (loss.scalar_type() == at::kFloat || loss.scalar_type() == at::kDouble),
               "ohem_weights: loss must be (N, H, W) float32 or float64, got ", loss.sizes(), " ", loss.scalar_type());
   TORCH_CHECK(labels.sizes() == loss.sizes(), "ohem_weights: labels ", labels.sizes(), " and loss ", loss.sizes(),
@@ -157,6 +159,18 @@ OhemCall prepare_ohem_weights(const at::Tensor& loss, const at::Tensor& labels, 
   call.counts = at::zeros({256}, loss.options().dtype(at::kLong));
   call.threshold = threshold;
   call.min_kept = min_kept;
+  if (class_weights.has_value()) {
+    const at::Tensor& weights = *class_weights;
+    TORCH_CHECK(weights.dim() == 1 && weights.numel() >= 1 && weights.numel() <= kOhemMaxClasses,
+                "ohem_weights: class_weights must be (C,) with 1 <= C <= ", kOhemMaxClasses, ", got ", weights.sizes());
+    TORCH_CHECK(weights.scalar_type() == loss.scalar_type() && weights.device() == loss.device(),
+                "ohem_weights: class_weights must be ", loss.scalar_type(), " on ", loss.device(), " like loss, got ",
+                weights.scalar_type(), " on ", weights.device());
+    call.classes = static_cast<int>(weights.numel());
+    call.class_weights = weights.contiguous();
+    call.class_counts = at::zeros({2, weights.numel()}, loss.options().dtype(at::kLong));
+    call.class_total = at::zeros({1}, loss.options());
+  }
   return call;
 }
 
@@ -215,13 +229,27 @@ void ohem_weights_cpu_typed(const OhemCall& call, int64_t ignore_index) {
       state[kOhemTied] += key == kth;
     }
   }
+  if (call.classes == 0) {
+    for (int64_t p = 0; p < pixels; ++p)
+      weights[p] = ohem_pixel_weight(loss[p], static_cast<int64_t>(labels[p]) != ignore_index, threshold, state);
+    return;
+  }
+  int64_t* class_counts = call.class_counts.mutable_data_ptr<int64_t>();
+  const acc_t* class_weights = call.class_weights.const_data_ptr<acc_t>();
+  for (int64_t p = 0; p < pixels; ++p) {
+    const bool valid = static_cast<int64_t>(labels[p]) != ignore_index;
+    const int64_t slot = ohem_class_slot(ohem_pick(loss[p], valid, threshold, state), labels[p], call.classes);
+    if (slot >= 0) ++class_counts[slot];
+  }
+  const acc_t total = ohem_class_total(class_weights, class_counts, call.classes, state);
   for (int64_t p = 0; p < pixels; ++p)
-    weights[p] = ohem_pixel_weight(loss[p], static_cast<int64_t>(labels[p]) != ignore_index, threshold, state);
+    weights[p] = ohem_class_pixel_weight(loss[p], labels[p], static_cast<int64_t>(labels[p]) != ignore_index,
+                                         threshold, state, class_weights, call.classes, total);
 }
 
 at::Tensor ohem_weights_cpu(const at::Tensor& loss, const at::Tensor& labels, int64_t ignore_index, double threshold,
-                            int64_t min_kept) {
-  const OhemCall call = prepare_ohem_weights(loss, labels, threshold, min_kept);
+                            int64_t min_kept, const std::optional<at::Tensor>& class_weights) {
+  const OhemCall call = prepare_ohem_weights(loss, labels, threshold, min_kept, class_weights);
 #define BISENET_OHEM_WEIGHTS(acc_t, label_t) ohem_weights_cpu_typed<acc_t, label_t>(call, ignore_index)
   BISENET_OHEM_DISPATCH(call.loss, call.labels, BISENET_OHEM_WEIGHTS);
 #undef BISENET_OHEM_WEIGHTS
@@ -234,7 +262,8 @@ at::Tensor ohem_weights_cpu(const at::Tensor& loss, const at::Tensor& labels, in
 TORCH_LIBRARY_FRAGMENT(bisenet_cuda, m) {
   m.def("upsample_ce_forward(Tensor logits, Tensor labels, int ignore_index) -> (Tensor, Tensor)");
   m.def("upsample_ce_backward(Tensor grad_loss, Tensor logits, Tensor labels, Tensor lse, int ignore_index) -> Tensor");
-  m.def("ohem_weights(Tensor loss, Tensor labels, int ignore_index, float threshold, int min_kept) -> Tensor");
+  m.def("ohem_weights(Tensor loss, Tensor labels, int ignore_index, float threshold, int min_kept, "
+        "Tensor? class_weights=None) -> Tensor");
 }
 
 // the CUDA implementations are registered in ohem_ce.cu

@@ -161,6 +161,45 @@ __global__ void __launch_bounds__(kThreads) ohem_weights_kernel(
     weights[p] = ohem_pixel_weight(loss[p], static_cast<int64_t>(labels[p]) != ignore_index, threshold, state);
 }
 
+// With class weights: the kept and tied pixels counted per class (bins in shared memory,
+// integers: the same counts in any order), then one thread adds up their weighted total.
+template <typename acc_t, typename label_t>
+__global__ void __launch_bounds__(kThreads) ohem_class_tally_kernel(
+    const acc_t* __restrict__ loss, const label_t* __restrict__ labels, int64_t pixels, int64_t ignore_index,
+    acc_t threshold, const int64_t* __restrict__ state, int classes, unsigned long long* __restrict__ class_counts) {
+  extern __shared__ unsigned int class_bins[];  // (2, classes)
+  for (int b = threadIdx.x; b < 2 * classes; b += blockDim.x) class_bins[b] = 0;
+  __syncthreads();
+  for (int64_t p = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; p < pixels;
+       p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const bool valid = static_cast<int64_t>(labels[p]) != ignore_index;
+    const int64_t slot = ohem_class_slot(ohem_pick(loss[p], valid, threshold, state), labels[p], classes);
+    if (slot >= 0) atomicAdd(&class_bins[slot], 1u);
+  }
+  __syncthreads();
+  for (int b = threadIdx.x; b < 2 * classes; b += blockDim.x) {
+    if (class_bins[b] != 0) atomicAdd(&class_counts[b], static_cast<unsigned long long>(class_bins[b]));
+  }
+}
+
+template <typename acc_t>
+__global__ void ohem_class_total_kernel(const acc_t* class_weights, const int64_t* class_counts, int classes,
+                                        const int64_t* state, acc_t* total) {
+  *total = ohem_class_total(class_weights, class_counts, classes, state);
+}
+
+template <typename acc_t, typename label_t>
+__global__ void __launch_bounds__(kThreads) ohem_class_weights_kernel(
+    const acc_t* __restrict__ loss, const label_t* __restrict__ labels, int64_t pixels, int64_t ignore_index,
+    acc_t threshold, const int64_t* __restrict__ state, const acc_t* __restrict__ class_weights, int classes,
+    const acc_t* __restrict__ total, acc_t* __restrict__ weights) {
+  const acc_t sum = *total;
+  for (int64_t p = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; p < pixels;
+       p += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    weights[p] = ohem_class_pixel_weight(loss[p], labels[p], static_cast<int64_t>(labels[p]) != ignore_index,
+                                         threshold, state, class_weights, classes, sum);
+}
+
 template <typename scalar_t, typename label_t>
 void forward_typed(const CeForwardCall& call, int64_t ignore_index) {
   using acc_t = typename AccType<scalar_t>::type;
@@ -231,14 +270,29 @@ void ohem_weights_typed(const OhemCall& call, int64_t ignore_index) {
     ohem_pick_kernel<<<1, 1, 0, stream>>>(state, counts, shift);
   }
   ohem_tally_kernel<acc_t, label_t><<<reduce_blocks, kThreads, 0, stream>>>(loss, labels, pixels, ignore_index, state);
-  ohem_weights_kernel<acc_t, label_t><<<blocks_for(pixels), kThreads, 0, stream>>>(
-      loss, labels, pixels, ignore_index, threshold, state, call.weights.mutable_data_ptr<acc_t>());
+  acc_t* weights = call.weights.mutable_data_ptr<acc_t>();
+  if (call.classes == 0) {
+    ohem_weights_kernel<acc_t, label_t><<<blocks_for(pixels), kThreads, 0, stream>>>(
+        loss, labels, pixels, ignore_index, threshold, state, weights);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  int64_t* class_counts = call.class_counts.mutable_data_ptr<int64_t>();
+  const acc_t* class_weights = call.class_weights.const_data_ptr<acc_t>();
+  acc_t* total = call.class_total.mutable_data_ptr<acc_t>();
+  const size_t bins_bytes = 2 * static_cast<size_t>(call.classes) * sizeof(unsigned int);  // <= 32 KB (kOhemMaxClasses)
+  ohem_class_tally_kernel<acc_t, label_t><<<reduce_blocks, kThreads, bins_bytes, stream>>>(
+      loss, labels, pixels, ignore_index, threshold, state, call.classes,
+      reinterpret_cast<unsigned long long*>(class_counts));
+  ohem_class_total_kernel<acc_t><<<1, 1, 0, stream>>>(class_weights, class_counts, call.classes, state, total);
+  ohem_class_weights_kernel<acc_t, label_t><<<blocks_for(pixels), kThreads, 0, stream>>>(
+      loss, labels, pixels, ignore_index, threshold, state, class_weights, call.classes, total, weights);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 at::Tensor ohem_weights_cuda(const at::Tensor& loss, const at::Tensor& labels, int64_t ignore_index, double threshold,
-                             int64_t min_kept) {
-  const OhemCall call = prepare_ohem_weights(loss, labels, threshold, min_kept);
+                             int64_t min_kept, const std::optional<at::Tensor>& class_weights) {
+  const OhemCall call = prepare_ohem_weights(loss, labels, threshold, min_kept, class_weights);
   if (call.loss.numel() == 0) return call.weights;
   c10::cuda::CUDAGuard guard(loss.device());
 #define BISENET_OHEM_WEIGHTS(acc_t, label_t) ohem_weights_typed<acc_t, label_t>(call, ignore_index)

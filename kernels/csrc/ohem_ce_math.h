@@ -194,6 +194,9 @@ BISENET_HD acc_t ce_backward_column_sum(const CeGeometry<acc_t>& geo, const acc_
 // numbers live in a small int64 array on the device (OhemState), so no value comes to the
 // host: counts, then per pass a histogram of the matching keys' next digit and the pick of
 // the digit, then the counts of keys above and at the k-th, then the weights.
+// At most this many classes take class weights (the CUDA tally's bins in shared memory).
+constexpr int kOhemMaxClasses = 4096;
+
 enum OhemState { kOhemValid, kOhemHard, kOhemK, kOhemUseHard, kOhemRemaining, kOhemPrefix, kOhemGreater,
                  kOhemTied, kOhemStateSize };
 
@@ -254,21 +257,75 @@ BISENET_HD void ohem_pick_digit(const int64_t* counts, int shift, int64_t* state
   state[kOhemPrefix] |= static_cast<int64_t>(digit) << shift;
 }
 
+// What the selection does with one pixel, once the state is complete.
+enum OhemPick { kOhemDropped, kOhemKept, kOhemTiedAtKth };
+
+template <typename acc_t>
+BISENET_HD OhemPick ohem_pick(acc_t loss, bool valid, acc_t threshold, const int64_t* state) {
+  if (!valid) return kOhemDropped;
+  if (state[kOhemUseHard]) return loss > threshold ? kOhemKept : kOhemDropped;
+  const auto key = ohem_key(loss);
+  const auto kth = static_cast<decltype(key)>(state[kOhemPrefix]);
+  return key > kth ? kOhemKept : key == kth ? kOhemTiedAtKth : kOhemDropped;
+}
+
+// The part of its weight a pixel tied at the k-th keeps: what remains of k, shared.
+template <typename acc_t>
+BISENET_HD acc_t ohem_tied_share(const int64_t* state) {
+  const int64_t tied = state[kOhemTied];
+  return tied == 0 ? static_cast<acc_t>(0)
+                   : static_cast<acc_t>(state[kOhemK] - state[kOhemGreater]) / static_cast<acc_t>(tied);
+}
+
 // The weight of one pixel, once the state is complete.
 template <typename acc_t>
 BISENET_HD acc_t ohem_pixel_weight(acc_t loss, bool valid, acc_t threshold, const int64_t* state) {
-  if (!valid) return static_cast<acc_t>(0);
+  const OhemPick pick = ohem_pick(loss, valid, threshold, state);
+  if (pick == kOhemDropped) return static_cast<acc_t>(0);
   if (state[kOhemUseHard]) {
     const int64_t hard = state[kOhemHard];
-    return loss > threshold ? static_cast<acc_t>(1) / static_cast<acc_t>(hard > 1 ? hard : 1) : static_cast<acc_t>(0);
+    return static_cast<acc_t>(1) / static_cast<acc_t>(hard > 1 ? hard : 1);
   }
-  const auto key = ohem_key(loss);
-  const auto kth = static_cast<decltype(key)>(state[kOhemPrefix]);
   const acc_t k = static_cast<acc_t>(state[kOhemK]);
-  if (key > kth) return static_cast<acc_t>(1) / k;
-  if (key < kth) return static_cast<acc_t>(0);
-  const acc_t share = static_cast<acc_t>(state[kOhemK] - state[kOhemGreater]) / static_cast<acc_t>(state[kOhemTied]);
-  return share / k;
+  if (pick == kOhemKept) return static_cast<acc_t>(1) / k;
+  return ohem_tied_share<acc_t>(state) / k;
+}
+
+// With class weights cw (C,): a kept pixel of class c weighs cw[c] (a tied one cw[c] times
+// its share), and the weights are divided by their sum, so the loss is the class-weighted
+// mean of the kept losses. The sum comes from integer counts per class (kept, tied), which
+// the kernels add in any order with the same result, then one thread in a fixed order:
+//     total = sum_c cw[c] * (kept[c] + share * tied[c])
+// A label outside [0, C) counts nowhere and weighs 0 (its loss is NaN; see the forward).
+template <typename acc_t>
+BISENET_HD acc_t ohem_class_total(const acc_t* class_weights, const int64_t* class_counts, int classes,
+                                  const int64_t* state) {
+  const acc_t share = ohem_tied_share<acc_t>(state);
+  acc_t total = static_cast<acc_t>(0);
+  for (int c = 0; c < classes; ++c) {
+    const acc_t kept = fma_acc(share, static_cast<acc_t>(class_counts[classes + c]),
+                               static_cast<acc_t>(class_counts[c]));
+    total = fma_acc(class_weights[c], kept, total);
+  }
+  return total;
+}
+
+// class_counts (2, C): [0] kept, [1] tied; the slot of one pixel, or -1.
+template <typename label_t>
+BISENET_HD int64_t ohem_class_slot(OhemPick pick, label_t label, int classes) {
+  const int64_t c = static_cast<int64_t>(label);
+  if (pick == kOhemDropped || c < 0 || c >= classes) return -1;
+  return pick == kOhemKept ? c : classes + c;
+}
+
+template <typename acc_t, typename label_t>
+BISENET_HD acc_t ohem_class_pixel_weight(acc_t loss, label_t label, bool valid, acc_t threshold,
+                                         const int64_t* state, const acc_t* class_weights, int classes, acc_t total) {
+  const OhemPick pick = ohem_pick(loss, valid, threshold, state);
+  const int64_t c = static_cast<int64_t>(label);
+  if (pick == kOhemDropped || c < 0 || c >= classes || !(total > static_cast<acc_t>(0))) return static_cast<acc_t>(0);
+  const acc_t part = pick == kOhemKept ? class_weights[c] : class_weights[c] * ohem_tied_share<acc_t>(state);
+  return part / total;
 }
 
 }  // namespace bisenet

@@ -7,6 +7,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <optional>
+
 #include "ohem_ce_math.h"
 
 namespace bisenet {
@@ -29,13 +31,18 @@ struct OhemCall {
   at::Tensor counts;        // (256,) int64, zeros: one pass's histogram
   double threshold;
   int64_t min_kept;
+  // with class weights (classes > 0): the weights (C,) like loss, contiguous; the counts per
+  // class (2, C) int64, zeros; their weighted total (1,) like loss (ohem_class_total)
+  int classes = 0;
+  at::Tensor class_weights, class_counts, class_total;
 };
 
 // ohem_ce.cpp
 CeForwardCall prepare_ce_forward(const at::Tensor& logits, const at::Tensor& labels);
 CeBackwardCall prepare_ce_backward(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& labels,
                                    const at::Tensor& lse);
-OhemCall prepare_ohem_weights(const at::Tensor& loss, const at::Tensor& labels, double threshold, int64_t min_kept);
+OhemCall prepare_ohem_weights(const at::Tensor& loss, const at::Tensor& labels, double threshold, int64_t min_kept,
+                              const std::optional<at::Tensor>& class_weights);
 
 // Runs CALL(scalar_t, label_t) for the logits' and labels' dtypes (checked by the prepare_*).
 #define BISENET_CE_DISPATCH(logits, labels, CALL)                                                    \
