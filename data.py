@@ -130,26 +130,89 @@ def read_list(data_dir, split):
     return pairs
 
 
-def read_frame(image_path, label_path, num_classes=19, ignore_index=255):
-    """-> image (H, W, 3) uint8 RGB, label (H, W) uint8 train ids. BadInput naming the file
-    for an unreadable image, a label of several channels, values that are neither train ids
-    0..num_classes-1 nor ignore_index, or image and label of different sizes."""
+# PIL modes of one channel of integers: what a label may be (its values are checked on reading)
+LABEL_MODES = ("L", "P", "I", "I;16", "I;16L", "I;16B", "I;16N")
+WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # read as photos by their top 8 of 16 bits
+
+
+def photo_mode_problem(mode):
+    """-> why read_photo refuses images of PIL `mode`, or None."""
+    if mode == "F":
+        return "32-bit float greyscale (mode F) has no fixed range; save the photo as 8- or 16-bit"
+    if mode.startswith("I;") and mode not in WIDE_GREY_MODES:
+        return f"greyscale of mode {mode} is not supported; save the photo as 8- or 16-bit"
+    return None
+
+
+def label_mode_problem(mode):
+    """-> why read_frame refuses labels of PIL `mode`, or None."""
+    return None if mode in LABEL_MODES else f"label image has mode {mode}, expected one channel of train ids"
+
+
+def read_photo(path):
+    """-> the image at `path` as (H, W, 3) uint8 RGB, the one rule of training, evaluation,
+    packing and predict.py: 8-bit images as PIL's convert('RGB') (greyscale and palette
+    expanded, alpha dropped); 16-bit greyscale (PIL modes I;16, I;16B, ...) and 32-bit
+    integer greyscale (mode I, how some 16-bit files load) holding 0..65535 by their top 8
+    bits (value >> 8, i.e. the 8-bit image of the same full range) in all three channels.
+    BadInput naming the file for an unreadable image, float greyscale (mode F), or mode I
+    values outside 0..65535."""
     try:
-        with Image.open(image_path) as im:
-            image = np.asarray(im.convert("RGB"))
-    except Exception as e:
-        raise BadInput(f"{image_path}: unreadable image ({type(e).__name__})") from None
+        with Image.open(path) as im:
+            if problem := photo_mode_problem(im.mode):
+                raise BadInput(f"{path}: {problem}")
+            if im.mode not in WIDE_GREY_MODES:
+                return np.asarray(im.convert("RGB"))
+            values = np.asarray(im)
+    except BadInput:
+        raise
+    except Exception as e:  # PIL raises several types for truncated or foreign files
+        raise BadInput(f"{path}: unreadable image ({type(e).__name__})") from None
+    if values.min() < 0 or values.max() > 65535:
+        raise BadInput(f"{path}: 32-bit greyscale values {values.min()}..{values.max()} are outside 0..65535")
+    grey = (values.astype(np.int64) >> 8).astype(np.uint8)  # (H, W)
+    return np.repeat(grey[:, :, None], 3, axis=2)           # (H, W, 3)
+
+
+def check_same_size(image_path, image_size, label_path, label_size):
+    """BadInput unless an image and its label have one (width, height)."""
+    if image_size != label_size:
+        raise BadInput(f"{image_path}: image is {image_size[0]}x{image_size[1]} but its label "
+                       f"{label_path} is {label_size[0]}x{label_size[1]}")
+
+
+def check_headers(pairs):
+    """Reads only the headers of every listed image and label (not their pixels): BadInput
+    naming the first file that does not open, has a mode read_frame refuses, or differs in
+    size from its partner. What evaluation checks at start, before training."""
+    for image_path, label_path in pairs:
+        sizes = []
+        for path, mode_problem in ((image_path, photo_mode_problem), (label_path, label_mode_problem)):
+            try:
+                with Image.open(path) as im:
+                    mode, size = im.mode, im.size
+            except Exception as e:
+                raise BadInput(f"{path}: unreadable image ({type(e).__name__})") from None
+            if problem := mode_problem(mode):
+                raise BadInput(f"{path}: {problem}")
+            sizes.append(size)
+        check_same_size(image_path, sizes[0], label_path, sizes[1])
+
+
+def read_frame(image_path, label_path, num_classes=19, ignore_index=255):
+    """-> image (H, W, 3) uint8 RGB (read_photo), label (H, W) uint8 train ids. BadInput
+    naming the file for an unreadable image, a label of several channels, values that are
+    neither train ids 0..num_classes-1 nor ignore_index, or image and label of different sizes."""
+    image = read_photo(image_path)
     try:
         with Image.open(label_path) as im:
             mode = im.mode
-            label = np.asarray(im) if mode in ("L", "P", "I", "I;16") else None
+            label = None if label_mode_problem(mode) else np.asarray(im)
     except Exception as e:
         raise BadInput(f"{label_path}: unreadable image ({type(e).__name__})") from None
     if label is None:
-        raise BadInput(f"{label_path}: label image has mode {mode}, expected one channel of train ids")
-    if image.shape[:2] != label.shape:
-        raise BadInput(f"{image_path}: image is {image.shape[1]}x{image.shape[0]} but its label "
-                       f"{label_path} is {label.shape[1]}x{label.shape[0]}")
+        raise BadInput(f"{label_path}: {label_mode_problem(mode)}")
+    check_same_size(image_path, image.shape[1::-1], label_path, label.shape[::-1])
     allowed = np.zeros(256, bool)
     allowed[:num_classes] = True
     allowed[ignore_index] = True

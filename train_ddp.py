@@ -138,6 +138,7 @@ def parse_args(argv=None):
     rules += [("lr", "finite and positive", math.isfinite(args.lr) and args.lr > 0),  # (NaN fails every comparison)
               ("crop_size", "positive", min(args.crop_size) > 0), ("num_workers", "at least 0", args.num_workers >= 0),
               ("scale_step", "positive", args.scale_step > 0),
+              ("scales", "finite and positive", all(math.isfinite(s) and s > 0 for s in args.scales)),
               ("min_scale", "positive and at most --max-scale", 0 < args.min_scale <= args.max_scale),
               ("ignore_index", "in 0..255", 0 <= args.ignore_index <= 255)]
     for name, rule, ok in rules:
@@ -437,6 +438,14 @@ def evaluate(model, pairs, config, env):
     return confusion.compute()
 
 
+def read_val_list(config):
+    """The val pairs, every file's header checked (data.check_headers): a bad val file stops
+    the run at start, not at its first evaluation."""
+    pairs = data.read_list(config.data_dir, "val")
+    data.check_headers(pairs)
+    return pairs
+
+
 def format_metrics(metrics, num_classes):
     names = data.CITYSCAPES_CLASSES if num_classes == len(data.CITYSCAPES_CLASSES) else range(num_classes)
     lines = [f"{'class':>14}  IoU"]
@@ -485,6 +494,20 @@ def check_same_computation(saved, config, path):
     if changed:
         raise BadInput(f"--resume: {path} was trained with other settings (saved -> given): {', '.join(changed)}; "
                        f"resume with the saved ones or choose another --save-dir")
+
+
+def best_so_far(best, save_dir, start_iter):
+    """The best evaluation up to start_iter: the checkpoint's `best`, or best.pt's when that
+    is better and not later (iter_N.pt is written before the evaluation of iteration N)."""
+    path = Path(save_dir) / "best.pt"
+    if not path.is_file():
+        return best
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        saved = dict(mIoU=saved["metrics"]["mIoU"], iter=saved["iter"])
+    except Exception as e:
+        raise BadInput(f"--resume: {path} is unreadable ({type(e).__name__}); move it away to resume") from None
+    return saved if saved["iter"] <= start_iter and saved["mIoU"] > best["mIoU"] else best
 
 
 def save_on_master(obj, path, env):
@@ -573,7 +596,7 @@ def train(config, env, ops, signals):
     pairs = data.read_list(config.data_dir, "train")
     pack = data.find_pack(config.data_dir, "train", config.num_classes, config.ignore_index) if config.pack else None
     env.log(f"data: packed {pack['path']}" if pack else f"data: PNG files ({config.data_dir}/train.txt)")
-    val_pairs = data.read_list(config.data_dir, "val") if config.do_eval else None
+    val_pairs = read_val_list(config) if config.do_eval else None
     save_dir = Path(config.save_dir)
     if not config.resume and (held := list_checkpoints(save_dir) + list(save_dir.glob("best.pt"))):
         raise BadInput(f"--save-dir {save_dir} holds checkpoints of another run ({held[0].name}); "
@@ -594,7 +617,7 @@ def train(config, env, ops, signals):
             model.load_state_dict(checkpoint["model"])
             optimizer.load_state_dict(checkpoint["optimizer"])
             scaler.load_state_dict(checkpoint["scaler"])
-            start_iter, best = checkpoint["iter"], checkpoint["best"]
+            start_iter, best = checkpoint["iter"], best_so_far(checkpoint["best"], save_dir, checkpoint["iter"])
             env.log(f"resumed from {path} at iteration {start_iter}")
     batches = iter(data.make_loader(pairs, pack, config, env.rank, env.world_size, start_iter))
     tensorboard = open_tensorboard(config) if config.tensorboard and env.main else None
@@ -640,6 +663,13 @@ def train(config, env, ops, signals):
                 write_record(record, save_dir, tensorboard)
             loss_sum.zero_()
             window_iters, reader_time = 0, 0.0
+        # the checkpoint first: an evaluation that fails (memory, a bad val file) loses no training
+        if is_save:
+            save_on_master(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                                iter=done, best=best, config=vars(config)), save_dir / f"iter_{done}.pt", env)
+            if env.main:
+                for old in list_checkpoints(save_dir, up_to=done)[config.keep_checkpoints:]:  # later ones stay
+                    old.unlink(missing_ok=True)
         if is_eval:
             metrics = evaluate(model, val_pairs, config, env)
             env.log(format_metrics(metrics, config.num_classes))
@@ -652,12 +682,6 @@ def train(config, env, ops, signals):
                 save_on_master(dict(model=model.state_dict(), iter=done, metrics=metrics, config=vars(config)),
                                save_dir / "best.pt", env)
             env.log(f"best mIoU {100 * best['mIoU']:.2f} at iteration {best['iter']}")
-        if is_save:
-            save_on_master(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                                iter=done, best=best, config=vars(config)), save_dir / f"iter_{done}.pt", env)
-            if env.main:
-                for old in list_checkpoints(save_dir, up_to=done)[config.keep_checkpoints:]:  # later ones stay
-                    old.unlink(missing_ok=True)
         if done % config.log_iters == 0 or is_save or is_eval:
             window_start = time.perf_counter()  # evaluation and saving stay out of batch_cost
         if stop:
@@ -673,7 +697,7 @@ def train(config, env, ops, signals):
 
 
 def eval_only(config, env, ops):
-    pairs = data.read_list(config.data_dir, "val")
+    pairs = read_val_list(config)
     metrics = evaluate(build_model(config, env, ops[1]), pairs, config, env)
     env.log(format_metrics(metrics, config.num_classes))
     if env.main:

@@ -504,3 +504,38 @@ def test_compile_sees_model_and_loss_without_graph_breaks(loss):
     criterion = train_ddp.SegmentationLoss(kernels.ohem_cross_entropy, config)
     explained = torch._dynamo.explain(criterion)(outputs, labels)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+# --- save, then evaluate; evaluation's input checked at start ---------------------------
+
+def test_checkpoint_is_written_before_evaluation(tmp_path):
+    """A val label whose pixels are bad (its header is fine) fails the first evaluation; the
+    checkpoint of that iteration is already written."""
+    root = make_dataset(tmp_path / "data")
+    Image.fromarray(np.full((40, 60), 40, np.uint8)).save(root / "val" / "lab1.png")  # train id 40
+    save_dir = tmp_path / "out"
+    code, out, err = run_script("--data-dir", str(root), "--iters", "4", "--save-interval", "2", "--do-eval",
+                                "--save-dir", str(save_dir), *TINY)
+    assert_one_line_error(code, out, err, "lab1.png", "40")
+    assert load(save_dir / "iter_2.pt")["iter"] == 2 and not (save_dir / "best.pt").exists()
+
+
+def test_bad_val_file_or_scales_stop_before_training(tmp_path):
+    root = make_dataset(tmp_path / "data")
+    common = ["--data-dir", str(root), "--iters", "4", "--save-interval", "2", *TINY]
+    code, out, err = run_script(*common, "--do-eval", "--scales", "1", "0", "--save-dir", str(tmp_path / "a"))
+    assert_one_line_error(code, out, err, "--scales must be finite and positive, got 1.0 0.0")
+    assert_one_line_error(*run_script(*common, "--do-eval", "--scales", "nan"), "--scales")
+    (root / "val" / "img1.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    code, out, err = run_script(*common, "--do-eval", "--save-dir", str(tmp_path / "b"))
+    assert_one_line_error(code, out, err, str(root / "val" / "img1.png"), "unreadable image")
+    assert "iter 2/" not in out and not (tmp_path / "b").exists()
+    make_dataset(root)
+    Image.fromarray(np.zeros((40, 60, 3), np.uint8)).save(root / "val" / "lab0.png")  # an RGB label
+    code, out, err = run_script(*common, "--do-eval", "--save-dir", str(tmp_path / "c"))
+    assert_one_line_error(code, out, err, "lab0.png", "mode RGB")
+    Image.fromarray(np.zeros((41, 60), np.uint8)).save(root / "val" / "lab0.png")
+    code, out, err = run_script(*common, "--eval-only", "--weights", str(tmp_path / "unused.pt"))
+    assert_one_line_error(code, out, err, "img0.png", "60x40", "60x41")
+    # without evaluation the val files are not read
+    assert run_script(*common, "--save-dir", str(tmp_path / "d"))[0] == 0
