@@ -14,10 +14,13 @@ Every augmentation draw of a sample is a function of (seed, the sample's positio
 training stream), so a step's batch is the same whichever worker, device or resumed run
 makes it.
 """
+import contextlib
+import datetime
 import hashlib
 import json
 import os
 import re
+import socket
 import time
 from pathlib import Path
 
@@ -85,6 +88,66 @@ def atomic_write(path, content):
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def folder_lock(folder, log=print):
+    """Holds FOLDER/.lock while open: one line of JSON {host, pid, start}, written to a
+    temporary file and hard-linked to .lock (a link fails where .lock exists, as
+    O_CREAT|O_EXCL, and the lock is complete the moment it appears). Creates the folder: one
+    that cannot be created or written to is BadInput naming it. A lock held by a live process,
+    or by another host, is BadInput naming the holder; one of this host whose process is gone
+    is taken over (logged). Removed on leaving (a normal end, an error, a handled signal)."""
+    folder = Path(folder)
+    lock = folder / ".lock"
+    mine = json.dumps(dict(host=socket.gethostname(), pid=os.getpid(),
+                           start=datetime.datetime.now().astimezone().isoformat(timespec="seconds"))) + "\n"
+    tmp = folder / f".lock.tmp{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(mine)
+        while True:
+            try:
+                os.link(tmp, lock)
+                break
+            except FileExistsError:
+                take_over_if_gone(lock, log)
+    except OSError as e:
+        raise BadInput(f"{folder}: not a folder this run can write to ({e.strerror})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    try:
+        yield lock
+    finally:
+        with contextlib.suppress(OSError):
+            if lock.read_text() == mine:
+                lock.unlink()
+
+
+def take_over_if_gone(lock, log):
+    """Removes `lock` when its process is gone (same host, no such pid); else BadInput naming
+    the holder."""
+    try:
+        holder = json.loads(lock.read_text())
+        host, pid, start = holder["host"], int(holder["pid"]), holder["start"]
+    except FileNotFoundError:
+        return  # released meanwhile
+    except (OSError, ValueError, KeyError, TypeError):
+        raise BadInput(f"{lock}: unreadable lock; remove it if no run uses {lock.parent}") from None
+    alive = host != socket.gethostname()  # another host's process cannot be checked from here
+    if not alive:
+        try:
+            os.kill(pid, 0)
+            alive = True
+        except ProcessLookupError:
+            pass
+        except PermissionError:  # another user's process
+            alive = True
+    if alive:
+        raise BadInput(f"{lock.parent} is in use by pid {pid} on {host} since {start} ({lock}); "
+                       f"wait for that run, choose another folder, or remove the lock if that run is gone")
+    log(f"note: taking over {lock}: pid {pid} on this host (started {start}) is gone")
+    lock.unlink(missing_ok=True)
 
 
 def cache_dir():

@@ -22,6 +22,7 @@ each step, so `--resume` continues exactly where a run stopped: on the CPU a res
 bitwise equal to an uninterrupted one.
 """
 import argparse
+import contextlib
 import datetime
 import inspect
 import json
@@ -717,7 +718,9 @@ def main(argv=None):
         if config.eval_only:
             eval_only(config, env, ops)
         else:
-            with StopSignals() as signals:
+            # rank 0 holds SAVE_DIR/.lock for the run's life: a second run on the dir stops at start
+            lock = data.folder_lock(config.save_dir, log=env.log) if env.main else contextlib.nullcontext()
+            with lock, StopSignals() as signals:
                 if stopped := train(config, env, ops, signals):
                     return 128 + stopped  # the shell's code for a process ended by that signal
     except BadInput as e:

@@ -3,6 +3,7 @@ exact resume, evaluation against the official evaluator, learning, bad input."""
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -518,6 +519,7 @@ def test_checkpoint_is_written_before_evaluation(tmp_path):
                                 "--save-dir", str(save_dir), *TINY)
     assert_one_line_error(code, out, err, "lab1.png", "40")
     assert load(save_dir / "iter_2.pt")["iter"] == 2 and not (save_dir / "best.pt").exists()
+    assert not (save_dir / ".lock").exists()  # released on an error too
 
 
 def test_bad_val_file_or_scales_stop_before_training(tmp_path):
@@ -529,7 +531,7 @@ def test_bad_val_file_or_scales_stop_before_training(tmp_path):
     (root / "val" / "img1.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     code, out, err = run_script(*common, "--do-eval", "--save-dir", str(tmp_path / "b"))
     assert_one_line_error(code, out, err, str(root / "val" / "img1.png"), "unreadable image")
-    assert "iter 2/" not in out and not (tmp_path / "b").exists()
+    assert "iter 2/" not in out and not list((tmp_path / "b").iterdir())
     make_dataset(root)
     Image.fromarray(np.zeros((40, 60, 3), np.uint8)).save(root / "val" / "lab0.png")  # an RGB label
     code, out, err = run_script(*common, "--do-eval", "--save-dir", str(tmp_path / "c"))
@@ -539,3 +541,46 @@ def test_bad_val_file_or_scales_stop_before_training(tmp_path):
     assert_one_line_error(code, out, err, "img0.png", "60x40", "60x41")
     # without evaluation the val files are not read
     assert run_script(*common, "--save-dir", str(tmp_path / "d"))[0] == 0
+
+
+# --- the save dir's lock ----------------------------------------------------------------
+
+def test_a_second_run_on_a_locked_save_dir_stops_naming_the_holder(tmp_path):
+    root = make_dataset(tmp_path / "data")
+    save_dir = tmp_path / "out"
+    common = ["--data-dir", str(root), "--iters", "100000", "--save-interval", "100000", "--save-dir", str(save_dir),
+              *TINY]
+    first = subprocess.Popen([sys.executable, str(ROOT / "train_ddp.py"), *common], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        while not (save_dir / "metrics.jsonl").exists():  # training: the lock is held
+            assert first.poll() is None, first.communicate()
+            time.sleep(0.05)
+        holder = json.loads((save_dir / ".lock").read_text())
+        assert holder["pid"] == first.pid and holder["host"] == socket.gethostname()
+        code, out, err = run_script(*common, "--resume")
+        assert_one_line_error(code, out, err, f"in use by pid {first.pid} on {socket.gethostname()} since "
+                              f"{holder['start']}", str(save_dir / ".lock"))
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=120)
+    assert first.returncode == 128 + signal.SIGTERM
+    assert not (save_dir / ".lock").exists()  # released on a stop
+
+
+def test_a_stale_lock_is_taken_over_and_another_hosts_lock_is_not(tmp_path):
+    root = make_dataset(tmp_path / "data")
+    save_dir = tmp_path / "out"
+    save_dir.mkdir()
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    stale = dict(host=socket.gethostname(), pid=gone.pid, start="2026-01-01T00:00:00+00:00")
+    (save_dir / ".lock").write_text(json.dumps(stale))
+    common = ["--data-dir", str(root), "--iters", "2", "--save-dir", str(save_dir), *TINY]
+    code, out, err = run_script(*common)
+    assert code == 0, err
+    assert f"note: taking over {save_dir / '.lock'}: pid {gone.pid} on this host (started {stale['start']}) is gone" in out
+    assert not (save_dir / ".lock").exists()
+    (save_dir / ".lock").write_text(json.dumps(dict(stale, host="elsewhere")))
+    assert_one_line_error(*run_script(*common, "--resume"), f"in use by pid {gone.pid} on elsewhere")
+    assert (save_dir / ".lock").exists()  # not ours: left alone
