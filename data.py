@@ -105,17 +105,18 @@ def folder_lock(folder, log=print):
     tmp = folder / f".lock.tmp{os.getpid()}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(mine)
-        while True:
-            try:
-                os.link(tmp, lock)
-                break
-            except FileExistsError:
-                take_over_if_gone(lock, log)
+        try:
+            tmp.write_text(mine)
+            while True:
+                try:
+                    os.link(tmp, lock)
+                    break
+                except FileExistsError:
+                    take_over_if_gone(lock, log)
+        finally:
+            tmp.unlink(missing_ok=True)
     except OSError as e:
         raise BadInput(f"{folder}: not a folder this run can write to ({e.strerror})") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     try:
         yield lock
     finally:
@@ -183,8 +184,15 @@ def read_list(data_dir, split):
     list_file = root / f"{split}.txt"
     if not list_file.is_file():
         raise BadInput(f"{list_file}: no such list file (run prepare_data.py --cityscapes_path {root})")
+    raw = list_file.read_bytes().removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark is tolerated
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line_no = raw[:e.start].count(b"\n") + 1
+        raise BadInput(f"{list_file}:{line_no}: not UTF-8 text "
+                       f"(byte {raw[e.start]:#04x})") from None
     pairs = []
-    for line_no, image, label in parse_list(list_file, list_file.read_text()):
+    for line_no, image, label in parse_list(list_file, text):
         image, label = root / image, root / label
         for path in (image, label):
             if not path.is_file():
@@ -310,6 +318,8 @@ def eval_sample(pair, config):
 # Packs (reading; prepare_data.pack_split writes them)
 
 PACK_FORMAT = 1
+PACK_KEYS = ("count", "height", "width", "num_classes", "ignore_index", "list_sha256", "files", "stamps",
+             "images", "labels")  # besides "format" (prepare_data.pack_split writes them)
 
 
 def pack_dir(data_dir):
@@ -336,6 +346,11 @@ def read_pack(data_dir, split, num_classes=19, ignore_index=255, mmap=True):
         assert index["format"] == PACK_FORMAT
     except Exception:
         raise StalePack(f"{index_path}: unreadable or of another format") from None
+    if missing := [key for key in PACK_KEYS if key not in index]:
+        raise StalePack(f"{index_path}: the index lacks {', '.join(missing)}")
+    if not len(index["files"]) == index["count"] == len(index["stamps"]) / 2:  # 2 files per frame
+        raise StalePack(f"{index_path}: the index lists {len(index['files'])} frames' files and "
+                        f"{len(index['stamps'])} file stamps for {index['count']} frames")
     list_file = root / f"{split}.txt"
     if not list_file.is_file() or hashlib.sha256(list_file.read_bytes()).hexdigest() != index["list_sha256"]:
         raise StalePack(f"{index_path}: {list_file.name} changed since it was packed")
@@ -695,6 +710,15 @@ def next_batch(batches, device, config):
     """The next batch of a make_loader iterator on `device` (batch_to_device) -> images,
     labels, and the seconds the host waited for the loader (the reader cost)."""
     start = time.perf_counter()
-    batch = next(batches)
+    try:
+        batch = next(batches)
+    except Exception as e:
+        # the run is over: stop the workers now, which also stops torch's SIGCHLD handler from
+        # raising again, anywhere in the unwinding, for a worker that died
+        if shutdown := getattr(batches, "_shutdown_workers", None):
+            shutdown()
+        if isinstance(e, (ConnectionError, EOFError)):  # a worker died too recently for the DataLoader's check
+            raise RuntimeError(f"DataLoader worker exited while handing over a batch ({type(e).__name__})") from e
+        raise
     waited = time.perf_counter() - start
     return *batch_to_device(batch, device, config), waited

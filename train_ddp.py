@@ -512,8 +512,13 @@ def best_so_far(best, save_dir, start_iter):
 
 
 def save_on_master(obj, path, env):
+    """Rank 0 writes `obj` (a checkpoint, with its "iter") atomically; a failed write (a full
+    disk) leaves no partial file and stops the run naming the path and the last good checkpoint."""
     if env.main:
-        data.atomic_write(path, lambda f: torch.save(obj, f))
+        try:
+            data.atomic_write(path, lambda f: torch.save(obj, f))
+        except OSError as e:
+            stop_before_saving(f"cannot write {path} ({e.strerror or e})", obj["iter"], path.parent)
 
 
 # ---------------------------------------------------------------------------------------
@@ -708,6 +713,16 @@ def eval_only(config, env, ops):
         env.log(f"wrote {out}")
 
 
+def worker_died(error):
+    """-> one line for the RuntimeError of a DataLoader worker that died (killed by a signal,
+    most often the kernel's out-of-memory killer), or None for any other error."""
+    lines = str(error).strip().splitlines()
+    if not lines or not lines[0].startswith("DataLoader worker"):
+        return None
+    return (f"{lines[0].rstrip(' .')}; the out-of-memory killer is the usual cause: lower --num-workers or "
+            f"--batch-size; resume with --resume")
+
+
 def main(argv=None):
     args = parse_args(argv)
     env = setup_process()
@@ -725,6 +740,11 @@ def main(argv=None):
                     return 128 + stopped  # the shell's code for a process ended by that signal
     except BadInput as e:
         print(f"train_ddp.py: error: {data.one_line(e)}", file=sys.stderr, flush=True)
+        return 2
+    except RuntimeError as e:
+        if not (line := worker_died(e)):
+            raise
+        print(f"train_ddp.py: error: {line}", file=sys.stderr, flush=True)
         return 2
     finally:
         cleanup_process()

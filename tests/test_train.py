@@ -36,6 +36,16 @@ def assert_one_line_error(code, stdout, stderr, *fragments):
         assert fragment in error_lines[0], stderr
 
 
+def run_patched(patch, *argv):
+    """train_ddp.py's command line in a process that first runs `patch` (Python source: a
+    failure that a test cannot cause from outside, e.g. a full disk)."""
+    code = "\n".join([f"import runpy, sys; sys.path.insert(0, {str(ROOT)!r})", patch,
+                      f"sys.argv[0] = {str(ROOT / 'train_ddp.py')!r}",
+                      f"runpy.run_path(sys.argv[0], run_name='__main__')"])
+    result = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=300)
+    return result.returncode, result.stdout, result.stderr
+
+
 def load(path):
     return torch.load(path, weights_only=True)
 
@@ -584,3 +594,81 @@ def test_a_stale_lock_is_taken_over_and_another_hosts_lock_is_not(tmp_path):
     (save_dir / ".lock").write_text(json.dumps(dict(stale, host="elsewhere")))
     assert_one_line_error(*run_script(*common, "--resume"), f"in use by pid {gone.pid} on elsewhere")
     assert (save_dir / ".lock").exists()  # not ours: left alone
+
+
+# --- the file system and the workers failing --------------------------------------------
+
+def test_resume_with_other_num_classes_is_one_line(tmp_path):
+    root = make_dataset(tmp_path / "data")
+    common = ["--data-dir", str(root), "--iters", "2", "--save-dir", str(tmp_path / "out"), *TINY]
+    assert run_script(*common)[0] == 0
+    assert_one_line_error(*run_script(*common, "--resume", "--num-classes", "21"), "num_classes 19 -> 21")
+
+
+def test_unusable_save_dir_stops_at_start(tmp_path):
+    root = make_dataset(tmp_path / "data")
+    (tmp_path / "file").write_text("in the way")
+    for save_dir in (tmp_path / "file", tmp_path / "file" / "sub"):
+        code, out, err = run_script("--data-dir", str(root), "--iters", "2", "--save-dir", str(save_dir), *TINY)
+        assert_one_line_error(code, out, err, f"{save_dir}: not a folder this run can write to")
+        assert "initial weights" not in out and "iter 2/" not in out
+    if os.geteuid() != 0:  # root writes to read-only folders
+        (tmp_path / "ro").mkdir(mode=0o555)
+        assert_one_line_error(*run_script("--data-dir", str(root), "--save-dir", str(tmp_path / "ro"), *TINY),
+                              str(tmp_path / "ro"), "Permission denied")
+
+
+def test_a_full_disk_while_saving_stops_and_keeps_the_older_checkpoints(tmp_path):
+    root = make_dataset(tmp_path / "data")
+    save_dir = tmp_path / "out"
+    full_disk_at_the_second_save = """
+import errno, torch
+real_save, saves = torch.save, []
+def save(obj, f, *args, **kwargs):
+    saves.append(1)
+    if len(saves) == 2:
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return real_save(obj, f, *args, **kwargs)
+torch.save = save
+"""
+    code, out, err = run_patched(full_disk_at_the_second_save, "--data-dir", str(root), "--iters", "6",
+                                 "--save-interval", "2", "--save-dir", str(save_dir), *TINY)
+    assert_one_line_error(code, out, err, f"cannot write {save_dir / 'iter_4.pt'} (No space left on device)",
+                          f"last good checkpoint: {save_dir / 'iter_2.pt'}")
+    assert sorted(p.name for p in save_dir.iterdir()) == ["iter_2.pt", "metrics.jsonl"]  # no temporary file, no lock
+    assert load(save_dir / "iter_2.pt")["iter"] == 2
+
+
+def test_list_file_encoding_and_bad_pack_index(tmp_path):
+    root = make_dataset(tmp_path / "data")
+    common = ["--data-dir", str(root), "--iters", "2", *TINY]
+    good = (root / "train.txt").read_bytes()
+    (root / "train.txt").write_bytes(b"\xef\xbb\xbf" + good)  # a byte order mark is fine
+    assert run_script(*common, "--save-dir", str(tmp_path / "a"))[0] == 0
+    (root / "train.txt").write_bytes(good + b"train/caf\xe9.png train/lab0.png\n")  # Latin-1
+    assert_one_line_error(*run_script(*common), f"{root / 'train.txt'}:5: not UTF-8 text (byte 0xe9)")
+    (root / "train.txt").write_bytes(good)
+    pack(root)
+    index_path = root / "packed" / "train.json"
+    index = json.loads(index_path.read_text())
+    index_path.write_text(json.dumps({k: v for k, v in index.items() if k != "stamps"}))
+    assert_one_line_error(*run_script(*common), "stale pack", "lacks stamps", "prepare_data.py --pack")
+    index_path.write_text(json.dumps(dict(index, files=index["files"][:2])))
+    assert_one_line_error(*run_script(*common), "stale pack", "lists 2 frames' files and 8 file stamps for 4 frames")
+
+
+def test_a_killed_dataloader_worker_is_one_line(tmp_path):
+    root = make_dataset(tmp_path / "data")
+    worker_killed_at_position_5 = """
+import os, signal, data
+real_getitem = data.TrainSet.__getitem__
+def getitem(self, item):
+    if item[1] == 5:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_getitem(self, item)
+data.TrainSet.__getitem__ = getitem
+"""
+    code, out, err = run_patched(worker_killed_at_position_5, "--data-dir", str(root), "--iters", "6",
+                                 "--save-dir", str(tmp_path / "out"), *TINY, "--num-workers", "1")
+    assert_one_line_error(code, out, err, "DataLoader worker", "out-of-memory killer", "--num-workers")
