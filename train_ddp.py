@@ -544,6 +544,25 @@ def write_record(record, save_dir, tensorboard):
         tensorboard.flush()
 
 
+def trim_records(save_dir, up_to, log):
+    """Drops the records of SAVE_DIR/metrics.jsonl after iteration `up_to` (a resumed run
+    writes them again) and any line cut short by a kill; rewritten atomically, logged."""
+    path = Path(save_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["iter"] <= up_to:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            pass
+    if len(kept) < len(lines):
+        data.atomic_write(path, "".join(kept))
+        log(f"{path}: dropped {len(lines) - len(kept)} record(s) after iteration {up_to}")
+
+
 def stop_before_saving(problem, done, save_dir):
     last = list_checkpoints(save_dir, up_to=done)
     raise BadInput(f"{problem}; stopped, last good checkpoint: {last[0] if last else 'none'}")
@@ -625,6 +644,8 @@ def train(config, env, ops, signals):
             scaler.load_state_dict(checkpoint["scaler"])
             start_iter, best = checkpoint["iter"], best_so_far(checkpoint["best"], save_dir, checkpoint["iter"])
             env.log(f"resumed from {path} at iteration {start_iter}")
+    if env.main:
+        trim_records(save_dir, start_iter, env.log)
     batches = iter(data.make_loader(pairs, pack, config, env.rank, env.world_size, start_iter))
     tensorboard = open_tensorboard(config) if config.tensorboard and env.main else None
     amp_dtype, cuda = AMP_DTYPES[config.amp], env.device.type == "cuda"

@@ -672,3 +672,20 @@ data.TrainSet.__getitem__ = getitem
     code, out, err = run_patched(worker_killed_at_position_5, "--data-dir", str(root), "--iters", "6",
                                  "--save-dir", str(tmp_path / "out"), *TINY, "--num-workers", "1")
     assert_one_line_error(code, out, err, "DataLoader worker", "out-of-memory killer", "--num-workers")
+
+
+def test_resumed_run_rewrites_the_records_after_its_checkpoint(tmp_path):
+    root = make_dataset(tmp_path / "data")
+    save_dir = tmp_path / "out"
+    common = ["--data-dir", str(root), "--iters", "6", "--save-interval", "2", "--log-iters", "1",
+              "--save-dir", str(save_dir), *TINY[:-2]]
+    assert run_script(*common)[0] == 0
+    (save_dir / "iter_6.pt").unlink()
+    (save_dir / "iter_4.pt").unlink()
+    with open(save_dir / "metrics.jsonl", "a") as f:
+        f.write('{"iter": 7, "lo')  # a line cut short by a kill
+    code, out, err = run_script(*common, "--resume")
+    assert code == 0, err
+    assert f"{save_dir / 'metrics.jsonl'}: dropped 5 record(s) after iteration 2" in out
+    records = [json.loads(line) for line in (save_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in records] == [1, 2, 3, 4, 5, 6]
