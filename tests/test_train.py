@@ -689,3 +689,16 @@ def test_resumed_run_rewrites_the_records_after_its_checkpoint(tmp_path):
     assert f"{save_dir / 'metrics.jsonl'}: dropped 5 record(s) after iteration 2" in out
     records = [json.loads(line) for line in (save_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in records] == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_takes_the_best_from_best_pt_when_no_later(tmp_path):
+    """iter_N.pt is written before the evaluation of iteration N: the best of that
+    evaluation is in best.pt only."""
+    torch.save(dict(metrics=dict(mIoU=0.5), iter=4), tmp_path / "best.pt")
+    older = dict(mIoU=0.3, iter=2)
+    assert train_ddp.best_so_far(older, tmp_path, 4) == dict(mIoU=0.5, iter=4)
+    assert train_ddp.best_so_far(older, tmp_path, 3) == older  # best.pt of a later iteration than the resume
+    assert train_ddp.best_so_far(dict(mIoU=0.6, iter=4), tmp_path, 4) == dict(mIoU=0.6, iter=4)
+    (tmp_path / "best.pt").write_bytes(b"corrupt")
+    with pytest.raises(data.BadInput, match="best.pt is unreadable"):
+        train_ddp.best_so_far(older, tmp_path, 4)
