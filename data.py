@@ -97,7 +97,8 @@ def folder_lock(folder, log=print):
     O_CREAT|O_EXCL, and the lock is complete the moment it appears). Creates the folder: one
     that cannot be created or written to is BadInput naming it. A lock held by a live process,
     or by another host, is BadInput naming the holder; one of this host whose process is gone
-    is taken over (logged). Removed on leaving (a normal end, an error, a handled signal)."""
+    is taken over (logged; two runs taking over one stale lock at the same moment are not told
+    apart). Removed on leaving (a normal end, an error, a handled signal), if still this one's."""
     folder = Path(folder)
     lock = folder / ".lock"
     mine = json.dumps(dict(host=socket.gethostname(), pid=os.getpid(),
