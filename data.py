@@ -16,10 +16,13 @@ Every augmentation draw of a sample is a function of (seed, the sample's positio
 training stream), so a step's batch is the same whichever worker, device or resumed run
 makes it.
 """
+import contextlib
+import datetime
 import hashlib
 import json
 import os
 import re
+import socket
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -62,6 +65,68 @@ def atomic_write(path, content):
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def folder_lock(folder, log=print):
+    """Holds FOLDER/.lock while open: one line of JSON {host, pid, start}, written to a
+    temporary file and hard-linked to .lock (a link fails where .lock exists, as
+    O_CREAT|O_EXCL, and the lock is complete the moment it appears). Creates the folder: one
+    that cannot be created or written to is BadInput naming it. A lock held by a live process,
+    or by another host, is BadInput naming the holder; one of this host whose process is gone
+    is taken over (logged; two runs taking over one stale lock at the same moment are not told
+    apart). Removed on leaving (a normal end, an error, a handled signal), if still this one's."""
+    folder = Path(folder)
+    lock = folder / ".lock"
+    mine = json.dumps(dict(host=socket.gethostname(), pid=os.getpid(),
+                           start=datetime.datetime.now().astimezone().isoformat(timespec="seconds"))) + "\n"
+    tmp = folder / f".lock.tmp{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            tmp.write_text(mine)
+            while True:
+                try:
+                    os.link(tmp, lock)
+                    break
+                except FileExistsError:
+                    take_over_if_gone(lock, log)
+        finally:
+            tmp.unlink(missing_ok=True)
+    except OSError as e:
+        raise BadInput(f"{folder}: not a folder this run can write to ({e.strerror})") from None
+    try:
+        yield lock
+    finally:
+        with contextlib.suppress(OSError):
+            if lock.read_text() == mine:
+                lock.unlink()
+
+
+def take_over_if_gone(lock, log):
+    """Removes `lock` when its process is gone (same host, no such pid); else BadInput naming
+    the holder."""
+    try:
+        holder = json.loads(lock.read_text())
+        host, pid, start = holder["host"], int(holder["pid"]), holder["start"]
+    except FileNotFoundError:
+        return  # released meanwhile
+    except (OSError, ValueError, KeyError, TypeError):
+        raise BadInput(f"{lock}: unreadable lock; remove it if no run uses {lock.parent}") from None
+    alive = host != socket.gethostname()  # another host's process cannot be checked from here
+    if not alive:
+        try:
+            os.kill(pid, 0)
+            alive = True
+        except ProcessLookupError:
+            pass
+        except PermissionError:  # another user's process
+            alive = True
+    if alive:
+        raise BadInput(f"{lock.parent} is in use by pid {pid} on {host} since {start} ({lock}); "
+                       f"wait for that run, choose another folder, or remove the lock if that run is gone")
+    log(f"note: taking over {lock}: pid {pid} on this host (started {start}) is gone")
+    lock.unlink(missing_ok=True)
 
 
 def cache_dir():
@@ -282,8 +347,15 @@ def read_list(data_dir, split):
     list_file = root / f"{split}.txt"
     if not list_file.is_file():
         raise BadInput(f"{list_file}: no such list file (prepare_data.py writes it)")
+    raw = list_file.read_bytes().removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark is tolerated
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line_no = raw[:e.start].count(b"\n") + 1
+        raise BadInput(f"{list_file}:{line_no}: not UTF-8 text "
+                       f"(byte {raw[e.start]:#04x})") from None
     pairs = []
-    for line_no, image, label in parse_list(list_file, list_file.read_text()):
+    for line_no, image, label in parse_list(list_file, text):
         image, label = root / image, root / label
         for path in (image, label):
             if not path.is_file():
@@ -292,13 +364,73 @@ def read_list(data_dir, split):
     return pairs
 
 
-def read_image(image_path):
-    """-> (H, W, 3) uint8 RGB; BadInput naming the file when it is unreadable."""
+# PIL modes of one channel of integers: what a label may be (its values are checked on reading)
+LABEL_MODES = ("L", "P", "I", "I;16", "I;16L", "I;16B", "I;16N")
+WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # read as photos by their top 8 of 16 bits
+
+
+def photo_mode_problem(mode):
+    """-> why read_photo refuses images of PIL `mode`, or None."""
+    if mode == "F":
+        return "32-bit float greyscale (mode F) has no fixed range; save the photo as 8- or 16-bit"
+    if mode.startswith("I;") and mode not in WIDE_GREY_MODES:
+        return f"greyscale of mode {mode} is not supported; save the photo as 8- or 16-bit"
+    return None
+
+
+def label_mode_problem(mode):
+    """-> why read_frame refuses labels of PIL `mode`, or None."""
+    return None if mode in LABEL_MODES else f"label image has mode {mode}, expected one channel of label values"
+
+
+def read_photo(path):
+    """-> the image at `path` as (H, W, 3) uint8 RGB, the one rule of training, evaluation,
+    packing and predict.py: 8-bit images as PIL's convert('RGB') (greyscale and palette
+    expanded, alpha dropped); 16-bit greyscale (PIL modes I;16, I;16B, ...) and 32-bit
+    integer greyscale (mode I, how some 16-bit files load) holding 0..65535 by their top 8
+    bits (value >> 8, i.e. the 8-bit image of the same full range) in all three channels.
+    BadInput naming the file for an unreadable image, float greyscale (mode F), or mode I
+    values outside 0..65535."""
     try:
-        with Image.open(image_path) as im:
-            return np.asarray(im.convert("RGB"))
-    except Exception as e:
-        raise BadInput(f"{image_path}: unreadable image ({type(e).__name__})") from None
+        with Image.open(path) as im:
+            if problem := photo_mode_problem(im.mode):
+                raise BadInput(f"{path}: {problem}")
+            if im.mode not in WIDE_GREY_MODES:
+                return np.asarray(im.convert("RGB"))
+            values = np.asarray(im)
+    except BadInput:
+        raise
+    except Exception as e:  # PIL raises several types for truncated or foreign files
+        raise BadInput(f"{path}: unreadable image ({type(e).__name__})") from None
+    if values.min() < 0 or values.max() > 65535:
+        raise BadInput(f"{path}: 32-bit greyscale values {values.min()}..{values.max()} are outside 0..65535")
+    grey = (values.astype(np.int64) >> 8).astype(np.uint8)  # (H, W)
+    return np.repeat(grey[:, :, None], 3, axis=2)           # (H, W, 3)
+
+
+def check_same_size(image_path, image_size, label_path, label_size):
+    """BadInput unless an image and its label have one (width, height)."""
+    if image_size != label_size:
+        raise BadInput(f"{image_path}: image is {image_size[0]}x{image_size[1]} but its label "
+                       f"{label_path} is {label_size[0]}x{label_size[1]}")
+
+
+def check_headers(pairs):
+    """Reads only the headers of every listed image and label (not their pixels): BadInput
+    naming the first file that does not open, has a mode read_frame refuses, or differs in
+    size from its partner. What evaluation checks at start, before training."""
+    for image_path, label_path in pairs:
+        sizes = []
+        for path, mode_problem in ((image_path, photo_mode_problem), (label_path, label_mode_problem)):
+            try:
+                with Image.open(path) as im:
+                    mode, size = im.mode, im.size
+            except Exception as e:
+                raise BadInput(f"{path}: unreadable image ({type(e).__name__})") from None
+            if problem := mode_problem(mode):
+                raise BadInput(f"{path}: {problem}")
+            sizes.append(size)
+        check_same_size(image_path, sizes[0], label_path, sizes[1])
 
 
 def read_label(label_path):
@@ -307,11 +439,11 @@ def read_label(label_path):
     try:
         with Image.open(label_path) as im:
             mode = im.mode
-            label = np.array(im) if mode in ("L", "P", "I", "I;16") else None  # writable, for torch
+            label = None if label_mode_problem(mode) else np.array(im)  # writable, for torch
     except Exception as e:
         raise BadInput(f"{label_path}: unreadable image ({type(e).__name__})") from None
     if label is None:
-        raise BadInput(f"{label_path}: label image has mode {mode}, expected one channel of label values")
+        raise BadInput(f"{label_path}: {label_mode_problem(mode)}")
     if label.dtype != np.uint8:
         if label.min() < 0 or label.max() > 255:
             bad = np.unique(label[(label < 0) | (label > 255)])
@@ -339,13 +471,11 @@ def disallowed_values(label_path, present, info):
 
 
 def read_frame(image_path, label_path, info):
-    """-> image (H, W, 3) uint8 RGB, label (H, W) uint8 train ids (the stored values through
+    """-> image (H, W, 3) uint8 RGB (read_photo), label (H, W) uint8 train ids (the stored values through
     label_table(info)). BadInput naming the file for an unreadable image, a label of several
     channels, values the dataset does not allow, or image and label of different sizes."""
-    image, label = read_image(image_path), read_label(label_path)
-    if image.shape[:2] != label.shape:
-        raise BadInput(f"{image_path}: image is {image.shape[1]}x{image.shape[0]} but its label "
-                       f"{label_path} is {label.shape[1]}x{label.shape[0]}")
+    image, label = read_photo(image_path), read_label(label_path)
+    check_same_size(image_path, image.shape[1::-1], label_path, label.shape[::-1])
     error = disallowed_values(label_path, stored_values(label), info)
     if error:
         raise error
@@ -394,6 +524,8 @@ def eval_sample(pair, info, config):
 # Packs (reading; prepare_data.pack_split writes them)
 
 PACK_FORMAT = 1
+PACK_KEYS = ("count", "height", "width", "num_classes", "ignore_index", "list_sha256", "files", "stamps",
+             "images", "labels")  # besides "format" (prepare_data.pack_split writes them)
 
 
 def pack_dir(data_dir):
@@ -432,6 +564,11 @@ def read_pack(data_dir, split, info, mmap=True):
         assert index["format"] == PACK_FORMAT
     except Exception:
         raise StalePack(f"{index_path}: unreadable or of another format") from None
+    if missing := [key for key in PACK_KEYS if key not in index]:
+        raise StalePack(f"{index_path}: the index lacks {', '.join(missing)}")
+    if not len(index["files"]) == index["count"] == len(index["stamps"]) / 2:  # 2 files per frame
+        raise StalePack(f"{index_path}: the index lists {len(index['files'])} frames' files and "
+                        f"{len(index['stamps'])} file stamps for {index['count']} frames")
     list_file = root / f"{split}.txt"
     if not list_file.is_file() or hashlib.sha256(list_file.read_bytes()).hexdigest() != index["list_sha256"]:
         raise StalePack(f"{index_path}: {list_file.name} changed since it was packed")
@@ -794,6 +931,15 @@ def next_batch(batches, device, config):
     """The next batch of a make_loader iterator on `device` (batch_to_device) -> images,
     labels, and the seconds the host waited for the loader (the reader cost)."""
     start = time.perf_counter()
-    batch = next(batches)
+    try:
+        batch = next(batches)
+    except Exception as e:
+        # the run is over: stop the workers now, which also stops torch's SIGCHLD handler from
+        # raising again, anywhere in the unwinding, for a worker that died
+        if shutdown := getattr(batches, "_shutdown_workers", None):
+            shutdown()
+        if isinstance(e, (ConnectionError, EOFError)):  # a worker died too recently for the DataLoader's check
+            raise RuntimeError(f"DataLoader worker exited while handing over a batch ({type(e).__name__})") from e
+        raise
     waited = time.perf_counter() - start
     return *batch_to_device(batch, device, config), waited

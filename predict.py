@@ -9,9 +9,12 @@ W is one of this project's checkpoints (train_ddp.py's iter_N.pt / best.pt), a P
 NAME_trainIds.png (uint8 train ids, the input's size) and NAME_color.png (the
 dataset's colours: Cityscapes', or those of the dataset.json the checkpoint was trained
 with or --dataset names); --overlay adds NAME_overlay.png, the palette blended over the photo.
-A folder is searched recursively and its sub-folders are mirrored under --out; consecutive
-images of one size go through the model together, up to --batch-size at a time.
-Preprocessing is PaddleSeg's: RGB, / 255, mean 0.5, std 0.5.
+A folder is searched recursively (except --out, when it is inside) and its sub-folders are
+mirrored under --out; two images whose outputs would share a name (street.png and
+street.jpg in one folder) stop the run before any work, naming both. Consecutive images of
+one size go through the model together, up to --batch-size at a time. Images are read as
+in training (data.read_photo: 8-bit as RGB, 16-bit greyscale by its top 8 bits, float
+refused); preprocessing is PaddleSeg's: RGB, / 255, mean 0.5, std 0.5.
 
 PyTorch weights run on CUDA when available, in bf16 (BatchNorm folded into the convs, then
 model and activations in bf16; --fp32 keeps float32) and channels_last; --compile adds
@@ -21,7 +24,7 @@ window), the logits of overlapping windows averaged, as PaddleSeg's slide_infere
 `.onnx` weights run on onnxruntime's CPU provider (its CUDA provider with --device cuda
 when the installed onnxruntime has it). An unreadable image, or one that does not fit
 a fixed-size export, is reported and skipped; the exit code is then 1. Bad weights or
-arguments: one line and exit code 2.
+arguments (a --device that is not here, an --out that is a file): one line and exit code 2.
 """
 import argparse
 import copy
@@ -288,12 +291,26 @@ def inference_table(model, device, sizes=((1024, 2048), (512, 1024)), batch=1, i
     return "\n".join(lines) + "\n"
 
 
-def find_images(input_path):
-    """-> list of (image path, output stem relative to --out)."""
+def find_images(input_path, out_dir):
+    """-> list of (image path, output stem relative to --out); nothing under `out_dir` (when
+    --out is inside --input, this tool's own outputs are never inputs)."""
     if input_path.is_file():
         return [(input_path, Path(input_path.stem))]
-    files = sorted(p for p in input_path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    out_dir = out_dir.resolve()
+    files = sorted(p for p in input_path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                   and not p.resolve().is_relative_to(out_dir))
     return [(p, p.relative_to(input_path).with_suffix("")) for p in files]
+
+
+def same_output(images):
+    """-> two image paths that would write the same outputs (street.png and street.jpg in
+    one folder), or None."""
+    seen = {}
+    for path, stem in images:
+        if stem in seen:
+            return seen[stem], path
+        seen[stem] = path
+    return None
 
 
 def parse_args(argv=None):
@@ -348,13 +365,12 @@ def load_runner(args, num_classes, device, log):
 
 
 def read_photo(path):
-    """-> the image as RGB, or raises OSError naming why it is unreadable."""
+    """-> the image as an RGB PIL image, by training's rule (data.read_photo: 16-bit
+    greyscale by its top 8 bits); OSError naming the file and why it is refused."""
     try:
-        with Image.open(path) as image:
-            image.load()
-            return image.convert("RGB")
-    except Exception as e:  # PIL raises several types for truncated or foreign files
-        raise OSError(f"unreadable image ({type(e).__name__}: {e})") from None
+        return Image.fromarray(data.read_photo(path))
+    except data.BadInput as e:
+        raise OSError(str(e)) from None
 
 
 def main(argv=None):
@@ -372,6 +388,8 @@ def main(argv=None):
         return bad_input(f"--device {args.device}: not a device (auto, cpu, cuda or cuda:N)")
     if device.type == "cuda" and not torch.cuda.is_available():
         return bad_input(f"--device {args.device}: no CUDA device here")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        return bad_input(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     input_path, out_dir = Path(args.input), Path(args.out)
     if args.batch_size < 1:
         return bad_input(f"--batch-size {args.batch_size}: must be positive")
@@ -386,9 +404,18 @@ def main(argv=None):
         return bad_input("--stride needs --slide")
     if not input_path.exists():
         return bad_input(f"--input {input_path}: no such file or folder")
-    images = find_images(input_path)
+    images = find_images(input_path, out_dir)
     if not images:
         return bad_input(f"--input {input_path}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in it")
+    if input_path.is_dir() and out_dir.resolve().is_relative_to(input_path.resolve()):
+        log(f"--out {out_dir} is inside --input: the files under it are not read")
+    if clash := same_output(images):
+        return bad_input(f"{clash[0]} and {clash[1]} would write the same outputs "
+                         f"({clash[0].with_suffix('').name}_trainIds.png); rename one")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file in the way
+        return bad_input(f"--out {out_dir}: not a folder this can write to ({e.strerror})")
     try:
         dataset = data.dataset_of_weights(args.weights, args.dataset, args.num_classes)
         num_classes = len(dataset.class_names)
@@ -429,7 +456,7 @@ def main(argv=None):
         try:
             photo = read_photo(image_path)
         except OSError as e:
-            log(f"skipping {image_path}: {e}")
+            log(f"skipping {e}")
             failed += 1
             continue
         if fixed_size is not None and photo.size != fixed_size[::-1]:

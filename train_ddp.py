@@ -22,6 +22,7 @@ each step, so `--resume` continues exactly where a run stopped: on the CPU a res
 bitwise equal to an uninterrupted one.
 """
 import argparse
+import contextlib
 import datetime
 import inspect
 import json
@@ -160,6 +161,7 @@ def parse_args(argv=None):
     rules += [("lr", "finite and positive", math.isfinite(args.lr) and args.lr > 0),  # (NaN fails every comparison)
               ("crop_size", "positive", min(args.crop_size) > 0), ("num_workers", "at least 0", args.num_workers >= 0),
               ("scale_step", "positive", args.scale_step > 0),
+              ("scales", "finite and positive", all(math.isfinite(s) and s > 0 for s in args.scales)),
               ("min_scale", "positive and at most --max-scale", 0 < args.min_scale <= args.max_scale),
               ("num_classes", "in 1..255", args.num_classes is None or 1 <= args.num_classes <= 255),
               ("ignore_index", "in 0..255", args.ignore_index is None or 0 <= args.ignore_index <= 255),
@@ -536,6 +538,14 @@ def evaluate(model, pairs, config, env):
     return confusion.compute()
 
 
+def read_val_list(config):
+    """The val pairs, every file's header checked (data.check_headers): a bad val file stops
+    the run at start, not at its first evaluation."""
+    pairs = data.read_list(config.data_dir, "val")
+    data.check_headers(pairs)
+    return pairs
+
+
 def format_metrics(metrics, class_names):
     width = max(14, *map(len, class_names))
     lines = [f"{'class':>{width}}  IoU"]
@@ -592,9 +602,28 @@ def saved_config(config):
     return dict(vars(config), dataset=data.dataset_info_json(config.dataset))
 
 
+def best_so_far(best, save_dir, start_iter):
+    """The best evaluation up to start_iter: the checkpoint's `best`, or best.pt's when that
+    is better and not later (iter_N.pt is written before the evaluation of iteration N)."""
+    path = Path(save_dir) / "best.pt"
+    if not path.is_file():
+        return best
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        saved = dict(mIoU=saved["metrics"]["mIoU"], iter=saved["iter"])
+    except Exception as e:
+        raise BadInput(f"--resume: {path} is unreadable ({type(e).__name__}); move it away to resume") from None
+    return saved if saved["iter"] <= start_iter and saved["mIoU"] > best["mIoU"] else best
+
+
 def save_on_master(obj, path, env):
+    """Rank 0 writes `obj` (a checkpoint, with its "iter") atomically; a failed write (a full
+    disk) leaves no partial file and stops the run naming the path and the last good checkpoint."""
     if env.main:
-        data.atomic_write(path, lambda f: torch.save(obj, f))
+        try:
+            data.atomic_write(path, lambda f: torch.save(obj, f))
+        except OSError as e:
+            stop_before_saving(f"cannot write {path} ({e.strerror or e})", obj["iter"], path.parent)
 
 
 # ---------------------------------------------------------------------------------------
@@ -618,6 +647,25 @@ def write_record(record, save_dir, tensorboard):
             if key != "iter":
                 tensorboard.add_scalar(key, value, record["iter"])
         tensorboard.flush()
+
+
+def trim_records(save_dir, up_to, log):
+    """Drops the records of SAVE_DIR/metrics.jsonl after iteration `up_to` (a resumed run
+    writes them again) and any line cut short by a kill; rewritten atomically, logged."""
+    path = Path(save_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["iter"] <= up_to:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            pass
+    if len(kept) < len(lines):
+        data.atomic_write(path, "".join(kept))
+        log(f"{path}: dropped {len(lines) - len(kept)} record(s) after iteration {up_to}")
 
 
 def stop_before_saving(problem, done, save_dir):
@@ -678,7 +726,7 @@ def train(config, env, ops, signals):
     pairs = data.read_list(config.data_dir, "train")
     pack = data.find_pack(config.data_dir, "train", config.dataset) if config.pack else None
     env.log(f"data: packed {pack['path']}" if pack else f"data: PNG files ({config.data_dir}/train.txt)")
-    val_pairs = data.read_list(config.data_dir, "val") if config.do_eval else None
+    val_pairs = read_val_list(config) if config.do_eval else None
     save_dir = Path(config.save_dir)
     if not config.resume and (held := list_checkpoints(save_dir) + list(save_dir.glob("best.pt"))):
         raise BadInput(f"--save-dir {save_dir} holds checkpoints of another run ({held[0].name}); "
@@ -699,8 +747,10 @@ def train(config, env, ops, signals):
             model.load_state_dict(checkpoint["model"])
             optimizer.load_state_dict(checkpoint["optimizer"])
             scaler.load_state_dict(checkpoint["scaler"])
-            start_iter, best = checkpoint["iter"], checkpoint["best"]
+            start_iter, best = checkpoint["iter"], best_so_far(checkpoint["best"], save_dir, checkpoint["iter"])
             env.log(f"resumed from {path} at iteration {start_iter}")
+    if env.main:
+        trim_records(save_dir, start_iter, env.log)
     batches = iter(data.make_loader(pairs, pack, config.dataset, config, env.rank, env.world_size, start_iter))
     tensorboard = open_tensorboard(config) if config.tensorboard and env.main else None
     amp_dtype, cuda = AMP_DTYPES[config.amp], env.device.type == "cuda"
@@ -745,6 +795,13 @@ def train(config, env, ops, signals):
                 write_record(record, save_dir, tensorboard)
             loss_sum.zero_()
             window_iters, reader_time = 0, 0.0
+        # the checkpoint first: an evaluation that fails (memory, a bad val file) loses no training
+        if is_save:
+            save_on_master(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                                iter=done, best=best, config=saved_config(config)), save_dir / f"iter_{done}.pt", env)
+            if env.main:
+                for old in list_checkpoints(save_dir, up_to=done)[config.keep_checkpoints:]:  # later ones stay
+                    old.unlink(missing_ok=True)
         if is_eval:
             metrics = evaluate(model, val_pairs, config, env)
             env.log(format_metrics(metrics, config.dataset.class_names))
@@ -757,12 +814,6 @@ def train(config, env, ops, signals):
                 save_on_master(dict(model=model.state_dict(), iter=done, metrics=metrics, config=saved_config(config)),
                                save_dir / "best.pt", env)
             env.log(f"best mIoU {100 * best['mIoU']:.2f} at iteration {best['iter']}")
-        if is_save:
-            save_on_master(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                                iter=done, best=best, config=saved_config(config)), save_dir / f"iter_{done}.pt", env)
-            if env.main:
-                for old in list_checkpoints(save_dir, up_to=done)[config.keep_checkpoints:]:  # later ones stay
-                    old.unlink(missing_ok=True)
         if done % config.log_iters == 0 or is_save or is_eval:
             window_start = time.perf_counter()  # evaluation and saving stay out of batch_cost
         if stop:
@@ -778,7 +829,7 @@ def train(config, env, ops, signals):
 
 
 def eval_only(config, env, ops):
-    pairs = data.read_list(config.data_dir, "val")
+    pairs = read_val_list(config)
     metrics = evaluate(build_model(config, env, ops[1]), pairs, config, env)
     env.log(format_metrics(metrics, config.dataset.class_names))
     if env.main:
@@ -786,6 +837,16 @@ def eval_only(config, env, ops):
         out.parent.mkdir(parents=True, exist_ok=True)
         data.atomic_write(out, json.dumps(dict(weights=str(config.weights), **metrics), indent=2))
         env.log(f"wrote {out}")
+
+
+def worker_died(error):
+    """-> one line for the RuntimeError of a DataLoader worker that died (killed by a signal,
+    most often the kernel's out-of-memory killer), or None for any other error."""
+    lines = str(error).strip().splitlines()
+    if not lines or not lines[0].startswith("DataLoader worker"):
+        return None
+    return (f"{lines[0].rstrip(' .')}; the out-of-memory killer is the usual cause: lower --num-workers or "
+            f"--batch-size; resume with --resume")
 
 
 def main(argv=None):
@@ -798,11 +859,18 @@ def main(argv=None):
         if config.eval_only:
             eval_only(config, env, ops)
         else:
-            with StopSignals() as signals:
+            # rank 0 holds SAVE_DIR/.lock for the run's life: a second run on the dir stops at start
+            lock = data.folder_lock(config.save_dir, log=env.log) if env.main else contextlib.nullcontext()
+            with lock, StopSignals() as signals:
                 if stopped := train(config, env, ops, signals):
                     return 128 + stopped  # the shell's code for a process ended by that signal
     except BadInput as e:
         print(f"train_ddp.py: error: {data.one_line(e)}", file=sys.stderr, flush=True)
+        return 2
+    except RuntimeError as e:
+        if not (line := worker_died(e)):
+            raise
+        print(f"train_ddp.py: error: {line}", file=sys.stderr, flush=True)
         return 2
     finally:
         cleanup_process()

@@ -218,3 +218,32 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     with pytest.raises(RuntimeError):
         data.atomic_write(path, fails)
     assert path.read_text() == "good" and [p.name for p in tmp_path.iterdir()] == ["state.bin"]
+
+
+def test_photos_16_bit_greyscale_by_their_top_8_bits_in_frames_and_packs(tmp_path):
+    """The one rule of data.read_photo, in read_frame and in a pack: a 16-bit greyscale photo
+    is the 8-bit greyscale image of value >> 8 (PIL's own convert('RGB') would clip it to
+    255); 32-bit integers beyond 16 bits and float photos are refused by name. A label may be
+    16-bit while its values are train ids."""
+    root = make_dataset(tmp_path / "data", num_train=2)
+    wide = np.random.default_rng(0).integers(0, 65536, (40, 60)).astype(np.uint16)
+    expected = np.repeat((wide >> 8).astype(np.uint8)[:, :, None], 3, axis=2)
+    Image.fromarray(wide).save(root / "train" / "img0.png")
+    assert Image.open(root / "train" / "img0.png").mode == "I;16"
+    assert not np.array_equal(np.asarray(Image.open(root / "train" / "img0.png").convert("RGB")), expected)
+    label = np.asarray(Image.open(root / "train" / "lab0.png"))
+    Image.fromarray(label.astype(np.uint16)).save(root / "train" / "lab0.png")  # a 16-bit label of train ids
+    image, read_label = data.read_frame(root / "train" / "img0.png", root / "train" / "lab0.png")
+    np.testing.assert_array_equal(image, expected)
+    np.testing.assert_array_equal(read_label, label)
+    pack(root)  # decodes through read_frame
+    np.testing.assert_array_equal(data.read_pack(root, "train")["images"][0], expected)
+    Image.fromarray(np.full((40, 60), 70000, np.int32)).save(root / "train" / "img1.tif")
+    with pytest.raises(data.BadInput, match=r"img1.tif: 32-bit greyscale values 70000..70000 are outside 0..65535"):
+        data.read_photo(root / "train" / "img1.tif")
+    Image.fromarray(np.zeros((40, 60), np.float32)).save(root / "train" / "img1.tif")
+    with pytest.raises(data.BadInput, match=r"img1.tif: 32-bit float greyscale \(mode F\)"):
+        data.read_photo(root / "train" / "img1.tif")
+    Image.fromarray(np.full((40, 60), 300, np.uint16)).save(root / "train" / "lab1.png")
+    with pytest.raises(data.BadInput, match=r"lab1.png: values \[300\] are neither train ids"):
+        data.read_frame(root / "train" / "img1.png", root / "train" / "lab1.png")

@@ -65,3 +65,72 @@ def test_predict_bad_weights_is_one_line_error(tmp_path):
     assert result.returncode != 0
     assert "w.pt" in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def run_predict(*argv):
+    result = subprocess.run([sys.executable, str(ROOT / "predict.py"), *argv], capture_output=True, text=True,
+                            timeout=300)
+    return result.returncode, result.stdout, result.stderr
+
+
+def assert_one_line_error(code, err, *fragments):
+    assert code == 2 and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1 and "error" in err, err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "model.pt"
+    torch.save({"model": BiSeNetV2(19).state_dict()}, path)
+    return path
+
+
+def test_out_inside_input_is_never_read(checkpoint, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), np.uint8)).save(images / "a.png")
+    common = ["--weights", str(checkpoint), "--input", str(images), "--out", str(images / "pred"), "--device", "cpu"]
+    for _ in range(2):
+        code, _, err = run_predict(*common)
+        assert code == 0 and "1 image(s)" in err and "is inside --input" in err, err
+    assert sorted(p.name for p in (images / "pred").iterdir()) == ["a_color.png", "a_trainIds.png"]
+
+
+def test_colliding_names_out_file_and_devices_are_one_line(checkpoint, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    photo = Image.fromarray(np.zeros((8, 8, 3), np.uint8))
+    photo.save(images / "street.png")
+    photo.save(images / "street.jpg")
+    out = tmp_path / "out"
+    code, _, err = run_predict("--weights", str(checkpoint), "--input", str(images), "--out", str(out))
+    assert_one_line_error(code, err, str(images / "street.jpg"), str(images / "street.png"), "street_trainIds.png")
+    assert not out.exists()
+    (images / "street.jpg").unlink()
+    (tmp_path / "file").write_text("in the way")
+    code, _, err = run_predict("--weights", str(checkpoint), "--input", str(images), "--out", str(tmp_path / "file"))
+    assert_one_line_error(code, err, f"--out {tmp_path / 'file'}")
+    for device in ("banana", "cuda:7"):
+        code, _, err = run_predict("--weights", str(checkpoint), "--input", str(images), "--out", str(out),
+                                   "--device", device)
+        assert_one_line_error(code, err, f"--device {device}")
+
+
+def test_16_bit_greyscale_is_read_by_its_top_8_bits(checkpoint, tmp_path):
+    """A 16-bit greyscale PNG segments as the 8-bit greyscale image of value >> 8; a float
+    image is refused by name (skipped, exit code 1)."""
+    images = tmp_path / "images"
+    images.mkdir()
+    wide = np.random.default_rng(0).integers(0, 65536, (40, 60)).astype(np.uint16)
+    Image.fromarray(wide).save(images / "wide.png")
+    Image.fromarray((wide >> 8).astype(np.uint8)).save(images / "narrow.png")
+    Image.fromarray(wide.astype(np.float32) / 65535).save(images / "float.tif")
+    out = tmp_path / "out"
+    code, _, err = run_predict("--weights", str(checkpoint), "--input", str(images), "--out", str(out),
+                               "--device", "cpu")
+    assert code == 1 and "float.tif: 32-bit float greyscale (mode F)" in err, err
+    wide_ids = np.asarray(Image.open(out / "wide_trainIds.png"))
+    np.testing.assert_array_equal(wide_ids, np.asarray(Image.open(out / "narrow_trainIds.png")))

@@ -3,6 +3,7 @@ exact resume, evaluation against the official evaluator, learning, bad input."""
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -33,6 +34,16 @@ def assert_one_line_error(code, stdout, stderr, *fragments):
     assert len(error_lines) == 1, stderr
     for fragment in fragments:
         assert fragment in error_lines[0], stderr
+
+
+def run_patched(patch, *argv):
+    """train_ddp.py's command line in a process that first runs `patch` (Python source: a
+    failure that a test cannot cause from outside, e.g. a full disk)."""
+    code = "\n".join([f"import runpy, sys; sys.path.insert(0, {str(ROOT)!r})", patch,
+                      f"sys.argv[0] = {str(ROOT / 'train_ddp.py')!r}",
+                      f"runpy.run_path(sys.argv[0], run_name='__main__')"])
+    result = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=300)
+    return result.returncode, result.stdout, result.stderr
 
 
 def load(path):
@@ -271,9 +282,10 @@ def test_resume_refuses_settings_that_change_the_computation(tmp_path, capsys):
     common = ["--data-dir", str(root), "--iters", "6", "--save-interval", "3", "--save-dir", str(save_dir), *TINY]
     assert train_ddp.main(common) == 0
     (save_dir / "iter_6.pt").unlink()
-    code, out, err = run_script(*common, "--resume", "--lr", "0.01", "--crop-size", "32", "40", "--iters", "9")
+    code, out, err = run_script(*common, "--resume", "--lr", "0.01", "--crop-size", "32", "40", "--iters", "9",
+                                "--num-classes", "21")
     assert_one_line_error(code, out, err, str(save_dir / "iter_3.pt"), "(saved -> given)", "iters 6 -> 9",
-                          "crop_size [32, 48] -> [32, 40]", "lr 0.05 -> 0.01")
+                          "crop_size [32, 48] -> [32, 40]", "lr 0.05 -> 0.01", "num_classes 19 -> 21")
     assert "batch_size" not in err and not (save_dir / "iter_6.pt").exists()
     # bookkeeping settings may change
     assert train_ddp.main([*common, "--resume", "--log-iters", "3", "--keep-checkpoints", "1"]) == 0
@@ -481,7 +493,9 @@ def test_bad_flag_values_are_one_line(tmp_path, capsys):
                             (["--num-workers", "-1"], "--num-workers"), (["--scale-step", "0"], "--scale-step"),
                             (["--min-scale", "2", "--max-scale", "1"], "--min-scale"),
                             (["--min-scale", "0"], "--min-scale"), (["--ignore-index", "256"], "--ignore-index"),
-                            (["--ignore-index", "-1"], "--ignore-index"), (["--eval-interval", "0"], "--eval-interval")):
+                            (["--ignore-index", "-1"], "--ignore-index"), (["--eval-interval", "0"], "--eval-interval"),
+                            (["--scales", "1", "0"], "--scales must be finite and positive, got 1.0 0.0"),
+                            (["--scales", "nan"], "--scales")):
         with pytest.raises(SystemExit) as stop:
             train_ddp.main(["--data-dir", str(tmp_path), *flags])
         assert_one_line_error(stop.value.code, "", capsys.readouterr().err, fragment, "must be")
@@ -505,3 +519,179 @@ def test_compile_sees_model_and_loss_without_graph_breaks(loss):
     criterion = train_ddp.SegmentationLoss(kernels.ohem_cross_entropy, config)
     explained = torch._dynamo.explain(criterion)(outputs, labels)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+# --- save, then evaluate; evaluation's input checked at start ---------------------------
+
+def test_checkpoint_is_written_before_evaluation(tmp_path):
+    """A val label whose pixels are bad (its header is fine) fails the first evaluation; the
+    checkpoint of that iteration is already written."""
+    root = make_dataset(tmp_path / "data")
+    Image.fromarray(np.full((40, 60), 40, np.uint8)).save(root / "val" / "lab1.png")  # train id 40
+    save_dir = tmp_path / "out"
+    code, out, err = run_script("--data-dir", str(root), "--iters", "4", "--save-interval", "2", "--do-eval",
+                                "--save-dir", str(save_dir), *TINY)
+    assert_one_line_error(code, out, err, "lab1.png", "40")
+    assert load(save_dir / "iter_2.pt")["iter"] == 2 and not (save_dir / "best.pt").exists()
+    assert not (save_dir / ".lock").exists()  # released on an error too
+
+
+def test_bad_val_file_stops_before_training(tmp_path):
+    root = make_dataset(tmp_path / "data")
+    common = ["--data-dir", str(root), "--iters", "2", "--save-interval", "2", *TINY]
+    (root / "val" / "img1.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    code, out, err = run_script(*common, "--do-eval", "--save-dir", str(tmp_path / "b"))
+    assert_one_line_error(code, out, err, str(root / "val" / "img1.png"), "unreadable image")
+    assert "iter 2/" not in out and not list((tmp_path / "b").iterdir())
+    make_dataset(root)
+    Image.fromarray(np.zeros((40, 60, 3), np.uint8)).save(root / "val" / "lab0.png")  # an RGB label
+    code, out, err = run_script(*common, "--do-eval", "--save-dir", str(tmp_path / "c"))
+    assert_one_line_error(code, out, err, "lab0.png", "mode RGB")
+    Image.fromarray(np.zeros((41, 60), np.uint8)).save(root / "val" / "lab0.png")
+    code, out, err = run_script(*common, "--eval-only", "--weights", str(tmp_path / "unused.pt"))
+    assert_one_line_error(code, out, err, "img0.png", "60x40", "60x41")
+    # without evaluation the val files are not read
+    assert run_script(*common, "--save-dir", str(tmp_path / "d"))[0] == 0
+
+
+# --- the save dir's lock ----------------------------------------------------------------
+
+def test_a_second_run_on_a_locked_save_dir_stops_naming_the_holder(tmp_path):
+    root = make_dataset(tmp_path / "data")
+    save_dir = tmp_path / "out"
+    common = ["--data-dir", str(root), "--iters", "100000", "--save-interval", "100000", "--save-dir", str(save_dir),
+              *TINY]
+    first = subprocess.Popen([sys.executable, str(ROOT / "train_ddp.py"), *common], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        while not (save_dir / "metrics.jsonl").exists():  # training: the lock is held
+            assert first.poll() is None, first.communicate()
+            time.sleep(0.05)
+        holder = json.loads((save_dir / ".lock").read_text())
+        assert holder["pid"] == first.pid and holder["host"] == socket.gethostname()
+        code, out, err = run_script(*common, "--resume")
+        assert_one_line_error(code, out, err, f"in use by pid {first.pid} on {socket.gethostname()} since "
+                              f"{holder['start']}", str(save_dir / ".lock"))
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=120)
+    assert first.returncode == 128 + signal.SIGTERM
+    assert not (save_dir / ".lock").exists()  # released on a stop
+
+
+def test_a_stale_lock_is_taken_over_and_another_hosts_lock_is_not(tmp_path):
+    root = make_dataset(tmp_path / "data")
+    save_dir = tmp_path / "out"
+    save_dir.mkdir()
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    stale = dict(host=socket.gethostname(), pid=gone.pid, start="2026-01-01T00:00:00+00:00")
+    (save_dir / ".lock").write_text(json.dumps(stale))
+    common = ["--data-dir", str(root), "--iters", "2", "--save-dir", str(save_dir), *TINY]
+    code, out, err = run_script(*common)
+    assert code == 0, err
+    assert f"note: taking over {save_dir / '.lock'}: pid {gone.pid} on this host (started {stale['start']}) is gone" in out
+    assert not (save_dir / ".lock").exists()
+    (save_dir / ".lock").write_text(json.dumps(dict(stale, host="elsewhere")))
+    assert_one_line_error(*run_script(*common, "--resume"), f"in use by pid {gone.pid} on elsewhere")
+    assert (save_dir / ".lock").exists()  # not ours: left alone
+
+
+# --- the file system and the workers failing --------------------------------------------
+
+def test_unusable_save_dir_stops_at_start(tmp_path):
+    root = make_dataset(tmp_path / "data")
+    (tmp_path / "file").write_text("in the way")
+    for save_dir in (tmp_path / "file", tmp_path / "file" / "sub"):
+        code, out, err = run_script("--data-dir", str(root), "--iters", "2", "--save-dir", str(save_dir), *TINY)
+        assert_one_line_error(code, out, err, f"{save_dir}: not a folder this run can write to")
+        assert "initial weights" not in out and "iter 2/" not in out
+    if os.geteuid() != 0:  # root writes to read-only folders
+        (tmp_path / "ro").mkdir(mode=0o555)
+        assert_one_line_error(*run_script("--data-dir", str(root), "--save-dir", str(tmp_path / "ro"), *TINY),
+                              str(tmp_path / "ro"), "Permission denied")
+
+
+def test_a_full_disk_while_saving_stops_and_keeps_the_older_checkpoints(tmp_path):
+    root = make_dataset(tmp_path / "data")
+    save_dir = tmp_path / "out"
+    full_disk_at_the_second_save = """
+import errno, torch
+real_save, saves = torch.save, []
+def save(obj, f, *args, **kwargs):
+    saves.append(1)
+    if len(saves) == 2:
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return real_save(obj, f, *args, **kwargs)
+torch.save = save
+"""
+    code, out, err = run_patched(full_disk_at_the_second_save, "--data-dir", str(root), "--iters", "6",
+                                 "--save-interval", "2", "--save-dir", str(save_dir), *TINY)
+    assert_one_line_error(code, out, err, f"cannot write {save_dir / 'iter_4.pt'} (No space left on device)",
+                          f"last good checkpoint: {save_dir / 'iter_2.pt'}")
+    assert sorted(p.name for p in save_dir.iterdir()) == ["iter_2.pt", "metrics.jsonl"]  # no temporary file, no lock
+    assert load(save_dir / "iter_2.pt")["iter"] == 2
+
+
+def test_list_file_encoding_and_bad_pack_index(tmp_path):
+    root = make_dataset(tmp_path / "data")
+    common = ["--data-dir", str(root), "--iters", "2", *TINY]
+    good = (root / "train.txt").read_bytes()
+    (root / "train.txt").write_bytes(b"\xef\xbb\xbf" + good)  # a byte order mark is fine
+    assert run_script(*common, "--save-dir", str(tmp_path / "a"))[0] == 0
+    (root / "train.txt").write_bytes(good + b"train/caf\xe9.png train/lab0.png\n")  # Latin-1
+    assert_one_line_error(*run_script(*common), f"{root / 'train.txt'}:5: not UTF-8 text (byte 0xe9)")
+    (root / "train.txt").write_bytes(good)
+    pack(root)
+    index_path = root / "packed" / "train.json"
+    index = json.loads(index_path.read_text())
+    index_path.write_text(json.dumps({k: v for k, v in index.items() if k != "stamps"}))
+    assert_one_line_error(*run_script(*common), "stale pack", "lacks stamps", "prepare_data.py --pack")
+    index_path.write_text(json.dumps(dict(index, files=index["files"][:2])))
+    assert_one_line_error(*run_script(*common), "stale pack", "lists 2 frames' files and 8 file stamps for 4 frames")
+
+
+def test_a_killed_dataloader_worker_is_one_line(tmp_path):
+    root = make_dataset(tmp_path / "data")
+    worker_killed_at_position_5 = """
+import os, signal, data
+real_getitem = data.TrainSet.__getitem__
+def getitem(self, item):
+    if item[1] == 5:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_getitem(self, item)
+data.TrainSet.__getitem__ = getitem
+"""
+    code, out, err = run_patched(worker_killed_at_position_5, "--data-dir", str(root), "--iters", "6",
+                                 "--save-dir", str(tmp_path / "out"), *TINY, "--num-workers", "1")
+    assert_one_line_error(code, out, err, "DataLoader worker", "out-of-memory killer", "--num-workers")
+
+
+def test_resumed_run_rewrites_the_records_after_its_checkpoint(tmp_path):
+    root = make_dataset(tmp_path / "data")
+    save_dir = tmp_path / "out"
+    common = ["--data-dir", str(root), "--iters", "4", "--save-interval", "2", "--log-iters", "1",
+              "--save-dir", str(save_dir), *TINY[:-2]]
+    assert run_script(*common)[0] == 0
+    (save_dir / "iter_4.pt").unlink()
+    with open(save_dir / "metrics.jsonl", "a") as f:
+        f.write('{"iter": 5, "lo')  # a line cut short by a kill
+    code, out, err = run_script(*common, "--resume")
+    assert code == 0, err
+    assert f"{save_dir / 'metrics.jsonl'}: dropped 3 record(s) after iteration 2" in out
+    records = [json.loads(line) for line in (save_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in records] == [1, 2, 3, 4]
+
+
+def test_resume_takes_the_best_from_best_pt_when_no_later(tmp_path):
+    """iter_N.pt is written before the evaluation of iteration N: the best of that
+    evaluation is in best.pt only."""
+    torch.save(dict(metrics=dict(mIoU=0.5), iter=4), tmp_path / "best.pt")
+    older = dict(mIoU=0.3, iter=2)
+    assert train_ddp.best_so_far(older, tmp_path, 4) == dict(mIoU=0.5, iter=4)
+    assert train_ddp.best_so_far(older, tmp_path, 3) == older  # best.pt of a later iteration than the resume
+    assert train_ddp.best_so_far(dict(mIoU=0.6, iter=4), tmp_path, 4) == dict(mIoU=0.6, iter=4)
+    (tmp_path / "best.pt").write_bytes(b"corrupt")
+    with pytest.raises(data.BadInput, match="best.pt is unreadable"):
+        train_ddp.best_so_far(older, tmp_path, 4)
