@@ -233,11 +233,11 @@ def test_photos_16_bit_greyscale_by_their_top_8_bits_in_frames_and_packs(tmp_pat
     assert not np.array_equal(np.asarray(Image.open(root / "train" / "img0.png").convert("RGB")), expected)
     label = np.asarray(Image.open(root / "train" / "lab0.png"))
     Image.fromarray(label.astype(np.uint16)).save(root / "train" / "lab0.png")  # a 16-bit label of train ids
-    image, read_label = data.read_frame(root / "train" / "img0.png", root / "train" / "lab0.png")
+    image, read_label = data.read_frame(root / "train" / "img0.png", root / "train" / "lab0.png", data.CITYSCAPES)
     np.testing.assert_array_equal(image, expected)
     np.testing.assert_array_equal(read_label, label)
     pack(root)  # decodes through read_frame
-    np.testing.assert_array_equal(data.read_pack(root, "train")["images"][0], expected)
+    np.testing.assert_array_equal(data.read_pack(root, "train", data.CITYSCAPES)["images"][0], expected)
     Image.fromarray(np.full((40, 60), 70000, np.int32)).save(root / "train" / "img1.tif")
     with pytest.raises(data.BadInput, match=r"img1.tif: 32-bit greyscale values 70000..70000 are outside 0..65535"):
         data.read_photo(root / "train" / "img1.tif")
@@ -245,5 +245,5 @@ def test_photos_16_bit_greyscale_by_their_top_8_bits_in_frames_and_packs(tmp_pat
     with pytest.raises(data.BadInput, match=r"img1.tif: 32-bit float greyscale \(mode F\)"):
         data.read_photo(root / "train" / "img1.tif")
     Image.fromarray(np.full((40, 60), 300, np.uint16)).save(root / "train" / "lab1.png")
-    with pytest.raises(data.BadInput, match=r"lab1.png: values \[300\] are neither train ids"):
-        data.read_frame(root / "train" / "img1.png", root / "train" / "lab1.png")
+    with pytest.raises(data.BadInput, match=r"lab1.png: values \[300\] are beyond the label values 0..255"):
+        data.read_frame(root / "train" / "img1.png", root / "train" / "lab1.png", data.CITYSCAPES)
