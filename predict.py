@@ -420,8 +420,8 @@ def main(argv=None):
         dataset = data.dataset_of_weights(args.weights, args.dataset, args.num_classes)
         num_classes = len(dataset.class_names)
         if args.num_classes not in (None, num_classes):
-            return bad_input(f"--num-classes {args.num_classes}, but the dataset has {num_classes} classes "
-                             f"({', '.join(dataset.class_names[:4])}, ...)")
+            names = ", ".join(dataset.class_names[:4]) + (", ..." if num_classes > 4 else "")
+            return bad_input(f"--num-classes {args.num_classes}, but the dataset has {num_classes} classes ({names})")
         run, fixed_size, most_per_call = load_runner(args, num_classes, device, log)
     except data.BadInput as e:
         return bad_input(str(e))
