@@ -56,6 +56,21 @@ BISENET_HD int first_dst_with_tap_at_least(int i, int in_size, int out_size, acc
   return dst;
 }
 
+// Host side: the most high-res indices any tile of `tile` low-res indices (tiles starting at
+// 0, tile, 2 tile, ...) has in its window, [first(i0 - 1), first(i0 + tile)): the
+// backward kernels' shared-memory capacities, from the tap arithmetic the kernels use.
+template <typename acc_t>
+inline int most_window_span(int in_size, int out_size, acc_t scale, int tile) {
+  int most = 0;
+  for (int i0 = 0; i0 < in_size; i0 += tile) {
+    const int i1 = i0 + tile < in_size ? i0 + tile : in_size;
+    const int span = first_dst_with_tap_at_least(i1, in_size, out_size, scale) -
+                     first_dst_with_tap_at_least(i0 - 1, in_size, out_size, scale);
+    if (span > most) most = span;
+  }
+  return most;
+}
+
 // Weight with which high-res index dst (taps t) reads low-res index i (both taps may be i
 // at the last row/column, where i1 == i0).
 template <typename acc_t>

@@ -1,5 +1,5 @@
 // CUDA kernels of the fused upsample + cross-entropy loss: the per-pixel forward, the
-// gather backward into the low-res logits, and the OHEM selection's weights.
+// tiled gather backward into the low-res logits, and the OHEM selection's weights.
 // The arithmetic lives in ohem_ce_math.h (shared with the C++ CPU loops in ohem_ce.cpp);
 // this file maps items to threads, launches, and registers the CUDA implementations of the
 // ops whose schema ohem_ce.cpp defines; prepare_* (ohem_ce_op.h) check the inputs, make them
@@ -44,27 +44,40 @@ __global__ void __launch_bounds__(kThreads) ce_forward_kernel(
   }
 }
 
-// One block per low-res row (n, c, i): the row sums of every high-res column into shared
-// memory, then the low-res row's gradients (ohem_ce_math.h: no atomics, deterministic).
+// One block per tile of low-res rows and columns, all classes (ohem_ce_math.h, "Backward
+// tiling"): the window's pixels and taps into shared memory once, then per class the staged
+// logit rows, the segment sums and the tile's gradients. No atomics: deterministic.
 template <typename scalar_t, typename label_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) ce_backward_kernel(
-    CeGeometry<acc_t> geo, int classes_per_block, const scalar_t* __restrict__ logits,
+    CeGeometry<acc_t> geo, CeBackwardPlan plan, const scalar_t* __restrict__ logits,
     const label_t* __restrict__ labels, const acc_t* __restrict__ grad_loss, const acc_t* __restrict__ lse,
     int64_t ignore_index, scalar_t* __restrict__ grad_logits) {
   extern __shared__ __align__(16) unsigned char shared_bytes[];
-  acc_t* row_sums = reinterpret_cast<acc_t*>(shared_bytes);  // (classes, W)
-  const CeBackwardBlock b = ce_backward_block(blockIdx.x, geo, classes_per_block);
+  const CeBackwardBuffers<acc_t> buf = ce_backward_buffers<acc_t>(shared_bytes, plan);
+  const CeTile t = ce_backward_tile(blockIdx.x, geo, plan);
   const int64_t pixels = static_cast<int64_t>(geo.H) * geo.W;
-  const int64_t plane = static_cast<int64_t>(geo.h) * geo.w;
-  for (int x = threadIdx.x; x < geo.W; x += blockDim.x)
-    ce_backward_row_sums<scalar_t, label_t, acc_t>(geo, logits + b.n * geo.C * plane, labels + b.n * pixels,
-                                                   grad_loss + b.n * pixels, lse + b.n * pixels, ignore_index, b.c0,
-                                                   b.classes, b.i, x, row_sums + x, geo.W);
+  const int plane = geo.h * geo.w;
+  const int64_t sample = static_cast<int64_t>(t.n) * geo.C * plane;
+  for (int item = threadIdx.x; item < ce_tile_tables(t); item += blockDim.x) ce_backward_table_item(item, t, geo, buf);
+  for (int item = threadIdx.x; item < ce_tile_window(t); item += blockDim.x)
+    ce_backward_pixel_item<label_t, acc_t>(item, t, geo, labels + t.n * pixels, grad_loss + t.n * pixels,
+                                           lse + t.n * pixels, ignore_index, buf);
+  __syncthreads();  // the column taps, for the stage
+  for (int item = threadIdx.x; item < ce_tile_staged(t); item += blockDim.x)
+    ce_backward_stage_item<scalar_t, acc_t>(item, t, geo, logits + sample, buf);
   __syncthreads();
-  for (int item = threadIdx.x; item < b.classes * geo.w; item += blockDim.x) {
-    const int k = item / geo.w, j = item % geo.w;
-    grad_logits[((b.n * geo.C + b.c0 + k) * geo.h + b.i) * geo.w + j] =
-        static_cast<scalar_t>(ce_backward_column_sum<acc_t>(geo, row_sums + k * geo.W, j));
+  for (int c = 0; c < geo.C; ++c) {
+    for (int item = threadIdx.x; item < ce_tile_segments(t); item += blockDim.x)
+      ce_backward_segment_item(item, c, t, buf);
+    __syncthreads();  // the segment sums are complete; the staged rows are free
+    for (int item = threadIdx.x; item < ce_tile_outputs(t); item += blockDim.x)
+      grad_logits[sample + c * plane + ce_output_offset(item, t, geo)] =
+          static_cast<scalar_t>(ce_backward_output_item(item, t, buf));
+    if (c + 1 < geo.C) {
+      for (int item = threadIdx.x; item < ce_tile_staged(t); item += blockDim.x)
+        ce_backward_stage_item<scalar_t, acc_t>(item, t, geo, logits + sample + (c + 1) * plane, buf);
+    }
+    __syncthreads();  // the next class's rows are staged; the segment sums are free
   }
 }
 
@@ -180,11 +193,13 @@ void backward_typed(const CeBackwardCall& call, int64_t ignore_index) {
   const at::Tensor& logits = call.logits;
   auto geo = make_ce_geometry<acc_t>(logits.size(0), logits.size(1), logits.size(2), logits.size(3),
                                      call.labels.size(1), call.labels.size(2));
-  const int groups = (geo.C + call.classes_per_block - 1) / call.classes_per_block;
-  const int64_t blocks = logits.size(0) * groups * logits.size(2);  // < 2^31 rows, checked by prepare
-  const size_t shared = static_cast<size_t>(call.classes_per_block) * geo.W * sizeof(acc_t);  // within the budget, idem
-  ce_backward_kernel<scalar_t, label_t, acc_t><<<blocks, kThreads, shared, c10::cuda::getCurrentCUDAStream()>>>(
-      geo, call.classes_per_block, logits.const_data_ptr<scalar_t>(), call.labels.const_data_ptr<label_t>(),
+  const auto kernel = ce_backward_kernel<scalar_t, label_t, acc_t>;
+  // the plan is within kCeMaxSharedBytes (prepare); above 48 KiB a kernel must opt in
+  if (call.plan.shared_bytes > kCeSharedBytes)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(call.plan.shared_bytes)));
+  kernel<<<ce_backward_blocks(geo, call.plan), kThreads, call.plan.shared_bytes, c10::cuda::getCurrentCUDAStream()>>>(
+      geo, call.plan, logits.const_data_ptr<scalar_t>(), call.labels.const_data_ptr<label_t>(),
       call.grad_loss.const_data_ptr<acc_t>(), call.lse.const_data_ptr<acc_t>(), ignore_index,
       call.grad_logits.mutable_data_ptr<scalar_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -202,9 +217,9 @@ std::tuple<at::Tensor, at::Tensor> upsample_ce_forward_cuda(const at::Tensor& lo
 }
 
 at::Tensor upsample_ce_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& labels,
-                                     const at::Tensor& lse, int64_t ignore_index) {
-  const CeBackwardCall call = prepare_ce_backward(grad_loss, logits, labels, lse);
-  if (call.logits.numel() == 0) return call.grad_logits;
+                                     const at::Tensor& lse, int64_t ignore_index, int64_t band, int64_t chunk) {
+  const CeBackwardCall call = prepare_ce_backward(grad_loss, logits, labels, lse, band, chunk);
+  if (call.plan.band == 0) return call.grad_logits;
   c10::cuda::CUDAGuard guard(logits.device());
 #define BISENET_CE_BACKWARD(scalar_t, label_t) backward_typed<scalar_t, label_t>(call, ignore_index)
   BISENET_CE_DISPATCH(call.logits, call.labels, BISENET_CE_BACKWARD);
