@@ -444,6 +444,49 @@ def test_cpu_loop_float64_matches_reference(extension, n, c, low, high, label_dt
     torch.testing.assert_close(got, want, rtol=0, atol=1e-13 * support_size(low, high))
 
 
+# odd sides against their 1/4 and 1/8 (rounded up, as the model's stride-2 layers do), as
+# squares and 1:2, in the backward's automatic tiling and with tile borders everywhere
+TILED_SIDES = [8, 9, 31, 57, 131]
+BACKWARD_TILES = [(0, 0), (1, 1), (2, 3)]
+
+
+def tiled_cases():
+    for side in TILED_SIDES:
+        for ratio in (4, 8):
+            yield (side, side), (-(-side // ratio),) * 2
+        yield (side, 2 * side + 1), (-(-side // 8), -(-(2 * side + 1) // 8))
+
+
+@pytest.mark.parametrize("c", [1, 2, 19, 33])
+def test_cpu_loop_backward_tiles_cover_every_pixel(extension, c):
+    """Each logit's gradient gathers every high-res pixel that reads it exactly once, whatever
+    the tile: a pixel missed or counted twice by the tiling is an error of order |g|, the
+    float64 tolerance is 1e-13 of it."""
+    for index, (high, low) in enumerate(tiled_cases()):
+        logits, labels = random_case(n=2, c=c, low=low, high=high, seed=index)
+        loss, lse = extension.upsample_ce_forward(logits, labels, 255)
+        grad_loss = torch.randn(labels.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(index))
+        grad_loss[:, ::3] = 0.0  # skipped pixels too
+        want = loss_module.upsample_cross_entropy_backward_reference(grad_loss, logits, labels, lse, 255)
+        for band, chunk in BACKWARD_TILES:
+            got = extension.upsample_ce_backward(grad_loss, logits, labels, lse, 255, band, chunk)
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-13 * support_size(low, high),
+                                       msg=lambda m: f"{high} from {low}, tile {band}x{chunk}: {m}")
+
+
+def test_cpu_loop_backward_large_upscale_opts_in(extension):
+    """1/32 in float64 needs a 64 x 64 window of 20 bytes a pixel: more than 48 KiB, the plan
+    takes the larger opt-in budget and the result is the reference's."""
+    plan = extension.upsample_ce_backward_plan([1, 3, 256, 256], [8, 8], torch.float64)
+    assert plan[:2] == [1, 1] and 48 * 1024 < plan[4] <= 96 * 1024, plan
+    logits, labels = random_case(n=1, c=3, low=(8, 8), high=(256, 256), seed=3)
+    loss, lse = extension.upsample_ce_forward(logits, labels, 255)
+    grad_loss = torch.randn(labels.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    got = extension.upsample_ce_backward(grad_loss, logits, labels, lse, 255)
+    want = loss_module.upsample_cross_entropy_backward_reference(grad_loss, logits, labels, lse, 255)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-13 * support_size((8, 8), (256, 256)))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_cpu_loop_low_precision_matches_float64(extension, dtype):
     n, c, low, high = 2, 19, (8, 8), (64, 64)

@@ -1,8 +1,8 @@
 """The kernels compute the same bits on the host and on the device (kernels/csrc/same_bits.h).
 
 CPU: the error of same_bits.h's exp, log and sigmoid against higher-precision references;
-the BGA backward's plan (tile, shared-memory capacities) against what every tile of it
-needs, swept over sizes; a tiling over the shared-memory budget fails on the CPU as it would
+the BGA and loss backwards' plans (tile, shared-memory capacities) against what every tile
+of them needs, swept over sizes; a tiling over the shared-memory budget fails on the CPU as it would
 at launch. GPU (marked gpu): the CUDA kernels and the C++ CPU loops give identical results,
 bit for bit, for the math functions, the BGA and the loss, on odd sizes.
 """
@@ -160,17 +160,56 @@ def test_tiling_over_budget_fails_on_cpu_as_at_launch(extension):
         extension.bga_backward(torch.randn(size, dtype=torch.float64), *inputs, 2, 3)
 
 
+# ---------------------------------------------------------------------------------------
+# The loss backward's plan (CPU; made on the host for both devices)
+
+CE_PLAN_KEYS = ["band", "chunk", "window_rows", "window_cols", "shared_bytes", "most_rows", "most_cols",
+                "most_staged", "written"]
+
+
+def ce_plan(extension, size, low, dtype, tile=(0, 0)):
+    """-> dict of upsample_ce_backward_plan's numbers, or None when the tile is over budget."""
+    try:
+        values = extension.upsample_ce_backward_plan(list(size), list(low), dtype, *tile)
+    except RuntimeError as error:
+        assert "bytes of shared memory, more than the kernel's 98304" in str(error)
+        return None
+    return dict(zip(CE_PLAN_KEYS, values))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ce_backward_plan_has_room_for_every_tile(extension, dtype):
+    """Every high-res side 8..300 against its 1/4 and 1/8 side, square and 1:2: each tile's
+    window fits the plan's capacities, the tiles write each low-res pixel once (they partition
+    the low-res plane: written == h * w with none outside), the automatic plan stays within
+    48 KiB (the opt-in 96 KiB at most where the upscale needs it)."""
+    checked = 0
+    for side in range(8, 301):
+        for ratio in (4, 8):
+            for high in ((side, side), (side, 2 * side + 1)):
+                low = tuple(-(-big // ratio) for big in high)
+                for tile in ((0, 0), (1, 1), (2, 3), (5, 64)):
+                    numbers = ce_plan(extension, (2, 19) + high, low, dtype, tile)
+                    if numbers is None:
+                        assert tile != (0, 0), f"no automatic tiling for {high} from {low}"
+                        continue
+                    assert numbers["most_rows"] <= numbers["window_rows"], (high, low, tile, numbers)
+                    assert numbers["most_cols"] <= numbers["window_cols"], (high, low, tile, numbers)
+                    assert numbers["most_staged"] <= numbers["band"] + 2, (high, low, tile, numbers)
+                    assert numbers["written"] == low[0] * low[1], (high, low, tile, numbers)
+                    assert numbers["shared_bytes"] <= (48 if tile == (0, 0) else 96) * 1024, (high, low, tile)
+                    checked += 1
+    assert checked > 293 * 4
+
+
 def test_ce_backward_budget_fails_on_cpu_as_at_launch(extension):
-    # one row of float64 row sums per block: 6144 wide fits in 48 KiB, 6145 does not
-    logits = torch.randn(1, 2, 1, 3, dtype=torch.float64)
-    for width, fits in ((6144, True), (6145, False)):
-        labels = torch.zeros(1, 1, width, dtype=torch.long)
-        loss, lse = extension.upsample_ce_forward(logits, labels, 255)
-        if fits:
-            extension.upsample_ce_backward(torch.ones_like(loss), logits, labels, lse, 255)
-        else:
-            with pytest.raises(RuntimeError, match="6145 wide need more than the kernel's 49152 bytes"):
-                extension.upsample_ce_backward(torch.ones_like(loss), logits, labels, lse, 255)
+    # a 2 x 2 tile at 1/32 in float64: a 96 x 96 window, more than the 96 KiB a block may take
+    assert ce_plan(extension, (1, 2, 256, 256), (8, 8), torch.float64, (2, 2)) is None
+    logits = torch.randn(1, 2, 8, 8, dtype=torch.float64)
+    labels = torch.zeros(1, 256, 256, dtype=torch.long)
+    loss, lse = extension.upsample_ce_forward(logits, labels, 255)
+    with pytest.raises(RuntimeError, match="bytes of shared memory, more than the kernel's 98304"):
+        extension.upsample_ce_backward(torch.ones_like(loss), logits, labels, lse, 255, 2, 2)
 
 
 # ---------------------------------------------------------------------------------------
@@ -234,7 +273,8 @@ def test_cuda_loss_equals_cpu_loop_bitwise(extension, high, low, dtype):
     assert torch.equal(cuda_loss.cpu(), loss) and torch.equal(cuda_lse.cpu(), lse)
     grad_loss = torch.randn(labels.shape, generator=generator)
     grad_loss[torch.rand(labels.shape, generator=generator) < 0.5] = 0
-    grad = extension.upsample_ce_backward(grad_loss, logits, labels, lse, 255)
-    poison_cuda_cache(logits.numel() * 8)
-    cuda_grad = extension.upsample_ce_backward(grad_loss.cuda(), logits.cuda(), labels.cuda(), cuda_lse, 255)
-    assert torch.equal(cuda_grad.cpu(), grad)
+    for tile in ((0, 0), (1, 1), (2, 3)):
+        grad = extension.upsample_ce_backward(grad_loss, logits, labels, lse, 255, *tile)
+        poison_cuda_cache(logits.numel() * 8)
+        cuda_grad = extension.upsample_ce_backward(grad_loss.cuda(), logits.cuda(), labels.cuda(), cuda_lse, 255, *tile)
+        assert torch.equal(cuda_grad.cpu(), grad), tile

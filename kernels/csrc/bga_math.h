@@ -228,8 +228,8 @@ inline BgaGeometry<acc_t> make_geometry(const int64_t* hi_sizes, const int64_t* 
 // the device's).
 template <typename acc_t>
 inline void max_window(const BgaGeometry<acc_t>& geo, int tile_h, int tile_w, int* height, int* width) {
-  *height = most_window_span(geo.h, geo.H, geo.scale_y, tile_h);
-  *width = most_window_span(geo.w, geo.W, geo.scale_x, tile_w);
+  *height = most_window_span(geo.h, geo.H, geo.scale_y, tile_h, false);
+  *width = most_window_span(geo.w, geo.W, geo.scale_x, tile_w, false);
 }
 
 // Accumulator elements per tile: the window (two values per pixel and slot) and the

@@ -103,10 +103,11 @@ BISENET_HD void ce_pixel_forward(int64_t pixel, const CeGeometry<acc_t>& geo, co
 
 // ---------------------------------------------------------------------------------------
 // Backward tiling. A block owns a tile of low-res rows [ly0, ly1) (a band) and columns
-// [lx0, lx1) (a chunk) of sample n, all classes; its window is every high-res pixel whose
-// taps touch the tile: rows [wy0, wy1) = [first(ly0 - 1), first(ly1)), likewise columns
-// (first = first_dst_with_tap_at_least). The window's rows fall into band + 1 segments,
-// segment k holding the rows whose first tap is s = ly0 - 1 + k: [first(s), first(s + 1)).
+// [lx0, lx1) (a chunk) of sample n, all classes; its window is every high-res pixel that
+// gives the tile a nonzero weight: rows [wy0, wy1) = [first_dst_reading(ly0), first(ly1)),
+// likewise columns (first = first_dst_with_tap_at_least; bilinear.h). The window's rows fall
+// into band + 1 segments, segment k holding the rows whose first tap is s = ly0 - 1 + k:
+// [first(s), first(s + 1)), segment 0 from wy0.
 // Indices inside a tile are 32-bit; only the block's base offsets are 64-bit.
 //
 // The block, in shared memory (CeBackwardBuffers):
@@ -222,9 +223,9 @@ BISENET_HD CeTile ce_backward_tile(int64_t block, const CeGeometry<acc_t>& geo, 
   t.n = static_cast<int>(block / (static_cast<int64_t>(chunks) * bands));
   t.ly1 = t.ly0 + plan.band < geo.h ? t.ly0 + plan.band : geo.h;
   t.lx1 = t.lx0 + plan.chunk < geo.w ? t.lx0 + plan.chunk : geo.w;
-  t.wy0 = first_dst_with_tap_at_least(t.ly0 - 1, geo.h, geo.H, geo.scale_y);
+  t.wy0 = first_dst_reading(t.ly0, geo.h, geo.H, geo.scale_y);
   t.wy1 = first_dst_with_tap_at_least(t.ly1, geo.h, geo.H, geo.scale_y);
-  t.wx0 = first_dst_with_tap_at_least(t.lx0 - 1, geo.w, geo.W, geo.scale_x);
+  t.wx0 = first_dst_reading(t.lx0, geo.w, geo.W, geo.scale_x);
   t.wx1 = first_dst_with_tap_at_least(t.lx1, geo.w, geo.W, geo.scale_x);
   t.row0 = 0;
   t.rows = 0;
@@ -259,11 +260,11 @@ BISENET_HD void ce_backward_table_item(int item, const CeTile& t, const CeGeomet
     buf.row_taps[item] = bilinear_taps<acc_t>(t.wy0 + item, geo.h, geo.scale_y);
   } else if ((item -= rows) < cols) {
     buf.col_taps[item] = bilinear_taps<acc_t>(t.wx0 + item, geo.w, geo.scale_x);
-  } else if ((item -= cols) < segments) {
-    buf.segment_y[item] = first_dst_with_tap_at_least(t.ly0 - 1 + item, geo.h, geo.H, geo.scale_y);
+  } else if ((item -= cols) < segments) {  // the window's first row opens segment 0
+    buf.segment_y[item] = item == 0 ? t.wy0 : first_dst_with_tap_at_least(t.ly0 - 1 + item, geo.h, geo.H, geo.scale_y);
   } else {
     item -= segments;
-    buf.column_x[item] = first_dst_with_tap_at_least(t.lx0 - 1 + item, geo.w, geo.W, geo.scale_x);
+    buf.column_x[item] = item == 0 ? t.wx0 : first_dst_with_tap_at_least(t.lx0 - 1 + item, geo.w, geo.W, geo.scale_x);
   }
 }
 
@@ -347,8 +348,8 @@ BISENET_HD int ce_output_offset(int item, const CeTile& t, const CeGeometry<acc_
 // whether the plan is within kCeMaxSharedBytes.
 template <typename acc_t>
 inline void ce_backward_capacities(const CeGeometry<acc_t>& geo, CeBackwardPlan* plan) {
-  plan->window_rows = most_window_span(geo.h, geo.H, geo.scale_y, plan->band);
-  plan->window_cols = most_window_span(geo.w, geo.W, geo.scale_x, plan->chunk);
+  plan->window_rows = most_window_span(geo.h, geo.H, geo.scale_y, plan->band, true);
+  plan->window_cols = most_window_span(geo.w, geo.W, geo.scale_x, plan->chunk, true);
   plan->shared_bytes = ce_backward_layout<acc_t>(*plan).bytes;
 }
 
