@@ -461,10 +461,13 @@ def tiled_cases():
 def test_cpu_loop_backward_tiles_cover_every_pixel(extension, c):
     """Each logit's gradient gathers every high-res pixel that reads it exactly once, whatever
     the tile: a pixel missed or counted twice by the tiling is an error of order |g|, the
-    float64 tolerance is 1e-13 of it."""
+    float64 tolerance is 1e-13 of it. The forward's bands (16 rows, 64 columns) likewise."""
     for index, (high, low) in enumerate(tiled_cases()):
         logits, labels = random_case(n=2, c=c, low=low, high=high, seed=index)
-        loss, lse = extension.upsample_ce_forward(logits, labels, 255)
+        loss, lse = extension.upsample_ce_forward(logits, labels, 255)  # the forward's bands too
+        want_loss, want_lse = loss_module.upsample_cross_entropy_reference(logits, labels, 255)
+        torch.testing.assert_close(loss, want_loss, rtol=0, atol=1e-12)
+        torch.testing.assert_close(lse, want_lse, rtol=0, atol=1e-12)
         grad_loss = torch.randn(labels.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(index))
         grad_loss[:, ::3] = 0.0  # skipped pixels too
         want = loss_module.upsample_cross_entropy_backward_reference(grad_loss, logits, labels, lse, 255)

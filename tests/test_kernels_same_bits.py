@@ -50,6 +50,37 @@ def test_exp_edges(extension):
     assert y[5] == 1 and y[6] == 1
 
 
+def test_exp2_within_two_ulp(extension):
+    # every u whose 2^u is a normal number, densely; below, the result is subnormal or 0
+    u = float32_sweep(-126.0, 127.99)
+    y = extension.same_bits_math(u, "exp2")
+    assert ulps(y.numpy(), np.exp2(u.numpy().astype(np.longdouble)), EPS32).max() <= 2
+    u64 = u.double() * (1 + 1e-9)
+    y64 = extension.same_bits_math(u64, "exp2")
+    assert ulps(y64.numpy(), np.exp2(u64.numpy().astype(np.longdouble)), EPS64).max() <= 2
+
+
+def test_exp2_edges(extension):
+    u = torch.tensor([float("nan"), float("inf"), -float("inf"), 128.0, -127.0, -200.0, 0.0, -0.0, 1.0, -126.0])
+    y = extension.same_bits_math(u, "exp2")
+    assert math.isnan(y[0]) and y[1] == math.inf and y[2] == 0 and y[3] == math.inf
+    assert y[4] == 0 and y[5] == 0 and y[6] == 1 and y[7] == 1 and y[8] == 2 and y[9] == 2.0 ** -126
+    y64 = extension.same_bits_math(torch.tensor([1024.0, -1023.0, -1022.0, 10.0], dtype=torch.float64), "exp2")
+    assert y64[0] == math.inf and y64[1] == 0 and y64[2] == 2.0 ** -1022 and y64[3] == 1024
+
+
+def test_exp_by_prescaled_exp2_bound(extension):
+    """exp(x) as exp2_acc(x * log2(e)), log2(e) rounded to float: exp2's 2 ulp plus the
+    rounding of the product and of log2(e), |x| 2^-23 relative at most (2 |x| ulp): the
+    softmax's exp(z - lse), x <= 0, loses at most that against exp_acc's 2 ulp."""
+    x = float32_sweep(-87.0, 88.0)
+    y = extension.same_bits_math(x * 1.4426950408889634, "exp2")  # the float32 product, as the kernels
+    error = ulps(y.numpy(), np.exp(x.numpy().astype(np.longdouble)), EPS32)
+    assert (error <= 2 + 2 * np.abs(x.numpy())).all()
+    near = x.abs() <= 1  # where the softmax's large terms are
+    assert error[near.numpy()].max() <= 4
+
+
 def test_log_within_two_ulp(extension):
     # every binade of float32, subnormals included, and densely around 1 (lse's log(sum))
     x = torch.cat([torch.logspace(-44, 38, 400_001, dtype=torch.float64).float(),
@@ -82,7 +113,7 @@ def test_sigmoid_within_four_ulp(extension):
 
 
 def test_math_rejects_bad_input(extension):
-    with pytest.raises(RuntimeError, match="fn must be exp, log or sigmoid"):
+    with pytest.raises(RuntimeError, match="fn must be exp, log, sigmoid or exp2"):
         extension.same_bits_math(torch.ones(2), "tanh")
     with pytest.raises(RuntimeError, match="float32 or float64"):
         extension.same_bits_math(torch.ones(2, dtype=torch.bfloat16), "exp")
@@ -200,6 +231,25 @@ def test_ce_backward_plan_has_room_for_every_tile(extension, dtype):
                     assert numbers["shared_bytes"] <= (48 if tile == (0, 0) else 96) * 1024, (high, low, tile)
                     checked += 1
     assert checked > 293 * 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ce_forward_plan_has_room_for_every_tile(extension, dtype):
+    """The forward's bands over sides 8..300 from 1/4, 1/8, a factor 1 and a downscale: each
+    band's staged rows fit the plan's buffers, the tiles write each pixel once (written ==
+    H * W), within 48 KiB; a downscale reads more low-res rows a band, so its bands shrink."""
+    checked = 0
+    for side in range(8, 301):
+        for high, low in [((side, side), (-(-side // 4),) * 2), ((side, 2 * side + 1), (-(-side // 8), side // 4 + 1)),
+                          ((side, side), (side, side)), ((side // 4 + 1, side), (side, side))]:
+            band, staged_rows, shared_bytes, most_staged, written = extension.upsample_ce_forward_plan(
+                [2, 19, *high], list(low), dtype)
+            assert most_staged <= staged_rows and written == high[0] * high[1], (high, low, band, staged_rows)
+            assert 1 <= band <= 16 and shared_bytes <= 48 * 1024, (high, low, band, shared_bytes)
+            checked += 1
+    assert checked == 293 * 4
+    # 4x downscale in float64: 16 rows read 66 low-res rows, 67.6 KB: a smaller band
+    assert extension.upsample_ce_forward_plan([1, 1, 16, 64], [64, 64], torch.float64)[0] < 16
 
 
 def test_ce_backward_budget_fails_on_cpu_as_at_launch(extension):

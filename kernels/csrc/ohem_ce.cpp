@@ -6,11 +6,15 @@
 //   bisenet_cuda::upsample_ce_backward_plan(size, low_size, dtype, band=0, chunk=0)
 //       -> [band, chunk, window_rows, window_cols, shared_bytes, most_rows, most_cols, most_staged,
 //           outputs_written]
+//   bisenet_cuda::upsample_ce_forward_plan(size, low_size, dtype)
+//       -> [band, staged_rows, shared_bytes, most_staged, pixels_written]
 //   bisenet_cuda::ohem_weights(loss, labels, ignore_index, threshold, min_kept) -> weights
 //
 // logits (N, C, h, w) float32/bfloat16/float16/float64, labels (N, H, W) int64 or uint8;
 // loss, lse, grad_loss (N, H, W) float32 (float64 for float64 logits); grad_logits like
-// logits (NCHW). band, chunk (low-res rows and columns per backward block) override the
+// logits (NCHW). Both kernels run over tiles planned here once for both devices
+// (ohem_ce_math.h): the forward over bands of high-res rows, upsample_ce_forward_plan shows
+// its plan. band, chunk (low-res rows and columns per backward block) override the
 // backward's tiling (0: automatic); the tests use them to put tile borders everywhere. The
 // backward's plan (ohem_ce_math.h) is made here once for both devices, so a tiling over the
 // shared-memory budget is the same error on the CPU as at launch; upsample_ce_backward_plan
@@ -78,19 +82,43 @@ CeGeometry<acc_t> ce_geometry(const at::Tensor& logits, const at::Tensor& labels
 template <typename scalar_t>
 using acc_of = typename std::conditional<std::is_same<scalar_t, double>::value, double, float>::type;
 
+// The CUDA kernel's blocks one after the other, its threads' pixels as a loop; the staged
+// rows in buffers of the plan's capacity, every tile checked against it.
 template <typename scalar_t, typename label_t>
-void forward_cpu_typed(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index,
-                       const at::Tensor& loss, const at::Tensor& lse) {
+void forward_cpu_typed(const CeForwardCall& call, int64_t ignore_index) {
   using acc_t = acc_of<scalar_t>;
-  auto geo = make_ce_geometry<acc_t>(logits.size(0), logits.size(1), logits.size(2), logits.size(3),
-                                     labels.size(1), labels.size(2));
-  const scalar_t* logit_data = logits.const_data_ptr<scalar_t>();
-  const label_t* label_data = labels.const_data_ptr<label_t>();
-  acc_t* loss_data = loss.mutable_data_ptr<acc_t>();
-  acc_t* lse_data = lse.mutable_data_ptr<acc_t>();
-  for (int64_t pixel = 0; pixel < labels.numel(); ++pixel)
-    ce_pixel_forward<scalar_t, label_t, acc_t>(pixel, geo, logit_data, label_data, ignore_index, loss_data,
-                                               lse_data);
+  const CeForwardPlan& plan = call.plan;
+  const auto geo = ce_geometry<acc_t>(call.logits, call.labels);
+  const scalar_t* logits = call.logits.const_data_ptr<scalar_t>();
+  const label_t* labels = call.labels.const_data_ptr<label_t>();
+  acc_t* loss = call.loss.mutable_data_ptr<acc_t>();
+  acc_t* lse = call.lse.mutable_data_ptr<acc_t>();
+  const int64_t pixels = static_cast<int64_t>(geo.H) * geo.W;
+  const int64_t plane = static_cast<int64_t>(geo.h) * geo.w;
+  std::vector<double> shared((plan.shared_bytes + 7) / 8);  // 8-byte aligned, as the kernel's
+  const CeForwardBuffers<acc_t> buf = ce_forward_buffers<acc_t>(reinterpret_cast<unsigned char*>(shared.data()), plan);
+  std::vector<CeOnlineLse<acc_t>> states(kCeForwardBand * kCeForwardChunk);
+  for (int64_t block = 0; block < ce_forward_blocks(geo, plan); ++block) {
+    const CeForwardTile t = ce_forward_tile(block, geo, plan);
+    TORCH_CHECK(t.rows <= plan.staged_rows, "upsample_ce_forward: rows [", t.y0, ", ", t.y1, ") read ", t.rows,
+                " low-res rows, the plan has room for ", plan.staged_rows);
+    const scalar_t* sample = logits + t.n * geo.C * plane;
+    for (int item = 0; item < t.x1 - t.x0; ++item) ce_forward_table_item(item, t, geo, buf);
+    for (int item = 0; item < ce_forward_pixels(t); ++item)
+      states[item] = ce_forward_pixel_start<label_t, acc_t>(item, t, geo, labels + t.n * pixels, ignore_index);
+    for (int c = 0; c < geo.C; ++c) {
+      acc_t* staged = ce_forward_staged_for(buf, c);
+      for (int r = 0; r < t.rows; ++r)
+        for (int x = 0; x < t.x1 - t.x0; ++x)
+          ce_forward_stage_item<scalar_t, acc_t>(r, x, t, geo, sample + c * plane, buf.col_taps, staged);
+      for (int item = 0; item < ce_forward_pixels(t); ++item)
+        if (states[item].label != -1) ce_forward_pixel_class(states[item], c, staged);
+    }
+    for (int item = 0; item < ce_forward_pixels(t); ++item) {
+      const int64_t p = t.n * pixels + static_cast<int64_t>(t.y0 + states[item].y) * geo.W + t.x0 + states[item].x;
+      ce_forward_pixel_finish(states[item], loss + p, lse + p);
+    }
+  }
 }
 
 // The CUDA kernel's blocks one after the other; "threads" are the item loops, "shared
@@ -155,6 +183,12 @@ CeForwardCall prepare_ce_forward(const at::Tensor& logits, const at::Tensor& lab
   call.labels = labels.contiguous();
   call.loss = at::empty(labels.sizes(), logits.options().dtype(acc_type(logits)));
   call.lse = at::empty(labels.sizes(), logits.options().dtype(acc_type(logits)));
+  call.plan = CeForwardPlan{};  // band 0: nothing to compute
+  if (labels.numel() == 0) return call;
+  if (acc_type(logits) == at::kDouble)
+    call.plan = plan_ce_forward(ce_geometry<double>(call.logits, call.labels));
+  else
+    call.plan = plan_ce_forward(ce_geometry<float>(call.logits, call.labels));
   return call;
 }
 
@@ -206,8 +240,8 @@ namespace {
 std::tuple<at::Tensor, at::Tensor> upsample_ce_forward_cpu(const at::Tensor& logits, const at::Tensor& labels,
                                                            int64_t ignore_index) {
   const CeForwardCall call = prepare_ce_forward(logits, labels);
-#define BISENET_CE_FORWARD(scalar_t, label_t) \
-  forward_cpu_typed<scalar_t, label_t>(call.logits, call.labels, ignore_index, call.loss, call.lse)
+  if (call.plan.band == 0) return {call.loss, call.lse};
+#define BISENET_CE_FORWARD(scalar_t, label_t) forward_cpu_typed<scalar_t, label_t>(call, ignore_index)
   BISENET_CE_DISPATCH(call.logits, call.labels, BISENET_CE_FORWARD);
 #undef BISENET_CE_FORWARD
   return {call.loss, call.lse};
@@ -289,13 +323,39 @@ std::vector<int64_t> backward_plan_numbers(at::IntArrayRef size, at::IntArrayRef
           most_staged, written};
 }
 
-std::vector<int64_t> upsample_ce_backward_plan(at::IntArrayRef size, at::IntArrayRef low_size, at::ScalarType dtype,
-                                               int64_t band, int64_t chunk) {
+void check_plan_sizes(const char* op, at::IntArrayRef size, at::IntArrayRef low_size) {
   TORCH_CHECK(size.size() == 4 && low_size.size() == 2 && size[2] > 0 && size[3] > 0 && low_size[0] > 0 &&
                   low_size[1] > 0,
-              "upsample_ce_backward_plan: size must be (N, C, H, W) and low_size (h, w), non-empty planes");
+              op, ": size must be (N, C, H, W) and low_size (h, w), non-empty planes");
+}
+
+std::vector<int64_t> upsample_ce_backward_plan(at::IntArrayRef size, at::IntArrayRef low_size, at::ScalarType dtype,
+                                               int64_t band, int64_t chunk) {
+  check_plan_sizes("upsample_ce_backward_plan", size, low_size);
   if (dtype == at::kDouble) return backward_plan_numbers<double>(size, low_size, band, chunk);
   return backward_plan_numbers<float>(size, low_size, band, chunk);
+}
+
+// The plan upsample_ce_forward follows for these sizes, the most low-res rows any of its tiles
+// reads and how many high-res pixels the tiles of one sample write (H * W when each is
+// written once).
+template <typename acc_t>
+std::vector<int64_t> forward_plan_numbers(at::IntArrayRef size, at::IntArrayRef low_size) {
+  auto geo = make_ce_geometry<acc_t>(1, size[1], low_size[0], low_size[1], size[2], size[3]);
+  const CeForwardPlan plan = plan_ce_forward(geo);
+  int64_t most_staged = 0, written = 0;
+  for (int64_t block = 0; block < ce_forward_blocks(geo, plan); ++block) {
+    const CeForwardTile t = ce_forward_tile(block, geo, plan);
+    most_staged = std::max<int64_t>(most_staged, t.rows);
+    written += ce_forward_pixels(t);
+  }
+  return {plan.band, plan.staged_rows, plan.shared_bytes, most_staged, written};
+}
+
+std::vector<int64_t> upsample_ce_forward_plan(at::IntArrayRef size, at::IntArrayRef low_size, at::ScalarType dtype) {
+  check_plan_sizes("upsample_ce_forward_plan", size, low_size);
+  if (dtype == at::kDouble) return forward_plan_numbers<double>(size, low_size);
+  return forward_plan_numbers<float>(size, low_size);
 }
 
 }  // namespace
@@ -308,6 +368,8 @@ TORCH_LIBRARY_FRAGMENT(bisenet_cuda, m) {
       "int chunk=0) -> Tensor");
   m.def("upsample_ce_backward_plan(int[] size, int[] low_size, ScalarType dtype, int band=0, int chunk=0) -> int[]",
         &bisenet::upsample_ce_backward_plan);
+  m.def("upsample_ce_forward_plan(int[] size, int[] low_size, ScalarType dtype) -> int[]",
+        &bisenet::upsample_ce_forward_plan);
   m.def("ohem_weights(Tensor loss, Tensor labels, int ignore_index, float threshold, int min_kept) -> Tensor");
 }
 

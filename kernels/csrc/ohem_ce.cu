@@ -33,14 +33,59 @@ int64_t blocks_for(int64_t items) {
   return std::max<int64_t>(1, std::min<int64_t>((items + kThreads - 1) / kThreads, kMaxBlocks));
 }
 
-// One thread per high-res pixel: loss and lse, the logits interpolated on the fly.
+// One block per tile of high-res rows and columns (ohem_ce_math.h, "Forward tiling"): each
+// thread's pixels keep their online log-sum-exp in registers over the classes, the logit
+// rows the tile reads staged per class (double-buffered: one barrier per class).
 template <typename scalar_t, typename label_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads) ce_forward_kernel(
-    CeGeometry<acc_t> geo, int64_t pixels, const scalar_t* __restrict__ logits,
+__global__ void __launch_bounds__(kCeForwardThreads) ce_forward_kernel(
+    CeGeometry<acc_t> geo, CeForwardPlan plan, const scalar_t* __restrict__ logits,
     const label_t* __restrict__ labels, int64_t ignore_index, acc_t* __restrict__ loss, acc_t* __restrict__ lse) {
-  for (int64_t pixel = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; pixel < pixels;
-       pixel += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    ce_pixel_forward<scalar_t, label_t, acc_t>(pixel, geo, logits, labels, ignore_index, loss, lse);
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  const CeForwardBuffers<acc_t> buf = ce_forward_buffers<acc_t>(shared_bytes, plan);
+  const CeForwardTile t = ce_forward_tile(blockIdx.x, geo, plan);
+  const int64_t pixels = static_cast<int64_t>(geo.H) * geo.W;
+  const int plane = geo.h * geo.w;
+  const scalar_t* sample = logits + static_cast<int64_t>(t.n) * geo.C * plane;
+  if (threadIdx.x < t.x1 - t.x0) ce_forward_table_item(threadIdx.x, t, geo, buf);
+  CeOnlineLse<acc_t> state[kCeForwardPixels];
+  bool counted[kCeForwardPixels];  // a pixel of the tile, not ignored
+#pragma unroll
+  for (int k = 0; k < kCeForwardPixels; ++k) {
+    const int item = threadIdx.x + k * kCeForwardThreads;
+    counted[k] = item < ce_forward_pixels(t);
+    if (counted[k]) {
+      state[k] = ce_forward_pixel_start<label_t, acc_t>(item, t, geo, labels + t.n * pixels, ignore_index);
+      counted[k] = state[k].label != -1;
+    }
+  }
+  __syncthreads();  // the column taps
+  // stage items (r, x): this thread's column, every kCeForwardThreads / kCeForwardChunk-th row
+  const int stage_x = threadIdx.x % kCeForwardChunk;
+  const bool stages = stage_x < t.x1 - t.x0;
+  constexpr int kStageRowStep = kCeForwardThreads / kCeForwardChunk;
+  if (stages) {
+    for (int r = threadIdx.x / kCeForwardChunk; r < t.rows; r += kStageRowStep)
+      ce_forward_stage_item<scalar_t, acc_t>(r, stage_x, t, geo, sample, buf.col_taps, buf.staged);
+  }
+  __syncthreads();
+  for (int c = 0; c < geo.C; ++c) {
+    if (c + 1 < geo.C && stages) {
+      for (int r = threadIdx.x / kCeForwardChunk; r < t.rows; r += kStageRowStep)
+        ce_forward_stage_item<scalar_t, acc_t>(r, stage_x, t, geo, sample + (c + 1) * plane, buf.col_taps,
+                                               ce_forward_staged_for(buf, c + 1));
+    }
+    const acc_t* staged = ce_forward_staged_for(buf, c);
+#pragma unroll
+    for (int k = 0; k < kCeForwardPixels; ++k)
+      if (counted[k]) ce_forward_pixel_class(state[k], c, staged);
+    __syncthreads();  // class c + 1 is staged; class c's buffer is free
+  }
+#pragma unroll
+  for (int k = 0; k < kCeForwardPixels; ++k) {
+    if (threadIdx.x + k * kCeForwardThreads < ce_forward_pixels(t)) {
+      const int64_t p = t.n * pixels + static_cast<int64_t>(t.y0 + state[k].y) * geo.W + t.x0 + state[k].x;
+      ce_forward_pixel_finish(state[k], loss + p, lse + p);
+    }
   }
 }
 
@@ -180,9 +225,9 @@ void forward_typed(const CeForwardCall& call, int64_t ignore_index) {
   const at::Tensor& logits = call.logits;
   auto geo = make_ce_geometry<acc_t>(logits.size(0), logits.size(1), logits.size(2), logits.size(3),
                                      call.labels.size(1), call.labels.size(2));
-  const int64_t pixels = call.labels.numel();
-  ce_forward_kernel<scalar_t, label_t, acc_t><<<blocks_for(pixels), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      geo, pixels, logits.const_data_ptr<scalar_t>(), call.labels.const_data_ptr<label_t>(), ignore_index,
+  ce_forward_kernel<scalar_t, label_t, acc_t><<<ce_forward_blocks(geo, call.plan), kCeForwardThreads,
+                                                call.plan.shared_bytes, c10::cuda::getCurrentCUDAStream()>>>(
+      geo, call.plan, logits.const_data_ptr<scalar_t>(), call.labels.const_data_ptr<label_t>(), ignore_index,
       call.loss.mutable_data_ptr<acc_t>(), call.lse.mutable_data_ptr<acc_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -208,7 +253,7 @@ void backward_typed(const CeBackwardCall& call, int64_t ignore_index) {
 std::tuple<at::Tensor, at::Tensor> upsample_ce_forward_cuda(const at::Tensor& logits, const at::Tensor& labels,
                                                             int64_t ignore_index) {
   const CeForwardCall call = prepare_ce_forward(logits, labels);
-  if (call.labels.numel() == 0) return {call.loss, call.lse};
+  if (call.plan.band == 0) return {call.loss, call.lse};
   c10::cuda::CUDAGuard guard(logits.device());
 #define BISENET_CE_FORWARD(scalar_t, label_t) forward_typed<scalar_t, label_t>(call, ignore_index)
   BISENET_CE_DISPATCH(call.logits, call.labels, BISENET_CE_FORWARD);

@@ -14,6 +14,7 @@ namespace bisenet {
 struct CeForwardCall {
   at::Tensor logits, labels;  // contiguous
   at::Tensor loss, lse;       // (N, H, W) float32 (float64 for float64 logits)
+  CeForwardPlan plan;         // ohem_ce_math.h; band 0 when there is nothing to compute
 };
 
 struct CeBackwardCall {
