@@ -152,9 +152,10 @@ void backward_cpu_typed(const CeBackwardCall& call, int64_t ignore_index) {
       ce_backward_pixel_item<label_t, acc_t>(item, t, geo, labels + t.n * pixels, grad_loss + t.n * pixels,
                                              lse + t.n * pixels, ignore_index, buf);
     for (int c = 0; c < geo.C; ++c) {
-      for (int item = 0; item < ce_tile_staged(t); ++item)
-        ce_backward_stage_item<scalar_t, acc_t>(item, t, geo, sample + c * plane, buf);
-      for (int item = 0; item < ce_tile_segments(t); ++item) ce_backward_segment_item(item, c, t, buf);
+      for (int r = 0; r < t.rows; ++r)
+        for (int x = 0; x < t.wx1 - t.wx0; ++x) ce_backward_stage_item<scalar_t, acc_t>(r, x, t, geo, sample + c * plane, buf);
+      for (int k = 0; k < ce_tile_segments(t); ++k)
+        for (int x = 0; x < t.wx1 - t.wx0; ++x) ce_backward_segment_item(k, x, c, t, buf);
       for (int item = 0; item < ce_tile_outputs(t); ++item)
         sample_out[c * plane + ce_output_offset(item, t, geo)] = static_cast<scalar_t>(ce_backward_output_item(item, t, buf));
     }

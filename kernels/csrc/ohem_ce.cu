@@ -89,6 +89,24 @@ __global__ void __launch_bounds__(kCeForwardThreads) ce_forward_kernel(
   }
 }
 
+// The items (k, x) of a rows x cols grid, strided over the block's threads as item = k * cols
+// + x would be, with one division per thread, not one per item.
+template <typename F>
+__device__ __forceinline__ void for_grid_items(int rows, int cols, F f) {
+  if (cols <= 0) return;
+  int k = threadIdx.x / cols, x = threadIdx.x % cols;
+  const int step_k = blockDim.x / cols, step_x = blockDim.x % cols;
+  while (k < rows) {
+    f(k, x);
+    x += step_x;
+    k += step_k;
+    if (x >= cols) {
+      x -= cols;
+      ++k;
+    }
+  }
+}
+
 // One block per tile of low-res rows and columns, all classes (ohem_ce_math.h, "Backward
 // tiling"): the window's pixels and taps into shared memory once, then per class the staged
 // logit rows, the segment sums and the tile's gradients. No atomics: deterministic.
@@ -108,19 +126,18 @@ __global__ void __launch_bounds__(kThreads) ce_backward_kernel(
     ce_backward_pixel_item<label_t, acc_t>(item, t, geo, labels + t.n * pixels, grad_loss + t.n * pixels,
                                            lse + t.n * pixels, ignore_index, buf);
   __syncthreads();  // the column taps, for the stage
-  for (int item = threadIdx.x; item < ce_tile_staged(t); item += blockDim.x)
-    ce_backward_stage_item<scalar_t, acc_t>(item, t, geo, logits + sample, buf);
+  const int cols = t.wx1 - t.wx0;
+  for_grid_items(t.rows, cols, [&](int r, int x) { ce_backward_stage_item<scalar_t, acc_t>(r, x, t, geo, logits + sample, buf); });
   __syncthreads();
   for (int c = 0; c < geo.C; ++c) {
-    for (int item = threadIdx.x; item < ce_tile_segments(t); item += blockDim.x)
-      ce_backward_segment_item(item, c, t, buf);
+    for_grid_items(ce_tile_segments(t), cols, [&](int k, int x) { ce_backward_segment_item(k, x, c, t, buf); });
     __syncthreads();  // the segment sums are complete; the staged rows are free
     for (int item = threadIdx.x; item < ce_tile_outputs(t); item += blockDim.x)
       grad_logits[sample + c * plane + ce_output_offset(item, t, geo)] =
           static_cast<scalar_t>(ce_backward_output_item(item, t, buf));
     if (c + 1 < geo.C) {
-      for (int item = threadIdx.x; item < ce_tile_staged(t); item += blockDim.x)
-        ce_backward_stage_item<scalar_t, acc_t>(item, t, geo, logits + sample + (c + 1) * plane, buf);
+      const scalar_t* next = logits + sample + (c + 1) * plane;
+      for_grid_items(t.rows, cols, [&](int r, int x) { ce_backward_stage_item<scalar_t, acc_t>(r, x, t, geo, next, buf); });
     }
     __syncthreads();  // the next class's rows are staged; the segment sums are free
   }

@@ -406,8 +406,7 @@ BISENET_HD int ce_tile_window(const CeTile& t) { return (t.wy1 - t.wy0) * (t.wx1
 BISENET_HD int ce_tile_tables(const CeTile& t) {
   return (t.wy1 - t.wy0) + (t.wx1 - t.wx0) + (t.ly1 - t.ly0 + 2) + (t.lx1 - t.lx0 + 2);
 }
-BISENET_HD int ce_tile_staged(const CeTile& t) { return t.rows * (t.wx1 - t.wx0); }
-BISENET_HD int ce_tile_segments(const CeTile& t) { return (t.ly1 - t.ly0 + 1) * (t.wx1 - t.wx0); }
+BISENET_HD int ce_tile_segments(const CeTile& t) { return t.ly1 - t.ly0 + 1; }
 BISENET_HD int ce_tile_outputs(const CeTile& t) { return (t.ly1 - t.ly0) * (t.lx1 - t.lx0); }
 
 // Prologue, item over the tables: the window rows' taps, the columns' taps, the segment
@@ -447,35 +446,42 @@ BISENET_HD void ce_backward_pixel_item(int item, const CeTile& t, const CeGeomet
   buf.pixel_label[item] = skipped || label < 0 || label >= geo.C ? -1 : static_cast<int>(label);
 }
 
-// Per class, stage item (r, x): low-res row row0 + r of class plane `plane` (h, w)
-// interpolated along x at window column wx0 + x.
+// Per class, stage item (r, x) (r < rows, x < window columns): low-res row row0 + r of class
+// plane `plane` (h, w) interpolated along x at window column wx0 + x, times log2(e).
 template <typename scalar_t, typename acc_t>
-BISENET_HD void ce_backward_stage_item(int item, const CeTile& t, const CeGeometry<acc_t>& geo, const scalar_t* plane,
-                                       const CeBackwardBuffers<acc_t>& buf) {
+BISENET_HD void ce_backward_stage_item(int r, int x, const CeTile& t, const CeGeometry<acc_t>& geo,
+                                       const scalar_t* plane, const CeBackwardBuffers<acc_t>& buf) {
   const int cols = t.wx1 - t.wx0;
-  const CeTap<acc_t> tx = buf.col_taps[item % cols];
-  const int row = (t.row0 + item / cols) * geo.w;
+  const int item = r * cols + x;
+  const CeTap<acc_t> tx = buf.col_taps[x];
+  const int row = (t.row0 + r) * geo.w;
   const acc_t along_x = fma_acc(tx.w1, load_acc<scalar_t, acc_t>(plane, row + tx.second),
                                 tx.w0 * load_acc<scalar_t, acc_t>(plane, row + tx.first));  // lerp_taps
   buf.staged[item] = along_x * log2e(along_x);
 }
 
-// Per class, segment item (k, x): the rows of segment k at window column x, their
+// Per class, segment item (k, x) (k <= band, x < window columns): the rows of segment k at
+// window column x, their
 // g (exp(z - lse) - [c == label]) summed with each row's weight to low-res row s = ly0 - 1 + k
 // and to s + 1. Skipped pixels (g == 0) add nothing and cost no exp.
 template <typename acc_t>
-BISENET_HD void ce_backward_segment_item(int item, int c, const CeTile& t, const CeBackwardBuffers<acc_t>& buf) {
+BISENET_HD void ce_backward_segment_item(int k, int x, int c, const CeTile& t, const CeBackwardBuffers<acc_t>& buf) {
   const int cols = t.wx1 - t.wx0;
-  const int k = item / cols, x = item % cols;
+  const int item = k * cols + x;
   acc_t sum_row = static_cast<acc_t>(0), sum_next = static_cast<acc_t>(0);
-  for (int y = buf.segment_y[k] - t.wy0; y < buf.segment_y[k + 1] - t.wy0; ++y) {
-    const int p = y * cols + x;
-    const acc_t g = buf.pixel_grad[p];
+  const int y_begin = buf.segment_y[k] - t.wy0, y_end = buf.segment_y[k + 1] - t.wy0;
+  const acc_t* grad_column = buf.pixel_grad + x;  // column x of the window's (rows, cols) arrays
+  const acc_t* lse_column = buf.pixel_lse + x;
+  const int* label_column = buf.pixel_label + x;
+  const acc_t* staged_column = buf.staged + x;
+  for (int y = y_begin; y < y_end; ++y) {
+    const int p = y * cols;
+    const acc_t g = grad_column[p];
     if (g == static_cast<acc_t>(0)) continue;
     const CeTap<acc_t> ty = buf.row_taps[y];  // its first tap is s = ly0 - 1 + k
-    const acc_t z_log2 = fma_acc(ty.w1, buf.staged[ty.second + x], ty.w0 * buf.staged[ty.first + x]);  // lerp_taps
-    acc_t d = exp2_acc(z_log2 - buf.pixel_lse[p]);
-    if (buf.pixel_label[p] == c) d -= static_cast<acc_t>(1);
+    const acc_t z_log2 = fma_acc(ty.w1, staged_column[ty.second], ty.w0 * staged_column[ty.first]);  // lerp_taps
+    acc_t d = exp2_acc(z_log2 - lse_column[p]);
+    if (label_column[p] == c) d -= static_cast<acc_t>(1);
     const acc_t gd = g * d;
     sum_row = fma_acc(ty.to_first, gd, sum_row);
     sum_next = fma_acc(ty.to_next, gd, sum_next);
