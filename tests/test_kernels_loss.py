@@ -600,7 +600,8 @@ def test_cuda_pixel_op_matches_float64_reference(cuda_kernel, n, c, low, high, d
         poison_cuda_cache(labels.numel() * 8)
         loss, lse = loss_module.upsample_cross_entropy(logits, labels.to(label_dtype), 255)
         assert loss.dtype == lse.dtype == acc
-        tol = 4 * max(c, 2) * eps * (exact.abs().max().item() + math.log(max(c, 2))) + coordinate_tolerance(eps, low, exact)
+        tol = (4 * max(c, 2) * eps * (exact.abs().max().item() + math.log(max(c, 2))) +
+               coordinate_tolerance(eps, low, exact))
         torch.testing.assert_close(loss.double(), want_loss, rtol=0, atol=tol)
         torch.testing.assert_close(lse.double(), want_lse, rtol=0, atol=tol)
         poison_cuda_cache(logits.numel() * 8)

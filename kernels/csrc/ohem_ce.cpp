@@ -13,15 +13,15 @@
 // logits (N, C, h, w) float32/bfloat16/float16/float64, labels (N, H, W) int64 or uint8;
 // loss, lse, grad_loss (N, H, W) float32 (float64 for float64 logits); grad_logits like
 // logits (NCHW). Both kernels run over tiles planned here once for both devices
-// (ohem_ce_math.h): the forward over bands of high-res rows, upsample_ce_forward_plan shows
-// its plan. band, chunk (low-res rows and columns per backward block) override the
-// backward's tiling (0: automatic); the tests use them to put tile borders everywhere. The
-// backward's plan (ohem_ce_math.h) is made here once for both devices, so a tiling over the
-// shared-memory budget is the same error on the CPU as at launch; upsample_ce_backward_plan
-// shows it (size = (N, C, H, W), low_size = (h, w)) with the most any tile needs and how many
-// low-res outputs the tiles write (h * w when each is written once). ohem_weights: loss (N, H, W) float32/float64 (the per-pixel losses, 0 where
-// ignored), labels as above, threshold = -log(thresh), min_kept < 0 for valid // 16 ->
-// weights like loss, sum(weights * loss) the OHEM loss (ohem_ce_math.h); no host sync.
+// (ohem_ce_math.h): the forward over bands of high-res rows, the backward over tiles of
+// low-res rows and columns; band, chunk (low-res rows and columns per backward block)
+// override the backward's tiling (0: automatic), the tests use them to put tile borders
+// everywhere. A tiling over the shared-memory budget is the same error on the CPU as at
+// launch. The *_plan ops show a plan (size = (N, C, H, W), low_size = (h, w)) with the most
+// any tile needs and how many outputs the tiles write (each once: h * w, H * W).
+// ohem_weights: loss (N, H, W) float32/float64 (the per-pixel losses, 0 where ignored),
+// labels as above, threshold = -log(thresh), min_kept < 0 for valid // 16 -> weights like
+// loss, sum(weights * loss) the OHEM loss (ohem_ce_math.h); no host sync.
 //
 // The CPU implementations run the same per-item functions (ohem_ce_math.h) as the CUDA
 // kernels with the same arithmetic (same_bits.h), in the same tiling, with buffers of the
@@ -138,7 +138,8 @@ void backward_cpu_typed(const CeBackwardCall& call, int64_t ignore_index) {
   const int64_t pixels = static_cast<int64_t>(geo.H) * geo.W;
   const int64_t plane = static_cast<int64_t>(geo.h) * geo.w;
   std::vector<double> shared((plan.shared_bytes + 7) / 8);  // 8-byte aligned, as the kernel's
-  const CeBackwardBuffers<acc_t> buf = ce_backward_buffers<acc_t>(reinterpret_cast<unsigned char*>(shared.data()), plan);
+  const CeBackwardBuffers<acc_t> buf =
+      ce_backward_buffers<acc_t>(reinterpret_cast<unsigned char*>(shared.data()), plan);
   for (int64_t block = 0; block < ce_backward_blocks(geo, plan); ++block) {
     const CeTile t = ce_backward_tile(block, geo, plan);
     TORCH_CHECK(t.wy1 - t.wy0 <= plan.window_rows && t.wx1 - t.wx0 <= plan.window_cols && t.rows <= plan.band + 2,
@@ -153,11 +154,13 @@ void backward_cpu_typed(const CeBackwardCall& call, int64_t ignore_index) {
                                              lse + t.n * pixels, ignore_index, buf);
     for (int c = 0; c < geo.C; ++c) {
       for (int r = 0; r < t.rows; ++r)
-        for (int x = 0; x < t.wx1 - t.wx0; ++x) ce_backward_stage_item<scalar_t, acc_t>(r, x, t, geo, sample + c * plane, buf);
+        for (int x = 0; x < t.wx1 - t.wx0; ++x)
+          ce_backward_stage_item<scalar_t, acc_t>(r, x, t, geo, sample + c * plane, buf);
       for (int k = 0; k < ce_tile_segments(t); ++k)
         for (int x = 0; x < t.wx1 - t.wx0; ++x) ce_backward_segment_item(k, x, c, t, buf);
       for (int item = 0; item < ce_tile_outputs(t); ++item)
-        sample_out[c * plane + ce_output_offset(item, t, geo)] = static_cast<scalar_t>(ce_backward_output_item(item, t, buf));
+        sample_out[c * plane + ce_output_offset(item, t, geo)] =
+            static_cast<scalar_t>(ce_backward_output_item(item, t, buf));
     }
   }
 }
@@ -308,7 +311,8 @@ at::Tensor ohem_weights_cpu(const at::Tensor& loss, const at::Tensor& labels, in
 // The plan upsample_ce_backward would follow for these sizes, the most any of its tiles needs
 // (walking the tiles as the kernel does) and how many low-res outputs the tiles write.
 template <typename acc_t>
-std::vector<int64_t> backward_plan_numbers(at::IntArrayRef size, at::IntArrayRef low_size, int64_t band, int64_t chunk) {
+std::vector<int64_t> backward_plan_numbers(at::IntArrayRef size, at::IntArrayRef low_size, int64_t band,
+                                           int64_t chunk) {
   auto geo = make_ce_geometry<acc_t>(size[0], size[1], low_size[0], low_size[1], size[2], size[3]);
   const CeBackwardPlan plan = backward_plan(geo, band, chunk);
   geo.N = 1;  // the tiles of one sample

@@ -127,7 +127,11 @@ __global__ void __launch_bounds__(kThreads) ce_backward_kernel(
                                            lse + t.n * pixels, ignore_index, buf);
   __syncthreads();  // the column taps, for the stage
   const int cols = t.wx1 - t.wx0;
-  for_grid_items(t.rows, cols, [&](int r, int x) { ce_backward_stage_item<scalar_t, acc_t>(r, x, t, geo, logits + sample, buf); });
+  const auto stage = [&](const scalar_t* plane) {
+    for_grid_items(t.rows, cols,
+                   [&](int r, int x) { ce_backward_stage_item<scalar_t, acc_t>(r, x, t, geo, plane, buf); });
+  };
+  stage(logits + sample);
   __syncthreads();
   for (int c = 0; c < geo.C; ++c) {
     for_grid_items(ce_tile_segments(t), cols, [&](int k, int x) { ce_backward_segment_item(k, x, c, t, buf); });
@@ -135,10 +139,7 @@ __global__ void __launch_bounds__(kThreads) ce_backward_kernel(
     for (int item = threadIdx.x; item < ce_tile_outputs(t); item += blockDim.x)
       grad_logits[sample + c * plane + ce_output_offset(item, t, geo)] =
           static_cast<scalar_t>(ce_backward_output_item(item, t, buf));
-    if (c + 1 < geo.C) {
-      const scalar_t* next = logits + sample + (c + 1) * plane;
-      for_grid_items(t.rows, cols, [&](int r, int x) { ce_backward_stage_item<scalar_t, acc_t>(r, x, t, geo, next, buf); });
-    }
+    if (c + 1 < geo.C) stage(logits + sample + (c + 1) * plane);
     __syncthreads();  // the next class's rows are staged; the segment sums are free
   }
 }

@@ -59,9 +59,10 @@ CeGeometry<acc_t> make_ce_geometry(int64_t N, int64_t C, int64_t h, int64_t w, i
   return geo;
 }
 
-// Shared memory per block: the forward and the backward's automatic tile stays within 48 KiB (no opt-in), as
-// the other kernels do; a large upscale (1/32 at float64: 64 x 64 window pixels of 20 bytes)
-// may take up to 96 KiB (opt-in; every sm_80+ GPU has 99 KiB or more per block).
+// Shared memory per block: the forward and the backward's automatic tile stay within 48 KiB
+// (no opt-in), as the other kernels do; where a large upscale leaves no backward tile that
+// fits (1/32: a 64 x 64 window, 20 bytes a pixel in float64, 12 in float32) it may take up to
+// 96 KiB (opt-in; every sm_80+ GPU has 99 KiB or more per block).
 constexpr int64_t kCeSharedBytes = 48 * 1024;
 constexpr int64_t kCeMaxSharedBytes = 96 * 1024;
 
