@@ -475,6 +475,15 @@ def support_size(low, high):
     return math.prod(2 * math.ceil(big / small) + 2 for small, big in zip(low, high))
 
 
+def coordinate_tolerance(eps, low, logits):
+    """The taps' source coordinate src = scale (dst + 0.5) - 0.5 (< max(h, w)) is rounded in
+    the accumulation type, as ATen's upsampling rounds it, and so is scale: a weight is off by
+    up to 2 max(h, w) eps, z by that times the spread of two logits (2 max|logit|) on each
+    axis. At 389 x 523 from 97 x 131 in float32 that is ~2e-4, ATen's own float32
+    interpolate's error against its float64 one."""
+    return 2 * 2 * max(low) * eps * 2 * logits.abs().max().item()
+
+
 def backward_tolerance(eps, scale, low, high, grad_loss):
     """A logit's gradient sums up to S terms, each at most |g| with an error ~2 * scale * eps
     (exp(z - lse), z and lse of size ~scale); float sums grow that by ~sqrt(S)."""
@@ -496,6 +505,52 @@ def test_cpu_loop_float64_matches_reference(extension, n, c, low, high, label_dt
     got = extension.upsample_ce_backward(grad_loss, logits, labels, lse, 255)
     want = loss_module.upsample_cross_entropy_backward_reference(grad_loss, logits, labels, want_lse, 255)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-13 * support_size(low, high))
+
+
+# odd sides against their 1/4 and 1/8 (rounded up, as the model's stride-2 layers do), as
+# squares and 1:2, in the backward's automatic tiling and with tile borders everywhere
+TILED_SIDES = [8, 9, 31, 57, 131]
+BACKWARD_TILES = [(0, 0), (1, 1), (2, 3)]
+
+
+def tiled_cases():
+    for side in TILED_SIDES:
+        for ratio in (4, 8):
+            yield (side, side), (-(-side // ratio),) * 2
+        yield (side, 2 * side + 1), (-(-side // 8), -(-(2 * side + 1) // 8))
+
+
+@pytest.mark.parametrize("c", [1, 2, 19, 33])
+def test_cpu_loop_backward_tiles_cover_every_pixel(extension, c):
+    """Each logit's gradient gathers every high-res pixel that reads it exactly once, whatever
+    the tile: a pixel missed or counted twice by the tiling is an error of order |g|, the
+    float64 tolerance is 1e-13 of it. The forward's bands (16 rows, 64 columns) likewise."""
+    for index, (high, low) in enumerate(tiled_cases()):
+        logits, labels = random_case(n=2, c=c, low=low, high=high, seed=index)
+        loss, lse = extension.upsample_ce_forward(logits, labels, 255)  # the forward's bands too
+        want_loss, want_lse = loss_module.upsample_cross_entropy_reference(logits, labels, 255)
+        torch.testing.assert_close(loss, want_loss, rtol=0, atol=1e-12)
+        torch.testing.assert_close(lse, want_lse, rtol=0, atol=1e-12)
+        grad_loss = torch.randn(labels.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(index))
+        grad_loss[:, ::3] = 0.0  # skipped pixels too
+        want = loss_module.upsample_cross_entropy_backward_reference(grad_loss, logits, labels, lse, 255)
+        for band, chunk in BACKWARD_TILES:
+            got = extension.upsample_ce_backward(grad_loss, logits, labels, lse, 255, band, chunk)
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-13 * support_size(low, high),
+                                       msg=lambda m: f"{high} from {low}, tile {band}x{chunk}: {m}")
+
+
+def test_cpu_loop_backward_large_upscale_opts_in(extension):
+    """1/32 in float64 needs a 64 x 64 window of 20 bytes a pixel: more than 48 KiB, the plan
+    takes the larger opt-in budget and the result is the reference's."""
+    plan = extension.upsample_ce_backward_plan([1, 3, 256, 256], [8, 8], torch.float64)
+    assert plan[:2] == [1, 1] and 48 * 1024 < plan[4] <= 96 * 1024, plan
+    logits, labels = random_case(n=1, c=3, low=(8, 8), high=(256, 256), seed=3)
+    loss, lse = extension.upsample_ce_forward(logits, labels, 255)
+    grad_loss = torch.randn(labels.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    got = extension.upsample_ce_backward(grad_loss, logits, labels, lse, 255)
+    want = loss_module.upsample_cross_entropy_backward_reference(grad_loss, logits, labels, lse, 255)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-13 * support_size((8, 8), (256, 256)))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -522,6 +577,22 @@ def test_cpu_loop_low_precision_matches_float64(extension, dtype):
     atol = backward_tolerance(EPS32, scale, low, high, grad_loss)
     rounding = {torch.float32: EPS32, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}[dtype]
     torch.testing.assert_close(got.double(), want, rtol=rounding, atol=atol)
+
+
+def test_cpu_loop_float32_odd_size_within_coordinate_tolerance(extension):
+    """Large odd sizes in float32: the taps' float32 coordinates cost more than the
+    interpolation and the log-sum-exp (coordinate_tolerance); the GPU test's tolerance, here
+    on the CPU loops (the kernels' bits)."""
+    n, c, low, high = 1, 19, (97, 131), (389, 523)
+    g = torch.Generator().manual_seed(c + low[0])
+    logits = torch.randn(n, c, *low, generator=g, dtype=torch.float64) * 3.0
+    labels = torch.randint(0, c, (n, *high), generator=g)
+    exact = logits.float().double()
+    loss, lse = extension.upsample_ce_forward(logits.float(), labels, 255)
+    want_loss, want_lse = loss_module.upsample_cross_entropy_reference(exact, labels, 255)
+    interpolation = 4 * c * EPS32 * (exact.abs().max().item() + math.log(c))
+    error = max((loss.double() - want_loss).abs().max().item(), (lse.double() - want_lse).abs().max().item())
+    assert interpolation < error <= interpolation + coordinate_tolerance(EPS32, low, exact)
 
 
 def test_cpu_loop_bad_label_is_nan_not_a_wild_read(extension):
@@ -583,7 +654,8 @@ def test_cuda_pixel_op_matches_float64_reference(cuda_kernel, n, c, low, high, d
         poison_cuda_cache(labels.numel() * 8)
         loss, lse = loss_module.upsample_cross_entropy(logits, labels.to(label_dtype), 255)
         assert loss.dtype == lse.dtype == acc
-        tol = 4 * max(c, 2) * eps * (exact.abs().max().item() + math.log(max(c, 2)))
+        tol = (4 * max(c, 2) * eps * (exact.abs().max().item() + math.log(max(c, 2))) +
+               coordinate_tolerance(eps, low, exact))
         torch.testing.assert_close(loss.double(), want_loss, rtol=0, atol=tol)
         torch.testing.assert_close(lse.double(), want_lse, rtol=0, atol=tol)
         poison_cuda_cache(logits.numel() * 8)

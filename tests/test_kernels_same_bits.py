@@ -1,8 +1,8 @@
 """The kernels compute the same bits on the host and on the device (kernels/csrc/same_bits.h).
 
 CPU: the error of same_bits.h's exp, log and sigmoid against higher-precision references;
-the BGA backward's plan (tile, shared-memory capacities) against what every tile of it
-needs, swept over sizes; a tiling over the shared-memory budget fails on the CPU as it would
+the BGA and loss backwards' plans (tile, shared-memory capacities) against what every tile
+of them needs, swept over sizes; a tiling over the shared-memory budget fails on the CPU as it would
 at launch. GPU (marked gpu): the CUDA kernels and the C++ CPU loops give identical results,
 bit for bit, for the math functions, the BGA and the loss, on odd sizes.
 """
@@ -50,6 +50,37 @@ def test_exp_edges(extension):
     assert y[5] == 1 and y[6] == 1
 
 
+def test_exp2_within_two_ulp(extension):
+    # every u whose 2^u is a normal number, densely; below, the result is subnormal or 0
+    u = float32_sweep(-126.0, 127.99)
+    y = extension.same_bits_math(u, "exp2")
+    assert ulps(y.numpy(), np.exp2(u.numpy().astype(np.longdouble)), EPS32).max() <= 2
+    u64 = u.double() * (1 + 1e-9)
+    y64 = extension.same_bits_math(u64, "exp2")
+    assert ulps(y64.numpy(), np.exp2(u64.numpy().astype(np.longdouble)), EPS64).max() <= 2
+
+
+def test_exp2_edges(extension):
+    u = torch.tensor([float("nan"), float("inf"), -float("inf"), 128.0, -127.0, -200.0, 0.0, -0.0, 1.0, -126.0])
+    y = extension.same_bits_math(u, "exp2")
+    assert math.isnan(y[0]) and y[1] == math.inf and y[2] == 0 and y[3] == math.inf
+    assert y[4] == 0 and y[5] == 0 and y[6] == 1 and y[7] == 1 and y[8] == 2 and y[9] == 2.0 ** -126
+    y64 = extension.same_bits_math(torch.tensor([1024.0, -1023.0, -1022.0, 10.0], dtype=torch.float64), "exp2")
+    assert y64[0] == math.inf and y64[1] == 0 and y64[2] == 2.0 ** -1022 and y64[3] == 1024
+
+
+def test_exp_by_prescaled_exp2_bound(extension):
+    """exp(x) as exp2_acc(x * log2(e)), log2(e) rounded to float: exp2's 2 ulp plus the
+    rounding of the product and of log2(e), |x| 2^-23 relative at most (2 |x| ulp): the
+    softmax's exp(z - lse), x <= 0, loses at most that against exp_acc's 2 ulp."""
+    x = float32_sweep(-87.0, 88.0)
+    y = extension.same_bits_math(x * 1.4426950408889634, "exp2")  # the float32 product, as the kernels
+    error = ulps(y.numpy(), np.exp(x.numpy().astype(np.longdouble)), EPS32)
+    assert (error <= 2 + 2 * np.abs(x.numpy())).all()
+    near = x.abs() <= 1  # where the softmax's large terms are
+    assert error[near.numpy()].max() <= 4
+
+
 def test_log_within_two_ulp(extension):
     # every binade of float32, subnormals included, and densely around 1 (lse's log(sum))
     x = torch.cat([torch.logspace(-44, 38, 400_001, dtype=torch.float64).float(),
@@ -82,7 +113,7 @@ def test_sigmoid_within_four_ulp(extension):
 
 
 def test_math_rejects_bad_input(extension):
-    with pytest.raises(RuntimeError, match="fn must be exp, log or sigmoid"):
+    with pytest.raises(RuntimeError, match="fn must be exp, log, sigmoid or exp2"):
         extension.same_bits_math(torch.ones(2), "tanh")
     with pytest.raises(RuntimeError, match="float32 or float64"):
         extension.same_bits_math(torch.ones(2, dtype=torch.bfloat16), "exp")
@@ -160,17 +191,75 @@ def test_tiling_over_budget_fails_on_cpu_as_at_launch(extension):
         extension.bga_backward(torch.randn(size, dtype=torch.float64), *inputs, 2, 3)
 
 
+# ---------------------------------------------------------------------------------------
+# The loss backward's plan (CPU; made on the host for both devices)
+
+CE_PLAN_KEYS = ["band", "chunk", "window_rows", "window_cols", "shared_bytes", "most_rows", "most_cols",
+                "most_staged", "written"]
+
+
+def ce_plan(extension, size, low, dtype, tile=(0, 0)):
+    """-> dict of upsample_ce_backward_plan's numbers, or None when the tile is over budget."""
+    try:
+        values = extension.upsample_ce_backward_plan(list(size), list(low), dtype, *tile)
+    except RuntimeError as error:
+        assert "bytes of shared memory, more than the kernel's 98304" in str(error)
+        return None
+    return dict(zip(CE_PLAN_KEYS, values))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ce_backward_plan_has_room_for_every_tile(extension, dtype):
+    """Every high-res side 8..300 against its 1/4 and 1/8 side, square and 1:2: each tile's
+    window fits the plan's capacities, the tiles write each low-res pixel once (they partition
+    the low-res plane: written == h * w with none outside), the automatic plan stays within
+    48 KiB (the opt-in 96 KiB at most where the upscale needs it)."""
+    checked = 0
+    for side in range(8, 301):
+        for ratio in (4, 8):
+            for high in ((side, side), (side, 2 * side + 1)):
+                low = tuple(-(-big // ratio) for big in high)
+                for tile in ((0, 0), (1, 1), (2, 3), (5, 64)):
+                    numbers = ce_plan(extension, (2, 19) + high, low, dtype, tile)
+                    if numbers is None:
+                        assert tile != (0, 0), f"no automatic tiling for {high} from {low}"
+                        continue
+                    assert numbers["most_rows"] <= numbers["window_rows"], (high, low, tile, numbers)
+                    assert numbers["most_cols"] <= numbers["window_cols"], (high, low, tile, numbers)
+                    assert numbers["most_staged"] <= numbers["band"] + 2, (high, low, tile, numbers)
+                    assert numbers["written"] == low[0] * low[1], (high, low, tile, numbers)
+                    assert numbers["shared_bytes"] <= (48 if tile == (0, 0) else 96) * 1024, (high, low, tile)
+                    checked += 1
+    assert checked > 293 * 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ce_forward_plan_has_room_for_every_tile(extension, dtype):
+    """The forward's bands over sides 8..300 from 1/4, 1/8, a factor 1 and a downscale: each
+    band's staged rows fit the plan's buffers, the tiles write each pixel once (written ==
+    H * W), within 48 KiB; a downscale reads more low-res rows a band, so its bands shrink."""
+    checked = 0
+    for side in range(8, 301):
+        for high, low in [((side, side), (-(-side // 4),) * 2), ((side, 2 * side + 1), (-(-side // 8), side // 4 + 1)),
+                          ((side, side), (side, side)), ((side // 4 + 1, side), (side, side))]:
+            band, staged_rows, shared_bytes, most_staged, written = extension.upsample_ce_forward_plan(
+                [2, 19, *high], list(low), dtype)
+            assert most_staged <= staged_rows and written == high[0] * high[1], (high, low, band, staged_rows)
+            assert 1 <= band <= 16 and shared_bytes <= 48 * 1024, (high, low, band, shared_bytes)
+            checked += 1
+    assert checked == 293 * 4
+    # 4x downscale in float64: 16 rows read 66 low-res rows, 67.6 KB: a smaller band
+    assert extension.upsample_ce_forward_plan([1, 1, 16, 64], [64, 64], torch.float64)[0] < 16
+
+
 def test_ce_backward_budget_fails_on_cpu_as_at_launch(extension):
-    # one row of float64 row sums per block: 6144 wide fits in 48 KiB, 6145 does not
-    logits = torch.randn(1, 2, 1, 3, dtype=torch.float64)
-    for width, fits in ((6144, True), (6145, False)):
-        labels = torch.zeros(1, 1, width, dtype=torch.long)
-        loss, lse = extension.upsample_ce_forward(logits, labels, 255)
-        if fits:
-            extension.upsample_ce_backward(torch.ones_like(loss), logits, labels, lse, 255)
-        else:
-            with pytest.raises(RuntimeError, match="6145 wide need more than the kernel's 49152 bytes"):
-                extension.upsample_ce_backward(torch.ones_like(loss), logits, labels, lse, 255)
+    # a 2 x 2 tile at 1/32 in float64: a 96 x 96 window, more than the 96 KiB a block may take
+    assert ce_plan(extension, (1, 2, 256, 256), (8, 8), torch.float64, (2, 2)) is None
+    logits = torch.randn(1, 2, 8, 8, dtype=torch.float64)
+    labels = torch.zeros(1, 256, 256, dtype=torch.long)
+    loss, lse = extension.upsample_ce_forward(logits, labels, 255)
+    with pytest.raises(RuntimeError, match="bytes of shared memory, more than the kernel's 98304"):
+        extension.upsample_ce_backward(torch.ones_like(loss), logits, labels, lse, 255, 2, 2)
 
 
 # ---------------------------------------------------------------------------------------
@@ -234,7 +323,8 @@ def test_cuda_loss_equals_cpu_loop_bitwise(extension, high, low, dtype):
     assert torch.equal(cuda_loss.cpu(), loss) and torch.equal(cuda_lse.cpu(), lse)
     grad_loss = torch.randn(labels.shape, generator=generator)
     grad_loss[torch.rand(labels.shape, generator=generator) < 0.5] = 0
-    grad = extension.upsample_ce_backward(grad_loss, logits, labels, lse, 255)
-    poison_cuda_cache(logits.numel() * 8)
-    cuda_grad = extension.upsample_ce_backward(grad_loss.cuda(), logits.cuda(), labels.cuda(), cuda_lse, 255)
-    assert torch.equal(cuda_grad.cpu(), grad)
+    for tile in ((0, 0), (1, 1), (2, 3)):
+        grad = extension.upsample_ce_backward(grad_loss, logits, labels, lse, 255, *tile)
+        poison_cuda_cache(logits.numel() * 8)
+        cuda_grad = extension.upsample_ce_backward(grad_loss.cuda(), logits.cuda(), labels.cuda(), cuda_lse, 255, *tile)
+        assert torch.equal(cuda_grad.cpu(), grad), tile

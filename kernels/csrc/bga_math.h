@@ -228,20 +228,8 @@ inline BgaGeometry<acc_t> make_geometry(const int64_t* hi_sizes, const int64_t* 
 // the device's).
 template <typename acc_t>
 inline void max_window(const BgaGeometry<acc_t>& geo, int tile_h, int tile_w, int* height, int* width) {
-  *height = 0;
-  *width = 0;
-  for (int ly0 = 0; ly0 < geo.h; ly0 += tile_h) {
-    int ly1 = ly0 + tile_h < geo.h ? ly0 + tile_h : geo.h;
-    int rows = first_dst_with_tap_at_least(ly1, geo.h, geo.H, geo.scale_y) -
-               first_dst_with_tap_at_least(ly0 - 1, geo.h, geo.H, geo.scale_y);
-    if (rows > *height) *height = rows;
-  }
-  for (int lx0 = 0; lx0 < geo.w; lx0 += tile_w) {
-    int lx1 = lx0 + tile_w < geo.w ? lx0 + tile_w : geo.w;
-    int cols = first_dst_with_tap_at_least(lx1, geo.w, geo.W, geo.scale_x) -
-               first_dst_with_tap_at_least(lx0 - 1, geo.w, geo.W, geo.scale_x);
-    if (cols > *width) *width = cols;
-  }
+  *height = most_window_span(geo.h, geo.H, geo.scale_y, tile_h, false);
+  *width = most_window_span(geo.w, geo.W, geo.scale_x, tile_w, false);
 }
 
 // Accumulator elements per tile: the window (two values per pixel and slot) and the

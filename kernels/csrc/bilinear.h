@@ -66,6 +66,34 @@ BISENET_HD acc_t tap_weight(const Taps<acc_t>& t, int i) {
   return weight;
 }
 
+// Smallest dst that gives low-res index i a nonzero weight: first_dst_with_tap_at_least(i - 1)
+// past the leading dst of tap i - 1 whose weight to i is 0 (those clamped at the border,
+// src = 0, or one whose src is exactly i - 1; they read only i - 1).
+template <typename acc_t>
+BISENET_HD int first_dst_reading(int i, int in_size, int out_size, acc_t scale) {
+  int dst = first_dst_with_tap_at_least(i - 1, in_size, out_size, scale);
+  const int end = first_dst_with_tap_at_least(i, in_size, out_size, scale);
+  while (dst < end && tap_weight(bilinear_taps<acc_t>(dst, in_size, scale), i) == static_cast<acc_t>(0)) ++dst;
+  return dst;
+}
+
+// Host side: the most high-res indices any tile of `tile` low-res indices (tiles starting at
+// 0, tile, 2 tile, ...) has in its window, [first_dst_with_tap_at_least(i0 - 1), first(i0 +
+// tile)), or from first_dst_reading(i0) with `reading_only`: the backward kernels'
+// shared-memory capacities, from the tap arithmetic the kernels use.
+template <typename acc_t>
+inline int most_window_span(int in_size, int out_size, acc_t scale, int tile, bool reading_only) {
+  int most = 0;
+  for (int i0 = 0; i0 < in_size; i0 += tile) {
+    const int i1 = i0 + tile < in_size ? i0 + tile : in_size;
+    const int begin = reading_only ? first_dst_reading(i0, in_size, out_size, scale)
+                                   : first_dst_with_tap_at_least(i0 - 1, in_size, out_size, scale);
+    const int span = first_dst_with_tap_at_least(i1, in_size, out_size, scale) - begin;
+    if (span > most) most = span;
+  }
+  return most;
+}
+
 template <typename scalar_t, typename acc_t>
 BISENET_HD acc_t load_acc(const scalar_t* ptr, int64_t offset) {
   return static_cast<acc_t>(ptr[offset]);

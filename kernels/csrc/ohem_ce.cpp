@@ -1,22 +1,37 @@
 // Operator registration of the fused upsample + cross-entropy loss, and its C++ CPU loops.
 //
 //   bisenet_cuda::upsample_ce_forward(logits, labels, ignore_index) -> (loss, lse)
-//   bisenet_cuda::upsample_ce_backward(grad_loss, logits, labels, lse, ignore_index) -> grad_logits
+//   bisenet_cuda::upsample_ce_backward(grad_loss, logits, labels, lse, ignore_index, band=0, chunk=0)
+//       -> grad_logits
+//   bisenet_cuda::upsample_ce_backward_plan(size, low_size, dtype, band=0, chunk=0)
+//       -> [band, chunk, window_rows, window_cols, shared_bytes, most_rows, most_cols, most_staged,
+//           outputs_written]
+//   bisenet_cuda::upsample_ce_forward_plan(size, low_size, dtype)
+//       -> [band, staged_rows, shared_bytes, most_staged, pixels_written]
 //   bisenet_cuda::ohem_weights(loss, labels, ignore_index, threshold, min_kept, class_weights) -> weights
 //
 // logits (N, C, h, w) float32/bfloat16/float16/float64, labels (N, H, W) int64 or uint8;
 // loss, lse, grad_loss (N, H, W) float32 (float64 for float64 logits); grad_logits like
-// logits (NCHW). ohem_weights: loss (N, H, W) float32/float64 (the per-pixel losses, 0 where
-// ignored), labels as above, threshold = -log(thresh), min_kept < 0 for valid // 16 ->
-// weights like loss, sum(weights * loss) the OHEM loss (ohem_ce_math.h); no host sync.
-// class_weights (C,) like loss, optional: the kept pixels' class-weighted mean instead.
+// logits (NCHW). Both kernels run over tiles planned here once for both devices
+// (ohem_ce_math.h): the forward over bands of high-res rows, the backward over tiles of
+// low-res rows and columns; band, chunk (low-res rows and columns per backward block)
+// override the backward's tiling (0: automatic), the tests use them to put tile borders
+// everywhere. A tiling over the shared-memory budget is the same error on the CPU as at
+// launch. The *_plan ops show a plan (size = (N, C, H, W), low_size = (h, w)) with the most
+// any tile needs and how many outputs the tiles write (each once: h * w, H * W).
+// ohem_weights: loss (N, H, W) float32/float64 (the per-pixel losses, 0 where ignored),
+// labels as above, threshold = -log(thresh), min_kept < 0 for valid // 16 -> weights like
+// loss, sum(weights * loss) the OHEM loss (ohem_ce_math.h); no host sync. class_weights (C,)
+// like loss, optional: the kept pixels' class-weighted mean instead.
 //
 // The CPU implementations run the same per-item functions (ohem_ce_math.h) as the CUDA
-// kernels with the same arithmetic (same_bits.h) and the same shared-memory budget check,
-// so testing them on a CPU checks the kernels' numbers bit for bit.
+// kernels with the same arithmetic (same_bits.h), in the same tiling, with buffers of the
+// plan's capacities (every tile checked against them), so testing them on a CPU checks the
+// kernels' numbers bit for bit.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -45,9 +60,8 @@ void check_inputs(const char* op, const at::Tensor& logits, const at::Tensor& la
               ": labels must be int64 or uint8, got ", labels.scalar_type());
   TORCH_CHECK(logits.device() == labels.device(), op, ": logits are on ", logits.device(), " but labels on ",
               labels.device());
-  TORCH_CHECK(logits.numel() < (int64_t{1} << 31) && labels.size(1) < (int64_t{1} << 31) &&
-                  labels.size(2) < (int64_t{1} << 31),
-              op, ": sizes too large");
+  TORCH_CHECK(logits.numel() < (int64_t{1} << 31) && labels.size(1) * labels.size(2) < (int64_t{1} << 31), op,
+              ": sizes too large");  // 32-bit offsets inside a sample
 }
 
 void check_pixel_tensor(const char* op, const char* name, const at::Tensor& tensor, const at::Tensor& logits,
@@ -60,29 +74,61 @@ void check_pixel_tensor(const char* op, const char* name, const at::Tensor& tens
               logits.device());
 }
 
+template <typename acc_t>
+CeGeometry<acc_t> ce_geometry(const at::Tensor& logits, const at::Tensor& labels) {
+  return make_ce_geometry<acc_t>(logits.size(0), logits.size(1), logits.size(2), logits.size(3), labels.size(1),
+                                 labels.size(2));
+}
+
 template <typename scalar_t>
 using acc_of = typename std::conditional<std::is_same<scalar_t, double>::value, double, float>::type;
 
+// The CUDA kernel's blocks one after the other, its threads' pixels as a loop; the staged
+// rows in buffers of the plan's capacity, every tile checked against it.
 template <typename scalar_t, typename label_t>
-void forward_cpu_typed(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index,
-                       const at::Tensor& loss, const at::Tensor& lse) {
+void forward_cpu_typed(const CeForwardCall& call, int64_t ignore_index) {
   using acc_t = acc_of<scalar_t>;
-  auto geo = make_ce_geometry<acc_t>(logits.size(0), logits.size(1), logits.size(2), logits.size(3),
-                                     labels.size(1), labels.size(2));
-  const scalar_t* logit_data = logits.const_data_ptr<scalar_t>();
-  const label_t* label_data = labels.const_data_ptr<label_t>();
-  acc_t* loss_data = loss.mutable_data_ptr<acc_t>();
-  acc_t* lse_data = lse.mutable_data_ptr<acc_t>();
-  for (int64_t pixel = 0; pixel < labels.numel(); ++pixel)
-    ce_pixel_forward<scalar_t, label_t, acc_t>(pixel, geo, logit_data, label_data, ignore_index, loss_data,
-                                               lse_data);
+  const CeForwardPlan& plan = call.plan;
+  const auto geo = ce_geometry<acc_t>(call.logits, call.labels);
+  const scalar_t* logits = call.logits.const_data_ptr<scalar_t>();
+  const label_t* labels = call.labels.const_data_ptr<label_t>();
+  acc_t* loss = call.loss.mutable_data_ptr<acc_t>();
+  acc_t* lse = call.lse.mutable_data_ptr<acc_t>();
+  const int64_t pixels = static_cast<int64_t>(geo.H) * geo.W;
+  const int64_t plane = static_cast<int64_t>(geo.h) * geo.w;
+  std::vector<double> shared((plan.shared_bytes + 7) / 8);  // 8-byte aligned, as the kernel's
+  const CeForwardBuffers<acc_t> buf = ce_forward_buffers<acc_t>(reinterpret_cast<unsigned char*>(shared.data()), plan);
+  std::vector<CeOnlineLse<acc_t>> states(kCeForwardBand * kCeForwardChunk);
+  for (int64_t block = 0; block < ce_forward_blocks(geo, plan); ++block) {
+    const CeForwardTile t = ce_forward_tile(block, geo, plan);
+    TORCH_CHECK(t.rows <= plan.staged_rows, "upsample_ce_forward: rows [", t.y0, ", ", t.y1, ") read ", t.rows,
+                " low-res rows, the plan has room for ", plan.staged_rows);
+    const scalar_t* sample = logits + t.n * geo.C * plane;
+    for (int item = 0; item < t.x1 - t.x0; ++item) ce_forward_table_item(item, t, geo, buf);
+    for (int item = 0; item < ce_forward_pixels(t); ++item)
+      states[item] = ce_forward_pixel_start<label_t, acc_t>(item, t, geo, labels + t.n * pixels, ignore_index);
+    for (int c = 0; c < geo.C; ++c) {
+      acc_t* staged = ce_forward_staged_for(buf, c);
+      for (int r = 0; r < t.rows; ++r)
+        for (int x = 0; x < t.x1 - t.x0; ++x)
+          ce_forward_stage_item<scalar_t, acc_t>(r, x, t, geo, sample + c * plane, buf.col_taps, staged);
+      for (int item = 0; item < ce_forward_pixels(t); ++item)
+        if (states[item].label != -1) ce_forward_pixel_class(states[item], c, staged);
+    }
+    for (int item = 0; item < ce_forward_pixels(t); ++item) {
+      const int64_t p = t.n * pixels + static_cast<int64_t>(t.y0 + states[item].y) * geo.W + t.x0 + states[item].x;
+      ce_forward_pixel_finish(states[item], loss + p, lse + p);
+    }
+  }
 }
 
-// The CUDA kernel's blocks (n, class group, i) one after the other, its two stages as loops.
+// The CUDA kernel's blocks one after the other; "threads" are the item loops, "shared
+// memory" one buffer of the plan's bytes laid out as the kernel lays it out.
 template <typename scalar_t, typename label_t>
 void backward_cpu_typed(const CeBackwardCall& call, int64_t ignore_index) {
   using acc_t = acc_of<scalar_t>;
   const at::Tensor& logits = call.logits;
+  const CeBackwardPlan& plan = call.plan;
   auto geo = make_ce_geometry<acc_t>(logits.size(0), logits.size(1), logits.size(2), logits.size(3),
                                      call.labels.size(1), call.labels.size(2));
   const scalar_t* logit_data = logits.const_data_ptr<scalar_t>();
@@ -92,20 +138,45 @@ void backward_cpu_typed(const CeBackwardCall& call, int64_t ignore_index) {
   scalar_t* out = call.grad_logits.mutable_data_ptr<scalar_t>();
   const int64_t pixels = static_cast<int64_t>(geo.H) * geo.W;
   const int64_t plane = static_cast<int64_t>(geo.h) * geo.w;
-  const int groups = (geo.C + call.classes_per_block - 1) / call.classes_per_block;
-  std::vector<acc_t> row_sums(static_cast<size_t>(call.classes_per_block) * geo.W);  // (classes, W)
-  for (int64_t block = 0; block < static_cast<int64_t>(geo.N) * groups * geo.h; ++block) {
-    const CeBackwardBlock b = ce_backward_block(block, geo, call.classes_per_block);
-    for (int x = 0; x < geo.W; ++x)
-      ce_backward_row_sums<scalar_t, label_t, acc_t>(geo, logit_data + b.n * geo.C * plane, labels + b.n * pixels,
-                                                     grad_loss + b.n * pixels, lse + b.n * pixels, ignore_index,
-                                                     b.c0, b.classes, b.i, x, row_sums.data() + x, geo.W);
-    for (int item = 0; item < b.classes * geo.w; ++item) {
-      const int k = item / geo.w, j = item % geo.w;
-      out[((b.n * geo.C + b.c0 + k) * geo.h + b.i) * geo.w + j] =
-          static_cast<scalar_t>(ce_backward_column_sum<acc_t>(geo, row_sums.data() + k * geo.W, j));
+  std::vector<double> shared((plan.shared_bytes + 7) / 8);  // 8-byte aligned, as the kernel's
+  const CeBackwardBuffers<acc_t> buf =
+      ce_backward_buffers<acc_t>(reinterpret_cast<unsigned char*>(shared.data()), plan);
+  for (int64_t block = 0; block < ce_backward_blocks(geo, plan); ++block) {
+    const CeTile t = ce_backward_tile(block, geo, plan);
+    TORCH_CHECK(t.wy1 - t.wy0 <= plan.window_rows && t.wx1 - t.wx0 <= plan.window_cols && t.rows <= plan.band + 2,
+                "upsample_ce_backward: tile at low-res (", t.ly0, ", ", t.lx0, ") has a ", t.wy1 - t.wy0, "x",
+                t.wx1 - t.wx0, " window reading ", t.rows, " rows, the plan has room for ", plan.window_rows, "x",
+                plan.window_cols, " and ", plan.band + 2);
+    const scalar_t* sample = logit_data + t.n * geo.C * plane;
+    scalar_t* sample_out = out + t.n * geo.C * plane;
+    for (int item = 0; item < ce_tile_tables(t); ++item) ce_backward_table_item(item, t, geo, buf);
+    for (int item = 0; item < ce_tile_window(t); ++item)
+      ce_backward_pixel_item<label_t, acc_t>(item, t, geo, labels + t.n * pixels, grad_loss + t.n * pixels,
+                                             lse + t.n * pixels, ignore_index, buf);
+    for (int c = 0; c < geo.C; ++c) {
+      for (int r = 0; r < t.rows; ++r)
+        for (int x = 0; x < t.wx1 - t.wx0; ++x)
+          ce_backward_stage_item<scalar_t, acc_t>(r, x, t, geo, sample + c * plane, buf);
+      for (int k = 0; k < ce_tile_segments(t); ++k)
+        for (int x = 0; x < t.wx1 - t.wx0; ++x) ce_backward_segment_item(k, x, c, t, buf);
+      for (int item = 0; item < ce_tile_outputs(t); ++item)
+        sample_out[c * plane + ce_output_offset(item, t, geo)] =
+            static_cast<scalar_t>(ce_backward_output_item(item, t, buf));
     }
   }
+}
+
+// The backward's plan for these sizes (see the file comment); raises when it cannot launch.
+template <typename acc_t>
+CeBackwardPlan backward_plan(const CeGeometry<acc_t>& geo, int64_t band, int64_t chunk) {
+  TORCH_CHECK(band >= 0 && chunk >= 0 && band < (int64_t{1} << 20) && chunk < (int64_t{1} << 20),
+              "upsample_ce_backward: band and chunk must be in [0, 2^20), got ", band, " and ", chunk);
+  CeBackwardPlan plan;
+  const bool fits = plan_ce_backward(geo, static_cast<int>(band), static_cast<int>(chunk), &plan);
+  TORCH_CHECK(fits, "upsample_ce_backward: a tile of ", plan.band, "x", plan.chunk, " low-res pixels (", geo.h, "x",
+              geo.w, " to ", geo.H, "x", geo.W, ") needs ", plan.shared_bytes,
+              " bytes of shared memory, more than the kernel's ", kCeMaxSharedBytes);
+  return plan;
 }
 
 }  // namespace
@@ -117,27 +188,35 @@ CeForwardCall prepare_ce_forward(const at::Tensor& logits, const at::Tensor& lab
   call.labels = labels.contiguous();
   call.loss = at::empty(labels.sizes(), logits.options().dtype(acc_type(logits)));
   call.lse = at::empty(labels.sizes(), logits.options().dtype(acc_type(logits)));
+  call.plan = CeForwardPlan{};  // band 0: nothing to compute
+  if (labels.numel() == 0) return call;
+  if (acc_type(logits) == at::kDouble)
+    call.plan = plan_ce_forward(ce_geometry<double>(call.logits, call.labels));
+  else
+    call.plan = plan_ce_forward(ce_geometry<float>(call.logits, call.labels));
   return call;
 }
 
 CeBackwardCall prepare_ce_backward(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& labels,
-                                   const at::Tensor& lse) {
+                                   const at::Tensor& lse, int64_t band, int64_t chunk) {
   check_inputs("upsample_ce_backward", logits, labels);
   check_pixel_tensor("upsample_ce_backward", "grad_loss", grad_loss, logits, labels);
   check_pixel_tensor("upsample_ce_backward", "lse", lse, logits, labels);
-  const int64_t acc_bytes = acc_type(logits) == at::kDouble ? 8 : 4;
-  const int classes_per_block = ce_backward_classes_per_block(logits.size(1), labels.size(2), acc_bytes);
-  TORCH_CHECK(classes_per_block >= 1, "upsample_ce_backward: labels ", labels.size(2), " wide need more than the kernel's ",
-              kCeSharedBytes, " bytes of shared memory");
-  TORCH_CHECK(logits.size(0) * logits.size(1) * logits.size(2) < (int64_t{1} << 31),
-              "upsample_ce_backward: too many logit rows");
   CeBackwardCall call;
   call.logits = logits.contiguous();
   call.labels = labels.contiguous();
   call.grad_loss = grad_loss.contiguous();
   call.lse = lse.contiguous();
   call.grad_logits = at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
-  call.classes_per_block = classes_per_block;
+  call.plan = CeBackwardPlan{};  // band 0: nothing to compute
+  if (labels.numel() == 0) {  // an empty batch, or no pixel: no gradient
+    call.grad_logits.zero_();
+    return call;
+  }
+  if (acc_type(logits) == at::kDouble)
+    call.plan = backward_plan(ce_geometry<double>(logits, labels), band, chunk);
+  else
+    call.plan = backward_plan(ce_geometry<float>(logits, labels), band, chunk);
   return call;
 }
 
@@ -179,16 +258,17 @@ namespace {
 std::tuple<at::Tensor, at::Tensor> upsample_ce_forward_cpu(const at::Tensor& logits, const at::Tensor& labels,
                                                            int64_t ignore_index) {
   const CeForwardCall call = prepare_ce_forward(logits, labels);
-#define BISENET_CE_FORWARD(scalar_t, label_t) \
-  forward_cpu_typed<scalar_t, label_t>(call.logits, call.labels, ignore_index, call.loss, call.lse)
+  if (call.plan.band == 0) return {call.loss, call.lse};
+#define BISENET_CE_FORWARD(scalar_t, label_t) forward_cpu_typed<scalar_t, label_t>(call, ignore_index)
   BISENET_CE_DISPATCH(call.logits, call.labels, BISENET_CE_FORWARD);
 #undef BISENET_CE_FORWARD
   return {call.loss, call.lse};
 }
 
 at::Tensor upsample_ce_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& labels,
-                                    const at::Tensor& lse, int64_t ignore_index) {
-  const CeBackwardCall call = prepare_ce_backward(grad_loss, logits, labels, lse);
+                                    const at::Tensor& lse, int64_t ignore_index, int64_t band, int64_t chunk) {
+  const CeBackwardCall call = prepare_ce_backward(grad_loss, logits, labels, lse, band, chunk);
+  if (call.plan.band == 0) return call.grad_logits;
 #define BISENET_CE_BACKWARD(scalar_t, label_t) backward_cpu_typed<scalar_t, label_t>(call, ignore_index)
   BISENET_CE_DISPATCH(call.logits, call.labels, BISENET_CE_BACKWARD);
 #undef BISENET_CE_BACKWARD
@@ -256,12 +336,73 @@ at::Tensor ohem_weights_cpu(const at::Tensor& loss, const at::Tensor& labels, in
   return call.weights;
 }
 
+// The plan upsample_ce_backward would follow for these sizes, the most any of its tiles needs
+// (walking the tiles as the kernel does) and how many low-res outputs the tiles write.
+template <typename acc_t>
+std::vector<int64_t> backward_plan_numbers(at::IntArrayRef size, at::IntArrayRef low_size, int64_t band,
+                                           int64_t chunk) {
+  auto geo = make_ce_geometry<acc_t>(size[0], size[1], low_size[0], low_size[1], size[2], size[3]);
+  const CeBackwardPlan plan = backward_plan(geo, band, chunk);
+  geo.N = 1;  // the tiles of one sample
+  int64_t most_rows = 0, most_cols = 0, most_staged = 0, written = 0;
+  for (int64_t block = 0; block < ce_backward_blocks(geo, plan); ++block) {
+    const CeTile t = ce_backward_tile(block, geo, plan);
+    most_rows = std::max<int64_t>(most_rows, t.wy1 - t.wy0);
+    most_cols = std::max<int64_t>(most_cols, t.wx1 - t.wx0);
+    most_staged = std::max<int64_t>(most_staged, t.rows);
+    written += ce_tile_outputs(t);
+  }
+  return {plan.band, plan.chunk, plan.window_rows, plan.window_cols, plan.shared_bytes, most_rows, most_cols,
+          most_staged, written};
+}
+
+void check_plan_sizes(const char* op, at::IntArrayRef size, at::IntArrayRef low_size) {
+  TORCH_CHECK(size.size() == 4 && low_size.size() == 2 && size[2] > 0 && size[3] > 0 && low_size[0] > 0 &&
+                  low_size[1] > 0,
+              op, ": size must be (N, C, H, W) and low_size (h, w), non-empty planes");
+}
+
+std::vector<int64_t> upsample_ce_backward_plan(at::IntArrayRef size, at::IntArrayRef low_size, at::ScalarType dtype,
+                                               int64_t band, int64_t chunk) {
+  check_plan_sizes("upsample_ce_backward_plan", size, low_size);
+  if (dtype == at::kDouble) return backward_plan_numbers<double>(size, low_size, band, chunk);
+  return backward_plan_numbers<float>(size, low_size, band, chunk);
+}
+
+// The plan upsample_ce_forward follows for these sizes, the most low-res rows any of its tiles
+// reads and how many high-res pixels the tiles of one sample write (H * W when each is
+// written once).
+template <typename acc_t>
+std::vector<int64_t> forward_plan_numbers(at::IntArrayRef size, at::IntArrayRef low_size) {
+  auto geo = make_ce_geometry<acc_t>(1, size[1], low_size[0], low_size[1], size[2], size[3]);
+  const CeForwardPlan plan = plan_ce_forward(geo);
+  int64_t most_staged = 0, written = 0;
+  for (int64_t block = 0; block < ce_forward_blocks(geo, plan); ++block) {
+    const CeForwardTile t = ce_forward_tile(block, geo, plan);
+    most_staged = std::max<int64_t>(most_staged, t.rows);
+    written += ce_forward_pixels(t);
+  }
+  return {plan.band, plan.staged_rows, plan.shared_bytes, most_staged, written};
+}
+
+std::vector<int64_t> upsample_ce_forward_plan(at::IntArrayRef size, at::IntArrayRef low_size, at::ScalarType dtype) {
+  check_plan_sizes("upsample_ce_forward_plan", size, low_size);
+  if (dtype == at::kDouble) return forward_plan_numbers<double>(size, low_size);
+  return forward_plan_numbers<float>(size, low_size);
+}
+
 }  // namespace
 }  // namespace bisenet
 
 TORCH_LIBRARY_FRAGMENT(bisenet_cuda, m) {
   m.def("upsample_ce_forward(Tensor logits, Tensor labels, int ignore_index) -> (Tensor, Tensor)");
-  m.def("upsample_ce_backward(Tensor grad_loss, Tensor logits, Tensor labels, Tensor lse, int ignore_index) -> Tensor");
+  m.def(
+      "upsample_ce_backward(Tensor grad_loss, Tensor logits, Tensor labels, Tensor lse, int ignore_index, int band=0, "
+      "int chunk=0) -> Tensor");
+  m.def("upsample_ce_backward_plan(int[] size, int[] low_size, ScalarType dtype, int band=0, int chunk=0) -> int[]",
+        &bisenet::upsample_ce_backward_plan);
+  m.def("upsample_ce_forward_plan(int[] size, int[] low_size, ScalarType dtype) -> int[]",
+        &bisenet::upsample_ce_forward_plan);
   m.def("ohem_weights(Tensor loss, Tensor labels, int ignore_index, float threshold, int min_kept, "
         "Tensor? class_weights=None) -> Tensor");
 }

@@ -1,5 +1,5 @@
 // CUDA kernels of the fused upsample + cross-entropy loss: the per-pixel forward, the
-// gather backward into the low-res logits, and the OHEM selection's weights.
+// tiled gather backward into the low-res logits, and the OHEM selection's weights.
 // The arithmetic lives in ohem_ce_math.h (shared with the C++ CPU loops in ohem_ce.cpp);
 // this file maps items to threads, launches, and registers the CUDA implementations of the
 // ops whose schema ohem_ce.cpp defines; prepare_* (ohem_ce_op.h) check the inputs, make them
@@ -33,38 +33,114 @@ int64_t blocks_for(int64_t items) {
   return std::max<int64_t>(1, std::min<int64_t>((items + kThreads - 1) / kThreads, kMaxBlocks));
 }
 
-// One thread per high-res pixel: loss and lse, the logits interpolated on the fly.
+// One block per tile of high-res rows and columns (ohem_ce_math.h, "Forward tiling"): each
+// thread's pixels keep their online log-sum-exp in registers over the classes, the logit
+// rows the tile reads staged per class (double-buffered: one barrier per class).
 template <typename scalar_t, typename label_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads) ce_forward_kernel(
-    CeGeometry<acc_t> geo, int64_t pixels, const scalar_t* __restrict__ logits,
+__global__ void __launch_bounds__(kCeForwardThreads) ce_forward_kernel(
+    CeGeometry<acc_t> geo, CeForwardPlan plan, const scalar_t* __restrict__ logits,
     const label_t* __restrict__ labels, int64_t ignore_index, acc_t* __restrict__ loss, acc_t* __restrict__ lse) {
-  for (int64_t pixel = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; pixel < pixels;
-       pixel += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    ce_pixel_forward<scalar_t, label_t, acc_t>(pixel, geo, logits, labels, ignore_index, loss, lse);
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  const CeForwardBuffers<acc_t> buf = ce_forward_buffers<acc_t>(shared_bytes, plan);
+  const CeForwardTile t = ce_forward_tile(blockIdx.x, geo, plan);
+  const int64_t pixels = static_cast<int64_t>(geo.H) * geo.W;
+  const int plane = geo.h * geo.w;
+  const scalar_t* sample = logits + static_cast<int64_t>(t.n) * geo.C * plane;
+  if (threadIdx.x < t.x1 - t.x0) ce_forward_table_item(threadIdx.x, t, geo, buf);
+  CeOnlineLse<acc_t> state[kCeForwardPixels];
+  bool counted[kCeForwardPixels];  // a pixel of the tile, not ignored
+#pragma unroll
+  for (int k = 0; k < kCeForwardPixels; ++k) {
+    const int item = threadIdx.x + k * kCeForwardThreads;
+    counted[k] = item < ce_forward_pixels(t);
+    if (counted[k]) {
+      state[k] = ce_forward_pixel_start<label_t, acc_t>(item, t, geo, labels + t.n * pixels, ignore_index);
+      counted[k] = state[k].label != -1;
+    }
+  }
+  __syncthreads();  // the column taps
+  // stage items (r, x): this thread's column, every kCeForwardThreads / kCeForwardChunk-th row
+  const int stage_x = threadIdx.x % kCeForwardChunk;
+  const bool stages = stage_x < t.x1 - t.x0;
+  constexpr int kStageRowStep = kCeForwardThreads / kCeForwardChunk;
+  if (stages) {
+    for (int r = threadIdx.x / kCeForwardChunk; r < t.rows; r += kStageRowStep)
+      ce_forward_stage_item<scalar_t, acc_t>(r, stage_x, t, geo, sample, buf.col_taps, buf.staged);
+  }
+  __syncthreads();
+  for (int c = 0; c < geo.C; ++c) {
+    if (c + 1 < geo.C && stages) {
+      for (int r = threadIdx.x / kCeForwardChunk; r < t.rows; r += kStageRowStep)
+        ce_forward_stage_item<scalar_t, acc_t>(r, stage_x, t, geo, sample + (c + 1) * plane, buf.col_taps,
+                                               ce_forward_staged_for(buf, c + 1));
+    }
+    const acc_t* staged = ce_forward_staged_for(buf, c);
+#pragma unroll
+    for (int k = 0; k < kCeForwardPixels; ++k)
+      if (counted[k]) ce_forward_pixel_class(state[k], c, staged);
+    __syncthreads();  // class c + 1 is staged; class c's buffer is free
+  }
+#pragma unroll
+  for (int k = 0; k < kCeForwardPixels; ++k) {
+    if (threadIdx.x + k * kCeForwardThreads < ce_forward_pixels(t)) {
+      const int64_t p = t.n * pixels + static_cast<int64_t>(t.y0 + state[k].y) * geo.W + t.x0 + state[k].x;
+      ce_forward_pixel_finish(state[k], loss + p, lse + p);
+    }
   }
 }
 
-// One block per low-res row (n, c, i): the row sums of every high-res column into shared
-// memory, then the low-res row's gradients (ohem_ce_math.h: no atomics, deterministic).
+// The items (k, x) of a rows x cols grid, strided over the block's threads as item = k * cols
+// + x would be, with one division per thread, not one per item.
+template <typename F>
+__device__ __forceinline__ void for_grid_items(int rows, int cols, F f) {
+  if (cols <= 0) return;
+  int k = threadIdx.x / cols, x = threadIdx.x % cols;
+  const int step_k = blockDim.x / cols, step_x = blockDim.x % cols;
+  while (k < rows) {
+    f(k, x);
+    x += step_x;
+    k += step_k;
+    if (x >= cols) {
+      x -= cols;
+      ++k;
+    }
+  }
+}
+
+// One block per tile of low-res rows and columns, all classes (ohem_ce_math.h, "Backward
+// tiling"): the window's pixels and taps into shared memory once, then per class the staged
+// logit rows, the segment sums and the tile's gradients. No atomics: deterministic.
 template <typename scalar_t, typename label_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) ce_backward_kernel(
-    CeGeometry<acc_t> geo, int classes_per_block, const scalar_t* __restrict__ logits,
+    CeGeometry<acc_t> geo, CeBackwardPlan plan, const scalar_t* __restrict__ logits,
     const label_t* __restrict__ labels, const acc_t* __restrict__ grad_loss, const acc_t* __restrict__ lse,
     int64_t ignore_index, scalar_t* __restrict__ grad_logits) {
   extern __shared__ __align__(16) unsigned char shared_bytes[];
-  acc_t* row_sums = reinterpret_cast<acc_t*>(shared_bytes);  // (classes, W)
-  const CeBackwardBlock b = ce_backward_block(blockIdx.x, geo, classes_per_block);
+  const CeBackwardBuffers<acc_t> buf = ce_backward_buffers<acc_t>(shared_bytes, plan);
+  const CeTile t = ce_backward_tile(blockIdx.x, geo, plan);
   const int64_t pixels = static_cast<int64_t>(geo.H) * geo.W;
-  const int64_t plane = static_cast<int64_t>(geo.h) * geo.w;
-  for (int x = threadIdx.x; x < geo.W; x += blockDim.x)
-    ce_backward_row_sums<scalar_t, label_t, acc_t>(geo, logits + b.n * geo.C * plane, labels + b.n * pixels,
-                                                   grad_loss + b.n * pixels, lse + b.n * pixels, ignore_index, b.c0,
-                                                   b.classes, b.i, x, row_sums + x, geo.W);
+  const int plane = geo.h * geo.w;
+  const int64_t sample = static_cast<int64_t>(t.n) * geo.C * plane;
+  for (int item = threadIdx.x; item < ce_tile_tables(t); item += blockDim.x) ce_backward_table_item(item, t, geo, buf);
+  for (int item = threadIdx.x; item < ce_tile_window(t); item += blockDim.x)
+    ce_backward_pixel_item<label_t, acc_t>(item, t, geo, labels + t.n * pixels, grad_loss + t.n * pixels,
+                                           lse + t.n * pixels, ignore_index, buf);
+  __syncthreads();  // the column taps, for the stage
+  const int cols = t.wx1 - t.wx0;
+  const auto stage = [&](const scalar_t* plane) {
+    for_grid_items(t.rows, cols,
+                   [&](int r, int x) { ce_backward_stage_item<scalar_t, acc_t>(r, x, t, geo, plane, buf); });
+  };
+  stage(logits + sample);
   __syncthreads();
-  for (int item = threadIdx.x; item < b.classes * geo.w; item += blockDim.x) {
-    const int k = item / geo.w, j = item % geo.w;
-    grad_logits[((b.n * geo.C + b.c0 + k) * geo.h + b.i) * geo.w + j] =
-        static_cast<scalar_t>(ce_backward_column_sum<acc_t>(geo, row_sums + k * geo.W, j));
+  for (int c = 0; c < geo.C; ++c) {
+    for_grid_items(ce_tile_segments(t), cols, [&](int k, int x) { ce_backward_segment_item(k, x, c, t, buf); });
+    __syncthreads();  // the segment sums are complete; the staged rows are free
+    for (int item = threadIdx.x; item < ce_tile_outputs(t); item += blockDim.x)
+      grad_logits[sample + c * plane + ce_output_offset(item, t, geo)] =
+          static_cast<scalar_t>(ce_backward_output_item(item, t, buf));
+    if (c + 1 < geo.C) stage(logits + sample + (c + 1) * plane);
+    __syncthreads();  // the next class's rows are staged; the segment sums are free
   }
 }
 
@@ -206,9 +282,9 @@ void forward_typed(const CeForwardCall& call, int64_t ignore_index) {
   const at::Tensor& logits = call.logits;
   auto geo = make_ce_geometry<acc_t>(logits.size(0), logits.size(1), logits.size(2), logits.size(3),
                                      call.labels.size(1), call.labels.size(2));
-  const int64_t pixels = call.labels.numel();
-  ce_forward_kernel<scalar_t, label_t, acc_t><<<blocks_for(pixels), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      geo, pixels, logits.const_data_ptr<scalar_t>(), call.labels.const_data_ptr<label_t>(), ignore_index,
+  ce_forward_kernel<scalar_t, label_t, acc_t><<<ce_forward_blocks(geo, call.plan), kCeForwardThreads,
+                                                call.plan.shared_bytes, c10::cuda::getCurrentCUDAStream()>>>(
+      geo, call.plan, logits.const_data_ptr<scalar_t>(), call.labels.const_data_ptr<label_t>(), ignore_index,
       call.loss.mutable_data_ptr<acc_t>(), call.lse.mutable_data_ptr<acc_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -219,11 +295,13 @@ void backward_typed(const CeBackwardCall& call, int64_t ignore_index) {
   const at::Tensor& logits = call.logits;
   auto geo = make_ce_geometry<acc_t>(logits.size(0), logits.size(1), logits.size(2), logits.size(3),
                                      call.labels.size(1), call.labels.size(2));
-  const int groups = (geo.C + call.classes_per_block - 1) / call.classes_per_block;
-  const int64_t blocks = logits.size(0) * groups * logits.size(2);  // < 2^31 rows, checked by prepare
-  const size_t shared = static_cast<size_t>(call.classes_per_block) * geo.W * sizeof(acc_t);  // within the budget, idem
-  ce_backward_kernel<scalar_t, label_t, acc_t><<<blocks, kThreads, shared, c10::cuda::getCurrentCUDAStream()>>>(
-      geo, call.classes_per_block, logits.const_data_ptr<scalar_t>(), call.labels.const_data_ptr<label_t>(),
+  const auto kernel = ce_backward_kernel<scalar_t, label_t, acc_t>;
+  // the plan is within kCeMaxSharedBytes (prepare); above 48 KiB a kernel must opt in
+  if (call.plan.shared_bytes > kCeSharedBytes)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(call.plan.shared_bytes)));
+  kernel<<<ce_backward_blocks(geo, call.plan), kThreads, call.plan.shared_bytes, c10::cuda::getCurrentCUDAStream()>>>(
+      geo, call.plan, logits.const_data_ptr<scalar_t>(), call.labels.const_data_ptr<label_t>(),
       call.grad_loss.const_data_ptr<acc_t>(), call.lse.const_data_ptr<acc_t>(), ignore_index,
       call.grad_logits.mutable_data_ptr<scalar_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -232,7 +310,7 @@ void backward_typed(const CeBackwardCall& call, int64_t ignore_index) {
 std::tuple<at::Tensor, at::Tensor> upsample_ce_forward_cuda(const at::Tensor& logits, const at::Tensor& labels,
                                                             int64_t ignore_index) {
   const CeForwardCall call = prepare_ce_forward(logits, labels);
-  if (call.labels.numel() == 0) return {call.loss, call.lse};
+  if (call.plan.band == 0) return {call.loss, call.lse};
   c10::cuda::CUDAGuard guard(logits.device());
 #define BISENET_CE_FORWARD(scalar_t, label_t) forward_typed<scalar_t, label_t>(call, ignore_index)
   BISENET_CE_DISPATCH(call.logits, call.labels, BISENET_CE_FORWARD);
@@ -241,9 +319,9 @@ std::tuple<at::Tensor, at::Tensor> upsample_ce_forward_cuda(const at::Tensor& lo
 }
 
 at::Tensor upsample_ce_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& labels,
-                                     const at::Tensor& lse, int64_t ignore_index) {
-  const CeBackwardCall call = prepare_ce_backward(grad_loss, logits, labels, lse);
-  if (call.logits.numel() == 0) return call.grad_logits;
+                                     const at::Tensor& lse, int64_t ignore_index, int64_t band, int64_t chunk) {
+  const CeBackwardCall call = prepare_ce_backward(grad_loss, logits, labels, lse, band, chunk);
+  if (call.plan.band == 0) return call.grad_logits;
   c10::cuda::CUDAGuard guard(logits.device());
 #define BISENET_CE_BACKWARD(scalar_t, label_t) backward_typed<scalar_t, label_t>(call, ignore_index)
   BISENET_CE_DISPATCH(call.logits, call.labels, BISENET_CE_BACKWARD);

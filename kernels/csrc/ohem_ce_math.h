@@ -8,20 +8,19 @@
 // with one thread per item, the C++ CPU loops (ohem_ce.cpp) run the very same functions in a
 // serial loop, so the CPU tests check the kernels' arithmetic.
 //
-// Forward: one item per high-res pixel; z is interpolated on the fly from the low-res logits
-// (4 taps per class), never stored. The pixel keeps its loss and lse (for the backward).
+// Forward: a block per tile of high-res rows and columns (see "Forward tiling" below); z is
+// interpolated from logit rows staged in shared memory per class, never stored in global
+// memory. The pixel keeps its loss and lse (for the backward).
 // Backward, a deterministic gather (no atomics), separable like the upsampling: the gradient
 // of logit (n, c, i, j) is
 //     sum_x w_x(x, j) * [ sum_y w_y(y, i) * g[y, x] * (exp(z[c, y, x] - lse[y, x]) - [c == label]) ]
 // with z recomputed from the logits; the rows that read low-res row i are those whose first
 // tap is i - 1 or i (bilinear.h: first_dst_with_tap_at_least), likewise columns. One CUDA
-// block per low-res row and group of up to 8 classes (n, c0, i): stage 1, one item per
-// high-res column x, the bracket for each class of the group (the row sums, W values per
-// class in shared memory; the pixel's gradient, label and lse read once for the group);
-// stage 2, one item per (class, low-res column j), the x-sum. Each high-res (c, y, x) is
-// evaluated by the two blocks of its two row taps (not four times, as a gather per logit
-// would), with reads coalesced along x. Pixels with a zero incoming gradient (ignored, or not
-// kept by OHEM) are skipped.
+// block per tile of low-res rows and columns, all classes (see "Backward tiling" below): each
+// high-res pixel's gradient, label and lse read once per block, the logits interpolated
+// along x once per class and window column into shared memory, each window pixel evaluated
+// once per class. Pixels with a zero incoming gradient (ignored, or not kept by OHEM) are
+// skipped.
 //
 // The OHEM selection (the k-th largest pixel loss by a radix select, then per-pixel
 // weights) is at the end of this file.
@@ -60,124 +59,491 @@ CeGeometry<acc_t> make_ce_geometry(int64_t N, int64_t C, int64_t h, int64_t w, i
   return geo;
 }
 
-// Forward of high-res pixel `pixel` (flat index into (N, H, W)). logits: (N, C, h, w).
-// Writes its loss and lse: 0 and 0 where the label is ignore_index, NaN and NaN where the
-// label is outside [0, C) (nothing is read out of bounds; the loss turns non-finite).
-template <typename scalar_t, typename label_t, typename acc_t>
-BISENET_HD void ce_pixel_forward(int64_t pixel, const CeGeometry<acc_t>& geo, const scalar_t* logits,
-                                 const label_t* labels, int64_t ignore_index, acc_t* loss, acc_t* lse) {
-  const int64_t label = static_cast<int64_t>(labels[pixel]);
-  if (label == ignore_index) {
-    loss[pixel] = static_cast<acc_t>(0);
-    lse[pixel] = static_cast<acc_t>(0);
-    return;
-  }
-  if (label < 0 || label >= geo.C) {
-    loss[pixel] = quiet_nan<acc_t>();
-    lse[pixel] = quiet_nan<acc_t>();
-    return;
-  }
-  const int x = static_cast<int>(pixel % geo.W);
-  const int y = static_cast<int>((pixel / geo.W) % geo.H);
-  const int64_t n = pixel / (static_cast<int64_t>(geo.W) * geo.H);
-  const int64_t plane = static_cast<int64_t>(geo.h) * geo.w;
-  const scalar_t* sample = logits + n * geo.C * plane;
-  const Taps<acc_t> ty = bilinear_taps<acc_t>(y, geo.h, geo.scale_y);
-  const Taps<acc_t> tx = bilinear_taps<acc_t>(x, geo.w, geo.scale_x);
-  // one pass over the classes: running maximum and the sum of exp(z - maximum)
-  acc_t max_z = bilinear_sample<scalar_t, acc_t>(sample, geo.w, 1, ty, tx);
-  acc_t label_z = max_z;
-  acc_t sum = static_cast<acc_t>(1);
-  for (int c = 1; c < geo.C; ++c) {
-    const acc_t z = bilinear_sample<scalar_t, acc_t>(sample + c * plane, geo.w, 1, ty, tx);
-    if (c == label) label_z = z;
-    if (z > max_z) {
-      sum = fma_acc(sum, exp_acc(max_z - z), static_cast<acc_t>(1));
-      max_z = z;
-    } else {
-      sum += exp_acc(z - max_z);
-    }
-  }
-  const acc_t pixel_lse = max_z + log_acc(sum);
-  lse[pixel] = pixel_lse;
-  loss[pixel] = pixel_lse - label_z;
-}
-
-// Backward, stage 1 of a block (n, class group [c0, c0 + classes), i): for high-res column x
-// and each class c of the group, the y-sum for low-res row i,
-//     sum over y reading row i of  w_y(y, i) * g[y, x] * (exp(z[c, y, x] - lse[y, x]) - [c == label])
-// (0 terms for ignored pixels and zero incoming gradients, which are skipped), into
-// sums[k * stride] for class c0 + k. Each pixel's gradient, label and lse are read once for
-// the whole group. sample: logits of sample n (C, h, w); the per-pixel pointers point at
-// sample n's (H, W).
-template <typename scalar_t, typename label_t, typename acc_t>
-BISENET_HD void ce_backward_row_sums(const CeGeometry<acc_t>& geo, const scalar_t* sample, const label_t* labels,
-                                     const acc_t* grad_loss, const acc_t* lse, int64_t ignore_index, int c0,
-                                     int classes, int i, int x, acc_t* sums, int stride) {
-  const Taps<acc_t> tx = bilinear_taps<acc_t>(x, geo.w, geo.scale_x);
-  const int y_begin = first_dst_with_tap_at_least(i - 1, geo.h, geo.H, geo.scale_y);
-  const int y_end = first_dst_with_tap_at_least(i + 1, geo.h, geo.H, geo.scale_y);
-  const int64_t plane = static_cast<int64_t>(geo.h) * geo.w;
-  for (int k = 0; k < classes; ++k) sums[k * stride] = static_cast<acc_t>(0);
-  for (int y = y_begin; y < y_end; ++y) {
-    const int64_t p = static_cast<int64_t>(y) * geo.W + x;
-    const acc_t g = grad_loss[p];
-    const int64_t label = static_cast<int64_t>(labels[p]);
-    if (g == static_cast<acc_t>(0) || label == ignore_index) continue;
-    const Taps<acc_t> ty = bilinear_taps<acc_t>(y, geo.h, geo.scale_y);
-    const acc_t weight_y = tap_weight(ty, i);
-    if (weight_y == static_cast<acc_t>(0)) continue;
-    const acc_t weighted_g = weight_y * g;
-    const acc_t pixel_lse = lse[p];
-    for (int k = 0; k < classes; ++k) {
-      const int c = c0 + k;
-      const acc_t z = bilinear_sample<scalar_t, acc_t>(sample + c * plane, geo.w, 1, ty, tx);
-      acc_t d = exp_acc(z - pixel_lse);
-      if (label == c) d -= static_cast<acc_t>(1);
-      sums[k * stride] = fma_acc(weighted_g, d, sums[k * stride]);
-    }
-  }
-}
-
-// The backward block's classes: as many as 8 whose row sums (W values each) fit the
-// shared-memory budget; ohem_ce.cpp checks that one class fits, for the CPU loop and the
-// CUDA launch alike.
+// Shared memory per block: the forward and the backward's automatic tile stay within 48 KiB
+// (no opt-in), as the other kernels do; where a large upscale leaves no backward tile that
+// fits (1/32: a 64 x 64 window, 20 bytes a pixel in float64, 12 in float32) it may take up to
+// 96 KiB (opt-in; every sm_80+ GPU has 99 KiB or more per block).
 constexpr int64_t kCeSharedBytes = 48 * 1024;
-inline int ce_backward_classes_per_block(int64_t C, int64_t W, int64_t acc_bytes) {
-  int64_t classes = kCeSharedBytes / (W * acc_bytes);
-  if (classes > 8) classes = 8;
-  if (classes > C) classes = C;
-  return static_cast<int>(classes);
-}
+constexpr int64_t kCeMaxSharedBytes = 96 * 1024;
 
-// Which rows and classes backward block `block` owns: blocks run over (n, class group, i),
-// i fastest.
-struct CeBackwardBlock {
-  int64_t n;
-  int c0, classes, i;
+// ---------------------------------------------------------------------------------------
+// Forward tiling. A block owns a tile of high-res rows [y0, y1) (a band, up to
+// kCeForwardBand) and columns [x0, x1) (a chunk, kCeForwardChunk) of sample n; it reads low-res
+// rows [row0, row0 + rows) (taps are non-decreasing: the first row's i0 to the last row's i1).
+// Each thread keeps the online log-sum-exp of up to kCeForwardPixels pixels in registers
+// (CeOnlineLse) over the classes; per class c the block stages the rows it reads interpolated
+// along x at its columns, times log2(e) (ATen's order: along x first), and each pixel takes
+// z log2(e) from its two staged rows: one lerp, where a pixel reading its 4 taps takes 3 and
+// 4 loads. The staged rows are double-buffered: one barrier per class.
+constexpr int kCeForwardThreads = 256;
+constexpr int kCeForwardChunk = 64;
+constexpr int kCeForwardBand = 16;
+constexpr int kCeForwardPixels = kCeForwardBand * kCeForwardChunk / kCeForwardThreads;
+
+// The forward's plan, made on the host for both devices: the band (rows per block), the
+// capacity of a staged buffer in low-res rows (the most any band reads), the shared bytes.
+struct CeForwardPlan {
+  int band, staged_rows;
+  int64_t shared_bytes;
+};
+
+struct CeForwardTile {
+  int n, y0, y1, x0, x1;
+  int row0, rows;
 };
 
 template <typename acc_t>
-BISENET_HD CeBackwardBlock ce_backward_block(int64_t block, const CeGeometry<acc_t>& geo, int classes_per_block) {
-  const int groups = (geo.C + classes_per_block - 1) / classes_per_block;
-  CeBackwardBlock b;
-  b.i = static_cast<int>(block % geo.h);
-  const int64_t rest = block / geo.h;
-  b.c0 = static_cast<int>(rest % groups) * classes_per_block;
-  b.n = rest / groups;
-  b.classes = geo.C - b.c0 < classes_per_block ? geo.C - b.c0 : classes_per_block;
-  return b;
+BISENET_HD int64_t ce_forward_blocks(const CeGeometry<acc_t>& geo, const CeForwardPlan& plan) {
+  return static_cast<int64_t>(geo.N) * ((geo.H + plan.band - 1) / plan.band) *
+         ((geo.W + kCeForwardChunk - 1) / kCeForwardChunk);
 }
 
-// Backward, stage 2: the gradient of logit (n, c, i, j) from its class's row sums (W).
+// Blocks run over (n, band, chunk), chunk fastest.
 template <typename acc_t>
-BISENET_HD acc_t ce_backward_column_sum(const CeGeometry<acc_t>& geo, const acc_t* row_sums, int j) {
-  const int x_begin = first_dst_with_tap_at_least(j - 1, geo.w, geo.W, geo.scale_x);
-  const int x_end = first_dst_with_tap_at_least(j + 1, geo.w, geo.W, geo.scale_x);
+BISENET_HD CeForwardTile ce_forward_tile(int64_t block, const CeGeometry<acc_t>& geo, const CeForwardPlan& plan) {
+  const int chunks = (geo.W + kCeForwardChunk - 1) / kCeForwardChunk;
+  const int bands = (geo.H + plan.band - 1) / plan.band;
+  CeForwardTile t;
+  t.x0 = static_cast<int>(block % chunks) * kCeForwardChunk;
+  t.y0 = static_cast<int>((block / chunks) % bands) * plan.band;
+  t.n = static_cast<int>(block / (static_cast<int64_t>(chunks) * bands));
+  t.x1 = t.x0 + kCeForwardChunk < geo.W ? t.x0 + kCeForwardChunk : geo.W;
+  t.y1 = t.y0 + plan.band < geo.H ? t.y0 + plan.band : geo.H;
+  t.row0 = bilinear_taps<acc_t>(t.y0, geo.h, geo.scale_y).i0;
+  t.rows = bilinear_taps<acc_t>(t.y1 - 1, geo.h, geo.scale_y).i1 + 1 - t.row0;
+  return t;
+}
+
+BISENET_HD int ce_forward_pixels(const CeForwardTile& t) { return (t.y1 - t.y0) * (t.x1 - t.x0); }
+
+// The shared memory of a forward block: the columns' taps, two staged buffers.
+template <typename acc_t>
+struct CeForwardBuffers {
+  Taps<acc_t>* col_taps;  // (kCeForwardChunk,)
+  acc_t* staged;          // (2, staged_rows, kCeForwardChunk): class c uses half c % 2
+  int half;               // staged_rows * kCeForwardChunk
+};
+
+template <typename acc_t>
+BISENET_HD acc_t* ce_forward_staged_for(const CeForwardBuffers<acc_t>& buf, int c) {
+  return buf.staged + (c % 2) * buf.half;
+}
+
+template <typename acc_t>
+BISENET_HD int64_t ce_forward_bytes(const CeForwardPlan& plan) {
+  return kCeForwardChunk * (static_cast<int64_t>(sizeof(Taps<acc_t>)) +
+                            2 * static_cast<int64_t>(plan.staged_rows) * static_cast<int64_t>(sizeof(acc_t)));
+}
+
+template <typename acc_t>
+BISENET_HD CeForwardBuffers<acc_t> ce_forward_buffers(unsigned char* base, const CeForwardPlan& plan) {
+  CeForwardBuffers<acc_t> buf;
+  buf.col_taps = reinterpret_cast<Taps<acc_t>*>(base);
+  buf.staged = reinterpret_cast<acc_t*>(base + kCeForwardChunk * sizeof(Taps<acc_t>));
+  buf.half = plan.staged_rows * kCeForwardChunk;
+  return buf;
+}
+
+// Host side: the band. kCeForwardBand rows, fewer where a downscale makes a band read more
+// low-res rows than kCeSharedBytes holds (one row reads two: band 1 always fits).
+template <typename acc_t>
+inline CeForwardPlan plan_ce_forward(const CeGeometry<acc_t>& geo) {
+  CeForwardPlan plan;
+  for (plan.band = kCeForwardBand;; --plan.band) {
+    plan.staged_rows = 0;
+    for (int y0 = 0; y0 < geo.H; y0 += plan.band) {
+      const int y1 = y0 + plan.band < geo.H ? y0 + plan.band : geo.H;
+      const int rows = bilinear_taps<acc_t>(y1 - 1, geo.h, geo.scale_y).i1 + 1 -
+                       bilinear_taps<acc_t>(y0, geo.h, geo.scale_y).i0;
+      if (rows > plan.staged_rows) plan.staged_rows = rows;
+    }
+    plan.shared_bytes = ce_forward_bytes<acc_t>(plan);
+    if (plan.shared_bytes <= kCeSharedBytes || plan.band == 1) return plan;
+  }
+}
+
+// Item over the columns: their taps.
+template <typename acc_t>
+BISENET_HD void ce_forward_table_item(int item, const CeForwardTile& t, const CeGeometry<acc_t>& geo,
+                                      const CeForwardBuffers<acc_t>& buf) {
+  buf.col_taps[item] = bilinear_taps<acc_t>(t.x0 + item, geo.w, geo.scale_x);
+}
+
+// Per class, stage item (r, x) (r < rows, x < x1 - x0): low-res row row0 + r of class plane
+// `plane` (h, w) interpolated along x at column x0 + x, times log2(e), into staged (row stride
+// kCeForwardChunk).
+template <typename scalar_t, typename acc_t>
+BISENET_HD void ce_forward_stage_item(int r, int x, const CeForwardTile& t, const CeGeometry<acc_t>& geo,
+                                      const scalar_t* plane, const Taps<acc_t>* col_taps, acc_t* staged) {
+  const Taps<acc_t> tx = col_taps[x];
+  const int row = (t.row0 + r) * geo.w;
+  const acc_t along_x = lerp_taps(tx, load_acc<scalar_t, acc_t>(plane, row + tx.i0),
+                                  load_acc<scalar_t, acc_t>(plane, row + tx.i1));
+  staged[r * kCeForwardChunk + x] = along_x * log2e(along_x);
+}
+
+// One pixel's online log-sum-exp over the classes, in log2 units: the running maximum of
+// z log2(e), the sum of 2^(z log2(e) - maximum), z log2(e) of the label's class.
+template <typename acc_t>
+struct CeOnlineLse {
+  int label;         // -1: ignored; -2: outside [0, C) (loss and lse NaN)
+  int y, x;          // inside the tile
+  int staged0, staged1;  // its two staged rows' offsets
+  acc_t w0, w1;      // their weights
+  acc_t max_z, sum, label_z;
+};
+
+template <typename label_t, typename acc_t>
+BISENET_HD CeOnlineLse<acc_t> ce_forward_pixel_start(int item, const CeForwardTile& t, const CeGeometry<acc_t>& geo,
+                                                    const label_t* labels, int64_t ignore_index) {
+  CeOnlineLse<acc_t> state;
+  const int cols = t.x1 - t.x0;
+  state.y = item / cols;
+  state.x = item % cols;
+  const int64_t label = static_cast<int64_t>(labels[(t.y0 + state.y) * geo.W + t.x0 + state.x]);
+  state.label = label == ignore_index ? -1 : (label < 0 || label >= geo.C ? -2 : static_cast<int>(label));
+  const Taps<acc_t> ty = bilinear_taps<acc_t>(t.y0 + state.y, geo.h, geo.scale_y);
+  state.staged0 = (ty.i0 - t.row0) * kCeForwardChunk + state.x;
+  state.staged1 = (ty.i1 - t.row0) * kCeForwardChunk + state.x;
+  state.w0 = ty.w0;
+  state.w1 = ty.w1;
+  state.max_z = state.sum = state.label_z = static_cast<acc_t>(0);
+  return state;
+}
+
+// Class c (in order 0, 1, ...): z log2(e) from the staged rows, one exp2 (same_bits.h) of
+// -|z - maximum| either way (the old terms rescaled, or the new one added).
+template <typename acc_t>
+BISENET_HD void ce_forward_pixel_class(CeOnlineLse<acc_t>& state, int c, const acc_t* staged) {
+  const acc_t z = lerp_taps(Taps<acc_t>{0, 0, state.w0, state.w1}, staged[state.staged0], staged[state.staged1]);
+  if (c == state.label) state.label_z = z;
+  if (c == 0) {
+    state.max_z = z;
+    state.sum = static_cast<acc_t>(1);
+    return;
+  }
+  const bool above = z > state.max_z;
+  const acc_t e = exp2_acc(above ? state.max_z - z : z - state.max_z);
+  state.sum = above ? fma_acc(state.sum, e, static_cast<acc_t>(1)) : state.sum + e;
+  state.max_z = above ? z : state.max_z;
+}
+
+// After the last class: the pixel's loss and lse (natural log units): 0 and 0 where the label
+// is ignore_index, NaN and NaN where it is outside [0, C) (nothing was read out of bounds).
+template <typename acc_t>
+BISENET_HD void ce_forward_pixel_finish(const CeOnlineLse<acc_t>& state, acc_t* loss, acc_t* lse) {
+  if (state.label == -1) {
+    *loss = *lse = static_cast<acc_t>(0);
+    return;
+  }
+  if (state.label == -2) {
+    *loss = *lse = quiet_nan<acc_t>();
+    return;
+  }
+  const acc_t log_sum = log_acc(state.sum);
+  *lse = fma_acc(state.max_z, ln2(log_sum), log_sum);
+  *loss = fma_acc(state.max_z - state.label_z, ln2(log_sum), log_sum);
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward tiling. A block owns a tile of low-res rows [ly0, ly1) (a band) and columns
+// [lx0, lx1) (a chunk) of sample n, all classes; its window is every high-res pixel that
+// gives the tile a nonzero weight: rows [wy0, wy1) = [first_dst_reading(ly0), first(ly1)),
+// likewise columns (first = first_dst_with_tap_at_least; bilinear.h). The window's rows fall
+// into band + 1 segments, segment k holding the rows whose first tap is s = ly0 - 1 + k:
+// [first(s), first(s + 1)), segment 0 from wy0.
+// Indices inside a tile are 32-bit; only the block's base offsets are 64-bit.
+//
+// The block, in shared memory (CeBackwardBuffers):
+//   prologue: the window rows' and columns' taps, the segment and column bounds, and each
+//     window pixel's gradient (0 where skipped: ignored, or a zero incoming gradient), lse
+//     and label: read from global memory once for all classes;
+//   per class c:
+//     stage:   staged[r][x] = the logits of low-res row row0 + r interpolated along x at
+//              window column x (ATen's order: along x first), times log2(e);
+//     segment: item (k, x): over the rows y of segment k, z log2(e) from the two staged
+//              rows, gd = g (exp2(z log2(e) - lse log2(e)) - [c == label]) (same_bits.h:
+//              exp2_acc, log2(e) applied once per staged value), summed with y's weight to its first
+//              tap s into to_row[k][x] and with its weight to s + 1 into to_next_row[k][x]:
+//              each window pixel evaluated once;
+//     x-pass:  item (i, j) of the tile: the y-sum of column x for low-res row ly0 + i is
+//              to_row[i + 1][x] + to_next_row[i][x]; summed along x with x's weight to j,
+//              it is the gradient of logit (n, c, ly0 + i, lx0 + j), written once.
+// Two barriers per class; the next class's stage runs beside the x-pass.
+
+// The backward's launch plan, made once on the host and followed by the CUDA launch and the
+// CPU loop alike: the tile (low-res rows and columns per block), the capacities (the most
+// window rows and columns any block has) and the shared bytes they take.
+struct CeBackwardPlan {
+  int band, chunk;
+  int window_rows, window_cols;
+  int64_t shared_bytes;
+};
+
+
+// A window row's or column's taps as the backward block uses them: the two low-res indices
+// (for a row, as offsets into the staged rows: (i - row0) * window columns), the weights,
+// and the weights to its first tap and to the index after it (bilinear.h: tap_weight), so
+// the inner loops take them with one 16-byte-aligned load and no compare.
+template <typename acc_t>
+struct alignas(16) CeTap {
+  int first, second;
+  acc_t w0, w1, to_first, to_next;
+};
+
+template <typename acc_t>
+BISENET_HD CeTap<acc_t> ce_tap(const Taps<acc_t>& t, int first, int second) {
+  CeTap<acc_t> tap;
+  tap.first = first;
+  tap.second = second;
+  tap.w0 = t.w0;
+  tap.w1 = t.w1;
+  tap.to_first = tap_weight(t, t.i0);
+  tap.to_next = tap_weight(t, t.i0 + 1);
+  return tap;
+}
+
+// The shared-memory buffers of one backward block (capacities from the plan).
+template <typename acc_t>
+struct CeBackwardBuffers {
+  acc_t* pixel_grad;   // (window_rows, window_cols): g, 0 where skipped
+  acc_t* pixel_lse;    // (window_rows, window_cols): lse log2(e)
+  acc_t* staged;       // (band + 2, window_cols): logit rows interpolated along x, times log2(e)
+  acc_t* to_row;       // (band + 1, window_cols): per segment, the sums to its first tap row
+  acc_t* to_next_row;  // (band + 1, window_cols): and to the row after
+  CeTap<acc_t>* row_taps;  // (window_rows,): first, second are offsets into staged
+  CeTap<acc_t>* col_taps;  // (window_cols,): first, second are logit columns
+  int* pixel_label;    // (window_rows, window_cols): the label, -1 where skipped
+  int* segment_y;      // (band + 2,): segment k is rows [segment_y[k], segment_y[k + 1])
+  int* column_x;       // (chunk + 2,): column lx0 + j reads window columns [column_x[j], column_x[j + 2])
+};
+
+// Where each buffer starts (bytes from the block's shared memory) and the bytes they take:
+// the taps first (16-byte aligned), then the acc_t arrays, then the ints, so each stays aligned.
+struct CeBackwardLayout {
+  int64_t pixel_grad, pixel_lse, staged, to_row, to_next_row, row_taps, col_taps, pixel_label, segment_y, column_x;
+  int64_t bytes;
+};
+
+template <typename acc_t>
+BISENET_HD CeBackwardLayout ce_backward_layout(const CeBackwardPlan& plan) {
+  const int64_t window = static_cast<int64_t>(plan.window_rows) * plan.window_cols;
+  const int64_t staged = static_cast<int64_t>(plan.band + 2) * plan.window_cols;
+  const int64_t segments = static_cast<int64_t>(plan.band + 1) * plan.window_cols;
+  const int64_t acc = sizeof(acc_t), taps = sizeof(CeTap<acc_t>), word = sizeof(int);
+  CeBackwardLayout at;
+  at.row_taps = 0;  // 16-byte aligned first
+  at.col_taps = at.row_taps + plan.window_rows * taps;
+  at.pixel_grad = at.col_taps + plan.window_cols * taps;
+  at.pixel_lse = at.pixel_grad + window * acc;
+  at.staged = at.pixel_lse + window * acc;
+  at.to_row = at.staged + staged * acc;
+  at.to_next_row = at.to_row + segments * acc;
+  at.pixel_label = at.to_next_row + segments * acc;
+  at.segment_y = at.pixel_label + window * word;
+  at.column_x = at.segment_y + (plan.band + 2) * word;
+  at.bytes = at.column_x + (plan.chunk + 2) * word;
+  return at;
+}
+
+template <typename acc_t>
+BISENET_HD CeBackwardBuffers<acc_t> ce_backward_buffers(unsigned char* base, const CeBackwardPlan& plan) {
+  const CeBackwardLayout at = ce_backward_layout<acc_t>(plan);
+  CeBackwardBuffers<acc_t> buf;
+  buf.pixel_grad = reinterpret_cast<acc_t*>(base + at.pixel_grad);
+  buf.pixel_lse = reinterpret_cast<acc_t*>(base + at.pixel_lse);
+  buf.staged = reinterpret_cast<acc_t*>(base + at.staged);
+  buf.to_row = reinterpret_cast<acc_t*>(base + at.to_row);
+  buf.to_next_row = reinterpret_cast<acc_t*>(base + at.to_next_row);
+  buf.row_taps = reinterpret_cast<CeTap<acc_t>*>(base + at.row_taps);
+  buf.col_taps = reinterpret_cast<CeTap<acc_t>*>(base + at.col_taps);
+  buf.pixel_label = reinterpret_cast<int*>(base + at.pixel_label);
+  buf.segment_y = reinterpret_cast<int*>(base + at.segment_y);
+  buf.column_x = reinterpret_cast<int*>(base + at.column_x);
+  return buf;
+}
+
+// One backward block's tile: sample n, low-res rows [ly0, ly1) and columns [lx0, lx1), the
+// high-res window [wy0, wy1) x [wx0, wx1), and the low-res rows the window reads,
+// [row0, row0 + rows) (staged per class).
+struct CeTile {
+  int n;
+  int ly0, ly1, lx0, lx1;
+  int wy0, wy1, wx0, wx1;
+  int row0, rows;
+};
+
+// Blocks run over (n, band, chunk), chunk fastest.
+template <typename acc_t>
+BISENET_HD CeTile ce_backward_tile(int64_t block, const CeGeometry<acc_t>& geo, const CeBackwardPlan& plan) {
+  const int chunks = (geo.w + plan.chunk - 1) / plan.chunk;
+  const int bands = (geo.h + plan.band - 1) / plan.band;
+  CeTile t;
+  t.lx0 = static_cast<int>(block % chunks) * plan.chunk;
+  t.ly0 = static_cast<int>((block / chunks) % bands) * plan.band;
+  t.n = static_cast<int>(block / (static_cast<int64_t>(chunks) * bands));
+  t.ly1 = t.ly0 + plan.band < geo.h ? t.ly0 + plan.band : geo.h;
+  t.lx1 = t.lx0 + plan.chunk < geo.w ? t.lx0 + plan.chunk : geo.w;
+  t.wy0 = first_dst_reading(t.ly0, geo.h, geo.H, geo.scale_y);
+  t.wy1 = first_dst_with_tap_at_least(t.ly1, geo.h, geo.H, geo.scale_y);
+  t.wx0 = first_dst_reading(t.lx0, geo.w, geo.W, geo.scale_x);
+  t.wx1 = first_dst_with_tap_at_least(t.lx1, geo.w, geo.W, geo.scale_x);
+  t.row0 = 0;
+  t.rows = 0;
+  if (t.wy1 > t.wy0) {  // taps are non-decreasing in y: the first row's i0 to the last row's i1
+    t.row0 = bilinear_taps<acc_t>(t.wy0, geo.h, geo.scale_y).i0;
+    t.rows = bilinear_taps<acc_t>(t.wy1 - 1, geo.h, geo.scale_y).i1 + 1 - t.row0;
+  }
+  return t;
+}
+
+template <typename acc_t>
+BISENET_HD int64_t ce_backward_blocks(const CeGeometry<acc_t>& geo, const CeBackwardPlan& plan) {
+  return static_cast<int64_t>(geo.N) * ((geo.h + plan.band - 1) / plan.band) * ((geo.w + plan.chunk - 1) / plan.chunk);
+}
+
+// Item counts of a block's steps.
+BISENET_HD int ce_tile_window(const CeTile& t) { return (t.wy1 - t.wy0) * (t.wx1 - t.wx0); }
+BISENET_HD int ce_tile_tables(const CeTile& t) {
+  return (t.wy1 - t.wy0) + (t.wx1 - t.wx0) + (t.ly1 - t.ly0 + 2) + (t.lx1 - t.lx0 + 2);
+}
+BISENET_HD int ce_tile_segments(const CeTile& t) { return t.ly1 - t.ly0 + 1; }
+BISENET_HD int ce_tile_outputs(const CeTile& t) { return (t.ly1 - t.ly0) * (t.lx1 - t.lx0); }
+
+// Prologue, item over the tables: the window rows' taps, the columns' taps, the segment
+// bounds, the column bounds.
+template <typename acc_t>
+BISENET_HD void ce_backward_table_item(int item, const CeTile& t, const CeGeometry<acc_t>& geo,
+                                       const CeBackwardBuffers<acc_t>& buf) {
+  const int rows = t.wy1 - t.wy0, cols = t.wx1 - t.wx0, segments = t.ly1 - t.ly0 + 2;
+  if (item < rows) {
+    const Taps<acc_t> ty = bilinear_taps<acc_t>(t.wy0 + item, geo.h, geo.scale_y);
+    buf.row_taps[item] = ce_tap(ty, (ty.i0 - t.row0) * cols, (ty.i1 - t.row0) * cols);
+  } else if ((item -= rows) < cols) {
+    const Taps<acc_t> tx = bilinear_taps<acc_t>(t.wx0 + item, geo.w, geo.scale_x);
+    buf.col_taps[item] = ce_tap(tx, tx.i0, tx.i1);
+  } else if ((item -= cols) < segments) {  // the window's first row opens segment 0
+    buf.segment_y[item] = item == 0 ? t.wy0 : first_dst_with_tap_at_least(t.ly0 - 1 + item, geo.h, geo.H, geo.scale_y);
+  } else {
+    item -= segments;
+    buf.column_x[item] = item == 0 ? t.wx0 : first_dst_with_tap_at_least(t.lx0 - 1 + item, geo.w, geo.W, geo.scale_x);
+  }
+}
+
+// Prologue, item over the window pixels (row-major): the pixel's gradient, lse and label.
+// labels, grad_loss, lse: sample n's (H, W).
+template <typename label_t, typename acc_t>
+BISENET_HD void ce_backward_pixel_item(int item, const CeTile& t, const CeGeometry<acc_t>& geo,
+                                       const label_t* labels, const acc_t* grad_loss, const acc_t* lse,
+                                       int64_t ignore_index, const CeBackwardBuffers<acc_t>& buf) {
+  const int cols = t.wx1 - t.wx0;
+  const int p = (t.wy0 + item / cols) * geo.W + t.wx0 + item % cols;
+  const int64_t label = static_cast<int64_t>(labels[p]);
+  const acc_t g = grad_loss[p];
+  const bool skipped = g == static_cast<acc_t>(0) || label == ignore_index;
+  buf.pixel_grad[item] = skipped ? static_cast<acc_t>(0) : g;
+  buf.pixel_lse[item] = lse[p] * log2e(g);  // in log2 units, as the staged logits
+  // a label outside [0, C) matches no class; its lse is NaN (forward), so is its gradient
+  buf.pixel_label[item] = skipped || label < 0 || label >= geo.C ? -1 : static_cast<int>(label);
+}
+
+// Per class, stage item (r, x) (r < rows, x < window columns): low-res row row0 + r of class
+// plane `plane` (h, w) interpolated along x at window column wx0 + x, times log2(e).
+template <typename scalar_t, typename acc_t>
+BISENET_HD void ce_backward_stage_item(int r, int x, const CeTile& t, const CeGeometry<acc_t>& geo,
+                                       const scalar_t* plane, const CeBackwardBuffers<acc_t>& buf) {
+  const int cols = t.wx1 - t.wx0;
+  const int item = r * cols + x;
+  const CeTap<acc_t> tx = buf.col_taps[x];
+  const int row = (t.row0 + r) * geo.w;
+  const acc_t along_x = fma_acc(tx.w1, load_acc<scalar_t, acc_t>(plane, row + tx.second),
+                                tx.w0 * load_acc<scalar_t, acc_t>(plane, row + tx.first));  // lerp_taps
+  buf.staged[item] = along_x * log2e(along_x);
+}
+
+// Per class, segment item (k, x) (k <= band, x < window columns): the rows of segment k at
+// window column x, their
+// g (exp(z - lse) - [c == label]) summed with each row's weight to low-res row s = ly0 - 1 + k
+// and to s + 1. Skipped pixels (g == 0) add nothing and cost no exp.
+template <typename acc_t>
+BISENET_HD void ce_backward_segment_item(int k, int x, int c, const CeTile& t, const CeBackwardBuffers<acc_t>& buf) {
+  const int cols = t.wx1 - t.wx0;
+  const int item = k * cols + x;
+  acc_t sum_row = static_cast<acc_t>(0), sum_next = static_cast<acc_t>(0);
+  const int y_begin = buf.segment_y[k] - t.wy0, y_end = buf.segment_y[k + 1] - t.wy0;
+  const acc_t* grad_column = buf.pixel_grad + x;  // column x of the window's (rows, cols) arrays
+  const acc_t* lse_column = buf.pixel_lse + x;
+  const int* label_column = buf.pixel_label + x;
+  const acc_t* staged_column = buf.staged + x;
+  for (int y = y_begin; y < y_end; ++y) {
+    const int p = y * cols;
+    const acc_t g = grad_column[p];
+    if (g == static_cast<acc_t>(0)) continue;
+    const CeTap<acc_t> ty = buf.row_taps[y];  // its first tap is s = ly0 - 1 + k
+    const acc_t z_log2 = fma_acc(ty.w1, staged_column[ty.second], ty.w0 * staged_column[ty.first]);  // lerp_taps
+    acc_t d = exp2_acc(z_log2 - lse_column[p]);
+    if (label_column[p] == c) d -= static_cast<acc_t>(1);
+    const acc_t gd = g * d;
+    sum_row = fma_acc(ty.to_first, gd, sum_row);
+    sum_next = fma_acc(ty.to_next, gd, sum_next);
+  }
+  buf.to_row[item] = sum_row;
+  buf.to_next_row[item] = sum_next;
+}
+
+// Per class, x-pass item (i, j): the gradient of logit (n, c, ly0 + i, lx0 + j).
+template <typename acc_t>
+BISENET_HD acc_t ce_backward_output_item(int item, const CeTile& t, const CeBackwardBuffers<acc_t>& buf) {
+  const int cols = t.wx1 - t.wx0, tile_cols = t.lx1 - t.lx0;
+  const int i = item / tile_cols, j = item % tile_cols;
+  const acc_t* to_row = buf.to_row + (i + 1) * cols;  // segment s = ly0 + i: rows whose first tap is this row
+  const acc_t* to_next_row = buf.to_next_row + i * cols;  // segment s = ly0 + i - 1: rows whose second tap is
   acc_t grad = static_cast<acc_t>(0);
-  for (int x = x_begin; x < x_end; ++x)
-    grad = fma_acc(tap_weight(bilinear_taps<acc_t>(x, geo.w, geo.scale_x), j), row_sums[x], grad);
+  for (int x = buf.column_x[j] - t.wx0; x < buf.column_x[j + 2] - t.wx0; ++x) {
+    const CeTap<acc_t>& tx = buf.col_taps[x];  // its first tap is lx0 + j - 1 or lx0 + j
+    grad = fma_acc(tx.first == t.lx0 + j ? tx.to_first : tx.to_next, to_row[x] + to_next_row[x], grad);
+  }
   return grad;
+}
+
+// Where x-pass item (i, j) writes, inside its class plane (h, w).
+template <typename acc_t>
+BISENET_HD int ce_output_offset(int item, const CeTile& t, const CeGeometry<acc_t>& geo) {
+  const int tile_cols = t.lx1 - t.lx0;
+  return (t.ly0 + item / tile_cols) * geo.w + t.lx0 + item % tile_cols;
+}
+
+// Host side: the plan. band, chunk <= 0: automatic, a tile owning about 32 x 64 high-res
+// pixels, shrunk (the side with the longer window first) until it fits kCeSharedBytes; where
+// not even 1 x 1 does, 1 x 1 within kCeMaxSharedBytes. An explicit tile is kept. Returns
+// whether the plan is within kCeMaxSharedBytes.
+template <typename acc_t>
+inline void ce_backward_capacities(const CeGeometry<acc_t>& geo, CeBackwardPlan* plan) {
+  plan->window_rows = most_window_span(geo.h, geo.H, geo.scale_y, plan->band, true);
+  plan->window_cols = most_window_span(geo.w, geo.W, geo.scale_x, plan->chunk, true);
+  plan->shared_bytes = ce_backward_layout<acc_t>(*plan).bytes;
+}
+
+template <typename acc_t>
+inline bool plan_ce_backward(const CeGeometry<acc_t>& geo, int band, int chunk, CeBackwardPlan* plan) {
+  if (band > 0 && chunk > 0) {
+    plan->band = band;
+    plan->chunk = chunk;
+    ce_backward_capacities(geo, plan);
+    return plan->shared_bytes <= kCeMaxSharedBytes;
+  }
+  const int target_rows = 32, target_cols = 64;
+  band = static_cast<int>((static_cast<int64_t>(target_rows) * geo.h + geo.H - 1) / geo.H);
+  chunk = static_cast<int>((static_cast<int64_t>(target_cols) * geo.w + geo.W - 1) / geo.W);
+  plan->band = band < 1 ? 1 : (band > geo.h ? geo.h : band);
+  plan->chunk = chunk < 1 ? 1 : (chunk > geo.w ? geo.w : chunk);
+  while (true) {
+    ce_backward_capacities(geo, plan);
+    if (plan->shared_bytes <= kCeSharedBytes || (plan->band == 1 && plan->chunk == 1)) break;
+    if (plan->chunk > 1 && (plan->window_cols >= plan->window_rows || plan->band == 1)) --plan->chunk;
+    else --plan->band;
+  }
+  return plan->shared_bytes <= kCeMaxSharedBytes;
 }
 
 // ---------------------------------------------------------------------------------------

@@ -16,12 +16,13 @@ namespace bisenet {
 struct CeForwardCall {
   at::Tensor logits, labels;  // contiguous
   at::Tensor loss, lse;       // (N, H, W) float32 (float64 for float64 logits)
+  CeForwardPlan plan;         // ohem_ce_math.h; band 0 when there is nothing to compute
 };
 
 struct CeBackwardCall {
   at::Tensor grad_loss, logits, labels, lse;  // contiguous
   at::Tensor grad_logits;
-  int classes_per_block;  // ohem_ce_math.h: ce_backward_classes_per_block
+  CeBackwardPlan plan;  // ohem_ce_math.h; unset when there is nothing to compute (an empty batch)
 };
 
 struct OhemCall {
@@ -40,7 +41,7 @@ struct OhemCall {
 // ohem_ce.cpp
 CeForwardCall prepare_ce_forward(const at::Tensor& logits, const at::Tensor& labels);
 CeBackwardCall prepare_ce_backward(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& labels,
-                                   const at::Tensor& lse);
+                                   const at::Tensor& lse, int64_t band, int64_t chunk);
 OhemCall prepare_ohem_weights(const at::Tensor& loss, const at::Tensor& labels, double threshold, int64_t min_kept,
                               const std::optional<at::Tensor>& class_weights);
 

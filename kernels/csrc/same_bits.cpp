@@ -1,5 +1,5 @@
-// bisenet_cuda::same_bits_math(x, fn) -> y: same_bits.h's exp_acc, log_acc or sigmoid_acc
-// (fn "exp", "log", "sigmoid") of every element of x (float32 or float64), on the CPU by a
+// bisenet_cuda::same_bits_math(x, fn) -> y: same_bits.h's exp_acc, log_acc, sigmoid_acc or
+// exp2_acc (fn "exp", "log", "sigmoid", "exp2") of every element of x (float32 or float64), on the CPU by a
 // loop here, on the GPU by the kernel in same_bits.cu (which registers its implementation). The tests measure the functions'
 // error on the CPU, and on a GPU compare the two devices' results bit for bit.
 #include <ATen/ATen.h>
@@ -16,8 +16,9 @@ int same_bits_function(c10::string_view fn_name) {
   const std::string fn(fn_name);
   if (fn == "exp") return 0;
   if (fn == "log") return 1;
-  TORCH_CHECK(fn == "sigmoid", "same_bits_math: fn must be exp, log or sigmoid, got ", fn);
-  return 2;
+  if (fn == "sigmoid") return 2;
+  TORCH_CHECK(fn == "exp2", "same_bits_math: fn must be exp, log, sigmoid or exp2, got ", fn);
+  return 3;
 }
 
 // -> (x contiguous, the output allocated)
@@ -32,7 +33,7 @@ namespace {
 
 template <typename acc_t>
 acc_t apply(int fn, acc_t v) {
-  return fn == 0 ? exp_acc(v) : fn == 1 ? log_acc(v) : sigmoid_acc(v);
+  return fn == 0 ? exp_acc(v) : fn == 1 ? log_acc(v) : fn == 2 ? sigmoid_acc(v) : exp2_acc(v);
 }
 
 at::Tensor same_bits_math_cpu(const at::Tensor& x_in, c10::string_view fn_name) {

@@ -7,9 +7,10 @@
 //     so no compiler fuses a product and a sum on one side only;
 //   - exp and log are built here from +, *, /, fma, rint and bit operations, which IEEE 754
 //     defines exactly (CUDA's expf/logf and the host's libm differ in the last bits).
-// Accuracy (tests/test_kernels_math.py measures it against float64 / exact references):
+// Accuracy (tests/test_kernels_same_bits.py measures it against long double references):
 //   exp_acc: |relative error| <= 2 ulp; results below the smallest normal number flush to 0
 //            (about 1e-38 in float, 2e-308 in double), above the largest give inf;
+//   exp2_acc: |relative error| <= 2 ulp; 2^u for u < -126 (-1022) flushes to 0;
 //   log_acc: |error| <= 2 ulp of the result's magnitude or 2^-24 (2^-53) absolute near 1.
 // Light on purpose: no torch headers.
 #pragma once
@@ -116,13 +117,81 @@ BISENET_HD double exp_acc(double x) {
   p = fma_acc(p, r, 0.5);
   p = fma_acc(p, r, 1.0);
   p = fma_acc(p, r, 1.0);
-  int64_t exponent = static_cast<int64_t>(n);
+  int64_t exponent = n == n ? static_cast<int64_t>(n) : 0;
   if (exponent > 1023) {
     p *= 2.0;
     exponent -= 1;
   }
   return p * bits_to_value(static_cast<int64_t>((exponent + 1023) << 52));
 }
+
+// 2^u = 2^n 2^f, n = rint(u), f = u - n in [-1/2, 1/2] (exact: no reduction error, the
+// reason it is cheaper than exp_acc), 2^f = exp(f ln 2) by its Taylor polynomial in f
+// (float: to f^7, truncation 5e-9 relative; double: to f^13, 4e-18), 2^n from its bits.
+// No branch: u is clamped to [-127, 128] by selects (NaN passes through them and gives NaN),
+// so u < -126.5 gives 0 (exp_acc likewise flushes results below the smallest normal; here
+// u in [-126.5, -126) gives a subnormal) and u >= 127.5 gives inf.
+// exp(x) is exp2_acc(x * log2(e)) with log2(e) applied ahead (the loss scales its logits
+// once per low-res value, not once per exp): the rounding of x * log2(e) adds up to
+// |x| 2^-24 (2^-53) relative to the result, besides exp2_acc's own 2 ulp
+// (tests/test_kernels_same_bits.py measures both).
+constexpr float kLog2eFloat = 1.44269504088896340736f;
+constexpr double kLog2eDouble = 1.44269504088896340736;
+constexpr float kLn2Float = 0.693147180559945309417f;
+constexpr double kLn2Double = 0.693147180559945309417;
+
+BISENET_HD float exp2_acc(float u) {
+  u = u < -127.0f ? -127.0f : u;  // NaN stays NaN, and so does the result
+  u = u > 128.0f ? 128.0f : u;
+  const float n = rintf(u);
+  const float f = u - n;
+  float p = 1.5252733804059841e-05f;  // ln2^7 / 7!
+  p = fma_acc(p, f, 1.5403530393381610e-04f);
+  p = fma_acc(p, f, 1.3333558146428443e-03f);
+  p = fma_acc(p, f, 9.6181291076284772e-03f);
+  p = fma_acc(p, f, 5.5504108664821580e-02f);
+  p = fma_acc(p, f, 2.4022650695910072e-01f);
+  p = fma_acc(p, f, 6.9314718055994531e-01f);
+  p = fma_acc(p, f, 1.0f);
+  int exponent = n == n ? static_cast<int>(n) : 0;  // [-127, 128]: -127 makes the scale +0
+  if (exponent > 127) {  // 2^128 has no float: scale by 2 first (exact)
+    p *= 2.0f;
+    exponent -= 1;
+  }
+  return p * bits_to_value(static_cast<int32_t>((exponent + 127) << 23));
+}
+
+BISENET_HD double exp2_acc(double u) {
+  u = u < -1023.0 ? -1023.0 : u;
+  u = u > 1024.0 ? 1024.0 : u;
+  const double n = rint(u);
+  const double f = u - n;
+  double p = 1.3691488853904128e-12;  // ln2^13 / 13!
+  p = fma_acc(p, f, 2.5678435993488206e-11);
+  p = fma_acc(p, f, 4.4455382718708116e-10);
+  p = fma_acc(p, f, 7.0549116208011230e-09);
+  p = fma_acc(p, f, 1.0178086009239700e-07);
+  p = fma_acc(p, f, 1.3215486790144310e-06);
+  p = fma_acc(p, f, 1.5252733804059841e-05);
+  p = fma_acc(p, f, 1.5403530393381610e-04);
+  p = fma_acc(p, f, 1.3333558146428443e-03);
+  p = fma_acc(p, f, 9.6181291076284772e-03);
+  p = fma_acc(p, f, 5.5504108664821580e-02);
+  p = fma_acc(p, f, 2.4022650695910072e-01);
+  p = fma_acc(p, f, 6.9314718055994531e-01);
+  p = fma_acc(p, f, 1.0);
+  int64_t exponent = n == n ? static_cast<int64_t>(n) : 0;
+  if (exponent > 1023) {
+    p *= 2.0;
+    exponent -= 1;
+  }
+  return p * bits_to_value(static_cast<int64_t>((exponent + 1023) << 52));
+}
+
+BISENET_HD float log2e(float) { return kLog2eFloat; }
+BISENET_HD double log2e(double) { return kLog2eDouble; }
+BISENET_HD float ln2(float) { return kLn2Float; }
+BISENET_HD double ln2(double) { return kLn2Double; }
 
 // log(x) = e ln 2 + log(m), x = 2^e m with m in [sqrt(1/2), sqrt(2)); log(m) = 2 atanh(s),
 // s = (m - 1) / (m + 1), |s| <= 0.1716, by its odd series (float: to s^9, truncation 2e-9
