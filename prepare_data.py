@@ -23,7 +23,9 @@ names (`_leftImg8bit` of an image, `_gtFine_labelTrainIds` of a label). Val is -
 --val-labels, or round(--val-fraction * pairs) pairs (at least one) drawn from the sorted pairs
 by a permutation seeded with --seed. Every label is read (in a pool of workers): its size must
 be its image's, and each value must be in --label-map (stored value -> train id) or be
---ignore-index; without a map the values are train ids. The classes are --classes, or
+--ignore-index; without a map the values are train ids. Colour masks (--label-map R,G,B:ID)
+and 16-bit masks (a value above 255 in the map) are checked likewise, then converted once into
+train id PNGs under OUT/labels/SPLIT/, which the lists name. The classes are --classes, or
 class0..classN-1 up to the highest train id (found, or a map's target). Writes OUT/train.txt,
 OUT/val.txt (paths relative to OUT, ../ where outside it) and OUT/dataset.json (data.DatasetInfo).
 
@@ -55,9 +57,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from data import (CITYSCAPES, CITYSCAPES_CLASSES, DATASET_FILE, PACK_FORMAT, BadInput, StalePack,
-                  atomic_write, cache_dir, describe_labels_key, disallowed_values, file_stamps,
-                  label_id_to_train_id, numbered_info, pack_dir, pack_labels_key, read_dataset_info, read_frame, read_label,
-                  read_list, read_pack, stored_values, write_dataset_info)
+                  atomic_write, cache_dir, describe_labels_key, disallowed_values, file_stamps, label_id_to_train_id,
+                  label_mode_problem, numbered_info, pack_dir, pack_labels_key, read_dataset_info, read_frame,
+                  read_label, read_list, read_pack, stored_values, write_dataset_info)
 
 SPLITS = ("train", "val", "test")
 ZIPS = ("gtFine_trainvaltest.zip", "leftImg8bit_trainvaltest.zip")
@@ -196,6 +198,111 @@ def scan_pair(pair):
     return stored_values(values)
 
 
+def check_map_targets(label_map, num_classes, ignore_index):
+    """BadInput naming a --label-map entry whose train id is neither a class nor the ignore index."""
+    for value, train_id in sorted((label_map or {}).items()):
+        if train_id >= num_classes and train_id != ignore_index:
+            raise BadInput(f"--label-map {mask_value_text(value)}:{train_id}: class {train_id}, but there are "
+                           f"{num_classes} classes (0..{num_classes - 1}) and the ignore index is {ignore_index}")
+
+
+# ---------------------------------------------------------------------------------------
+# Masks that need converting: colours (--label-map R,G,B:ID) or values above 255 (16-bit
+# masks). They are rewritten once as train id PNGs under OUT/labels/, which the lists name.
+
+def mask_value_text(value):
+    """A --label-map source as written: 255, or 128,64,128 for a colour."""
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def read_mask_codes(path, colour):
+    """-> (H, W) int64: a mask's stored values, colours as r * 65536 + g * 256 + b (colour
+    masks: RGB, RGBA or palette images) or greyscale values 0..65535 (8- or 16-bit, one
+    channel). BadInput naming the file when it is unreadable or of the other kind."""
+    try:
+        with Image.open(path) as im:
+            mode = im.mode
+            if colour:
+                return np.asarray(im.convert("RGB"), np.int64) @ np.array([65536, 256, 1])
+            values = None if label_mode_problem(mode) else np.asarray(im).astype(np.int64)
+    except Exception as e:
+        raise BadInput(f"{path}: unreadable image ({type(e).__name__})") from None
+    if values is None:
+        raise BadInput(f"{path}: label image has mode {mode}; colour masks need colours in --label-map "
+                       f"(R,G,B:ID)")
+    return values
+
+
+def code_of(value):
+    return value[0] * 65536 + value[1] * 256 + value[2] if isinstance(value, tuple) else value
+
+
+def text_of_code(code, colour):
+    return f"{code >> 16},{(code >> 8) & 255},{code & 255}" if colour else str(code)
+
+
+def scan_mask(task):
+    """(image, mask, colour) -> the mask's distinct codes; BadInput naming the file for an
+    unreadable one, or a size other than its image's (run in a worker process)."""
+    image, mask, colour = task
+    codes = read_mask_codes(mask, colour)
+    width, height = image_size(image)
+    if (height, width) != codes.shape:
+        raise BadInput(f"{image}: image is {width}x{height} but its label {mask} is "
+                       f"{codes.shape[1]}x{codes.shape[0]}")
+    return np.unique(codes)
+
+
+def convert_mask(task):
+    """(mask, out, colour, sources, train_ids) -> writes the mask's train ids (every code is
+    one of `sources`, checked before) to `out` as a PNG, atomically."""
+    mask, out, colour, sources, train_ids = task
+    codes = read_mask_codes(mask, colour)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_png(train_ids[np.searchsorted(sources, codes)].astype(np.uint8), out)
+
+
+class MaskConversion:
+    """--label-map with colours or values above 255: every mask checked against the map
+    (check, in worker processes; grey values may also be the ignore index), then rewritten
+    as train id PNGs under OUT/labels/SPLIT/ at its path under its label folder (write).
+    Nothing is written before every mask has passed."""
+
+    def __init__(self, label_map, ignore_index):
+        self.colour = isinstance(next(iter(label_map)), tuple)
+        self.mapping = {code_of(value): train_id for value, train_id in label_map.items()}
+        if not self.colour:
+            self.mapping.setdefault(ignore_index, ignore_index)
+        self.sources = np.array(sorted(self.mapping))
+        self.train_ids = np.array([self.mapping[code] for code in self.sources])
+        self.allowed = "--label-map" + ("" if self.colour else f" nor the ignore index {ignore_index}")
+
+    def check(self, splits, num_workers):
+        """-> (256,) bool of the train ids the masks hold; BadInput naming a mask and its
+        values that the map does not hold."""
+        masks = [(image, mask, self.colour) for pairs in splits.values() for image, mask in pairs]
+        with Pool(min(num_workers or os.cpu_count(), len(masks))) as pool:
+            found = list(pool.imap(scan_mask, masks, chunksize=8))
+        present = np.zeros(256, bool)
+        for (_, mask, _), codes in zip(masks, found):
+            unknown = [text_of_code(code, self.colour) for code in codes.tolist() if code not in self.mapping]
+            if unknown:
+                raise BadInput(f"{mask}: values {unknown[:8]} are neither in {self.allowed}")
+            present[[self.mapping[code] for code in codes.tolist()]] = True
+        return present
+
+    def write(self, splits, label_dirs, out, num_workers, log):
+        """-> splits with each mask replaced by its train id PNG under OUT/labels/SPLIT/."""
+        converted = {split: [(image, out / "labels" / split / mask.relative_to(label_dirs[split]).with_suffix(".png"))
+                             for image, mask in pairs] for split, pairs in splits.items()}
+        tasks = [(mask, target, self.colour, self.sources, self.train_ids)
+                 for split in splits for (_, mask), (_, target) in zip(splits[split], converted[split])]
+        with Pool(min(num_workers or os.cpu_count(), len(tasks))) as pool:
+            list(pool.imap(convert_mask, tasks, chunksize=8))
+        log(f"masks: {len(tasks)} converted to train ids under {out / 'labels'}")
+        return converted
+
+
 def dataset_info_for(present, classes, label_map, ignore_index):
     """The DatasetInfo of the flags and the label values found (present: (256,) bool over all
     labels). Classes: --classes, or as many as the highest train id + 1 (of the values found,
@@ -215,10 +322,7 @@ def dataset_info_for(present, classes, label_map, ignore_index):
             raise BadInput(f"the labels hold one train id, 0, besides --ignore-index {ignore_index}: one class "
                            f"(masks storing 0 and 255 need --label-map 0:0 255:1; or name the classes: --classes)")
     num_classes = len(classes)
-    for value, train_id in sorted((label_map or {}).items()):
-        if train_id >= num_classes and train_id != ignore_index:
-            raise BadInput(f"--label-map {value}:{train_id}: class {train_id}, but there are {num_classes} "
-                           f"classes (0..{num_classes - 1}) and the ignore index is {ignore_index}")
+    check_map_targets(label_map, num_classes, ignore_index)
     if ignore_index < num_classes:
         raise BadInput(f"--ignore-index {ignore_index} is one of the {num_classes} train ids 0..{num_classes - 1}")
     return numbered_info(num_classes, ignore_index, classes)._replace(label_map=label_map)
@@ -254,14 +358,23 @@ def prepare_folders(images, labels, out, val_fraction=None, val_images=None, val
         in_val[np.random.default_rng(seed).permutation(len(pairs))[:num_val]] = True
         splits = dict(train=[p for p, v in zip(pairs, in_val) if not v], val=[p for p, v in zip(pairs, in_val) if v])
         log(f"pairs: {len(pairs)}, val {num_val} of them (--val-fraction {val_fraction}, --seed {seed})")
-    everything = splits["train"] + splits["val"]
-    with Pool(min(num_workers or os.cpu_count(), len(everything))) as pool:
-        present = list(pool.imap(scan_pair, [(str(i), str(l)) for i, l in everything], chunksize=8))
-    info = dataset_info_for(np.any(present, axis=0), classes, label_map, ignore_index)
-    for (_, label), values in zip(everything, present):
-        error = disallowed_values(label, values, info)
-        if error:
-            raise error
+    if label_map and (isinstance(next(iter(label_map)), tuple) or max(label_map) > 255):
+        conversion = MaskConversion(label_map, ignore_index)
+        present = conversion.check(splits, num_workers)
+        present[[t for t in label_map.values() if t != ignore_index]] = True  # every class the map names
+        info = dataset_info_for(present, classes, None, ignore_index)
+        check_map_targets(label_map, len(info.class_names), ignore_index)
+        splits = conversion.write(splits, dict(train=Path(labels), val=Path(val_labels or labels)), out,
+                                  num_workers, log)
+    else:
+        everything = splits["train"] + splits["val"]
+        with Pool(min(num_workers or os.cpu_count(), len(everything))) as pool:
+            present = list(pool.imap(scan_pair, [(str(i), str(l)) for i, l in everything], chunksize=8))
+        info = dataset_info_for(np.any(present, axis=0), classes, label_map, ignore_index)
+        for (_, label), values in zip(everything, present):
+            error = disallowed_values(label, values, info)
+            if error:
+                raise error
     out.mkdir(parents=True, exist_ok=True)
     lines = {split: [list_line(out, *pair) for pair in split_pairs] for split, split_pairs in splits.items()}
     write_dataset_info(out, info)
@@ -505,13 +618,18 @@ def synthetic_in_cache(size, num_images, log=print):
 
 
 def label_map_entry(text):
-    """--label-map's SRC:DST -> (SRC, DST), both in 0..255."""
+    """--label-map's SRC:DST -> (SRC, DST): SRC a stored value 0..65535 or a colour R,G,B
+    (a tuple), DST a train id or the ignore index, 0..255."""
     try:
-        source, target = (int(part) for part in text.split(":"))
-        assert 0 <= source <= 255 and 0 <= target <= 255
+        source, target = text.split(":")
+        source = tuple(int(v) for v in source.split(",")) if "," in source else int(source)
+        target = int(target)
+        assert 0 <= target <= 255
+        assert len(source) == 3 and all(0 <= v <= 255 for v in source) if isinstance(source, tuple) \
+            else 0 <= source <= 65535
     except (ValueError, AssertionError):
-        raise argparse.ArgumentTypeError(f"expected SRC:DST, stored label value:train id, both in 0..255; "
-                                         f"got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected SRC:DST, a stored label value (0..65535) or colour (R,G,B) : "
+                                         f"a train id (0..255); got {text!r}") from None
     return source, target
 
 
@@ -536,8 +654,8 @@ def main(argv=None):
     own.add_argument("--classes", nargs="+", metavar="NAME", help="class names, train id order "
                      "(default: class0.. up to the highest train id found)")
     own.add_argument("--label-map", nargs="+", type=label_map_entry, metavar="SRC:DST",
-                     help="stored label value -> train id (or the ignore index), e.g. 0:0 255:1; every "
-                          "other value must be the ignore index")
+                     help="stored label value -> train id (or the ignore index), e.g. 0:0 255:1, or a "
+                          "colour of RGB masks, e.g. 128,64,128:0; every other value must be the ignore index")
     own.add_argument("--ignore-index", type=int, default=255, help="the label value not trained on")
     args = parser.parse_args(argv)
     modes = [args.cityscapes_path, args.synthetic, args.images, args.data_dir]
@@ -559,6 +677,8 @@ def main(argv=None):
     label_map = dict(args.label_map) if args.label_map else None
     if args.label_map and len(label_map) < len(args.label_map):
         parser.error("--label-map names a stored value twice")
+    if args.label_map and len({isinstance(source, tuple) for source in label_map}) > 1:
+        parser.error("--label-map mixes colours (R,G,B) and grey values: masks are one or the other")
     log = lambda *a: print(*a, file=sys.stderr, flush=True)
     try:
         if args.synthetic:

@@ -184,3 +184,50 @@ def test_corrupt_dataset_json_is_named(tmp_path):
     (out / "dataset.json").write_text('{"classes": ["a", "b"],')
     with pytest.raises(data.BadInput, match="dataset.json: unreadable \\(JSONDecodeError"):
         data.read_dataset_info(out)
+
+
+def colour_and_wide_masks(root, n=4, size=(20, 28)):
+    """Photos with RGB colour masks (black, a road colour, a person colour) and the same
+    masks as 16-bit greyscale (0, 1000, 2000). -> (images, colour masks, 16-bit masks, train ids)."""
+    rng = np.random.default_rng(1)
+    colours = np.array([(0, 0, 0), (128, 64, 128), (220, 20, 60)], np.uint8)
+    folders = [root / name for name in ("images", "colour", "wide")]
+    for folder in folders:
+        folder.mkdir(parents=True)
+    train_ids = {}
+    for i in range(n):
+        ids = rng.integers(0, 3, (size[0] // 4, size[1] // 4)).repeat(4, 0).repeat(4, 1).astype(np.uint8)
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(folders[0] / f"f{i}.png")
+        Image.fromarray(colours[ids]).save(folders[1] / f"f{i}.png")
+        Image.fromarray((ids.astype(np.uint16) * 1000)).save(folders[2] / f"f{i}.png")
+        train_ids[f"f{i}.png"] = ids
+    return (*folders, train_ids)
+
+
+def test_colour_and_16_bit_masks_are_converted_to_train_ids(tmp_path):
+    images, colour, wide, expected = colour_and_wide_masks(tmp_path)
+    out = tmp_path / "rgb"
+    result = prepare("--images", images, "--labels", colour, "--out", out, "--label-map", "0,0,0:0", "128,64,128:1",
+                     "220,20,60:2", "--classes", "background", "road", "person", "--val-fraction", "0.25")
+    assert result.returncode == 0, result.stderr
+    info = data.read_dataset_info(out)
+    assert info.class_names == ("background", "road", "person") and info.label_map is None
+    for split in ("train", "val"):
+        for image, label in list_pairs(out, split):
+            assert label == f"labels/{split}/{image.split('/')[-1]}"  # the converted masks, train ids
+            _, ids = data.read_frame(out / image, out / label, info)
+            np.testing.assert_array_equal(ids, expected[image.split("/")[-1]])
+    out = tmp_path / "wide"  # 16-bit masks; 2000 is not trained on
+    result = prepare("--images", images, "--labels", wide, "--out", out, "--label-map", "0:0", "1000:1", "2000:255")
+    assert result.returncode == 0, result.stderr
+    image, label = list_pairs(out, "train")[0]
+    _, ids = data.read_frame(out / image, out / label, data.read_dataset_info(out))
+    want = expected[image.split("/")[-1]]
+    np.testing.assert_array_equal(ids, np.where(want == 2, 255, want))
+    # a colour the map lacks: one line naming the mask and the colour, nothing written
+    out = tmp_path / "partial"
+    assert_one_line_error(prepare("--images", images, "--labels", colour, "--out", out, "--label-map", "0,0,0:0",
+                                  "128,64,128:1"), "f0.png", "220,20,60", "neither in --label-map")
+    assert not out.exists()
+    assert prepare("--images", images, "--labels", colour, "--out", out, "--label-map", "0,0,0:0",
+                   "1000:1").returncode == 2  # colours and grey values do not mix
