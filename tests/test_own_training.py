@@ -1,5 +1,7 @@
-"""Training on other data: fine-tuning from weights of another number of classes, class
-weights, sliding-window inference; through the command line where a user meets them."""
+"""Training on your own data (tests/test_own_dataset.py prepares it): fine-tuning from
+weights of another number of classes, class weights, sliding-window inference, the dataset's
+classes in evaluation, checkpoints, exports and predictions; through the command line where
+a user meets them."""
 import math
 
 import numpy as np
