@@ -276,17 +276,18 @@ def write_dataset_info(data_dir, info):
 
 
 def dataset_of_weights(weights, dataset_dir=None, num_classes=None):
-    """-> the DatasetInfo whose classes `weights` predict (their number, names, colours):
-    DATASET_DIR's dataset.json when given (a data dir, or the file itself); else the dataset
-    a project checkpoint was trained on (its config) or an ONNX export holds (its metadata,
-    export.py); else Cityscapes' 19 classes, or num_classes numbered ones. BadInput for a
-    missing or invalid dataset.json; a weights file that does not load is left to its loader."""
+    """-> (DatasetInfo, where it came from): the classes `weights` predict (their number,
+    names, colours): DATASET_DIR's dataset.json when given (a data dir, or the file itself);
+    else the dataset a project checkpoint was trained on (its config) or an ONNX export holds
+    (its metadata, export.py); else Cityscapes' 19 classes, or num_classes numbered ones.
+    BadInput for a missing or invalid dataset.json; a weights file that does not load is left
+    to its loader."""
     if dataset_dir:
         root = Path(dataset_dir)
         root = root.parent if root.name == DATASET_FILE else root
         if not (root / DATASET_FILE).is_file():
             raise BadInput(f"--dataset {dataset_dir}: no {DATASET_FILE} there")
-        return read_dataset_info(root)
+        return read_dataset_info(root), str(root / DATASET_FILE)
     saved = None
     try:
         if str(weights).endswith(".onnx"):
@@ -299,10 +300,10 @@ def dataset_of_weights(weights, dataset_dir=None, num_classes=None):
     except Exception:  # the weights' own loader names what is wrong with the file
         saved = None
     if saved is not None:
-        return dataset_info_from_json(saved, f"{weights} (the dataset it was trained on)")
+        return dataset_info_from_json(saved, f"{weights} (the dataset it was trained on)"), f"{weights}'s dataset"
     if num_classes in (None, len(CITYSCAPES.class_names)):
-        return CITYSCAPES
-    return numbered_info(num_classes)
+        return CITYSCAPES, "Cityscapes (the weights name no dataset)"
+    return numbered_info(num_classes), "--num-classes (the weights name no dataset)"
 
 
 def label_table(info):

@@ -116,7 +116,7 @@ def main(argv=None):
         return bad_input(f"--opset {args.opset}: unsupported; the exporter writes opsets "
                          f"{MIN_OPSET} to {max_opset()}")
     try:
-        dataset = data.dataset_of_weights(args.weights, args.dataset, args.num_classes)
+        dataset, source = data.dataset_of_weights(args.weights, args.dataset, args.num_classes)
     except data.BadInput as e:
         return bad_input(str(e))
     if args.num_classes not in (None, len(dataset.class_names)):
@@ -126,6 +126,7 @@ def main(argv=None):
         load_weights(model, args.weights)
     except (OSError, ValueError) as e:
         return bad_input(f"--weights: {e}")
+    print(f"export.py: classes: {len(dataset.class_names)} from {source}", file=sys.stderr)
     export_onnx(model, args.out, tuple(args.size), args.dynamic, args.argmax, args.opset, dataset,
                 log=lambda line: print(f"export.py: {line}", file=sys.stderr))
     return 0

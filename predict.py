@@ -417,16 +417,18 @@ def main(argv=None):
     except OSError as e:  # a file in the way
         return bad_input(f"--out {out_dir}: not a folder this can write to ({e.strerror})")
     try:
-        dataset = data.dataset_of_weights(args.weights, args.dataset, args.num_classes)
+        dataset, source = data.dataset_of_weights(args.weights, args.dataset, args.num_classes)
         num_classes = len(dataset.class_names)
         if args.num_classes not in (None, num_classes):
             names = ", ".join(dataset.class_names[:4]) + (", ..." if num_classes > 4 else "")
-            return bad_input(f"--num-classes {args.num_classes}, but the dataset has {num_classes} classes ({names})")
+            return bad_input(f"--num-classes {args.num_classes}, but the dataset has {num_classes} classes "
+                             f"({names})")
         run, fixed_size, most_per_call = load_runner(args, num_classes, device, log)
     except data.BadInput as e:
         return bad_input(str(e))
     except (OSError, ValueError) as e:
         return bad_input(f"--weights: {e}")
+    log(f"classes: {num_classes} from {source}")
     palette = data.dataset_palette(dataset)
     log(f"{len(images)} image(s) -> {out_dir}")
 

@@ -260,7 +260,8 @@ def resolve_config(args, env):
     config = Config(**dict(
         settings, dataset=dataset, num_classes=len(dataset.class_names), ignore_index=dataset.ignore_index,
         class_weights=class_weights, device=str(env.device), world_size=env.world_size,
-        global_batch=args.batch_size * env.world_size, data_dir=data_dir, pack=str(pack["path"]) if pack else None, aug_device=aug_device, fused_sgd=fused_sgd,
+        global_batch=args.batch_size * env.world_size, data_dir=data_dir,
+        pack=str(pack["path"]) if pack else None, aug_device=aug_device, fused_sgd=fused_sgd,
         amp=args.amp or ("bf16" if cuda else "none"),
         channels_last=cuda if args.channels_last is None else args.channels_last,
         cudnn_benchmark=cuda if args.cudnn_benchmark is None else args.cudnn_benchmark,
@@ -582,9 +583,9 @@ def newest_checkpoint(save_dir):
 
 # the settings a resumed run must share with its checkpoint: each changes what training computes
 COMPUTATION = ("iters", "batch_size", "crop_size", "lr", "momentum", "weight_decay", "power", "warmup_iters", "seed",
-               "loss", "ohem_thresh", "ohem_min_kept", "aux_weight", "class_weights", "num_classes", "ignore_index", "min_scale",
-               "max_scale", "scale_step", "world_size", "aug_device", "amp", "channels_last", "fused_sgd", "kernels",
-               "compile", "sync_bn")
+               "loss", "ohem_thresh", "ohem_min_kept", "aux_weight", "class_weights", "num_classes", "ignore_index",
+               "min_scale", "max_scale", "scale_step", "world_size", "aug_device", "amp", "channels_last", "fused_sgd",
+               "kernels", "compile", "sync_bn")
 
 
 def check_same_computation(saved, config, path):

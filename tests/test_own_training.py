@@ -160,7 +160,7 @@ def test_own_dataset_from_folders_to_predictions(tmp_path):
     code, _, err = run_script("--weights", str(save_dir / "iter_2.pt"), "--out", str(tmp_path / "m.onnx"),
                               "--size", "24", "32", script="export.py")
     assert code == 0, err
-    assert data.dataset_of_weights(tmp_path / "m.onnx") == data.read_dataset_info(root)
+    assert data.dataset_of_weights(tmp_path / "m.onnx")[0] == data.read_dataset_info(root)
     code, _, err = run_script("--weights", str(tmp_path / "m.onnx"), "--input", str(images / "frame000.jpg"),
                               "--out", str(tmp_path / "onnx_pred"), script="predict.py")
     assert code == 0, err
