@@ -153,7 +153,7 @@ void backward_cpu_typed(const BgaBackwardCall& call) {
           for (int item = 0; item < row_items; ++item)
             backward_xpass_item<acc_t>(item, group, t, geo, window_grad.data(), window_sem_grad.data(),
                                        row_grad.data(), row_sem_grad.data());
-          const int tile_items = (t.ly1 - t.ly0) * (t.lx1 - t.lx0) * group;
+          const int tile_items = static_cast<int>(tile_low_items(t, group));
           for (int item = 0; item < tile_items; ++item)
             backward_ypass_item<scalar_t, acc_t>(item, group, t, geo, row_grad.data(), row_sem_grad.data(), data);
         }

@@ -109,15 +109,15 @@ __global__ void __launch_bounds__(kThreads) bga_backward_kernel(
   const BgaTile t = make_tile(geo, static_cast<int>(blockIdx.z), static_cast<int>(blockIdx.y), group,
                               static_cast<int>(blockIdx.x) / tiles_x, static_cast<int>(blockIdx.x) % tiles_x,
                               tile_h, tile_w);
-  const int window_items = (t.wy1 - t.wy0) * (t.wx1 - t.wx0) * group;
+  const int window_items = static_cast<int>(tile_window_items(t, group));
   for (int item = threadIdx.x; item < window_items; item += blockDim.x)
     backward_window_item<scalar_t, acc_t>(item, group, t, geo, data, window_grad, window_sem_grad);
   __syncthreads();
-  const int row_items = (t.wy1 - t.wy0) * (t.lx1 - t.lx0) * group;
+  const int row_items = static_cast<int>(tile_row_items(t, group));
   for (int item = threadIdx.x; item < row_items; item += blockDim.x)
     backward_xpass_item<acc_t>(item, group, t, geo, window_grad, window_sem_grad, row_grad, row_sem_grad);
   __syncthreads();
-  const int tile_items = (t.ly1 - t.ly0) * (t.lx1 - t.lx0) * group;
+  const int tile_items = static_cast<int>(tile_low_items(t, group));
   for (int item = threadIdx.x; item < tile_items; item += blockDim.x)
     backward_ypass_item<scalar_t, acc_t>(item, group, t, geo, row_grad, row_sem_grad, data);
 }

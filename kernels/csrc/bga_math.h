@@ -18,8 +18,14 @@
 //   3. y-pass items: per low-res pixel the weighted sum along y, then the three
 //      low-res gradients.
 // Items are numbered channel-group-fastest: with one channel per group (NCHW) consecutive
-// items walk along x, with several channels per group (channels_last) along C, so
-// consecutive CUDA threads touch consecutive addresses in both memory formats.
+// window items walk along x, with several channels per group (channels_last) along C, so
+// consecutive CUDA threads touch consecutive addresses in both memory formats. The x-pass
+// items walk down the window rows (then along the tile's columns), and for channel groups
+// under 16 the shared buffers have odd pitches (buffer_pitch: a window row of
+// odd(window width) pixels, an x-pass column of odd(window height) rows): consecutive
+// x-pass and y-pass threads then read addresses an odd multiple of the group apart, in
+// distinct banks (along the tile's columns they were about one upscale factor apart: 4-way
+// bank conflicts at x4 in NCHW). A padding pixel or row is written as zeros, never read.
 #pragma once
 
 #include <math.h>
@@ -110,19 +116,26 @@ struct BgaBackwardData {
   scalar_t* grad_sem_keep;      // low-res
 };
 
-// Step 1, item = ((row * window_width) + col) * group + slot over the window.
+// The shared buffers' pitches (pixels per window row, rows per x-pass column): made odd
+// for channel groups under 16, so that the strided x-pass and y-pass reads fall in distinct
+// banks. A group of 16 (channels_last) keeps even pitches: padding would cost the 3 x 4
+// tile its fit in 48 KiB (3 x 3 then: more halo to read), for 2-way conflicts in the x-pass.
+BISENET_HD int buffer_pitch(int n, int group) { return group < 16 ? (n | 1) : n; }
+
+// Step 1, item = ((row * buffer_pitch(window_width, group)) + col) * group + slot.
 // Writes grad_detail_keep when the tile owns the pixel; stores g and
-// g * detail_keep * s * (1 - s) in the window buffers (zeros for unused channel slots).
+// g * detail_keep * s * (1 - s) in the window buffers (zeros for unused channel slots and
+// the padding column).
 template <typename scalar_t, typename acc_t>
 BISENET_HD void backward_window_item(int item, int group, const BgaTile& t, const BgaGeometry<acc_t>& geo,
                                      const BgaBackwardData<scalar_t>& d, acc_t* window_grad,
                                      acc_t* window_sem_grad) {
   int slot = item % group;
   int pixel = item / group;
-  int window_width = t.wx1 - t.wx0;
-  int y = t.wy0 + pixel / window_width;
-  int x = t.wx0 + pixel % window_width;
-  if (slot >= t.channels) {
+  int pitch = buffer_pitch(t.wx1 - t.wx0, group);
+  int y = t.wy0 + pixel / pitch;
+  int x = t.wx0 + pixel % pitch;
+  if (slot >= t.channels || x >= t.wx1) {
     window_grad[item] = static_cast<acc_t>(0);
     window_sem_grad[item] = static_cast<acc_t>(0);
     return;
@@ -140,25 +153,30 @@ BISENET_HD void backward_window_item(int item, int group, const BgaTile& t, cons
   window_sem_grad[item] = g * detail_keep * s * (static_cast<acc_t>(1) - s);
 }
 
-// Step 2, item = ((row * tile_width) + j) * group + slot: the window row's sums along x
-// for low-res column lx0 + j.
+// Step 2, item = ((j * buffer_pitch(window_height, group)) + row) * group + slot: the
+// window row's sums along x for low-res column lx0 + j (zeros for the padding row).
 template <typename acc_t>
 BISENET_HD void backward_xpass_item(int item, int group, const BgaTile& t, const BgaGeometry<acc_t>& geo,
                                     const acc_t* window_grad, const acc_t* window_sem_grad,
                                     acc_t* row_grad, acc_t* row_sem_grad) {
   int slot = item % group;
   int rest = item / group;
-  int tile_width = t.lx1 - t.lx0;
-  int j = rest % tile_width;
-  int row = rest / tile_width;
+  int column_pitch = buffer_pitch(t.wy1 - t.wy0, group);
+  int row = rest % column_pitch;
+  int j = rest / column_pitch;
+  if (t.wy0 + row >= t.wy1) {
+    row_grad[item] = static_cast<acc_t>(0);
+    row_sem_grad[item] = static_cast<acc_t>(0);
+    return;
+  }
   int ix = t.lx0 + j;
-  int window_width = t.wx1 - t.wx0;
+  int window_pitch = buffer_pitch(t.wx1 - t.wx0, group);
   int x_begin = first_dst_with_tap_at_least(ix - 1, geo.w, geo.W, geo.scale_x);
   int x_end = first_dst_with_tap_at_least(ix + 1, geo.w, geo.W, geo.scale_x);
   acc_t sum_grad = static_cast<acc_t>(0), sum_sem_grad = static_cast<acc_t>(0);
   for (int x = x_begin; x < x_end; ++x) {
     acc_t weight = tap_weight(bilinear_taps<acc_t>(x, geo.w, geo.scale_x), ix);
-    int at = (row * window_width + (x - t.wx0)) * group + slot;
+    int at = (row * window_pitch + (x - t.wx0)) * group + slot;
     sum_grad = fma_acc(weight, window_grad[at], sum_grad);
     sum_sem_grad = fma_acc(weight, window_sem_grad[at], sum_sem_grad);
   }
@@ -181,12 +199,13 @@ BISENET_HD void backward_ypass_item(int item, int group, const BgaTile& t, const
   int tile_width = t.lx1 - t.lx0;
   int j = rest % tile_width;
   int iy = t.ly0 + rest / tile_width;
+  int column_pitch = buffer_pitch(t.wy1 - t.wy0, group);
   int y_begin = first_dst_with_tap_at_least(iy - 1, geo.h, geo.H, geo.scale_y);
   int y_end = first_dst_with_tap_at_least(iy + 1, geo.h, geo.H, geo.scale_y);
   acc_t up_t_grad = static_cast<acc_t>(0), up_t_sem_grad = static_cast<acc_t>(0);
   for (int y = y_begin; y < y_end; ++y) {
     acc_t weight = tap_weight(bilinear_taps<acc_t>(y, geo.h, geo.scale_y), iy);
-    int at = ((y - t.wy0) * tile_width + j) * group + slot;
+    int at = (j * column_pitch + (y - t.wy0)) * group + slot;
     up_t_grad = fma_acc(weight, row_grad[at], up_t_grad);
     up_t_sem_grad = fma_acc(weight, row_sem_grad[at], up_t_sem_grad);
   }
@@ -232,10 +251,13 @@ inline void max_window(const BgaGeometry<acc_t>& geo, int tile_h, int tile_w, in
   *width = most_window_span(geo.w, geo.W, geo.scale_x, tile_w, false);
 }
 
-// Accumulator elements per tile: the window (two values per pixel and slot) and the
-// x-pass (two values per window row, tile column and slot).
+// Accumulator elements per tile: the window (two values per pixel and slot, rows of
+// buffer_pitch(window_w) pixels) and the x-pass (two values per tile column, slot and
+// window row, columns of buffer_pitch(window_h) rows).
 inline int64_t backward_buffer_elements(int window_h, int window_w, int tile_w, int group) {
-  return 2 * static_cast<int64_t>(window_h) * group * (static_cast<int64_t>(window_w) + tile_w);
+  const int64_t window = static_cast<int64_t>(window_h) * buffer_pitch(window_w, group);
+  const int64_t rows = static_cast<int64_t>(tile_w) * buffer_pitch(window_h, group);
+  return 2 * static_cast<int64_t>(group) * (window + rows);
 }
 
 // Host side: the tile (in low-res pixels) for the backward. Starts from tiles owning about
@@ -274,12 +296,16 @@ struct BgaBackwardPlan {
   int64_t shared_bytes;
 };
 
-// The buffer sizes of one tile as the kernel indexes them (step 1 and step 2 items).
-inline int64_t tile_window_items(const BgaTile& t, int group) {
-  return static_cast<int64_t>(t.wy1 - t.wy0) * (t.wx1 - t.wx0) * group;
+// The items of one tile's steps, each one buffer element (padding included for steps 1
+// and 2): what the kernel and the CPU loop iterate and what the buffers must hold.
+BISENET_HD int64_t tile_window_items(const BgaTile& t, int group) {
+  return static_cast<int64_t>(t.wy1 - t.wy0) * buffer_pitch(t.wx1 - t.wx0, group) * group;
 }
-inline int64_t tile_row_items(const BgaTile& t, int group) {
-  return static_cast<int64_t>(t.wy1 - t.wy0) * (t.lx1 - t.lx0) * group;
+BISENET_HD int64_t tile_row_items(const BgaTile& t, int group) {
+  return static_cast<int64_t>(buffer_pitch(t.wy1 - t.wy0, group)) * (t.lx1 - t.lx0) * group;
+}
+BISENET_HD int64_t tile_low_items(const BgaTile& t, int group) {
+  return static_cast<int64_t>(t.ly1 - t.ly0) * (t.lx1 - t.lx0) * group;
 }
 
 // Shared memory per backward block: the default limit (no opt-in), which leaves room for
@@ -308,8 +334,8 @@ inline BgaPlanStatus plan_backward(const BgaGeometry<acc_t>& geo, int group, int
   plan->group = group;
   plan->tile_h = tile_h;
   plan->tile_w = tile_w;
-  plan->window_capacity = window_h * window_w * group;
-  plan->row_capacity = window_h * tile_w * group;
+  plan->window_capacity = window_h * buffer_pitch(window_w, group) * group;
+  plan->row_capacity = buffer_pitch(window_h, group) * tile_w * group;
   plan->shared_bytes = elements * static_cast<int64_t>(sizeof(acc_t));
   return elements <= budget ? BgaPlanStatus::kOk : BgaPlanStatus::kOverBudget;
 }
