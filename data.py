@@ -194,6 +194,14 @@ def numbered_info(num_classes, ignore_index=255, class_names=None):
     return DatasetInfo(names, tuple(map(tuple, fixed_palette()[:len(names)].tolist())), ignore_index, None, None)
 
 
+def info_for_classes(num_classes=None, ignore_index=255):
+    """The dataset without a dataset.json: Cityscapes' for 19 classes (or None), else
+    numbered classes."""
+    if num_classes in (None, len(CITYSCAPES.class_names)):
+        return CITYSCAPES._replace(ignore_index=ignore_index)
+    return numbered_info(num_classes, ignore_index)
+
+
 def dataset_palette(info):
     """(256, 3) uint8: train id -> colour: info.colors for 0..N-1, fixed_palette for the other
     indices, ignore_index black."""
@@ -301,9 +309,7 @@ def dataset_of_weights(weights, dataset_dir=None, num_classes=None):
         saved = None
     if saved is not None:
         return dataset_info_from_json(saved, f"{weights} (the dataset it was trained on)"), f"{weights}'s dataset"
-    if num_classes in (None, len(CITYSCAPES.class_names)):
-        return CITYSCAPES, "Cityscapes (the weights name no dataset)"
-    return numbered_info(num_classes), "--num-classes (the weights name no dataset)"
+    return info_for_classes(num_classes), "--num-classes or Cityscapes (the weights name no dataset)"
 
 
 def label_table(info):

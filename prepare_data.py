@@ -57,9 +57,10 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from data import (CITYSCAPES, CITYSCAPES_CLASSES, DATASET_FILE, PACK_FORMAT, BadInput, StalePack,
-                  atomic_write, cache_dir, describe_labels_key, disallowed_values, file_stamps, label_id_to_train_id,
-                  label_mode_problem, numbered_info, pack_dir, pack_labels_key, read_dataset_info, read_frame,
-                  read_label, read_list, read_pack, stored_values, write_dataset_info)
+                  atomic_write, cache_dir, check_same_size, describe_labels_key, disallowed_values, file_stamps,
+                  label_id_to_train_id, label_mode_problem, numbered_info, pack_dir, pack_labels_key,
+                  read_dataset_info, read_frame, read_label, read_list, read_pack, stored_values,
+                  write_dataset_info)
 
 SPLITS = ("train", "val", "test")
 ZIPS = ("gtFine_trainvaltest.zip", "leftImg8bit_trainvaltest.zip")
@@ -191,10 +192,7 @@ def scan_pair(pair):
     an unreadable label or image, or sizes that differ (run in a worker process)."""
     image, label = pair
     values = read_label(label)
-    width, height = image_size(image)
-    if (height, width) != values.shape:
-        raise BadInput(f"{image}: image is {width}x{height} but its label {label} is "
-                       f"{values.shape[1]}x{values.shape[0]}")
+    check_same_size(image, image_size(image), label, values.shape[::-1])
     return stored_values(values)
 
 
@@ -246,10 +244,7 @@ def scan_mask(task):
     unreadable one, or a size other than its image's (run in a worker process)."""
     image, mask, colour = task
     codes = read_mask_codes(mask, colour)
-    width, height = image_size(image)
-    if (height, width) != codes.shape:
-        raise BadInput(f"{image}: image is {width}x{height} but its label {mask} is "
-                       f"{codes.shape[1]}x{codes.shape[0]}")
+    check_same_size(image, image_size(image), mask, codes.shape[::-1])
     return np.unique(codes)
 
 

@@ -295,11 +295,8 @@ def resolve_dataset(args, data_dir, env):
             if given is not None and given != own:
                 raise BadInput(f"{flag} {given}, but {path} says {own} (leave the flag out)")
     else:
-        num_classes = 19 if args.num_classes is None else args.num_classes
-        cityscapes = num_classes == len(data.CITYSCAPES.class_names)
-        dataset = data.CITYSCAPES if cityscapes else data.numbered_info(num_classes)
-        dataset = dataset._replace(ignore_index=255 if args.ignore_index is None else args.ignore_index)
-        source = "Cityscapes' classes" if cityscapes else "--num-classes, no dataset.json"
+        dataset = data.info_for_classes(args.num_classes, 255 if args.ignore_index is None else args.ignore_index)
+        source = "Cityscapes' classes" if dataset.label_ids else "--num-classes, no dataset.json"
     env.log(f"dataset: {len(dataset.class_names)} classes ({source}), ignore index {dataset.ignore_index}")
     return dataset
 
