@@ -78,6 +78,8 @@ FULL = QUICK + [
     bga_case("BGA 1x16x257x257 from 65x65 NHWC", 1, 16, (257, 257), (65, 65), True),
     bga_case("BGA 2x5x17x23 from 9x12 NCHW", 2, 5, (17, 23), (9, 12), False),
     bga_case("BGA 1x3x5x3 from 9x11 NCHW (downscale)", 1, 3, (5, 3), (9, 11), False),
+    bga_case("BGA 1x3x5x3 from 9x11 NHWC (downscale)", 1, 3, (5, 3), (9, 11), True),
+    bga_case("BGA 2x3x17x23 from 9x12 NHWC (3 channels a block)", 2, 3, (17, 23), (9, 12), True),
     loss_case("OHEM 2x19x97x131 -> 389x523", 2, 19, (97, 131), (389, 523), 0.7),
     loss_case("CE 1x3x40x30 -> 11x13 (downscale)", 1, 3, (40, 30), (11, 13), None),
 ]

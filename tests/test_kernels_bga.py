@@ -336,10 +336,10 @@ def test_cuda_kernels_match_float64_reference(cuda_kernel, shape, low_hw, dtype,
     for name, leaf, want in zip(GRAD_NAMES, leaves, expected_grads):
         assert leaf.grad.is_contiguous(memory_format=fmt), name
         assert_matches(leaf.grad, want, dtype, name)
-    for tile_h, tile_w in TILES[1:]:  # tile borders everywhere: the halo logic
+    for tile_h, tile_w in TILES[1:]:  # tile borders everywhere: the rim logic
         poison_cuda_cache(inputs[0].numel() * inputs[0].element_size())
         if not tile_fits(cuda_kernel, shape, low_hw, channels_last, dtype, (tile_h, tile_w)):
-            # e.g. 2x3 tiles in float64 channels_last at C=128: refused before the launch
+            # an explicit tile over the shared-memory budget: refused before the launch
             with pytest.raises(RuntimeError, match="bytes of shared memory, more than"):
                 cuda_kernel.bga_backward(grad_out, *inputs, tile_h, tile_w)
             continue

@@ -129,7 +129,8 @@ def plan(extension, size, low, channels_last, dtype, tile=(0, 0)):
     except RuntimeError as error:
         assert "shared memory" in str(error)
         return None
-    keys = ["group", "tile_h", "tile_w", "window_capacity", "row_capacity", "shared_bytes", "most_window", "most_row"]
+    keys = ["group", "tile_h", "tile_w", "window_capacity", "row_capacity", "shared_bytes", "most_window", "most_row",
+            "walk", "rim_entries"]
     return dict(zip(keys, values))
 
 
@@ -181,14 +182,33 @@ def test_backward_257_from_65_fits_and_matches_reference(extension):
 
 
 def test_tiling_over_budget_fails_on_cpu_as_at_launch(extension):
-    # float64 channels_last at C=128 with 2x3 tiles (factor 4) needs more than 48 KiB
+    # float64 channels_last at C=128 with 16x16 tiles (factor 4): row buffers of
+    # 2 x 17 columns x 65 rows x 16 channels x 8 bytes, more than 48 KiB
     size, low = (1, 128, 64, 64), (16, 16)
-    assert plan(extension, size, low, True, torch.float64, (2, 3)) is None
+    assert plan(extension, size, low, True, torch.float64, (16, 16)) is None
     inputs = [torch.randn(size, dtype=torch.float64)] + [torch.randn(1, 128, *low, dtype=torch.float64)
                                                           for _ in range(3)]
     inputs = [t.contiguous(memory_format=torch.channels_last) for t in inputs]
     with pytest.raises(RuntimeError, match="bytes of shared memory, more than the kernel's 49152"):
-        extension.bga_backward(torch.randn(size, dtype=torch.float64), *inputs, 2, 3)
+        extension.bga_backward(torch.randn(size, dtype=torch.float64), *inputs, 16, 16)
+
+
+@pytest.mark.parametrize("tile", [(1, 1), (2, 3), (3, 2)])
+@pytest.mark.parametrize("size, low", [((2, 5, 20, 12), (5, 3)), ((1, 3, 9, 11), (3, 4)), ((1, 2, 4, 3), (9, 11))])
+def test_backward_walk_and_window_give_the_same_bits(extension, size, low, tile):
+    # channels_last walks each row once, NCHW fills a window and sums it (bga_math.h): the
+    # same fma chains in the same order, so with one tiling the same gradients, bit for bit
+    generator = torch.Generator().manual_seed(sum(size))
+    inputs = [torch.randn(size, generator=generator)] + [torch.randn(*size[:2], *low, generator=generator)
+                                                          for _ in range(3)]
+    grad_out = torch.randn(size, generator=generator)
+    nchw = extension.bga_backward(grad_out, *inputs, *tile)
+    last = [t.contiguous(memory_format=torch.channels_last) for t in [grad_out] + inputs]
+    assert plan(extension, size, low, True, torch.float32, tile)["walk"] == 1
+    assert plan(extension, size, low, False, torch.float32, tile)["walk"] == 0
+    for nchw_grad, last_grad in zip(nchw, extension.bga_backward(*last, *tile)):
+        assert last_grad.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(nchw_grad, last_grad)
 
 
 # ---------------------------------------------------------------------------------------

@@ -6,14 +6,15 @@
 //       -> (grad_detail_keep, grad_sem_up, grad_detail_down, grad_sem_keep)
 //   bisenet_cuda::bga_backward_plan(size, low_size, channels_last, dtype, tile_h=0, tile_w=0)
 //       -> [group, tile_h, tile_w, window_capacity, row_capacity, shared_bytes,
-//           most_window_items, most_row_items]
+//           most_window_items, most_row_items, walk, rim_entries]
 //
 // detail_keep / grad_out (N, C, H, W), the others (N, C, h, w). Outputs are in
 // detail_keep's memory format (channels_last when detail_keep is channels_last and not
 // also plain contiguous, else NCHW); inputs in another format are copied into it.
 // tile_h / tile_w (low-res pixels) override the backward's tiling (0: automatic); the
 // tests use them to put tile borders everywhere. The backward's plan (tile, buffer
-// capacities, shared bytes, channels per block; bga_math.h) is made here once for both devices, so a tiling
+// capacities, shared bytes, channels per block, walk or window; bga_math.h) and its rim
+// workspace are made here once for both devices, so a tiling
 // over the kernel's shared-memory budget is the same error on the CPU as on the GPU;
 // bga_backward_plan shows it (size = (N, C, H, W), low_size = (h, w)) with the most
 // elements any tile of it needs, for the tests' sweep of sizes.
@@ -69,8 +70,8 @@ at::MemoryFormat output_format(const at::Tensor& detail_keep) {
 }
 
 // Channels per backward block, at most: one in NCHW (threads along W), 16 in channels_last
-// (threads along C; 16 channels are a full 32-byte sector in 16-bit types). The plan halves
-// it where a large upscale leaves no tile that fits.
+// (threads along C, walking along the rows; 16 channels are a full 32-byte sector in 16-bit
+// types). The plan halves it where a large upscale leaves no tile that fits.
 int channel_group(at::MemoryFormat format, int64_t channels) {
   if (format != at::MemoryFormat::ChannelsLast) return 1;
   return static_cast<int>(std::min<int64_t>(channels, 16));
@@ -108,9 +109,9 @@ void forward_cpu_typed(const BgaForwardCall& call) {
 
 // The backward's plan for these sizes (see the file comment); raises when it cannot launch.
 template <typename acc_t>
-BgaBackwardPlan backward_plan(const BgaGeometry<acc_t>& geo, int group, int64_t tile_h, int64_t tile_w) {
+BgaBackwardPlan backward_plan(const BgaGeometry<acc_t>& geo, int group, bool walk, int64_t tile_h, int64_t tile_w) {
   BgaBackwardPlan plan;
-  const BgaPlanStatus status = plan_backward(geo, group, static_cast<int>(tile_h), static_cast<int>(tile_w),
+  const BgaPlanStatus status = plan_backward(geo, group, walk, static_cast<int>(tile_h), static_cast<int>(tile_w),
                                              kBgaSharedBytes, &plan);
   TORCH_CHECK(status != BgaPlanStatus::kUpscaleTooLarge, "bga_backward: upscale from ", geo.h, "x", geo.w, " to ",
               geo.H, "x", geo.W, " is too large for the kernel's shared memory");
@@ -119,8 +120,8 @@ BgaBackwardPlan backward_plan(const BgaGeometry<acc_t>& geo, int group, int64_t 
   return plan;
 }
 
-// The CUDA backward kernel's blocks, one after the other; "threads" are the item loops; the
-// buffers have the plan's capacities, which every tile is checked against.
+// The CUDA backward kernels' blocks, one after the other; "threads" are the item loops;
+// the buffers have the plan's capacities, which every tile is checked against.
 template <typename scalar_t>
 void backward_cpu_typed(const BgaBackwardCall& call) {
   using acc_t = acc_of<scalar_t>;
@@ -133,30 +134,38 @@ void backward_cpu_typed(const BgaBackwardCall& call) {
   std::vector<acc_t> row_grad(static_cast<size_t>(plan.row_capacity));
   std::vector<acc_t> row_sem_grad(row_grad.size());
   const BgaBackwardData<scalar_t> data = backward_data<scalar_t>(call);
-  const int tiles_y = (geo.h + plan.tile_h - 1) / plan.tile_h;
-  const int tiles_x = (geo.w + plan.tile_w - 1) / plan.tile_w;
+  const BgaRim<acc_t> rim = backward_rim<acc_t>(call);
   const int groups = (geo.C + group - 1) / group;
   for (int n = 0; n < geo.N; ++n)
     for (int group_index = 0; group_index < groups; ++group_index)
-      for (int tile_y = 0; tile_y < tiles_y; ++tile_y)
-        for (int tile_x = 0; tile_x < tiles_x; ++tile_x) {
+      for (int tile_y = 0; tile_y < rim.tiles_y; ++tile_y)
+        for (int tile_x = 0; tile_x < rim.tiles_x; ++tile_x) {
           const BgaTile t = make_tile(geo, n, group_index, group, tile_y, tile_x, plan.tile_h, plan.tile_w);
-          const int window_items = static_cast<int>(tile_window_items(t, group));
-          const int row_items = static_cast<int>(tile_row_items(t, group));
+          const int window_items = static_cast<int>(tile_window_items(t, group, plan.walk));
+          const int row_items = static_cast<int>(tile_row_items(t, geo, group));
           TORCH_CHECK(window_items <= plan.window_capacity && row_items <= plan.row_capacity,
                       "bga_backward: tile (", tile_y, ", ", tile_x, ") needs ", window_items, " window and ",
                       row_items, " row elements, the plan has room for ", plan.window_capacity, " and ",
                       plan.row_capacity);
-          for (int item = 0; item < window_items; ++item)
-            backward_window_item<scalar_t, acc_t>(item, group, t, geo, data, window_grad.data(),
-                                                  window_sem_grad.data());
-          for (int item = 0; item < row_items; ++item)
-            backward_xpass_item<acc_t>(item, group, t, geo, window_grad.data(), window_sem_grad.data(),
-                                       row_grad.data(), row_sem_grad.data());
-          const int tile_items = static_cast<int>(tile_low_items(t, group));
-          for (int item = 0; item < tile_items; ++item)
-            backward_ypass_item<scalar_t, acc_t>(item, group, t, geo, row_grad.data(), row_sem_grad.data(), data);
+          if (plan.walk) {
+            const int walk_items = static_cast<int>(tile_walk_items(t, group));
+            for (int item = 0; item < walk_items; ++item)
+              backward_walk_item<scalar_t, acc_t>(item, group, t, geo, data, row_grad.data(), row_sem_grad.data());
+          } else {
+            for (int item = 0; item < window_items; ++item)
+              backward_window_item<scalar_t, acc_t>(item, group, t, geo, data, window_grad.data(),
+                                                    window_sem_grad.data());
+            for (int item = 0; item < row_items; ++item)
+              backward_xpass_item<acc_t>(item, group, t, geo, window_grad.data(), window_sem_grad.data(),
+                                         row_grad.data(), row_sem_grad.data());
+          }
+          const int low_items = static_cast<int>(tile_low_items(t, geo, group));
+          for (int item = 0; item < low_items; ++item)
+            backward_ypass_item<scalar_t, acc_t>(item, group, t, geo, row_grad.data(), row_sem_grad.data(), data, rim);
         }
+  const int64_t rim_items = geo.N * rim_pixels(rim, geo.h, geo.w) * geo.C;
+  for (int64_t item = 0; item < rim_items; ++item)
+    backward_rim_item<scalar_t, acc_t>(item, call.channels_last, geo, rim, data);
 }
 
 }  // namespace
@@ -199,6 +208,7 @@ BgaBackwardCall prepare_bga_backward(const at::Tensor& grad_out, const at::Tenso
   call.grad_sem_up = at::empty(sem_up.sizes(), sem_up.options().memory_format(format));
   call.grad_detail_down = at::empty(sem_up.sizes(), sem_up.options().memory_format(format));
   call.grad_sem_keep = at::empty(sem_up.sizes(), sem_up.options().memory_format(format));
+  call.channels_last = format == at::MemoryFormat::ChannelsLast;
   call.empty = grad_out.numel() == 0;
   call.plan = BgaBackwardPlan{};
   if (call.empty) return call;
@@ -207,8 +217,13 @@ BgaBackwardCall prepare_bga_backward(const at::Tensor& grad_out, const at::Tenso
     using acc_t = acc_of<scalar_t>;
     call.plan = backward_plan(make_geometry<acc_t>(call.detail_keep.sizes().data(), call.detail_keep.strides().data(),
                                                    call.sem_up.sizes().data(), call.sem_up.strides().data()),
-                              group, tile_h, tile_w);
+                              group, call.channels_last, tile_h, tile_w);
   });
+  const at::ScalarType acc = detail_keep.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  call.rim = at::empty({rim_elements(static_cast<int>(sem_up.size(0)), static_cast<int>(sem_up.size(1)),
+                                     static_cast<int>(sem_up.size(2)), static_cast<int>(sem_up.size(3)),
+                                     call.plan.tile_h, call.plan.tile_w)},
+                       sem_up.options().dtype(acc));
   return call;
 }
 
@@ -247,16 +262,16 @@ std::vector<int64_t> bga_backward_plan_impl(at::IntArrayRef size, at::IntArrayRe
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "bga_backward_plan", [&] {
     using acc_t = acc_of<scalar_t>;
     const auto geo = make_geometry<acc_t>(hi_sizes, strides, lo_sizes, strides);
-    const BgaBackwardPlan plan = backward_plan(geo, group, tile_h, tile_w);
+    const BgaBackwardPlan plan = backward_plan(geo, group, channels_last, tile_h, tile_w);
     int64_t most_window = 0, most_row = 0;
     for (int tile_y = 0; tile_y * plan.tile_h < geo.h; ++tile_y)
       for (int tile_x = 0; tile_x * plan.tile_w < geo.w; ++tile_x) {
         const BgaTile t = make_tile(geo, 0, 0, plan.group, tile_y, tile_x, plan.tile_h, plan.tile_w);
-        most_window = std::max(most_window, tile_window_items(t, plan.group));
-        most_row = std::max(most_row, tile_row_items(t, plan.group));
+        most_window = std::max(most_window, tile_window_items(t, plan.group, plan.walk));
+        most_row = std::max(most_row, tile_row_items(t, geo, plan.group));
       }
     result = {plan.group, plan.tile_h, plan.tile_w, plan.window_capacity, plan.row_capacity, plan.shared_bytes, most_window,
-              most_row};
+              most_row, plan.walk ? 1 : 0, plan.rim_entries};
   });
   return result;
 }

@@ -1,10 +1,12 @@
 // CUDA kernels of the fused BGA gating: two forward kernels (the low-res gate, then the
-// output), one backward kernel.
+// output), two backward kernels (the tiles, then the low-res pixels on the tiles' grid
+// lines).
 // The arithmetic lives in bga_math.h (shared with the C++ CPU loops in bga.cpp); this file
 // maps items to threads, launches, and registers the CUDA implementations of the ops whose
 // schema bga.cpp defines. prepare_bga_forward/backward (bga_op.h) check the inputs, make
 // them dense in one memory format (NCHW or channels_last), allocate the outputs and make
-// the backward's plan (tile, buffer capacities, shared bytes), for both devices alike.
+// the backward's plan (tile, buffer capacities, shared bytes) and its rim workspace, for
+// both devices alike.
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -92,13 +94,14 @@ __global__ void __launch_bounds__(kThreads) bga_forward_kernel(
   }
 }
 
-// Backward: one block per (low-res tile, channel group, sample); see bga_math.h.
+// Backward, kernel 1: one block per (low-res tile, channel group, sample); see bga_math.h.
 // kGroup > 0 makes the channel group a compile-time constant (1 for NCHW, 16 for
-// channels_last), which turns the item loops' divisions by it into shifts.
-template <typename scalar_t, typename acc_t, int kGroup>
+// channels_last), which turns the item loops' divisions by it into shifts. kWalk:
+// channels_last's walk items instead of the window and x-pass items.
+template <typename scalar_t, typename acc_t, int kGroup, bool kWalk>
 __global__ void __launch_bounds__(kThreads) bga_backward_kernel(
-    BgaGeometry<acc_t> geo, BgaBackwardData<scalar_t> data, int runtime_group, int tile_h, int tile_w,
-    int tiles_x, int window_capacity, int row_capacity) {
+    BgaGeometry<acc_t> geo, BgaBackwardData<scalar_t> data, BgaRim<acc_t> rim, int runtime_group,
+    int window_capacity, int row_capacity) {
   const int group = kGroup > 0 ? kGroup : runtime_group;
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   acc_t* window_grad = reinterpret_cast<acc_t*>(shared_bytes);
@@ -107,19 +110,34 @@ __global__ void __launch_bounds__(kThreads) bga_backward_kernel(
   acc_t* row_sem_grad = row_grad + row_capacity;
 
   const BgaTile t = make_tile(geo, static_cast<int>(blockIdx.z), static_cast<int>(blockIdx.y), group,
-                              static_cast<int>(blockIdx.x) / tiles_x, static_cast<int>(blockIdx.x) % tiles_x,
-                              tile_h, tile_w);
-  const int window_items = static_cast<int>(tile_window_items(t, group));
-  for (int item = threadIdx.x; item < window_items; item += blockDim.x)
-    backward_window_item<scalar_t, acc_t>(item, group, t, geo, data, window_grad, window_sem_grad);
+                              static_cast<int>(blockIdx.x) / rim.tiles_x, static_cast<int>(blockIdx.x) % rim.tiles_x,
+                              rim.tile_h, rim.tile_w);
+  if (kWalk) {
+    const int walk_items = static_cast<int>(tile_walk_items(t, group));
+    for (int item = threadIdx.x; item < walk_items; item += blockDim.x)
+      backward_walk_item<scalar_t, acc_t>(item, group, t, geo, data, row_grad, row_sem_grad);
+  } else {
+    const int window_items = static_cast<int>(tile_window_items(t, group, false));
+    for (int item = threadIdx.x; item < window_items; item += blockDim.x)
+      backward_window_item<scalar_t, acc_t>(item, group, t, geo, data, window_grad, window_sem_grad);
+    __syncthreads();
+    const int row_items = static_cast<int>(tile_row_items(t, geo, group));
+    for (int item = threadIdx.x; item < row_items; item += blockDim.x)
+      backward_xpass_item<acc_t>(item, group, t, geo, window_grad, window_sem_grad, row_grad, row_sem_grad);
+  }
   __syncthreads();
-  const int row_items = static_cast<int>(tile_row_items(t, group));
-  for (int item = threadIdx.x; item < row_items; item += blockDim.x)
-    backward_xpass_item<acc_t>(item, group, t, geo, window_grad, window_sem_grad, row_grad, row_sem_grad);
-  __syncthreads();
-  const int tile_items = static_cast<int>(tile_low_items(t, group));
-  for (int item = threadIdx.x; item < tile_items; item += blockDim.x)
-    backward_ypass_item<scalar_t, acc_t>(item, group, t, geo, row_grad, row_sem_grad, data);
+  const int low_items = static_cast<int>(tile_low_items(t, geo, group));
+  for (int item = threadIdx.x; item < low_items; item += blockDim.x)
+    backward_ypass_item<scalar_t, acc_t>(item, group, t, geo, row_grad, row_sem_grad, data, rim);
+}
+
+// Backward, kernel 2: one thread per low-res pixel on a grid line and channel.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) bga_backward_rim_kernel(
+    BgaGeometry<acc_t> geo, BgaBackwardData<scalar_t> data, BgaRim<acc_t> rim, bool channels_last, int64_t count) {
+  for (int64_t item = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; item < count;
+       item += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    backward_rim_item<scalar_t, acc_t>(item, channels_last, geo, rim, data);
 }
 
 template <typename scalar_t>
@@ -178,25 +196,29 @@ void backward_typed(const BgaBackwardCall& call) {
   const BgaBackwardPlan& plan = call.plan;
   const int group = plan.group;
   auto geo = geometry_of<scalar_t>(call.detail_keep, call.sem_up);
-  const int tiles_y = (geo.h + plan.tile_h - 1) / plan.tile_h;
-  const int tiles_x = (geo.w + plan.tile_w - 1) / plan.tile_w;
+  const BgaRim<acc_t> rim = backward_rim<acc_t>(call);
   const int groups = (geo.C + group - 1) / group;
   TORCH_CHECK(groups <= 65535 && geo.N <= 65535, "bga_backward: too many channels or samples for the grid");
   const BgaBackwardData<scalar_t> data = backward_data<scalar_t>(call);
-  const dim3 grid(static_cast<unsigned>(tiles_y * tiles_x), static_cast<unsigned>(groups),
+  const dim3 grid(static_cast<unsigned>(rim.tiles_y * rim.tiles_x), static_cast<unsigned>(groups),
                   static_cast<unsigned>(geo.N));
   const size_t shared = static_cast<size_t>(plan.shared_bytes);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  if (group == 1) {
-    bga_backward_kernel<scalar_t, acc_t, 1><<<grid, kThreads, shared, stream>>>(
-        geo, data, group, plan.tile_h, plan.tile_w, tiles_x, plan.window_capacity, plan.row_capacity);
+  if (!plan.walk) {
+    bga_backward_kernel<scalar_t, acc_t, 1, false><<<grid, kThreads, shared, stream>>>(
+        geo, data, rim, group, plan.window_capacity, plan.row_capacity);
   } else if (group == 16) {
-    bga_backward_kernel<scalar_t, acc_t, 16><<<grid, kThreads, shared, stream>>>(
-        geo, data, group, plan.tile_h, plan.tile_w, tiles_x, plan.window_capacity, plan.row_capacity);
+    bga_backward_kernel<scalar_t, acc_t, 16, true><<<grid, kThreads, shared, stream>>>(
+        geo, data, rim, group, plan.window_capacity, plan.row_capacity);
   } else {
-    bga_backward_kernel<scalar_t, acc_t, 0><<<grid, kThreads, shared, stream>>>(
-        geo, data, group, plan.tile_h, plan.tile_w, tiles_x, plan.window_capacity, plan.row_capacity);
+    bga_backward_kernel<scalar_t, acc_t, 0, true><<<grid, kThreads, shared, stream>>>(
+        geo, data, rim, group, plan.window_capacity, plan.row_capacity);
   }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int64_t count = geo.N * rim_pixels(rim, geo.h, geo.w) * geo.C;
+  const int64_t blocks = std::min<int64_t>((count + kThreads - 1) / kThreads, 65535LL * 8);
+  bga_backward_rim_kernel<scalar_t, acc_t><<<blocks, kThreads, 0, stream>>>(geo, data, rim, call.channels_last,
+                                                                           count);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

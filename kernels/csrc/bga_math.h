@@ -6,26 +6,35 @@
 // with one thread per item, the C++ CPU loops (bga.cpp) run the very same functions in a
 // serial loop, so the CPU tests check the kernels' arithmetic and their tiling.
 //
-// Backward as a deterministic gather (no atomics). The adjoint of `up` sends high-res row y
-// to its two taps i0(y), i1(y); since i0 is non-decreasing in y, the high-res rows feeding
-// low-res row i are the contiguous range of rows with i0 in {i - 1, i}. The low-res plane
-// is cut into tiles; a tile's "window" is every high-res pixel whose taps touch the tile,
-// and it "owns" (writes grad_detail_keep for) the high-res pixels whose i0 lies in the
-// tile, so every high-res pixel is written exactly once. Per tile:
-//   1. window items: per high-res pixel, grad_detail_keep (if owned) and the two values
-//      to scatter back, g and g * detail_keep * s * (1 - s) with s = sigmoid(up(sem_up));
-//   2. x-pass items: per (window row, low-res column) the weighted sum along x;
-//   3. y-pass items: per low-res pixel the weighted sum along y, then the three
-//      low-res gradients.
-// Items are numbered channel-group-fastest: with one channel per group (NCHW) consecutive
-// window items walk along x, with several channels per group (channels_last) along C, so
-// consecutive CUDA threads touch consecutive addresses in both memory formats. The x-pass
-// items walk down the window rows (then along the tile's columns), and for channel groups
-// under 16 the shared buffers have odd pitches (buffer_pitch: a window row of
-// odd(window width) pixels, an x-pass column of odd(window height) rows): consecutive
-// x-pass and y-pass threads then read addresses an odd multiple of the group apart, in
-// distinct banks (along the tile's columns they were about one upscale factor apart: 4-way
-// bank conflicts at x4 in NCHW). A padding pixel or row is written as zeros, never read.
+// Backward as a deterministic gather (no atomics), reading every high-res element once.
+// The adjoint of `up` sends high-res pixel (y, x) to its taps i0, i1 (rows) x j0, j1
+// (columns); i0 is non-decreasing in y, so low-res row i reads the contiguous high-res rows
+// with i0 in {i - 1, i}. The low-res plane is cut into tiles of tile_h x tile_w; a tile
+// owns the high-res pixels whose first taps (i0, j0) lie in it, and only those are read,
+// by that tile alone. Those pixels reach the tile's low-res pixels and one row and one
+// column beyond it (their second taps): [ly0, ly1] x [lx0, lx1]. A low-res pixel inside
+// the tile's grid lines (ly0 < i < ly1, lx0 < j < lx1) is read only by the tile's pixels,
+// and the tile finishes it; one on a grid line (i a multiple of tile_h or j of tile_w) is
+// read by the pixels of up to four tiles, each of which writes its partial sums (the
+// "rim", two values per pixel and channel) to a workspace, and a second kernel adds them
+// in a fixed order and finishes the pixel. Per tile, one block of one channel group:
+//   1. per owned high-res pixel, grad_detail_keep and the two values to scatter back, g
+//      and g * detail_keep * s * (1 - s), s = sigmoid(up(sem_up)), summed along x into
+//      the tile's low-res columns lx0..lx1 (the "row buffer"). NCHW: window items (one
+//      per pixel, consecutive threads along x, into the window buffer), then x-pass items
+//      (per row and low-res column). channels_last: walk items, one per (row, channel)
+//      walking along the row (consecutive threads along C), with the column sums in
+//      registers, so there is no window buffer and the tile can be large;
+//   2. y-pass items: per low-res pixel of [ly0, ly1] x [lx0, lx1] the weighted sum along
+//      y, then the three low-res gradients, or the rim's partial sums;
+//   then, over the whole plane, rim items: per low-res pixel on a grid line, its partial
+//   sums from the tiles that reach it (1, 2 or 4), then the three gradients.
+// A column's sum runs along x in the same order in both layouts (the same fma_acc
+// chain), so NCHW and channels_last give the same bits.
+// The shared buffers have odd pitches (odd_pitch: a window row of odd(owned width)
+// pixels, a row-buffer column of odd(owned height) rows): consecutive x-pass and y-pass
+// threads then read addresses an odd multiple of the channel group apart, in distinct
+// banks; walk threads write adjacent addresses. A padding pixel or row is never read.
 #pragma once
 
 #include <math.h>
@@ -73,14 +82,14 @@ BISENET_HD acc_t bga_forward_value(acc_t detail_keep, const scalar_t* sem_up_pla
 // ---------------------------------------------------------------------------------------
 // Backward tiling.
 
-// One block of work: low-res tile [ly0, ly1) x [lx0, lx1) of channels [c0, c0 + groups)
-// of sample n, and its high-res window [wy0, wy1) x [wx0, wx1) of which it owns
-// [own_y0, wy1) x [own_x0, wx1).
+// One block of work: low-res tile [ly0, ly1) x [lx0, lx1) (tile (tile_y, tile_x) of the
+// grid) of channels [c0, c0 + channels) of sample n, and the high-res pixels it owns,
+// [y0, y1) x [x0, x1): those whose first taps lie in the tile.
 struct BgaTile {
-  int n, c0, channels;  // channels: how many of the group's `group` slots are real
+  int n, c0, channels;  // channels: how many of the group's slots are real
+  int tile_y, tile_x;
   int ly0, ly1, lx0, lx1;
-  int wy0, wy1, wx0, wx1;
-  int own_y0, own_x0;
+  int y0, y1, x0, x1;
 };
 
 template <typename acc_t>
@@ -90,17 +99,28 @@ BISENET_HD BgaTile make_tile(const BgaGeometry<acc_t>& geo, int n, int group_ind
   t.n = n;
   t.c0 = group_index * group;
   t.channels = geo.C - t.c0 < group ? geo.C - t.c0 : group;
+  t.tile_y = tile_y;
+  t.tile_x = tile_x;
   t.ly0 = tile_y * tile_h;
   t.ly1 = t.ly0 + tile_h < geo.h ? t.ly0 + tile_h : geo.h;
   t.lx0 = tile_x * tile_w;
   t.lx1 = t.lx0 + tile_w < geo.w ? t.lx0 + tile_w : geo.w;
-  t.wy0 = first_dst_with_tap_at_least(t.ly0 - 1, geo.h, geo.H, geo.scale_y);
-  t.own_y0 = first_dst_with_tap_at_least(t.ly0, geo.h, geo.H, geo.scale_y);
-  t.wy1 = first_dst_with_tap_at_least(t.ly1, geo.h, geo.H, geo.scale_y);
-  t.wx0 = first_dst_with_tap_at_least(t.lx0 - 1, geo.w, geo.W, geo.scale_x);
-  t.own_x0 = first_dst_with_tap_at_least(t.lx0, geo.w, geo.W, geo.scale_x);
-  t.wx1 = first_dst_with_tap_at_least(t.lx1, geo.w, geo.W, geo.scale_x);
+  t.y0 = first_dst_with_tap_at_least(t.ly0, geo.h, geo.H, geo.scale_y);
+  t.y1 = first_dst_with_tap_at_least(t.ly1, geo.h, geo.H, geo.scale_y);
+  t.x0 = first_dst_with_tap_at_least(t.lx0, geo.w, geo.W, geo.scale_x);
+  t.x1 = first_dst_with_tap_at_least(t.lx1, geo.w, geo.W, geo.scale_x);
   return t;
+}
+
+// The low-res rows and columns the tile's pixels reach: [ly0, ly1] x [lx0, lx1] within
+// the plane.
+template <typename acc_t>
+BISENET_HD int reached_rows(const BgaTile& t, const BgaGeometry<acc_t>& geo) {
+  return (t.ly1 < geo.h ? t.ly1 + 1 : geo.h) - t.ly0;
+}
+template <typename acc_t>
+BISENET_HD int reached_columns(const BgaTile& t, const BgaGeometry<acc_t>& geo) {
+  return (t.lx1 < geo.w ? t.lx1 + 1 : geo.w) - t.lx0;
 }
 
 template <typename scalar_t>
@@ -116,67 +136,127 @@ struct BgaBackwardData {
   scalar_t* grad_sem_keep;      // low-res
 };
 
-// The shared buffers' pitches (pixels per window row, rows per x-pass column): made odd
-// for channel groups under 16, so that the strided x-pass and y-pass reads fall in distinct
-// banks. A group of 16 (channels_last) keeps even pitches: padding would cost the 3 x 4
-// tile its fit in 48 KiB (3 x 3 then: more halo to read), for 2-way conflicts in the x-pass.
-BISENET_HD int buffer_pitch(int n, int group) { return group < 16 ? (n | 1) : n; }
+// The rim workspace: per (value, sample, tile, rim entry, channel) one partial sum, value 0
+// for up^T(g), 1 for up^T(g * detail_keep * s * (1 - s)). A tile's entries: its top row
+// (i = ly0, j = lx0..lx1: tile_w + 1 of them), its bottom row (i = ly1), then its left and
+// its right column without the corners (tile_h - 1 each): 2 (tile_h + tile_w) in all.
+// Channels are fastest in channels_last, rim entries in NCHW (the second kernel's order).
+template <typename acc_t>
+struct BgaRim {
+  acc_t* data;
+  int tile_h, tile_w, tiles_y, tiles_x, entries;
+  int64_t value_stride, n_stride, tile_stride, entry_stride, channel_stride;
+};
 
-// Step 1, item = ((row * buffer_pitch(window_width, group)) + col) * group + slot.
-// Writes grad_detail_keep when the tile owns the pixel; stores g and
-// g * detail_keep * s * (1 - s) in the window buffers (zeros for unused channel slots and
-// the padding column).
+BISENET_HD int rim_entries(int tile_h, int tile_w) { return 2 * (tile_h + tile_w); }
+
+template <typename acc_t>
+inline BgaRim<acc_t> make_rim(acc_t* data, int N, int C, int h, int w, int tile_h, int tile_w, bool channels_last) {
+  BgaRim<acc_t> rim;
+  rim.data = data;
+  rim.tile_h = tile_h;
+  rim.tile_w = tile_w;
+  rim.tiles_y = (h + tile_h - 1) / tile_h;
+  rim.tiles_x = (w + tile_w - 1) / tile_w;
+  rim.entries = rim_entries(tile_h, tile_w);
+  rim.entry_stride = channels_last ? C : 1;
+  rim.channel_stride = channels_last ? 1 : rim.entries;
+  rim.tile_stride = static_cast<int64_t>(C) * rim.entries;
+  rim.n_stride = rim.tile_stride * rim.tiles_y * rim.tiles_x;
+  rim.value_stride = rim.n_stride * N;
+  return rim;
+}
+
+inline int64_t rim_elements(int N, int C, int h, int w, int tile_h, int tile_w) {
+  const int64_t tiles = static_cast<int64_t>((h + tile_h - 1) / tile_h) * ((w + tile_w - 1) / tile_w);
+  return 2 * static_cast<int64_t>(N) * tiles * rim_entries(tile_h, tile_w) * C;
+}
+
+// The entry of local low-res pixel (ii, jj) in [0, tile_h] x [0, tile_w] on the tile's rim.
+BISENET_HD int rim_entry(int ii, int jj, int tile_h, int tile_w) {
+  if (ii == 0) return jj;
+  if (ii == tile_h) return tile_w + 1 + jj;
+  return 2 * (tile_w + 1) + (jj == 0 ? 0 : tile_h - 1) + ii - 1;
+}
+
+template <typename acc_t>
+BISENET_HD int64_t rim_offset(const BgaRim<acc_t>& rim, int n, int tile_y, int tile_x, int entry, int c) {
+  return n * rim.n_stride + (static_cast<int64_t>(tile_y) * rim.tiles_x + tile_x) * rim.tile_stride +
+         entry * rim.entry_stride + c * rim.channel_stride;
+}
+
+// Pitches of the shared buffers, odd (see the file comment).
+BISENET_HD int odd_pitch(int n) { return n | 1; }
+
+// The three low-res gradients at low-res offset `lo` from the sums up^T(g) and
+// up^T(g * detail_keep * s * (1 - s)):
+//   grad_sem_up = up^T(g * detail_keep * s * (1 - s))
+//   grad_detail_down = up^T(g) * sigmoid(sem_keep)
+//   grad_sem_keep = up^T(g) * detail_down * sigmoid(sem_keep) * (1 - sigmoid(sem_keep))
+template <typename scalar_t, typename acc_t>
+BISENET_HD void finish_low_res(int64_t lo, acc_t up_t_grad, acc_t up_t_sem_grad, const BgaBackwardData<scalar_t>& d) {
+  acc_t gate = sigmoid_acc(load_acc<scalar_t, acc_t>(d.sem_keep, lo));
+  acc_t detail_down = load_acc<scalar_t, acc_t>(d.detail_down, lo);
+  d.grad_sem_up[lo] = static_cast<scalar_t>(up_t_sem_grad);
+  d.grad_detail_down[lo] = static_cast<scalar_t>(up_t_grad * gate);
+  d.grad_sem_keep[lo] = static_cast<scalar_t>(up_t_grad * detail_down * gate * (static_cast<acc_t>(1) - gate));
+}
+
+// At owned high-res pixel (y, x) of channel c (taps ty, tx): writes grad_detail_keep = g * s
+// and returns g and g * detail_keep * s * (1 - s), the two values the adjoint of `up` sums.
+template <typename scalar_t, typename acc_t>
+BISENET_HD void pixel_values(int n, int c, int y, int x, const Taps<acc_t>& ty, const Taps<acc_t>& tx,
+                             const BgaGeometry<acc_t>& geo, const BgaBackwardData<scalar_t>& d, acc_t* grad,
+                             acc_t* sem_grad) {
+  int64_t hi = n * geo.hi_sn + c * geo.hi_sc + y * geo.hi_sy + x * geo.hi_sx;
+  const scalar_t* sem_up_plane = d.sem_up + n * geo.lo_sn + c * geo.lo_sc;
+  acc_t s = sigmoid_acc(bilinear_sample<scalar_t, acc_t>(sem_up_plane, geo.lo_sy, geo.lo_sx, ty, tx));
+  acc_t g = load_acc<scalar_t, acc_t>(d.grad_out, hi);
+  acc_t detail_keep = load_acc<scalar_t, acc_t>(d.detail_keep, hi);
+  d.grad_detail_keep[hi] = static_cast<scalar_t>(g * s);
+  *grad = g;
+  *sem_grad = g * detail_keep * s * (static_cast<acc_t>(1) - s);
+}
+
+// Step 1, NCHW, window items: item = ((row * odd_pitch(x1 - x0)) + col) * group + slot,
+// owned pixel (y0 + row, x0 + col); its two values into the window buffers.
 template <typename scalar_t, typename acc_t>
 BISENET_HD void backward_window_item(int item, int group, const BgaTile& t, const BgaGeometry<acc_t>& geo,
                                      const BgaBackwardData<scalar_t>& d, acc_t* window_grad,
                                      acc_t* window_sem_grad) {
   int slot = item % group;
   int pixel = item / group;
-  int pitch = buffer_pitch(t.wx1 - t.wx0, group);
-  int y = t.wy0 + pixel / pitch;
-  int x = t.wx0 + pixel % pitch;
-  if (slot >= t.channels || x >= t.wx1) {
-    window_grad[item] = static_cast<acc_t>(0);
-    window_sem_grad[item] = static_cast<acc_t>(0);
-    return;
-  }
-  int c = t.c0 + slot;
-  int64_t hi = t.n * geo.hi_sn + c * geo.hi_sc + y * geo.hi_sy + x * geo.hi_sx;
-  const scalar_t* sem_up_plane = d.sem_up + t.n * geo.lo_sn + c * geo.lo_sc;
-  Taps<acc_t> ty = bilinear_taps<acc_t>(y, geo.h, geo.scale_y);
-  Taps<acc_t> tx = bilinear_taps<acc_t>(x, geo.w, geo.scale_x);
-  acc_t s = sigmoid_acc(bilinear_sample<scalar_t, acc_t>(sem_up_plane, geo.lo_sy, geo.lo_sx, ty, tx));
-  acc_t g = load_acc<scalar_t, acc_t>(d.grad_out, hi);
-  acc_t detail_keep = load_acc<scalar_t, acc_t>(d.detail_keep, hi);
-  if (y >= t.own_y0 && x >= t.own_x0) d.grad_detail_keep[hi] = static_cast<scalar_t>(g * s);
-  window_grad[item] = g;
-  window_sem_grad[item] = g * detail_keep * s * (static_cast<acc_t>(1) - s);
+  int pitch = odd_pitch(t.x1 - t.x0);
+  int y = t.y0 + pixel / pitch;
+  int x = t.x0 + pixel % pitch;
+  if (slot >= t.channels || x >= t.x1) return;  // padding: never read
+  pixel_values<scalar_t, acc_t>(t.n, t.c0 + slot, y, x, bilinear_taps<acc_t>(y, geo.h, geo.scale_y),
+                                bilinear_taps<acc_t>(x, geo.w, geo.scale_x), geo, d, &window_grad[item],
+                                &window_sem_grad[item]);
 }
 
-// Step 2, item = ((j * buffer_pitch(window_height, group)) + row) * group + slot: the
-// window row's sums along x for low-res column lx0 + j (zeros for the padding row).
+// Step 1, NCHW, x-pass items: item = ((k * odd_pitch(y1 - y0)) + row) * group + slot, the
+// sums along the owned row y0 + row for low-res column lx0 + k, k < reached_columns, into
+// the row buffers at the item's index.
 template <typename acc_t>
 BISENET_HD void backward_xpass_item(int item, int group, const BgaTile& t, const BgaGeometry<acc_t>& geo,
                                     const acc_t* window_grad, const acc_t* window_sem_grad,
                                     acc_t* row_grad, acc_t* row_sem_grad) {
   int slot = item % group;
   int rest = item / group;
-  int column_pitch = buffer_pitch(t.wy1 - t.wy0, group);
+  int column_pitch = odd_pitch(t.y1 - t.y0);
   int row = rest % column_pitch;
-  int j = rest / column_pitch;
-  if (t.wy0 + row >= t.wy1) {
-    row_grad[item] = static_cast<acc_t>(0);
-    row_sem_grad[item] = static_cast<acc_t>(0);
-    return;
-  }
-  int ix = t.lx0 + j;
-  int window_pitch = buffer_pitch(t.wx1 - t.wx0, group);
-  int x_begin = first_dst_with_tap_at_least(ix - 1, geo.w, geo.W, geo.scale_x);
-  int x_end = first_dst_with_tap_at_least(ix + 1, geo.w, geo.W, geo.scale_x);
+  int j = t.lx0 + rest / column_pitch;
+  if (t.y0 + row >= t.y1) return;  // padding: never read
+  int window_pitch = odd_pitch(t.x1 - t.x0);
+  int x_begin = first_dst_with_tap_at_least(j - 1, geo.w, geo.W, geo.scale_x);
+  int x_end = first_dst_with_tap_at_least(j + 1, geo.w, geo.W, geo.scale_x);
+  x_begin = x_begin > t.x0 ? x_begin : t.x0;
+  x_end = x_end < t.x1 ? x_end : t.x1;
   acc_t sum_grad = static_cast<acc_t>(0), sum_sem_grad = static_cast<acc_t>(0);
   for (int x = x_begin; x < x_end; ++x) {
-    acc_t weight = tap_weight(bilinear_taps<acc_t>(x, geo.w, geo.scale_x), ix);
-    int at = (row * window_pitch + (x - t.wx0)) * group + slot;
+    acc_t weight = tap_weight(bilinear_taps<acc_t>(x, geo.w, geo.scale_x), j);
+    int at = (row * window_pitch + (x - t.x0)) * group + slot;
     sum_grad = fma_acc(weight, window_grad[at], sum_grad);
     sum_sem_grad = fma_acc(weight, window_sem_grad[at], sum_sem_grad);
   }
@@ -184,38 +264,145 @@ BISENET_HD void backward_xpass_item(int item, int group, const BgaTile& t, const
   row_sem_grad[item] = sum_sem_grad;
 }
 
-// Step 3, item = ((i * tile_width) + j) * group + slot: low-res pixel (ly0 + i, lx0 + j).
-// up^T(g) and up^T(g * detail_keep * s * (1 - s)) by summing the x-pass along y, then
-//   grad_sem_up = up^T(g * detail_keep * s * (1 - s))
-//   grad_detail_down = up^T(g) * sigmoid(sem_keep)
-//   grad_sem_keep = up^T(g) * detail_down * sigmoid(sem_keep) * (1 - sigmoid(sem_keep))
+// Step 1, channels_last, walk items: item = row * group + slot walks owned row y0 + row of
+// channel c0 + slot along x, keeping the sums of low-res columns j and j + 1 (the taps of
+// the pixels with j0 = j) and storing column j's when the walk passes it, at the index the
+// x-pass item of (column, row) uses. The same fma_acc chain, in the same order, as the
+// x-pass's: NCHW and channels_last agree bit for bit.
+template <typename scalar_t, typename acc_t>
+BISENET_HD void backward_walk_item(int item, int group, const BgaTile& t, const BgaGeometry<acc_t>& geo,
+                                   const BgaBackwardData<scalar_t>& d, acc_t* row_grad, acc_t* row_sem_grad) {
+  int slot = item % group;
+  int row = item / group;
+  if (slot >= t.channels) return;  // an unused slot: its row-buffer entries are never read
+  int column_pitch = odd_pitch(t.y1 - t.y0);
+  int j_end = t.lx0 + reached_columns(t, geo);
+  int c = t.c0 + slot;
+  int y = t.y0 + row;
+  Taps<acc_t> ty = bilinear_taps<acc_t>(y, geo.h, geo.scale_y);
+  acc_t grad_here = static_cast<acc_t>(0), sem_here = static_cast<acc_t>(0);  // column j
+  acc_t grad_next = static_cast<acc_t>(0), sem_next = static_cast<acc_t>(0);  // column j + 1
+  int j = t.lx0;
+  for (int x = t.x0; x < t.x1; ++x) {
+    Taps<acc_t> tx = bilinear_taps<acc_t>(x, geo.w, geo.scale_x);
+    for (; j < tx.i0; ++j) {  // column j is complete for this row
+      int at = ((j - t.lx0) * column_pitch + row) * group + slot;
+      row_grad[at] = grad_here;
+      row_sem_grad[at] = sem_here;
+      grad_here = grad_next;
+      sem_here = sem_next;
+      grad_next = static_cast<acc_t>(0);
+      sem_next = static_cast<acc_t>(0);
+    }
+    acc_t grad, sem_grad;
+    pixel_values<scalar_t, acc_t>(t.n, c, y, x, ty, tx, geo, d, &grad, &sem_grad);
+    acc_t weight = tap_weight(tx, j);
+    grad_here = fma_acc(weight, grad, grad_here);
+    sem_here = fma_acc(weight, sem_grad, sem_here);
+    weight = tap_weight(tx, j + 1);
+    grad_next = fma_acc(weight, grad, grad_next);
+    sem_next = fma_acc(weight, sem_grad, sem_next);
+  }
+  for (; j < j_end; ++j) {
+    int at = ((j - t.lx0) * column_pitch + row) * group + slot;
+    row_grad[at] = grad_here;
+    row_sem_grad[at] = sem_here;
+    grad_here = grad_next;
+    sem_here = sem_next;
+    grad_next = static_cast<acc_t>(0);
+    sem_next = static_cast<acc_t>(0);
+  }
+}
+
+// Step 2, y-pass items: item = ((ii * reached_columns) + k) * group + slot, low-res pixel
+// (ly0 + ii, lx0 + k), ii < reached_rows: the row buffers' sums along y over the owned
+// rows that reach it; inside the grid lines the three gradients, on them the rim's
+// partial sums.
 template <typename scalar_t, typename acc_t>
 BISENET_HD void backward_ypass_item(int item, int group, const BgaTile& t, const BgaGeometry<acc_t>& geo,
                                     const acc_t* row_grad, const acc_t* row_sem_grad,
-                                    const BgaBackwardData<scalar_t>& d) {
+                                    const BgaBackwardData<scalar_t>& d, const BgaRim<acc_t>& rim) {
   int slot = item % group;
   if (slot >= t.channels) return;
   int rest = item / group;
-  int tile_width = t.lx1 - t.lx0;
-  int j = rest % tile_width;
-  int iy = t.ly0 + rest / tile_width;
-  int column_pitch = buffer_pitch(t.wy1 - t.wy0, group);
-  int y_begin = first_dst_with_tap_at_least(iy - 1, geo.h, geo.H, geo.scale_y);
-  int y_end = first_dst_with_tap_at_least(iy + 1, geo.h, geo.H, geo.scale_y);
+  int columns = reached_columns(t, geo);
+  int k = rest % columns;
+  int ii = rest / columns;
+  int i = t.ly0 + ii;
+  int column_pitch = odd_pitch(t.y1 - t.y0);
+  int y_begin = first_dst_with_tap_at_least(i - 1, geo.h, geo.H, geo.scale_y);
+  int y_end = first_dst_with_tap_at_least(i + 1, geo.h, geo.H, geo.scale_y);
+  y_begin = y_begin > t.y0 ? y_begin : t.y0;
+  y_end = y_end < t.y1 ? y_end : t.y1;
   acc_t up_t_grad = static_cast<acc_t>(0), up_t_sem_grad = static_cast<acc_t>(0);
   for (int y = y_begin; y < y_end; ++y) {
-    acc_t weight = tap_weight(bilinear_taps<acc_t>(y, geo.h, geo.scale_y), iy);
-    int at = (j * column_pitch + (y - t.wy0)) * group + slot;
+    acc_t weight = tap_weight(bilinear_taps<acc_t>(y, geo.h, geo.scale_y), i);
+    int at = (k * column_pitch + (y - t.y0)) * group + slot;
     up_t_grad = fma_acc(weight, row_grad[at], up_t_grad);
     up_t_sem_grad = fma_acc(weight, row_sem_grad[at], up_t_sem_grad);
   }
   int c = t.c0 + slot;
-  int64_t lo = t.n * geo.lo_sn + c * geo.lo_sc + iy * geo.lo_sy + (t.lx0 + j) * geo.lo_sx;
-  acc_t gate = sigmoid_acc(load_acc<scalar_t, acc_t>(d.sem_keep, lo));
-  acc_t detail_down = load_acc<scalar_t, acc_t>(d.detail_down, lo);
-  d.grad_sem_up[lo] = static_cast<scalar_t>(up_t_sem_grad);
-  d.grad_detail_down[lo] = static_cast<scalar_t>(up_t_grad * gate);
-  d.grad_sem_keep[lo] = static_cast<scalar_t>(up_t_grad * detail_down * gate * (static_cast<acc_t>(1) - gate));
+  if (ii == 0 || ii == rim.tile_h || k == 0 || k == rim.tile_w) {
+    int64_t at = rim_offset(rim, t.n, t.tile_y, t.tile_x, rim_entry(ii, k, rim.tile_h, rim.tile_w), c);
+    rim.data[at] = up_t_grad;
+    rim.data[at + rim.value_stride] = up_t_sem_grad;
+    return;
+  }
+  int64_t lo = t.n * geo.lo_sn + c * geo.lo_sc + i * geo.lo_sy + (t.lx0 + k) * geo.lo_sx;
+  finish_low_res<scalar_t, acc_t>(lo, up_t_grad, up_t_sem_grad, d);
+}
+
+// The low-res pixels on grid lines, per sample and channel: the grid rows (i a multiple
+// of tile_h) whole, then the grid columns without those rows.
+template <typename acc_t>
+BISENET_HD int64_t rim_pixels(const BgaRim<acc_t>& rim, int h, int w) {
+  return static_cast<int64_t>(rim.tiles_y) * w + static_cast<int64_t>(rim.tiles_x) * (h - rim.tiles_y);
+}
+
+// The grid-line pixels' pass, item = (n * rim_pixels + p) * C + c in channels_last,
+// (n * C + c) * rim_pixels + p in NCHW (consecutive threads along the low-res layout's
+// fastest dimension): the partial sums of the tiles that reach the pixel, in the order
+// (tile_y, tile_x) ascending, then the three gradients.
+template <typename scalar_t, typename acc_t>
+BISENET_HD void backward_rim_item(int64_t item, bool channels_last, const BgaGeometry<acc_t>& geo,
+                                  const BgaRim<acc_t>& rim, const BgaBackwardData<scalar_t>& d) {
+  const int64_t pixels = rim_pixels(rim, geo.h, geo.w);
+  int n, c;
+  int64_t p;
+  if (channels_last) {
+    c = static_cast<int>(item % geo.C);
+    int64_t rest = item / geo.C;
+    p = rest % pixels;
+    n = static_cast<int>(rest / pixels);
+  } else {
+    p = item % pixels;
+    int64_t rest = item / pixels;
+    c = static_cast<int>(rest % geo.C);
+    n = static_cast<int>(rest / geo.C);
+  }
+  int i, j;
+  const int64_t on_rows = static_cast<int64_t>(rim.tiles_y) * geo.w;
+  if (p < on_rows) {
+    i = static_cast<int>(p / geo.w) * rim.tile_h;
+    j = static_cast<int>(p % geo.w);
+  } else {  // the q-th row that is not a grid row (tile_h > 1 here) of grid column k
+    const int64_t q = (p - on_rows) % (geo.h - rim.tiles_y);
+    j = static_cast<int>((p - on_rows) / (geo.h - rim.tiles_y)) * rim.tile_w;
+    i = static_cast<int>(q / (rim.tile_h - 1)) * rim.tile_h + static_cast<int>(q % (rim.tile_h - 1)) + 1;
+  }
+  const int ty_last = i / rim.tile_h, tx_last = j / rim.tile_w;
+  const int ty_first = i % rim.tile_h == 0 && i > 0 ? ty_last - 1 : ty_last;
+  const int tx_first = j % rim.tile_w == 0 && j > 0 ? tx_last - 1 : tx_last;
+  acc_t up_t_grad = static_cast<acc_t>(0), up_t_sem_grad = static_cast<acc_t>(0);
+  for (int tile_y = ty_first; tile_y <= ty_last; ++tile_y)
+    for (int tile_x = tx_first; tile_x <= tx_last; ++tile_x) {
+      int entry = rim_entry(i - tile_y * rim.tile_h, j - tile_x * rim.tile_w, rim.tile_h, rim.tile_w);
+      int64_t at = rim_offset(rim, n, tile_y, tile_x, entry, c);
+      up_t_grad = up_t_grad + rim.data[at];
+      up_t_sem_grad = up_t_sem_grad + rim.data[at + rim.value_stride];
+    }
+  int64_t lo = n * geo.lo_sn + c * geo.lo_sc + i * geo.lo_sy + j * geo.lo_sx;
+  finish_low_res<scalar_t, acc_t>(lo, up_t_grad, up_t_sem_grad, d);
 }
 
 // Sizes and strides as at::Tensor::sizes() / strides() give them (N, C, H, W order).
@@ -242,70 +429,95 @@ inline BgaGeometry<acc_t> make_geometry(const int64_t* hi_sizes, const int64_t* 
   return geo;
 }
 
-// Host side: the largest window over all tiles of a tiling (the shared-memory size), from
-// the same tap arithmetic the kernel's make_tile runs (same_bits.h: the host's numbers are
-// the device's).
+// ---------------------------------------------------------------------------------------
+// The backward's plan, made once on the host and followed by the CUDA launch and the CPU
+// loop alike (so a tiling that cannot launch fails on the CPU too).
+
+// Host side: the most high-res rows (or columns) any tile of `tile` low-res rows owns,
+// [first(i0), first(i0 + tile)), from the tap arithmetic the kernel runs (same_bits.h).
 template <typename acc_t>
-inline void max_window(const BgaGeometry<acc_t>& geo, int tile_h, int tile_w, int* height, int* width) {
-  *height = most_window_span(geo.h, geo.H, geo.scale_y, tile_h, false);
-  *width = most_window_span(geo.w, geo.W, geo.scale_x, tile_w, false);
+inline int most_owned_span(int in_size, int out_size, acc_t scale, int tile) {
+  int most = 0;
+  for (int i0 = 0; i0 < in_size; i0 += tile) {
+    const int i1 = i0 + tile < in_size ? i0 + tile : in_size;
+    const int span = first_dst_with_tap_at_least(i1, in_size, out_size, scale) -
+                     first_dst_with_tap_at_least(i0, in_size, out_size, scale);
+    if (span > most) most = span;
+  }
+  return most;
 }
 
-// Accumulator elements per tile: the window (two values per pixel and slot, rows of
-// buffer_pitch(window_w) pixels) and the x-pass (two values per tile column, slot and
-// window row, columns of buffer_pitch(window_h) rows).
-inline int64_t backward_buffer_elements(int window_h, int window_w, int tile_w, int group) {
-  const int64_t window = static_cast<int64_t>(window_h) * buffer_pitch(window_w, group);
-  const int64_t rows = static_cast<int64_t>(tile_w) * buffer_pitch(window_h, group);
-  return 2 * static_cast<int64_t>(group) * (window + rows);
+// Accumulator elements of one tile's shared buffers: the window (NCHW only: two values
+// per owned pixel and slot, rows of odd_pitch(owned width)) and the row buffers (two
+// values per reached column, slot and owned row, columns of odd_pitch(owned height)).
+inline int64_t window_buffer_elements(int owned_h, int owned_w, int group, bool walk) {
+  return walk ? 0 : static_cast<int64_t>(owned_h) * odd_pitch(owned_w) * group;
+}
+inline int64_t row_buffer_elements(int owned_h, int tile_w, int group) {
+  return static_cast<int64_t>(tile_w + 1) * odd_pitch(owned_h) * group;
 }
 
-// Host side: the tile (in low-res pixels) for the backward. Starts from tiles owning about
-// 64 x 64 high-res pixels and shrinks the longer side until the buffers fit
-// `budget_elements`; returns false when not even a 1 x 1 tile fits (a huge upscale).
-// A larger tile re-reads less of the neighbours' windows (the halo: about one upscale
-// factor of rows and columns per tile).
+struct BgaBackwardPlan {
+  int group;
+  bool walk;  // channels_last: walk items instead of window and x-pass items
+  int tile_h, tile_w;
+  int window_capacity, row_capacity;  // elements of each window buffer, each row buffer
+  int64_t shared_bytes;
+  int rim_entries;  // per tile
+};
+
+// The buffers of a tile_h x tile_w tiling, in elements of acc_t.
 template <typename acc_t>
-inline bool choose_tile(const BgaGeometry<acc_t>& geo, int group, int64_t budget_elements,
-                        int* tile_h, int* tile_w) {
+inline void size_buffers(const BgaGeometry<acc_t>& geo, int group, bool walk, int tile_h, int tile_w,
+                         BgaBackwardPlan* plan) {
+  const int owned_h = most_owned_span(geo.h, geo.H, geo.scale_y, tile_h);
+  const int owned_w = most_owned_span(geo.w, geo.W, geo.scale_x, tile_w);
+  plan->group = group;
+  plan->walk = walk;
+  plan->tile_h = tile_h;
+  plan->tile_w = tile_w;
+  plan->window_capacity = static_cast<int>(window_buffer_elements(owned_h, owned_w, group, walk));
+  plan->row_capacity = static_cast<int>(row_buffer_elements(owned_h, tile_w, group));
+  plan->shared_bytes = 2 * (static_cast<int64_t>(plan->window_capacity) + plan->row_capacity) *
+                       static_cast<int64_t>(sizeof(acc_t));
+  plan->rim_entries = rim_entries(tile_h, tile_w);
+}
+
+// Host side: the tile (in low-res pixels). Starts from tiles owning about 64 x 64 high-res
+// pixels and shrinks the longer side until the buffers fit `budget_bytes`; returns false
+// when not even a 1 x 1 tile fits (a huge upscale). A larger tile leaves fewer low-res
+// pixels on grid lines (the rim's share of the low-res plane: about 1/tile_h + 1/tile_w).
+template <typename acc_t>
+inline bool choose_tile(const BgaGeometry<acc_t>& geo, int group, bool walk, int64_t budget_bytes,
+                        BgaBackwardPlan* plan) {
   const int target = 64;
   int th = static_cast<int>((static_cast<int64_t>(target) * geo.h + geo.H - 1) / (geo.H > 0 ? geo.H : 1));
   int tw = static_cast<int>((static_cast<int64_t>(target) * geo.w + geo.W - 1) / (geo.W > 0 ? geo.W : 1));
   th = th < 1 ? 1 : (th > geo.h ? geo.h : th);
   tw = tw < 1 ? 1 : (tw > geo.w ? geo.w : tw);
   while (true) {
-    int window_h, window_w;
-    max_window(geo, th, tw, &window_h, &window_w);
-    if (backward_buffer_elements(window_h, window_w, tw, group) <= budget_elements) break;
+    size_buffers(geo, group, walk, th, tw, plan);
+    if (plan->shared_bytes <= budget_bytes) return true;
     if (th == 1 && tw == 1) return false;
     if (th >= tw && th > 1) --th; else --tw;
   }
-  *tile_h = th;
-  *tile_w = tw;
-  return true;
 }
 
-// The backward's launch plan, made once on the host and followed by the CUDA launch and
-// the CPU loop alike (so a tiling that cannot launch fails on the CPU too): the channels per
-// block, the tile, the capacity of each window buffer and each x-pass buffer (elements),
-// the shared bytes.
-struct BgaBackwardPlan {
-  int group;
-  int tile_h, tile_w;
-  int window_capacity, row_capacity;
-  int64_t shared_bytes;
-};
-
-// The items of one tile's steps, each one buffer element (padding included for steps 1
-// and 2): what the kernel and the CPU loop iterate and what the buffers must hold.
-BISENET_HD int64_t tile_window_items(const BgaTile& t, int group) {
-  return static_cast<int64_t>(t.wy1 - t.wy0) * buffer_pitch(t.wx1 - t.wx0, group) * group;
+// The items of one tile's steps (padding included for the window and x-pass items): what
+// the kernel and the CPU loop iterate; the buffers must hold the window and row items.
+BISENET_HD int64_t tile_window_items(const BgaTile& t, int group, bool walk) {
+  return walk ? 0 : static_cast<int64_t>(t.y1 - t.y0) * odd_pitch(t.x1 - t.x0) * group;
 }
-BISENET_HD int64_t tile_row_items(const BgaTile& t, int group) {
-  return static_cast<int64_t>(buffer_pitch(t.wy1 - t.wy0, group)) * (t.lx1 - t.lx0) * group;
+template <typename acc_t>
+BISENET_HD int64_t tile_row_items(const BgaTile& t, const BgaGeometry<acc_t>& geo, int group) {
+  return static_cast<int64_t>(reached_columns(t, geo)) * odd_pitch(t.y1 - t.y0) * group;
 }
-BISENET_HD int64_t tile_low_items(const BgaTile& t, int group) {
-  return static_cast<int64_t>(t.ly1 - t.ly0) * (t.lx1 - t.lx0) * group;
+BISENET_HD int64_t tile_walk_items(const BgaTile& t, int group) {
+  return static_cast<int64_t>(t.y1 - t.y0) * group;
+}
+template <typename acc_t>
+BISENET_HD int64_t tile_low_items(const BgaTile& t, const BgaGeometry<acc_t>& geo, int group) {
+  return static_cast<int64_t>(reached_rows(t, geo)) * reached_columns(t, geo) * group;
 }
 
 // Shared memory per backward block: the default limit (no opt-in), which leaves room for
@@ -314,30 +526,22 @@ constexpr int64_t kBgaSharedBytes = 48 * 1024;
 
 enum class BgaPlanStatus { kOk, kUpscaleTooLarge, kOverBudget };
 
-// group: the channels per block (1 for NCHW, up to 16 for channels_last). tile_h, tile_w
-// <= 0: the tile is chosen by choose_tile, halving the channel group while not even a 1 x 1
-// tile fits (large upscales in channels_last); an explicit tile keeps the group.
-// budget_bytes: the shared memory per block.
+// group: the channels per block (1 for NCHW, up to 16 for channels_last, which walks).
+// tile_h, tile_w <= 0: the tile is chosen by choose_tile, halving the channel group while
+// not even a 1 x 1 tile fits (large upscales in channels_last); an explicit tile keeps the
+// group. budget_bytes: the shared memory per block.
 template <typename acc_t>
-inline BgaPlanStatus plan_backward(const BgaGeometry<acc_t>& geo, int group, int tile_h, int tile_w,
+inline BgaPlanStatus plan_backward(const BgaGeometry<acc_t>& geo, int group, bool walk, int tile_h, int tile_w,
                                    int64_t budget_bytes, BgaBackwardPlan* plan) {
-  const int64_t budget = budget_bytes / static_cast<int64_t>(sizeof(acc_t));
   if (tile_h <= 0 || tile_w <= 0) {
-    while (!choose_tile(geo, group, budget, &tile_h, &tile_w)) {
+    while (!choose_tile(geo, group, walk, budget_bytes, plan)) {
       if (group == 1) return BgaPlanStatus::kUpscaleTooLarge;
       group /= 2;
     }
+    return BgaPlanStatus::kOk;
   }
-  int window_h, window_w;
-  max_window(geo, tile_h, tile_w, &window_h, &window_w);
-  const int64_t elements = backward_buffer_elements(window_h, window_w, tile_w, group);
-  plan->group = group;
-  plan->tile_h = tile_h;
-  plan->tile_w = tile_w;
-  plan->window_capacity = window_h * buffer_pitch(window_w, group) * group;
-  plan->row_capacity = buffer_pitch(window_h, group) * tile_w * group;
-  plan->shared_bytes = elements * static_cast<int64_t>(sizeof(acc_t));
-  return elements <= budget ? BgaPlanStatus::kOk : BgaPlanStatus::kOverBudget;
+  size_buffers(geo, group, walk, tile_h, tile_w, plan);
+  return plan->shared_bytes <= budget_bytes ? BgaPlanStatus::kOk : BgaPlanStatus::kOverBudget;
 }
 
 }  // namespace bisenet

@@ -2,7 +2,8 @@
 // bga.cpp (the schema, the input checks, the CPU loops, registered for CPU) and bga.cu (the
 // CUDA kernels, registered for CUDA). A call is checked, its tensors made dense in
 // detail_keep's memory format and its outputs allocated once, here, whatever the device;
-// the backward's plan (bga_math.h) is made here too, so both devices follow the same one.
+// the backward's plan (bga_math.h) and its rim workspace are made here too, so both devices
+// follow the same one.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -22,7 +23,8 @@ struct BgaBackwardCall {
   at::Tensor grad_out, detail_keep, sem_up, detail_down, sem_keep;  // inputs, dense in one format
   at::Tensor grad_detail_keep, grad_sem_up, grad_detail_down, grad_sem_keep;
   BgaBackwardPlan plan;  // unset when there is nothing to compute (an empty batch)
-  bool empty;
+  at::Tensor rim;        // workspace: the grid-line pixels' partial sums (bga_math.h: BgaRim)
+  bool channels_last, empty;
 };
 
 // The pointers the backward's per-item functions take.
@@ -39,6 +41,14 @@ BgaBackwardData<scalar_t> backward_data(const BgaBackwardCall& call) {
   data.grad_detail_down = call.grad_detail_down.mutable_data_ptr<scalar_t>();
   data.grad_sem_keep = call.grad_sem_keep.mutable_data_ptr<scalar_t>();
   return data;
+}
+
+template <typename acc_t>
+BgaRim<acc_t> backward_rim(const BgaBackwardCall& call) {
+  return make_rim<acc_t>(call.rim.mutable_data_ptr<acc_t>(), static_cast<int>(call.detail_keep.size(0)),
+                         static_cast<int>(call.detail_keep.size(1)), static_cast<int>(call.sem_up.size(2)),
+                         static_cast<int>(call.sem_up.size(3)), call.plan.tile_h, call.plan.tile_w,
+                         call.channels_last);
 }
 
 // bga.cpp
