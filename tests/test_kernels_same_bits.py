@@ -231,9 +231,9 @@ def ce_plan(extension, size, low, dtype, tile=(0, 0)):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_ce_backward_plan_has_room_for_every_tile(extension, dtype):
     """Every high-res side 8..300 against its 1/4 and 1/8 side, square and 1:2: each tile's
-    window fits the plan's capacities, the tiles write each low-res pixel once (they partition
-    the low-res plane: written == h * w with none outside), the automatic plan stays within
-    48 KiB (the opt-in 96 KiB at most where the upscale needs it)."""
+    window fits the plan's capacities, each low-res pixel is written once (by its tile inside
+    the grid lines, by the rim pass on them: written == h * w with none outside), the
+    automatic plan stays within 48 KiB (the opt-in 96 KiB at most where the upscale needs it)."""
     checked = 0
     for side in range(8, 301):
         for ratio in (4, 8):
@@ -246,7 +246,7 @@ def test_ce_backward_plan_has_room_for_every_tile(extension, dtype):
                         continue
                     assert numbers["most_rows"] <= numbers["window_rows"], (high, low, tile, numbers)
                     assert numbers["most_cols"] <= numbers["window_cols"], (high, low, tile, numbers)
-                    assert numbers["most_staged"] <= numbers["band"] + 2, (high, low, tile, numbers)
+                    assert numbers["most_staged"] <= numbers["band"] + 1, (high, low, tile, numbers)
                     assert numbers["written"] == low[0] * low[1], (high, low, tile, numbers)
                     assert numbers["shared_bytes"] <= (48 if tile == (0, 0) else 96) * 1024, (high, low, tile)
                     checked += 1
@@ -273,13 +273,13 @@ def test_ce_forward_plan_has_room_for_every_tile(extension, dtype):
 
 
 def test_ce_backward_budget_fails_on_cpu_as_at_launch(extension):
-    # a 2 x 2 tile at 1/32 in float64: a 96 x 96 window, more than the 96 KiB a block may take
-    assert ce_plan(extension, (1, 2, 256, 256), (8, 8), torch.float64, (2, 2)) is None
+    # a 3 x 3 tile at 1/32 in float64: a 96 x 96 window, more than the 96 KiB a block may take
+    assert ce_plan(extension, (1, 2, 256, 256), (8, 8), torch.float64, (3, 3)) is None
     logits = torch.randn(1, 2, 8, 8, dtype=torch.float64)
     labels = torch.zeros(1, 256, 256, dtype=torch.long)
     loss, lse = extension.upsample_ce_forward(logits, labels, 255)
     with pytest.raises(RuntimeError, match="bytes of shared memory, more than the kernel's 98304"):
-        extension.upsample_ce_backward(torch.ones_like(loss), logits, labels, lse, 255, 2, 2)
+        extension.upsample_ce_backward(torch.ones_like(loss), logits, labels, lse, 255, 3, 3)
 
 
 # ---------------------------------------------------------------------------------------

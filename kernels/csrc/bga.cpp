@@ -134,7 +134,7 @@ void backward_cpu_typed(const BgaBackwardCall& call) {
   std::vector<acc_t> row_grad(static_cast<size_t>(plan.row_capacity));
   std::vector<acc_t> row_sem_grad(row_grad.size());
   const BgaBackwardData<scalar_t> data = backward_data<scalar_t>(call);
-  const BgaRim<acc_t> rim = backward_rim<acc_t>(call);
+  const TileRim<acc_t> rim = backward_rim<acc_t>(call);
   const int groups = (geo.C + group - 1) / group;
   for (int n = 0; n < geo.N; ++n)
     for (int group_index = 0; group_index < groups; ++group_index)
@@ -220,9 +220,9 @@ BgaBackwardCall prepare_bga_backward(const at::Tensor& grad_out, const at::Tenso
                               group, call.channels_last, tile_h, tile_w);
   });
   const at::ScalarType acc = detail_keep.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  call.rim = at::empty({rim_elements(static_cast<int>(sem_up.size(0)), static_cast<int>(sem_up.size(1)),
-                                     static_cast<int>(sem_up.size(2)), static_cast<int>(sem_up.size(3)),
-                                     call.plan.tile_h, call.plan.tile_w)},
+  call.rim = at::empty({tile_rim_elements(kBgaRimValues, static_cast<int>(sem_up.size(0)), static_cast<int>(sem_up.size(1)),
+                                          static_cast<int>(sem_up.size(2)), static_cast<int>(sem_up.size(3)),
+                                          call.plan.tile_h, call.plan.tile_w)},
                        sem_up.options().dtype(acc));
   return call;
 }

@@ -100,7 +100,7 @@ __global__ void __launch_bounds__(kThreads) bga_forward_kernel(
 // channels_last's walk items instead of the window and x-pass items.
 template <typename scalar_t, typename acc_t, int kGroup, bool kWalk>
 __global__ void __launch_bounds__(kThreads) bga_backward_kernel(
-    BgaGeometry<acc_t> geo, BgaBackwardData<scalar_t> data, BgaRim<acc_t> rim, int runtime_group,
+    BgaGeometry<acc_t> geo, BgaBackwardData<scalar_t> data, TileRim<acc_t> rim, int runtime_group,
     int window_capacity, int row_capacity) {
   const int group = kGroup > 0 ? kGroup : runtime_group;
   extern __shared__ __align__(16) unsigned char shared_bytes[];
@@ -134,7 +134,7 @@ __global__ void __launch_bounds__(kThreads) bga_backward_kernel(
 // Backward, kernel 2: one thread per low-res pixel on a grid line and channel.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) bga_backward_rim_kernel(
-    BgaGeometry<acc_t> geo, BgaBackwardData<scalar_t> data, BgaRim<acc_t> rim, bool channels_last, int64_t count) {
+    BgaGeometry<acc_t> geo, BgaBackwardData<scalar_t> data, TileRim<acc_t> rim, bool channels_last, int64_t count) {
   for (int64_t item = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; item < count;
        item += static_cast<int64_t>(gridDim.x) * blockDim.x)
     backward_rim_item<scalar_t, acc_t>(item, channels_last, geo, rim, data);
@@ -196,7 +196,7 @@ void backward_typed(const BgaBackwardCall& call) {
   const BgaBackwardPlan& plan = call.plan;
   const int group = plan.group;
   auto geo = geometry_of<scalar_t>(call.detail_keep, call.sem_up);
-  const BgaRim<acc_t> rim = backward_rim<acc_t>(call);
+  const TileRim<acc_t> rim = backward_rim<acc_t>(call);
   const int groups = (geo.C + group - 1) / group;
   TORCH_CHECK(groups <= 65535 && geo.N <= 65535, "bga_backward: too many channels or samples for the grid");
   const BgaBackwardData<scalar_t> data = backward_data<scalar_t>(call);

@@ -6,31 +6,24 @@
 // with one thread per item, the C++ CPU loops (bga.cpp) run the very same functions in a
 // serial loop, so the CPU tests check the kernels' arithmetic and their tiling.
 //
-// Backward as a deterministic gather (no atomics), reading every high-res element once.
-// The adjoint of `up` sends high-res pixel (y, x) to its taps i0, i1 (rows) x j0, j1
-// (columns); i0 is non-decreasing in y, so low-res row i reads the contiguous high-res rows
-// with i0 in {i - 1, i}. The low-res plane is cut into tiles of tile_h x tile_w; a tile
-// owns the high-res pixels whose first taps (i0, j0) lie in it, and only those are read,
-// by that tile alone. Those pixels reach the tile's low-res pixels and one row and one
-// column beyond it (their second taps): [ly0, ly1] x [lx0, lx1]. A low-res pixel inside
-// the tile's grid lines (ly0 < i < ly1, lx0 < j < lx1) is read only by the tile's pixels,
-// and the tile finishes it; one on a grid line (i a multiple of tile_h or j of tile_w) is
-// read by the pixels of up to four tiles, each of which writes its partial sums (the
-// "rim", two values per pixel and channel) to a workspace, and a second kernel adds them
-// in a fixed order and finishes the pixel. Per tile, one block of one channel group:
+// Backward as a deterministic gather (no atomics), reading every high-res element once:
+// the low-res plane is cut into tiles, each tile reads the high-res pixels it owns and
+// finishes the low-res pixels inside its grid lines, and a second kernel finishes those on
+// the grid lines from the tiles' partial sums (bilinear.h: the rim). Per tile, one block
+// of one channel group:
 //   1. per owned high-res pixel, grad_detail_keep and the two values to scatter back, g
 //      and g * detail_keep * s * (1 - s), s = sigmoid(up(sem_up)), summed along x into
-//      the tile's low-res columns lx0..lx1 (the "row buffer"). NCHW: window items (one
+//      the low-res columns the tile reaches (the "row buffer"). NCHW: window items (one
 //      per pixel, consecutive threads along x, into the window buffer), then x-pass items
 //      (per row and low-res column). channels_last: walk items, one per (row, channel)
 //      walking along the row (consecutive threads along C), with the column sums in
 //      registers, so there is no window buffer and the tile can be large;
-//   2. y-pass items: per low-res pixel of [ly0, ly1] x [lx0, lx1] the weighted sum along
-//      y, then the three low-res gradients, or the rim's partial sums;
-//   then, over the whole plane, rim items: per low-res pixel on a grid line, its partial
-//   sums from the tiles that reach it (1, 2 or 4), then the three gradients.
+//   2. y-pass items: per low-res pixel the tile reaches, the weighted sum along y, then the
+//      three low-res gradients, or on a grid line the rim's two partial sums;
+//   then, over the whole plane, rim items: per low-res pixel on a grid line, the sum of the
+//   tiles' partial sums, then the three gradients.
 // A column's sum runs along x in the same order in both layouts (the same fma_acc
-// chain), so NCHW and channels_last give the same bits.
+// chain), so NCHW and channels_last give the same bits for one tiling.
 // The shared buffers have odd pitches (odd_pitch: a window row of odd(owned width)
 // pixels, a row-buffer column of odd(owned height) rows): consecutive x-pass and y-pass
 // threads then read addresses an odd multiple of the channel group apart, in distinct
@@ -116,11 +109,11 @@ BISENET_HD BgaTile make_tile(const BgaGeometry<acc_t>& geo, int n, int group_ind
 // the plane.
 template <typename acc_t>
 BISENET_HD int reached_rows(const BgaTile& t, const BgaGeometry<acc_t>& geo) {
-  return (t.ly1 < geo.h ? t.ly1 + 1 : geo.h) - t.ly0;
+  return reached_span(t.ly0, t.ly1, geo.h);
 }
 template <typename acc_t>
 BISENET_HD int reached_columns(const BgaTile& t, const BgaGeometry<acc_t>& geo) {
-  return (t.lx1 < geo.w ? t.lx1 + 1 : geo.w) - t.lx0;
+  return reached_span(t.lx0, t.lx1, geo.w);
 }
 
 template <typename scalar_t>
@@ -136,54 +129,10 @@ struct BgaBackwardData {
   scalar_t* grad_sem_keep;      // low-res
 };
 
-// The rim workspace: per (value, sample, tile, rim entry, channel) one partial sum, value 0
-// for up^T(g), 1 for up^T(g * detail_keep * s * (1 - s)). A tile's entries: its top row
-// (i = ly0, j = lx0..lx1: tile_w + 1 of them), its bottom row (i = ly1), then its left and
-// its right column without the corners (tile_h - 1 each): 2 (tile_h + tile_w) in all.
-// Channels are fastest in channels_last, rim entries in NCHW (the second kernel's order).
-template <typename acc_t>
-struct BgaRim {
-  acc_t* data;
-  int tile_h, tile_w, tiles_y, tiles_x, entries;
-  int64_t value_stride, n_stride, tile_stride, entry_stride, channel_stride;
-};
-
-BISENET_HD int rim_entries(int tile_h, int tile_w) { return 2 * (tile_h + tile_w); }
-
-template <typename acc_t>
-inline BgaRim<acc_t> make_rim(acc_t* data, int N, int C, int h, int w, int tile_h, int tile_w, bool channels_last) {
-  BgaRim<acc_t> rim;
-  rim.data = data;
-  rim.tile_h = tile_h;
-  rim.tile_w = tile_w;
-  rim.tiles_y = (h + tile_h - 1) / tile_h;
-  rim.tiles_x = (w + tile_w - 1) / tile_w;
-  rim.entries = rim_entries(tile_h, tile_w);
-  rim.entry_stride = channels_last ? C : 1;
-  rim.channel_stride = channels_last ? 1 : rim.entries;
-  rim.tile_stride = static_cast<int64_t>(C) * rim.entries;
-  rim.n_stride = rim.tile_stride * rim.tiles_y * rim.tiles_x;
-  rim.value_stride = rim.n_stride * N;
-  return rim;
-}
-
-inline int64_t rim_elements(int N, int C, int h, int w, int tile_h, int tile_w) {
-  const int64_t tiles = static_cast<int64_t>((h + tile_h - 1) / tile_h) * ((w + tile_w - 1) / tile_w);
-  return 2 * static_cast<int64_t>(N) * tiles * rim_entries(tile_h, tile_w) * C;
-}
-
-// The entry of local low-res pixel (ii, jj) in [0, tile_h] x [0, tile_w] on the tile's rim.
-BISENET_HD int rim_entry(int ii, int jj, int tile_h, int tile_w) {
-  if (ii == 0) return jj;
-  if (ii == tile_h) return tile_w + 1 + jj;
-  return 2 * (tile_w + 1) + (jj == 0 ? 0 : tile_h - 1) + ii - 1;
-}
-
-template <typename acc_t>
-BISENET_HD int64_t rim_offset(const BgaRim<acc_t>& rim, int n, int tile_y, int tile_x, int entry, int c) {
-  return n * rim.n_stride + (static_cast<int64_t>(tile_y) * rim.tiles_x + tile_x) * rim.tile_stride +
-         entry * rim.entry_stride + c * rim.channel_stride;
-}
+// The rim (bilinear.h: TileRim) holds two values per entry and channel: value 0 the partial
+// up^T(g), value 1 the partial up^T(g * detail_keep * s * (1 - s)); channels fastest in
+// channels_last, each channel's entries adjacent in NCHW (the rim kernel's order).
+constexpr int kBgaRimValues = 2;
 
 // Pitches of the shared buffers, odd (see the file comment).
 BISENET_HD int odd_pitch(int n) { return n | 1; }
@@ -321,7 +270,7 @@ BISENET_HD void backward_walk_item(int item, int group, const BgaTile& t, const 
 template <typename scalar_t, typename acc_t>
 BISENET_HD void backward_ypass_item(int item, int group, const BgaTile& t, const BgaGeometry<acc_t>& geo,
                                     const acc_t* row_grad, const acc_t* row_sem_grad,
-                                    const BgaBackwardData<scalar_t>& d, const BgaRim<acc_t>& rim) {
+                                    const BgaBackwardData<scalar_t>& d, const TileRim<acc_t>& rim) {
   int slot = item % group;
   if (slot >= t.channels) return;
   int rest = item / group;
@@ -342,8 +291,8 @@ BISENET_HD void backward_ypass_item(int item, int group, const BgaTile& t, const
     up_t_sem_grad = fma_acc(weight, row_sem_grad[at], up_t_sem_grad);
   }
   int c = t.c0 + slot;
-  if (ii == 0 || ii == rim.tile_h || k == 0 || k == rim.tile_w) {
-    int64_t at = rim_offset(rim, t.n, t.tile_y, t.tile_x, rim_entry(ii, k, rim.tile_h, rim.tile_w), c);
+  if (on_rim(ii, k, rim.tile_h, rim.tile_w)) {
+    int64_t at = rim_offset(rim, t.n, t.tile_y, t.tile_x, ii, k, c);
     rim.data[at] = up_t_grad;
     rim.data[at + rim.value_stride] = up_t_sem_grad;
     return;
@@ -352,20 +301,13 @@ BISENET_HD void backward_ypass_item(int item, int group, const BgaTile& t, const
   finish_low_res<scalar_t, acc_t>(lo, up_t_grad, up_t_sem_grad, d);
 }
 
-// The low-res pixels on grid lines, per sample and channel: the grid rows (i a multiple
-// of tile_h) whole, then the grid columns without those rows.
-template <typename acc_t>
-BISENET_HD int64_t rim_pixels(const BgaRim<acc_t>& rim, int h, int w) {
-  return static_cast<int64_t>(rim.tiles_y) * w + static_cast<int64_t>(rim.tiles_x) * (h - rim.tiles_y);
-}
-
 // The grid-line pixels' pass, item = (n * rim_pixels + p) * C + c in channels_last,
 // (n * C + c) * rim_pixels + p in NCHW (consecutive threads along the low-res layout's
-// fastest dimension): the partial sums of the tiles that reach the pixel, in the order
-// (tile_y, tile_x) ascending, then the three gradients.
+// fastest dimension): the partial sums of the tiles that reach the pixel (rim_sum), then
+// the three gradients.
 template <typename scalar_t, typename acc_t>
 BISENET_HD void backward_rim_item(int64_t item, bool channels_last, const BgaGeometry<acc_t>& geo,
-                                  const BgaRim<acc_t>& rim, const BgaBackwardData<scalar_t>& d) {
+                                  const TileRim<acc_t>& rim, const BgaBackwardData<scalar_t>& d) {
   const int64_t pixels = rim_pixels(rim, geo.h, geo.w);
   int n, c;
   int64_t p;
@@ -381,28 +323,9 @@ BISENET_HD void backward_rim_item(int64_t item, bool channels_last, const BgaGeo
     n = static_cast<int>(rest / geo.C);
   }
   int i, j;
-  const int64_t on_rows = static_cast<int64_t>(rim.tiles_y) * geo.w;
-  if (p < on_rows) {
-    i = static_cast<int>(p / geo.w) * rim.tile_h;
-    j = static_cast<int>(p % geo.w);
-  } else {  // the q-th row that is not a grid row (tile_h > 1 here) of grid column k
-    const int64_t q = (p - on_rows) % (geo.h - rim.tiles_y);
-    j = static_cast<int>((p - on_rows) / (geo.h - rim.tiles_y)) * rim.tile_w;
-    i = static_cast<int>(q / (rim.tile_h - 1)) * rim.tile_h + static_cast<int>(q % (rim.tile_h - 1)) + 1;
-  }
-  const int ty_last = i / rim.tile_h, tx_last = j / rim.tile_w;
-  const int ty_first = i % rim.tile_h == 0 && i > 0 ? ty_last - 1 : ty_last;
-  const int tx_first = j % rim.tile_w == 0 && j > 0 ? tx_last - 1 : tx_last;
-  acc_t up_t_grad = static_cast<acc_t>(0), up_t_sem_grad = static_cast<acc_t>(0);
-  for (int tile_y = ty_first; tile_y <= ty_last; ++tile_y)
-    for (int tile_x = tx_first; tile_x <= tx_last; ++tile_x) {
-      int entry = rim_entry(i - tile_y * rim.tile_h, j - tile_x * rim.tile_w, rim.tile_h, rim.tile_w);
-      int64_t at = rim_offset(rim, n, tile_y, tile_x, entry, c);
-      up_t_grad = up_t_grad + rim.data[at];
-      up_t_sem_grad = up_t_sem_grad + rim.data[at + rim.value_stride];
-    }
+  rim_pixel(rim, geo.h, geo.w, p, &i, &j);
   int64_t lo = n * geo.lo_sn + c * geo.lo_sc + i * geo.lo_sy + j * geo.lo_sx;
-  finish_low_res<scalar_t, acc_t>(lo, up_t_grad, up_t_sem_grad, d);
+  finish_low_res<scalar_t, acc_t>(lo, rim_sum(rim, 0, n, c, i, j), rim_sum(rim, 1, n, c, i, j), d);
 }
 
 // Sizes and strides as at::Tensor::sizes() / strides() give them (N, C, H, W order).
@@ -432,20 +355,6 @@ inline BgaGeometry<acc_t> make_geometry(const int64_t* hi_sizes, const int64_t* 
 // ---------------------------------------------------------------------------------------
 // The backward's plan, made once on the host and followed by the CUDA launch and the CPU
 // loop alike (so a tiling that cannot launch fails on the CPU too).
-
-// Host side: the most high-res rows (or columns) any tile of `tile` low-res rows owns,
-// [first(i0), first(i0 + tile)), from the tap arithmetic the kernel runs (same_bits.h).
-template <typename acc_t>
-inline int most_owned_span(int in_size, int out_size, acc_t scale, int tile) {
-  int most = 0;
-  for (int i0 = 0; i0 < in_size; i0 += tile) {
-    const int i1 = i0 + tile < in_size ? i0 + tile : in_size;
-    const int span = first_dst_with_tap_at_least(i1, in_size, out_size, scale) -
-                     first_dst_with_tap_at_least(i0, in_size, out_size, scale);
-    if (span > most) most = span;
-  }
-  return most;
-}
 
 // Accumulator elements of one tile's shared buffers: the window (NCHW only: two values
 // per owned pixel and slot, rows of odd_pitch(owned width)) and the row buffers (two

@@ -23,7 +23,7 @@ struct BgaBackwardCall {
   at::Tensor grad_out, detail_keep, sem_up, detail_down, sem_keep;  // inputs, dense in one format
   at::Tensor grad_detail_keep, grad_sem_up, grad_detail_down, grad_sem_keep;
   BgaBackwardPlan plan;  // unset when there is nothing to compute (an empty batch)
-  at::Tensor rim;        // workspace: the grid-line pixels' partial sums (bga_math.h: BgaRim)
+  at::Tensor rim;        // workspace: the grid-line pixels' partial sums (bilinear.h: TileRim)
   bool channels_last, empty;
 };
 
@@ -44,8 +44,8 @@ BgaBackwardData<scalar_t> backward_data(const BgaBackwardCall& call) {
 }
 
 template <typename acc_t>
-BgaRim<acc_t> backward_rim(const BgaBackwardCall& call) {
-  return make_rim<acc_t>(call.rim.mutable_data_ptr<acc_t>(), static_cast<int>(call.detail_keep.size(0)),
+TileRim<acc_t> backward_rim(const BgaBackwardCall& call) {
+  return make_tile_rim<acc_t>(call.rim.mutable_data_ptr<acc_t>(), static_cast<int>(call.detail_keep.size(0)),
                          static_cast<int>(call.detail_keep.size(1)), static_cast<int>(call.sem_up.size(2)),
                          static_cast<int>(call.sem_up.size(3)), call.plan.tile_h, call.plan.tile_w,
                          call.channels_last);

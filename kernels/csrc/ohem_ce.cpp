@@ -14,11 +14,12 @@
 // loss, lse, grad_loss (N, H, W) float32 (float64 for float64 logits); grad_logits like
 // logits (NCHW). Both kernels run over tiles planned here once for both devices
 // (ohem_ce_math.h): the forward over bands of high-res rows, the backward over tiles of
-// low-res rows and columns; band, chunk (low-res rows and columns per backward block)
-// override the backward's tiling (0: automatic), the tests use them to put tile borders
-// everywhere. A tiling over the shared-memory budget is the same error on the CPU as at
+// low-res rows and columns, then a pass over the logits on the tiles' grid lines (their
+// partial sums in the rim workspace, bilinear.h); band, chunk (low-res rows and columns per
+// backward block) override the backward's tiling (0: automatic), the tests use them to put
+// tile borders everywhere. A tiling over the shared-memory budget is the same error on the CPU as at
 // launch. The *_plan ops show a plan (size = (N, C, H, W), low_size = (h, w)) with the most
-// any tile needs and how many outputs the tiles write (each once: h * w, H * W).
+// any tile needs and how many outputs are written (each once: h * w, H * W).
 // ohem_weights: loss (N, H, W) float32/float64 (the per-pixel losses, 0 where ignored),
 // labels as above, threshold = -log(thresh), min_kept < 0 for valid // 16 -> weights like
 // loss, sum(weights * loss) the OHEM loss (ohem_ce_math.h); no host sync. class_weights (C,)
@@ -141,15 +142,16 @@ void backward_cpu_typed(const CeBackwardCall& call, int64_t ignore_index) {
   std::vector<double> shared((plan.shared_bytes + 7) / 8);  // 8-byte aligned, as the kernel's
   const CeBackwardBuffers<acc_t> buf =
       ce_backward_buffers<acc_t>(reinterpret_cast<unsigned char*>(shared.data()), plan);
+  const TileRim<acc_t> rim = backward_rim<acc_t>(call);
   for (int64_t block = 0; block < ce_backward_blocks(geo, plan); ++block) {
     const CeTile t = ce_backward_tile(block, geo, plan);
-    TORCH_CHECK(t.wy1 - t.wy0 <= plan.window_rows && t.wx1 - t.wx0 <= plan.window_cols && t.rows <= plan.band + 2,
+    TORCH_CHECK(t.wy1 - t.wy0 <= plan.window_rows && t.wx1 - t.wx0 <= plan.window_cols && t.rows <= plan.band + 1,
                 "upsample_ce_backward: tile at low-res (", t.ly0, ", ", t.lx0, ") has a ", t.wy1 - t.wy0, "x",
                 t.wx1 - t.wx0, " window reading ", t.rows, " rows, the plan has room for ", plan.window_rows, "x",
-                plan.window_cols, " and ", plan.band + 2);
+                plan.window_cols, " and ", plan.band + 1);
     const scalar_t* sample = logit_data + t.n * geo.C * plane;
     scalar_t* sample_out = out + t.n * geo.C * plane;
-    for (int item = 0; item < ce_tile_tables(t); ++item) ce_backward_table_item(item, t, geo, buf);
+    for (int item = 0; item < ce_tile_tables(t, geo.w); ++item) ce_backward_table_item(item, t, geo, buf);
     for (int item = 0; item < ce_tile_window(t); ++item)
       ce_backward_pixel_item<label_t, acc_t>(item, t, geo, labels + t.n * pixels, grad_loss + t.n * pixels,
                                              lse + t.n * pixels, ignore_index, buf);
@@ -159,11 +161,12 @@ void backward_cpu_typed(const CeBackwardCall& call, int64_t ignore_index) {
           ce_backward_stage_item<scalar_t, acc_t>(r, x, t, geo, sample + c * plane, buf);
       for (int k = 0; k < ce_tile_segments(t); ++k)
         for (int x = 0; x < t.wx1 - t.wx0; ++x) ce_backward_segment_item(k, x, c, t, buf);
-      for (int item = 0; item < ce_tile_outputs(t); ++item)
-        sample_out[c * plane + ce_output_offset(item, t, geo)] =
-            static_cast<scalar_t>(ce_backward_output_item(item, t, buf));
+      for (int item = 0; item < ce_tile_outputs(t, geo.h, geo.w); ++item)
+        ce_backward_output_item<scalar_t, acc_t>(item, c, t, geo, buf, rim, sample_out + c * plane);
     }
   }
+  const int64_t rim_items = geo.N * geo.C * rim_pixels(rim, geo.h, geo.w);
+  for (int64_t item = 0; item < rim_items; ++item) ce_backward_rim_item<scalar_t, acc_t>(item, geo, rim, out);
 }
 
 // The backward's plan for these sizes (see the file comment); raises when it cannot launch.
@@ -217,6 +220,10 @@ CeBackwardCall prepare_ce_backward(const at::Tensor& grad_loss, const at::Tensor
     call.plan = backward_plan(ce_geometry<double>(logits, labels), band, chunk);
   else
     call.plan = backward_plan(ce_geometry<float>(logits, labels), band, chunk);
+  call.rim = at::empty({tile_rim_elements(1, static_cast<int>(logits.size(0)), static_cast<int>(logits.size(1)),
+                                          static_cast<int>(logits.size(2)), static_cast<int>(logits.size(3)),
+                                          call.plan.band, call.plan.chunk)},
+                       logits.options().dtype(acc_type(logits)));
   return call;
 }
 
@@ -337,7 +344,8 @@ at::Tensor ohem_weights_cpu(const at::Tensor& loss, const at::Tensor& labels, in
 }
 
 // The plan upsample_ce_backward would follow for these sizes, the most any of its tiles needs
-// (walking the tiles as the kernel does) and how many low-res outputs the tiles write.
+// (walking the tiles as the kernel does) and how many low-res outputs are written: by the
+// tiles inside their grid lines, then by the rim pass on them.
 template <typename acc_t>
 std::vector<int64_t> backward_plan_numbers(at::IntArrayRef size, at::IntArrayRef low_size, int64_t band,
                                            int64_t chunk) {
@@ -350,8 +358,12 @@ std::vector<int64_t> backward_plan_numbers(at::IntArrayRef size, at::IntArrayRef
     most_rows = std::max<int64_t>(most_rows, t.wy1 - t.wy0);
     most_cols = std::max<int64_t>(most_cols, t.wx1 - t.wx0);
     most_staged = std::max<int64_t>(most_staged, t.rows);
-    written += ce_tile_outputs(t);
+    for (int item = 0; item < ce_tile_outputs(t, geo.h, geo.w); ++item) {
+      const int reached_cols = ce_reached_cols(t, geo.w);
+      written += !on_rim(item / reached_cols, item % reached_cols, plan.band, plan.chunk);
+    }
   }
+  written += rim_pixels(make_tile_rim<acc_t>(nullptr, 1, 1, geo.h, geo.w, plan.band, plan.chunk, false), geo.h, geo.w);
   return {plan.band, plan.chunk, plan.window_rows, plan.window_cols, plan.shared_bytes, most_rows, most_cols,
           most_staged, written};
 }

@@ -114,14 +114,15 @@ template <typename scalar_t, typename label_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) ce_backward_kernel(
     CeGeometry<acc_t> geo, CeBackwardPlan plan, const scalar_t* __restrict__ logits,
     const label_t* __restrict__ labels, const acc_t* __restrict__ grad_loss, const acc_t* __restrict__ lse,
-    int64_t ignore_index, scalar_t* __restrict__ grad_logits) {
+    int64_t ignore_index, scalar_t* __restrict__ grad_logits, TileRim<acc_t> rim) {
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   const CeBackwardBuffers<acc_t> buf = ce_backward_buffers<acc_t>(shared_bytes, plan);
   const CeTile t = ce_backward_tile(blockIdx.x, geo, plan);
   const int64_t pixels = static_cast<int64_t>(geo.H) * geo.W;
   const int plane = geo.h * geo.w;
   const int64_t sample = static_cast<int64_t>(t.n) * geo.C * plane;
-  for (int item = threadIdx.x; item < ce_tile_tables(t); item += blockDim.x) ce_backward_table_item(item, t, geo, buf);
+  for (int item = threadIdx.x; item < ce_tile_tables(t, geo.w); item += blockDim.x)
+    ce_backward_table_item(item, t, geo, buf);
   for (int item = threadIdx.x; item < ce_tile_window(t); item += blockDim.x)
     ce_backward_pixel_item<label_t, acc_t>(item, t, geo, labels + t.n * pixels, grad_loss + t.n * pixels,
                                            lse + t.n * pixels, ignore_index, buf);
@@ -136,12 +137,20 @@ __global__ void __launch_bounds__(kThreads) ce_backward_kernel(
   for (int c = 0; c < geo.C; ++c) {
     for_grid_items(ce_tile_segments(t), cols, [&](int k, int x) { ce_backward_segment_item(k, x, c, t, buf); });
     __syncthreads();  // the segment sums are complete; the staged rows are free
-    for (int item = threadIdx.x; item < ce_tile_outputs(t); item += blockDim.x)
-      grad_logits[sample + c * plane + ce_output_offset(item, t, geo)] =
-          static_cast<scalar_t>(ce_backward_output_item(item, t, buf));
+    for (int item = threadIdx.x; item < ce_tile_outputs(t, geo.h, geo.w); item += blockDim.x)
+      ce_backward_output_item<scalar_t, acc_t>(item, c, t, geo, buf, rim, grad_logits + sample + c * plane);
     if (c + 1 < geo.C) stage(logits + sample + (c + 1) * plane);
     __syncthreads();  // the next class's rows are staged; the segment sums are free
   }
+}
+
+// The grid-line logits: one thread per (sample, class, grid-line low-res pixel).
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) ce_backward_rim_kernel(CeGeometry<acc_t> geo, TileRim<acc_t> rim,
+                                                                  int64_t count, scalar_t* __restrict__ grad_logits) {
+  for (int64_t item = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; item < count;
+       item += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    ce_backward_rim_item<scalar_t, acc_t>(item, geo, rim, grad_logits);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -300,10 +309,16 @@ void backward_typed(const CeBackwardCall& call, int64_t ignore_index) {
   if (call.plan.shared_bytes > kCeSharedBytes)
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(call.plan.shared_bytes)));
-  kernel<<<ce_backward_blocks(geo, call.plan), kThreads, call.plan.shared_bytes, c10::cuda::getCurrentCUDAStream()>>>(
+  const TileRim<acc_t> rim = backward_rim<acc_t>(call);
+  scalar_t* grad_logits = call.grad_logits.mutable_data_ptr<scalar_t>();
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  kernel<<<ce_backward_blocks(geo, call.plan), kThreads, call.plan.shared_bytes, stream>>>(
       geo, call.plan, logits.const_data_ptr<scalar_t>(), call.labels.const_data_ptr<label_t>(),
-      call.grad_loss.const_data_ptr<acc_t>(), call.lse.const_data_ptr<acc_t>(), ignore_index,
-      call.grad_logits.mutable_data_ptr<scalar_t>());
+      call.grad_loss.const_data_ptr<acc_t>(), call.lse.const_data_ptr<acc_t>(), ignore_index, grad_logits, rim);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int64_t count = static_cast<int64_t>(geo.N) * geo.C * rim_pixels(rim, geo.h, geo.w);
+  const int64_t blocks = std::min<int64_t>((count + kThreads - 1) / kThreads, 65535LL * 8);
+  ce_backward_rim_kernel<scalar_t, acc_t><<<blocks, kThreads, 0, stream>>>(geo, rim, count, grad_logits);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

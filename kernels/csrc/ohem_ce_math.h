@@ -247,11 +247,14 @@ BISENET_HD void ce_forward_pixel_finish(const CeOnlineLse<acc_t>& state, acc_t* 
 
 // ---------------------------------------------------------------------------------------
 // Backward tiling. A block owns a tile of low-res rows [ly0, ly1) (a band) and columns
-// [lx0, lx1) (a chunk) of sample n, all classes; its window is every high-res pixel that
-// gives the tile a nonzero weight: rows [wy0, wy1) = [first_dst_reading(ly0), first(ly1)),
-// likewise columns (first = first_dst_with_tap_at_least; bilinear.h). The window's rows fall
-// into band + 1 segments, segment k holding the rows whose first tap is s = ly0 - 1 + k:
-// [first(s), first(s + 1)), segment 0 from wy0.
+// [lx0, lx1) (a chunk) of sample n, all classes, and the high-res pixels whose first taps
+// lie in it, its window: rows [wy0, wy1) = [first(ly0), first(ly1)), likewise columns
+// (first = first_dst_with_tap_at_least; bilinear.h). Each high-res pixel is in one window
+// only, read and evaluated once per class. The window's pixels reach the low-res pixels
+// [ly0, ly1] x [lx0, lx1] (bilinear.h: the rim): the block writes the gradient of those
+// strictly inside its grid lines, and its partial sums of those on them to the rim, which
+// a second kernel adds up. The window's rows fall into band segments, segment k holding the
+// rows whose first tap is s = ly0 + k: [first(s), first(s + 1)).
 // Indices inside a tile are 32-bit; only the block's base offsets are 64-bit.
 //
 // The block, in shared memory (CeBackwardBuffers):
@@ -264,12 +267,13 @@ BISENET_HD void ce_forward_pixel_finish(const CeOnlineLse<acc_t>& state, acc_t* 
 //     segment: item (k, x): over the rows y of segment k, z log2(e) from the two staged
 //              rows, gd = g (exp2(z log2(e) - lse log2(e)) - [c == label]) (same_bits.h:
 //              exp2_acc, log2(e) applied once per staged value), summed with y's weight to its first
-//              tap s into to_row[k][x] and with its weight to s + 1 into to_next_row[k][x]:
-//              each window pixel evaluated once;
-//     x-pass:  item (i, j) of the tile: the y-sum of column x for low-res row ly0 + i is
-//              to_row[i + 1][x] + to_next_row[i][x]; summed along x with x's weight to j,
-//              it is the gradient of logit (n, c, ly0 + i, lx0 + j), written once.
-// Two barriers per class; the next class's stage runs beside the x-pass.
+//              tap s into to_row[k][x] and with its weight to s + 1 into to_next_row[k + 1][x]
+//              (to_row[band], to_next_row[0] stay 0): each window pixel evaluated once;
+//     output:  item (i, j) of the reached low-res pixels: the y-sum of column x for low-res
+//              row ly0 + i is to_row[i][x] + to_next_row[i][x]; summed along x with x's
+//              weight to lx0 + j, it is the gradient of logit (n, c, ly0 + i, lx0 + j), or
+//              on a grid line this tile's part of it, written once.
+// Two barriers per class; the next class's stage runs beside the output items.
 
 // The backward's launch plan, made once on the host and followed by the CUDA launch and the
 // CPU loop alike: the tile (low-res rows and columns per block), the capacities (the most
@@ -308,14 +312,14 @@ template <typename acc_t>
 struct CeBackwardBuffers {
   acc_t* pixel_grad;   // (window_rows, window_cols): g, 0 where skipped
   acc_t* pixel_lse;    // (window_rows, window_cols): lse log2(e)
-  acc_t* staged;       // (band + 2, window_cols): logit rows interpolated along x, times log2(e)
-  acc_t* to_row;       // (band + 1, window_cols): per segment, the sums to its first tap row
-  acc_t* to_next_row;  // (band + 1, window_cols): and to the row after
+  acc_t* staged;       // (band + 1, window_cols): logit rows interpolated along x, times log2(e)
+  acc_t* to_row;       // (band + 1, window_cols): row k, segment k's sums to its first tap row
+  acc_t* to_next_row;  // (band + 1, window_cols): row k + 1, segment k's sums to the row after
   CeTap<acc_t>* row_taps;  // (window_rows,): first, second are offsets into staged
   CeTap<acc_t>* col_taps;  // (window_cols,): first, second are logit columns
   int* pixel_label;    // (window_rows, window_cols): the label, -1 where skipped
-  int* segment_y;      // (band + 2,): segment k is rows [segment_y[k], segment_y[k + 1])
-  int* column_x;       // (chunk + 2,): column lx0 + j reads window columns [column_x[j], column_x[j + 2])
+  int* segment_y;      // (band + 1,): segment k is rows [segment_y[k], segment_y[k + 1])
+  int* column_x;       // (chunk + 3,): column lx0 + j reads window columns [column_x[j], column_x[j + 2])
 };
 
 // Where each buffer starts (bytes from the block's shared memory) and the bytes they take:
@@ -328,7 +332,7 @@ struct CeBackwardLayout {
 template <typename acc_t>
 BISENET_HD CeBackwardLayout ce_backward_layout(const CeBackwardPlan& plan) {
   const int64_t window = static_cast<int64_t>(plan.window_rows) * plan.window_cols;
-  const int64_t staged = static_cast<int64_t>(plan.band + 2) * plan.window_cols;
+  const int64_t staged = static_cast<int64_t>(plan.band + 1) * plan.window_cols;
   const int64_t segments = static_cast<int64_t>(plan.band + 1) * plan.window_cols;
   const int64_t acc = sizeof(acc_t), taps = sizeof(CeTap<acc_t>), word = sizeof(int);
   CeBackwardLayout at;
@@ -341,8 +345,8 @@ BISENET_HD CeBackwardLayout ce_backward_layout(const CeBackwardPlan& plan) {
   at.to_next_row = at.to_row + segments * acc;
   at.pixel_label = at.to_next_row + segments * acc;
   at.segment_y = at.pixel_label + window * word;
-  at.column_x = at.segment_y + (plan.band + 2) * word;
-  at.bytes = at.column_x + (plan.chunk + 2) * word;
+  at.column_x = at.segment_y + (plan.band + 1) * word;
+  at.bytes = at.column_x + (plan.chunk + 3) * word;
   return at;
 }
 
@@ -363,11 +367,11 @@ BISENET_HD CeBackwardBuffers<acc_t> ce_backward_buffers(unsigned char* base, con
   return buf;
 }
 
-// One backward block's tile: sample n, low-res rows [ly0, ly1) and columns [lx0, lx1), the
-// high-res window [wy0, wy1) x [wx0, wx1), and the low-res rows the window reads,
-// [row0, row0 + rows) (staged per class).
+// One backward block's tile: sample n, tile (tile_y, tile_x) of the grid, low-res rows
+// [ly0, ly1) and columns [lx0, lx1), the high-res window it owns [wy0, wy1) x [wx0, wx1),
+// and the low-res rows the window reads, [row0, row0 + rows) (staged per class).
 struct CeTile {
-  int n;
+  int n, tile_y, tile_x;
   int ly0, ly1, lx0, lx1;
   int wy0, wy1, wx0, wx1;
   int row0, rows;
@@ -379,14 +383,16 @@ BISENET_HD CeTile ce_backward_tile(int64_t block, const CeGeometry<acc_t>& geo, 
   const int chunks = (geo.w + plan.chunk - 1) / plan.chunk;
   const int bands = (geo.h + plan.band - 1) / plan.band;
   CeTile t;
-  t.lx0 = static_cast<int>(block % chunks) * plan.chunk;
-  t.ly0 = static_cast<int>((block / chunks) % bands) * plan.band;
+  t.tile_x = static_cast<int>(block % chunks);
+  t.tile_y = static_cast<int>((block / chunks) % bands);
   t.n = static_cast<int>(block / (static_cast<int64_t>(chunks) * bands));
+  t.lx0 = t.tile_x * plan.chunk;
+  t.ly0 = t.tile_y * plan.band;
   t.ly1 = t.ly0 + plan.band < geo.h ? t.ly0 + plan.band : geo.h;
   t.lx1 = t.lx0 + plan.chunk < geo.w ? t.lx0 + plan.chunk : geo.w;
-  t.wy0 = first_dst_reading(t.ly0, geo.h, geo.H, geo.scale_y);
+  t.wy0 = first_dst_with_tap_at_least(t.ly0, geo.h, geo.H, geo.scale_y);
   t.wy1 = first_dst_with_tap_at_least(t.ly1, geo.h, geo.H, geo.scale_y);
-  t.wx0 = first_dst_reading(t.lx0, geo.w, geo.W, geo.scale_x);
+  t.wx0 = first_dst_with_tap_at_least(t.lx0, geo.w, geo.W, geo.scale_x);
   t.wx1 = first_dst_with_tap_at_least(t.lx1, geo.w, geo.W, geo.scale_x);
   t.row0 = 0;
   t.rows = 0;
@@ -402,31 +408,39 @@ BISENET_HD int64_t ce_backward_blocks(const CeGeometry<acc_t>& geo, const CeBack
   return static_cast<int64_t>(geo.N) * ((geo.h + plan.band - 1) / plan.band) * ((geo.w + plan.chunk - 1) / plan.chunk);
 }
 
-// Item counts of a block's steps.
+// Item counts of a block's steps; the low-res rows and columns the tile's pixels reach.
+BISENET_HD int ce_reached_rows(const CeTile& t, int h) { return reached_span(t.ly0, t.ly1, h); }
+BISENET_HD int ce_reached_cols(const CeTile& t, int w) { return reached_span(t.lx0, t.lx1, w); }
 BISENET_HD int ce_tile_window(const CeTile& t) { return (t.wy1 - t.wy0) * (t.wx1 - t.wx0); }
-BISENET_HD int ce_tile_tables(const CeTile& t) {
-  return (t.wy1 - t.wy0) + (t.wx1 - t.wx0) + (t.ly1 - t.ly0 + 2) + (t.lx1 - t.lx0 + 2);
+BISENET_HD int ce_tile_tables(const CeTile& t, int w) {
+  return (t.wy1 - t.wy0) + 3 * (t.wx1 - t.wx0) + (t.ly1 - t.ly0 + 1) + (ce_reached_cols(t, w) + 2);
 }
-BISENET_HD int ce_tile_segments(const CeTile& t) { return t.ly1 - t.ly0 + 1; }
-BISENET_HD int ce_tile_outputs(const CeTile& t) { return (t.ly1 - t.ly0) * (t.lx1 - t.lx0); }
+BISENET_HD int ce_tile_segments(const CeTile& t) { return t.ly1 - t.ly0; }
+BISENET_HD int ce_tile_outputs(const CeTile& t, int h, int w) { return ce_reached_rows(t, h) * ce_reached_cols(t, w); }
 
-// Prologue, item over the tables: the window rows' taps, the columns' taps, the segment
-// bounds, the column bounds.
+// Prologue, item over the tables: the window rows' taps, the columns' taps, the zero rows
+// to_row[band'] and to_next_row[0] (band' = ly1 - ly0), the segment bounds, the column bounds
+// (clamped to the window: the columns beyond it are other tiles').
 template <typename acc_t>
 BISENET_HD void ce_backward_table_item(int item, const CeTile& t, const CeGeometry<acc_t>& geo,
                                        const CeBackwardBuffers<acc_t>& buf) {
-  const int rows = t.wy1 - t.wy0, cols = t.wx1 - t.wx0, segments = t.ly1 - t.ly0 + 2;
+  const int rows = t.wy1 - t.wy0, cols = t.wx1 - t.wx0, segments = t.ly1 - t.ly0 + 1;
   if (item < rows) {
     const Taps<acc_t> ty = bilinear_taps<acc_t>(t.wy0 + item, geo.h, geo.scale_y);
     buf.row_taps[item] = ce_tap(ty, (ty.i0 - t.row0) * cols, (ty.i1 - t.row0) * cols);
   } else if ((item -= rows) < cols) {
     const Taps<acc_t> tx = bilinear_taps<acc_t>(t.wx0 + item, geo.w, geo.scale_x);
     buf.col_taps[item] = ce_tap(tx, tx.i0, tx.i1);
-  } else if ((item -= cols) < segments) {  // the window's first row opens segment 0
-    buf.segment_y[item] = item == 0 ? t.wy0 : first_dst_with_tap_at_least(t.ly0 - 1 + item, geo.h, geo.H, geo.scale_y);
+  } else if ((item -= cols) < cols) {
+    buf.to_row[(t.ly1 - t.ly0) * cols + item] = static_cast<acc_t>(0);
+  } else if ((item -= cols) < cols) {
+    buf.to_next_row[item] = static_cast<acc_t>(0);
+  } else if ((item -= cols) < segments) {
+    buf.segment_y[item] = first_dst_with_tap_at_least(t.ly0 + item, geo.h, geo.H, geo.scale_y);
   } else {
     item -= segments;
-    buf.column_x[item] = item == 0 ? t.wx0 : first_dst_with_tap_at_least(t.lx0 - 1 + item, geo.w, geo.W, geo.scale_x);
+    const int x = first_dst_with_tap_at_least(t.lx0 - 1 + item, geo.w, geo.W, geo.scale_x);
+    buf.column_x[item] = x < t.wx0 ? t.wx0 : (x > t.wx1 ? t.wx1 : x);
   }
 }
 
@@ -461,9 +475,9 @@ BISENET_HD void ce_backward_stage_item(int r, int x, const CeTile& t, const CeGe
   buf.staged[item] = along_x * log2e(along_x);
 }
 
-// Per class, segment item (k, x) (k <= band, x < window columns): the rows of segment k at
+// Per class, segment item (k, x) (k < band', x < window columns): the rows of segment k at
 // window column x, their
-// g (exp(z - lse) - [c == label]) summed with each row's weight to low-res row s = ly0 - 1 + k
+// g (exp(z - lse) - [c == label]) summed with each row's weight to low-res row s = ly0 + k
 // and to s + 1. Skipped pixels (g == 0) add nothing and cost no exp.
 template <typename acc_t>
 BISENET_HD void ce_backward_segment_item(int k, int x, int c, const CeTile& t, const CeBackwardBuffers<acc_t>& buf) {
@@ -479,7 +493,7 @@ BISENET_HD void ce_backward_segment_item(int k, int x, int c, const CeTile& t, c
     const int p = y * cols;
     const acc_t g = grad_column[p];
     if (g == static_cast<acc_t>(0)) continue;
-    const CeTap<acc_t> ty = buf.row_taps[y];  // its first tap is s = ly0 - 1 + k
+    const CeTap<acc_t> ty = buf.row_taps[y];  // its first tap is s = ly0 + k
     const acc_t z_log2 = fma_acc(ty.w1, staged_column[ty.second], ty.w0 * staged_column[ty.first]);  // lerp_taps
     acc_t d = exp2_acc(z_log2 - lse_column[p]);
     if (label_column[p] == c) d -= static_cast<acc_t>(1);
@@ -488,29 +502,47 @@ BISENET_HD void ce_backward_segment_item(int k, int x, int c, const CeTile& t, c
     sum_next = fma_acc(ty.to_next, gd, sum_next);
   }
   buf.to_row[item] = sum_row;
-  buf.to_next_row[item] = sum_next;
+  buf.to_next_row[item + cols] = sum_next;
 }
 
-// Per class, x-pass item (i, j): the gradient of logit (n, c, ly0 + i, lx0 + j).
-template <typename acc_t>
-BISENET_HD acc_t ce_backward_output_item(int item, const CeTile& t, const CeBackwardBuffers<acc_t>& buf) {
-  const int cols = t.wx1 - t.wx0, tile_cols = t.lx1 - t.lx0;
-  const int i = item / tile_cols, j = item % tile_cols;
-  const acc_t* to_row = buf.to_row + (i + 1) * cols;  // segment s = ly0 + i: rows whose first tap is this row
-  const acc_t* to_next_row = buf.to_next_row + i * cols;  // segment s = ly0 + i - 1: rows whose second tap is
+// The rim (bilinear.h: TileRim) holds one value per entry and class, each class's entries
+// adjacent: the tiles' partial gradients of the logits on grid lines.
+
+// Per class, output item (i, j) (i < reached rows, j < reached columns): the gradient of
+// logit (n, c, ly0 + i, lx0 + j) into its class plane `plane_out` (h, w), or on a grid line
+// this tile's part of it into the rim.
+template <typename scalar_t, typename acc_t>
+BISENET_HD void ce_backward_output_item(int item, int c, const CeTile& t, const CeGeometry<acc_t>& geo,
+                                        const CeBackwardBuffers<acc_t>& buf, const TileRim<acc_t>& rim,
+                                        scalar_t* plane_out) {
+  const int cols = t.wx1 - t.wx0, reached_cols = ce_reached_cols(t, geo.w);
+  const int i = item / reached_cols, j = item % reached_cols;
+  const acc_t* to_row = buf.to_row + i * cols;  // segment ly0 + i: rows whose first tap is this row
+  const acc_t* to_next_row = buf.to_next_row + i * cols;  // segment ly0 + i - 1: rows whose second tap is
   acc_t grad = static_cast<acc_t>(0);
   for (int x = buf.column_x[j] - t.wx0; x < buf.column_x[j + 2] - t.wx0; ++x) {
     const CeTap<acc_t>& tx = buf.col_taps[x];  // its first tap is lx0 + j - 1 or lx0 + j
     grad = fma_acc(tx.first == t.lx0 + j ? tx.to_first : tx.to_next, to_row[x] + to_next_row[x], grad);
   }
-  return grad;
+  if (on_rim(i, j, rim.tile_h, rim.tile_w))
+    rim.data[rim_offset(rim, t.n, t.tile_y, t.tile_x, i, j, c)] = grad;
+  else
+    plane_out[(t.ly0 + i) * geo.w + t.lx0 + j] = static_cast<scalar_t>(grad);
 }
 
-// Where x-pass item (i, j) writes, inside its class plane (h, w).
-template <typename acc_t>
-BISENET_HD int ce_output_offset(int item, const CeTile& t, const CeGeometry<acc_t>& geo) {
-  const int tile_cols = t.lx1 - t.lx0;
-  return (t.ly0 + item / tile_cols) * geo.w + t.lx0 + item % tile_cols;
+// The grid-line logits' pass, item = (n * C + c) * rim_pixels + p: the sum of the tiles'
+// partial gradients (rim_sum) into grad_logits (N, C, h, w).
+template <typename scalar_t, typename acc_t>
+BISENET_HD void ce_backward_rim_item(int64_t item, const CeGeometry<acc_t>& geo, const TileRim<acc_t>& rim,
+                                     scalar_t* grad_logits) {
+  const int64_t pixels = rim_pixels(rim, geo.h, geo.w);
+  const int64_t p = item % pixels;
+  const int64_t plane_index = item / pixels;  // n * C + c
+  const int c = static_cast<int>(plane_index % geo.C), n = static_cast<int>(plane_index / geo.C);
+  int i, j;
+  rim_pixel(rim, geo.h, geo.w, p, &i, &j);
+  grad_logits[plane_index * geo.h * geo.w + static_cast<int64_t>(i) * geo.w + j] =
+      static_cast<scalar_t>(rim_sum(rim, 0, n, c, i, j));
 }
 
 // Host side: the plan. band, chunk <= 0: automatic, a tile owning about 32 x 64 high-res
@@ -519,8 +551,8 @@ BISENET_HD int ce_output_offset(int item, const CeTile& t, const CeGeometry<acc_
 // whether the plan is within kCeMaxSharedBytes.
 template <typename acc_t>
 inline void ce_backward_capacities(const CeGeometry<acc_t>& geo, CeBackwardPlan* plan) {
-  plan->window_rows = most_window_span(geo.h, geo.H, geo.scale_y, plan->band, true);
-  plan->window_cols = most_window_span(geo.w, geo.W, geo.scale_x, plan->chunk, true);
+  plan->window_rows = most_owned_span(geo.h, geo.H, geo.scale_y, plan->band);
+  plan->window_cols = most_owned_span(geo.w, geo.W, geo.scale_x, plan->chunk);
   plan->shared_bytes = ce_backward_layout<acc_t>(*plan).bytes;
 }
 

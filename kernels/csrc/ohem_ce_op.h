@@ -23,7 +23,15 @@ struct CeBackwardCall {
   at::Tensor grad_loss, logits, labels, lse;  // contiguous
   at::Tensor grad_logits;
   CeBackwardPlan plan;  // ohem_ce_math.h; unset when there is nothing to compute (an empty batch)
+  at::Tensor rim;       // workspace: the grid-line logits' partial gradients (bilinear.h: TileRim)
 };
+
+template <typename acc_t>
+TileRim<acc_t> backward_rim(const CeBackwardCall& call) {
+  return make_tile_rim<acc_t>(call.rim.mutable_data_ptr<acc_t>(), static_cast<int>(call.logits.size(0)),
+                              static_cast<int>(call.logits.size(1)), static_cast<int>(call.logits.size(2)),
+                              static_cast<int>(call.logits.size(3)), call.plan.band, call.plan.chunk, false);
+}
 
 struct OhemCall {
   at::Tensor loss, labels;  // (N, H, W) contiguous; loss float32 or float64
