@@ -307,11 +307,17 @@ BISENET_HD CeTap<acc_t> ce_tap(const Taps<acc_t>& t, int first, int second) {
   return tap;
 }
 
+// A window pixel's incoming gradient g (0 where skipped) and lse log2(e), side by side so
+// that the inner loop takes both with one 8-byte (16-byte) shared load from one address.
+template <typename acc_t>
+struct alignas(2 * sizeof(acc_t)) CePixel {
+  acc_t grad, lse_log2;
+};
+
 // The shared-memory buffers of one backward block (capacities from the plan).
 template <typename acc_t>
 struct CeBackwardBuffers {
-  acc_t* pixel_grad;   // (window_rows, window_cols): g, 0 where skipped
-  acc_t* pixel_lse;    // (window_rows, window_cols): lse log2(e)
+  CePixel<acc_t>* pixel;  // (window_rows, window_cols)
   acc_t* staged;       // (band + 1, window_cols): logit rows interpolated along x, times log2(e)
   acc_t* to_row;       // (band + 1, window_cols): row k, segment k's sums to its first tap row
   acc_t* to_next_row;  // (band + 1, window_cols): row k + 1, segment k's sums to the row after
@@ -323,9 +329,10 @@ struct CeBackwardBuffers {
 };
 
 // Where each buffer starts (bytes from the block's shared memory) and the bytes they take:
-// the taps first (16-byte aligned), then the acc_t arrays, then the ints, so each stays aligned.
+// the taps first (16-byte aligned), then the pixels (8- or 16-byte), the acc_t arrays, the
+// ints, so each stays aligned.
 struct CeBackwardLayout {
-  int64_t pixel_grad, pixel_lse, staged, to_row, to_next_row, row_taps, col_taps, pixel_label, segment_y, column_x;
+  int64_t pixel, staged, to_row, to_next_row, row_taps, col_taps, pixel_label, segment_y, column_x;
   int64_t bytes;
 };
 
@@ -338,9 +345,8 @@ BISENET_HD CeBackwardLayout ce_backward_layout(const CeBackwardPlan& plan) {
   CeBackwardLayout at;
   at.row_taps = 0;  // 16-byte aligned first
   at.col_taps = at.row_taps + plan.window_rows * taps;
-  at.pixel_grad = at.col_taps + plan.window_cols * taps;
-  at.pixel_lse = at.pixel_grad + window * acc;
-  at.staged = at.pixel_lse + window * acc;
+  at.pixel = at.col_taps + plan.window_cols * taps;
+  at.staged = at.pixel + window * static_cast<int64_t>(sizeof(CePixel<acc_t>));
   at.to_row = at.staged + staged * acc;
   at.to_next_row = at.to_row + segments * acc;
   at.pixel_label = at.to_next_row + segments * acc;
@@ -354,8 +360,7 @@ template <typename acc_t>
 BISENET_HD CeBackwardBuffers<acc_t> ce_backward_buffers(unsigned char* base, const CeBackwardPlan& plan) {
   const CeBackwardLayout at = ce_backward_layout<acc_t>(plan);
   CeBackwardBuffers<acc_t> buf;
-  buf.pixel_grad = reinterpret_cast<acc_t*>(base + at.pixel_grad);
-  buf.pixel_lse = reinterpret_cast<acc_t*>(base + at.pixel_lse);
+  buf.pixel = reinterpret_cast<CePixel<acc_t>*>(base + at.pixel);
   buf.staged = reinterpret_cast<acc_t*>(base + at.staged);
   buf.to_row = reinterpret_cast<acc_t*>(base + at.to_row);
   buf.to_next_row = reinterpret_cast<acc_t*>(base + at.to_next_row);
@@ -455,8 +460,8 @@ BISENET_HD void ce_backward_pixel_item(int item, const CeTile& t, const CeGeomet
   const int64_t label = static_cast<int64_t>(labels[p]);
   const acc_t g = grad_loss[p];
   const bool skipped = g == static_cast<acc_t>(0) || label == ignore_index;
-  buf.pixel_grad[item] = skipped ? static_cast<acc_t>(0) : g;
-  buf.pixel_lse[item] = lse[p] * log2e(g);  // in log2 units, as the staged logits
+  buf.pixel[item].grad = skipped ? static_cast<acc_t>(0) : g;
+  buf.pixel[item].lse_log2 = lse[p] * log2e(g);  // in log2 units, as the staged logits
   // a label outside [0, C) matches no class; its lse is NaN (forward), so is its gradient
   buf.pixel_label[item] = skipped || label < 0 || label >= geo.C ? -1 : static_cast<int>(label);
 }
@@ -485,17 +490,17 @@ BISENET_HD void ce_backward_segment_item(int k, int x, int c, const CeTile& t, c
   const int item = k * cols + x;
   acc_t sum_row = static_cast<acc_t>(0), sum_next = static_cast<acc_t>(0);
   const int y_begin = buf.segment_y[k] - t.wy0, y_end = buf.segment_y[k + 1] - t.wy0;
-  const acc_t* grad_column = buf.pixel_grad + x;  // column x of the window's (rows, cols) arrays
-  const acc_t* lse_column = buf.pixel_lse + x;
+  const CePixel<acc_t>* pixel_column = buf.pixel + x;  // column x of the window's (rows, cols) arrays
   const int* label_column = buf.pixel_label + x;
   const acc_t* staged_column = buf.staged + x;
   for (int y = y_begin; y < y_end; ++y) {
     const int p = y * cols;
-    const acc_t g = grad_column[p];
+    const CePixel<acc_t> pixel = pixel_column[p];
+    const acc_t g = pixel.grad;
     if (g == static_cast<acc_t>(0)) continue;
     const CeTap<acc_t> ty = buf.row_taps[y];  // its first tap is s = ly0 + k
     const acc_t z_log2 = fma_acc(ty.w1, staged_column[ty.second], ty.w0 * staged_column[ty.first]);  // lerp_taps
-    acc_t d = exp2_acc(z_log2 - lse_column[p]);
+    acc_t d = exp2_acc(z_log2 - pixel.lse_log2);
     if (label_column[p] == c) d -= static_cast<acc_t>(1);
     const acc_t gd = g * d;
     sum_row = fma_acc(ty.to_first, gd, sum_row);
