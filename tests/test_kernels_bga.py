@@ -172,6 +172,30 @@ def test_cpu_loop_low_precision_matches_float64(extension, dtype, channels_last)
         assert_matches(grad, want, dtype, name)
 
 
+def misaligned_copy(tensor):
+    """tensor's values in a dense view of its memory format that starts one element past an
+    allocation, so no 16-byte vector fits its start: the forward's one-output items."""
+    fmt = torch.channels_last if tensor.is_contiguous(memory_format=torch.channels_last) and not \
+        tensor.is_contiguous() else torch.contiguous_format
+    dense = tensor.contiguous(memory_format=fmt)
+    storage = torch.empty(dense.numel() + 1, dtype=tensor.dtype)
+    view = storage[1:].as_strided(dense.shape, dense.stride())
+    view.copy_(dense)
+    return view
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cpu_loop_forward_vectors_equal_one_output_items(extension, dtype, channels_last):
+    # 16 channels and 16 columns: 16-byte vectors along C (channels_last, one load of sem_up and
+    # of the gate per tap) or W; the same arithmetic per output as the one-output items
+    inputs = random_inputs((2, 16, 12, 16), (3, 5), dtype=dtype, channels_last=channels_last, seed=4)
+    vectors = extension.bga_forward(*inputs)
+    singles = extension.bga_forward(*[misaligned_copy(t) for t in inputs])
+    assert torch.equal(vectors, singles)
+    assert_matches(vectors, bga.bga_aggregate_reference(*[t.double() for t in inputs]), dtype, "out")
+
+
 def test_cpu_loop_mixed_formats_follow_detail_keep(extension):
     # NCHW detail_keep with channels_last low-res inputs (and grad_out): copied, NCHW out
     inputs = random_inputs((1, 4, 9, 11), (3, 4))

@@ -27,6 +27,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -80,6 +81,8 @@ int channel_group(at::MemoryFormat format, int64_t channels) {
 template <typename scalar_t>
 using acc_of = typename std::conditional<std::is_same<scalar_t, double>::value, double, float>::type;
 
+// The CUDA forward kernels' threads one after the other: the gate pass, then the items of
+// call.vector outputs.
 template <typename scalar_t>
 void forward_cpu_typed(const BgaForwardCall& call) {
   using acc_t = acc_of<scalar_t>;
@@ -92,19 +95,14 @@ void forward_cpu_typed(const BgaForwardCall& call) {
   const scalar_t* detail_down = call.detail_down.const_data_ptr<scalar_t>();
   const scalar_t* sem_keep = call.sem_keep.const_data_ptr<scalar_t>();
   for (int64_t offset = 0; offset < call.gated.numel(); ++offset) bga_gate_item(offset, detail_down, sem_keep, gated);
-  for (int n = 0; n < geo.N; ++n)
-    for (int c = 0; c < geo.C; ++c) {
-      int64_t plane = n * geo.lo_sn + c * geo.lo_sc;
-      for (int y = 0; y < geo.H; ++y) {
-        Taps<acc_t> ty = bilinear_taps<acc_t>(y, geo.h, geo.scale_y);
-        for (int x = 0; x < geo.W; ++x) {
-          Taps<acc_t> tx = bilinear_taps<acc_t>(x, geo.w, geo.scale_x);
-          int64_t hi = n * geo.hi_sn + c * geo.hi_sc + y * geo.hi_sy + x * geo.hi_sx;
-          result[hi] = static_cast<scalar_t>(bga_forward_value<scalar_t, acc_t>(
-              static_cast<acc_t>(keep[hi]), up + plane, gated + plane, geo.lo_sy, geo.lo_sx, ty, tx));
-        }
-      }
-    }
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  const int64_t vectors = call.out.numel() / call.vector;
+  for (int64_t vec = 0; vec < vectors; ++vec) {
+    if (call.vector == kVec)
+      bga_forward_item<scalar_t, acc_t, kVec, int64_t>(vec, geo, call.channels_last, keep, up, gated, result);
+    else
+      bga_forward_item<scalar_t, acc_t, 1, int64_t>(vec, geo, call.channels_last, keep, up, gated, result);
+  }
 }
 
 // The backward's plan for these sizes (see the file comment); raises when it cannot launch.
@@ -183,6 +181,18 @@ BgaForwardCall prepare_bga_forward(const at::Tensor& detail_keep, const at::Tens
   call.gated = at::empty(sem_up.sizes(), sem_up.options().dtype(acc).memory_format(format));
   call.out = at::empty(detail_keep.sizes(), detail_keep.options().memory_format(format));
   call.channels_last = format == at::MemoryFormat::ChannelsLast;
+  // 16-byte vectors along the fastest dimension where it divides into them and every tensor
+  // a vector touches starts on one (sem_up and gated only in channels_last, where they are
+  // read as vectors too: 32 bytes of float for 8 bf16)
+  const int64_t vector = 16 / detail_keep.element_size();
+  const auto aligned = [](const at::Tensor& t, int64_t bytes) {
+    return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % bytes == 0;
+  };
+  const int64_t fastest = call.channels_last ? detail_keep.size(1) : detail_keep.size(3);
+  bool vectorise = fastest % vector == 0 && aligned(call.detail_keep, 16) && aligned(call.out, 16);
+  if (call.channels_last)
+    vectorise = vectorise && aligned(call.sem_up, 16) && aligned(call.gated, vector * call.gated.element_size());
+  call.vector = vectorise ? static_cast<int>(vector) : 1;
   return call;
 }
 

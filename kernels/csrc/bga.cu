@@ -31,13 +31,6 @@ struct AccType { using type = float; };
 template <>
 struct AccType<double> { using type = double; };
 
-// Forward: kVec consecutive elements of the fastest dimension (W for NCHW, C for
-// channels_last) per thread, read and written as one vector when kVec > 1.
-template <typename scalar_t, int kVec>
-struct alignas(sizeof(scalar_t) * kVec) Vec {
-  scalar_t v[kVec];
-};
-
 // Forward pass 1: one thread per low-res element (bga_math.h: bga_gate_item).
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) bga_gate_kernel(
@@ -48,50 +41,16 @@ __global__ void __launch_bounds__(kThreads) bga_gate_kernel(
     bga_gate_item(offset, detail_down, sem_keep, gated);
 }
 
-// index_t: int32_t when the output has fewer than 2^30 elements (the divisions that find a
-// vector's (n, c, y, x) are several times cheaper than in 64 bits), else int64_t.
+// Forward pass 2: one thread per kVec outputs (bga_math.h: bga_forward_item). index_t:
+// int32_t when the output has fewer than 2^30 elements (the divisions that find a vector's
+// (n, c, y, x) are several times cheaper than in 64 bits), else int64_t.
 template <typename scalar_t, typename acc_t, int kVec, typename index_t>
 __global__ void __launch_bounds__(kThreads) bga_forward_kernel(
-    BgaGeometry<acc_t> geo, bool channels_last, index_t vectors,
-    const scalar_t* __restrict__ detail_keep, const scalar_t* __restrict__ sem_up,
-    const acc_t* __restrict__ gated, scalar_t* __restrict__ out) {
+    BgaGeometry<acc_t> geo, bool channels_last, index_t vectors, const scalar_t* __restrict__ detail_keep,
+    const scalar_t* __restrict__ sem_up, const acc_t* __restrict__ gated, scalar_t* __restrict__ out) {
   for (index_t vec = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; vec < vectors;
-       vec += static_cast<index_t>(gridDim.x) * blockDim.x) {
-    // The tensors are dense, so element `index` sits at offset `index` in memory order.
-    const index_t index = vec * kVec;
-    int n, c, y, x;
-    if (channels_last) {  // (N, H, W, C) in memory
-      c = static_cast<int>(index % geo.C);
-      index_t rest = index / geo.C;
-      x = static_cast<int>(rest % geo.W);
-      rest /= geo.W;
-      y = static_cast<int>(rest % geo.H);
-      n = static_cast<int>(rest / geo.H);
-    } else {  // (N, C, H, W) in memory
-      x = static_cast<int>(index % geo.W);
-      index_t rest = index / geo.W;
-      y = static_cast<int>(rest % geo.H);
-      rest /= geo.H;
-      c = static_cast<int>(rest % geo.C);
-      n = static_cast<int>(rest / geo.C);
-    }
-    Vec<scalar_t, kVec> keep = *reinterpret_cast<const Vec<scalar_t, kVec>*>(detail_keep + index);
-    Vec<scalar_t, kVec> result;
-    Taps<acc_t> ty = bilinear_taps<acc_t>(y, geo.h, geo.scale_y);
-    Taps<acc_t> tx = bilinear_taps<acc_t>(x, geo.w, geo.scale_x);
-#pragma unroll
-    for (int k = 0; k < kVec; ++k) {
-      // the vector runs along x (NCHW) or along c (channels_last), never across a row or
-      // a pixel: the host picks kVec dividing W or C
-      int xk = channels_last ? x : x + k;
-      int ck = channels_last ? c + k : c;
-      if (!channels_last && k > 0) tx = bilinear_taps<acc_t>(xk, geo.w, geo.scale_x);
-      int64_t plane = n * geo.lo_sn + ck * geo.lo_sc;
-      result.v[k] = static_cast<scalar_t>(bga_forward_value<scalar_t, acc_t>(
-          static_cast<acc_t>(keep.v[k]), sem_up + plane, gated + plane, geo.lo_sy, geo.lo_sx, ty, tx));
-    }
-    *reinterpret_cast<Vec<scalar_t, kVec>*>(out + index) = result;
-  }
+       vec += static_cast<index_t>(gridDim.x) * blockDim.x)
+    bga_forward_item<scalar_t, acc_t, kVec, index_t>(vec, geo, channels_last, detail_keep, sem_up, gated, out);
 }
 
 // Backward, kernel 1: one block per (low-res tile, channel group, sample); see bga_math.h.
@@ -146,10 +105,6 @@ BgaGeometry<typename AccType<scalar_t>::type> geometry_of(const at::Tensor& high
                                                          low.sizes().data(), low.strides().data());
 }
 
-bool aligned(const void* ptr, size_t bytes) {
-  return reinterpret_cast<uintptr_t>(ptr) % bytes == 0;
-}
-
 template <typename scalar_t>
 void forward_typed(const BgaForwardCall& call) {
   using acc_t = typename AccType<scalar_t>::type;
@@ -157,11 +112,9 @@ void forward_typed(const BgaForwardCall& call) {
   const scalar_t* keep_ptr = call.detail_keep.const_data_ptr<scalar_t>();
   scalar_t* out_ptr = call.out.mutable_data_ptr<scalar_t>();
   const int64_t elements = call.detail_keep.numel();
-  const int fastest = call.channels_last ? geo.C : geo.W;
   constexpr int kVec = 16 / sizeof(scalar_t);  // 16-byte loads and stores: 8 bf16, 4 float, 2 double
-  const bool vectorise = fastest % kVec == 0 && aligned(keep_ptr, sizeof(scalar_t) * kVec) &&
-                         aligned(out_ptr, sizeof(scalar_t) * kVec);
-  const int64_t vectors = vectorise ? elements / kVec : elements;
+  const bool vectorise = call.vector == kVec;   // prepare_bga_forward's choice, the CPU loop's too
+  const int64_t vectors = elements / call.vector;
   const int64_t max_blocks = 65535LL * 8;
   const int64_t blocks = std::min<int64_t>((vectors + kThreads - 1) / kThreads, max_blocks);
   auto stream = c10::cuda::getCurrentCUDAStream();

@@ -63,13 +63,78 @@ BISENET_HD void bga_gate_item(int64_t offset, const scalar_t* detail_down, const
   gated[offset] = gated_detail<scalar_t, acc_t>(detail_down, sem_keep, offset);
 }
 
-// Forward, pass 2: the output at high-res (n, c, y, x). sem_up_plane and gated_plane point
-// at (n, c) of tensors with the low-res strides sy, sx.
-template <typename scalar_t, typename acc_t>
-BISENET_HD acc_t bga_forward_value(acc_t detail_keep, const scalar_t* sem_up_plane, const acc_t* gated_plane,
-                                   int64_t sy, int64_t sx, const Taps<acc_t>& ty, const Taps<acc_t>& tx) {
-  acc_t sem_gate = sigmoid_acc(bilinear_sample<scalar_t, acc_t>(sem_up_plane, sy, sx, ty, tx));
-  return fma_acc(detail_keep, sem_gate, bilinear_sample<acc_t, acc_t>(gated_plane, sy, sx, ty, tx));
+// The output from detail_keep and the two upsampled values at one pixel.
+template <typename acc_t>
+BISENET_HD acc_t bga_output(acc_t detail_keep, acc_t sem_up_value, acc_t gated_value) {
+  return fma_acc(detail_keep, sigmoid_acc(sem_up_value), gated_value);
+}
+
+// kVec consecutive elements, read or written as one vector.
+template <typename T, int kVec>
+struct alignas(sizeof(T) * kVec) Vec {
+  T v[kVec];
+};
+
+// Forward, pass 2, one item per kVec consecutive outputs along the fastest dimension (W in
+// NCHW, C in channels_last) of dense tensors, so output index vec * kVec sits at that
+// offset in memory. kVec divides W or C and every pointer is aligned to its vectors (the
+// host checks: prepare_bga_forward), so detail_keep and out move as one vector, and in
+// channels_last, where the kVec channels share their taps, so do sem_up and gated at each
+// tap (one load of each per tap, not kVec).
+template <typename scalar_t, typename acc_t, int kVec, typename index_t>
+BISENET_HD void bga_forward_item(index_t vec, const BgaGeometry<acc_t>& geo, bool channels_last,
+                                 const scalar_t* detail_keep, const scalar_t* sem_up, const acc_t* gated,
+                                 scalar_t* out) {
+  const index_t index = vec * kVec;
+  int n, c, y, x;
+  if (channels_last) {  // (N, H, W, C) in memory
+    c = static_cast<int>(index % geo.C);
+    index_t rest = index / geo.C;
+    x = static_cast<int>(rest % geo.W);
+    rest /= geo.W;
+    y = static_cast<int>(rest % geo.H);
+    n = static_cast<int>(rest / geo.H);
+  } else {  // (N, C, H, W) in memory
+    x = static_cast<int>(index % geo.W);
+    index_t rest = index / geo.W;
+    y = static_cast<int>(rest % geo.H);
+    rest /= geo.H;
+    c = static_cast<int>(rest % geo.C);
+    n = static_cast<int>(rest / geo.C);
+  }
+  const Vec<scalar_t, kVec> keep = *reinterpret_cast<const Vec<scalar_t, kVec>*>(detail_keep + index);
+  Vec<scalar_t, kVec> result;
+  const Taps<acc_t> ty = bilinear_taps<acc_t>(y, geo.h, geo.scale_y);
+  if (channels_last) {
+    const Taps<acc_t> tx = bilinear_taps<acc_t>(x, geo.w, geo.scale_x);
+    const int64_t base = n * geo.lo_sn + c * geo.lo_sc;  // lo_sc == 1: the kVec channels are adjacent
+    const int64_t at[4] = {base + ty.i0 * geo.lo_sy + tx.i0 * geo.lo_sx, base + ty.i0 * geo.lo_sy + tx.i1 * geo.lo_sx,
+                           base + ty.i1 * geo.lo_sy + tx.i0 * geo.lo_sx, base + ty.i1 * geo.lo_sy + tx.i1 * geo.lo_sx};
+    Vec<scalar_t, kVec> up[4];
+    Vec<acc_t, kVec> gate[4];
+#pragma unroll
+    for (int tap = 0; tap < 4; ++tap) {
+      up[tap] = *reinterpret_cast<const Vec<scalar_t, kVec>*>(sem_up + at[tap]);
+      gate[tap] = *reinterpret_cast<const Vec<acc_t, kVec>*>(gated + at[tap]);
+    }
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) {
+      const acc_t up_value = bilinear_combine(ty, tx, static_cast<acc_t>(up[0].v[k]), static_cast<acc_t>(up[1].v[k]),
+                                              static_cast<acc_t>(up[2].v[k]), static_cast<acc_t>(up[3].v[k]));
+      const acc_t gate_value = bilinear_combine(ty, tx, gate[0].v[k], gate[1].v[k], gate[2].v[k], gate[3].v[k]);
+      result.v[k] = static_cast<scalar_t>(bga_output(static_cast<acc_t>(keep.v[k]), up_value, gate_value));
+    }
+  } else {  // the kVec outputs run along x: taps of their own
+    const int64_t plane = n * geo.lo_sn + c * geo.lo_sc;
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) {
+      const Taps<acc_t> tx = bilinear_taps<acc_t>(x + k, geo.w, geo.scale_x);
+      result.v[k] = static_cast<scalar_t>(
+          bga_output(static_cast<acc_t>(keep.v[k]), bilinear_sample<scalar_t, acc_t>(sem_up + plane, geo.lo_sy, geo.lo_sx, ty, tx),
+                     bilinear_sample<acc_t, acc_t>(gated + plane, geo.lo_sy, geo.lo_sx, ty, tx)));
+    }
+  }
+  *reinterpret_cast<Vec<scalar_t, kVec>*>(out + index) = result;
 }
 
 // ---------------------------------------------------------------------------------------

@@ -17,6 +17,8 @@ struct BgaForwardCall {
   at::Tensor gated;  // workspace: detail_down * sigmoid(sem_keep) in float (double), low-res layout
   at::Tensor out;
   bool channels_last;
+  int vector;  // outputs per item: 16 bytes of the dtype where W (NCHW) or C (channels_last) and
+               // every pointer allow it, else 1 (bga_math.h: bga_forward_item)
 };
 
 struct BgaBackwardCall {

@@ -197,15 +197,22 @@ BISENET_HD acc_t lerp_taps(const Taps<acc_t>& t, acc_t v0, acc_t v1) {
   return fma_acc(t.w1, v1, t.w0 * v0);
 }
 
-// up(plane) at one high-res pixel, in ATen's order: wy0 * (wx0 * v00 + wx1 * v01) + wy1 * (...).
+// up at one high-res pixel from the values at its four taps (v01: row tap i0, column tap
+// i1), in ATen's order: wy0 * (wx0 * v00 + wx1 * v01) + wy1 * (...).
+template <typename acc_t>
+BISENET_HD acc_t bilinear_combine(const Taps<acc_t>& ty, const Taps<acc_t>& tx, acc_t v00, acc_t v01, acc_t v10,
+                                  acc_t v11) {
+  return lerp_taps(ty, lerp_taps(tx, v00, v01), lerp_taps(tx, v10, v11));
+}
+
+// up(plane) at one high-res pixel.
 template <typename scalar_t, typename acc_t>
 BISENET_HD acc_t bilinear_sample(const scalar_t* plane, int64_t sy, int64_t sx,
                                  const Taps<acc_t>& ty, const Taps<acc_t>& tx) {
-  acc_t row0 = lerp_taps(tx, load_acc<scalar_t, acc_t>(plane, ty.i0 * sy + tx.i0 * sx),
-                         load_acc<scalar_t, acc_t>(plane, ty.i0 * sy + tx.i1 * sx));
-  acc_t row1 = lerp_taps(tx, load_acc<scalar_t, acc_t>(plane, ty.i1 * sy + tx.i0 * sx),
-                         load_acc<scalar_t, acc_t>(plane, ty.i1 * sy + tx.i1 * sx));
-  return lerp_taps(ty, row0, row1);
+  return bilinear_combine(ty, tx, load_acc<scalar_t, acc_t>(plane, ty.i0 * sy + tx.i0 * sx),
+                          load_acc<scalar_t, acc_t>(plane, ty.i0 * sy + tx.i1 * sx),
+                          load_acc<scalar_t, acc_t>(plane, ty.i1 * sy + tx.i0 * sx),
+                          load_acc<scalar_t, acc_t>(plane, ty.i1 * sy + tx.i1 * sx));
 }
 
 }  // namespace bisenet
