@@ -207,6 +207,9 @@ BgaBackwardCall prepare_bga_backward(const at::Tensor& grad_out, const at::Tenso
   TORCH_CHECK(grad_out.device() == detail_keep.device(), "bga_backward: grad_out is on ", grad_out.device(),
               " but detail_keep is on ", detail_keep.device());
   TORCH_CHECK(tile_h >= 0 && tile_w >= 0, "bga_backward: tile sizes must be >= 0, got ", tile_h, "x", tile_w);
+  TORCH_CHECK(detail_keep.size(1) * detail_keep.size(3) < (int64_t{1} << 31) &&
+                  sem_up.size(1) * sem_up.size(3) < (int64_t{1} << 31),
+              "bga_backward: rows of more than 2^31 elements (C * W) are not supported, got ", detail_keep.sizes());
   const at::MemoryFormat format = output_format(detail_keep);
   BgaBackwardCall call;
   call.grad_out = grad_out.contiguous(format);

@@ -216,20 +216,14 @@ BISENET_HD void finish_low_res(int64_t lo, acc_t up_t_grad, acc_t up_t_sem_grad,
   d.grad_sem_keep[lo] = static_cast<scalar_t>(up_t_grad * detail_down * gate * (static_cast<acc_t>(1) - gate));
 }
 
-// At owned high-res pixel (y, x) of channel c (taps ty, tx): writes grad_detail_keep = g * s
-// and returns g and g * detail_keep * s * (1 - s), the two values the adjoint of `up` sums.
-template <typename scalar_t, typename acc_t>
-BISENET_HD void pixel_values(int n, int c, int y, int x, const Taps<acc_t>& ty, const Taps<acc_t>& tx,
-                             const BgaGeometry<acc_t>& geo, const BgaBackwardData<scalar_t>& d, acc_t* grad,
-                             acc_t* sem_grad) {
-  int64_t hi = n * geo.hi_sn + c * geo.hi_sc + y * geo.hi_sy + x * geo.hi_sx;
-  const scalar_t* sem_up_plane = d.sem_up + n * geo.lo_sn + c * geo.lo_sc;
-  acc_t s = sigmoid_acc(bilinear_sample<scalar_t, acc_t>(sem_up_plane, geo.lo_sy, geo.lo_sx, ty, tx));
-  acc_t g = load_acc<scalar_t, acc_t>(d.grad_out, hi);
-  acc_t detail_keep = load_acc<scalar_t, acc_t>(d.detail_keep, hi);
-  d.grad_detail_keep[hi] = static_cast<scalar_t>(g * s);
-  *grad = g;
+// At one owned high-res pixel, from g, detail_keep and up(sem_up) there: returns
+// grad_detail_keep = g * s and sets *sem_grad = g * detail_keep * s * (1 - s) (the value the
+// adjoint of `up` sums besides g), s = sigmoid(up(sem_up)).
+template <typename acc_t>
+BISENET_HD acc_t pixel_values(acc_t g, acc_t detail_keep, acc_t up_value, acc_t* sem_grad) {
+  acc_t s = sigmoid_acc(up_value);
   *sem_grad = g * detail_keep * s * (static_cast<acc_t>(1) - s);
+  return g * s;
 }
 
 // Step 1, NCHW, window items: item = ((row * odd_pitch(x1 - x0)) + col) * group + slot,
@@ -244,9 +238,15 @@ BISENET_HD void backward_window_item(int item, int group, const BgaTile& t, cons
   int y = t.y0 + pixel / pitch;
   int x = t.x0 + pixel % pitch;
   if (slot >= t.channels || x >= t.x1) return;  // padding: never read
-  pixel_values<scalar_t, acc_t>(t.n, t.c0 + slot, y, x, bilinear_taps<acc_t>(y, geo.h, geo.scale_y),
-                                bilinear_taps<acc_t>(x, geo.w, geo.scale_x), geo, d, &window_grad[item],
-                                &window_sem_grad[item]);
+  int c = t.c0 + slot;
+  int64_t hi = t.n * geo.hi_sn + c * geo.hi_sc + y * geo.hi_sy + x * geo.hi_sx;
+  acc_t up_value = bilinear_sample<scalar_t, acc_t>(d.sem_up + t.n * geo.lo_sn + c * geo.lo_sc, geo.lo_sy, geo.lo_sx,
+                                                    bilinear_taps<acc_t>(y, geo.h, geo.scale_y),
+                                                    bilinear_taps<acc_t>(x, geo.w, geo.scale_x));
+  acc_t g = load_acc<scalar_t, acc_t>(d.grad_out, hi);
+  d.grad_detail_keep[hi] =
+      static_cast<scalar_t>(pixel_values(g, load_acc<scalar_t, acc_t>(d.detail_keep, hi), up_value, &window_sem_grad[item]));
+  window_grad[item] = g;
 }
 
 // Step 1, NCHW, x-pass items: item = ((k * odd_pitch(y1 - y0)) + row) * group + slot, the
@@ -294,30 +294,20 @@ BISENET_HD void backward_walk_item(int item, int group, const BgaTile& t, const 
   int c = t.c0 + slot;
   int y = t.y0 + row;
   Taps<acc_t> ty = bilinear_taps<acc_t>(y, geo.h, geo.scale_y);
+  // the row's pointers, once: the high-res row, sem_up's two tap rows; offsets within a row
+  // in 32 bits (prepare_bga_backward checks that a row's W * C and w * C elements fit)
+  const int hi_sx = static_cast<int>(geo.hi_sx), lo_sx = static_cast<int>(geo.lo_sx);
+  const int64_t hi_row = t.n * geo.hi_sn + c * geo.hi_sc + y * geo.hi_sy;
+  const scalar_t* grad_row = d.grad_out + hi_row;
+  const scalar_t* keep_row = d.detail_keep + hi_row;
+  scalar_t* grad_keep_row = d.grad_detail_keep + hi_row;
+  const scalar_t* up_plane = d.sem_up + t.n * geo.lo_sn + c * geo.lo_sc;
+  const scalar_t* up_row0 = up_plane + ty.i0 * geo.lo_sy;
+  const scalar_t* up_row1 = up_plane + ty.i1 * geo.lo_sy;
   acc_t grad_here = static_cast<acc_t>(0), sem_here = static_cast<acc_t>(0);  // column j
   acc_t grad_next = static_cast<acc_t>(0), sem_next = static_cast<acc_t>(0);  // column j + 1
   int j = t.lx0;
-  for (int x = t.x0; x < t.x1; ++x) {
-    Taps<acc_t> tx = bilinear_taps<acc_t>(x, geo.w, geo.scale_x);
-    for (; j < tx.i0; ++j) {  // column j is complete for this row
-      int at = ((j - t.lx0) * column_pitch + row) * group + slot;
-      row_grad[at] = grad_here;
-      row_sem_grad[at] = sem_here;
-      grad_here = grad_next;
-      sem_here = sem_next;
-      grad_next = static_cast<acc_t>(0);
-      sem_next = static_cast<acc_t>(0);
-    }
-    acc_t grad, sem_grad;
-    pixel_values<scalar_t, acc_t>(t.n, c, y, x, ty, tx, geo, d, &grad, &sem_grad);
-    acc_t weight = tap_weight(tx, j);
-    grad_here = fma_acc(weight, grad, grad_here);
-    sem_here = fma_acc(weight, sem_grad, sem_here);
-    weight = tap_weight(tx, j + 1);
-    grad_next = fma_acc(weight, grad, grad_next);
-    sem_next = fma_acc(weight, sem_grad, sem_next);
-  }
-  for (; j < j_end; ++j) {
+  const auto store_column = [&]() {  // column j is complete for this row: store it, move to j + 1
     int at = ((j - t.lx0) * column_pitch + row) * group + slot;
     row_grad[at] = grad_here;
     row_sem_grad[at] = sem_here;
@@ -325,7 +315,40 @@ BISENET_HD void backward_walk_item(int item, int group, const BgaTile& t, const 
     sem_here = sem_next;
     grad_next = static_cast<acc_t>(0);
     sem_next = static_cast<acc_t>(0);
+    ++j;
+  };
+  // g and detail_keep of kAhead pixels are loaded before the first is used, so a thread has
+  // that many loads in flight (a pixel past the row's end loads the last one again, unused)
+  constexpr int kAhead = 4;
+  for (int x_start = t.x0; x_start < t.x1; x_start += kAhead) {
+    acc_t grads[kAhead], keeps[kAhead];
+#pragma unroll
+    for (int k = 0; k < kAhead; ++k) {
+      const int hi = (x_start + k < t.x1 ? x_start + k : t.x1 - 1) * hi_sx;
+      grads[k] = load_acc<scalar_t, acc_t>(grad_row, hi);
+      keeps[k] = load_acc<scalar_t, acc_t>(keep_row, hi);
+    }
+#pragma unroll
+    for (int k = 0; k < kAhead; ++k) {
+      const int x = x_start + k;
+      if (x >= t.x1) break;
+      Taps<acc_t> tx = bilinear_taps<acc_t>(x, geo.w, geo.scale_x);
+      while (j < tx.i0) store_column();
+      const int x0 = tx.i0 * lo_sx, x1 = tx.i1 * lo_sx;
+      acc_t up_value = bilinear_combine(ty, tx, load_acc<scalar_t, acc_t>(up_row0, x0),
+                                        load_acc<scalar_t, acc_t>(up_row0, x1), load_acc<scalar_t, acc_t>(up_row1, x0),
+                                        load_acc<scalar_t, acc_t>(up_row1, x1));
+      acc_t sem_grad;
+      grad_keep_row[x * hi_sx] = static_cast<scalar_t>(pixel_values(grads[k], keeps[k], up_value, &sem_grad));
+      acc_t weight = tap_weight(tx, j);
+      grad_here = fma_acc(weight, grads[k], grad_here);
+      sem_here = fma_acc(weight, sem_grad, sem_here);
+      weight = tap_weight(tx, j + 1);
+      grad_next = fma_acc(weight, grads[k], grad_next);
+      sem_next = fma_acc(weight, sem_grad, sem_next);
+    }
   }
+  while (j < j_end) store_column();
 }
 
 // Step 2, y-pass items: item = ((ii * reached_columns) + k) * group + slot, low-res pixel
