@@ -130,7 +130,7 @@ def plan(extension, size, low, channels_last, dtype, tile=(0, 0)):
         assert "shared memory" in str(error)
         return None
     keys = ["group", "tile_h", "tile_w", "window_capacity", "row_capacity", "shared_bytes", "most_window", "most_row",
-            "walk", "rim_entries"]
+            "walk", "rim_entries", "written"]
     return dict(zip(keys, values))
 
 
@@ -158,6 +158,8 @@ def test_backward_plan_has_room_for_every_tile(extension, channels_last, dtype):
                 continue
             assert numbers["most_window"] <= numbers["window_capacity"], (height, width, low, tile, numbers)
             assert numbers["most_row"] <= numbers["row_capacity"], (height, width, low, tile, numbers)
+            # each low-res pixel written once: by its tile inside the grid lines, else by the rim pass
+            assert numbers["written"] == low[0] * low[1], (height, width, low, tile, numbers)
             assert numbers["shared_bytes"] <= 48 * 1024
             checked += 1
     assert checked > len(shapes)  # every automatic tiling, and explicit ones within budget

@@ -6,7 +6,7 @@
 //       -> (grad_detail_keep, grad_sem_up, grad_detail_down, grad_sem_keep)
 //   bisenet_cuda::bga_backward_plan(size, low_size, channels_last, dtype, tile_h=0, tile_w=0)
 //       -> [group, tile_h, tile_w, window_capacity, row_capacity, shared_bytes,
-//           most_window_items, most_row_items, walk, rim_entries]
+//           most_window_items, most_row_items, walk, rim_entries, low_res_written]
 //
 // detail_keep / grad_out (N, C, H, W), the others (N, C, h, w). Outputs are in
 // detail_keep's memory format (channels_last when detail_keep is channels_last and not
@@ -17,7 +17,8 @@
 // workspace are made here once for both devices, so a tiling
 // over the kernel's shared-memory budget is the same error on the CPU as on the GPU;
 // bga_backward_plan shows it (size = (N, C, H, W), low_size = (h, w)) with the most
-// elements any tile of it needs, for the tests' sweep of sizes.
+// elements any tile of it needs and how many low-res pixels are written (by the tiles inside
+// their grid lines, then by the rim pass: each once, h * w), for the tests' sweep of sizes.
 //
 // The CPU implementations run the same per-item functions (bga_math.h) as the CUDA
 // kernels, in the same tiling, with the same arithmetic (same_bits.h), so testing them on a
@@ -276,15 +277,18 @@ std::vector<int64_t> bga_backward_plan_impl(at::IntArrayRef size, at::IntArrayRe
     using acc_t = acc_of<scalar_t>;
     const auto geo = make_geometry<acc_t>(hi_sizes, strides, lo_sizes, strides);
     const BgaBackwardPlan plan = backward_plan(geo, group, channels_last, tile_h, tile_w);
-    int64_t most_window = 0, most_row = 0;
+    int64_t most_window = 0, most_row = 0, written = 0;
     for (int tile_y = 0; tile_y * plan.tile_h < geo.h; ++tile_y)
       for (int tile_x = 0; tile_x * plan.tile_w < geo.w; ++tile_x) {
         const BgaTile t = make_tile(geo, 0, 0, plan.group, tile_y, tile_x, plan.tile_h, plan.tile_w);
         most_window = std::max(most_window, tile_window_items(t, plan.group, plan.walk));
         most_row = std::max(most_row, tile_row_items(t, geo, plan.group));
+        for (int ii = 0; ii < reached_rows(t, geo); ++ii)
+          for (int k = 0; k < reached_columns(t, geo); ++k) written += !on_rim(ii, k, plan.tile_h, plan.tile_w);
       }
+    written += rim_pixels(make_tile_rim<acc_t>(nullptr, 1, 1, geo.h, geo.w, plan.tile_h, plan.tile_w, false), geo.h, geo.w);
     result = {plan.group, plan.tile_h, plan.tile_w, plan.window_capacity, plan.row_capacity, plan.shared_bytes, most_window,
-              most_row, plan.walk ? 1 : 0, plan.rim_entries};
+              most_row, plan.walk ? 1 : 0, plan.rim_entries, written};
   });
   return result;
 }
