@@ -214,6 +214,60 @@ def test_backward_walk_and_window_give_the_same_bits(extension, size, low, tile)
 
 
 # ---------------------------------------------------------------------------------------
+# The CPU loops in either item order: no item reads what another item of its phase writes
+
+def run_in_both_orders(monkeypatch, fn):
+    """fn() with the CPU loops' items ascending, then descending (and phases the kernels run
+    side by side in the other order, shared buffers NaN at each block's start): same_bits.h."""
+    monkeypatch.delenv("BISENET_CPU_ITEM_ORDER", raising=False)
+    ascending = fn()
+    monkeypatch.setenv("BISENET_CPU_ITEM_ORDER", "reverse")
+    descending = fn()
+    monkeypatch.delenv("BISENET_CPU_ITEM_ORDER")
+    return ascending, descending
+
+
+def assert_same_bits(first, second, what):
+    for a, b in zip(first, second):
+        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0)), what
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("tile", [(0, 0), (1, 1), (2, 3)])
+def test_bga_loops_give_the_same_bits_in_either_item_order(extension, monkeypatch, channels_last, tile):
+    # a race in the kernels (an item reading what another writes between two barriers) would
+    # make the order matter; so would a buffer entry read before it is written (NaN)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    generator = torch.Generator().manual_seed(7)
+    for size, low in (((2, 20, 33, 35), (9, 9)), ((1, 3, 5, 3), (9, 11))):
+        inputs = [torch.randn(size, generator=generator)] + [torch.randn(*size[:2], *low, generator=generator)
+                                                              for _ in range(3)]
+        inputs = [t.contiguous(memory_format=fmt) for t in inputs]
+        grad_out = torch.randn(size, generator=generator).contiguous(memory_format=fmt)
+        ascending, descending = run_in_both_orders(monkeypatch, lambda: (
+            [extension.bga_forward(*inputs)] + list(extension.bga_backward(grad_out, *inputs, *tile))))
+        assert_same_bits(ascending, descending, (size, low, tile))
+        assert not any(t.isnan().any() for t in ascending), (size, low, tile)
+
+
+@pytest.mark.parametrize("tile", [(0, 0), (1, 1), (2, 3), (5, 64)])
+def test_loss_loops_give_the_same_bits_in_either_item_order(extension, monkeypatch, tile):
+    generator = torch.Generator().manual_seed(8)
+    for low, high in (((9, 13), (67, 101)), ((40, 30), (11, 13))):
+        logits = torch.randn(2, 19, *low, generator=generator)
+        labels = torch.randint(0, 19, (2, *high), generator=generator)
+        labels[:, ::5] = 255
+        grad_loss = torch.randn(2, *high, generator=generator)
+
+        def run():
+            loss, lse = extension.upsample_ce_forward(logits, labels, 255)
+            return [loss, lse, extension.upsample_ce_backward(grad_loss, logits, labels, lse, 255, *tile)]
+        ascending, descending = run_in_both_orders(monkeypatch, run)
+        assert_same_bits(ascending, descending, (low, high, tile))
+        assert not any(t.isnan().any() for t in ascending), (low, high, tile)
+
+
+# ---------------------------------------------------------------------------------------
 # The loss backward's plan (CPU; made on the host for both devices)
 
 CE_PLAN_KEYS = ["band", "chunk", "window_rows", "window_cols", "shared_bytes", "most_rows", "most_cols",

@@ -29,6 +29,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -95,15 +96,15 @@ void forward_cpu_typed(const BgaForwardCall& call) {
   scalar_t* result = call.out.mutable_data_ptr<scalar_t>();
   const scalar_t* detail_down = call.detail_down.const_data_ptr<scalar_t>();
   const scalar_t* sem_keep = call.sem_keep.const_data_ptr<scalar_t>();
-  for (int64_t offset = 0; offset < call.gated.numel(); ++offset) bga_gate_item(offset, detail_down, sem_keep, gated);
+  const bool reversed = cpu_items_reversed();
+  for_items(call.gated.numel(), reversed, [&](int64_t offset) { bga_gate_item(offset, detail_down, sem_keep, gated); });
   constexpr int kVec = 16 / sizeof(scalar_t);
-  const int64_t vectors = call.out.numel() / call.vector;
-  for (int64_t vec = 0; vec < vectors; ++vec) {
+  for_items(call.out.numel() / call.vector, reversed, [&](int64_t vec) {
     if (call.vector == kVec)
       bga_forward_item<scalar_t, acc_t, kVec, int64_t>(vec, geo, call.channels_last, keep, up, gated, result);
     else
       bga_forward_item<scalar_t, acc_t, 1, int64_t>(vec, geo, call.channels_last, keep, up, gated, result);
-  }
+  });
 }
 
 // The backward's plan for these sizes (see the file comment); raises when it cannot launch.
@@ -119,8 +120,9 @@ BgaBackwardPlan backward_plan(const BgaGeometry<acc_t>& geo, int group, bool wal
   return plan;
 }
 
-// The CUDA backward kernels' blocks, one after the other; "threads" are the item loops;
-// the buffers have the plan's capacities, which every tile is checked against.
+// The CUDA backward kernels' blocks, one after the other; "threads" are the item loops (in
+// either order: same_bits.h, cpu_items_reversed); the buffers have the plan's capacities,
+// which every tile is checked against.
 template <typename scalar_t>
 void backward_cpu_typed(const BgaBackwardCall& call) {
   using acc_t = acc_of<scalar_t>;
@@ -135,36 +137,42 @@ void backward_cpu_typed(const BgaBackwardCall& call) {
   const BgaBackwardData<scalar_t> data = backward_data<scalar_t>(call);
   const TileRim<acc_t> rim = backward_rim<acc_t>(call);
   const int groups = (geo.C + group - 1) / group;
-  for (int n = 0; n < geo.N; ++n)
-    for (int group_index = 0; group_index < groups; ++group_index)
-      for (int tile_y = 0; tile_y < rim.tiles_y; ++tile_y)
-        for (int tile_x = 0; tile_x < rim.tiles_x; ++tile_x) {
-          const BgaTile t = make_tile(geo, n, group_index, group, tile_y, tile_x, plan.tile_h, plan.tile_w);
-          const int window_items = static_cast<int>(tile_window_items(t, group, plan.walk));
-          const int row_items = static_cast<int>(tile_row_items(t, geo, group));
-          TORCH_CHECK(window_items <= plan.window_capacity && row_items <= plan.row_capacity,
-                      "bga_backward: tile (", tile_y, ", ", tile_x, ") needs ", window_items, " window and ",
-                      row_items, " row elements, the plan has room for ", plan.window_capacity, " and ",
-                      plan.row_capacity);
-          if (plan.walk) {
-            const int walk_items = static_cast<int>(tile_walk_items(t, group));
-            for (int item = 0; item < walk_items; ++item)
-              backward_walk_item<scalar_t, acc_t>(item, group, t, geo, data, row_grad.data(), row_sem_grad.data());
-          } else {
-            for (int item = 0; item < window_items; ++item)
-              backward_window_item<scalar_t, acc_t>(item, group, t, geo, data, window_grad.data(),
-                                                    window_sem_grad.data());
-            for (int item = 0; item < row_items; ++item)
-              backward_xpass_item<acc_t>(item, group, t, geo, window_grad.data(), window_sem_grad.data(),
-                                         row_grad.data(), row_sem_grad.data());
-          }
-          const int low_items = static_cast<int>(tile_low_items(t, geo, group));
-          for (int item = 0; item < low_items; ++item)
-            backward_ypass_item<scalar_t, acc_t>(item, group, t, geo, row_grad.data(), row_sem_grad.data(), data, rim);
-        }
-  const int64_t rim_items = geo.N * rim_pixels(rim, geo.h, geo.w) * geo.C;
-  for (int64_t item = 0; item < rim_items; ++item)
-    backward_rim_item<scalar_t, acc_t>(item, call.channels_last, geo, rim, data);
+  const int tiles = rim.tiles_y * rim.tiles_x;
+  const bool reversed = cpu_items_reversed();
+  for_items(static_cast<int64_t>(geo.N) * groups * tiles, reversed, [&](int64_t block) {  // (n, group, tile)
+    const int tile = static_cast<int>(block % tiles), group_index = static_cast<int>(block / tiles % groups);
+    const BgaTile t = make_tile(geo, static_cast<int>(block / tiles / groups), group_index, group, tile / rim.tiles_x,
+                                tile % rim.tiles_x, plan.tile_h, plan.tile_w);
+    if (reversed)  // shared memory holds no earlier values: an entry read before it is written gives NaN
+      for (std::vector<acc_t>* buffer : {&window_grad, &window_sem_grad, &row_grad, &row_sem_grad})
+        std::fill(buffer->begin(), buffer->end(), std::numeric_limits<acc_t>::quiet_NaN());
+    const int64_t window_items = tile_window_items(t, group, plan.walk);
+    const int64_t row_items = tile_row_items(t, geo, group);
+    TORCH_CHECK(window_items <= plan.window_capacity && row_items <= plan.row_capacity, "bga_backward: tile (",
+                t.tile_y, ", ", t.tile_x, ") needs ", window_items, " window and ", row_items,
+                " row elements, the plan has room for ", plan.window_capacity, " and ", plan.row_capacity);
+    if (plan.walk) {
+      for_items(tile_walk_items(t, group), reversed, [&](int64_t item) {
+        backward_walk_item<scalar_t, acc_t>(static_cast<int>(item), group, t, geo, data, row_grad.data(),
+                                            row_sem_grad.data());
+      });
+    } else {
+      for_items(window_items, reversed, [&](int64_t item) {
+        backward_window_item<scalar_t, acc_t>(static_cast<int>(item), group, t, geo, data, window_grad.data(),
+                                              window_sem_grad.data());
+      });
+      for_items(row_items, reversed, [&](int64_t item) {
+        backward_xpass_item<acc_t>(static_cast<int>(item), group, t, geo, window_grad.data(), window_sem_grad.data(),
+                                   row_grad.data(), row_sem_grad.data());
+      });
+    }
+    for_items(tile_low_items(t, geo, group), reversed, [&](int64_t item) {
+      backward_ypass_item<scalar_t, acc_t>(static_cast<int>(item), group, t, geo, row_grad.data(), row_sem_grad.data(),
+                                           data, rim);
+    });
+  });
+  for_items(geo.N * rim_pixels(rim, geo.h, geo.w) * geo.C, reversed,
+            [&](int64_t item) { backward_rim_item<scalar_t, acc_t>(item, call.channels_last, geo, rim, data); });
 }
 
 }  // namespace

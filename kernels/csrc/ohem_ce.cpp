@@ -33,6 +33,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -85,7 +86,9 @@ template <typename scalar_t>
 using acc_of = typename std::conditional<std::is_same<scalar_t, double>::value, double, float>::type;
 
 // The CUDA kernel's blocks one after the other, its threads' pixels as a loop; the staged
-// rows in buffers of the plan's capacity, every tile checked against it.
+// rows in buffers of the plan's capacity, every tile checked against it. Phases the kernel
+// runs side by side (the column taps beside the pixels' start, the next class's staging
+// beside this class's pixels) in either order (same_bits.h: cpu_items_reversed).
 template <typename scalar_t, typename label_t>
 void forward_cpu_typed(const CeForwardCall& call, int64_t ignore_index) {
   using acc_t = acc_of<scalar_t>;
@@ -100,31 +103,51 @@ void forward_cpu_typed(const CeForwardCall& call, int64_t ignore_index) {
   std::vector<double> shared((plan.shared_bytes + 7) / 8);  // 8-byte aligned, as the kernel's
   const CeForwardBuffers<acc_t> buf = ce_forward_buffers<acc_t>(reinterpret_cast<unsigned char*>(shared.data()), plan);
   std::vector<CeOnlineLse<acc_t>> states(kCeForwardBand * kCeForwardChunk);
-  for (int64_t block = 0; block < ce_forward_blocks(geo, plan); ++block) {
+  const bool reversed = cpu_items_reversed();
+  for_items(ce_forward_blocks(geo, plan), reversed, [&](int64_t block) {
     const CeForwardTile t = ce_forward_tile(block, geo, plan);
+    if (reversed)  // shared memory holds no earlier values: a read before a write gives NaN (ints -1)
+      memset(shared.data(), 0xFF, shared.size() * sizeof(double));
     TORCH_CHECK(t.rows <= plan.staged_rows, "upsample_ce_forward: rows [", t.y0, ", ", t.y1, ") read ", t.rows,
                 " low-res rows, the plan has room for ", plan.staged_rows);
     const scalar_t* sample = logits + t.n * geo.C * plane;
-    for (int item = 0; item < t.x1 - t.x0; ++item) ce_forward_table_item(item, t, geo, buf);
-    for (int item = 0; item < ce_forward_pixels(t); ++item)
-      states[item] = ce_forward_pixel_start<label_t, acc_t>(item, t, geo, labels + t.n * pixels, ignore_index);
-    for (int c = 0; c < geo.C; ++c) {
-      acc_t* staged = ce_forward_staged_for(buf, c);
-      for (int r = 0; r < t.rows; ++r)
-        for (int x = 0; x < t.x1 - t.x0; ++x)
-          ce_forward_stage_item<scalar_t, acc_t>(r, x, t, geo, sample + c * plane, buf.col_taps, staged);
-      for (int item = 0; item < ce_forward_pixels(t); ++item)
-        if (states[item].label != -1) ce_forward_pixel_class(states[item], c, staged);
+    const int cols = t.x1 - t.x0;
+    const auto tables = [&] { for_items(cols, reversed, [&](int64_t x) { ce_forward_table_item(static_cast<int>(x), t, geo, buf); }); };
+    const auto starts = [&] {
+      for_items(ce_forward_pixels(t), reversed, [&](int64_t item) {
+        states[item] = ce_forward_pixel_start<label_t, acc_t>(static_cast<int>(item), t, geo, labels + t.n * pixels,
+                                                              ignore_index);
+      });
+    };
+    const auto stage = [&](int c) {
+      for_items(static_cast<int64_t>(t.rows) * cols, reversed, [&](int64_t item) {
+        ce_forward_stage_item<scalar_t, acc_t>(static_cast<int>(item / cols), static_cast<int>(item % cols), t, geo,
+                                               sample + c * plane, buf.col_taps, ce_forward_staged_for(buf, c));
+      });
+    };
+    const auto add_class = [&](int c) {
+      for_items(ce_forward_pixels(t), reversed, [&](int64_t item) {
+        if (states[item].label != -1) ce_forward_pixel_class(states[item], c, ce_forward_staged_for(buf, c));
+      });
+    };
+    if (reversed) { starts(); tables(); } else { tables(); starts(); }
+    stage(0);
+    for (int c = 0; c < geo.C; ++c) {  // class c's pixels beside class c + 1's staging
+      if (reversed) add_class(c);
+      if (c + 1 < geo.C) stage(c + 1);
+      if (!reversed) add_class(c);
     }
-    for (int item = 0; item < ce_forward_pixels(t); ++item) {
+    for_items(ce_forward_pixels(t), reversed, [&](int64_t item) {
       const int64_t p = t.n * pixels + static_cast<int64_t>(t.y0 + states[item].y) * geo.W + t.x0 + states[item].x;
       ce_forward_pixel_finish(states[item], loss + p, lse + p);
-    }
-  }
+    });
+  });
 }
 
-// The CUDA kernel's blocks one after the other; "threads" are the item loops, "shared
-// memory" one buffer of the plan's bytes laid out as the kernel lays it out.
+// The CUDA kernels' blocks one after the other; "threads" are the item loops, "shared
+// memory" one buffer of the plan's bytes laid out as the kernel lays it out. Phases the
+// kernel runs side by side (the tables beside the pixels, the next class's staging beside
+// this class's outputs) in either order (same_bits.h: cpu_items_reversed).
 template <typename scalar_t, typename label_t>
 void backward_cpu_typed(const CeBackwardCall& call, int64_t ignore_index) {
   using acc_t = acc_of<scalar_t>;
@@ -143,30 +166,52 @@ void backward_cpu_typed(const CeBackwardCall& call, int64_t ignore_index) {
   const CeBackwardBuffers<acc_t> buf =
       ce_backward_buffers<acc_t>(reinterpret_cast<unsigned char*>(shared.data()), plan);
   const TileRim<acc_t> rim = backward_rim<acc_t>(call);
-  for (int64_t block = 0; block < ce_backward_blocks(geo, plan); ++block) {
+  const bool reversed = cpu_items_reversed();
+  for_items(ce_backward_blocks(geo, plan), reversed, [&](int64_t block) {
     const CeTile t = ce_backward_tile(block, geo, plan);
+    if (reversed)  // shared memory holds no earlier values: a read before a write gives NaN (ints -1)
+      memset(shared.data(), 0xFF, shared.size() * sizeof(double));
     TORCH_CHECK(t.wy1 - t.wy0 <= plan.window_rows && t.wx1 - t.wx0 <= plan.window_cols && t.rows <= plan.band + 1,
                 "upsample_ce_backward: tile at low-res (", t.ly0, ", ", t.lx0, ") has a ", t.wy1 - t.wy0, "x",
                 t.wx1 - t.wx0, " window reading ", t.rows, " rows, the plan has room for ", plan.window_rows, "x",
                 plan.window_cols, " and ", plan.band + 1);
     const scalar_t* sample = logit_data + t.n * geo.C * plane;
     scalar_t* sample_out = out + t.n * geo.C * plane;
-    for (int item = 0; item < ce_tile_tables(t, geo.w); ++item) ce_backward_table_item(item, t, geo, buf);
-    for (int item = 0; item < ce_tile_window(t); ++item)
-      ce_backward_pixel_item<label_t, acc_t>(item, t, geo, labels + t.n * pixels, grad_loss + t.n * pixels,
-                                             lse + t.n * pixels, ignore_index, buf);
+    const int cols = t.wx1 - t.wx0;
+    const auto tables = [&] {
+      for_items(ce_tile_tables(t, geo.w), reversed,
+                [&](int64_t item) { ce_backward_table_item(static_cast<int>(item), t, geo, buf); });
+    };
+    const auto pixel_items = [&] {
+      for_items(ce_tile_window(t), reversed, [&](int64_t item) {
+        ce_backward_pixel_item<label_t, acc_t>(static_cast<int>(item), t, geo, labels + t.n * pixels,
+                                               grad_loss + t.n * pixels, lse + t.n * pixels, ignore_index, buf);
+      });
+    };
+    const auto stage = [&](int c) {
+      for_items(static_cast<int64_t>(t.rows) * cols, reversed, [&](int64_t item) {
+        ce_backward_stage_item<scalar_t, acc_t>(static_cast<int>(item / cols), static_cast<int>(item % cols), t, geo,
+                                                sample + c * plane, buf);
+      });
+    };
+    const auto outputs = [&](int c) {
+      for_items(ce_tile_outputs(t, geo.h, geo.w), reversed, [&](int64_t item) {
+        ce_backward_output_item<scalar_t, acc_t>(static_cast<int>(item), c, t, geo, buf, rim, sample_out + c * plane);
+      });
+    };
+    if (reversed) { pixel_items(); tables(); } else { tables(); pixel_items(); }
+    stage(0);
     for (int c = 0; c < geo.C; ++c) {
-      for (int r = 0; r < t.rows; ++r)
-        for (int x = 0; x < t.wx1 - t.wx0; ++x)
-          ce_backward_stage_item<scalar_t, acc_t>(r, x, t, geo, sample + c * plane, buf);
-      for (int k = 0; k < ce_tile_segments(t); ++k)
-        for (int x = 0; x < t.wx1 - t.wx0; ++x) ce_backward_segment_item(k, x, c, t, buf);
-      for (int item = 0; item < ce_tile_outputs(t, geo.h, geo.w); ++item)
-        ce_backward_output_item<scalar_t, acc_t>(item, c, t, geo, buf, rim, sample_out + c * plane);
+      for_items(static_cast<int64_t>(ce_tile_segments(t)) * cols, reversed, [&](int64_t item) {
+        ce_backward_segment_item(static_cast<int>(item / cols), static_cast<int>(item % cols), c, t, buf);
+      });
+      if (reversed && c + 1 < geo.C) stage(c + 1);  // the next class's staging beside this class's outputs
+      outputs(c);
+      if (!reversed && c + 1 < geo.C) stage(c + 1);
     }
-  }
+  });
   const int64_t rim_items = geo.N * geo.C * rim_pixels(rim, geo.h, geo.w);
-  for (int64_t item = 0; item < rim_items; ++item) ce_backward_rim_item<scalar_t, acc_t>(item, geo, rim, out);
+  for_items(rim_items, reversed, [&](int64_t item) { ce_backward_rim_item<scalar_t, acc_t>(item, geo, rim, out); });
 }
 
 // The backward's plan for these sizes (see the file comment); raises when it cannot launch.

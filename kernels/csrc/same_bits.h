@@ -17,6 +17,7 @@
 
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #if defined(__CUDACC__)
@@ -26,6 +27,25 @@
 #endif
 
 namespace bisenet {
+
+// Host only: the order of the CPU loops' items. The CPU loops run each kernel phase's items
+// (and blocks) one after the other, ascending; with BISENET_CPU_ITEM_ORDER=reverse,
+// descending, and where a kernel runs two phases side by side with no barrier between them,
+// the other one first. An item that reads what another item of its phase (or of the phase
+// beside it) writes, a race on the GPU, then gives other bits: the tests compare the orders.
+inline bool cpu_items_reversed() {
+  const char* order = getenv("BISENET_CPU_ITEM_ORDER");
+  return order != nullptr && strcmp(order, "reverse") == 0;
+}
+
+template <typename F>
+inline void for_items(int64_t count, bool reversed, F f) {
+  if (reversed) {
+    for (int64_t item = count - 1; item >= 0; --item) f(item);
+  } else {
+    for (int64_t item = 0; item < count; ++item) f(item);
+  }
+}
 
 BISENET_HD float fma_acc(float a, float b, float c) { return fmaf(a, b, c); }
 BISENET_HD double fma_acc(double a, double b, double c) { return fma(a, b, c); }
