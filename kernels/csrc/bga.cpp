@@ -172,7 +172,7 @@ void backward_cpu_typed(const BgaBackwardCall& call) {
     });
   });
   for_items(geo.N * rim_pixels(rim, geo.h, geo.w) * geo.C, reversed,
-            [&](int64_t item) { backward_rim_item<scalar_t, acc_t>(item, call.channels_last, geo, rim, data); });
+            [&](int64_t item) { backward_rim_item<scalar_t, acc_t, int64_t>(item, call.channels_last, geo, rim, data); });
 }
 
 }  // namespace

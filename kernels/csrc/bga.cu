@@ -91,12 +91,12 @@ __global__ void __launch_bounds__(kThreads) bga_backward_kernel(
 }
 
 // Backward, kernel 2: one thread per low-res pixel on a grid line and channel.
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename index_t>
 __global__ void __launch_bounds__(kThreads) bga_backward_rim_kernel(
-    BgaGeometry<acc_t> geo, BgaBackwardData<scalar_t> data, TileRim<acc_t> rim, bool channels_last, int64_t count) {
-  for (int64_t item = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; item < count;
-       item += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    backward_rim_item<scalar_t, acc_t>(item, channels_last, geo, rim, data);
+    BgaGeometry<acc_t> geo, BgaBackwardData<scalar_t> data, TileRim<acc_t> rim, bool channels_last, index_t count) {
+  for (index_t item = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; item < count;
+       item += static_cast<index_t>(gridDim.x) * blockDim.x)
+    backward_rim_item<scalar_t, acc_t, index_t>(item, channels_last, geo, rim, data);
 }
 
 template <typename scalar_t>
@@ -170,8 +170,12 @@ void backward_typed(const BgaBackwardCall& call) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const int64_t count = geo.N * rim_pixels(rim, geo.h, geo.w) * geo.C;
   const int64_t blocks = std::min<int64_t>((count + kThreads - 1) / kThreads, 65535LL * 8);
-  bga_backward_rim_kernel<scalar_t, acc_t><<<blocks, kThreads, 0, stream>>>(geo, data, rim, call.channels_last,
-                                                                           count);
+  if (count < (int64_t{1} << 30))  // item + the grid's stride (at most 2^29) below 2^31
+    bga_backward_rim_kernel<scalar_t, acc_t, int32_t><<<blocks, kThreads, 0, stream>>>(
+        geo, data, rim, call.channels_last, static_cast<int32_t>(count));
+  else
+    bga_backward_rim_kernel<scalar_t, acc_t, int64_t><<<blocks, kThreads, 0, stream>>>(geo, data, rim,
+                                                                                    call.channels_last, count);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

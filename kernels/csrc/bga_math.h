@@ -392,21 +392,21 @@ BISENET_HD void backward_ypass_item(int item, int group, const BgaTile& t, const
 // The grid-line pixels' pass, item = (n * rim_pixels + p) * C + c in channels_last,
 // (n * C + c) * rim_pixels + p in NCHW (consecutive threads along the low-res layout's
 // fastest dimension): the partial sums of the tiles that reach the pixel (rim_sum), then
-// the three gradients.
-template <typename scalar_t, typename acc_t>
-BISENET_HD void backward_rim_item(int64_t item, bool channels_last, const BgaGeometry<acc_t>& geo,
+// the three gradients. index_t: int32_t where the items fit (the divisions that find an
+// item's pixel are several times cheaper), else int64_t.
+template <typename scalar_t, typename acc_t, typename index_t>
+BISENET_HD void backward_rim_item(index_t item, bool channels_last, const BgaGeometry<acc_t>& geo,
                                   const TileRim<acc_t>& rim, const BgaBackwardData<scalar_t>& d) {
-  const int64_t pixels = rim_pixels(rim, geo.h, geo.w);
-  int n, c;
-  int64_t p;
+  const index_t pixels = static_cast<index_t>(rim_pixels(rim, geo.h, geo.w));
+  int n, c, p;
   if (channels_last) {
     c = static_cast<int>(item % geo.C);
-    int64_t rest = item / geo.C;
-    p = rest % pixels;
+    const index_t rest = item / geo.C;
+    p = static_cast<int>(rest % pixels);
     n = static_cast<int>(rest / pixels);
   } else {
-    p = item % pixels;
-    int64_t rest = item / pixels;
+    p = static_cast<int>(item % pixels);
+    const index_t rest = item / pixels;
     c = static_cast<int>(rest % geo.C);
     n = static_cast<int>(rest / geo.C);
   }

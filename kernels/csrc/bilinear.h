@@ -159,15 +159,15 @@ BISENET_HD int64_t rim_pixels(const TileRim<acc_t>& rim, int h, int w) {
 }
 
 template <typename acc_t>
-BISENET_HD void rim_pixel(const TileRim<acc_t>& rim, int h, int w, int64_t p, int* i, int* j) {
-  const int64_t on_rows = static_cast<int64_t>(rim.tiles_y) * w;
+BISENET_HD void rim_pixel(const TileRim<acc_t>& rim, int h, int w, int p, int* i, int* j) {
+  const int on_rows = rim.tiles_y * w;
   if (p < on_rows) {
-    *i = static_cast<int>(p / w) * rim.tile_h;
-    *j = static_cast<int>(p % w);
+    *i = p / w * rim.tile_h;
+    *j = p % w;
   } else {  // the q-th row that is not a grid row (tile_h > 1 here) of grid column k
-    const int64_t q = (p - on_rows) % (h - rim.tiles_y);
-    *j = static_cast<int>((p - on_rows) / (h - rim.tiles_y)) * rim.tile_w;
-    *i = static_cast<int>(q / (rim.tile_h - 1)) * rim.tile_h + static_cast<int>(q % (rim.tile_h - 1)) + 1;
+    const int q = (p - on_rows) % (h - rim.tiles_y);
+    *j = (p - on_rows) / (h - rim.tiles_y) * rim.tile_w;
+    *i = q / (rim.tile_h - 1) * rim.tile_h + q % (rim.tile_h - 1) + 1;
   }
 }
 

@@ -211,7 +211,7 @@ void backward_cpu_typed(const CeBackwardCall& call, int64_t ignore_index) {
     }
   });
   const int64_t rim_items = geo.N * geo.C * rim_pixels(rim, geo.h, geo.w);
-  for_items(rim_items, reversed, [&](int64_t item) { ce_backward_rim_item<scalar_t, acc_t>(item, geo, rim, out); });
+  for_items(rim_items, reversed, [&](int64_t item) { ce_backward_rim_item<scalar_t, acc_t, int64_t>(item, geo, rim, out); });
 }
 
 // The backward's plan for these sizes (see the file comment); raises when it cannot launch.

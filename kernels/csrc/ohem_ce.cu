@@ -145,12 +145,12 @@ __global__ void __launch_bounds__(kThreads) ce_backward_kernel(
 }
 
 // The grid-line logits: one thread per (sample, class, grid-line low-res pixel).
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename index_t>
 __global__ void __launch_bounds__(kThreads) ce_backward_rim_kernel(CeGeometry<acc_t> geo, TileRim<acc_t> rim,
-                                                                  int64_t count, scalar_t* __restrict__ grad_logits) {
-  for (int64_t item = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; item < count;
-       item += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    ce_backward_rim_item<scalar_t, acc_t>(item, geo, rim, grad_logits);
+                                                                  index_t count, scalar_t* __restrict__ grad_logits) {
+  for (index_t item = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; item < count;
+       item += static_cast<index_t>(gridDim.x) * blockDim.x)
+    ce_backward_rim_item<scalar_t, acc_t, index_t>(item, geo, rim, grad_logits);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -318,7 +318,11 @@ void backward_typed(const CeBackwardCall& call, int64_t ignore_index) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const int64_t count = static_cast<int64_t>(geo.N) * geo.C * rim_pixels(rim, geo.h, geo.w);
   const int64_t blocks = std::min<int64_t>((count + kThreads - 1) / kThreads, 65535LL * 8);
-  ce_backward_rim_kernel<scalar_t, acc_t><<<blocks, kThreads, 0, stream>>>(geo, rim, count, grad_logits);
+  if (count < (int64_t{1} << 30))  // item + the grid's stride (at most 2^29) below 2^31
+    ce_backward_rim_kernel<scalar_t, acc_t, int32_t>
+        <<<blocks, kThreads, 0, stream>>>(geo, rim, static_cast<int32_t>(count), grad_logits);
+  else
+    ce_backward_rim_kernel<scalar_t, acc_t, int64_t><<<blocks, kThreads, 0, stream>>>(geo, rim, count, grad_logits);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -536,17 +536,18 @@ BISENET_HD void ce_backward_output_item(int item, int c, const CeTile& t, const 
 }
 
 // The grid-line logits' pass, item = (n * C + c) * rim_pixels + p: the sum of the tiles'
-// partial gradients (rim_sum) into grad_logits (N, C, h, w).
-template <typename scalar_t, typename acc_t>
-BISENET_HD void ce_backward_rim_item(int64_t item, const CeGeometry<acc_t>& geo, const TileRim<acc_t>& rim,
+// partial gradients (rim_sum) into grad_logits (N, C, h, w). index_t: int32_t where the
+// items fit, else int64_t.
+template <typename scalar_t, typename acc_t, typename index_t>
+BISENET_HD void ce_backward_rim_item(index_t item, const CeGeometry<acc_t>& geo, const TileRim<acc_t>& rim,
                                      scalar_t* grad_logits) {
-  const int64_t pixels = rim_pixels(rim, geo.h, geo.w);
-  const int64_t p = item % pixels;
-  const int64_t plane_index = item / pixels;  // n * C + c
+  const index_t pixels = static_cast<index_t>(rim_pixels(rim, geo.h, geo.w));
+  const int p = static_cast<int>(item % pixels);
+  const index_t plane_index = item / pixels;  // n * C + c
   const int c = static_cast<int>(plane_index % geo.C), n = static_cast<int>(plane_index / geo.C);
   int i, j;
   rim_pixel(rim, geo.h, geo.w, p, &i, &j);
-  grad_logits[plane_index * geo.h * geo.w + static_cast<int64_t>(i) * geo.w + j] =
+  grad_logits[static_cast<int64_t>(plane_index) * geo.h * geo.w + static_cast<int64_t>(i) * geo.w + j] =
       static_cast<scalar_t>(rim_sum(rim, 0, n, c, i, j));
 }
 
