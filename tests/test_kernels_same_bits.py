@@ -51,8 +51,9 @@ def test_exp_edges(extension):
 
 
 def test_exp2_within_two_ulp(extension):
-    # every u whose 2^u is a normal number, densely; below, the result is subnormal or 0
-    u = float32_sweep(-126.0, 127.99)
+    # every u whose 2^u is a normal number, densely, up to 127.5 (from there inf: same_bits.h);
+    # below -126, the result is subnormal or 0
+    u = float32_sweep(-126.0, 127.49)
     y = extension.same_bits_math(u, "exp2")
     assert ulps(y.numpy(), np.exp2(u.numpy().astype(np.longdouble)), EPS32).max() <= 2
     u64 = u.double() * (1 + 1e-9)
@@ -61,12 +62,17 @@ def test_exp2_within_two_ulp(extension):
 
 
 def test_exp2_edges(extension):
-    u = torch.tensor([float("nan"), float("inf"), -float("inf"), 128.0, -127.0, -200.0, 0.0, -0.0, 1.0, -126.0])
+    u = torch.tensor([float("nan"), float("inf"), -float("inf"), 128.0, -127.0, -200.0, 0.0, -0.0, 1.0, -126.0,
+                      127.5, 127.0, -126.75, -0.5, 0.5])
     y = extension.same_bits_math(u, "exp2")
     assert math.isnan(y[0]) and y[1] == math.inf and y[2] == 0 and y[3] == math.inf
     assert y[4] == 0 and y[5] == 0 and y[6] == 1 and y[7] == 1 and y[8] == 2 and y[9] == 2.0 ** -126
-    y64 = extension.same_bits_math(torch.tensor([1024.0, -1023.0, -1022.0, 10.0], dtype=torch.float64), "exp2")
+    assert y[10] == math.inf and y[11] == 2.0 ** 127 and y[12] == 0  # the clamp's edges
+    assert abs(y[13] - 2 ** -0.5) <= 2 * 2 ** -24 and abs(y[14] - 2 ** 0.5) <= 2 * 2 ** -23  # f at +-1/2
+    y64 = extension.same_bits_math(torch.tensor([1024.0, -1023.0, -1022.0, 10.0, 1023.5, float("nan")],
+                                                dtype=torch.float64), "exp2")
     assert y64[0] == math.inf and y64[1] == 0 and y64[2] == 2.0 ** -1022 and y64[3] == 1024
+    assert y64[4] == math.inf and math.isnan(y64[5])
 
 
 def test_exp_by_prescaled_exp2_bound(extension):

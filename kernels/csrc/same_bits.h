@@ -10,7 +10,8 @@
 // Accuracy (tests/test_kernels_same_bits.py measures it against long double references):
 //   exp_acc: |relative error| <= 2 ulp; results below the smallest normal number flush to 0
 //            (about 1e-38 in float, 2e-308 in double), above the largest give inf;
-//   exp2_acc: |relative error| <= 2 ulp; 2^u for u < -126 (-1022) flushes to 0;
+//   exp2_acc: |relative error| <= 2 ulp for u < 127.5 (1023.5); 2^u for u < -126.5 (-1022.5)
+//             flushes to 0, for u >= 127.5 (1023.5) is inf;
 //   log_acc: |error| <= 2 ulp of the result's magnitude or 2^-24 (2^-53) absolute near 1.
 // Light on purpose: no torch headers.
 #pragma once
@@ -147,10 +148,15 @@ BISENET_HD double exp_acc(double x) {
 
 // 2^u = 2^n 2^f, n = rint(u), f = u - n in [-1/2, 1/2] (exact: no reduction error, the
 // reason it is cheaper than exp_acc), 2^f = exp(f ln 2) by its Taylor polynomial in f
-// (float: to f^7, truncation 5e-9 relative; double: to f^13, 4e-18), 2^n from its bits.
-// No branch: u is clamped to [-127, 128] by selects (NaN passes through them and gives NaN),
-// so u < -126.5 gives 0 (exp_acc likewise flushes results below the smallest normal; here
-// u in [-126.5, -126) gives a subnormal) and u >= 127.5 gives inf.
+// (float: to f^7, truncation 5e-9 relative; double: to f^13, 4e-18), 2^n from its bits:
+// n + 1.5 * 2^23 (2^52) holds n in its low bits (exact, an integer below 2^22 added to
+// 1.5 * 2^23), and shifted left by 23 (52) the constant's bits fall off, leaving n << 23; so
+// 2^n's bits are one shift and one add, with no conversion to int and no branch.
+// u is clamped to [-127, 128] by selects (NaN passes through them and gives NaN): u < -126.5
+// gives 0 (exp_acc likewise flushes results below the smallest normal; u in [-126.5, -126)
+// gives a subnormal) and u >= 127.5 gives inf (n = 128: the bits of inf; 2^u overflows from
+// u = 128, so [127.5, 128) gives inf for a value just below the largest float). The kernels
+// take u <= 0 (a logit minus its log-sum-exp, or minus the running maximum).
 // exp(x) is exp2_acc(x * log2(e)) with log2(e) applied ahead (the loss scales its logits
 // once per low-res value, not once per exp): the rounding of x * log2(e) adds up to
 // |x| 2^-24 (2^-53) relative to the result, besides exp2_acc's own 2 ulp
@@ -173,12 +179,8 @@ BISENET_HD float exp2_acc(float u) {
   p = fma_acc(p, f, 2.4022650695910072e-01f);
   p = fma_acc(p, f, 6.9314718055994531e-01f);
   p = fma_acc(p, f, 1.0f);
-  int exponent = n == n ? static_cast<int>(n) : 0;  // [-127, 128]: -127 makes the scale +0
-  if (exponent > 127) {  // 2^128 has no float: scale by 2 first (exact)
-    p *= 2.0f;
-    exponent -= 1;
-  }
-  return p * bits_to_value(static_cast<int32_t>((exponent + 127) << 23));
+  const uint32_t n_bits = static_cast<uint32_t>(value_to_bits(n + 12582912.0f));  // 1.5 * 2^23 + n
+  return p * bits_to_value(static_cast<int32_t>((n_bits << 23) + 0x3F800000u));  // (n + 127) << 23
 }
 
 BISENET_HD double exp2_acc(double u) {
@@ -200,12 +202,8 @@ BISENET_HD double exp2_acc(double u) {
   p = fma_acc(p, f, 2.4022650695910072e-01);
   p = fma_acc(p, f, 6.9314718055994531e-01);
   p = fma_acc(p, f, 1.0);
-  int64_t exponent = n == n ? static_cast<int64_t>(n) : 0;
-  if (exponent > 1023) {
-    p *= 2.0;
-    exponent -= 1;
-  }
-  return p * bits_to_value(static_cast<int64_t>((exponent + 1023) << 52));
+  const uint64_t n_bits = static_cast<uint64_t>(value_to_bits(n + 6755399441055744.0));  // 1.5 * 2^52 + n
+  return p * bits_to_value(static_cast<int64_t>((n_bits << 52) + 0x3FF0000000000000ull));  // (n + 1023) << 52
 }
 
 BISENET_HD float log2e(float) { return kLog2eFloat; }
