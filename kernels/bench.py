@@ -280,6 +280,10 @@ def header(device, copy_gbs):
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(f"kernels.bench: error: --device {args.device}, but torch sees no CUDA device "
+              "(--device cpu times the eager column alone)", file=sys.stderr)
+        raise SystemExit(2)
     if device.type == "cuda":
         from . import load, use_kernels
         load()

@@ -11,3 +11,14 @@ def test_quick_bench_prints_a_row_per_case(tmp_path, capsys):
     table = out.read_text().splitlines()
     assert table[0].startswith("device: CPU") and len([line for line in table if line.startswith("| loss")]) == 8
     assert "OHEM main 1/8 2x19x8x8 -> 64^2 bf16" in capsys.readouterr().out
+
+
+def test_cuda_bench_without_cuda_is_one_line(capsys):
+    import pytest
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["--quick"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().endswith("torch sees no CUDA device (--device cpu times the eager column alone)")
