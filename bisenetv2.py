@@ -37,7 +37,6 @@ Only torch is needed. The fused CUDA kernels of this project plug into the BGA t
 `model.bga.aggregate = kernels.bga_aggregate`; the pure-PyTorch `bga_aggregate` below
 computes the same function.
 """
-import math
 import pickle
 
 import torch

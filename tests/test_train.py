@@ -41,7 +41,7 @@ def run_patched(patch, *argv):
     failure that a test cannot cause from outside, e.g. a full disk)."""
     code = "\n".join([f"import runpy, sys; sys.path.insert(0, {str(ROOT)!r})", patch,
                       f"sys.argv[0] = {str(ROOT / 'train_ddp.py')!r}",
-                      f"runpy.run_path(sys.argv[0], run_name='__main__')"])
+                      "runpy.run_path(sys.argv[0], run_name='__main__')"])
     result = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=300)
     return result.returncode, result.stdout, result.stderr
 
