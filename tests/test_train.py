@@ -299,19 +299,25 @@ def torchrun(args):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def torchrun_reference_then_started(tmp_path, common):
+    """An uninterrupted torchrun run into tmp_path/a (it must succeed), then a second one
+    into tmp_path/b, returned once it has written iter_9.pt."""
+    reference = torchrun([*common, "--save-dir", str(tmp_path / "a")])
+    output = reference.communicate(timeout=600)[0]
+    assert reference.returncode == 0, output
+    started = torchrun([*common, "--save-dir", str(tmp_path / "b")])
+    deadline = time.time() + 300
+    while not (tmp_path / "b" / "iter_9.pt").exists():
+        assert started.poll() is None and time.time() < deadline, started.communicate()[0]
+        time.sleep(0.05)
+    return started
+
+
 @pytest.mark.slow
 def test_torchrun_sigkill_then_resume_is_bitwise_exact(tmp_path):
     root = make_dataset(tmp_path / "data", num_train=6)
     common = ["--data-dir", str(root), "--iters", "30", "--save-interval", "3", "--keep-checkpoints", "3", *TINY]
-    reference = torchrun([*common, "--save-dir", str(tmp_path / "a")])
-    output = reference.communicate(timeout=600)[0]
-    assert reference.returncode == 0, output
-
-    killed = torchrun([*common, "--save-dir", str(tmp_path / "b")])
-    deadline = time.time() + 300
-    while not (tmp_path / "b" / "iter_9.pt").exists():
-        assert killed.poll() is None and time.time() < deadline, killed.communicate()[0]
-        time.sleep(0.05)
+    killed = torchrun_reference_then_started(tmp_path, common)
     os.killpg(killed.pid, signal.SIGKILL)
     killed.communicate()
     left = list((tmp_path / "b").glob("iter_*.pt"))
@@ -359,15 +365,7 @@ def test_torchrun_sigterm_saves_then_resume_is_bitwise_exact(tmp_path):
     root = make_dataset(tmp_path / "data", num_train=6)
     common = ["--data-dir", str(root), "--iters", "30", "--save-interval", "3", "--keep-checkpoints", "3", *TINY,
               "--num-workers", "1"]
-    reference = torchrun([*common, "--save-dir", str(tmp_path / "a")])
-    output = reference.communicate(timeout=600)[0]
-    assert reference.returncode == 0, output
-
-    stopped = torchrun([*common, "--save-dir", str(tmp_path / "b")])
-    deadline = time.time() + 300
-    while not (tmp_path / "b" / "iter_9.pt").exists():
-        assert stopped.poll() is None and time.time() < deadline, stopped.communicate()[0]
-        time.sleep(0.05)
+    stopped = torchrun_reference_then_started(tmp_path, common)
     os.killpg(stopped.pid, signal.SIGTERM)
     output = stopped.communicate(timeout=300)[0]
     assert stopped.returncode != 0, output

@@ -291,8 +291,7 @@ std::vector<int64_t> bga_backward_plan_impl(at::IntArrayRef size, at::IntArrayRe
         const BgaTile t = make_tile(geo, 0, 0, plan.group, tile_y, tile_x, plan.tile_h, plan.tile_w);
         most_window = std::max(most_window, tile_window_items(t, plan.group, plan.walk));
         most_row = std::max(most_row, tile_row_items(t, geo, plan.group));
-        for (int ii = 0; ii < reached_rows(t, geo); ++ii)
-          for (int k = 0; k < reached_columns(t, geo); ++k) written += !on_rim(ii, k, plan.tile_h, plan.tile_w);
+        written += tile_finished_pixels(reached_rows(t, geo), reached_columns(t, geo), plan.tile_h, plan.tile_w);
       }
     written += rim_pixels(make_tile_rim<acc_t>(nullptr, 1, 1, geo.h, geo.w, plan.tile_h, plan.tile_w, false), geo.h, geo.w);
     result = {plan.group, plan.tile_h, plan.tile_w, plan.window_capacity, plan.row_capacity, plan.shared_bytes, most_window,

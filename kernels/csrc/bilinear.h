@@ -137,6 +137,15 @@ inline int64_t tile_rim_elements(int values, int N, int C, int h, int w, int til
 BISENET_HD bool on_rim(int ii, int jj, int tile_h, int tile_w) {
   return ii == 0 || jj == 0 || ii == tile_h || jj == tile_w;
 }
+// Host side: how many of the rows x cols low-res pixels a tile reaches it finishes itself
+// (those not on_rim); the plan ops count the outputs written with it.
+inline int64_t tile_finished_pixels(int rows, int cols, int tile_h, int tile_w) {
+  int64_t finished = 0;
+  for (int ii = 0; ii < rows; ++ii)
+    for (int jj = 0; jj < cols; ++jj) finished += !on_rim(ii, jj, tile_h, tile_w);
+  return finished;
+}
+
 BISENET_HD int rim_entry(int ii, int jj, int tile_h, int tile_w) {
   if (ii == 0) return jj;
   if (ii == tile_h) return tile_w + 1 + jj;

@@ -403,10 +403,7 @@ std::vector<int64_t> backward_plan_numbers(at::IntArrayRef size, at::IntArrayRef
     most_rows = std::max<int64_t>(most_rows, t.wy1 - t.wy0);
     most_cols = std::max<int64_t>(most_cols, t.wx1 - t.wx0);
     most_staged = std::max<int64_t>(most_staged, t.rows);
-    for (int item = 0; item < ce_tile_outputs(t, geo.h, geo.w); ++item) {
-      const int reached_cols = ce_reached_cols(t, geo.w);
-      written += !on_rim(item / reached_cols, item % reached_cols, plan.band, plan.chunk);
-    }
+    written += tile_finished_pixels(ce_reached_rows(t, geo.h), ce_reached_cols(t, geo.w), plan.band, plan.chunk);
   }
   written += rim_pixels(make_tile_rim<acc_t>(nullptr, 1, 1, geo.h, geo.w, plan.band, plan.chunk, false), geo.h, geo.w);
   return {plan.band, plan.chunk, plan.window_rows, plan.window_cols, plan.shared_bytes, most_rows, most_cols,
