@@ -141,9 +141,9 @@ def ohem_cross_entropy_reference(logits, labels, thresh=0.7, min_kept=None, igno
 
 # ---------------------------------------------------------------------------------------
 # The OHEM selection as one op: per-pixel weights, normalised, so that sum(weights * loss)
-# is the OHEM loss. On CUDA a dozen small kernels with the running counts on the device
-# (csrc/ohem_ce.cu: counts, a radix select of the k-th largest loss, the weights), no host
-# synchronisation; elsewhere the sort-based reference.
+# is the OHEM loss. On CUDA five launches for float32 with the running counts on the device
+# (csrc/ohem_ce.cu: a radix select of the k-th largest loss, 4 passes, the first also
+# counting; the weights), no host synchronisation; elsewhere the sort-based reference.
 
 def ohem_weights_reference(loss, labels, ignore_index, threshold, min_kept, class_weights=None):
     """ohem_weights (above) for the op's arguments (min_kept < 0: valid // 16), times each

@@ -286,8 +286,6 @@ OhemCall prepare_ohem_weights(const at::Tensor& loss, const at::Tensor& labels, 
   call.loss = loss.contiguous();
   call.labels = labels.contiguous();
   call.weights = at::empty_like(call.loss);
-  call.state = at::zeros({kOhemStateSize}, loss.options().dtype(at::kLong));
-  call.counts = at::zeros({256}, loss.options().dtype(at::kLong));
   call.threshold = threshold;
   call.min_kept = min_kept;
   if (class_weights.has_value()) {
@@ -299,9 +297,14 @@ OhemCall prepare_ohem_weights(const at::Tensor& loss, const at::Tensor& labels, 
                 weights.scalar_type(), " on ", weights.device());
     call.classes = static_cast<int>(weights.numel());
     call.class_weights = weights.contiguous();
-    call.class_counts = at::zeros({2, weights.numel()}, loss.options().dtype(at::kLong));
-    call.class_total = at::zeros({1}, loss.options());
+    call.class_total = at::empty({1}, loss.options());
   }
+  const int64_t passes = loss.element_size();  // ohem_passes: 8 bits a pass
+  const at::Tensor scratch = at::zeros({kOhemStateSize + 256 * passes + 2 * call.classes},
+                                       loss.options().dtype(at::kLong));  // one launch zeroes all
+  call.state = scratch.narrow(0, 0, kOhemStateSize);
+  call.counts = scratch.narrow(0, kOhemStateSize, 256 * passes).view({passes, 256});
+  if (call.classes > 0) call.class_counts = scratch.narrow(0, kOhemStateSize + 256 * passes, 2 * call.classes);
   return call;
 }
 
@@ -337,29 +340,22 @@ void ohem_weights_cpu_typed(const OhemCall& call, int64_t ignore_index) {
   int64_t* counts = call.counts.mutable_data_ptr<int64_t>();
   const int64_t pixels = call.loss.numel();
   const acc_t threshold = static_cast<acc_t>(call.threshold);
-  for (int64_t p = 0; p < pixels; ++p) {
-    const bool valid = static_cast<int64_t>(labels[p]) != ignore_index;
-    state[kOhemValid] += valid;
-    state[kOhemHard] += valid && loss[p] > threshold;
-  }
-  ohem_setup(state, call.min_kept);
-  if (!state[kOhemUseHard]) {
-    for (int shift = static_cast<int>(sizeof(acc_t)) * 8 - 8; shift >= 0; shift -= 8) {
-      for (int d = 0; d < 256; ++d) counts[d] = 0;
-      for (int64_t p = 0; p < pixels; ++p) {
-        if (static_cast<int64_t>(labels[p]) == ignore_index) continue;
-        const int digit = ohem_digit(ohem_key(loss[p]), state[kOhemPrefix], shift);
-        if (digit >= 0) ++counts[digit];
-      }
-      ohem_pick_digit(counts, shift, state);
-    }
-    const auto kth = static_cast<typename OhemKey<acc_t>::type>(state[kOhemPrefix]);
+  const int passes = ohem_passes<acc_t>();
+  for (int pass = 0; pass < passes && (pass == 0 || !state[kOhemUseHard]); ++pass) {
+    const int shift = 8 * (passes - 1 - pass);
+    int64_t* pass_counts = counts + 256 * pass;
+    const int64_t prefix = state[kOhemPrefix];
     for (int64_t p = 0; p < pixels; ++p) {
-      if (static_cast<int64_t>(labels[p]) == ignore_index) continue;
-      const auto key = ohem_key(loss[p]);
-      state[kOhemGreater] += key > kth;
-      state[kOhemTied] += key == kth;
+      const bool valid = static_cast<int64_t>(labels[p]) != ignore_index;
+      if (pass == 0) {
+        state[kOhemValid] += valid;
+        state[kOhemHard] += valid && loss[p] > threshold;
+      }
+      const int digit = valid ? ohem_digit(ohem_key(loss[p]), prefix, shift) : -1;
+      if (digit >= 0) ++pass_counts[digit];
     }
+    if (pass == 0) ohem_setup(state, call.min_kept);
+    if (!state[kOhemUseHard]) ohem_pick_digit(pass_counts, shift, state);
   }
   if (call.classes == 0) {
     for (int64_t p = 0; p < pixels; ++p)

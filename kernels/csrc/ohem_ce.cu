@@ -154,8 +154,8 @@ __global__ void __launch_bounds__(kThreads) ce_backward_rim_kernel(CeGeometry<ac
 }
 
 // ---------------------------------------------------------------------------------------
-// OHEM weights (ohem_ce_math.h): a dozen small launches inside one op, the running numbers
-// in `state` on the device, no host synchronisation.
+// OHEM weights (ohem_ce_math.h): one launch per radix pass, one for the weights (two more
+// with class weights); the running numbers in `state` on the device, no host synchronisation.
 
 // Sums of per-thread counts over the block's warps into state[slot_a], state[slot_b].
 __device__ void add_counts(int64_t a, int64_t b, int64_t* state, int slot_a, int slot_b) {
@@ -169,72 +169,90 @@ __device__ void add_counts(int64_t a, int64_t b, int64_t* state, int slot_a, int
   }
 }
 
-template <typename acc_t, typename label_t>
-__global__ void __launch_bounds__(kThreads) ohem_count_kernel(
-    const acc_t* __restrict__ loss, const label_t* __restrict__ labels, int64_t pixels, int64_t ignore_index,
-    acc_t threshold, int64_t* __restrict__ state) {
-  int64_t valid = 0, hard = 0;
-  for (int64_t p = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; p < pixels;
-       p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const bool is_valid = static_cast<int64_t>(labels[p]) != ignore_index;
-    valid += is_valid;
-    hard += is_valid && loss[p] > threshold;
+// Whether this block is the last of the grid to get here: every other block's global writes
+// and atomics before its call are then visible to this block's loads that bypass L1 (__ldcg).
+// The last block resets the ticket for the next launch. Called by all threads.
+__device__ bool last_block_to_finish(int64_t* state) {
+  __shared__ bool last;
+  __threadfence();  // this thread's atomics before the ticket
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    auto* ticket = reinterpret_cast<unsigned long long*>(state + kOhemTicket);
+    last = atomicAdd(ticket, 1ull) == gridDim.x - 1ull;
+    if (last) *ticket = 0;
   }
-  add_counts(valid, hard, state, kOhemValid, kOhemHard);
+  __syncthreads();
+  if (last) __threadfence();
+  return last;
 }
 
-__global__ void ohem_setup_kernel(int64_t* state, int64_t min_kept) { ohem_setup(state, min_kept); }
-
-// One pass's histogram: per-block bins in shared memory; lanes of a warp holding the same
-// digit add once (__match_any_sync: late passes see long runs of one digit). Every lane
-// runs the same iterations (lanes past the end hold digit -1), so the match sees all 32.
-template <typename acc_t, typename label_t>
-__global__ void __launch_bounds__(kThreads) ohem_histogram_kernel(
-    const acc_t* __restrict__ loss, const label_t* __restrict__ labels, int64_t pixels, int64_t ignore_index,
-    int shift, const int64_t* __restrict__ state, unsigned long long* __restrict__ counts) {
-  if (state[kOhemUseHard]) return;
-  __shared__ unsigned int bins[256];
-  for (int b = threadIdx.x; b < 256; b += blockDim.x) bins[b] = 0;
+// The sum of `value` over the threads before this one (a block-wide exclusive scan).
+__device__ int64_t block_exclusive_sum(int64_t value) {
+  __shared__ int64_t warp_sums[kThreads / 32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x / 32;
+  int64_t inclusive = value;
+  for (int offset = 1; offset < 32; offset *= 2) {
+    const int64_t before = __shfl_up_sync(0xFFFFFFFFu, inclusive, offset);
+    if (lane >= offset) inclusive += before;
+  }
+  if (lane == 31) warp_sums[warp] = inclusive;
   __syncthreads();
-  const int64_t prefix = state[kOhemPrefix];
+  for (int w = 0; w < warp; ++w) inclusive += warp_sums[w];
+  return inclusive - value;
+}
+
+// One pass of the radix select over bits [shift, shift + 8): the histogram of the matching
+// keys' digit, per-block bins in shared memory, lanes of a warp holding the same digit adding
+// once (__match_any_sync: late passes see long runs of one digit; every lane runs the same
+// iterations, lanes past the end holding digit -1, so the match sees all 32). The first pass
+// also counts the valid and hard pixels. The last block to finish sets up the selection
+// (first pass) and picks the digit, one thread per digit.
+template <typename acc_t, typename label_t, bool kFirst>
+__global__ void __launch_bounds__(kThreads) ohem_pass_kernel(
+    const acc_t* __restrict__ loss, const label_t* __restrict__ labels, int64_t pixels, int64_t ignore_index,
+    acc_t threshold, int64_t min_kept, int shift, int64_t* state, int64_t* counts) {
+  static_assert(kThreads == 256, "one thread per digit");
+  if (!kFirst && state[kOhemUseHard]) return;
+  __shared__ unsigned int bins[256];
+  __shared__ int64_t block_state[kOhemStateSize];
+  bins[threadIdx.x] = 0;
+  __syncthreads();
+  const int64_t prefix = kFirst ? 0 : state[kOhemPrefix];
   const int lane = threadIdx.x & 31;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  int64_t valid = 0, hard = 0;
   for (int64_t base = blockIdx.x * static_cast<int64_t>(blockDim.x) + (threadIdx.x & ~31); base < pixels;
        base += stride) {
     const int64_t p = base + lane;
-    const int digit = p < pixels && static_cast<int64_t>(labels[p]) != ignore_index
-                          ? ohem_digit(ohem_key(loss[p]), prefix, shift) : -1;
+    const bool is_valid = p < pixels && static_cast<int64_t>(labels[p]) != ignore_index;
+    const acc_t value = is_valid ? loss[p] : static_cast<acc_t>(0);
+    if (kFirst) {
+      valid += is_valid;
+      hard += is_valid && value > threshold;
+    }
+    const int digit = is_valid ? ohem_digit(ohem_key(value), prefix, shift) : -1;
     const unsigned peers = __match_any_sync(0xFFFFFFFFu, digit);
     if (digit >= 0 && lane == __ffs(peers) - 1) atomicAdd(&bins[digit], static_cast<unsigned>(__popc(peers)));
   }
   __syncthreads();
-  for (int b = threadIdx.x; b < 256; b += blockDim.x) {
-    if (bins[b] != 0) atomicAdd(&counts[b], static_cast<unsigned long long>(bins[b]));
+  if (bins[threadIdx.x] != 0)
+    atomicAdd(reinterpret_cast<unsigned long long*>(counts + threadIdx.x),
+              static_cast<unsigned long long>(bins[threadIdx.x]));
+  if (kFirst) add_counts(valid, hard, state, kOhemValid, kOhemHard);
+  if (!last_block_to_finish(state)) return;
+  if (threadIdx.x < kOhemStateSize) block_state[threadIdx.x] = __ldcg(state + threadIdx.x);
+  __syncthreads();
+  if (kFirst && threadIdx.x == 0) ohem_setup(block_state, min_kept);
+  __syncthreads();
+  if (!block_state[kOhemUseHard]) {  // the same in every thread
+    const int digit = 255 - static_cast<int>(threadIdx.x);
+    const int64_t count = __ldcg(counts + digit);
+    const int64_t remaining = block_state[kOhemRemaining];  // read before the scan's barrier
+    const int64_t above = block_exclusive_sum(count);       // keys on larger digits
+    if (ohem_is_digit(above, count, remaining)) ohem_take_digit(digit, above, count, shift, block_state);
   }
-}
-
-// One thread: the pass's digit into the state, the histogram cleared for the next pass.
-__global__ void ohem_pick_kernel(int64_t* state, int64_t* counts, int shift) {
-  if (state[kOhemUseHard]) return;
-  ohem_pick_digit(counts, shift, state);
-  for (int d = 0; d < 256; ++d) counts[d] = 0;
-}
-
-template <typename acc_t, typename label_t>
-__global__ void __launch_bounds__(kThreads) ohem_tally_kernel(
-    const acc_t* __restrict__ loss, const label_t* __restrict__ labels, int64_t pixels, int64_t ignore_index,
-    int64_t* __restrict__ state) {
-  if (state[kOhemUseHard]) return;
-  const auto kth = static_cast<typename OhemKey<acc_t>::type>(state[kOhemPrefix]);
-  int64_t greater = 0, tied = 0;
-  for (int64_t p = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; p < pixels;
-       p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    if (static_cast<int64_t>(labels[p]) == ignore_index) continue;
-    const auto key = ohem_key(loss[p]);
-    greater += key > kth;
-    tied += key == kth;
-  }
-  add_counts(greater, tied, state, kOhemGreater, kOhemTied);
+  __syncthreads();
+  if (threadIdx.x < kOhemStateSize && threadIdx.x != kOhemTicket) state[threadIdx.x] = block_state[threadIdx.x];
 }
 
 template <typename acc_t, typename label_t>
@@ -247,11 +265,13 @@ __global__ void __launch_bounds__(kThreads) ohem_weights_kernel(
 }
 
 // With class weights: the kept and tied pixels counted per class (bins in shared memory,
-// integers: the same counts in any order), then one thread adds up their weighted total.
+// integers: the same counts in any order), then the last block's first thread adds up their
+// weighted total in a fixed order.
 template <typename acc_t, typename label_t>
 __global__ void __launch_bounds__(kThreads) ohem_class_tally_kernel(
     const acc_t* __restrict__ loss, const label_t* __restrict__ labels, int64_t pixels, int64_t ignore_index,
-    acc_t threshold, const int64_t* __restrict__ state, int classes, unsigned long long* __restrict__ class_counts) {
+    acc_t threshold, int64_t* state, int classes, int64_t* class_counts,
+    const acc_t* __restrict__ class_weights, acc_t* __restrict__ total) {
   extern __shared__ unsigned int class_bins[];  // (2, classes)
   for (int b = threadIdx.x; b < 2 * classes; b += blockDim.x) class_bins[b] = 0;
   __syncthreads();
@@ -263,14 +283,13 @@ __global__ void __launch_bounds__(kThreads) ohem_class_tally_kernel(
   }
   __syncthreads();
   for (int b = threadIdx.x; b < 2 * classes; b += blockDim.x) {
-    if (class_bins[b] != 0) atomicAdd(&class_counts[b], static_cast<unsigned long long>(class_bins[b]));
+    if (class_bins[b] != 0)
+      atomicAdd(reinterpret_cast<unsigned long long*>(class_counts + b), static_cast<unsigned long long>(class_bins[b]));
   }
-}
-
-template <typename acc_t>
-__global__ void ohem_class_total_kernel(const acc_t* class_weights, const int64_t* class_counts, int classes,
-                                        const int64_t* state, acc_t* total) {
-  *total = ohem_class_total(class_weights, class_counts, classes, state);
+  // the class counts, read only now, come from L2; the state's selection fields are the
+  // previous launches' (only the ticket changes in this one)
+  if (last_block_to_finish(state) && threadIdx.x == 0)
+    *total = ohem_class_total(class_weights, class_counts, classes, state);
 }
 
 template <typename acc_t, typename label_t>
@@ -358,15 +377,14 @@ void ohem_weights_typed(const OhemCall& call, int64_t ignore_index) {
   const acc_t threshold = static_cast<acc_t>(call.threshold);
   const int64_t reduce_blocks = std::min<int64_t>(blocks_for(pixels), 1024);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  ohem_count_kernel<acc_t, label_t><<<reduce_blocks, kThreads, 0, stream>>>(loss, labels, pixels, ignore_index,
-                                                                           threshold, state);
-  ohem_setup_kernel<<<1, 1, 0, stream>>>(state, call.min_kept);
-  for (int shift = static_cast<int>(sizeof(acc_t)) * 8 - 8; shift >= 0; shift -= 8) {
-    ohem_histogram_kernel<acc_t, label_t><<<reduce_blocks, kThreads, 0, stream>>>(
-        loss, labels, pixels, ignore_index, shift, state, reinterpret_cast<unsigned long long*>(counts));
-    ohem_pick_kernel<<<1, 1, 0, stream>>>(state, counts, shift);
+  const int passes = ohem_passes<acc_t>();
+  for (int pass = 0; pass < passes; ++pass) {
+    const int shift = 8 * (passes - 1 - pass);
+    const auto kernel = pass == 0 ? ohem_pass_kernel<acc_t, label_t, true> : ohem_pass_kernel<acc_t, label_t, false>;
+    kernel<<<reduce_blocks, kThreads, 0, stream>>>(loss, labels, pixels, ignore_index, threshold, call.min_kept, shift,
+                                                   state, counts + 256 * pass);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  ohem_tally_kernel<acc_t, label_t><<<reduce_blocks, kThreads, 0, stream>>>(loss, labels, pixels, ignore_index, state);
   acc_t* weights = call.weights.mutable_data_ptr<acc_t>();
   if (call.classes == 0) {
     ohem_weights_kernel<acc_t, label_t><<<blocks_for(pixels), kThreads, 0, stream>>>(
@@ -379,9 +397,8 @@ void ohem_weights_typed(const OhemCall& call, int64_t ignore_index) {
   acc_t* total = call.class_total.mutable_data_ptr<acc_t>();
   const size_t bins_bytes = 2 * static_cast<size_t>(call.classes) * sizeof(unsigned int);  // <= 32 KB (kOhemMaxClasses)
   ohem_class_tally_kernel<acc_t, label_t><<<reduce_blocks, kThreads, bins_bytes, stream>>>(
-      loss, labels, pixels, ignore_index, threshold, state, call.classes,
-      reinterpret_cast<unsigned long long*>(class_counts));
-  ohem_class_total_kernel<acc_t><<<1, 1, 0, stream>>>(class_weights, class_counts, call.classes, state, total);
+      loss, labels, pixels, ignore_index, threshold, state, call.classes, class_counts, class_weights, total);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   ohem_class_weights_kernel<acc_t, label_t><<<blocks_for(pixels), kThreads, 0, stream>>>(
       loss, labels, pixels, ignore_index, threshold, state, class_weights, call.classes, total, weights);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -596,13 +596,16 @@ inline bool plan_ce_backward(const CeGeometry<acc_t>& geo, int band, int chunk, 
 // pixel's key: its loss clamped at 0 (a rounding can leave a loss a hair below 0, and -0.0
 // reads negative) as unsigned bits, which order like the non-negative floats. The running
 // numbers live in a small int64 array on the device (OhemState), so no value comes to the
-// host: counts, then per pass a histogram of the matching keys' next digit and the pick of
-// the digit, then the counts of keys above and at the k-th, then the weights.
+// host. One launch per pass (4 for float32, 8 for float64), each a histogram of the matching
+// keys' next digit; the first also counts the valid and hard pixels. The last block of a
+// pass to finish (a ticket) picks the digit; after the last pass the counts above and at the
+// k-th come from the histograms (ohem_take_digit). Then one launch writes the weights.
 // At most this many classes take class weights (the CUDA tally's bins in shared memory).
 constexpr int kOhemMaxClasses = 4096;
 
+// kOhemTicket: the blocks of a pass that have added their histogram (the last one resets it)
 enum OhemState { kOhemValid, kOhemHard, kOhemK, kOhemUseHard, kOhemRemaining, kOhemPrefix, kOhemGreater,
-                 kOhemTied, kOhemStateSize };
+                 kOhemTied, kOhemTicket, kOhemStateSize };
 
 template <typename acc_t>
 struct OhemKey;
@@ -614,6 +617,12 @@ template <>
 struct OhemKey<double> {
   using type = uint64_t;
 };
+
+// The radix select's passes: 8 bits each.
+template <typename acc_t>
+constexpr int ohem_passes() {
+  return static_cast<int>(sizeof(typename OhemKey<acc_t>::type));
+}
 
 template <typename acc_t>
 BISENET_HD typename OhemKey<acc_t>::type ohem_key(acc_t loss) {
@@ -643,22 +652,37 @@ BISENET_HD int ohem_digit(key_t key, int64_t prefix, int shift) {
   return static_cast<int>((key >> shift) & 0xFF);
 }
 
-// After a pass's histogram: the largest digit d with at least `remaining` keys at or above
-// it joins the prefix; the keys above it are ranked, so `remaining` drops by their number.
-BISENET_HD void ohem_pick_digit(const int64_t* counts, int shift, int64_t* state) {
-  int64_t at_least = 0;
-  int digit = 0;
-  int64_t above = 0;
-  for (int d = 255; d >= 0; --d) {
-    if (at_least + counts[d] >= state[kOhemRemaining]) {
-      digit = d;
-      above = at_least;
-      break;
-    }
-    at_least += counts[d];
-  }
+// After a pass's histogram: the pass's digit is the largest d with at least `remaining` keys
+// at or above it. Seen from digit d, with `above` keys on larger digits (a scan from 255
+// down): exactly one d has above < remaining <= above + count[d] (the matching keys number
+// at least `remaining`: ohem_setup and ohem_take_digit keep it so).
+BISENET_HD bool ohem_is_digit(int64_t above, int64_t count, int64_t remaining) {
+  return above < remaining && above + count >= remaining;
+}
+
+// The pass's digit joins the prefix; the keys above it are ranked, so `remaining` drops by
+// their number. After the last pass (shift 0) the prefix is the k-th largest key, `count`
+// keys equal it and k - remaining are larger.
+BISENET_HD void ohem_take_digit(int digit, int64_t above, int64_t count, int shift, int64_t* state) {
   state[kOhemRemaining] -= above;
   state[kOhemPrefix] |= static_cast<int64_t>(digit) << shift;
+  if (shift == 0) {
+    state[kOhemGreater] = state[kOhemK] - state[kOhemRemaining];
+    state[kOhemTied] = count;
+  }
+}
+
+// The whole pick, serially (the CPU loop; a block scans the 256 digits in parallel).
+BISENET_HD void ohem_pick_digit(const int64_t* counts, int shift, int64_t* state) {
+  const int64_t remaining = state[kOhemRemaining];
+  int64_t above = 0;
+  for (int d = 255; d >= 0; --d) {
+    if (ohem_is_digit(above, counts[d], remaining)) {
+      ohem_take_digit(d, above, counts[d], shift, state);
+      return;
+    }
+    above += counts[d];
+  }
 }
 
 // What the selection does with one pixel, once the state is complete.

@@ -37,11 +37,12 @@ struct OhemCall {
   at::Tensor loss, labels;  // (N, H, W) contiguous; loss float32 or float64
   at::Tensor weights;       // like loss
   at::Tensor state;         // (kOhemStateSize,) int64, zeros: ohem_ce_math.h's OhemState
-  at::Tensor counts;        // (256,) int64, zeros: one pass's histogram
+  at::Tensor counts;        // (passes, 256) int64, zeros: each radix pass's histogram
   double threshold;
   int64_t min_kept;
   // with class weights (classes > 0): the weights (C,) like loss, contiguous; the counts per
-  // class (2, C) int64, zeros; their weighted total (1,) like loss (ohem_class_total)
+  // class (2, C) int64, zeros; their weighted total (1,) like loss (ohem_class_total).
+  // state, counts and class_counts are views of one buffer, zeroed at once
   int classes = 0;
   at::Tensor class_weights, class_counts, class_total;
 };
