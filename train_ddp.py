@@ -628,12 +628,14 @@ def save_on_master(obj, path, env):
 # Training
 
 
-def open_tensorboard(config):
+def open_tensorboard(config, start_iter):
+    """A writer in --save-dir; on resume, TensorBoard hides the steps after start_iter that an
+    interrupted run had logged (purge_step), as trim_records drops them from metrics.jsonl."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise BadInput("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
-    return SummaryWriter(config.save_dir)
+    return SummaryWriter(config.save_dir, purge_step=start_iter + 1 if start_iter else None)
 
 
 def write_record(record, save_dir, tensorboard):
@@ -750,7 +752,7 @@ def train(config, env, ops, signals):
     if env.main:
         trim_records(save_dir, start_iter, env.log)
     batches = iter(data.make_loader(pairs, pack, config.dataset, config, env.rank, env.world_size, start_iter))
-    tensorboard = open_tensorboard(config) if config.tensorboard and env.main else None
+    tensorboard = open_tensorboard(config, start_iter) if config.tensorboard and env.main else None
     amp_dtype, cuda = AMP_DTYPES[config.amp], env.device.type == "cuda"
 
     loss_sum = torch.zeros(1 + NUM_HEADS, device=env.device)  # total and per head, summed over the log window

@@ -682,6 +682,20 @@ def test_resumed_run_rewrites_the_records_after_its_checkpoint(tmp_path):
     assert [r["iter"] for r in records] == [1, 2, 3, 4]
 
 
+def test_tensorboard_on_resume_hides_the_steps_after_the_checkpoint(tmp_path, monkeypatch):
+    """TensorBoard's purge_step does for the event files what trim_records does for
+    metrics.jsonl (a stand-in writer: the tensorboard package is optional)."""
+    import types
+    opened = []
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = lambda log_dir, purge_step=None: opened.append((log_dir, purge_step))
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    config = types.SimpleNamespace(save_dir=tmp_path)
+    train_ddp.open_tensorboard(config, 0)
+    train_ddp.open_tensorboard(config, 2)  # records of iterations 1 and 2 stay, 3 on are purged
+    assert opened == [(tmp_path, None), (tmp_path, 3)]
+
+
 def test_resume_takes_the_best_from_best_pt_when_no_later(tmp_path):
     """iter_N.pt is written before the evaluation of iteration N: the best of that
     evaluation is in best.pt only."""
