@@ -28,10 +28,18 @@ def relative_error(actual, expected):
     return ((actual.double() - expected).norm() / expected.norm().clamp(min=1e-30)).item()
 
 
-def loss_case(name, n, classes, low, high, thresh, weighted=False):
+def loss_case(name, n, classes, low, high, thresh, weighted=False, constant_planes=False):
+    """constant_planes: each (sample, class) logit plane one small integer, upsampled by 4: the
+    interpolation is exact, so the losses are one value per (sample, label), exactly tied in
+    float32 as in float64; with a high threshold (few hard pixels) OHEM takes the k largest
+    and the k-th falls in a tie: the radix select, not only the hard-pixel branch."""
     def run(device, generator):
         class_weights = torch.rand(classes, generator=generator).to(device) + 0.1 if weighted else None
-        logits = (torch.randn(n, classes, *low, generator=generator) * 3).to(device)
+        if constant_planes:
+            logits = torch.randint(-3, 4, (n, classes, 1, 1), generator=generator).float().expand(n, classes, *low)
+            logits = logits.contiguous().to(device)
+        else:
+            logits = (torch.randn(n, classes, *low, generator=generator) * 3).to(device)
         labels = torch.randint(0, classes, (n, *high), generator=generator)
         labels[torch.rand(n, *high, generator=generator) < 0.1] = 255
         labels = labels.to(device)
@@ -68,6 +76,8 @@ QUICK = [
     loss_case("CE 2x19x9x13 -> 67x101", 2, 19, (9, 13), (67, 101), None),
     loss_case("OHEM 2x19x9x13 -> 67x101", 2, 19, (9, 13), (67, 101), 0.7),
     loss_case("OHEM 2x19x9x13 -> 67x101, class weights", 2, 19, (9, 13), (67, 101), 0.7, weighted=True),
+    loss_case("OHEM top-k, ties at the k-th, 2x19x9x13 -> 36x52", 2, 19, (9, 13), (36, 52), 1e-6,
+              constant_planes=True),
     bga_case("BGA 2x3x33x35 from 9x9 NCHW", 2, 3, (33, 35), (9, 9), False),
     bga_case("BGA 2x20x33x35 from 9x9 NHWC", 2, 20, (33, 35), (9, 9), True),
 ]
@@ -81,6 +91,10 @@ FULL = QUICK + [
     bga_case("BGA 1x3x5x3 from 9x11 NHWC (downscale)", 1, 3, (5, 3), (9, 11), True),
     bga_case("BGA 2x3x17x23 from 9x12 NHWC (3 channels a block)", 2, 3, (17, 23), (9, 12), True),
     loss_case("OHEM 2x19x97x131 -> 389x523", 2, 19, (97, 131), (389, 523), 0.7),
+    loss_case("OHEM top-k, ties at the k-th, 2x19x97x131 -> 388x524 (1024 blocks a pass)", 2, 19, (97, 131),
+              (388, 524), 1e-6, constant_planes=True),
+    loss_case("OHEM top-k, ties at the k-th, class weights, 2x19x97x131 -> 388x524", 2, 19, (97, 131), (388, 524),
+              1e-6, weighted=True, constant_planes=True),
     loss_case("CE 1x3x40x30 -> 11x13 (downscale)", 1, 3, (40, 30), (11, 13), None),
 ]
 
