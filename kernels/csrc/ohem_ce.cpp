@@ -358,8 +358,11 @@ void ohem_weights_cpu_typed(const OhemCall& call, int64_t ignore_index) {
     if (!state[kOhemUseHard]) ohem_pick_digit(pass_counts, shift, state);
   }
   if (call.classes == 0) {
-    for (int64_t p = 0; p < pixels; ++p)
-      weights[p] = ohem_pixel_weight(loss[p], static_cast<int64_t>(labels[p]) != ignore_index, threshold, state);
+    const OhemWeightValues<acc_t> values = ohem_weight_values<acc_t>(state);
+    for (int64_t p = 0; p < pixels; ++p) {
+      const bool valid = static_cast<int64_t>(labels[p]) != ignore_index;
+      weights[p] = ohem_pixel_weight(ohem_pick(loss[p], valid, threshold, state), values);
+    }
     return;
   }
   int64_t* class_counts = call.class_counts.mutable_data_ptr<int64_t>();

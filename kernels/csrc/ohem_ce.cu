@@ -259,9 +259,12 @@ template <typename acc_t, typename label_t>
 __global__ void __launch_bounds__(kThreads) ohem_weights_kernel(
     const acc_t* __restrict__ loss, const label_t* __restrict__ labels, int64_t pixels, int64_t ignore_index,
     acc_t threshold, const int64_t* __restrict__ state, acc_t* __restrict__ weights) {
+  const OhemWeightValues<acc_t> values = ohem_weight_values<acc_t>(state);
   for (int64_t p = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; p < pixels;
-       p += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    weights[p] = ohem_pixel_weight(loss[p], static_cast<int64_t>(labels[p]) != ignore_index, threshold, state);
+       p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const bool valid = static_cast<int64_t>(labels[p]) != ignore_index;
+    weights[p] = ohem_pixel_weight(ohem_pick(loss[p], valid, threshold, state), values);
+  }
 }
 
 // With class weights: the kept and tied pixels counted per class (bins in shared memory,

@@ -705,18 +705,31 @@ BISENET_HD acc_t ohem_tied_share(const int64_t* state) {
                    : static_cast<acc_t>(state[kOhemK] - state[kOhemGreater]) / static_cast<acc_t>(tied);
 }
 
-// The weight of one pixel, once the state is complete.
+// The weights of a kept and of a tied pixel, once the state is complete: the same for every
+// pixel, so a kernel's thread divides once, not per pixel.
 template <typename acc_t>
-BISENET_HD acc_t ohem_pixel_weight(acc_t loss, bool valid, acc_t threshold, const int64_t* state) {
-  const OhemPick pick = ohem_pick(loss, valid, threshold, state);
-  if (pick == kOhemDropped) return static_cast<acc_t>(0);
-  if (state[kOhemUseHard]) {
+struct OhemWeightValues {
+  acc_t kept, tied;
+};
+
+template <typename acc_t>
+BISENET_HD OhemWeightValues<acc_t> ohem_weight_values(const int64_t* state) {
+  OhemWeightValues<acc_t> values;
+  if (state[kOhemUseHard]) {  // no pixel is tied
     const int64_t hard = state[kOhemHard];
-    return static_cast<acc_t>(1) / static_cast<acc_t>(hard > 1 ? hard : 1);
+    values.kept = static_cast<acc_t>(1) / static_cast<acc_t>(hard > 1 ? hard : 1);
+    values.tied = static_cast<acc_t>(0);
+  } else {
+    const acc_t k = static_cast<acc_t>(state[kOhemK]);
+    values.kept = static_cast<acc_t>(1) / k;
+    values.tied = ohem_tied_share<acc_t>(state) / k;
   }
-  const acc_t k = static_cast<acc_t>(state[kOhemK]);
-  if (pick == kOhemKept) return static_cast<acc_t>(1) / k;
-  return ohem_tied_share<acc_t>(state) / k;
+  return values;
+}
+
+template <typename acc_t>
+BISENET_HD acc_t ohem_pixel_weight(OhemPick pick, const OhemWeightValues<acc_t>& values) {
+  return pick == kOhemKept ? values.kept : pick == kOhemTiedAtKth ? values.tied : static_cast<acc_t>(0);
 }
 
 // With class weights cw (C,): a kept pixel of class c weighs cw[c] (a tied one cw[c] times
