@@ -35,7 +35,8 @@ def float32_sweep(low, high, count=200_001, seed=0):
 # Accuracy of the functions (CPU: the C++ loop runs same_bits.h)
 
 def test_exp_within_two_ulp(extension):
-    x = float32_sweep(-87.33, 88.72)
+    # every x whose exp is a normal number below 2^127.5 (from there inf, as exp2_acc's u)
+    x = float32_sweep(-87.33, 88.37)
     y = extension.same_bits_math(x, "exp")
     assert ulps(y.numpy(), np.exp(x.numpy().astype(np.longdouble)), EPS32).max() <= 2
     x64 = x.double() * (1 + 1e-9)
@@ -44,10 +45,14 @@ def test_exp_within_two_ulp(extension):
 
 
 def test_exp_edges(extension):
-    x = torch.tensor([float("nan"), float("inf"), -float("inf"), 89.0, -88.0, 0.0, -0.0])
+    x = torch.tensor([float("nan"), float("inf"), -float("inf"), 89.0, -88.0, 0.0, -0.0, 88.38, 1e30, -1e30])
     y = extension.same_bits_math(x, "exp")
     assert math.isnan(y[0]) and y[1] == math.inf and y[2] == 0 and y[3] == math.inf and y[4] == 0
-    assert y[5] == 1 and y[6] == 1
+    assert y[5] == 1 and y[6] == 1 and y[7] == math.inf and y[8] == math.inf and y[9] == 0  # x log2(e) >= 127.5: inf
+    y64 = extension.same_bits_math(torch.tensor([float("nan"), float("inf"), -float("inf"), 710.0, -746.0, 709.0, 1.0],
+                                                dtype=torch.float64), "exp")
+    assert math.isnan(y64[0]) and y64[1] == math.inf and y64[2] == 0 and y64[3] == math.inf and y64[4] == 0
+    assert y64[5] == pytest.approx(math.exp(709.0), rel=1e-15) and y64[6] == pytest.approx(math.e, rel=1e-15)
 
 
 def test_exp2_within_two_ulp(extension):
@@ -111,11 +116,17 @@ def test_log_edges(extension):
 
 
 def test_sigmoid_within_four_ulp(extension):
-    # 1 / (1 + exp(-v)): exp's 2 ulp, the sum's and the division's roundings
-    x = float32_sweep(-80.0, 80.0)
+    # 1 / (1 + exp(-v)): exp's 2 ulp, the sum's and the division's roundings; every v whose
+    # sigmoid is a normal number, in float32 and float64
+    x = float32_sweep(-87.0, 100.0)
     y = extension.same_bits_math(x, "sigmoid")
     exact = 1 / (1 + np.exp(-x.numpy().astype(np.longdouble)))
     assert ulps(y.numpy(), exact, EPS32).max() <= 4
+    x64 = torch.cat([x.double() * (1 + 1e-9), torch.linspace(-708.0, 40.0, 100_001, dtype=torch.float64)])
+    exact64 = 1 / (1 + np.exp(-x64.numpy().astype(np.longdouble)))
+    assert ulps(extension.same_bits_math(x64, "sigmoid").numpy(), exact64, EPS64).max() <= 4
+    edges = extension.same_bits_math(torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -89.0]), "sigmoid")
+    assert math.isnan(edges[0]) and edges[1] == 1 and edges[2] == 0 and edges[3] == 0.5 and edges[4] == 0
 
 
 def test_math_rejects_bad_input(extension):

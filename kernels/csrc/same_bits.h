@@ -8,8 +8,8 @@
 //   - exp and log are built here from +, *, /, fma, rint and bit operations, which IEEE 754
 //     defines exactly (CUDA's expf/logf and the host's libm differ in the last bits).
 // Accuracy (tests/test_kernels_same_bits.py measures it against long double references):
-//   exp_acc: |relative error| <= 2 ulp; results below the smallest normal number flush to 0
-//            (about 1e-38 in float, 2e-308 in double), above the largest give inf;
+//   exp_acc: |relative error| <= 2 ulp for normal results; exp(x) = 2^(x log2 e) by exp2_acc,
+//            so results below 2^-126.5 (2^-1022.5) are 0, from 2^127.5 (2^1023.5) inf;
 //   exp2_acc: |relative error| <= 2 ulp for u < 127.5 (1023.5); 2^u for u < -126.5 (-1022.5)
 //             flushes to 0, for u >= 127.5 (1023.5) is inf;
 //   log_acc: |error| <= 2 ulp of the result's magnitude or 2^-24 (2^-53) absolute near 1.
@@ -91,86 +91,27 @@ BISENET_HD int64_t value_to_bits(double value) {
 #endif
 }
 
-// exp(x) = 2^n exp(r), n = rint(x / ln 2), r = x - n ln 2 in [-ln2/2, ln2/2] (ln 2 in two
-// parts, each product by n taken with one rounding), exp(r) by its Taylor polynomial
-// (float: to r^7, truncation 5e-9 relative; double: to r^13, 4e-18), 2^n from its bits.
-BISENET_HD float exp_acc(float x) {
-  if (!(x == x)) return x;                        // NaN
-  if (x > 88.72283f) return INFINITY;             // above log(FLT_MAX)
-  if (x < -87.33654f) return 0.0f;                // below log(FLT_MIN): flushed
-  const float n = rintf(x * 1.44269504f);         // in [-126, 128]
-  float r = fma_acc(-n, 0.693145751953125f, x);   // ln 2 = 0.693145751953125 + 1.4286068e-6
-  r = fma_acc(-n, 1.42860677e-6f, r);
-  float p = 1.0f / 5040.0f;
-  p = fma_acc(p, r, 1.0f / 720.0f);
-  p = fma_acc(p, r, 1.0f / 120.0f);
-  p = fma_acc(p, r, 1.0f / 24.0f);
-  p = fma_acc(p, r, 1.0f / 6.0f);
-  p = fma_acc(p, r, 0.5f);
-  p = fma_acc(p, r, 1.0f);
-  p = fma_acc(p, r, 1.0f);
-  int exponent = static_cast<int>(n);
-  if (exponent > 127) {  // 2^128 has no float: scale by 2 first (exact)
-    p *= 2.0f;
-    exponent -= 1;
-  }
-  return p * bits_to_value(static_cast<int32_t>((exponent + 127) << 23));
-}
-
-BISENET_HD double exp_acc(double x) {
-  if (!(x == x)) return x;
-  if (x > 709.782712893384) return INFINITY;
-  if (x < -708.3964185322641) return 0.0;
-  const double n = rint(x * 1.4426950408889634);  // in [-1022, 1024]
-  double r = fma_acc(-n, 6.93147180369123816490e-01, x);  // fdlibm's ln2_hi + ln2_lo
-  r = fma_acc(-n, 1.90821492927058770002e-10, r);
-  double p = 1.0 / 6227020800.0;  // 1/13!
-  p = fma_acc(p, r, 1.0 / 479001600.0);
-  p = fma_acc(p, r, 1.0 / 39916800.0);
-  p = fma_acc(p, r, 1.0 / 3628800.0);
-  p = fma_acc(p, r, 1.0 / 362880.0);
-  p = fma_acc(p, r, 1.0 / 40320.0);
-  p = fma_acc(p, r, 1.0 / 5040.0);
-  p = fma_acc(p, r, 1.0 / 720.0);
-  p = fma_acc(p, r, 1.0 / 120.0);
-  p = fma_acc(p, r, 1.0 / 24.0);
-  p = fma_acc(p, r, 1.0 / 6.0);
-  p = fma_acc(p, r, 0.5);
-  p = fma_acc(p, r, 1.0);
-  p = fma_acc(p, r, 1.0);
-  int64_t exponent = n == n ? static_cast<int64_t>(n) : 0;
-  if (exponent > 1023) {
-    p *= 2.0;
-    exponent -= 1;
-  }
-  return p * bits_to_value(static_cast<int64_t>((exponent + 1023) << 52));
-}
-
-// 2^u = 2^n 2^f, n = rint(u), f = u - n in [-1/2, 1/2] (exact: no reduction error, the
-// reason it is cheaper than exp_acc), 2^f = exp(f ln 2) by its Taylor polynomial in f
-// (float: to f^7, truncation 5e-9 relative; double: to f^13, 4e-18), 2^n from its bits:
-// n + 1.5 * 2^23 (2^52) holds n in its low bits (exact, an integer below 2^22 added to
-// 1.5 * 2^23), and shifted left by 23 (52) the constant's bits fall off, leaving n << 23; so
-// 2^n's bits are one shift and one add, with no conversion to int and no branch.
-// u is clamped to [-127, 128] by selects (NaN passes through them and gives NaN): u < -126.5
-// gives 0 (exp_acc likewise flushes results below the smallest normal; u in [-126.5, -126)
-// gives a subnormal) and u >= 127.5 gives inf (n = 128: the bits of inf; 2^u overflows from
-// u = 128, so [127.5, 128) gives inf for a value just below the largest float). The kernels
-// take u <= 0 (a logit minus its log-sum-exp, or minus the running maximum).
-// exp(x) is exp2_acc(x * log2(e)) with log2(e) applied ahead (the loss scales its logits
-// once per low-res value, not once per exp): the rounding of x * log2(e) adds up to
+// 2^u = 2^n 2^f, n = rint(u), f = u - n in [-1/2, 1/2] (exact: no reduction error), 2^f =
+// exp(f ln 2) by its Taylor polynomial in f (float: to f^7, truncation 5e-9 relative; double:
+// to f^13, 4e-18), 2^n from its bits: n + 1.5 * 2^23 (2^52) holds n in its low bits (exact, an
+// integer below 2^22 added to 1.5 * 2^23), and shifted left by 23 (52) the constant's bits
+// fall off, leaving n << 23; so 2^n's bits are one shift and one add, with no conversion to
+// int and no branch. u is clamped to [-127, 128] by selects (NaN passes through them and
+// gives NaN): u < -126.5 gives 0 (u in [-126.5, -126) gives a subnormal) and u >= 127.5 gives
+// inf (n = 128: the bits of inf; 2^u overflows from u = 128, so [127.5, 128) gives inf for a
+// value just below the largest float). The loss kernels take u <= 0 (a logit minus its
+// log-sum-exp, or minus the running maximum), with log2(e) applied ahead (the loss scales its
+// logits once per low-res value, not once per exp): the rounding of x * log2(e) adds up to
 // |x| 2^-24 (2^-53) relative to the result, besides exp2_acc's own 2 ulp
-// (tests/test_kernels_same_bits.py measures both).
+// (tests/test_kernels_same_bits.py measures both). exp_acc carries x * log2(e) in two parts
+// and loses nothing to it.
 constexpr float kLog2eFloat = 1.44269504088896340736f;
 constexpr double kLog2eDouble = 1.44269504088896340736;
 constexpr float kLn2Float = 0.693147180559945309417f;
 constexpr double kLn2Double = 0.693147180559945309417;
 
-BISENET_HD float exp2_acc(float u) {
-  u = u < -127.0f ? -127.0f : u;  // NaN stays NaN, and so does the result
-  u = u > 128.0f ? 128.0f : u;
-  const float n = rintf(u);
-  const float f = u - n;
+// 2^n 2^f for an integer n in [-127, 128] ([-1023, 1024]) and |f| about 1/2 at most.
+BISENET_HD float exp2_parts(float n, float f) {
   float p = 1.5252733804059841e-05f;  // ln2^7 / 7!
   p = fma_acc(p, f, 1.5403530393381610e-04f);
   p = fma_acc(p, f, 1.3333558146428443e-03f);
@@ -183,11 +124,7 @@ BISENET_HD float exp2_acc(float u) {
   return p * bits_to_value(static_cast<int32_t>((n_bits << 23) + 0x3F800000u));  // (n + 127) << 23
 }
 
-BISENET_HD double exp2_acc(double u) {
-  u = u < -1023.0 ? -1023.0 : u;
-  u = u > 1024.0 ? 1024.0 : u;
-  const double n = rint(u);
-  const double f = u - n;
+BISENET_HD double exp2_parts(double n, double f) {
   double p = 1.3691488853904128e-12;  // ln2^13 / 13!
   p = fma_acc(p, f, 2.5678435993488206e-11);
   p = fma_acc(p, f, 4.4455382718708116e-10);
@@ -204,6 +141,43 @@ BISENET_HD double exp2_acc(double u) {
   p = fma_acc(p, f, 1.0);
   const uint64_t n_bits = static_cast<uint64_t>(value_to_bits(n + 6755399441055744.0));  // 1.5 * 2^52 + n
   return p * bits_to_value(static_cast<int64_t>((n_bits << 52) + 0x3FF0000000000000ull));  // (n + 1023) << 52
+}
+
+// u clamped to [-127, 128] ([-1023, 1024]) by selects: NaN stays NaN, and so does the result.
+BISENET_HD float exp2_clamp(float u) {
+  u = u < -127.0f ? -127.0f : u;
+  return u > 128.0f ? 128.0f : u;
+}
+
+BISENET_HD double exp2_clamp(double u) {
+  u = u < -1023.0 ? -1023.0 : u;
+  return u > 1024.0 ? 1024.0 : u;
+}
+
+BISENET_HD float exp2_acc(float u) {
+  u = exp2_clamp(u);
+  const float n = rintf(u);
+  return exp2_parts(n, u - n);
+}
+
+BISENET_HD double exp2_acc(double u) {
+  u = exp2_clamp(u);
+  const double n = rint(u);
+  return exp2_parts(n, u - n);
+}
+
+// 2^(u + u_lo) for a u carried in two parts, |u_lo| far below 1/2: u_lo joins the reduced
+// argument (exp_acc).
+BISENET_HD float exp2_acc(float u, float u_lo) {
+  u = exp2_clamp(u);
+  const float n = rintf(u);
+  return exp2_parts(n, (u - n) + u_lo);
+}
+
+BISENET_HD double exp2_acc(double u, double u_lo) {
+  u = exp2_clamp(u);
+  const double n = rint(u);
+  return exp2_parts(n, (u - n) + u_lo);
 }
 
 BISENET_HD float log2e(float) { return kLog2eFloat; }
@@ -272,6 +246,27 @@ BISENET_HD double log_acc(double x) {
   const double log_m = fma_acc(two_s * s2, p, two_s);
   const double e = static_cast<double>(exponent);
   return fma_acc(e, 6.93147180369123816490e-01, fma_acc(e, 1.90821492927058770002e-10, log_m));
+}
+
+// exp(x) = 2^u, u = x log2(e) carried in two parts: u_hi the rounded product, u_lo its rounding
+// error (one fma, exact) plus x times log2(e)'s own rounding, added to the reduced argument
+// (exp2_acc(u, u_lo)). Without u_lo the product's rounding would add up to |x| 2^-24 relative
+// (5 ulp at |x| = 88); with it the error is exp2_acc's. No range branch and no int conversion:
+// x is clamped by selects (NaN stays NaN), and exp2_acc's clamps give inf and 0 at the ends.
+BISENET_HD float exp_acc(float x) {
+  x = x < -128.0f ? -128.0f : x;
+  x = x > 128.0f ? 128.0f : x;
+  const float u_hi = x * kLog2eFloat;
+  const float u_lo = fma_acc(x, 1.9259629911266175e-08f, fma_acc(x, kLog2eFloat, -u_hi));  // log2(e) - kLog2eFloat
+  return exp2_acc(u_hi, u_lo);
+}
+
+BISENET_HD double exp_acc(double x) {
+  x = x < -1024.0 ? -1024.0 : x;
+  x = x > 1024.0 ? 1024.0 : x;
+  const double u_hi = x * kLog2eDouble;
+  const double u_lo = fma_acc(x, 2.0355273740931033e-17, fma_acc(x, kLog2eDouble, -u_hi));  // log2(e) - kLog2eDouble
+  return exp2_acc(u_hi, u_lo);
 }
 
 // 1 / (1 + exp(-v))
