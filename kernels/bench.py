@@ -2,6 +2,7 @@
 
     python -m kernels.bench                    # the seed's shapes on the GPU, markdown table
     python -m kernels.bench --no-compile       # skip the torch.compile column (minutes faster)
+    python -m kernels.bench --profile          # and each fused row's time per CUDA kernel
     python -m kernels.bench --device cpu --quick   # a smoke run of the table's machinery
 
 Loss rows: logits of each BiSeNetV2 head (main 1/8 and auxiliary 1/4, 1/8, 1/16, 1/32 of a
@@ -50,6 +51,9 @@ def parse_args(argv=None):
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, few runs: checks the machinery")
     parser.add_argument("--out", help="also write the table (markdown) to this file")
+    parser.add_argument("--profile", action="store_true",
+                        help="also each row's kernels: torch.profiler's time per step of every CUDA kernel the "
+                             "fused variant launches (on the CPU: the eager variant's ops)")
     args = parser.parse_args(argv)
     if args.quick:
         args.batch, args.size, args.iters, args.warmup = [2], 64, 3, 1
@@ -174,6 +178,44 @@ def variants(eager_fn, fused_fn, device, compile_):
     return out
 
 
+def kernel_times(step, device, iters):
+    """-> [(name, launches per step, microseconds per step)], largest first: the CUDA kernels
+    that `iters` calls of `step` launch (torch.profiler, CUPTI), or off CUDA the ops' own CPU
+    time."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.type == "cuda"
+    step()  # anything lazy (a build, an autotune) outside the profile
+    synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(iters):
+            step()
+        synchronize(device)
+    out = []
+    for event in prof.key_averages():
+        kernel = event.device_type == torch.autograd.DeviceType.CUDA
+        if cuda != kernel:
+            continue
+        us = event.self_device_time_total if cuda else event.self_cpu_time_total
+        if us > 0:
+            out.append((event.key, event.count / iters, us / iters))
+    return sorted(out, key=lambda item: -item[2])
+
+
+def kernel_lines(rows, most=12):
+    """Markdown: per row with a profile, its kernels' time per step and share (at most `most`)."""
+    lines = []
+    for row in rows:
+        if not row.get("kernels"):
+            continue
+        total = sum(us for _, _, us in row["kernels"])
+        lines += ["", f"{row['case']} ({row['profiled']}): {total:.1f} us a step in {len(row['kernels'])} kernels",
+                  "", "| kernel | launches a step | us a step | share |", "| --- | ---: | ---: | ---: |"]
+        for name, launches, us in row["kernels"][:most]:
+            name = name if len(name) <= 90 else name[:87] + "..."
+            lines.append(f"| `{name}` | {launches:g} | {us:.1f} | {100 * us / total:.0f}% |")
+    return lines
+
+
 class WrongResult(Exception):
     """A variant disagrees with eager: the table stops."""
 
@@ -196,6 +238,8 @@ def measure_row(name, make_step, fns, nbytes, args, device, dtype):
             raise WrongResult(f"kernels.bench: {name}: {label} disagrees with eager ({message})")
         row[f"{label}_ms"] = median_ms(step, device, args.warmup, args.iters)
         row[f"{label}_mb"] = peak_mb(step, device)
+        if args.profile and label == fns[-1][0]:  # fused on a GPU
+            row["kernels"], row["profiled"] = kernel_times(step, device, args.iters), label
     row["bytes"] = nbytes
     return row
 
@@ -305,6 +349,7 @@ def main(argv=None):
         print(e, file=sys.stderr)
         raise SystemExit(1)
     lines.append(table(rows, copy_gbs, device))
+    lines += kernel_lines(rows)
     text = "\n".join(lines)
     print("\n" + text)
     if args.out:

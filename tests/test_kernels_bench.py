@@ -13,6 +13,22 @@ def test_quick_bench_prints_a_row_per_case(tmp_path, capsys):
     assert "OHEM main 1/8 2x19x8x8 -> 64^2 bf16" in capsys.readouterr().out
 
 
+def test_profile_lists_each_rows_kernels_by_time(tmp_path):
+    """--profile: per row, what the profiled variant ran (ops on the CPU, CUDA kernels on a
+    GPU), largest first, in the table file."""
+    out = tmp_path / "table.md"
+    rows = bench.main(["--device", "cpu", "--quick", "--no-compile", "--dtypes", "fp32", "--heads", "32",
+                       "--profile", "--out", str(out)])
+    for row in rows:
+        assert row["profiled"] == "eager" and row["kernels"]
+        times = [us for _, _, us in row["kernels"]]
+        assert times == sorted(times, reverse=True) and times[-1] > 0
+    bga = dict((name, launches) for name, launches, _ in rows[-1]["kernels"])
+    assert bga["aten::upsample_bilinear2d"] == 2 and bga["aten::sigmoid"] == 2  # the BGA's two of each
+    text = out.read_text()
+    assert text.count("us a step in") == len(rows) and "| `aten::upsample_bilinear2d` | 2 |" in text
+
+
 def test_cuda_bench_without_cuda_is_one_line(capsys):
     import pytest
     import torch
