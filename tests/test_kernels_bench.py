@@ -29,6 +29,17 @@ def test_profile_lists_each_rows_kernels_by_time(tmp_path):
     assert text.count("us a step in") == len(rows) and "| `aten::upsample_bilinear2d` | 2 |" in text
 
 
+def test_a_profiler_that_fails_costs_the_breakdown_not_the_table(tmp_path, monkeypatch):
+    def no_profiler(*args):
+        raise RuntimeError("CUPTI unavailable")
+    monkeypatch.setattr(bench, "kernel_times", no_profiler)
+    out = tmp_path / "table.md"
+    rows = bench.main(["--device", "cpu", "--quick", "--no-compile", "--dtypes", "fp32", "--heads", "32",
+                       "--profile", "--out", str(out)])
+    assert all(row["eager_ms"] > 0 for row in rows)
+    assert out.read_text().count("no profile (RuntimeError: CUPTI unavailable)") == len(rows)
+
+
 def test_cuda_bench_without_cuda_is_one_line(capsys):
     import pytest
     import torch
