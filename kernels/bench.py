@@ -327,6 +327,15 @@ def header(device, copy_gbs):
             f"{datetime.date.today().isoformat()}; copy bandwidth {copy_gbs:.0f} GB/s (read + write)")
 
 
+def report(rows, copy_gbs, device):
+    return "\n".join([header(device, copy_gbs), "", table(rows, copy_gbs, device)] + kernel_lines(rows))
+
+
+def write_text(path, text):
+    with open(path, "w") as f:
+        f.write(text + "\n")
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -342,8 +351,7 @@ def main(argv=None):
     else:
         print("note: no CUDA device: eager (and compile) only; the fused column needs a GPU")
     copy_gbs = copy_bandwidth_gbs(device, 2 ** 30 if device.type == "cuda" else 2 ** 24, args.warmup, args.iters)
-    lines = [header(device, copy_gbs), ""]
-    print(lines[0], flush=True)
+    print(header(device, copy_gbs), flush=True)
     rows = []
     try:
         for rows_of in (loss_rows, bga_rows):
@@ -351,17 +359,17 @@ def main(argv=None):
                 rows.append(row)
                 print(f"  {row['case']}: " + ", ".join(f"{k} {fmt(v, '.3f')}" for k, v in row.items()
                                                        if k.endswith("_ms")), flush=True)
+                if args.out:  # the rows so far: a run cut short by a time limit still leaves its table
+                    write_text(args.out, report(rows, copy_gbs, device))
     except WrongResult as e:
         print(e, file=sys.stderr)
         raise SystemExit(1)
-    lines.append(table(rows, copy_gbs, device))
-    lines += kernel_lines(rows)
-    text = "\n".join(lines)
+    text = report(rows, copy_gbs, device)
     print("\n" + text)
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+        write_text(args.out, text)
     return rows
+
 
 
 if __name__ == "__main__":

@@ -13,6 +13,21 @@ def test_quick_bench_prints_a_row_per_case(tmp_path, capsys):
     assert "OHEM main 1/8 2x19x8x8 -> 64^2 bf16" in capsys.readouterr().out
 
 
+def test_a_run_stopped_partway_leaves_its_rows_in_the_table_file(tmp_path, monkeypatch):
+    """.ci/gpu kills a bench past its time limit: the rows measured by then are in --out."""
+    import pytest
+
+    def wrong(args, device):
+        raise bench.WrongResult("kernels.bench: BGA: fused disagrees with eager")
+        yield
+    monkeypatch.setattr(bench, "bga_rows", wrong)
+    out = tmp_path / "table.md"
+    with pytest.raises(SystemExit):
+        bench.main(["--device", "cpu", "--quick", "--no-compile", "--dtypes", "fp32", "--heads", "32", "--out", str(out)])
+    table = out.read_text()
+    assert table.startswith("device: CPU") and len([line for line in table.splitlines() if line.startswith("| loss")]) == 2
+
+
 def test_profile_lists_each_rows_kernels_by_time(tmp_path):
     """--profile: per row, what the profiled variant ran (ops on the CPU, CUDA kernels on a
     GPU), largest first, in the table file."""
