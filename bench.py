@@ -170,6 +170,9 @@ def benchmark(args, env):
         peak = "-" if result["peak_mib"] is None else f"{result['peak_mib']:.0f}"
         lines.append(f"| {name} | {what} | {result['images_per_s']:.1f} | {result['step_ms']:.1f} | "
                      f"{100 * result['reader_share']:.0f}% | {peak} | {note} |")
+        # each row as it is measured: a run cut short by a time limit (.ci/gpu) keeps it in its log
+        env.log(f"bench: {name}: {result['images_per_s']:.1f} img/s, {result['step_ms']:.1f} ms a step, "
+                f"reader {100 * result['reader_share']:.0f}%, peak {peak} MiB")
     # inference: predict.py's paths (fp32 eager, bf16 channels_last, compiled, CUDA graphs; onnxruntime on the CPU)
     sizes = [tuple(size) for size in args.infer_size] if args.infer_size else [(1024, 2048), (512, 1024)]
     lines += ["", predict.inference_table(BiSeNetV2(19), env.device, sizes=sizes, iters=args.infer_iters,

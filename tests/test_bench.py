@@ -31,8 +31,11 @@ def test_smoke_prints_every_row(tmp_path, capsys):
     """On the CPU: one table with every configuration row (those needing CUDA marked), the
     inference rows and the projection line."""
     table = run_small_benchmark(tmp_path, size=(40, 60), warmup=1, workers=0)
-    assert table in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert table in out
     rows = table_rows(table)
+    # each measured row is logged as it ends (a run cut short keeps them)
+    assert f"bench: baseline: {float(rows['baseline'][1]):.1f} img/s, {float(rows['baseline'][2]):.1f} ms a step" in out
     assert {name for name, *_ in bench.CONFIGS} <= rows.keys()
     for name in ("baseline", "bf16", "channels_last"):  # measured on the CPU
         images_per_s, step_ms = float(rows[name][1]), float(rows[name][2])
