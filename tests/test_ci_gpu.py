@@ -40,3 +40,26 @@ def test_its_commands_parse():
     kernels_bench.parse_args(kernels_args)
     bench_args = re.search(r'"\$python" bench\.py (.*?) --out', script).group(1).split()
     bench.parse_args(bench_args)
+
+
+def run_steps(tmp_path, budget, steps):
+    """The script's phase budget and step() (cut out of it), then `steps`, in bash."""
+    start = SCRIPT.index("# the phase's time budget")
+    end = SCRIPT.index("\n}\n", SCRIPT.index("step() {")) + 3
+    script = f"out={tmp_path}; summary={tmp_path}/summary.txt; failed=0\n{SCRIPT[start:end]}{steps}\necho failed=$failed\n"
+    return subprocess.run(["bash", "-c", script], env={**os.environ, "GPU_BUDGET": budget}, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_steps_keep_to_the_phase_budget(tmp_path):
+    # a step's limit is cut to what the budget has left; a failure is reported with its rc
+    result = run_steps(tmp_path, "20", 'step "quick" quick.log 600 true\nstep "fails" fails.log 600 false\n')
+    quick, fails = (tmp_path / "summary.txt").read_text().splitlines()
+    assert re.fullmatch(r"quick +ok  \(\d+s of (19|20)s, quick\.log\)", quick)
+    assert "FAILED rc=1" in fails and result.stdout.strip().endswith("failed=1")
+    # a step the budget leaves under 10 s for is skipped, and the phase fails
+    result = run_steps(tmp_path, "5", 'step "late" late.log 600 true\n')
+    assert "late" in result.stdout and "SKIPPED: the phase's 5s budget is spent (GPU_BUDGET)" in result.stdout
+    assert result.stdout.strip().endswith("failed=1") and not (tmp_path / "late.log").exists()
+    result = run_steps(tmp_path, "5m", "")
+    assert result.returncode == 2 and result.stderr.strip() == ".ci/gpu: GPU_BUDGET must be whole seconds, got '5m'"
