@@ -320,6 +320,10 @@ BISENET_HD void backward_walk_item(int item, int group, const BgaTile& t, const 
   // g and detail_keep of kAhead pixels are loaded before the first is used, so a thread has
   // that many loads in flight (a pixel past the row's end loads the last one again, unused)
   constexpr int kAhead = 4;
+  // sem_up's four tap values, loaded again only when the column taps move (every 4 pixels at
+  // x4; the same x in every thread of a warp, so the branch is uniform)
+  int taps_of = -1;
+  acc_t up00 = static_cast<acc_t>(0), up01 = up00, up10 = up00, up11 = up00;
   for (int x_start = t.x0; x_start < t.x1; x_start += kAhead) {
     acc_t grads[kAhead], keeps[kAhead];
 #pragma unroll
@@ -334,10 +338,15 @@ BISENET_HD void backward_walk_item(int item, int group, const BgaTile& t, const 
       if (x >= t.x1) break;
       Taps<acc_t> tx = bilinear_taps<acc_t>(x, geo.w, geo.scale_x);
       while (j < tx.i0) store_column();
-      const int x0 = tx.i0 * lo_sx, x1 = tx.i1 * lo_sx;
-      acc_t up_value = bilinear_combine(ty, tx, load_acc<scalar_t, acc_t>(up_row0, x0),
-                                        load_acc<scalar_t, acc_t>(up_row0, x1), load_acc<scalar_t, acc_t>(up_row1, x0),
-                                        load_acc<scalar_t, acc_t>(up_row1, x1));
+      if (tx.i0 != taps_of) {
+        const int x0 = tx.i0 * lo_sx, x1 = tx.i1 * lo_sx;
+        up00 = load_acc<scalar_t, acc_t>(up_row0, x0);
+        up01 = load_acc<scalar_t, acc_t>(up_row0, x1);
+        up10 = load_acc<scalar_t, acc_t>(up_row1, x0);
+        up11 = load_acc<scalar_t, acc_t>(up_row1, x1);
+        taps_of = tx.i0;
+      }
+      acc_t up_value = bilinear_combine(ty, tx, up00, up01, up10, up11);
       acc_t sem_grad;
       grad_keep_row[x * hi_sx] = static_cast<scalar_t>(pixel_values(grads[k], keeps[k], up_value, &sem_grad));
       acc_t weight = tap_weight(tx, j);
