@@ -371,6 +371,5 @@ def main(argv=None):
     return rows
 
 
-
 if __name__ == "__main__":
     main()
