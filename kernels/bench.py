@@ -69,23 +69,30 @@ def synchronize(device):
 
 
 def median_ms(fn, device, warmup, iters):
+    """-> (median ms a call, host ms a call). On CUDA the calls are queued back to back with
+    an event pair around each and one sync at the end (triton's do_bench does the same): the
+    host runs ahead, so a call's time is the GPU's unless the host cannot keep up, which the
+    host time (issuing the calls, mean) then shows."""
     for _ in range(warmup):
         fn()
     synchronize(device)
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    if device.type == "cuda":
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+        host_start = time.perf_counter()
+        for start, end in zip(starts, ends):
             start.record()
             fn()
             end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            start = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - start))
-    return statistics.median(times)
+        host_ms = 1e3 * (time.perf_counter() - host_start) / iters
+        synchronize(device)
+        return statistics.median(start.elapsed_time(end) for start, end in zip(starts, ends)), host_ms
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        times.append(1e3 * (time.perf_counter() - start))
+    return statistics.median(times), statistics.mean(times)
 
 
 def peak_mb(fn, device):
@@ -104,7 +111,7 @@ def copy_bandwidth_gbs(device, nbytes, warmup, iters):
     """Device-to-device copy: (read + write) bytes / median time."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).normal_()
     dst = torch.empty_like(src)
-    ms = median_ms(lambda: dst.copy_(src), device, warmup, iters)
+    ms, _ = median_ms(lambda: dst.copy_(src), device, warmup, iters)
     return 2 * src.numel() * 4 / ms / 1e6
 
 
@@ -238,7 +245,7 @@ def measure_row(name, make_step, fns, nbytes, args, device, dtype):
             expected = results
         elif message := disagreement(results, expected, dtype):
             raise WrongResult(f"kernels.bench: {name}: {label} disagrees with eager ({message})")
-        row[f"{label}_ms"] = median_ms(step, device, args.warmup, args.iters)
+        row[f"{label}_ms"], row[f"{label}_host_ms"] = median_ms(step, device, args.warmup, args.iters)
         row[f"{label}_mb"] = peak_mb(step, device)
         if args.profile and label == fns[-1][0]:  # fused on a GPU
             row["profiled"] = label
@@ -303,21 +310,23 @@ def speedup(slow, fast):
 
 
 def table(rows, copy_gbs, device):
-    lines = ["| case | floor ms | eager ms | compile ms | fused ms | fused vs eager | fused vs compile | "
-             "fused GB/s (% of copy) | eager MB | compile MB | fused MB |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    # fused host ms: the host's time to issue one fused step; above fused ms, the host bounds it
+    lines = ["| case | floor ms | eager ms | compile ms | fused ms | fused host ms | fused vs eager | "
+             "fused vs compile | fused GB/s (% of copy) | eager MB | compile MB | fused MB |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for row in rows:
         eager, compiled, fused = row.get("eager_ms"), row.get("compile_ms"), row.get("fused_ms")
         gbs = row["bytes"] / fused / 1e6 if fused else None
         floor = row["bytes"] / copy_gbs / 1e6  # the bytes that must move, at the copy bandwidth
         lines.append(
             f"| {row['case']} | {floor:.3f} | {fmt(eager, '.3f')} | {fmt(compiled, '.3f')} | {fmt(fused, '.3f')} | "
+            f"{fmt(row.get('fused_host_ms'), '.3f')} | "
             f"{speedup(eager, fused)} | {speedup(compiled, fused)} | "
             f"{fmt(gbs, '.0f')} ({fmt(100 * gbs / copy_gbs if gbs else None, '.0f')}%) | "
             f"{fmt(row.get('eager_mb'), '.0f')} | {fmt(row.get('compile_mb'), '.0f')} | {fmt(row.get('fused_mb'), '.0f')} |")
         for key in ("eager_error", "compile_error", "fused_error"):
             if key in row:
-                lines.append(f"| ↳ {key.split('_')[0]} failed: {row[key]} | | | | | | | | | | |")
+                lines.append(f"| ↳ {key.split('_')[0]} failed: {row[key]} | | | | | | | | | | | |")
     return "\n".join(lines)
 
 
