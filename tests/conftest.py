@@ -5,12 +5,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "fixtures"
+# PaddleSeg's outputs and sample data: ../shared/fixtures, or a copy named by BISENET_FIXTURES
+# (a GPU machine that gets the checkout alone: .ci/gpu uses .fixtures/ when present)
+SHARED = Path(os.environ.get("BISENET_FIXTURES", ROOT.parent / "shared" / "fixtures"))
 sys.path.insert(0, str(ROOT))
 
 
 def shared_fixture(*parts):
-    """Path to ../shared/fixtures/...; skips the test when the checkout has no ../shared."""
+    """Path to a file of the fixtures (SHARED); skips the test when they are not present."""
     path = SHARED.joinpath(*parts)
     if not path.exists():
         pytest.skip(f"{path} not present")
@@ -34,6 +36,13 @@ def pytest_collection_modifyitems(config, items):
 
 # --- the CUDA extension (tests/test_kernels_*.py) ----------------------------------------
 
+def same_bits_extension():
+    """The test op same_bits_math (csrc/same_bits.cpp, .cu): same_bits.h's functions on both
+    devices. .ci/gpu builds it beside the ops' extensions."""
+    from kernels.build import Extension
+    return Extension("bisenet_same_bits", ["same_bits.cpp", "same_bits.cu"], ["same_bits_math"])
+
+
 @pytest.fixture(scope="session")
 def extension():
     """torch.ops.bisenet_cuda with every op's extension loaded (kernels.load()), and the
@@ -42,9 +51,8 @@ def extension():
     import torch
     try:
         import kernels
-        from kernels.build import Extension
         kernels.load()
-        Extension("bisenet_same_bits", ["same_bits.cpp", "same_bits.cu"], ["same_bits_math"]).load()
+        same_bits_extension().load()
     except Exception as error:
         if os.environ.get("BISENET_REQUIRE_KERNELS") == "1":
             pytest.fail(f"BISENET_REQUIRE_KERNELS=1 but the kernels did not build: {error!r}")

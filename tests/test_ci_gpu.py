@@ -63,3 +63,42 @@ def test_steps_keep_to_the_phase_budget(tmp_path):
     assert result.stdout.strip().endswith("failed=1") and not (tmp_path / "late.log").exists()
     result = run_steps(tmp_path, "5m", "")
     assert result.returncode == 2 and result.stderr.strip() == ".ci/gpu: GPU_BUDGET must be whole seconds, got '5m'"
+
+
+def run_packages_block(tmp_path, workdir):
+    """The script's block that installs .whl/ when python3 cannot import cityscapesscripts,
+    cut out and run in `workdir` with a python3 that cannot (a shadowing package raises)."""
+    hide = tmp_path / "hide" / "cityscapesscripts"
+    hide.mkdir(parents=True, exist_ok=True)
+    (hide / "__init__.py").write_text("raise ImportError('hidden by the test')\n")
+    start = SCRIPT.index("# cityscapesscripts (data.py")
+    end = SCRIPT.index("# the fixtures, when")
+    script = (f"out={tmp_path}; summary={tmp_path}/summary.txt; failed=0; python={sys.executable}\n"
+              f"{SCRIPT[start:end]}\necho failed=$failed\n"
+              '"$python" -c "import cityscapesscripts.helpers.annotation as a; print(a.__file__)"\n')
+    env = {**os.environ, "PYTHONPATH": str(hide.parent), "TMPDIR": str(tmp_path)}
+    return subprocess.run(["bash", "-c", script], cwd=workdir, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_missing_packages_come_from_the_wheels_folder(tmp_path):
+    workdir = tmp_path / "checkout"
+    workdir.mkdir()
+    result = run_packages_block(tmp_path, workdir)
+    assert "cannot import cityscapesscripts (and its pyquaternion), and .whl/ has no wheels: run '.ci/gpu wheels'" \
+        in result.stdout and "failed=1" in result.stdout
+    # a stand-in wheel of the package (pure Python, as the real one)
+    import zipfile
+    files = {"cityscapesscripts/__init__.py": "", "cityscapesscripts/helpers/__init__.py": "",
+             "cityscapesscripts/helpers/annotation.py": "",
+             "cityscapesscripts-0.0.dist-info/METADATA": "Metadata-Version: 2.1\nName: cityscapesscripts\nVersion: 0.0\n",
+             "cityscapesscripts-0.0.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                                                      "Tag: py3-none-any\n"}
+    files["cityscapesscripts-0.0.dist-info/RECORD"] = "".join(f"{name},,\n" for name in files) + \
+        "cityscapesscripts-0.0.dist-info/RECORD,,\n"
+    (workdir / ".whl").mkdir()
+    with zipfile.ZipFile(workdir / ".whl" / "cityscapesscripts-0.0-py3-none-any.whl", "w") as wheel:
+        for name, text in files.items():
+            wheel.writestr(name, text)
+    result = run_packages_block(tmp_path, workdir)
+    assert "python packages: installed from .whl/ into" in result.stdout and "failed=0" in result.stdout, result.stderr
+    assert result.stdout.strip().endswith(str(tmp_path / "bisenet-site" / "cityscapesscripts" / "helpers" / "annotation.py"))
