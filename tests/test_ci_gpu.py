@@ -36,8 +36,10 @@ def test_its_commands_parse():
     from kernels import bench as kernels_bench
     import bench
     script = SCRIPT.replace("\\\n", " ")  # continued lines joined
-    kernels_args = re.search(r'"\$python" -m kernels\.bench (.*?) --out', script).group(1).split()
-    kernels_bench.parse_args(kernels_args)
+    invocations = re.findall(r'"\$python" -m kernels\.bench (.*?)(?: --out .*)?$', script, re.M)
+    assert len(invocations) == 2  # the timed table, and the pass under ncu
+    for kernels_args in invocations:
+        kernels_bench.parse_args(kernels_args.split())
     bench_args = re.search(r'"\$python" bench\.py (.*?) --out', script).group(1).split()
     bench.parse_args(bench_args)
 
