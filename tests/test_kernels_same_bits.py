@@ -288,7 +288,7 @@ def test_loss_loops_give_the_same_bits_in_either_item_order(extension, monkeypat
 # The loss backward's plan (CPU; made on the host for both devices)
 
 CE_PLAN_KEYS = ["band", "chunk", "window_rows", "window_cols", "shared_bytes", "most_rows", "most_cols",
-                "most_staged", "written"]
+                "most_staged", "written", "parts"]
 
 
 def ce_plan(extension, size, low, dtype, tile=(0, 0)):
@@ -324,6 +324,22 @@ def test_ce_backward_plan_has_room_for_every_tile(extension, dtype):
                     assert numbers["shared_bytes"] <= (48 if tile == (0, 0) else 96) * 1024, (high, low, tile)
                     checked += 1
     assert checked > 293 * 4
+
+
+def test_ce_backward_plan_fills_the_block_at_every_head(extension):
+    """At the seed's heads (1024 x 1024 labels from 1/4 to 1/32) the segment items (band x
+    parts x window columns) take one pass of the 256-thread block, and at 1/32 most of it:
+    a band of 1 low-res row alone would leave 208 threads idle while 48 walk up to 48 rows
+    each (measured on an H200: the 1/32 backward took twice the 1/8 one's time). At 1/4 and
+    1/8 one part, so their bits are those of the plan without parts."""
+    parts_at = {}
+    for low in (256, 128, 64, 32):
+        numbers = ce_plan(extension, (4, 19, 1024, 1024), (low, low), torch.float32)
+        items = numbers["band"] * numbers["parts"] * numbers["window_cols"]
+        assert items <= 256 or numbers["parts"] == 1, (low, numbers)
+        assert numbers["shared_bytes"] <= 48 * 1024, (low, numbers)
+        parts_at[low] = numbers["parts"], items
+    assert parts_at[256][0] == parts_at[128][0] == 1 and parts_at[32][0] > 1 and parts_at[32][1] >= 192, parts_at
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -5,7 +5,7 @@
 //       -> grad_logits
 //   bisenet_cuda::upsample_ce_backward_plan(size, low_size, dtype, band=0, chunk=0)
 //       -> [band, chunk, window_rows, window_cols, shared_bytes, most_rows, most_cols, most_staged,
-//           outputs_written]
+//           outputs_written, parts]
 //   bisenet_cuda::upsample_ce_forward_plan(size, low_size, dtype)
 //       -> [band, staged_rows, shared_bytes, most_staged, pixels_written]
 //   bisenet_cuda::ohem_weights(loss, labels, ignore_index, threshold, min_kept, class_weights) -> weights
@@ -406,7 +406,7 @@ std::vector<int64_t> backward_plan_numbers(at::IntArrayRef size, at::IntArrayRef
   }
   written += rim_pixels(make_tile_rim<acc_t>(nullptr, 1, 1, geo.h, geo.w, plan.band, plan.chunk, false), geo.h, geo.w);
   return {plan.band, plan.chunk, plan.window_rows, plan.window_cols, plan.shared_bytes, most_rows, most_cols,
-          most_staged, written};
+          most_staged, written, plan.parts};
 }
 
 void check_plan_sizes(const char* op, at::IntArrayRef size, at::IntArrayRef low_size) {

@@ -22,6 +22,7 @@ namespace bisenet {
 namespace {
 
 constexpr int kThreads = 256;
+static_assert(kThreads == kCeBackwardThreads, "the backward plan fills blocks of kCeBackwardThreads");
 constexpr int64_t kMaxBlocks = 65535LL * 8;
 
 template <typename scalar_t>

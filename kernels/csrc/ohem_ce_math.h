@@ -281,8 +281,23 @@ BISENET_HD void ce_forward_pixel_finish(const CeOnlineLse<acc_t>& state, acc_t* 
 struct CeBackwardPlan {
   int band, chunk;
   int window_rows, window_cols;
+  int parts;  // each segment's rows split among this many threads (ce_backward_parts)
   int64_t shared_bytes;
 };
+
+// The backward's block size, which the plan fills: a segment item walks one window column of
+// a segment (about the upscale factor in rows), so a tile of band x window-columns items
+// leaves threads idle where the band is short (1 low-res row at 1/32: 48 of 256 threads, each
+// walking up to 48 rows). Then each segment's rows are split into `parts` consecutive pieces,
+// one a thread, summed in order by the output items: band x parts x window columns items, as
+// many parts as keep them within one pass of the block (at most kCeMaxParts).
+constexpr int kCeBackwardThreads = 256;
+constexpr int kCeMaxParts = 8;
+
+BISENET_HD int ce_backward_parts(int band, int window_cols) {
+  const int parts = kCeBackwardThreads / (band * window_cols);
+  return parts < 1 ? 1 : (parts < kCeMaxParts ? parts : kCeMaxParts);
+}
 
 
 // A window row's or column's taps as the backward block uses them: the two low-res indices
@@ -319,12 +334,15 @@ template <typename acc_t>
 struct CeBackwardBuffers {
   CePixel<acc_t>* pixel;  // (window_rows, window_cols)
   acc_t* staged;       // (band + 1, window_cols): logit rows interpolated along x, times log2(e)
-  acc_t* to_row;       // (band + 1, window_cols): row k, segment k's sums to its first tap row
-  acc_t* to_next_row;  // (band + 1, window_cols): row k + 1, segment k's sums to the row after
+  acc_t* to_row;       // ((band + 1) * parts, window_cols): row k * parts + q, part q of segment
+                       // k's sums to its first tap row
+  acc_t* to_next_row;  // ((band + 1) * parts, window_cols): row (k + 1) * parts + q, part q of
+                       // segment k's sums to the row after
   CeTap<acc_t>* row_taps;  // (window_rows,): first, second are offsets into staged
   CeTap<acc_t>* col_taps;  // (window_cols,): first, second are logit columns
   int* pixel_label;    // (window_rows, window_cols): the label, -1 where skipped
-  int* segment_y;      // (band + 1,): segment k is rows [segment_y[k], segment_y[k + 1])
+  int* part_y;         // (band * parts + 1,): part q of segment k is rows [part_y[kq], part_y[kq + 1]),
+                       // kq = k * parts + q; segment k starts at part_y[k * parts]
   int* column_x;       // (chunk + 3,): column lx0 + j reads window columns [column_x[j], column_x[j + 2])
 };
 
@@ -332,7 +350,7 @@ struct CeBackwardBuffers {
 // the taps first (16-byte aligned), then the pixels (8- or 16-byte), the acc_t arrays, the
 // ints, so each stays aligned.
 struct CeBackwardLayout {
-  int64_t pixel, staged, to_row, to_next_row, row_taps, col_taps, pixel_label, segment_y, column_x;
+  int64_t pixel, staged, to_row, to_next_row, row_taps, col_taps, pixel_label, part_y, column_x;
   int64_t bytes;
 };
 
@@ -340,7 +358,7 @@ template <typename acc_t>
 BISENET_HD CeBackwardLayout ce_backward_layout(const CeBackwardPlan& plan) {
   const int64_t window = static_cast<int64_t>(plan.window_rows) * plan.window_cols;
   const int64_t staged = static_cast<int64_t>(plan.band + 1) * plan.window_cols;
-  const int64_t segments = static_cast<int64_t>(plan.band + 1) * plan.window_cols;
+  const int64_t segments = static_cast<int64_t>(plan.band + 1) * plan.parts * plan.window_cols;
   const int64_t acc = sizeof(acc_t), taps = sizeof(CeTap<acc_t>), word = sizeof(int);
   CeBackwardLayout at;
   at.row_taps = 0;  // 16-byte aligned first
@@ -350,8 +368,8 @@ BISENET_HD CeBackwardLayout ce_backward_layout(const CeBackwardPlan& plan) {
   at.to_row = at.staged + staged * acc;
   at.to_next_row = at.to_row + segments * acc;
   at.pixel_label = at.to_next_row + segments * acc;
-  at.segment_y = at.pixel_label + window * word;
-  at.column_x = at.segment_y + (plan.band + 1) * word;
+  at.part_y = at.pixel_label + window * word;
+  at.column_x = at.part_y + (static_cast<int64_t>(plan.band) * plan.parts + 1) * word;
   at.bytes = at.column_x + (plan.chunk + 3) * word;
   return at;
 }
@@ -367,19 +385,21 @@ BISENET_HD CeBackwardBuffers<acc_t> ce_backward_buffers(unsigned char* base, con
   buf.row_taps = reinterpret_cast<CeTap<acc_t>*>(base + at.row_taps);
   buf.col_taps = reinterpret_cast<CeTap<acc_t>*>(base + at.col_taps);
   buf.pixel_label = reinterpret_cast<int*>(base + at.pixel_label);
-  buf.segment_y = reinterpret_cast<int*>(base + at.segment_y);
+  buf.part_y = reinterpret_cast<int*>(base + at.part_y);
   buf.column_x = reinterpret_cast<int*>(base + at.column_x);
   return buf;
 }
 
 // One backward block's tile: sample n, tile (tile_y, tile_x) of the grid, low-res rows
 // [ly0, ly1) and columns [lx0, lx1), the high-res window it owns [wy0, wy1) x [wx0, wx1),
-// and the low-res rows the window reads, [row0, row0 + rows) (staged per class).
+// and the low-res rows the window reads, [row0, row0 + rows) (staged per class); the plan's
+// parts of a segment.
 struct CeTile {
   int n, tile_y, tile_x;
   int ly0, ly1, lx0, lx1;
   int wy0, wy1, wx0, wx1;
   int row0, rows;
+  int parts;
 };
 
 // Blocks run over (n, band, chunk), chunk fastest.
@@ -401,6 +421,7 @@ BISENET_HD CeTile ce_backward_tile(int64_t block, const CeGeometry<acc_t>& geo, 
   t.wx1 = first_dst_with_tap_at_least(t.lx1, geo.w, geo.W, geo.scale_x);
   t.row0 = 0;
   t.rows = 0;
+  t.parts = plan.parts;
   if (t.wy1 > t.wy0) {  // taps are non-decreasing in y: the first row's i0 to the last row's i1
     t.row0 = bilinear_taps<acc_t>(t.wy0, geo.h, geo.scale_y).i0;
     t.rows = bilinear_taps<acc_t>(t.wy1 - 1, geo.h, geo.scale_y).i1 + 1 - t.row0;
@@ -418,32 +439,37 @@ BISENET_HD int ce_reached_rows(const CeTile& t, int h) { return reached_span(t.l
 BISENET_HD int ce_reached_cols(const CeTile& t, int w) { return reached_span(t.lx0, t.lx1, w); }
 BISENET_HD int ce_tile_window(const CeTile& t) { return (t.wy1 - t.wy0) * (t.wx1 - t.wx0); }
 BISENET_HD int ce_tile_tables(const CeTile& t, int w) {
-  return (t.wy1 - t.wy0) + 3 * (t.wx1 - t.wx0) + (t.ly1 - t.ly0 + 1) + (ce_reached_cols(t, w) + 2);
+  return (t.wy1 - t.wy0) + (1 + 2 * t.parts) * (t.wx1 - t.wx0) + ((t.ly1 - t.ly0) * t.parts + 1) +
+         (ce_reached_cols(t, w) + 2);
 }
-BISENET_HD int ce_tile_segments(const CeTile& t) { return t.ly1 - t.ly0; }
+BISENET_HD int ce_tile_segments(const CeTile& t) { return (t.ly1 - t.ly0) * t.parts; }
 BISENET_HD int ce_tile_outputs(const CeTile& t, int h, int w) { return ce_reached_rows(t, h) * ce_reached_cols(t, w); }
 
 // Prologue, item over the tables: the window rows' taps, the columns' taps, the zero rows
-// to_row[band'] and to_next_row[0] (band' = ly1 - ly0), the segment bounds, the column bounds
-// (clamped to the window: the columns beyond it are other tiles').
+// of to_row for segment band' and of to_next_row for segment -1 (band' = ly1 - ly0; parts
+// rows each), the parts' row bounds, the column bounds (clamped to the window: the columns
+// beyond it are other tiles').
 template <typename acc_t>
 BISENET_HD void ce_backward_table_item(int item, const CeTile& t, const CeGeometry<acc_t>& geo,
                                        const CeBackwardBuffers<acc_t>& buf) {
-  const int rows = t.wy1 - t.wy0, cols = t.wx1 - t.wx0, segments = t.ly1 - t.ly0 + 1;
+  const int rows = t.wy1 - t.wy0, cols = t.wx1 - t.wx0, part_bounds = (t.ly1 - t.ly0) * t.parts + 1;
   if (item < rows) {
     const Taps<acc_t> ty = bilinear_taps<acc_t>(t.wy0 + item, geo.h, geo.scale_y);
     buf.row_taps[item] = ce_tap(ty, (ty.i0 - t.row0) * cols, (ty.i1 - t.row0) * cols);
   } else if ((item -= rows) < cols) {
     const Taps<acc_t> tx = bilinear_taps<acc_t>(t.wx0 + item, geo.w, geo.scale_x);
     buf.col_taps[item] = ce_tap(tx, tx.i0, tx.i1);
-  } else if ((item -= cols) < cols) {
-    buf.to_row[(t.ly1 - t.ly0) * cols + item] = static_cast<acc_t>(0);
-  } else if ((item -= cols) < cols) {
+  } else if ((item -= cols) < t.parts * cols) {
+    buf.to_row[(t.ly1 - t.ly0) * t.parts * cols + item] = static_cast<acc_t>(0);
+  } else if ((item -= t.parts * cols) < t.parts * cols) {
     buf.to_next_row[item] = static_cast<acc_t>(0);
-  } else if ((item -= cols) < segments) {
-    buf.segment_y[item] = first_dst_with_tap_at_least(t.ly0 + item, geo.h, geo.H, geo.scale_y);
+  } else if ((item -= t.parts * cols) < part_bounds) {
+    const int k = item / t.parts, q = item % t.parts;  // segment k's rows split evenly
+    const int begin = first_dst_with_tap_at_least(t.ly0 + k, geo.h, geo.H, geo.scale_y);
+    const int end = q == 0 ? begin : first_dst_with_tap_at_least(t.ly0 + k + 1, geo.h, geo.H, geo.scale_y);
+    buf.part_y[item] = begin + (end - begin) * q / t.parts;
   } else {
-    item -= segments;
+    item -= part_bounds;
     const int x = first_dst_with_tap_at_least(t.lx0 - 1 + item, geo.w, geo.W, geo.scale_x);
     buf.column_x[item] = x < t.wx0 ? t.wx0 : (x > t.wx1 ? t.wx1 : x);
   }
@@ -480,16 +506,16 @@ BISENET_HD void ce_backward_stage_item(int r, int x, const CeTile& t, const CeGe
   buf.staged[item] = along_x * log2e(along_x);
 }
 
-// Per class, segment item (k, x) (k < band', x < window columns): the rows of segment k at
-// window column x, their
-// g (exp(z - lse) - [c == label]) summed with each row's weight to low-res row s = ly0 + k
-// and to s + 1. Skipped pixels (g == 0) add nothing and cost no exp.
+// Per class, segment item (kq, x) (kq < band' * parts, x < window columns): part q = kq % parts
+// of the rows of segment k = kq / parts at window column x (the segment's rows split into
+// parts consecutive pieces), their g (exp(z - lse) - [c == label]) summed with each row's
+// weight to low-res row s = ly0 + k and to s + 1. Skipped pixels (g == 0) add nothing and
+// cost no exp.
 template <typename acc_t>
-BISENET_HD void ce_backward_segment_item(int k, int x, int c, const CeTile& t, const CeBackwardBuffers<acc_t>& buf) {
+BISENET_HD void ce_backward_segment_item(int kq, int x, int c, const CeTile& t, const CeBackwardBuffers<acc_t>& buf) {
   const int cols = t.wx1 - t.wx0;
-  const int item = k * cols + x;
   acc_t sum_row = static_cast<acc_t>(0), sum_next = static_cast<acc_t>(0);
-  const int y_begin = buf.segment_y[k] - t.wy0, y_end = buf.segment_y[k + 1] - t.wy0;
+  const int y_begin = buf.part_y[kq] - t.wy0, y_end = buf.part_y[kq + 1] - t.wy0;
   const CePixel<acc_t>* pixel_column = buf.pixel + x;  // column x of the window's (rows, cols) arrays
   const int* label_column = buf.pixel_label + x;
   const acc_t* staged_column = buf.staged + x;
@@ -506,8 +532,8 @@ BISENET_HD void ce_backward_segment_item(int k, int x, int c, const CeTile& t, c
     sum_row = fma_acc(ty.to_first, gd, sum_row);
     sum_next = fma_acc(ty.to_next, gd, sum_next);
   }
-  buf.to_row[item] = sum_row;
-  buf.to_next_row[item + cols] = sum_next;
+  buf.to_row[kq * cols + x] = sum_row;
+  buf.to_next_row[(kq + t.parts) * cols + x] = sum_next;
 }
 
 // The rim (bilinear.h: TileRim) holds one value per entry and class, each class's entries
@@ -522,12 +548,19 @@ BISENET_HD void ce_backward_output_item(int item, int c, const CeTile& t, const 
                                         scalar_t* plane_out) {
   const int cols = t.wx1 - t.wx0, reached_cols = ce_reached_cols(t, geo.w);
   const int i = item / reached_cols, j = item % reached_cols;
-  const acc_t* to_row = buf.to_row + i * cols;  // segment ly0 + i: rows whose first tap is this row
-  const acc_t* to_next_row = buf.to_next_row + i * cols;  // segment ly0 + i - 1: rows whose second tap is
+  // segment ly0 + i's parts: rows whose first tap is this row; segment ly0 + i - 1's parts:
+  // rows whose second tap is
+  const acc_t* to_row = buf.to_row + i * t.parts * cols;
+  const acc_t* to_next_row = buf.to_next_row + i * t.parts * cols;
   acc_t grad = static_cast<acc_t>(0);
   for (int x = buf.column_x[j] - t.wx0; x < buf.column_x[j + 2] - t.wx0; ++x) {
     const CeTap<acc_t>& tx = buf.col_taps[x];  // its first tap is lx0 + j - 1 or lx0 + j
-    grad = fma_acc(tx.first == t.lx0 + j ? tx.to_first : tx.to_next, to_row[x] + to_next_row[x], grad);
+    acc_t from_row = to_row[x], from_next_row = to_next_row[x];
+    for (int q = 1; q < t.parts; ++q) {  // the parts in order
+      from_row += to_row[q * cols + x];
+      from_next_row += to_next_row[q * cols + x];
+    }
+    grad = fma_acc(tx.first == t.lx0 + j ? tx.to_first : tx.to_next, from_row + from_next_row, grad);
   }
   if (on_rim(i, j, rim.tile_h, rim.tile_w))
     rim.data[rim_offset(rim, t.n, t.tile_y, t.tile_x, i, j, c)] = grad;
@@ -559,6 +592,7 @@ template <typename acc_t>
 inline void ce_backward_capacities(const CeGeometry<acc_t>& geo, CeBackwardPlan* plan) {
   plan->window_rows = most_owned_span(geo.h, geo.H, geo.scale_y, plan->band);
   plan->window_cols = most_owned_span(geo.w, geo.W, geo.scale_x, plan->chunk);
+  plan->parts = ce_backward_parts(plan->band, plan->window_cols);
   plan->shared_bytes = ce_backward_layout<acc_t>(*plan).bytes;
 }
 
