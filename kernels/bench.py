@@ -118,12 +118,14 @@ def copy_bandwidth_gbs(device, nbytes, warmup, iters):
 # ---------------------------------------------------------------------------------------
 # Bytes the fused kernels must move, forward + backward
 
-def bytes_moved_loss(logits, labels):
+def bytes_moved_loss(logits, labels, thresh):
     """logits read by the forward and the backward, their gradient written; labels read
-    twice; per pixel, float32 loss and lse written once and read once, and the incoming
-    per-pixel gradient written and read once."""
+    twice; per pixel, float32 loss and lse written once and read once; with OHEM (thresh)
+    the incoming per-pixel gradient (the weights times the sum's) written and read once, where
+    the CE mean's is one value."""
     logit_bytes = logits.numel() * logits.element_size()
-    return 3 * logit_bytes + 2 * labels.numel() * labels.element_size() + 6 * 4 * labels.numel()
+    per_pixel = (4 if thresh is None else 6) * 4
+    return 3 * logit_bytes + 2 * labels.numel() * labels.element_size() + per_pixel * labels.numel()
 
 
 def bytes_moved_bga(detail_keep, low):
@@ -275,7 +277,7 @@ def loss_rows(args, device):
                     yield measure_row(
                         f"loss {loss_name} {head} {batch}x{args.classes}x{side}x{side} -> {args.size}^2 {dtype_name}",
                         lambda fn: loss_step(fn, logits, labels, thresh), fns,
-                        bytes_moved_loss(logits, labels), args, device, DTYPES[dtype_name])
+                        bytes_moved_loss(logits, labels, thresh), args, device, DTYPES[dtype_name])
 
 
 def bga_rows(args, device):

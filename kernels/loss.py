@@ -242,11 +242,14 @@ def _(grad_loss, logits, labels, lse, ignore_index):
 def _setup_context(ctx, inputs, output):
     logits, labels, ignore_index = inputs
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # lse's gradient stays None, not a zero-filled (N, H, W)
     ctx.save_for_backward(logits, labels, output[1])
     ctx.ignore_index = ignore_index
 
 
 def _backward(ctx, grad_loss, grad_lse):
+    if grad_loss is None:  # only lse was used
+        return None, None, None
     logits, labels, lse = ctx.saved_tensors
     return upsample_cross_entropy_backward(grad_loss, logits, labels, lse, ctx.ignore_index), None, None
 

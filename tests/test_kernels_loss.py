@@ -214,6 +214,29 @@ def test_class_weighted_ohem_weights_op_equals_reference(kernel_device, extensio
         extension.ohem_weights(loss, labels, 255, 0.5, 17, class_weights.to(torch.float16).to(kernel_device))
 
 
+def test_backward_reads_an_expanded_gradient_as_one_value(kernel_device, extension):
+    """The mean's backward hands the op one value expanded over (N, H, W) (strides 0): it is
+    read as that one value, not copied out H * W times, and gives the same bits as the
+    materialised gradient; one pixel's own value (a slice of a larger tensor) is honoured."""
+    logits, labels = random_case(n=2, c=5, low=(5, 6), high=(19, 23), seed=8)
+    logits, labels = logits.float().to(kernel_device), labels.to(kernel_device)
+    loss, lse = extension.upsample_ce_forward(logits, labels, 255)
+    expanded = torch.tensor(0.37, device=kernel_device).expand(labels.shape)
+    got = extension.upsample_ce_backward(expanded, logits, labels, lse, 255)
+    want = extension.upsample_ce_backward(expanded.contiguous(), logits, labels, lse, 255)
+    assert torch.equal(got, want) and got.abs().sum() > 0
+    # zero strides in some dimensions only (one row broadcast over H): per pixel, copied
+    row = torch.randn(1, 1, labels.shape[2], device=kernel_device).expand(labels.shape)
+    assert torch.equal(extension.upsample_ce_backward(row, logits, labels, lse, 255),
+                       extension.upsample_ce_backward(row.contiguous(), logits, labels, lse, 255))
+    # the loss's own backward: the CE mean's gradient arrives expanded
+    leaf = logits.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(loss_fused(leaf, labels, thresh=None), leaf)
+    exact = logits.cpu().double().requires_grad_(True)
+    (want_grad,) = torch.autograd.grad(loss_ref(exact, labels.cpu(), thresh=None), exact)
+    torch.testing.assert_close(grad.cpu().double(), want_grad, rtol=1e-4, atol=1e-7)
+
+
 @pytest.mark.parametrize("thresh", [None, 0.7, 1e-9])
 def test_class_weighted_loss(kernel_device, thresh):
     """Fused (CPU op or CUDA kernels) against the float64 reference, value and gradient; the

@@ -185,7 +185,8 @@ void backward_cpu_typed(const CeBackwardCall& call, int64_t ignore_index) {
     const auto pixel_items = [&] {
       for_items(ce_tile_window(t), reversed, [&](int64_t item) {
         ce_backward_pixel_item<label_t, acc_t>(static_cast<int>(item), t, geo, labels + t.n * pixels,
-                                               grad_loss + t.n * pixels, lse + t.n * pixels, ignore_index, buf);
+                                               grad_loss + t.n * pixels * call.grad_stride, call.grad_stride,
+                                               lse + t.n * pixels, ignore_index, buf);
       });
     };
     const auto stage = [&](int c) {
@@ -253,7 +254,13 @@ CeBackwardCall prepare_ce_backward(const at::Tensor& grad_loss, const at::Tensor
   CeBackwardCall call;
   call.logits = logits.contiguous();
   call.labels = labels.contiguous();
-  call.grad_loss = grad_loss.contiguous();
+  const auto strides = grad_loss.strides();
+  if (grad_loss.numel() > 0 && std::all_of(strides.begin(), strides.end(), [](int64_t s) { return s == 0; })) {
+    call.grad_loss = grad_loss.as_strided({1}, {1});  // the one value, not H * W copies of it
+    call.grad_stride = 0;
+  } else {
+    call.grad_loss = grad_loss.contiguous();
+  }
   call.lse = lse.contiguous();
   call.grad_logits = at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
   call.plan = CeBackwardPlan{};  // band 0: nothing to compute

@@ -114,8 +114,8 @@ __device__ __forceinline__ void for_grid_items(int rows, int cols, F f) {
 template <typename scalar_t, typename label_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) ce_backward_kernel(
     CeGeometry<acc_t> geo, CeBackwardPlan plan, const scalar_t* __restrict__ logits,
-    const label_t* __restrict__ labels, const acc_t* __restrict__ grad_loss, const acc_t* __restrict__ lse,
-    int64_t ignore_index, scalar_t* __restrict__ grad_logits, TileRim<acc_t> rim) {
+    const label_t* __restrict__ labels, const acc_t* __restrict__ grad_loss, int grad_stride,
+    const acc_t* __restrict__ lse, int64_t ignore_index, scalar_t* __restrict__ grad_logits, TileRim<acc_t> rim) {
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   const CeBackwardBuffers<acc_t> buf = ce_backward_buffers<acc_t>(shared_bytes, plan);
   const CeTile t = ce_backward_tile(blockIdx.x, geo, plan);
@@ -125,8 +125,9 @@ __global__ void __launch_bounds__(kThreads) ce_backward_kernel(
   for (int item = threadIdx.x; item < ce_tile_tables(t, geo.w); item += blockDim.x)
     ce_backward_table_item(item, t, geo, buf);
   for (int item = threadIdx.x; item < ce_tile_window(t); item += blockDim.x)
-    ce_backward_pixel_item<label_t, acc_t>(item, t, geo, labels + t.n * pixels, grad_loss + t.n * pixels,
-                                           lse + t.n * pixels, ignore_index, buf);
+    ce_backward_pixel_item<label_t, acc_t>(item, t, geo, labels + t.n * pixels,
+                                           grad_loss + t.n * pixels * grad_stride, grad_stride, lse + t.n * pixels,
+                                           ignore_index, buf);
   __syncthreads();  // the column taps, for the stage
   const int cols = t.wx1 - t.wx0;
   const auto stage = [&](const scalar_t* plane) {
@@ -337,7 +338,8 @@ void backward_typed(const CeBackwardCall& call, int64_t ignore_index) {
   auto stream = c10::cuda::getCurrentCUDAStream();
   kernel<<<ce_backward_blocks(geo, call.plan), kThreads, call.plan.shared_bytes, stream>>>(
       geo, call.plan, logits.const_data_ptr<scalar_t>(), call.labels.const_data_ptr<label_t>(),
-      call.grad_loss.const_data_ptr<acc_t>(), call.lse.const_data_ptr<acc_t>(), ignore_index, grad_logits, rim);
+      call.grad_loss.const_data_ptr<acc_t>(), call.grad_stride, call.lse.const_data_ptr<acc_t>(), ignore_index,
+      grad_logits, rim);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const int64_t count = static_cast<int64_t>(geo.N) * geo.C * rim_pixels(rim, geo.h, geo.w);
   const int64_t blocks = std::min<int64_t>((count + kThreads - 1) / kThreads, 65535LL * 8);

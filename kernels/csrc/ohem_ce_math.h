@@ -476,15 +476,16 @@ BISENET_HD void ce_backward_table_item(int item, const CeTile& t, const CeGeomet
 }
 
 // Prologue, item over the window pixels (row-major): the pixel's gradient, lse and label.
-// labels, grad_loss, lse: sample n's (H, W).
+// labels, lse: sample n's (H, W); grad_loss: sample n's (H, W), or with grad_stride 0 the
+// one value of every pixel.
 template <typename label_t, typename acc_t>
 BISENET_HD void ce_backward_pixel_item(int item, const CeTile& t, const CeGeometry<acc_t>& geo,
-                                       const label_t* labels, const acc_t* grad_loss, const acc_t* lse,
-                                       int64_t ignore_index, const CeBackwardBuffers<acc_t>& buf) {
+                                       const label_t* labels, const acc_t* grad_loss, int grad_stride,
+                                       const acc_t* lse, int64_t ignore_index, const CeBackwardBuffers<acc_t>& buf) {
   const int cols = t.wx1 - t.wx0;
   const int p = (t.wy0 + item / cols) * geo.W + t.wx0 + item % cols;
   const int64_t label = static_cast<int64_t>(labels[p]);
-  const acc_t g = grad_loss[p];
+  const acc_t g = grad_loss[p * grad_stride];
   const bool skipped = g == static_cast<acc_t>(0) || label == ignore_index;
   buf.pixel[item].grad = skipped ? static_cast<acc_t>(0) : g;
   buf.pixel[item].lse_log2 = lse[p] * log2e(g);  // in log2 units, as the staged logits

@@ -21,6 +21,9 @@ struct CeForwardCall {
 
 struct CeBackwardCall {
   at::Tensor grad_loss, logits, labels, lse;  // contiguous
+  // 1; 0 where grad_loss is one value for every pixel (an expanded scalar, as the backward of
+  // a mean gives), then held as that one value: grad_loss[p * grad_stride] is pixel p's
+  int grad_stride = 1;
   at::Tensor grad_logits;
   CeBackwardPlan plan;  // ohem_ce_math.h; unset when there is nothing to compute (an empty batch)
   at::Tensor rim;       // workspace: the grid-line logits' partial gradients (bilinear.h: TileRim)
