@@ -11,8 +11,8 @@
 //   bisenet_cuda::ohem_weights(loss, labels, ignore_index, threshold, min_kept, class_weights) -> weights
 //
 // logits (N, C, h, w) float32/bfloat16/float16/float64, labels (N, H, W) int64 or uint8;
-// loss, lse, grad_loss (N, H, W) float32 (float64 for float64 logits); grad_logits like
-// logits (NCHW). Both kernels run over tiles planned here once for both devices
+// loss, lse, grad_loss (N, H, W) float32 (float64 for float64 logits; grad_loss with all
+// strides 0, one value expanded, is read as that value); grad_logits like logits (NCHW). Both kernels run over tiles planned here once for both devices
 // (ohem_ce_math.h): the forward over bands of high-res rows, the backward over tiles of
 // low-res rows and columns, then a pass over the logits on the tiles' grid lines (their
 // partial sums in the rim workspace, bilinear.h); band, chunk (low-res rows and columns per
