@@ -69,16 +69,36 @@ __global__ void __launch_bounds__(kCeForwardThreads) ce_forward_kernel(
       ce_forward_stage_item<scalar_t, acc_t>(r, stage_x, t, geo, sample, buf.col_taps, buf.staged);
   }
   __syncthreads();
+  // The next class's first kAhead stage items of this thread are loaded before this class's
+  // math and stored after it, so the loads' latency passes under the math; rows beyond them
+  // (only where a band reads more than kAhead * kStageRowStep low-res rows) are staged first.
+  constexpr int kAhead = 2;
+  const int first_row = threadIdx.x / kCeForwardChunk;
+  CeStageLoad<acc_t> ahead[kAhead];
   for (int c = 0; c < geo.C; ++c) {
-    if (c + 1 < geo.C && stages) {
-      for (int r = threadIdx.x / kCeForwardChunk; r < t.rows; r += kStageRowStep)
-        ce_forward_stage_item<scalar_t, acc_t>(r, stage_x, t, geo, sample + (c + 1) * plane, buf.col_taps,
+    const bool stage_next = c + 1 < geo.C && stages;
+    if (stage_next) {
+      const scalar_t* next_plane = sample + (c + 1) * plane;
+#pragma unroll
+      for (int k = 0; k < kAhead; ++k) {
+        const int r = first_row + k * kStageRowStep;
+        if (r < t.rows) ahead[k] = ce_forward_stage_load<scalar_t, acc_t>(r, stage_x, t, geo, next_plane, buf.col_taps);
+      }
+      for (int r = first_row + kAhead * kStageRowStep; r < t.rows; r += kStageRowStep)
+        ce_forward_stage_item<scalar_t, acc_t>(r, stage_x, t, geo, next_plane, buf.col_taps,
                                                ce_forward_staged_for(buf, c + 1));
     }
     const acc_t* staged = ce_forward_staged_for(buf, c);
 #pragma unroll
     for (int k = 0; k < kCeForwardPixels; ++k)
       if (counted[k]) ce_forward_pixel_class(state[k], c, staged);
+    if (stage_next) {
+#pragma unroll
+      for (int k = 0; k < kAhead; ++k) {
+        const int r = first_row + k * kStageRowStep;
+        if (r < t.rows) ce_forward_stage_store(ahead[k], r, stage_x, buf.col_taps, ce_forward_staged_for(buf, c + 1));
+      }
+    }
     __syncthreads();  // class c + 1 is staged; class c's buffer is free
   }
 #pragma unroll
@@ -136,12 +156,40 @@ __global__ void __launch_bounds__(kThreads) ce_backward_kernel(
   };
   stage(logits + sample);
   __syncthreads();
+  // The next class's first kAhead stage items of this thread (item = threadIdx.x + k *
+  // blockDim.x, as for_grid_items strides them) are loaded before this class's segment items
+  // and stored after them, so the loads' latency passes under the walk; any further items
+  // (more than kAhead * blockDim.x staged values) are staged after the outputs.
+  constexpr int kAhead = 2;
+  int ahead_r[kAhead], ahead_x[kAhead];
+#pragma unroll
+  for (int k = 0; k < kAhead; ++k) {
+    const int item = threadIdx.x + k * blockDim.x;
+    ahead_r[k] = cols > 0 ? item / cols : t.rows;  // no column: no item
+    ahead_x[k] = cols > 0 ? item % cols : 0;
+  }
+  const int staged_items = t.rows * cols;
   for (int c = 0; c < geo.C; ++c) {
+    const bool stage_next = c + 1 < geo.C;
+    const scalar_t* next_plane = logits + sample + (c + 1) * plane;
+    CeStageLoad<acc_t> ahead[kAhead];
+    if (stage_next) {
+#pragma unroll
+      for (int k = 0; k < kAhead; ++k)
+        if (ahead_r[k] < t.rows)
+          ahead[k] = ce_backward_stage_load<scalar_t, acc_t>(ahead_r[k], ahead_x[k], t, geo, next_plane, buf);
+    }
     for_grid_items(ce_tile_segments(t), cols, [&](int k, int x) { ce_backward_segment_item(k, x, c, t, buf); });
     __syncthreads();  // the segment sums are complete; the staged rows are free
     for (int item = threadIdx.x; item < ce_tile_outputs(t, geo.h, geo.w); item += blockDim.x)
       ce_backward_output_item<scalar_t, acc_t>(item, c, t, geo, buf, rim, grad_logits + sample + c * plane);
-    if (c + 1 < geo.C) stage(logits + sample + (c + 1) * plane);
+    if (stage_next) {
+#pragma unroll
+      for (int k = 0; k < kAhead; ++k)
+        if (ahead_r[k] < t.rows) ce_backward_stage_store(ahead[k], ahead_r[k], ahead_x[k], t, buf);
+      for (int item = threadIdx.x + kAhead * blockDim.x; item < staged_items; item += blockDim.x)
+        ce_backward_stage_item<scalar_t, acc_t>(item / cols, item % cols, t, geo, next_plane, buf);
+    }
     __syncthreads();  // the next class's rows are staged; the segment sums are free
   }
 }

@@ -171,15 +171,34 @@ BISENET_HD void ce_forward_table_item(int item, const CeForwardTile& t, const Ce
 
 // Per class, stage item (r, x) (r < rows, x < x1 - x0): low-res row row0 + r of class plane
 // `plane` (h, w) interpolated along x at column x0 + x, times log2(e), into staged (row stride
-// kCeForwardChunk).
+// kCeForwardChunk). In two halves, so that the kernel can issue the loads of the next class
+// before this class's math and store after it: the two logits the column's taps read, then
+// their lerp into staged.
+template <typename acc_t>
+struct CeStageLoad {
+  acc_t first, second;
+};
+
+template <typename scalar_t, typename acc_t>
+BISENET_HD CeStageLoad<acc_t> ce_forward_stage_load(int r, int x, const CeForwardTile& t, const CeGeometry<acc_t>& geo,
+                                                    const scalar_t* plane, const Taps<acc_t>* col_taps) {
+  const Taps<acc_t> tx = col_taps[x];
+  const int row = (t.row0 + r) * geo.w;
+  return {load_acc<scalar_t, acc_t>(plane, row + tx.i0), load_acc<scalar_t, acc_t>(plane, row + tx.i1)};
+}
+
+template <typename acc_t>
+BISENET_HD void ce_forward_stage_store(const CeStageLoad<acc_t>& loaded, int r, int x, const Taps<acc_t>* col_taps,
+                                       acc_t* staged) {
+  const acc_t along_x = lerp_taps(col_taps[x], loaded.first, loaded.second);
+  staged[r * kCeForwardChunk + x] = along_x * log2e(along_x);
+}
+
 template <typename scalar_t, typename acc_t>
 BISENET_HD void ce_forward_stage_item(int r, int x, const CeForwardTile& t, const CeGeometry<acc_t>& geo,
                                       const scalar_t* plane, const Taps<acc_t>* col_taps, acc_t* staged) {
-  const Taps<acc_t> tx = col_taps[x];
-  const int row = (t.row0 + r) * geo.w;
-  const acc_t along_x = lerp_taps(tx, load_acc<scalar_t, acc_t>(plane, row + tx.i0),
-                                  load_acc<scalar_t, acc_t>(plane, row + tx.i1));
-  staged[r * kCeForwardChunk + x] = along_x * log2e(along_x);
+  ce_forward_stage_store(ce_forward_stage_load<scalar_t, acc_t>(r, x, t, geo, plane, col_taps), r, x, col_taps,
+                         staged);
 }
 
 // One pixel's online log-sum-exp over the classes, in log2 units: the running maximum of
@@ -495,16 +514,28 @@ BISENET_HD void ce_backward_pixel_item(int item, const CeTile& t, const CeGeomet
 
 // Per class, stage item (r, x) (r < rows, x < window columns): low-res row row0 + r of class
 // plane `plane` (h, w) interpolated along x at window column wx0 + x, times log2(e).
+// In two halves as the forward's (ce_forward_stage_load, _store): the kernel loads the next
+// class's logits before this class's segment items and stores them after.
+template <typename scalar_t, typename acc_t>
+BISENET_HD CeStageLoad<acc_t> ce_backward_stage_load(int r, int x, const CeTile& t, const CeGeometry<acc_t>& geo,
+                                                     const scalar_t* plane, const CeBackwardBuffers<acc_t>& buf) {
+  const CeTap<acc_t> tx = buf.col_taps[x];
+  const int row = (t.row0 + r) * geo.w;
+  return {load_acc<scalar_t, acc_t>(plane, row + tx.first), load_acc<scalar_t, acc_t>(plane, row + tx.second)};
+}
+
+template <typename acc_t>
+BISENET_HD void ce_backward_stage_store(const CeStageLoad<acc_t>& loaded, int r, int x, const CeTile& t,
+                                        const CeBackwardBuffers<acc_t>& buf) {
+  const CeTap<acc_t> tx = buf.col_taps[x];
+  const acc_t along_x = fma_acc(tx.w1, loaded.second, tx.w0 * loaded.first);  // lerp_taps
+  buf.staged[r * (t.wx1 - t.wx0) + x] = along_x * log2e(along_x);
+}
+
 template <typename scalar_t, typename acc_t>
 BISENET_HD void ce_backward_stage_item(int r, int x, const CeTile& t, const CeGeometry<acc_t>& geo,
                                        const scalar_t* plane, const CeBackwardBuffers<acc_t>& buf) {
-  const int cols = t.wx1 - t.wx0;
-  const int item = r * cols + x;
-  const CeTap<acc_t> tx = buf.col_taps[x];
-  const int row = (t.row0 + r) * geo.w;
-  const acc_t along_x = fma_acc(tx.w1, load_acc<scalar_t, acc_t>(plane, row + tx.second),
-                                tx.w0 * load_acc<scalar_t, acc_t>(plane, row + tx.first));  // lerp_taps
-  buf.staged[item] = along_x * log2e(along_x);
+  ce_backward_stage_store(ce_backward_stage_load<scalar_t, acc_t>(r, x, t, geo, plane, buf), r, x, t, buf);
 }
 
 // Per class, segment item (kq, x) (kq < band' * parts, x < window columns): part q = kq % parts
