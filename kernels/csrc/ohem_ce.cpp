@@ -5,7 +5,7 @@
 //       -> grad_logits
 //   bisenet_cuda::upsample_ce_backward_plan(size, low_size, dtype, band=0, chunk=0)
 //       -> [band, chunk, window_rows, window_cols, shared_bytes, most_rows, most_cols, most_staged,
-//           outputs_written, parts]
+//           outputs_written, most_parts, most_segment_items]
 //   bisenet_cuda::upsample_ce_forward_plan(size, low_size, dtype)
 //       -> [band, staged_rows, shared_bytes, most_staged, pixels_written]
 //   bisenet_cuda::ohem_weights(loss, labels, ignore_index, threshold, min_kept, class_weights) -> weights
@@ -171,7 +171,8 @@ void backward_cpu_typed(const CeBackwardCall& call, int64_t ignore_index) {
     const CeTile t = ce_backward_tile(block, geo, plan);
     if (reversed)  // shared memory holds no earlier values: a read before a write gives NaN (ints -1)
       memset(shared.data(), 0xFF, shared.size() * sizeof(double));
-    TORCH_CHECK(t.wy1 - t.wy0 <= plan.window_rows && t.wx1 - t.wx0 <= plan.window_cols && t.rows <= plan.band + 1,
+    TORCH_CHECK(t.wy1 - t.wy0 <= plan.window_rows && t.wx1 - t.wx0 <= plan.window_cols && t.rows <= plan.band + 1 &&
+                    (t.ly1 - t.ly0 + 1) * t.parts * (t.wx1 - t.wx0) <= (plan.band + 1) * plan.part_cols,
                 "upsample_ce_backward: tile at low-res (", t.ly0, ", ", t.lx0, ") has a ", t.wy1 - t.wy0, "x",
                 t.wx1 - t.wx0, " window reading ", t.rows, " rows, the plan has room for ", plan.window_rows, "x",
                 plan.window_cols, " and ", plan.band + 1);
@@ -403,17 +404,19 @@ std::vector<int64_t> backward_plan_numbers(at::IntArrayRef size, at::IntArrayRef
   auto geo = make_ce_geometry<acc_t>(size[0], size[1], low_size[0], low_size[1], size[2], size[3]);
   const CeBackwardPlan plan = backward_plan(geo, band, chunk);
   geo.N = 1;  // the tiles of one sample
-  int64_t most_rows = 0, most_cols = 0, most_staged = 0, written = 0;
+  int64_t most_rows = 0, most_cols = 0, most_staged = 0, written = 0, most_parts = 0, most_items = 0;
   for (int64_t block = 0; block < ce_backward_blocks(geo, plan); ++block) {
     const CeTile t = ce_backward_tile(block, geo, plan);
     most_rows = std::max<int64_t>(most_rows, t.wy1 - t.wy0);
     most_cols = std::max<int64_t>(most_cols, t.wx1 - t.wx0);
     most_staged = std::max<int64_t>(most_staged, t.rows);
+    most_parts = std::max<int64_t>(most_parts, t.parts);
+    most_items = std::max<int64_t>(most_items, static_cast<int64_t>(ce_tile_segments(t)) * (t.wx1 - t.wx0));
     written += tile_finished_pixels(ce_reached_rows(t, geo.h), ce_reached_cols(t, geo.w), plan.band, plan.chunk);
   }
   written += rim_pixels(make_tile_rim<acc_t>(nullptr, 1, 1, geo.h, geo.w, plan.band, plan.chunk, false), geo.h, geo.w);
   return {plan.band, plan.chunk, plan.window_rows, plan.window_cols, plan.shared_bytes, most_rows, most_cols,
-          most_staged, written, plan.parts};
+          most_staged, written, most_parts, most_items};
 }
 
 void check_plan_sizes(const char* op, at::IntArrayRef size, at::IntArrayRef low_size) {

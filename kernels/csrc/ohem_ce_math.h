@@ -300,21 +300,23 @@ BISENET_HD void ce_forward_pixel_finish(const CeOnlineLse<acc_t>& state, acc_t* 
 struct CeBackwardPlan {
   int band, chunk;
   int window_rows, window_cols;
-  int parts;  // each segment's rows split among this many threads (ce_backward_parts)
+  int part_cols;  // the most parts x window columns of any tile (ce_backward_parts): the length
+                  // of a segment row of the sums' tables
   int64_t shared_bytes;
 };
 
 // The backward's block size, which the plan fills: a segment item walks one window column of
 // a segment (about the upscale factor in rows), so a tile of band x window-columns items
 // leaves threads idle where the band is short (1 low-res row at 1/32: 48 of 256 threads, each
-// walking up to 48 rows). Then each segment's rows are split into `parts` consecutive pieces,
-// one a thread, summed in order by the output items: band x parts x window columns items, as
-// many parts as keep them within one pass of the block (at most kCeMaxParts).
+// walking up to 48 rows; 32 inside the image's first row and column of tiles). Then each
+// segment's rows are split into `parts` consecutive pieces, one a thread, summed in order by
+// the output items: band x parts x window columns items, as many parts as keep a tile's items
+// within one pass of the block (at most kCeMaxParts), per tile by its columns.
 constexpr int kCeBackwardThreads = 256;
 constexpr int kCeMaxParts = 8;
 
-BISENET_HD int ce_backward_parts(int band, int window_cols) {
-  const int parts = kCeBackwardThreads / (band * window_cols);
+BISENET_HD int ce_backward_parts(int band, int cols) {
+  const int parts = cols > 0 ? kCeBackwardThreads / (band * cols) : 1;
   return parts < 1 ? 1 : (parts < kCeMaxParts ? parts : kCeMaxParts);
 }
 
@@ -353,14 +355,15 @@ template <typename acc_t>
 struct CeBackwardBuffers {
   CePixel<acc_t>* pixel;  // (window_rows, window_cols)
   acc_t* staged;       // (band + 1, window_cols): logit rows interpolated along x, times log2(e)
-  acc_t* to_row;       // ((band + 1) * parts, window_cols): row k * parts + q, part q of segment
-                       // k's sums to its first tap row
-  acc_t* to_next_row;  // ((band + 1) * parts, window_cols): row (k + 1) * parts + q, part q of
-                       // segment k's sums to the row after
+  acc_t* to_row;       // ((band + 1) * parts, cols) of the tile: row k * parts + q, part q of
+                       // segment k's sums to its first tap row (capacity (band + 1) * part_cols)
+  acc_t* to_next_row;  // likewise: row (k + 1) * parts + q, part q of segment k's sums to the
+                       // row after
   CeTap<acc_t>* row_taps;  // (window_rows,): first, second are offsets into staged
   CeTap<acc_t>* col_taps;  // (window_cols,): first, second are logit columns
   int* pixel_label;    // (window_rows, window_cols): the label, -1 where skipped
-  int* part_y;         // (band * parts + 1,): part q of segment k is rows [part_y[kq], part_y[kq + 1]),
+  int* part_y;         // (band * parts + 1,) (capacity band * kCeMaxParts + 1): part q of segment k
+                       // is rows [part_y[kq], part_y[kq + 1]),
                        // kq = k * parts + q; segment k starts at part_y[k * parts]
   int* column_x;       // (chunk + 3,): column lx0 + j reads window columns [column_x[j], column_x[j + 2])
 };
@@ -377,7 +380,7 @@ template <typename acc_t>
 BISENET_HD CeBackwardLayout ce_backward_layout(const CeBackwardPlan& plan) {
   const int64_t window = static_cast<int64_t>(plan.window_rows) * plan.window_cols;
   const int64_t staged = static_cast<int64_t>(plan.band + 1) * plan.window_cols;
-  const int64_t segments = static_cast<int64_t>(plan.band + 1) * plan.parts * plan.window_cols;
+  const int64_t segments = static_cast<int64_t>(plan.band + 1) * plan.part_cols;
   const int64_t acc = sizeof(acc_t), taps = sizeof(CeTap<acc_t>), word = sizeof(int);
   CeBackwardLayout at;
   at.row_taps = 0;  // 16-byte aligned first
@@ -388,7 +391,7 @@ BISENET_HD CeBackwardLayout ce_backward_layout(const CeBackwardPlan& plan) {
   at.to_next_row = at.to_row + segments * acc;
   at.pixel_label = at.to_next_row + segments * acc;
   at.part_y = at.pixel_label + window * word;
-  at.column_x = at.part_y + (static_cast<int64_t>(plan.band) * plan.parts + 1) * word;
+  at.column_x = at.part_y + (static_cast<int64_t>(plan.band) * kCeMaxParts + 1) * word;
   at.bytes = at.column_x + (plan.chunk + 3) * word;
   return at;
 }
@@ -411,8 +414,8 @@ BISENET_HD CeBackwardBuffers<acc_t> ce_backward_buffers(unsigned char* base, con
 
 // One backward block's tile: sample n, tile (tile_y, tile_x) of the grid, low-res rows
 // [ly0, ly1) and columns [lx0, lx1), the high-res window it owns [wy0, wy1) x [wx0, wx1),
-// and the low-res rows the window reads, [row0, row0 + rows) (staged per class); the plan's
-// parts of a segment.
+// and the low-res rows the window reads, [row0, row0 + rows) (staged per class); the parts of
+// its segments (ce_backward_parts, by the plan's band and the tile's columns).
 struct CeTile {
   int n, tile_y, tile_x;
   int ly0, ly1, lx0, lx1;
@@ -440,7 +443,7 @@ BISENET_HD CeTile ce_backward_tile(int64_t block, const CeGeometry<acc_t>& geo, 
   t.wx1 = first_dst_with_tap_at_least(t.lx1, geo.w, geo.W, geo.scale_x);
   t.row0 = 0;
   t.rows = 0;
-  t.parts = plan.parts;
+  t.parts = ce_backward_parts(plan.band, t.wx1 - t.wx0);
   if (t.wy1 > t.wy0) {  // taps are non-decreasing in y: the first row's i0 to the last row's i1
     t.row0 = bilinear_taps<acc_t>(t.wy0, geo.h, geo.scale_y).i0;
     t.rows = bilinear_taps<acc_t>(t.wy1 - 1, geo.h, geo.scale_y).i1 + 1 - t.row0;
@@ -624,7 +627,9 @@ template <typename acc_t>
 inline void ce_backward_capacities(const CeGeometry<acc_t>& geo, CeBackwardPlan* plan) {
   plan->window_rows = most_owned_span(geo.h, geo.H, geo.scale_y, plan->band);
   plan->window_cols = most_owned_span(geo.w, geo.W, geo.scale_x, plan->chunk);
-  plan->parts = ce_backward_parts(plan->band, plan->window_cols);
+  // parts x columns is at most kCeBackwardThreads / band where a tile has parts, else its columns
+  const int split = kCeBackwardThreads / plan->band;
+  plan->part_cols = plan->window_cols > split ? plan->window_cols : split;
   plan->shared_bytes = ce_backward_layout<acc_t>(*plan).bytes;
 }
 
