@@ -60,45 +60,47 @@ __global__ void __launch_bounds__(kCeForwardThreads) ce_forward_kernel(
     }
   }
   __syncthreads();  // the column taps
-  // stage items (r, x): this thread's column, every kCeForwardThreads / kCeForwardChunk-th row
+  // stage items (r, x): this thread's column, every kStageRowStep-th row from first_row. The
+  // first kAhead of a class are loaded before the previous class's math and stored after it,
+  // so the loads' latency passes under the math; rows beyond them (only where a band reads more
+  // than kAhead * kStageRowStep low-res rows) are staged at once.
   const int stage_x = threadIdx.x % kCeForwardChunk;
   const bool stages = stage_x < t.x1 - t.x0;
   constexpr int kStageRowStep = kCeForwardThreads / kCeForwardChunk;
-  if (stages) {
-    for (int r = threadIdx.x / kCeForwardChunk; r < t.rows; r += kStageRowStep)
-      ce_forward_stage_item<scalar_t, acc_t>(r, stage_x, t, geo, sample, buf.col_taps, buf.staged);
-  }
-  __syncthreads();
-  // The next class's first kAhead stage items of this thread are loaded before this class's
-  // math and stored after it, so the loads' latency passes under the math; rows beyond them
-  // (only where a band reads more than kAhead * kStageRowStep low-res rows) are staged first.
   constexpr int kAhead = 2;
   const int first_row = threadIdx.x / kCeForwardChunk;
   CeStageLoad<acc_t> ahead[kAhead];
+  const auto stage_begin = [&](int c) {
+    const scalar_t* class_plane = sample + c * plane;
+#pragma unroll
+    for (int k = 0; k < kAhead; ++k) {
+      const int r = first_row + k * kStageRowStep;
+      if (r < t.rows) ahead[k] = ce_forward_stage_load<scalar_t, acc_t>(r, stage_x, t, geo, class_plane, buf.col_taps);
+    }
+    for (int r = first_row + kAhead * kStageRowStep; r < t.rows; r += kStageRowStep)
+      ce_forward_stage_item<scalar_t, acc_t>(r, stage_x, t, geo, class_plane, buf.col_taps,
+                                             ce_forward_staged_for(buf, c));
+  };
+  const auto stage_end = [&](int c) {
+#pragma unroll
+    for (int k = 0; k < kAhead; ++k) {
+      const int r = first_row + k * kStageRowStep;
+      if (r < t.rows) ce_forward_stage_store(ahead[k], r, stage_x, buf.col_taps, ce_forward_staged_for(buf, c));
+    }
+  };
+  if (stages) {
+    stage_begin(0);
+    stage_end(0);
+  }
+  __syncthreads();
   for (int c = 0; c < geo.C; ++c) {
     const bool stage_next = c + 1 < geo.C && stages;
-    if (stage_next) {
-      const scalar_t* next_plane = sample + (c + 1) * plane;
-#pragma unroll
-      for (int k = 0; k < kAhead; ++k) {
-        const int r = first_row + k * kStageRowStep;
-        if (r < t.rows) ahead[k] = ce_forward_stage_load<scalar_t, acc_t>(r, stage_x, t, geo, next_plane, buf.col_taps);
-      }
-      for (int r = first_row + kAhead * kStageRowStep; r < t.rows; r += kStageRowStep)
-        ce_forward_stage_item<scalar_t, acc_t>(r, stage_x, t, geo, next_plane, buf.col_taps,
-                                               ce_forward_staged_for(buf, c + 1));
-    }
+    if (stage_next) stage_begin(c + 1);
     const acc_t* staged = ce_forward_staged_for(buf, c);
 #pragma unroll
     for (int k = 0; k < kCeForwardPixels; ++k)
       if (counted[k]) ce_forward_pixel_class(state[k], c, staged);
-    if (stage_next) {
-#pragma unroll
-      for (int k = 0; k < kAhead; ++k) {
-        const int r = first_row + k * kStageRowStep;
-        if (r < t.rows) ce_forward_stage_store(ahead[k], r, stage_x, buf.col_taps, ce_forward_staged_for(buf, c + 1));
-      }
-    }
+    if (stage_next) stage_end(c + 1);
     __syncthreads();  // class c + 1 is staged; class c's buffer is free
   }
 #pragma unroll
@@ -150,16 +152,10 @@ __global__ void __launch_bounds__(kThreads) ce_backward_kernel(
                                            ignore_index, buf);
   __syncthreads();  // the column taps, for the stage
   const int cols = t.wx1 - t.wx0;
-  const auto stage = [&](const scalar_t* plane) {
-    for_grid_items(t.rows, cols,
-                   [&](int r, int x) { ce_backward_stage_item<scalar_t, acc_t>(r, x, t, geo, plane, buf); });
-  };
-  stage(logits + sample);
-  __syncthreads();
-  // The next class's first kAhead stage items of this thread (item = threadIdx.x + k *
-  // blockDim.x, as for_grid_items strides them) are loaded before this class's segment items
-  // and stored after them, so the loads' latency passes under the walk; any further items
-  // (more than kAhead * blockDim.x staged values) are staged after the outputs.
+  // This thread's stage items: item = threadIdx.x + k * blockDim.x, (r, x) = (item / cols,
+  // item % cols). The first kAhead of a class are loaded before the previous class's segment
+  // items and stored after them, so the loads' latency passes under the walk; any further items
+  // (more than kAhead * blockDim.x staged values) are staged with the stores.
   constexpr int kAhead = 2;
   int ahead_r[kAhead], ahead_x[kAhead];
 #pragma unroll
@@ -169,27 +165,32 @@ __global__ void __launch_bounds__(kThreads) ce_backward_kernel(
     ahead_x[k] = cols > 0 ? item % cols : 0;
   }
   const int staged_items = t.rows * cols;
+  CeStageLoad<acc_t> ahead[kAhead];
+  const auto stage_begin = [&](int c) {
+#pragma unroll
+    for (int k = 0; k < kAhead; ++k)
+      if (ahead_r[k] < t.rows)
+        ahead[k] = ce_backward_stage_load<scalar_t, acc_t>(ahead_r[k], ahead_x[k], t, geo, logits + sample + c * plane,
+                                                           buf);
+  };
+  const auto stage_end = [&](int c) {
+#pragma unroll
+    for (int k = 0; k < kAhead; ++k)
+      if (ahead_r[k] < t.rows) ce_backward_stage_store(ahead[k], ahead_r[k], ahead_x[k], t, buf);
+    for (int item = threadIdx.x + kAhead * blockDim.x; item < staged_items; item += blockDim.x)
+      ce_backward_stage_item<scalar_t, acc_t>(item / cols, item % cols, t, geo, logits + sample + c * plane, buf);
+  };
+  stage_begin(0);
+  stage_end(0);
+  __syncthreads();
   for (int c = 0; c < geo.C; ++c) {
     const bool stage_next = c + 1 < geo.C;
-    const scalar_t* next_plane = logits + sample + (c + 1) * plane;
-    CeStageLoad<acc_t> ahead[kAhead];
-    if (stage_next) {
-#pragma unroll
-      for (int k = 0; k < kAhead; ++k)
-        if (ahead_r[k] < t.rows)
-          ahead[k] = ce_backward_stage_load<scalar_t, acc_t>(ahead_r[k], ahead_x[k], t, geo, next_plane, buf);
-    }
+    if (stage_next) stage_begin(c + 1);
     for_grid_items(ce_tile_segments(t), cols, [&](int k, int x) { ce_backward_segment_item(k, x, c, t, buf); });
     __syncthreads();  // the segment sums are complete; the staged rows are free
     for (int item = threadIdx.x; item < ce_tile_outputs(t, geo.h, geo.w); item += blockDim.x)
       ce_backward_output_item<scalar_t, acc_t>(item, c, t, geo, buf, rim, grad_logits + sample + c * plane);
-    if (stage_next) {
-#pragma unroll
-      for (int k = 0; k < kAhead; ++k)
-        if (ahead_r[k] < t.rows) ce_backward_stage_store(ahead[k], ahead_r[k], ahead_x[k], t, buf);
-      for (int item = threadIdx.x + kAhead * blockDim.x; item < staged_items; item += blockDim.x)
-        ce_backward_stage_item<scalar_t, acc_t>(item / cols, item % cols, t, geo, next_plane, buf);
-    }
+    if (stage_next) stage_end(c + 1);
     __syncthreads();  // the next class's rows are staged; the segment sums are free
   }
 }
