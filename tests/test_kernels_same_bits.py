@@ -80,6 +80,19 @@ def test_exp2_edges(extension):
     assert y64[4] == math.inf and math.isnan(y64[5])
 
 
+def test_exp2_nonpositive_is_exp2_bit_for_bit(extension):
+    # every nonpositive float32 (a stride through their bit patterns, -0 and -inf among them)
+    # and NaN: the variant without the upper clamp gives exp2_acc's bits
+    bits = torch.cat([torch.arange(0, 2 ** 31, 97, dtype=torch.int64), torch.tensor([2 ** 31 - 1, 0x7F800000])])
+    u = -(bits.to(torch.int32).view(torch.float32))
+    u = torch.cat([u, torch.tensor([float("nan"), -float("inf")]), -float32_sweep(0.0, 130.0, count=100_001)])
+    y, want = extension.same_bits_math(u, "exp2_nonpositive"), extension.same_bits_math(u, "exp2")
+    assert torch.equal(y.isnan(), u.isnan()) and torch.equal(want.isnan(), u.isnan())
+    assert torch.equal(y.nan_to_num(0.0).view(torch.int32), want.nan_to_num(0.0).view(torch.int32))
+    u64 = -(torch.rand(100_000, dtype=torch.float64) * 1100)
+    assert torch.equal(extension.same_bits_math(u64, "exp2_nonpositive"), extension.same_bits_math(u64, "exp2"))
+
+
 def test_exp_by_prescaled_exp2_bound(extension):
     """exp(x) as exp2_acc(x * log2(e)), log2(e) rounded to float: exp2's 2 ulp plus the
     rounding of the product and of log2(e), |x| 2^-23 relative at most (2 |x| ulp): the
@@ -130,7 +143,7 @@ def test_sigmoid_within_four_ulp(extension):
 
 
 def test_math_rejects_bad_input(extension):
-    with pytest.raises(RuntimeError, match="fn must be exp, log, sigmoid or exp2"):
+    with pytest.raises(RuntimeError, match="fn must be exp, log, sigmoid, exp2 or exp2_nonpositive"):
         extension.same_bits_math(torch.ones(2), "tanh")
     with pytest.raises(RuntimeError, match="float32 or float64"):
         extension.same_bits_math(torch.ones(2, dtype=torch.bfloat16), "exp")
@@ -374,7 +387,7 @@ def test_ce_backward_budget_fails_on_cpu_as_at_launch(extension):
 # GPU: the same bits on both devices
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fn", ["exp", "log", "sigmoid"])
+@pytest.mark.parametrize("fn", ["exp", "log", "sigmoid", "exp2", "exp2_nonpositive"])
 def test_cuda_math_equals_cpu_bitwise(extension, fn):
     # a stride through every float32 bit pattern (NaNs compared as NaNs), and float64 values
     bits = torch.arange(0, 2 ** 32, 4093, dtype=torch.int64)

@@ -125,9 +125,11 @@ void forward_cpu_typed(const CeForwardCall& call, int64_t ignore_index) {
                                                sample + c * plane, buf.col_taps, ce_forward_staged_for(buf, c));
       });
     };
-    const auto add_class = [&](int c) {
+    const auto add_class = [&](int c) {  // the kernel evaluates ignored pixels too, and drops them
       for_items(ce_forward_pixels(t), reversed, [&](int64_t item) {
-        if (states[item].label != -1) ce_forward_pixel_class(states[item], c, ce_forward_staged_for(buf, c));
+        if (states[item].label == -1) return;
+        if (c == 0) ce_forward_pixel_first(states[item], ce_forward_staged_for(buf, c));
+        else ce_forward_pixel_class(states[item], c, ce_forward_staged_for(buf, c));
       });
     };
     if (reversed) { starts(); tables(); } else { tables(); starts(); }
@@ -138,7 +140,7 @@ void forward_cpu_typed(const CeForwardCall& call, int64_t ignore_index) {
       if (!reversed) add_class(c);
     }
     for_items(ce_forward_pixels(t), reversed, [&](int64_t item) {
-      const int64_t p = t.n * pixels + static_cast<int64_t>(t.y0 + states[item].y) * geo.W + t.x0 + states[item].x;
+      const int64_t p = t.n * pixels + ce_forward_pixel_offset(static_cast<int>(item), t, geo);
       ce_forward_pixel_finish(states[item], loss + p, lse + p);
     });
   });

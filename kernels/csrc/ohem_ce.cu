@@ -38,7 +38,7 @@ int64_t blocks_for(int64_t items) {
 // thread's pixels keep their online log-sum-exp in registers over the classes, the logit
 // rows the tile reads staged per class (double-buffered: one barrier per class).
 template <typename scalar_t, typename label_t, typename acc_t>
-__global__ void __launch_bounds__(kCeForwardThreads) ce_forward_kernel(
+__global__ void __launch_bounds__(kCeForwardThreads, 3) ce_forward_kernel(
     CeGeometry<acc_t> geo, CeForwardPlan plan, const scalar_t* __restrict__ logits,
     const label_t* __restrict__ labels, int64_t ignore_index, acc_t* __restrict__ loss, acc_t* __restrict__ lse) {
   extern __shared__ __align__(16) unsigned char shared_bytes[];
@@ -49,64 +49,68 @@ __global__ void __launch_bounds__(kCeForwardThreads) ce_forward_kernel(
   const scalar_t* sample = logits + static_cast<int64_t>(t.n) * geo.C * plane;
   if (threadIdx.x < t.x1 - t.x0) ce_forward_table_item(threadIdx.x, t, geo, buf);
   CeOnlineLse<acc_t> state[kCeForwardPixels];
-  bool counted[kCeForwardPixels];  // a pixel of the tile, not ignored
 #pragma unroll
-  for (int k = 0; k < kCeForwardPixels; ++k) {
-    const int item = threadIdx.x + k * kCeForwardThreads;
-    counted[k] = item < ce_forward_pixels(t);
-    if (counted[k]) {
-      state[k] = ce_forward_pixel_start<label_t, acc_t>(item, t, geo, labels + t.n * pixels, ignore_index);
-      counted[k] = state[k].label != -1;
-    }
-  }
+  for (int k = 0; k < kCeForwardPixels; ++k)  // a slot past the tile: an ignored state
+    state[k] = ce_forward_pixel_start<label_t, acc_t>(threadIdx.x + k * kCeForwardThreads, t, geo,
+                                                      labels + t.n * pixels, ignore_index);
   __syncthreads();  // the column taps
   // stage items (r, x): this thread's column, every kStageRowStep-th row from first_row. The
   // first kAhead of a class are loaded before the previous class's math and stored after it,
   // so the loads' latency passes under the math; rows beyond them (only where a band reads more
-  // than kAhead * kStageRowStep low-res rows) are staged at once.
+  // than kAhead * kStageRowStep low-res rows) are staged at once. The items are the same for
+  // every class (made once), their offsets 32-bit.
   const int stage_x = threadIdx.x % kCeForwardChunk;
   const bool stages = stage_x < t.x1 - t.x0;
   constexpr int kStageRowStep = kCeForwardThreads / kCeForwardChunk;
   constexpr int kAhead = 2;
   const int first_row = threadIdx.x / kCeForwardChunk;
+  CeStageItem<acc_t> ahead_item[kAhead];
+  bool ahead_stages[kAhead];
+#pragma unroll
+  for (int k = 0; k < kAhead; ++k) {
+    const int r = first_row + k * kStageRowStep;
+    ahead_stages[k] = stages && r < t.rows;
+    if (ahead_stages[k]) ahead_item[k] = ce_forward_stage_item_for(r, stage_x, t, geo, buf.col_taps);
+  }
   CeStageLoad<acc_t> ahead[kAhead];
   const auto stage_begin = [&](int c) {
-    const scalar_t* class_plane = sample + c * plane;
 #pragma unroll
-    for (int k = 0; k < kAhead; ++k) {
-      const int r = first_row + k * kStageRowStep;
-      if (r < t.rows) ahead[k] = ce_forward_stage_load<scalar_t, acc_t>(r, stage_x, t, geo, class_plane, buf.col_taps);
-    }
-    for (int r = first_row + kAhead * kStageRowStep; r < t.rows; r += kStageRowStep)
-      ce_forward_stage_item<scalar_t, acc_t>(r, stage_x, t, geo, class_plane, buf.col_taps,
-                                             ce_forward_staged_for(buf, c));
+    for (int k = 0; k < kAhead; ++k)
+      if (ahead_stages[k]) ahead[k] = ce_stage_load<scalar_t, acc_t>(ahead_item[k], sample, c * plane);
+    if (stages)
+      for (int r = first_row + kAhead * kStageRowStep; r < t.rows; r += kStageRowStep)
+        ce_forward_stage_item<scalar_t, acc_t>(r, stage_x, t, geo, sample + c * plane, buf.col_taps,
+                                               ce_forward_staged_for(buf, c));
   };
   const auto stage_end = [&](int c) {
 #pragma unroll
-    for (int k = 0; k < kAhead; ++k) {
-      const int r = first_row + k * kStageRowStep;
-      if (r < t.rows) ce_forward_stage_store(ahead[k], r, stage_x, buf.col_taps, ce_forward_staged_for(buf, c));
-    }
+    for (int k = 0; k < kAhead; ++k)
+      if (ahead_stages[k]) ce_stage_store(ahead[k], ahead_item[k], ce_forward_staged_for(buf, c));
   };
-  if (stages) {
-    stage_begin(0);
-    stage_end(0);
-  }
+  stage_begin(0);
+  stage_end(0);
   __syncthreads();
+  // every slot runs every class, ignored or not (no branch: a warp's pixels take the same
+  // path); ce_forward_pixel_finish drops what the ignored ones computed
   for (int c = 0; c < geo.C; ++c) {
-    const bool stage_next = c + 1 < geo.C && stages;
+    const bool stage_next = c + 1 < geo.C;
     if (stage_next) stage_begin(c + 1);
     const acc_t* staged = ce_forward_staged_for(buf, c);
+    if (c == 0) {
 #pragma unroll
-    for (int k = 0; k < kCeForwardPixels; ++k)
-      if (counted[k]) ce_forward_pixel_class(state[k], c, staged);
+      for (int k = 0; k < kCeForwardPixels; ++k) ce_forward_pixel_first(state[k], staged);
+    } else {
+#pragma unroll
+      for (int k = 0; k < kCeForwardPixels; ++k) ce_forward_pixel_class(state[k], c, staged);
+    }
     if (stage_next) stage_end(c + 1);
     __syncthreads();  // class c + 1 is staged; class c's buffer is free
   }
 #pragma unroll
   for (int k = 0; k < kCeForwardPixels; ++k) {
-    if (threadIdx.x + k * kCeForwardThreads < ce_forward_pixels(t)) {
-      const int64_t p = t.n * pixels + static_cast<int64_t>(t.y0 + state[k].y) * geo.W + t.x0 + state[k].x;
+    const int item = threadIdx.x + k * kCeForwardThreads;
+    if (item < ce_forward_pixels(t)) {
+      const int64_t p = t.n * pixels + ce_forward_pixel_offset(item, t, geo);
       ce_forward_pixel_finish(state[k], loss + p, lse + p);
     }
   }
@@ -134,7 +138,7 @@ __device__ __forceinline__ void for_grid_items(int rows, int cols, F f) {
 // tiling"): the window's pixels and taps into shared memory once, then per class the staged
 // logit rows, the segment sums and the tile's gradients. No atomics: deterministic.
 template <typename scalar_t, typename label_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads) ce_backward_kernel(
+__global__ void __launch_bounds__(kThreads, 4) ce_backward_kernel(
     CeGeometry<acc_t> geo, CeBackwardPlan plan, const scalar_t* __restrict__ logits,
     const label_t* __restrict__ labels, const acc_t* __restrict__ grad_loss, int grad_stride,
     const acc_t* __restrict__ lse, int64_t ignore_index, scalar_t* __restrict__ grad_logits, TileRim<acc_t> rim) {
@@ -155,30 +159,30 @@ __global__ void __launch_bounds__(kThreads) ce_backward_kernel(
   // This thread's stage items: item = threadIdx.x + k * blockDim.x, (r, x) = (item / cols,
   // item % cols). The first kAhead of a class are loaded before the previous class's segment
   // items and stored after them, so the loads' latency passes under the walk; any further items
-  // (more than kAhead * blockDim.x staged values) are staged with the stores.
+  // (more than kAhead * blockDim.x staged values) are staged with the stores. As the forward's:
+  // the items made once, 32-bit offsets.
   constexpr int kAhead = 2;
-  int ahead_r[kAhead], ahead_x[kAhead];
+  const int staged_items = t.rows * cols;
+  CeStageItem<acc_t> ahead_item[kAhead];
 #pragma unroll
   for (int k = 0; k < kAhead; ++k) {
     const int item = threadIdx.x + k * blockDim.x;
-    ahead_r[k] = cols > 0 ? item / cols : t.rows;  // no column: no item
-    ahead_x[k] = cols > 0 ? item % cols : 0;
+    if (item < staged_items) ahead_item[k] = ce_backward_stage_item_for(item / cols, item % cols, t, geo, buf);
   }
-  const int staged_items = t.rows * cols;
   CeStageLoad<acc_t> ahead[kAhead];
+  const scalar_t* sample_logits = logits + sample;
   const auto stage_begin = [&](int c) {
 #pragma unroll
     for (int k = 0; k < kAhead; ++k)
-      if (ahead_r[k] < t.rows)
-        ahead[k] = ce_backward_stage_load<scalar_t, acc_t>(ahead_r[k], ahead_x[k], t, geo, logits + sample + c * plane,
-                                                           buf);
+      if (threadIdx.x + k * blockDim.x < staged_items)
+        ahead[k] = ce_stage_load<scalar_t, acc_t>(ahead_item[k], sample_logits, c * plane);
   };
   const auto stage_end = [&](int c) {
 #pragma unroll
     for (int k = 0; k < kAhead; ++k)
-      if (ahead_r[k] < t.rows) ce_backward_stage_store(ahead[k], ahead_r[k], ahead_x[k], t, buf);
+      if (threadIdx.x + k * blockDim.x < staged_items) ce_stage_store(ahead[k], ahead_item[k], buf.staged);
     for (int item = threadIdx.x + kAhead * blockDim.x; item < staged_items; item += blockDim.x)
-      ce_backward_stage_item<scalar_t, acc_t>(item / cols, item % cols, t, geo, logits + sample + c * plane, buf);
+      ce_backward_stage_item<scalar_t, acc_t>(item / cols, item % cols, t, geo, sample_logits + c * plane, buf);
   };
   stage_begin(0);
   stage_end(0);

@@ -126,7 +126,7 @@ struct CeForwardBuffers {
 
 template <typename acc_t>
 BISENET_HD acc_t* ce_forward_staged_for(const CeForwardBuffers<acc_t>& buf, int c) {
-  return buf.staged + (c % 2) * buf.half;
+  return buf.staged + (c & 1) * buf.half;
 }
 
 template <typename acc_t>
@@ -171,80 +171,133 @@ BISENET_HD void ce_forward_table_item(int item, const CeForwardTile& t, const Ce
 
 // Per class, stage item (r, x) (r < rows, x < x1 - x0): low-res row row0 + r of class plane
 // `plane` (h, w) interpolated along x at column x0 + x, times log2(e), into staged (row stride
-// kCeForwardChunk). In two halves, so that the kernel can issue the loads of the next class
-// before this class's math and store after it: the two logits the column's taps read, then
-// their lerp into staged.
+// kCeForwardChunk). What an item needs but the class is the same for every class
+// (CeStageItem: a kernel thread makes it once), and the kernel loads the next class's logits
+// before this class's math and stores them after it (ce_stage_load, ce_stage_store).
+template <typename acc_t>
+struct CeStageItem {
+  int first, second;  // the two logits' offsets in a class plane
+  acc_t w1;           // the second's weight (the first's is 1 - w1: bilinear_taps)
+  int staged;         // the staged value's byte offset in a staged buffer
+};
+
 template <typename acc_t>
 struct CeStageLoad {
   acc_t first, second;
 };
 
+template <typename acc_t>
+BISENET_HD CeStageItem<acc_t> ce_stage_item(int row, const Taps<acc_t>& tx, int staged_index) {
+  return {row + tx.i0, row + tx.i1, tx.w1, static_cast<int>(staged_index * sizeof(acc_t))};
+}
+
+// The item's two logits of class plane `plane_offset` elements into sample (a 32-bit offset:
+// a sample's logits are fewer than 2^31, prepare_ce_* check).
 template <typename scalar_t, typename acc_t>
-BISENET_HD CeStageLoad<acc_t> ce_forward_stage_load(int r, int x, const CeForwardTile& t, const CeGeometry<acc_t>& geo,
-                                                    const scalar_t* plane, const Taps<acc_t>* col_taps) {
-  const Taps<acc_t> tx = col_taps[x];
-  const int row = (t.row0 + r) * geo.w;
-  return {load_acc<scalar_t, acc_t>(plane, row + tx.i0), load_acc<scalar_t, acc_t>(plane, row + tx.i1)};
+BISENET_HD CeStageLoad<acc_t> ce_stage_load(const CeStageItem<acc_t>& item, const scalar_t* sample, int plane_offset) {
+  return {static_cast<acc_t>(sample[plane_offset + item.first]), static_cast<acc_t>(sample[plane_offset + item.second])};
+}
+
+// The value `byte_offset` bytes into staged.
+template <typename acc_t>
+BISENET_HD acc_t& staged_at(acc_t* staged, int byte_offset) {
+  return *reinterpret_cast<acc_t*>(reinterpret_cast<unsigned char*>(staged) + byte_offset);
 }
 
 template <typename acc_t>
-BISENET_HD void ce_forward_stage_store(const CeStageLoad<acc_t>& loaded, int r, int x, const Taps<acc_t>* col_taps,
-                                       acc_t* staged) {
-  const acc_t along_x = lerp_taps(col_taps[x], loaded.first, loaded.second);
-  staged[r * kCeForwardChunk + x] = along_x * log2e(along_x);
+BISENET_HD const acc_t& staged_at(const acc_t* staged, int byte_offset) {
+  return *reinterpret_cast<const acc_t*>(reinterpret_cast<const unsigned char*>(staged) + byte_offset);
+}
+
+// The lerp along x (lerp_taps, with w0 = 1 - w1 as bilinear_taps makes it), times log2(e).
+template <typename acc_t>
+BISENET_HD void ce_stage_store(const CeStageLoad<acc_t>& loaded, const CeStageItem<acc_t>& item, acc_t* staged) {
+  const acc_t along_x = fma_acc(item.w1, loaded.second, (static_cast<acc_t>(1) - item.w1) * loaded.first);
+  staged_at(staged, item.staged) = along_x * log2e(along_x);
+}
+
+template <typename acc_t>
+BISENET_HD CeStageItem<acc_t> ce_forward_stage_item_for(int r, int x, const CeForwardTile& t,
+                                                        const CeGeometry<acc_t>& geo, const Taps<acc_t>* col_taps) {
+  return ce_stage_item((t.row0 + r) * geo.w, col_taps[x], r * kCeForwardChunk + x);
 }
 
 template <typename scalar_t, typename acc_t>
 BISENET_HD void ce_forward_stage_item(int r, int x, const CeForwardTile& t, const CeGeometry<acc_t>& geo,
                                       const scalar_t* plane, const Taps<acc_t>* col_taps, acc_t* staged) {
-  ce_forward_stage_store(ce_forward_stage_load<scalar_t, acc_t>(r, x, t, geo, plane, col_taps), r, x, col_taps,
-                         staged);
+  const CeStageItem<acc_t> item = ce_forward_stage_item_for(r, x, t, geo, col_taps);
+  ce_stage_store(ce_stage_load<scalar_t, acc_t>(item, plane, 0), item, staged);
 }
 
 // One pixel's online log-sum-exp over the classes, in log2 units: the running maximum of
 // z log2(e), the sum of 2^(z log2(e) - maximum), z log2(e) of the label's class.
 template <typename acc_t>
 struct CeOnlineLse {
-  int label;         // -1: ignored; -2: outside [0, C) (loss and lse NaN)
-  int y, x;          // inside the tile
-  int staged0, staged1;  // its two staged rows' offsets
+  int label;         // -1: ignored (or no pixel); -2: outside [0, C) (loss and lse NaN)
+  int staged0, staged1;  // its two staged rows' byte offsets in a staged buffer
   acc_t w0, w1;      // their weights
   acc_t max_z, sum, label_z;
 };
 
+// item >= the tile's pixels (a kernel thread's spare slot) gets an ignored state reading staged
+// row 0, column 0 (every tile stages it), so the class steps need no branch: ignored pixels
+// are evaluated like the others and their result dropped (ce_forward_pixel_finish).
 template <typename label_t, typename acc_t>
 BISENET_HD CeOnlineLse<acc_t> ce_forward_pixel_start(int item, const CeForwardTile& t, const CeGeometry<acc_t>& geo,
                                                     const label_t* labels, int64_t ignore_index) {
   CeOnlineLse<acc_t> state;
-  const int cols = t.x1 - t.x0;
-  state.y = item / cols;
-  state.x = item % cols;
-  const int64_t label = static_cast<int64_t>(labels[(t.y0 + state.y) * geo.W + t.x0 + state.x]);
+  state.max_z = state.sum = state.label_z = static_cast<acc_t>(0);
+  if (item >= ce_forward_pixels(t)) {
+    state.label = -1;
+    state.staged0 = state.staged1 = 0;
+    state.w0 = state.w1 = static_cast<acc_t>(0);
+    return state;
+  }
+  const int y = item / (t.x1 - t.x0), x = item % (t.x1 - t.x0);
+  const int64_t label = static_cast<int64_t>(labels[(t.y0 + y) * geo.W + t.x0 + x]);
   state.label = label == ignore_index ? -1 : (label < 0 || label >= geo.C ? -2 : static_cast<int>(label));
-  const Taps<acc_t> ty = bilinear_taps<acc_t>(t.y0 + state.y, geo.h, geo.scale_y);
-  state.staged0 = (ty.i0 - t.row0) * kCeForwardChunk + state.x;
-  state.staged1 = (ty.i1 - t.row0) * kCeForwardChunk + state.x;
+  const Taps<acc_t> ty = bilinear_taps<acc_t>(t.y0 + y, geo.h, geo.scale_y);
+  state.staged0 = static_cast<int>(((ty.i0 - t.row0) * kCeForwardChunk + x) * sizeof(acc_t));
+  state.staged1 = static_cast<int>(((ty.i1 - t.row0) * kCeForwardChunk + x) * sizeof(acc_t));
   state.w0 = ty.w0;
   state.w1 = ty.w1;
-  state.max_z = state.sum = state.label_z = static_cast<acc_t>(0);
   return state;
 }
 
-// Class c (in order 0, 1, ...): z log2(e) from the staged rows, one exp2 (same_bits.h) of
-// -|z - maximum| either way (the old terms rescaled, or the new one added).
+// The pixel's z log2(e) of the class staged in `staged`.
+template <typename acc_t>
+BISENET_HD acc_t ce_forward_pixel_z(const CeOnlineLse<acc_t>& state, const acc_t* staged) {
+  return lerp_taps(Taps<acc_t>{0, 0, state.w0, state.w1}, staged_at(staged, state.staged0),
+                   staged_at(staged, state.staged1));
+}
+
+// Class 0: the running maximum is its z, the sum 2^0.
+template <typename acc_t>
+BISENET_HD void ce_forward_pixel_first(CeOnlineLse<acc_t>& state, const acc_t* staged) {
+  const acc_t z = ce_forward_pixel_z(state, staged);
+  state.label_z = state.label == 0 ? z : state.label_z;
+  state.max_z = z;
+  state.sum = static_cast<acc_t>(1);
+}
+
+// Class c >= 1 (in order 1, 2, ...): one exp2 (same_bits.h) of -|z - maximum|, which is
+// z - maximum below the maximum (the new term added) and maximum - z above it (the old terms
+// rescaled; IEEE subtraction is antisymmetric, so the same bits as that difference).
 template <typename acc_t>
 BISENET_HD void ce_forward_pixel_class(CeOnlineLse<acc_t>& state, int c, const acc_t* staged) {
-  const acc_t z = lerp_taps(Taps<acc_t>{0, 0, state.w0, state.w1}, staged[state.staged0], staged[state.staged1]);
-  if (c == state.label) state.label_z = z;
-  if (c == 0) {
-    state.max_z = z;
-    state.sum = static_cast<acc_t>(1);
-    return;
-  }
+  const acc_t z = ce_forward_pixel_z(state, staged);
+  state.label_z = c == state.label ? z : state.label_z;
   const bool above = z > state.max_z;
-  const acc_t e = exp2_acc(above ? state.max_z - z : z - state.max_z);
+  const acc_t e = exp2_nonpositive(-fabs(z - state.max_z));
   state.sum = above ? fma_acc(state.sum, e, static_cast<acc_t>(1)) : state.sum + e;
   state.max_z = above ? z : state.max_z;
+}
+
+// The offset of pixel `item` (item < the tile's pixels) in its sample's (H, W) plane.
+template <typename acc_t>
+BISENET_HD int64_t ce_forward_pixel_offset(int item, const CeForwardTile& t, const CeGeometry<acc_t>& geo) {
+  const int cols = t.x1 - t.x0;
+  return static_cast<int64_t>(t.y0 + item / cols) * geo.W + t.x0 + item % cols;
 }
 
 // After the last class: the pixel's loss and lse (natural log units): 0 and 0 where the label
@@ -322,7 +375,7 @@ BISENET_HD int ce_backward_parts(int band, int cols) {
 
 
 // A window row's or column's taps as the backward block uses them: the two low-res indices
-// (for a row, as offsets into the staged rows: (i - row0) * window columns), the weights,
+// (for a row, as byte offsets into the staged rows: (i - row0) * window columns values), the weights,
 // and the weights to its first tap and to the index after it (bilinear.h: tap_weight), so
 // the inner loops take them with one 16-byte-aligned load and no compare.
 template <typename acc_t>
@@ -477,7 +530,8 @@ BISENET_HD void ce_backward_table_item(int item, const CeTile& t, const CeGeomet
   const int rows = t.wy1 - t.wy0, cols = t.wx1 - t.wx0, part_bounds = (t.ly1 - t.ly0) * t.parts + 1;
   if (item < rows) {
     const Taps<acc_t> ty = bilinear_taps<acc_t>(t.wy0 + item, geo.h, geo.scale_y);
-    buf.row_taps[item] = ce_tap(ty, (ty.i0 - t.row0) * cols, (ty.i1 - t.row0) * cols);
+    const int row_bytes = cols * static_cast<int>(sizeof(acc_t));
+    buf.row_taps[item] = ce_tap(ty, (ty.i0 - t.row0) * row_bytes, (ty.i1 - t.row0) * row_bytes);
   } else if ((item -= rows) < cols) {
     const Taps<acc_t> tx = bilinear_taps<acc_t>(t.wx0 + item, geo.w, geo.scale_x);
     buf.col_taps[item] = ce_tap(tx, tx.i0, tx.i1);
@@ -516,29 +570,21 @@ BISENET_HD void ce_backward_pixel_item(int item, const CeTile& t, const CeGeomet
 }
 
 // Per class, stage item (r, x) (r < rows, x < window columns): low-res row row0 + r of class
-// plane `plane` (h, w) interpolated along x at window column wx0 + x, times log2(e).
-// In two halves as the forward's (ce_forward_stage_load, _store): the kernel loads the next
-// class's logits before this class's segment items and stores them after.
-template <typename scalar_t, typename acc_t>
-BISENET_HD CeStageLoad<acc_t> ce_backward_stage_load(int r, int x, const CeTile& t, const CeGeometry<acc_t>& geo,
-                                                     const scalar_t* plane, const CeBackwardBuffers<acc_t>& buf) {
-  const CeTap<acc_t> tx = buf.col_taps[x];
-  const int row = (t.row0 + r) * geo.w;
-  return {load_acc<scalar_t, acc_t>(plane, row + tx.first), load_acc<scalar_t, acc_t>(plane, row + tx.second)};
-}
-
+// plane `plane` (h, w) interpolated along x at window column wx0 + x, times log2(e), into
+// staged (row stride: the window's columns). As the forward's (CeStageItem): the kernel makes
+// its items once and loads the next class's logits before this class's segment items.
 template <typename acc_t>
-BISENET_HD void ce_backward_stage_store(const CeStageLoad<acc_t>& loaded, int r, int x, const CeTile& t,
-                                        const CeBackwardBuffers<acc_t>& buf) {
+BISENET_HD CeStageItem<acc_t> ce_backward_stage_item_for(int r, int x, const CeTile& t, const CeGeometry<acc_t>& geo,
+                                                         const CeBackwardBuffers<acc_t>& buf) {
   const CeTap<acc_t> tx = buf.col_taps[x];
-  const acc_t along_x = fma_acc(tx.w1, loaded.second, tx.w0 * loaded.first);  // lerp_taps
-  buf.staged[r * (t.wx1 - t.wx0) + x] = along_x * log2e(along_x);
+  return ce_stage_item((t.row0 + r) * geo.w, Taps<acc_t>{tx.first, tx.second, tx.w0, tx.w1}, r * (t.wx1 - t.wx0) + x);
 }
 
 template <typename scalar_t, typename acc_t>
 BISENET_HD void ce_backward_stage_item(int r, int x, const CeTile& t, const CeGeometry<acc_t>& geo,
                                        const scalar_t* plane, const CeBackwardBuffers<acc_t>& buf) {
-  ce_backward_stage_store(ce_backward_stage_load<scalar_t, acc_t>(r, x, t, geo, plane, buf), r, x, t, buf);
+  const CeStageItem<acc_t> item = ce_backward_stage_item_for(r, x, t, geo, buf);
+  ce_stage_store(ce_stage_load<scalar_t, acc_t>(item, plane, 0), item, buf.staged);
 }
 
 // Per class, segment item (kq, x) (kq < band' * parts, x < window columns): part q = kq % parts
@@ -560,7 +606,8 @@ BISENET_HD void ce_backward_segment_item(int kq, int x, int c, const CeTile& t, 
     const acc_t g = pixel.grad;
     if (g == static_cast<acc_t>(0)) continue;
     const CeTap<acc_t> ty = buf.row_taps[y];  // its first tap is s = ly0 + k
-    const acc_t z_log2 = fma_acc(ty.w1, staged_column[ty.second], ty.w0 * staged_column[ty.first]);  // lerp_taps
+    const acc_t z_log2 = fma_acc(ty.w1, staged_at(staged_column, ty.second),
+                                 ty.w0 * staged_at(staged_column, ty.first));  // lerp_taps
     acc_t d = exp2_acc(z_log2 - pixel.lse_log2);
     if (label_column[p] == c) d -= static_cast<acc_t>(1);
     const acc_t gd = g * d;
@@ -587,16 +634,22 @@ BISENET_HD void ce_backward_output_item(int item, int c, const CeTile& t, const 
   // rows whose second tap is
   const acc_t* to_row = buf.to_row + i * t.parts * cols;
   const acc_t* to_next_row = buf.to_next_row + i * t.parts * cols;
-  acc_t grad = static_cast<acc_t>(0);
-  for (int x = buf.column_x[j] - t.wx0; x < buf.column_x[j + 2] - t.wx0; ++x) {
-    const CeTap<acc_t>& tx = buf.col_taps[x];  // its first tap is lx0 + j - 1 or lx0 + j
+  const auto column_sum = [&](int x) {  // window column x's y-sum for this row, its parts in order
     acc_t from_row = to_row[x], from_next_row = to_next_row[x];
-    for (int q = 1; q < t.parts; ++q) {  // the parts in order
+    for (int q = 1; q < t.parts; ++q) {
       from_row += to_row[q * cols + x];
       from_next_row += to_next_row[q * cols + x];
     }
-    grad = fma_acc(tx.first == t.lx0 + j ? tx.to_first : tx.to_next, from_row + from_next_row, grad);
-  }
+    return from_row + from_next_row;
+  };
+  // summed along x in order: the columns [column_x[j], column_x[j + 1]) have their first tap
+  // at lx0 + j - 1 and reach lx0 + j as the index after it, the columns [column_x[j + 1],
+  // column_x[j + 2]) have it as their first tap
+  acc_t grad = static_cast<acc_t>(0);
+  const int x_mid = buf.column_x[j + 1] - t.wx0;
+  for (int x = buf.column_x[j] - t.wx0; x < x_mid; ++x) grad = fma_acc(buf.col_taps[x].to_next, column_sum(x), grad);
+  for (int x = x_mid; x < buf.column_x[j + 2] - t.wx0; ++x)
+    grad = fma_acc(buf.col_taps[x].to_first, column_sum(x), grad);
   if (on_rim(i, j, rim.tile_h, rim.tile_w))
     rim.data[rim_offset(rim, t.n, t.tile_y, t.tile_x, i, j, c)] = grad;
   else

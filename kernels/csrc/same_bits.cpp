@@ -1,5 +1,6 @@
-// bisenet_cuda::same_bits_math(x, fn) -> y: same_bits.h's exp_acc, log_acc, sigmoid_acc or
-// exp2_acc (fn "exp", "log", "sigmoid", "exp2") of every element of x (float32 or float64), on the CPU by a
+// bisenet_cuda::same_bits_math(x, fn) -> y: same_bits.h's exp_acc, log_acc, sigmoid_acc, exp2_acc or
+// exp2_nonpositive (fn "exp", "log", "sigmoid", "exp2", "exp2_nonpositive"; same_bits_apply) of every
+// element of x (float32 or float64), on the CPU by a
 // loop here, on the GPU by the kernel in same_bits.cu (which registers its implementation). The tests measure the functions'
 // error on the CPU, and on a GPU compare the two devices' results bit for bit.
 #include <ATen/ATen.h>
@@ -17,8 +18,10 @@ int same_bits_function(c10::string_view fn_name) {
   if (fn == "exp") return 0;
   if (fn == "log") return 1;
   if (fn == "sigmoid") return 2;
-  TORCH_CHECK(fn == "exp2", "same_bits_math: fn must be exp, log, sigmoid or exp2, got ", fn);
-  return 3;
+  if (fn == "exp2") return 3;
+  TORCH_CHECK(fn == "exp2_nonpositive", "same_bits_math: fn must be exp, log, sigmoid, exp2 or exp2_nonpositive, got ",
+              fn);
+  return 4;
 }
 
 // -> (x contiguous, the output allocated)
@@ -31,18 +34,13 @@ std::pair<at::Tensor, at::Tensor> prepare_same_bits(const at::Tensor& x) {
 
 namespace {
 
-template <typename acc_t>
-acc_t apply(int fn, acc_t v) {
-  return fn == 0 ? exp_acc(v) : fn == 1 ? log_acc(v) : fn == 2 ? sigmoid_acc(v) : exp2_acc(v);
-}
-
 at::Tensor same_bits_math_cpu(const at::Tensor& x_in, c10::string_view fn_name) {
   const auto [x, y] = prepare_same_bits(x_in);
   const int fn = same_bits_function(fn_name);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "same_bits_math_cpu", [&] {
     const scalar_t* in = x.const_data_ptr<scalar_t>();
     scalar_t* out = y.mutable_data_ptr<scalar_t>();
-    for (int64_t i = 0; i < x.numel(); ++i) out[i] = apply<scalar_t>(fn, in[i]);
+    for (int64_t i = 0; i < x.numel(); ++i) out[i] = same_bits_apply<scalar_t>(fn, in[i]);
   });
   return y;
 }

@@ -18,8 +18,7 @@ template <typename acc_t>
 __global__ void same_bits_math_kernel(const acc_t* __restrict__ x, int64_t count, int fn, acc_t* __restrict__ y) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < count;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const acc_t v = x[i];
-    y[i] = fn == 0 ? exp_acc(v) : fn == 1 ? log_acc(v) : fn == 2 ? sigmoid_acc(v) : exp2_acc(v);
+    y[i] = same_bits_apply(fn, x[i]);
   }
 }
 

@@ -5,7 +5,7 @@
 //   - every multiply-add is written as fma_acc (one rounding, IEEE on both sides), and the
 //     build turns implicit contraction off (nvcc --fmad=false, the host -ffp-contract=off),
 //     so no compiler fuses a product and a sum on one side only;
-//   - exp and log are built here from +, *, /, fma, rint and bit operations, which IEEE 754
+//   - exp and log are built here from +, *, /, fma and bit operations, which IEEE 754
 //     defines exactly (CUDA's expf/logf and the host's libm differ in the last bits).
 // Accuracy (tests/test_kernels_same_bits.py measures it against long double references):
 //   exp_acc: |relative error| <= 2 ulp for normal results; exp(x) = 2^(x log2 e) by exp2_acc,
@@ -110,8 +110,17 @@ constexpr double kLog2eDouble = 1.44269504088896340736;
 constexpr float kLn2Float = 0.693147180559945309417f;
 constexpr double kLn2Double = 0.693147180559945309417;
 
-// 2^n 2^f for an integer n in [-127, 128] ([-1023, 1024]) and |f| about 1/2 at most.
-BISENET_HD float exp2_parts(float n, float f) {
+// n = rint(u) without a rounding instruction: for |u| < 2^22 (2^51), u + 1.5 * 2^23 (2^52)
+// lies in [2^23, 2^24) ([2^52, 2^53)), where the spacing is 1, so the sum rounds u to an
+// integer n held in its low bits (to nearest, ties to even like rint: the constant is even),
+// and subtracting the constant back gives n exactly. The sum also gives 2^n's bits
+// (exp2_parts), so the rounding costs two adds and no conversion.
+constexpr float kRoundFloat = 12582912.0f;           // 1.5 * 2^23
+constexpr double kRoundDouble = 6755399441055744.0;  // 1.5 * 2^52
+
+// 2^n 2^f for shifted = n + 1.5 * 2^23 (2^52), an integer n in [-127, 128] ([-1023, 1024]),
+// and |f| about 1/2 at most.
+BISENET_HD float exp2_parts(float shifted, float f) {
   float p = 1.5252733804059841e-05f;  // ln2^7 / 7!
   p = fma_acc(p, f, 1.5403530393381610e-04f);
   p = fma_acc(p, f, 1.3333558146428443e-03f);
@@ -120,11 +129,11 @@ BISENET_HD float exp2_parts(float n, float f) {
   p = fma_acc(p, f, 2.4022650695910072e-01f);
   p = fma_acc(p, f, 6.9314718055994531e-01f);
   p = fma_acc(p, f, 1.0f);
-  const uint32_t n_bits = static_cast<uint32_t>(value_to_bits(n + 12582912.0f));  // 1.5 * 2^23 + n
+  const uint32_t n_bits = static_cast<uint32_t>(value_to_bits(shifted));  // n in the low bits
   return p * bits_to_value(static_cast<int32_t>((n_bits << 23) + 0x3F800000u));  // (n + 127) << 23
 }
 
-BISENET_HD double exp2_parts(double n, double f) {
+BISENET_HD double exp2_parts(double shifted, double f) {
   double p = 1.3691488853904128e-12;  // ln2^13 / 13!
   p = fma_acc(p, f, 2.5678435993488206e-11);
   p = fma_acc(p, f, 4.4455382718708116e-10);
@@ -139,7 +148,7 @@ BISENET_HD double exp2_parts(double n, double f) {
   p = fma_acc(p, f, 2.4022650695910072e-01);
   p = fma_acc(p, f, 6.9314718055994531e-01);
   p = fma_acc(p, f, 1.0);
-  const uint64_t n_bits = static_cast<uint64_t>(value_to_bits(n + 6755399441055744.0));  // 1.5 * 2^52 + n
+  const uint64_t n_bits = static_cast<uint64_t>(value_to_bits(shifted));  // n in the low bits
   return p * bits_to_value(static_cast<int64_t>((n_bits << 52) + 0x3FF0000000000000ull));  // (n + 1023) << 52
 }
 
@@ -156,28 +165,42 @@ BISENET_HD double exp2_clamp(double u) {
 
 BISENET_HD float exp2_acc(float u) {
   u = exp2_clamp(u);
-  const float n = rintf(u);
-  return exp2_parts(n, u - n);
+  const float shifted = u + kRoundFloat;
+  return exp2_parts(shifted, u - (shifted - kRoundFloat));
 }
 
 BISENET_HD double exp2_acc(double u) {
   u = exp2_clamp(u);
-  const double n = rint(u);
-  return exp2_parts(n, u - n);
+  const double shifted = u + kRoundDouble;
+  return exp2_parts(shifted, u - (shifted - kRoundDouble));
+}
+
+// 2^u for u <= 0 (or NaN), as exp2_acc gives it bit for bit, without the upper clamp that
+// such u never reach: one select fewer where it is known (the loss's online log-sum-exp).
+BISENET_HD float exp2_nonpositive(float u) {
+  u = u < -127.0f ? -127.0f : u;
+  const float shifted = u + kRoundFloat;
+  return exp2_parts(shifted, u - (shifted - kRoundFloat));
+}
+
+BISENET_HD double exp2_nonpositive(double u) {
+  u = u < -1023.0 ? -1023.0 : u;
+  const double shifted = u + kRoundDouble;
+  return exp2_parts(shifted, u - (shifted - kRoundDouble));
 }
 
 // 2^(u + u_lo) for a u carried in two parts, |u_lo| far below 1/2: u_lo joins the reduced
 // argument (exp_acc).
 BISENET_HD float exp2_acc(float u, float u_lo) {
   u = exp2_clamp(u);
-  const float n = rintf(u);
-  return exp2_parts(n, (u - n) + u_lo);
+  const float shifted = u + kRoundFloat;
+  return exp2_parts(shifted, (u - (shifted - kRoundFloat)) + u_lo);
 }
 
 BISENET_HD double exp2_acc(double u, double u_lo) {
   u = exp2_clamp(u);
-  const double n = rint(u);
-  return exp2_parts(n, (u - n) + u_lo);
+  const double shifted = u + kRoundDouble;
+  return exp2_parts(shifted, (u - (shifted - kRoundDouble)) + u_lo);
 }
 
 BISENET_HD float log2e(float) { return kLog2eFloat; }
@@ -273,6 +296,19 @@ BISENET_HD double exp_acc(double x) {
 template <typename acc_t>
 BISENET_HD acc_t sigmoid_acc(acc_t v) {
   return static_cast<acc_t>(1) / (static_cast<acc_t>(1) + exp_acc(-v));
+}
+
+// What the same_bits_math op (same_bits.cpp, same_bits.cu) applies: fn 0 exp_acc, 1 log_acc,
+// 2 sigmoid_acc, 3 exp2_acc, 4 exp2_nonpositive.
+template <typename acc_t>
+BISENET_HD acc_t same_bits_apply(int fn, acc_t v) {
+  switch (fn) {
+    case 0: return exp_acc(v);
+    case 1: return log_acc(v);
+    case 2: return sigmoid_acc(v);
+    case 3: return exp2_acc(v);
+    default: return exp2_nonpositive(v);
+  }
 }
 
 }  // namespace bisenet
