@@ -18,10 +18,10 @@ Two implementations, neither with a host synchronisation (the selection is done 
 tensors, not Python numbers); only `validate=True` syncs, to raise on a bad label:
   ohem_cross_entropy_reference: plain PyTorch (F.interpolate, F.cross_entropy, a sort for
       the k-th largest): the oracle.
-  ohem_cross_entropy: the per-pixel loss is the custom op `bisenet::upsample_cross_entropy`
-      (CUDA: csrc/ohem_ce.cu interpolates on the fly, never materialising (N, C, H, W), and
-      its backward writes the low-res gradient directly, deterministically; CPU: plain
-      PyTorch), and the selection is the custom op `bisenet::ohem_weights` (CUDA: a radix
+  ohem_cross_entropy: the per-pixel loss, and the CE mean, are the custom op
+      `bisenet::upsample_cross_entropy` (CUDA: csrc/ohem_ce.cu interpolates on the fly, never
+      materialising (N, C, H, W), and its backward writes the low-res gradient directly,
+      deterministically; CPU: plain PyTorch), and the selection is the custom op `bisenet::ohem_weights` (CUDA: a radix
       select of the k-th largest loss and the weights, counts kept on the device; CPU: the
       sort-based reference). With validate=False a label outside [0, C) that is not
       ignore_index makes the loss NaN instead of raising.
@@ -173,6 +173,14 @@ def _(loss, labels, ignore_index, threshold, min_kept, class_weights=None):
 # ---------------------------------------------------------------------------------------
 # The fused path: the per-pixel loss as one custom op.
 
+def ce_mean_reference(loss, labels, ignore_index):
+    """(mean, denominator): the mean of loss over the pixels whose label is not ignore_index
+    (0 when none) and max(their count, 1), 0-dim in loss's dtype."""
+    counted = labels != ignore_index
+    denominator = counted.sum().clamp(min=1).to(loss.dtype)
+    return torch.where(counted, loss, torch.zeros_like(loss)).sum() / denominator, denominator
+
+
 def upsample_cross_entropy_reference(logits, labels, ignore_index):
     """(loss, lse), each (N, H, W) in float32 (float64 for float64 logits): the per-pixel
     cross-entropy of the upsampled logits and their log-sum-exp; 0 and 0 where the label is
@@ -206,20 +214,25 @@ def upsample_cross_entropy_backward_reference(grad_loss, logits, labels, lse, ig
 
 @torch.library.custom_op("bisenet::upsample_cross_entropy", mutates_args=())
 def upsample_cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
-                           ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, lse) per pixel; see upsample_cross_entropy_reference. lse is not differentiable."""
+                           ignore_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, lse, mean, denominator): per pixel (see upsample_cross_entropy_reference), and
+    the mean of loss over the pixels not ignored with max(their count, 1) (ce_mean_reference;
+    on CUDA two small kernels in a fixed order, where torch's would take five). lse and
+    denominator are not differentiable."""
     check_inputs(logits, labels)
     if EXTENSION.runs_kernel(logits):
-        loss, lse = torch.ops.bisenet_cuda.upsample_ce_forward(logits, labels, ignore_index)
-        return loss, lse
-    return upsample_cross_entropy_reference(logits, labels, ignore_index)
+        loss, lse, mean, denominator = torch.ops.bisenet_cuda.upsample_ce_forward(logits, labels, ignore_index)
+        return loss, lse, mean, denominator
+    loss, lse = upsample_cross_entropy_reference(logits, labels, ignore_index)
+    return (loss, lse) + ce_mean_reference(loss, labels, ignore_index)
 
 
 @upsample_cross_entropy.register_fake
 def _(logits, labels, ignore_index):
     check_inputs(logits, labels)
     dtype = accumulate_dtype(logits)
-    return labels.new_empty(labels.shape, dtype=dtype), labels.new_empty(labels.shape, dtype=dtype)
+    return (labels.new_empty(labels.shape, dtype=dtype), labels.new_empty(labels.shape, dtype=dtype),
+            labels.new_empty((), dtype=dtype), labels.new_empty((), dtype=dtype))
 
 
 @torch.library.custom_op("bisenet::upsample_cross_entropy_backward", mutates_args=())
@@ -241,16 +254,20 @@ def _(grad_loss, logits, labels, lse, ignore_index):
 
 def _setup_context(ctx, inputs, output):
     logits, labels, ignore_index = inputs
-    ctx.mark_non_differentiable(output[1])
-    ctx.set_materialize_grads(False)  # lse's gradient stays None, not a zero-filled (N, H, W)
-    ctx.save_for_backward(logits, labels, output[1])
+    _, lse, _, denominator = output
+    ctx.mark_non_differentiable(lse, denominator)
+    ctx.set_materialize_grads(False)  # an unused output's gradient stays None, not zero-filled
+    ctx.save_for_backward(logits, labels, lse, denominator)
     ctx.ignore_index = ignore_index
 
 
-def _backward(ctx, grad_loss, grad_lse):
+def _backward(ctx, grad_loss, grad_lse, grad_mean, grad_denominator):
+    logits, labels, lse, denominator = ctx.saved_tensors
+    if grad_mean is not None:  # each counted pixel's share, one value expanded (the kernel skips ignored pixels)
+        share = (grad_mean / denominator).expand(labels.shape)
+        grad_loss = share if grad_loss is None else grad_loss + share
     if grad_loss is None:  # only lse was used
         return None, None, None
-    logits, labels, lse = ctx.saved_tensors
     return upsample_cross_entropy_backward(grad_loss, logits, labels, lse, ctx.ignore_index), None, None
 
 
@@ -262,16 +279,17 @@ def ohem_cross_entropy(logits, labels, thresh=0.7, min_kept=None, ignore_index=2
     """See the module docstring. validate=True raises a ValueError on a bad label (a host
     sync); validate=False trusts the labels (a bad one makes the loss NaN).
 
-    Two custom ops and a weighted sum: the per-pixel losses (never (N, C, H, W)), the OHEM
-    weights (the selection), sum(weights * loss); autograd keeps the weights. A pixel's NaN
+    CE (thresh=None) without class weights: the mean the loss op returns. OHEM: two custom
+    ops and a weighted sum: the per-pixel losses (never (N, C, H, W)), the OHEM weights (the
+    selection), sum(weights * loss); autograd keeps the weights. A pixel's NaN
     loss (a bad label) makes the sum NaN whatever its weight. Where a rounding leaves a
     valid pixel's loss a hair below 0, the CUDA selection ranks it as 0."""
     check_inputs(logits, labels)
     if validate:
         check_labels(labels, logits.shape[1], ignore_index)
-    loss, _ = upsample_cross_entropy(logits, labels, ignore_index)
+    loss, _, mean, _ = upsample_cross_entropy(logits, labels, ignore_index)
     if thresh is None:
-        return mean_loss(loss, labels, ignore_index, class_weights)
+        return mean if class_weights is None else mean_loss(loss, labels, ignore_index, class_weights)
     if class_weights is not None:
         class_weights = class_weights.to(loss)
     weights = ohem_weights_op(loss.detach(), labels, ignore_index, -math.log(thresh),

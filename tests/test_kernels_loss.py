@@ -13,6 +13,7 @@ import os
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -220,7 +221,7 @@ def test_backward_reads_an_expanded_gradient_as_one_value(kernel_device, extensi
     materialised gradient; one pixel's own value (a slice of a larger tensor) is honoured."""
     logits, labels = random_case(n=2, c=5, low=(5, 6), high=(19, 23), seed=8)
     logits, labels = logits.float().to(kernel_device), labels.to(kernel_device)
-    loss, lse = extension.upsample_ce_forward(logits, labels, 255)
+    loss, lse, _, _ = extension.upsample_ce_forward(logits, labels, 255)
     expanded = torch.tensor(0.37, device=kernel_device).expand(labels.shape)
     got = extension.upsample_ce_backward(expanded, logits, labels, lse, 255)
     want = extension.upsample_ce_backward(expanded.contiguous(), logits, labels, lse, 255)
@@ -267,10 +268,12 @@ def test_class_weighted_loss(kernel_device, thresh):
     assert abs(equal.item() - plain.item()) <= 1e-6 * abs(plain.item())
 
 
-def test_ohem_dispatches_few_ops():
+@pytest.mark.parametrize("thresh", [0.7, None])
+def test_loss_dispatches_few_ops(thresh):
     """The OHEM loss, forward and backward, is a handful of dispatched ops (two custom ops and
     a weighted sum; their backward), not the dozens of small ops a selection made of
-    tensor ops issues: each is a kernel launch on a GPU."""
+    tensor ops issues: each is a kernel launch on a GPU. The CE mean: the loss op returns it;
+    its backward one division into the loss op's backward."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
@@ -284,12 +287,16 @@ def test_ohem_dispatches_few_ops():
 
     logits, labels = random_case(n=2, c=19, low=(16, 16), high=(128, 128), seed=4)
     logits = logits.float().requires_grad_(True)
-    loss_fused(logits, labels, thresh=0.7, validate=False).backward()  # warm-up
+    loss_fused(logits, labels, thresh=thresh, validate=False).backward()  # warm-up
     logits.grad = None
     with Count() as count:
-        loss_fused(logits, labels, thresh=0.7, validate=False).backward()
-    assert len(count.ops) <= 12, count.ops
-    assert sum("bisenet" in op for op in count.ops) == 3, count.ops  # forward, weights, backward
+        loss_fused(logits, labels, thresh=thresh, validate=False).backward()
+    if thresh is None:
+        assert len(count.ops) <= 6, count.ops  # with ones_like (the seed), div, expand and detach
+        assert sum("bisenet" in op for op in count.ops) == 2, count.ops  # forward, backward
+    else:
+        assert len(count.ops) <= 12, count.ops
+        assert sum("bisenet" in op for op in count.ops) == 3, count.ops  # forward, weights, backward
 
 
 def test_fused_ties_all_ignored_and_one_valid_pixel():
@@ -325,7 +332,7 @@ def test_opcheck(kernel_device):
     logits, labels = random_case(n=2, c=4, low=(3, 5), high=(9, 11), seed=2)
     logits, labels = logits.float().to(kernel_device).requires_grad_(True), labels.to(kernel_device)
     torch.library.opcheck(loss_module.upsample_cross_entropy, (logits, labels, 255))
-    loss, lse = loss_module.upsample_cross_entropy(logits.detach(), labels, 255)
+    loss, lse, _, _ = loss_module.upsample_cross_entropy(logits.detach(), labels, 255)
     torch.library.opcheck(loss_module.upsample_cross_entropy_backward,
                           (torch.randn_like(loss), logits.detach(), labels, lse, 255))
     torch.library.opcheck(loss_module.ohem_weights_op, (loss.detach(), labels, 255, 0.5, 20))
@@ -429,8 +436,8 @@ def test_sliced_inputs(kernel_device, extension):
         dense.backward()
         assert torch.equal(sliced, dense) and torch.equal(leaves[0].grad, leaves[1].grad)
     # the extension's ops themselves (on the CPU: the C++ loops)
-    loss, lse = extension.upsample_ce_forward(logits, labels, 255)
-    dense_loss, dense_lse = extension.upsample_ce_forward(logits.contiguous(), labels.contiguous(), 255)
+    loss, lse, _, _ = extension.upsample_ce_forward(logits, labels, 255)
+    dense_loss, dense_lse, _, _ = extension.upsample_ce_forward(logits.contiguous(), labels.contiguous(), 255)
     assert torch.equal(loss, dense_loss) and torch.equal(lse, dense_lse)
 
 
@@ -519,10 +526,13 @@ def backward_tolerance(eps, scale, low, high, grad_loss):
 def test_cpu_loop_float64_matches_reference(extension, n, c, low, high, label_dtype):
     logits, labels = random_case(n=n, c=c, low=low, high=high, seed=n + c)
     labels = labels.to(label_dtype)
-    loss, lse = extension.upsample_ce_forward(logits, labels, 255)
+    loss, lse, mean, denominator = extension.upsample_ce_forward(logits, labels, 255)
     want_loss, want_lse = loss_module.upsample_cross_entropy_reference(logits, labels, 255)
     torch.testing.assert_close(loss, want_loss, rtol=0, atol=1e-12)
     torch.testing.assert_close(lse, want_lse, rtol=0, atol=1e-12)
+    want_mean, want_denominator = loss_module.ce_mean_reference(want_loss, labels, 255)
+    assert denominator.shape == mean.shape == () and denominator == want_denominator
+    torch.testing.assert_close(mean, want_mean, rtol=1e-14, atol=0)
     grad_loss = torch.randn(labels.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     grad_loss[labels == 0] = 0.0  # not kept by OHEM: skipped
     got = extension.upsample_ce_backward(grad_loss, logits, labels, lse, 255)
@@ -550,7 +560,7 @@ def test_cpu_loop_backward_tiles_cover_every_pixel(extension, c):
     float64 tolerance is 1e-13 of it. The forward's bands (16 rows, 64 columns) likewise."""
     for index, (high, low) in enumerate(tiled_cases()):
         logits, labels = random_case(n=2, c=c, low=low, high=high, seed=index)
-        loss, lse = extension.upsample_ce_forward(logits, labels, 255)  # the forward's bands too
+        loss, lse, _, _ = extension.upsample_ce_forward(logits, labels, 255)  # the forward's bands too
         want_loss, want_lse = loss_module.upsample_cross_entropy_reference(logits, labels, 255)
         torch.testing.assert_close(loss, want_loss, rtol=0, atol=1e-12)
         torch.testing.assert_close(lse, want_lse, rtol=0, atol=1e-12)
@@ -569,7 +579,7 @@ def test_cpu_loop_backward_large_upscale_opts_in(extension):
     plan = extension.upsample_ce_backward_plan([1, 3, 256, 256], [8, 8], torch.float64)
     assert plan[:2] == [1, 1] and 48 * 1024 < plan[4] <= 96 * 1024, plan
     logits, labels = random_case(n=1, c=3, low=(8, 8), high=(256, 256), seed=3)
-    loss, lse = extension.upsample_ce_forward(logits, labels, 255)
+    loss, lse, _, _ = extension.upsample_ce_forward(logits, labels, 255)
     grad_loss = torch.randn(labels.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     got = extension.upsample_ce_backward(grad_loss, logits, labels, lse, 255)
     want = loss_module.upsample_cross_entropy_backward_reference(grad_loss, logits, labels, lse, 255)
@@ -582,7 +592,7 @@ def test_cpu_loop_low_precision_matches_float64(extension, dtype):
     logits, labels = random_case(n=n, c=c, low=low, high=high, seed=11)
     logits = logits.to(dtype)
     exact = logits.double()  # the same (rounded) values, float64 arithmetic
-    loss, lse = extension.upsample_ce_forward(logits, labels, 255)
+    loss, lse, _, _ = extension.upsample_ce_forward(logits, labels, 255)
     want_loss, want_lse = loss_module.upsample_cross_entropy_reference(exact, labels, 255)
     assert loss.dtype == lse.dtype == torch.float32
     # float32 arithmetic: interpolation ~4 ulp of |z|, the exp sum C ulp, log; |z| + log C < 16
@@ -611,17 +621,64 @@ def test_cpu_loop_float32_odd_size_within_coordinate_tolerance(extension):
     logits = torch.randn(n, c, *low, generator=g, dtype=torch.float64) * 3.0
     labels = torch.randint(0, c, (n, *high), generator=g)
     exact = logits.float().double()
-    loss, lse = extension.upsample_ce_forward(logits.float(), labels, 255)
+    loss, lse, _, _ = extension.upsample_ce_forward(logits.float(), labels, 255)
     want_loss, want_lse = loss_module.upsample_cross_entropy_reference(exact, labels, 255)
     interpolation = 4 * c * EPS32 * (exact.abs().max().item() + math.log(c))
     error = max((loss.double() - want_loss).abs().max().item(), (lse.double() - want_lse).abs().max().item())
     assert interpolation < error <= interpolation + coordinate_tolerance(EPS32, low, exact)
 
 
+def test_cpu_loop_ce_mean_in_its_fixed_order(extension):
+    """The CE mean (ohem_ce_math.h): over the pixels not ignored, in float32 by blocks of 256
+    threads, each thread's pixels in order, then the halving tree, then one block over the
+    blocks: that order, emulated here, gives the C++ loop's bits (the kernels' too: the GPU
+    test). 0 over max(count, 1) when every pixel is ignored; NaN with a bad label."""
+    logits, labels = random_case(n=3, c=5, low=(20, 40), high=(150, 333), seed=21)
+    loss, _, mean, denominator = extension.upsample_ce_forward(logits.float(), labels, 255)
+    counted = (labels != 255).flatten().numpy()
+    values = loss.flatten().numpy()
+    pixels, threads = values.size, 256
+    blocks = min(max(-(-pixels // threads), 1), 1024)
+
+    def tree(sums):  # float32 adds, halving
+        sums = list(sums)
+        half = threads // 2
+        while half:
+            for t in range(half):
+                sums[t] = np.float32(sums[t] + sums[t + half])
+            half //= 2
+        return sums[0]
+
+    stride = blocks * threads
+    block_sums = []
+    for b in range(blocks):
+        sums = []
+        for t in range(threads):
+            total = np.float32(0)
+            for p in range(b * threads + t, pixels, stride):
+                if counted[p]:
+                    total = np.float32(total + values[p])
+            sums.append(total)
+        block_sums.append(tree(sums))
+    final = [np.float32(0)] * threads
+    for t in range(threads):
+        for b in range(t, blocks, threads):
+            final[t] = np.float32(final[t] + block_sums[b])
+    count = int((labels != 255).sum())
+    assert denominator.item() == count and mean.item() == np.float32(tree(final) / np.float32(count))
+    ignored = torch.full_like(labels, 255)
+    _, _, mean, denominator = extension.upsample_ce_forward(logits, ignored, 255)
+    assert mean.item() == 0 and denominator.item() == 1
+    _, _, mean, denominator = extension.upsample_ce_forward(logits[:0], labels[:0], 255)  # an empty batch
+    assert mean.item() == 0 and denominator.item() == 1
+    labels[0, 0, 0] = 7
+    assert torch.isnan(extension.upsample_ce_forward(logits, labels, 255)[2])
+
+
 def test_cpu_loop_bad_label_is_nan_not_a_wild_read(extension):
     logits, labels = random_case(n=1, c=3, seed=6)
     labels[0, 0, 0] = 200  # neither a class nor 255
-    loss, lse = extension.upsample_ce_forward(logits, labels, 255)
+    loss, lse, _, _ = extension.upsample_ce_forward(logits, labels, 255)
     assert torch.isnan(loss[0, 0, 0]) and torch.isnan(lse[0, 0, 0])
     assert torch.isfinite(loss.flatten()[1:]).all()
 
@@ -632,7 +689,7 @@ def test_cpu_loop_rejects_bad_inputs(extension):
         extension.upsample_ce_forward(logits, labels.int(), 255)
     with pytest.raises(RuntimeError, match="differ in N"):
         extension.upsample_ce_forward(logits, labels[:1], 255)
-    loss, lse = extension.upsample_ce_forward(logits, labels, 255)
+    loss, lse, _, _ = extension.upsample_ce_forward(logits, labels, 255)
     with pytest.raises(RuntimeError, match="lse must be Double"):
         extension.upsample_ce_backward(loss, logits, labels, lse.float(), 255)
 
@@ -675,7 +732,7 @@ def test_cuda_pixel_op_matches_float64_reference(cuda_kernel, n, c, low, high, d
     eps = 2.0 ** -53 if dtype == torch.float64 else EPS32
     for label_dtype in (torch.int64, torch.uint8):
         poison_cuda_cache(labels.numel() * 8)
-        loss, lse = loss_module.upsample_cross_entropy(logits, labels.to(label_dtype), 255)
+        loss, lse, _, _ = loss_module.upsample_cross_entropy(logits, labels.to(label_dtype), 255)
         assert loss.dtype == lse.dtype == acc
         tol = (4 * max(c, 2) * eps * (exact.abs().max().item() + math.log(max(c, 2))) +
                coordinate_tolerance(eps, low, exact))
@@ -932,7 +989,7 @@ from lossops.loss import EXTENSION, ohem_cross_entropy, upsample_cross_entropy_r
 ops = EXTENSION.load()
 logits = torch.randn(2, 5, 4, 6, dtype=torch.float64)
 labels = torch.randint(0, 5, (2, 13, 17))
-loss, lse = ops.upsample_ce_forward(logits, labels, 255)
+loss, lse, _, _ = ops.upsample_ce_forward(logits, labels, 255)
 want, _ = upsample_cross_entropy_reference(logits, labels, 255)
 assert torch.allclose(loss, want, rtol=1e-12, atol=1e-12)
 leaf = logits.requires_grad_(True)

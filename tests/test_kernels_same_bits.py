@@ -290,7 +290,7 @@ def test_loss_loops_give_the_same_bits_in_either_item_order(extension, monkeypat
         grad_loss = torch.randn(2, *high, generator=generator)
 
         def run():
-            loss, lse = extension.upsample_ce_forward(logits, labels, 255)
+            loss, lse, _, _ = extension.upsample_ce_forward(logits, labels, 255)
             return [loss, lse, extension.upsample_ce_backward(grad_loss, logits, labels, lse, 255, *tile)]
         ascending, descending = run_in_both_orders(monkeypatch, run)
         assert_same_bits(ascending, descending, (low, high, tile))
@@ -378,7 +378,7 @@ def test_ce_backward_budget_fails_on_cpu_as_at_launch(extension):
     assert ce_plan(extension, (1, 2, 256, 256), (8, 8), torch.float64, (3, 3)) is None
     logits = torch.randn(1, 2, 8, 8, dtype=torch.float64)
     labels = torch.zeros(1, 256, 256, dtype=torch.long)
-    loss, lse = extension.upsample_ce_forward(logits, labels, 255)
+    loss, lse, _, _ = extension.upsample_ce_forward(logits, labels, 255)
     with pytest.raises(RuntimeError, match="bytes of shared memory, more than the kernel's 98304"):
         extension.upsample_ce_backward(torch.ones_like(loss), logits, labels, lse, 255, 3, 3)
 
@@ -438,10 +438,11 @@ def test_cuda_loss_equals_cpu_loop_bitwise(extension, high, low, dtype):
     logits = (torch.randn(2, 19, *low, generator=generator) * 3).to(dtype)
     labels = torch.randint(0, 19, (2, *high), generator=generator)
     labels[torch.rand(2, *high, generator=generator) < 0.2] = 255
-    loss, lse = extension.upsample_ce_forward(logits, labels, 255)
+    loss, lse, mean, denominator = extension.upsample_ce_forward(logits, labels, 255)
     poison_cuda_cache(labels.numel() * 8)
-    cuda_loss, cuda_lse = extension.upsample_ce_forward(logits.cuda(), labels.cuda(), 255)
+    cuda_loss, cuda_lse, cuda_mean, cuda_denominator = extension.upsample_ce_forward(logits.cuda(), labels.cuda(), 255)
     assert torch.equal(cuda_loss.cpu(), loss) and torch.equal(cuda_lse.cpu(), lse)
+    assert torch.equal(cuda_mean.cpu(), mean) and torch.equal(cuda_denominator.cpu(), denominator)
     grad_loss = torch.randn(labels.shape, generator=generator)
     grad_loss[torch.rand(labels.shape, generator=generator) < 0.5] = 0
     for tile in ((0, 0), (1, 1), (2, 3)):

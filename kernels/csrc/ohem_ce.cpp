@@ -1,6 +1,6 @@
 // Operator registration of the fused upsample + cross-entropy loss, and its C++ CPU loops.
 //
-//   bisenet_cuda::upsample_ce_forward(logits, labels, ignore_index) -> (loss, lse)
+//   bisenet_cuda::upsample_ce_forward(logits, labels, ignore_index) -> (loss, lse, mean, denominator)
 //   bisenet_cuda::upsample_ce_backward(grad_loss, logits, labels, lse, ignore_index, band=0, chunk=0)
 //       -> grad_logits
 //   bisenet_cuda::upsample_ce_backward_plan(size, low_size, dtype, band=0, chunk=0)
@@ -12,7 +12,9 @@
 //
 // logits (N, C, h, w) float32/bfloat16/float16/float64, labels (N, H, W) int64 or uint8;
 // loss, lse, grad_loss (N, H, W) float32 (float64 for float64 logits; grad_loss with all
-// strides 0, one value expanded, is read as that value); grad_logits like logits (NCHW). Both kernels run over tiles planned here once for both devices
+// strides 0, one value expanded, is read as that value); mean, denominator () like loss: the
+// mean of loss over the pixels whose label is not ignore_index (0 when none) and max(their
+// count, 1), in a fixed order (ohem_ce_math.h: the CE mean); grad_logits like logits (NCHW). Both kernels run over tiles planned here once for both devices
 // (ohem_ce_math.h): the forward over bands of high-res rows, the backward over tiles of
 // low-res rows and columns, then a pass over the logits on the tiles' grid lines (their
 // partial sums in the rim workspace, bilinear.h); band, chunk (low-res rows and columns per
@@ -146,6 +148,34 @@ void forward_cpu_typed(const CeForwardCall& call, int64_t ignore_index) {
   });
 }
 
+// The CE mean's two passes as the CUDA kernels run them (ohem_ce_math.h): each block's
+// threads, then the block's tree, then the final block.
+template <typename acc_t, typename label_t>
+void mean_cpu_typed(const CeForwardCall& call, int64_t ignore_index) {
+  const acc_t* loss = call.loss.const_data_ptr<acc_t>();
+  const label_t* labels = call.labels.const_data_ptr<label_t>();
+  const int64_t pixels = call.loss.numel(), blocks = call.block_sums.numel();
+  acc_t* block_sums = call.block_sums.mutable_data_ptr<acc_t>();
+  int64_t* block_counts = call.block_counts.mutable_data_ptr<int64_t>();
+  std::vector<acc_t> sums(kCeMeanThreads);
+  std::vector<int64_t> counts(kCeMeanThreads);
+  const auto tree = [&] {
+    for (int half = kCeMeanThreads / 2; half > 0; half /= 2)
+      for (int t = 0; t < half; ++t) ce_mean_tree_step(t, half, sums.data(), counts.data());
+  };
+  for (int64_t b = 0; b < blocks; ++b) {
+    for (int t = 0; t < kCeMeanThreads; ++t)
+      ce_mean_pixels(b * kCeMeanThreads + t, blocks * kCeMeanThreads, pixels, loss, labels, ignore_index, &sums[t],
+                     &counts[t]);
+    tree();
+    block_sums[b] = sums[0];
+    block_counts[b] = counts[0];
+  }
+  for (int t = 0; t < kCeMeanThreads; ++t) ce_mean_blocks_part(t, blocks, block_sums, block_counts, &sums[t], &counts[t]);
+  tree();
+  ce_mean_finish(sums[0], counts[0], call.mean.mutable_data_ptr<acc_t>(), call.denominator.mutable_data_ptr<acc_t>());
+}
+
 // The CUDA kernels' blocks one after the other; "threads" are the item loops, "shared
 // memory" one buffer of the plan's bytes laid out as the kernel lays it out. Phases the
 // kernel runs side by side (the tables beside the pixels, the next class's staging beside
@@ -238,8 +268,13 @@ CeForwardCall prepare_ce_forward(const at::Tensor& logits, const at::Tensor& lab
   CeForwardCall call;
   call.logits = logits.contiguous();
   call.labels = labels.contiguous();
-  call.loss = at::empty(labels.sizes(), logits.options().dtype(acc_type(logits)));
-  call.lse = at::empty(labels.sizes(), logits.options().dtype(acc_type(logits)));
+  const auto acc_options = logits.options().dtype(acc_type(logits));
+  call.loss = at::empty(labels.sizes(), acc_options);
+  call.lse = at::empty(labels.sizes(), acc_options);
+  call.mean = at::empty({}, acc_options);
+  call.denominator = at::empty({}, acc_options);
+  call.block_sums = at::empty({ce_mean_blocks(labels.numel())}, acc_options);
+  call.block_counts = at::empty({ce_mean_blocks(labels.numel())}, acc_options.dtype(at::kLong));
   call.plan = CeForwardPlan{};  // band 0: nothing to compute
   if (labels.numel() == 0) return call;
   if (acc_type(logits) == at::kDouble)
@@ -320,14 +355,19 @@ OhemCall prepare_ohem_weights(const at::Tensor& loss, const at::Tensor& labels, 
 
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> upsample_ce_forward_cpu(const at::Tensor& logits, const at::Tensor& labels,
-                                                           int64_t ignore_index) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> upsample_ce_forward_cpu(const at::Tensor& logits,
+                                                                                   const at::Tensor& labels,
+                                                                                   int64_t ignore_index) {
   const CeForwardCall call = prepare_ce_forward(logits, labels);
-  if (call.plan.band == 0) return {call.loss, call.lse};
+  if (call.plan.band != 0) {
 #define BISENET_CE_FORWARD(scalar_t, label_t) forward_cpu_typed<scalar_t, label_t>(call, ignore_index)
-  BISENET_CE_DISPATCH(call.logits, call.labels, BISENET_CE_FORWARD);
+    BISENET_CE_DISPATCH(call.logits, call.labels, BISENET_CE_FORWARD);
 #undef BISENET_CE_FORWARD
-  return {call.loss, call.lse};
+  }
+#define BISENET_CE_MEAN(acc_t, label_t) mean_cpu_typed<acc_t, label_t>(call, ignore_index)
+  BISENET_OHEM_DISPATCH(call.loss, call.labels, BISENET_CE_MEAN);
+#undef BISENET_CE_MEAN
+  return {call.loss, call.lse, call.mean, call.denominator};
 }
 
 at::Tensor upsample_ce_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& labels,
@@ -460,7 +500,7 @@ std::vector<int64_t> upsample_ce_forward_plan(at::IntArrayRef size, at::IntArray
 }  // namespace bisenet
 
 TORCH_LIBRARY_FRAGMENT(bisenet_cuda, m) {
-  m.def("upsample_ce_forward(Tensor logits, Tensor labels, int ignore_index) -> (Tensor, Tensor)");
+  m.def("upsample_ce_forward(Tensor logits, Tensor labels, int ignore_index) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "upsample_ce_backward(Tensor grad_loss, Tensor logits, Tensor labels, Tensor lse, int ignore_index, int band=0, "
       "int chunk=0) -> Tensor");

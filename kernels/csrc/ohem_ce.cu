@@ -34,6 +34,16 @@ int64_t blocks_for(int64_t items) {
   return std::max<int64_t>(1, std::min<int64_t>((items + kThreads - 1) / kThreads, kMaxBlocks));
 }
 
+// p, opaque to the compiler: held in one 64-bit register, so that an access p[offset] with a
+// 32-bit offset is one wide multiply-add, where nvcc otherwise folds the sample's 64-bit index
+// into every address (five instructions a load).
+template <typename T>
+__device__ __forceinline__ T* held_pointer(T* p) {
+  asm("" : "+l"(p));
+  __builtin_assume(__isGlobal(p));  // still global memory: loads stay LDG
+  return p;
+}
+
 // One block per tile of high-res rows and columns (ohem_ce_math.h, "Forward tiling"): each
 // thread's pixels keep their online log-sum-exp in registers over the classes, the logit
 // rows the tile reads staged per class (double-buffered: one barrier per class).
@@ -46,7 +56,7 @@ __global__ void __launch_bounds__(kCeForwardThreads, 3) ce_forward_kernel(
   const CeForwardTile t = ce_forward_tile(blockIdx.x, geo, plan);
   const int64_t pixels = static_cast<int64_t>(geo.H) * geo.W;
   const int plane = geo.h * geo.w;
-  const scalar_t* sample = logits + static_cast<int64_t>(t.n) * geo.C * plane;
+  const scalar_t* sample = held_pointer(logits + static_cast<int64_t>(t.n) * geo.C * plane);
   if (threadIdx.x < t.x1 - t.x0) ce_forward_table_item(threadIdx.x, t, geo, buf);
   CeOnlineLse<acc_t> state[kCeForwardPixels];
 #pragma unroll
@@ -116,6 +126,43 @@ __global__ void __launch_bounds__(kCeForwardThreads, 3) ce_forward_kernel(
   }
 }
 
+// The CE mean (ohem_ce_math.h): the pixels' pass, a block's partial sum and count each; then
+// one block over those. The tree through shared memory, a barrier between steps.
+template <typename acc_t>
+__device__ void ce_mean_tree(acc_t* sums, int64_t* counts) {
+  for (int half = kCeMeanThreads / 2; half > 0; half /= 2) {
+    __syncthreads();
+    if (threadIdx.x < half) ce_mean_tree_step(threadIdx.x, half, sums, counts);
+  }
+}
+
+template <typename acc_t, typename label_t>
+__global__ void __launch_bounds__(kCeMeanThreads) ce_mean_pixels_kernel(
+    const acc_t* __restrict__ loss, const label_t* __restrict__ labels, int64_t pixels, int64_t ignore_index,
+    acc_t* __restrict__ block_sums, int64_t* __restrict__ block_counts) {
+  __shared__ acc_t sums[kCeMeanThreads];
+  __shared__ int64_t counts[kCeMeanThreads];
+  ce_mean_pixels(blockIdx.x * static_cast<int64_t>(kCeMeanThreads) + threadIdx.x,
+                 static_cast<int64_t>(gridDim.x) * kCeMeanThreads, pixels, loss, labels, ignore_index,
+                 &sums[threadIdx.x], &counts[threadIdx.x]);
+  ce_mean_tree(sums, counts);
+  if (threadIdx.x == 0) {
+    block_sums[blockIdx.x] = sums[0];
+    block_counts[blockIdx.x] = counts[0];
+  }
+}
+
+template <typename acc_t>
+__global__ void __launch_bounds__(kCeMeanThreads) ce_mean_final_kernel(
+    const acc_t* __restrict__ block_sums, const int64_t* __restrict__ block_counts, int64_t blocks,
+    acc_t* __restrict__ mean, acc_t* __restrict__ denominator) {
+  __shared__ acc_t sums[kCeMeanThreads];
+  __shared__ int64_t counts[kCeMeanThreads];
+  ce_mean_blocks_part(threadIdx.x, blocks, block_sums, block_counts, &sums[threadIdx.x], &counts[threadIdx.x]);
+  ce_mean_tree(sums, counts);
+  if (threadIdx.x == 0) ce_mean_finish(sums[0], counts[0], mean, denominator);
+}
+
 // The items (k, x) of a rows x cols grid, strided over the block's threads as item = k * cols
 // + x would be, with one division per thread, not one per item.
 template <typename F>
@@ -170,7 +217,7 @@ __global__ void __launch_bounds__(kThreads, 4) ce_backward_kernel(
     if (item < staged_items) ahead_item[k] = ce_backward_stage_item_for(item / cols, item % cols, t, geo, buf);
   }
   CeStageLoad<acc_t> ahead[kAhead];
-  const scalar_t* sample_logits = logits + sample;
+  const scalar_t* sample_logits = held_pointer(logits + sample);
   const auto stage_begin = [&](int c) {
 #pragma unroll
     for (int k = 0; k < kAhead; ++k)
@@ -404,15 +451,34 @@ void backward_typed(const CeBackwardCall& call, int64_t ignore_index) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-std::tuple<at::Tensor, at::Tensor> upsample_ce_forward_cuda(const at::Tensor& logits, const at::Tensor& labels,
-                                                            int64_t ignore_index) {
+template <typename acc_t, typename label_t>
+void mean_typed(const CeForwardCall& call, int64_t ignore_index) {
+  const int64_t blocks = call.block_sums.numel();
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  ce_mean_pixels_kernel<acc_t, label_t><<<blocks, kCeMeanThreads, 0, stream>>>(
+      call.loss.const_data_ptr<acc_t>(), call.labels.const_data_ptr<label_t>(), call.loss.numel(), ignore_index,
+      call.block_sums.mutable_data_ptr<acc_t>(), call.block_counts.mutable_data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  ce_mean_final_kernel<acc_t><<<1, kCeMeanThreads, 0, stream>>>(
+      call.block_sums.const_data_ptr<acc_t>(), call.block_counts.const_data_ptr<int64_t>(), blocks,
+      call.mean.mutable_data_ptr<acc_t>(), call.denominator.mutable_data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> upsample_ce_forward_cuda(const at::Tensor& logits,
+                                                                                    const at::Tensor& labels,
+                                                                                    int64_t ignore_index) {
   const CeForwardCall call = prepare_ce_forward(logits, labels);
-  if (call.plan.band == 0) return {call.loss, call.lse};
   c10::cuda::CUDAGuard guard(logits.device());
+  if (call.plan.band != 0) {
 #define BISENET_CE_FORWARD(scalar_t, label_t) forward_typed<scalar_t, label_t>(call, ignore_index)
-  BISENET_CE_DISPATCH(call.logits, call.labels, BISENET_CE_FORWARD);
+    BISENET_CE_DISPATCH(call.logits, call.labels, BISENET_CE_FORWARD);
 #undef BISENET_CE_FORWARD
-  return {call.loss, call.lse};
+  }
+#define BISENET_CE_MEAN(acc_t, label_t) mean_typed<acc_t, label_t>(call, ignore_index)
+  BISENET_OHEM_DISPATCH(call.loss, call.labels, BISENET_CE_MEAN);
+#undef BISENET_CE_MEAN
+  return {call.loss, call.lse, call.mean, call.denominator};
 }
 
 at::Tensor upsample_ce_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& labels,

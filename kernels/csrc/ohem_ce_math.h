@@ -318,6 +318,67 @@ BISENET_HD void ce_forward_pixel_finish(const CeOnlineLse<acc_t>& state, acc_t* 
 }
 
 // ---------------------------------------------------------------------------------------
+// The CE mean, the forward's last step: the sum of the loss over the counted pixels (label
+// not ignore_index; an ignored pixel's loss is 0 anyway, a bad label's NaN) over max(their
+// count, 1). In a fixed order, so that it is deterministic and the same bits on both
+// devices: ce_mean_blocks(pixels) blocks of kCeMeanThreads threads, thread t of block b
+// adding pixels b * threads + t + i * stride (stride = blocks * threads) in order of i; a
+// block's threads' sums added by ce_mean_tree_step (halving: 128, 64, ..., 1); then one block
+// adds the blocks' sums likewise (thread t: blocks t, t + threads, ...) and divides. Counts
+// are int64, exact in any order.
+constexpr int kCeMeanThreads = 256;
+constexpr int64_t kCeMeanMostBlocks = 1024;
+
+BISENET_HD int64_t ce_mean_blocks(int64_t pixels) {
+  const int64_t blocks = (pixels + kCeMeanThreads - 1) / kCeMeanThreads;
+  return blocks < 1 ? 1 : (blocks < kCeMeanMostBlocks ? blocks : kCeMeanMostBlocks);
+}
+
+// Thread `first` of the pixels' pass (first = b * threads + t): its sum and count.
+template <typename label_t, typename acc_t>
+BISENET_HD void ce_mean_pixels(int64_t first, int64_t stride, int64_t pixels, const acc_t* loss, const label_t* labels,
+                               int64_t ignore_index, acc_t* sum, int64_t* count) {
+  acc_t s = static_cast<acc_t>(0);
+  int64_t n = 0;
+  for (int64_t p = first; p < pixels; p += stride) {
+    if (static_cast<int64_t>(labels[p]) == ignore_index) continue;
+    s = s + loss[p];
+    ++n;
+  }
+  *sum = s;
+  *count = n;
+}
+
+// Thread t of the final block: blocks t, t + threads, ... in order.
+template <typename acc_t>
+BISENET_HD void ce_mean_blocks_part(int t, int64_t blocks, const acc_t* block_sums, const int64_t* block_counts,
+                                    acc_t* sum, int64_t* count) {
+  acc_t s = static_cast<acc_t>(0);
+  int64_t n = 0;
+  for (int64_t b = t; b < blocks; b += kCeMeanThreads) {
+    s = s + block_sums[b];
+    n += block_counts[b];
+  }
+  *sum = s;
+  *count = n;
+}
+
+// One step of a block's tree, thread t < half: after the steps half = 128, 64, ..., 1 (a
+// barrier between them), sums[0] and counts[0] are the block's.
+template <typename acc_t>
+BISENET_HD void ce_mean_tree_step(int t, int half, acc_t* sums, int64_t* counts) {
+  sums[t] = sums[t] + sums[t + half];
+  counts[t] += counts[t + half];
+}
+
+// The mean (0 when no pixel counts) and its denominator max(count, 1).
+template <typename acc_t>
+BISENET_HD void ce_mean_finish(acc_t sum, int64_t count, acc_t* mean, acc_t* denominator) {
+  *denominator = static_cast<acc_t>(count > 1 ? count : 1);
+  *mean = sum / *denominator;
+}
+
+// ---------------------------------------------------------------------------------------
 // Backward tiling. A block owns a tile of low-res rows [ly0, ly1) (a band) and columns
 // [lx0, lx1) (a chunk) of sample n, all classes, and the high-res pixels whose first taps
 // lie in it, its window: rows [wy0, wy1) = [first(ly0), first(ly1)), likewise columns

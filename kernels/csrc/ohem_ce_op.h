@@ -14,9 +14,11 @@
 namespace bisenet {
 
 struct CeForwardCall {
-  at::Tensor logits, labels;  // contiguous
-  at::Tensor loss, lse;       // (N, H, W) float32 (float64 for float64 logits)
-  CeForwardPlan plan;         // ohem_ce_math.h; band 0 when there is nothing to compute
+  at::Tensor logits, labels;      // contiguous
+  at::Tensor loss, lse;           // (N, H, W) float32 (float64 for float64 logits)
+  at::Tensor mean, denominator;   // () like loss: the CE mean, max(count, 1)
+  at::Tensor block_sums, block_counts;  // (ce_mean_blocks,) like loss and int64: the mean's workspace
+  CeForwardPlan plan;             // ohem_ce_math.h; band 0 when there is nothing to compute
 };
 
 struct CeBackwardCall {
@@ -69,7 +71,8 @@ OhemCall prepare_ohem_weights(const at::Tensor& loss, const at::Tensor& labels, 
     }                                                                                                \
   } while (0)
 
-// Runs CALL(acc_t, label_t) for ohem_weights' loss and labels dtypes (checked by prepare).
+// Runs CALL(acc_t, label_t) for a per-pixel loss's and the labels' dtypes (checked by the
+// prepare_*): ohem_weights, the CE mean.
 #define BISENET_OHEM_DISPATCH(loss, labels, CALL)                 \
   do {                                                            \
     const bool bytes = (labels).scalar_type() == at::kByte;       \
