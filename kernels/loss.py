@@ -213,26 +213,31 @@ def upsample_cross_entropy_backward_reference(grad_loss, logits, labels, lse, ig
 
 
 @torch.library.custom_op("bisenet::upsample_cross_entropy", mutates_args=())
-def upsample_cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
-                           ignore_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def upsample_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
+                           with_mean: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, lse, mean, denominator): per pixel (see upsample_cross_entropy_reference), and
     the mean of loss over the pixels not ignored with max(their count, 1) (ce_mean_reference;
-    on CUDA two small kernels in a fixed order, where torch's would take five). lse and
-    denominator are not differentiable."""
+    on CUDA two small kernels in a fixed order, where torch's would take five), or with
+    with_mean=False (OHEM) two empty (0,) tensors, nothing computed. lse and denominator are
+    not differentiable."""
     check_inputs(logits, labels)
     if EXTENSION.runs_kernel(logits):
-        loss, lse, mean, denominator = torch.ops.bisenet_cuda.upsample_ce_forward(logits, labels, ignore_index)
+        loss, lse, mean, denominator = torch.ops.bisenet_cuda.upsample_ce_forward(logits, labels, ignore_index,
+                                                                                  with_mean)
         return loss, lse, mean, denominator
     loss, lse = upsample_cross_entropy_reference(logits, labels, ignore_index)
+    if not with_mean:
+        return loss, lse, loss.new_empty(0), loss.new_empty(0)
     return (loss, lse) + ce_mean_reference(loss, labels, ignore_index)
 
 
 @upsample_cross_entropy.register_fake
-def _(logits, labels, ignore_index):
+def _(logits, labels, ignore_index, with_mean=True):
     check_inputs(logits, labels)
     dtype = accumulate_dtype(logits)
+    mean_shape = () if with_mean else (0,)
     return (labels.new_empty(labels.shape, dtype=dtype), labels.new_empty(labels.shape, dtype=dtype),
-            labels.new_empty((), dtype=dtype), labels.new_empty((), dtype=dtype))
+            labels.new_empty(mean_shape, dtype=dtype), labels.new_empty(mean_shape, dtype=dtype))
 
 
 @torch.library.custom_op("bisenet::upsample_cross_entropy_backward", mutates_args=())
@@ -253,8 +258,9 @@ def _(grad_loss, logits, labels, lse, ignore_index):
 
 
 def _setup_context(ctx, inputs, output):
-    logits, labels, ignore_index = inputs
+    logits, labels, ignore_index, with_mean = inputs
     _, lse, _, denominator = output
+    ctx.with_mean = with_mean
     ctx.mark_non_differentiable(lse, denominator)
     ctx.set_materialize_grads(False)  # an unused output's gradient stays None, not zero-filled
     ctx.save_for_backward(logits, labels, lse, denominator)
@@ -263,12 +269,12 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_loss, grad_lse, grad_mean, grad_denominator):
     logits, labels, lse, denominator = ctx.saved_tensors
-    if grad_mean is not None:  # each counted pixel's share, one value expanded (the kernel skips ignored pixels)
-        share = (grad_mean / denominator).expand(labels.shape)
+    if grad_mean is not None and ctx.with_mean:  # without the mean, its (0,) gradient is nothing
+        share = (grad_mean / denominator).expand(labels.shape)  # each counted pixel's (the kernel skips the rest)
         grad_loss = share if grad_loss is None else grad_loss + share
     if grad_loss is None:  # only lse was used
-        return None, None, None
-    return upsample_cross_entropy_backward(grad_loss, logits, labels, lse, ctx.ignore_index), None, None
+        return None, None, None, None
+    return upsample_cross_entropy_backward(grad_loss, logits, labels, lse, ctx.ignore_index), None, None, None
 
 
 upsample_cross_entropy.register_autograd(_backward, setup_context=_setup_context)
@@ -287,9 +293,12 @@ def ohem_cross_entropy(logits, labels, thresh=0.7, min_kept=None, ignore_index=2
     check_inputs(logits, labels)
     if validate:
         check_labels(labels, logits.shape[1], ignore_index)
-    loss, _, mean, _ = upsample_cross_entropy(logits, labels, ignore_index)
+    with_mean = thresh is None and class_weights is None
+    loss, _, mean, _ = upsample_cross_entropy(logits, labels, ignore_index, with_mean)
+    if with_mean:
+        return mean
     if thresh is None:
-        return mean if class_weights is None else mean_loss(loss, labels, ignore_index, class_weights)
+        return mean_loss(loss, labels, ignore_index, class_weights)
     if class_weights is not None:
         class_weights = class_weights.to(loss)
     weights = ohem_weights_op(loss.detach(), labels, ignore_index, -math.log(thresh),

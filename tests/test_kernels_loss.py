@@ -332,6 +332,7 @@ def test_opcheck(kernel_device):
     logits, labels = random_case(n=2, c=4, low=(3, 5), high=(9, 11), seed=2)
     logits, labels = logits.float().to(kernel_device).requires_grad_(True), labels.to(kernel_device)
     torch.library.opcheck(loss_module.upsample_cross_entropy, (logits, labels, 255))
+    torch.library.opcheck(loss_module.upsample_cross_entropy, (logits, labels, 255, False))
     loss, lse, _, _ = loss_module.upsample_cross_entropy(logits.detach(), labels, 255)
     torch.library.opcheck(loss_module.upsample_cross_entropy_backward,
                           (torch.randn_like(loss), logits.detach(), labels, lse, 255))
@@ -671,6 +672,9 @@ def test_cpu_loop_ce_mean_in_its_fixed_order(extension):
     assert mean.item() == 0 and denominator.item() == 1
     _, _, mean, denominator = extension.upsample_ce_forward(logits[:0], labels[:0], 255)  # an empty batch
     assert mean.item() == 0 and denominator.item() == 1
+    loss_only, _, mean, denominator = extension.upsample_ce_forward(logits, labels, 255, False)  # OHEM's call
+    assert mean.shape == denominator.shape == (0,) and torch.equal(loss_only, extension.upsample_ce_forward(
+        logits, labels, 255)[0])
     labels[0, 0, 0] = 7
     assert torch.isnan(extension.upsample_ce_forward(logits, labels, 255)[2])
 

@@ -1,6 +1,6 @@
 // Operator registration of the fused upsample + cross-entropy loss, and its C++ CPU loops.
 //
-//   bisenet_cuda::upsample_ce_forward(logits, labels, ignore_index) -> (loss, lse, mean, denominator)
+//   bisenet_cuda::upsample_ce_forward(logits, labels, ignore_index, with_mean=True) -> (loss, lse, mean, denominator)
 //   bisenet_cuda::upsample_ce_backward(grad_loss, logits, labels, lse, ignore_index, band=0, chunk=0)
 //       -> grad_logits
 //   bisenet_cuda::upsample_ce_backward_plan(size, low_size, dtype, band=0, chunk=0)
@@ -14,7 +14,8 @@
 // loss, lse, grad_loss (N, H, W) float32 (float64 for float64 logits; grad_loss with all
 // strides 0, one value expanded, is read as that value); mean, denominator () like loss: the
 // mean of loss over the pixels whose label is not ignore_index (0 when none) and max(their
-// count, 1), in a fixed order (ohem_ce_math.h: the CE mean); grad_logits like logits (NCHW). Both kernels run over tiles planned here once for both devices
+// count, 1), in a fixed order (ohem_ce_math.h: the CE mean); with with_mean=False (OHEM)
+// not computed, (0,); grad_logits like logits (NCHW). Both kernels run over tiles planned here once for both devices
 // (ohem_ce_math.h): the forward over bands of high-res rows, the backward over tiles of
 // low-res rows and columns, then a pass over the logits on the tiles' grid lines (their
 // partial sums in the rim workspace, bilinear.h); band, chunk (low-res rows and columns per
@@ -263,7 +264,7 @@ CeBackwardPlan backward_plan(const CeGeometry<acc_t>& geo, int64_t band, int64_t
 
 }  // namespace
 
-CeForwardCall prepare_ce_forward(const at::Tensor& logits, const at::Tensor& labels) {
+CeForwardCall prepare_ce_forward(const at::Tensor& logits, const at::Tensor& labels, bool with_mean) {
   check_inputs("upsample_ce_forward", logits, labels);
   CeForwardCall call;
   call.logits = logits.contiguous();
@@ -271,10 +272,11 @@ CeForwardCall prepare_ce_forward(const at::Tensor& logits, const at::Tensor& lab
   const auto acc_options = logits.options().dtype(acc_type(logits));
   call.loss = at::empty(labels.sizes(), acc_options);
   call.lse = at::empty(labels.sizes(), acc_options);
-  call.mean = at::empty({}, acc_options);
-  call.denominator = at::empty({}, acc_options);
-  call.block_sums = at::empty({ce_mean_blocks(labels.numel())}, acc_options);
-  call.block_counts = at::empty({ce_mean_blocks(labels.numel())}, acc_options.dtype(at::kLong));
+  call.mean = with_mean ? at::empty({}, acc_options) : at::empty({0}, acc_options);
+  call.denominator = at::empty_like(call.mean);
+  const int64_t mean_blocks = with_mean ? ce_mean_blocks(labels.numel()) : 0;
+  call.block_sums = at::empty({mean_blocks}, acc_options);
+  call.block_counts = at::empty({mean_blocks}, acc_options.dtype(at::kLong));
   call.plan = CeForwardPlan{};  // band 0: nothing to compute
   if (labels.numel() == 0) return call;
   if (acc_type(logits) == at::kDouble)
@@ -357,16 +359,19 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> upsample_ce_forward_cpu(const at::Tensor& logits,
                                                                                    const at::Tensor& labels,
-                                                                                   int64_t ignore_index) {
-  const CeForwardCall call = prepare_ce_forward(logits, labels);
+                                                                                   int64_t ignore_index,
+                                                                                   bool with_mean) {
+  const CeForwardCall call = prepare_ce_forward(logits, labels, with_mean);
   if (call.plan.band != 0) {
 #define BISENET_CE_FORWARD(scalar_t, label_t) forward_cpu_typed<scalar_t, label_t>(call, ignore_index)
     BISENET_CE_DISPATCH(call.logits, call.labels, BISENET_CE_FORWARD);
 #undef BISENET_CE_FORWARD
   }
+  if (with_mean) {
 #define BISENET_CE_MEAN(acc_t, label_t) mean_cpu_typed<acc_t, label_t>(call, ignore_index)
-  BISENET_OHEM_DISPATCH(call.loss, call.labels, BISENET_CE_MEAN);
+    BISENET_OHEM_DISPATCH(call.loss, call.labels, BISENET_CE_MEAN);
 #undef BISENET_CE_MEAN
+  }
   return {call.loss, call.lse, call.mean, call.denominator};
 }
 
@@ -500,7 +505,8 @@ std::vector<int64_t> upsample_ce_forward_plan(at::IntArrayRef size, at::IntArray
 }  // namespace bisenet
 
 TORCH_LIBRARY_FRAGMENT(bisenet_cuda, m) {
-  m.def("upsample_ce_forward(Tensor logits, Tensor labels, int ignore_index) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("upsample_ce_forward(Tensor logits, Tensor labels, int ignore_index, bool with_mean=True) -> "
+        "(Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "upsample_ce_backward(Tensor grad_loss, Tensor logits, Tensor labels, Tensor lse, int ignore_index, int band=0, "
       "int chunk=0) -> Tensor");

@@ -467,17 +467,20 @@ void mean_typed(const CeForwardCall& call, int64_t ignore_index) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> upsample_ce_forward_cuda(const at::Tensor& logits,
                                                                                     const at::Tensor& labels,
-                                                                                    int64_t ignore_index) {
-  const CeForwardCall call = prepare_ce_forward(logits, labels);
+                                                                                    int64_t ignore_index,
+                                                                                    bool with_mean) {
+  const CeForwardCall call = prepare_ce_forward(logits, labels, with_mean);
   c10::cuda::CUDAGuard guard(logits.device());
   if (call.plan.band != 0) {
 #define BISENET_CE_FORWARD(scalar_t, label_t) forward_typed<scalar_t, label_t>(call, ignore_index)
     BISENET_CE_DISPATCH(call.logits, call.labels, BISENET_CE_FORWARD);
 #undef BISENET_CE_FORWARD
   }
+  if (with_mean) {
 #define BISENET_CE_MEAN(acc_t, label_t) mean_typed<acc_t, label_t>(call, ignore_index)
-  BISENET_OHEM_DISPATCH(call.loss, call.labels, BISENET_CE_MEAN);
+    BISENET_OHEM_DISPATCH(call.loss, call.labels, BISENET_CE_MEAN);
 #undef BISENET_CE_MEAN
+  }
   return {call.loss, call.lse, call.mean, call.denominator};
 }
 

@@ -16,7 +16,7 @@ namespace bisenet {
 struct CeForwardCall {
   at::Tensor logits, labels;      // contiguous
   at::Tensor loss, lse;           // (N, H, W) float32 (float64 for float64 logits)
-  at::Tensor mean, denominator;   // () like loss: the CE mean, max(count, 1)
+  at::Tensor mean, denominator;   // () like loss: the CE mean, max(count, 1); (0,) when not asked for
   at::Tensor block_sums, block_counts;  // (ce_mean_blocks,) like loss and int64: the mean's workspace
   CeForwardPlan plan;             // ohem_ce_math.h; band 0 when there is nothing to compute
 };
@@ -53,7 +53,7 @@ struct OhemCall {
 };
 
 // ohem_ce.cpp
-CeForwardCall prepare_ce_forward(const at::Tensor& logits, const at::Tensor& labels);
+CeForwardCall prepare_ce_forward(const at::Tensor& logits, const at::Tensor& labels, bool with_mean);
 CeBackwardCall prepare_ce_backward(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& labels,
                                    const at::Tensor& lse, int64_t band, int64_t chunk);
 OhemCall prepare_ohem_weights(const at::Tensor& loss, const at::Tensor& labels, double threshold, int64_t min_kept,
