@@ -140,10 +140,11 @@ def ohem_cross_entropy_reference(logits, labels, thresh=0.7, min_kept=None, igno
 
 
 # ---------------------------------------------------------------------------------------
-# The OHEM selection as one op: per-pixel weights, normalised, so that sum(weights * loss)
-# is the OHEM loss. On CUDA five launches for float32 with the running counts on the device
+# The OHEM selection as one op: per-pixel weights, normalised, and the OHEM loss
+# sum(weights * loss). On CUDA six launches for float32 with the running counts on the device
 # (csrc/ohem_ce.cu: a radix select of the k-th largest loss, 4 passes, the first also
-# counting; the weights), no host synchronisation; elsewhere the sort-based reference.
+# counting; the weights with the loss's block sums; their sum in a fixed order), no host
+# synchronisation; elsewhere the sort-based reference.
 
 def ohem_weights_reference(loss, labels, ignore_index, threshold, min_kept, class_weights=None):
     """ohem_weights (above) for the op's arguments (min_kept < 0: valid // 16), times each
@@ -156,18 +157,36 @@ def ohem_weights_reference(loss, labels, ignore_index, threshold, min_kept, clas
 
 @torch.library.custom_op("bisenet::ohem_weights", mutates_args=())
 def ohem_weights_op(loss: torch.Tensor, labels: torch.Tensor, ignore_index: int, threshold: float,
-                    min_kept: int, class_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The weights of each pixel's loss in the OHEM loss (see the module docstring); loss
-    (N, H, W) float32 or float64, detached; class_weights (C,) in loss's dtype, or None. Not
-    differentiable: the selection is a constant."""
+                    min_kept: int, class_weights: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights, value): the weights of each pixel's loss in the OHEM loss (see the module
+    docstring) and the OHEM loss, sum(weights * loss), 0-dim; loss (N, H, W) float32 or
+    float64; class_weights (C,) in loss's dtype, or None. value is differentiable in loss
+    (its gradient: weights times the incoming one; the selection is a constant), weights
+    are not."""
     if EXTENSION.runs_kernel(loss):
         return torch.ops.bisenet_cuda.ohem_weights(loss, labels, ignore_index, threshold, min_kept, class_weights)
-    return ohem_weights_reference(loss, labels, ignore_index, threshold, min_kept, class_weights)
+    weights = ohem_weights_reference(loss, labels, ignore_index, threshold, min_kept, class_weights)
+    return weights, (loss * weights).sum()
 
 
 @ohem_weights_op.register_fake
 def _(loss, labels, ignore_index, threshold, min_kept, class_weights=None):
-    return torch.empty_like(loss, memory_format=torch.contiguous_format)
+    return torch.empty_like(loss, memory_format=torch.contiguous_format), loss.new_empty(())
+
+
+def _ohem_setup_context(ctx, inputs, output):
+    ctx.mark_non_differentiable(output[0])
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(output[0])
+
+
+def _ohem_backward(ctx, grad_weights, grad_value):
+    (weights,) = ctx.saved_tensors
+    grad_loss = None if grad_value is None else weights * grad_value
+    return grad_loss, None, None, None, None, None
+
+
+ohem_weights_op.register_autograd(_ohem_backward, setup_context=_ohem_setup_context)
 
 
 # ---------------------------------------------------------------------------------------
@@ -286,8 +305,9 @@ def ohem_cross_entropy(logits, labels, thresh=0.7, min_kept=None, ignore_index=2
     sync); validate=False trusts the labels (a bad one makes the loss NaN).
 
     CE (thresh=None) without class weights: the mean the loss op returns. OHEM: two custom
-    ops and a weighted sum: the per-pixel losses (never (N, C, H, W)), the OHEM weights (the
-    selection), sum(weights * loss); autograd keeps the weights. A pixel's NaN
+    ops, the per-pixel losses (never (N, C, H, W)) and the OHEM weights (the selection) with
+    sum(weights * loss), whose backward hands the loss op weights times the incoming
+    gradient. A pixel's NaN
     loss (a bad label) makes the sum NaN whatever its weight. Where a rounding leaves a
     valid pixel's loss a hair below 0, the CUDA selection ranks it as 0."""
     check_inputs(logits, labels)
@@ -301,6 +321,6 @@ def ohem_cross_entropy(logits, labels, thresh=0.7, min_kept=None, ignore_index=2
         return mean_loss(loss, labels, ignore_index, class_weights)
     if class_weights is not None:
         class_weights = class_weights.to(loss)
-    weights = ohem_weights_op(loss.detach(), labels, ignore_index, -math.log(thresh),
-                              -1 if min_kept is None else int(min_kept), class_weights)
-    return (loss * weights).sum()
+    _, value = ohem_weights_op(loss, labels, ignore_index, -math.log(thresh), -1 if min_kept is None else int(min_kept),
+                               class_weights)
+    return value

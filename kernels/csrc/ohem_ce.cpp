@@ -8,7 +8,7 @@
 //           outputs_written, most_parts, most_segment_items]
 //   bisenet_cuda::upsample_ce_forward_plan(size, low_size, dtype)
 //       -> [band, staged_rows, shared_bytes, most_staged, pixels_written]
-//   bisenet_cuda::ohem_weights(loss, labels, ignore_index, threshold, min_kept, class_weights) -> weights
+//   bisenet_cuda::ohem_weights(loss, labels, ignore_index, threshold, min_kept, class_weights) -> (weights, value)
 //
 // logits (N, C, h, w) float32/bfloat16/float16/float64, labels (N, H, W) int64 or uint8;
 // loss, lse, grad_loss (N, H, W) float32 (float64 for float64 logits; grad_loss with all
@@ -25,8 +25,9 @@
 // any tile needs and how many outputs are written (each once: h * w, H * W).
 // ohem_weights: loss (N, H, W) float32/float64 (the per-pixel losses, 0 where ignored),
 // labels as above, threshold = -log(thresh), min_kept < 0 for valid // 16 -> weights like
-// loss, sum(weights * loss) the OHEM loss (ohem_ce_math.h); no host sync. class_weights (C,)
-// like loss, optional: the kept pixels' class-weighted mean instead.
+// loss and value = sum(weights * loss), the OHEM loss (ohem_ce_math.h; the sum in the fixed
+// order of the CE mean's); no host sync. class_weights (C,) like loss, optional: the kept
+// pixels' class-weighted mean instead.
 //
 // The CPU implementations run the same per-item functions (ohem_ce_math.h) as the CUDA
 // kernels with the same arithmetic (same_bits.h), in the same tiling, with buffers of the
@@ -149,8 +150,15 @@ void forward_cpu_typed(const CeForwardCall& call, int64_t ignore_index) {
   });
 }
 
-// The CE mean's two passes as the CUDA kernels run them (ohem_ce_math.h): each block's
-// threads, then the block's tree, then the final block.
+// A block's tree (ohem_ce_math.h: sum_tree_step) over its threads' values, as the kernels'.
+template <typename... value_t>
+void sum_tree_cpu(std::vector<value_t>&... values) {
+  for (int half = kSumThreads / 2; half > 0; half /= 2)
+    for (int t = 0; t < half; ++t) (sum_tree_step(t, half, values.data()), ...);
+}
+
+// The CE mean's two passes as the CUDA kernels run them: each block's threads, then the
+// block's tree, then the final block.
 template <typename acc_t, typename label_t>
 void mean_cpu_typed(const CeForwardCall& call, int64_t ignore_index) {
   const acc_t* loss = call.loss.const_data_ptr<acc_t>();
@@ -158,22 +166,21 @@ void mean_cpu_typed(const CeForwardCall& call, int64_t ignore_index) {
   const int64_t pixels = call.loss.numel(), blocks = call.block_sums.numel();
   acc_t* block_sums = call.block_sums.mutable_data_ptr<acc_t>();
   int64_t* block_counts = call.block_counts.mutable_data_ptr<int64_t>();
-  std::vector<acc_t> sums(kCeMeanThreads);
-  std::vector<int64_t> counts(kCeMeanThreads);
-  const auto tree = [&] {
-    for (int half = kCeMeanThreads / 2; half > 0; half /= 2)
-      for (int t = 0; t < half; ++t) ce_mean_tree_step(t, half, sums.data(), counts.data());
-  };
+  std::vector<acc_t> sums(kSumThreads);
+  std::vector<int64_t> counts(kSumThreads);
   for (int64_t b = 0; b < blocks; ++b) {
-    for (int t = 0; t < kCeMeanThreads; ++t)
-      ce_mean_pixels(b * kCeMeanThreads + t, blocks * kCeMeanThreads, pixels, loss, labels, ignore_index, &sums[t],
+    for (int t = 0; t < kSumThreads; ++t)
+      ce_mean_pixels(b * kSumThreads + t, blocks * kSumThreads, pixels, loss, labels, ignore_index, &sums[t],
                      &counts[t]);
-    tree();
+    sum_tree_cpu(sums, counts);
     block_sums[b] = sums[0];
     block_counts[b] = counts[0];
   }
-  for (int t = 0; t < kCeMeanThreads; ++t) ce_mean_blocks_part(t, blocks, block_sums, block_counts, &sums[t], &counts[t]);
-  tree();
+  for (int t = 0; t < kSumThreads; ++t) {
+    sums[t] = sum_blocks_part(t, blocks, block_sums);
+    counts[t] = sum_blocks_part(t, blocks, block_counts);
+  }
+  sum_tree_cpu(sums, counts);
   ce_mean_finish(sums[0], counts[0], call.mean.mutable_data_ptr<acc_t>(), call.denominator.mutable_data_ptr<acc_t>());
 }
 
@@ -274,7 +281,7 @@ CeForwardCall prepare_ce_forward(const at::Tensor& logits, const at::Tensor& lab
   call.lse = at::empty(labels.sizes(), acc_options);
   call.mean = with_mean ? at::empty({}, acc_options) : at::empty({0}, acc_options);
   call.denominator = at::empty_like(call.mean);
-  const int64_t mean_blocks = with_mean ? ce_mean_blocks(labels.numel()) : 0;
+  const int64_t mean_blocks = with_mean ? sum_blocks(labels.numel()) : 0;
   call.block_sums = at::empty({mean_blocks}, acc_options);
   call.block_counts = at::empty({mean_blocks}, acc_options.dtype(at::kLong));
   call.plan = CeForwardPlan{};  // band 0: nothing to compute
@@ -333,6 +340,8 @@ OhemCall prepare_ohem_weights(const at::Tensor& loss, const at::Tensor& labels, 
   call.loss = loss.contiguous();
   call.labels = labels.contiguous();
   call.weights = at::empty_like(call.loss);
+  call.value = at::empty({}, call.loss.options());
+  call.block_sums = at::empty({sum_blocks(call.loss.numel())}, call.loss.options());
   call.threshold = threshold;
   call.min_kept = min_kept;
   if (class_weights.has_value()) {
@@ -412,12 +421,27 @@ void ohem_weights_cpu_typed(const OhemCall& call, int64_t ignore_index) {
     if (pass == 0) ohem_setup(state, call.min_kept);
     if (!state[kOhemUseHard]) ohem_pick_digit(pass_counts, shift, state);
   }
+  // the weights pass, its fixed-order sum of weight x loss as the kernels' (sum_final_kernel)
+  const auto weights_pass = [&](auto weight_of) {
+    const int64_t blocks = call.block_sums.numel();
+    acc_t* block_sums = call.block_sums.mutable_data_ptr<acc_t>();
+    std::vector<acc_t> sums(kSumThreads);
+    for (int64_t b = 0; b < blocks; ++b) {
+      for (int t = 0; t < kSumThreads; ++t)
+        sums[t] = ohem_weights_pixels(b * kSumThreads + t, blocks * kSumThreads, pixels, loss, weights, weight_of);
+      sum_tree_cpu(sums);
+      block_sums[b] = sums[0];
+    }
+    for (int t = 0; t < kSumThreads; ++t) sums[t] = sum_blocks_part(t, blocks, block_sums);
+    sum_tree_cpu(sums);
+    *call.value.mutable_data_ptr<acc_t>() = sums[0];
+  };
   if (call.classes == 0) {
     const OhemWeightValues<acc_t> values = ohem_weight_values<acc_t>(state);
-    for (int64_t p = 0; p < pixels; ++p) {
+    weights_pass([&](int64_t p) {
       const bool valid = static_cast<int64_t>(labels[p]) != ignore_index;
-      weights[p] = ohem_pixel_weight(ohem_pick(loss[p], valid, threshold, state), values);
-    }
+      return ohem_pixel_weight(ohem_pick(loss[p], valid, threshold, state), values);
+    });
     return;
   }
   int64_t* class_counts = call.class_counts.mutable_data_ptr<int64_t>();
@@ -428,18 +452,20 @@ void ohem_weights_cpu_typed(const OhemCall& call, int64_t ignore_index) {
     if (slot >= 0) ++class_counts[slot];
   }
   const acc_t total = ohem_class_total(class_weights, class_counts, call.classes, state);
-  for (int64_t p = 0; p < pixels; ++p)
-    weights[p] = ohem_class_pixel_weight(loss[p], labels[p], static_cast<int64_t>(labels[p]) != ignore_index,
-                                         threshold, state, class_weights, call.classes, total);
+  weights_pass([&](int64_t p) {
+    return ohem_class_pixel_weight(loss[p], labels[p], static_cast<int64_t>(labels[p]) != ignore_index, threshold,
+                                   state, class_weights, call.classes, total);
+  });
 }
 
-at::Tensor ohem_weights_cpu(const at::Tensor& loss, const at::Tensor& labels, int64_t ignore_index, double threshold,
-                            int64_t min_kept, const std::optional<at::Tensor>& class_weights) {
+std::tuple<at::Tensor, at::Tensor> ohem_weights_cpu(const at::Tensor& loss, const at::Tensor& labels,
+                                                    int64_t ignore_index, double threshold, int64_t min_kept,
+                                                    const std::optional<at::Tensor>& class_weights) {
   const OhemCall call = prepare_ohem_weights(loss, labels, threshold, min_kept, class_weights);
 #define BISENET_OHEM_WEIGHTS(acc_t, label_t) ohem_weights_cpu_typed<acc_t, label_t>(call, ignore_index)
   BISENET_OHEM_DISPATCH(call.loss, call.labels, BISENET_OHEM_WEIGHTS);
 #undef BISENET_OHEM_WEIGHTS
-  return call.weights;
+  return {call.weights, call.value};
 }
 
 // The plan upsample_ce_backward would follow for these sizes, the most any of its tiles needs
@@ -515,7 +541,7 @@ TORCH_LIBRARY_FRAGMENT(bisenet_cuda, m) {
   m.def("upsample_ce_forward_plan(int[] size, int[] low_size, ScalarType dtype) -> int[]",
         &bisenet::upsample_ce_forward_plan);
   m.def("ohem_weights(Tensor loss, Tensor labels, int ignore_index, float threshold, int min_kept, "
-        "Tensor? class_weights=None) -> Tensor");
+        "Tensor? class_weights=None) -> (Tensor, Tensor)");
 }
 
 // the CUDA implementations are registered in ohem_ce.cu

@@ -126,26 +126,28 @@ __global__ void __launch_bounds__(kCeForwardThreads, 3) ce_forward_kernel(
   }
 }
 
-// The CE mean (ohem_ce_math.h): the pixels' pass, a block's partial sum and count each; then
-// one block over those. The tree through shared memory, a barrier between steps.
-template <typename acc_t>
-__device__ void ce_mean_tree(acc_t* sums, int64_t* counts) {
-  for (int half = kCeMeanThreads / 2; half > 0; half /= 2) {
+// Sums in a fixed order (ohem_ce_math.h): a block's tree through shared memory, a barrier
+// between steps; thread 0 then holds the block's sums.
+template <typename... value_t>
+__device__ void sum_tree(value_t*... values) {
+  for (int half = kSumThreads / 2; half > 0; half /= 2) {
     __syncthreads();
-    if (threadIdx.x < half) ce_mean_tree_step(threadIdx.x, half, sums, counts);
+    if (static_cast<int>(threadIdx.x) < half) (sum_tree_step(threadIdx.x, half, values), ...);
   }
 }
 
+// The CE mean: the pixels' pass, a block's partial sum and count each; then one block over
+// those.
 template <typename acc_t, typename label_t>
-__global__ void __launch_bounds__(kCeMeanThreads) ce_mean_pixels_kernel(
+__global__ void __launch_bounds__(kSumThreads) ce_mean_pixels_kernel(
     const acc_t* __restrict__ loss, const label_t* __restrict__ labels, int64_t pixels, int64_t ignore_index,
     acc_t* __restrict__ block_sums, int64_t* __restrict__ block_counts) {
-  __shared__ acc_t sums[kCeMeanThreads];
-  __shared__ int64_t counts[kCeMeanThreads];
-  ce_mean_pixels(blockIdx.x * static_cast<int64_t>(kCeMeanThreads) + threadIdx.x,
-                 static_cast<int64_t>(gridDim.x) * kCeMeanThreads, pixels, loss, labels, ignore_index,
+  __shared__ acc_t sums[kSumThreads];
+  __shared__ int64_t counts[kSumThreads];
+  ce_mean_pixels(blockIdx.x * static_cast<int64_t>(kSumThreads) + threadIdx.x,
+                 static_cast<int64_t>(gridDim.x) * kSumThreads, pixels, loss, labels, ignore_index,
                  &sums[threadIdx.x], &counts[threadIdx.x]);
-  ce_mean_tree(sums, counts);
+  sum_tree(sums, counts);
   if (threadIdx.x == 0) {
     block_sums[blockIdx.x] = sums[0];
     block_counts[blockIdx.x] = counts[0];
@@ -153,14 +155,25 @@ __global__ void __launch_bounds__(kCeMeanThreads) ce_mean_pixels_kernel(
 }
 
 template <typename acc_t>
-__global__ void __launch_bounds__(kCeMeanThreads) ce_mean_final_kernel(
+__global__ void __launch_bounds__(kSumThreads) ce_mean_final_kernel(
     const acc_t* __restrict__ block_sums, const int64_t* __restrict__ block_counts, int64_t blocks,
     acc_t* __restrict__ mean, acc_t* __restrict__ denominator) {
-  __shared__ acc_t sums[kCeMeanThreads];
-  __shared__ int64_t counts[kCeMeanThreads];
-  ce_mean_blocks_part(threadIdx.x, blocks, block_sums, block_counts, &sums[threadIdx.x], &counts[threadIdx.x]);
-  ce_mean_tree(sums, counts);
+  __shared__ acc_t sums[kSumThreads];
+  __shared__ int64_t counts[kSumThreads];
+  sums[threadIdx.x] = sum_blocks_part(threadIdx.x, blocks, block_sums);
+  counts[threadIdx.x] = sum_blocks_part(threadIdx.x, blocks, block_counts);
+  sum_tree(sums, counts);
   if (threadIdx.x == 0) ce_mean_finish(sums[0], counts[0], mean, denominator);
+}
+
+// The blocks' sums added into *total (one block).
+template <typename acc_t>
+__global__ void __launch_bounds__(kSumThreads) sum_final_kernel(const acc_t* __restrict__ block_sums,
+                                                                int64_t blocks, acc_t* __restrict__ total) {
+  __shared__ acc_t sums[kSumThreads];
+  sums[threadIdx.x] = sum_blocks_part(threadIdx.x, blocks, block_sums);
+  sum_tree(sums);
+  if (threadIdx.x == 0) *total = sums[0];
 }
 
 // The items (k, x) of a rows x cols grid, strided over the block's threads as item = k * cols
@@ -257,7 +270,8 @@ __global__ void __launch_bounds__(kThreads) ce_backward_rim_kernel(CeGeometry<ac
 
 // ---------------------------------------------------------------------------------------
 // OHEM weights (ohem_ce_math.h): one launch per radix pass, one for the weights (two more
-// with class weights); the running numbers in `state` on the device, no host synchronisation.
+// with class weights), which also sums weight x loss by blocks, and one adding those (the
+// OHEM loss); the running numbers in `state` on the device, no host synchronisation.
 
 // Sums of per-thread counts over the block's warps into state[slot_a], state[slot_b].
 __device__ void add_counts(int64_t a, int64_t b, int64_t* state, int slot_a, int slot_b) {
@@ -358,15 +372,19 @@ __global__ void __launch_bounds__(kThreads) ohem_pass_kernel(
 }
 
 template <typename acc_t, typename label_t>
-__global__ void __launch_bounds__(kThreads) ohem_weights_kernel(
+__global__ void __launch_bounds__(kSumThreads) ohem_weights_kernel(
     const acc_t* __restrict__ loss, const label_t* __restrict__ labels, int64_t pixels, int64_t ignore_index,
-    acc_t threshold, const int64_t* __restrict__ state, acc_t* __restrict__ weights) {
+    acc_t threshold, const int64_t* __restrict__ state, acc_t* __restrict__ weights, acc_t* __restrict__ block_sums) {
+  __shared__ acc_t sums[kSumThreads];
   const OhemWeightValues<acc_t> values = ohem_weight_values<acc_t>(state);
-  for (int64_t p = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; p < pixels;
-       p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const bool valid = static_cast<int64_t>(labels[p]) != ignore_index;
-    weights[p] = ohem_pixel_weight(ohem_pick(loss[p], valid, threshold, state), values);
-  }
+  sums[threadIdx.x] = ohem_weights_pixels(
+      blockIdx.x * static_cast<int64_t>(kSumThreads) + threadIdx.x, static_cast<int64_t>(gridDim.x) * kSumThreads,
+      pixels, loss, weights, [&](int64_t p) {
+        const bool valid = static_cast<int64_t>(labels[p]) != ignore_index;
+        return ohem_pixel_weight(ohem_pick(loss[p], valid, threshold, state), values);
+      });
+  sum_tree(sums);
+  if (threadIdx.x == 0) block_sums[blockIdx.x] = sums[0];
 }
 
 // With class weights: the kept and tied pixels counted per class (bins in shared memory,
@@ -398,15 +416,20 @@ __global__ void __launch_bounds__(kThreads) ohem_class_tally_kernel(
 }
 
 template <typename acc_t, typename label_t>
-__global__ void __launch_bounds__(kThreads) ohem_class_weights_kernel(
+__global__ void __launch_bounds__(kSumThreads) ohem_class_weights_kernel(
     const acc_t* __restrict__ loss, const label_t* __restrict__ labels, int64_t pixels, int64_t ignore_index,
     acc_t threshold, const int64_t* __restrict__ state, const acc_t* __restrict__ class_weights, int classes,
-    const acc_t* __restrict__ total, acc_t* __restrict__ weights) {
+    const acc_t* __restrict__ total, acc_t* __restrict__ weights, acc_t* __restrict__ block_sums) {
+  __shared__ acc_t sums[kSumThreads];
   const acc_t sum = *total;
-  for (int64_t p = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; p < pixels;
-       p += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    weights[p] = ohem_class_pixel_weight(loss[p], labels[p], static_cast<int64_t>(labels[p]) != ignore_index,
-                                         threshold, state, class_weights, classes, sum);
+  sums[threadIdx.x] = ohem_weights_pixels(
+      blockIdx.x * static_cast<int64_t>(kSumThreads) + threadIdx.x, static_cast<int64_t>(gridDim.x) * kSumThreads,
+      pixels, loss, weights, [&](int64_t p) {
+        return ohem_class_pixel_weight(loss[p], labels[p], static_cast<int64_t>(labels[p]) != ignore_index,
+                                       threshold, state, class_weights, classes, sum);
+      });
+  sum_tree(sums);
+  if (threadIdx.x == 0) block_sums[blockIdx.x] = sums[0];
 }
 
 template <typename scalar_t, typename label_t>
@@ -455,11 +478,11 @@ template <typename acc_t, typename label_t>
 void mean_typed(const CeForwardCall& call, int64_t ignore_index) {
   const int64_t blocks = call.block_sums.numel();
   auto stream = c10::cuda::getCurrentCUDAStream();
-  ce_mean_pixels_kernel<acc_t, label_t><<<blocks, kCeMeanThreads, 0, stream>>>(
+  ce_mean_pixels_kernel<acc_t, label_t><<<blocks, kSumThreads, 0, stream>>>(
       call.loss.const_data_ptr<acc_t>(), call.labels.const_data_ptr<label_t>(), call.loss.numel(), ignore_index,
       call.block_sums.mutable_data_ptr<acc_t>(), call.block_counts.mutable_data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  ce_mean_final_kernel<acc_t><<<1, kCeMeanThreads, 0, stream>>>(
+  ce_mean_final_kernel<acc_t><<<1, kSumThreads, 0, stream>>>(
       call.block_sums.const_data_ptr<acc_t>(), call.block_counts.const_data_ptr<int64_t>(), blocks,
       call.mean.mutable_data_ptr<acc_t>(), call.denominator.mutable_data_ptr<acc_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -514,10 +537,17 @@ void ohem_weights_typed(const OhemCall& call, int64_t ignore_index) {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   acc_t* weights = call.weights.mutable_data_ptr<acc_t>();
-  if (call.classes == 0) {
-    ohem_weights_kernel<acc_t, label_t><<<blocks_for(pixels), kThreads, 0, stream>>>(
-        loss, labels, pixels, ignore_index, threshold, state, weights);
+  acc_t* block_sums = call.block_sums.mutable_data_ptr<acc_t>();
+  const int64_t sum_grid = call.block_sums.numel();  // sum_blocks(pixels)
+  const auto add_blocks = [&] {  // the OHEM loss from the weights pass's block sums
+    sum_final_kernel<acc_t><<<1, kSumThreads, 0, stream>>>(block_sums, sum_grid, call.value.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  if (call.classes == 0) {
+    ohem_weights_kernel<acc_t, label_t><<<sum_grid, kSumThreads, 0, stream>>>(
+        loss, labels, pixels, ignore_index, threshold, state, weights, block_sums);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    add_blocks();
     return;
   }
   int64_t* class_counts = call.class_counts.mutable_data_ptr<int64_t>();
@@ -527,20 +557,22 @@ void ohem_weights_typed(const OhemCall& call, int64_t ignore_index) {
   ohem_class_tally_kernel<acc_t, label_t><<<reduce_blocks, kThreads, bins_bytes, stream>>>(
       loss, labels, pixels, ignore_index, threshold, state, call.classes, class_counts, class_weights, total);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  ohem_class_weights_kernel<acc_t, label_t><<<blocks_for(pixels), kThreads, 0, stream>>>(
-      loss, labels, pixels, ignore_index, threshold, state, class_weights, call.classes, total, weights);
+  ohem_class_weights_kernel<acc_t, label_t><<<sum_grid, kSumThreads, 0, stream>>>(
+      loss, labels, pixels, ignore_index, threshold, state, class_weights, call.classes, total, weights, block_sums);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  add_blocks();
 }
 
-at::Tensor ohem_weights_cuda(const at::Tensor& loss, const at::Tensor& labels, int64_t ignore_index, double threshold,
-                             int64_t min_kept, const std::optional<at::Tensor>& class_weights) {
+std::tuple<at::Tensor, at::Tensor> ohem_weights_cuda(const at::Tensor& loss, const at::Tensor& labels,
+                                                     int64_t ignore_index, double threshold, int64_t min_kept,
+                                                     const std::optional<at::Tensor>& class_weights) {
   const OhemCall call = prepare_ohem_weights(loss, labels, threshold, min_kept, class_weights);
-  if (call.loss.numel() == 0) return call.weights;
+  if (call.loss.numel() == 0) return {call.weights, call.value.zero_()};
   c10::cuda::CUDAGuard guard(loss.device());
 #define BISENET_OHEM_WEIGHTS(acc_t, label_t) ohem_weights_typed<acc_t, label_t>(call, ignore_index)
   BISENET_OHEM_DISPATCH(call.loss, call.labels, BISENET_OHEM_WEIGHTS);
 #undef BISENET_OHEM_WEIGHTS
-  return call.weights;
+  return {call.weights, call.value};
 }
 
 }  // namespace

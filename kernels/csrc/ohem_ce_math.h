@@ -318,23 +318,38 @@ BISENET_HD void ce_forward_pixel_finish(const CeOnlineLse<acc_t>& state, acc_t* 
 }
 
 // ---------------------------------------------------------------------------------------
-// The CE mean, the forward's last step: the sum of the loss over the counted pixels (label
-// not ignore_index; an ignored pixel's loss is 0 anyway, a bad label's NaN) over max(their
-// count, 1). In a fixed order, so that it is deterministic and the same bits on both
-// devices: ce_mean_blocks(pixels) blocks of kCeMeanThreads threads, thread t of block b
-// adding pixels b * threads + t + i * stride (stride = blocks * threads) in order of i; a
-// block's threads' sums added by ce_mean_tree_step (halving: 128, 64, ..., 1); then one block
-// adds the blocks' sums likewise (thread t: blocks t, t + threads, ...) and divides. Counts
-// are int64, exact in any order.
-constexpr int kCeMeanThreads = 256;
-constexpr int64_t kCeMeanMostBlocks = 1024;
+// Sums over the pixels in a fixed order (the CE mean, the OHEM loss), so that they are
+// deterministic and the same bits on both devices: sum_blocks(pixels) blocks of kSumThreads
+// threads, thread t of block b adding pixels b * threads + t + i * stride (stride = blocks *
+// threads) in order of i; a block's threads' sums added by sum_tree_step (halving: 128, 64,
+// ..., 1, a barrier between steps); then one block adds the blocks' sums likewise (thread t:
+// blocks t, t + threads, ...; sum_blocks_part). Counts are int64, exact in any order.
+constexpr int kSumThreads = 256;
+constexpr int64_t kSumMostBlocks = 1024;
 
-BISENET_HD int64_t ce_mean_blocks(int64_t pixels) {
-  const int64_t blocks = (pixels + kCeMeanThreads - 1) / kCeMeanThreads;
-  return blocks < 1 ? 1 : (blocks < kCeMeanMostBlocks ? blocks : kCeMeanMostBlocks);
+BISENET_HD int64_t sum_blocks(int64_t pixels) {
+  const int64_t blocks = (pixels + kSumThreads - 1) / kSumThreads;
+  return blocks < 1 ? 1 : (blocks < kSumMostBlocks ? blocks : kSumMostBlocks);
 }
 
-// Thread `first` of the pixels' pass (first = b * threads + t): its sum and count.
+// One step of a block's tree, thread t < half: after the steps half = 128, 64, ..., 1,
+// values[0] is the block's.
+template <typename value_t>
+BISENET_HD void sum_tree_step(int t, int half, value_t* values) {
+  values[t] = values[t] + values[t + half];
+}
+
+// Thread t of the final block: the blocks' sums t, t + threads, ... in order.
+template <typename value_t>
+BISENET_HD value_t sum_blocks_part(int t, int64_t blocks, const value_t* block_sums) {
+  value_t s = static_cast<value_t>(0);
+  for (int64_t b = t; b < blocks; b += kSumThreads) s = s + block_sums[b];
+  return s;
+}
+
+// The CE mean, the forward's last step: the sum of the loss over the counted pixels (label
+// not ignore_index; an ignored pixel's loss is 0 anyway, a bad label's NaN) and their count;
+// the mean is the sum over max(count, 1).
 template <typename label_t, typename acc_t>
 BISENET_HD void ce_mean_pixels(int64_t first, int64_t stride, int64_t pixels, const acc_t* loss, const label_t* labels,
                                int64_t ignore_index, acc_t* sum, int64_t* count) {
@@ -349,33 +364,25 @@ BISENET_HD void ce_mean_pixels(int64_t first, int64_t stride, int64_t pixels, co
   *count = n;
 }
 
-// Thread t of the final block: blocks t, t + threads, ... in order.
-template <typename acc_t>
-BISENET_HD void ce_mean_blocks_part(int t, int64_t blocks, const acc_t* block_sums, const int64_t* block_counts,
-                                    acc_t* sum, int64_t* count) {
-  acc_t s = static_cast<acc_t>(0);
-  int64_t n = 0;
-  for (int64_t b = t; b < blocks; b += kCeMeanThreads) {
-    s = s + block_sums[b];
-    n += block_counts[b];
-  }
-  *sum = s;
-  *count = n;
-}
-
-// One step of a block's tree, thread t < half: after the steps half = 128, 64, ..., 1 (a
-// barrier between them), sums[0] and counts[0] are the block's.
-template <typename acc_t>
-BISENET_HD void ce_mean_tree_step(int t, int half, acc_t* sums, int64_t* counts) {
-  sums[t] = sums[t] + sums[t + half];
-  counts[t] += counts[t + half];
-}
-
 // The mean (0 when no pixel counts) and its denominator max(count, 1).
 template <typename acc_t>
 BISENET_HD void ce_mean_finish(acc_t sum, int64_t count, acc_t* mean, acc_t* denominator) {
   *denominator = static_cast<acc_t>(count > 1 ? count : 1);
   *mean = sum / *denominator;
+}
+
+// The OHEM weights pass, thread `first` of it: each pixel's weight weight_of(p) written, and
+// the sum of weight x loss in order, one fma each (the OHEM loss, by the fixed-order sum).
+template <typename acc_t, typename WeightOf>
+BISENET_HD acc_t ohem_weights_pixels(int64_t first, int64_t stride, int64_t pixels, const acc_t* loss, acc_t* weights,
+                                     WeightOf weight_of) {
+  acc_t s = static_cast<acc_t>(0);
+  for (int64_t p = first; p < pixels; p += stride) {
+    const acc_t w = weight_of(p);
+    weights[p] = w;
+    s = fma_acc(w, loss[p], s);
+  }
+  return s;
 }
 
 // ---------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ struct CeForwardCall {
   at::Tensor logits, labels;      // contiguous
   at::Tensor loss, lse;           // (N, H, W) float32 (float64 for float64 logits)
   at::Tensor mean, denominator;   // () like loss: the CE mean, max(count, 1); (0,) when not asked for
-  at::Tensor block_sums, block_counts;  // (ce_mean_blocks,) like loss and int64: the mean's workspace
+  at::Tensor block_sums, block_counts;  // (sum_blocks,) like loss and int64: the mean's workspace
   CeForwardPlan plan;             // ohem_ce_math.h; band 0 when there is nothing to compute
 };
 
@@ -41,6 +41,8 @@ TileRim<acc_t> backward_rim(const CeBackwardCall& call) {
 struct OhemCall {
   at::Tensor loss, labels;  // (N, H, W) contiguous; loss float32 or float64
   at::Tensor weights;       // like loss
+  at::Tensor value;         // () like loss: sum(weights * loss), the OHEM loss
+  at::Tensor block_sums;    // (sum_blocks,) like loss: its workspace
   at::Tensor state;         // (kOhemStateSize,) int64, zeros: ohem_ce_math.h's OhemState
   at::Tensor counts;        // (passes, 256) int64, zeros: each radix pass's histogram
   double threshold;
