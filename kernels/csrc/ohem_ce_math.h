@@ -61,7 +61,7 @@ CeGeometry<acc_t> make_ce_geometry(int64_t N, int64_t C, int64_t h, int64_t w, i
 
 // Shared memory per block: the forward and the backward's automatic tile stay within 48 KiB
 // (no opt-in), as the other kernels do; where a large upscale leaves no backward tile that
-// fits (1/32: a 64 x 64 window, 20 bytes a pixel in float64, 12 in float32) it may take up to
+// fits (1/32: a 48 x 48 window, 32 bytes a pixel in float64, 16 in float32) it may take up to
 // 96 KiB (opt-in; every sm_80+ GPU has 99 KiB or more per block).
 constexpr int64_t kCeSharedBytes = 48 * 1024;
 constexpr int64_t kCeMaxSharedBytes = 96 * 1024;
@@ -464,17 +464,19 @@ BISENET_HD CeTap<acc_t> ce_tap(const Taps<acc_t>& t, int first, int second) {
   return tap;
 }
 
-// A window pixel's incoming gradient g (0 where skipped) and lse log2(e), side by side so
-// that the inner loop takes both with one 8-byte (16-byte) shared load from one address.
+// A window pixel's incoming gradient g (0 where skipped), lse log2(e) and label (-1 where
+// skipped), side by side so that the inner loop takes them with one 16-byte shared load from
+// one address (two for float64).
 template <typename acc_t>
-struct alignas(2 * sizeof(acc_t)) CePixel {
+struct alignas(4 * sizeof(acc_t)) CePixel {
   acc_t grad, lse_log2;
+  int label;
 };
 
 // The shared-memory buffers of one backward block (capacities from the plan).
 template <typename acc_t>
 struct CeBackwardBuffers {
-  CePixel<acc_t>* pixel;  // (window_rows, window_cols)
+  CePixel<acc_t>* pixel;  // (window_rows, window_cols): g, lse, label
   acc_t* staged;       // (band + 1, window_cols): logit rows interpolated along x, times log2(e)
   acc_t* to_row;       // ((band + 1) * parts, cols) of the tile: row k * parts + q, part q of
                        // segment k's sums to its first tap row (capacity (band + 1) * part_cols)
@@ -482,7 +484,6 @@ struct CeBackwardBuffers {
                        // row after
   CeTap<acc_t>* row_taps;  // (window_rows,): first, second are offsets into staged
   CeTap<acc_t>* col_taps;  // (window_cols,): first, second are logit columns
-  int* pixel_label;    // (window_rows, window_cols): the label, -1 where skipped
   int* part_y;         // (band * parts + 1,) (capacity band * kCeMaxParts + 1): part q of segment k
                        // is rows [part_y[kq], part_y[kq + 1]),
                        // kq = k * parts + q; segment k starts at part_y[k * parts]
@@ -490,10 +491,10 @@ struct CeBackwardBuffers {
 };
 
 // Where each buffer starts (bytes from the block's shared memory) and the bytes they take:
-// the taps first (16-byte aligned), then the pixels (8- or 16-byte), the acc_t arrays, the
+// the taps first (16-byte aligned), then the pixels (16 or 32 bytes), the acc_t arrays, the
 // ints, so each stays aligned.
 struct CeBackwardLayout {
-  int64_t pixel, staged, to_row, to_next_row, row_taps, col_taps, pixel_label, part_y, column_x;
+  int64_t pixel, staged, to_row, to_next_row, row_taps, col_taps, part_y, column_x;
   int64_t bytes;
 };
 
@@ -510,8 +511,7 @@ BISENET_HD CeBackwardLayout ce_backward_layout(const CeBackwardPlan& plan) {
   at.staged = at.pixel + window * static_cast<int64_t>(sizeof(CePixel<acc_t>));
   at.to_row = at.staged + staged * acc;
   at.to_next_row = at.to_row + segments * acc;
-  at.pixel_label = at.to_next_row + segments * acc;
-  at.part_y = at.pixel_label + window * word;
+  at.part_y = at.to_next_row + segments * acc;
   at.column_x = at.part_y + (static_cast<int64_t>(plan.band) * kCeMaxParts + 1) * word;
   at.bytes = at.column_x + (plan.chunk + 3) * word;
   return at;
@@ -527,7 +527,6 @@ BISENET_HD CeBackwardBuffers<acc_t> ce_backward_buffers(unsigned char* base, con
   buf.to_next_row = reinterpret_cast<acc_t*>(base + at.to_next_row);
   buf.row_taps = reinterpret_cast<CeTap<acc_t>*>(base + at.row_taps);
   buf.col_taps = reinterpret_cast<CeTap<acc_t>*>(base + at.col_taps);
-  buf.pixel_label = reinterpret_cast<int*>(base + at.pixel_label);
   buf.part_y = reinterpret_cast<int*>(base + at.part_y);
   buf.column_x = reinterpret_cast<int*>(base + at.column_x);
   return buf;
@@ -631,10 +630,12 @@ BISENET_HD void ce_backward_pixel_item(int item, const CeTile& t, const CeGeomet
   const int64_t label = static_cast<int64_t>(labels[p]);
   const acc_t g = grad_loss[p * grad_stride];
   const bool skipped = g == static_cast<acc_t>(0) || label == ignore_index;
-  buf.pixel[item].grad = skipped ? static_cast<acc_t>(0) : g;
-  buf.pixel[item].lse_log2 = lse[p] * log2e(g);  // in log2 units, as the staged logits
+  CePixel<acc_t> pixel;
+  pixel.grad = skipped ? static_cast<acc_t>(0) : g;
+  pixel.lse_log2 = lse[p] * log2e(g);  // in log2 units, as the staged logits
   // a label outside [0, C) matches no class; its lse is NaN (forward), so is its gradient
-  buf.pixel_label[item] = skipped || label < 0 || label >= geo.C ? -1 : static_cast<int>(label);
+  pixel.label = skipped || label < 0 || label >= geo.C ? -1 : static_cast<int>(label);
+  buf.pixel[item] = pixel;
 }
 
 // Per class, stage item (r, x) (r < rows, x < window columns): low-res row row0 + r of class
@@ -666,7 +667,6 @@ BISENET_HD void ce_backward_segment_item(int kq, int x, int c, const CeTile& t, 
   acc_t sum_row = static_cast<acc_t>(0), sum_next = static_cast<acc_t>(0);
   const int y_begin = buf.part_y[kq] - t.wy0, y_end = buf.part_y[kq + 1] - t.wy0;
   const CePixel<acc_t>* pixel_column = buf.pixel + x;  // column x of the window's (rows, cols) arrays
-  const int* label_column = buf.pixel_label + x;
   const acc_t* staged_column = buf.staged + x;
   for (int y = y_begin; y < y_end; ++y) {
     const int p = y * cols;
@@ -677,7 +677,7 @@ BISENET_HD void ce_backward_segment_item(int kq, int x, int c, const CeTile& t, 
     const acc_t z_log2 = fma_acc(ty.w1, staged_at(staged_column, ty.second),
                                  ty.w0 * staged_at(staged_column, ty.first));  // lerp_taps
     acc_t d = exp2_acc(z_log2 - pixel.lse_log2);
-    if (label_column[p] == c) d -= static_cast<acc_t>(1);
+    if (pixel.label == c) d -= static_cast<acc_t>(1);
     const acc_t gd = g * d;
     sum_row = fma_acc(ty.to_first, gd, sum_row);
     sum_next = fma_acc(ty.to_next, gd, sum_next);
