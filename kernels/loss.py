@@ -21,10 +21,11 @@ tensors, not Python numbers); only `validate=True` syncs, to raise on a bad labe
   ohem_cross_entropy: the per-pixel loss, and the CE mean, are the custom op
       `bisenet::upsample_cross_entropy` (CUDA: csrc/ohem_ce.cu interpolates on the fly, never
       materialising (N, C, H, W), and its backward writes the low-res gradient directly,
-      deterministically; CPU: plain PyTorch), and the selection is the custom op `bisenet::ohem_weights` (CUDA: a radix
-      select of the k-th largest loss and the weights, counts kept on the device; CPU: the
-      sort-based reference). With validate=False a label outside [0, C) that is not
-      ignore_index makes the loss NaN instead of raising.
+      deterministically; CPU: plain PyTorch), and the selection, with the OHEM loss, is the
+      custom op `bisenet::ohem_weights` (CUDA: a radix select of the k-th largest loss and the
+      weights, counts kept on the device; CPU: the sort-based reference). With
+      validate=False a label outside [0, C) that is not ignore_index makes the loss NaN
+      instead of raising.
 """
 import math
 from typing import Optional
@@ -156,8 +157,8 @@ def ohem_weights_reference(loss, labels, ignore_index, threshold, min_kept, clas
 
 
 @torch.library.custom_op("bisenet::ohem_weights", mutates_args=())
-def ohem_weights_op(loss: torch.Tensor, labels: torch.Tensor, ignore_index: int, threshold: float,
-                    min_kept: int, class_weights: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def ohem_weights_op(loss: torch.Tensor, labels: torch.Tensor, ignore_index: int, threshold: float, min_kept: int,
+                    class_weights: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights, value): the weights of each pixel's loss in the OHEM loss (see the module
     docstring) and the OHEM loss, sum(weights * loss), 0-dim; loss (N, H, W) float32 or
     float64; class_weights (C,) in loss's dtype, or None. value is differentiable in loss
@@ -321,6 +322,6 @@ def ohem_cross_entropy(logits, labels, thresh=0.7, min_kept=None, ignore_index=2
         return mean_loss(loss, labels, ignore_index, class_weights)
     if class_weights is not None:
         class_weights = class_weights.to(loss)
-    _, value = ohem_weights_op(loss, labels, ignore_index, -math.log(thresh), -1 if min_kept is None else int(min_kept),
-                               class_weights)
+    _, value = ohem_weights_op(loss, labels, ignore_index, -math.log(thresh),
+                               -1 if min_kept is None else int(min_kept), class_weights)
     return value

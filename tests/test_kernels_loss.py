@@ -212,7 +212,8 @@ def test_class_weighted_ohem_weights_op_equals_reference(kernel_device, extensio
             rtol = 1e-5 if dtype == torch.float32 else 1e-13
             torch.testing.assert_close(value, (loss * got).sum(), rtol=rtol, atol=0)
             assert got.sum().item() == pytest.approx(1.0, rel=1e-5)
-    few, _ = extension.ohem_weights(loss, labels, 255, 0.5, 17, class_weights[:5].to(kernel_device))  # labels >= 5 weigh 0
+    # labels >= 5 weigh 0
+    few, _ = extension.ohem_weights(loss, labels, 255, 0.5, 17, class_weights[:5].to(kernel_device))
     assert_same_selection(few.cpu(), loss_module.ohem_weights_reference(loss.cpu(), labels.cpu(), 255, 0.5, 17,
                                                                         class_weights[:5]))
     assert torch.all(few.cpu()[labels.cpu() >= 5] == 0)
@@ -342,7 +343,8 @@ def test_opcheck(kernel_device):
                           (torch.randn_like(loss), logits.detach(), labels, lse, 255))
     loss = loss.detach().requires_grad_(True)  # the OHEM loss is differentiable in it
     torch.library.opcheck(loss_module.ohem_weights_op, (loss, labels, 255, 0.5, 20))
-    torch.library.opcheck(loss_module.ohem_weights_op, (loss, labels, 255, 0.5, 20, torch.rand(4, device=kernel_device)))
+    torch.library.opcheck(loss_module.ohem_weights_op,
+                          (loss, labels, 255, 0.5, 20, torch.rand(4, device=kernel_device)))
 
 
 # --- one body, CPU and GPU (the GPU run marked gpu, with the CUDA kernels) -------------

@@ -195,7 +195,8 @@ BISENET_HD CeStageItem<acc_t> ce_stage_item(int row, const Taps<acc_t>& tx, int 
 // a sample's logits are fewer than 2^31, prepare_ce_* check).
 template <typename scalar_t, typename acc_t>
 BISENET_HD CeStageLoad<acc_t> ce_stage_load(const CeStageItem<acc_t>& item, const scalar_t* sample, int plane_offset) {
-  return {static_cast<acc_t>(sample[plane_offset + item.first]), static_cast<acc_t>(sample[plane_offset + item.second])};
+  return {static_cast<acc_t>(sample[plane_offset + item.first]),
+          static_cast<acc_t>(sample[plane_offset + item.second])};
 }
 
 // The value `byte_offset` bytes into staged.

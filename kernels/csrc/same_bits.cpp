@@ -1,7 +1,7 @@
 // bisenet_cuda::same_bits_math(x, fn) -> y: same_bits.h's exp_acc, log_acc, sigmoid_acc, exp2_acc or
 // exp2_nonpositive (fn "exp", "log", "sigmoid", "exp2", "exp2_nonpositive"; same_bits_apply) of every
-// element of x (float32 or float64), on the CPU by a
-// loop here, on the GPU by the kernel in same_bits.cu (which registers its implementation). The tests measure the functions'
+// element of x (float32 or float64), on the CPU by a loop here, on the GPU by the kernel in same_bits.cu
+// (which registers its implementation). The tests measure the functions'
 // error on the CPU, and on a GPU compare the two devices' results bit for bit.
 #include <ATen/ATen.h>
 #include <torch/library.h>
