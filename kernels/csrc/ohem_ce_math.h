@@ -213,7 +213,8 @@ BISENET_HD const acc_t& staged_at(const acc_t* staged, int byte_offset) {
 // The lerp along x (lerp_taps, with w0 = 1 - w1 as bilinear_taps makes it), times log2(e).
 template <typename acc_t>
 BISENET_HD void ce_stage_store(const CeStageLoad<acc_t>& loaded, const CeStageItem<acc_t>& item, acc_t* staged) {
-  const acc_t along_x = fma_acc(item.w1, loaded.second, (static_cast<acc_t>(1) - item.w1) * loaded.first);
+  const acc_t along_x = lerp_taps(Taps<acc_t>{0, 0, static_cast<acc_t>(1) - item.w1, item.w1}, loaded.first,
+                                  loaded.second);
   staged_at(staged, item.staged) = along_x * log2e(along_x);
 }
 
@@ -675,8 +676,8 @@ BISENET_HD void ce_backward_segment_item(int kq, int x, int c, const CeTile& t, 
     const acc_t g = pixel.grad;
     if (g == static_cast<acc_t>(0)) continue;
     const CeTap<acc_t> ty = buf.row_taps[y];  // its first tap is s = ly0 + k
-    const acc_t z_log2 = fma_acc(ty.w1, staged_at(staged_column, ty.second),
-                                 ty.w0 * staged_at(staged_column, ty.first));  // lerp_taps
+    const acc_t z_log2 = lerp_taps(Taps<acc_t>{0, 0, ty.w0, ty.w1}, staged_at(staged_column, ty.first),
+                                   staged_at(staged_column, ty.second));
     acc_t d = exp2_acc(z_log2 - pixel.lse_log2);
     if (pixel.label == c) d -= static_cast<acc_t>(1);
     const acc_t gd = g * d;

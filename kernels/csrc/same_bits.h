@@ -163,45 +163,35 @@ BISENET_HD double exp2_clamp(double u) {
   return u > 1024.0 ? 1024.0 : u;
 }
 
-BISENET_HD float exp2_acc(float u) {
-  u = exp2_clamp(u);
-  const float shifted = u + kRoundFloat;
-  return exp2_parts(shifted, u - (shifted - kRoundFloat));
+BISENET_HD float round_constant(float) { return kRoundFloat; }
+BISENET_HD double round_constant(double) { return kRoundDouble; }
+
+// 2^(u + u_lo) for u already within the clamp's range (or NaN): n = rint(u) by the rounding
+// constant, u_lo (0 when not given: exp2_acc(u)) added to the exact reduced argument u - n.
+template <typename acc_t>
+BISENET_HD acc_t exp2_in_range(acc_t u) {
+  const acc_t shifted = u + round_constant(u);
+  return exp2_parts(shifted, u - (shifted - round_constant(u)));
 }
 
-BISENET_HD double exp2_acc(double u) {
-  u = exp2_clamp(u);
-  const double shifted = u + kRoundDouble;
-  return exp2_parts(shifted, u - (shifted - kRoundDouble));
+template <typename acc_t>
+BISENET_HD acc_t exp2_in_range(acc_t u, acc_t u_lo) {
+  const acc_t shifted = u + round_constant(u);
+  return exp2_parts(shifted, (u - (shifted - round_constant(u))) + u_lo);
 }
+
+BISENET_HD float exp2_acc(float u) { return exp2_in_range(exp2_clamp(u)); }
+BISENET_HD double exp2_acc(double u) { return exp2_in_range(exp2_clamp(u)); }
 
 // 2^u for u <= 0 (or NaN), as exp2_acc gives it bit for bit, without the upper clamp that
 // such u never reach: one select fewer where it is known (the loss's online log-sum-exp).
-BISENET_HD float exp2_nonpositive(float u) {
-  u = u < -127.0f ? -127.0f : u;
-  const float shifted = u + kRoundFloat;
-  return exp2_parts(shifted, u - (shifted - kRoundFloat));
-}
-
-BISENET_HD double exp2_nonpositive(double u) {
-  u = u < -1023.0 ? -1023.0 : u;
-  const double shifted = u + kRoundDouble;
-  return exp2_parts(shifted, u - (shifted - kRoundDouble));
-}
+BISENET_HD float exp2_nonpositive(float u) { return exp2_in_range(u < -127.0f ? -127.0f : u); }
+BISENET_HD double exp2_nonpositive(double u) { return exp2_in_range(u < -1023.0 ? -1023.0 : u); }
 
 // 2^(u + u_lo) for a u carried in two parts, |u_lo| far below 1/2: u_lo joins the reduced
 // argument (exp_acc).
-BISENET_HD float exp2_acc(float u, float u_lo) {
-  u = exp2_clamp(u);
-  const float shifted = u + kRoundFloat;
-  return exp2_parts(shifted, (u - (shifted - kRoundFloat)) + u_lo);
-}
-
-BISENET_HD double exp2_acc(double u, double u_lo) {
-  u = exp2_clamp(u);
-  const double shifted = u + kRoundDouble;
-  return exp2_parts(shifted, (u - (shifted - kRoundDouble)) + u_lo);
-}
+BISENET_HD float exp2_acc(float u, float u_lo) { return exp2_in_range(exp2_clamp(u), u_lo); }
+BISENET_HD double exp2_acc(double u, double u_lo) { return exp2_in_range(exp2_clamp(u), u_lo); }
 
 BISENET_HD float log2e(float) { return kLog2eFloat; }
 BISENET_HD double log2e(double) { return kLog2eDouble; }
