@@ -237,7 +237,8 @@ def upsample_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_in
                            with_mean: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, lse, mean, denominator): per pixel (see upsample_cross_entropy_reference), and
     the mean of loss over the pixels not ignored with max(their count, 1) (ce_mean_reference;
-    on CUDA two small kernels in a fixed order, where torch's would take five), or with
+    on CUDA the forward kernel's blocks and one small kernel, in a fixed order, where torch's
+    would take five kernels), or with
     with_mean=False (OHEM) two empty (0,) tensors, nothing computed. lse and denominator are
     not differentiable."""
     check_inputs(logits, labels)

@@ -636,16 +636,17 @@ def test_cpu_loop_float32_odd_size_within_coordinate_tolerance(extension):
 
 
 def test_cpu_loop_ce_mean_in_its_fixed_order(extension):
-    """The CE mean (ohem_ce_math.h): over the pixels not ignored, in float32 by blocks of 256
-    threads, each thread's pixels in order, then the halving tree, then one block over the
-    blocks: that order, emulated here, gives the C++ loop's bits (the kernels' too: the GPU
+    """The CE mean (ohem_ce_math.h): over the pixels not ignored, in float32 by the forward's
+    blocks (16 high-res rows by 64 columns here, chunks fastest), each of a block's 256 threads
+    adding its pixel slots thread + 256 k in order, then the halving tree, then one block over
+    the blocks: that order, emulated here, gives the C++ loop's bits (the kernels' too: the GPU
     test). 0 over max(count, 1) when every pixel is ignored; NaN with a bad label."""
     logits, labels = random_case(n=3, c=5, low=(20, 40), high=(150, 333), seed=21)
+    band, chunk, threads = 16, 64, 256
+    assert extension.upsample_ce_forward_plan([3, 5, 150, 333], [20, 40], torch.float32)[0] == band
     loss, _, mean, denominator = extension.upsample_ce_forward(logits.float(), labels, 255)
-    counted = (labels != 255).flatten().numpy()
-    values = loss.flatten().numpy()
-    pixels, threads = values.size, 256
-    blocks = min(max(-(-pixels // threads), 1), 1024)
+    counted = (labels != 255).numpy()
+    values = loss.numpy()
 
     def tree(sums):  # float32 adds, halving
         sums = list(sums)
@@ -656,17 +657,21 @@ def test_cpu_loop_ce_mean_in_its_fixed_order(extension):
             half //= 2
         return sums[0]
 
-    stride = blocks * threads
     block_sums = []
-    for b in range(blocks):
-        sums = []
-        for t in range(threads):
-            total = np.float32(0)
-            for p in range(b * threads + t, pixels, stride):
-                if counted[p]:
-                    total = np.float32(total + values[p])
-            sums.append(total)
-        block_sums.append(tree(sums))
+    for n in range(values.shape[0]):
+        for y0 in range(0, values.shape[1], band):
+            for x0 in range(0, values.shape[2], chunk):
+                rows, cols = min(band, values.shape[1] - y0), min(chunk, values.shape[2] - x0)
+                sums = []
+                for t in range(threads):
+                    total = np.float32(0)
+                    for item in range(t, rows * cols, threads):
+                        y, x = y0 + item // cols, x0 + item % cols
+                        if counted[n, y, x]:
+                            total = np.float32(total + values[n, y, x])
+                    sums.append(total)
+                block_sums.append(tree(sums))
+    blocks = len(block_sums)
     final = [np.float32(0)] * threads
     for t in range(threads):
         for b in range(t, blocks, threads):

@@ -14,8 +14,9 @@
 // loss, lse, grad_loss (N, H, W) float32 (float64 for float64 logits; grad_loss with all
 // strides 0, one value expanded, is read as that value); mean, denominator () like loss: the
 // mean of loss over the pixels whose label is not ignore_index (0 when none) and max(their
-// count, 1), in a fixed order (ohem_ce_math.h: the CE mean); with with_mean=False (OHEM)
-// not computed, (0,); grad_logits like logits (NCHW). Both kernels run over tiles planned here once for both devices
+// count, 1), in a fixed order (ohem_ce_math.h: the CE mean; each forward block adds its
+// pixels, one more launch its blocks); with with_mean=False (OHEM) not computed, (0,);
+// grad_logits like logits (NCHW). Both kernels run over tiles planned here once for both devices
 // (ohem_ce_math.h): the forward over bands of high-res rows, the backward over tiles of
 // low-res rows and columns, then a pass over the logits on the tiles' grid lines (their
 // partial sums in the rim workspace, bilinear.h); band, chunk (low-res rows and columns per
@@ -25,8 +26,8 @@
 // any tile needs and how many outputs are written (each once: h * w, H * W).
 // ohem_weights: loss (N, H, W) float32/float64 (the per-pixel losses, 0 where ignored),
 // labels as above, threshold = -log(thresh), min_kept < 0 for valid // 16 -> weights like
-// loss and value = sum(weights * loss), the OHEM loss (ohem_ce_math.h; the sum in the fixed
-// order of the CE mean's); no host sync. class_weights (C,) like loss, optional: the kept
+// loss and value = sum(weights * loss), the OHEM loss (ohem_ce_math.h; a sum in a fixed
+// order); no host sync. class_weights (C,) like loss, optional: the kept
 // pixels' class-weighted mean instead.
 //
 // The CPU implementations run the same per-item functions (ohem_ce_math.h) as the CUDA
@@ -89,6 +90,13 @@ CeGeometry<acc_t> ce_geometry(const at::Tensor& logits, const at::Tensor& labels
 template <typename scalar_t>
 using acc_of = typename std::conditional<std::is_same<scalar_t, double>::value, double, float>::type;
 
+// A block's tree (ohem_ce_math.h: sum_tree_step) over its threads' values, as the kernels'.
+template <typename... value_t>
+void sum_tree_cpu(std::vector<value_t>&... values) {
+  for (int half = kSumThreads / 2; half > 0; half /= 2)
+    for (int t = 0; t < half; ++t) (sum_tree_step(t, half, values.data()), ...);
+}
+
 // The CUDA kernel's blocks one after the other, its threads' pixels as a loop; the staged
 // rows in buffers of the plan's capacity, every tile checked against it. Phases the kernel
 // runs side by side (the column taps beside the pixels' start, the next class's staging
@@ -107,6 +115,11 @@ void forward_cpu_typed(const CeForwardCall& call, int64_t ignore_index) {
   std::vector<double> shared((plan.shared_bytes + 7) / 8);  // 8-byte aligned, as the kernel's
   const CeForwardBuffers<acc_t> buf = ce_forward_buffers<acc_t>(reinterpret_cast<unsigned char*>(shared.data()), plan);
   std::vector<CeOnlineLse<acc_t>> states(kCeForwardBand * kCeForwardChunk);
+  // the CE mean's part: each block's sum and count by its threads' tree, as the kernel's
+  acc_t* block_sums = call.block_sums.numel() > 0 ? call.block_sums.mutable_data_ptr<acc_t>() : nullptr;
+  int64_t* block_counts = call.block_counts.numel() > 0 ? call.block_counts.mutable_data_ptr<int64_t>() : nullptr;
+  std::vector<acc_t> sums(kSumThreads);
+  std::vector<int64_t> counts(kSumThreads);
   const bool reversed = cpu_items_reversed();
   for_items(ce_forward_blocks(geo, plan), reversed, [&](int64_t block) {
     const CeForwardTile t = ce_forward_tile(block, geo, plan);
@@ -147,35 +160,28 @@ void forward_cpu_typed(const CeForwardCall& call, int64_t ignore_index) {
       const int64_t p = t.n * pixels + ce_forward_pixel_offset(static_cast<int>(item), t, geo);
       ce_forward_pixel_finish(states[item], loss + p, lse + p);
     });
+    if (block_sums == nullptr) return;
+    for (int thread = 0; thread < kSumThreads; ++thread) {  // its slots thread + k * threads, in order
+      sums[thread] = static_cast<acc_t>(0);
+      counts[thread] = 0;
+      for (int item = thread; item < ce_forward_pixels(t); item += kCeForwardThreads)
+        ce_mean_add(states[item], loss[t.n * pixels + ce_forward_pixel_offset(item, t, geo)], &sums[thread],
+                    &counts[thread]);
+    }
+    sum_tree_cpu(sums, counts);
+    block_sums[block] = sums[0];
+    block_counts[block] = counts[0];
   });
 }
 
-// A block's tree (ohem_ce_math.h: sum_tree_step) over its threads' values, as the kernels'.
-template <typename... value_t>
-void sum_tree_cpu(std::vector<value_t>&... values) {
-  for (int half = kSumThreads / 2; half > 0; half /= 2)
-    for (int t = 0; t < half; ++t) (sum_tree_step(t, half, values.data()), ...);
-}
-
-// The CE mean's two passes as the CUDA kernels run them: each block's threads, then the
-// block's tree, then the final block.
-template <typename acc_t, typename label_t>
-void mean_cpu_typed(const CeForwardCall& call, int64_t ignore_index) {
-  const acc_t* loss = call.loss.const_data_ptr<acc_t>();
-  const label_t* labels = call.labels.const_data_ptr<label_t>();
-  const int64_t pixels = call.loss.numel(), blocks = call.block_sums.numel();
-  acc_t* block_sums = call.block_sums.mutable_data_ptr<acc_t>();
-  int64_t* block_counts = call.block_counts.mutable_data_ptr<int64_t>();
+// The CE mean from the forward blocks' sums and counts, as the CUDA kernel's final block.
+template <typename acc_t>
+void mean_cpu_typed(const CeForwardCall& call) {
+  const int64_t blocks = call.block_sums.numel();
+  const acc_t* block_sums = call.block_sums.const_data_ptr<acc_t>();
+  const int64_t* block_counts = call.block_counts.const_data_ptr<int64_t>();
   std::vector<acc_t> sums(kSumThreads);
   std::vector<int64_t> counts(kSumThreads);
-  for (int64_t b = 0; b < blocks; ++b) {
-    for (int t = 0; t < kSumThreads; ++t)
-      ce_mean_pixels(b * kSumThreads + t, blocks * kSumThreads, pixels, loss, labels, ignore_index, &sums[t],
-                     &counts[t]);
-    sum_tree_cpu(sums, counts);
-    block_sums[b] = sums[0];
-    block_counts[b] = counts[0];
-  }
   for (int t = 0; t < kSumThreads; ++t) {
     sums[t] = sum_blocks_part(t, blocks, block_sums);
     counts[t] = sum_blocks_part(t, blocks, block_counts);
@@ -281,15 +287,22 @@ CeForwardCall prepare_ce_forward(const at::Tensor& logits, const at::Tensor& lab
   call.lse = at::empty(labels.sizes(), acc_options);
   call.mean = with_mean ? at::empty({}, acc_options) : at::empty({0}, acc_options);
   call.denominator = at::empty_like(call.mean);
-  const int64_t mean_blocks = with_mean ? sum_blocks(labels.numel()) : 0;
-  call.block_sums = at::empty({mean_blocks}, acc_options);
-  call.block_counts = at::empty({mean_blocks}, acc_options.dtype(at::kLong));
   call.plan = CeForwardPlan{};  // band 0: nothing to compute
-  if (labels.numel() == 0) return call;
-  if (acc_type(logits) == at::kDouble)
-    call.plan = plan_ce_forward(ce_geometry<double>(call.logits, call.labels));
-  else
-    call.plan = plan_ce_forward(ce_geometry<float>(call.logits, call.labels));
+  int64_t blocks = 0;
+  if (labels.numel() > 0) {
+    if (acc_type(logits) == at::kDouble) {
+      const auto geo = ce_geometry<double>(call.logits, call.labels);
+      call.plan = plan_ce_forward(geo);
+      blocks = ce_forward_blocks(geo, call.plan);
+    } else {
+      const auto geo = ce_geometry<float>(call.logits, call.labels);
+      call.plan = plan_ce_forward(geo);
+      blocks = ce_forward_blocks(geo, call.plan);
+    }
+  }
+  // the CE mean's workspace: one sum and count per forward block
+  call.block_sums = at::empty({with_mean ? blocks : 0}, acc_options);
+  call.block_counts = at::empty({with_mean ? blocks : 0}, acc_options.dtype(at::kLong));
   return call;
 }
 
@@ -377,9 +390,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> upsample_ce_forward_c
 #undef BISENET_CE_FORWARD
   }
   if (with_mean) {
-#define BISENET_CE_MEAN(acc_t, label_t) mean_cpu_typed<acc_t, label_t>(call, ignore_index)
-    BISENET_OHEM_DISPATCH(call.loss, call.labels, BISENET_CE_MEAN);
-#undef BISENET_CE_MEAN
+    if (call.loss.scalar_type() == at::kDouble) mean_cpu_typed<double>(call);
+    else mean_cpu_typed<float>(call);
   }
   return {call.loss, call.lse, call.mean, call.denominator};
 }

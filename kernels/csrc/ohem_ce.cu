@@ -44,13 +44,27 @@ __device__ __forceinline__ T* held_pointer(T* p) {
   return p;
 }
 
+// Sums in a fixed order (ohem_ce_math.h): a block's tree through shared memory, a barrier
+// between steps; thread 0 then holds the block's sums.
+template <typename... value_t>
+__device__ void sum_tree(value_t*... values) {
+  for (int half = kSumThreads / 2; half > 0; half /= 2) {
+    __syncthreads();
+    if (static_cast<int>(threadIdx.x) < half) (sum_tree_step(threadIdx.x, half, values), ...);
+  }
+}
+
 // One block per tile of high-res rows and columns (ohem_ce_math.h, "Forward tiling"): each
 // thread's pixels keep their online log-sum-exp in registers over the classes, the logit
-// rows the tile reads staged per class (double-buffered: one barrier per class).
+// rows the tile reads staged per class (double-buffered: one barrier per class). With
+// block_sums (the CE mean), the block's sum of its counted pixels' losses and their count,
+// by its threads' tree, into block_sums and block_counts at its index.
+static_assert(kCeForwardThreads == kSumThreads, "the CE mean's tree runs over the forward's threads");
 template <typename scalar_t, typename label_t, typename acc_t>
 __global__ void __launch_bounds__(kCeForwardThreads, 3) ce_forward_kernel(
     CeGeometry<acc_t> geo, CeForwardPlan plan, const scalar_t* __restrict__ logits,
-    const label_t* __restrict__ labels, int64_t ignore_index, acc_t* __restrict__ loss, acc_t* __restrict__ lse) {
+    const label_t* __restrict__ labels, int64_t ignore_index, acc_t* __restrict__ loss, acc_t* __restrict__ lse,
+    acc_t* __restrict__ block_sums, int64_t* __restrict__ block_counts) {
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   const CeForwardBuffers<acc_t> buf = ce_forward_buffers<acc_t>(shared_bytes, plan);
   const CeForwardTile t = ce_forward_tile(blockIdx.x, geo, plan);
@@ -116,37 +130,22 @@ __global__ void __launch_bounds__(kCeForwardThreads, 3) ce_forward_kernel(
     if (stage_next) stage_end(c + 1);
     __syncthreads();  // class c + 1 is staged; class c's buffer is free
   }
+  acc_t mean_sum = static_cast<acc_t>(0);
+  int64_t mean_count = 0;
 #pragma unroll
   for (int k = 0; k < kCeForwardPixels; ++k) {
     const int item = threadIdx.x + k * kCeForwardThreads;
     if (item < ce_forward_pixels(t)) {
       const int64_t p = t.n * pixels + ce_forward_pixel_offset(item, t, geo);
-      ce_forward_pixel_finish(state[k], loss + p, lse + p);
+      ce_mean_add(state[k], ce_forward_pixel_finish(state[k], loss + p, lse + p), &mean_sum, &mean_count);
     }
   }
-}
-
-// Sums in a fixed order (ohem_ce_math.h): a block's tree through shared memory, a barrier
-// between steps; thread 0 then holds the block's sums.
-template <typename... value_t>
-__device__ void sum_tree(value_t*... values) {
-  for (int half = kSumThreads / 2; half > 0; half /= 2) {
-    __syncthreads();
-    if (static_cast<int>(threadIdx.x) < half) (sum_tree_step(threadIdx.x, half, values), ...);
-  }
-}
-
-// The CE mean: the pixels' pass, a block's partial sum and count each; then one block over
-// those.
-template <typename acc_t, typename label_t>
-__global__ void __launch_bounds__(kSumThreads) ce_mean_pixels_kernel(
-    const acc_t* __restrict__ loss, const label_t* __restrict__ labels, int64_t pixels, int64_t ignore_index,
-    acc_t* __restrict__ block_sums, int64_t* __restrict__ block_counts) {
-  __shared__ acc_t sums[kSumThreads];
-  __shared__ int64_t counts[kSumThreads];
-  ce_mean_pixels(blockIdx.x * static_cast<int64_t>(kSumThreads) + threadIdx.x,
-                 static_cast<int64_t>(gridDim.x) * kSumThreads, pixels, loss, labels, ignore_index,
-                 &sums[threadIdx.x], &counts[threadIdx.x]);
+  if (block_sums == nullptr) return;  // the same for the whole block
+  // the tree in the staged rows' bytes, free since the last class's barrier
+  acc_t* sums = reinterpret_cast<acc_t*>(shared_bytes);
+  int64_t* counts = reinterpret_cast<int64_t*>(shared_bytes + kSumThreads * sizeof(acc_t));
+  sums[threadIdx.x] = mean_sum;
+  counts[threadIdx.x] = mean_count;
   sum_tree(sums, counts);
   if (threadIdx.x == 0) {
     block_sums[blockIdx.x] = sums[0];
@@ -154,6 +153,7 @@ __global__ void __launch_bounds__(kSumThreads) ce_mean_pixels_kernel(
   }
 }
 
+// The CE mean: one block over the forward blocks' sums and counts.
 template <typename acc_t>
 __global__ void __launch_bounds__(kSumThreads) ce_mean_final_kernel(
     const acc_t* __restrict__ block_sums, const int64_t* __restrict__ block_counts, int64_t blocks,
@@ -441,7 +441,9 @@ void forward_typed(const CeForwardCall& call, int64_t ignore_index) {
   ce_forward_kernel<scalar_t, label_t, acc_t><<<ce_forward_blocks(geo, call.plan), kCeForwardThreads,
                                                 call.plan.shared_bytes, c10::cuda::getCurrentCUDAStream()>>>(
       geo, call.plan, logits.const_data_ptr<scalar_t>(), call.labels.const_data_ptr<label_t>(), ignore_index,
-      call.loss.mutable_data_ptr<acc_t>(), call.lse.mutable_data_ptr<acc_t>());
+      call.loss.mutable_data_ptr<acc_t>(), call.lse.mutable_data_ptr<acc_t>(),
+      call.block_sums.numel() > 0 ? call.block_sums.mutable_data_ptr<acc_t>() : nullptr,
+      call.block_counts.numel() > 0 ? call.block_counts.mutable_data_ptr<int64_t>() : nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -474,16 +476,11 @@ void backward_typed(const CeBackwardCall& call, int64_t ignore_index) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename acc_t, typename label_t>
-void mean_typed(const CeForwardCall& call, int64_t ignore_index) {
-  const int64_t blocks = call.block_sums.numel();
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  ce_mean_pixels_kernel<acc_t, label_t><<<blocks, kSumThreads, 0, stream>>>(
-      call.loss.const_data_ptr<acc_t>(), call.labels.const_data_ptr<label_t>(), call.loss.numel(), ignore_index,
-      call.block_sums.mutable_data_ptr<acc_t>(), call.block_counts.mutable_data_ptr<int64_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  ce_mean_final_kernel<acc_t><<<1, kSumThreads, 0, stream>>>(
-      call.block_sums.const_data_ptr<acc_t>(), call.block_counts.const_data_ptr<int64_t>(), blocks,
+// The CE mean from the forward blocks' sums and counts (none when the batch is empty).
+template <typename acc_t>
+void mean_typed(const CeForwardCall& call) {
+  ce_mean_final_kernel<acc_t><<<1, kSumThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      call.block_sums.const_data_ptr<acc_t>(), call.block_counts.const_data_ptr<int64_t>(), call.block_sums.numel(),
       call.mean.mutable_data_ptr<acc_t>(), call.denominator.mutable_data_ptr<acc_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -500,9 +497,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> upsample_ce_forward_c
 #undef BISENET_CE_FORWARD
   }
   if (with_mean) {
-#define BISENET_CE_MEAN(acc_t, label_t) mean_typed<acc_t, label_t>(call, ignore_index)
-    BISENET_OHEM_DISPATCH(call.loss, call.labels, BISENET_CE_MEAN);
-#undef BISENET_CE_MEAN
+    if (call.loss.scalar_type() == at::kDouble) mean_typed<double>(call);
+    else mean_typed<float>(call);
   }
   return {call.loss, call.lse, call.mean, call.denominator};
 }

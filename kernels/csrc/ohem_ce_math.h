@@ -67,6 +67,51 @@ constexpr int64_t kCeSharedBytes = 48 * 1024;
 constexpr int64_t kCeMaxSharedBytes = 96 * 1024;
 
 // ---------------------------------------------------------------------------------------
+// Sums over the pixels in a fixed order (the CE mean, the OHEM loss), so that they are
+// deterministic and the same bits on both devices: blocks of kSumThreads threads, each thread
+// adding its pixels in order (the OHEM loss: sum_blocks(pixels) blocks, thread t of block b
+// adding pixels b * threads + t + i * stride, stride = blocks * threads, in order of i; the CE
+// mean: the forward's blocks, each thread its pixel slots in order, ce_mean_add); a block's
+// threads' sums added by sum_tree_step (halving: 128, 64, ..., 1, a barrier between steps);
+// then one block adds the blocks' sums likewise (thread t: blocks t, t + threads, ...;
+// sum_blocks_part). Counts are int64, exact in any order.
+constexpr int kSumThreads = 256;
+constexpr int64_t kSumMostBlocks = 1024;
+
+BISENET_HD int64_t sum_blocks(int64_t pixels) {
+  const int64_t blocks = (pixels + kSumThreads - 1) / kSumThreads;
+  return blocks < 1 ? 1 : (blocks < kSumMostBlocks ? blocks : kSumMostBlocks);
+}
+
+// One step of a block's tree, thread t < half: after the steps half = 128, 64, ..., 1,
+// values[0] is the block's.
+template <typename value_t>
+BISENET_HD void sum_tree_step(int t, int half, value_t* values) {
+  values[t] = values[t] + values[t + half];
+}
+
+// Thread t of the final block: the blocks' sums t, t + threads, ... in order.
+template <typename value_t>
+BISENET_HD value_t sum_blocks_part(int t, int64_t blocks, const value_t* block_sums) {
+  value_t s = static_cast<value_t>(0);
+  for (int64_t b = t; b < blocks; b += kSumThreads) s = s + block_sums[b];
+  return s;
+}
+
+// The CE mean's tree: kSumThreads sums and int64 counts.
+template <typename acc_t>
+BISENET_HD constexpr int64_t ce_mean_tree_bytes() {
+  return kSumThreads * static_cast<int64_t>(sizeof(acc_t) + sizeof(int64_t));
+}
+
+// The mean (0 when no pixel counts) and its denominator max(count, 1).
+template <typename acc_t>
+BISENET_HD void ce_mean_finish(acc_t sum, int64_t count, acc_t* mean, acc_t* denominator) {
+  *denominator = static_cast<acc_t>(count > 1 ? count : 1);
+  *mean = sum / *denominator;
+}
+
+// ---------------------------------------------------------------------------------------
 // Forward tiling. A block owns a tile of high-res rows [y0, y1) (a band, up to
 // kCeForwardBand) and columns [x0, x1) (a chunk, kCeForwardChunk) of sample n; it reads low-res
 // rows [row0, row0 + rows) (taps are non-decreasing: the first row's i0 to the last row's i1).
@@ -116,7 +161,8 @@ BISENET_HD CeForwardTile ce_forward_tile(int64_t block, const CeGeometry<acc_t>&
 
 BISENET_HD int ce_forward_pixels(const CeForwardTile& t) { return (t.y1 - t.y0) * (t.x1 - t.x0); }
 
-// The shared memory of a forward block: the columns' taps, two staged buffers.
+// The shared memory of a forward block: the columns' taps, two staged buffers; after the last
+// class, the CE mean's tree over the block's threads (ce_mean_tree_bytes) in the same bytes.
 template <typename acc_t>
 struct CeForwardBuffers {
   Taps<acc_t>* col_taps;  // (kCeForwardChunk,)
@@ -131,8 +177,9 @@ BISENET_HD acc_t* ce_forward_staged_for(const CeForwardBuffers<acc_t>& buf, int 
 
 template <typename acc_t>
 BISENET_HD int64_t ce_forward_bytes(const CeForwardPlan& plan) {
-  return kCeForwardChunk * (static_cast<int64_t>(sizeof(Taps<acc_t>)) +
-                            2 * static_cast<int64_t>(plan.staged_rows) * static_cast<int64_t>(sizeof(acc_t)));
+  const int64_t tables = kCeForwardChunk * (static_cast<int64_t>(sizeof(Taps<acc_t>)) +
+                                            2 * static_cast<int64_t>(plan.staged_rows) * static_cast<int64_t>(sizeof(acc_t)));
+  return tables > ce_mean_tree_bytes<acc_t>() ? tables : ce_mean_tree_bytes<acc_t>();
 }
 
 template <typename acc_t>
@@ -304,73 +351,28 @@ BISENET_HD int64_t ce_forward_pixel_offset(int item, const CeForwardTile& t, con
 
 // After the last class: the pixel's loss and lse (natural log units): 0 and 0 where the label
 // is ignore_index, NaN and NaN where it is outside [0, C) (nothing was read out of bounds).
+// Returns the loss.
 template <typename acc_t>
-BISENET_HD void ce_forward_pixel_finish(const CeOnlineLse<acc_t>& state, acc_t* loss, acc_t* lse) {
+BISENET_HD acc_t ce_forward_pixel_finish(const CeOnlineLse<acc_t>& state, acc_t* loss, acc_t* lse) {
   if (state.label == -1) {
     *loss = *lse = static_cast<acc_t>(0);
-    return;
-  }
-  if (state.label == -2) {
+  } else if (state.label == -2) {
     *loss = *lse = quiet_nan<acc_t>();
-    return;
+  } else {
+    const acc_t log_sum = log_acc(state.sum);
+    *lse = fma_acc(state.max_z, ln2(log_sum), log_sum);
+    *loss = fma_acc(state.max_z - state.label_z, ln2(log_sum), log_sum);
   }
-  const acc_t log_sum = log_acc(state.sum);
-  *lse = fma_acc(state.max_z, ln2(log_sum), log_sum);
-  *loss = fma_acc(state.max_z - state.label_z, ln2(log_sum), log_sum);
+  return *loss;
 }
 
-// ---------------------------------------------------------------------------------------
-// Sums over the pixels in a fixed order (the CE mean, the OHEM loss), so that they are
-// deterministic and the same bits on both devices: sum_blocks(pixels) blocks of kSumThreads
-// threads, thread t of block b adding pixels b * threads + t + i * stride (stride = blocks *
-// threads) in order of i; a block's threads' sums added by sum_tree_step (halving: 128, 64,
-// ..., 1, a barrier between steps); then one block adds the blocks' sums likewise (thread t:
-// blocks t, t + threads, ...; sum_blocks_part). Counts are int64, exact in any order.
-constexpr int kSumThreads = 256;
-constexpr int64_t kSumMostBlocks = 1024;
-
-BISENET_HD int64_t sum_blocks(int64_t pixels) {
-  const int64_t blocks = (pixels + kSumThreads - 1) / kSumThreads;
-  return blocks < 1 ? 1 : (blocks < kSumMostBlocks ? blocks : kSumMostBlocks);
-}
-
-// One step of a block's tree, thread t < half: after the steps half = 128, 64, ..., 1,
-// values[0] is the block's.
-template <typename value_t>
-BISENET_HD void sum_tree_step(int t, int half, value_t* values) {
-  values[t] = values[t] + values[t + half];
-}
-
-// Thread t of the final block: the blocks' sums t, t + threads, ... in order.
-template <typename value_t>
-BISENET_HD value_t sum_blocks_part(int t, int64_t blocks, const value_t* block_sums) {
-  value_t s = static_cast<value_t>(0);
-  for (int64_t b = t; b < blocks; b += kSumThreads) s = s + block_sums[b];
-  return s;
-}
-
-// The CE mean, the forward's last step: the sum of the loss over the counted pixels (label
-// not ignore_index; an ignored pixel's loss is 0 anyway, a bad label's NaN) and their count;
-// the mean is the sum over max(count, 1).
-template <typename label_t, typename acc_t>
-BISENET_HD void ce_mean_pixels(int64_t first, int64_t stride, int64_t pixels, const acc_t* loss, const label_t* labels,
-                               int64_t ignore_index, acc_t* sum, int64_t* count) {
-  acc_t s = static_cast<acc_t>(0);
-  int64_t n = 0;
-  for (int64_t p = first; p < pixels; p += stride) {
-    if (static_cast<int64_t>(labels[p]) == ignore_index) continue;
-    s = s + loss[p];
-    ++n;
-  }
-  *sum = s;
-  *count = n;
-}
-
-// The mean (0 when no pixel counts) and its denominator max(count, 1).
+// The CE mean's part of a forward thread, slot after slot: a pixel whose label is not
+// ignore_index (a bad label too: its NaN makes the mean NaN) adds its loss and 1.
 template <typename acc_t>
-BISENET_HD void ce_mean_finish(acc_t sum, int64_t count, acc_t* mean, acc_t* denominator) {
-  *denominator = static_cast<acc_t>(count > 1 ? count : 1);
-  *mean = sum / *denominator;
+BISENET_HD void ce_mean_add(const CeOnlineLse<acc_t>& state, acc_t pixel_loss, acc_t* sum, int64_t* count) {
+  if (state.label == -1) return;
+  *sum = *sum + pixel_loss;
+  *count += 1;
 }
 
 // The OHEM weights pass, thread `first` of it: each pixel's weight weight_of(p) written, and

@@ -17,7 +17,7 @@ struct CeForwardCall {
   at::Tensor logits, labels;      // contiguous
   at::Tensor loss, lse;           // (N, H, W) float32 (float64 for float64 logits)
   at::Tensor mean, denominator;   // () like loss: the CE mean, max(count, 1); (0,) when not asked for
-  at::Tensor block_sums, block_counts;  // (sum_blocks,) like loss and int64: the mean's workspace
+  at::Tensor block_sums, block_counts;  // (forward blocks,) like loss and int64: the mean's workspace; (0,) without it
   CeForwardPlan plan;             // ohem_ce_math.h; band 0 when there is nothing to compute
 };
 
