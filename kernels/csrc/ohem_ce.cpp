@@ -440,7 +440,8 @@ void ohem_weights_cpu_typed(const OhemCall& call, int64_t ignore_index) {
     std::vector<acc_t> sums(kSumThreads);
     for (int64_t b = 0; b < blocks; ++b) {
       for (int t = 0; t < kSumThreads; ++t)
-        sums[t] = ohem_weights_pixels(b * kSumThreads + t, blocks * kSumThreads, pixels, loss, weights, weight_of);
+        sums[t] = ohem_weights_pixels(b * kSumThreads + t, blocks * kSumThreads, pixels, loss, labels, weights,
+                                      weight_of);
       sum_tree_cpu(sums);
       block_sums[b] = sums[0];
     }
@@ -450,9 +451,9 @@ void ohem_weights_cpu_typed(const OhemCall& call, int64_t ignore_index) {
   };
   if (call.classes == 0) {
     const OhemWeightValues<acc_t> values = ohem_weight_values<acc_t>(state);
-    weights_pass([&](int64_t p) {
-      const bool valid = static_cast<int64_t>(labels[p]) != ignore_index;
-      return ohem_pixel_weight(ohem_pick(loss[p], valid, threshold, state), values);
+    weights_pass([&](acc_t value, label_t label) {
+      const bool valid = static_cast<int64_t>(label) != ignore_index;
+      return ohem_pixel_weight(ohem_pick(value, valid, threshold, state), values);
     });
     return;
   }
@@ -464,9 +465,9 @@ void ohem_weights_cpu_typed(const OhemCall& call, int64_t ignore_index) {
     if (slot >= 0) ++class_counts[slot];
   }
   const acc_t total = ohem_class_total(class_weights, class_counts, call.classes, state);
-  weights_pass([&](int64_t p) {
-    return ohem_class_pixel_weight(loss[p], labels[p], static_cast<int64_t>(labels[p]) != ignore_index, threshold,
-                                   state, class_weights, call.classes, total);
+  weights_pass([&](acc_t value, label_t label) {
+    return ohem_class_pixel_weight(value, label, static_cast<int64_t>(label) != ignore_index, threshold, state,
+                                   class_weights, call.classes, total);
   });
 }
 

@@ -337,18 +337,30 @@ __global__ void __launch_bounds__(kThreads) ohem_pass_kernel(
   const int lane = threadIdx.x & 31;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   int64_t valid = 0, hard = 0;
+  // kOhemUnroll grid strides at a time, their loads first (the loss whatever the label, so the
+  // two loads do not wait on each other): that many in flight a thread, not one round trip
   for (int64_t base = blockIdx.x * static_cast<int64_t>(blockDim.x) + (threadIdx.x & ~31); base < pixels;
-       base += stride) {
-    const int64_t p = base + lane;
-    const bool is_valid = p < pixels && static_cast<int64_t>(labels[p]) != ignore_index;
-    const acc_t value = is_valid ? loss[p] : static_cast<acc_t>(0);
-    if (kFirst) {
-      valid += is_valid;
-      hard += is_valid && value > threshold;
+       base += kOhemUnroll * stride) {  // base is the same in a warp
+    bool is_valid[kOhemUnroll];
+    acc_t value[kOhemUnroll];
+#pragma unroll
+    for (int u = 0; u < kOhemUnroll; ++u) {
+      const int64_t p = base + u * stride + lane;
+      const bool inside = p < pixels;
+      const int64_t label = inside ? static_cast<int64_t>(labels[p]) : ignore_index;
+      value[u] = inside ? loss[p] : static_cast<acc_t>(0);
+      is_valid[u] = label != ignore_index;
     }
-    const int digit = is_valid ? ohem_digit(ohem_key(value), prefix, shift) : -1;
-    const unsigned peers = __match_any_sync(0xFFFFFFFFu, digit);
-    if (digit >= 0 && lane == __ffs(peers) - 1) atomicAdd(&bins[digit], static_cast<unsigned>(__popc(peers)));
+#pragma unroll
+    for (int u = 0; u < kOhemUnroll; ++u) {
+      if (kFirst) {
+        valid += is_valid[u];
+        hard += is_valid[u] && value[u] > threshold;
+      }
+      const int digit = is_valid[u] ? ohem_digit(ohem_key(value[u]), prefix, shift) : -1;
+      const unsigned peers = __match_any_sync(0xFFFFFFFFu, digit);
+      if (digit >= 0 && lane == __ffs(peers) - 1) atomicAdd(&bins[digit], static_cast<unsigned>(__popc(peers)));
+    }
   }
   __syncthreads();
   if (bins[threadIdx.x] != 0)
@@ -371,17 +383,28 @@ __global__ void __launch_bounds__(kThreads) ohem_pass_kernel(
   if (threadIdx.x < kOhemStateSize && threadIdx.x != kOhemTicket) state[threadIdx.x] = block_state[threadIdx.x];
 }
 
+// The selection's state, complete, copied into registers once a thread: read from global
+// memory per pixel it would be read again after every weight stored (which might alias it).
+struct OhemSelection {
+  int64_t state[kOhemStateSize];
+  __device__ explicit OhemSelection(const int64_t* global_state) {
+#pragma unroll
+    for (int i = 0; i < kOhemStateSize; ++i) state[i] = global_state[i];
+  }
+};
+
 template <typename acc_t, typename label_t>
 __global__ void __launch_bounds__(kSumThreads) ohem_weights_kernel(
     const acc_t* __restrict__ loss, const label_t* __restrict__ labels, int64_t pixels, int64_t ignore_index,
     acc_t threshold, const int64_t* __restrict__ state, acc_t* __restrict__ weights, acc_t* __restrict__ block_sums) {
   __shared__ acc_t sums[kSumThreads];
-  const OhemWeightValues<acc_t> values = ohem_weight_values<acc_t>(state);
+  const OhemSelection selection(state);
+  const OhemWeightValues<acc_t> values = ohem_weight_values<acc_t>(selection.state);
   sums[threadIdx.x] = ohem_weights_pixels(
       blockIdx.x * static_cast<int64_t>(kSumThreads) + threadIdx.x, static_cast<int64_t>(gridDim.x) * kSumThreads,
-      pixels, loss, weights, [&](int64_t p) {
-        const bool valid = static_cast<int64_t>(labels[p]) != ignore_index;
-        return ohem_pixel_weight(ohem_pick(loss[p], valid, threshold, state), values);
+      pixels, loss, labels, weights, [&](acc_t value, label_t label) {
+        const bool valid = static_cast<int64_t>(label) != ignore_index;
+        return ohem_pixel_weight(ohem_pick(value, valid, threshold, selection.state), values);
       });
   sum_tree(sums);
   if (threadIdx.x == 0) block_sums[blockIdx.x] = sums[0];
@@ -422,11 +445,12 @@ __global__ void __launch_bounds__(kSumThreads) ohem_class_weights_kernel(
     const acc_t* __restrict__ total, acc_t* __restrict__ weights, acc_t* __restrict__ block_sums) {
   __shared__ acc_t sums[kSumThreads];
   const acc_t sum = *total;
+  const OhemSelection selection(state);
   sums[threadIdx.x] = ohem_weights_pixels(
       blockIdx.x * static_cast<int64_t>(kSumThreads) + threadIdx.x, static_cast<int64_t>(gridDim.x) * kSumThreads,
-      pixels, loss, weights, [&](int64_t p) {
-        return ohem_class_pixel_weight(loss[p], labels[p], static_cast<int64_t>(labels[p]) != ignore_index,
-                                       threshold, state, class_weights, classes, sum);
+      pixels, loss, labels, weights, [&](acc_t value, label_t label) {
+        return ohem_class_pixel_weight(value, label, static_cast<int64_t>(label) != ignore_index, threshold,
+                                       selection.state, class_weights, classes, sum);
       });
   sum_tree(sums);
   if (threadIdx.x == 0) block_sums[blockIdx.x] = sums[0];

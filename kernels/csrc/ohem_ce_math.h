@@ -375,16 +375,39 @@ BISENET_HD void ce_mean_add(const CeOnlineLse<acc_t>& state, acc_t pixel_loss, a
   *count += 1;
 }
 
-// The OHEM weights pass, thread `first` of it: each pixel's weight weight_of(p) written, and
-// the sum of weight x loss in order, one fma each (the OHEM loss, by the fixed-order sum).
-template <typename acc_t, typename WeightOf>
-BISENET_HD acc_t ohem_weights_pixels(int64_t first, int64_t stride, int64_t pixels, const acc_t* loss, acc_t* weights,
-                                     WeightOf weight_of) {
+// The OHEM weights pass, thread `first` of it: each pixel's weight weight_of(loss[p],
+// labels[p]) written, and the sum of weight x loss in order, one fma each (the OHEM loss, by
+// the fixed-order sum). kOhemUnroll pixels at a time, their loads ahead of their stores: a
+// kernel thread then has that many loads in flight, not one round trip a pixel; the sum's
+// order is the same.
+constexpr int kOhemUnroll = 4;
+
+template <typename acc_t, typename label_t, typename WeightOf>
+BISENET_HD acc_t ohem_weights_pixels(int64_t first, int64_t stride, int64_t pixels, const acc_t* loss,
+                                     const label_t* labels, acc_t* weights, WeightOf weight_of) {
   acc_t s = static_cast<acc_t>(0);
-  for (int64_t p = first; p < pixels; p += stride) {
-    const acc_t w = weight_of(p);
+  int64_t p = first;
+  for (; p + (kOhemUnroll - 1) * stride < pixels; p += kOhemUnroll * stride) {
+    acc_t value[kOhemUnroll], w[kOhemUnroll];
+    label_t label[kOhemUnroll];
+#pragma unroll
+    for (int u = 0; u < kOhemUnroll; ++u) {
+      value[u] = loss[p + u * stride];
+      label[u] = labels[p + u * stride];
+    }
+#pragma unroll
+    for (int u = 0; u < kOhemUnroll; ++u) w[u] = weight_of(value[u], label[u]);
+#pragma unroll
+    for (int u = 0; u < kOhemUnroll; ++u) {
+      weights[p + u * stride] = w[u];
+      s = fma_acc(w[u], value[u], s);
+    }
+  }
+  for (; p < pixels; p += stride) {
+    const acc_t value = loss[p];
+    const acc_t w = weight_of(value, labels[p]);
     weights[p] = w;
-    s = fma_acc(w, loss[p], s);
+    s = fma_acc(w, value, s);
   }
   return s;
 }
