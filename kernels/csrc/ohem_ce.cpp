@@ -231,9 +231,10 @@ void backward_cpu_typed(const CeBackwardCall& call, int64_t ignore_index) {
     };
     const auto pixel_items = [&] {
       for_items(ce_tile_window(t), reversed, [&](int64_t item) {
-        ce_backward_pixel_item<label_t, acc_t>(static_cast<int>(item), t, geo, labels + t.n * pixels,
-                                               grad_loss + t.n * pixels * call.grad_stride, call.grad_stride,
-                                               lse + t.n * pixels, ignore_index, buf);
+        const CePixelLoad<acc_t> loaded = ce_backward_pixel_load<label_t, acc_t>(
+            static_cast<int>(item), t, geo, labels + t.n * pixels, grad_loss + t.n * pixels * call.grad_stride,
+            call.grad_stride, lse + t.n * pixels);
+        ce_backward_pixel_store(loaded, static_cast<int>(item), geo.C, ignore_index, buf);
       });
     };
     const auto stage = [&](int c) {

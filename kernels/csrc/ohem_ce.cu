@@ -210,10 +210,22 @@ __global__ void __launch_bounds__(kThreads, 4) ce_backward_kernel(
   const int64_t sample = static_cast<int64_t>(t.n) * geo.C * plane;
   for (int item = threadIdx.x; item < ce_tile_tables(t, geo.w); item += blockDim.x)
     ce_backward_table_item(item, t, geo, buf);
-  for (int item = threadIdx.x; item < ce_tile_window(t); item += blockDim.x)
-    ce_backward_pixel_item<label_t, acc_t>(item, t, geo, labels + t.n * pixels,
-                                           grad_loss + t.n * pixels * grad_stride, grad_stride, lse + t.n * pixels,
-                                           ignore_index, buf);
+  // the window's pixels, kPixelsAhead items a thread loaded before any is stored
+  constexpr int kPixelsAhead = 4;
+  const int window = ce_tile_window(t);
+  for (int base = threadIdx.x; base < window; base += kPixelsAhead * blockDim.x) {
+    CePixelLoad<acc_t> loaded[kPixelsAhead];
+#pragma unroll
+    for (int k = 0; k < kPixelsAhead; ++k)
+      if (base + k * blockDim.x < window)
+        loaded[k] = ce_backward_pixel_load<label_t, acc_t>(base + k * blockDim.x, t, geo, labels + t.n * pixels,
+                                                           grad_loss + t.n * pixels * grad_stride, grad_stride,
+                                                           lse + t.n * pixels);
+#pragma unroll
+    for (int k = 0; k < kPixelsAhead; ++k)
+      if (base + k * blockDim.x < window)
+        ce_backward_pixel_store(loaded[k], base + k * blockDim.x, geo.C, ignore_index, buf);
+  }
   __syncthreads();  // the column taps, for the stage
   const int cols = t.wx1 - t.wx0;
   // This thread's stage items: item = threadIdx.x + k * blockDim.x, (r, x) = (item / cols,

@@ -645,23 +645,36 @@ BISENET_HD void ce_backward_table_item(int item, const CeTile& t, const CeGeomet
   }
 }
 
-// Prologue, item over the window pixels (row-major): the pixel's gradient, lse and label.
-// labels, lse: sample n's (H, W); grad_loss: sample n's (H, W), or with grad_stride 0 the
-// one value of every pixel.
+// Prologue, item over the window pixels (row-major): the pixel's gradient, lse and label,
+// loaded (ce_backward_pixel_load: a kernel thread loads several items before it stores them,
+// so their loads are in flight together) and stored (ce_backward_pixel_store). labels, lse:
+// sample n's (H, W); grad_loss: sample n's (H, W), or with grad_stride 0 the one value of
+// every pixel.
+template <typename acc_t>
+struct CePixelLoad {
+  int64_t label;
+  acc_t grad, lse;
+};
+
 template <typename label_t, typename acc_t>
-BISENET_HD void ce_backward_pixel_item(int item, const CeTile& t, const CeGeometry<acc_t>& geo,
-                                       const label_t* labels, const acc_t* grad_loss, int grad_stride,
-                                       const acc_t* lse, int64_t ignore_index, const CeBackwardBuffers<acc_t>& buf) {
+BISENET_HD CePixelLoad<acc_t> ce_backward_pixel_load(int item, const CeTile& t, const CeGeometry<acc_t>& geo,
+                                                     const label_t* labels, const acc_t* grad_loss, int grad_stride,
+                                                     const acc_t* lse) {
   const int cols = t.wx1 - t.wx0;
   const int p = (t.wy0 + item / cols) * geo.W + t.wx0 + item % cols;
-  const int64_t label = static_cast<int64_t>(labels[p]);
-  const acc_t g = grad_loss[p * grad_stride];
-  const bool skipped = g == static_cast<acc_t>(0) || label == ignore_index;
+  return {static_cast<int64_t>(labels[p]), grad_loss[p * grad_stride], lse[p]};
+}
+
+template <typename acc_t>
+BISENET_HD void ce_backward_pixel_store(const CePixelLoad<acc_t>& loaded, int item, int classes, int64_t ignore_index,
+                                        const CeBackwardBuffers<acc_t>& buf) {
+  const acc_t g = loaded.grad;
+  const bool skipped = g == static_cast<acc_t>(0) || loaded.label == ignore_index;
   CePixel<acc_t> pixel;
   pixel.grad = skipped ? static_cast<acc_t>(0) : g;
-  pixel.lse_log2 = lse[p] * log2e(g);  // in log2 units, as the staged logits
+  pixel.lse_log2 = loaded.lse * log2e(g);  // in log2 units, as the staged logits
   // a label outside [0, C) matches no class; its lse is NaN (forward), so is its gradient
-  pixel.label = skipped || label < 0 || label >= geo.C ? -1 : static_cast<int>(label);
+  pixel.label = skipped || loaded.label < 0 || loaded.label >= classes ? -1 : static_cast<int>(loaded.label);
   buf.pixel[item] = pixel;
 }
 
