@@ -395,8 +395,8 @@ __global__ void __launch_bounds__(kThreads) ohem_pass_kernel(
   if (threadIdx.x < kOhemStateSize && threadIdx.x != kOhemTicket) state[threadIdx.x] = block_state[threadIdx.x];
 }
 
-// The selection's state, complete, copied into registers once a thread: read from global
-// memory per pixel it would be read again after every weight stored (which might alias it).
+// The selection's state, complete, copied into registers once a thread: read through the
+// pointer, nvcc loaded the k-th key again for every pixel, inside the pick's branch.
 struct OhemSelection {
   int64_t state[kOhemStateSize];
   __device__ explicit OhemSelection(const int64_t* global_state) {
