@@ -405,21 +405,29 @@ struct OhemSelection {
   }
 };
 
+// The weights pass of one block (ohem_weights_pixels, weight_of(loss, label) a pixel's
+// weight), its sum of weight x loss by the block's tree into block_sums at its index.
+template <typename acc_t, typename label_t, typename WeightOf>
+__device__ void ohem_weights_block(const acc_t* loss, const label_t* labels, int64_t pixels, acc_t* weights,
+                                   acc_t* block_sums, WeightOf weight_of) {
+  __shared__ acc_t sums[kSumThreads];
+  sums[threadIdx.x] = ohem_weights_pixels(
+      blockIdx.x * static_cast<int64_t>(kSumThreads) + threadIdx.x, static_cast<int64_t>(gridDim.x) * kSumThreads,
+      pixels, loss, labels, weights, weight_of);
+  sum_tree(sums);
+  if (threadIdx.x == 0) block_sums[blockIdx.x] = sums[0];
+}
+
 template <typename acc_t, typename label_t>
 __global__ void __launch_bounds__(kSumThreads) ohem_weights_kernel(
     const acc_t* __restrict__ loss, const label_t* __restrict__ labels, int64_t pixels, int64_t ignore_index,
     acc_t threshold, const int64_t* __restrict__ state, acc_t* __restrict__ weights, acc_t* __restrict__ block_sums) {
-  __shared__ acc_t sums[kSumThreads];
   const OhemSelection selection(state);
   const OhemWeightValues<acc_t> values = ohem_weight_values<acc_t>(selection.state);
-  sums[threadIdx.x] = ohem_weights_pixels(
-      blockIdx.x * static_cast<int64_t>(kSumThreads) + threadIdx.x, static_cast<int64_t>(gridDim.x) * kSumThreads,
-      pixels, loss, labels, weights, [&](acc_t value, label_t label) {
-        const bool valid = static_cast<int64_t>(label) != ignore_index;
-        return ohem_pixel_weight(ohem_pick(value, valid, threshold, selection.state), values);
-      });
-  sum_tree(sums);
-  if (threadIdx.x == 0) block_sums[blockIdx.x] = sums[0];
+  ohem_weights_block(loss, labels, pixels, weights, block_sums, [&](acc_t value, label_t label) {
+    const bool valid = static_cast<int64_t>(label) != ignore_index;
+    return ohem_pixel_weight(ohem_pick(value, valid, threshold, selection.state), values);
+  });
 }
 
 // With class weights: the kept and tied pixels counted per class (bins in shared memory,
@@ -455,17 +463,12 @@ __global__ void __launch_bounds__(kSumThreads) ohem_class_weights_kernel(
     const acc_t* __restrict__ loss, const label_t* __restrict__ labels, int64_t pixels, int64_t ignore_index,
     acc_t threshold, const int64_t* __restrict__ state, const acc_t* __restrict__ class_weights, int classes,
     const acc_t* __restrict__ total, acc_t* __restrict__ weights, acc_t* __restrict__ block_sums) {
-  __shared__ acc_t sums[kSumThreads];
   const acc_t sum = *total;
   const OhemSelection selection(state);
-  sums[threadIdx.x] = ohem_weights_pixels(
-      blockIdx.x * static_cast<int64_t>(kSumThreads) + threadIdx.x, static_cast<int64_t>(gridDim.x) * kSumThreads,
-      pixels, loss, labels, weights, [&](acc_t value, label_t label) {
-        return ohem_class_pixel_weight(value, label, static_cast<int64_t>(label) != ignore_index, threshold,
-                                       selection.state, class_weights, classes, sum);
-      });
-  sum_tree(sums);
-  if (threadIdx.x == 0) block_sums[blockIdx.x] = sums[0];
+  ohem_weights_block(loss, labels, pixels, weights, block_sums, [&](acc_t value, label_t label) {
+    return ohem_class_pixel_weight(value, label, static_cast<int64_t>(label) != ignore_index, threshold,
+                                   selection.state, class_weights, classes, sum);
+  });
 }
 
 template <typename scalar_t, typename label_t>
