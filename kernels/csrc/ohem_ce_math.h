@@ -699,8 +699,9 @@ BISENET_HD void ce_backward_stage_item(int r, int x, const CeTile& t, const CeGe
 // Per class, segment item (kq, x) (kq < band' * parts, x < window columns): part q = kq % parts
 // of the rows of segment k = kq / parts at window column x (the segment's rows split into
 // parts consecutive pieces), their g (exp(z - lse) - [c == label]) summed with each row's
-// weight to low-res row s = ly0 + k and to s + 1. Skipped pixels (g == 0) add nothing and
-// cost no exp.
+// weight to low-res row s = ly0 + k and to s + 1. Skipped pixels (g == 0) add +0 whatever
+// their d (a select, not a branch: with no branch in the walk the compiler overlaps one
+// pixel's chain of dependent shared loads and arithmetic with the next pixels').
 template <typename acc_t>
 BISENET_HD void ce_backward_segment_item(int kq, int x, int c, const CeTile& t, const CeBackwardBuffers<acc_t>& buf) {
   const int cols = t.wx1 - t.wx0;
@@ -712,13 +713,12 @@ BISENET_HD void ce_backward_segment_item(int kq, int x, int c, const CeTile& t, 
     const int p = y * cols;
     const CePixel<acc_t> pixel = pixel_column[p];
     const acc_t g = pixel.grad;
-    if (g == static_cast<acc_t>(0)) continue;
     const CeTap<acc_t> ty = buf.row_taps[y];  // its first tap is s = ly0 + k
     const acc_t z_log2 = lerp_taps(Taps<acc_t>{0, 0, ty.w0, ty.w1}, staged_at(staged_column, ty.first),
                                    staged_at(staged_column, ty.second));
     acc_t d = exp2_acc(z_log2 - pixel.lse_log2);
     if (pixel.label == c) d -= static_cast<acc_t>(1);
-    const acc_t gd = g * d;
+    const acc_t gd = g == static_cast<acc_t>(0) ? static_cast<acc_t>(0) : g * d;  // d may be NaN there
     sum_row = fma_acc(ty.to_first, gd, sum_row);
     sum_next = fma_acc(ty.to_next, gd, sum_next);
   }
