@@ -319,7 +319,7 @@ def test_ce_backward_plan_has_room_for_every_tile(extension, dtype):
     """Every high-res side 8..300 against its 1/4 and 1/8 side, square and 1:2: each tile's
     window fits the plan's capacities, each low-res pixel is written once (by its tile inside
     the grid lines, by the rim pass on them: written == h * w with none outside), the
-    automatic plan stays within 48 KiB (the opt-in 96 KiB at most where the upscale needs it)."""
+    automatic plan stays within 54 KiB (the opt-in 96 KiB at most where the upscale needs it)."""
     checked = 0
     for side in range(8, 301):
         for ratio in (4, 8):
@@ -334,7 +334,7 @@ def test_ce_backward_plan_has_room_for_every_tile(extension, dtype):
                     assert numbers["most_cols"] <= numbers["window_cols"], (high, low, tile, numbers)
                     assert numbers["most_staged"] <= numbers["band"] + 1, (high, low, tile, numbers)
                     assert numbers["written"] == low[0] * low[1], (high, low, tile, numbers)
-                    assert numbers["shared_bytes"] <= (48 if tile == (0, 0) else 96) * 1024, (high, low, tile)
+                    assert numbers["shared_bytes"] <= (54 if tile == (0, 0) else 96) * 1024, (high, low, tile)
                     checked += 1
     assert checked > 293 * 4
 
@@ -344,14 +344,14 @@ def test_ce_backward_plan_fills_the_block_at_every_head(extension):
     x parts x its columns) take at most one pass of the 256-thread block where it has parts:
     at 1/32 a band of 1 low-res row alone left 224 threads idle while 32 walked 32 rows each
     (measured on an H200: the 1/32 backward took twice the 1/8 one's time), now 8 parts; at
-    1/16 (tiles of 2 x 3 low-res pixels within 48 KiB: 64 columns leave a last tile 1 wide)
+    1/16 (tiles of 2 x 3 low-res pixels within 54 KiB: 64 columns leave a last tile 1 wide)
     2, and 8 in that last tile. At 1/4 and 1/8 one part, so their bits are those of the plan
     without parts."""
     parts_at = {}
     for low in (256, 128, 64, 32):
         numbers = ce_plan(extension, (4, 19, 1024, 1024), (low, low), torch.float32)
         assert numbers["most_segment_items"] <= max(256, numbers["band"] * numbers["most_cols"]), (low, numbers)
-        assert numbers["shared_bytes"] <= 48 * 1024, (low, numbers)
+        assert numbers["shared_bytes"] <= 54 * 1024, (low, numbers)
         parts_at[low] = numbers["most_parts"]
     assert parts_at == {256: 1, 128: 1, 64: 8, 32: 8}, parts_at
 

@@ -237,26 +237,34 @@ void backward_cpu_typed(const CeBackwardCall& call, int64_t ignore_index) {
         ce_backward_pixel_store(loaded, static_cast<int>(item), geo.C, ignore_index, buf);
       });
     };
-    const auto stage = [&](int c) {
+    const auto pass_classes = [&](int c0) { return std::min(geo.C - c0, kCePassClasses); };
+    const auto stage = [&](int c0) {
       for_items(static_cast<int64_t>(t.rows) * cols, reversed, [&](int64_t item) {
         ce_backward_stage_item<scalar_t, acc_t>(static_cast<int>(item / cols), static_cast<int>(item % cols), t, geo,
-                                                sample + c * plane, buf);
+                                                sample, c0, pass_classes(c0), buf);
       });
     };
-    const auto outputs = [&](int c) {
-      for_items(ce_tile_outputs(t, geo.h, geo.w), reversed, [&](int64_t item) {
-        ce_backward_output_item<scalar_t, acc_t>(static_cast<int>(item), c, t, geo, buf, rim, sample_out + c * plane);
+    const int outputs = ce_tile_outputs(t, geo.h, geo.w);
+    const auto output_items = [&](int c0) {
+      for_items(pass_classes(c0) * outputs, reversed, [&](int64_t item) {
+        ce_backward_output_item<scalar_t, acc_t>(static_cast<int>(item), outputs, c0, t, geo, buf, rim, sample_out);
       });
+    };
+    const auto segment_items = [&](auto segment_item) {
+      for_items(static_cast<int64_t>(ce_tile_segments(t)) * cols, reversed,
+                [&](int64_t item) { segment_item(static_cast<int>(item / cols), static_cast<int>(item % cols)); });
     };
     if (reversed) { pixel_items(); tables(); } else { tables(); pixel_items(); }
     stage(0);
-    for (int c = 0; c < geo.C; ++c) {
-      for_items(static_cast<int64_t>(ce_tile_segments(t)) * cols, reversed, [&](int64_t item) {
-        ce_backward_segment_item(static_cast<int>(item / cols), static_cast<int>(item % cols), c, t, buf);
-      });
-      if (reversed && c + 1 < geo.C) stage(c + 1);  // the next class's staging beside this class's outputs
-      outputs(c);
-      if (!reversed && c + 1 < geo.C) stage(c + 1);
+    for (int c0 = 0; c0 < geo.C; c0 += kCePassClasses) {
+      const int next = c0 + pass_classes(c0);
+      if (next - c0 == kCePassClasses)
+        segment_items([&](int kq, int x) { ce_backward_segment_item<kCePassClasses>(kq, x, c0, t, buf); });
+      else
+        segment_items([&](int kq, int x) { ce_backward_segment_item<1>(kq, x, c0, t, buf); });
+      if (reversed && next < geo.C) stage(next);  // the next pass's staging beside this pass's outputs
+      output_items(c0);
+      if (!reversed && next < geo.C) stage(next);
     }
   });
   const int64_t rim_items = geo.N * geo.C * rim_pixels(rim, geo.h, geo.w);

@@ -229,11 +229,12 @@ __global__ void __launch_bounds__(kThreads, 4) ce_backward_kernel(
   __syncthreads();  // the column taps, for the stage
   const int cols = t.wx1 - t.wx0;
   // This thread's stage items: item = threadIdx.x + k * blockDim.x, (r, x) = (item / cols,
-  // item % cols). The first kAhead of a class are loaded before the previous class's segment
-  // items and stored after them, so the loads' latency passes under the walk; any further items
-  // (more than kAhead * blockDim.x staged values) are staged with the stores. As the forward's:
-  // the items made once, 32-bit offsets.
-  constexpr int kAhead = 2;
+  // item % cols), each the pass's classes. The first kAhead of a pass are loaded before the
+  // previous pass's segment items and stored after them, so the loads' latency passes under the
+  // walk; any further items (more than kAhead * blockDim.x staged rows and columns) are staged
+  // with the stores. As the forward's: the items made once, 32-bit offsets. Two items ahead for
+  // 16-bit logits, one for float32 (with two, ptxas spills the 8 held values at 64 registers).
+  constexpr int kAhead = sizeof(scalar_t) == 2 ? 2 : 1;
   const int staged_items = t.rows * cols;
   CeStageItem<acc_t> ahead_item[kAhead];
 #pragma unroll
@@ -241,33 +242,46 @@ __global__ void __launch_bounds__(kThreads, 4) ce_backward_kernel(
     const int item = threadIdx.x + k * blockDim.x;
     if (item < staged_items) ahead_item[k] = ce_backward_stage_item_for(item / cols, item % cols, t, geo, buf);
   }
-  CeStageLoad<acc_t> ahead[kAhead];
+  CeStageLoad<acc_t> ahead[kAhead][kCePassClasses];
   const scalar_t* sample_logits = held_pointer(logits + sample);
-  const auto stage_begin = [&](int c) {
+  const auto pass_classes = [&](int c0) { return geo.C - c0 < kCePassClasses ? geo.C - c0 : kCePassClasses; };
+  const auto stage_begin = [&](int c0) {
 #pragma unroll
     for (int k = 0; k < kAhead; ++k)
-      if (threadIdx.x + k * blockDim.x < staged_items)
-        ahead[k] = ce_stage_load<scalar_t, acc_t>(ahead_item[k], sample_logits, c * plane);
+#pragma unroll
+      for (int q = 0; q < kCePassClasses; ++q)
+        if (threadIdx.x + k * blockDim.x < staged_items && q < pass_classes(c0))
+          ahead[k][q] = ce_stage_load<scalar_t, acc_t>(ahead_item[k], sample_logits, (c0 + q) * plane);
   };
-  const auto stage_end = [&](int c) {
+  const auto stage_end = [&](int c0) {
 #pragma unroll
     for (int k = 0; k < kAhead; ++k)
-      if (threadIdx.x + k * blockDim.x < staged_items) ce_stage_store(ahead[k], ahead_item[k], buf.staged);
+#pragma unroll
+      for (int q = 0; q < kCePassClasses; ++q)
+        if (threadIdx.x + k * blockDim.x < staged_items && q < pass_classes(c0))
+          ce_stage_store(ahead[k][q], ahead_item[k], buf.staged + q);
     for (int item = threadIdx.x + kAhead * blockDim.x; item < staged_items; item += blockDim.x)
-      ce_backward_stage_item<scalar_t, acc_t>(item / cols, item % cols, t, geo, sample_logits + c * plane, buf);
+      ce_backward_stage_item<scalar_t, acc_t>(item / cols, item % cols, t, geo, sample_logits, c0, pass_classes(c0),
+                                              buf);
   };
   stage_begin(0);
   stage_end(0);
   __syncthreads();
-  for (int c = 0; c < geo.C; ++c) {
-    const bool stage_next = c + 1 < geo.C;
-    if (stage_next) stage_begin(c + 1);
-    for_grid_items(ce_tile_segments(t), cols, [&](int k, int x) { ce_backward_segment_item(k, x, c, t, buf); });
+  const int outputs = ce_tile_outputs(t, geo.h, geo.w);
+  for (int c0 = 0; c0 < geo.C; c0 += kCePassClasses) {
+    const int classes = pass_classes(c0);
+    const bool stage_next = c0 + classes < geo.C;
+    if (stage_next) stage_begin(c0 + classes);
+    if (classes == kCePassClasses)
+      for_grid_items(ce_tile_segments(t), cols,
+                     [&](int k, int x) { ce_backward_segment_item<kCePassClasses>(k, x, c0, t, buf); });
+    else
+      for_grid_items(ce_tile_segments(t), cols, [&](int k, int x) { ce_backward_segment_item<1>(k, x, c0, t, buf); });
     __syncthreads();  // the segment sums are complete; the staged rows are free
-    for (int item = threadIdx.x; item < ce_tile_outputs(t, geo.h, geo.w); item += blockDim.x)
-      ce_backward_output_item<scalar_t, acc_t>(item, c, t, geo, buf, rim, grad_logits + sample + c * plane);
-    if (stage_next) stage_end(c + 1);
-    __syncthreads();  // the next class's rows are staged; the segment sums are free
+    for (int item = threadIdx.x; item < classes * outputs; item += blockDim.x)
+      ce_backward_output_item<scalar_t, acc_t>(item, outputs, c0, t, geo, buf, rim, grad_logits + sample);
+    if (stage_next) stage_end(c0 + classes);
+    __syncthreads();  // the next pass's rows are staged; the segment sums are free
   }
 }
 
@@ -493,10 +507,11 @@ void backward_typed(const CeBackwardCall& call, int64_t ignore_index) {
   auto geo = make_ce_geometry<acc_t>(logits.size(0), logits.size(1), logits.size(2), logits.size(3),
                                      call.labels.size(1), call.labels.size(2));
   const auto kernel = ce_backward_kernel<scalar_t, label_t, acc_t>;
-  // the plan is within kCeMaxSharedBytes (prepare); above 48 KiB a kernel must opt in
+  // the plan is within kCeMaxSharedBytes (prepare); above 48 KiB a kernel must opt in (to
+  // the most any plan takes, the same value whichever call sets it: the 1/4 and 1/8 heads do)
   if (call.plan.shared_bytes > kCeSharedBytes)
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(call.plan.shared_bytes)));
+                                        static_cast<int>(kCeMaxSharedBytes)));
   const TileRim<acc_t> rim = backward_rim<acc_t>(call);
   scalar_t* grad_logits = call.grad_logits.mutable_data_ptr<scalar_t>();
   auto stream = c10::cuda::getCurrentCUDAStream();

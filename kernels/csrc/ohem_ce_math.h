@@ -18,9 +18,9 @@
 // tap is i - 1 or i (bilinear.h: first_dst_with_tap_at_least), likewise columns. One CUDA
 // block per tile of low-res rows and columns, all classes (see "Backward tiling" below): each
 // high-res pixel's gradient, label and lse read once per block, the logits interpolated
-// along x once per class and window column into shared memory, each window pixel evaluated
-// once per class. Pixels with a zero incoming gradient (ignored, or not kept by OHEM) are
-// skipped.
+// along x once per class and window column into shared memory, each window pixel read once
+// per pass of two classes and evaluated once per class. Pixels with a zero incoming gradient
+// (ignored, or not kept by OHEM) add nothing.
 //
 // The OHEM selection (the k-th largest pixel loss by a radix select, then per-pixel
 // weights) is at the end of this file.
@@ -59,11 +59,15 @@ CeGeometry<acc_t> make_ce_geometry(int64_t N, int64_t C, int64_t h, int64_t w, i
   return geo;
 }
 
-// Shared memory per block: the forward and the backward's automatic tile stay within 48 KiB
-// (no opt-in), as the other kernels do; where a large upscale leaves no backward tile that
-// fits (1/32: a 48 x 48 window, 32 bytes a pixel in float64, 16 in float32) it may take up to
-// 96 KiB (opt-in; every sm_80+ GPU has 99 KiB or more per block).
+// Shared memory per block: the forward stays within 48 KiB (no opt-in), as the other kernels
+// do. The backward's automatic tile stays within 54 KiB (a pass's two classes take two staged
+// buffers and two sets of sums; above 48 KiB the launch opts in), so that the 1/4 and 1/8
+// heads keep their tiles of about 32 x 64 pixels: 4 blocks an SM on sm_90 (228 KiB, 1 KiB
+// reserved a block), as many as its 64 registers allow; 2 or 3 on sm_80 (164 KiB).
+// Where a large upscale leaves no backward tile that fits (1/32: a 48 x 48 window, 32 bytes
+// a pixel in float64) it may take up to 96 KiB (every sm_80+ GPU has 99 KiB or more a block).
 constexpr int64_t kCeSharedBytes = 48 * 1024;
+constexpr int64_t kCeBackwardSharedBytes = 54 * 1024;
 constexpr int64_t kCeMaxSharedBytes = 96 * 1024;
 
 // ---------------------------------------------------------------------------------------
@@ -428,19 +432,23 @@ BISENET_HD acc_t ohem_weights_pixels(int64_t first, int64_t stride, int64_t pixe
 //   prologue: the window rows' and columns' taps, the segment and column bounds, and each
 //     window pixel's gradient (0 where skipped: ignored, or a zero incoming gradient), lse
 //     and label: read from global memory once for all classes;
-//   per class c:
-//     stage:   staged[r][x] = the logits of low-res row row0 + r interpolated along x at
-//              window column x (ATen's order: along x first), times log2(e);
-//     segment: item (k, x): over the rows y of segment k, z log2(e) from the two staged
-//              rows, gd = g (exp2(z log2(e) - lse log2(e)) - [c == label]) (same_bits.h:
+//   per pass, the classes c0 + q, q < kCePassClasses (the last pass of an odd C has one):
+//     stage:   staged[r][x][q] = the logits of class c0 + q, low-res row row0 + r,
+//              interpolated along x at window column x (ATen's order: along x first), times
+//              log2(e) (a pass's classes side by side: one 8-byte shared load a tap);
+//     segment: item (k, x): over the rows y of segment k, per class c, z log2(e) from the two
+//              staged rows, gd = g (exp2(z log2(e) - lse log2(e)) - [c == label]) (same_bits.h:
 //              exp2_acc, log2(e) applied once per staged value), summed with y's weight to its first
-//              tap s into to_row[k][x] and with its weight to s + 1 into to_next_row[k + 1][x]
-//              (to_row[band], to_next_row[0] stay 0): each window pixel evaluated once;
-//     output:  item (i, j) of the reached low-res pixels: the y-sum of column x for low-res
-//              row ly0 + i is to_row[i][x] + to_next_row[i][x]; summed along x with x's
-//              weight to lx0 + j, it is the gradient of logit (n, c, ly0 + i, lx0 + j), or
+//              tap s into to_row[q][k][x] and with its weight to s + 1 into to_next_row[q][k + 1][x]
+//              (to_row[q][band], to_next_row[q][0] stay 0): each window pixel read once a pass
+//              and evaluated once a class;
+//     output:  item (q, i, j) of the reached low-res pixels: the y-sum of column x for low-res
+//              row ly0 + i is to_row[q][i][x] + to_next_row[q][i][x]; summed along x with x's
+//              weight to lx0 + j, it is the gradient of logit (n, c0 + q, ly0 + i, lx0 + j), or
 //              on a grid line this tile's part of it, written once.
-// Two barriers per class; the next class's stage runs beside the output items.
+// Two barriers per pass; the next pass's stage runs beside the output items. Each class's
+// arithmetic and order are those of a pass of one class: the pass only shares the window
+// pixel's and the row tap's shared loads (and the barriers) between its classes.
 
 // The backward's launch plan, made once on the host and followed by the CUDA launch and the
 // CPU loop alike: the tile (low-res rows and columns per block), the capacities (the most
@@ -462,6 +470,8 @@ struct CeBackwardPlan {
 // within one pass of the block (at most kCeMaxParts), per tile by its columns.
 constexpr int kCeBackwardThreads = 256;
 constexpr int kCeMaxParts = 8;
+// Classes a backward pass walks the window for (see "Backward tiling").
+constexpr int kCePassClasses = 2;
 
 BISENET_HD int ce_backward_parts(int band, int cols) {
   const int parts = cols > 0 ? kCeBackwardThreads / (band * cols) : 1;
@@ -504,11 +514,14 @@ struct alignas(4 * sizeof(acc_t)) CePixel {
 template <typename acc_t>
 struct CeBackwardBuffers {
   CePixel<acc_t>* pixel;  // (window_rows, window_cols): g, lse, label
-  acc_t* staged;       // (band + 1, window_cols): logit rows interpolated along x, times log2(e)
-  acc_t* to_row;       // ((band + 1) * parts, cols) of the tile: row k * parts + q, part q of
-                       // segment k's sums to its first tap row (capacity (band + 1) * part_cols)
+  acc_t* staged;       // (band + 1, window_cols, kCePassClasses): logit rows interpolated along x,
+                       // times log2(e), a pass's classes side by side
+  acc_t* to_row;       // per class of the pass (slot elements apart), ((band + 1) * parts, cols)
+                       // of the tile: row k * parts + q, part q of segment k's sums to its first
+                       // tap row (capacity (band + 1) * part_cols)
   acc_t* to_next_row;  // likewise: row (k + 1) * parts + q, part q of segment k's sums to the
                        // row after
+  int slot;            // (band + 1) * part_cols: to_row's and to_next_row's class stride
   CeTap<acc_t>* row_taps;  // (window_rows,): first, second are offsets into staged
   CeTap<acc_t>* col_taps;  // (window_cols,): first, second are logit columns
   int* part_y;         // (band * parts + 1,) (capacity band * kCeMaxParts + 1): part q of segment k
@@ -528,8 +541,8 @@ struct CeBackwardLayout {
 template <typename acc_t>
 BISENET_HD CeBackwardLayout ce_backward_layout(const CeBackwardPlan& plan) {
   const int64_t window = static_cast<int64_t>(plan.window_rows) * plan.window_cols;
-  const int64_t staged = static_cast<int64_t>(plan.band + 1) * plan.window_cols;
-  const int64_t segments = static_cast<int64_t>(plan.band + 1) * plan.part_cols;
+  const int64_t staged = static_cast<int64_t>(plan.band + 1) * plan.window_cols * kCePassClasses;
+  const int64_t segments = static_cast<int64_t>(plan.band + 1) * plan.part_cols * kCePassClasses;
   const int64_t acc = sizeof(acc_t), taps = sizeof(CeTap<acc_t>), word = sizeof(int);
   CeBackwardLayout at;
   at.row_taps = 0;  // 16-byte aligned first
@@ -556,6 +569,7 @@ BISENET_HD CeBackwardBuffers<acc_t> ce_backward_buffers(unsigned char* base, con
   buf.col_taps = reinterpret_cast<CeTap<acc_t>*>(base + at.col_taps);
   buf.part_y = reinterpret_cast<int*>(base + at.part_y);
   buf.column_x = reinterpret_cast<int*>(base + at.column_x);
+  buf.slot = (plan.band + 1) * plan.part_cols;
   return buf;
 }
 
@@ -608,32 +622,33 @@ BISENET_HD int ce_reached_rows(const CeTile& t, int h) { return reached_span(t.l
 BISENET_HD int ce_reached_cols(const CeTile& t, int w) { return reached_span(t.lx0, t.lx1, w); }
 BISENET_HD int ce_tile_window(const CeTile& t) { return (t.wy1 - t.wy0) * (t.wx1 - t.wx0); }
 BISENET_HD int ce_tile_tables(const CeTile& t, int w) {
-  return (t.wy1 - t.wy0) + (1 + 2 * t.parts) * (t.wx1 - t.wx0) + ((t.ly1 - t.ly0) * t.parts + 1) +
+  return (t.wy1 - t.wy0) + (1 + 2 * kCePassClasses * t.parts) * (t.wx1 - t.wx0) + ((t.ly1 - t.ly0) * t.parts + 1) +
          (ce_reached_cols(t, w) + 2);
 }
 BISENET_HD int ce_tile_segments(const CeTile& t) { return (t.ly1 - t.ly0) * t.parts; }
 BISENET_HD int ce_tile_outputs(const CeTile& t, int h, int w) { return ce_reached_rows(t, h) * ce_reached_cols(t, w); }
 
-// Prologue, item over the tables: the window rows' taps, the columns' taps, the zero rows
-// of to_row for segment band' and of to_next_row for segment -1 (band' = ly1 - ly0; parts
-// rows each), the parts' row bounds, the column bounds (clamped to the window: the columns
-// beyond it are other tiles').
+// Prologue, item over the tables: the window rows' taps, the columns' taps, each class
+// slot's zero rows of to_row for segment band' and of to_next_row for segment -1 (band' =
+// ly1 - ly0; parts rows each), the parts' row bounds, the column bounds (clamped to the
+// window: the columns beyond it are other tiles').
 template <typename acc_t>
 BISENET_HD void ce_backward_table_item(int item, const CeTile& t, const CeGeometry<acc_t>& geo,
                                        const CeBackwardBuffers<acc_t>& buf) {
   const int rows = t.wy1 - t.wy0, cols = t.wx1 - t.wx0, part_bounds = (t.ly1 - t.ly0) * t.parts + 1;
+  const int zero_row = t.parts * cols;  // a slot's zero row
   if (item < rows) {
     const Taps<acc_t> ty = bilinear_taps<acc_t>(t.wy0 + item, geo.h, geo.scale_y);
-    const int row_bytes = cols * static_cast<int>(sizeof(acc_t));
+    const int row_bytes = cols * kCePassClasses * static_cast<int>(sizeof(acc_t));
     buf.row_taps[item] = ce_tap(ty, (ty.i0 - t.row0) * row_bytes, (ty.i1 - t.row0) * row_bytes);
   } else if ((item -= rows) < cols) {
     const Taps<acc_t> tx = bilinear_taps<acc_t>(t.wx0 + item, geo.w, geo.scale_x);
     buf.col_taps[item] = ce_tap(tx, tx.i0, tx.i1);
-  } else if ((item -= cols) < t.parts * cols) {
-    buf.to_row[(t.ly1 - t.ly0) * t.parts * cols + item] = static_cast<acc_t>(0);
-  } else if ((item -= t.parts * cols) < t.parts * cols) {
-    buf.to_next_row[item] = static_cast<acc_t>(0);
-  } else if ((item -= t.parts * cols) < part_bounds) {
+  } else if ((item -= cols) < kCePassClasses * zero_row) {
+    buf.to_row[item / zero_row * buf.slot + (t.ly1 - t.ly0) * zero_row + item % zero_row] = static_cast<acc_t>(0);
+  } else if ((item -= kCePassClasses * zero_row) < kCePassClasses * zero_row) {
+    buf.to_next_row[item / zero_row * buf.slot + item % zero_row] = static_cast<acc_t>(0);
+  } else if ((item -= kCePassClasses * zero_row) < part_bounds) {
     const int k = item / t.parts, q = item % t.parts;  // segment k's rows split evenly
     const int begin = first_dst_with_tap_at_least(t.ly0 + k, geo.h, geo.H, geo.scale_y);
     const int end = q == 0 ? begin : first_dst_with_tap_at_least(t.ly0 + k + 1, geo.h, geo.H, geo.scale_y);
@@ -678,70 +693,94 @@ BISENET_HD void ce_backward_pixel_store(const CePixelLoad<acc_t>& loaded, int it
   buf.pixel[item] = pixel;
 }
 
-// Per class, stage item (r, x) (r < rows, x < window columns): low-res row row0 + r of class
-// plane `plane` (h, w) interpolated along x at window column wx0 + x, times log2(e), into
-// staged (row stride: the window's columns). As the forward's (CeStageItem): the kernel makes
-// its items once and loads the next class's logits before this class's segment items.
+// Per pass, stage item (r, x) (r < rows, x < window columns): low-res row row0 + r of each
+// of the pass's classes c0 + q (q < classes) interpolated along x at window column wx0 + x,
+// times log2(e), into staged[r][x][q]. As the forward's (CeStageItem): the kernel makes its
+// items once and loads the next pass's logits before this pass's segment items. sample: sample
+// n's (C, h, w) logits.
 template <typename acc_t>
 BISENET_HD CeStageItem<acc_t> ce_backward_stage_item_for(int r, int x, const CeTile& t, const CeGeometry<acc_t>& geo,
                                                          const CeBackwardBuffers<acc_t>& buf) {
   const CeTap<acc_t> tx = buf.col_taps[x];
-  return ce_stage_item((t.row0 + r) * geo.w, Taps<acc_t>{tx.first, tx.second, tx.w0, tx.w1}, r * (t.wx1 - t.wx0) + x);
+  return ce_stage_item((t.row0 + r) * geo.w, Taps<acc_t>{tx.first, tx.second, tx.w0, tx.w1},
+                       (r * (t.wx1 - t.wx0) + x) * kCePassClasses);
 }
 
 template <typename scalar_t, typename acc_t>
 BISENET_HD void ce_backward_stage_item(int r, int x, const CeTile& t, const CeGeometry<acc_t>& geo,
-                                       const scalar_t* plane, const CeBackwardBuffers<acc_t>& buf) {
+                                       const scalar_t* sample, int c0, int classes,
+                                       const CeBackwardBuffers<acc_t>& buf) {
   const CeStageItem<acc_t> item = ce_backward_stage_item_for(r, x, t, geo, buf);
-  ce_stage_store(ce_stage_load<scalar_t, acc_t>(item, plane, 0), item, buf.staged);
+  for (int q = 0; q < classes; ++q)
+    ce_stage_store(ce_stage_load<scalar_t, acc_t>(item, sample, (c0 + q) * geo.h * geo.w), item, buf.staged + q);
 }
 
-// Per class, segment item (kq, x) (kq < band' * parts, x < window columns): part q = kq % parts
+// A pass's staged values at one (row, column), read with one shared load.
+template <typename acc_t, int kClasses>
+struct alignas(kClasses * sizeof(acc_t)) CeStaged {
+  acc_t z_log2[kClasses];
+};
+
+// Per pass, segment item (kq, x) (kq < band' * parts, x < window columns): part q = kq % parts
 // of the rows of segment k = kq / parts at window column x (the segment's rows split into
-// parts consecutive pieces), their g (exp(z - lse) - [c == label]) summed with each row's
-// weight to low-res row s = ly0 + k and to s + 1. Skipped pixels (g == 0) add +0 whatever
-// their d (a select, not a branch: with no branch in the walk the compiler overlaps one
-// pixel's chain of dependent shared loads and arithmetic with the next pixels').
-template <typename acc_t>
-BISENET_HD void ce_backward_segment_item(int kq, int x, int c, const CeTile& t, const CeBackwardBuffers<acc_t>& buf) {
+// parts consecutive pieces), for each class c = c0 + i of the pass (i < kClasses: the pass's
+// classes, kCePassClasses or the odd C's last one), their g (exp(z - lse) - [c == label])
+// summed with each row's weight to low-res row s = ly0 + k and to s + 1: each row's pixel and
+// taps read once for the pass. Skipped pixels (g == 0) add +0 whatever their d (a select, not
+// a branch: with no branch in the walk the compiler overlaps one pixel's chain of dependent
+// shared loads and arithmetic with the next pixels').
+template <int kClasses, typename acc_t>
+BISENET_HD void ce_backward_segment_item(int kq, int x, int c0, const CeTile& t, const CeBackwardBuffers<acc_t>& buf) {
   const int cols = t.wx1 - t.wx0;
-  acc_t sum_row = static_cast<acc_t>(0), sum_next = static_cast<acc_t>(0);
+  acc_t sum_row[kClasses], sum_next[kClasses];
+#pragma unroll
+  for (int i = 0; i < kClasses; ++i) sum_row[i] = sum_next[i] = static_cast<acc_t>(0);
   const int y_begin = buf.part_y[kq] - t.wy0, y_end = buf.part_y[kq + 1] - t.wy0;
   const CePixel<acc_t>* pixel_column = buf.pixel + x;  // column x of the window's (rows, cols) arrays
-  const acc_t* staged_column = buf.staged + x;
+  const acc_t* staged_column = buf.staged + x * kCePassClasses;
   for (int y = y_begin; y < y_end; ++y) {
-    const int p = y * cols;
-    const CePixel<acc_t> pixel = pixel_column[p];
+    const CePixel<acc_t> pixel = pixel_column[y * cols];
     const acc_t g = pixel.grad;
     const CeTap<acc_t> ty = buf.row_taps[y];  // its first tap is s = ly0 + k
-    const acc_t z_log2 = lerp_taps(Taps<acc_t>{0, 0, ty.w0, ty.w1}, staged_at(staged_column, ty.first),
-                                   staged_at(staged_column, ty.second));
-    acc_t d = exp2_acc(z_log2 - pixel.lse_log2);
-    if (pixel.label == c) d -= static_cast<acc_t>(1);
-    const acc_t gd = g == static_cast<acc_t>(0) ? static_cast<acc_t>(0) : g * d;  // d may be NaN there
-    sum_row = fma_acc(ty.to_first, gd, sum_row);
-    sum_next = fma_acc(ty.to_next, gd, sum_next);
+    using Staged = CeStaged<acc_t, kClasses>;
+    const Staged first = *reinterpret_cast<const Staged*>(&staged_at(staged_column, ty.first));
+    const Staged second = *reinterpret_cast<const Staged*>(&staged_at(staged_column, ty.second));
+#pragma unroll
+    for (int i = 0; i < kClasses; ++i) {
+      const acc_t z_log2 = lerp_taps(Taps<acc_t>{0, 0, ty.w0, ty.w1}, first.z_log2[i], second.z_log2[i]);
+      acc_t d = exp2_acc(z_log2 - pixel.lse_log2);
+      if (pixel.label == c0 + i) d -= static_cast<acc_t>(1);
+      const acc_t gd = g == static_cast<acc_t>(0) ? static_cast<acc_t>(0) : g * d;  // d may be NaN there
+      sum_row[i] = fma_acc(ty.to_first, gd, sum_row[i]);
+      sum_next[i] = fma_acc(ty.to_next, gd, sum_next[i]);
+    }
   }
-  buf.to_row[kq * cols + x] = sum_row;
-  buf.to_next_row[(kq + t.parts) * cols + x] = sum_next;
+#pragma unroll
+  for (int i = 0; i < kClasses; ++i) {
+    buf.to_row[i * buf.slot + kq * cols + x] = sum_row[i];
+    buf.to_next_row[i * buf.slot + (kq + t.parts) * cols + x] = sum_next[i];
+  }
 }
 
 // The rim (bilinear.h: TileRim) holds one value per entry and class, each class's entries
 // adjacent: the tiles' partial gradients of the logits on grid lines.
 
-// Per class, output item (i, j) (i < reached rows, j < reached columns): the gradient of
-// logit (n, c, ly0 + i, lx0 + j) into its class plane `plane_out` (h, w), or on a grid line
-// this tile's part of it into the rim.
+// Per pass, output item (q, i, j) = item (q < the pass's classes, i < reached rows, j <
+// reached columns; `outputs` = ce_tile_outputs): the gradient of logit (n, c0 + q, ly0 + i,
+// lx0 + j) into sample_out, sample n's (C, h, w), or on a grid line this tile's part of it
+// into the rim.
 template <typename scalar_t, typename acc_t>
-BISENET_HD void ce_backward_output_item(int item, int c, const CeTile& t, const CeGeometry<acc_t>& geo,
+BISENET_HD void ce_backward_output_item(int item, int outputs, int c0, const CeTile& t, const CeGeometry<acc_t>& geo,
                                         const CeBackwardBuffers<acc_t>& buf, const TileRim<acc_t>& rim,
-                                        scalar_t* plane_out) {
+                                        scalar_t* sample_out) {
   const int cols = t.wx1 - t.wx0, reached_cols = ce_reached_cols(t, geo.w);
+  const int q = item / outputs, c = c0 + q;
+  item -= q * outputs;
   const int i = item / reached_cols, j = item % reached_cols;
   // segment ly0 + i's parts: rows whose first tap is this row; segment ly0 + i - 1's parts:
   // rows whose second tap is
-  const acc_t* to_row = buf.to_row + i * t.parts * cols;
-  const acc_t* to_next_row = buf.to_next_row + i * t.parts * cols;
+  const acc_t* to_row = buf.to_row + q * buf.slot + i * t.parts * cols;
+  const acc_t* to_next_row = buf.to_next_row + q * buf.slot + i * t.parts * cols;
   const auto column_sum = [&](int x) {  // window column x's y-sum for this row, its parts in order
     acc_t from_row = to_row[x], from_next_row = to_next_row[x];
     for (int q = 1; q < t.parts; ++q) {
@@ -761,7 +800,7 @@ BISENET_HD void ce_backward_output_item(int item, int c, const CeTile& t, const 
   if (on_rim(i, j, rim.tile_h, rim.tile_w))
     rim.data[rim_offset(rim, t.n, t.tile_y, t.tile_x, i, j, c)] = grad;
   else
-    plane_out[(t.ly0 + i) * geo.w + t.lx0 + j] = static_cast<scalar_t>(grad);
+    sample_out[(c * geo.h + t.ly0 + i) * geo.w + t.lx0 + j] = static_cast<scalar_t>(grad);
 }
 
 // The grid-line logits' pass, item = (n * C + c) * rim_pixels + p: the sum of the tiles'
@@ -781,7 +820,7 @@ BISENET_HD void ce_backward_rim_item(index_t item, const CeGeometry<acc_t>& geo,
 }
 
 // Host side: the plan. band, chunk <= 0: automatic, a tile owning about 32 x 64 high-res
-// pixels, shrunk (the side with the longer window first) until it fits kCeSharedBytes; where
+// pixels, shrunk (the side with the longer window first) until it fits kCeBackwardSharedBytes; where
 // not even 1 x 1 does, 1 x 1 within kCeMaxSharedBytes. An explicit tile is kept. Returns
 // whether the plan is within kCeMaxSharedBytes.
 template <typename acc_t>
@@ -809,7 +848,7 @@ inline bool plan_ce_backward(const CeGeometry<acc_t>& geo, int band, int chunk, 
   plan->chunk = chunk < 1 ? 1 : (chunk > geo.w ? geo.w : chunk);
   while (true) {
     ce_backward_capacities(geo, plan);
-    if (plan->shared_bytes <= kCeSharedBytes || (plan->band == 1 && plan->chunk == 1)) break;
+    if (plan->shared_bytes <= kCeBackwardSharedBytes || (plan->band == 1 && plan->chunk == 1)) break;
     if (plan->chunk > 1 && (plan->window_cols >= plan->window_rows || plan->band == 1)) --plan->chunk;
     else --plan->band;
   }
