@@ -136,25 +136,32 @@ void forward_cpu_typed(const CeForwardCall& call, int64_t ignore_index) {
                                                               ignore_index);
       });
     };
-    const auto stage = [&](int c) {
+    const auto stage = [&](int c0) {
       for_items(static_cast<int64_t>(t.rows) * cols, reversed, [&](int64_t item) {
         ce_forward_stage_item<scalar_t, acc_t>(static_cast<int>(item / cols), static_cast<int>(item % cols), t, geo,
-                                               sample + c * plane, buf.col_taps, ce_forward_staged_for(buf, c));
+                                               sample, c0, ce_pass_classes(c0, geo.C), buf.col_taps,
+                                               ce_forward_staged_for(buf, c0));
       });
     };
-    const auto add_class = [&](int c) {  // the kernel evaluates ignored pixels too, and drops them
+    const auto add_pass = [&](int c0) {  // the kernel evaluates ignored pixels too, and drops them
+      const acc_t* staged = ce_forward_staged_for(buf, c0);
+      const bool pair = ce_pass_classes(c0, geo.C) == kCePassClasses;
       for_items(ce_forward_pixels(t), reversed, [&](int64_t item) {
-        if (states[item].label == -1) return;
-        if (c == 0) ce_forward_pixel_first(states[item], ce_forward_staged_for(buf, c));
-        else ce_forward_pixel_class(states[item], c, ce_forward_staged_for(buf, c));
+        CeOnlineLse<acc_t>& state = states[item];
+        if (state.label == -1) return;
+        if (pair && c0 == 0) ce_forward_pixel_pass<kCePassClasses, true>(state, c0, staged);
+        else if (pair) ce_forward_pixel_pass<kCePassClasses, false>(state, c0, staged);
+        else if (c0 == 0) ce_forward_pixel_pass<1, true>(state, c0, staged);
+        else ce_forward_pixel_pass<1, false>(state, c0, staged);
       });
     };
     if (reversed) { starts(); tables(); } else { tables(); starts(); }
     stage(0);
-    for (int c = 0; c < geo.C; ++c) {  // class c's pixels beside class c + 1's staging
-      if (reversed) add_class(c);
-      if (c + 1 < geo.C) stage(c + 1);
-      if (!reversed) add_class(c);
+    for (int c0 = 0; c0 < geo.C; c0 += kCePassClasses) {  // a pass's pixels beside the next pass's staging
+      const int next = c0 + ce_pass_classes(c0, geo.C);
+      if (reversed) add_pass(c0);
+      if (next < geo.C) stage(next);
+      if (!reversed) add_pass(c0);
     }
     for_items(ce_forward_pixels(t), reversed, [&](int64_t item) {
       const int64_t p = t.n * pixels + ce_forward_pixel_offset(static_cast<int>(item), t, geo);
@@ -237,7 +244,7 @@ void backward_cpu_typed(const CeBackwardCall& call, int64_t ignore_index) {
         ce_backward_pixel_store(loaded, static_cast<int>(item), geo.C, ignore_index, buf);
       });
     };
-    const auto pass_classes = [&](int c0) { return std::min(geo.C - c0, kCePassClasses); };
+    const auto pass_classes = [&](int c0) { return ce_pass_classes(c0, geo.C); };
     const auto stage = [&](int c0) {
       for_items(static_cast<int64_t>(t.rows) * cols, reversed, [&](int64_t item) {
         ce_backward_stage_item<scalar_t, acc_t>(static_cast<int>(item / cols), static_cast<int>(item % cols), t, geo,

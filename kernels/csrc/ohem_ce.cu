@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <tuple>
+#include <type_traits>
 
 #include "ohem_ce_op.h"
 
@@ -78,15 +79,16 @@ __global__ void __launch_bounds__(kCeForwardThreads, 3) ce_forward_kernel(
     state[k] = ce_forward_pixel_start<label_t, acc_t>(threadIdx.x + k * kCeForwardThreads, t, geo,
                                                       labels + t.n * pixels, ignore_index);
   __syncthreads();  // the column taps
-  // stage items (r, x): this thread's column, every kStageRowStep-th row from first_row. The
-  // first kAhead of a class are loaded before the previous class's math and stored after it,
-  // so the loads' latency passes under the math; rows beyond them (only where a band reads more
-  // than kAhead * kStageRowStep low-res rows) are staged at once. The items are the same for
-  // every class (made once), their offsets 32-bit.
+  // stage items (r, x): this thread's column, every kStageRowStep-th row from first_row, each
+  // the pass's classes. The first kAhead of a pass are loaded before the previous pass's math
+  // and stored after it, so the loads' latency passes under the math; rows beyond them (only
+  // where a band reads more than kAhead * kStageRowStep low-res rows) are staged at once. The
+  // items are the same for every pass (made once), their offsets 32-bit. Two items ahead for
+  // 16-bit logits, one for float32 (with two, ptxas spills 92 bytes at 80 registers).
   const int stage_x = threadIdx.x % kCeForwardChunk;
   const bool stages = stage_x < t.x1 - t.x0;
   constexpr int kStageRowStep = kCeForwardThreads / kCeForwardChunk;
-  constexpr int kAhead = 2;
+  constexpr int kAhead = sizeof(scalar_t) == 2 ? 2 : 1;
   const int first_row = threadIdx.x / kCeForwardChunk;
   CeStageItem<acc_t> ahead_item[kAhead];
   bool ahead_stages[kAhead];
@@ -96,40 +98,54 @@ __global__ void __launch_bounds__(kCeForwardThreads, 3) ce_forward_kernel(
     ahead_stages[k] = stages && r < t.rows;
     if (ahead_stages[k]) ahead_item[k] = ce_forward_stage_item_for(r, stage_x, t, geo, buf.col_taps);
   }
-  CeStageLoad<acc_t> ahead[kAhead];
-  const auto stage_begin = [&](int c) {
+  CeStageLoad<acc_t> ahead[kAhead][kCePassClasses];
+  const auto stage_begin = [&](int c0) {
+    const int classes = ce_pass_classes(c0, geo.C);
 #pragma unroll
     for (int k = 0; k < kAhead; ++k)
-      if (ahead_stages[k]) ahead[k] = ce_stage_load<scalar_t, acc_t>(ahead_item[k], sample, c * plane);
+#pragma unroll
+      for (int q = 0; q < kCePassClasses; ++q)
+        if (ahead_stages[k] && q < classes)
+          ahead[k][q] = ce_stage_load<scalar_t, acc_t>(ahead_item[k], sample, (c0 + q) * plane);
     if (stages)
       for (int r = first_row + kAhead * kStageRowStep; r < t.rows; r += kStageRowStep)
-        ce_forward_stage_item<scalar_t, acc_t>(r, stage_x, t, geo, sample + c * plane, buf.col_taps,
-                                               ce_forward_staged_for(buf, c));
+        ce_forward_stage_item<scalar_t, acc_t>(r, stage_x, t, geo, sample, c0, classes, buf.col_taps,
+                                               ce_forward_staged_for(buf, c0));
   };
-  const auto stage_end = [&](int c) {
+  const auto stage_end = [&](int c0) {
+    const int classes = ce_pass_classes(c0, geo.C);
 #pragma unroll
     for (int k = 0; k < kAhead; ++k)
-      if (ahead_stages[k]) ce_stage_store(ahead[k], ahead_item[k], ce_forward_staged_for(buf, c));
+#pragma unroll
+      for (int q = 0; q < kCePassClasses; ++q)
+        if (ahead_stages[k] && q < classes)
+          ce_stage_store(ahead[k][q], ahead_item[k], ce_forward_staged_for(buf, c0) + q);
   };
+  // A pass: the next pass's loads, this pass's pixels, the next pass's stores, a barrier. Every
+  // slot runs every class, ignored or not (no branch: a warp's pixels take the same path);
+  // ce_forward_pixel_finish drops what the ignored ones computed. classes, first:
+  // std::integral_constant (the pass's classes; whether it is the first).
+  const auto pass = [&](int c0, auto classes, auto first) {
+    const int next = c0 + decltype(classes)::value;
+    if (next < geo.C) stage_begin(next);
+    const acc_t* staged = ce_forward_staged_for(buf, c0);
+#pragma unroll
+    for (int k = 0; k < kCeForwardPixels; ++k)
+      ce_forward_pixel_pass<decltype(classes)::value, decltype(first)::value>(state[k], c0, staged);
+    if (next < geo.C) stage_end(next);
+    __syncthreads();  // the next pass is staged; this pass's buffer is free
+  };
+  using Pair = std::integral_constant<int, kCePassClasses>;
+  using One = std::integral_constant<int, 1>;
   stage_begin(0);
   stage_end(0);
   __syncthreads();
-  // every slot runs every class, ignored or not (no branch: a warp's pixels take the same
-  // path); ce_forward_pixel_finish drops what the ignored ones computed
-  for (int c = 0; c < geo.C; ++c) {
-    const bool stage_next = c + 1 < geo.C;
-    if (stage_next) stage_begin(c + 1);
-    const acc_t* staged = ce_forward_staged_for(buf, c);
-    if (c == 0) {
-#pragma unroll
-      for (int k = 0; k < kCeForwardPixels; ++k) ce_forward_pixel_first(state[k], staged);
-    } else {
-#pragma unroll
-      for (int k = 0; k < kCeForwardPixels; ++k) ce_forward_pixel_class(state[k], c, staged);
-    }
-    if (stage_next) stage_end(c + 1);
-    __syncthreads();  // class c + 1 is staged; class c's buffer is free
-  }
+  // the first pass, the other full passes, an odd C's last class (one loop body, no variants)
+  if (geo.C >= kCePassClasses) pass(0, Pair(), std::true_type());
+  else pass(0, One(), std::true_type());
+  int c0 = kCePassClasses;
+  for (; c0 + kCePassClasses <= geo.C; c0 += kCePassClasses) pass(c0, Pair(), std::false_type());
+  if (c0 < geo.C) pass(c0, One(), std::false_type());
   acc_t mean_sum = static_cast<acc_t>(0);
   int64_t mean_count = 0;
 #pragma unroll
@@ -244,7 +260,7 @@ __global__ void __launch_bounds__(kThreads, 4) ce_backward_kernel(
   }
   CeStageLoad<acc_t> ahead[kAhead][kCePassClasses];
   const scalar_t* sample_logits = held_pointer(logits + sample);
-  const auto pass_classes = [&](int c0) { return geo.C - c0 < kCePassClasses ? geo.C - c0 : kCePassClasses; };
+  const auto pass_classes = [&](int c0) { return ce_pass_classes(c0, geo.C); };
   const auto stage_begin = [&](int c0) {
 #pragma unroll
     for (int k = 0; k < kAhead; ++k)

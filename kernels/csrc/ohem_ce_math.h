@@ -116,14 +116,33 @@ BISENET_HD void ce_mean_finish(acc_t sum, int64_t count, acc_t* mean, acc_t* den
 }
 
 // ---------------------------------------------------------------------------------------
+// Both kernels take the classes in passes of kCePassClasses (the last pass of an odd C has
+// one): a pass stages its classes' logit rows side by side, so that a pixel reads a pass's
+// values at one staged tap with one shared load, and the block meets at a barrier once a
+// pass. Each class's arithmetic, and the order of the classes, is that of one class a pass.
+constexpr int kCePassClasses = 2;
+
+// A pass's staged values at one (row, column).
+template <typename acc_t, int kClasses>
+struct alignas(kClasses * sizeof(acc_t)) CeStaged {
+  acc_t z_log2[kClasses];
+};
+
+// The classes of the pass that starts at class c0, of C.
+BISENET_HD int ce_pass_classes(int c0, int classes) {
+  return classes - c0 < kCePassClasses ? classes - c0 : kCePassClasses;
+}
+
+// ---------------------------------------------------------------------------------------
 // Forward tiling. A block owns a tile of high-res rows [y0, y1) (a band, up to
 // kCeForwardBand) and columns [x0, x1) (a chunk, kCeForwardChunk) of sample n; it reads low-res
 // rows [row0, row0 + rows) (taps are non-decreasing: the first row's i0 to the last row's i1).
 // Each thread keeps the online log-sum-exp of up to kCeForwardPixels pixels in registers
-// (CeOnlineLse) over the classes; per class c the block stages the rows it reads interpolated
-// along x at its columns, times log2(e) (ATen's order: along x first), and each pixel takes
-// z log2(e) from its two staged rows: one lerp, where a pixel reading its 4 taps takes 3 and
-// 4 loads. The staged rows are double-buffered: one barrier per class.
+// (CeOnlineLse) over the classes; per pass the block stages the rows it reads of the pass's
+// classes interpolated along x at its columns, times log2(e) (ATen's order: along x first),
+// and each pixel takes each class's z log2(e) from its two staged rows: one lerp, where a
+// pixel reading its 4 taps takes 3 and 4 loads. The staged rows are double-buffered: one
+// barrier per pass.
 constexpr int kCeForwardThreads = 256;
 constexpr int kCeForwardChunk = 64;
 constexpr int kCeForwardBand = 16;
@@ -170,19 +189,21 @@ BISENET_HD int ce_forward_pixels(const CeForwardTile& t) { return (t.y1 - t.y0) 
 template <typename acc_t>
 struct CeForwardBuffers {
   Taps<acc_t>* col_taps;  // (kCeForwardChunk,)
-  acc_t* staged;          // (2, staged_rows, kCeForwardChunk): class c uses half c % 2
-  int half;               // staged_rows * kCeForwardChunk
+  acc_t* staged;          // (2, staged_rows, kCeForwardChunk, kCePassClasses): the pass of class
+                          // c0 uses half (c0 / kCePassClasses) % 2
+  int half;               // staged_rows * kCeForwardChunk * kCePassClasses
 };
 
 template <typename acc_t>
-BISENET_HD acc_t* ce_forward_staged_for(const CeForwardBuffers<acc_t>& buf, int c) {
-  return buf.staged + (c & 1) * buf.half;
+BISENET_HD acc_t* ce_forward_staged_for(const CeForwardBuffers<acc_t>& buf, int c0) {
+  return buf.staged + ((c0 / kCePassClasses) & 1) * buf.half;
 }
 
 template <typename acc_t>
 BISENET_HD int64_t ce_forward_bytes(const CeForwardPlan& plan) {
   const int64_t tables = kCeForwardChunk * (static_cast<int64_t>(sizeof(Taps<acc_t>)) +
-                                            2 * static_cast<int64_t>(plan.staged_rows) * static_cast<int64_t>(sizeof(acc_t)));
+                                            2 * static_cast<int64_t>(plan.staged_rows) * kCePassClasses *
+                                                static_cast<int64_t>(sizeof(acc_t)));
   return tables > ce_mean_tree_bytes<acc_t>() ? tables : ce_mean_tree_bytes<acc_t>();
 }
 
@@ -191,7 +212,7 @@ BISENET_HD CeForwardBuffers<acc_t> ce_forward_buffers(unsigned char* base, const
   CeForwardBuffers<acc_t> buf;
   buf.col_taps = reinterpret_cast<Taps<acc_t>*>(base);
   buf.staged = reinterpret_cast<acc_t*>(base + kCeForwardChunk * sizeof(Taps<acc_t>));
-  buf.half = plan.staged_rows * kCeForwardChunk;
+  buf.half = plan.staged_rows * kCeForwardChunk * kCePassClasses;
   return buf;
 }
 
@@ -272,14 +293,18 @@ BISENET_HD void ce_stage_store(const CeStageLoad<acc_t>& loaded, const CeStageIt
 template <typename acc_t>
 BISENET_HD CeStageItem<acc_t> ce_forward_stage_item_for(int r, int x, const CeForwardTile& t,
                                                         const CeGeometry<acc_t>& geo, const Taps<acc_t>* col_taps) {
-  return ce_stage_item((t.row0 + r) * geo.w, col_taps[x], r * kCeForwardChunk + x);
+  return ce_stage_item((t.row0 + r) * geo.w, col_taps[x], (r * kCeForwardChunk + x) * kCePassClasses);
 }
 
+// Stage item (r, x) of the pass of classes [c0, c0 + classes) into staged[r][x][q]; sample:
+// sample n's (C, h, w) logits.
 template <typename scalar_t, typename acc_t>
 BISENET_HD void ce_forward_stage_item(int r, int x, const CeForwardTile& t, const CeGeometry<acc_t>& geo,
-                                      const scalar_t* plane, const Taps<acc_t>* col_taps, acc_t* staged) {
+                                      const scalar_t* sample, int c0, int classes, const Taps<acc_t>* col_taps,
+                                      acc_t* staged) {
   const CeStageItem<acc_t> item = ce_forward_stage_item_for(r, x, t, geo, col_taps);
-  ce_stage_store(ce_stage_load<scalar_t, acc_t>(item, plane, 0), item, staged);
+  for (int q = 0; q < classes; ++q)
+    ce_stage_store(ce_stage_load<scalar_t, acc_t>(item, sample, (c0 + q) * geo.h * geo.w), item, staged + q);
 }
 
 // One pixel's online log-sum-exp over the classes, in log2 units: the running maximum of
@@ -287,7 +312,7 @@ BISENET_HD void ce_forward_stage_item(int r, int x, const CeForwardTile& t, cons
 template <typename acc_t>
 struct CeOnlineLse {
   int label;         // -1: ignored (or no pixel); -2: outside [0, C) (loss and lse NaN)
-  int staged0, staged1;  // its two staged rows' byte offsets in a staged buffer
+  int staged0, staged1;  // its two staged rows' byte offsets in a staged buffer (its pass's first class)
   acc_t w0, w1;      // their weights
   acc_t max_z, sum, label_z;
 };
@@ -310,24 +335,16 @@ BISENET_HD CeOnlineLse<acc_t> ce_forward_pixel_start(int item, const CeForwardTi
   const int64_t label = static_cast<int64_t>(labels[(t.y0 + y) * geo.W + t.x0 + x]);
   state.label = label == ignore_index ? -1 : (label < 0 || label >= geo.C ? -2 : static_cast<int>(label));
   const Taps<acc_t> ty = bilinear_taps<acc_t>(t.y0 + y, geo.h, geo.scale_y);
-  state.staged0 = static_cast<int>(((ty.i0 - t.row0) * kCeForwardChunk + x) * sizeof(acc_t));
-  state.staged1 = static_cast<int>(((ty.i1 - t.row0) * kCeForwardChunk + x) * sizeof(acc_t));
+  state.staged0 = static_cast<int>(((ty.i0 - t.row0) * kCeForwardChunk + x) * kCePassClasses * sizeof(acc_t));
+  state.staged1 = static_cast<int>(((ty.i1 - t.row0) * kCeForwardChunk + x) * kCePassClasses * sizeof(acc_t));
   state.w0 = ty.w0;
   state.w1 = ty.w1;
   return state;
 }
 
-// The pixel's z log2(e) of the class staged in `staged`.
+// Class 0, z its z log2(e): the running maximum is its z, the sum 2^0.
 template <typename acc_t>
-BISENET_HD acc_t ce_forward_pixel_z(const CeOnlineLse<acc_t>& state, const acc_t* staged) {
-  return lerp_taps(Taps<acc_t>{0, 0, state.w0, state.w1}, staged_at(staged, state.staged0),
-                   staged_at(staged, state.staged1));
-}
-
-// Class 0: the running maximum is its z, the sum 2^0.
-template <typename acc_t>
-BISENET_HD void ce_forward_pixel_first(CeOnlineLse<acc_t>& state, const acc_t* staged) {
-  const acc_t z = ce_forward_pixel_z(state, staged);
+BISENET_HD void ce_forward_pixel_first(CeOnlineLse<acc_t>& state, acc_t z) {
   state.label_z = state.label == 0 ? z : state.label_z;
   state.max_z = z;
   state.sum = static_cast<acc_t>(1);
@@ -337,13 +354,29 @@ BISENET_HD void ce_forward_pixel_first(CeOnlineLse<acc_t>& state, const acc_t* s
 // z - maximum below the maximum (the new term added) and maximum - z above it (the old terms
 // rescaled; IEEE subtraction is antisymmetric, so the same bits as that difference).
 template <typename acc_t>
-BISENET_HD void ce_forward_pixel_class(CeOnlineLse<acc_t>& state, int c, const acc_t* staged) {
-  const acc_t z = ce_forward_pixel_z(state, staged);
+BISENET_HD void ce_forward_pixel_class(CeOnlineLse<acc_t>& state, int c, acc_t z) {
   state.label_z = c == state.label ? z : state.label_z;
   const bool above = z > state.max_z;
   const acc_t e = exp2_nonpositive(-fabs(z - state.max_z));
   state.sum = above ? fma_acc(state.sum, e, static_cast<acc_t>(1)) : state.sum + e;
   state.max_z = above ? z : state.max_z;
+}
+
+// The pass of classes [c0, c0 + kClasses) staged in `staged` (kFirst: c0 == 0): each class's z
+// log2(e) from the pixel's two staged rows (one shared load a row for the pass), in order.
+template <int kClasses, bool kFirst, typename acc_t>
+BISENET_HD void ce_forward_pixel_pass(CeOnlineLse<acc_t>& state, int c0, const acc_t* staged) {
+  using Staged = CeStaged<acc_t, kClasses>;
+  const Staged row0 = *reinterpret_cast<const Staged*>(&staged_at(staged, state.staged0));
+  const Staged row1 = *reinterpret_cast<const Staged*>(&staged_at(staged, state.staged1));
+#pragma unroll
+  for (int i = 0; i < kClasses; ++i) {
+    const acc_t z = lerp_taps(Taps<acc_t>{0, 0, state.w0, state.w1}, row0.z_log2[i], row1.z_log2[i]);
+    if (kFirst && i == 0)
+      ce_forward_pixel_first(state, z);
+    else
+      ce_forward_pixel_class(state, c0 + i, z);
+  }
 }
 
 // The offset of pixel `item` (item < the tile's pixels) in its sample's (H, W) plane.
@@ -470,8 +503,6 @@ struct CeBackwardPlan {
 // within one pass of the block (at most kCeMaxParts), per tile by its columns.
 constexpr int kCeBackwardThreads = 256;
 constexpr int kCeMaxParts = 8;
-// Classes a backward pass walks the window for (see "Backward tiling").
-constexpr int kCePassClasses = 2;
 
 BISENET_HD int ce_backward_parts(int band, int cols) {
   const int parts = cols > 0 ? kCeBackwardThreads / (band * cols) : 1;
@@ -714,12 +745,6 @@ BISENET_HD void ce_backward_stage_item(int r, int x, const CeTile& t, const CeGe
   for (int q = 0; q < classes; ++q)
     ce_stage_store(ce_stage_load<scalar_t, acc_t>(item, sample, (c0 + q) * geo.h * geo.w), item, buf.staged + q);
 }
-
-// A pass's staged values at one (row, column), read with one shared load.
-template <typename acc_t, int kClasses>
-struct alignas(kClasses * sizeof(acc_t)) CeStaged {
-  acc_t z_log2[kClasses];
-};
 
 // Per pass, segment item (kq, x) (kq < band' * parts, x < window columns): part q = kq % parts
 // of the rows of segment k = kq / parts at window column x (the segment's rows split into
