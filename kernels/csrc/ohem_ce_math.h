@@ -479,9 +479,8 @@ BISENET_HD acc_t ohem_weights_pixels(int64_t first, int64_t stride, int64_t pixe
 //              row ly0 + i is to_row[q][i][x] + to_next_row[q][i][x]; summed along x with x's
 //              weight to lx0 + j, it is the gradient of logit (n, c0 + q, ly0 + i, lx0 + j), or
 //              on a grid line this tile's part of it, written once.
-// Two barriers per pass; the next pass's stage runs beside the output items. Each class's
-// arithmetic and order are those of a pass of one class: the pass only shares the window
-// pixel's and the row tap's shared loads (and the barriers) between its classes.
+// Two barriers per pass; the next pass's stage runs beside the output items. A pass shares
+// the window pixel's and the row tap's shared loads between its classes.
 
 // The backward's launch plan, made once on the host and followed by the CUDA launch and the
 // CPU loop alike: the tile (low-res rows and columns per block), the capacities (the most
@@ -653,8 +652,8 @@ BISENET_HD int ce_reached_rows(const CeTile& t, int h) { return reached_span(t.l
 BISENET_HD int ce_reached_cols(const CeTile& t, int w) { return reached_span(t.lx0, t.lx1, w); }
 BISENET_HD int ce_tile_window(const CeTile& t) { return (t.wy1 - t.wy0) * (t.wx1 - t.wx0); }
 BISENET_HD int ce_tile_tables(const CeTile& t, int w) {
-  return (t.wy1 - t.wy0) + (1 + 2 * kCePassClasses * t.parts) * (t.wx1 - t.wx0) + ((t.ly1 - t.ly0) * t.parts + 1) +
-         (ce_reached_cols(t, w) + 2);
+  return (t.wy1 - t.wy0) + (1 + 2 * kCePassClasses * t.parts) * (t.wx1 - t.wx0) +
+         ((t.ly1 - t.ly0) * t.parts + 1) + (ce_reached_cols(t, w) + 2);
 }
 BISENET_HD int ce_tile_segments(const CeTile& t) { return (t.ly1 - t.ly0) * t.parts; }
 BISENET_HD int ce_tile_outputs(const CeTile& t, int h, int w) { return ce_reached_rows(t, h) * ce_reached_cols(t, w); }
