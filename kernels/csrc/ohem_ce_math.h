@@ -282,6 +282,12 @@ BISENET_HD const acc_t& staged_at(const acc_t* staged, int byte_offset) {
   return *reinterpret_cast<const acc_t*>(reinterpret_cast<const unsigned char*>(staged) + byte_offset);
 }
 
+// A pass's kClasses staged values `byte_offset` bytes into staged (one shared load).
+template <int kClasses, typename acc_t>
+BISENET_HD CeStaged<acc_t, kClasses> staged_pass_at(const acc_t* staged, int byte_offset) {
+  return *reinterpret_cast<const CeStaged<acc_t, kClasses>*>(&staged_at(staged, byte_offset));
+}
+
 // The lerp along x (lerp_taps, with w0 = 1 - w1 as bilinear_taps makes it), times log2(e).
 template <typename acc_t>
 BISENET_HD void ce_stage_store(const CeStageLoad<acc_t>& loaded, const CeStageItem<acc_t>& item, acc_t* staged) {
@@ -366,9 +372,8 @@ BISENET_HD void ce_forward_pixel_class(CeOnlineLse<acc_t>& state, int c, acc_t z
 // log2(e) from the pixel's two staged rows (one shared load a row for the pass), in order.
 template <int kClasses, bool kFirst, typename acc_t>
 BISENET_HD void ce_forward_pixel_pass(CeOnlineLse<acc_t>& state, int c0, const acc_t* staged) {
-  using Staged = CeStaged<acc_t, kClasses>;
-  const Staged row0 = *reinterpret_cast<const Staged*>(&staged_at(staged, state.staged0));
-  const Staged row1 = *reinterpret_cast<const Staged*>(&staged_at(staged, state.staged1));
+  const CeStaged<acc_t, kClasses> row0 = staged_pass_at<kClasses>(staged, state.staged0);
+  const CeStaged<acc_t, kClasses> row1 = staged_pass_at<kClasses>(staged, state.staged1);
 #pragma unroll
   for (int i = 0; i < kClasses; ++i) {
     const acc_t z = lerp_taps(Taps<acc_t>{0, 0, state.w0, state.w1}, row0.z_log2[i], row1.z_log2[i]);
@@ -766,9 +771,8 @@ BISENET_HD void ce_backward_segment_item(int kq, int x, int c0, const CeTile& t,
     const CePixel<acc_t> pixel = pixel_column[y * cols];
     const acc_t g = pixel.grad;
     const CeTap<acc_t> ty = buf.row_taps[y];  // its first tap is s = ly0 + k
-    using Staged = CeStaged<acc_t, kClasses>;
-    const Staged first = *reinterpret_cast<const Staged*>(&staged_at(staged_column, ty.first));
-    const Staged second = *reinterpret_cast<const Staged*>(&staged_at(staged_column, ty.second));
+    const CeStaged<acc_t, kClasses> first = staged_pass_at<kClasses>(staged_column, ty.first);
+    const CeStaged<acc_t, kClasses> second = staged_pass_at<kClasses>(staged_column, ty.second);
 #pragma unroll
     for (int i = 0; i < kClasses; ++i) {
       const acc_t z_log2 = lerp_taps(Taps<acc_t>{0, 0, ty.w0, ty.w1}, first.z_log2[i], second.z_log2[i]);
