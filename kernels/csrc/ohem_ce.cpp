@@ -244,16 +244,15 @@ void backward_cpu_typed(const CeBackwardCall& call, int64_t ignore_index) {
         ce_backward_pixel_store(loaded, static_cast<int>(item), geo.C, ignore_index, buf);
       });
     };
-    const auto pass_classes = [&](int c0) { return ce_pass_classes(c0, geo.C); };
     const auto stage = [&](int c0) {
       for_items(static_cast<int64_t>(t.rows) * cols, reversed, [&](int64_t item) {
         ce_backward_stage_item<scalar_t, acc_t>(static_cast<int>(item / cols), static_cast<int>(item % cols), t, geo,
-                                                sample, c0, pass_classes(c0), buf);
+                                                sample, c0, ce_pass_classes(c0, geo.C), buf);
       });
     };
     const int outputs = ce_tile_outputs(t, geo.h, geo.w);
     const auto output_items = [&](int c0) {
-      for_items(pass_classes(c0) * outputs, reversed, [&](int64_t item) {
+      for_items(ce_pass_classes(c0, geo.C) * outputs, reversed, [&](int64_t item) {
         ce_backward_output_item<scalar_t, acc_t>(static_cast<int>(item), outputs, c0, t, geo, buf, rim, sample_out);
       });
     };
@@ -264,7 +263,7 @@ void backward_cpu_typed(const CeBackwardCall& call, int64_t ignore_index) {
     if (reversed) { pixel_items(); tables(); } else { tables(); pixel_items(); }
     stage(0);
     for (int c0 = 0; c0 < geo.C; c0 += kCePassClasses) {
-      const int next = c0 + pass_classes(c0);
+      const int next = c0 + ce_pass_classes(c0, geo.C);
       if (next - c0 == kCePassClasses)
         segment_items([&](int kq, int x) { ce_backward_segment_item<kCePassClasses>(kq, x, c0, t, buf); });
       else
@@ -291,6 +290,14 @@ CeBackwardPlan backward_plan(const CeGeometry<acc_t>& geo, int64_t band, int64_t
   return plan;
 }
 
+// The forward's plan into call; returns its block count.
+template <typename acc_t>
+int64_t plan_forward(CeForwardCall& call) {
+  const auto geo = ce_geometry<acc_t>(call.logits, call.labels);
+  call.plan = plan_ce_forward(geo);
+  return ce_forward_blocks(geo, call.plan);
+}
+
 }  // namespace
 
 CeForwardCall prepare_ce_forward(const at::Tensor& logits, const at::Tensor& labels, bool with_mean) {
@@ -305,17 +312,8 @@ CeForwardCall prepare_ce_forward(const at::Tensor& logits, const at::Tensor& lab
   call.denominator = at::empty_like(call.mean);
   call.plan = CeForwardPlan{};  // band 0: nothing to compute
   int64_t blocks = 0;
-  if (labels.numel() > 0) {
-    if (acc_type(logits) == at::kDouble) {
-      const auto geo = ce_geometry<double>(call.logits, call.labels);
-      call.plan = plan_ce_forward(geo);
-      blocks = ce_forward_blocks(geo, call.plan);
-    } else {
-      const auto geo = ce_geometry<float>(call.logits, call.labels);
-      call.plan = plan_ce_forward(geo);
-      blocks = ce_forward_blocks(geo, call.plan);
-    }
-  }
+  if (labels.numel() > 0)
+    blocks = acc_type(logits) == at::kDouble ? plan_forward<double>(call) : plan_forward<float>(call);
   // the CE mean's workspace: one sum and count per forward block
   call.block_sums = at::empty({with_mean ? blocks : 0}, acc_options);
   call.block_counts = at::empty({with_mean ? blocks : 0}, acc_options.dtype(at::kLong));

@@ -98,28 +98,22 @@ __global__ void __launch_bounds__(kCeForwardThreads, 3) ce_forward_kernel(
     ahead_stages[k] = stages && r < t.rows;
     if (ahead_stages[k]) ahead_item[k] = ce_forward_stage_item_for(r, stage_x, t, geo, buf.col_taps);
   }
-  CeStageLoad<acc_t> ahead[kAhead][kCePassClasses];
+  CeStagePassLoad<acc_t> ahead[kAhead];
   const auto stage_begin = [&](int c0) {
     const int classes = ce_pass_classes(c0, geo.C);
 #pragma unroll
     for (int k = 0; k < kAhead; ++k)
-#pragma unroll
-      for (int q = 0; q < kCePassClasses; ++q)
-        if (ahead_stages[k] && q < classes)
-          ahead[k][q] = ce_stage_load<scalar_t, acc_t>(ahead_item[k], sample, (c0 + q) * plane);
+      if (ahead_stages[k]) ahead[k] = ce_stage_pass_load<scalar_t, acc_t>(ahead_item[k], sample, c0, classes, plane);
     if (stages)
       for (int r = first_row + kAhead * kStageRowStep; r < t.rows; r += kStageRowStep)
         ce_forward_stage_item<scalar_t, acc_t>(r, stage_x, t, geo, sample, c0, classes, buf.col_taps,
                                                ce_forward_staged_for(buf, c0));
   };
   const auto stage_end = [&](int c0) {
-    const int classes = ce_pass_classes(c0, geo.C);
 #pragma unroll
     for (int k = 0; k < kAhead; ++k)
-#pragma unroll
-      for (int q = 0; q < kCePassClasses; ++q)
-        if (ahead_stages[k] && q < classes)
-          ce_stage_store(ahead[k][q], ahead_item[k], ce_forward_staged_for(buf, c0) + q);
+      if (ahead_stages[k])
+        ce_stage_pass_store(ahead[k], ahead_item[k], ce_pass_classes(c0, geo.C), ce_forward_staged_for(buf, c0));
   };
   // A pass: the next pass's loads, this pass's pixels, the next pass's stores, a barrier. Every
   // slot runs every class, ignored or not (no branch: a warp's pixels take the same path);
@@ -258,34 +252,30 @@ __global__ void __launch_bounds__(kThreads, 4) ce_backward_kernel(
     const int item = threadIdx.x + k * blockDim.x;
     if (item < staged_items) ahead_item[k] = ce_backward_stage_item_for(item / cols, item % cols, t, geo, buf);
   }
-  CeStageLoad<acc_t> ahead[kAhead][kCePassClasses];
+  CeStagePassLoad<acc_t> ahead[kAhead];
   const scalar_t* sample_logits = held_pointer(logits + sample);
-  const auto pass_classes = [&](int c0) { return ce_pass_classes(c0, geo.C); };
   const auto stage_begin = [&](int c0) {
 #pragma unroll
     for (int k = 0; k < kAhead; ++k)
-#pragma unroll
-      for (int q = 0; q < kCePassClasses; ++q)
-        if (threadIdx.x + k * blockDim.x < staged_items && q < pass_classes(c0))
-          ahead[k][q] = ce_stage_load<scalar_t, acc_t>(ahead_item[k], sample_logits, (c0 + q) * plane);
+      if (threadIdx.x + k * blockDim.x < staged_items)
+        ahead[k] = ce_stage_pass_load<scalar_t, acc_t>(ahead_item[k], sample_logits, c0, ce_pass_classes(c0, geo.C),
+                                                      plane);
   };
   const auto stage_end = [&](int c0) {
+    const int classes = ce_pass_classes(c0, geo.C);
 #pragma unroll
     for (int k = 0; k < kAhead; ++k)
-#pragma unroll
-      for (int q = 0; q < kCePassClasses; ++q)
-        if (threadIdx.x + k * blockDim.x < staged_items && q < pass_classes(c0))
-          ce_stage_store(ahead[k][q], ahead_item[k], buf.staged + q);
+      if (threadIdx.x + k * blockDim.x < staged_items)
+        ce_stage_pass_store(ahead[k], ahead_item[k], classes, buf.staged);
     for (int item = threadIdx.x + kAhead * blockDim.x; item < staged_items; item += blockDim.x)
-      ce_backward_stage_item<scalar_t, acc_t>(item / cols, item % cols, t, geo, sample_logits, c0, pass_classes(c0),
-                                              buf);
+      ce_backward_stage_item<scalar_t, acc_t>(item / cols, item % cols, t, geo, sample_logits, c0, classes, buf);
   };
   stage_begin(0);
   stage_end(0);
   __syncthreads();
   const int outputs = ce_tile_outputs(t, geo.h, geo.w);
   for (int c0 = 0; c0 < geo.C; c0 += kCePassClasses) {
-    const int classes = pass_classes(c0);
+    const int classes = ce_pass_classes(c0, geo.C);
     const bool stage_next = c0 + classes < geo.C;
     if (stage_next) stage_begin(c0 + classes);
     if (classes == kCePassClasses)

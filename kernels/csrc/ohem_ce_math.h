@@ -296,6 +296,32 @@ BISENET_HD void ce_stage_store(const CeStageLoad<acc_t>& loaded, const CeStageIt
   staged_at(staged, item.staged) = along_x * log2e(along_x);
 }
 
+// A stage item for a pass of classes [c0, c0 + classes): each class's logits loaded
+// (ce_stage_load; plane: a class plane's elements), then each stored into staged[...][q]
+// (ce_stage_store). Both kernels hold the loads of their first items across a pass.
+template <typename acc_t>
+struct CeStagePassLoad {
+  CeStageLoad<acc_t> of[kCePassClasses];
+};
+
+template <typename scalar_t, typename acc_t>
+BISENET_HD CeStagePassLoad<acc_t> ce_stage_pass_load(const CeStageItem<acc_t>& item, const scalar_t* sample, int c0,
+                                                     int classes, int plane) {
+  CeStagePassLoad<acc_t> loaded;
+#pragma unroll
+  for (int q = 0; q < kCePassClasses; ++q)
+    if (q < classes) loaded.of[q] = ce_stage_load<scalar_t, acc_t>(item, sample, (c0 + q) * plane);
+  return loaded;
+}
+
+template <typename acc_t>
+BISENET_HD void ce_stage_pass_store(const CeStagePassLoad<acc_t>& loaded, const CeStageItem<acc_t>& item, int classes,
+                                    acc_t* staged) {
+#pragma unroll
+  for (int q = 0; q < kCePassClasses; ++q)
+    if (q < classes) ce_stage_store(loaded.of[q], item, staged + q);
+}
+
 template <typename acc_t>
 BISENET_HD CeStageItem<acc_t> ce_forward_stage_item_for(int r, int x, const CeForwardTile& t,
                                                         const CeGeometry<acc_t>& geo, const Taps<acc_t>* col_taps) {
@@ -309,8 +335,8 @@ BISENET_HD void ce_forward_stage_item(int r, int x, const CeForwardTile& t, cons
                                       const scalar_t* sample, int c0, int classes, const Taps<acc_t>* col_taps,
                                       acc_t* staged) {
   const CeStageItem<acc_t> item = ce_forward_stage_item_for(r, x, t, geo, col_taps);
-  for (int q = 0; q < classes; ++q)
-    ce_stage_store(ce_stage_load<scalar_t, acc_t>(item, sample, (c0 + q) * geo.h * geo.w), item, staged + q);
+  ce_stage_pass_store(ce_stage_pass_load<scalar_t, acc_t>(item, sample, c0, classes, geo.h * geo.w), item, classes,
+                      staged);
 }
 
 // One pixel's online log-sum-exp over the classes, in log2 units: the running maximum of
@@ -746,8 +772,8 @@ BISENET_HD void ce_backward_stage_item(int r, int x, const CeTile& t, const CeGe
                                        const scalar_t* sample, int c0, int classes,
                                        const CeBackwardBuffers<acc_t>& buf) {
   const CeStageItem<acc_t> item = ce_backward_stage_item_for(r, x, t, geo, buf);
-  for (int q = 0; q < classes; ++q)
-    ce_stage_store(ce_stage_load<scalar_t, acc_t>(item, sample, (c0 + q) * geo.h * geo.w), item, buf.staged + q);
+  ce_stage_pass_store(ce_stage_pass_load<scalar_t, acc_t>(item, sample, c0, classes, geo.h * geo.w), item, classes,
+                      buf.staged);
 }
 
 // Per pass, segment item (kq, x) (kq < band' * parts, x < window columns): part q = kq % parts
