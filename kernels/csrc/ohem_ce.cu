@@ -6,6 +6,7 @@
 // contiguous and allocate the outputs, for both devices alike.
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/BFloat16.h>
@@ -513,11 +514,18 @@ void backward_typed(const CeBackwardCall& call, int64_t ignore_index) {
   auto geo = make_ce_geometry<acc_t>(logits.size(0), logits.size(1), logits.size(2), logits.size(3),
                                      call.labels.size(1), call.labels.size(2));
   const auto kernel = ce_backward_kernel<scalar_t, label_t, acc_t>;
-  // the plan is within kCeMaxSharedBytes (prepare); above 48 KiB a kernel must opt in (to
-  // the most any plan takes, the same value whichever call sets it: the 1/4 and 1/8 heads do)
+  // the plan is within kCeMaxSharedBytes (prepare); above 48 KiB a kernel must opt in (the
+  // 1/4 and 1/8 heads do), to the most any plan takes or the GPU allows a block, the same
+  // value whichever call sets it (sm_90 allows 227 KiB, sm_86/89/120 99 KiB, sm_75 64 KiB)
+  int optin = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, c10::cuda::current_device()));
+  const int64_t block_limit = std::min<int64_t>(kCeMaxSharedBytes, optin);
+  TORCH_CHECK(call.plan.shared_bytes <= block_limit, "upsample_ce_backward: a tile of ", call.plan.band, "x",
+              call.plan.chunk, " low-res pixels needs ", call.plan.shared_bytes,
+              " bytes of shared memory, more than this GPU allows a block (", block_limit, ")");
   if (call.plan.shared_bytes > kCeSharedBytes)
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(kCeMaxSharedBytes)));
+                                        static_cast<int>(block_limit)));
   const TileRim<acc_t> rim = backward_rim<acc_t>(call);
   scalar_t* grad_logits = call.grad_logits.mutable_data_ptr<scalar_t>();
   auto stream = c10::cuda::getCurrentCUDAStream();

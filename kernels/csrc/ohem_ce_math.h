@@ -65,10 +65,12 @@ CeGeometry<acc_t> make_ce_geometry(int64_t N, int64_t C, int64_t h, int64_t w, i
 // heads keep their tiles of about 32 x 64 pixels: 4 blocks an SM on sm_90 (228 KiB, 1 KiB
 // reserved a block), as many as its 64 registers allow; 2 or 3 on sm_80 (164 KiB).
 // Where a large upscale leaves no backward tile that fits (1/32: a 48 x 48 window, 32 bytes
-// a pixel in float64) it may take up to 96 KiB (every sm_80+ GPU has 99 KiB or more a block).
+// a pixel in float64) it may take up to 96 KiB (every sm_80+ GPU has 99 KiB or more a block;
+// sm_75 has 64 KiB, where the launch refuses such a tile in one line).
 constexpr int64_t kCeSharedBytes = 48 * 1024;
 constexpr int64_t kCeBackwardSharedBytes = 54 * 1024;
 constexpr int64_t kCeMaxSharedBytes = 96 * 1024;
+static_assert(kCeBackwardSharedBytes <= 64 * 1024, "the automatic tile must launch on every GPU, sm_75 included");
 
 // ---------------------------------------------------------------------------------------
 // Sums over the pixels in a fixed order (the CE mean, the OHEM loss), so that they are
