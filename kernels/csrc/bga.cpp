@@ -29,6 +29,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <tuple>
 #include <type_traits>
@@ -134,6 +135,9 @@ void backward_cpu_typed(const BgaBackwardCall& call) {
   std::vector<acc_t> window_sem_grad(window_grad.size());
   std::vector<acc_t> row_grad(static_cast<size_t>(plan.row_capacity));
   std::vector<acc_t> row_sem_grad(row_grad.size());
+  // the walk's column table, in the kernel the window buffers' room (window_capacity checks it)
+  std::vector<BgaWalkColumn<acc_t>> walk_columns(
+      plan.walk ? static_cast<size_t>(plan.window_capacity / walk_column_elements<acc_t>()) : 0);
   const BgaBackwardData<scalar_t> data = backward_data<scalar_t>(call);
   const TileRim<acc_t> rim = backward_rim<acc_t>(call);
   const int groups = (geo.C + group - 1) / group;
@@ -146,15 +150,19 @@ void backward_cpu_typed(const BgaBackwardCall& call) {
     if (reversed)  // shared memory holds no earlier values: an entry read before it is written gives NaN
       for (std::vector<acc_t>* buffer : {&window_grad, &window_sem_grad, &row_grad, &row_sem_grad})
         std::fill(buffer->begin(), buffer->end(), std::numeric_limits<acc_t>::quiet_NaN());
-    const int64_t window_items = tile_window_items(t, group, plan.walk);
+    const int64_t window_items = tile_window_items<acc_t>(t, group, plan.walk);
     const int64_t row_items = tile_row_items(t, geo, group);
     TORCH_CHECK(window_items <= plan.window_capacity && row_items <= plan.row_capacity, "bga_backward: tile (",
                 t.tile_y, ", ", t.tile_x, ") needs ", window_items, " window and ", row_items,
                 " row elements, the plan has room for ", plan.window_capacity, " and ", plan.row_capacity);
     if (plan.walk) {
+      if (reversed)  // as unwritten shared memory: 0xFF bytes (i0 -1, weights NaN)
+        std::memset(static_cast<void*>(walk_columns.data()), 0xFF, walk_columns.size() * sizeof(walk_columns[0]));
+      for_items(t.x1 - t.x0, reversed,
+                [&](int64_t item) { walk_column_item(static_cast<int>(item), t, geo, walk_columns.data()); });
       for_items(tile_walk_items(t, group), reversed, [&](int64_t item) {
-        backward_walk_item<scalar_t, acc_t>(static_cast<int>(item), group, t, geo, data, row_grad.data(),
-                                            row_sem_grad.data());
+        backward_walk_item<scalar_t, acc_t>(static_cast<int>(item), group, t, geo, data, walk_columns.data(),
+                                            row_grad.data(), row_sem_grad.data());
       });
     } else {
       for_items(window_items, reversed, [&](int64_t item) {
@@ -216,9 +224,10 @@ BgaBackwardCall prepare_bga_backward(const at::Tensor& grad_out, const at::Tenso
   TORCH_CHECK(grad_out.device() == detail_keep.device(), "bga_backward: grad_out is on ", grad_out.device(),
               " but detail_keep is on ", detail_keep.device());
   TORCH_CHECK(tile_h >= 0 && tile_w >= 0, "bga_backward: tile sizes must be >= 0, got ", tile_h, "x", tile_w);
-  TORCH_CHECK(detail_keep.size(1) * detail_keep.size(3) < (int64_t{1} << 31) &&
+  // the walk's 32-bit offsets within a row run up to 4 pixels past its end
+  TORCH_CHECK(detail_keep.size(1) * (detail_keep.size(3) + 4) < (int64_t{1} << 31) &&
                   sem_up.size(1) * sem_up.size(3) < (int64_t{1} << 31),
-              "bga_backward: rows of more than 2^31 elements (C * W) are not supported, got ", detail_keep.sizes());
+              "bga_backward: rows of about 2^31 elements (C * W) or more are not supported, got ", detail_keep.sizes());
   const at::MemoryFormat format = output_format(detail_keep);
   BgaBackwardCall call;
   call.grad_out = grad_out.contiguous(format);
@@ -289,7 +298,7 @@ std::vector<int64_t> bga_backward_plan_impl(at::IntArrayRef size, at::IntArrayRe
     for (int tile_y = 0; tile_y * plan.tile_h < geo.h; ++tile_y)
       for (int tile_x = 0; tile_x * plan.tile_w < geo.w; ++tile_x) {
         const BgaTile t = make_tile(geo, 0, 0, plan.group, tile_y, tile_x, plan.tile_h, plan.tile_w);
-        most_window = std::max(most_window, tile_window_items(t, plan.group, plan.walk));
+        most_window = std::max(most_window, tile_window_items<acc_t>(t, plan.group, plan.walk));
         most_row = std::max(most_row, tile_row_items(t, geo, plan.group));
         written += tile_finished_pixels(reached_rows(t, geo), reached_columns(t, geo), plan.tile_h, plan.tile_w);
       }

@@ -72,11 +72,14 @@ __global__ void __launch_bounds__(kThreads) bga_backward_kernel(
                               static_cast<int>(blockIdx.x) / rim.tiles_x, static_cast<int>(blockIdx.x) % rim.tiles_x,
                               rim.tile_h, rim.tile_w);
   if (kWalk) {
+    BgaWalkColumn<acc_t>* columns = reinterpret_cast<BgaWalkColumn<acc_t>*>(shared_bytes);  // the window's room
+    for (int item = threadIdx.x; item < t.x1 - t.x0; item += blockDim.x) walk_column_item(item, t, geo, columns);
+    __syncthreads();
     const int walk_items = static_cast<int>(tile_walk_items(t, group));
     for (int item = threadIdx.x; item < walk_items; item += blockDim.x)
-      backward_walk_item<scalar_t, acc_t>(item, group, t, geo, data, row_grad, row_sem_grad);
+      backward_walk_item<scalar_t, acc_t>(item, group, t, geo, data, columns, row_grad, row_sem_grad);
   } else {
-    const int window_items = static_cast<int>(tile_window_items(t, group, false));
+    const int window_items = static_cast<int>(tile_window_items<acc_t>(t, group, false));
     for (int item = threadIdx.x; item < window_items; item += blockDim.x)
       backward_window_item<scalar_t, acc_t>(item, group, t, geo, data, window_grad, window_sem_grad);
     __syncthreads();

@@ -278,83 +278,125 @@ BISENET_HD void backward_xpass_item(int item, int group, const BgaTile& t, const
   row_sem_grad[item] = sum_sem_grad;
 }
 
+// Step 1, channels_last, the walk's column table: per owned high-res column x0 + item, what
+// every (row, channel) walk of the tile needs there (bilinear_taps, and tap_weight at the two
+// low-res columns it reaches), made once per tile where each walk made it at every pixel.
+// It lives in the window buffers' room, which the walk has no other use for.
+template <typename acc_t>
+struct alignas(16) BgaWalkColumn {
+  int i0;            // the first column tap
+  int lo0, lo1;      // both taps' offsets in a low-res row (i0 * lo_sx, i1 * lo_sx)
+  acc_t w0, w1;      // their weights
+  acc_t here, next;  // tap_weight at low-res columns i0 and i0 + 1
+};
+
+// The acc_t elements of each of the two window buffers one table entry takes.
+template <typename acc_t>
+constexpr int walk_column_elements() {
+  static_assert(sizeof(BgaWalkColumn<acc_t>) % (2 * sizeof(acc_t)) == 0, "a table entry spans whole elements");
+  return static_cast<int>(sizeof(BgaWalkColumn<acc_t>) / (2 * sizeof(acc_t)));
+}
+
+template <typename acc_t>
+BISENET_HD void walk_column_item(int item, const BgaTile& t, const BgaGeometry<acc_t>& geo,
+                                 BgaWalkColumn<acc_t>* columns) {
+  const Taps<acc_t> tx = bilinear_taps<acc_t>(t.x0 + item, geo.w, geo.scale_x);
+  BgaWalkColumn<acc_t> column;
+  column.i0 = tx.i0;
+  column.lo0 = tx.i0 * static_cast<int>(geo.lo_sx);  // within a row: 32 bits (prepare_bga_backward)
+  column.lo1 = tx.i1 * static_cast<int>(geo.lo_sx);
+  column.w0 = tx.w0;
+  column.w1 = tx.w1;
+  column.here = tap_weight(tx, tx.i0);
+  column.next = tap_weight(tx, tx.i0 + 1);
+  columns[item] = column;
+}
+
 // Step 1, channels_last, walk items: item = row * group + slot walks owned row y0 + row of
 // channel c0 + slot along x, keeping the sums of low-res columns j and j + 1 (the taps of
-// the pixels with j0 = j) and storing column j's when the walk passes it, at the index the
-// x-pass item of (column, row) uses. The same fma_acc chain, in the same order, as the
-// x-pass's: NCHW and channels_last agree bit for bit.
+// the pixels with i0 = j: when the walk reaches a pixel, j is its i0, so tap_weight(tx, j)
+// and (tx, j + 1) are the table's here and next) and storing column j's when the walk passes
+// it, at the index the x-pass item of (column, row) uses. The same fma_acc chain, in the same
+// order, as the x-pass's: NCHW and channels_last agree bit for bit.
 template <typename scalar_t, typename acc_t>
 BISENET_HD void backward_walk_item(int item, int group, const BgaTile& t, const BgaGeometry<acc_t>& geo,
-                                   const BgaBackwardData<scalar_t>& d, acc_t* row_grad, acc_t* row_sem_grad) {
-  int slot = item % group;
-  int row = item / group;
+                                   const BgaBackwardData<scalar_t>& d, const BgaWalkColumn<acc_t>* columns,
+                                   acc_t* row_grad, acc_t* row_sem_grad) {
+  const int slot = item % group;
+  const int row = item / group;
   if (slot >= t.channels) return;  // an unused slot: its row-buffer entries are never read
-  int column_pitch = odd_pitch(t.y1 - t.y0);
-  int j_end = t.lx0 + reached_columns(t, geo);
-  int c = t.c0 + slot;
-  int y = t.y0 + row;
-  Taps<acc_t> ty = bilinear_taps<acc_t>(y, geo.h, geo.scale_y);
-  // the row's pointers, once: the high-res row, sem_up's two tap rows; offsets within a row
-  // in 32 bits (prepare_bga_backward checks that a row's W * C and w * C elements fit)
-  const int hi_sx = static_cast<int>(geo.hi_sx), lo_sx = static_cast<int>(geo.lo_sx);
+  const int j_end = t.lx0 + reached_columns(t, geo);
+  const int c = t.c0 + slot;
+  const int y = t.y0 + row;
+  const Taps<acc_t> ty = bilinear_taps<acc_t>(y, geo.h, geo.scale_y);
+  // the row's pointers, once (held: a load is one wide multiply-add): the high-res row,
+  // sem_up's first tap row (the second an offset from it); offsets within a row in 32 bits
+  // (prepare_bga_backward checks that a row's (W + 4) * C and w * C elements fit)
+  const int hi_sx = static_cast<int>(geo.hi_sx);
   const int64_t hi_row = t.n * geo.hi_sn + c * geo.hi_sc + y * geo.hi_sy;
-  const scalar_t* grad_row = d.grad_out + hi_row;
-  const scalar_t* keep_row = d.detail_keep + hi_row;
-  scalar_t* grad_keep_row = d.grad_detail_keep + hi_row;
+  const scalar_t* grad_row = held_pointer(d.grad_out + hi_row);
+  const scalar_t* keep_row = held_pointer(d.detail_keep + hi_row);
+  scalar_t* grad_keep_row = held_pointer(d.grad_detail_keep + hi_row);
   const scalar_t* up_plane = d.sem_up + t.n * geo.lo_sn + c * geo.lo_sc;
-  const scalar_t* up_row0 = up_plane + ty.i0 * geo.lo_sy;
-  const scalar_t* up_row1 = up_plane + ty.i1 * geo.lo_sy;
+  const scalar_t* up_row0 = held_pointer(up_plane + ty.i0 * geo.lo_sy);
+  const int up_second_row = static_cast<int>((ty.i1 - ty.i0) * geo.lo_sy);  // from up_row0: 0 or one row
   acc_t grad_here = static_cast<acc_t>(0), sem_here = static_cast<acc_t>(0);  // column j
   acc_t grad_next = static_cast<acc_t>(0), sem_next = static_cast<acc_t>(0);  // column j + 1
   int j = t.lx0;
+  // column j's entry in the row buffers, ((j - lx0) * column_pitch + row) * group + slot
+  const int column_stride = odd_pitch(t.y1 - t.y0) * group;
+  int at = row * group + slot;
   const auto store_column = [&]() {  // column j is complete for this row: store it, move to j + 1
-    int at = ((j - t.lx0) * column_pitch + row) * group + slot;
     row_grad[at] = grad_here;
     row_sem_grad[at] = sem_here;
     grad_here = grad_next;
     sem_here = sem_next;
     grad_next = static_cast<acc_t>(0);
     sem_next = static_cast<acc_t>(0);
+    at += column_stride;
     ++j;
   };
   // g and detail_keep of kAhead pixels are loaded before the first is used, so a thread has
   // that many loads in flight (a pixel past the row's end loads the last one again, unused)
   constexpr int kAhead = 4;
+  const int last = (t.x1 - 1) * hi_sx;
   // sem_up's four tap values, loaded again only when the column taps move (every 4 pixels at
   // x4; the same x in every thread of a warp, so the branch is uniform)
   int taps_of = -1;
   acc_t up00 = static_cast<acc_t>(0), up01 = up00, up10 = up00, up11 = up00;
-  for (int x_start = t.x0; x_start < t.x1; x_start += kAhead) {
+  for (int x_start = t.x0, hi_start = t.x0 * hi_sx; x_start < t.x1; x_start += kAhead, hi_start += kAhead * hi_sx) {
     acc_t grads[kAhead], keeps[kAhead];
+    int hi = hi_start;
 #pragma unroll
-    for (int k = 0; k < kAhead; ++k) {
-      const int hi = (x_start + k < t.x1 ? x_start + k : t.x1 - 1) * hi_sx;
-      grads[k] = load_acc<scalar_t, acc_t>(grad_row, hi);
-      keeps[k] = load_acc<scalar_t, acc_t>(keep_row, hi);
+    for (int k = 0; k < kAhead; ++k, hi += hi_sx) {
+      grads[k] = load_acc<scalar_t, acc_t>(grad_row, hi < last ? hi : last);
+      keeps[k] = load_acc<scalar_t, acc_t>(keep_row, hi < last ? hi : last);
     }
+    hi = hi_start;
 #pragma unroll
-    for (int k = 0; k < kAhead; ++k) {
+    for (int k = 0; k < kAhead; ++k, hi += hi_sx) {
       const int x = x_start + k;
       if (x >= t.x1) break;
-      Taps<acc_t> tx = bilinear_taps<acc_t>(x, geo.w, geo.scale_x);
-      while (j < tx.i0) store_column();
-      if (tx.i0 != taps_of) {
-        const int x0 = tx.i0 * lo_sx, x1 = tx.i1 * lo_sx;
-        up00 = load_acc<scalar_t, acc_t>(up_row0, x0);
-        up01 = load_acc<scalar_t, acc_t>(up_row0, x1);
-        up10 = load_acc<scalar_t, acc_t>(up_row1, x0);
-        up11 = load_acc<scalar_t, acc_t>(up_row1, x1);
-        taps_of = tx.i0;
+      const BgaWalkColumn<acc_t> column = columns[x - t.x0];
+      while (j < column.i0) store_column();
+      if (column.i0 != taps_of) {
+        up00 = load_acc<scalar_t, acc_t>(up_row0, column.lo0);
+        up01 = load_acc<scalar_t, acc_t>(up_row0, column.lo1);
+        up10 = load_acc<scalar_t, acc_t>(up_row0, up_second_row + column.lo0);
+        up11 = load_acc<scalar_t, acc_t>(up_row0, up_second_row + column.lo1);
+        taps_of = column.i0;
       }
+      Taps<acc_t> tx;  // the weights bilinear_combine reads
+      tx.i0 = tx.i1 = column.i0;
+      tx.w0 = column.w0;
+      tx.w1 = column.w1;
       acc_t up_value = bilinear_combine(ty, tx, up00, up01, up10, up11);
       acc_t sem_grad;
-      grad_keep_row[x * hi_sx] = static_cast<scalar_t>(pixel_values(grads[k], keeps[k], up_value, &sem_grad));
-      acc_t weight = tap_weight(tx, j);
-      grad_here = fma_acc(weight, grads[k], grad_here);
-      sem_here = fma_acc(weight, sem_grad, sem_here);
-      weight = tap_weight(tx, j + 1);
-      grad_next = fma_acc(weight, grads[k], grad_next);
-      sem_next = fma_acc(weight, sem_grad, sem_next);
+      grad_keep_row[hi] = static_cast<scalar_t>(pixel_values(grads[k], keeps[k], up_value, &sem_grad));
+      grad_here = fma_acc(column.here, grads[k], grad_here);
+      sem_here = fma_acc(column.here, sem_grad, sem_here);
+      grad_next = fma_acc(column.next, grads[k], grad_next);
+      sem_next = fma_acc(column.next, sem_grad, sem_next);
     }
   }
   while (j < j_end) store_column();
@@ -453,11 +495,14 @@ inline BgaGeometry<acc_t> make_geometry(const int64_t* hi_sizes, const int64_t* 
 // The backward's plan, made once on the host and followed by the CUDA launch and the CPU
 // loop alike (so a tiling that cannot launch fails on the CPU too).
 
-// Accumulator elements of one tile's shared buffers: the window (NCHW only: two values
-// per owned pixel and slot, rows of odd_pitch(owned width)) and the row buffers (two
-// values per reached column, slot and owned row, columns of odd_pitch(owned height)).
+// Accumulator elements of one tile's shared buffers: the window (NCHW: two values per
+// owned pixel and slot, rows of odd_pitch(owned width); channels_last: the walk's column
+// table, an entry per owned column across both) and the row buffers (two values per reached
+// column, slot and owned row, columns of odd_pitch(owned height)).
+template <typename acc_t>
 inline int64_t window_buffer_elements(int owned_h, int owned_w, int group, bool walk) {
-  return walk ? 0 : static_cast<int64_t>(owned_h) * odd_pitch(owned_w) * group;
+  return walk ? static_cast<int64_t>(owned_w) * walk_column_elements<acc_t>()
+              : static_cast<int64_t>(owned_h) * odd_pitch(owned_w) * group;
 }
 inline int64_t row_buffer_elements(int owned_h, int tile_w, int group) {
   return static_cast<int64_t>(tile_w + 1) * odd_pitch(owned_h) * group;
@@ -482,7 +527,7 @@ inline void size_buffers(const BgaGeometry<acc_t>& geo, int group, bool walk, in
   plan->walk = walk;
   plan->tile_h = tile_h;
   plan->tile_w = tile_w;
-  plan->window_capacity = static_cast<int>(window_buffer_elements(owned_h, owned_w, group, walk));
+  plan->window_capacity = static_cast<int>(window_buffer_elements<acc_t>(owned_h, owned_w, group, walk));
   plan->row_capacity = static_cast<int>(row_buffer_elements(owned_h, tile_w, group));
   plan->shared_bytes = 2 * (static_cast<int64_t>(plan->window_capacity) + plan->row_capacity) *
                        static_cast<int64_t>(sizeof(acc_t));
@@ -510,9 +555,12 @@ inline bool choose_tile(const BgaGeometry<acc_t>& geo, int group, bool walk, int
 }
 
 // The items of one tile's steps (padding included for the window and x-pass items): what
-// the kernel and the CPU loop iterate; the buffers must hold the window and row items.
+// the kernel and the CPU loop iterate; the buffers must hold the window and row items (for
+// the walk, the window elements its column table takes: walk_column_elements per column).
+template <typename acc_t>
 BISENET_HD int64_t tile_window_items(const BgaTile& t, int group, bool walk) {
-  return walk ? 0 : static_cast<int64_t>(t.y1 - t.y0) * odd_pitch(t.x1 - t.x0) * group;
+  return walk ? static_cast<int64_t>(t.x1 - t.x0) * walk_column_elements<acc_t>()
+              : static_cast<int64_t>(t.y1 - t.y0) * odd_pitch(t.x1 - t.x0) * group;
 }
 template <typename acc_t>
 BISENET_HD int64_t tile_row_items(const BgaTile& t, const BgaGeometry<acc_t>& geo, int group) {

@@ -36,16 +36,6 @@ int64_t blocks_for(int64_t items) {
   return std::max<int64_t>(1, std::min<int64_t>((items + kThreads - 1) / kThreads, kMaxBlocks));
 }
 
-// p, opaque to the compiler: held in one 64-bit register, so that an access p[offset] with a
-// 32-bit offset is one wide multiply-add, where nvcc otherwise folds the sample's 64-bit index
-// into every address (five instructions a load).
-template <typename T>
-__device__ __forceinline__ T* held_pointer(T* p) {
-  asm("" : "+l"(p));
-  __builtin_assume(__isGlobal(p));  // still global memory: loads stay LDG
-  return p;
-}
-
 // Sums in a fixed order (ohem_ce_math.h): a block's tree through shared memory, a barrier
 // between steps; thread 0 then holds the block's sums.
 template <typename... value_t>

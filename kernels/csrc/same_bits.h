@@ -29,6 +29,18 @@
 
 namespace bisenet {
 
+// p, opaque to the compiler on the device: held in one 64-bit register, so that an access
+// p[offset] with a 32-bit offset is one wide multiply-add, where nvcc otherwise folds a
+// 64-bit index into every address (five instructions a load). The host gets p as it is.
+template <typename T>
+BISENET_HD T* held_pointer(T* p) {
+#if defined(__CUDA_ARCH__)
+  asm("" : "+l"(p));
+  __builtin_assume(__isGlobal(p));  // still global memory: loads stay LDG
+#endif
+  return p;
+}
+
 // Host only: the order of the CPU loops' items. The CPU loops run each kernel phase's items
 // (and blocks) one after the other, ascending; with BISENET_CPU_ITEM_ORDER=reverse,
 // descending, and where a kernel runs two phases side by side with no barrier between them,
