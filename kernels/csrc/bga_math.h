@@ -17,7 +17,8 @@
 //      per pixel, consecutive threads along x, into the window buffer), then x-pass items
 //      (per row and low-res column). channels_last: walk items, one per (row, channel)
 //      walking along the row (consecutive threads along C), with the column sums in
-//      registers, so there is no window buffer and the tile can be large;
+//      registers, so there is no window buffer (its room holds the tile's column table)
+//      and the tile can be large;
 //   2. y-pass items: per low-res pixel the tile reaches, the weighted sum along y, then the
 //      three low-res gradients, or on a grid line the rim's two partial sums;
 //   then, over the whole plane, rim items: per low-res pixel on a grid line, the sum of the
