@@ -637,12 +637,12 @@ def test_cpu_loop_float32_odd_size_within_coordinate_tolerance(extension):
 
 def test_cpu_loop_ce_mean_in_its_fixed_order(extension):
     """The CE mean (ohem_ce_math.h): over the pixels not ignored, in float32 by the forward's
-    blocks (16 high-res rows by 64 columns here, chunks fastest), each of a block's 256 threads
+    blocks (32 high-res rows by 32 columns here, chunks fastest), each of a block's 256 threads
     adding its pixel slots thread + 256 k in order, then the halving tree, then one block over
     the blocks: that order, emulated here, gives the C++ loop's bits (the kernels' too: the GPU
     test). 0 over max(count, 1) when every pixel is ignored; NaN with a bad label."""
     logits, labels = random_case(n=3, c=5, low=(20, 40), high=(150, 333), seed=21)
-    band, chunk, threads = 16, 64, 256
+    band, chunk, threads = 32, 32, 256
     assert extension.upsample_ce_forward_plan([3, 5, 150, 333], [20, 40], torch.float32)[0] == band
     loss, _, mean, denominator = extension.upsample_ce_forward(logits.float(), labels, 255)
     counted = (labels != 255).numpy()

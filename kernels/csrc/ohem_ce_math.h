@@ -145,9 +145,11 @@ BISENET_HD int ce_pass_classes(int c0, int classes) {
 // and each pixel takes each class's z log2(e) from its two staged rows: one lerp, where a
 // pixel reading its 4 taps takes 3 and 4 loads. The staged rows are double-buffered: one
 // barrier per pass.
+// 32 x 32 rather than 16 x 64: a taller band reads fewer low-res rows per pixel, so fewer
+// values are staged a pass (at 1/8, 6 rows for 32 high-res rows where 16 rows read 4).
 constexpr int kCeForwardThreads = 256;
-constexpr int kCeForwardChunk = 64;
-constexpr int kCeForwardBand = 16;
+constexpr int kCeForwardChunk = 32;
+constexpr int kCeForwardBand = 32;
 constexpr int kCeForwardPixels = kCeForwardBand * kCeForwardChunk / kCeForwardThreads;
 
 // The forward's plan, made on the host for both devices: the band (rows per block), the
