@@ -228,6 +228,10 @@ BgaBackwardCall prepare_bga_backward(const at::Tensor& grad_out, const at::Tenso
   TORCH_CHECK(detail_keep.size(1) * (detail_keep.size(3) + 4) < (int64_t{1} << 31) &&
                   sem_up.size(1) * sem_up.size(3) < (int64_t{1} << 31),
               "bga_backward: rows of about 2^31 elements (C * W) or more are not supported, got ", detail_keep.sizes());
+  // NCHW's window items: 32-bit offsets within a plane
+  TORCH_CHECK(detail_keep.size(2) * detail_keep.size(3) < (int64_t{1} << 31) &&
+                  sem_up.size(2) * sem_up.size(3) < (int64_t{1} << 31),
+              "bga_backward: planes of 2^31 elements (H * W) or more are not supported, got ", detail_keep.sizes());
   const at::MemoryFormat format = output_format(detail_keep);
   BgaBackwardCall call;
   call.grad_out = grad_out.contiguous(format);
