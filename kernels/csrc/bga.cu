@@ -128,8 +128,9 @@ void forward_typed(const BgaForwardCall& call) {
                                      stream>>>(low, call.detail_down.const_data_ptr<scalar_t>(),
                                                call.sem_keep.const_data_ptr<scalar_t>(), gated);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  // 32-bit indices while index + the grid's stride (at most 65535 * 8 * 256 * kVec) stays below 2^31
-  const bool small = elements < (int64_t{1} << 30);
+  // 32-bit indices while index + the grid's stride (at most 65535 * 8 * 256 * kVec) stays below
+  // 2^31, and the low-res offsets too
+  const bool small = elements < (int64_t{1} << 30) && low < (int64_t{1} << 31);
   if (vectorise && small) {
     bga_forward_kernel<scalar_t, acc_t, kVec, int32_t><<<blocks, kThreads, 0, stream>>>(
         geo, call.channels_last, static_cast<int32_t>(vectors), keep_ptr, sem_up, gated, out_ptr);

@@ -108,9 +108,11 @@ BISENET_HD void bga_forward_item(index_t vec, const BgaGeometry<acc_t>& geo, boo
   const Taps<acc_t> ty = bilinear_taps<acc_t>(y, geo.h, geo.scale_y);
   if (channels_last) {
     const Taps<acc_t> tx = bilinear_taps<acc_t>(x, geo.w, geo.scale_x);
-    const int64_t base = n * geo.lo_sn + c * geo.lo_sc;  // lo_sc == 1: the kVec channels are adjacent
-    const int64_t at[4] = {base + ty.i0 * geo.lo_sy + tx.i0 * geo.lo_sx, base + ty.i0 * geo.lo_sy + tx.i1 * geo.lo_sx,
-                           base + ty.i1 * geo.lo_sy + tx.i0 * geo.lo_sx, base + ty.i1 * geo.lo_sy + tx.i1 * geo.lo_sx};
+    // in index_t: int32_t only where the low-res tensors' offsets fit too (the launch checks)
+    const index_t sy = static_cast<index_t>(geo.lo_sy), sx = static_cast<index_t>(geo.lo_sx);
+    const index_t base = n * static_cast<index_t>(geo.lo_sn) + c * static_cast<index_t>(geo.lo_sc);  // lo_sc == 1
+    const index_t at[4] = {base + ty.i0 * sy + tx.i0 * sx, base + ty.i0 * sy + tx.i1 * sx,
+                           base + ty.i1 * sy + tx.i0 * sx, base + ty.i1 * sy + tx.i1 * sx};
     Vec<scalar_t, kVec> up[4];
     Vec<acc_t, kVec> gate[4];
 #pragma unroll
@@ -126,13 +128,14 @@ BISENET_HD void bga_forward_item(index_t vec, const BgaGeometry<acc_t>& geo, boo
       result.v[k] = static_cast<scalar_t>(bga_output(static_cast<acc_t>(keep.v[k]), up_value, gate_value));
     }
   } else {  // the kVec outputs run along x: taps of their own
-    const int64_t plane = n * geo.lo_sn + c * geo.lo_sc;
+    const index_t plane = n * static_cast<index_t>(geo.lo_sn) + c * static_cast<index_t>(geo.lo_sc);
+    const index_t sy = static_cast<index_t>(geo.lo_sy), sx = static_cast<index_t>(geo.lo_sx);
 #pragma unroll
     for (int k = 0; k < kVec; ++k) {
       const Taps<acc_t> tx = bilinear_taps<acc_t>(x + k, geo.w, geo.scale_x);
       result.v[k] = static_cast<scalar_t>(
-          bga_output(static_cast<acc_t>(keep.v[k]), bilinear_sample<scalar_t, acc_t>(sem_up + plane, geo.lo_sy, geo.lo_sx, ty, tx),
-                     bilinear_sample<acc_t, acc_t>(gated + plane, geo.lo_sy, geo.lo_sx, ty, tx)));
+          bga_output(static_cast<acc_t>(keep.v[k]), bilinear_sample<scalar_t, acc_t, index_t>(sem_up + plane, sy, sx, ty, tx),
+                     bilinear_sample<acc_t, acc_t, index_t>(gated + plane, sy, sx, ty, tx)));
     }
   }
   *reinterpret_cast<Vec<scalar_t, kVec>*>(out + index) = result;

@@ -214,9 +214,9 @@ BISENET_HD acc_t bilinear_combine(const Taps<acc_t>& ty, const Taps<acc_t>& tx, 
   return lerp_taps(ty, lerp_taps(tx, v00, v01), lerp_taps(tx, v10, v11));
 }
 
-// up(plane) at one high-res pixel.
-template <typename scalar_t, typename acc_t>
-BISENET_HD acc_t bilinear_sample(const scalar_t* plane, int64_t sy, int64_t sx,
+// up(plane) at one high-res pixel; offset_t: int32_t where the plane's offsets fit.
+template <typename scalar_t, typename acc_t, typename offset_t = int64_t>
+BISENET_HD acc_t bilinear_sample(const scalar_t* plane, offset_t sy, offset_t sx,
                                  const Taps<acc_t>& ty, const Taps<acc_t>& tx) {
   return bilinear_combine(ty, tx, load_acc<scalar_t, acc_t>(plane, ty.i0 * sy + tx.i0 * sx),
                           load_acc<scalar_t, acc_t>(plane, ty.i0 * sy + tx.i1 * sx),
