@@ -244,19 +244,16 @@ BISENET_HD void backward_window_item(int item, int group, const BgaTile& t, cons
   if (slot >= t.channels || x >= t.x1) return;  // padding: never read
   int c = t.c0 + slot;
   // the planes' pointers held (a load is one wide multiply-add), offsets within a plane in 32
-  // bits (prepare_bga_backward checks that an NCHW plane's H * W and h * w elements fit)
+  // bits (prepare_bga_backward checks that a plane's H * W and h * w elements fit)
   const int64_t hi_plane = t.n * geo.hi_sn + c * geo.hi_sc;
   const scalar_t* grad_plane = held_pointer(d.grad_out + hi_plane);
   const scalar_t* keep_plane = held_pointer(d.detail_keep + hi_plane);
   scalar_t* grad_keep_plane = held_pointer(d.grad_detail_keep + hi_plane);
   const scalar_t* up_plane = held_pointer(d.sem_up + t.n * geo.lo_sn + c * geo.lo_sc);
   const int hi = y * static_cast<int>(geo.hi_sy) + x * static_cast<int>(geo.hi_sx);
-  const Taps<acc_t> ty = bilinear_taps<acc_t>(y, geo.h, geo.scale_y), tx = bilinear_taps<acc_t>(x, geo.w, geo.scale_x);
-  const int lo_sy = static_cast<int>(geo.lo_sy), lo_sx = static_cast<int>(geo.lo_sx);
-  acc_t up_value = bilinear_combine(ty, tx, load_acc<scalar_t, acc_t>(up_plane, ty.i0 * lo_sy + tx.i0 * lo_sx),
-                                    load_acc<scalar_t, acc_t>(up_plane, ty.i0 * lo_sy + tx.i1 * lo_sx),
-                                    load_acc<scalar_t, acc_t>(up_plane, ty.i1 * lo_sy + tx.i0 * lo_sx),
-                                    load_acc<scalar_t, acc_t>(up_plane, ty.i1 * lo_sy + tx.i1 * lo_sx));
+  acc_t up_value = bilinear_sample<scalar_t, acc_t, int>(
+      up_plane, static_cast<int>(geo.lo_sy), static_cast<int>(geo.lo_sx), bilinear_taps<acc_t>(y, geo.h, geo.scale_y),
+      bilinear_taps<acc_t>(x, geo.w, geo.scale_x));
   acc_t g = load_acc<scalar_t, acc_t>(grad_plane, hi);
   grad_keep_plane[hi] =
       static_cast<scalar_t>(pixel_values(g, load_acc<scalar_t, acc_t>(keep_plane, hi), up_value, &window_sem_grad[item]));
