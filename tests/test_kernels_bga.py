@@ -217,6 +217,19 @@ def test_cpu_loop_rejects_mismatched_dtype(extension):
         extension.bga_forward(*inputs)
 
 
+@pytest.mark.parametrize("high, low, pattern", [
+    ((1, 2, 4, 2**30), (1, 2, 1, 2**28), r"rows of about 2\^31 elements \(C \* W\) or more are not supported"),
+    ((1, 1, 2**16, 2**15), (1, 1, 2**14, 2**13), r"planes of 2\^31 elements \(H \* W\) or more are not supported"),
+])
+def test_cpu_loop_backward_rejects_sizes_past_32_bit_offsets(extension, high, low, pattern):
+    # the kernels' 32-bit offsets within a row (the walk) and a plane (NCHW's window items):
+    # refused in one line before anything is allocated (the inputs are expanded scalars)
+    def big(shape):
+        return torch.zeros(1, 1, 1, 1).expand(*shape)
+    with pytest.raises(RuntimeError, match=pattern):
+        extension.bga_backward(big(high), big(high), big(low), big(low), big(low))
+
+
 # ---------------------------------------------------------------------------------------
 # The custom op
 
