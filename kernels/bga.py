@@ -1,4 +1,4 @@
-"""Fused Bilateral Guided Aggregation gating of BiSeNetV2 as one custom op.
+"""Fused Bilateral Guided Aggregation gating of BiSeNetV2 as one op.
 
     bga_aggregate(detail_keep, sem_up, detail_down, sem_keep)
         = detail_keep * sigmoid(up(sem_up)) + up(detail_down * sigmoid(sem_keep))
@@ -7,10 +7,11 @@ detail_keep (N, C, H, W); sem_up, detail_down, sem_keep (N, C, h, w); `up` is bi
 (align_corners=False) to (H, W), as F.interpolate(size=(H, W)). A drop-in replacement for
 `bisenetv2.bga_aggregate`: `model.bga.aggregate = kernels.bga.bga_aggregate`.
 
-`bga_aggregate` is the custom op `bisenet::bga_aggregate` (with a fake implementation and
-autograd), so torch.compile sees one op. On CUDA tensors it runs the fused kernels of
-csrc/bga.cu (two forward kernels, one backward kernel) when the extension is in use, see
-`EXTENSION.use_cuda_kernel`; otherwise, and always on CPU, the plain-PyTorch reference below.
+On CUDA tensors, when the extension is in use (see `EXTENSION.use_cuda_kernel`),
+`bga_aggregate` runs the fused kernels of csrc/bga.cu (two forward kernels, one backward
+kernel) as the ops bisenet_cuda::bga_forward / bga_backward under a torch.autograd.Function,
+the ops' fakes registered, so torch.compile sees one op each way; otherwise, and on CPU, the
+plain-PyTorch reference below.
 The output (and every gradient) is in detail_keep's memory format: channels_last when
 detail_keep is channels_last (and not also plain contiguous), else NCHW.
 """
@@ -21,11 +22,6 @@ from .build import Extension
 
 __all__ = ["bga_aggregate", "bga_aggregate_backward", "bga_aggregate_reference",
            "bga_aggregate_backward_reference", "EXTENSION"]
-
-# csrc/bga.cpp (schema, checks, the CPU loops) and csrc/bga.cu (the CUDA kernels); its
-# use_cuda_kernel says whether CUDA tensors get the kernels (kernels.select sets it)
-EXTENSION = Extension("bisenet_bga", ["bga.cpp", "bga.cu"], ["bga_forward", "bga_backward", "bga_backward_plan"])
-
 
 def _output_format(detail_keep):
     """The memory format of the op's outputs: detail_keep's (the kernels' rule too)."""
@@ -106,56 +102,63 @@ def bga_aggregate_backward_reference(grad_out, detail_keep, sem_up, detail_down,
 
 
 # ---------------------------------------------------------------------------------------
-# The custom ops.
+# The op: the CUDA kernels (torch.ops.bisenet_cuda.bga_forward / bga_backward, one call each
+# way) under a torch.autograd.Function, or the reference. A Function, not a Python custom op
+# around the C++ ops: that layer cost about 60 us of host time a forward + backward (CPU
+# loops on tiny tensors standing in for the kernels), as much as the kernels' GPU time at
+# the benchmark's shapes; torch.compile traces the Function and the ops' fakes below.
 
 def _empty_like_output(tensor, fmt):
     return torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device, memory_format=fmt)
 
 
-@torch.library.custom_op("bisenet::bga_aggregate", mutates_args=())
-def bga_aggregate(detail_keep: torch.Tensor, sem_up: torch.Tensor, detail_down: torch.Tensor,
-                  sem_keep: torch.Tensor) -> torch.Tensor:
+def _register_fakes():
+    """The C++ ops' fake implementations (output shapes, dtypes, memory formats), for
+    torch.compile; EXTENSION.load() calls this once the library defines the ops."""
+    @torch.library.register_fake("bisenet_cuda::bga_forward")
+    def _(detail_keep, sem_up, detail_down, sem_keep):
+        check_inputs(detail_keep, sem_up, detail_down, sem_keep)
+        return _empty_like_output(detail_keep, _output_format(detail_keep))
+
+    @torch.library.register_fake("bisenet_cuda::bga_backward")
+    def _(grad_out, detail_keep, sem_up, detail_down, sem_keep):
+        check_inputs(detail_keep, sem_up, detail_down, sem_keep)
+        fmt = _output_format(detail_keep)
+        return (_empty_like_output(detail_keep, fmt), _empty_like_output(sem_up, fmt),
+                _empty_like_output(sem_up, fmt), _empty_like_output(sem_up, fmt))
+
+
+# csrc/bga.cpp (schema, checks, the CPU loops) and csrc/bga.cu (the CUDA kernels); its
+# use_cuda_kernel says whether CUDA tensors get the kernels (kernels.select sets it)
+EXTENSION = Extension("bisenet_bga", ["bga.cpp", "bga.cu"], ["bga_forward", "bga_backward", "bga_backward_plan"],
+                      register_fakes=_register_fakes)
+
+
+class _BgaKernels(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, detail_keep, sem_up, detail_down, sem_keep):
+        ctx.save_for_backward(detail_keep, sem_up, detail_down, sem_keep)
+        return torch.ops.bisenet_cuda.bga_forward(detail_keep, sem_up, detail_down, sem_keep)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return tuple(torch.ops.bisenet_cuda.bga_backward(grad_out, *ctx.saved_tensors))
+
+
+def bga_aggregate(detail_keep, sem_up, detail_down, sem_keep):
     """detail_keep * sigmoid(up(sem_up)) + up(detail_down * sigmoid(sem_keep)); see the
-    module docstring."""
+    module docstring. The CUDA kernels where EXTENSION.runs_kernel says so, else the reference."""
     check_inputs(detail_keep, sem_up, detail_down, sem_keep)
     if EXTENSION.runs_kernel(detail_keep):
-        return torch.ops.bisenet_cuda.bga_forward(detail_keep, sem_up, detail_down, sem_keep)
+        return _BgaKernels.apply(detail_keep, sem_up, detail_down, sem_keep)
     return bga_aggregate_reference(detail_keep, sem_up, detail_down, sem_keep)
 
 
-@bga_aggregate.register_fake
-def _(detail_keep, sem_up, detail_down, sem_keep):
-    check_inputs(detail_keep, sem_up, detail_down, sem_keep)
-    return _empty_like_output(detail_keep, _output_format(detail_keep))
-
-
-@torch.library.custom_op("bisenet::bga_aggregate_backward", mutates_args=())
-def bga_aggregate_backward(grad_out: torch.Tensor, detail_keep: torch.Tensor, sem_up: torch.Tensor,
-                           detail_down: torch.Tensor, sem_keep: torch.Tensor
-                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def bga_aggregate_backward(grad_out, detail_keep, sem_up, detail_down, sem_keep):
     """(grad_detail_keep, grad_sem_up, grad_detail_down, grad_sem_keep) of bga_aggregate
-    for the output gradient grad_out (N, C, H, W)."""
+    for the output gradient grad_out (N, C, H, W): the backward kernel, or the reference."""
     check_inputs(detail_keep, sem_up, detail_down, sem_keep)
     grad_out = grad_out.to(detail_keep.dtype)
     if EXTENSION.runs_kernel(detail_keep):
         return tuple(torch.ops.bisenet_cuda.bga_backward(grad_out, detail_keep, sem_up, detail_down, sem_keep))
     return bga_aggregate_backward_reference(grad_out, detail_keep, sem_up, detail_down, sem_keep)
-
-
-@bga_aggregate_backward.register_fake
-def _(grad_out, detail_keep, sem_up, detail_down, sem_keep):
-    check_inputs(detail_keep, sem_up, detail_down, sem_keep)
-    fmt = _output_format(detail_keep)
-    return (_empty_like_output(detail_keep, fmt), _empty_like_output(sem_up, fmt),
-            _empty_like_output(sem_up, fmt), _empty_like_output(sem_up, fmt))
-
-
-def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)  # detail_keep, sem_up, detail_down, sem_keep
-
-
-def _backward(ctx, grad_out):
-    return bga_aggregate_backward(grad_out, *ctx.saved_tensors)
-
-
-bga_aggregate.register_autograd(_backward, setup_context=_setup_context)

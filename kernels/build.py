@@ -155,19 +155,28 @@ def build_and_load(name, sources, verbose=False):
 
 class Extension:
     """One op's compiled library: `sources` (file names in csrc/) registering `ops` under
-    torch.ops.bisenet_cuda, built on first need.
+    torch.ops.bisenet_cuda, built on first need. `register_fakes`, called once when the
+    library is first loaded (the ops exist from then on), gives the ops their fake
+    implementations, which torch.compile traces.
 
     use_cuda_kernel says which implementation an op gives CUDA tensors:
       None  - the CUDA kernel if the library is already loaded (load()), else the reference;
       True  - the CUDA kernel, building and loading the library if needed (raises if that fails);
       False - the reference.
-    CPU tensors always get the reference (the C++ CPU loops are for the tests)."""
+    CPU tensors get the reference, unless cpu_loops is set (the tests, `kernels.bench
+    --host`): then they go down the kernel path too, where the ops' CPU implementation, the
+    C++ loops, runs (the kernels' arithmetic, serially)."""
 
-    def __init__(self, name, sources, ops):
+    def __init__(self, name, sources, ops, register_fakes=None):
         self.name, self.sources, self.ops = name, tuple(sources), tuple(ops)
+        self.register_fakes = register_fakes
         self.use_cuda_kernel = None
+        self.cpu_loops = False
+        self.is_loaded = False  # set by load(): runs_kernel's per-call test is then one attribute
 
     def loaded(self):
+        if self.is_loaded:
+            return True
         try:
             for op in self.ops:
                 getattr(torch.ops.bisenet_cuda, op)
@@ -176,17 +185,23 @@ class Extension:
         return True
 
     def load(self, verbose=False):
+        if self.is_loaded:
+            return torch.ops.bisenet_cuda
         if not self.loaded():
             build_and_load(self.name, [CSRC / source for source in self.sources], verbose=verbose)
             if not self.loaded():
                 raise RuntimeError(f"kernels: {self.name} built but registers no {', '.join(self.ops)}")
+        if self.register_fakes is not None:
+            self.register_fakes()
+        self.is_loaded = True
         return torch.ops.bisenet_cuda
 
     def runs_kernel(self, tensor):
-        """Whether an op of this library runs its CUDA kernel on `tensor` (see above)."""
-        if tensor.device.type != "cuda" or self.use_cuda_kernel is False:
+        """Whether an op of this library sends `tensor` down its kernel path (see above)."""
+        if tensor.device.type == "cuda":
+            if self.use_cuda_kernel is False or (self.use_cuda_kernel is None and not self.loaded()):
+                return False
+        elif not self.cpu_loops:
             return False
-        if self.use_cuda_kernel is None:
-            return self.loaded()
-        self.load()
+        self.load()  # an attribute test once loaded
         return True

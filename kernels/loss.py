@@ -18,17 +18,16 @@ Two implementations, neither with a host synchronisation (the selection is done 
 tensors, not Python numbers); only `validate=True` syncs, to raise on a bad label:
   ohem_cross_entropy_reference: plain PyTorch (F.interpolate, F.cross_entropy, a sort for
       the k-th largest): the oracle.
-  ohem_cross_entropy: the per-pixel loss, and the CE mean, are the custom op
-      `bisenet::upsample_cross_entropy` (CUDA: csrc/ohem_ce.cu interpolates on the fly, never
-      materialising (N, C, H, W), and its backward writes the low-res gradient directly,
-      deterministically; CPU: plain PyTorch), and the selection, with the OHEM loss, is the
-      custom op `bisenet::ohem_weights` (CUDA: a radix select of the k-th largest loss and the
-      weights, counts kept on the device; CPU: the sort-based reference). With
-      validate=False a label outside [0, C) that is not ignore_index makes the loss NaN
-      instead of raising.
+  ohem_cross_entropy: the per-pixel loss, and the CE mean, are `upsample_cross_entropy`
+      (CUDA: the op bisenet_cuda::upsample_ce_forward, csrc/ohem_ce.cu, interpolates on the
+      fly, never materialising (N, C, H, W), and its backward writes the low-res gradient
+      directly, deterministically; CPU: plain PyTorch), and the selection, with the OHEM
+      loss, is `ohem_weights_op` (CUDA: bisenet_cuda::ohem_weights, a radix select of the
+      k-th largest loss and the weights, counts kept on the device; CPU: the sort-based
+      reference). With validate=False a label outside [0, C) that is not ignore_index
+      makes the loss NaN instead of raising.
 """
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -37,11 +36,6 @@ from .build import Extension
 
 __all__ = ["ohem_cross_entropy", "ohem_cross_entropy_reference", "upsample_cross_entropy",
            "upsample_cross_entropy_backward", "ohem_weights_op", "check_labels", "EXTENSION"]
-
-# csrc/ohem_ce.cpp (schema, checks, the CPU loops) and csrc/ohem_ce.cu (the CUDA kernels);
-# its use_cuda_kernel says whether CUDA tensors get the kernels (kernels.select sets it)
-EXTENSION = Extension("bisenet_loss", ["ohem_ce.cpp", "ohem_ce.cu"],
-                      ["upsample_ce_forward", "upsample_ce_backward", "ohem_weights"])
 
 
 def check_inputs(logits, labels):
@@ -141,11 +135,8 @@ def ohem_cross_entropy_reference(logits, labels, thresh=0.7, min_kept=None, igno
 
 
 # ---------------------------------------------------------------------------------------
-# The OHEM selection as one op: per-pixel weights, normalised, and the OHEM loss
-# sum(weights * loss). On CUDA six launches for float32 with the running counts on the device
-# (csrc/ohem_ce.cu: a radix select of the k-th largest loss, 4 passes, the first also
-# counting; the weights with the loss's block sums; their sum in a fixed order), no host
-# synchronisation; elsewhere the sort-based reference.
+# The references of the ops below: the selection as per-pixel weights, the per-pixel loss,
+# the CE mean and the logits' gradient.
 
 def ohem_weights_reference(loss, labels, ignore_index, threshold, min_kept, class_weights=None):
     """ohem_weights (above) for the op's arguments (min_kept < 0: valid // 16), times each
@@ -156,42 +147,6 @@ def ohem_weights_reference(loss, labels, ignore_index, threshold, min_kept, clas
     return (weights / weights.sum().clamp(min=1e-12)).view_as(loss)
 
 
-@torch.library.custom_op("bisenet::ohem_weights", mutates_args=())
-def ohem_weights_op(loss: torch.Tensor, labels: torch.Tensor, ignore_index: int, threshold: float, min_kept: int,
-                    class_weights: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weights, value): the weights of each pixel's loss in the OHEM loss (see the module
-    docstring) and the OHEM loss, sum(weights * loss), 0-dim; loss (N, H, W) float32 or
-    float64; class_weights (C,) in loss's dtype, or None. value is differentiable in loss
-    (its gradient: weights times the incoming one; the selection is a constant), weights
-    are not."""
-    if EXTENSION.runs_kernel(loss):
-        return torch.ops.bisenet_cuda.ohem_weights(loss, labels, ignore_index, threshold, min_kept, class_weights)
-    weights = ohem_weights_reference(loss, labels, ignore_index, threshold, min_kept, class_weights)
-    return weights, (loss * weights).sum()
-
-
-@ohem_weights_op.register_fake
-def _(loss, labels, ignore_index, threshold, min_kept, class_weights=None):
-    return torch.empty_like(loss, memory_format=torch.contiguous_format), loss.new_empty(())
-
-
-def _ohem_setup_context(ctx, inputs, output):
-    ctx.mark_non_differentiable(output[0])
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(output[0])
-
-
-def _ohem_backward(ctx, grad_weights, grad_value):
-    (weights,) = ctx.saved_tensors
-    grad_loss = None if grad_value is None else weights * grad_value
-    return grad_loss, None, None, None, None, None
-
-
-ohem_weights_op.register_autograd(_ohem_backward, setup_context=_ohem_setup_context)
-
-
-# ---------------------------------------------------------------------------------------
-# The fused path: the per-pixel loss as one custom op.
 
 def ce_mean_reference(loss, labels, ignore_index):
     """(mean, denominator): the mean of loss over the pixels whose label is not ignore_index
@@ -232,39 +187,92 @@ def upsample_cross_entropy_backward_reference(grad_loss, logits, labels, lse, ig
     return grad.to(logits.dtype).contiguous()
 
 
-@torch.library.custom_op("bisenet::upsample_cross_entropy", mutates_args=())
-def upsample_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
-                           with_mean: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, lse, mean, denominator): per pixel (see upsample_cross_entropy_reference), and
-    the mean of loss over the pixels not ignored with max(their count, 1) (ce_mean_reference;
-    on CUDA the forward kernel's blocks and one small kernel, in a fixed order, where torch's
-    would take five kernels), or with
-    with_mean=False (OHEM) two empty (0,) tensors, nothing computed. lse and denominator are
-    not differentiable."""
-    check_inputs(logits, labels)
-    if EXTENSION.runs_kernel(logits):
+
+# ---------------------------------------------------------------------------------------
+# The ops: the CUDA kernels (torch.ops.bisenet_cuda, csrc/) under torch.autograd.Functions,
+# or the references. Functions, not Python custom ops around the C++ ops: that layer cost
+# about 60 us of host time a forward + backward (CPU loops on tiny tensors standing in for
+# the kernels), which at the smaller heads is a good part of the kernels' own GPU time;
+# torch.compile traces the Functions and the C++ ops' fakes below.
+
+def _register_fakes():
+    """The C++ ops' fake implementations (output shapes and dtypes), for torch.compile;
+    EXTENSION.load() calls this once the library defines the ops."""
+    @torch.library.register_fake("bisenet_cuda::upsample_ce_forward")
+    def _(logits, labels, ignore_index, with_mean=True):
+        check_inputs(logits, labels)
+        dtype = accumulate_dtype(logits)
+        mean_shape = () if with_mean else (0,)
+        return (labels.new_empty(labels.shape, dtype=dtype), labels.new_empty(labels.shape, dtype=dtype),
+                labels.new_empty(mean_shape, dtype=dtype), labels.new_empty(mean_shape, dtype=dtype))
+
+    @torch.library.register_fake("bisenet_cuda::upsample_ce_backward")
+    def _(grad_loss, logits, labels, lse, ignore_index, band=0, chunk=0):
+        check_inputs(logits, labels)
+        return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+    @torch.library.register_fake("bisenet_cuda::ohem_weights")
+    def _(loss, labels, ignore_index, threshold, min_kept, class_weights=None):
+        return torch.empty_like(loss, memory_format=torch.contiguous_format), loss.new_empty(())
+
+
+# csrc/ohem_ce.cpp (schema, checks, the CPU loops) and csrc/ohem_ce.cu (the CUDA kernels);
+# its use_cuda_kernel says whether CUDA tensors get the kernels (kernels.select sets it)
+EXTENSION = Extension("bisenet_loss", ["ohem_ce.cpp", "ohem_ce.cu"],
+                      ["upsample_ce_forward", "upsample_ce_backward", "ohem_weights"], register_fakes=_register_fakes)
+
+
+class _UpsampleCrossEntropyKernels(torch.autograd.Function):
+    """upsample_cross_entropy's kernels: forward (loss, lse, mean, denominator), backward the
+    logits' gradient from the loss's and the mean's."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, ignore_index, with_mean):
         loss, lse, mean, denominator = torch.ops.bisenet_cuda.upsample_ce_forward(logits, labels, ignore_index,
                                                                                   with_mean)
+        ctx.mark_non_differentiable(lse, denominator)
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None, not zero-filled
+        ctx.save_for_backward(logits, labels, lse, denominator)
+        ctx.ignore_index, ctx.with_mean = ignore_index, with_mean
         return loss, lse, mean, denominator
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_lse, grad_mean, grad_denominator):
+        logits, labels, lse, denominator = ctx.saved_tensors
+        if grad_mean is not None and ctx.with_mean:  # without the mean, its (0,) gradient is nothing
+            share = (grad_mean / denominator).expand(labels.shape)  # each counted pixel's (the kernel skips the rest)
+            grad_loss = share if grad_loss is None else grad_loss + share
+        if grad_loss is None:  # only lse was used
+            return None, None, None, None
+        grad = torch.ops.bisenet_cuda.upsample_ce_backward(grad_loss.to(lse.dtype), logits, labels, lse,
+                                                           ctx.ignore_index)
+        return grad, None, None, None
+
+
+def _upsample_cross_entropy(logits, labels, ignore_index, with_mean):
+    """upsample_cross_entropy for checked inputs."""
+    if EXTENSION.runs_kernel(logits):
+        return _UpsampleCrossEntropyKernels.apply(logits, labels, ignore_index, with_mean)
     loss, lse = upsample_cross_entropy_reference(logits, labels, ignore_index)
     if not with_mean:
         return loss, lse, loss.new_empty(0), loss.new_empty(0)
     return (loss, lse) + ce_mean_reference(loss, labels, ignore_index)
 
 
-@upsample_cross_entropy.register_fake
-def _(logits, labels, ignore_index, with_mean=True):
+def upsample_cross_entropy(logits, labels, ignore_index, with_mean=True):
+    """(loss, lse, mean, denominator): per pixel (see upsample_cross_entropy_reference), and
+    the mean of loss over the pixels not ignored with max(their count, 1) (ce_mean_reference;
+    on CUDA the forward kernel's blocks and one small kernel, in a fixed order, where torch's
+    would take five kernels), or with with_mean=False (OHEM) two empty (0,) tensors, nothing
+    computed. Differentiable in loss and mean; the kernels where EXTENSION.runs_kernel says
+    so (their backward: upsample_cross_entropy_backward's kernel), else the reference."""
     check_inputs(logits, labels)
-    dtype = accumulate_dtype(logits)
-    mean_shape = () if with_mean else (0,)
-    return (labels.new_empty(labels.shape, dtype=dtype), labels.new_empty(labels.shape, dtype=dtype),
-            labels.new_empty(mean_shape, dtype=dtype), labels.new_empty(mean_shape, dtype=dtype))
+    return _upsample_cross_entropy(logits, labels, ignore_index, with_mean)
 
 
-@torch.library.custom_op("bisenet::upsample_cross_entropy_backward", mutates_args=())
-def upsample_cross_entropy_backward(grad_loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
-                                    lse: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """The gradient of the logits (N, C, h, w), NCHW, for the per-pixel loss gradient."""
+def upsample_cross_entropy_backward(grad_loss, logits, labels, lse, ignore_index):
+    """The gradient of the logits (N, C, h, w), NCHW, for the per-pixel loss gradient: the
+    backward kernel, or the reference."""
     check_inputs(logits, labels)
     grad_loss = grad_loss.to(lse.dtype)
     if EXTENSION.runs_kernel(logits):
@@ -272,33 +280,38 @@ def upsample_cross_entropy_backward(grad_loss: torch.Tensor, logits: torch.Tenso
     return upsample_cross_entropy_backward_reference(grad_loss, logits, labels, lse, ignore_index)
 
 
-@upsample_cross_entropy_backward.register_fake
-def _(grad_loss, logits, labels, lse, ignore_index):
-    check_inputs(logits, labels)
-    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+class _OhemWeightsKernels(torch.autograd.Function):
+    """ohem_weights_op's kernels; the value's gradient in loss is weights times the incoming
+    one (the selection is a constant)."""
+
+    @staticmethod
+    def forward(ctx, loss, labels, ignore_index, threshold, min_kept, class_weights):
+        weights, value = torch.ops.bisenet_cuda.ohem_weights(loss, labels, ignore_index, threshold, min_kept,
+                                                             class_weights)
+        ctx.mark_non_differentiable(weights)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(weights)
+        return weights, value
+
+    @staticmethod
+    def backward(ctx, grad_weights, grad_value):
+        (weights,) = ctx.saved_tensors
+        grad_loss = None if grad_value is None else weights * grad_value
+        return grad_loss, None, None, None, None, None
 
 
-def _setup_context(ctx, inputs, output):
-    logits, labels, ignore_index, with_mean = inputs
-    _, lse, _, denominator = output
-    ctx.with_mean = with_mean
-    ctx.mark_non_differentiable(lse, denominator)
-    ctx.set_materialize_grads(False)  # an unused output's gradient stays None, not zero-filled
-    ctx.save_for_backward(logits, labels, lse, denominator)
-    ctx.ignore_index = ignore_index
-
-
-def _backward(ctx, grad_loss, grad_lse, grad_mean, grad_denominator):
-    logits, labels, lse, denominator = ctx.saved_tensors
-    if grad_mean is not None and ctx.with_mean:  # without the mean, its (0,) gradient is nothing
-        share = (grad_mean / denominator).expand(labels.shape)  # each counted pixel's (the kernel skips the rest)
-        grad_loss = share if grad_loss is None else grad_loss + share
-    if grad_loss is None:  # only lse was used
-        return None, None, None, None
-    return upsample_cross_entropy_backward(grad_loss, logits, labels, lse, ctx.ignore_index), None, None, None
-
-
-upsample_cross_entropy.register_autograd(_backward, setup_context=_setup_context)
+def ohem_weights_op(loss, labels, ignore_index, threshold, min_kept, class_weights=None):
+    """(weights, value): the weights of each pixel's loss in the OHEM loss (see the module
+    docstring) and the OHEM loss, sum(weights * loss), 0-dim; loss (N, H, W) float32 or
+    float64; class_weights (C,) in loss's dtype, or None. value is differentiable in loss
+    (its gradient: weights times the incoming one; the selection is a constant), weights
+    are not. On CUDA (EXTENSION.runs_kernel) a radix select of the k-th largest loss and the
+    weights, counts kept on the device (csrc/ohem_ce.cu); else the sort-based reference."""
+    if EXTENSION.runs_kernel(loss):
+        return _OhemWeightsKernels.apply(loss, labels, ignore_index, threshold, min_kept, class_weights)
+    weights = ohem_weights_reference(loss.detach(), labels, ignore_index, threshold, min_kept,
+                                     None if class_weights is None else class_weights.detach())
+    return weights, (loss * weights).sum()  # the selection a constant, as the kernels' backward
 
 
 def ohem_cross_entropy(logits, labels, thresh=0.7, min_kept=None, ignore_index=255, validate=True,
@@ -316,7 +329,7 @@ def ohem_cross_entropy(logits, labels, thresh=0.7, min_kept=None, ignore_index=2
     if validate:
         check_labels(labels, logits.shape[1], ignore_index)
     with_mean = thresh is None and class_weights is None
-    loss, _, mean, _ = upsample_cross_entropy(logits, labels, ignore_index, with_mean)
+    loss, _, mean, _ = _upsample_cross_entropy(logits, labels, ignore_index, with_mean)
     if with_mean:
         return mean
     if thresh is None:

@@ -69,6 +69,17 @@ def cuda_kernel(extension, monkeypatch):
     return extension
 
 
+@pytest.fixture
+def cpu_loops(extension, monkeypatch):
+    """The extension, with every op of the package sending CPU tensors too down its kernel
+    path (its autograd.Function and torch.ops.bisenet_cuda's op), where the C++ CPU loops run:
+    the path CUDA tensors take, with the kernels' arithmetic, on a machine without a GPU."""
+    import kernels
+    for op_extension in kernels.EXTENSIONS.values():
+        monkeypatch.setattr(op_extension, "cpu_loops", True)
+    return extension
+
+
 def poison_cuda_cache(nbytes):
     """Hand freed NaN-filled blocks to the caching allocator, so that an output a kernel
     forgot to write comes back as NaN instead of a lucky zero."""
@@ -80,10 +91,10 @@ def poison_cuda_cache(nbytes):
 
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def kernel_device(request):
-    """Each test body once on the CPU and once on the GPU (marked gpu) with the CUDA kernels in
-    use (the cuda_kernel fixture), as pytorch/extension-cpp's tests run one body per device."""
-    if request.param == "cuda":
-        request.getfixturevalue("cuda_kernel")
+    """Each test body once on the CPU with the C++ loops in the ops' kernel path (the cpu_loops
+    fixture) and once on the GPU (marked gpu) with the CUDA kernels in use (cuda_kernel), as
+    pytorch/extension-cpp's tests run one body per device."""
+    request.getfixturevalue("cuda_kernel" if request.param == "cuda" else "cpu_loops")
     return torch_device(request.param)
 
 

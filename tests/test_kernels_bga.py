@@ -2,7 +2,8 @@
 
 CPU: the reference against bisenetv2's plain composition and gradcheck; the C++ CPU loops
 (the CUDA kernels' per-item functions and tiling, run serially) against the reference; the
-custom op under opcheck, torch.compile(fullgraph=True) and inside BiSeNetV2.
+C++ ops under opcheck; the op (its autograd.Function with the CPU loops, and the reference)
+under torch.compile(fullgraph=True) and inside BiSeNetV2.
 GPU (marked gpu): the CUDA kernels against the float64 reference.
 
 Tests that need the compiled extension (kernels.load()) skip when it cannot be
@@ -67,9 +68,9 @@ def test_reference_equals_bisenetv2_composition(channels_last):
     assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
-def test_custom_op_gradcheck_cpu():
-    # the custom op on CPU: reference forward, hand-written backward (up^T through ATen's
-    # upsample_bilinear2d_backward); gradcheck compares it with finite differences
+def test_kernel_path_gradcheck_cpu(cpu_loops):
+    # the op down its kernels' path on the CPU: the C++ loops' forward and hand-written
+    # backward; gradcheck compares it with finite differences
     inputs = [t.requires_grad_(True) for t in random_inputs((2, 3, 9, 11), (3, 4))]
     assert torch.autograd.gradcheck(bga.bga_aggregate, inputs)
 
@@ -231,15 +232,15 @@ def test_cpu_loop_backward_rejects_sizes_past_32_bit_offsets(extension, high, lo
 
 
 # ---------------------------------------------------------------------------------------
-# The custom op
+# The ops (their autograd is bga._BgaKernels, checked against the reference below)
 
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_opcheck(kernel_device, channels_last):
+def test_opcheck(kernel_device, extension, channels_last):
     inputs = random_inputs((2, 3, 9, 11), (3, 4), dtype=torch.float32, device=kernel_device,
                            channels_last=channels_last)
-    torch.library.opcheck(bga.bga_aggregate, [t.requires_grad_(True) for t in inputs])
+    torch.library.opcheck(extension.bga_forward.default, inputs)
     grad_out = torch.randn(2, 3, 9, 11, device=kernel_device)
-    torch.library.opcheck(bga.bga_aggregate_backward, [grad_out] + [t.detach() for t in inputs])
+    torch.library.opcheck(extension.bga_backward.default, [grad_out] + inputs)
 
 
 # ---------------------------------------------------------------------------------------
@@ -293,7 +294,13 @@ def test_cuda_on_a_side_stream(cuda_kernel):
         assert torch.equal(leaf.grad, want.grad)
 
 
-def test_compile_fullgraph_cpu():
+@pytest.mark.parametrize("path", ["reference", "kernels"])
+def test_compile_fullgraph_cpu(request, path):
+    """One graph, on the CPU path (the reference) and on the kernels' (the autograd.Function
+    and the C++ ops' fakes, the CPU loops running)."""
+    if path == "kernels":
+        request.getfixturevalue("cpu_loops")
+
     def gated_sum(detail_keep, sem_up, detail_down, sem_keep):
         return (bga.bga_aggregate(detail_keep, sem_up, detail_down, sem_keep) * 2).relu().sum()
 

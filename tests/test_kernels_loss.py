@@ -1,10 +1,11 @@
 """The loss (kernels/loss.py, kernels/csrc/ohem_ce*) and the build machinery.
 
 CPU: the reference against plain compositions (CoinCheung's OHEM, F.cross_entropy) and
-gradcheck; the fused path (custom ops: per-pixel loss, OHEM weights) against the reference; the C++ CPU
-loops (the CUDA kernels' per-item functions, run serially) against the reference; opcheck
-and torch.compile(fullgraph=True). GPU (marked gpu): the CUDA kernels against the float64
-reference on many shapes and dtypes, poisoned outputs, determinism, no host sync.
+gradcheck; the fused path (per-pixel loss, OHEM weights), also down the kernels' path with the
+C++ CPU loops, against the reference; the C++ CPU loops (the CUDA kernels' per-item functions,
+run serially) against the reference; opcheck of the C++ ops and torch.compile(fullgraph=True).
+GPU (marked gpu): the CUDA kernels against the float64 reference on many shapes and dtypes,
+poisoned outputs, determinism, no host sync.
 Tests that need the compiled extension skip when it cannot be built, unless
 BISENET_REQUIRE_KERNELS=1, where they fail.
 """
@@ -122,7 +123,16 @@ def test_bad_labels_are_named():
         loss_ref(logits, labels.clamp(max=4).int())
 
 
-# --- the fused path on the CPU: the custom ops ------------------------------------------
+# --- the fused path on the CPU: the references, and the kernels' path (cpu_loops) ------
+
+@pytest.fixture(params=["reference", "kernels"])
+def fused_path(request):
+    """ohem_cross_entropy on the CPU as it runs there (the references), and down the kernels'
+    path (the autograd.Functions and the C++ ops, their CPU loops running: cpu_loops)."""
+    if request.param == "kernels":
+        request.getfixturevalue("cpu_loops")
+    return request.param
+
 
 CASES = [(2, 5, (3, 4), (11, 13)), (1, 19, (16, 16), (128, 128)), (2, 3, (7, 9), (7, 9)),
          (1, 4, (9, 11), (4, 3)), (1, 3, (1, 1), (5, 5))]  # 2.75-8x up, 1x, down, one pixel
@@ -130,7 +140,7 @@ OHEM = [(None, None), (0.7, None), (0.7, 40), (0.3, 10 ** 6), (0.99, 3)]
 
 
 @pytest.mark.parametrize("n,c,low,high", CASES)
-def test_fused_path_matches_reference_float64(n, c, low, high):
+def test_fused_path_matches_reference_float64(n, c, low, high, fused_path):
     logits, labels = random_case(n=n, c=c, low=low, high=high, seed=c)
     for thresh, min_kept in OHEM:
         leaves = [logits.clone().requires_grad_(True) for _ in range(2)]
@@ -142,7 +152,7 @@ def test_fused_path_matches_reference_float64(n, c, low, high):
         torch.testing.assert_close(got_grad, want_grad, rtol=1e-12, atol=1e-13)
 
 
-def test_fused_path_float32_and_uint8_labels():
+def test_fused_path_float32_and_uint8_labels(fused_path):
     logits, labels = random_case(n=2, c=19, low=(8, 8), high=(64, 64), seed=7)
     for thresh, min_kept in OHEM:
         want = loss_ref(logits, labels, thresh=thresh, min_kept=min_kept)
@@ -151,7 +161,7 @@ def test_fused_path_float32_and_uint8_labels():
         assert abs(got.item() - want.item()) < 64 * EPS32 * 10
 
 
-def test_fused_gradcheck_float64():
+def test_fused_gradcheck_float64(fused_path):
     logits, labels = random_case(n=1, c=3, low=(2, 3), high=(5, 7), seed=3)
     for thresh, min_kept in ((None, None), (0.7, 5), (0.9, 30)):
         leaf = logits.clone().requires_grad_(True)
@@ -275,11 +285,11 @@ def test_class_weighted_loss(kernel_device, thresh):
 
 
 @pytest.mark.parametrize("thresh", [0.7, None])
-def test_loss_dispatches_few_ops(thresh):
-    """The OHEM loss, forward and backward, is a handful of dispatched ops (two custom ops, the
-    second with the weighted sum; their backward), not the dozens of small ops a selection
-    made of tensor ops issues: each is a kernel launch on a GPU. The CE mean: the loss op
-    returns it; its backward one division into the loss op's backward."""
+def test_loss_dispatches_few_ops(cpu_loops, thresh):
+    """The OHEM loss, forward and backward, on the kernels' path is a handful of dispatched ops
+    (the loss op, the weights op with the weighted sum, the loss's backward op), not the dozens
+    of small ops a selection made of tensor ops issues: each is a kernel launch on a GPU. The
+    CE mean: the loss op returns it; its backward one division into the loss op's backward."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
@@ -304,7 +314,7 @@ def test_loss_dispatches_few_ops(thresh):
         assert sum("bisenet" in op for op in count.ops) == 3, count.ops  # forward, weights, backward
 
 
-def test_fused_ties_all_ignored_and_one_valid_pixel():
+def test_fused_ties_all_ignored_and_one_valid_pixel(fused_path):
     logits = torch.zeros(1, 2, 1, 4, dtype=torch.float64, requires_grad=True)
     labels = torch.zeros(1, 1, 4, dtype=torch.long)
     loss = loss_fused(logits, labels, thresh=0.1, min_kept=2)  # none hard: the top 2 of 4 equal
@@ -324,7 +334,7 @@ def test_fused_ties_all_ignored_and_one_valid_pixel():
                                    loss_ref(logits, labels, thresh=thresh, min_kept=5))
 
 
-def test_fused_bad_label_raises_or_poisons():
+def test_fused_bad_label_raises_or_poisons(fused_path):
     logits, labels = random_case()
     labels[1, 2, 3] = 9
     with pytest.raises(ValueError, match="value 9 is outside"):
@@ -333,18 +343,17 @@ def test_fused_bad_label_raises_or_poisons():
         assert torch.isnan(loss_fused(logits, labels, thresh=thresh, validate=False))
 
 
-def test_opcheck(kernel_device):
+def test_opcheck(kernel_device, extension):
+    """The C++ ops (their autograd is loss.py's Functions, checked against the references
+    elsewhere in this file)."""
     logits, labels = random_case(n=2, c=4, low=(3, 5), high=(9, 11), seed=2)
-    logits, labels = logits.float().to(kernel_device).requires_grad_(True), labels.to(kernel_device)
-    torch.library.opcheck(loss_module.upsample_cross_entropy, (logits, labels, 255))
-    torch.library.opcheck(loss_module.upsample_cross_entropy, (logits, labels, 255, False))
-    loss, lse, _, _ = loss_module.upsample_cross_entropy(logits.detach(), labels, 255)
-    torch.library.opcheck(loss_module.upsample_cross_entropy_backward,
-                          (torch.randn_like(loss), logits.detach(), labels, lse, 255))
-    loss = loss.detach().requires_grad_(True)  # the OHEM loss is differentiable in it
-    torch.library.opcheck(loss_module.ohem_weights_op, (loss, labels, 255, 0.5, 20))
-    torch.library.opcheck(loss_module.ohem_weights_op,
-                          (loss, labels, 255, 0.5, 20, torch.rand(4, device=kernel_device)))
+    logits, labels = logits.float().to(kernel_device), labels.to(kernel_device)
+    torch.library.opcheck(extension.upsample_ce_forward.default, (logits, labels, 255))
+    torch.library.opcheck(extension.upsample_ce_forward.default, (logits, labels, 255, False))
+    loss, lse, _, _ = extension.upsample_ce_forward(logits, labels, 255)
+    torch.library.opcheck(extension.upsample_ce_backward.default, (torch.randn_like(loss), logits, labels, lse, 255))
+    torch.library.opcheck(extension.ohem_weights.default, (loss, labels, 255, 0.5, 20))
+    torch.library.opcheck(extension.ohem_weights.default, (loss, labels, 255, 0.5, 20, torch.rand(4, device=kernel_device)))
 
 
 # --- one body, CPU and GPU (the GPU run marked gpu, with the CUDA kernels) -------------
@@ -491,9 +500,14 @@ def test_cuda_five_head_loss_compiled_under_bf16_autocast(cuda_kernel):
         torch.testing.assert_close(got.grad.float(), want.grad.float(), rtol=2 ** -7, atol=1e-8)
 
 
+@pytest.mark.parametrize("path", ["reference", "kernels"])
 @pytest.mark.parametrize("thresh", [None, 0.7])
-def test_compile_fullgraph_cpu(thresh):
-    """One graph (no break: nothing in the loss asks the host for a value)."""
+def test_compile_fullgraph_cpu(request, path, thresh):
+    """One graph (no break: nothing in the loss asks the host for a value), on the CPU path
+    (the references) and on the kernels' (the autograd.Functions and the C++ ops' fakes, the
+    CPU loops running)."""
+    if path == "kernels":
+        request.getfixturevalue("cpu_loops")
     logits, labels = random_case(n=2, c=5, seed=4)
     leaves = [logits.float().requires_grad_(True) for _ in range(2)]
     fn = lambda x: loss_fused(x, labels, thresh=thresh, min_kept=30, validate=False)  # noqa: E731
@@ -986,7 +1000,7 @@ def test_loss_copied_alone_builds_and_runs(tmp_path):
     """The loss op copied into another project on its own (kernels/ without the BGA's files,
     the package's __init__ replaced): it builds its own sources only, in a fresh process
     and cache folder, with CUDA_HOME unset (kernels.load() finds the toolkit itself), and
-    its C++ CPU loop and custom op run. CI has nvcc but no GPU: the CUDA side still compiles
+    its C++ CPU loop and the loss's kernel path run. CI has nvcc but no GPU: the CUDA side still compiles
     (for sm_80 and sm_90)."""
     import shutil
     import subprocess
