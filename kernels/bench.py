@@ -4,6 +4,7 @@
     python -m kernels.bench --no-compile       # skip the torch.compile column (minutes faster)
     python -m kernels.bench --profile          # and each fused row's time per CUDA kernel
     python -m kernels.bench --device cpu --quick   # a smoke run of the table's machinery
+    python -m kernels.bench --host             # the host's part of a fused step, on the CPU
 
 Loss rows: logits of each BiSeNetV2 head (main 1/8 and auxiliary 1/4, 1/8, 1/16, 1/32 of a
 1024x1024 crop, 19 classes; the 1/8 auxiliary head has the main head's shape) against uint8 labels of 1024x1024, CE and OHEM (thresh 0.7,
@@ -19,6 +20,12 @@ the bytes the fused kernels must move (see bytes_moved_*) against the device-to-
 bandwidth measured in the same run; "floor ms" is those bytes at that bandwidth, the time
 a kernel at memory speed would take. Peak memory is the allocator's
 peak above what the inputs already hold, for one forward + backward.
+
+--host needs no GPU: each op's kernel path (its autograd.Function, the C++ op, the checks)
+on tiny CPU tensors, where the C++ loops (a few us) stand in for the kernels, so the time
+is the Python, autograd and dispatcher work a GPU step pays too, without its launches; the
+references' on the same tensors beside it. A fused step shorter on the GPU than this (times
+the GPU machine's host speed) is bound by the host: the "fused host ms" column above.
 """
 import argparse
 import datetime
@@ -51,6 +58,8 @@ def parse_args(argv=None):
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, few runs: checks the machinery")
     parser.add_argument("--out", help="also write the table (markdown) to this file")
+    parser.add_argument("--host", action="store_true",
+                        help="only the host's part of a fused step, on the CPU (see above)")
     parser.add_argument("--profile", action="store_true",
                         help="also each row's kernels: torch.profiler's time per step of every CUDA kernel the "
                              "fused variant launches (on the CPU: the eager variant's ops)")
@@ -300,6 +309,48 @@ def bga_rows(args, device):
                     bytes_moved_bga(inputs[0], inputs[1]), args, device, DTYPES[dtype_name])
 
 
+def host_table(args):
+    """Markdown: the host's microseconds a forward + backward, each op's kernel path (the C++
+    loops running) against its reference, tiny CPU tensors, the median of 5 rounds."""
+    from . import EXTENSIONS, load
+    load()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    logits = torch.randn(1, 3, 2, 2, requires_grad=True)
+    labels = torch.randint(0, 3, (1, 4, 4), dtype=torch.uint8)
+    inputs = [torch.randn(1, 2, 4, 4, requires_grad=True)] + [torch.randn(1, 2, 1, 1, requires_grad=True)
+                                                              for _ in range(3)]
+    grad_out = torch.randn(1, 2, 4, 4)
+    cases = [("loss CE", lambda fn: loss_step(fn, logits, labels, None),
+              ohem_cross_entropy, ohem_cross_entropy_reference),
+             ("loss OHEM", lambda fn: loss_step(fn, logits, labels, 0.7),
+              ohem_cross_entropy, ohem_cross_entropy_reference),
+             ("BGA", lambda fn: bga_step(fn, inputs, grad_out), bga_aggregate, bga_aggregate_reference)]
+    calls = max(args.iters, 1) * 20
+    lines = ["| op, forward + backward | kernel path us | reference us |", "| --- | ---: | ---: |"]
+    for name, make_step, fused, reference in cases:
+        us = []
+        for fn, cpu_loops in ((fused, True), (reference, False)):
+            for extension in EXTENSIONS.values():
+                extension.cpu_loops = cpu_loops
+            step = make_step(fn)
+            for _ in range(args.warmup * 10):
+                step()
+            rounds = []
+            for _ in range(5):
+                start = time.perf_counter()
+                for _ in range(calls):
+                    step()
+                rounds.append(1e6 * (time.perf_counter() - start) / calls)
+            us.append(statistics.median(rounds))
+        lines.append(f"| {name} | {us[0]:.1f} | {us[1]:.1f} |")
+    for extension in EXTENSIONS.values():
+        extension.cpu_loops = False
+    torch.set_num_threads(threads)
+    return "\n".join([f"host: torch {torch.__version__}, 1 CPU thread; {datetime.date.today().isoformat()}",
+                      ""] + lines)
+
+
 # ---------------------------------------------------------------------------------------
 # The table
 
@@ -349,6 +400,12 @@ def write_text(path, text):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.host:
+        text = host_table(args)
+        print(text)
+        if args.out:
+            write_text(args.out, text)
+        return text
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print(f"kernels.bench: error: --device {args.device}, but torch sees no CUDA device "

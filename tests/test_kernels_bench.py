@@ -64,3 +64,27 @@ def test_cuda_bench_without_cuda_is_one_line(capsys):
         bench.main(["--quick"])
     assert stop.value.code == 2
     assert capsys.readouterr().err.strip().endswith("torch sees no CUDA device (--device cpu times the eager column alone)")
+
+
+def test_host_table_times_each_ops_kernel_path_on_the_cpu(extension, tmp_path, monkeypatch):
+    """--host: each op down its kernel path (the C++ loops running) and its reference, a row
+    an op; the ops' CPU tensors take the references again afterwards."""
+    import kernels
+    import torch
+    seen = []
+    real = torch.ops.bisenet_cuda.bga_forward
+
+    class Recording:  # torch.ops.bisenet_cuda.bga_forward, noting each call
+        def __call__(self, *args):
+            seen.append(args[0].device.type)
+            return real(*args)
+
+    monkeypatch.setattr(torch.ops.bisenet_cuda, "bga_forward", Recording())
+    out = tmp_path / "host.md"
+    bench.main(["--host", "--iters", "1", "--warmup", "1", "--out", str(out)])
+    rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| loss")
+            or line.startswith("| BGA")]
+    assert [row[0].strip() for row in rows] == ["loss CE", "loss OHEM", "BGA"]
+    assert all(float(cell) > 0 for row in rows for cell in row[1:])
+    assert seen and set(seen) == {"cpu"}  # the BGA's kernel path ran its C++ op
+    assert not any(extension.cpu_loops for extension in kernels.EXTENSIONS.values())
