@@ -914,9 +914,10 @@ def test_select_logs_its_choice():
         kernels.select("cuda", torch.device("cpu"), log=messages.append)
 
 
-def test_check_cases_pass_and_catch_a_wrong_op(monkeypatch):
-    """kernels.check's cases (what select() runs before using the kernels) on the CPU, where
-    the ops take their reference paths: all within tolerance; a wrong BGA is caught by name."""
+def test_check_cases_pass_and_catch_a_wrong_op(fused_path, monkeypatch):
+    """kernels.check's cases (what select() runs before using the kernels) on the CPU, the ops
+    down their reference paths and down their kernels' (the C++ loops): all within tolerance;
+    a wrong BGA is caught by name."""
     from kernels import bga, check
     assert all(not message for *_, message in check.run_cases(torch.device("cpu"), check.FULL))
     monkeypatch.setattr(bga, "bga_aggregate", lambda *inputs: bga.bga_aggregate_reference(*inputs) * 1.01)
