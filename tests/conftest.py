@@ -80,6 +80,25 @@ def cpu_loops(extension, monkeypatch):
     return extension
 
 
+def dispatched_ops(step):
+    """The ops (their names, in order) that step() dispatches below autograd: on a GPU each is
+    a kernel launch, or a view."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recording(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Recording() as recording:
+        step()
+    return recording.ops
+
+
 def poison_cuda_cache(nbytes):
     """Hand freed NaN-filled blocks to the caching allocator, so that an output a kernel
     forgot to write comes back as NaN instead of a lucky zero."""

@@ -15,7 +15,7 @@ import torch
 
 import bisenetv2
 from bisenetv2 import BiSeNetV2
-from conftest import poison_cuda_cache
+from conftest import dispatched_ops, poison_cuda_cache
 from kernels import bga
 
 
@@ -71,22 +71,10 @@ def test_reference_equals_bisenetv2_composition(channels_last):
 def test_kernel_path_dispatches_the_two_ops(cpu_loops):
     """Forward + backward down the kernels' path is the forward op and the backward op, and
     nothing else (each dispatched op is a launch on a GPU; the reference takes some 20)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
-
     leaves = [t.requires_grad_(True) for t in random_inputs((2, 3, 9, 11), (3, 4), dtype=torch.float32)]
     grad_out = torch.randn(2, 3, 9, 11)
-    with Count() as count:
-        bga.bga_aggregate(*leaves).backward(grad_out)
-    launches = [op for op in count.ops if op != "aten.detach.default"]  # autograd storing each .grad: no launch
+    ops = dispatched_ops(lambda: bga.bga_aggregate(*leaves).backward(grad_out))
+    launches = [op for op in ops if op != "aten.detach.default"]  # autograd storing each .grad: no launch
     assert launches == ["bisenet_cuda.bga_forward.default", "bisenet_cuda.bga_backward.default"]
     assert all(leaf.grad is not None for leaf in leaves)
 

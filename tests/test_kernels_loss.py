@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from conftest import poison_cuda_cache
+from conftest import dispatched_ops, poison_cuda_cache
 from kernels import build
 from kernels import loss as loss_module
 from kernels.loss import ohem_cross_entropy as loss_fused
@@ -290,28 +290,16 @@ def test_loss_dispatches_few_ops(cpu_loops, thresh):
     (the loss op, the weights op with the weighted sum, the loss's backward op), not the dozens
     of small ops a selection made of tensor ops issues: each is a kernel launch on a GPU. The
     CE mean: the loss op returns it; its backward one division into the loss op's backward."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
-
     logits, labels = random_case(n=2, c=19, low=(16, 16), high=(128, 128), seed=4)
     logits = logits.float().requires_grad_(True)
     loss_fused(logits, labels, thresh=thresh, validate=False).backward()  # warm-up
     logits.grad = None
-    with Count() as count:
-        loss_fused(logits, labels, thresh=thresh, validate=False).backward()
-    assert len(count.ops) <= 6, count.ops  # with ones_like (the seed), detach, and div + expand (CE) or mul (OHEM)
+    ops = dispatched_ops(lambda: loss_fused(logits, labels, thresh=thresh, validate=False).backward())
+    assert len(ops) <= 6, ops  # with ones_like (the seed), detach, and div + expand (CE) or mul (OHEM)
     if thresh is None:
-        assert sum("bisenet" in op for op in count.ops) == 2, count.ops  # forward, backward
+        assert sum("bisenet" in op for op in ops) == 2, ops  # forward, backward
     else:
-        assert sum("bisenet" in op for op in count.ops) == 3, count.ops  # forward, weights, backward
+        assert sum("bisenet" in op for op in ops) == 3, ops  # forward, weights, backward
 
 
 def test_fused_ties_all_ignored_and_one_valid_pixel(fused_path):
