@@ -80,6 +80,15 @@ def cpu_loops(extension, monkeypatch):
     return extension
 
 
+@pytest.fixture(params=["reference", "kernels"])
+def fused_path(request):
+    """An op on the CPU as it runs there (its reference), and down its kernels' path (the
+    autograd.Function and the C++ ops, their CPU loops running: cpu_loops)."""
+    if request.param == "kernels":
+        request.getfixturevalue("cpu_loops")
+    return request.param
+
+
 def dispatched_ops(step):
     """The ops (their names, in order) that step() dispatches below autograd: on a GPU each is
     a kernel launch, or a view."""

@@ -305,13 +305,9 @@ def test_cuda_on_a_side_stream(cuda_kernel):
         assert torch.equal(leaf.grad, want.grad)
 
 
-@pytest.mark.parametrize("path", ["reference", "kernels"])
-def test_compile_fullgraph_cpu(request, path):
+def test_compile_fullgraph_cpu(fused_path):
     """One graph, on the CPU path (the reference) and on the kernels' (the autograd.Function
-    and the C++ ops' fakes, the CPU loops running)."""
-    if path == "kernels":
-        request.getfixturevalue("cpu_loops")
-
+    and the C++ ops' fakes)."""
     def gated_sum(detail_keep, sem_up, detail_down, sem_keep):
         return (bga.bga_aggregate(detail_keep, sem_up, detail_down, sem_keep) * 2).relu().sum()
 

@@ -125,14 +125,6 @@ def test_bad_labels_are_named():
 
 # --- the fused path on the CPU: the references, and the kernels' path (cpu_loops) ------
 
-@pytest.fixture(params=["reference", "kernels"])
-def fused_path(request):
-    """ohem_cross_entropy on the CPU as it runs there (the references), and down the kernels'
-    path (the autograd.Functions and the C++ ops, their CPU loops running: cpu_loops)."""
-    if request.param == "kernels":
-        request.getfixturevalue("cpu_loops")
-    return request.param
-
 
 CASES = [(2, 5, (3, 4), (11, 13)), (1, 19, (16, 16), (128, 128)), (2, 3, (7, 9), (7, 9)),
          (1, 4, (9, 11), (4, 3)), (1, 3, (1, 1), (5, 5))]  # 2.75-8x up, 1x, down, one pixel
@@ -488,14 +480,10 @@ def test_cuda_five_head_loss_compiled_under_bf16_autocast(cuda_kernel):
         torch.testing.assert_close(got.grad.float(), want.grad.float(), rtol=2 ** -7, atol=1e-8)
 
 
-@pytest.mark.parametrize("path", ["reference", "kernels"])
 @pytest.mark.parametrize("thresh", [None, 0.7])
-def test_compile_fullgraph_cpu(request, path, thresh):
+def test_compile_fullgraph_cpu(fused_path, thresh):
     """One graph (no break: nothing in the loss asks the host for a value), on the CPU path
-    (the references) and on the kernels' (the autograd.Functions and the C++ ops' fakes, the
-    CPU loops running)."""
-    if path == "kernels":
-        request.getfixturevalue("cpu_loops")
+    (the references) and on the kernels' (the autograd.Functions and the C++ ops' fakes)."""
     logits, labels = random_case(n=2, c=5, seed=4)
     leaves = [logits.float().requires_grad_(True) for _ in range(2)]
     fn = lambda x: loss_fused(x, labels, thresh=thresh, min_kept=30, validate=False)  # noqa: E731
