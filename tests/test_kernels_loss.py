@@ -571,8 +571,9 @@ def test_cpu_loop_backward_tiles_cover_every_pixel(extension, c):
 
 
 def test_cpu_loop_backward_large_upscale_opts_in(extension):
-    """1/32 in float64 needs a 48 x 48 window of 32 bytes a pixel: more than the automatic
-    tile's 54 KiB, the plan takes the larger opt-in budget and the result is the reference's."""
+    """1/32 in float64 takes 32 bytes a pixel: the automatic tile of 32 x 64 pixels (1 x 2
+    low-res, 145 KiB) does not fit the 96 KiB budget, 1 x 1 (a 48 x 48 window, 94 KiB) does,
+    above the 48 KiB that needs an opt-in; the result is the reference's."""
     plan = extension.upsample_ce_backward_plan([1, 3, 256, 256], [8, 8], torch.float64)
     assert plan[:2] == [1, 1] and 54 * 1024 < plan[4] <= 96 * 1024, plan
     logits, labels = random_case(n=1, c=3, low=(8, 8), high=(256, 256), seed=3)

@@ -3,7 +3,7 @@
 //   bisenet_cuda::upsample_ce_forward(logits, labels, ignore_index, with_mean=True) -> (loss, lse, mean, denominator)
 //   bisenet_cuda::upsample_ce_backward(grad_loss, logits, labels, lse, ignore_index, band=0, chunk=0)
 //       -> grad_logits
-//   bisenet_cuda::upsample_ce_backward_plan(size, low_size, dtype, band=0, chunk=0)
+//   bisenet_cuda::upsample_ce_backward_plan(size, low_size, dtype, band=0, chunk=0, shared_budget=None)
 //       -> [band, chunk, window_rows, window_cols, shared_bytes, most_rows, most_cols, most_staged,
 //           outputs_written, most_parts, most_segment_items]
 //   bisenet_cuda::upsample_ce_forward_plan(size, low_size, dtype)
@@ -21,8 +21,10 @@
 // low-res rows and columns, then a pass over the logits on the tiles' grid lines (their
 // partial sums in the rim workspace, bilinear.h); band, chunk (low-res rows and columns per
 // backward block) override the backward's tiling (0: automatic), the tests use them to put
-// tile borders everywhere. A tiling over the shared-memory budget is the same error on the CPU as at
-// launch. The *_plan ops show a plan (size = (N, C, H, W), low_size = (h, w)) with the most
+// tile borders everywhere. The backward's shared-memory budget is the device's (ohem_ce_math.h:
+// kCeMaxSharedBytes; the CPU loops take that, as every sm_80+ GPU does); a tiling over it is the
+// same error on the CPU as at launch. The *_plan ops show a plan (size = (N, C, H, W),
+// low_size = (h, w); shared_budget: the backward's, None for kCeMaxSharedBytes) with the most
 // any tile needs and how many outputs are written (each once: h * w, H * W).
 // ohem_weights: loss (N, H, W) float32/float64 (the per-pixel losses, 0 where ignored),
 // labels as above, threshold = -log(thresh), min_kept < 0 for valid // 16 -> weights like
@@ -279,14 +281,14 @@ void backward_cpu_typed(const CeBackwardCall& call, int64_t ignore_index) {
 
 // The backward's plan for these sizes (see the file comment); raises when it cannot launch.
 template <typename acc_t>
-CeBackwardPlan backward_plan(const CeGeometry<acc_t>& geo, int64_t band, int64_t chunk) {
+CeBackwardPlan backward_plan(const CeGeometry<acc_t>& geo, int64_t band, int64_t chunk, int64_t shared_budget) {
   TORCH_CHECK(band >= 0 && chunk >= 0 && band < (int64_t{1} << 20) && chunk < (int64_t{1} << 20),
               "upsample_ce_backward: band and chunk must be in [0, 2^20), got ", band, " and ", chunk);
   CeBackwardPlan plan;
-  const bool fits = plan_ce_backward(geo, static_cast<int>(band), static_cast<int>(chunk), &plan);
+  const bool fits = plan_ce_backward(geo, static_cast<int>(band), static_cast<int>(chunk), shared_budget, &plan);
   TORCH_CHECK(fits, "upsample_ce_backward: a tile of ", plan.band, "x", plan.chunk, " low-res pixels (", geo.h, "x",
               geo.w, " to ", geo.H, "x", geo.W, ") needs ", plan.shared_bytes,
-              " bytes of shared memory, more than the kernel's ", kCeMaxSharedBytes);
+              " bytes of shared memory, more than a block may take here (", shared_budget, ")");
   return plan;
 }
 
@@ -321,7 +323,7 @@ CeForwardCall prepare_ce_forward(const at::Tensor& logits, const at::Tensor& lab
 }
 
 CeBackwardCall prepare_ce_backward(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& labels,
-                                   const at::Tensor& lse, int64_t band, int64_t chunk) {
+                                   const at::Tensor& lse, int64_t band, int64_t chunk, int64_t shared_budget) {
   check_inputs("upsample_ce_backward", logits, labels);
   check_pixel_tensor("upsample_ce_backward", "grad_loss", grad_loss, logits, labels);
   check_pixel_tensor("upsample_ce_backward", "lse", lse, logits, labels);
@@ -343,9 +345,9 @@ CeBackwardCall prepare_ce_backward(const at::Tensor& grad_loss, const at::Tensor
     return call;
   }
   if (acc_type(logits) == at::kDouble)
-    call.plan = backward_plan(ce_geometry<double>(logits, labels), band, chunk);
+    call.plan = backward_plan(ce_geometry<double>(logits, labels), band, chunk, shared_budget);
   else
-    call.plan = backward_plan(ce_geometry<float>(logits, labels), band, chunk);
+    call.plan = backward_plan(ce_geometry<float>(logits, labels), band, chunk, shared_budget);
   call.rim = at::empty({tile_rim_elements(1, static_cast<int>(logits.size(0)), static_cast<int>(logits.size(1)),
                                           static_cast<int>(logits.size(2)), static_cast<int>(logits.size(3)),
                                           call.plan.band, call.plan.chunk)},
@@ -412,7 +414,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> upsample_ce_forward_c
 
 at::Tensor upsample_ce_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& labels,
                                     const at::Tensor& lse, int64_t ignore_index, int64_t band, int64_t chunk) {
-  const CeBackwardCall call = prepare_ce_backward(grad_loss, logits, labels, lse, band, chunk);
+  const CeBackwardCall call = prepare_ce_backward(grad_loss, logits, labels, lse, band, chunk, kCeMaxSharedBytes);
   if (call.plan.band == 0) return call.grad_logits;
 #define BISENET_CE_BACKWARD(scalar_t, label_t) backward_cpu_typed<scalar_t, label_t>(call, ignore_index)
   BISENET_CE_DISPATCH(call.logits, call.labels, BISENET_CE_BACKWARD);
@@ -500,9 +502,9 @@ std::tuple<at::Tensor, at::Tensor> ohem_weights_cpu(const at::Tensor& loss, cons
 // tiles inside their grid lines, then by the rim pass on them.
 template <typename acc_t>
 std::vector<int64_t> backward_plan_numbers(at::IntArrayRef size, at::IntArrayRef low_size, int64_t band,
-                                           int64_t chunk) {
+                                           int64_t chunk, int64_t shared_budget) {
   auto geo = make_ce_geometry<acc_t>(size[0], size[1], low_size[0], low_size[1], size[2], size[3]);
-  const CeBackwardPlan plan = backward_plan(geo, band, chunk);
+  const CeBackwardPlan plan = backward_plan(geo, band, chunk, shared_budget);
   geo.N = 1;  // the tiles of one sample
   int64_t most_rows = 0, most_cols = 0, most_staged = 0, written = 0, most_parts = 0, most_items = 0;
   for (int64_t block = 0; block < ce_backward_blocks(geo, plan); ++block) {
@@ -526,10 +528,13 @@ void check_plan_sizes(const char* op, at::IntArrayRef size, at::IntArrayRef low_
 }
 
 std::vector<int64_t> upsample_ce_backward_plan(at::IntArrayRef size, at::IntArrayRef low_size, at::ScalarType dtype,
-                                               int64_t band, int64_t chunk) {
+                                               int64_t band, int64_t chunk, std::optional<int64_t> shared_budget) {
   check_plan_sizes("upsample_ce_backward_plan", size, low_size);
-  if (dtype == at::kDouble) return backward_plan_numbers<double>(size, low_size, band, chunk);
-  return backward_plan_numbers<float>(size, low_size, band, chunk);
+  const int64_t budget = shared_budget.value_or(kCeMaxSharedBytes);
+  TORCH_CHECK(budget > 0 && budget <= kCeMaxSharedBytes, "upsample_ce_backward_plan: shared_budget must be in (0, ",
+              kCeMaxSharedBytes, "], got ", budget);
+  if (dtype == at::kDouble) return backward_plan_numbers<double>(size, low_size, band, chunk, budget);
+  return backward_plan_numbers<float>(size, low_size, band, chunk, budget);
 }
 
 // The plan upsample_ce_forward follows for these sizes, the most low-res rows any of its tiles
@@ -563,7 +568,8 @@ TORCH_LIBRARY_FRAGMENT(bisenet_cuda, m) {
   m.def(
       "upsample_ce_backward(Tensor grad_loss, Tensor logits, Tensor labels, Tensor lse, int ignore_index, int band=0, "
       "int chunk=0) -> Tensor");
-  m.def("upsample_ce_backward_plan(int[] size, int[] low_size, ScalarType dtype, int band=0, int chunk=0) -> int[]",
+  m.def("upsample_ce_backward_plan(int[] size, int[] low_size, ScalarType dtype, int band=0, int chunk=0, "
+        "int? shared_budget=None) -> int[]",
         &bisenet::upsample_ce_backward_plan);
   m.def("upsample_ce_forward_plan(int[] size, int[] low_size, ScalarType dtype) -> int[]",
         &bisenet::upsample_ce_forward_plan);

@@ -498,24 +498,17 @@ void forward_typed(const CeForwardCall& call, int64_t ignore_index) {
 }
 
 template <typename scalar_t, typename label_t>
-void backward_typed(const CeBackwardCall& call, int64_t ignore_index) {
+void backward_typed(const CeBackwardCall& call, int64_t ignore_index, int64_t shared_budget) {
   using acc_t = typename AccType<scalar_t>::type;
   const at::Tensor& logits = call.logits;
   auto geo = make_ce_geometry<acc_t>(logits.size(0), logits.size(1), logits.size(2), logits.size(3),
                                      call.labels.size(1), call.labels.size(2));
   const auto kernel = ce_backward_kernel<scalar_t, label_t, acc_t>;
-  // the plan is within kCeMaxSharedBytes (prepare); above 48 KiB a kernel must opt in (the
-  // 1/4 and 1/8 heads do), to the most any plan takes or the GPU allows a block, the same
-  // value whichever call sets it (sm_90 allows 227 KiB, sm_86/89/120 99 KiB, sm_75 64 KiB)
-  int optin = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, c10::cuda::current_device()));
-  const int64_t block_limit = std::min<int64_t>(kCeMaxSharedBytes, optin);
-  TORCH_CHECK(call.plan.shared_bytes <= block_limit, "upsample_ce_backward: a tile of ", call.plan.band, "x",
-              call.plan.chunk, " low-res pixels needs ", call.plan.shared_bytes,
-              " bytes of shared memory, more than this GPU allows a block (", block_limit, ")");
+  // the plan is within the budget (prepare); above 48 KiB a kernel must opt in (the seed's
+  // heads do), to the budget: the same value whichever call sets it
   if (call.plan.shared_bytes > kCeSharedBytes)
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(block_limit)));
+                                        static_cast<int>(shared_budget)));
   const TileRim<acc_t> rim = backward_rim<acc_t>(call);
   scalar_t* grad_logits = call.grad_logits.mutable_data_ptr<scalar_t>();
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -563,10 +556,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> upsample_ce_forward_c
 
 at::Tensor upsample_ce_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& labels,
                                      const at::Tensor& lse, int64_t ignore_index, int64_t band, int64_t chunk) {
-  const CeBackwardCall call = prepare_ce_backward(grad_loss, logits, labels, lse, band, chunk);
+  // the tile's budget: the most shared memory the logits' GPU allows a block, kCeMaxSharedBytes
+  // at most (logits elsewhere: prepare names the devices before the budget is used)
+  int optin = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                                        logits.is_cuda() ? logits.get_device() : c10::cuda::current_device()));
+  const int64_t shared_budget = std::min<int64_t>(kCeMaxSharedBytes, optin);
+  const CeBackwardCall call = prepare_ce_backward(grad_loss, logits, labels, lse, band, chunk, shared_budget);
   if (call.plan.band == 0) return call.grad_logits;
   c10::cuda::CUDAGuard guard(logits.device());
-#define BISENET_CE_BACKWARD(scalar_t, label_t) backward_typed<scalar_t, label_t>(call, ignore_index)
+#define BISENET_CE_BACKWARD(scalar_t, label_t) backward_typed<scalar_t, label_t>(call, ignore_index, shared_budget)
   BISENET_CE_DISPATCH(call.logits, call.labels, BISENET_CE_BACKWARD);
 #undef BISENET_CE_BACKWARD
   return call.grad_logits;

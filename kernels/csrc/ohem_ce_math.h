@@ -60,17 +60,13 @@ CeGeometry<acc_t> make_ce_geometry(int64_t N, int64_t C, int64_t h, int64_t w, i
 }
 
 // Shared memory per block: the forward stays within 48 KiB (no opt-in), as the other kernels
-// do. The backward's automatic tile stays within 54 KiB (a pass's two classes take two staged
-// buffers and two sets of sums; above 48 KiB the launch opts in), so that the 1/4 and 1/8
-// heads keep their tiles of about 32 x 64 pixels: 4 blocks an SM on sm_90 (228 KiB, 1 KiB
-// reserved a block), as many as its 64 registers allow; 2 or 3 on sm_80 (164 KiB).
-// Where a large upscale leaves no backward tile that fits (1/32: a 48 x 48 window, 32 bytes
-// a pixel in float64) it may take up to 96 KiB (every sm_80+ GPU has 99 KiB or more a block;
-// sm_75 has 64 KiB, where the launch refuses such a tile in one line).
+// do. The backward takes a budget from its caller, the most a block may take on the device
+// that runs it: kCeMaxSharedBytes, or less where the GPU allows less (the launch opts in to
+// it: sm_90 allows 227 KiB a block, sm_80 163, sm_86/89/120 99, sm_75 64). Every sm_80+ GPU
+// thus plans with kCeMaxSharedBytes, as the CPU loops do, so the two run the same tiles and
+// their bits agree; on sm_75 a large upscale's automatic tile is smaller.
 constexpr int64_t kCeSharedBytes = 48 * 1024;
-constexpr int64_t kCeBackwardSharedBytes = 54 * 1024;
 constexpr int64_t kCeMaxSharedBytes = 96 * 1024;
-static_assert(kCeBackwardSharedBytes <= 64 * 1024, "the automatic tile must launch on every GPU, sm_75 included");
 
 // ---------------------------------------------------------------------------------------
 // Sums over the pixels in a fixed order (the CE mean, the OHEM loss), so that they are
@@ -878,9 +874,15 @@ BISENET_HD void ce_backward_rim_item(index_t item, const CeGeometry<acc_t>& geo,
 }
 
 // Host side: the plan. band, chunk <= 0: automatic, a tile owning about 32 x 64 high-res
-// pixels, shrunk (the side with the longer window first) until it fits kCeBackwardSharedBytes; where
-// not even 1 x 1 does, 1 x 1 within kCeMaxSharedBytes. An explicit tile is kept. Returns
-// whether the plan is within kCeMaxSharedBytes.
+// pixels, shrunk (the side with the longer window first) until it fits budget_bytes (the
+// device's; see kCeMaxSharedBytes), 1 x 1 at the least. An explicit tile is kept. Returns
+// whether the plan is within budget_bytes.
+//
+// The 1/4 and 1/8 heads' tiles (52.4 and 49.6 KiB) leave room for 4 blocks an SM on sm_90
+// (as many as the kernel's 64 registers allow); at 1/16 and 1/32 the 32 x 64 pixels take
+// 56.3 and 73.3 KiB (3 blocks an SM). Measured on an H200 (2026-11-28, bf16, batch 4): at
+// 1/32 the 1 x 2 tile's backward took 811 us where the 1 x 1 tile that a 54 KiB budget
+// shrank it to took 1867.
 template <typename acc_t>
 inline void ce_backward_capacities(const CeGeometry<acc_t>& geo, CeBackwardPlan* plan) {
   plan->window_rows = most_owned_span(geo.h, geo.H, geo.scale_y, plan->band);
@@ -892,12 +894,13 @@ inline void ce_backward_capacities(const CeGeometry<acc_t>& geo, CeBackwardPlan*
 }
 
 template <typename acc_t>
-inline bool plan_ce_backward(const CeGeometry<acc_t>& geo, int band, int chunk, CeBackwardPlan* plan) {
+inline bool plan_ce_backward(const CeGeometry<acc_t>& geo, int band, int chunk, int64_t budget_bytes,
+                             CeBackwardPlan* plan) {
   if (band > 0 && chunk > 0) {
     plan->band = band;
     plan->chunk = chunk;
     ce_backward_capacities(geo, plan);
-    return plan->shared_bytes <= kCeMaxSharedBytes;
+    return plan->shared_bytes <= budget_bytes;
   }
   const int target_rows = 32, target_cols = 64;
   band = static_cast<int>((static_cast<int64_t>(target_rows) * geo.h + geo.H - 1) / geo.H);
@@ -906,11 +909,11 @@ inline bool plan_ce_backward(const CeGeometry<acc_t>& geo, int band, int chunk, 
   plan->chunk = chunk < 1 ? 1 : (chunk > geo.w ? geo.w : chunk);
   while (true) {
     ce_backward_capacities(geo, plan);
-    if (plan->shared_bytes <= kCeBackwardSharedBytes || (plan->band == 1 && plan->chunk == 1)) break;
+    if (plan->shared_bytes <= budget_bytes || (plan->band == 1 && plan->chunk == 1)) break;
     if (plan->chunk > 1 && (plan->window_cols >= plan->window_rows || plan->band == 1)) --plan->chunk;
     else --plan->band;
   }
-  return plan->shared_bytes <= kCeMaxSharedBytes;
+  return plan->shared_bytes <= budget_bytes;
 }
 
 // ---------------------------------------------------------------------------------------

@@ -54,10 +54,11 @@ struct OhemCall {
   at::Tensor class_weights, class_counts, class_total;
 };
 
-// ohem_ce.cpp
+// ohem_ce.cpp. prepare_ce_backward plans with shared_budget, the most shared memory a block
+// may take on the device that runs it (ohem_ce_math.h: kCeMaxSharedBytes).
 CeForwardCall prepare_ce_forward(const at::Tensor& logits, const at::Tensor& labels, bool with_mean);
 CeBackwardCall prepare_ce_backward(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& labels,
-                                   const at::Tensor& lse, int64_t band, int64_t chunk);
+                                   const at::Tensor& lse, int64_t band, int64_t chunk, int64_t shared_budget);
 OhemCall prepare_ohem_weights(const at::Tensor& loss, const at::Tensor& labels, double threshold, int64_t min_kept,
                               const std::optional<at::Tensor>& class_weights);
 
