@@ -5,6 +5,7 @@
     python -m kernels.bench --profile          # and each fused row's time per CUDA kernel
     python -m kernels.bench --device cpu --quick   # a smoke run of the table's machinery
     python -m kernels.bench --host             # the host's part of a fused step, on the CPU
+                                               # (and on a GPU machine, of each op there)
 
 Loss rows: logits of each BiSeNetV2 head (main 1/8 and auxiliary 1/4, 1/8, 1/16, 1/32 of a
 1024x1024 crop, 19 classes; the 1/8 auxiliary head has the main head's shape) against uint8 labels of 1024x1024, CE and OHEM (thresh 0.7,
@@ -25,7 +26,11 @@ peak above what the inputs already hold, for one forward + backward.
 on tiny CPU tensors, where the C++ loops (a few us) stand in for the kernels, so the time
 is the Python, autograd and dispatcher work a GPU step pays too, without its launches; the
 references' on the same tensors beside it. A fused step shorter on the GPU than this (times
-the GPU machine's host speed) is bound by the host: the "fused host ms" column above.
+the GPU machine's host speed) is bound by the host: the "fused host ms" column above. On
+a GPU machine --host adds host_parts_table: at the benchmark's shapes (the first --batch),
+the host's time to issue each C++ op alone, each kernel path's step, the references' and
+one aten op, and torch.profiler's CPU events of the fused BGA and CE steps; what the CUDA
+side of a call adds over the C++ loops' row is there.
 """
 import argparse
 import datetime
@@ -59,7 +64,8 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help="tiny shapes, few runs: checks the machinery")
     parser.add_argument("--out", help="also write the table (markdown) to this file")
     parser.add_argument("--host", action="store_true",
-                        help="only the host's part of a fused step, on the CPU (see above)")
+                        help="only the host's part of a fused step, on the CPU, and on a GPU machine each "
+                             "op's there (see above)")
     parser.add_argument("--profile", action="store_true",
                         help="also each row's kernels: torch.profiler's time per step of every CUDA kernel the "
                              "fused variant launches (on the CPU: the eager variant's ops)")
@@ -353,6 +359,102 @@ def host_table(args):
                       ""] + lines)
 
 
+def host_parts(device, batch, size, dtype, rounds=5, calls=20, warmup=5):
+    """-> [(piece, host us a call)]: the host's time to issue each piece of the fused ops on
+    `device` at the benchmark's shapes (the BGA channels_last, the main head's loss), the
+    references' steps and one tiny aten op beside them. Each piece's calls are queued back to
+    back, one sync after a round (outside the time), the median of the rounds: a piece's
+    number is the host's alone while the GPU keeps up or the launch queue has room (a few
+    dozen calls), and on a GPU the difference from `host_table`'s C++ loops is what the
+    CUDA side of a call adds (its allocations, launches, guards and checks)."""
+    ops = torch.ops.bisenet_cuda
+    generator = torch.Generator().manual_seed(2)
+    side = size // 32  # the BGA's semantic side; detail 4x that
+
+    def made(shape, fmt=torch.contiguous_format, grad=False):
+        tensor = torch.randn(shape, generator=generator).to(device=device, dtype=dtype).contiguous(memory_format=fmt)
+        return tensor.requires_grad_(grad)
+
+    high, low = (batch, 128, side * 4, side * 4), (batch, 128, side, side)
+    bga_inputs = [made(high, torch.channels_last, True)] + [made(low, torch.channels_last, True) for _ in range(3)]
+    bga_grad = made(high, torch.channels_last)
+    bga_plain = [tensor.detach() for tensor in bga_inputs]
+    logits = (made((batch, 19, size // 8, size // 8)) * 3).requires_grad_(True)
+    labels = torch.randint(0, 19, (batch, size, size), generator=generator).to(device=device, dtype=torch.uint8)
+    plain_logits = logits.detach()
+    loss, lse, _, _ = ops.upsample_ce_forward(plain_logits, labels, 255, False)
+    grad_loss = torch.full((), 1.0 / labels.numel(), device=device).expand(labels.shape)
+    one = torch.zeros(1, device=device)
+    pieces = [
+        ("one aten op (add_, 1 element)", lambda: one.add_(1)),
+        ("bisenet_cuda::bga_forward", lambda: ops.bga_forward(*bga_plain)),
+        ("bisenet_cuda::bga_backward", lambda: ops.bga_backward(bga_grad, *bga_plain)),
+        ("BGA kernel path, forward + backward", bga_step(bga_aggregate, bga_inputs, bga_grad)),
+        ("BGA reference, forward + backward", bga_step(bga_aggregate_reference, bga_inputs, bga_grad)),
+        ("bisenet_cuda::upsample_ce_forward", lambda: ops.upsample_ce_forward(plain_logits, labels, 255, True)),
+        ("bisenet_cuda::upsample_ce_backward", lambda: ops.upsample_ce_backward(grad_loss, plain_logits, labels, lse,
+                                                                                 255)),
+        ("bisenet_cuda::ohem_weights", lambda: ops.ohem_weights(loss, labels, 255, 0.35667494393873245, -1)),
+        ("loss CE kernel path, forward + backward", loss_step(ohem_cross_entropy, logits, labels, None)),
+        ("loss OHEM kernel path, forward + backward", loss_step(ohem_cross_entropy, logits, labels, 0.7)),
+        ("loss CE reference, forward + backward", loss_step(ohem_cross_entropy_reference, logits, labels, None)),
+    ]
+    out = []
+    for name, piece in pieces:
+        for _ in range(warmup):
+            piece()
+        times = []
+        for _ in range(rounds):
+            synchronize(device)
+            start = time.perf_counter()
+            for _ in range(calls):
+                piece()
+            times.append(1e6 * (time.perf_counter() - start) / calls)
+        synchronize(device)
+        out.append((name, statistics.median(times)))
+    return out
+
+
+def host_profile(step, device, iters, most=10):
+    """-> [(op, calls a step, host us a step)]: torch.profiler's CPU events of `step` by self
+    time, largest first (at most `most`): where the host's time to issue a step goes."""
+    from torch.profiler import ProfilerActivity, profile
+    step()
+    synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(iters):
+            step()
+        synchronize(device)
+    events = [(event.key, event.count / iters, event.self_cpu_time_total / iters) for event in prof.key_averages()
+              if event.self_cpu_time_total > 0]
+    return sorted(events, key=lambda item: -item[2])[:most]
+
+
+def host_parts_table(args, device):
+    """Markdown: host_parts at the first --batch and --size in bf16, then the profile of the
+    fused BGA and CE steps' host time."""
+    batch, dtype = args.batch[0], torch.bfloat16
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (the C++ loops)"
+    lines = [f"{name}, host: {batch} x {args.size}^2 crops, bf16; the BGA channels_last, the loss the main head's",
+             "", "| piece | host us a call |", "| --- | ---: |"]
+    lines += [f"| {piece} | {us:.1f} |" for piece, us in host_parts(device, batch, args.size, dtype)]
+    generator = torch.Generator().manual_seed(3)
+    side = args.size // 32
+    shapes = [(batch, 128, side * 4, side * 4)] + [(batch, 128, side, side)] * 3
+    inputs = [torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
+              .contiguous(memory_format=torch.channels_last).requires_grad_(True) for shape in shapes]
+    logits = torch.randn(batch, 19, args.size // 8, args.size // 8, generator=generator)
+    logits = logits.to(device=device, dtype=dtype).requires_grad_(True)
+    labels = torch.randint(0, 19, (batch, args.size, args.size), generator=generator).to(device=device,
+                                                                                         dtype=torch.uint8)
+    for what, step in (("BGA", bga_step(bga_aggregate, inputs, torch.ones_like(inputs[0]))),
+                       ("loss CE", loss_step(ohem_cross_entropy, logits, labels, None))):
+        lines += ["", f"{what} kernel path, forward + backward: the host's CPU events by self time", "",
+                  "| event | calls a step | us a step |", "| --- | ---: | ---: |"]
+        lines += [f"| `{event[:80]}` | {calls:g} | {us:.1f} |" for event, calls, us in host_profile(step, device, 20)]
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------------------
 # The table
 
@@ -404,6 +506,11 @@ def main(argv=None):
     args = parse_args(argv)
     if args.host:
         text = host_table(args)
+        if torch.cuda.is_available():  # and each piece's host time on the GPU, at the benchmark's shapes
+            from . import load, use_kernels
+            load()
+            use_kernels(True)
+            text += "\n\n" + host_parts_table(args, torch.device("cuda"))
         print(text)
         if args.out:
             write_text(args.out, text)

@@ -88,3 +88,26 @@ def test_host_table_times_each_ops_kernel_path_on_the_cpu(extension, tmp_path, m
     assert all(float(cell) > 0 for row in rows for cell in row[1:])
     assert seen and set(seen) == {"cpu"}  # the BGA's kernel path ran its C++ op
     assert not any(extension.cpu_loops for extension in kernels.EXTENSIONS.values())
+
+
+def test_host_parts_table_times_each_piece_and_profiles_the_steps(cpu_loops):
+    """--host on a GPU machine adds, at the benchmark's shapes, each op's C++ call alone, each
+    kernel path's step, the references' and one aten op, then where a fused step's host time
+    goes (torch.profiler's CPU events). Here on the CPU, tiny shapes, the C++ loops running."""
+    import torch
+    args = bench.parse_args(["--host", "--batch", "1", "--size", "64"])
+    text = bench.host_parts_table(args, torch.device("cpu"))
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in text.splitlines()
+            if line.count("|") == 3 and not line.startswith(("| piece", "| ---"))}
+    assert list(rows) == [
+        "one aten op (add_, 1 element)", "bisenet_cuda::bga_forward", "bisenet_cuda::bga_backward",
+        "BGA kernel path, forward + backward", "BGA reference, forward + backward",
+        "bisenet_cuda::upsample_ce_forward", "bisenet_cuda::upsample_ce_backward", "bisenet_cuda::ohem_weights",
+        "loss CE kernel path, forward + backward", "loss OHEM kernel path, forward + backward",
+        "loss CE reference, forward + backward"], rows
+    assert all(float(us) > 0 for us in rows.values())
+    # each profile lists the step's own C++ ops among its events
+    profiles = text.split("the host's CPU events by self time")
+    assert len(profiles) == 3
+    assert "`bisenet_cuda::bga_forward` | 1 |" in profiles[1] and "`bisenet_cuda::bga_backward` | 1 |" in profiles[1]
+    assert "`bisenet_cuda::upsample_ce_forward` | 1 |" in profiles[2]
