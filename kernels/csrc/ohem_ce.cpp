@@ -270,6 +270,8 @@ void backward_cpu_typed(const CeBackwardCall& call, int64_t ignore_index) {
         segment_items([&](int kq, int x) { ce_backward_segment_item<kCePassClasses>(kq, x, c0, t, buf); });
       else
         segment_items([&](int kq, int x) { ce_backward_segment_item<1>(kq, x, c0, t, buf); });
+      for_items(static_cast<int64_t>(next - c0) * ce_tile_columns(t, geo.h), reversed,
+                [&](int64_t item) { ce_backward_column_item(static_cast<int>(item), t, geo.h, buf); });
       if (reversed && next < geo.C) stage(next);  // the next pass's staging beside this pass's outputs
       output_items(c0);
       if (!reversed && next < geo.C) stage(next);

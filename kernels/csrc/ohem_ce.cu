@@ -264,7 +264,7 @@ __global__ void __launch_bounds__(kThreads, 4) ce_backward_kernel(
   stage_begin(0);
   stage_end(0);
   __syncthreads();
-  const int outputs = ce_tile_outputs(t, geo.h, geo.w);
+  const int outputs = ce_tile_outputs(t, geo.h, geo.w), columns = ce_tile_columns(t, geo.h);
   for (int c0 = 0; c0 < geo.C; c0 += kCePassClasses) {
     const int classes = ce_pass_classes(c0, geo.C);
     const bool stage_next = c0 + classes < geo.C;
@@ -275,6 +275,11 @@ __global__ void __launch_bounds__(kThreads, 4) ce_backward_kernel(
     else
       for_grid_items(ce_tile_segments(t), cols, [&](int k, int x) { ce_backward_segment_item<1>(k, x, c0, t, buf); });
     __syncthreads();  // the segment sums are complete; the staged rows are free
+    if (columns > 0) {  // segments in parts (the whole block alike): each column's parts summed once
+      for (int item = threadIdx.x; item < classes * columns; item += blockDim.x)
+        ce_backward_column_item(item, t, geo.h, buf);
+      __syncthreads();
+    }
     for (int item = threadIdx.x; item < classes * outputs; item += blockDim.x)
       ce_backward_output_item<scalar_t, acc_t>(item, outputs, c0, t, geo, buf, rim, grad_logits + sample);
     if (stage_next) stage_end(c0 + classes);

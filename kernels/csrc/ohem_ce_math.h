@@ -687,6 +687,7 @@ BISENET_HD int ce_tile_tables(const CeTile& t, int w) {
          ((t.ly1 - t.ly0) * t.parts + 1) + (ce_reached_cols(t, w) + 2);
 }
 BISENET_HD int ce_tile_segments(const CeTile& t) { return (t.ly1 - t.ly0) * t.parts; }
+BISENET_HD int ce_tile_columns(const CeTile& t, int h) { return t.parts > 1 ? ce_reached_rows(t, h) * (t.wx1 - t.wx0) : 0; }
 BISENET_HD int ce_tile_outputs(const CeTile& t, int h, int w) { return ce_reached_rows(t, h) * ce_reached_cols(t, w); }
 
 // Prologue, item over the tables: the window rows' taps, the columns' taps, each class
@@ -816,6 +817,57 @@ BISENET_HD void ce_backward_segment_item(int kq, int x, int c0, const CeTile& t,
   }
 }
 
+// Window column x's y-sum for output row i of the tile: segment ly0 + i's parts to its first
+// tap row (to_row, parts rows from row i * parts), then segment ly0 + i - 1's to the row after
+// (to_next_row, likewise), each in order, then the two added.
+template <typename acc_t>
+BISENET_HD acc_t ce_backward_column_sum(const acc_t* to_row, const acc_t* to_next_row, int parts, int cols, int x) {
+  acc_t from_row = to_row[x], from_next_row = to_next_row[x];
+  for (int q = 1; q < parts; ++q) {
+    from_row += to_row[q * cols + x];
+    from_next_row += to_next_row[q * cols + x];
+  }
+  return from_row + from_next_row;
+}
+
+// Output row i's sums of class slot q: where its segments' parts are (to_row, to_next_row), and
+// where its column sums go once summed (ce_backward_column_item): over the first row it reads
+// that this pass's segment items wrote, to_row's where segment ly0 + i is the tile's, else
+// (the last reached row) to_next_row's. The zero rows (to_next_row's for segment ly0 - 1,
+// to_row's for segment ly1) are never written, so they stay zero every pass.
+template <typename acc_t>
+struct CeOutputRow {
+  acc_t* to_row;
+  acc_t* to_next_row;
+  acc_t* summed;
+};
+
+template <typename acc_t>
+BISENET_HD CeOutputRow<acc_t> ce_output_row(int q, int i, const CeTile& t, const CeBackwardBuffers<acc_t>& buf) {
+  const int cols = t.wx1 - t.wx0;
+  CeOutputRow<acc_t> row;
+  row.to_row = buf.to_row + q * buf.slot + i * t.parts * cols;
+  row.to_next_row = buf.to_next_row + q * buf.slot + i * t.parts * cols;
+  row.summed = i < t.ly1 - t.ly0 ? row.to_row : row.to_next_row;
+  return row;
+}
+
+// Per pass, where the tile's segments have parts (t.parts > 1), column item (q, i, x) = item
+// (q < the pass's classes, i < reached rows, x < window columns): window column x's y-sum for
+// output row i into its `summed` row, so that an output item reads one value a column, not
+// 2 x parts (at 1/32 one thread summed up to 64 columns x 4 parts x 2 rows for an output while
+// the block's other threads waited). Each item reads and writes only its own (q, i, x) values;
+// the sums and their order are those the output item made itself, so the bits are too.
+template <typename acc_t>
+BISENET_HD void ce_backward_column_item(int item, const CeTile& t, int h, const CeBackwardBuffers<acc_t>& buf) {
+  const int cols = t.wx1 - t.wx0, rows = ce_reached_rows(t, h);
+  const int q = item / (rows * cols);
+  item -= q * rows * cols;
+  const int i = item / cols, x = item % cols;
+  const CeOutputRow<acc_t> row = ce_output_row(q, i, t, buf);
+  row.summed[x] = ce_backward_column_sum(row.to_row, row.to_next_row, t.parts, cols, x);
+}
+
 // The rim (bilinear.h: TileRim) holds one value per entry and class, each class's entries
 // adjacent: the tiles' partial gradients of the logits on grid lines.
 
@@ -832,16 +884,10 @@ BISENET_HD void ce_backward_output_item(int item, int outputs, int c0, const CeT
   item -= q * outputs;
   const int i = item / reached_cols, j = item % reached_cols;
   // segment ly0 + i's parts: rows whose first tap is this row; segment ly0 + i - 1's parts:
-  // rows whose second tap is
-  const acc_t* to_row = buf.to_row + q * buf.slot + i * t.parts * cols;
-  const acc_t* to_next_row = buf.to_next_row + q * buf.slot + i * t.parts * cols;
-  const auto column_sum = [&](int x) {  // window column x's y-sum for this row, its parts in order
-    acc_t from_row = to_row[x], from_next_row = to_next_row[x];
-    for (int q = 1; q < t.parts; ++q) {
-      from_row += to_row[q * cols + x];
-      from_next_row += to_next_row[q * cols + x];
-    }
-    return from_row + from_next_row;
+  // rows whose second tap is; summed by the column items where there are parts
+  const CeOutputRow<acc_t> row = ce_output_row(q, i, t, buf);
+  const auto column_sum = [&](int x) {  // window column x's y-sum for this row
+    return t.parts > 1 ? row.summed[x] : ce_backward_column_sum(row.to_row, row.to_next_row, 1, cols, x);
   };
   // summed along x in order: the columns [column_x[j], column_x[j + 1]) have their first tap
   // at lx0 + j - 1 and reach lx0 + j as the index after it, the columns [column_x[j + 1],
