@@ -687,7 +687,9 @@ BISENET_HD int ce_tile_tables(const CeTile& t, int w) {
          ((t.ly1 - t.ly0) * t.parts + 1) + (ce_reached_cols(t, w) + 2);
 }
 BISENET_HD int ce_tile_segments(const CeTile& t) { return (t.ly1 - t.ly0) * t.parts; }
-BISENET_HD int ce_tile_columns(const CeTile& t, int h) { return t.parts > 1 ? ce_reached_rows(t, h) * (t.wx1 - t.wx0) : 0; }
+BISENET_HD int ce_tile_columns(const CeTile& t, int h) {  // ce_backward_column_item's, where there are parts
+  return t.parts > 1 ? ce_reached_rows(t, h) * (t.wx1 - t.wx0) : 0;
+}
 BISENET_HD int ce_tile_outputs(const CeTile& t, int h, int w) { return ce_reached_rows(t, h) * ce_reached_cols(t, w); }
 
 // Prologue, item over the tables: the window rows' taps, the columns' taps, each class
