@@ -6,6 +6,8 @@
     python -m kernels.bench --device cpu --quick   # a smoke run of the table's machinery
     python -m kernels.bench --host             # the host's part of a fused step, on the CPU
                                                # (and on a GPU machine, of each op there)
+    python -m kernels.bench --tiles            # the loss ops alone per head; the backward's
+                                               # automatic tile against the tiles around it
 
 Loss rows: logits of each BiSeNetV2 head (main 1/8 and auxiliary 1/4, 1/8, 1/16, 1/32 of a
 1024x1024 crop, 19 classes; the 1/8 auxiliary head has the main head's shape) against uint8 labels of 1024x1024, CE and OHEM (thresh 0.7,
@@ -66,6 +68,9 @@ def parse_args(argv=None):
     parser.add_argument("--host", action="store_true",
                         help="only the host's part of a fused step, on the CPU, and on a GPU machine each "
                              "op's there (see above)")
+    parser.add_argument("--tiles", action="store_true",
+                        help="only the loss ops alone per head, the backward with its automatic tile and the "
+                             "tiles around it (on the CPU: the C++ loops)")
     parser.add_argument("--profile", action="store_true",
                         help="also each row's kernels: torch.profiler's time per step of every CUDA kernel the "
                              "fused variant launches (on the CPU: the eager variant's ops)")
@@ -77,6 +82,10 @@ def parse_args(argv=None):
 
 # ---------------------------------------------------------------------------------------
 # Measuring
+
+def device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+
 
 def synchronize(device):
     if device.type == "cuda":
@@ -434,8 +443,8 @@ def host_parts_table(args, device):
     """Markdown: host_parts at the first --batch and --size in bf16, then the profile of the
     fused BGA and CE steps' host time."""
     batch, dtype = args.batch[0], torch.bfloat16
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (the C++ loops)"
-    lines = [f"{name}, host: {batch} x {args.size}^2 crops, bf16; the BGA channels_last, the loss the main head's",
+    lines = [f"{versions(device)}; the host's time at {batch} x {args.size}^2 crops, bf16; the BGA channels_last, "
+             "the loss the main head's" + (" (the C++ loops standing in)" if device.type == "cpu" else ""),
              "", "| piece | host us a call |", "| --- | ---: |"]
     lines += [f"| {piece} | {us:.1f} |" for piece, us in host_parts(device, batch, args.size, dtype)]
     generator = torch.Generator().manual_seed(3)
@@ -452,6 +461,58 @@ def host_parts_table(args, device):
         lines += ["", f"{what} kernel path, forward + backward: the host's CPU events by self time", "",
                   "| event | calls a step | us a step |", "| --- | ---: | ---: |"]
         lines += [f"| `{event[:80]}` | {calls:g} | {us:.1f} |" for event, calls, us in host_profile(step, device, 20)]
+    return "\n".join(lines)
+
+
+def tile_table(args, device):
+    """Markdown: per head (first --batch, first --dtypes), the loss forward op alone, then the
+    backward op alone with its automatic tile and with the tiles around it (band and chunk
+    halved or doubled, one at a time and crosswise; those over the shared-memory budget are
+    left out), each checked against the automatic tile's gradient first: what the plan
+    (ohem_ce_math.h: plan_ce_backward) chose against what it could have."""
+    ops = torch.ops.bisenet_cuda
+    batch, dtype_name = args.batch[0], args.dtypes[0]
+    generator = torch.Generator().manual_seed(4)
+    labels = torch.randint(0, args.classes, (batch, args.size, args.size), generator=generator)
+    labels[torch.rand(labels.shape, generator=generator) < 0.1] = 255
+    labels = labels.to(device=device, dtype=torch.uint8)
+    lines = [f"{versions(device)}; the loss ops alone, {batch} x {args.classes} classes, {args.size}^2 labels, "
+             f"{dtype_name} logits", "",
+             "| head | forward us | tile (low-res rows x columns) | shared KiB | parts | backward us | vs automatic |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
+    for head, stride in HEADS:
+        if stride not in args.heads:
+            continue
+        side = args.size // stride
+        logits = (torch.randn(batch, args.classes, side, side, generator=generator) * 3)
+        logits = logits.to(device=device, dtype=DTYPES[dtype_name])
+        forward_ms, _ = median_ms(lambda: ops.upsample_ce_forward(logits, labels, 255, True), device, args.warmup,
+                                  args.iters)
+        loss, lse, _, _ = ops.upsample_ce_forward(logits, labels, 255, True)
+        grad_loss = torch.full((), 1.0 / labels.numel(), device=device).expand(labels.shape)
+        size, low = [batch, args.classes, args.size, args.size], [side, side]
+        band, chunk = ops.upsample_ce_backward_plan(size, low, torch.float32)[:2]
+        want = ops.upsample_ce_backward(grad_loss, logits, labels, lse, 255).double()
+        tiles = [(0, 0)] + [(b, c) for b, c in ((2 * band, chunk), (band, 2 * chunk), (band // 2, chunk),
+                                                (band, chunk // 2), (2 * band, chunk // 2), (band // 2, 2 * chunk))
+                            if 1 <= b <= side and 1 <= c <= side]
+        automatic_ms = None
+        for tile in tiles:
+            try:  # the plan of an explicit tile over the budget raises
+                plan = ops.upsample_ce_backward_plan(size, low, torch.float32, *tile)
+            except RuntimeError:
+                continue
+            got = ops.upsample_ce_backward(grad_loss, logits, labels, lse, 255, *tile).double()
+            error = ((got - want).norm() / want.norm().clamp(min=1e-30)).item()
+            if not error <= AGREEMENT[torch.float32]:
+                raise WrongResult(f"kernels.bench: the {head} backward with tile {tile} differs from the automatic "
+                                  f"tile's by {error:.2e}")
+            ms, _ = median_ms(lambda: ops.upsample_ce_backward(grad_loss, logits, labels, lse, 255, *tile), device,
+                              args.warmup, args.iters)
+            automatic_ms = automatic_ms or ms
+            name = f"{plan[0]} x {plan[1]}" + (" (automatic)" if tile == (0, 0) else "")
+            lines.append(f"| {head} | {1e3 * forward_ms:.0f} | {name} | {plan[4] / 1024:.1f} | {plan[9]} | "
+                         f"{1e3 * ms:.0f} | {automatic_ms / ms:.2f}x |")
     return "\n".join(lines)
 
 
@@ -487,10 +548,13 @@ def table(rows, copy_gbs, device):
     return "\n".join(lines)
 
 
+def versions(device):
+    return (f"device: {device_name(device)}; torch {torch.__version__} (CUDA {torch.version.cuda}); "
+            f"{datetime.date.today().isoformat()}")
+
+
 def header(device, copy_gbs):
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    return (f"device: {name}; torch {torch.__version__} (CUDA {torch.version.cuda}); "
-            f"{datetime.date.today().isoformat()}; copy bandwidth {copy_gbs:.0f} GB/s (read + write)")
+    return f"{versions(device)}; copy bandwidth {copy_gbs:.0f} GB/s (read + write)"
 
 
 def report(rows, copy_gbs, device):
@@ -516,6 +580,18 @@ def main(argv=None):
             write_text(args.out, text)
         return text
     device = torch.device(args.device)
+    if args.tiles:
+        from . import load
+        load()
+        try:
+            text = tile_table(args, device)
+        except WrongResult as e:
+            print(e, file=sys.stderr)
+            raise SystemExit(1)
+        print(text)
+        if args.out:
+            write_text(args.out, text)
+        return text
     if device.type == "cuda" and not torch.cuda.is_available():
         print(f"kernels.bench: error: --device {args.device}, but torch sees no CUDA device "
               "(--device cpu times the eager column alone)", file=sys.stderr)

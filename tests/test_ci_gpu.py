@@ -37,7 +37,8 @@ def test_its_commands_parse():
     import bench
     script = SCRIPT.replace("\\\n", " ")  # continued lines joined
     invocations = re.findall(r'"\$python" -m kernels\.bench (.*?)(?: --out .*)?$', script, re.M)
-    assert len(invocations) == 4  # the timed tables (with compile; the host's part; every head), the pass under ncu
+    # the timed tables (with compile; the host's part; the tiles; every head), the pass under ncu
+    assert len(invocations) == 5
     for kernels_args in invocations:
         kernels_bench.parse_args(kernels_args.split())
     bench_args = re.search(r'"\$python" bench\.py (.*?) --out', script).group(1).split()

@@ -111,3 +111,38 @@ def test_host_parts_table_times_each_piece_and_profiles_the_steps(cpu_loops):
     assert len(profiles) == 3
     assert "`bisenet_cuda::bga_forward` | 1 |" in profiles[1] and "`bisenet_cuda::bga_backward` | 1 |" in profiles[1]
     assert "`bisenet_cuda::upsample_ce_forward` | 1 |" in profiles[2]
+
+
+def tile_rows(path):
+    return [[cell.strip() for cell in line.split("|")[1:-1]] for line in path.read_text().splitlines()
+            if line.startswith(("| main", "| aux"))]
+
+
+def test_tiles_table_times_the_automatic_tile_and_those_around_it(extension, tmp_path):
+    """--tiles: per head the forward op alone, then the backward with the automatic tile (first,
+    1.00x) and the tiles around it that fit, each checked against the automatic one."""
+    out = tmp_path / "tiles.md"
+    bench.main(["--tiles", "--device", "cpu", "--batch", "1", "--size", "64", "--dtypes", "bf16", "--iters", "1",
+                "--warmup", "0", "--out", str(out)])
+    rows = tile_rows(out)
+    automatic = [row for row in rows if row[2].endswith("(automatic)")]
+    assert [row[0] for row in automatic] == ["main 1/8", "aux 1/4", "aux 1/16", "aux 1/32"]
+    assert all(row[6] == "1.00x" for row in automatic) and len(rows) > len(automatic)
+    assert all(float(row[1]) > 0 and float(row[5]) > 0 for row in rows)
+
+
+def test_tiles_table_stops_at_a_tile_that_disagrees(extension, tmp_path, monkeypatch, capsys):
+    import pytest
+    import torch
+    real = torch.ops.bisenet_cuda.upsample_ce_backward
+
+    def wrong_off_the_automatic_tile(grad_loss, logits, labels, lse, ignore_index, band=0, chunk=0):
+        grad = real(grad_loss, logits, labels, lse, ignore_index, band, chunk)
+        return grad if band == 0 else 2 * grad
+
+    monkeypatch.setattr(torch.ops.bisenet_cuda, "upsample_ce_backward", wrong_off_the_automatic_tile)
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["--tiles", "--device", "cpu", "--batch", "1", "--size", "64", "--dtypes", "bf16", "--iters", "1",
+                    "--warmup", "0", "--heads", "8"])
+    assert stop.value.code == 1
+    assert "kernels.bench: the main 1/8 backward with tile" in capsys.readouterr().err
