@@ -36,6 +36,7 @@ side of a call adds over the C++ loops' row is there.
 """
 import argparse
 import datetime
+import math
 import statistics
 import sys
 import time
@@ -368,14 +369,10 @@ def host_table(args):
                       ""] + lines)
 
 
-def host_parts(device, batch, size, dtype, rounds=5, calls=20, warmup=5):
-    """-> [(piece, host us a call)]: the host's time to issue each piece of the fused ops on
-    `device` at the benchmark's shapes (the BGA channels_last, the main head's loss), the
-    references' steps and one tiny aten op beside them. Each piece's calls are queued back to
-    back, one sync after a round (outside the time), the median of the rounds: a piece's
-    number is the host's alone while the GPU keeps up or the launch queue has room (a few
-    dozen calls), and on a GPU the difference from `host_table`'s C++ loops is what the
-    CUDA side of a call adds (its allocations, launches, guards and checks)."""
+def host_pieces(device, batch, size, dtype):
+    """-> {piece: a call}: at the benchmark's shapes (the BGA channels_last, the main head's
+    loss), one tiny aten op, each C++ op alone, each kernel path's forward + backward and the
+    references'."""
     ops = torch.ops.bisenet_cuda
     generator = torch.Generator().manual_seed(2)
     side = size // 32  # the BGA's semantic side; detail 4x that
@@ -394,34 +391,37 @@ def host_parts(device, batch, size, dtype, rounds=5, calls=20, warmup=5):
     loss, lse, _, _ = ops.upsample_ce_forward(plain_logits, labels, 255, False)
     grad_loss = torch.full((), 1.0 / labels.numel(), device=device).expand(labels.shape)
     one = torch.zeros(1, device=device)
-    pieces = [
-        ("one aten op (add_, 1 element)", lambda: one.add_(1)),
-        ("bisenet_cuda::bga_forward", lambda: ops.bga_forward(*bga_plain)),
-        ("bisenet_cuda::bga_backward", lambda: ops.bga_backward(bga_grad, *bga_plain)),
-        ("BGA kernel path, forward + backward", bga_step(bga_aggregate, bga_inputs, bga_grad)),
-        ("BGA reference, forward + backward", bga_step(bga_aggregate_reference, bga_inputs, bga_grad)),
-        ("bisenet_cuda::upsample_ce_forward", lambda: ops.upsample_ce_forward(plain_logits, labels, 255, True)),
-        ("bisenet_cuda::upsample_ce_backward", lambda: ops.upsample_ce_backward(grad_loss, plain_logits, labels, lse,
-                                                                                 255)),
-        ("bisenet_cuda::ohem_weights", lambda: ops.ohem_weights(loss, labels, 255, 0.35667494393873245, -1)),
-        ("loss CE kernel path, forward + backward", loss_step(ohem_cross_entropy, logits, labels, None)),
-        ("loss OHEM kernel path, forward + backward", loss_step(ohem_cross_entropy, logits, labels, 0.7)),
-        ("loss CE reference, forward + backward", loss_step(ohem_cross_entropy_reference, logits, labels, None)),
-    ]
-    out = []
-    for name, piece in pieces:
-        for _ in range(warmup):
-            piece()
-        times = []
-        for _ in range(rounds):
-            synchronize(device)
-            start = time.perf_counter()
-            for _ in range(calls):
-                piece()
-            times.append(1e6 * (time.perf_counter() - start) / calls)
+    return {
+        "one aten op (add_, 1 element)": lambda: one.add_(1),
+        "bisenet_cuda::bga_forward": lambda: ops.bga_forward(*bga_plain),
+        "bisenet_cuda::bga_backward": lambda: ops.bga_backward(bga_grad, *bga_plain),
+        "BGA kernel path, forward + backward": bga_step(bga_aggregate, bga_inputs, bga_grad),
+        "BGA reference, forward + backward": bga_step(bga_aggregate_reference, bga_inputs, bga_grad),
+        "bisenet_cuda::upsample_ce_forward": lambda: ops.upsample_ce_forward(plain_logits, labels, 255, True),
+        "bisenet_cuda::upsample_ce_backward": lambda: ops.upsample_ce_backward(grad_loss, plain_logits, labels, lse,
+                                                                                255),
+        "bisenet_cuda::ohem_weights": lambda: ops.ohem_weights(loss, labels, 255, -math.log(0.7), -1),
+        "loss CE kernel path, forward + backward": loss_step(ohem_cross_entropy, logits, labels, None),
+        "loss OHEM kernel path, forward + backward": loss_step(ohem_cross_entropy, logits, labels, 0.7),
+        "loss CE reference, forward + backward": loss_step(ohem_cross_entropy_reference, logits, labels, None),
+    }
+
+
+def host_us(piece, device, rounds=5, calls=20, warmup=5):
+    """The host's time to issue one call of `piece`: the calls queued back to back, one sync
+    after a round (outside the time), the median of the rounds. The host's alone while the
+    GPU keeps up or the launch queue has room (a few dozen calls)."""
+    for _ in range(warmup):
+        piece()
+    times = []
+    for _ in range(rounds):
         synchronize(device)
-        out.append((name, statistics.median(times)))
-    return out
+        start = time.perf_counter()
+        for _ in range(calls):
+            piece()
+        times.append(1e6 * (time.perf_counter() - start) / calls)
+    synchronize(device)
+    return statistics.median(times)
 
 
 def host_profile(step, device, iters, most=10):
@@ -440,27 +440,21 @@ def host_profile(step, device, iters, most=10):
 
 
 def host_parts_table(args, device):
-    """Markdown: host_parts at the first --batch and --size in bf16, then the profile of the
-    fused BGA and CE steps' host time."""
-    batch, dtype = args.batch[0], torch.bfloat16
+    """Markdown: each of host_pieces' host time (host_us) at the first --batch and --size in
+    bf16, then where the fused BGA and CE steps' host time goes (host_profile). On a GPU, the
+    difference from host_table's C++ loops is what the CUDA side of a call adds (its
+    allocations, launches, guards and checks)."""
+    batch = args.batch[0]
+    pieces = host_pieces(device, batch, args.size, torch.bfloat16)
     lines = [f"{versions(device)}; the host's time at {batch} x {args.size}^2 crops, bf16; the BGA channels_last, "
              "the loss the main head's" + (" (the C++ loops standing in)" if device.type == "cpu" else ""),
              "", "| piece | host us a call |", "| --- | ---: |"]
-    lines += [f"| {piece} | {us:.1f} |" for piece, us in host_parts(device, batch, args.size, dtype)]
-    generator = torch.Generator().manual_seed(3)
-    side = args.size // 32
-    shapes = [(batch, 128, side * 4, side * 4)] + [(batch, 128, side, side)] * 3
-    inputs = [torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
-              .contiguous(memory_format=torch.channels_last).requires_grad_(True) for shape in shapes]
-    logits = torch.randn(batch, 19, args.size // 8, args.size // 8, generator=generator)
-    logits = logits.to(device=device, dtype=dtype).requires_grad_(True)
-    labels = torch.randint(0, 19, (batch, args.size, args.size), generator=generator).to(device=device,
-                                                                                         dtype=torch.uint8)
-    for what, step in (("BGA", bga_step(bga_aggregate, inputs, torch.ones_like(inputs[0]))),
-                       ("loss CE", loss_step(ohem_cross_entropy, logits, labels, None))):
-        lines += ["", f"{what} kernel path, forward + backward: the host's CPU events by self time", "",
+    lines += [f"| {name} | {host_us(piece, device):.1f} |" for name, piece in pieces.items()]
+    for what in ("BGA kernel path", "loss CE kernel path"):
+        lines += ["", f"{what}, forward + backward: the host's CPU events by self time", "",
                   "| event | calls a step | us a step |", "| --- | ---: | ---: |"]
-        lines += [f"| `{event[:80]}` | {calls:g} | {us:.1f} |" for event, calls, us in host_profile(step, device, 20)]
+        lines += [f"| `{event[:80]}` | {calls:g} | {us:.1f} |"
+                  for event, calls, us in host_profile(pieces[f"{what}, forward + backward"], device, 20)]
     return "\n".join(lines)
 
 
