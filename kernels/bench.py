@@ -348,18 +348,8 @@ def host_table(args):
         extension.cpu_loops = True  # the ops' CPU tensors down their kernel path; the references never look
     try:
         for name, make_step, fused, reference in cases:
-            us = []
-            for fn in (fused, reference):
-                step = make_step(fn)
-                for _ in range(args.warmup * 10):
-                    step()
-                rounds = []
-                for _ in range(5):
-                    start = time.perf_counter()
-                    for _ in range(calls):
-                        step()
-                    rounds.append(1e6 * (time.perf_counter() - start) / calls)
-                us.append(statistics.median(rounds))
+            us = [host_us(make_step(fn), torch.device("cpu"), calls=calls, warmup=args.warmup * 10)
+                  for fn in (fused, reference)]
             lines.append(f"| {name} | {us[0]:.1f} | {us[1]:.1f} |")
     finally:
         for extension in EXTENSIONS.values():

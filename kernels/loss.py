@@ -147,7 +147,6 @@ def ohem_weights_reference(loss, labels, ignore_index, threshold, min_kept, clas
     return (weights / weights.sum().clamp(min=1e-12)).view_as(loss)
 
 
-
 def ce_mean_reference(loss, labels, ignore_index):
     """(mean, denominator): the mean of loss over the pixels whose label is not ignore_index
     (0 when none) and max(their count, 1), 0-dim in loss's dtype."""
@@ -185,7 +184,6 @@ def upsample_cross_entropy_backward_reference(grad_loss, logits, labels, lse, ig
     grad = torch.ops.aten.upsample_bilinear2d_backward(grad_up, list(labels.shape[-2:]), list(logits.shape),
                                                        False, None, None)
     return grad.to(logits.dtype).contiguous()
-
 
 
 # ---------------------------------------------------------------------------------------

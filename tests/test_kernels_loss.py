@@ -125,7 +125,6 @@ def test_bad_labels_are_named():
 
 # --- the fused path on the CPU: the references, and the kernels' path (cpu_loops) ------
 
-
 CASES = [(2, 5, (3, 4), (11, 13)), (1, 19, (16, 16), (128, 128)), (2, 3, (7, 9), (7, 9)),
          (1, 4, (9, 11), (4, 3)), (1, 3, (1, 1), (5, 5))]  # 2.75-8x up, 1x, down, one pixel
 OHEM = [(None, None), (0.7, None), (0.7, 40), (0.3, 10 ** 6), (0.99, 3)]
