@@ -553,7 +553,8 @@ def tiled_cases():
 def test_cpu_loop_backward_tiles_cover_every_pixel(extension, c):
     """Each logit's gradient gathers every high-res pixel that reads it exactly once, whatever
     the tile: a pixel missed or counted twice by the tiling is an error of order |g|, the
-    float64 tolerance is 1e-13 of it. The forward's bands (16 rows, 64 columns) likewise."""
+    float64 tolerance is 1e-13 of it. The forward's bands (32 rows, 32 columns; 33 classes:
+    two class chunks) likewise."""
     for index, (high, low) in enumerate(tiled_cases()):
         logits, labels = random_case(n=2, c=c, low=low, high=high, seed=index)
         loss, lse, _, _ = extension.upsample_ce_forward(logits, labels, 255)  # the forward's bands too

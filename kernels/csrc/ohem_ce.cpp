@@ -100,9 +100,9 @@ void sum_tree_cpu(std::vector<value_t>&... values) {
 }
 
 // The CUDA kernel's blocks one after the other, its threads' pixels as a loop; the staged
-// rows in buffers of the plan's capacity, every tile checked against it. Phases the kernel
-// runs side by side (the column taps beside the pixels' start, the next class's staging
-// beside this class's pixels) in either order (same_bits.h: cpu_items_reversed).
+// rows in a buffer of the plan's capacity, every tile checked against it. Phases the kernel
+// runs side by side (the column taps beside the pixels' start) in either order, and each
+// phase's items in either order (same_bits.h: cpu_items_reversed).
 template <typename scalar_t, typename label_t>
 void forward_cpu_typed(const CeForwardCall& call, int64_t ignore_index) {
   using acc_t = acc_of<scalar_t>;
@@ -116,7 +116,7 @@ void forward_cpu_typed(const CeForwardCall& call, int64_t ignore_index) {
   const int64_t plane = static_cast<int64_t>(geo.h) * geo.w;
   std::vector<double> shared((plan.shared_bytes + 7) / 8);  // 8-byte aligned, as the kernel's
   const CeForwardBuffers<acc_t> buf = ce_forward_buffers<acc_t>(reinterpret_cast<unsigned char*>(shared.data()), plan);
-  std::vector<CeOnlineLse<acc_t>> states(kCeForwardBand * kCeForwardChunk);
+  std::vector<CeForwardPixel<acc_t>> states(kCeForwardBand * kCeForwardChunk);
   // the CE mean's part: each block's sum and count by its threads' tree, as the kernel's
   acc_t* block_sums = call.block_sums.numel() > 0 ? call.block_sums.mutable_data_ptr<acc_t>() : nullptr;
   int64_t* block_counts = call.block_counts.numel() > 0 ? call.block_counts.mutable_data_ptr<int64_t>() : nullptr;
@@ -138,32 +138,18 @@ void forward_cpu_typed(const CeForwardCall& call, int64_t ignore_index) {
                                                               ignore_index);
       });
     };
-    const auto stage = [&](int c0) {
-      for_items(static_cast<int64_t>(t.rows) * cols, reversed, [&](int64_t item) {
-        ce_forward_stage_item<scalar_t, acc_t>(static_cast<int>(item / cols), static_cast<int>(item % cols), t, geo,
-                                               sample, c0, ce_pass_classes(c0, geo.C), buf.col_taps,
-                                               ce_forward_staged_for(buf, c0));
-      });
-    };
-    const auto add_pass = [&](int c0) {  // the kernel evaluates ignored pixels too, and drops them
-      const acc_t* staged = ce_forward_staged_for(buf, c0);
-      const bool pair = ce_pass_classes(c0, geo.C) == kCePassClasses;
-      for_items(ce_forward_pixels(t), reversed, [&](int64_t item) {
-        CeOnlineLse<acc_t>& state = states[item];
-        if (state.label == -1) return;
-        if (pair && c0 == 0) ce_forward_pixel_pass<kCePassClasses, true>(state, c0, staged);
-        else if (pair) ce_forward_pixel_pass<kCePassClasses, false>(state, c0, staged);
-        else if (c0 == 0) ce_forward_pixel_pass<1, true>(state, c0, staged);
-        else ce_forward_pixel_pass<1, false>(state, c0, staged);
-      });
-    };
     if (reversed) { starts(); tables(); } else { tables(); starts(); }
-    stage(0);
-    for (int c0 = 0; c0 < geo.C; c0 += kCePassClasses) {  // a pass's pixels beside the next pass's staging
-      const int next = c0 + ce_pass_classes(c0, geo.C);
-      if (reversed) add_pass(c0);
-      if (next < geo.C) stage(next);
-      if (!reversed) add_pass(c0);
+    for (int c0 = 0; c0 < geo.C; c0 += kCeChunkClasses) {  // a chunk: stage, barrier, the pixels
+      const int classes = ce_chunk_classes(c0, geo.C), groups = ce_chunk_groups(classes);
+      for_items(static_cast<int64_t>(t.rows) * cols * groups, reversed, [&](int64_t item) {
+        const int64_t row_item = item / groups;
+        const int x = static_cast<int>(row_item % cols);
+        ce_forward_stage_group<scalar_t, acc_t>(static_cast<int>(row_item / cols), x, buf.col_taps[x],
+                                                static_cast<int>(item % groups), t, geo, sample, c0, buf.staged);
+      });
+      for_items(ce_forward_pixels(t), reversed, [&](int64_t item) {  // the kernel evaluates ignored pixels too
+        if (states[item].label != -1) ce_forward_pixel_chunk(states[item], c0, classes, buf.staged);
+      });
     }
     for_items(ce_forward_pixels(t), reversed, [&](int64_t item) {
       const int64_t p = t.n * pixels + ce_forward_pixel_offset(static_cast<int>(item), t, geo);

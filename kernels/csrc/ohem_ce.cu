@@ -46,14 +46,14 @@ __device__ void sum_tree(value_t*... values) {
   }
 }
 
-// One block per tile of high-res rows and columns (ohem_ce_math.h, "Forward tiling"): each
-// thread's pixels keep their online log-sum-exp in registers over the classes, the logit
-// rows the tile reads staged per class (double-buffered: one barrier per class). With
-// block_sums (the CE mean), the block's sum of its counted pixels' losses and their count,
-// by its threads' tree, into block_sums and block_counts at its index.
+// One block per tile of high-res rows and columns (ohem_ce_math.h, "Forward tiling"): per
+// class chunk (one for 19 classes) the block stages the logit rows the tile reads, meets at a
+// barrier, and each thread takes its pixels' chunk arithmetic in registers. With block_sums
+// (the CE mean), the block's sum of its counted pixels' losses and their count, by its
+// threads' tree, into block_sums and block_counts at its index.
 static_assert(kCeForwardThreads == kSumThreads, "the CE mean's tree runs over the forward's threads");
 template <typename scalar_t, typename label_t, typename acc_t>
-__global__ void __launch_bounds__(kCeForwardThreads, 3) ce_forward_kernel(
+__global__ void __launch_bounds__(kCeForwardThreads, 4) ce_forward_kernel(
     CeGeometry<acc_t> geo, CeForwardPlan plan, const scalar_t* __restrict__ logits,
     const label_t* __restrict__ labels, int64_t ignore_index, acc_t* __restrict__ loss, acc_t* __restrict__ lse,
     acc_t* __restrict__ block_sums, int64_t* __restrict__ block_counts) {
@@ -64,85 +64,57 @@ __global__ void __launch_bounds__(kCeForwardThreads, 3) ce_forward_kernel(
   const int plane = geo.h * geo.w;
   const scalar_t* sample = held_pointer(logits + static_cast<int64_t>(t.n) * geo.C * plane);
   if (threadIdx.x < t.x1 - t.x0) ce_forward_table_item(threadIdx.x, t, geo, buf);
-  CeOnlineLse<acc_t> state[kCeForwardPixels];
-#pragma unroll
-  for (int k = 0; k < kCeForwardPixels; ++k)  // a slot past the tile: an ignored state
-    state[k] = ce_forward_pixel_start<label_t, acc_t>(threadIdx.x + k * kCeForwardThreads, t, geo,
-                                                      labels + t.n * pixels, ignore_index);
-  __syncthreads();  // the column taps
-  // stage items (r, x): this thread's column, every kStageRowStep-th row from first_row, each
-  // the pass's classes. The first kAhead of a pass are loaded before the previous pass's math
-  // and stored after it, so the loads' latency passes under the math; rows beyond them (only
-  // where a band reads more than kAhead * kStageRowStep low-res rows) are staged at once. The
-  // items are the same for every pass (made once), their offsets 32-bit. Two items ahead for
-  // 16-bit logits, one for float32 (with two, ptxas spills 92 bytes at 80 registers).
-  const int stage_x = threadIdx.x % kCeForwardChunk;
-  const bool stages = stage_x < t.x1 - t.x0;
-  constexpr int kStageRowStep = kCeForwardThreads / kCeForwardChunk;
-  constexpr int kAhead = sizeof(scalar_t) == 2 ? 2 : 1;
-  const int first_row = threadIdx.x / kCeForwardChunk;
-  CeStageItem<acc_t> ahead_item[kAhead];
-  bool ahead_stages[kAhead];
-#pragma unroll
-  for (int k = 0; k < kAhead; ++k) {
-    const int r = first_row + k * kStageRowStep;
-    ahead_stages[k] = stages && r < t.rows;
-    if (ahead_stages[k]) ahead_item[k] = ce_forward_stage_item_for(r, stage_x, t, geo, buf.col_taps);
-  }
-  CeStagePassLoad<acc_t> ahead[kAhead];
-  const auto stage_begin = [&](int c0) {
-    const int classes = ce_pass_classes(c0, geo.C);
-#pragma unroll
-    for (int k = 0; k < kAhead; ++k)
-      if (ahead_stages[k]) ahead[k] = ce_stage_pass_load<scalar_t, acc_t>(ahead_item[k], sample, c0, classes, plane);
-    if (stages)
-      for (int r = first_row + kAhead * kStageRowStep; r < t.rows; r += kStageRowStep)
-        ce_forward_stage_item<scalar_t, acc_t>(r, stage_x, t, geo, sample, c0, classes, buf.col_taps,
-                                               ce_forward_staged_for(buf, c0));
+  // a slot's pixel (a slot past the tile: an ignored state) is made again each chunk, from its
+  // label and taps: only its log-sum-exp is kept from one chunk to the next (in registers:
+  // 3 values a slot where the whole state takes 8)
+  const auto pixel = [&](int k) {
+    return ce_forward_pixel_start<label_t, acc_t>(threadIdx.x + k * kCeForwardThreads, t, geo, labels + t.n * pixels,
+                                                  ignore_index);
   };
-  const auto stage_end = [&](int c0) {
-#pragma unroll
-    for (int k = 0; k < kAhead; ++k)
-      if (ahead_stages[k])
-        ce_stage_pass_store(ahead[k], ahead_item[k], ce_pass_classes(c0, geo.C), ce_forward_staged_for(buf, c0));
-  };
-  // A pass: the next pass's loads, this pass's pixels, the next pass's stores, a barrier. Every
-  // slot runs every class, ignored or not (no branch: a warp's pixels take the same path);
-  // ce_forward_pixel_finish drops what the ignored ones computed. classes, first:
-  // std::integral_constant (the pass's classes; whether it is the first).
-  const auto pass = [&](int c0, auto classes, auto first) {
-    const int next = c0 + decltype(classes)::value;
-    if (next < geo.C) stage_begin(next);
-    const acc_t* staged = ce_forward_staged_for(buf, c0);
-#pragma unroll
-    for (int k = 0; k < kCeForwardPixels; ++k)
-      ce_forward_pixel_pass<decltype(classes)::value, decltype(first)::value>(state[k], c0, staged);
-    if (next < geo.C) stage_end(next);
-    __syncthreads();  // the next pass is staged; this pass's buffer is free
-  };
-  using Pair = std::integral_constant<int, kCePassClasses>;
-  using One = std::integral_constant<int, 1>;
-  stage_begin(0);
-  stage_end(0);
-  __syncthreads();
-  // the first pass, the other full passes, an odd C's last class (one loop body, no variants)
-  if (geo.C >= kCePassClasses) pass(0, Pair(), std::true_type());
-  else pass(0, One(), std::true_type());
-  int c0 = kCePassClasses;
-  for (; c0 + kCePassClasses <= geo.C; c0 += kCePassClasses) pass(c0, Pair(), std::false_type());
-  if (c0 < geo.C) pass(c0, One(), std::false_type());
+  acc_t kept_max[kCeForwardPixels], kept_sum[kCeForwardPixels], kept_label_z[kCeForwardPixels];
   acc_t mean_sum = static_cast<acc_t>(0);
   int64_t mean_count = 0;
+  // stage items (r, x, g): this thread's column, every kStageStep-th (row, group) pair from
+  // the thread's row of the block (groups fastest)
+  const int stage_x = threadIdx.x % kCeForwardChunk;
+  constexpr int kStageStep = kCeForwardThreads / kCeForwardChunk;
+  for (int c0 = 0; c0 < geo.C; c0 += kCeChunkClasses) {
+    const int classes = ce_chunk_classes(c0, geo.C), groups = ce_chunk_groups(classes);
+    __syncthreads();  // the column taps; after the first chunk, its pixels are done with the staged rows
+    if (stage_x < t.x1 - t.x0) {
+      const Taps<acc_t> tx = buf.col_taps[stage_x];  // the same for every item of this thread
+      int r = static_cast<int>(threadIdx.x / kCeForwardChunk) / groups;
+      int g = static_cast<int>(threadIdx.x / kCeForwardChunk) % groups;
+      while (r < t.rows) {
+        ce_forward_stage_group<scalar_t, acc_t>(r, stage_x, tx, g, t, geo, sample, c0, buf.staged);
+        for (g += kStageStep; g >= groups; g -= groups) ++r;  // the next pair, no division
+      }
+    }
+    __syncthreads();  // the chunk is staged
+    const bool last = c0 + classes == geo.C;
 #pragma unroll
-  for (int k = 0; k < kCeForwardPixels; ++k) {
-    const int item = threadIdx.x + k * kCeForwardThreads;
-    if (item < ce_forward_pixels(t)) {
-      const int64_t p = t.n * pixels + ce_forward_pixel_offset(item, t, geo);
-      ce_mean_add(state[k], ce_forward_pixel_finish(state[k], loss + p, lse + p), &mean_sum, &mean_count);
+    for (int k = 0; k < kCeForwardPixels; ++k) {
+      CeForwardPixel<acc_t> state = pixel(k);
+      if (c0 > 0) {
+        state.max_z = kept_max[k];
+        state.sum = kept_sum[k];
+        state.label_z = kept_label_z[k];
+      }
+      ce_forward_pixel_chunk(state, c0, classes, buf.staged);
+      const int item = threadIdx.x + k * kCeForwardThreads;
+      if (!last) {
+        kept_max[k] = state.max_z;
+        kept_sum[k] = state.sum;
+        kept_label_z[k] = state.label_z;
+      } else if (item < ce_forward_pixels(t)) {
+        const int64_t p = t.n * pixels + ce_forward_pixel_offset(item, t, geo);
+        ce_mean_add(state, ce_forward_pixel_finish(state, loss + p, lse + p), &mean_sum, &mean_count);
+      }
     }
   }
   if (block_sums == nullptr) return;  // the same for the whole block
-  // the tree in the staged rows' bytes, free since the last class's barrier
+  // the tree in the staged rows' bytes, once every thread is done reading them
+  __syncthreads();
   acc_t* sums = reinterpret_cast<acc_t*>(shared_bytes);
   int64_t* counts = reinterpret_cast<int64_t*>(shared_bytes + kSumThreads * sizeof(acc_t));
   sums[threadIdx.x] = mean_sum;

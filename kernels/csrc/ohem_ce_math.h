@@ -114,10 +114,11 @@ BISENET_HD void ce_mean_finish(acc_t sum, int64_t count, acc_t* mean, acc_t* den
 }
 
 // ---------------------------------------------------------------------------------------
-// Both kernels take the classes in passes of kCePassClasses (the last pass of an odd C has
+// The backward takes the classes in passes of kCePassClasses (the last pass of an odd C has
 // one): a pass stages its classes' logit rows side by side, so that a pixel reads a pass's
 // values at one staged tap with one shared load, and the block meets at a barrier once a
 // pass. Each class's arithmetic, and the order of the classes, is that of one class a pass.
+// (The forward stages its classes in chunks of 20: "Forward tiling" below.)
 constexpr int kCePassClasses = 2;
 
 // A pass's staged values at one (row, column).
@@ -135,21 +136,50 @@ BISENET_HD int ce_pass_classes(int c0, int classes) {
 // Forward tiling. A block owns a tile of high-res rows [y0, y1) (a band, up to
 // kCeForwardBand) and columns [x0, x1) (a chunk, kCeForwardChunk) of sample n; it reads low-res
 // rows [row0, row0 + rows) (taps are non-decreasing: the first row's i0 to the last row's i1).
-// Each thread keeps the online log-sum-exp of up to kCeForwardPixels pixels in registers
-// (CeOnlineLse) over the classes; per pass the block stages the rows it reads of the pass's
-// classes interpolated along x at its columns, times log2(e) (ATen's order: along x first),
-// and each pixel takes each class's z log2(e) from its two staged rows: one lerp, where a
-// pixel reading its 4 taps takes 3 and 4 loads. The staged rows are double-buffered: one
-// barrier per pass.
+// The classes go in class chunks of up to kCeChunkClasses (one chunk for Cityscapes' 19): the
+// block stages the rows it reads of a class chunk, interpolated along x at its columns, times
+// log2(e) (ATen's order: along x first), classes innermost (staged[r][x][q]), and meets at a
+// barrier; then each thread takes its pixels one after the other (kCeForwardPixels slots), a
+// pixel's z log2(e) of the chunk's classes from its two staged rows (kCeGroupClasses values a
+// 16-byte shared load, one lerp a class) held in registers: their maximum, then the sum of
+// 2^(z log2(e) - maximum), one exp2 a class and no rescaling within a chunk (a later chunk
+// rescales the sum once a pixel, exp2 of the old maximum minus the new). The label's z is
+// read from its staged rows alone, the same lerp of the same values.
+// Where the staging and the arithmetic ran side by side a pass of 2 classes at a time, with a
+// barrier each pass and an online maximum (a compare, two selects and an fma a class), they
+// are now two phases: one barrier a chunk, and the pixels' loop has no staging in it; other
+// blocks on the SM (4 fit) overlap one block's staging with their arithmetic.
 // 32 x 32 rather than 16 x 64: a taller band reads fewer low-res rows per pixel, so fewer
-// values are staged a pass (at 1/8, 6 rows for 32 high-res rows where 16 rows read 4).
+// values are staged (at 1/8, 6 rows for 32 high-res rows where 16 rows read 4).
 constexpr int kCeForwardThreads = 256;
 constexpr int kCeForwardChunk = 32;
 constexpr int kCeForwardBand = 32;
 constexpr int kCeForwardPixels = kCeForwardBand * kCeForwardChunk / kCeForwardThreads;
+// A class group: the values of one 16-byte shared load in float32. A class chunk: 5 groups,
+// 20 classes: (row, column) entries 80 bytes apart, so that a quarter warp's 16-byte loads at
+// 8 consecutive columns fall in distinct banks (80 = 5 x 16, an odd multiple of 16). Classes
+// past C in a chunk's last group are staged as the most negative finite value (lowest_acc):
+// their z (that value, or -inf where the lerp's rounding overflows) is never above a finite
+// z, and 2^(z - maximum) is exactly 0 (exp2_nonpositive of less than -127).
+constexpr int kCeGroupClasses = 4;
+constexpr int kCeChunkGroups = 5;
+constexpr int kCeChunkClasses = kCeGroupClasses * kCeChunkGroups;
+
+// A group's staged values at one (row, column).
+template <typename acc_t>
+struct alignas(kCeGroupClasses * sizeof(acc_t)) CeGroup {
+  acc_t z_log2[kCeGroupClasses];
+};
+
+// The classes of the chunk that starts at class c0, of C, and its groups.
+BISENET_HD int ce_chunk_classes(int c0, int classes) {
+  return classes - c0 < kCeChunkClasses ? classes - c0 : kCeChunkClasses;
+}
+
+BISENET_HD int ce_chunk_groups(int chunk_classes) { return (chunk_classes + kCeGroupClasses - 1) / kCeGroupClasses; }
 
 // The forward's plan, made on the host for both devices: the band (rows per block), the
-// capacity of a staged buffer in low-res rows (the most any band reads), the shared bytes.
+// capacity of the staged buffer in low-res rows (the most any band reads), the shared bytes.
 struct CeForwardPlan {
   int band, staged_rows;
   int64_t shared_bytes;
@@ -184,25 +214,31 @@ BISENET_HD CeForwardTile ce_forward_tile(int64_t block, const CeGeometry<acc_t>&
 
 BISENET_HD int ce_forward_pixels(const CeForwardTile& t) { return (t.y1 - t.y0) * (t.x1 - t.x0); }
 
-// The shared memory of a forward block: the columns' taps, two staged buffers; after the last
-// class, the CE mean's tree over the block's threads (ce_mean_tree_bytes) in the same bytes.
+// Pixel `item` of the tile (row-major over its columns): its row and column in the tile; a
+// shift where the tile is kCeForwardChunk wide (all but a last, narrower chunk), where an
+// integer division takes some 20 instructions.
+struct CeTileYX {
+  int y, x;
+};
+
+BISENET_HD CeTileYX ce_forward_item_yx(int item, const CeForwardTile& t) {
+  const int cols = t.x1 - t.x0;
+  if (cols == kCeForwardChunk) return {item / kCeForwardChunk, item % kCeForwardChunk};
+  return {item / cols, item % cols};
+}
+
+// The shared memory of a forward block: the columns' taps, the staged buffer; after the last
+// chunk, the CE mean's tree over the block's threads (ce_mean_tree_bytes) in the same bytes.
 template <typename acc_t>
 struct CeForwardBuffers {
   Taps<acc_t>* col_taps;  // (kCeForwardChunk,)
-  acc_t* staged;          // (2, staged_rows, kCeForwardChunk, kCePassClasses): the pass of class
-                          // c0 uses half (c0 / kCePassClasses) % 2
-  int half;               // staged_rows * kCeForwardChunk * kCePassClasses
+  acc_t* staged;          // (staged_rows, kCeForwardChunk, kCeChunkClasses)
 };
-
-template <typename acc_t>
-BISENET_HD acc_t* ce_forward_staged_for(const CeForwardBuffers<acc_t>& buf, int c0) {
-  return buf.staged + ((c0 / kCePassClasses) & 1) * buf.half;
-}
 
 template <typename acc_t>
 BISENET_HD int64_t ce_forward_bytes(const CeForwardPlan& plan) {
   const int64_t tables = kCeForwardChunk * (static_cast<int64_t>(sizeof(Taps<acc_t>)) +
-                                            2 * static_cast<int64_t>(plan.staged_rows) * kCePassClasses *
+                                            static_cast<int64_t>(plan.staged_rows) * kCeChunkClasses *
                                                 static_cast<int64_t>(sizeof(acc_t)));
   return tables > ce_mean_tree_bytes<acc_t>() ? tables : ce_mean_tree_bytes<acc_t>();
 }
@@ -212,7 +248,6 @@ BISENET_HD CeForwardBuffers<acc_t> ce_forward_buffers(unsigned char* base, const
   CeForwardBuffers<acc_t> buf;
   buf.col_taps = reinterpret_cast<Taps<acc_t>*>(base);
   buf.staged = reinterpret_cast<acc_t*>(base + kCeForwardChunk * sizeof(Taps<acc_t>));
-  buf.half = plan.staged_rows * kCeForwardChunk * kCePassClasses;
   return buf;
 }
 
@@ -290,10 +325,15 @@ BISENET_HD CeStaged<acc_t, kClasses> staged_pass_at(const acc_t* staged, int byt
 
 // The lerp along x (lerp_taps, with w0 = 1 - w1 as bilinear_taps makes it), times log2(e).
 template <typename acc_t>
-BISENET_HD void ce_stage_store(const CeStageLoad<acc_t>& loaded, const CeStageItem<acc_t>& item, acc_t* staged) {
+BISENET_HD acc_t ce_stage_value(const CeStageLoad<acc_t>& loaded, const CeStageItem<acc_t>& item) {
   const acc_t along_x = lerp_taps(Taps<acc_t>{0, 0, static_cast<acc_t>(1) - item.w1, item.w1}, loaded.first,
                                   loaded.second);
-  staged_at(staged, item.staged) = along_x * log2e(along_x);
+  return along_x * log2e(along_x);
+}
+
+template <typename acc_t>
+BISENET_HD void ce_stage_store(const CeStageLoad<acc_t>& loaded, const CeStageItem<acc_t>& item, acc_t* staged) {
+  staged_at(staged, item.staged) = ce_stage_value(loaded, item);
 }
 
 // A stage item for a pass of classes [c0, c0 + classes): each class's logits loaded
@@ -322,30 +362,50 @@ BISENET_HD void ce_stage_pass_store(const CeStagePassLoad<acc_t>& loaded, const 
     if (q < classes) ce_stage_store(loaded.of[q], item, staged + q);
 }
 
+// The most negative finite value: a class past C (-inf would give 0 x -inf = NaN in a lerp
+// with a zero weight).
 template <typename acc_t>
-BISENET_HD CeStageItem<acc_t> ce_forward_stage_item_for(int r, int x, const CeForwardTile& t,
-                                                        const CeGeometry<acc_t>& geo, const Taps<acc_t>* col_taps) {
-  return ce_stage_item((t.row0 + r) * geo.w, col_taps[x], (r * kCeForwardChunk + x) * kCePassClasses);
+BISENET_HD acc_t lowest_acc() {
+  return sizeof(acc_t) == 4 ? static_cast<acc_t>(-3.40282346638528859812e38) : static_cast<acc_t>(-1.7976931348623157e308);
 }
 
-// Stage item (r, x) of the pass of classes [c0, c0 + classes) into staged[r][x][q]; sample:
-// sample n's (C, h, w) logits.
+// Stage item (r, x, g) of the class chunk that starts at c0 (r < rows, x < x1 - x0 with its
+// taps tx, g < its groups): classes c0 + 4 g + i, i < 4, of low-res row row0 + r interpolated along x at column
+// x0 + x, times log2(e), into staged[r][x][4 g + i] (ce_stage_load, ce_stage_store: the
+// backward's staging arithmetic); classes past C lowest_acc. sample: sample n's (C, h, w) logits.
+// The loads of the group's classes come before their math; a group of C's classes (all but
+// a last one past C) is one 16-byte store, with no per-class branch.
 template <typename scalar_t, typename acc_t>
-BISENET_HD void ce_forward_stage_item(int r, int x, const CeForwardTile& t, const CeGeometry<acc_t>& geo,
-                                      const scalar_t* sample, int c0, int classes, const Taps<acc_t>* col_taps,
-                                      acc_t* staged) {
-  const CeStageItem<acc_t> item = ce_forward_stage_item_for(r, x, t, geo, col_taps);
-  ce_stage_pass_store(ce_stage_pass_load<scalar_t, acc_t>(item, sample, c0, classes, geo.h * geo.w), item, classes,
-                      staged);
+BISENET_HD void ce_forward_stage_group(int r, int x, const Taps<acc_t>& tx, int g, const CeForwardTile& t,
+                                       const CeGeometry<acc_t>& geo, const scalar_t* sample, int c0, acc_t* staged) {
+  const int entry = (r * kCeForwardChunk + x) * kCeChunkClasses + g * kCeGroupClasses;
+  const CeStageItem<acc_t> item = ce_stage_item((t.row0 + r) * geo.w, tx, entry);
+  const int first = c0 + g * kCeGroupClasses, plane = geo.h * geo.w;
+  CeStageLoad<acc_t> loaded[kCeGroupClasses];
+  CeGroup<acc_t> group;
+  if (first + kCeGroupClasses <= geo.C) {
+#pragma unroll
+    for (int i = 0; i < kCeGroupClasses; ++i) loaded[i] = ce_stage_load<scalar_t, acc_t>(item, sample, (first + i) * plane);
+#pragma unroll
+    for (int i = 0; i < kCeGroupClasses; ++i) group.z_log2[i] = ce_stage_value(loaded[i], item);
+  } else {
+#pragma unroll
+    for (int i = 0; i < kCeGroupClasses; ++i)
+      if (first + i < geo.C) loaded[i] = ce_stage_load<scalar_t, acc_t>(item, sample, (first + i) * plane);
+#pragma unroll
+    for (int i = 0; i < kCeGroupClasses; ++i)
+      group.z_log2[i] = first + i < geo.C ? ce_stage_value(loaded[i], item) : lowest_acc<acc_t>();
+  }
+  *reinterpret_cast<CeGroup<acc_t>*>(staged + entry) = group;
 }
 
-// One pixel's online log-sum-exp over the classes, in log2 units: the running maximum of
-// z log2(e), the sum of 2^(z log2(e) - maximum), z log2(e) of the label's class.
+// One pixel's log-sum-exp over the classes, in log2 units: the maximum of z log2(e) over the
+// chunks so far, the sum of 2^(z log2(e) - maximum), z log2(e) of the label's class.
 template <typename acc_t>
-struct CeOnlineLse {
-  int label;         // -1: ignored (or no pixel); -2: outside [0, C) (loss and lse NaN)
-  int staged0, staged1;  // its two staged rows' byte offsets in a staged buffer (its pass's first class)
-  acc_t w0, w1;      // their weights
+struct CeForwardPixel {
+  int label;             // -1: ignored (or no pixel); -2: outside [0, C) (loss and lse NaN)
+  int staged0, staged1;  // its two staged rows' entries at its column (class 0 of a chunk)
+  acc_t w0, w1;          // their weights
   acc_t max_z, sum, label_z;
 };
 
@@ -353,9 +413,9 @@ struct CeOnlineLse {
 // row 0, column 0 (every tile stages it), so the class steps need no branch: ignored pixels
 // are evaluated like the others and their result dropped (ce_forward_pixel_finish).
 template <typename label_t, typename acc_t>
-BISENET_HD CeOnlineLse<acc_t> ce_forward_pixel_start(int item, const CeForwardTile& t, const CeGeometry<acc_t>& geo,
-                                                    const label_t* labels, int64_t ignore_index) {
-  CeOnlineLse<acc_t> state;
+BISENET_HD CeForwardPixel<acc_t> ce_forward_pixel_start(int item, const CeForwardTile& t, const CeGeometry<acc_t>& geo,
+                                                        const label_t* labels, int64_t ignore_index) {
+  CeForwardPixel<acc_t> state;
   state.max_z = state.sum = state.label_z = static_cast<acc_t>(0);
   if (item >= ce_forward_pixels(t)) {
     state.label = -1;
@@ -363,65 +423,96 @@ BISENET_HD CeOnlineLse<acc_t> ce_forward_pixel_start(int item, const CeForwardTi
     state.w0 = state.w1 = static_cast<acc_t>(0);
     return state;
   }
-  const int y = item / (t.x1 - t.x0), x = item % (t.x1 - t.x0);
+  const CeTileYX yx = ce_forward_item_yx(item, t);
+  const int y = yx.y, x = yx.x;
   const int64_t label = static_cast<int64_t>(labels[(t.y0 + y) * geo.W + t.x0 + x]);
   state.label = label == ignore_index ? -1 : (label < 0 || label >= geo.C ? -2 : static_cast<int>(label));
   const Taps<acc_t> ty = bilinear_taps<acc_t>(t.y0 + y, geo.h, geo.scale_y);
-  state.staged0 = static_cast<int>(((ty.i0 - t.row0) * kCeForwardChunk + x) * kCePassClasses * sizeof(acc_t));
-  state.staged1 = static_cast<int>(((ty.i1 - t.row0) * kCeForwardChunk + x) * kCePassClasses * sizeof(acc_t));
+  state.staged0 = ((ty.i0 - t.row0) * kCeForwardChunk + x) * kCeChunkClasses;
+  state.staged1 = ((ty.i1 - t.row0) * kCeForwardChunk + x) * kCeChunkClasses;
   state.w0 = ty.w0;
   state.w1 = ty.w1;
   return state;
 }
 
-// Class 0, z its z log2(e): the running maximum is its z, the sum 2^0.
-template <typename acc_t>
-BISENET_HD void ce_forward_pixel_first(CeOnlineLse<acc_t>& state, acc_t z) {
-  state.label_z = state.label == 0 ? z : state.label_z;
-  state.max_z = z;
-  state.sum = static_cast<acc_t>(1);
+// max(a, b) of two values, neither NaN the larger, a NaN dropped (fmax: one instruction on the
+// device). Where both are zeros of opposite signs the sign may differ between the two sides;
+// the log-sum-exp's bits do not depend on it (z - maximum and maximum + log(sum) are the same
+// for either zero, log(sum) >= 0).
+BISENET_HD float max_acc(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return fmaxf(a, b);
+#else
+  return b > a || a != a ? b : a;
+#endif
 }
 
-// Class c >= 1 (in order 1, 2, ...): one exp2 (same_bits.h) of -|z - maximum|, which is
-// z - maximum below the maximum (the new term added) and maximum - z above it (the old terms
-// rescaled; IEEE subtraction is antisymmetric, so the same bits as that difference).
-template <typename acc_t>
-BISENET_HD void ce_forward_pixel_class(CeOnlineLse<acc_t>& state, int c, acc_t z) {
-  state.label_z = c == state.label ? z : state.label_z;
-  const bool above = z > state.max_z;
-  const acc_t e = exp2_nonpositive(-fabs(z - state.max_z));
-  state.sum = above ? fma_acc(state.sum, e, static_cast<acc_t>(1)) : state.sum + e;
-  state.max_z = above ? z : state.max_z;
+BISENET_HD double max_acc(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return fmax(a, b);
+#else
+  return b > a || a != a ? b : a;
+#endif
 }
 
-// The pass of classes [c0, c0 + kClasses) staged in `staged` (kFirst: c0 == 0): each class's z
-// log2(e) from the pixel's two staged rows (one shared load a row for the pass), in order.
-template <int kClasses, bool kFirst, typename acc_t>
-BISENET_HD void ce_forward_pixel_pass(CeOnlineLse<acc_t>& state, int c0, const acc_t* staged) {
-  const CeStaged<acc_t, kClasses> row0 = staged_pass_at<kClasses>(staged, state.staged0);
-  const CeStaged<acc_t, kClasses> row1 = staged_pass_at<kClasses>(staged, state.staged1);
+// The class chunk that starts at c0 (its `classes` classes staged in `staged`): each class's z
+// log2(e) from the pixel's two staged rows, their maximum, then one exp2 a class of z minus
+// the maximum, added in class order. The first chunk starts the sum; a later one first
+// rescales it to the larger maximum. A NaN z makes the sum NaN (exp2 of NaN; the maximum
+// drops it).
+template <typename acc_t>
+BISENET_HD void ce_forward_pixel_chunk(CeForwardPixel<acc_t>& state, int c0, int classes, const acc_t* staged) {
+  const int groups = ce_chunk_groups(classes);
+  const Taps<acc_t> ty{0, 0, state.w0, state.w1};
+  acc_t z[kCeChunkClasses];
+  acc_t chunk_max = static_cast<acc_t>(0);
 #pragma unroll
-  for (int i = 0; i < kClasses; ++i) {
-    const acc_t z = lerp_taps(Taps<acc_t>{0, 0, state.w0, state.w1}, row0.z_log2[i], row1.z_log2[i]);
-    if (kFirst && i == 0)
-      ce_forward_pixel_first(state, z);
-    else
-      ce_forward_pixel_class(state, c0 + i, z);
+  for (int g = 0; g < kCeChunkGroups; ++g) {
+    if (g < groups) {
+      const CeGroup<acc_t> row0 = *reinterpret_cast<const CeGroup<acc_t>*>(staged + state.staged0 + g * kCeGroupClasses);
+      const CeGroup<acc_t> row1 = *reinterpret_cast<const CeGroup<acc_t>*>(staged + state.staged1 + g * kCeGroupClasses);
+#pragma unroll
+      for (int i = 0; i < kCeGroupClasses; ++i) {
+        const int q = g * kCeGroupClasses + i;
+        z[q] = lerp_taps(ty, row0.z_log2[i], row1.z_log2[i]);
+        chunk_max = q == 0 ? z[q] : max_acc(chunk_max, z[q]);
+      }
+    }
+  }
+  const int label_q = state.label - c0;
+  if (label_q >= 0 && label_q < classes)
+    state.label_z = lerp_taps(ty, staged[state.staged0 + label_q], staged[state.staged1 + label_q]);
+  if (c0 == 0) {
+    state.max_z = chunk_max;
+  } else {
+    const acc_t max_z = max_acc(state.max_z, chunk_max);
+    state.sum = state.sum * exp2_nonpositive(state.max_z - max_z);
+    state.max_z = max_z;
+  }
+#pragma unroll
+  for (int g = 0; g < kCeChunkGroups; ++g) {
+    if (g < groups) {
+#pragma unroll
+      for (int i = 0; i < kCeGroupClasses; ++i) {
+        const int q = g * kCeGroupClasses + i;
+        state.sum = state.sum + exp2_nonpositive(z[q] - state.max_z);  // the first chunk's from 0
+      }
+    }
   }
 }
 
 // The offset of pixel `item` (item < the tile's pixels) in its sample's (H, W) plane.
 template <typename acc_t>
 BISENET_HD int64_t ce_forward_pixel_offset(int item, const CeForwardTile& t, const CeGeometry<acc_t>& geo) {
-  const int cols = t.x1 - t.x0;
-  return static_cast<int64_t>(t.y0 + item / cols) * geo.W + t.x0 + item % cols;
+  const CeTileYX yx = ce_forward_item_yx(item, t);
+  return static_cast<int64_t>(t.y0 + yx.y) * geo.W + t.x0 + yx.x;
 }
 
 // After the last class: the pixel's loss and lse (natural log units): 0 and 0 where the label
 // is ignore_index, NaN and NaN where it is outside [0, C) (nothing was read out of bounds).
 // Returns the loss.
 template <typename acc_t>
-BISENET_HD acc_t ce_forward_pixel_finish(const CeOnlineLse<acc_t>& state, acc_t* loss, acc_t* lse) {
+BISENET_HD acc_t ce_forward_pixel_finish(const CeForwardPixel<acc_t>& state, acc_t* loss, acc_t* lse) {
   if (state.label == -1) {
     *loss = *lse = static_cast<acc_t>(0);
   } else if (state.label == -2) {
@@ -437,7 +528,7 @@ BISENET_HD acc_t ce_forward_pixel_finish(const CeOnlineLse<acc_t>& state, acc_t*
 // The CE mean's part of a forward thread, slot after slot: a pixel whose label is not
 // ignore_index (a bad label too: its NaN makes the mean NaN) adds its loss and 1.
 template <typename acc_t>
-BISENET_HD void ce_mean_add(const CeOnlineLse<acc_t>& state, acc_t pixel_loss, acc_t* sum, int64_t* count) {
+BISENET_HD void ce_mean_add(const CeForwardPixel<acc_t>& state, acc_t pixel_loss, acc_t* sum, int64_t* count) {
   if (state.label == -1) return;
   *sum = *sum + pixel_loss;
   *count += 1;
