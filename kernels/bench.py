@@ -6,8 +6,9 @@
     python -m kernels.bench --device cpu --quick   # a smoke run of the table's machinery
     python -m kernels.bench --host             # the host's part of a fused step, on the CPU
                                                # (and on a GPU machine, of each op there)
-    python -m kernels.bench --tiles            # the loss ops alone per head; the backward's
-                                               # automatic tile against the tiles around it
+    python -m kernels.bench --tiles            # the loss ops alone per head, and the BGA backward
+                                               # alone: each backward's automatic tile against the
+                                               # tiles around it
 
 Loss rows: logits of each BiSeNetV2 head (main 1/8 and auxiliary 1/4, 1/8, 1/16, 1/32 of a
 1024x1024 crop, 19 classes; the 1/8 auxiliary head has the main head's shape) against uint8 labels of 1024x1024, CE and OHEM (thresh 0.7,
@@ -70,8 +71,8 @@ def parse_args(argv=None):
                         help="only the host's part of a fused step, on the CPU, and on a GPU machine each "
                              "op's there (see above)")
     parser.add_argument("--tiles", action="store_true",
-                        help="only the loss ops alone per head, the backward with its automatic tile and the "
-                             "tiles around it (on the CPU: the C++ loops)")
+                        help="only the loss ops alone per head and the BGA backward op alone, each backward "
+                             "with its automatic tile and the tiles around it (on the CPU: the C++ loops)")
     parser.add_argument("--profile", action="store_true",
                         help="also each row's kernels: torch.profiler's time per step of every CUDA kernel the "
                              "fused variant launches (on the CPU: the eager variant's ops)")
@@ -477,11 +478,8 @@ def tile_table(args, device):
         size, low = [batch, args.classes, args.size, args.size], [side, side]
         band, chunk = ops.upsample_ce_backward_plan(size, low, torch.float32)[:2]
         want = ops.upsample_ce_backward(grad_loss, logits, labels, lse, 255).double()
-        tiles = [(0, 0)] + [(b, c) for b, c in ((2 * band, chunk), (band, 2 * chunk), (band // 2, chunk),
-                                                (band, chunk // 2), (2 * band, chunk // 2), (band // 2, 2 * chunk))
-                            if 1 <= b <= side and 1 <= c <= side]
         automatic_ms = None
-        for tile in tiles:
+        for tile in tiles_around(band, chunk, side, side):
             try:  # the plan of an explicit tile over the budget raises
                 plan = ops.upsample_ce_backward_plan(size, low, torch.float32, *tile)
             except RuntimeError:
@@ -497,6 +495,53 @@ def tile_table(args, device):
             name = f"{plan[0]} x {plan[1]}" + (" (automatic)" if tile == (0, 0) else "")
             lines.append(f"| {head} | {1e3 * forward_ms:.0f} | {name} | {plan[4] / 1024:.1f} | {plan[9]} | "
                          f"{1e3 * ms:.0f} | {automatic_ms / ms:.2f}x |")
+    return "\n".join(lines) + "\n\n" + bga_tile_table(args, device)
+
+
+def tiles_around(rows, cols, most_rows, most_cols):
+    """(0, 0) (the automatic tile), then the tiles around rows x cols: one side halved or
+    doubled, and both crosswise, within 1..most on each side."""
+    return [(0, 0)] + [(r, c) for r, c in ((2 * rows, cols), (rows, 2 * cols), (rows // 2, cols), (rows, cols // 2),
+                                           (2 * rows, cols // 2), (rows // 2, 2 * cols))
+                       if 1 <= r <= most_rows and 1 <= c <= most_cols]
+
+
+def bga_tile_table(args, device):
+    """Markdown: the BGA backward op alone at the benchmark's shape (first --batch, first
+    --dtypes), NCHW and channels_last, with its automatic tile and the tiles around it, each
+    checked against the automatic tile's gradients first (bga_math.h: plan_backward)."""
+    ops = torch.ops.bisenet_cuda
+    batch, dtype_name = args.batch[0], args.dtypes[0]
+    dtype = DTYPES[dtype_name]
+    generator = torch.Generator().manual_seed(5)
+    channels, side = 128, args.size // 32
+    shapes = [(batch, channels, side * 4, side * 4)] + [(batch, channels, side, side)] * 3
+    lines = [f"{versions(device)}; the BGA backward op alone, {batch} x {channels} x {side * 4}^2 from {side}^2, "
+             f"{dtype_name}", "",
+             "| layout | tile (low-res rows x columns) | channels a block | shared KiB | us | vs automatic |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for layout, fmt in (("NCHW", torch.contiguous_format), ("NHWC", torch.channels_last)):
+        inputs = [torch.randn(shape, generator=generator).to(device=device, dtype=dtype).contiguous(memory_format=fmt)
+                  for shape in [shapes[0]] + shapes]  # grad_out, detail_keep, sem_up, detail_down, sem_keep
+        size, low, channels_last = list(shapes[0]), [side, side], fmt == torch.channels_last
+        plan = ops.bga_backward_plan(size, low, channels_last, dtype)
+        want = [grad.double() for grad in ops.bga_backward(*inputs)]
+        automatic_ms = None
+        for tile in tiles_around(plan[1], plan[2], side, side):
+            try:  # the plan of an explicit tile over the budget raises
+                plan = ops.bga_backward_plan(size, low, channels_last, dtype, *tile)
+            except RuntimeError:
+                continue
+            got = [grad.double() for grad in ops.bga_backward(*inputs, *tile)]
+            error = max(((g - w).norm() / w.norm().clamp(min=1e-30)).item() for g, w in zip(got, want))
+            if not error <= AGREEMENT[dtype]:
+                raise WrongResult(f"kernels.bench: the BGA {layout} backward with tile {tile} differs from the "
+                                  f"automatic tile's by {error:.2e}")
+            ms, _ = median_ms(lambda: ops.bga_backward(*inputs, *tile), device, args.warmup, args.iters)
+            automatic_ms = automatic_ms or ms
+            name = f"{plan[1]} x {plan[2]}" + (" (automatic)" if tile == (0, 0) else "")
+            lines.append(f"| {layout} | {name} | {plan[0]} | {plan[5] / 1024:.1f} | {1e3 * ms:.0f} | "
+                         f"{automatic_ms / ms:.2f}x |")
     return "\n".join(lines)
 
 

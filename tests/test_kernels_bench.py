@@ -131,6 +131,20 @@ def test_tiles_table_times_the_automatic_tile_and_those_around_it(extension, tmp
     assert all(float(row[1]) > 0 and float(row[5]) > 0 for row in rows)
 
 
+def test_tiles_table_times_the_bga_backward_tiles_too(extension, tmp_path):
+    """--tiles, second table: the BGA backward alone, NCHW and channels_last, the automatic
+    tile first (1.00x), then the tiles around it that fit, each checked against it."""
+    out = tmp_path / "tiles.md"
+    bench.main(["--tiles", "--device", "cpu", "--batch", "1", "--size", "128", "--dtypes", "fp32", "--iters", "1",
+                "--warmup", "0", "--heads", "32", "--out", str(out)])
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in out.read_text().splitlines()
+            if line.startswith(("| NCHW", "| NHWC"))]
+    automatic = [row for row in rows if row[1].endswith("(automatic)")]
+    assert [row[0] for row in automatic] == ["NCHW", "NHWC"] and all(row[5] == "1.00x" for row in automatic)
+    assert {row[0] for row in rows if row not in automatic} == {"NCHW", "NHWC"}
+    assert all(float(row[4]) > 0 for row in rows)
+
+
 def test_tiles_table_stops_at_a_tile_that_disagrees(extension, tmp_path, monkeypatch, capsys):
     import pytest
     import torch
@@ -146,3 +160,20 @@ def test_tiles_table_stops_at_a_tile_that_disagrees(extension, tmp_path, monkeyp
                     "--warmup", "0", "--heads", "8"])
     assert stop.value.code == 1
     assert "kernels.bench: the main 1/8 backward with tile" in capsys.readouterr().err
+
+
+def test_tiles_table_stops_at_a_bga_tile_that_disagrees(extension, monkeypatch, capsys):
+    import pytest
+    import torch
+    real = torch.ops.bisenet_cuda.bga_backward
+
+    def wrong_off_the_automatic_tile(grad_out, detail_keep, sem_up, detail_down, sem_keep, tile_h=0, tile_w=0):
+        grads = real(grad_out, detail_keep, sem_up, detail_down, sem_keep, tile_h, tile_w)
+        return grads if tile_h == 0 else tuple(2 * grad for grad in grads)
+
+    monkeypatch.setattr(torch.ops.bisenet_cuda, "bga_backward", wrong_off_the_automatic_tile)
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["--tiles", "--device", "cpu", "--batch", "1", "--size", "128", "--dtypes", "fp32", "--iters", "1",
+                    "--warmup", "0", "--heads", "32"])
+    assert stop.value.code == 1
+    assert "kernels.bench: the BGA NCHW backward with tile" in capsys.readouterr().err
