@@ -1,4 +1,6 @@
 """The benchmark's machinery on the CPU (its numbers need a GPU: python -m kernels.bench)."""
+import pytest
+
 from kernels import bench
 
 
@@ -15,8 +17,6 @@ def test_quick_bench_prints_a_row_per_case(tmp_path, capsys):
 
 def test_a_run_stopped_partway_leaves_its_rows_in_the_table_file(tmp_path, monkeypatch):
     """.ci/gpu kills a bench past its time limit: the rows measured by then are in --out."""
-    import pytest
-
     def wrong(args, device):
         raise bench.WrongResult("kernels.bench: BGA: fused disagrees with eager")
         yield
@@ -56,7 +56,6 @@ def test_a_profiler_that_fails_costs_the_breakdown_not_the_table(tmp_path, monke
 
 
 def test_cuda_bench_without_cuda_is_one_line(capsys):
-    import pytest
     import torch
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
@@ -145,35 +144,22 @@ def test_tiles_table_times_the_bga_backward_tiles_too(extension, tmp_path):
     assert all(float(row[4]) > 0 for row in rows)
 
 
-def test_tiles_table_stops_at_a_tile_that_disagrees(extension, tmp_path, monkeypatch, capsys):
-    import pytest
+@pytest.mark.parametrize("op, size, head, message", [
+    ("upsample_ce_backward", "64", "8", "the main 1/8 backward with tile"),
+    ("bga_backward", "128", "32", "the BGA NCHW backward with tile")])
+def test_tiles_table_stops_at_a_tile_that_disagrees(extension, monkeypatch, capsys, op, size, head, message):
     import torch
-    real = torch.ops.bisenet_cuda.upsample_ce_backward
+    real = getattr(torch.ops.bisenet_cuda, op)
 
-    def wrong_off_the_automatic_tile(grad_loss, logits, labels, lse, ignore_index, band=0, chunk=0):
-        grad = real(grad_loss, logits, labels, lse, ignore_index, band, chunk)
-        return grad if band == 0 else 2 * grad
+    def wrong_off_the_automatic_tile(*args):  # the op's 5 inputs, then the tile (none: automatic)
+        result = real(*args)
+        if len(args) == 5 or args[5] == 0:
+            return result
+        return 2 * result if isinstance(result, torch.Tensor) else tuple(2 * grad for grad in result)
 
-    monkeypatch.setattr(torch.ops.bisenet_cuda, "upsample_ce_backward", wrong_off_the_automatic_tile)
+    monkeypatch.setattr(torch.ops.bisenet_cuda, op, wrong_off_the_automatic_tile)
     with pytest.raises(SystemExit) as stop:
-        bench.main(["--tiles", "--device", "cpu", "--batch", "1", "--size", "64", "--dtypes", "bf16", "--iters", "1",
-                    "--warmup", "0", "--heads", "8"])
+        bench.main(["--tiles", "--device", "cpu", "--batch", "1", "--size", size, "--dtypes", "fp32", "--iters", "1",
+                    "--warmup", "0", "--heads", head])
     assert stop.value.code == 1
-    assert "kernels.bench: the main 1/8 backward with tile" in capsys.readouterr().err
-
-
-def test_tiles_table_stops_at_a_bga_tile_that_disagrees(extension, monkeypatch, capsys):
-    import pytest
-    import torch
-    real = torch.ops.bisenet_cuda.bga_backward
-
-    def wrong_off_the_automatic_tile(grad_out, detail_keep, sem_up, detail_down, sem_keep, tile_h=0, tile_w=0):
-        grads = real(grad_out, detail_keep, sem_up, detail_down, sem_keep, tile_h, tile_w)
-        return grads if tile_h == 0 else tuple(2 * grad for grad in grads)
-
-    monkeypatch.setattr(torch.ops.bisenet_cuda, "bga_backward", wrong_off_the_automatic_tile)
-    with pytest.raises(SystemExit) as stop:
-        bench.main(["--tiles", "--device", "cpu", "--batch", "1", "--size", "128", "--dtypes", "fp32", "--iters", "1",
-                    "--warmup", "0", "--heads", "32"])
-    assert stop.value.code == 1
-    assert "kernels.bench: the BGA NCHW backward with tile" in capsys.readouterr().err
+    assert f"kernels.bench: {message}" in capsys.readouterr().err

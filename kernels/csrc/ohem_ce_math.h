@@ -439,17 +439,11 @@ BISENET_HD CeForwardPixel<acc_t> ce_forward_pixel_start(int item, const CeForwar
 // device). Where both are zeros of opposite signs the sign may differ between the two sides;
 // the log-sum-exp's bits do not depend on it (z - maximum and maximum + log(sum) are the same
 // for either zero, log(sum) >= 0).
-BISENET_HD float max_acc(float a, float b) {
+template <typename acc_t>
+BISENET_HD acc_t max_acc(acc_t a, acc_t b) {
 #if defined(__CUDA_ARCH__)
-  return fmaxf(a, b);
-#else
-  return b > a || a != a ? b : a;
-#endif
-}
-
-BISENET_HD double max_acc(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return fmax(a, b);
+  if constexpr (sizeof(acc_t) == 4) return fmaxf(a, b);
+  else return fmax(a, b);
 #else
   return b > a || a != a ? b : a;
 #endif
