@@ -9,7 +9,7 @@
 // serial loop, so the CPU tests check the kernels' arithmetic.
 //
 // Forward: a block per tile of high-res rows and columns (see "Forward tiling" below); z is
-// interpolated from logit rows staged in shared memory per class, never stored in global
+// interpolated from logit rows staged in shared memory per chunk of classes, never stored in global
 // memory. The pixel keeps its loss and lse (for the backward).
 // Backward, a deterministic gather (no atomics), separable like the upsampling: the gradient
 // of logit (n, c, i, j) is
@@ -338,7 +338,7 @@ BISENET_HD void ce_stage_store(const CeStageLoad<acc_t>& loaded, const CeStageIt
 
 // A stage item for a pass of classes [c0, c0 + classes): each class's logits loaded
 // (ce_stage_load; plane: a class plane's elements), then each stored into staged[...][q]
-// (ce_stage_store). Both kernels hold the loads of their first items across a pass.
+// (ce_stage_store). The backward holds the loads of its first items across a pass.
 template <typename acc_t>
 struct CeStagePassLoad {
   CeStageLoad<acc_t> of[kCePassClasses];

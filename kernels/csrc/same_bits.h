@@ -197,7 +197,8 @@ BISENET_HD float exp2_acc(float u) { return exp2_in_range(exp2_clamp(u)); }
 BISENET_HD double exp2_acc(double u) { return exp2_in_range(exp2_clamp(u)); }
 
 // 2^u for u <= 0 (or NaN), as exp2_acc gives it bit for bit, without the upper clamp that
-// such u never reach: one select fewer where it is known (the loss's online log-sum-exp).
+// such u never reach: one select fewer where it is known (the loss forward's z minus its
+// maximum).
 BISENET_HD float exp2_nonpositive(float u) { return exp2_in_range(u < -127.0f ? -127.0f : u); }
 BISENET_HD double exp2_nonpositive(double u) { return exp2_in_range(u < -1023.0 ? -1023.0 : u); }
 
