@@ -477,25 +477,40 @@ def tile_table(args, device):
         grad_loss = torch.full((), 1.0 / labels.numel(), device=device).expand(labels.shape)
         size, low = [batch, args.classes, args.size, args.size], [side, side]
         band, chunk = ops.upsample_ce_backward_plan(size, low, torch.float32)[:2]
-        want = ops.upsample_ce_backward(grad_loss, logits, labels, lse, 255).double()
-        automatic_ms = None
-        for tile in tiles_around(band, chunk, side, side):
-            try:  # the plan of an explicit tile over the budget raises
-                plan = ops.upsample_ce_backward_plan(size, low, torch.float32, *tile)
-            except RuntimeError:
-                continue
-            got = ops.upsample_ce_backward(grad_loss, logits, labels, lse, 255, *tile).double()
-            error = ((got - want).norm() / want.norm().clamp(min=1e-30)).item()
-            if not error <= AGREEMENT[torch.float32]:
-                raise WrongResult(f"kernels.bench: the {head} backward with tile {tile} differs from the automatic "
-                                  f"tile's by {error:.2e}")
-            ms, _ = median_ms(lambda: ops.upsample_ce_backward(grad_loss, logits, labels, lse, 255, *tile), device,
-                              args.warmup, args.iters)
-            automatic_ms = automatic_ms or ms
+        for tile, plan, ms, speed in timed_tiles(
+                tiles_around(band, chunk, side, side),
+                lambda tile: ops.upsample_ce_backward_plan(size, low, torch.float32, *tile),
+                lambda tile: ops.upsample_ce_backward(grad_loss, logits, labels, lse, 255, *tile),
+                f"the {head} backward", AGREEMENT[torch.float32], device, args):
             name = f"{plan[0]} x {plan[1]}" + (" (automatic)" if tile == (0, 0) else "")
             lines.append(f"| {head} | {1e3 * forward_ms:.0f} | {name} | {plan[4] / 1024:.1f} | {plan[9]} | "
-                         f"{1e3 * ms:.0f} | {automatic_ms / ms:.2f}x |")
+                         f"{1e3 * ms:.0f} | {speed:.2f}x |")
     return "\n".join(lines) + "\n\n" + bga_tile_table(args, device)
+
+
+def timed_tiles(tiles, plan_of, run, what, tolerance, device, args):
+    """-> [(tile, plan, ms, speed against the automatic tile)] for each of `tiles` (the
+    automatic (0, 0) first) whose plan fits (plan_of raises where it does not), each tile's
+    results (run(tile): a tensor or a tuple of them) first checked against the automatic
+    tile's: WrongResult naming `what` and the tile where their relative difference passes
+    tolerance."""
+    want, automatic_ms, rows = None, None, []
+    for tile in tiles:
+        try:
+            plan = plan_of(tile)
+        except RuntimeError:
+            continue
+        result = run(tile)
+        got = [tensor.double() for tensor in (result if isinstance(result, (tuple, list)) else (result,))]
+        want = want or got
+        error = max(((g - w).norm() / w.norm().clamp(min=1e-30)).item() for g, w in zip(got, want))
+        if not error <= tolerance:
+            raise WrongResult(f"kernels.bench: {what} with tile {tile} differs from the automatic tile's by "
+                              f"{error:.2e}")
+        ms, _ = median_ms(lambda: run(tile), device, args.warmup, args.iters)
+        automatic_ms = automatic_ms or ms
+        rows.append((tile, plan, ms, automatic_ms / ms))
+    return rows
 
 
 def tiles_around(rows, cols, most_rows, most_cols):
@@ -524,24 +539,14 @@ def bga_tile_table(args, device):
         inputs = [torch.randn(shape, generator=generator).to(device=device, dtype=dtype).contiguous(memory_format=fmt)
                   for shape in [shapes[0]] + shapes]  # grad_out, detail_keep, sem_up, detail_down, sem_keep
         size, low, channels_last = list(shapes[0]), [side, side], fmt == torch.channels_last
-        plan = ops.bga_backward_plan(size, low, channels_last, dtype)
-        want = [grad.double() for grad in ops.bga_backward(*inputs)]
-        automatic_ms = None
-        for tile in tiles_around(plan[1], plan[2], side, side):
-            try:  # the plan of an explicit tile over the budget raises
-                plan = ops.bga_backward_plan(size, low, channels_last, dtype, *tile)
-            except RuntimeError:
-                continue
-            got = [grad.double() for grad in ops.bga_backward(*inputs, *tile)]
-            error = max(((g - w).norm() / w.norm().clamp(min=1e-30)).item() for g, w in zip(got, want))
-            if not error <= AGREEMENT[dtype]:
-                raise WrongResult(f"kernels.bench: the BGA {layout} backward with tile {tile} differs from the "
-                                  f"automatic tile's by {error:.2e}")
-            ms, _ = median_ms(lambda: ops.bga_backward(*inputs, *tile), device, args.warmup, args.iters)
-            automatic_ms = automatic_ms or ms
+        automatic = ops.bga_backward_plan(size, low, channels_last, dtype)
+        for tile, plan, ms, speed in timed_tiles(
+                tiles_around(automatic[1], automatic[2], side, side),
+                lambda tile: ops.bga_backward_plan(size, low, channels_last, dtype, *tile),
+                lambda tile: ops.bga_backward(*inputs, *tile),
+                f"the BGA {layout} backward", AGREEMENT[dtype], device, args):
             name = f"{plan[1]} x {plan[2]}" + (" (automatic)" if tile == (0, 0) else "")
-            lines.append(f"| {layout} | {name} | {plan[0]} | {plan[5] / 1024:.1f} | {1e3 * ms:.0f} | "
-                         f"{automatic_ms / ms:.2f}x |")
+            lines.append(f"| {layout} | {name} | {plan[0]} | {plan[5] / 1024:.1f} | {1e3 * ms:.0f} | {speed:.2f}x |")
     return "\n".join(lines)
 
 
@@ -609,6 +614,10 @@ def main(argv=None):
             write_text(args.out, text)
         return text
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(f"kernels.bench: error: --device {args.device}, but torch sees no CUDA device "
+              "(--device cpu times the eager column alone, or --tiles the C++ loops)", file=sys.stderr)
+        raise SystemExit(2)
     if args.tiles:
         from . import load
         load()
@@ -621,10 +630,6 @@ def main(argv=None):
         if args.out:
             write_text(args.out, text)
         return text
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print(f"kernels.bench: error: --device {args.device}, but torch sees no CUDA device "
-              "(--device cpu times the eager column alone)", file=sys.stderr)
-        raise SystemExit(2)
     if device.type == "cuda":
         from . import load, use_kernels
         load()

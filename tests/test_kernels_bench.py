@@ -55,14 +55,17 @@ def test_a_profiler_that_fails_costs_the_breakdown_not_the_table(tmp_path, monke
     assert out.read_text().count("no profile (RuntimeError: CUPTI unavailable)") == len(rows)
 
 
-def test_cuda_bench_without_cuda_is_one_line(capsys):
+@pytest.mark.parametrize("flags", [["--quick"], ["--tiles"]])
+def test_cuda_bench_without_cuda_is_one_line(capsys, flags):
     import torch
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
     with pytest.raises(SystemExit) as stop:
-        bench.main(["--quick"])
+        bench.main(flags)
     assert stop.value.code == 2
-    assert capsys.readouterr().err.strip().endswith("torch sees no CUDA device (--device cpu times the eager column alone)")
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert err.endswith("torch sees no CUDA device (--device cpu times the eager column alone, or --tiles the C++ loops)")
 
 
 def test_host_table_times_each_ops_kernel_path_on_the_cpu(extension, tmp_path, monkeypatch):
