@@ -473,7 +473,7 @@ def tile_table(args, device):
         logits = logits.to(device=device, dtype=DTYPES[dtype_name])
         forward_ms, _ = median_ms(lambda: ops.upsample_ce_forward(logits, labels, 255, True), device, args.warmup,
                                   args.iters)
-        loss, lse, _, _ = ops.upsample_ce_forward(logits, labels, 255, True)
+        _, lse, _, _ = ops.upsample_ce_forward(logits, labels, 255, True)
         grad_loss = torch.full((), 1.0 / labels.numel(), device=device).expand(labels.shape)
         size, low = [batch, args.classes, args.size, args.size], [side, side]
         band, chunk = ops.upsample_ce_backward_plan(size, low, torch.float32)[:2]

@@ -29,6 +29,8 @@
 #include <math.h>
 #include <stdint.h>
 
+#include <limits>
+
 #include "bilinear.h"
 
 namespace bisenet {
@@ -158,7 +160,7 @@ constexpr int kCeForwardPixels = kCeForwardBand * kCeForwardChunk / kCeForwardTh
 // A class group: the values of one 16-byte shared load in float32. A class chunk: 5 groups,
 // 20 classes: (row, column) entries 80 bytes apart, so that a quarter warp's 16-byte loads at
 // 8 consecutive columns fall in distinct banks (80 = 5 x 16, an odd multiple of 16). Classes
-// past C in a chunk's last group are staged as the most negative finite value (lowest_acc):
+// past C in a chunk's last group are staged as the most negative finite value:
 // their z (that value, or -inf where the lerp's rounding overflows) is never above a finite
 // z, and 2^(z - maximum) is exactly 0 (exp2_nonpositive of less than -127).
 constexpr int kCeGroupClasses = 4;
@@ -170,6 +172,12 @@ template <typename acc_t>
 struct alignas(kCeGroupClasses * sizeof(acc_t)) CeGroup {
   acc_t z_log2[kCeGroupClasses];
 };
+
+// The group of staged values that starts at entry `entry` (one 16-byte shared load in float32).
+template <typename acc_t>
+BISENET_HD CeGroup<acc_t> ce_group_at(const acc_t* staged, int entry) {
+  return *reinterpret_cast<const CeGroup<acc_t>*>(staged + entry);
+}
 
 // The classes of the chunk that starts at class c0, of C, and its groups.
 BISENET_HD int ce_chunk_classes(int c0, int classes) {
@@ -362,17 +370,12 @@ BISENET_HD void ce_stage_pass_store(const CeStagePassLoad<acc_t>& loaded, const 
     if (q < classes) ce_stage_store(loaded.of[q], item, staged + q);
 }
 
-// The most negative finite value: a class past C (-inf would give 0 x -inf = NaN in a lerp
-// with a zero weight).
-template <typename acc_t>
-BISENET_HD acc_t lowest_acc() {
-  return sizeof(acc_t) == 4 ? static_cast<acc_t>(-3.40282346638528859812e38) : static_cast<acc_t>(-1.7976931348623157e308);
-}
-
 // Stage item (r, x, g) of the class chunk that starts at c0 (r < rows, x < x1 - x0 with its
-// taps tx, g < its groups): classes c0 + 4 g + i, i < 4, of low-res row row0 + r interpolated along x at column
-// x0 + x, times log2(e), into staged[r][x][4 g + i] (ce_stage_load, ce_stage_store: the
-// backward's staging arithmetic); classes past C lowest_acc. sample: sample n's (C, h, w) logits.
+// taps tx, g < its groups): classes c0 + 4 g + i, i < 4, of low-res row row0 + r interpolated
+// along x at column x0 + x, times log2(e), into staged[r][x][4 g + i] (ce_stage_load,
+// ce_stage_value: the backward's staging arithmetic); classes past C the lowest finite value
+// (-inf would give 0 x -inf = NaN in a lerp with a zero weight). sample: sample n's (C, h, w)
+// logits.
 // The loads of the group's classes come before their math; a group of C's classes (all but
 // a last one past C) is one 16-byte store, with no per-class branch.
 template <typename scalar_t, typename acc_t>
@@ -385,7 +388,8 @@ BISENET_HD void ce_forward_stage_group(int r, int x, const Taps<acc_t>& tx, int 
   CeGroup<acc_t> group;
   if (first + kCeGroupClasses <= geo.C) {
 #pragma unroll
-    for (int i = 0; i < kCeGroupClasses; ++i) loaded[i] = ce_stage_load<scalar_t, acc_t>(item, sample, (first + i) * plane);
+    for (int i = 0; i < kCeGroupClasses; ++i)
+      loaded[i] = ce_stage_load<scalar_t, acc_t>(item, sample, (first + i) * plane);
 #pragma unroll
     for (int i = 0; i < kCeGroupClasses; ++i) group.z_log2[i] = ce_stage_value(loaded[i], item);
   } else {
@@ -394,7 +398,7 @@ BISENET_HD void ce_forward_stage_group(int r, int x, const Taps<acc_t>& tx, int 
       if (first + i < geo.C) loaded[i] = ce_stage_load<scalar_t, acc_t>(item, sample, (first + i) * plane);
 #pragma unroll
     for (int i = 0; i < kCeGroupClasses; ++i)
-      group.z_log2[i] = first + i < geo.C ? ce_stage_value(loaded[i], item) : lowest_acc<acc_t>();
+      group.z_log2[i] = first + i < geo.C ? ce_stage_value(loaded[i], item) : std::numeric_limits<acc_t>::lowest();
   }
   *reinterpret_cast<CeGroup<acc_t>*>(staged + entry) = group;
 }
@@ -463,8 +467,8 @@ BISENET_HD void ce_forward_pixel_chunk(CeForwardPixel<acc_t>& state, int c0, int
 #pragma unroll
   for (int g = 0; g < kCeChunkGroups; ++g) {
     if (g < groups) {
-      const CeGroup<acc_t> row0 = *reinterpret_cast<const CeGroup<acc_t>*>(staged + state.staged0 + g * kCeGroupClasses);
-      const CeGroup<acc_t> row1 = *reinterpret_cast<const CeGroup<acc_t>*>(staged + state.staged1 + g * kCeGroupClasses);
+      const CeGroup<acc_t> row0 = ce_group_at(staged, state.staged0 + g * kCeGroupClasses);
+      const CeGroup<acc_t> row1 = ce_group_at(staged, state.staged1 + g * kCeGroupClasses);
 #pragma unroll
       for (int i = 0; i < kCeGroupClasses; ++i) {
         const int q = g * kCeGroupClasses + i;
