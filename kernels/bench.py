@@ -45,7 +45,7 @@ import time
 import torch
 
 from .bga import bga_aggregate, bga_aggregate_reference
-from .loss import ohem_cross_entropy, ohem_cross_entropy_reference
+from .loss import FUSED_GRAD_MOST_CLASSES, ohem_cross_entropy, ohem_cross_entropy_reference
 
 # the heads' resolutions (the 1/8 auxiliary head has the main head's shape)
 HEADS = [("main 1/8", 8), ("aux 1/4", 4), ("aux 1/16", 16), ("aux 1/32", 32)]
@@ -391,6 +391,7 @@ def host_pieces(device, batch, size, dtype):
         "bisenet_cuda::upsample_ce_forward": lambda: ops.upsample_ce_forward(plain_logits, labels, 255, True),
         "bisenet_cuda::upsample_ce_backward": lambda: ops.upsample_ce_backward(grad_loss, plain_logits, labels, lse,
                                                                                 255),
+        "bisenet_cuda::upsample_ce_forward_grad": lambda: ops.upsample_ce_forward_grad(plain_logits, labels, 255),
         "bisenet_cuda::ohem_weights": lambda: ops.ohem_weights(loss, labels, 255, -math.log(0.7), -1),
         "loss CE kernel path, forward + backward": loss_step(ohem_cross_entropy, logits, labels, None),
         "loss OHEM kernel path, forward + backward": loss_step(ohem_cross_entropy, logits, labels, 0.7),
@@ -454,7 +455,8 @@ def tile_table(args, device):
     backward op alone with its automatic tile and with the tiles around it (band and chunk
     halved or doubled, one at a time and crosswise; those over the shared-memory budget are
     left out), each checked against the automatic tile's gradient first: what the plan
-    (ohem_ce_math.h: plan_ce_backward) chose against what it could have."""
+    (ohem_ce_math.h: plan_ce_backward) chose against what it could have. Then the forward with
+    gradient (the CE mean's training step, up to 20 classes) likewise, against the two ops."""
     ops = torch.ops.bisenet_cuda
     batch, dtype_name = args.batch[0], args.dtypes[0]
     generator = torch.Generator().manual_seed(4)
@@ -465,6 +467,7 @@ def tile_table(args, device):
              f"{dtype_name} logits", "",
              "| head | forward us | tile (low-res rows x columns) | shared KiB | parts | backward us | vs automatic |",
              "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
+    with_grad = []
     for head, stride in HEADS:
         if stride not in args.heads:
             continue
@@ -477,6 +480,7 @@ def tile_table(args, device):
         grad_loss = torch.full((), 1.0 / labels.numel(), device=device).expand(labels.shape)
         size, low = [batch, args.classes, args.size, args.size], [side, side]
         band, chunk = ops.upsample_ce_backward_plan(size, low, torch.float32)[:2]
+        separate_ms = None
         for tile, plan, ms, speed in timed_tiles(
                 tiles_around(band, chunk, side, side),
                 lambda tile: ops.upsample_ce_backward_plan(size, low, torch.float32, *tile),
@@ -485,6 +489,24 @@ def tile_table(args, device):
             name = f"{plan[0]} x {plan[1]}" + (" (automatic)" if tile == (0, 0) else "")
             lines.append(f"| {head} | {1e3 * forward_ms:.0f} | {name} | {plan[4] / 1024:.1f} | {plan[9]} | "
                          f"{1e3 * ms:.0f} | {speed:.2f}x |")
+            separate_ms = separate_ms or forward_ms + ms
+        if args.classes > FUSED_GRAD_MOST_CLASSES:
+            continue
+        band, chunk = ops.upsample_ce_backward_plan(size, low, torch.float32, forward=True)[:2]
+        for tile, plan, ms, speed in timed_tiles(
+                tiles_around(band, chunk, side, side),
+                lambda tile: ops.upsample_ce_backward_plan(size, low, torch.float32, *tile, forward=True),
+                lambda tile: ops.upsample_ce_forward_grad(logits, labels, 255, *tile)[4],
+                f"the {head} forward with gradient", AGREEMENT[torch.float32], device, args):
+            name = f"{plan[0]} x {plan[1]}" + (" (automatic)" if tile == (0, 0) else "")
+            with_grad.append(f"| {head} | {name} | {plan[4] / 1024:.1f} | {plan[9]} | {1e3 * ms:.0f} | {speed:.2f}x | "
+                             f"{separate_ms / ms:.2f}x |")
+    if with_grad:
+        lines += ["", "The forward with gradient (`upsample_ce_forward_grad`, the CE mean's step) alone, against the "
+                  "forward and the backward with their automatic tiles:", "",
+                  "| head | tile (low-res rows x columns) | shared KiB | parts | forward with gradient us | "
+                  "vs automatic | vs forward + backward |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+        lines += with_grad
     return "\n".join(lines) + "\n\n" + bga_tile_table(args, device)
 
 

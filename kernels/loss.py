@@ -209,6 +209,14 @@ def _register_fakes():
         check_inputs(logits, labels)
         return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
+    @torch.library.register_fake("bisenet_cuda::upsample_ce_forward_grad")
+    def _(logits, labels, ignore_index, band=0, chunk=0):
+        check_inputs(logits, labels)
+        dtype = accumulate_dtype(logits)
+        return (labels.new_empty(labels.shape, dtype=dtype), labels.new_empty(labels.shape, dtype=dtype),
+                labels.new_empty((), dtype=dtype), labels.new_empty((), dtype=dtype),
+                logits.new_empty(logits.shape, dtype=dtype))
+
     @torch.library.register_fake("bisenet_cuda::ohem_weights")
     def _(loss, labels, ignore_index, threshold, min_kept, class_weights=None):
         return torch.empty_like(loss, memory_format=torch.contiguous_format), loss.new_empty(())
@@ -217,40 +225,68 @@ def _register_fakes():
 # csrc/ohem_ce.cpp (schema, checks, the CPU loops) and csrc/ohem_ce.cu (the CUDA kernels);
 # its use_cuda_kernel says whether CUDA tensors get the kernels (kernels.select sets it)
 EXTENSION = Extension("bisenet_loss", ["ohem_ce.cpp", "ohem_ce.cu"],
-                      ["upsample_ce_forward", "upsample_ce_backward", "ohem_weights"], register_fakes=_register_fakes)
+                      ["upsample_ce_forward", "upsample_ce_backward", "upsample_ce_forward_grad", "ohem_weights"],
+                      register_fakes=_register_fakes)
+
+# The most classes the forward with gradient takes (csrc/ohem_ce_math.h: kCeFusedMostClasses).
+FUSED_GRAD_MOST_CLASSES = 20
 
 
 class _UpsampleCrossEntropyKernels(torch.autograd.Function):
     """upsample_cross_entropy's kernels: forward (loss, lse, mean, denominator), backward the
-    logits' gradient from the loss's and the mean's."""
+    logits' gradient from the loss's and the mean's.
+
+    with_grad (the CE mean of a training step, C <= FUSED_GRAD_MOST_CLASSES): the forward is
+    upsample_ce_forward_grad, which also returns grad_sum, the gradient of the counted pixels'
+    summed losses, from the same exps (one kernel where a step took two, each evaluating
+    every class of every pixel); the mean's gradient is then grad_sum times grad_mean /
+    denominator, and only a gradient of the per-pixel loss runs the backward kernel."""
 
     @staticmethod
-    def forward(ctx, logits, labels, ignore_index, with_mean):
-        loss, lse, mean, denominator = torch.ops.bisenet_cuda.upsample_ce_forward(logits, labels, ignore_index,
-                                                                                  with_mean)
+    def forward(ctx, logits, labels, ignore_index, with_mean, with_grad):
+        if with_grad:
+            loss, lse, mean, denominator, grad_sum = torch.ops.bisenet_cuda.upsample_ce_forward_grad(
+                logits, labels, ignore_index)
+        else:
+            loss, lse, mean, denominator = torch.ops.bisenet_cuda.upsample_ce_forward(logits, labels, ignore_index,
+                                                                                      with_mean)
+            grad_sum = None
         ctx.mark_non_differentiable(lse, denominator)
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None, not zero-filled
-        ctx.save_for_backward(logits, labels, lse, denominator)
+        ctx.save_for_backward(logits, labels, lse, denominator, grad_sum)
         ctx.ignore_index, ctx.with_mean = ignore_index, with_mean
         return loss, lse, mean, denominator
 
     @staticmethod
     def backward(ctx, grad_loss, grad_lse, grad_mean, grad_denominator):
-        logits, labels, lse, denominator = ctx.saved_tensors
+        logits, labels, lse, denominator, grad_sum = ctx.saved_tensors
+        grad = None
         if grad_mean is not None and ctx.with_mean:  # without the mean, its (0,) gradient is nothing
-            share = (grad_mean / denominator).expand(labels.shape)  # each counted pixel's (the kernel skips the rest)
-            grad_loss = share if grad_loss is None else grad_loss + share
-        if grad_loss is None:  # only lse was used
-            return None, None, None, None
-        grad = torch.ops.bisenet_cuda.upsample_ce_backward(grad_loss.to(lse.dtype), logits, labels, lse,
-                                                           ctx.ignore_index)
-        return grad, None, None, None
+            share = grad_mean / denominator  # each counted pixel's (the kernels skip the rest)
+            if grad_sum is not None:
+                grad = grad_sum * share
+            else:
+                grad_loss = share.expand(labels.shape) if grad_loss is None else grad_loss + share
+        if grad_loss is not None:
+            per_pixel = torch.ops.bisenet_cuda.upsample_ce_backward(grad_loss.to(lse.dtype), logits, labels, lse,
+                                                                    ctx.ignore_index)
+            grad = per_pixel if grad is None else grad + per_pixel
+        if grad is None:  # only lse was used
+            return None, None, None, None, None
+        return grad.to(logits.dtype), None, None, None, None
+
+
+def _with_grad(logits, with_mean):
+    """Whether the loss op also computes the CE mean's gradient (_UpsampleCrossEntropyKernels)."""
+    return (with_mean and logits.requires_grad and torch.is_grad_enabled()
+            and logits.shape[1] <= FUSED_GRAD_MOST_CLASSES)
 
 
 def _upsample_cross_entropy(logits, labels, ignore_index, with_mean):
     """upsample_cross_entropy for checked inputs."""
     if EXTENSION.runs_kernel(logits):
-        return _UpsampleCrossEntropyKernels.apply(logits, labels, ignore_index, with_mean)
+        return _UpsampleCrossEntropyKernels.apply(logits, labels, ignore_index, with_mean,
+                                                  _with_grad(logits, with_mean))
     loss, lse = upsample_cross_entropy_reference(logits, labels, ignore_index)
     if not with_mean:
         return loss, lse, loss.new_empty(0), loss.new_empty(0)

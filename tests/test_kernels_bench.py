@@ -104,7 +104,8 @@ def test_host_parts_table_times_each_piece_and_profiles_the_steps(cpu_loops):
     assert list(rows) == [
         "one aten op (add_, 1 element)", "bisenet_cuda::bga_forward", "bisenet_cuda::bga_backward",
         "BGA kernel path, forward + backward", "BGA reference, forward + backward",
-        "bisenet_cuda::upsample_ce_forward", "bisenet_cuda::upsample_ce_backward", "bisenet_cuda::ohem_weights",
+        "bisenet_cuda::upsample_ce_forward", "bisenet_cuda::upsample_ce_backward",
+        "bisenet_cuda::upsample_ce_forward_grad", "bisenet_cuda::ohem_weights",
         "loss CE kernel path, forward + backward", "loss OHEM kernel path, forward + backward",
         "loss CE reference, forward + backward"], rows
     assert all(float(us) > 0 for us in rows.values())
@@ -112,25 +113,33 @@ def test_host_parts_table_times_each_piece_and_profiles_the_steps(cpu_loops):
     profiles = text.split("the host's CPU events by self time")
     assert len(profiles) == 3
     assert "`bisenet_cuda::bga_forward` | 1 |" in profiles[1] and "`bisenet_cuda::bga_backward` | 1 |" in profiles[1]
-    assert "`bisenet_cuda::upsample_ce_forward` | 1 |" in profiles[2]
+    assert "`bisenet_cuda::upsample_ce_forward_grad` | 1 |" in profiles[2]  # the CE step: one op
 
 
-def tile_rows(path):
-    return [[cell.strip() for cell in line.split("|")[1:-1]] for line in path.read_text().splitlines()
-            if line.startswith(("| main", "| aux"))]
+def tile_rows(path, header):
+    """The rows of the table whose header line starts with `header`, as lists of cells."""
+    tables = [table.splitlines() for table in path.read_text().split("\n\n")]
+    (lines,) = [lines for lines in tables if lines and lines[0].startswith(header)]
+    return [[cell.strip() for cell in line.split("|")[1:-1]] for line in lines[2:]]
 
 
 def test_tiles_table_times_the_automatic_tile_and_those_around_it(extension, tmp_path):
     """--tiles: per head the forward op alone, then the backward with the automatic tile (first,
-    1.00x) and the tiles around it that fit, each checked against the automatic one."""
+    1.00x) and the tiles around it that fit, each checked against the automatic one; then the
+    forward with gradient likewise, and against the two ops."""
     out = tmp_path / "tiles.md"
     bench.main(["--tiles", "--device", "cpu", "--batch", "1", "--size", "64", "--dtypes", "bf16", "--iters", "1",
                 "--warmup", "0", "--out", str(out)])
-    rows = tile_rows(out)
+    rows = tile_rows(out, "| head | forward us |")
     automatic = [row for row in rows if row[2].endswith("(automatic)")]
     assert [row[0] for row in automatic] == ["main 1/8", "aux 1/4", "aux 1/16", "aux 1/32"]
     assert all(row[6] == "1.00x" for row in automatic) and len(rows) > len(automatic)
     assert all(float(row[1]) > 0 and float(row[5]) > 0 for row in rows)
+    rows = tile_rows(out, "| head | tile (low-res rows x columns) | shared KiB | parts | forward with gradient us |")
+    automatic = [row for row in rows if row[1].endswith("(automatic)")]
+    assert [row[0] for row in automatic] == ["main 1/8", "aux 1/4", "aux 1/16", "aux 1/32"]
+    assert all(row[5] == "1.00x" for row in automatic) and len(rows) > len(automatic)
+    assert all(float(row[4]) > 0 and float(row[6].rstrip("x")) > 0 for row in rows)
 
 
 def test_tiles_table_times_the_bga_backward_tiles_too(extension, tmp_path):
@@ -149,14 +158,17 @@ def test_tiles_table_times_the_bga_backward_tiles_too(extension, tmp_path):
 
 @pytest.mark.parametrize("op, size, head, message", [
     ("upsample_ce_backward", "64", "8", "the main 1/8 backward with tile"),
+    ("upsample_ce_forward_grad", "64", "8", "the main 1/8 forward with gradient with tile"),
     ("bga_backward", "128", "32", "the BGA NCHW backward with tile")])
 def test_tiles_table_stops_at_a_tile_that_disagrees(extension, monkeypatch, capsys, op, size, head, message):
     import torch
     real = getattr(torch.ops.bisenet_cuda, op)
 
-    def wrong_off_the_automatic_tile(*args):  # the op's 5 inputs, then the tile (none: automatic)
+    inputs = 3 if op == "upsample_ce_forward_grad" else 5
+
+    def wrong_off_the_automatic_tile(*args):  # the op's inputs, then the tile (none: automatic)
         result = real(*args)
-        if len(args) == 5 or args[5] == 0:
+        if len(args) == inputs or args[inputs] == 0:
             return result
         return 2 * result if isinstance(result, torch.Tensor) else tuple(2 * grad for grad in result)
 

@@ -237,7 +237,7 @@ def test_backward_reads_an_expanded_gradient_as_one_value(kernel_device, extensi
     row = torch.randn(1, 1, labels.shape[2], device=kernel_device).expand(labels.shape)
     assert torch.equal(extension.upsample_ce_backward(row, logits, labels, lse, 255),
                        extension.upsample_ce_backward(row.contiguous(), logits, labels, lse, 255))
-    # the loss's own backward: the CE mean's gradient arrives expanded
+    # the loss's own backward (the CE mean's gradient: the forward with gradient's grad_sum, scaled)
     leaf = logits.clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(loss_fused(leaf, labels, thresh=None), leaf)
     exact = logits.cpu().double().requires_grad_(True)
@@ -280,17 +280,49 @@ def test_loss_dispatches_few_ops(cpu_loops, thresh):
     """The OHEM loss, forward and backward, on the kernels' path is a handful of dispatched ops
     (the loss op, the weights op with the weighted sum, the loss's backward op), not the dozens
     of small ops a selection made of tensor ops issues: each is a kernel launch on a GPU. The
-    CE mean: the loss op returns it; its backward one division into the loss op's backward."""
+    CE mean: the forward with gradient returns it and its gradient's sum; the backward is a
+    division and a product, no kernel of its own."""
     logits, labels = random_case(n=2, c=19, low=(16, 16), high=(128, 128), seed=4)
     logits = logits.float().requires_grad_(True)
     loss_fused(logits, labels, thresh=thresh, validate=False).backward()  # warm-up
     logits.grad = None
     ops = dispatched_ops(lambda: loss_fused(logits, labels, thresh=thresh, validate=False).backward())
-    assert len(ops) <= 6, ops  # with ones_like (the seed), detach, and div + expand (CE) or mul (OHEM)
+    assert len(ops) <= 6, ops  # with ones_like (the seed), detach, and div + mul (CE) or mul (OHEM)
     if thresh is None:
-        assert sum("bisenet" in op for op in ops) == 2, ops  # forward, backward
+        assert [op for op in ops if "bisenet" in op] == ["bisenet_cuda.upsample_ce_forward_grad.default"], ops
     else:
         assert sum("bisenet" in op for op in ops) == 3, ops  # forward, weights, backward
+
+
+@pytest.mark.parametrize("c", [5, 21])
+def test_upsample_cross_entropy_gradient_of_loss_mean_or_both(fused_path, c):
+    """upsample_cross_entropy's gradient, whichever outputs it flows from, against the float64
+    reference's: the CE mean alone (on the kernels' path with C <= 20, the forward with
+    gradient's grad_sum, no backward kernel), the per-pixel loss alone (the backward kernel),
+    both (their sum); with 21 classes the forward and the backward kernel. Without a gradient
+    to compute (no_grad, or logits that need none) the kernels' path runs the forward alone."""
+    logits, labels = random_case(n=2, c=c, low=(5, 6), high=(19, 23), seed=c)
+    weights = torch.rand(labels.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(c))
+    objectives = {"mean": lambda loss, mean: 1.5 * mean, "loss": lambda loss, mean: (loss * weights).sum(),
+                  "both": lambda loss, mean: 1.5 * mean + (loss * weights).sum()}
+    for name, objective in objectives.items():
+        leaf, exact = logits.clone().requires_grad_(True), logits.clone().requires_grad_(True)
+        loss, _, mean, _ = loss_module.upsample_cross_entropy(leaf, labels, 255)
+        (got,) = torch.autograd.grad(objective(loss, mean), leaf)
+        want_loss, _ = loss_module.upsample_cross_entropy_reference(exact, labels, 255)
+        (want,) = torch.autograd.grad(objective(want_loss, loss_module.ce_mean_reference(want_loss, labels, 255)[0]),
+                                      exact)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13, msg=lambda m: f"{name}: {m}")
+    if fused_path == "kernels":
+        def ops(inputs, grad_mode=True):
+            with torch.set_grad_enabled(grad_mode):
+                return [op for op in dispatched_ops(lambda: loss_module.upsample_cross_entropy(inputs, labels, 255))
+                        if "bisenet" in op]
+        fused = ["bisenet_cuda.upsample_ce_forward_grad.default"] if c <= 20 else \
+            ["bisenet_cuda.upsample_ce_forward.default"]
+        assert ops(logits.clone().requires_grad_(True)) == fused
+        assert ops(logits.clone().requires_grad_(True), False) == ["bisenet_cuda.upsample_ce_forward.default"]
+        assert ops(logits) == ["bisenet_cuda.upsample_ce_forward.default"]
 
 
 def test_fused_ties_all_ignored_and_one_valid_pixel(fused_path):
@@ -331,6 +363,7 @@ def test_opcheck(kernel_device, extension):
     torch.library.opcheck(extension.upsample_ce_forward.default, (logits, labels, 255, False))
     loss, lse, _, _ = extension.upsample_ce_forward(logits, labels, 255)
     torch.library.opcheck(extension.upsample_ce_backward.default, (torch.randn_like(loss), logits, labels, lse, 255))
+    torch.library.opcheck(extension.upsample_ce_forward_grad.default, (logits, labels, 255))
     torch.library.opcheck(extension.ohem_weights.default, (loss, labels, 255, 0.5, 20))
     torch.library.opcheck(extension.ohem_weights.default, (loss, labels, 255, 0.5, 20, torch.rand(4, device=kernel_device)))
 
@@ -584,6 +617,81 @@ def test_cpu_loop_backward_large_upscale_opts_in(extension):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-13 * support_size((8, 8), (256, 256)))
 
 
+def forward_grad_case(extension, logits, labels, tiles=((0, 0),)):
+    """upsample_ce_forward_grad against the forward op and the float64 reference, per tile:
+    loss and lse are the forward's bits (the same staged values, the same exps in the same
+    order), the denominator its value, the mean its value up to the order of the sum, grad_sum
+    the gradient of the counted pixels' summed losses (each pixel gathered once: an error of
+    order 1 where one is missed or counted twice, against a float64 tolerance of 1e-13)."""
+    loss, lse, mean, denominator = extension.upsample_ce_forward(logits, labels, 255)
+    counted = (labels != 255).double()
+    want = loss_module.upsample_cross_entropy_backward_reference(counted, logits, labels, lse, 255)
+    low, high = logits.shape[-2:], labels.shape[-2:]
+    for band, chunk in tiles:
+        got_loss, got_lse, got_mean, got_denominator, grad_sum = extension.upsample_ce_forward_grad(
+            logits, labels, 255, band, chunk)
+        assert torch.equal(got_loss, loss) and torch.equal(got_lse, lse), (high, low, band, chunk)
+        assert got_denominator == denominator
+        torch.testing.assert_close(got_mean, mean, rtol=1e-14, atol=0)
+        assert grad_sum.shape == logits.shape and grad_sum.dtype == torch.float64
+        torch.testing.assert_close(grad_sum, want, rtol=0, atol=1e-13 * support_size(low, high),
+                                   msg=lambda m: f"{high} from {low}, tile {band}x{chunk}: {m}")
+
+
+@pytest.mark.parametrize("c", [1, 2, 19, 20])
+def test_cpu_loop_forward_grad_tiles_cover_every_pixel(extension, c):
+    """The forward with gradient (the CE mean's training step) over the backward's tiles with
+    all classes in one pass (20 at most: one class chunk), automatic and with tile borders
+    everywhere, at 1/4 and 1/8 of odd sides."""
+    for index, (high, low) in enumerate(tiled_cases()):
+        logits, labels = random_case(n=2, c=c, low=low, high=high, seed=index)
+        forward_grad_case(extension, logits, labels, BACKWARD_TILES)
+
+
+def test_cpu_loop_forward_grad_large_upscale_and_other_shapes(extension):
+    """1/16 and 1/32, where the automatic plan splits segments into parts (fewer than the
+    backward's: 20 classes of segment sums), and the loss tests' other shapes (a factor 1, a
+    downscale, one logit); 1 x 1 tiles too (2 x 3 at 1/32 is over the budget in float64)."""
+    for n, c, low, high in [(1, 3, (8, 8), (256, 256)), (1, 5, (16, 16), (256, 256))] + CASES:
+        logits, labels = random_case(n=n, c=c, low=low, high=high, seed=c + low[0])
+        forward_grad_case(extension, logits, labels, ((0, 0), (1, 1)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_loop_forward_grad_low_precision_matches_float64(extension, dtype):
+    n, c, low, high = 2, 19, (8, 8), (64, 64)
+    logits, labels = random_case(n=n, c=c, low=low, high=high, seed=12)
+    logits = logits.to(dtype)
+    exact = logits.double()
+    _, want_lse = loss_module.upsample_cross_entropy_reference(exact, labels, 255)
+    counted = (labels != 255).double()
+    want = loss_module.upsample_cross_entropy_backward_reference(counted, exact, labels, want_lse, 255)
+    got = extension.upsample_ce_forward_grad(logits, labels.to(torch.uint8), 255)[4]
+    assert got.dtype == torch.float32  # the sum, scaled and rounded to the logits' dtype by loss.py
+    scale = exact.abs().max().item() + math.log(c)
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=backward_tolerance(EPS32, scale, low, high, counted))
+
+
+def test_cpu_loop_forward_grad_edges(extension):
+    """More than 20 classes: an error naming them (loss.py takes the two kernels there). A bad
+    label: its loss NaN, and the gradient of the logits it reads. Every pixel ignored: mean 0
+    over 1, no gradient. An empty batch: empty outputs."""
+    logits, labels = random_case(n=1, c=21, seed=4)
+    with pytest.raises(RuntimeError, match="21 classes, at most 20"):
+        extension.upsample_ce_forward_grad(logits, labels, 255)
+    logits, labels = random_case(n=1, c=3, low=(3, 4), high=(11, 13), seed=5)
+    labels[0, 0, 0] = 200
+    loss, lse, mean, _, grad_sum = extension.upsample_ce_forward_grad(logits, labels, 255)
+    assert torch.isnan(loss[0, 0, 0]) and torch.isnan(lse[0, 0, 0]) and torch.isnan(mean)
+    assert torch.isnan(grad_sum[0, :, 0, 0]).all() and torch.isfinite(grad_sum[0, :, -1, -1]).all()
+    ignored = torch.full_like(labels, 255)
+    loss, lse, mean, denominator, grad_sum = extension.upsample_ce_forward_grad(logits, ignored, 255)
+    assert mean == 0 and denominator == 1 and not loss.any() and not lse.any() and not grad_sum.any()
+    empty = extension.upsample_ce_forward_grad(logits[:0], labels[:0], 255)
+    assert [t.shape for t in empty] == [(0, 11, 13), (0, 11, 13), (), (), (0, 3, 3, 4)]
+    assert empty[2] == 0 and empty[3] == 1
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_cpu_loop_low_precision_matches_float64(extension, dtype):
     n, c, low, high = 2, 19, (8, 8), (64, 64)
@@ -752,6 +860,14 @@ def test_cuda_pixel_op_matches_float64_reference(cuda_kernel, n, c, low, high, d
                     torch.float16: 2.0 ** -11}[dtype]
         torch.testing.assert_close(grad.double(), want_grad, rtol=rounding,
                                    atol=backward_tolerance(eps, scale, low, high, grad_loss))
+        if c <= 20:  # the forward with gradient: the forward's loss and lse, the counted pixels' gradient
+            poison_cuda_cache(logits.numel() * 8)
+            fused = cuda_kernel.upsample_ce_forward_grad(logits, labels.to(label_dtype), 255)
+            assert torch.equal(fused[0], loss) and torch.equal(fused[1], lse)
+            counted = (labels != 255).double()
+            want_sum = loss_module.upsample_cross_entropy_backward_reference(counted, exact, labels, want_lse, 255)
+            torch.testing.assert_close(fused[4].double(), want_sum, rtol=0,
+                                       atol=backward_tolerance(eps, scale, low, high, counted))
 
 
 OHEM_CASES = ["random", "one_valid", "all_ignored", "min_kept_above_valid", "few_hard"]

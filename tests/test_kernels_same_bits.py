@@ -292,7 +292,10 @@ def test_loss_loops_give_the_same_bits_in_either_item_order(extension, monkeypat
 
         def run():
             loss, lse, _, _ = extension.upsample_ce_forward(logits, labels, 255)
-            return [loss, lse, extension.upsample_ce_backward(grad_loss, logits, labels, lse, 255, *tile)]
+            outputs = [loss, lse, extension.upsample_ce_backward(grad_loss, logits, labels, lse, 255, *tile)]
+            if classes <= 20 and tile != (5, 64):  # the forward with gradient (5 x 64: over its budget)
+                outputs += extension.upsample_ce_forward_grad(logits, labels, 255, *tile)
+            return outputs
         ascending, descending = run_in_both_orders(monkeypatch, run)
         assert_same_bits(ascending, descending, (low, high, tile))
         assert not any(t.isnan().any() for t in ascending), (low, high, tile)
@@ -305,11 +308,11 @@ CE_PLAN_KEYS = ["band", "chunk", "window_rows", "window_cols", "shared_bytes", "
                 "most_staged", "written", "most_parts", "most_segment_items"]
 
 
-def ce_plan(extension, size, low, dtype, tile=(0, 0), budget=None):
-    """-> dict of upsample_ce_backward_plan's numbers, or None when the tile is over budget
-    (None: the CPU loops' and every sm_80+ GPU's, 96 KiB)."""
+def ce_plan(extension, size, low, dtype, tile=(0, 0), budget=None, forward=False):
+    """-> dict of upsample_ce_backward_plan's numbers (forward: the forward with gradient's), or
+    None when the tile is over budget (None: the CPU loops' and every sm_80+ GPU's, 96 KiB)."""
     try:
-        values = extension.upsample_ce_backward_plan(list(size), list(low), dtype, *tile, budget)
+        values = extension.upsample_ce_backward_plan(list(size), list(low), dtype, *tile, budget, forward)
     except RuntimeError as error:
         assert f"bytes of shared memory, more than a block may take here ({budget or 98304})" in str(error)
         return None
@@ -317,11 +320,13 @@ def ce_plan(extension, size, low, dtype, tile=(0, 0), budget=None):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_ce_backward_plan_has_room_for_every_tile(extension, dtype):
+@pytest.mark.parametrize("forward", [False, True])
+def test_ce_backward_plan_has_room_for_every_tile(extension, dtype, forward):
     """Every high-res side 8..300 against its 1/4 and 1/8 side, square and 1:2: each tile's
     window fits the plan's capacities, each low-res pixel is written once (by its tile inside
     the grid lines, by the rim pass on them: written == h * w with none outside), within the
-    budget: 96 KiB (the CPU loops', every sm_80+ GPU's) and sm_75's 64 KiB."""
+    budget: 96 KiB (the CPU loops', every sm_80+ GPU's) and sm_75's 64 KiB. The backward's
+    plan and the forward with gradient's (20 classes a pass)."""
     checked = 0
     for side in range(8, 301):
         for ratio in (4, 8):
@@ -329,7 +334,7 @@ def test_ce_backward_plan_has_room_for_every_tile(extension, dtype):
                 low = tuple(-(-big // ratio) for big in high)
                 for tile, budget in (((0, 0), None), ((0, 0), 64 * 1024), ((1, 1), None), ((2, 3), None),
                                      ((5, 64), None)):
-                    numbers = ce_plan(extension, (2, 19) + high, low, dtype, tile, budget)
+                    numbers = ce_plan(extension, (2, 19) + high, low, dtype, tile, budget, forward)
                     if numbers is None:
                         assert tile != (0, 0), f"no automatic tiling for {high} from {low}"
                         continue
@@ -362,6 +367,23 @@ def test_ce_backward_plan_at_every_head(extension):
     assert parts == {256: 1, 128: 1, 64: 2, 32: 5}, parts
     sm75 = ce_plan(extension, (4, 19, 1024, 1024), (32, 32), torch.float32, budget=64 * 1024)
     assert (sm75["band"], sm75["chunk"]) == (1, 1) and sm75["shared_bytes"] <= 64 * 1024, sm75
+
+
+def test_ce_forward_grad_plan_at_every_head(extension):
+    """The forward with gradient at the seed's heads (float32): an inner tile's segment items
+    within one round of the 256-thread block (band x chunk x the upscale <= 256: 8 x 8 at 1/4,
+    where the backward takes 8 x 16), within the 96 KiB budget (2 blocks an SM on sm_90, as its
+    registers allow), segments in fewer parts than the backward's where its 20 classes of
+    segment sums would not fit (1/32: 2, the backward 5)."""
+    tiles, parts = {}, {}
+    for low in (256, 128, 64, 32):
+        numbers = ce_plan(extension, (4, 19, 1024, 1024), (low, low), torch.float32, forward=True)
+        assert numbers["shared_bytes"] <= 96 * 1024, (low, numbers)
+        assert numbers["band"] * numbers["chunk"] * (1024 // low) * numbers["most_parts"] <= 256, (low, numbers)
+        tiles[low] = (numbers["band"], numbers["chunk"])
+        parts[low] = numbers["most_parts"]
+    assert tiles == {256: (8, 8), 128: (4, 8), 64: (2, 4), 32: (1, 2)}, tiles
+    assert parts == {256: 1, 128: 1, 64: 2, 32: 2}, parts
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -464,3 +486,8 @@ def test_cuda_loss_equals_cpu_loop_bitwise(extension, high, low, dtype):
         poison_cuda_cache(logits.numel() * 8)
         cuda_grad = extension.upsample_ce_backward(grad_loss.cuda(), logits.cuda(), labels.cuda(), cuda_lse, 255, *tile)
         assert torch.equal(cuda_grad.cpu(), grad), tile
+        fused = extension.upsample_ce_forward_grad(logits, labels, 255, *tile)
+        poison_cuda_cache(logits.numel() * 8)
+        cuda_fused = extension.upsample_ce_forward_grad(logits.cuda(), labels.cuda(), 255, *tile)
+        for name, cuda_value, value in zip(("loss", "lse", "mean", "denominator", "grad_sum"), cuda_fused, fused):
+            assert torch.equal(cuda_value.cpu(), value), (tile, name)

@@ -185,6 +185,15 @@ void mean_cpu_typed(const CeForwardCall& call) {
   ce_mean_finish(sums[0], counts[0], call.mean.mutable_data_ptr<acc_t>(), call.denominator.mutable_data_ptr<acc_t>());
 }
 
+// A backward-tiled block's tile against the plan's capacities (the CPU loops' buffers).
+void check_tile(const CeTile& t, const CeBackwardPlan& plan, const char* op) {
+  TORCH_CHECK(t.wy1 - t.wy0 <= plan.window_rows && t.wx1 - t.wx0 <= plan.window_cols && t.rows <= plan.band + 1 &&
+                  (t.ly1 - t.ly0 + 1) * t.parts * (t.wx1 - t.wx0) <= (plan.band + 1) * plan.part_cols,
+              op, ": tile at low-res (", t.ly0, ", ", t.lx0, ") has a ", t.wy1 - t.wy0, "x", t.wx1 - t.wx0,
+              " window reading ", t.rows, " rows, the plan has room for ", plan.window_rows, "x", plan.window_cols,
+              " and ", plan.band + 1);
+}
+
 // The CUDA kernels' blocks one after the other; "threads" are the item loops, "shared
 // memory" one buffer of the plan's bytes laid out as the kernel lays it out. Phases the
 // kernel runs side by side (the tables beside the pixels, the next class's staging beside
@@ -206,22 +215,18 @@ void backward_cpu_typed(const CeBackwardCall& call, int64_t ignore_index) {
   std::vector<double> shared((plan.shared_bytes + 7) / 8);  // 8-byte aligned, as the kernel's
   const CeBackwardBuffers<acc_t> buf =
       ce_backward_buffers<acc_t>(reinterpret_cast<unsigned char*>(shared.data()), plan);
-  const TileRim<acc_t> rim = backward_rim<acc_t>(call);
+  const TileRim<acc_t> rim = tile_rim_of<acc_t>(call.rim, call.logits, plan);
   const bool reversed = cpu_items_reversed();
   for_items(ce_backward_blocks(geo, plan), reversed, [&](int64_t block) {
     const CeTile t = ce_backward_tile(block, geo, plan);
     if (reversed)  // shared memory holds no earlier values: a read before a write gives NaN (ints -1)
       memset(shared.data(), 0xFF, shared.size() * sizeof(double));
-    TORCH_CHECK(t.wy1 - t.wy0 <= plan.window_rows && t.wx1 - t.wx0 <= plan.window_cols && t.rows <= plan.band + 1 &&
-                    (t.ly1 - t.ly0 + 1) * t.parts * (t.wx1 - t.wx0) <= (plan.band + 1) * plan.part_cols,
-                "upsample_ce_backward: tile at low-res (", t.ly0, ", ", t.lx0, ") has a ", t.wy1 - t.wy0, "x",
-                t.wx1 - t.wx0, " window reading ", t.rows, " rows, the plan has room for ", plan.window_rows, "x",
-                plan.window_cols, " and ", plan.band + 1);
+    check_tile(t, plan, "upsample_ce_backward");
     const scalar_t* sample = logit_data + t.n * geo.C * plane;
     scalar_t* sample_out = out + t.n * geo.C * plane;
     const int cols = t.wx1 - t.wx0;
     const auto tables = [&] {
-      for_items(ce_tile_tables(t, geo.w), reversed,
+      for_items(ce_tile_tables(t, geo.w, plan.pass_classes), reversed,
                 [&](int64_t item) { ce_backward_table_item(static_cast<int>(item), t, geo, buf); });
     };
     const auto pixel_items = [&] {
@@ -267,14 +272,92 @@ void backward_cpu_typed(const CeBackwardCall& call, int64_t ignore_index) {
   for_items(rim_items, reversed, [&](int64_t item) { ce_backward_rim_item<scalar_t, acc_t, int64_t>(item, geo, rim, out); });
 }
 
-// The backward's plan for these sizes (see the file comment); raises when it cannot launch.
+// The forward with gradient's kernel (ohem_ce.cu) as loops, as backward_cpu_typed: blocks
+// one after the other; each "thread"'s segment items in its order (item = thread + 256 k),
+// its CE mean sums as the kernel thread's, then the block's tree.
+template <typename scalar_t, typename label_t>
+void forward_grad_cpu_typed(const CeForwardGradCall& call, int64_t ignore_index) {
+  using acc_t = acc_of<scalar_t>;
+  const CeForwardCall& forward = call.forward;
+  const CeBackwardPlan& plan = call.plan;
+  const auto geo = ce_geometry<acc_t>(forward.logits, forward.labels);
+  const scalar_t* logit_data = forward.logits.const_data_ptr<scalar_t>();
+  const label_t* labels = forward.labels.const_data_ptr<label_t>();
+  acc_t* loss = forward.loss.mutable_data_ptr<acc_t>();
+  acc_t* lse = forward.lse.mutable_data_ptr<acc_t>();
+  acc_t* block_sums = forward.block_sums.mutable_data_ptr<acc_t>();
+  int64_t* block_counts = forward.block_counts.mutable_data_ptr<int64_t>();
+  acc_t* out = call.grad_sum.mutable_data_ptr<acc_t>();
+  const int64_t pixels = static_cast<int64_t>(geo.H) * geo.W;
+  const int64_t plane = static_cast<int64_t>(geo.h) * geo.w;
+  std::vector<double> shared((plan.shared_bytes + 7) / 8);  // 8-byte aligned, as the kernel's
+  unsigned char* base = reinterpret_cast<unsigned char*>(shared.data());
+  const CeBackwardBuffers<acc_t> buf = ce_backward_buffers<acc_t>(base, plan);
+  const TileRim<acc_t> rim = tile_rim_of<acc_t>(call.rim, forward.logits, plan);
+  const bool reversed = cpu_items_reversed();
+  for_items(ce_backward_blocks(geo, plan), reversed, [&](int64_t block) {
+    const CeTile t = ce_backward_tile(block, geo, plan);
+    if (reversed)  // shared memory holds no earlier values: a read before a write gives NaN (ints -1)
+      memset(shared.data(), 0xFF, shared.size() * sizeof(double));
+    check_tile(t, plan, "upsample_ce_forward_grad");
+    const scalar_t* sample = logit_data + t.n * geo.C * plane;
+    const int cols = t.wx1 - t.wx0, groups = ce_chunk_groups(geo.C);
+    const auto tables = [&] {
+      for_items(ce_tile_tables(t, geo.w, plan.pass_classes), reversed,
+                [&](int64_t item) { ce_backward_table_item(static_cast<int>(item), t, geo, buf); });
+    };
+    const auto pixel_items = [&] {
+      for_items(ce_tile_window(t), reversed, [&](int64_t item) {
+        ce_fused_pixel_item<label_t, acc_t>(static_cast<int>(item), t, geo, labels + t.n * pixels, ignore_index, buf);
+      });
+    };
+    if (reversed) { pixel_items(); tables(); } else { tables(); pixel_items(); }
+    for_items(static_cast<int64_t>(t.rows) * groups * cols, reversed, [&](int64_t item) {
+      const int rg = static_cast<int>(item / cols);
+      ce_fused_stage_item<scalar_t, acc_t>(rg / groups, rg % groups, static_cast<int>(item % cols), t, geo, sample,
+                                           buf);
+    });
+    const CeMeanTree<acc_t> tree = ce_fused_mean_tree<acc_t>(base, plan);
+    const int segment_items = ce_tile_segments(t) * cols;
+    for_items(kCeBackwardThreads, reversed, [&](int64_t thread) {
+      acc_t mean_sum = static_cast<acc_t>(0);
+      int64_t mean_count = 0;
+      for (int item = static_cast<int>(thread); item < segment_items; item += kCeBackwardThreads)
+        ce_fused_segment_item(item / cols, item % cols, t, geo, buf, loss + t.n * pixels, lse + t.n * pixels,
+                              &mean_sum, &mean_count);
+      tree.sums[thread] = mean_sum;
+      tree.counts[thread] = mean_count;
+    });
+    for_items(static_cast<int64_t>(geo.C) * ce_tile_columns(t, geo.h), reversed,
+              [&](int64_t item) { ce_backward_column_item(static_cast<int>(item), t, geo.h, buf); });
+    const int outputs = ce_tile_outputs(t, geo.h, geo.w);
+    for_items(static_cast<int64_t>(geo.C) * outputs, reversed, [&](int64_t item) {
+      ce_backward_output_item<acc_t, acc_t>(static_cast<int>(item), outputs, 0, t, geo, buf, rim, out + t.n * geo.C * plane);
+    });
+    for (int half = kSumThreads / 2; half > 0; half /= 2)
+      for (int thread = 0; thread < half; ++thread) {
+        sum_tree_step(thread, half, tree.sums);
+        sum_tree_step(thread, half, tree.counts);
+      }
+    block_sums[block] = tree.sums[0];
+    block_counts[block] = tree.counts[0];
+  });
+  const int64_t rim_items = geo.N * geo.C * rim_pixels(rim, geo.h, geo.w);
+  for_items(rim_items, reversed, [&](int64_t item) { ce_backward_rim_item<acc_t, acc_t, int64_t>(item, geo, rim, out); });
+}
+
+// The backward's plan for these sizes (see the file comment), all classes in one pass for the
+// forward with gradient; raises when it cannot launch.
 template <typename acc_t>
-CeBackwardPlan backward_plan(const CeGeometry<acc_t>& geo, int64_t band, int64_t chunk, int64_t shared_budget) {
-  TORCH_CHECK(band >= 0 && chunk >= 0 && band < (int64_t{1} << 20) && chunk < (int64_t{1} << 20),
-              "upsample_ce_backward: band and chunk must be in [0, 2^20), got ", band, " and ", chunk);
+CeBackwardPlan backward_plan(const CeGeometry<acc_t>& geo, int64_t band, int64_t chunk, int64_t shared_budget,
+                             bool forward = false) {
+  const char* op = forward ? "upsample_ce_forward_grad" : "upsample_ce_backward";
+  TORCH_CHECK(band >= 0 && chunk >= 0 && band < (int64_t{1} << 20) && chunk < (int64_t{1} << 20), op,
+              ": band and chunk must be in [0, 2^20), got ", band, " and ", chunk);
   CeBackwardPlan plan;
-  const bool fits = plan_ce_backward(geo, static_cast<int>(band), static_cast<int>(chunk), shared_budget, &plan);
-  TORCH_CHECK(fits, "upsample_ce_backward: a tile of ", plan.band, "x", plan.chunk, " low-res pixels (", geo.h, "x",
+  const bool fits = plan_ce_backward(geo, static_cast<int>(band), static_cast<int>(chunk), shared_budget, &plan,
+                                     forward ? kCeChunkClasses : kCePassClasses);
+  TORCH_CHECK(fits, op, ": a tile of ", plan.band, "x", plan.chunk, " low-res pixels (", geo.h, "x",
               geo.w, " to ", geo.H, "x", geo.W, ") needs ", plan.shared_bytes,
               " bytes of shared memory, more than a block may take here (", shared_budget, ")");
   return plan;
@@ -343,6 +426,45 @@ CeBackwardCall prepare_ce_backward(const at::Tensor& grad_loss, const at::Tensor
   return call;
 }
 
+CeForwardGradCall prepare_ce_forward_grad(const at::Tensor& logits, const at::Tensor& labels, int64_t band,
+                                          int64_t chunk, int64_t shared_budget) {
+  check_inputs("upsample_ce_forward_grad", logits, labels);
+  TORCH_CHECK(logits.size(1) <= kCeFusedMostClasses, "upsample_ce_forward_grad: logits ", logits.sizes(), " have ",
+              logits.size(1), " classes, at most ", kCeFusedMostClasses, " are taken in one pass");
+  CeForwardGradCall call;
+  CeForwardCall& forward = call.forward;
+  forward.logits = logits.contiguous();
+  forward.labels = labels.contiguous();
+  const auto acc_options = logits.options().dtype(acc_type(logits));
+  forward.loss = at::empty(labels.sizes(), acc_options);
+  forward.lse = at::empty(labels.sizes(), acc_options);
+  forward.mean = at::empty({}, acc_options);
+  forward.denominator = at::empty_like(forward.mean);
+  forward.plan = CeForwardPlan{};
+  call.grad_sum = at::empty(logits.sizes(), acc_options);
+  call.plan = CeBackwardPlan{};  // band 0: nothing to compute
+  int64_t blocks = 0;
+  if (labels.numel() == 0) {
+    call.grad_sum.zero_();
+  } else if (acc_type(logits) == at::kDouble) {
+    const auto geo = ce_geometry<double>(logits, labels);
+    call.plan = backward_plan(geo, band, chunk, shared_budget, true);
+    blocks = ce_backward_blocks(geo, call.plan);
+  } else {
+    const auto geo = ce_geometry<float>(logits, labels);
+    call.plan = backward_plan(geo, band, chunk, shared_budget, true);
+    blocks = ce_backward_blocks(geo, call.plan);
+  }
+  forward.block_sums = at::empty({blocks}, acc_options);
+  forward.block_counts = at::empty({blocks}, acc_options.dtype(at::kLong));
+  if (call.plan.band != 0)
+    call.rim = at::empty({tile_rim_elements(1, static_cast<int>(logits.size(0)), static_cast<int>(logits.size(1)),
+                                            static_cast<int>(logits.size(2)), static_cast<int>(logits.size(3)),
+                                            call.plan.band, call.plan.chunk)},
+                         acc_options);
+  return call;
+}
+
 OhemCall prepare_ohem_weights(const at::Tensor& loss, const at::Tensor& labels, double threshold, int64_t min_kept,
                               const std::optional<at::Tensor>& class_weights) {
   TORCH_CHECK(loss.dim() == 3 && (loss.scalar_type() == at::kFloat || loss.scalar_type() == at::kDouble),
@@ -398,6 +520,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> upsample_ce_forward_c
     else mean_cpu_typed<float>(call);
   }
   return {call.loss, call.lse, call.mean, call.denominator};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> upsample_ce_forward_grad_cpu(
+    const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index, int64_t band, int64_t chunk) {
+  const CeForwardGradCall call = prepare_ce_forward_grad(logits, labels, band, chunk, kCeMaxSharedBytes);
+  if (call.plan.band != 0) {
+#define BISENET_CE_FORWARD_GRAD(scalar_t, label_t) forward_grad_cpu_typed<scalar_t, label_t>(call, ignore_index)
+    BISENET_CE_DISPATCH(call.forward.logits, call.forward.labels, BISENET_CE_FORWARD_GRAD);
+#undef BISENET_CE_FORWARD_GRAD
+  }
+  if (call.forward.loss.scalar_type() == at::kDouble) mean_cpu_typed<double>(call.forward);
+  else mean_cpu_typed<float>(call.forward);
+  const CeForwardCall& forward = call.forward;
+  return {forward.loss, forward.lse, forward.mean, forward.denominator, call.grad_sum};
 }
 
 at::Tensor upsample_ce_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& labels,
@@ -490,9 +626,9 @@ std::tuple<at::Tensor, at::Tensor> ohem_weights_cpu(const at::Tensor& loss, cons
 // tiles inside their grid lines, then by the rim pass on them.
 template <typename acc_t>
 std::vector<int64_t> backward_plan_numbers(at::IntArrayRef size, at::IntArrayRef low_size, int64_t band,
-                                           int64_t chunk, int64_t shared_budget) {
+                                           int64_t chunk, int64_t shared_budget, bool forward) {
   auto geo = make_ce_geometry<acc_t>(size[0], size[1], low_size[0], low_size[1], size[2], size[3]);
-  const CeBackwardPlan plan = backward_plan(geo, band, chunk, shared_budget);
+  const CeBackwardPlan plan = backward_plan(geo, band, chunk, shared_budget, forward);
   geo.N = 1;  // the tiles of one sample
   int64_t most_rows = 0, most_cols = 0, most_staged = 0, written = 0, most_parts = 0, most_items = 0;
   for (int64_t block = 0; block < ce_backward_blocks(geo, plan); ++block) {
@@ -516,13 +652,14 @@ void check_plan_sizes(const char* op, at::IntArrayRef size, at::IntArrayRef low_
 }
 
 std::vector<int64_t> upsample_ce_backward_plan(at::IntArrayRef size, at::IntArrayRef low_size, at::ScalarType dtype,
-                                               int64_t band, int64_t chunk, std::optional<int64_t> shared_budget) {
+                                               int64_t band, int64_t chunk, std::optional<int64_t> shared_budget,
+                                               bool forward) {
   check_plan_sizes("upsample_ce_backward_plan", size, low_size);
   const int64_t budget = shared_budget.value_or(kCeMaxSharedBytes);
   TORCH_CHECK(budget > 0 && budget <= kCeMaxSharedBytes, "upsample_ce_backward_plan: shared_budget must be in (0, ",
               kCeMaxSharedBytes, "], got ", budget);
-  if (dtype == at::kDouble) return backward_plan_numbers<double>(size, low_size, band, chunk, budget);
-  return backward_plan_numbers<float>(size, low_size, band, chunk, budget);
+  if (dtype == at::kDouble) return backward_plan_numbers<double>(size, low_size, band, chunk, budget, forward);
+  return backward_plan_numbers<float>(size, low_size, band, chunk, budget, forward);
 }
 
 // The plan upsample_ce_forward follows for these sizes, the most low-res rows any of its tiles
@@ -557,10 +694,12 @@ TORCH_LIBRARY_FRAGMENT(bisenet_cuda, m) {
       "upsample_ce_backward(Tensor grad_loss, Tensor logits, Tensor labels, Tensor lse, int ignore_index, int band=0, "
       "int chunk=0) -> Tensor");
   m.def("upsample_ce_backward_plan(int[] size, int[] low_size, ScalarType dtype, int band=0, int chunk=0, "
-        "int? shared_budget=None) -> int[]",
+        "int? shared_budget=None, bool forward=False) -> int[]",
         &bisenet::upsample_ce_backward_plan);
   m.def("upsample_ce_forward_plan(int[] size, int[] low_size, ScalarType dtype) -> int[]",
         &bisenet::upsample_ce_forward_plan);
+  m.def("upsample_ce_forward_grad(Tensor logits, Tensor labels, int ignore_index, int band=0, int chunk=0) -> "
+        "(Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("ohem_weights(Tensor loss, Tensor labels, int ignore_index, float threshold, int min_kept, "
         "Tensor? class_weights=None) -> (Tensor, Tensor)");
 }
@@ -569,5 +708,6 @@ TORCH_LIBRARY_FRAGMENT(bisenet_cuda, m) {
 TORCH_LIBRARY_IMPL(bisenet_cuda, CPU, m) {
   m.impl("upsample_ce_forward", &bisenet::upsample_ce_forward_cpu);
   m.impl("upsample_ce_backward", &bisenet::upsample_ce_backward_cpu);
+  m.impl("upsample_ce_forward_grad", &bisenet::upsample_ce_forward_grad_cpu);
   m.impl("ohem_weights", &bisenet::ohem_weights_cpu);
 }

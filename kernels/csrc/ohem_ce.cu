@@ -181,7 +181,7 @@ __global__ void __launch_bounds__(kThreads, 4) ce_backward_kernel(
   const int64_t pixels = static_cast<int64_t>(geo.H) * geo.W;
   const int plane = geo.h * geo.w;
   const int64_t sample = static_cast<int64_t>(t.n) * geo.C * plane;
-  for (int item = threadIdx.x; item < ce_tile_tables(t, geo.w); item += blockDim.x)
+  for (int item = threadIdx.x; item < ce_tile_tables(t, geo.w, plan.pass_classes); item += blockDim.x)
     ce_backward_table_item(item, t, geo, buf);
   // the window's pixels, kPixelsAhead items a thread loaded before any is stored
   constexpr int kPixelsAhead = 4;
@@ -256,6 +256,69 @@ __global__ void __launch_bounds__(kThreads, 4) ce_backward_kernel(
       ce_backward_output_item<scalar_t, acc_t>(item, outputs, c0, t, geo, buf, rim, grad_logits + sample);
     if (stage_next) stage_end(c0 + classes);
     __syncthreads();  // the next pass's rows are staged; the segment sums are free
+  }
+}
+
+// The forward with gradient (ohem_ce_math.h, "Forward with gradient"): one block per backward
+// tile, all classes in one pass: the window's labels and taps, the tile's rows of every class
+// staged, then the segment items (loss, lse, the CE mean's sums, the gradient's segment sums),
+// the column and output items into grad_sum (its grid lines into the rim), the block's CE
+// mean tree. No atomics: deterministic.
+template <typename scalar_t, typename label_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads, 2) ce_forward_grad_kernel(
+    CeGeometry<acc_t> geo, CeBackwardPlan plan, const scalar_t* __restrict__ logits,
+    const label_t* __restrict__ labels, int64_t ignore_index, acc_t* __restrict__ loss, acc_t* __restrict__ lse,
+    acc_t* __restrict__ block_sums, int64_t* __restrict__ block_counts, acc_t* __restrict__ grad_sum,
+    TileRim<acc_t> rim) {
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  const CeBackwardBuffers<acc_t> buf = ce_backward_buffers<acc_t>(shared_bytes, plan);
+  const CeTile t = ce_backward_tile(blockIdx.x, geo, plan);
+  const int64_t pixels = static_cast<int64_t>(geo.H) * geo.W;
+  const int64_t sample = static_cast<int64_t>(t.n) * geo.C * geo.h * geo.w;
+  for (int item = threadIdx.x; item < ce_tile_tables(t, geo.w, plan.pass_classes); item += blockDim.x)
+    ce_backward_table_item(item, t, geo, buf);
+  for (int item = threadIdx.x; item < ce_tile_window(t); item += blockDim.x)
+    ce_fused_pixel_item<label_t, acc_t>(item, t, geo, labels + t.n * pixels, ignore_index, buf);
+  __syncthreads();  // the column taps, for the stage
+  const int cols = t.wx1 - t.wx0, groups = ce_chunk_groups(geo.C);
+  const scalar_t* sample_logits = held_pointer(logits + sample);
+  // items (r, g, x), x fastest (a warp's loads of one class row are adjacent), strided over
+  // the threads as item = (r * groups + g) * cols + x would be, (r, g) stepped without a division
+  if (cols > 0) {
+    const int first = threadIdx.x / cols, step_k = blockDim.x / cols, step_x = blockDim.x % cols;
+    int r = first / groups, g = first % groups, x = threadIdx.x % cols;
+    while (r < t.rows) {
+      ce_fused_stage_item<scalar_t, acc_t>(r, g, x, t, geo, sample_logits, buf);
+      x += step_x;
+      g += step_k;
+      if (x >= cols) {
+        x -= cols;
+        ++g;
+      }
+      for (; g >= groups; g -= groups) ++r;
+    }
+  }
+  __syncthreads();  // the rows are staged
+  acc_t mean_sum = static_cast<acc_t>(0);
+  int64_t mean_count = 0;
+  for_grid_items(ce_tile_segments(t), cols, [&](int k, int x) {
+    ce_fused_segment_item(k, x, t, geo, buf, loss + t.n * pixels, lse + t.n * pixels, &mean_sum, &mean_count);
+  });
+  const CeMeanTree<acc_t> tree = ce_fused_mean_tree<acc_t>(shared_bytes, plan);
+  tree.sums[threadIdx.x] = mean_sum;
+  tree.counts[threadIdx.x] = mean_count;
+  __syncthreads();  // the segment sums are complete
+  const int columns = ce_tile_columns(t, geo.h), outputs = ce_tile_outputs(t, geo.h, geo.w);
+  if (columns > 0) {  // segments in parts (the whole block alike): each column's parts summed once
+    for (int item = threadIdx.x; item < geo.C * columns; item += blockDim.x) ce_backward_column_item(item, t, geo.h, buf);
+    __syncthreads();
+  }
+  for (int item = threadIdx.x; item < geo.C * outputs; item += blockDim.x)
+    ce_backward_output_item<acc_t, acc_t>(item, outputs, 0, t, geo, buf, rim, grad_sum + sample);
+  sum_tree(tree.sums, tree.counts);
+  if (threadIdx.x == 0) {
+    block_sums[blockIdx.x] = tree.sums[0];
+    block_counts[blockIdx.x] = tree.counts[0];
   }
 }
 
@@ -474,6 +537,18 @@ void forward_typed(const CeForwardCall& call, int64_t ignore_index) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The rim's grid-line logits into out, after the tiles' kernel.
+template <typename scalar_t, typename acc_t>
+void launch_rim(const CeGeometry<acc_t>& geo, const TileRim<acc_t>& rim, scalar_t* out, cudaStream_t stream) {
+  const int64_t count = static_cast<int64_t>(geo.N) * geo.C * rim_pixels(rim, geo.h, geo.w);
+  const int64_t blocks = std::min<int64_t>((count + kThreads - 1) / kThreads, 65535LL * 8);
+  if (count < (int64_t{1} << 30))  // item + the grid's stride (at most 2^29) below 2^31
+    ce_backward_rim_kernel<scalar_t, acc_t, int32_t><<<blocks, kThreads, 0, stream>>>(geo, rim, static_cast<int32_t>(count), out);
+  else
+    ce_backward_rim_kernel<scalar_t, acc_t, int64_t><<<blocks, kThreads, 0, stream>>>(geo, rim, count, out);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 template <typename scalar_t, typename label_t>
 void backward_typed(const CeBackwardCall& call, int64_t ignore_index, int64_t shared_budget) {
   using acc_t = typename AccType<scalar_t>::type;
@@ -486,7 +561,7 @@ void backward_typed(const CeBackwardCall& call, int64_t ignore_index, int64_t sh
   if (call.plan.shared_bytes > kCeSharedBytes)
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(shared_budget)));
-  const TileRim<acc_t> rim = backward_rim<acc_t>(call);
+  const TileRim<acc_t> rim = tile_rim_of<acc_t>(call.rim, logits, call.plan);
   scalar_t* grad_logits = call.grad_logits.mutable_data_ptr<scalar_t>();
   auto stream = c10::cuda::getCurrentCUDAStream();
   kernel<<<ce_backward_blocks(geo, call.plan), kThreads, call.plan.shared_bytes, stream>>>(
@@ -494,14 +569,28 @@ void backward_typed(const CeBackwardCall& call, int64_t ignore_index, int64_t sh
       call.grad_loss.const_data_ptr<acc_t>(), call.grad_stride, call.lse.const_data_ptr<acc_t>(), ignore_index,
       grad_logits, rim);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const int64_t count = static_cast<int64_t>(geo.N) * geo.C * rim_pixels(rim, geo.h, geo.w);
-  const int64_t blocks = std::min<int64_t>((count + kThreads - 1) / kThreads, 65535LL * 8);
-  if (count < (int64_t{1} << 30))  // item + the grid's stride (at most 2^29) below 2^31
-    ce_backward_rim_kernel<scalar_t, acc_t, int32_t>
-        <<<blocks, kThreads, 0, stream>>>(geo, rim, static_cast<int32_t>(count), grad_logits);
-  else
-    ce_backward_rim_kernel<scalar_t, acc_t, int64_t><<<blocks, kThreads, 0, stream>>>(geo, rim, count, grad_logits);
+  launch_rim(geo, rim, grad_logits, stream);
+}
+
+template <typename scalar_t, typename label_t>
+void forward_grad_typed(const CeForwardGradCall& call, int64_t ignore_index, int64_t shared_budget) {
+  using acc_t = typename AccType<scalar_t>::type;
+  const CeForwardCall& forward = call.forward;
+  const auto geo = make_ce_geometry<acc_t>(forward.logits.size(0), forward.logits.size(1), forward.logits.size(2),
+                                           forward.logits.size(3), forward.labels.size(1), forward.labels.size(2));
+  const auto kernel = ce_forward_grad_kernel<scalar_t, label_t, acc_t>;
+  if (call.plan.shared_bytes > kCeSharedBytes)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(shared_budget)));
+  const TileRim<acc_t> rim = tile_rim_of<acc_t>(call.rim, forward.logits, call.plan);
+  acc_t* grad_sum = call.grad_sum.mutable_data_ptr<acc_t>();
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  kernel<<<ce_backward_blocks(geo, call.plan), kThreads, call.plan.shared_bytes, stream>>>(
+      geo, call.plan, forward.logits.const_data_ptr<scalar_t>(), forward.labels.const_data_ptr<label_t>(),
+      ignore_index, forward.loss.mutable_data_ptr<acc_t>(), forward.lse.mutable_data_ptr<acc_t>(),
+      forward.block_sums.mutable_data_ptr<acc_t>(), forward.block_counts.mutable_data_ptr<int64_t>(), grad_sum, rim);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_rim(geo, rim, grad_sum, stream);
 }
 
 // The CE mean from the forward blocks' sums and counts (none when the batch is empty).
@@ -531,14 +620,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> upsample_ce_forward_c
   return {call.loss, call.lse, call.mean, call.denominator};
 }
 
-at::Tensor upsample_ce_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& labels,
-                                     const at::Tensor& lse, int64_t ignore_index, int64_t band, int64_t chunk) {
-  // the tile's budget: the most shared memory the logits' GPU allows a block, kCeMaxSharedBytes
-  // at most (logits elsewhere: prepare names the devices before the budget is used)
+// A backward tile's budget: the most shared memory the logits' GPU allows a block,
+// kCeMaxSharedBytes at most (logits elsewhere: prepare names the devices before it is used).
+int64_t tile_shared_budget(const at::Tensor& logits) {
   int optin = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin,
                                         logits.is_cuda() ? logits.get_device() : c10::cuda::current_device()));
-  const int64_t shared_budget = std::min<int64_t>(kCeMaxSharedBytes, optin);
+  return std::min<int64_t>(kCeMaxSharedBytes, optin);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> upsample_ce_forward_grad_cuda(
+    const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index, int64_t band, int64_t chunk) {
+  const int64_t shared_budget = tile_shared_budget(logits);
+  const CeForwardGradCall call = prepare_ce_forward_grad(logits, labels, band, chunk, shared_budget);
+  c10::cuda::CUDAGuard guard(logits.device());
+  if (call.plan.band != 0) {
+#define BISENET_CE_FORWARD_GRAD(scalar_t, label_t) forward_grad_typed<scalar_t, label_t>(call, ignore_index, shared_budget)
+    BISENET_CE_DISPATCH(call.forward.logits, call.forward.labels, BISENET_CE_FORWARD_GRAD);
+#undef BISENET_CE_FORWARD_GRAD
+  }
+  if (call.forward.loss.scalar_type() == at::kDouble) mean_typed<double>(call.forward);
+  else mean_typed<float>(call.forward);
+  const CeForwardCall& forward = call.forward;
+  return {forward.loss, forward.lse, forward.mean, forward.denominator, call.grad_sum};
+}
+
+at::Tensor upsample_ce_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& labels,
+                                     const at::Tensor& lse, int64_t ignore_index, int64_t band, int64_t chunk) {
+  const int64_t shared_budget = tile_shared_budget(logits);
   const CeBackwardCall call = prepare_ce_backward(grad_loss, logits, labels, lse, band, chunk, shared_budget);
   if (call.plan.band == 0) return call.grad_logits;
   c10::cuda::CUDAGuard guard(logits.device());
@@ -611,5 +720,6 @@ std::tuple<at::Tensor, at::Tensor> ohem_weights_cuda(const at::Tensor& loss, con
 TORCH_LIBRARY_IMPL(bisenet_cuda, CUDA, m) {
   m.impl("upsample_ce_forward", &bisenet::upsample_ce_forward_cuda);
   m.impl("upsample_ce_backward", &bisenet::upsample_ce_backward_cuda);
+  m.impl("upsample_ce_forward_grad", &bisenet::upsample_ce_forward_grad_cuda);
   m.impl("ohem_weights", &bisenet::ohem_weights_cuda);
 }

@@ -370,20 +370,18 @@ BISENET_HD void ce_stage_pass_store(const CeStagePassLoad<acc_t>& loaded, const 
     if (q < classes) ce_stage_store(loaded.of[q], item, staged + q);
 }
 
-// Stage item (r, x, g) of the class chunk that starts at c0 (r < rows, x < x1 - x0 with its
-// taps tx, g < its groups): classes c0 + 4 g + i, i < 4, of low-res row row0 + r interpolated
-// along x at column x0 + x, times log2(e), into staged[r][x][4 g + i] (ce_stage_load,
-// ce_stage_value: the backward's staging arithmetic); classes past C the lowest finite value
-// (-inf would give 0 x -inf = NaN in a lerp with a zero weight). sample: sample n's (C, h, w)
-// logits.
-// The loads of the group's classes come before their math; a group of C's classes (all but
-// a last one past C) is one 16-byte store, with no per-class branch.
+// A group of 4 classes from class `first` of low-res row `row` (its offset in a class plane)
+// interpolated along x at the taps tx, times log2(e), into the 4 staged values from entry
+// `entry` (ce_stage_load, ce_stage_value: the backward's staging arithmetic); classes past C
+// the lowest finite value (-inf would give 0 x -inf = NaN in a lerp with a zero weight).
+// sample: sample n's (C, h, w) logits. The loads of the group's classes come before their
+// math; a group of C's classes (all but a last one past C) is one 16-byte store, with no
+// per-class branch.
 template <typename scalar_t, typename acc_t>
-BISENET_HD void ce_forward_stage_group(int r, int x, const Taps<acc_t>& tx, int g, const CeForwardTile& t,
-                                       const CeGeometry<acc_t>& geo, const scalar_t* sample, int c0, acc_t* staged) {
-  const int entry = (r * kCeForwardChunk + x) * kCeChunkClasses + g * kCeGroupClasses;
-  const CeStageItem<acc_t> item = ce_stage_item((t.row0 + r) * geo.w, tx, entry);
-  const int first = c0 + g * kCeGroupClasses, plane = geo.h * geo.w;
+BISENET_HD void ce_stage_group(int row, const Taps<acc_t>& tx, int first, int entry, const CeGeometry<acc_t>& geo,
+                               const scalar_t* sample, acc_t* staged) {
+  const CeStageItem<acc_t> item = ce_stage_item(row, tx, entry);
+  const int plane = geo.h * geo.w;
   CeStageLoad<acc_t> loaded[kCeGroupClasses];
   CeGroup<acc_t> group;
   if (first + kCeGroupClasses <= geo.C) {
@@ -401,6 +399,16 @@ BISENET_HD void ce_forward_stage_group(int r, int x, const Taps<acc_t>& tx, int 
       group.z_log2[i] = first + i < geo.C ? ce_stage_value(loaded[i], item) : std::numeric_limits<acc_t>::lowest();
   }
   *reinterpret_cast<CeGroup<acc_t>*>(staged + entry) = group;
+}
+
+// Stage item (r, x, g) of the class chunk that starts at c0 (r < rows, x < x1 - x0 with its
+// taps tx, g < its groups): classes c0 + 4 g + i, i < 4, of low-res row row0 + r at column
+// x0 + x into staged[r][x][4 g + i].
+template <typename scalar_t, typename acc_t>
+BISENET_HD void ce_forward_stage_group(int r, int x, const Taps<acc_t>& tx, int g, const CeForwardTile& t,
+                                       const CeGeometry<acc_t>& geo, const scalar_t* sample, int c0, acc_t* staged) {
+  ce_stage_group((t.row0 + r) * geo.w, tx, c0 + g * kCeGroupClasses,
+                 (r * kCeForwardChunk + x) * kCeChunkClasses + g * kCeGroupClasses, geo, sample, staged);
 }
 
 // One pixel's log-sum-exp over the classes, in log2 units: the maximum of z log2(e) over the
@@ -457,12 +465,15 @@ BISENET_HD acc_t max_acc(acc_t a, acc_t b) {
 // log2(e) from the pixel's two staged rows, their maximum, then one exp2 a class of z minus
 // the maximum, added in class order. The first chunk starts the sum; a later one first
 // rescales it to the larger maximum. A NaN z makes the sum NaN (exp2 of NaN; the maximum
-// drops it).
+// drops it). exps[q] gets class c0 + q's 2^(z log2(e) - maximum), the term the sum adds (q <
+// the chunk's groups x 4; the padding classes' 0): where the chunk is the only one, its
+// softmax times the sum (the forward with gradient's; the forward drops them).
 template <typename acc_t>
-BISENET_HD void ce_forward_pixel_chunk(CeForwardPixel<acc_t>& state, int c0, int classes, const acc_t* staged) {
+BISENET_HD void ce_pixel_chunk_exps(CeForwardPixel<acc_t>& state, int c0, int classes, const acc_t* staged,
+                                    acc_t (&exps)[kCeChunkClasses]) {
   const int groups = ce_chunk_groups(classes);
   const Taps<acc_t> ty{0, 0, state.w0, state.w1};
-  acc_t z[kCeChunkClasses];
+  acc_t* z = exps;  // z log2(e), then the exps in its place
   acc_t chunk_max = static_cast<acc_t>(0);
 #pragma unroll
   for (int g = 0; g < kCeChunkGroups; ++g) {
@@ -493,10 +504,17 @@ BISENET_HD void ce_forward_pixel_chunk(CeForwardPixel<acc_t>& state, int c0, int
 #pragma unroll
       for (int i = 0; i < kCeGroupClasses; ++i) {
         const int q = g * kCeGroupClasses + i;
-        state.sum = state.sum + exp2_nonpositive(z[q] - state.max_z);  // the first chunk's from 0
+        z[q] = exp2_nonpositive(z[q] - state.max_z);
+        state.sum = state.sum + z[q];  // the first chunk's from 0
       }
     }
   }
+}
+
+template <typename acc_t>
+BISENET_HD void ce_forward_pixel_chunk(CeForwardPixel<acc_t>& state, int c0, int classes, const acc_t* staged) {
+  acc_t exps[kCeChunkClasses];
+  ce_pixel_chunk_exps(state, c0, classes, staged, exps);
 }
 
 // The offset of pixel `item` (item < the tile's pixels) in its sample's (H, W) plane.
@@ -607,6 +625,9 @@ BISENET_HD acc_t ohem_weights_pixels(int64_t first, int64_t stride, int64_t pixe
 // window rows and columns any block has) and the shared bytes they take.
 struct CeBackwardPlan {
   int band, chunk;
+  int pass_classes;  // classes staged side by side: kCePassClasses (the backward), or
+                     // kCeChunkClasses (the forward with its gradient: all classes in one pass)
+  int most_parts;    // the most parts a segment is split into (kCeMaxParts, or fewer: the plan)
   int window_rows, window_cols;
   int part_cols;  // the most parts x window columns of any tile (ce_backward_parts): the length
                   // of a segment row of the sums' tables
@@ -623,9 +644,9 @@ struct CeBackwardPlan {
 constexpr int kCeBackwardThreads = 256;
 constexpr int kCeMaxParts = 8;
 
-BISENET_HD int ce_backward_parts(int band, int cols) {
+BISENET_HD int ce_backward_parts(int band, int cols, int most_parts) {
   const int parts = cols > 0 ? kCeBackwardThreads / (band * cols) : 1;
-  return parts < 1 ? 1 : (parts < kCeMaxParts ? parts : kCeMaxParts);
+  return parts < 1 ? 1 : (parts < most_parts ? parts : most_parts);
 }
 
 
@@ -664,7 +685,9 @@ struct alignas(4 * sizeof(acc_t)) CePixel {
 template <typename acc_t>
 struct CeBackwardBuffers {
   CePixel<acc_t>* pixel;  // (window_rows, window_cols): g, lse, label
-  acc_t* staged;       // (band + 1, window_cols, kCePassClasses): logit rows interpolated along x,
+  int* labels;            // the forward with gradient's in the same place: (window_rows, window_cols)
+                          // labels (ce_fused_pixel_item)
+  acc_t* staged;       // (band + 1, window_cols, pass_classes): logit rows interpolated along x,
                        // times log2(e), a pass's classes side by side
   acc_t* to_row;       // per class of the pass (slot elements apart), ((band + 1) * parts, cols)
                        // of the tile: row k * parts + q, part q of segment k's sums to its first
@@ -672,6 +695,7 @@ struct CeBackwardBuffers {
   acc_t* to_next_row;  // likewise: row (k + 1) * parts + q, part q of segment k's sums to the
                        // row after
   int slot;            // (band + 1) * part_cols: to_row's and to_next_row's class stride
+  int pass_classes;    // the plan's: the classes side by side in staged, and the class slots
   CeTap<acc_t>* row_taps;  // (window_rows,): first, second are offsets into staged
   CeTap<acc_t>* col_taps;  // (window_cols,): first, second are logit columns
   int* part_y;         // (band * parts + 1,) (capacity band * kCeMaxParts + 1): part q of segment k
@@ -685,25 +709,28 @@ struct CeBackwardBuffers {
 // ints, so each stays aligned.
 struct CeBackwardLayout {
   int64_t pixel, staged, to_row, to_next_row, row_taps, col_taps, part_y, column_x;
+  int64_t tree;  // the forward with gradient's CE mean tree (ce_mean_tree_bytes), else empty
   int64_t bytes;
 };
 
 template <typename acc_t>
 BISENET_HD CeBackwardLayout ce_backward_layout(const CeBackwardPlan& plan) {
   const int64_t window = static_cast<int64_t>(plan.window_rows) * plan.window_cols;
-  const int64_t staged = static_cast<int64_t>(plan.band + 1) * plan.window_cols * kCePassClasses;
-  const int64_t segments = static_cast<int64_t>(plan.band + 1) * plan.part_cols * kCePassClasses;
+  const int64_t staged = static_cast<int64_t>(plan.band + 1) * plan.window_cols * plan.pass_classes;
+  const int64_t segments = static_cast<int64_t>(plan.band + 1) * plan.part_cols * plan.pass_classes;
   const int64_t acc = sizeof(acc_t), taps = sizeof(CeTap<acc_t>), word = sizeof(int);
   CeBackwardLayout at;
   at.row_taps = 0;  // 16-byte aligned first
   at.col_taps = at.row_taps + plan.window_rows * taps;
   at.pixel = at.col_taps + plan.window_cols * taps;
-  at.staged = at.pixel + window * static_cast<int64_t>(sizeof(CePixel<acc_t>));
+  const int64_t pixel_bytes = plan.pass_classes == kCeChunkClasses ? sizeof(int) : sizeof(CePixel<acc_t>);
+  at.staged = (at.pixel + window * pixel_bytes + 15) / 16 * 16;  // 16-byte aligned
   at.to_row = at.staged + staged * acc;
   at.to_next_row = at.to_row + segments * acc;
   at.part_y = at.to_next_row + segments * acc;
   at.column_x = at.part_y + (static_cast<int64_t>(plan.band) * kCeMaxParts + 1) * word;
-  at.bytes = at.column_x + (plan.chunk + 3) * word;
+  at.tree = (at.column_x + (plan.chunk + 3) * word + 7) / 8 * 8;  // 8-byte aligned (int64 counts)
+  at.bytes = at.tree + (plan.pass_classes == kCeChunkClasses ? ce_mean_tree_bytes<acc_t>() : 0);
   return at;
 }
 
@@ -712,6 +739,7 @@ BISENET_HD CeBackwardBuffers<acc_t> ce_backward_buffers(unsigned char* base, con
   const CeBackwardLayout at = ce_backward_layout<acc_t>(plan);
   CeBackwardBuffers<acc_t> buf;
   buf.pixel = reinterpret_cast<CePixel<acc_t>*>(base + at.pixel);
+  buf.labels = reinterpret_cast<int*>(base + at.pixel);
   buf.staged = reinterpret_cast<acc_t*>(base + at.staged);
   buf.to_row = reinterpret_cast<acc_t*>(base + at.to_row);
   buf.to_next_row = reinterpret_cast<acc_t*>(base + at.to_next_row);
@@ -720,6 +748,7 @@ BISENET_HD CeBackwardBuffers<acc_t> ce_backward_buffers(unsigned char* base, con
   buf.part_y = reinterpret_cast<int*>(base + at.part_y);
   buf.column_x = reinterpret_cast<int*>(base + at.column_x);
   buf.slot = (plan.band + 1) * plan.part_cols;
+  buf.pass_classes = plan.pass_classes;
   return buf;
 }
 
@@ -754,7 +783,7 @@ BISENET_HD CeTile ce_backward_tile(int64_t block, const CeGeometry<acc_t>& geo, 
   t.wx1 = first_dst_with_tap_at_least(t.lx1, geo.w, geo.W, geo.scale_x);
   t.row0 = 0;
   t.rows = 0;
-  t.parts = ce_backward_parts(plan.band, t.wx1 - t.wx0);
+  t.parts = ce_backward_parts(plan.band, t.wx1 - t.wx0, plan.most_parts);
   if (t.wy1 > t.wy0) {  // taps are non-decreasing in y: the first row's i0 to the last row's i1
     t.row0 = bilinear_taps<acc_t>(t.wy0, geo.h, geo.scale_y).i0;
     t.rows = bilinear_taps<acc_t>(t.wy1 - 1, geo.h, geo.scale_y).i1 + 1 - t.row0;
@@ -771,8 +800,8 @@ BISENET_HD int64_t ce_backward_blocks(const CeGeometry<acc_t>& geo, const CeBack
 BISENET_HD int ce_reached_rows(const CeTile& t, int h) { return reached_span(t.ly0, t.ly1, h); }
 BISENET_HD int ce_reached_cols(const CeTile& t, int w) { return reached_span(t.lx0, t.lx1, w); }
 BISENET_HD int ce_tile_window(const CeTile& t) { return (t.wy1 - t.wy0) * (t.wx1 - t.wx0); }
-BISENET_HD int ce_tile_tables(const CeTile& t, int w) {
-  return (t.wy1 - t.wy0) + (1 + 2 * kCePassClasses * t.parts) * (t.wx1 - t.wx0) +
+BISENET_HD int ce_tile_tables(const CeTile& t, int w, int pass_classes) {
+  return (t.wy1 - t.wy0) + (1 + 2 * pass_classes * t.parts) * (t.wx1 - t.wx0) +
          ((t.ly1 - t.ly0) * t.parts + 1) + (ce_reached_cols(t, w) + 2);
 }
 BISENET_HD int ce_tile_segments(const CeTile& t) { return (t.ly1 - t.ly0) * t.parts; }
@@ -792,16 +821,16 @@ BISENET_HD void ce_backward_table_item(int item, const CeTile& t, const CeGeomet
   const int zero_row = t.parts * cols;  // a slot's zero row
   if (item < rows) {
     const Taps<acc_t> ty = bilinear_taps<acc_t>(t.wy0 + item, geo.h, geo.scale_y);
-    const int row_bytes = cols * kCePassClasses * static_cast<int>(sizeof(acc_t));
+    const int row_bytes = cols * buf.pass_classes * static_cast<int>(sizeof(acc_t));
     buf.row_taps[item] = ce_tap(ty, (ty.i0 - t.row0) * row_bytes, (ty.i1 - t.row0) * row_bytes);
   } else if ((item -= rows) < cols) {
     const Taps<acc_t> tx = bilinear_taps<acc_t>(t.wx0 + item, geo.w, geo.scale_x);
     buf.col_taps[item] = ce_tap(tx, tx.i0, tx.i1);
-  } else if ((item -= cols) < kCePassClasses * zero_row) {
+  } else if ((item -= cols) < buf.pass_classes * zero_row) {
     buf.to_row[item / zero_row * buf.slot + (t.ly1 - t.ly0) * zero_row + item % zero_row] = static_cast<acc_t>(0);
-  } else if ((item -= kCePassClasses * zero_row) < kCePassClasses * zero_row) {
+  } else if ((item -= buf.pass_classes * zero_row) < buf.pass_classes * zero_row) {
     buf.to_next_row[item / zero_row * buf.slot + item % zero_row] = static_cast<acc_t>(0);
-  } else if ((item -= kCePassClasses * zero_row) < part_bounds) {
+  } else if ((item -= buf.pass_classes * zero_row) < part_bounds) {
     const int k = item / t.parts, q = item % t.parts;  // segment k's rows split evenly
     const int begin = first_dst_with_tap_at_least(t.ly0 + k, geo.h, geo.H, geo.scale_y);
     const int end = q == 0 ? begin : first_dst_with_tap_at_least(t.ly0 + k + 1, geo.h, geo.H, geo.scale_y);
@@ -856,7 +885,7 @@ BISENET_HD CeStageItem<acc_t> ce_backward_stage_item_for(int r, int x, const CeT
                                                          const CeBackwardBuffers<acc_t>& buf) {
   const CeTap<acc_t> tx = buf.col_taps[x];
   return ce_stage_item((t.row0 + r) * geo.w, Taps<acc_t>{tx.first, tx.second, tx.w0, tx.w1},
-                       (r * (t.wx1 - t.wx0) + x) * kCePassClasses);
+                       (r * (t.wx1 - t.wx0) + x) * buf.pass_classes);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -884,7 +913,7 @@ BISENET_HD void ce_backward_segment_item(int kq, int x, int c0, const CeTile& t,
   for (int i = 0; i < kClasses; ++i) sum_row[i] = sum_next[i] = static_cast<acc_t>(0);
   const int y_begin = buf.part_y[kq] - t.wy0, y_end = buf.part_y[kq + 1] - t.wy0;
   const CePixel<acc_t>* pixel_column = buf.pixel + x;  // column x of the window's (rows, cols) arrays
-  const acc_t* staged_column = buf.staged + x * kCePassClasses;
+  const acc_t* staged_column = buf.staged + x * buf.pass_classes;
   for (int y = y_begin; y < y_end; ++y) {
     const CePixel<acc_t> pixel = pixel_column[y * cols];
     const acc_t g = pixel.grad;
@@ -994,6 +1023,111 @@ BISENET_HD void ce_backward_output_item(int item, int outputs, int c0, const CeT
     sample_out[(c * geo.h + t.ly0 + i) * geo.w + t.lx0 + j] = static_cast<scalar_t>(grad);
 }
 
+// ---------------------------------------------------------------------------------------
+// Forward with gradient (the CE mean's training step: C <= kCeChunkClasses). The backward's
+// tiles, plan (pass_classes = kCeChunkClasses), rim and output items, in one pass of all the
+// classes, with what the forward computes: a block stages its rows of every class as the
+// forward's chunk (groups of 4, 80-byte entries: ce_stage_group), then each segment item
+// walks its rows once: a pixel's z from its two staged rows, the maximum and the exps as the
+// forward's (ce_pixel_chunk_exps: the same staged values and order, so loss and lse are the
+// forward's bits), its loss and lse written, and its gradient softmax - onehot = exps / sum -
+// [c == label] summed to the segment's rows as the backward's. Each exp is evaluated once for
+// the loss and its gradient, where the two kernels evaluate it twice, and the staging, the
+// z lerps and the pixel reads happen once. The output is grad_sum, the gradient of the sum
+// of the counted pixels' losses (ignored pixels add 0; a bad label's NaN is its gradient
+// too), in acc_t; the CE mean's gradient is grad_sum times d mean / denominator (loss.py).
+// The CE mean's sums: each thread adds its segment items' counted losses in item order,
+// then the block's tree (ce_mean_tree_bytes, after the plan's buffers: CeBackwardLayout.tree),
+// then ce_mean_final_kernel over the blocks.
+constexpr int kCeFusedMostClasses = kCeChunkClasses;
+
+// Prologue, item over the window pixels (row-major): its label into buf.labels, -1 where
+// ignored, -2 outside [0, C) (CeForwardPixel's).
+template <typename label_t, typename acc_t>
+BISENET_HD void ce_fused_pixel_item(int item, const CeTile& t, const CeGeometry<acc_t>& geo, const label_t* labels,
+                                    int64_t ignore_index, const CeBackwardBuffers<acc_t>& buf) {
+  const int cols = t.wx1 - t.wx0;
+  const int64_t label = static_cast<int64_t>(labels[(t.wy0 + item / cols) * geo.W + t.wx0 + item % cols]);
+  buf.labels[item] = label == ignore_index ? -1 : (label < 0 || label >= geo.C ? -2 : static_cast<int>(label));
+}
+
+// Stage item (r, g, x) (r < rows, g < the groups of C, x < window columns): classes 4 g + i of
+// low-res row row0 + r at window column x into staged[r][x][4 g + i] (ce_stage_group).
+template <typename scalar_t, typename acc_t>
+BISENET_HD void ce_fused_stage_item(int r, int g, int x, const CeTile& t, const CeGeometry<acc_t>& geo,
+                                    const scalar_t* sample, const CeBackwardBuffers<acc_t>& buf) {
+  const CeTap<acc_t> tx = buf.col_taps[x];
+  ce_stage_group((t.row0 + r) * geo.w, Taps<acc_t>{tx.first, tx.second, tx.w0, tx.w1}, g * kCeGroupClasses,
+                 (r * (t.wx1 - t.wx0) + x) * kCeChunkClasses + g * kCeGroupClasses, geo, sample, buf.staged);
+}
+
+// Segment item (kq, x) as the backward's (ce_backward_segment_item), all classes: for each of
+// its rows the pixel's loss and lse into sample_loss and sample_lse (sample n's (H, W)), its
+// counted loss into the thread's CE mean sums (ce_mean_add), and exps[c] / sum - [c == label]
+// (0 where ignored) summed with the row's weights to the segment's two low-res rows. The
+// division once a pixel (1 / sum, IEEE on both sides), a product a class.
+template <typename acc_t>
+BISENET_HD void ce_fused_segment_item(int kq, int x, const CeTile& t, const CeGeometry<acc_t>& geo,
+                                      const CeBackwardBuffers<acc_t>& buf, acc_t* sample_loss, acc_t* sample_lse,
+                                      acc_t* mean_sum, int64_t* mean_count) {
+  const int cols = t.wx1 - t.wx0, groups = ce_chunk_groups(geo.C);
+  acc_t sum_row[kCeChunkClasses], sum_next[kCeChunkClasses];
+#pragma unroll
+  for (int q = 0; q < kCeChunkClasses; ++q) sum_row[q] = sum_next[q] = static_cast<acc_t>(0);
+  const int y_begin = buf.part_y[kq] - t.wy0, y_end = buf.part_y[kq + 1] - t.wy0;
+  const int* label_column = buf.labels + x;  // column x of the window's (rows, cols) labels
+  for (int y = y_begin; y < y_end; ++y) {
+    const CeTap<acc_t> ty = buf.row_taps[y];  // first, second: byte offsets of the staged rows
+    CeForwardPixel<acc_t> state;
+    state.label = label_column[y * cols];
+    state.staged0 = ty.first / static_cast<int>(sizeof(acc_t)) + x * kCeChunkClasses;
+    state.staged1 = ty.second / static_cast<int>(sizeof(acc_t)) + x * kCeChunkClasses;
+    state.w0 = ty.w0;
+    state.w1 = ty.w1;
+    state.max_z = state.sum = state.label_z = static_cast<acc_t>(0);
+    acc_t exps[kCeChunkClasses];
+    ce_pixel_chunk_exps(state, 0, geo.C, buf.staged, exps);
+    const int p = (t.wy0 + y) * geo.W + t.wx0 + x;
+    ce_mean_add(state, ce_forward_pixel_finish(state, sample_loss + p, sample_lse + p), mean_sum, mean_count);
+    const acc_t share = state.label == -2 ? quiet_nan<acc_t>() : static_cast<acc_t>(1) / state.sum;
+#pragma unroll
+    for (int g = 0; g < kCeChunkGroups; ++g) {
+      if (g < groups) {
+#pragma unroll
+        for (int i = 0; i < kCeGroupClasses; ++i) {
+          const int q = g * kCeGroupClasses + i;
+          acc_t d = exps[q] * share;
+          if (state.label == q) d -= static_cast<acc_t>(1);
+          const acc_t gd = state.label == -1 ? static_cast<acc_t>(0) : d;  // ignored: d may be NaN
+          sum_row[q] = fma_acc(ty.to_first, gd, sum_row[q]);
+          sum_next[q] = fma_acc(ty.to_next, gd, sum_next[q]);
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int q = 0; q < kCeChunkClasses; ++q) {
+    if (q < geo.C) {
+      buf.to_row[q * buf.slot + kq * cols + x] = sum_row[q];
+      buf.to_next_row[q * buf.slot + (kq + t.parts) * cols + x] = sum_next[q];
+    }
+  }
+}
+
+// The CE mean's tree of a forward-with-gradient block (after the plan's buffers).
+template <typename acc_t>
+struct CeMeanTree {
+  acc_t* sums;
+  int64_t* counts;
+};
+
+template <typename acc_t>
+BISENET_HD CeMeanTree<acc_t> ce_fused_mean_tree(unsigned char* base, const CeBackwardPlan& plan) {
+  const int64_t tree = ce_backward_layout<acc_t>(plan).tree;
+  return {reinterpret_cast<acc_t*>(base + tree),
+          reinterpret_cast<int64_t*>(base + tree + kSumThreads * static_cast<int64_t>(sizeof(acc_t)))};
+}
+
 // The grid-line logits' pass, item = (n * C + c) * rim_pixels + p: the sum of the tiles'
 // partial gradients (rim_sum) into grad_logits (N, C, h, w). index_t: int32_t where the
 // items fit, else int64_t.
@@ -1024,29 +1158,47 @@ template <typename acc_t>
 inline void ce_backward_capacities(const CeGeometry<acc_t>& geo, CeBackwardPlan* plan) {
   plan->window_rows = most_owned_span(geo.h, geo.H, geo.scale_y, plan->band);
   plan->window_cols = most_owned_span(geo.w, geo.W, geo.scale_x, plan->chunk);
-  // parts x columns is at most kCeBackwardThreads / band where a tile has parts, else its columns
-  const int split = kCeBackwardThreads / plan->band;
-  plan->part_cols = plan->window_cols > split ? plan->window_cols : split;
+  // parts x columns is at most kCeBackwardThreads / band and most_parts x columns where a tile
+  // has parts, else its columns
+  const int split = kCeBackwardThreads / plan->band, most = plan->most_parts * plan->window_cols;
+  const int parts_cols = split < most ? split : most;
+  plan->part_cols = plan->window_cols > parts_cols ? plan->window_cols : parts_cols;
   plan->shared_bytes = ce_backward_layout<acc_t>(*plan).bytes;
 }
 
 template <typename acc_t>
 inline bool plan_ce_backward(const CeGeometry<acc_t>& geo, int band, int chunk, int64_t budget_bytes,
-                             CeBackwardPlan* plan) {
+                             CeBackwardPlan* plan, int pass_classes = kCePassClasses) {
+  plan->pass_classes = pass_classes;
+  plan->most_parts = kCeMaxParts;
+  // the forward with gradient's segment sums take 20 classes: it splits segments into fewer
+  // parts before it takes a smaller tile
+  const auto fewer_parts = [&] {
+    if (pass_classes != kCeChunkClasses || plan->most_parts == 1) return false;
+    plan->most_parts /= 2;
+    return true;
+  };
   if (band > 0 && chunk > 0) {
     plan->band = band;
     plan->chunk = chunk;
-    ce_backward_capacities(geo, plan);
+    do ce_backward_capacities(geo, plan);
+    while (plan->shared_bytes > budget_bytes && fewer_parts());
     return plan->shared_bytes <= budget_bytes;
   }
   const int target_rows = 32, target_cols = 64;
   band = static_cast<int>((static_cast<int64_t>(target_rows) * geo.h + geo.H - 1) / geo.H);
   chunk = static_cast<int>((static_cast<int64_t>(target_cols) * geo.w + geo.W - 1) / geo.W);
   plan->band = band < 1 ? 1 : (band > geo.h ? geo.h : band);
+  if (pass_classes == kCeChunkClasses) {  // an inner tile's segment items one round of the block
+    const int most = static_cast<int>(static_cast<int64_t>(kCeBackwardThreads) * geo.w / (plan->band * geo.W));
+    chunk = chunk < most ? chunk : most;
+  }
   plan->chunk = chunk < 1 ? 1 : (chunk > geo.w ? geo.w : chunk);
   while (true) {
     ce_backward_capacities(geo, plan);
-    if (plan->shared_bytes <= budget_bytes || (plan->band == 1 && plan->chunk == 1)) break;
+    if (plan->shared_bytes <= budget_bytes) break;
+    if (fewer_parts()) continue;
+    if (plan->band == 1 && plan->chunk == 1) break;
     if (plan->chunk > 1 && (plan->window_cols >= plan->window_rows || plan->band == 1)) --plan->chunk;
     else --plan->band;
   }

@@ -31,11 +31,22 @@ struct CeBackwardCall {
   at::Tensor rim;       // workspace: the grid-line logits' partial gradients (bilinear.h: TileRim)
 };
 
+// The forward with gradient (ohem_ce_math.h): the forward's outputs and the CE mean's
+// workspace (one sum and count per backward tile), the gradient of the counted pixels'
+// summed losses, over the backward's tiles with all classes in one pass.
+struct CeForwardGradCall {
+  CeForwardCall forward;  // its plan unused (band 0): the tiles are plan's
+  at::Tensor grad_sum;    // (N, C, h, w) like loss
+  CeBackwardPlan plan;    // pass_classes kCeChunkClasses; band 0 when there is nothing to compute
+  at::Tensor rim;         // as the backward's
+};
+
+// The rim workspace `rim` of a backward-tiled call on logits (bilinear.h: TileRim).
 template <typename acc_t>
-TileRim<acc_t> backward_rim(const CeBackwardCall& call) {
-  return make_tile_rim<acc_t>(call.rim.mutable_data_ptr<acc_t>(), static_cast<int>(call.logits.size(0)),
-                              static_cast<int>(call.logits.size(1)), static_cast<int>(call.logits.size(2)),
-                              static_cast<int>(call.logits.size(3)), call.plan.band, call.plan.chunk, false);
+TileRim<acc_t> tile_rim_of(const at::Tensor& rim, const at::Tensor& logits, const CeBackwardPlan& plan) {
+  return make_tile_rim<acc_t>(rim.mutable_data_ptr<acc_t>(), static_cast<int>(logits.size(0)),
+                              static_cast<int>(logits.size(1)), static_cast<int>(logits.size(2)),
+                              static_cast<int>(logits.size(3)), plan.band, plan.chunk, false);
 }
 
 struct OhemCall {
@@ -59,6 +70,8 @@ struct OhemCall {
 CeForwardCall prepare_ce_forward(const at::Tensor& logits, const at::Tensor& labels, bool with_mean);
 CeBackwardCall prepare_ce_backward(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& labels,
                                    const at::Tensor& lse, int64_t band, int64_t chunk, int64_t shared_budget);
+CeForwardGradCall prepare_ce_forward_grad(const at::Tensor& logits, const at::Tensor& labels, int64_t band,
+                                          int64_t chunk, int64_t shared_budget);
 OhemCall prepare_ohem_weights(const at::Tensor& loss, const at::Tensor& labels, double threshold, int64_t min_kept,
                               const std::optional<at::Tensor>& class_weights);
 
