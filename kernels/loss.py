@@ -21,7 +21,9 @@ tensors, not Python numbers); only `validate=True` syncs, to raise on a bad labe
   ohem_cross_entropy: the per-pixel loss, and the CE mean, are `upsample_cross_entropy`
       (CUDA: the op bisenet_cuda::upsample_ce_forward, csrc/ohem_ce.cu, interpolates on the
       fly, never materialising (N, C, H, W), and its backward writes the low-res gradient
-      directly, deterministically; CPU: plain PyTorch), and the selection, with the OHEM
+      directly, deterministically; the CE mean of a training step, C <= 20, is one op,
+      upsample_ce_forward_grad, the loss and its gradient from the same exps; CPU: plain
+      PyTorch), and the selection, with the OHEM
       loss, is `ohem_weights_op` (CUDA: bisenet_cuda::ohem_weights, a radix select of the
       k-th largest loss and the weights, counts kept on the device; CPU: the sort-based
       reference). With validate=False a label outside [0, C) that is not ignore_index
@@ -299,7 +301,9 @@ def upsample_cross_entropy(logits, labels, ignore_index, with_mean=True):
     on CUDA the forward kernel's blocks and one small kernel, in a fixed order, where torch's
     would take five kernels), or with with_mean=False (OHEM) two empty (0,) tensors, nothing
     computed. Differentiable in loss and mean; the kernels where EXTENSION.runs_kernel says
-    so (their backward: upsample_cross_entropy_backward's kernel), else the reference."""
+    so (their backward: upsample_cross_entropy_backward's kernel; where the mean needs a
+    gradient and C <= 20, the forward with gradient: _UpsampleCrossEntropyKernels), else the
+    reference."""
     check_inputs(logits, labels)
     return _upsample_cross_entropy(logits, labels, ignore_index, with_mean)
 

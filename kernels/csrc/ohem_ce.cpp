@@ -3,7 +3,10 @@
 //   bisenet_cuda::upsample_ce_forward(logits, labels, ignore_index, with_mean=True) -> (loss, lse, mean, denominator)
 //   bisenet_cuda::upsample_ce_backward(grad_loss, logits, labels, lse, ignore_index, band=0, chunk=0)
 //       -> grad_logits
-//   bisenet_cuda::upsample_ce_backward_plan(size, low_size, dtype, band=0, chunk=0, shared_budget=None)
+//   bisenet_cuda::upsample_ce_forward_grad(logits, labels, ignore_index, band=0, chunk=0)
+//       -> (loss, lse, mean, denominator, grad_sum)
+//   bisenet_cuda::upsample_ce_backward_plan(size, low_size, dtype, band=0, chunk=0, shared_budget=None,
+//                                           forward=False)
 //       -> [band, chunk, window_rows, window_cols, shared_bytes, most_rows, most_cols, most_staged,
 //           outputs_written, most_parts, most_segment_items]
 //   bisenet_cuda::upsample_ce_forward_plan(size, low_size, dtype)
@@ -25,7 +28,13 @@
 // kCeMaxSharedBytes; the CPU loops take that, as every sm_80+ GPU does); a tiling over it is the
 // same error on the CPU as at launch. The *_plan ops show a plan (size = (N, C, H, W),
 // low_size = (h, w); shared_budget: the backward's, None for kCeMaxSharedBytes) with the most
-// any tile needs and how many outputs are written (each once: h * w, H * W).
+// any tile needs and how many outputs are written (each once: h * w, H * W); forward=True the
+// forward with gradient's plan.
+// upsample_ce_forward_grad (C <= 20): the forward's outputs with the mean, and grad_sum (N, C,
+// h, w) like loss, the gradient of the counted pixels' summed losses, in one kernel over the
+// backward's tiles (band, chunk as the backward's) with all classes in one pass, and the rim
+// pass; loss and lse are upsample_ce_forward's bits, the mean its value up to the order of
+// the sum.
 // ohem_weights: loss (N, H, W) float32/float64 (the per-pixel losses, 0 where ignored),
 // labels as above, threshold = -log(thresh), min_kept < 0 for valid // 16 -> weights like
 // loss and value = sum(weights * loss), the OHEM loss (ohem_ce_math.h; a sum in a fixed

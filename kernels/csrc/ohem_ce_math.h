@@ -21,6 +21,9 @@
 // along x once per class and window column into shared memory, each window pixel read once
 // per pass of two classes and evaluated once per class. Pixels with a zero incoming gradient
 // (ignored, or not kept by OHEM) add nothing.
+// Forward with gradient (the CE mean's training step, C <= 20): the backward's tiles with all
+// classes in one pass, each pixel's exps evaluated once for its loss and its gradient (see
+// "Forward with gradient" below).
 //
 // The OHEM selection (the k-th largest pixel loss by a radix select, then per-pixel
 // weights) is at the end of this file.
