@@ -194,13 +194,27 @@ void mean_cpu_typed(const CeForwardCall& call) {
   ce_mean_finish(sums[0], counts[0], call.mean.mutable_data_ptr<acc_t>(), call.denominator.mutable_data_ptr<acc_t>());
 }
 
-// A backward-tiled block's tile against the plan's capacities (the CPU loops' buffers).
-void check_tile(const CeTile& t, const CeBackwardPlan& plan, const char* op) {
-  TORCH_CHECK(t.wy1 - t.wy0 <= plan.window_rows && t.wx1 - t.wx0 <= plan.window_cols && t.rows <= plan.band + 1 &&
-                  (t.ly1 - t.ly0 + 1) * t.parts * (t.wx1 - t.wx0) <= (plan.band + 1) * plan.part_cols,
-              op, ": tile at low-res (", t.ly0, ", ", t.lx0, ") has a ", t.wy1 - t.wy0, "x", t.wx1 - t.wx0,
-              " window reading ", t.rows, " rows, the plan has room for ", plan.window_rows, "x", plan.window_cols,
-              " and ", plan.band + 1);
+// The blocks of a kernel over the backward's tiles (op's: the backward, the forward with
+// gradient) one after the other, in either order: body(block, tile, buffers, base), "shared
+// memory" one buffer of the plan's bytes (base) laid out as the kernel lays it out, each tile
+// checked against the plan's capacities.
+template <typename acc_t, typename Body>
+void for_backward_tiles(const CeGeometry<acc_t>& geo, const CeBackwardPlan& plan, const char* op, bool reversed,
+                        Body body) {
+  std::vector<double> shared((plan.shared_bytes + 7) / 8);  // 8-byte aligned, as the kernel's
+  unsigned char* base = reinterpret_cast<unsigned char*>(shared.data());
+  const CeBackwardBuffers<acc_t> buf = ce_backward_buffers<acc_t>(base, plan);
+  for_items(ce_backward_blocks(geo, plan), reversed, [&](int64_t block) {
+    const CeTile t = ce_backward_tile(block, geo, plan);
+    if (reversed)  // shared memory holds no earlier values: a read before a write gives NaN (ints -1)
+      memset(shared.data(), 0xFF, shared.size() * sizeof(double));
+    TORCH_CHECK(t.wy1 - t.wy0 <= plan.window_rows && t.wx1 - t.wx0 <= plan.window_cols && t.rows <= plan.band + 1 &&
+                    (t.ly1 - t.ly0 + 1) * t.parts * (t.wx1 - t.wx0) <= (plan.band + 1) * plan.part_cols,
+                op, ": tile at low-res (", t.ly0, ", ", t.lx0, ") has a ", t.wy1 - t.wy0, "x", t.wx1 - t.wx0,
+                " window reading ", t.rows, " rows, the plan has room for ", plan.window_rows, "x", plan.window_cols,
+                " and ", plan.band + 1);
+    body(block, t, buf, base);
+  });
 }
 
 // The CUDA kernels' blocks one after the other; "threads" are the item loops, "shared
@@ -221,16 +235,11 @@ void backward_cpu_typed(const CeBackwardCall& call, int64_t ignore_index) {
   scalar_t* out = call.grad_logits.mutable_data_ptr<scalar_t>();
   const int64_t pixels = static_cast<int64_t>(geo.H) * geo.W;
   const int64_t plane = static_cast<int64_t>(geo.h) * geo.w;
-  std::vector<double> shared((plan.shared_bytes + 7) / 8);  // 8-byte aligned, as the kernel's
-  const CeBackwardBuffers<acc_t> buf =
-      ce_backward_buffers<acc_t>(reinterpret_cast<unsigned char*>(shared.data()), plan);
   const TileRim<acc_t> rim = tile_rim_of<acc_t>(call.rim, call.logits, plan);
   const bool reversed = cpu_items_reversed();
-  for_items(ce_backward_blocks(geo, plan), reversed, [&](int64_t block) {
-    const CeTile t = ce_backward_tile(block, geo, plan);
-    if (reversed)  // shared memory holds no earlier values: a read before a write gives NaN (ints -1)
-      memset(shared.data(), 0xFF, shared.size() * sizeof(double));
-    check_tile(t, plan, "upsample_ce_backward");
+  for_backward_tiles(geo, plan, "upsample_ce_backward", reversed, [&](int64_t, const CeTile& t,
+                                                                       const CeBackwardBuffers<acc_t>& buf,
+                                                                       unsigned char*) {
     const scalar_t* sample = logit_data + t.n * geo.C * plane;
     scalar_t* sample_out = out + t.n * geo.C * plane;
     const int cols = t.wx1 - t.wx0;
@@ -299,16 +308,11 @@ void forward_grad_cpu_typed(const CeForwardGradCall& call, int64_t ignore_index)
   acc_t* out = call.grad_sum.mutable_data_ptr<acc_t>();
   const int64_t pixels = static_cast<int64_t>(geo.H) * geo.W;
   const int64_t plane = static_cast<int64_t>(geo.h) * geo.w;
-  std::vector<double> shared((plan.shared_bytes + 7) / 8);  // 8-byte aligned, as the kernel's
-  unsigned char* base = reinterpret_cast<unsigned char*>(shared.data());
-  const CeBackwardBuffers<acc_t> buf = ce_backward_buffers<acc_t>(base, plan);
   const TileRim<acc_t> rim = tile_rim_of<acc_t>(call.rim, forward.logits, plan);
   const bool reversed = cpu_items_reversed();
-  for_items(ce_backward_blocks(geo, plan), reversed, [&](int64_t block) {
-    const CeTile t = ce_backward_tile(block, geo, plan);
-    if (reversed)  // shared memory holds no earlier values: a read before a write gives NaN (ints -1)
-      memset(shared.data(), 0xFF, shared.size() * sizeof(double));
-    check_tile(t, plan, "upsample_ce_forward_grad");
+  for_backward_tiles(geo, plan, "upsample_ce_forward_grad", reversed, [&](int64_t block, const CeTile& t,
+                                                                           const CeBackwardBuffers<acc_t>& buf,
+                                                                           unsigned char* base) {
     const scalar_t* sample = logit_data + t.n * geo.C * plane;
     const int cols = t.wx1 - t.wx0, groups = ce_chunk_groups(geo.C);
     const auto tables = [&] {

@@ -625,7 +625,8 @@ BISENET_HD acc_t ohem_weights_pixels(int64_t first, int64_t stride, int64_t pixe
 
 // The backward's launch plan, made once on the host and followed by the CUDA launch and the
 // CPU loop alike: the tile (low-res rows and columns per block), the capacities (the most
-// window rows and columns any block has) and the shared bytes they take.
+// window rows and columns any block has) and the shared bytes they take. The forward with
+// gradient ("Forward with gradient" below) runs the same tiles with its own plan.
 struct CeBackwardPlan {
   int band, chunk;
   int pass_classes;  // classes staged side by side: kCePassClasses (the backward), or
@@ -708,8 +709,9 @@ struct CeBackwardBuffers {
 };
 
 // Where each buffer starts (bytes from the block's shared memory) and the bytes they take:
-// the taps first (16-byte aligned), then the pixels (16 or 32 bytes), the acc_t arrays, the
-// ints, so each stays aligned.
+// the taps first (16-byte aligned), then the pixels (16 or 32 bytes; the forward with
+// gradient's labels 4), the acc_t arrays from a 16-byte boundary, the ints, the forward with
+// gradient's CE mean tree from an 8-byte one, so each stays aligned.
 struct CeBackwardLayout {
   int64_t pixel, staged, to_row, to_next_row, row_taps, col_taps, part_y, column_x;
   int64_t tree;  // the forward with gradient's CE mean tree (ce_mean_tree_bytes), else empty
