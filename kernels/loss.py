@@ -207,12 +207,12 @@ def _register_fakes():
                 labels.new_empty(mean_shape, dtype=dtype), labels.new_empty(mean_shape, dtype=dtype))
 
     @torch.library.register_fake("bisenet_cuda::upsample_ce_backward")
-    def _(grad_loss, logits, labels, lse, ignore_index, band=0, chunk=0):
+    def _(grad_loss, logits, labels, lse, ignore_index, band=0, chunk=0, hard_sum=None, hard_scale=None):
         check_inputs(logits, labels)
         return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
     @torch.library.register_fake("bisenet_cuda::upsample_ce_forward_grad")
-    def _(logits, labels, ignore_index, band=0, chunk=0):
+    def _(logits, labels, ignore_index, band=0, chunk=0, threshold=None):
         check_inputs(logits, labels)
         dtype = accumulate_dtype(logits)
         return (labels.new_empty(labels.shape, dtype=dtype), labels.new_empty(labels.shape, dtype=dtype),
@@ -221,7 +221,7 @@ def _register_fakes():
 
     @torch.library.register_fake("bisenet_cuda::ohem_weights")
     def _(loss, labels, ignore_index, threshold, min_kept, class_weights=None):
-        return torch.empty_like(loss, memory_format=torch.contiguous_format), loss.new_empty(())
+        return torch.empty_like(loss, memory_format=torch.contiguous_format), loss.new_empty(()), loss.new_empty(())
 
 
 # csrc/ohem_ce.cpp (schema, checks, the CPU loops) and csrc/ohem_ce.cu (the CUDA kernels);
@@ -324,8 +324,8 @@ class _OhemWeightsKernels(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, loss, labels, ignore_index, threshold, min_kept, class_weights):
-        weights, value = torch.ops.bisenet_cuda.ohem_weights(loss, labels, ignore_index, threshold, min_kept,
-                                                             class_weights)
+        weights, value, _ = torch.ops.bisenet_cuda.ohem_weights(loss, labels, ignore_index, threshold, min_kept,
+                                                                class_weights)
         ctx.mark_non_differentiable(weights)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(weights)
@@ -352,6 +352,32 @@ def ohem_weights_op(loss, labels, ignore_index, threshold, min_kept, class_weigh
     return weights, (loss * weights).sum()  # the selection a constant, as the kernels' backward
 
 
+class _OhemCrossEntropyKernels(torch.autograd.Function):
+    """The OHEM loss of a training step (no class weights, C <= FUSED_GRAD_MOST_CLASSES) on the
+    kernels: the forward with gradient over the hard pixels (loss > threshold: hard_sum, the
+    gradient of their summed losses), then the selection, whose third output hard_weight is
+    each hard pixel's weight where it took the hard branch, else 0. The backward op then gives
+    hard_sum times hard_weight times the incoming gradient where hard_weight is not 0 (its
+    gather returns at once: one exp a class and pixel in the whole step), else the gather of
+    weights times it (the top-k branch)."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, ignore_index, threshold, min_kept):
+        ops = torch.ops.bisenet_cuda
+        loss, lse, _, _, hard_sum = ops.upsample_ce_forward_grad(logits, labels, ignore_index, 0, 0, threshold)
+        weights, value, hard_weight = ops.ohem_weights(loss, labels, ignore_index, threshold, min_kept)
+        ctx.save_for_backward(logits, labels, lse, weights, hard_sum, hard_weight)
+        ctx.ignore_index = ignore_index
+        return value
+
+    @staticmethod
+    def backward(ctx, grad_value):
+        logits, labels, lse, weights, hard_sum, hard_weight = ctx.saved_tensors
+        grad = torch.ops.bisenet_cuda.upsample_ce_backward(weights * grad_value, logits, labels, lse, ctx.ignore_index,
+                                                           0, 0, hard_sum, hard_weight * grad_value)
+        return grad, None, None, None, None
+
+
 def ohem_cross_entropy(logits, labels, thresh=0.7, min_kept=None, ignore_index=255, validate=True,
                        class_weights=None):
     """See the module docstring. validate=True raises a ValueError on a bad label (a host
@@ -360,12 +386,17 @@ def ohem_cross_entropy(logits, labels, thresh=0.7, min_kept=None, ignore_index=2
     CE (thresh=None) without class weights: the mean the loss op returns. OHEM: two custom
     ops, the per-pixel losses (never (N, C, H, W)) and the OHEM weights (the selection) with
     sum(weights * loss), whose backward hands the loss op weights times the incoming
-    gradient. A pixel's NaN
+    gradient; on the kernels, where the logits need a gradient, no class weights and C <= 20,
+    one Function over the forward with the hard pixels' gradient and the selection
+    (_OhemCrossEntropyKernels). A pixel's NaN
     loss (a bad label) makes the sum NaN whatever its weight. Where a rounding leaves a
     valid pixel's loss a hair below 0, the CUDA selection ranks it as 0."""
     check_inputs(logits, labels)
     if validate:
         check_labels(labels, logits.shape[1], ignore_index)
+    min_kept = -1 if min_kept is None else int(min_kept)
+    if thresh is not None and class_weights is None and EXTENSION.runs_kernel(logits) and _with_grad(logits, True):
+        return _OhemCrossEntropyKernels.apply(logits, labels, ignore_index, -math.log(thresh), min_kept)
     with_mean = thresh is None and class_weights is None
     loss, _, mean, _ = _upsample_cross_entropy(logits, labels, ignore_index, with_mean)
     if with_mean:
@@ -374,6 +405,5 @@ def ohem_cross_entropy(logits, labels, thresh=0.7, min_kept=None, ignore_index=2
         return mean_loss(loss, labels, ignore_index, class_weights)
     if class_weights is not None:
         class_weights = class_weights.to(loss)
-    _, value = ohem_weights_op(loss, labels, ignore_index, -math.log(thresh),
-                               -1 if min_kept is None else int(min_kept), class_weights)
+    _, value = ohem_weights_op(loss, labels, ignore_index, -math.log(thresh), min_kept, class_weights)
     return value

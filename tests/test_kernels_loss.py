@@ -186,14 +186,14 @@ def test_ohem_weights_op_equals_reference(kernel_device, extension, dtype):
     num_valid = int((labels != 255).sum())
     for threshold in (10.0, 4.0, 0.5):  # no hard pixel, some, most
         for k in (1, 2, 17, 250, num_valid // 2, num_valid - 1, num_valid, 10 ** 9):
-            got, value = extension.ohem_weights(loss, labels, 255, threshold, k)
+            got, value, _ = extension.ohem_weights(loss, labels, 255, threshold, k)
             want = loss_module.ohem_weights_reference(loss.cpu(), labels.cpu(), 255, threshold, k)
             assert got.dtype == value.dtype == dtype and got.shape == loss.shape and value.shape == ()
             assert_same_selection(got.cpu(), want)
             # the OHEM loss, summed in the fixed order: nonnegative terms, a few roundings
             rtol = 1e-5 if dtype == torch.float32 else 1e-13
             torch.testing.assert_close(value, (loss * got).sum(), rtol=rtol, atol=0)
-    default_k, _ = extension.ohem_weights(loss, labels.to(torch.uint8), 255, 4.0, -1)  # valid // 16
+    default_k, *_ = extension.ohem_weights(loss, labels.to(torch.uint8), 255, 4.0, -1)  # valid // 16
     assert_same_selection(default_k.cpu(), loss_module.ohem_weights_reference(loss.cpu(), labels.cpu(), 255, 4.0, -1))
 
 
@@ -207,14 +207,14 @@ def test_class_weighted_ohem_weights_op_equals_reference(kernel_device, extensio
     num_valid = int((labels != 255).sum())
     for threshold in (10.0, 4.0, 0.5):
         for k in (1, 17, num_valid // 2, num_valid, -1):
-            got, value = extension.ohem_weights(loss, labels, 255, threshold, k, class_weights.to(kernel_device))
+            got, value, _ = extension.ohem_weights(loss, labels, 255, threshold, k, class_weights.to(kernel_device))
             want = loss_module.ohem_weights_reference(loss.cpu(), labels.cpu(), 255, threshold, k, class_weights)
             assert_same_selection(got.cpu(), want)
             rtol = 1e-5 if dtype == torch.float32 else 1e-13
             torch.testing.assert_close(value, (loss * got).sum(), rtol=rtol, atol=0)
             assert got.sum().item() == pytest.approx(1.0, rel=1e-5)
     # labels >= 5 weigh 0
-    few, _ = extension.ohem_weights(loss, labels, 255, 0.5, 17, class_weights[:5].to(kernel_device))
+    few, *_ = extension.ohem_weights(loss, labels, 255, 0.5, 17, class_weights[:5].to(kernel_device))
     assert_same_selection(few.cpu(), loss_module.ohem_weights_reference(loss.cpu(), labels.cpu(), 255, 0.5, 17,
                                                                         class_weights[:5]))
     assert torch.all(few.cpu()[labels.cpu() >= 5] == 0)
@@ -278,20 +278,23 @@ def test_class_weighted_loss(kernel_device, thresh):
 @pytest.mark.parametrize("thresh", [0.7, None])
 def test_loss_dispatches_few_ops(cpu_loops, thresh):
     """The OHEM loss, forward and backward, on the kernels' path is a handful of dispatched ops
-    (the loss op, the weights op with the weighted sum, the loss's backward op), not the dozens
-    of small ops a selection made of tensor ops issues: each is a kernel launch on a GPU. The
-    CE mean: the forward with gradient returns it and its gradient's sum; the backward is a
-    division and a product, no kernel of its own."""
+    (the forward with the hard pixels' gradient, the weights op with the weighted sum, the
+    backward op, two products for it), not the dozens of small ops a selection made of tensor
+    ops issues: each is a kernel launch on a GPU. The CE mean: the forward with gradient
+    returns it and its gradient's sum; the backward is a division and a product, no kernel of
+    its own."""
     logits, labels = random_case(n=2, c=19, low=(16, 16), high=(128, 128), seed=4)
     logits = logits.float().requires_grad_(True)
     loss_fused(logits, labels, thresh=thresh, validate=False).backward()  # warm-up
     logits.grad = None
     ops = dispatched_ops(lambda: loss_fused(logits, labels, thresh=thresh, validate=False).backward())
-    assert len(ops) <= 6, ops  # with ones_like (the seed), detach, and div + mul (CE) or mul (OHEM)
+    assert len(ops) <= 7, ops  # with ones_like (the seed), detach, and div + mul (CE) or 2 mul (OHEM)
     if thresh is None:
         assert [op for op in ops if "bisenet" in op] == ["bisenet_cuda.upsample_ce_forward_grad.default"], ops
     else:
-        assert sum("bisenet" in op for op in ops) == 3, ops  # forward, weights, backward
+        assert [op for op in ops if "bisenet" in op] == ["bisenet_cuda.upsample_ce_forward_grad.default",
+                                                         "bisenet_cuda.ohem_weights.default",
+                                                         "bisenet_cuda.upsample_ce_backward.default"], ops
 
 
 @pytest.mark.parametrize("c", [5, 21])
@@ -364,6 +367,12 @@ def test_opcheck(kernel_device, extension):
     loss, lse, _, _ = extension.upsample_ce_forward(logits, labels, 255)
     torch.library.opcheck(extension.upsample_ce_backward.default, (torch.randn_like(loss), logits, labels, lse, 255))
     torch.library.opcheck(extension.upsample_ce_forward_grad.default, (logits, labels, 255))
+    torch.library.opcheck(extension.upsample_ce_forward_grad.default, (logits, labels, 255, 0, 0, 1.5))
+    hard_sum = torch.randn_like(logits)
+    for scale in (0.0, 0.5):  # the gather, or hard_sum scaled
+        torch.library.opcheck(extension.upsample_ce_backward.default,
+                              (torch.randn_like(loss), logits, labels, lse, 255, 0, 0, hard_sum,
+                               torch.tensor(scale, device=kernel_device)))
     torch.library.opcheck(extension.ohem_weights.default, (loss, labels, 255, 0.5, 20))
     torch.library.opcheck(extension.ohem_weights.default, (loss, labels, 255, 0.5, 20, torch.rand(4, device=kernel_device)))
 
@@ -692,6 +701,58 @@ def test_cpu_loop_forward_grad_edges(extension):
     assert empty[2] == 0 and empty[3] == 1
 
 
+def test_cpu_loop_forward_grad_over_the_hard_pixels(extension):
+    """With a threshold (OHEM's -log(thresh)) grad_sum adds up only the hard pixels, loss >
+    threshold as the selection compares them (a bad label's NaN loss is not hard); loss and lse
+    are unchanged."""
+    logits, labels = random_case(n=2, c=19, low=(9, 13), high=(67, 101), seed=13)
+    labels[0, 3, 5] = 200  # a bad label: NaN loss, not hard, no NaN in the gradient
+    loss, lse, _, _ = extension.upsample_ce_forward(logits, labels, 255)
+    threshold = 2.5
+    hard = ((labels != 255) & (loss > threshold)).double()
+    assert 0 < hard.sum() < (labels != 255).sum()
+    want = loss_module.upsample_cross_entropy_backward_reference(hard, logits, labels, lse, 255)
+    for band, chunk in BACKWARD_TILES:
+        got_loss, got_lse, _, _, hard_sum = extension.upsample_ce_forward_grad(logits, labels, 255, band, chunk,
+                                                                               threshold)
+        torch.testing.assert_close(got_loss, loss, rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(got_lse, lse, rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(hard_sum, want, rtol=0, atol=1e-13 * support_size((9, 13), (67, 101)))
+
+
+def test_cpu_loop_ohem_hard_weight_and_the_backward_it_scales(extension):
+    """ohem_weights' third output: each hard pixel's weight, 1 / hard, where the hard branch
+    was taken; 0 in the top-k branch and with class weights. The backward op given hard_sum
+    and a scale: hard_sum times the scale in the logits' dtype where the scale is not 0 (no
+    gather), the gather's very bits where it is 0; both or neither."""
+    logits, labels = random_case(n=2, c=5, low=(5, 6), high=(19, 23), seed=14)
+    loss, lse, _, _ = extension.upsample_ce_forward(logits, labels, 255)
+    threshold = 1.0
+    hard = int(((labels != 255) & (loss > threshold)).sum())
+    _, _, hard_weight = extension.ohem_weights(loss, labels, 255, threshold, 3)  # k = 3 <= hard: the hard branch
+    assert hard >= 3 and hard_weight.item() == 1.0 / hard
+    _, _, hard_weight = extension.ohem_weights(loss, labels, 255, threshold, 10 ** 6)  # k = valid > hard: top-k
+    assert hard_weight.item() == 0
+    _, _, hard_weight = extension.ohem_weights(loss, labels, 255, threshold, 3, torch.ones(5, dtype=torch.float64))
+    assert hard_weight.item() == 0
+    _, _, hard_weight = extension.ohem_weights(loss[:0], labels[:0], 255, threshold, 3)  # no pixel: k = 0
+    assert hard_weight.item() == 1
+    grad_loss = torch.randn(labels.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(14))
+    hard_sum = torch.randn(logits.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(15))
+    gathered = extension.upsample_ce_backward(grad_loss, logits, labels, lse, 255)
+    scale = torch.tensor(0.25, dtype=torch.float64)
+    assert torch.equal(extension.upsample_ce_backward(grad_loss, logits, labels, lse, 255, 0, 0, hard_sum, scale),
+                       hard_sum * 0.25)
+    assert torch.equal(extension.upsample_ce_backward(grad_loss, logits, labels, lse, 255, 0, 0, hard_sum,
+                                                      torch.zeros_like(scale)), gathered)
+    with pytest.raises(RuntimeError, match="hard_sum and hard_scale come together"):
+        extension.upsample_ce_backward(grad_loss, logits, labels, lse, 255, 0, 0, hard_sum)
+    with pytest.raises(RuntimeError, match="hard_sum must be Double"):
+        extension.upsample_ce_backward(grad_loss, logits, labels, lse, 255, 0, 0, hard_sum[:1], scale)
+    with pytest.raises(RuntimeError, match="hard_scale must be a 0-dim Double"):
+        extension.upsample_ce_backward(grad_loss, logits, labels, lse, 255, 0, 0, hard_sum, scale.view(1))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_cpu_loop_low_precision_matches_float64(extension, dtype):
     n, c, low, high = 2, 19, (8, 8), (64, 64)
@@ -924,10 +985,10 @@ def test_cuda_ohem_weights_at_the_seeds_size(cuda_kernel):
     loss, labels = selection_case(4 * 1024 * 1024, torch.float32, device="cuda")
     num_valid = int((labels != 255).sum())
     for k in (1, 7, num_valid // 16, num_valid // 2, num_valid):
-        got, value = cuda_kernel.ohem_weights(loss, labels, 255, 4.0, k)
+        got, value, _ = cuda_kernel.ohem_weights(loss, labels, 255, 4.0, k)
         assert_same_selection(got, loss_module.ohem_weights_reference(loss, labels, 255, 4.0, k))
         # the OHEM loss's fixed-order sum: the CPU loop's bits
-        cpu_weights, cpu_value = cuda_kernel.ohem_weights(loss.cpu(), labels.cpu(), 255, 4.0, k)
+        cpu_weights, cpu_value, _ = cuda_kernel.ohem_weights(loss.cpu(), labels.cpu(), 255, 4.0, k)
         assert torch.equal(got.cpu(), cpu_weights) and torch.equal(value.cpu(), cpu_value)
 
 

@@ -295,6 +295,7 @@ def test_loss_loops_give_the_same_bits_in_either_item_order(extension, monkeypat
             outputs = [loss, lse, extension.upsample_ce_backward(grad_loss, logits, labels, lse, 255, *tile)]
             if classes <= 20 and tile != (5, 64):  # the forward with gradient (5 x 64: over its budget)
                 outputs += extension.upsample_ce_forward_grad(logits, labels, 255, *tile)
+                outputs.append(extension.upsample_ce_forward_grad(logits, labels, 255, *tile, 2.5)[4])  # OHEM's
             return outputs
         ascending, descending = run_in_both_orders(monkeypatch, run)
         assert_same_bits(ascending, descending, (low, high, tile))
@@ -486,8 +487,17 @@ def test_cuda_loss_equals_cpu_loop_bitwise(extension, high, low, dtype):
         poison_cuda_cache(logits.numel() * 8)
         cuda_grad = extension.upsample_ce_backward(grad_loss.cuda(), logits.cuda(), labels.cuda(), cuda_lse, 255, *tile)
         assert torch.equal(cuda_grad.cpu(), grad), tile
-        fused = extension.upsample_ce_forward_grad(logits, labels, 255, *tile)
+        for threshold in (None, 2.5):  # the CE mean's step, OHEM's (the hard pixels' gradient)
+            fused = extension.upsample_ce_forward_grad(logits, labels, 255, *tile, threshold)
+            poison_cuda_cache(logits.numel() * 8)
+            cuda_fused = extension.upsample_ce_forward_grad(logits.cuda(), labels.cuda(), 255, *tile, threshold)
+            for name, cuda_value, value in zip(("loss", "lse", "mean", "denominator", "grad_sum"), cuda_fused, fused):
+                assert torch.equal(cuda_value.cpu(), value), (tile, threshold, name)
+    hard_sum = extension.upsample_ce_forward_grad(logits, labels, 255, 0, 0, 2.5)[4]
+    for scale in (0.0, 0.375):  # OHEM's top-k branch (the gather), its hard branch (hard_sum scaled)
+        hard_scale = torch.tensor(scale)
+        grad = extension.upsample_ce_backward(grad_loss, logits, labels, lse, 255, 0, 0, hard_sum, hard_scale)
         poison_cuda_cache(logits.numel() * 8)
-        cuda_fused = extension.upsample_ce_forward_grad(logits.cuda(), labels.cuda(), 255, *tile)
-        for name, cuda_value, value in zip(("loss", "lse", "mean", "denominator", "grad_sum"), cuda_fused, fused):
-            assert torch.equal(cuda_value.cpu(), value), (tile, name)
+        cuda_grad = extension.upsample_ce_backward(grad_loss.cuda(), logits.cuda(), labels.cuda(), cuda_lse, 255, 0, 0,
+                                                   hard_sum.cuda(), hard_scale.cuda())
+        assert torch.equal(cuda_grad.cpu(), grad), scale

@@ -233,6 +233,14 @@ void backward_cpu_typed(const CeBackwardCall& call, int64_t ignore_index) {
   const acc_t* grad_loss = call.grad_loss.const_data_ptr<acc_t>();
   const acc_t* lse = call.lse.const_data_ptr<acc_t>();
   scalar_t* out = call.grad_logits.mutable_data_ptr<scalar_t>();
+  if (call.hard_scale.defined()) {  // OHEM's hard branch: the hard pixels' sum times the scale, no gather
+    const acc_t scale = *call.hard_scale.const_data_ptr<acc_t>();
+    if (scale != static_cast<acc_t>(0)) {
+      const acc_t* hard_sum = call.hard_sum.const_data_ptr<acc_t>();
+      for (int64_t i = 0; i < logits.numel(); ++i) ce_hard_scaled_item(i, hard_sum, scale, out);
+      return;
+    }
+  }
   const int64_t pixels = static_cast<int64_t>(geo.H) * geo.W;
   const int64_t plane = static_cast<int64_t>(geo.h) * geo.w;
   const TileRim<acc_t> rim = tile_rim_of<acc_t>(call.rim, call.logits, plan);
@@ -306,6 +314,7 @@ void forward_grad_cpu_typed(const CeForwardGradCall& call, int64_t ignore_index)
   acc_t* block_sums = forward.block_sums.mutable_data_ptr<acc_t>();
   int64_t* block_counts = forward.block_counts.mutable_data_ptr<int64_t>();
   acc_t* out = call.grad_sum.mutable_data_ptr<acc_t>();
+  const CeGradPixels<acc_t> which{call.hard_only, static_cast<acc_t>(call.threshold)};
   const int64_t pixels = static_cast<int64_t>(geo.H) * geo.W;
   const int64_t plane = static_cast<int64_t>(geo.h) * geo.w;
   const TileRim<acc_t> rim = tile_rim_of<acc_t>(call.rim, forward.logits, plan);
@@ -336,7 +345,7 @@ void forward_grad_cpu_typed(const CeForwardGradCall& call, int64_t ignore_index)
       acc_t mean_sum = static_cast<acc_t>(0);
       int64_t mean_count = 0;
       for (int item = static_cast<int>(thread); item < segment_items; item += kCeBackwardThreads)
-        ce_fused_segment_item(item / cols, item % cols, t, geo, buf, loss + t.n * pixels, lse + t.n * pixels,
+        ce_fused_segment_item(item / cols, item % cols, t, geo, buf, which, loss + t.n * pixels, lse + t.n * pixels,
                               &mean_sum, &mean_count);
       tree.sums[thread] = mean_sum;
       tree.counts[thread] = mean_count;
@@ -407,11 +416,27 @@ CeForwardCall prepare_ce_forward(const at::Tensor& logits, const at::Tensor& lab
 }
 
 CeBackwardCall prepare_ce_backward(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& labels,
-                                   const at::Tensor& lse, int64_t band, int64_t chunk, int64_t shared_budget) {
+                                   const at::Tensor& lse, int64_t band, int64_t chunk, int64_t shared_budget,
+                                   const std::optional<at::Tensor>& hard_sum, const std::optional<at::Tensor>& hard_scale) {
   check_inputs("upsample_ce_backward", logits, labels);
   check_pixel_tensor("upsample_ce_backward", "grad_loss", grad_loss, logits, labels);
   check_pixel_tensor("upsample_ce_backward", "lse", lse, logits, labels);
+  TORCH_CHECK(hard_sum.has_value() == hard_scale.has_value(),
+              "upsample_ce_backward: hard_sum and hard_scale come together");
   CeBackwardCall call;
+  if (hard_sum.has_value()) {
+    TORCH_CHECK(hard_sum->sizes() == logits.sizes() && hard_sum->scalar_type() == acc_type(logits) &&
+                    hard_sum->device() == logits.device(),
+                "upsample_ce_backward: hard_sum must be ", acc_type(logits), " ", logits.sizes(), " on ",
+                logits.device(), " like logits, got ", hard_sum->scalar_type(), " ", hard_sum->sizes(), " on ",
+                hard_sum->device());
+    TORCH_CHECK(hard_scale->dim() == 0 && hard_scale->scalar_type() == acc_type(logits) &&
+                    hard_scale->device() == logits.device(),
+                "upsample_ce_backward: hard_scale must be a 0-dim ", acc_type(logits), " on ", logits.device(),
+                ", got ", hard_scale->scalar_type(), " ", hard_scale->sizes(), " on ", hard_scale->device());
+    call.hard_sum = hard_sum->contiguous();
+    call.hard_scale = *hard_scale;
+  }
   call.logits = logits.contiguous();
   call.labels = labels.contiguous();
   const auto strides = grad_loss.strides();
@@ -440,11 +465,13 @@ CeBackwardCall prepare_ce_backward(const at::Tensor& grad_loss, const at::Tensor
 }
 
 CeForwardGradCall prepare_ce_forward_grad(const at::Tensor& logits, const at::Tensor& labels, int64_t band,
-                                          int64_t chunk, int64_t shared_budget) {
+                                          int64_t chunk, int64_t shared_budget, std::optional<double> threshold) {
   check_inputs("upsample_ce_forward_grad", logits, labels);
   TORCH_CHECK(logits.size(1) <= kCeFusedMostClasses, "upsample_ce_forward_grad: logits ", logits.sizes(), " have ",
               logits.size(1), " classes, at most ", kCeFusedMostClasses, " are taken in one pass");
   CeForwardGradCall call;
+  call.hard_only = threshold.has_value();
+  call.threshold = threshold.value_or(0.0);
   CeForwardCall& forward = call.forward;
   forward.logits = logits.contiguous();
   forward.labels = labels.contiguous();
@@ -493,6 +520,7 @@ OhemCall prepare_ohem_weights(const at::Tensor& loss, const at::Tensor& labels, 
   call.labels = labels.contiguous();
   call.weights = at::empty_like(call.loss);
   call.value = at::empty({}, call.loss.options());
+  call.hard_weight = at::empty({}, call.loss.options());
   call.block_sums = at::empty({sum_blocks(call.loss.numel())}, call.loss.options());
   call.threshold = threshold;
   call.min_kept = min_kept;
@@ -536,8 +564,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> upsample_ce_forward_c
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> upsample_ce_forward_grad_cpu(
-    const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index, int64_t band, int64_t chunk) {
-  const CeForwardGradCall call = prepare_ce_forward_grad(logits, labels, band, chunk, kCeMaxSharedBytes);
+    const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index, int64_t band, int64_t chunk,
+    std::optional<double> threshold) {
+  const CeForwardGradCall call = prepare_ce_forward_grad(logits, labels, band, chunk, kCeMaxSharedBytes, threshold);
   if (call.plan.band != 0) {
 #define BISENET_CE_FORWARD_GRAD(scalar_t, label_t) forward_grad_cpu_typed<scalar_t, label_t>(call, ignore_index)
     BISENET_CE_DISPATCH(call.forward.logits, call.forward.labels, BISENET_CE_FORWARD_GRAD);
@@ -550,8 +579,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> upsample_
 }
 
 at::Tensor upsample_ce_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& labels,
-                                    const at::Tensor& lse, int64_t ignore_index, int64_t band, int64_t chunk) {
-  const CeBackwardCall call = prepare_ce_backward(grad_loss, logits, labels, lse, band, chunk, kCeMaxSharedBytes);
+                                    const at::Tensor& lse, int64_t ignore_index, int64_t band, int64_t chunk,
+                                    const std::optional<at::Tensor>& hard_sum,
+                                    const std::optional<at::Tensor>& hard_scale) {
+  const CeBackwardCall call = prepare_ce_backward(grad_loss, logits, labels, lse, band, chunk, kCeMaxSharedBytes,
+                                                  hard_sum, hard_scale);
   if (call.plan.band == 0) return call.grad_logits;
 #define BISENET_CE_BACKWARD(scalar_t, label_t) backward_cpu_typed<scalar_t, label_t>(call, ignore_index)
   BISENET_CE_DISPATCH(call.logits, call.labels, BISENET_CE_BACKWARD);
@@ -586,6 +618,7 @@ void ohem_weights_cpu_typed(const OhemCall& call, int64_t ignore_index) {
     if (pass == 0) ohem_setup(state, call.min_kept);
     if (!state[kOhemUseHard]) ohem_pick_digit(pass_counts, shift, state);
   }
+  *call.hard_weight.mutable_data_ptr<acc_t>() = ohem_hard_weight<acc_t>(state, call.classes > 0);
   // the weights pass, its fixed-order sum of weight x loss as the kernels' (sum_final_kernel)
   const auto weights_pass = [&](auto weight_of) {
     const int64_t blocks = call.block_sums.numel();
@@ -624,14 +657,15 @@ void ohem_weights_cpu_typed(const OhemCall& call, int64_t ignore_index) {
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> ohem_weights_cpu(const at::Tensor& loss, const at::Tensor& labels,
-                                                    int64_t ignore_index, double threshold, int64_t min_kept,
-                                                    const std::optional<at::Tensor>& class_weights) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ohem_weights_cpu(const at::Tensor& loss, const at::Tensor& labels,
+                                                                int64_t ignore_index, double threshold,
+                                                                int64_t min_kept,
+                                                                const std::optional<at::Tensor>& class_weights) {
   const OhemCall call = prepare_ohem_weights(loss, labels, threshold, min_kept, class_weights);
 #define BISENET_OHEM_WEIGHTS(acc_t, label_t) ohem_weights_cpu_typed<acc_t, label_t>(call, ignore_index)
   BISENET_OHEM_DISPATCH(call.loss, call.labels, BISENET_OHEM_WEIGHTS);
 #undef BISENET_OHEM_WEIGHTS
-  return {call.weights, call.value};
+  return {call.weights, call.value, call.hard_weight};
 }
 
 // The plan upsample_ce_backward would follow for these sizes, the most any of its tiles needs
@@ -705,16 +739,16 @@ TORCH_LIBRARY_FRAGMENT(bisenet_cuda, m) {
         "(Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "upsample_ce_backward(Tensor grad_loss, Tensor logits, Tensor labels, Tensor lse, int ignore_index, int band=0, "
-      "int chunk=0) -> Tensor");
+      "int chunk=0, Tensor? hard_sum=None, Tensor? hard_scale=None) -> Tensor");
   m.def("upsample_ce_backward_plan(int[] size, int[] low_size, ScalarType dtype, int band=0, int chunk=0, "
         "int? shared_budget=None, bool forward=False) -> int[]",
         &bisenet::upsample_ce_backward_plan);
   m.def("upsample_ce_forward_plan(int[] size, int[] low_size, ScalarType dtype) -> int[]",
         &bisenet::upsample_ce_forward_plan);
-  m.def("upsample_ce_forward_grad(Tensor logits, Tensor labels, int ignore_index, int band=0, int chunk=0) -> "
-        "(Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("upsample_ce_forward_grad(Tensor logits, Tensor labels, int ignore_index, int band=0, int chunk=0, "
+        "float? threshold=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("ohem_weights(Tensor loss, Tensor labels, int ignore_index, float threshold, int min_kept, "
-        "Tensor? class_weights=None) -> (Tensor, Tensor)");
+        "Tensor? class_weights=None) -> (Tensor, Tensor, Tensor)");
 }
 
 // the CUDA implementations are registered in ohem_ce.cu

@@ -174,7 +174,9 @@ template <typename scalar_t, typename label_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads, 4) ce_backward_kernel(
     CeGeometry<acc_t> geo, CeBackwardPlan plan, const scalar_t* __restrict__ logits,
     const label_t* __restrict__ labels, const acc_t* __restrict__ grad_loss, int grad_stride,
-    const acc_t* __restrict__ lse, int64_t ignore_index, scalar_t* __restrict__ grad_logits, TileRim<acc_t> rim) {
+    const acc_t* __restrict__ lse, int64_t ignore_index, scalar_t* __restrict__ grad_logits, TileRim<acc_t> rim,
+    const acc_t* __restrict__ hard_scale) {
+  if (hard_scale != nullptr && *hard_scale != static_cast<acc_t>(0)) return;  // OHEM's hard branch: no gather
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   const CeBackwardBuffers<acc_t> buf = ce_backward_buffers<acc_t>(shared_bytes, plan);
   const CeTile t = ce_backward_tile(blockIdx.x, geo, plan);
@@ -259,6 +261,19 @@ __global__ void __launch_bounds__(kThreads, 4) ce_backward_kernel(
   }
 }
 
+// OHEM's hard branch (ohem_ce_math.h: ohem_hard_weight): where *hard_scale is not 0, the
+// logits' gradient is hard_sum times it (the gather's kernels returned at once).
+template <typename scalar_t, typename acc_t, typename index_t>
+__global__ void __launch_bounds__(kThreads) ce_hard_scaled_kernel(index_t count, const acc_t* __restrict__ hard_sum,
+                                                                 const acc_t* __restrict__ hard_scale,
+                                                                 scalar_t* __restrict__ grad_logits) {
+  const acc_t scale = *hard_scale;
+  if (scale == static_cast<acc_t>(0)) return;
+  for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < count;
+       i += static_cast<index_t>(gridDim.x) * blockDim.x)
+    ce_hard_scaled_item(i, hard_sum, scale, grad_logits);
+}
+
 // The forward with gradient (ohem_ce_math.h, "Forward with gradient"): one block per backward
 // tile, all classes in one pass: the window's labels and taps, the tile's rows of every class
 // staged, then the segment items (loss, lse, the CE mean's sums, the gradient's segment sums),
@@ -267,9 +282,9 @@ __global__ void __launch_bounds__(kThreads, 4) ce_backward_kernel(
 template <typename scalar_t, typename label_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads, 2) ce_forward_grad_kernel(
     CeGeometry<acc_t> geo, CeBackwardPlan plan, const scalar_t* __restrict__ logits,
-    const label_t* __restrict__ labels, int64_t ignore_index, acc_t* __restrict__ loss, acc_t* __restrict__ lse,
-    acc_t* __restrict__ block_sums, int64_t* __restrict__ block_counts, acc_t* __restrict__ grad_sum,
-    TileRim<acc_t> rim) {
+    const label_t* __restrict__ labels, int64_t ignore_index, CeGradPixels<acc_t> which, acc_t* __restrict__ loss,
+    acc_t* __restrict__ lse, acc_t* __restrict__ block_sums, int64_t* __restrict__ block_counts,
+    acc_t* __restrict__ grad_sum, TileRim<acc_t> rim) {
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   const CeBackwardBuffers<acc_t> buf = ce_backward_buffers<acc_t>(shared_bytes, plan);
   const CeTile t = ce_backward_tile(blockIdx.x, geo, plan);
@@ -302,7 +317,7 @@ __global__ void __launch_bounds__(kThreads, 2) ce_forward_grad_kernel(
   acc_t mean_sum = static_cast<acc_t>(0);
   int64_t mean_count = 0;
   for_grid_items(ce_tile_segments(t), cols, [&](int k, int x) {
-    ce_fused_segment_item(k, x, t, geo, buf, loss + t.n * pixels, lse + t.n * pixels, &mean_sum, &mean_count);
+    ce_fused_segment_item(k, x, t, geo, buf, which, loss + t.n * pixels, lse + t.n * pixels, &mean_sum, &mean_count);
   });
   const CeMeanTree<acc_t> tree = ce_fused_mean_tree<acc_t>(shared_bytes, plan);
   tree.sums[threadIdx.x] = mean_sum;
@@ -325,7 +340,9 @@ __global__ void __launch_bounds__(kThreads, 2) ce_forward_grad_kernel(
 // The grid-line logits: one thread per (sample, class, grid-line low-res pixel).
 template <typename scalar_t, typename acc_t, typename index_t>
 __global__ void __launch_bounds__(kThreads) ce_backward_rim_kernel(CeGeometry<acc_t> geo, TileRim<acc_t> rim,
-                                                                  index_t count, scalar_t* __restrict__ grad_logits) {
+                                                                  index_t count, scalar_t* __restrict__ grad_logits,
+                                                                  const acc_t* __restrict__ hard_scale) {
+  if (hard_scale != nullptr && *hard_scale != static_cast<acc_t>(0)) return;  // OHEM's hard branch
   for (index_t item = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; item < count;
        item += static_cast<index_t>(gridDim.x) * blockDim.x)
     ce_backward_rim_item<scalar_t, acc_t, index_t>(item, geo, rim, grad_logits);
@@ -472,9 +489,11 @@ __device__ void ohem_weights_block(const acc_t* loss, const label_t* labels, int
 template <typename acc_t, typename label_t>
 __global__ void __launch_bounds__(kSumThreads) ohem_weights_kernel(
     const acc_t* __restrict__ loss, const label_t* __restrict__ labels, int64_t pixels, int64_t ignore_index,
-    acc_t threshold, const int64_t* __restrict__ state, acc_t* __restrict__ weights, acc_t* __restrict__ block_sums) {
+    acc_t threshold, const int64_t* __restrict__ state, acc_t* __restrict__ weights, acc_t* __restrict__ block_sums,
+    acc_t* __restrict__ hard_weight) {
   const OhemSelection selection(state);
   const OhemWeightValues<acc_t> values = ohem_weight_values<acc_t>(selection.state);
+  if (blockIdx.x == 0 && threadIdx.x == 0) *hard_weight = ohem_hard_weight<acc_t>(selection.state, false);
   ohem_weights_block(loss, labels, pixels, weights, block_sums, [&](acc_t value, label_t label) {
     const bool valid = static_cast<int64_t>(label) != ignore_index;
     return ohem_pixel_weight(ohem_pick(value, valid, threshold, selection.state), values);
@@ -513,8 +532,10 @@ template <typename acc_t, typename label_t>
 __global__ void __launch_bounds__(kSumThreads) ohem_class_weights_kernel(
     const acc_t* __restrict__ loss, const label_t* __restrict__ labels, int64_t pixels, int64_t ignore_index,
     acc_t threshold, const int64_t* __restrict__ state, const acc_t* __restrict__ class_weights, int classes,
-    const acc_t* __restrict__ total, acc_t* __restrict__ weights, acc_t* __restrict__ block_sums) {
+    const acc_t* __restrict__ total, acc_t* __restrict__ weights, acc_t* __restrict__ block_sums,
+    acc_t* __restrict__ hard_weight) {
   const acc_t sum = *total;
+  if (blockIdx.x == 0 && threadIdx.x == 0) *hard_weight = ohem_hard_weight<acc_t>(state, true);
   const OhemSelection selection(state);
   ohem_weights_block(loss, labels, pixels, weights, block_sums, [&](acc_t value, label_t label) {
     return ohem_class_pixel_weight(value, label, static_cast<int64_t>(label) != ignore_index, threshold,
@@ -539,13 +560,15 @@ void forward_typed(const CeForwardCall& call, int64_t ignore_index) {
 
 // The rim's grid-line logits into out, after the tiles' kernel.
 template <typename scalar_t, typename acc_t>
-void launch_rim(const CeGeometry<acc_t>& geo, const TileRim<acc_t>& rim, scalar_t* out, cudaStream_t stream) {
+void launch_rim(const CeGeometry<acc_t>& geo, const TileRim<acc_t>& rim, scalar_t* out, cudaStream_t stream,
+                const acc_t* hard_scale = nullptr) {
   const int64_t count = static_cast<int64_t>(geo.N) * geo.C * rim_pixels(rim, geo.h, geo.w);
   const int64_t blocks = std::min<int64_t>((count + kThreads - 1) / kThreads, 65535LL * 8);
   if (count < (int64_t{1} << 30))  // item + the grid's stride (at most 2^29) below 2^31
-    ce_backward_rim_kernel<scalar_t, acc_t, int32_t><<<blocks, kThreads, 0, stream>>>(geo, rim, static_cast<int32_t>(count), out);
+    ce_backward_rim_kernel<scalar_t, acc_t, int32_t>
+        <<<blocks, kThreads, 0, stream>>>(geo, rim, static_cast<int32_t>(count), out, hard_scale);
   else
-    ce_backward_rim_kernel<scalar_t, acc_t, int64_t><<<blocks, kThreads, 0, stream>>>(geo, rim, count, out);
+    ce_backward_rim_kernel<scalar_t, acc_t, int64_t><<<blocks, kThreads, 0, stream>>>(geo, rim, count, out, hard_scale);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -563,13 +586,24 @@ void backward_typed(const CeBackwardCall& call, int64_t ignore_index, int64_t sh
                                         static_cast<int>(shared_budget)));
   const TileRim<acc_t> rim = tile_rim_of<acc_t>(call.rim, logits, call.plan);
   scalar_t* grad_logits = call.grad_logits.mutable_data_ptr<scalar_t>();
+  const acc_t* hard_scale = call.hard_scale.defined() ? call.hard_scale.const_data_ptr<acc_t>() : nullptr;
   auto stream = c10::cuda::getCurrentCUDAStream();
   kernel<<<ce_backward_blocks(geo, call.plan), kThreads, call.plan.shared_bytes, stream>>>(
       geo, call.plan, logits.const_data_ptr<scalar_t>(), call.labels.const_data_ptr<label_t>(),
       call.grad_loss.const_data_ptr<acc_t>(), call.grad_stride, call.lse.const_data_ptr<acc_t>(), ignore_index,
-      grad_logits, rim);
+      grad_logits, rim, hard_scale);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  launch_rim(geo, rim, grad_logits, stream);
+  launch_rim(geo, rim, grad_logits, stream, hard_scale);
+  if (hard_scale == nullptr) return;
+  const int64_t count = logits.numel();
+  const int64_t blocks = std::min<int64_t>((count + kThreads - 1) / kThreads, 65535LL * 8);
+  if (count < (int64_t{1} << 30))
+    ce_hard_scaled_kernel<scalar_t, acc_t, int32_t><<<blocks, kThreads, 0, stream>>>(
+        static_cast<int32_t>(count), call.hard_sum.const_data_ptr<acc_t>(), hard_scale, grad_logits);
+  else
+    ce_hard_scaled_kernel<scalar_t, acc_t, int64_t><<<blocks, kThreads, 0, stream>>>(
+        count, call.hard_sum.const_data_ptr<acc_t>(), hard_scale, grad_logits);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename scalar_t, typename label_t>
@@ -587,7 +621,8 @@ void forward_grad_typed(const CeForwardGradCall& call, int64_t ignore_index, int
   auto stream = c10::cuda::getCurrentCUDAStream();
   kernel<<<ce_backward_blocks(geo, call.plan), kThreads, call.plan.shared_bytes, stream>>>(
       geo, call.plan, forward.logits.const_data_ptr<scalar_t>(), forward.labels.const_data_ptr<label_t>(),
-      ignore_index, forward.loss.mutable_data_ptr<acc_t>(), forward.lse.mutable_data_ptr<acc_t>(),
+      ignore_index, CeGradPixels<acc_t>{call.hard_only, static_cast<acc_t>(call.threshold)},
+      forward.loss.mutable_data_ptr<acc_t>(), forward.lse.mutable_data_ptr<acc_t>(),
       forward.block_sums.mutable_data_ptr<acc_t>(), forward.block_counts.mutable_data_ptr<int64_t>(), grad_sum, rim);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   launch_rim(geo, rim, grad_sum, stream);
@@ -630,9 +665,10 @@ int64_t tile_shared_budget(const at::Tensor& logits) {
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> upsample_ce_forward_grad_cuda(
-    const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index, int64_t band, int64_t chunk) {
+    const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index, int64_t band, int64_t chunk,
+    std::optional<double> threshold) {
   const int64_t shared_budget = tile_shared_budget(logits);
-  const CeForwardGradCall call = prepare_ce_forward_grad(logits, labels, band, chunk, shared_budget);
+  const CeForwardGradCall call = prepare_ce_forward_grad(logits, labels, band, chunk, shared_budget, threshold);
   c10::cuda::CUDAGuard guard(logits.device());
   if (call.plan.band != 0) {
 #define BISENET_CE_FORWARD_GRAD(scalar_t, label_t) forward_grad_typed<scalar_t, label_t>(call, ignore_index, shared_budget)
@@ -646,9 +682,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> upsample_
 }
 
 at::Tensor upsample_ce_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& labels,
-                                     const at::Tensor& lse, int64_t ignore_index, int64_t band, int64_t chunk) {
+                                     const at::Tensor& lse, int64_t ignore_index, int64_t band, int64_t chunk,
+                                     const std::optional<at::Tensor>& hard_sum,
+                                     const std::optional<at::Tensor>& hard_scale) {
   const int64_t shared_budget = tile_shared_budget(logits);
-  const CeBackwardCall call = prepare_ce_backward(grad_loss, logits, labels, lse, band, chunk, shared_budget);
+  const CeBackwardCall call = prepare_ce_backward(grad_loss, logits, labels, lse, band, chunk, shared_budget, hard_sum,
+                                                  hard_scale);
   if (call.plan.band == 0) return call.grad_logits;
   c10::cuda::CUDAGuard guard(logits.device());
 #define BISENET_CE_BACKWARD(scalar_t, label_t) backward_typed<scalar_t, label_t>(call, ignore_index, shared_budget)
@@ -684,7 +723,8 @@ void ohem_weights_typed(const OhemCall& call, int64_t ignore_index) {
   };
   if (call.classes == 0) {
     ohem_weights_kernel<acc_t, label_t><<<sum_grid, kSumThreads, 0, stream>>>(
-        loss, labels, pixels, ignore_index, threshold, state, weights, block_sums);
+        loss, labels, pixels, ignore_index, threshold, state, weights, block_sums,
+        call.hard_weight.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     add_blocks();
     return;
@@ -697,21 +737,24 @@ void ohem_weights_typed(const OhemCall& call, int64_t ignore_index) {
       loss, labels, pixels, ignore_index, threshold, state, call.classes, class_counts, class_weights, total);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   ohem_class_weights_kernel<acc_t, label_t><<<sum_grid, kSumThreads, 0, stream>>>(
-      loss, labels, pixels, ignore_index, threshold, state, class_weights, call.classes, total, weights, block_sums);
+      loss, labels, pixels, ignore_index, threshold, state, class_weights, call.classes, total, weights, block_sums,
+      call.hard_weight.mutable_data_ptr<acc_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   add_blocks();
 }
 
-std::tuple<at::Tensor, at::Tensor> ohem_weights_cuda(const at::Tensor& loss, const at::Tensor& labels,
-                                                     int64_t ignore_index, double threshold, int64_t min_kept,
-                                                     const std::optional<at::Tensor>& class_weights) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ohem_weights_cuda(const at::Tensor& loss, const at::Tensor& labels,
+                                                                 int64_t ignore_index, double threshold,
+                                                                 int64_t min_kept,
+                                                                 const std::optional<at::Tensor>& class_weights) {
   const OhemCall call = prepare_ohem_weights(loss, labels, threshold, min_kept, class_weights);
-  if (call.loss.numel() == 0) return {call.weights, call.value.zero_()};
+  if (call.loss.numel() == 0)  // no pixel: k = 0, the hard branch (none hard) as on the CPU
+    return {call.weights, call.value.zero_(), call.hard_weight.fill_(call.classes > 0 ? 0.0 : 1.0)};
   c10::cuda::CUDAGuard guard(loss.device());
 #define BISENET_OHEM_WEIGHTS(acc_t, label_t) ohem_weights_typed<acc_t, label_t>(call, ignore_index)
   BISENET_OHEM_DISPATCH(call.loss, call.labels, BISENET_OHEM_WEIGHTS);
 #undef BISENET_OHEM_WEIGHTS
-  return {call.weights, call.value};
+  return {call.weights, call.value, call.hard_weight};
 }
 
 }  // namespace

@@ -1066,15 +1066,31 @@ BISENET_HD void ce_fused_stage_item(int r, int g, int x, const CeTile& t, const 
                  (r * (t.wx1 - t.wx0) + x) * kCeChunkClasses + g * kCeGroupClasses, geo, sample, buf.staged);
 }
 
+// Which pixels the forward with gradient's grad_sum adds up: the counted ones (the CE mean's:
+// a bad label's too, its NaN its gradient), or with a threshold the hard ones, loss >
+// threshold (OHEM's: the pixels its hard branch keeps, compared as ohem_pick compares them;
+// a bad label's NaN loss is not hard).
+template <typename acc_t>
+struct CeGradPixels {
+  bool hard_only;
+  acc_t threshold;
+};
+
+template <typename acc_t>
+BISENET_HD bool ce_grad_counts(const CeGradPixels<acc_t>& which, int label, acc_t pixel_loss) {
+  if (label == -2) return !which.hard_only;
+  return label >= 0 && (!which.hard_only || pixel_loss > which.threshold);
+}
+
 // Segment item (kq, x) as the backward's (ce_backward_segment_item), all classes: for each of
 // its rows the pixel's loss and lse into sample_loss and sample_lse (sample n's (H, W)), its
 // counted loss into the thread's CE mean sums (ce_mean_add), and exps[c] / sum - [c == label]
-// (0 where ignored) summed with the row's weights to the segment's two low-res rows. The
-// division once a pixel (1 / sum, IEEE on both sides), a product a class.
+// (0 where the pixel is not one of `which`) summed with the row's weights to the segment's
+// two low-res rows. The division once a pixel (1 / sum, IEEE on both sides), a product a class.
 template <typename acc_t>
 BISENET_HD void ce_fused_segment_item(int kq, int x, const CeTile& t, const CeGeometry<acc_t>& geo,
-                                      const CeBackwardBuffers<acc_t>& buf, acc_t* sample_loss, acc_t* sample_lse,
-                                      acc_t* mean_sum, int64_t* mean_count) {
+                                      const CeBackwardBuffers<acc_t>& buf, const CeGradPixels<acc_t>& which,
+                                      acc_t* sample_loss, acc_t* sample_lse, acc_t* mean_sum, int64_t* mean_count) {
   const int cols = t.wx1 - t.wx0, groups = ce_chunk_groups(geo.C);
   acc_t sum_row[kCeChunkClasses], sum_next[kCeChunkClasses];
 #pragma unroll
@@ -1093,7 +1109,9 @@ BISENET_HD void ce_fused_segment_item(int kq, int x, const CeTile& t, const CeGe
     acc_t exps[kCeChunkClasses];
     ce_pixel_chunk_exps(state, 0, geo.C, buf.staged, exps);
     const int p = (t.wy0 + y) * geo.W + t.wx0 + x;
-    ce_mean_add(state, ce_forward_pixel_finish(state, sample_loss + p, sample_lse + p), mean_sum, mean_count);
+    const acc_t pixel_loss = ce_forward_pixel_finish(state, sample_loss + p, sample_lse + p);
+    ce_mean_add(state, pixel_loss, mean_sum, mean_count);
+    const bool counts = ce_grad_counts(which, state.label, pixel_loss);
     const acc_t share = state.label == -2 ? quiet_nan<acc_t>() : static_cast<acc_t>(1) / state.sum;
 #pragma unroll
     for (int g = 0; g < kCeChunkGroups; ++g) {
@@ -1103,7 +1121,7 @@ BISENET_HD void ce_fused_segment_item(int kq, int x, const CeTile& t, const CeGe
           const int q = g * kCeGroupClasses + i;
           acc_t d = exps[q] * share;
           if (state.label == q) d -= static_cast<acc_t>(1);
-          const acc_t gd = state.label == -1 ? static_cast<acc_t>(0) : d;  // ignored: d may be NaN
+          const acc_t gd = counts ? d : static_cast<acc_t>(0);  // not counted (ignored): d may be NaN
           sum_row[q] = fma_acc(ty.to_first, gd, sum_row[q]);
           sum_next[q] = fma_acc(ty.to_next, gd, sum_next[q]);
         }
@@ -1131,6 +1149,13 @@ BISENET_HD CeMeanTree<acc_t> ce_fused_mean_tree(unsigned char* base, const CeBac
   const int64_t tree = ce_backward_layout<acc_t>(plan).tree;
   return {reinterpret_cast<acc_t*>(base + tree),
           reinterpret_cast<int64_t*>(base + tree + kSumThreads * static_cast<int64_t>(sizeof(acc_t)))};
+}
+
+// The backward where the OHEM loss took its hard branch (ohem_hard_weight): element i of the
+// logits' gradient, hard_sum[i] times scale (the hard weight times the incoming gradient).
+template <typename scalar_t, typename acc_t, typename index_t>
+BISENET_HD void ce_hard_scaled_item(index_t i, const acc_t* hard_sum, acc_t scale, scalar_t* grad_logits) {
+  grad_logits[i] = static_cast<scalar_t>(hard_sum[i] * scale);
 }
 
 // The grid-line logits' pass, item = (n * C + c) * rim_pixels + p: the sum of the tiles'
@@ -1351,6 +1376,15 @@ BISENET_HD OhemWeightValues<acc_t> ohem_weight_values(const int64_t* state) {
     values.tied = ohem_tied_share<acc_t>(state) / k;
   }
   return values;
+}
+
+// The weight each hard pixel gets where the hard branch was taken, else 0 (the top-k branch,
+// or class weights: ohem_weights' caller passes has_class_weights). Where it is not 0 the
+// OHEM loss's gradient is the forward with gradient's sum over the hard pixels (CeGradPixels)
+// times it (ce_hard_scaled_item), and the backward's gather is skipped.
+template <typename acc_t>
+BISENET_HD acc_t ohem_hard_weight(const int64_t* state, bool has_class_weights) {
+  return state[kOhemUseHard] && !has_class_weights ? ohem_weight_values<acc_t>(state).kept : static_cast<acc_t>(0);
 }
 
 template <typename acc_t>

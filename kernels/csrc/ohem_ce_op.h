@@ -29,6 +29,10 @@ struct CeBackwardCall {
   at::Tensor grad_logits;
   CeBackwardPlan plan;  // ohem_ce_math.h; unset when there is nothing to compute (an empty batch)
   at::Tensor rim;       // workspace: the grid-line logits' partial gradients (bilinear.h: TileRim)
+  // optional, both or neither: where hard_scale (() like lse, on the device) is not 0, the
+  // gradient is hard_sum (like logits, in lse's dtype) times it and the gather is skipped
+  // (ohem_ce_math.h: ohem_hard_weight)
+  at::Tensor hard_sum, hard_scale;
 };
 
 // The forward with gradient (ohem_ce_math.h): the forward's outputs and the CE mean's
@@ -39,6 +43,8 @@ struct CeForwardGradCall {
   at::Tensor grad_sum;    // (N, C, h, w) like loss
   CeBackwardPlan plan;    // pass_classes kCeChunkClasses; band 0 when there is nothing to compute
   at::Tensor rim;         // as the backward's
+  bool hard_only = false;  // grad_sum over the hard pixels, loss > threshold (ohem_ce_math.h: CeGradPixels)
+  double threshold = 0;
 };
 
 // The rim workspace `rim` of a backward-tiled call on logits (bilinear.h: TileRim).
@@ -53,6 +59,7 @@ struct OhemCall {
   at::Tensor loss, labels;  // (N, H, W) contiguous; loss float32 or float64
   at::Tensor weights;       // like loss
   at::Tensor value;         // () like loss: sum(weights * loss), the OHEM loss
+  at::Tensor hard_weight;   // () like loss: ohem_hard_weight
   at::Tensor block_sums;    // (sum_blocks,) like loss: its workspace
   at::Tensor state;         // (kOhemStateSize,) int64, zeros: ohem_ce_math.h's OhemState
   at::Tensor counts;        // (passes, 256) int64, zeros: each radix pass's histogram
@@ -69,9 +76,10 @@ struct OhemCall {
 // may take on the device that runs it (ohem_ce_math.h: kCeMaxSharedBytes).
 CeForwardCall prepare_ce_forward(const at::Tensor& logits, const at::Tensor& labels, bool with_mean);
 CeBackwardCall prepare_ce_backward(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& labels,
-                                   const at::Tensor& lse, int64_t band, int64_t chunk, int64_t shared_budget);
+                                   const at::Tensor& lse, int64_t band, int64_t chunk, int64_t shared_budget,
+                                   const std::optional<at::Tensor>& hard_sum, const std::optional<at::Tensor>& hard_scale);
 CeForwardGradCall prepare_ce_forward_grad(const at::Tensor& logits, const at::Tensor& labels, int64_t band,
-                                          int64_t chunk, int64_t shared_budget);
+                                          int64_t chunk, int64_t shared_budget, std::optional<double> threshold);
 OhemCall prepare_ohem_weights(const at::Tensor& loss, const at::Tensor& labels, double threshold, int64_t min_kept,
                               const std::optional<at::Tensor>& class_weights);
 
