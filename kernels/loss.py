@@ -22,8 +22,9 @@ tensors, not Python numbers); only `validate=True` syncs, to raise on a bad labe
       (CUDA: the op bisenet_cuda::upsample_ce_forward, csrc/ohem_ce.cu, interpolates on the
       fly, never materialising (N, C, H, W), and its backward writes the low-res gradient
       directly, deterministically; the CE mean of a training step, C <= 20, is one op,
-      upsample_ce_forward_grad, the loss and its gradient from the same exps; CPU: plain
-      PyTorch), and the selection, with the OHEM
+      upsample_ce_forward_grad, the loss and its gradient from the same exps, and so is
+      OHEM's, its gradient over the hard pixels used where the selection keeps them; CPU:
+      plain PyTorch), and the selection, with the OHEM
       loss, is `ohem_weights_op` (CUDA: bisenet_cuda::ohem_weights, a radix select of the
       k-th largest loss and the weights, counts kept on the device; CPU: the sort-based
       reference). With validate=False a label outside [0, C) that is not ignore_index

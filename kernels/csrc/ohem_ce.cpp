@@ -1,9 +1,9 @@
 // Operator registration of the fused upsample + cross-entropy loss, and its C++ CPU loops.
 //
 //   bisenet_cuda::upsample_ce_forward(logits, labels, ignore_index, with_mean=True) -> (loss, lse, mean, denominator)
-//   bisenet_cuda::upsample_ce_backward(grad_loss, logits, labels, lse, ignore_index, band=0, chunk=0)
-//       -> grad_logits
-//   bisenet_cuda::upsample_ce_forward_grad(logits, labels, ignore_index, band=0, chunk=0)
+//   bisenet_cuda::upsample_ce_backward(grad_loss, logits, labels, lse, ignore_index, band=0, chunk=0,
+//                                      hard_sum=None, hard_scale=None) -> grad_logits
+//   bisenet_cuda::upsample_ce_forward_grad(logits, labels, ignore_index, band=0, chunk=0, threshold=None)
 //       -> (loss, lse, mean, denominator, grad_sum)
 //   bisenet_cuda::upsample_ce_backward_plan(size, low_size, dtype, band=0, chunk=0, shared_budget=None,
 //                                           forward=False)
@@ -11,7 +11,8 @@
 //           outputs_written, most_parts, most_segment_items]
 //   bisenet_cuda::upsample_ce_forward_plan(size, low_size, dtype)
 //       -> [band, staged_rows, shared_bytes, most_staged, pixels_written]
-//   bisenet_cuda::ohem_weights(loss, labels, ignore_index, threshold, min_kept, class_weights) -> (weights, value)
+//   bisenet_cuda::ohem_weights(loss, labels, ignore_index, threshold, min_kept, class_weights)
+//       -> (weights, value, hard_weight)
 //
 // logits (N, C, h, w) float32/bfloat16/float16/float64, labels (N, H, W) int64 or uint8;
 // loss, lse, grad_loss (N, H, W) float32 (float64 for float64 logits; grad_loss with all
@@ -34,12 +35,17 @@
 // h, w) like loss, the gradient of the counted pixels' summed losses, in one kernel over the
 // backward's tiles (band, chunk as the backward's) with all classes in one pass, and the rim
 // pass; loss and lse are upsample_ce_forward's bits, the mean its value up to the order of
-// the sum.
+// the sum. With a threshold grad_sum adds up only the hard pixels, loss > threshold (OHEM's).
+// upsample_ce_backward with hard_sum (like logits, in loss's dtype) and hard_scale (() on the
+// device): where hard_scale is not 0 the result is hard_sum times it and the gather is skipped
+// (no host sync: its kernels read the scale).
 // ohem_weights: loss (N, H, W) float32/float64 (the per-pixel losses, 0 where ignored),
 // labels as above, threshold = -log(thresh), min_kept < 0 for valid // 16 -> weights like
 // loss and value = sum(weights * loss), the OHEM loss (ohem_ce_math.h; a sum in a fixed
 // order); no host sync. class_weights (C,) like loss, optional: the kept
-// pixels' class-weighted mean instead.
+// pixels' class-weighted mean instead. hard_weight () like loss: each hard pixel's weight
+// where the hard branch was taken without class weights, else 0 (ohem_ce_math.h:
+// ohem_hard_weight).
 //
 // The CPU implementations run the same per-item functions (ohem_ce_math.h) as the CUDA
 // kernels with the same arithmetic (same_bits.h), in the same tiling, with buffers of the
