@@ -985,11 +985,12 @@ def test_cuda_ohem_weights_at_the_seeds_size(cuda_kernel):
     loss, labels = selection_case(4 * 1024 * 1024, torch.float32, device="cuda")
     num_valid = int((labels != 255).sum())
     for k in (1, 7, num_valid // 16, num_valid // 2, num_valid):
-        got, value, _ = cuda_kernel.ohem_weights(loss, labels, 255, 4.0, k)
+        got, value, hard_weight = cuda_kernel.ohem_weights(loss, labels, 255, 4.0, k)
         assert_same_selection(got, loss_module.ohem_weights_reference(loss, labels, 255, 4.0, k))
-        # the OHEM loss's fixed-order sum: the CPU loop's bits
-        cpu_weights, cpu_value, _ = cuda_kernel.ohem_weights(loss.cpu(), labels.cpu(), 255, 4.0, k)
+        # the OHEM loss's fixed-order sum and the hard pixels' weight: the CPU loop's bits
+        cpu_weights, cpu_value, cpu_hard_weight = cuda_kernel.ohem_weights(loss.cpu(), labels.cpu(), 255, 4.0, k)
         assert torch.equal(got.cpu(), cpu_weights) and torch.equal(value.cpu(), cpu_value)
+        assert torch.equal(hard_weight.cpu(), cpu_hard_weight)
 
 
 @pytest.mark.gpu
