@@ -96,8 +96,8 @@ FULL = QUICK + [
     loss_case("OHEM top-k, ties at the k-th, class weights, 2x19x97x131 -> 388x524", 2, 19, (97, 131), (388, 524),
               1e-6, weighted=True, constant_planes=True),
     loss_case("CE 1x3x40x30 -> 11x13 (downscale)", 1, 3, (40, 30), (11, 13), None),
-    loss_case("CE 2x19x97x131 -> 389x523 (the forward with gradient's tiles)", 2, 19, (97, 131), (389, 523), None),
-    loss_case("CE 1x19x8x8 -> 256x256 (the forward with gradient, segments in parts)", 1, 19, (8, 8), (256, 256),
+    loss_case("CE 2x19x25x33 -> 97x131 (the forward with gradient's tiles)", 2, 19, (25, 33), (97, 131), None),
+    loss_case("CE 1x19x4x4 -> 128x128 (the forward with gradient, segments in parts)", 1, 19, (4, 4), (128, 128),
               None),
     loss_case("CE 2x21x9x13 -> 67x101 (21 classes: the forward and the backward)", 2, 21, (9, 13), (67, 101), None),
 ]

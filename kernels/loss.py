@@ -279,17 +279,17 @@ class _UpsampleCrossEntropyKernels(torch.autograd.Function):
         return grad.to(logits.dtype), None, None, None, None
 
 
-def _with_grad(logits, with_mean):
-    """Whether the loss op also computes the CE mean's gradient (_UpsampleCrossEntropyKernels)."""
-    return (with_mean and logits.requires_grad and torch.is_grad_enabled()
-            and logits.shape[1] <= FUSED_GRAD_MOST_CLASSES)
+def _with_grad(logits):
+    """Whether the loss's forward also computes its gradient (upsample_ce_forward_grad): the
+    logits need one, and C <= FUSED_GRAD_MOST_CLASSES."""
+    return logits.requires_grad and torch.is_grad_enabled() and logits.shape[1] <= FUSED_GRAD_MOST_CLASSES
 
 
 def _upsample_cross_entropy(logits, labels, ignore_index, with_mean):
     """upsample_cross_entropy for checked inputs."""
     if EXTENSION.runs_kernel(logits):
         return _UpsampleCrossEntropyKernels.apply(logits, labels, ignore_index, with_mean,
-                                                  _with_grad(logits, with_mean))
+                                                  with_mean and _with_grad(logits))
     loss, lse = upsample_cross_entropy_reference(logits, labels, ignore_index)
     if not with_mean:
         return loss, lse, loss.new_empty(0), loss.new_empty(0)
@@ -396,7 +396,7 @@ def ohem_cross_entropy(logits, labels, thresh=0.7, min_kept=None, ignore_index=2
     if validate:
         check_labels(labels, logits.shape[1], ignore_index)
     min_kept = -1 if min_kept is None else int(min_kept)
-    if thresh is not None and class_weights is None and EXTENSION.runs_kernel(logits) and _with_grad(logits, True):
+    if thresh is not None and class_weights is None and EXTENSION.runs_kernel(logits) and _with_grad(logits):
         return _OhemCrossEntropyKernels.apply(logits, labels, ignore_index, -math.log(thresh), min_kept)
     with_mean = thresh is None and class_weights is None
     loss, _, mean, _ = _upsample_cross_entropy(logits, labels, ignore_index, with_mean)
