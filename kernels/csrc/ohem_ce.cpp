@@ -320,7 +320,7 @@ void forward_grad_cpu_typed(const CeForwardGradCall& call, int64_t ignore_index)
   acc_t* block_sums = forward.block_sums.mutable_data_ptr<acc_t>();
   int64_t* block_counts = forward.block_counts.mutable_data_ptr<int64_t>();
   acc_t* out = call.grad_sum.mutable_data_ptr<acc_t>();
-  const CeGradPixels<acc_t> which{call.hard_only, static_cast<acc_t>(call.threshold)};
+  const CeGradPixels<acc_t> which = grad_pixels<acc_t>(call);
   const int64_t pixels = static_cast<int64_t>(geo.H) * geo.W;
   const int64_t plane = static_cast<int64_t>(geo.h) * geo.w;
   const TileRim<acc_t> rim = tile_rim_of<acc_t>(call.rim, forward.logits, plan);
@@ -399,6 +399,27 @@ int64_t plan_forward(CeForwardCall& call) {
   return ce_forward_blocks(geo, call.plan);
 }
 
+// A backward-tiled call's plan (the backward's, or forward: the forward with gradient's) for
+// logits and labels in their accumulation type, and its block count into *blocks.
+CeBackwardPlan tile_plan(const at::Tensor& logits, const at::Tensor& labels, int64_t band, int64_t chunk,
+                         int64_t shared_budget, bool forward, int64_t* blocks) {
+  const auto plan_for = [&](auto geo) {
+    const CeBackwardPlan plan = backward_plan(geo, band, chunk, shared_budget, forward);
+    *blocks = ce_backward_blocks(geo, plan);
+    return plan;
+  };
+  if (acc_type(logits) == at::kDouble) return plan_for(ce_geometry<double>(logits, labels));
+  return plan_for(ce_geometry<float>(logits, labels));
+}
+
+// The rim workspace of a backward-tiled call (bilinear.h: TileRim), in the logits' accumulation type.
+at::Tensor rim_workspace(const at::Tensor& logits, const CeBackwardPlan& plan) {
+  return at::empty({tile_rim_elements(1, static_cast<int>(logits.size(0)), static_cast<int>(logits.size(1)),
+                                      static_cast<int>(logits.size(2)), static_cast<int>(logits.size(3)), plan.band,
+                                      plan.chunk)},
+                   logits.options().dtype(acc_type(logits)));
+}
+
 }  // namespace
 
 CeForwardCall prepare_ce_forward(const at::Tensor& logits, const at::Tensor& labels, bool with_mean) {
@@ -459,14 +480,9 @@ CeBackwardCall prepare_ce_backward(const at::Tensor& grad_loss, const at::Tensor
     call.grad_logits.zero_();
     return call;
   }
-  if (acc_type(logits) == at::kDouble)
-    call.plan = backward_plan(ce_geometry<double>(logits, labels), band, chunk, shared_budget);
-  else
-    call.plan = backward_plan(ce_geometry<float>(logits, labels), band, chunk, shared_budget);
-  call.rim = at::empty({tile_rim_elements(1, static_cast<int>(logits.size(0)), static_cast<int>(logits.size(1)),
-                                          static_cast<int>(logits.size(2)), static_cast<int>(logits.size(3)),
-                                          call.plan.band, call.plan.chunk)},
-                       logits.options().dtype(acc_type(logits)));
+  int64_t blocks = 0;
+  call.plan = tile_plan(logits, labels, band, chunk, shared_budget, false, &blocks);
+  call.rim = rim_workspace(logits, call.plan);
   return call;
 }
 
@@ -492,22 +508,12 @@ CeForwardGradCall prepare_ce_forward_grad(const at::Tensor& logits, const at::Te
   int64_t blocks = 0;
   if (labels.numel() == 0) {
     call.grad_sum.zero_();
-  } else if (acc_type(logits) == at::kDouble) {
-    const auto geo = ce_geometry<double>(logits, labels);
-    call.plan = backward_plan(geo, band, chunk, shared_budget, true);
-    blocks = ce_backward_blocks(geo, call.plan);
   } else {
-    const auto geo = ce_geometry<float>(logits, labels);
-    call.plan = backward_plan(geo, band, chunk, shared_budget, true);
-    blocks = ce_backward_blocks(geo, call.plan);
+    call.plan = tile_plan(logits, labels, band, chunk, shared_budget, true, &blocks);
+    call.rim = rim_workspace(logits, call.plan);
   }
   forward.block_sums = at::empty({blocks}, acc_options);
   forward.block_counts = at::empty({blocks}, acc_options.dtype(at::kLong));
-  if (call.plan.band != 0)
-    call.rim = at::empty({tile_rim_elements(1, static_cast<int>(logits.size(0)), static_cast<int>(logits.size(1)),
-                                            static_cast<int>(logits.size(2)), static_cast<int>(logits.size(3)),
-                                            call.plan.band, call.plan.chunk)},
-                         acc_options);
   return call;
 }
 

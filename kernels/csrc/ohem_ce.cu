@@ -621,7 +621,7 @@ void forward_grad_typed(const CeForwardGradCall& call, int64_t ignore_index, int
   auto stream = c10::cuda::getCurrentCUDAStream();
   kernel<<<ce_backward_blocks(geo, call.plan), kThreads, call.plan.shared_bytes, stream>>>(
       geo, call.plan, forward.logits.const_data_ptr<scalar_t>(), forward.labels.const_data_ptr<label_t>(),
-      ignore_index, CeGradPixels<acc_t>{call.hard_only, static_cast<acc_t>(call.threshold)},
+      ignore_index, grad_pixels<acc_t>(call),
       forward.loss.mutable_data_ptr<acc_t>(), forward.lse.mutable_data_ptr<acc_t>(),
       forward.block_sums.mutable_data_ptr<acc_t>(), forward.block_counts.mutable_data_ptr<int64_t>(), grad_sum, rim);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -414,6 +414,12 @@ BISENET_HD void ce_forward_stage_group(int r, int x, const Taps<acc_t>& tx, int 
                  (r * kCeForwardChunk + x) * kCeChunkClasses + g * kCeGroupClasses, geo, sample, staged);
 }
 
+// A pixel's label as the kernels keep it: -1 ignored, -2 outside [0, C) (its loss and lse NaN),
+// else the class.
+BISENET_HD int ce_label_code(int64_t label, int64_t ignore_index, int classes) {
+  return label == ignore_index ? -1 : (label < 0 || label >= classes ? -2 : static_cast<int>(label));
+}
+
 // One pixel's log-sum-exp over the classes, in log2 units: the maximum of z log2(e) over the
 // chunks so far, the sum of 2^(z log2(e) - maximum), z log2(e) of the label's class.
 template <typename acc_t>
@@ -441,7 +447,7 @@ BISENET_HD CeForwardPixel<acc_t> ce_forward_pixel_start(int item, const CeForwar
   const CeTileYX yx = ce_forward_item_yx(item, t);
   const int y = yx.y, x = yx.x;
   const int64_t label = static_cast<int64_t>(labels[(t.y0 + y) * geo.W + t.x0 + x]);
-  state.label = label == ignore_index ? -1 : (label < 0 || label >= geo.C ? -2 : static_cast<int>(label));
+  state.label = ce_label_code(label, ignore_index, geo.C);
   const Taps<acc_t> ty = bilinear_taps<acc_t>(t.y0 + y, geo.h, geo.scale_y);
   state.staged0 = ((ty.i0 - t.row0) * kCeForwardChunk + x) * kCeChunkClasses;
   state.staged1 = ((ty.i1 - t.row0) * kCeForwardChunk + x) * kCeChunkClasses;
@@ -1046,14 +1052,13 @@ BISENET_HD void ce_backward_output_item(int item, int outputs, int c0, const CeT
 // then ce_mean_final_kernel over the blocks.
 constexpr int kCeFusedMostClasses = kCeChunkClasses;
 
-// Prologue, item over the window pixels (row-major): its label into buf.labels, -1 where
-// ignored, -2 outside [0, C) (CeForwardPixel's).
+// Prologue, item over the window pixels (row-major): its label into buf.labels (ce_label_code).
 template <typename label_t, typename acc_t>
 BISENET_HD void ce_fused_pixel_item(int item, const CeTile& t, const CeGeometry<acc_t>& geo, const label_t* labels,
                                     int64_t ignore_index, const CeBackwardBuffers<acc_t>& buf) {
   const int cols = t.wx1 - t.wx0;
   const int64_t label = static_cast<int64_t>(labels[(t.wy0 + item / cols) * geo.W + t.wx0 + item % cols]);
-  buf.labels[item] = label == ignore_index ? -1 : (label < 0 || label >= geo.C ? -2 : static_cast<int>(label));
+  buf.labels[item] = ce_label_code(label, ignore_index, geo.C);
 }
 
 // Stage item (r, g, x) (r < rows, g < the groups of C, x < window columns): classes 4 g + i of

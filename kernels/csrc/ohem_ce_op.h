@@ -47,6 +47,12 @@ struct CeForwardGradCall {
   double threshold = 0;
 };
 
+// Which pixels the call's grad_sum adds up (ohem_ce_math.h: CeGradPixels).
+template <typename acc_t>
+CeGradPixels<acc_t> grad_pixels(const CeForwardGradCall& call) {
+  return {call.hard_only, static_cast<acc_t>(call.threshold)};
+}
+
 // The rim workspace `rim` of a backward-tiled call on logits (bilinear.h: TileRim).
 template <typename acc_t>
 TileRim<acc_t> tile_rim_of(const at::Tensor& rim, const at::Tensor& logits, const CeBackwardPlan& plan) {
