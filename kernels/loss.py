@@ -208,7 +208,8 @@ def _register_fakes():
                 labels.new_empty(mean_shape, dtype=dtype), labels.new_empty(mean_shape, dtype=dtype))
 
     @torch.library.register_fake("bisenet_cuda::upsample_ce_backward")
-    def _(grad_loss, logits, labels, lse, ignore_index, band=0, chunk=0, hard_sum=None, hard_scale=None):
+    def _(grad_loss, logits, labels, lse, ignore_index, band=0, chunk=0, grad_sum=None, sum_weight=None,
+          grad_scale=None):
         check_inputs(logits, labels)
         return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
@@ -243,7 +244,8 @@ class _UpsampleCrossEntropyKernels(torch.autograd.Function):
     upsample_ce_forward_grad, which also returns grad_sum, the gradient of the counted pixels'
     summed losses, from the same exps (one kernel where a step took two, each evaluating
     every class of every pixel); the mean's gradient is then grad_sum times grad_mean /
-    denominator, and only a gradient of the per-pixel loss runs the backward kernel."""
+    denominator in the logits' dtype (the backward op without grad_loss: one elementwise
+    kernel), and only a gradient of the per-pixel loss runs the gather."""
 
     @staticmethod
     def forward(ctx, logits, labels, ignore_index, with_mean, with_grad):
@@ -261,11 +263,16 @@ class _UpsampleCrossEntropyKernels(torch.autograd.Function):
         return loss, lse, mean, denominator
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, grad_lse, grad_mean, grad_denominator):
         logits, labels, lse, denominator, grad_sum = ctx.saved_tensors
         grad = None
         if grad_mean is not None and ctx.with_mean:  # without the mean, its (0,) gradient is nothing
             share = grad_mean / denominator  # each counted pixel's (the kernels skip the rest)
+            if grad_sum is not None and grad_loss is None:  # a training step's CE mean
+                return (torch.ops.bisenet_cuda.upsample_ce_backward(None, logits, labels, lse, ctx.ignore_index,
+                                                                    0, 0, grad_sum, share),
+                        None, None, None, None)
             if grad_sum is not None:
                 grad = grad_sum * share
             else:
@@ -360,7 +367,8 @@ class _OhemCrossEntropyKernels(torch.autograd.Function):
     each hard pixel's weight where it took the hard branch, else 0. The backward op then gives
     hard_sum times hard_weight times the incoming gradient where hard_weight is not 0 (its
     gather returns at once: one exp a class and pixel in the whole step), else the gather of
-    weights times it (the top-k branch)."""
+    weights times it (the top-k branch); the op multiplies by the incoming gradient itself
+    (grad_scale), so the backward is that one op."""
 
     @staticmethod
     def forward(ctx, logits, labels, ignore_index, threshold, min_kept):
@@ -372,10 +380,11 @@ class _OhemCrossEntropyKernels(torch.autograd.Function):
         return value
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_value):
         logits, labels, lse, weights, hard_sum, hard_weight = ctx.saved_tensors
-        grad = torch.ops.bisenet_cuda.upsample_ce_backward(weights * grad_value, logits, labels, lse, ctx.ignore_index,
-                                                           0, 0, hard_sum, hard_weight * grad_value)
+        grad = torch.ops.bisenet_cuda.upsample_ce_backward(weights, logits, labels, lse, ctx.ignore_index, 0, 0,
+                                                           hard_sum, hard_weight, grad_value)
         return grad, None, None, None, None
 
 

@@ -279,18 +279,19 @@ def test_class_weighted_loss(kernel_device, thresh):
 def test_loss_dispatches_few_ops(cpu_loops, thresh):
     """The OHEM loss, forward and backward, on the kernels' path is a handful of dispatched ops
     (the forward with the hard pixels' gradient, the weights op with the weighted sum, the
-    backward op, two products for it), not the dozens of small ops a selection made of tensor
-    ops issues: each is a kernel launch on a GPU. The CE mean: the forward with gradient
-    returns it and its gradient's sum; the backward is a division and a product, no kernel of
-    its own."""
+    backward op, which multiplies by the incoming gradient itself), not the dozens of small
+    ops a selection made of tensor ops issues: each is a kernel launch on a GPU. The CE mean:
+    the forward with gradient returns it and its gradient's sum; the backward is a division
+    and the backward op without grad_loss (the sum weighted, in the logits' dtype)."""
     logits, labels = random_case(n=2, c=19, low=(16, 16), high=(128, 128), seed=4)
     logits = logits.float().requires_grad_(True)
     loss_fused(logits, labels, thresh=thresh, validate=False).backward()  # warm-up
     logits.grad = None
     ops = dispatched_ops(lambda: loss_fused(logits, labels, thresh=thresh, validate=False).backward())
-    assert len(ops) <= 7, ops  # with ones_like (the seed), detach, and div + mul (CE) or 2 mul (OHEM)
+    assert len(ops) <= 5, ops  # with ones_like (the seed), add_ (into .grad) and div (CE)
     if thresh is None:
-        assert [op for op in ops if "bisenet" in op] == ["bisenet_cuda.upsample_ce_forward_grad.default"], ops
+        assert [op for op in ops if "bisenet" in op] == ["bisenet_cuda.upsample_ce_forward_grad.default",
+                                                         "bisenet_cuda.upsample_ce_backward.default"], ops
     else:
         assert [op for op in ops if "bisenet" in op] == ["bisenet_cuda.upsample_ce_forward_grad.default",
                                                          "bisenet_cuda.ohem_weights.default",
@@ -301,7 +302,7 @@ def test_loss_dispatches_few_ops(cpu_loops, thresh):
 def test_upsample_cross_entropy_gradient_of_loss_mean_or_both(fused_path, c):
     """upsample_cross_entropy's gradient, whichever outputs it flows from, against the float64
     reference's: the CE mean alone (on the kernels' path with C <= 20, the forward with
-    gradient's grad_sum, no backward kernel), the per-pixel loss alone (the backward kernel),
+    gradient's grad_sum weighted, no gather), the per-pixel loss alone (the gather),
     both (their sum); with 21 classes the forward and the backward kernel. Without a gradient
     to compute (no_grad, or logits that need none) the kernels' path runs the forward alone."""
     logits, labels = random_case(n=2, c=c, low=(5, 6), high=(19, 23), seed=c)
@@ -368,11 +369,15 @@ def test_opcheck(kernel_device, extension):
     torch.library.opcheck(extension.upsample_ce_backward.default, (torch.randn_like(loss), logits, labels, lse, 255))
     torch.library.opcheck(extension.upsample_ce_forward_grad.default, (logits, labels, 255))
     torch.library.opcheck(extension.upsample_ce_forward_grad.default, (logits, labels, 255, 0, 0, 1.5))
-    hard_sum = torch.randn_like(logits)
-    for scale in (0.0, 0.5):  # the gather, or hard_sum scaled
+    grad_sum, grad_scale = torch.randn_like(logits), torch.tensor(1.5, device=kernel_device)
+    for weight in (0.0, 0.5):  # the gather, or grad_sum weighted
+        sum_weight = torch.tensor(weight, device=kernel_device)
         torch.library.opcheck(extension.upsample_ce_backward.default,
-                              (torch.randn_like(loss), logits, labels, lse, 255, 0, 0, hard_sum,
-                               torch.tensor(scale, device=kernel_device)))
+                              (torch.randn_like(loss), logits, labels, lse, 255, 0, 0, grad_sum, sum_weight))
+        torch.library.opcheck(extension.upsample_ce_backward.default,
+                              (torch.randn_like(loss), logits, labels, lse, 255, 0, 0, grad_sum, sum_weight, grad_scale))
+        torch.library.opcheck(extension.upsample_ce_backward.default,
+                              (None, logits, labels, lse, 255, 0, 0, grad_sum, sum_weight))
     torch.library.opcheck(extension.ohem_weights.default, (loss, labels, 255, 0.5, 20))
     torch.library.opcheck(extension.ohem_weights.default, (loss, labels, 255, 0.5, 20, torch.rand(4, device=kernel_device)))
 
@@ -722,9 +727,11 @@ def test_cpu_loop_forward_grad_over_the_hard_pixels(extension):
 
 def test_cpu_loop_ohem_hard_weight_and_the_backward_it_scales(extension):
     """ohem_weights' third output: each hard pixel's weight, 1 / hard, where the hard branch
-    was taken; 0 in the top-k branch and with class weights. The backward op given hard_sum
-    and a scale: hard_sum times the scale in the logits' dtype where the scale is not 0 (no
-    gather), the gather's very bits where it is 0; both or neither."""
+    was taken; 0 in the top-k branch and with class weights. The backward op given grad_sum
+    and sum_weight: grad_sum times the weight in the logits' dtype where the weight is not 0
+    (no gather), the gather's very bits where it is 0; both or neither. Without grad_loss
+    (the CE mean's backward): grad_sum times the weight whatever it is. grad_scale: a factor
+    of the incoming gradient, the bits of grad_loss (and of the weight) multiplied by it."""
     logits, labels = random_case(n=2, c=5, low=(5, 6), high=(19, 23), seed=14)
     loss, lse, _, _ = extension.upsample_ce_forward(logits, labels, 255)
     threshold = 1.0
@@ -737,20 +744,49 @@ def test_cpu_loop_ohem_hard_weight_and_the_backward_it_scales(extension):
     assert hard_weight.item() == 0
     _, _, hard_weight = extension.ohem_weights(loss[:0], labels[:0], 255, threshold, 3)  # no pixel: k = 0
     assert hard_weight.item() == 1
-    grad_loss = torch.randn(labels.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(14))
-    hard_sum = torch.randn(logits.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(15))
+    generator = torch.Generator().manual_seed(14)
+    grad_loss = torch.randn(labels.shape, dtype=torch.float64, generator=generator)
+    grad_sum = torch.randn(logits.shape, dtype=torch.float64, generator=generator)
     gathered = extension.upsample_ce_backward(grad_loss, logits, labels, lse, 255)
-    scale = torch.tensor(0.25, dtype=torch.float64)
-    assert torch.equal(extension.upsample_ce_backward(grad_loss, logits, labels, lse, 255, 0, 0, hard_sum, scale),
-                       hard_sum * 0.25)
-    assert torch.equal(extension.upsample_ce_backward(grad_loss, logits, labels, lse, 255, 0, 0, hard_sum,
-                                                      torch.zeros_like(scale)), gathered)
-    with pytest.raises(RuntimeError, match="hard_sum and hard_scale come together"):
-        extension.upsample_ce_backward(grad_loss, logits, labels, lse, 255, 0, 0, hard_sum)
-    with pytest.raises(RuntimeError, match="hard_sum must be Double"):
-        extension.upsample_ce_backward(grad_loss, logits, labels, lse, 255, 0, 0, hard_sum[:1], scale)
-    with pytest.raises(RuntimeError, match="hard_scale must be a 0-dim Double"):
-        extension.upsample_ce_backward(grad_loss, logits, labels, lse, 255, 0, 0, hard_sum, scale.view(1))
+    weight, zero = torch.tensor(0.25, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64)
+    factor = torch.tensor(1.0 / 3.0, dtype=torch.float64)  # a product with it rounds
+    assert torch.equal(extension.upsample_ce_backward(grad_loss, logits, labels, lse, 255, 0, 0, grad_sum, weight),
+                       grad_sum * 0.25)
+    assert torch.equal(extension.upsample_ce_backward(grad_loss, logits, labels, lse, 255, 0, 0, grad_sum, zero),
+                       gathered)
+    assert torch.equal(extension.upsample_ce_backward(grad_loss, logits, labels, lse, 255, 0, 0, grad_sum, weight,
+                                                      factor), grad_sum * (weight * factor))
+    assert torch.equal(extension.upsample_ce_backward(grad_loss, logits, labels, lse, 255, 0, 0, grad_sum, zero,
+                                                      factor),
+                       extension.upsample_ce_backward(grad_loss * factor, logits, labels, lse, 255))
+    assert torch.equal(extension.upsample_ce_backward(grad_loss, logits, labels, lse, 255, 0, 0, None, None, factor),
+                       extension.upsample_ce_backward(grad_loss * factor, logits, labels, lse, 255))
+    for sum_weight in (weight, zero):
+        assert torch.equal(extension.upsample_ce_backward(None, logits, labels, lse, 255, 0, 0, grad_sum, sum_weight),
+                           grad_sum * sum_weight)
+    assert torch.equal(extension.upsample_ce_backward(None, logits.float(), labels, lse.float(), 255, 0, 0,
+                                                      grad_sum.float(), weight.float(), factor.float()),
+                       (grad_sum.float() * (weight.float() * factor.float())))
+    # 45 elements: a tail shorter than the 4-element vectors; grad_sum a view 1 element off
+    # their alignment (copied to an aligned one)
+    odd_logits, odd_labels = random_case(n=1, c=3, low=(3, 5), high=(7, 9), seed=16)
+    _, odd_lse, _, _ = extension.upsample_ce_forward(odd_logits, odd_labels, 255)
+    shifted = torch.randn(odd_logits.numel() + 1, dtype=torch.float64, generator=generator)[1:].view(odd_logits.shape)
+    assert torch.equal(extension.upsample_ce_backward(None, odd_logits, odd_labels, odd_lse, 255, 0, 0, shifted,
+                                                      weight), shifted * weight)
+    half = extension.upsample_ce_backward(None, logits.bfloat16(), labels, lse.float(), 255, 0, 0, grad_sum.float(),
+                                          weight.float())
+    assert half.dtype == torch.bfloat16 and torch.equal(half, (grad_sum.float() * 0.25).bfloat16())
+    with pytest.raises(RuntimeError, match="grad_sum and sum_weight come together"):
+        extension.upsample_ce_backward(grad_loss, logits, labels, lse, 255, 0, 0, grad_sum)
+    with pytest.raises(RuntimeError, match="without grad_loss, grad_sum and sum_weight are the gradient"):
+        extension.upsample_ce_backward(None, logits, labels, lse, 255)
+    with pytest.raises(RuntimeError, match="grad_sum must be Double"):
+        extension.upsample_ce_backward(grad_loss, logits, labels, lse, 255, 0, 0, grad_sum[:1], weight)
+    with pytest.raises(RuntimeError, match="sum_weight must be a 0-dim Double"):
+        extension.upsample_ce_backward(grad_loss, logits, labels, lse, 255, 0, 0, grad_sum, weight.view(1))
+    with pytest.raises(RuntimeError, match="grad_scale must be a 0-dim Double"):
+        extension.upsample_ce_backward(grad_loss, logits, labels, lse, 255, 0, 0, None, None, factor.float())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

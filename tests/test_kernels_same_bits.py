@@ -496,10 +496,15 @@ def test_cuda_loss_equals_cpu_loop_bitwise(extension, high, low, dtype):
                 assert torch.equal(cuda_value.cpu(), value), (tile, threshold, name)
             if threshold is not None:
                 hard_sum = fused[4]
-    for scale in (0.0, 0.375):  # OHEM's top-k branch (the gather), its hard branch (hard_sum scaled)
-        hard_scale = torch.tensor(scale)
-        grad = extension.upsample_ce_backward(grad_loss, logits, labels, lse, 255, 0, 0, hard_sum, hard_scale)
+    # OHEM's top-k branch (the gather), its hard branch (hard_sum weighted), the CE mean's
+    # backward (no grad_loss); the incoming gradient's factor rounds (1/3)
+    grad_scale = torch.tensor(1.0 / 3.0)
+    for weighted_loss, weight in ((grad_loss, 0.0), (grad_loss, 0.375), (None, 0.375)):
+        sum_weight = torch.tensor(weight)
+        grad = extension.upsample_ce_backward(weighted_loss, logits, labels, lse, 255, 0, 0, hard_sum, sum_weight,
+                                              grad_scale)
         poison_cuda_cache(logits.numel() * 8)
-        cuda_grad = extension.upsample_ce_backward(grad_loss.cuda(), logits.cuda(), labels.cuda(), cuda_lse, 255, 0, 0,
-                                                   hard_sum.cuda(), hard_scale.cuda())
-        assert torch.equal(cuda_grad.cpu(), grad), scale
+        cuda_grad = extension.upsample_ce_backward(None if weighted_loss is None else weighted_loss.cuda(),
+                                                   logits.cuda(), labels.cuda(), cuda_lse, 255, 0, 0, hard_sum.cuda(),
+                                                   sum_weight.cuda(), grad_scale.cuda())
+        assert torch.equal(cuda_grad.cpu(), grad), (weighted_loss is None, weight)

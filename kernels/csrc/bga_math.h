@@ -70,12 +70,6 @@ BISENET_HD acc_t bga_output(acc_t detail_keep, acc_t sem_up_value, acc_t gated_v
   return fma_acc(detail_keep, sigmoid_acc(sem_up_value), gated_value);
 }
 
-// kVec consecutive elements, read or written as one vector.
-template <typename T, int kVec>
-struct alignas(sizeof(T) * kVec) Vec {
-  T v[kVec];
-};
-
 // Forward, pass 2, one item per kVec consecutive outputs along the fastest dimension (W in
 // NCHW, C in channels_last) of dense tensors, so output index vec * kVec sits at that
 // offset in memory. kVec divides W or C and every pointer is aligned to its vectors (the

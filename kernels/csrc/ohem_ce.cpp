@@ -2,7 +2,7 @@
 //
 //   bisenet_cuda::upsample_ce_forward(logits, labels, ignore_index, with_mean=True) -> (loss, lse, mean, denominator)
 //   bisenet_cuda::upsample_ce_backward(grad_loss, logits, labels, lse, ignore_index, band=0, chunk=0,
-//                                      hard_sum=None, hard_scale=None) -> grad_logits
+//                                      grad_sum=None, sum_weight=None, grad_scale=None) -> grad_logits
 //   bisenet_cuda::upsample_ce_forward_grad(logits, labels, ignore_index, band=0, chunk=0, threshold=None)
 //       -> (loss, lse, mean, denominator, grad_sum)
 //   bisenet_cuda::upsample_ce_backward_plan(size, low_size, dtype, band=0, chunk=0, shared_budget=None,
@@ -36,9 +36,12 @@
 // backward's tiles (band, chunk as the backward's) with all classes in one pass, and the rim
 // pass; loss and lse are upsample_ce_forward's bits, the mean its value up to the order of
 // the sum. With a threshold grad_sum adds up only the hard pixels, loss > threshold (OHEM's).
-// upsample_ce_backward with hard_sum (like logits, in loss's dtype) and hard_scale (() on the
-// device): where hard_scale is not 0 the result is hard_sum times it and the gather is skipped
-// (no host sync: its kernels read the scale).
+// upsample_ce_backward's grad_scale (() like loss, on the device) multiplies the incoming
+// gradient (grad_loss, and the weighted sum's); with grad_sum (like logits, in loss's dtype: a
+// forward with gradient's) and sum_weight (() like loss, on the device), where sum_weight is
+// not 0 (OHEM's hard branch), or where grad_loss is None (the CE mean's backward), the result
+// is grad_sum times sum_weight times grad_scale and the gather is skipped (no host sync: its
+// kernels read the weight), one elementwise kernel.
 // ohem_weights: loss (N, H, W) float32/float64 (the per-pixel losses, 0 where ignored),
 // labels as above, threshold = -log(thresh), min_kept < 0 for valid // 16 -> weights like
 // loss and value = sum(weights * loss), the OHEM loss (ohem_ce_math.h; a sum in a fixed
@@ -236,17 +239,20 @@ void backward_cpu_typed(const CeBackwardCall& call, int64_t ignore_index) {
                                      call.labels.size(1), call.labels.size(2));
   const scalar_t* logit_data = logits.const_data_ptr<scalar_t>();
   const label_t* labels = call.labels.const_data_ptr<label_t>();
-  const acc_t* grad_loss = call.grad_loss.const_data_ptr<acc_t>();
   const acc_t* lse = call.lse.const_data_ptr<acc_t>();
   scalar_t* out = call.grad_logits.mutable_data_ptr<scalar_t>();
-  if (call.hard_scale.defined()) {  // OHEM's hard branch: the hard pixels' sum times the scale, no gather
-    const acc_t scale = *call.hard_scale.const_data_ptr<acc_t>();
-    if (scale != static_cast<acc_t>(0)) {
-      const acc_t* hard_sum = call.hard_sum.const_data_ptr<acc_t>();
-      for (int64_t i = 0; i < logits.numel(); ++i) ce_hard_scaled_item(i, hard_sum, scale, out);
+  const acc_t grad_scale = ce_grad_scale(call.grad_scale.defined() ? call.grad_scale.const_data_ptr<acc_t>() : nullptr);
+  if (call.grad_sum.defined()) {  // the weighted sum's gradient where it is the gradient, no gather
+    const acc_t sum_weight = *call.sum_weight.const_data_ptr<acc_t>();
+    if (call.sum_only || sum_weight != static_cast<acc_t>(0)) {
+      const acc_t* grad_sum = call.grad_sum.const_data_ptr<acc_t>();
+      const int64_t count = logits.numel();
+      for_items(ce_weighted_sum_items(count), false,
+                [&](int64_t item) { ce_weighted_sum_item(item, count, grad_sum, sum_weight * grad_scale, out); });
       return;
     }
   }
+  const acc_t* grad_loss = call.grad_loss.const_data_ptr<acc_t>();
   const int64_t pixels = static_cast<int64_t>(geo.H) * geo.W;
   const int64_t plane = static_cast<int64_t>(geo.h) * geo.w;
   const TileRim<acc_t> rim = tile_rim_of<acc_t>(call.rim, call.logits, plan);
@@ -265,7 +271,7 @@ void backward_cpu_typed(const CeBackwardCall& call, int64_t ignore_index) {
       for_items(ce_tile_window(t), reversed, [&](int64_t item) {
         const CePixelLoad<acc_t> loaded = ce_backward_pixel_load<label_t, acc_t>(
             static_cast<int>(item), t, geo, labels + t.n * pixels, grad_loss + t.n * pixels * call.grad_stride,
-            call.grad_stride, lse + t.n * pixels);
+            call.grad_stride, grad_scale, lse + t.n * pixels);
         ce_backward_pixel_store(loaded, static_cast<int>(item), geo.C, ignore_index, buf);
       });
     };
@@ -442,43 +448,60 @@ CeForwardCall prepare_ce_forward(const at::Tensor& logits, const at::Tensor& lab
   return call;
 }
 
-CeBackwardCall prepare_ce_backward(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& labels,
-                                   const at::Tensor& lse, int64_t band, int64_t chunk, int64_t shared_budget,
-                                   const std::optional<at::Tensor>& hard_sum, const std::optional<at::Tensor>& hard_scale) {
+// A 0-dim tensor in lse's dtype on logits' device, or one naming what it is not.
+void check_scale(const char* name, const at::Tensor& scale, const at::Tensor& logits) {
+  TORCH_CHECK(scale.dim() == 0 && scale.scalar_type() == acc_type(logits) && scale.device() == logits.device(),
+              "upsample_ce_backward: ", name, " must be a 0-dim ", acc_type(logits), " on ", logits.device(), ", got ",
+              scale.scalar_type(), " ", scale.sizes(), " on ", scale.device());
+}
+
+CeBackwardCall prepare_ce_backward(const std::optional<at::Tensor>& grad_loss, const at::Tensor& logits,
+                                   const at::Tensor& labels, const at::Tensor& lse, int64_t band, int64_t chunk,
+                                   int64_t shared_budget, const CeBackwardScales& scales) {
   check_inputs("upsample_ce_backward", logits, labels);
-  check_pixel_tensor("upsample_ce_backward", "grad_loss", grad_loss, logits, labels);
   check_pixel_tensor("upsample_ce_backward", "lse", lse, logits, labels);
-  TORCH_CHECK(hard_sum.has_value() == hard_scale.has_value(),
-              "upsample_ce_backward: hard_sum and hard_scale come together");
+  if (grad_loss.has_value()) check_pixel_tensor("upsample_ce_backward", "grad_loss", *grad_loss, logits, labels);
+  TORCH_CHECK(scales.grad_sum.has_value() == scales.sum_weight.has_value(),
+              "upsample_ce_backward: grad_sum and sum_weight come together");
+  TORCH_CHECK(grad_loss.has_value() || scales.grad_sum.has_value(),
+              "upsample_ce_backward: without grad_loss, grad_sum and sum_weight are the gradient");
   CeBackwardCall call;
-  if (hard_sum.has_value()) {
-    TORCH_CHECK(hard_sum->sizes() == logits.sizes() && hard_sum->scalar_type() == acc_type(logits) &&
-                    hard_sum->device() == logits.device(),
-                "upsample_ce_backward: hard_sum must be ", acc_type(logits), " ", logits.sizes(), " on ",
-                logits.device(), " like logits, got ", hard_sum->scalar_type(), " ", hard_sum->sizes(), " on ",
-                hard_sum->device());
-    TORCH_CHECK(hard_scale->dim() == 0 && hard_scale->scalar_type() == acc_type(logits) &&
-                    hard_scale->device() == logits.device(),
-                "upsample_ce_backward: hard_scale must be a 0-dim ", acc_type(logits), " on ", logits.device(),
-                ", got ", hard_scale->scalar_type(), " ", hard_scale->sizes(), " on ", hard_scale->device());
-    call.hard_sum = hard_sum->contiguous();
-    call.hard_scale = *hard_scale;
+  if (scales.grad_sum.has_value()) {
+    const at::Tensor& grad_sum = *scales.grad_sum;
+    TORCH_CHECK(grad_sum.sizes() == logits.sizes() && grad_sum.scalar_type() == acc_type(logits) &&
+                    grad_sum.device() == logits.device(),
+                "upsample_ce_backward: grad_sum must be ", acc_type(logits), " ", logits.sizes(), " on ",
+                logits.device(), " like logits, got ", grad_sum.scalar_type(), " ", grad_sum.sizes(), " on ",
+                grad_sum.device());
+    check_scale("sum_weight", *scales.sum_weight, logits);
+    call.grad_sum = grad_sum.contiguous();
+    // its vectors aligned (ohem_ce_math.h: ce_weighted_sum_item), as a new tensor's are
+    const auto vector_bytes = static_cast<uintptr_t>(kCeSumVec * call.grad_sum.element_size());
+    if (reinterpret_cast<uintptr_t>(call.grad_sum.const_data_ptr()) % vector_bytes != 0)
+      call.grad_sum = call.grad_sum.clone();
+    call.sum_weight = *scales.sum_weight;
+  }
+  if (scales.grad_scale.has_value()) {
+    check_scale("grad_scale", *scales.grad_scale, logits);
+    call.grad_scale = *scales.grad_scale;
   }
   call.logits = logits.contiguous();
   call.labels = labels.contiguous();
-  const auto strides = grad_loss.strides();
-  if (grad_loss.numel() > 0 && std::all_of(strides.begin(), strides.end(), [](int64_t s) { return s == 0; })) {
-    call.grad_loss = grad_loss.as_strided({1}, {1});  // the one value, not H * W copies of it
-    call.grad_stride = 0;
-  } else {
-    call.grad_loss = grad_loss.contiguous();
-  }
   call.lse = lse.contiguous();
   call.grad_logits = at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
-  call.plan = CeBackwardPlan{};  // band 0: nothing to compute
+  call.plan = CeBackwardPlan{};  // band 0: nothing to gather
   if (labels.numel() == 0) {  // an empty batch, or no pixel: no gradient
     call.grad_logits.zero_();
     return call;
+  }
+  call.sum_only = !grad_loss.has_value();
+  if (call.sum_only) return call;
+  const auto strides = grad_loss->strides();
+  if (grad_loss->numel() > 0 && std::all_of(strides.begin(), strides.end(), [](int64_t s) { return s == 0; })) {
+    call.grad_loss = grad_loss->as_strided({1}, {1});  // the one value, not H * W copies of it
+    call.grad_stride = 0;
+  } else {
+    call.grad_loss = grad_loss->contiguous();
   }
   int64_t blocks = 0;
   call.plan = tile_plan(logits, labels, band, chunk, shared_budget, false, &blocks);
@@ -590,13 +613,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> upsample_
   return {forward.loss, forward.lse, forward.mean, forward.denominator, call.grad_sum};
 }
 
-at::Tensor upsample_ce_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& labels,
-                                    const at::Tensor& lse, int64_t ignore_index, int64_t band, int64_t chunk,
-                                    const std::optional<at::Tensor>& hard_sum,
-                                    const std::optional<at::Tensor>& hard_scale) {
+at::Tensor upsample_ce_backward_cpu(const std::optional<at::Tensor>& grad_loss, const at::Tensor& logits,
+                                    const at::Tensor& labels, const at::Tensor& lse, int64_t ignore_index, int64_t band,
+                                    int64_t chunk, const std::optional<at::Tensor>& grad_sum,
+                                    const std::optional<at::Tensor>& sum_weight,
+                                    const std::optional<at::Tensor>& grad_scale) {
   const CeBackwardCall call = prepare_ce_backward(grad_loss, logits, labels, lse, band, chunk, kCeMaxSharedBytes,
-                                                  hard_sum, hard_scale);
-  if (call.plan.band == 0) return call.grad_logits;
+                                                  {grad_sum, sum_weight, grad_scale});
+  if (call.plan.band == 0 && !call.sum_only) return call.grad_logits;
 #define BISENET_CE_BACKWARD(scalar_t, label_t) backward_cpu_typed<scalar_t, label_t>(call, ignore_index)
   BISENET_CE_DISPATCH(call.logits, call.labels, BISENET_CE_BACKWARD);
 #undef BISENET_CE_BACKWARD
@@ -750,8 +774,8 @@ TORCH_LIBRARY_FRAGMENT(bisenet_cuda, m) {
   m.def("upsample_ce_forward(Tensor logits, Tensor labels, int ignore_index, bool with_mean=True) -> "
         "(Tensor, Tensor, Tensor, Tensor)");
   m.def(
-      "upsample_ce_backward(Tensor grad_loss, Tensor logits, Tensor labels, Tensor lse, int ignore_index, int band=0, "
-      "int chunk=0, Tensor? hard_sum=None, Tensor? hard_scale=None) -> Tensor");
+      "upsample_ce_backward(Tensor? grad_loss, Tensor logits, Tensor labels, Tensor lse, int ignore_index, int band=0, "
+      "int chunk=0, Tensor? grad_sum=None, Tensor? sum_weight=None, Tensor? grad_scale=None) -> Tensor");
   m.def("upsample_ce_backward_plan(int[] size, int[] low_size, ScalarType dtype, int band=0, int chunk=0, "
         "int? shared_budget=None, bool forward=False) -> int[]",
         &bisenet::upsample_ce_backward_plan);

@@ -175,8 +175,9 @@ __global__ void __launch_bounds__(kThreads, 4) ce_backward_kernel(
     CeGeometry<acc_t> geo, CeBackwardPlan plan, const scalar_t* __restrict__ logits,
     const label_t* __restrict__ labels, const acc_t* __restrict__ grad_loss, int grad_stride,
     const acc_t* __restrict__ lse, int64_t ignore_index, scalar_t* __restrict__ grad_logits, TileRim<acc_t> rim,
-    const acc_t* __restrict__ hard_scale) {
-  if (hard_scale != nullptr && *hard_scale != static_cast<acc_t>(0)) return;  // OHEM's hard branch: no gather
+    const acc_t* __restrict__ sum_weight, const acc_t* __restrict__ grad_scale) {
+  if (sum_weight != nullptr && *sum_weight != static_cast<acc_t>(0)) return;  // the weighted sum's: no gather
+  const acc_t scale = ce_grad_scale(grad_scale);
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   const CeBackwardBuffers<acc_t> buf = ce_backward_buffers<acc_t>(shared_bytes, plan);
   const CeTile t = ce_backward_tile(blockIdx.x, geo, plan);
@@ -195,7 +196,7 @@ __global__ void __launch_bounds__(kThreads, 4) ce_backward_kernel(
       if (base + k * blockDim.x < window)
         loaded[k] = ce_backward_pixel_load<label_t, acc_t>(base + k * blockDim.x, t, geo, labels + t.n * pixels,
                                                            grad_loss + t.n * pixels * grad_stride, grad_stride,
-                                                           lse + t.n * pixels);
+                                                           scale, lse + t.n * pixels);
 #pragma unroll
     for (int k = 0; k < kPixelsAhead; ++k)
       if (base + k * blockDim.x < window)
@@ -261,17 +262,20 @@ __global__ void __launch_bounds__(kThreads, 4) ce_backward_kernel(
   }
 }
 
-// OHEM's hard branch (ohem_ce_math.h: ohem_hard_weight): where *hard_scale is not 0, the
-// logits' gradient is hard_sum times it (the gather's kernels returned at once).
+// The weighted sum's gradient (ohem_ce_op.h: CeBackwardCall): without grad_loss (sum_only),
+// or where *sum_weight is not 0 (OHEM's hard branch, ohem_ce_math.h: ohem_hard_weight; the
+// gather's kernels returned at once), grad_sum times the weight times the incoming factor.
 template <typename scalar_t, typename acc_t, typename index_t>
-__global__ void __launch_bounds__(kThreads) ce_hard_scaled_kernel(index_t count, const acc_t* __restrict__ hard_sum,
-                                                                 const acc_t* __restrict__ hard_scale,
-                                                                 scalar_t* __restrict__ grad_logits) {
-  const acc_t scale = *hard_scale;
-  if (scale == static_cast<acc_t>(0)) return;
-  for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < count;
-       i += static_cast<index_t>(gridDim.x) * blockDim.x)
-    ce_hard_scaled_item(i, hard_sum, scale, grad_logits);
+__global__ void __launch_bounds__(kThreads) ce_weighted_sum_kernel(index_t count, const acc_t* __restrict__ grad_sum,
+                                                                  const acc_t* __restrict__ sum_weight,
+                                                                  const acc_t* __restrict__ grad_scale, bool sum_only,
+                                                                  scalar_t* __restrict__ grad_logits) {
+  const acc_t weight = *sum_weight;
+  if (!sum_only && weight == static_cast<acc_t>(0)) return;
+  const acc_t scale = weight * ce_grad_scale(grad_scale);
+  for (index_t item = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x;
+       item < ce_weighted_sum_items(count); item += static_cast<index_t>(gridDim.x) * blockDim.x)
+    ce_weighted_sum_item(item, count, grad_sum, scale, grad_logits);
 }
 
 // The forward with gradient (ohem_ce_math.h, "Forward with gradient"): one block per backward
@@ -341,8 +345,8 @@ __global__ void __launch_bounds__(kThreads, 2) ce_forward_grad_kernel(
 template <typename scalar_t, typename acc_t, typename index_t>
 __global__ void __launch_bounds__(kThreads) ce_backward_rim_kernel(CeGeometry<acc_t> geo, TileRim<acc_t> rim,
                                                                   index_t count, scalar_t* __restrict__ grad_logits,
-                                                                  const acc_t* __restrict__ hard_scale) {
-  if (hard_scale != nullptr && *hard_scale != static_cast<acc_t>(0)) return;  // OHEM's hard branch
+                                                                  const acc_t* __restrict__ sum_weight) {
+  if (sum_weight != nullptr && *sum_weight != static_cast<acc_t>(0)) return;  // the weighted sum's
   for (index_t item = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; item < count;
        item += static_cast<index_t>(gridDim.x) * blockDim.x)
     ce_backward_rim_item<scalar_t, acc_t, index_t>(item, geo, rim, grad_logits);
@@ -561,14 +565,14 @@ void forward_typed(const CeForwardCall& call, int64_t ignore_index) {
 // The rim's grid-line logits into out, after the tiles' kernel.
 template <typename scalar_t, typename acc_t>
 void launch_rim(const CeGeometry<acc_t>& geo, const TileRim<acc_t>& rim, scalar_t* out, cudaStream_t stream,
-                const acc_t* hard_scale = nullptr) {
+                const acc_t* sum_weight = nullptr) {
   const int64_t count = static_cast<int64_t>(geo.N) * geo.C * rim_pixels(rim, geo.h, geo.w);
   const int64_t blocks = std::min<int64_t>((count + kThreads - 1) / kThreads, 65535LL * 8);
   if (count < (int64_t{1} << 30))  // item + the grid's stride (at most 2^29) below 2^31
     ce_backward_rim_kernel<scalar_t, acc_t, int32_t>
-        <<<blocks, kThreads, 0, stream>>>(geo, rim, static_cast<int32_t>(count), out, hard_scale);
+        <<<blocks, kThreads, 0, stream>>>(geo, rim, static_cast<int32_t>(count), out, sum_weight);
   else
-    ce_backward_rim_kernel<scalar_t, acc_t, int64_t><<<blocks, kThreads, 0, stream>>>(geo, rim, count, out, hard_scale);
+    ce_backward_rim_kernel<scalar_t, acc_t, int64_t><<<blocks, kThreads, 0, stream>>>(geo, rim, count, out, sum_weight);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -584,25 +588,30 @@ void backward_typed(const CeBackwardCall& call, int64_t ignore_index, int64_t sh
   if (call.plan.shared_bytes > kCeSharedBytes)
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(shared_budget)));
-  const TileRim<acc_t> rim = tile_rim_of<acc_t>(call.rim, logits, call.plan);
   scalar_t* grad_logits = call.grad_logits.mutable_data_ptr<scalar_t>();
-  const acc_t* hard_scale = call.hard_scale.defined() ? call.hard_scale.const_data_ptr<acc_t>() : nullptr;
+  const acc_t* sum_weight = call.sum_weight.defined() ? call.sum_weight.const_data_ptr<acc_t>() : nullptr;
+  const acc_t* grad_scale = call.grad_scale.defined() ? call.grad_scale.const_data_ptr<acc_t>() : nullptr;
   auto stream = c10::cuda::getCurrentCUDAStream();
-  kernel<<<ce_backward_blocks(geo, call.plan), kThreads, call.plan.shared_bytes, stream>>>(
-      geo, call.plan, logits.const_data_ptr<scalar_t>(), call.labels.const_data_ptr<label_t>(),
-      call.grad_loss.const_data_ptr<acc_t>(), call.grad_stride, call.lse.const_data_ptr<acc_t>(), ignore_index,
-      grad_logits, rim, hard_scale);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  launch_rim(geo, rim, grad_logits, stream, hard_scale);
-  if (hard_scale == nullptr) return;
+  if (!call.sum_only) {  // the gather; its kernels return at once where *sum_weight is not 0
+    const TileRim<acc_t> rim = tile_rim_of<acc_t>(call.rim, logits, call.plan);
+    kernel<<<ce_backward_blocks(geo, call.plan), kThreads, call.plan.shared_bytes, stream>>>(
+        geo, call.plan, logits.const_data_ptr<scalar_t>(), call.labels.const_data_ptr<label_t>(),
+        call.grad_loss.const_data_ptr<acc_t>(), call.grad_stride, call.lse.const_data_ptr<acc_t>(), ignore_index,
+        grad_logits, rim, sum_weight, grad_scale);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_rim(geo, rim, grad_logits, stream, sum_weight);
+  }
+  if (sum_weight == nullptr) return;
   const int64_t count = logits.numel();
-  const int64_t blocks = std::min<int64_t>((count + kThreads - 1) / kThreads, 65535LL * 8);
+  const int64_t items = ce_weighted_sum_items(count);
+  const int64_t blocks = std::min<int64_t>((items + kThreads - 1) / kThreads, 65535LL * 8);
+  const acc_t* grad_sum = call.grad_sum.const_data_ptr<acc_t>();
   if (count < (int64_t{1} << 30))
-    ce_hard_scaled_kernel<scalar_t, acc_t, int32_t><<<blocks, kThreads, 0, stream>>>(
-        static_cast<int32_t>(count), call.hard_sum.const_data_ptr<acc_t>(), hard_scale, grad_logits);
+    ce_weighted_sum_kernel<scalar_t, acc_t, int32_t><<<blocks, kThreads, 0, stream>>>(
+        static_cast<int32_t>(count), grad_sum, sum_weight, grad_scale, call.sum_only, grad_logits);
   else
-    ce_hard_scaled_kernel<scalar_t, acc_t, int64_t><<<blocks, kThreads, 0, stream>>>(
-        count, call.hard_sum.const_data_ptr<acc_t>(), hard_scale, grad_logits);
+    ce_weighted_sum_kernel<scalar_t, acc_t, int64_t><<<blocks, kThreads, 0, stream>>>(
+        count, grad_sum, sum_weight, grad_scale, call.sum_only, grad_logits);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -681,14 +690,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> upsample_
   return {forward.loss, forward.lse, forward.mean, forward.denominator, call.grad_sum};
 }
 
-at::Tensor upsample_ce_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& labels,
-                                     const at::Tensor& lse, int64_t ignore_index, int64_t band, int64_t chunk,
-                                     const std::optional<at::Tensor>& hard_sum,
-                                     const std::optional<at::Tensor>& hard_scale) {
+at::Tensor upsample_ce_backward_cuda(const std::optional<at::Tensor>& grad_loss, const at::Tensor& logits,
+                                     const at::Tensor& labels, const at::Tensor& lse, int64_t ignore_index,
+                                     int64_t band, int64_t chunk, const std::optional<at::Tensor>& grad_sum,
+                                     const std::optional<at::Tensor>& sum_weight,
+                                     const std::optional<at::Tensor>& grad_scale) {
   const int64_t shared_budget = tile_shared_budget(logits);
-  const CeBackwardCall call = prepare_ce_backward(grad_loss, logits, labels, lse, band, chunk, shared_budget, hard_sum,
-                                                  hard_scale);
-  if (call.plan.band == 0) return call.grad_logits;
+  const CeBackwardCall call = prepare_ce_backward(grad_loss, logits, labels, lse, band, chunk, shared_budget,
+                                                  {grad_sum, sum_weight, grad_scale});
+  if (call.plan.band == 0 && !call.sum_only) return call.grad_logits;
   c10::cuda::CUDAGuard guard(logits.device());
 #define BISENET_CE_BACKWARD(scalar_t, label_t) backward_typed<scalar_t, label_t>(call, ignore_index, shared_budget)
   BISENET_CE_DISPATCH(call.logits, call.labels, BISENET_CE_BACKWARD);

@@ -857,7 +857,7 @@ BISENET_HD void ce_backward_table_item(int item, const CeTile& t, const CeGeomet
 // loaded (ce_backward_pixel_load: a kernel thread loads several items before it stores them,
 // so their loads are in flight together) and stored (ce_backward_pixel_store). labels, lse:
 // sample n's (H, W); grad_loss: sample n's (H, W), or with grad_stride 0 the one value of
-// every pixel.
+// every pixel; a pixel's gradient is its grad_loss times grad_scale (ce_grad_scale).
 template <typename acc_t>
 struct CePixelLoad {
   int64_t label;
@@ -867,10 +867,16 @@ struct CePixelLoad {
 template <typename label_t, typename acc_t>
 BISENET_HD CePixelLoad<acc_t> ce_backward_pixel_load(int item, const CeTile& t, const CeGeometry<acc_t>& geo,
                                                      const label_t* labels, const acc_t* grad_loss, int grad_stride,
-                                                     const acc_t* lse) {
+                                                     acc_t grad_scale, const acc_t* lse) {
   const int cols = t.wx1 - t.wx0;
   const int p = (t.wy0 + item / cols) * geo.W + t.wx0 + item % cols;
-  return {static_cast<int64_t>(labels[p]), grad_loss[p * grad_stride], lse[p]};
+  return {static_cast<int64_t>(labels[p]), grad_loss[p * grad_stride] * grad_scale, lse[p]};
+}
+
+// The backward's factor of the incoming gradient: *grad_scale, or 1 (exact: x * 1 is x).
+template <typename acc_t>
+BISENET_HD acc_t ce_grad_scale(const acc_t* grad_scale) {
+  return grad_scale != nullptr ? *grad_scale : static_cast<acc_t>(1);
 }
 
 template <typename acc_t>
@@ -1156,11 +1162,31 @@ BISENET_HD CeMeanTree<acc_t> ce_fused_mean_tree(unsigned char* base, const CeBac
           reinterpret_cast<int64_t*>(base + tree + kSumThreads * static_cast<int64_t>(sizeof(acc_t)))};
 }
 
-// The backward where the OHEM loss took its hard branch (ohem_hard_weight): element i of the
-// logits' gradient, hard_sum[i] times scale (the hard weight times the incoming gradient).
+// The backward where the gradient is a weighted sum's (the CE mean's; OHEM's hard branch,
+// ohem_hard_weight): item v, elements kCeSumVec v .. kCeSumVec v + kCeSumVec - 1 of the
+// logits' gradient (those below count), grad_sum[i] times scale (the sum's pixels' weight
+// times the incoming gradient). A whole item moves as one vector each way: grad_sum and
+// grad_logits are aligned to kCeSumVec elements (the host sees to it: prepare_ce_backward).
+constexpr int kCeSumVec = 4;
+
+template <typename index_t>
+BISENET_HD index_t ce_weighted_sum_items(index_t count) {
+  return (count + kCeSumVec - 1) / kCeSumVec;
+}
+
 template <typename scalar_t, typename acc_t, typename index_t>
-BISENET_HD void ce_hard_scaled_item(index_t i, const acc_t* hard_sum, acc_t scale, scalar_t* grad_logits) {
-  grad_logits[i] = static_cast<scalar_t>(hard_sum[i] * scale);
+BISENET_HD void ce_weighted_sum_item(index_t item, index_t count, const acc_t* grad_sum, acc_t scale,
+                                     scalar_t* grad_logits) {
+  const index_t first = item * kCeSumVec;
+  if (first + kCeSumVec <= count) {
+    const Vec<acc_t, kCeSumVec> sums = reinterpret_cast<const Vec<acc_t, kCeSumVec>*>(grad_sum)[item];
+    Vec<scalar_t, kCeSumVec> grads;
+#pragma unroll
+    for (int k = 0; k < kCeSumVec; ++k) grads.v[k] = static_cast<scalar_t>(sums.v[k] * scale);
+    reinterpret_cast<Vec<scalar_t, kCeSumVec>*>(grad_logits)[item] = grads;
+  } else {
+    for (index_t i = first; i < count; ++i) grad_logits[i] = static_cast<scalar_t>(grad_sum[i] * scale);
+  }
 }
 
 // The grid-line logits' pass, item = (n * C + c) * rim_pixels + p: the sum of the tiles'
@@ -1386,7 +1412,7 @@ BISENET_HD OhemWeightValues<acc_t> ohem_weight_values(const int64_t* state) {
 // The weight each hard pixel gets where the hard branch was taken, else 0 (the top-k branch,
 // or class weights: ohem_weights' caller passes has_class_weights). Where it is not 0 the
 // OHEM loss's gradient is the forward with gradient's sum over the hard pixels (CeGradPixels)
-// times it (ce_hard_scaled_item), and the backward's gather is skipped.
+// times it (ce_weighted_sum_item), and the backward's gather is skipped.
 template <typename acc_t>
 BISENET_HD acc_t ohem_hard_weight(const int64_t* state, bool has_class_weights) {
   return state[kOhemUseHard] && !has_class_weights ? ohem_weight_values<acc_t>(state).kept : static_cast<acc_t>(0);

@@ -21,6 +21,11 @@ struct CeForwardCall {
   CeForwardPlan plan;             // ohem_ce_math.h; band 0 when there is nothing to compute
 };
 
+// upsample_ce_backward's optional arguments beside grad_loss (their meaning: CeBackwardCall).
+struct CeBackwardScales {
+  std::optional<at::Tensor> grad_sum, sum_weight, grad_scale;
+};
+
 struct CeBackwardCall {
   at::Tensor grad_loss, logits, labels, lse;  // contiguous
   // 1; 0 where grad_loss is one value for every pixel (an expanded scalar, as the backward of
@@ -29,10 +34,14 @@ struct CeBackwardCall {
   at::Tensor grad_logits;
   CeBackwardPlan plan;  // ohem_ce_math.h; unset when there is nothing to compute (an empty batch)
   at::Tensor rim;       // workspace: the grid-line logits' partial gradients (bilinear.h: TileRim)
-  // optional, both or neither: where hard_scale (() like lse, on the device) is not 0, the
-  // gradient is hard_sum (like logits, in lse's dtype) times it and the gather is skipped
-  // (ohem_ce_math.h: ohem_hard_weight)
-  at::Tensor hard_sum, hard_scale;
+  // optional, both or neither: grad_sum (like logits, in lse's dtype), the gradient of a sum
+  // of pixels' losses (upsample_ce_forward_grad's), and sum_weight (() like lse, on the
+  // device), each such pixel's weight. Where sum_weight is not 0 (OHEM's hard branch:
+  // ohem_ce_math.h, ohem_hard_weight), or where there is no grad_loss (sum_only), the
+  // gradient is grad_sum times sum_weight times grad_scale and the gather is skipped.
+  at::Tensor grad_sum, sum_weight;
+  bool sum_only = false;  // no grad_loss: nothing to gather (grad_loss, lse and the plan unset)
+  at::Tensor grad_scale;  // optional, () like lse on the device: the incoming gradient's factor
 };
 
 // The forward with gradient (ohem_ce_math.h): the forward's outputs and the CE mean's
@@ -81,9 +90,9 @@ struct OhemCall {
 // ohem_ce.cpp. prepare_ce_backward plans with shared_budget, the most shared memory a block
 // may take on the device that runs it (ohem_ce_math.h: kCeMaxSharedBytes).
 CeForwardCall prepare_ce_forward(const at::Tensor& logits, const at::Tensor& labels, bool with_mean);
-CeBackwardCall prepare_ce_backward(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& labels,
+CeBackwardCall prepare_ce_backward(const std::optional<at::Tensor>& grad_loss, const at::Tensor& logits, const at::Tensor& labels,
                                    const at::Tensor& lse, int64_t band, int64_t chunk, int64_t shared_budget,
-                                   const std::optional<at::Tensor>& hard_sum, const std::optional<at::Tensor>& hard_scale);
+                                   const CeBackwardScales& scales);
 CeForwardGradCall prepare_ce_forward_grad(const at::Tensor& logits, const at::Tensor& labels, int64_t band,
                                           int64_t chunk, int64_t shared_budget, std::optional<double> threshold);
 OhemCall prepare_ohem_weights(const at::Tensor& loss, const at::Tensor& labels, double threshold, int64_t min_kept,

@@ -41,6 +41,13 @@ BISENET_HD T* held_pointer(T* p) {
   return p;
 }
 
+// kVec consecutive elements, read or written as one vector (an aligned pointer's: the host
+// checks).
+template <typename T, int kVec>
+struct alignas(sizeof(T) * kVec) Vec {
+  T v[kVec];
+};
+
 // Host only: the order of the CPU loops' items. The CPU loops run each kernel phase's items
 // (and blocks) one after the other, ascending; with BISENET_CPU_ITEM_ORDER=reverse,
 // descending, and where a kernel runs two phases side by side with no barrier between them,
