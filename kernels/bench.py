@@ -456,7 +456,9 @@ def tile_table(args, device):
     halved or doubled, one at a time and crosswise; those over the shared-memory budget are
     left out), each checked against the automatic tile's gradient first: what the plan
     (ohem_ce_math.h: plan_ce_backward) chose against what it could have. Then the forward with
-    gradient (the CE mean's training step, up to 20 classes) likewise, against the two ops."""
+    gradient (the CE mean's training step, up to 20 classes) likewise, against the two ops,
+    and the CE mean's backward after it (the backward op without grad_loss: grad_sum weighted,
+    an elementwise kernel) with its GB/s against the copy bandwidth measured here."""
     ops = torch.ops.bisenet_cuda
     batch, dtype_name = args.batch[0], args.dtypes[0]
     generator = torch.Generator().manual_seed(4)
@@ -468,6 +470,7 @@ def tile_table(args, device):
              "| head | forward us | tile (low-res rows x columns) | shared KiB | parts | backward us | vs automatic |",
              "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
     with_grad = []
+    copy_gbs = copy_bandwidth_gbs(device, 2 ** 30 if device.type == "cuda" else 2 ** 24, args.warmup, args.iters)
     for head, stride in HEADS:
         if stride not in args.heads:
             continue
@@ -499,13 +502,24 @@ def tile_table(args, device):
                 lambda tile: ops.upsample_ce_forward_grad(logits, labels, 255, *tile)[4],
                 f"the {head} forward with gradient", AGREEMENT[torch.float32], device, args):
             name = f"{plan[0]} x {plan[1]}" + (" (automatic)" if tile == (0, 0) else "")
+            mean_backward = ""
+            if tile == (0, 0):  # the CE mean's backward: read grad_sum (float32), write the gradient
+                grad_sum, share = ops.upsample_ce_forward_grad(logits, labels, 255)[4], torch.tensor(0.5, device=device)
+                backward_ms, _ = median_ms(lambda: ops.upsample_ce_backward(None, logits, labels, lse, 255, 0, 0,
+                                                                            grad_sum, share),
+                                           device, args.warmup, args.iters)
+                nbytes = grad_sum.numel() * (grad_sum.element_size() + logits.element_size())
+                mean_backward = f"{1e3 * backward_ms:.0f} | {nbytes / backward_ms / 1e6 / copy_gbs:.0%}"
             with_grad.append(f"| {head} | {name} | {plan[4] / 1024:.1f} | {plan[9]} | {1e3 * ms:.0f} | {speed:.2f}x | "
-                             f"{separate_ms / ms:.2f}x |")
+                             f"{separate_ms / ms:.2f}x | {mean_backward or ' | '} |")
     if with_grad:
         lines += ["", "The forward with gradient (`upsample_ce_forward_grad`, the CE mean's step) alone, against the "
-                  "forward and the backward with their automatic tiles:", "",
+                  "forward and the backward with their automatic tiles; then the CE mean's backward "
+                  f"(`upsample_ce_backward` without grad_loss) and its bandwidth against the copy's, {copy_gbs:.0f} "
+                  "GB/s:", "",
                   "| head | tile (low-res rows x columns) | shared KiB | parts | forward with gradient us | "
-                  "vs automatic | vs forward + backward |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+                  "vs automatic | vs forward + backward | mean's backward us | of copy GB/s |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         lines += with_grad
     return "\n".join(lines) + "\n\n" + bga_tile_table(args, device)
 

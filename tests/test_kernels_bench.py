@@ -126,7 +126,8 @@ def tile_rows(path, header):
 def test_tiles_table_times_the_automatic_tile_and_those_around_it(extension, tmp_path):
     """--tiles: per head the forward op alone, then the backward with the automatic tile (first,
     1.00x) and the tiles around it that fit, each checked against the automatic one; then the
-    forward with gradient likewise, and against the two ops."""
+    forward with gradient likewise, and against the two ops, with the CE mean's backward after
+    it (its time and share of the copy bandwidth) on the automatic tile's row."""
     out = tmp_path / "tiles.md"
     bench.main(["--tiles", "--device", "cpu", "--batch", "1", "--size", "64", "--dtypes", "bf16", "--iters", "1",
                 "--warmup", "0", "--out", str(out)])
@@ -140,6 +141,8 @@ def test_tiles_table_times_the_automatic_tile_and_those_around_it(extension, tmp
     assert [row[0] for row in automatic] == ["main 1/8", "aux 1/4", "aux 1/16", "aux 1/32"]
     assert all(row[5] == "1.00x" for row in automatic) and len(rows) > len(automatic)
     assert all(float(row[4]) > 0 and float(row[6].rstrip("x")) > 0 for row in rows)
+    assert all(float(row[7]) > 0 and row[8].endswith("%") for row in automatic)
+    assert all(row[7] == row[8] == "" for row in rows if row not in automatic)
 
 
 def test_tiles_table_times_the_bga_backward_tiles_too(extension, tmp_path):
