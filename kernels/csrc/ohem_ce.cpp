@@ -218,7 +218,7 @@ void for_backward_tiles(const CeGeometry<acc_t>& geo, const CeBackwardPlan& plan
     if (reversed)  // shared memory holds no earlier values: a read before a write gives NaN (ints -1)
       memset(shared.data(), 0xFF, shared.size() * sizeof(double));
     TORCH_CHECK(t.wy1 - t.wy0 <= plan.window_rows && t.wx1 - t.wx0 <= plan.window_cols && t.rows <= plan.band + 1 &&
-                    (t.ly1 - t.ly0 + 1) * t.parts * (t.wx1 - t.wx0) <= (plan.band + 1) * plan.part_cols,
+                    (t.ly1 - t.ly0) * t.parts * (t.wx1 - t.wx0) <= plan.band * plan.part_cols,
                 op, ": tile at low-res (", t.ly0, ", ", t.lx0, ") has a ", t.wy1 - t.wy0, "x", t.wx1 - t.wx0,
                 " window reading ", t.rows, " rows, the plan has room for ", plan.window_rows, "x", plan.window_cols,
                 " and ", plan.band + 1);
@@ -264,7 +264,7 @@ void backward_cpu_typed(const CeBackwardCall& call, int64_t ignore_index) {
     scalar_t* sample_out = out + t.n * geo.C * plane;
     const int cols = t.wx1 - t.wx0;
     const auto tables = [&] {
-      for_items(ce_tile_tables(t, geo.w, plan.pass_classes), reversed,
+      for_items(ce_tile_tables(t, geo.w), reversed,
                 [&](int64_t item) { ce_backward_table_item(static_cast<int>(item), t, geo, buf); });
     };
     const auto pixel_items = [&] {
@@ -337,7 +337,7 @@ void forward_grad_cpu_typed(const CeForwardGradCall& call, int64_t ignore_index)
     const scalar_t* sample = logit_data + t.n * geo.C * plane;
     const int cols = t.wx1 - t.wx0, groups = ce_chunk_groups(geo.C);
     const auto tables = [&] {
-      for_items(ce_tile_tables(t, geo.w, plan.pass_classes), reversed,
+      for_items(ce_tile_tables(t, geo.w), reversed,
                 [&](int64_t item) { ce_backward_table_item(static_cast<int>(item), t, geo, buf); });
     };
     const auto pixel_items = [&] {

@@ -184,7 +184,7 @@ __global__ void __launch_bounds__(kThreads, 4) ce_backward_kernel(
   const int64_t pixels = static_cast<int64_t>(geo.H) * geo.W;
   const int plane = geo.h * geo.w;
   const int64_t sample = static_cast<int64_t>(t.n) * geo.C * plane;
-  for (int item = threadIdx.x; item < ce_tile_tables(t, geo.w, plan.pass_classes); item += blockDim.x)
+  for (int item = threadIdx.x; item < ce_tile_tables(t, geo.w); item += blockDim.x)
     ce_backward_table_item(item, t, geo, buf);
   // the window's pixels, kPixelsAhead items a thread loaded before any is stored
   constexpr int kPixelsAhead = 4;
@@ -294,7 +294,7 @@ __global__ void __launch_bounds__(kThreads, 2) ce_forward_grad_kernel(
   const CeTile t = ce_backward_tile(blockIdx.x, geo, plan);
   const int64_t pixels = static_cast<int64_t>(geo.H) * geo.W;
   const int64_t sample = static_cast<int64_t>(t.n) * geo.C * geo.h * geo.w;
-  for (int item = threadIdx.x; item < ce_tile_tables(t, geo.w, plan.pass_classes); item += blockDim.x)
+  for (int item = threadIdx.x; item < ce_tile_tables(t, geo.w); item += blockDim.x)
     ce_backward_table_item(item, t, geo, buf);
   for (int item = threadIdx.x; item < ce_tile_window(t); item += blockDim.x)
     ce_fused_pixel_item<label_t, acc_t>(item, t, geo, labels + t.n * pixels, ignore_index, buf);

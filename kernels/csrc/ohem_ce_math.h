@@ -619,9 +619,8 @@ BISENET_HD acc_t ohem_weights_pixels(int64_t first, int64_t stride, int64_t pixe
 //     segment: item (k, x): over the rows y of segment k, per class c, z log2(e) from the two
 //              staged rows, gd = g (exp2(z log2(e) - lse log2(e)) - [c == label]) (same_bits.h:
 //              exp2_acc, log2(e) applied once per staged value), summed with y's weight to its first
-//              tap s into to_row[q][k][x] and with its weight to s + 1 into to_next_row[q][k + 1][x]
-//              (to_row[q][band], to_next_row[q][0] stay 0): each window pixel read once a pass
-//              and evaluated once a class;
+//              tap s into to_row[q][k][x] and with its weight to s + 1 into to_next_row[q][k][x]:
+//              each window pixel read once a pass and evaluated once a class;
 //     output:  item (q, i, j) of the reached low-res pixels: the y-sum of column x for low-res
 //              row ly0 + i is to_row[q][i][x] + to_next_row[q][i][x]; summed along x with x's
 //              weight to lx0 + j, it is the gradient of logit (n, c0 + q, ly0 + i, lx0 + j), or
@@ -699,12 +698,14 @@ struct CeBackwardBuffers {
                           // labels (ce_fused_pixel_item)
   acc_t* staged;       // (band + 1, window_cols, pass_classes): logit rows interpolated along x,
                        // times log2(e), a pass's classes side by side
-  acc_t* to_row;       // per class of the pass (slot elements apart), ((band + 1) * parts, cols)
-                       // of the tile: row k * parts + q, part q of segment k's sums to its first
-                       // tap row (capacity (band + 1) * part_cols)
-  acc_t* to_next_row;  // likewise: row (k + 1) * parts + q, part q of segment k's sums to the
-                       // row after
-  int slot;            // (band + 1) * part_cols: to_row's and to_next_row's class stride
+  acc_t* to_row;       // per class of the pass (slot elements apart), (band * parts, cols) of
+                       // the tile: row k * parts + q, part q of segment k's sums to its first
+                       // tap row (capacity band * part_cols)
+  acc_t* to_next_row;  // likewise: row k * parts + q, part q of segment k's sums to the row
+                       // after
+  int slot;            // band * part_cols: to_row's and to_next_row's class stride
+  acc_t* zeros;        // (parts, cols) of the tile (capacity part_cols): the sums of a segment
+                       // outside it (ly0 - 1's to its next row, ly1's to its first), for every class
   int pass_classes;    // the plan's: the classes side by side in staged, and the class slots
   CeTap<acc_t>* row_taps;  // (window_rows,): first, second are offsets into staged
   CeTap<acc_t>* col_taps;  // (window_cols,): first, second are logit columns
@@ -719,7 +720,7 @@ struct CeBackwardBuffers {
 // gradient's labels 4), the acc_t arrays from a 16-byte boundary, the ints, the forward with
 // gradient's CE mean tree from an 8-byte one, so each stays aligned.
 struct CeBackwardLayout {
-  int64_t pixel, staged, to_row, to_next_row, row_taps, col_taps, part_y, column_x;
+  int64_t pixel, staged, to_row, to_next_row, zeros, row_taps, col_taps, part_y, column_x;
   int64_t tree;  // the forward with gradient's CE mean tree (ce_mean_tree_bytes), else empty
   int64_t bytes;
 };
@@ -728,7 +729,7 @@ template <typename acc_t>
 BISENET_HD CeBackwardLayout ce_backward_layout(const CeBackwardPlan& plan) {
   const int64_t window = static_cast<int64_t>(plan.window_rows) * plan.window_cols;
   const int64_t staged = static_cast<int64_t>(plan.band + 1) * plan.window_cols * plan.pass_classes;
-  const int64_t segments = static_cast<int64_t>(plan.band + 1) * plan.part_cols * plan.pass_classes;
+  const int64_t segments = static_cast<int64_t>(plan.band) * plan.part_cols * plan.pass_classes;
   const int64_t acc = sizeof(acc_t), taps = sizeof(CeTap<acc_t>), word = sizeof(int);
   CeBackwardLayout at;
   at.row_taps = 0;  // 16-byte aligned first
@@ -738,7 +739,8 @@ BISENET_HD CeBackwardLayout ce_backward_layout(const CeBackwardPlan& plan) {
   at.staged = (at.pixel + window * pixel_bytes + 15) / 16 * 16;  // 16-byte aligned
   at.to_row = at.staged + staged * acc;
   at.to_next_row = at.to_row + segments * acc;
-  at.part_y = at.to_next_row + segments * acc;
+  at.zeros = at.to_next_row + segments * acc;
+  at.part_y = at.zeros + plan.part_cols * acc;
   at.column_x = at.part_y + (static_cast<int64_t>(plan.band) * kCeMaxParts + 1) * word;
   at.tree = (at.column_x + (plan.chunk + 3) * word + 7) / 8 * 8;  // 8-byte aligned (int64 counts)
   at.bytes = at.tree + (plan.pass_classes == kCeChunkClasses ? ce_mean_tree_bytes<acc_t>() : 0);
@@ -754,11 +756,12 @@ BISENET_HD CeBackwardBuffers<acc_t> ce_backward_buffers(unsigned char* base, con
   buf.staged = reinterpret_cast<acc_t*>(base + at.staged);
   buf.to_row = reinterpret_cast<acc_t*>(base + at.to_row);
   buf.to_next_row = reinterpret_cast<acc_t*>(base + at.to_next_row);
+  buf.zeros = reinterpret_cast<acc_t*>(base + at.zeros);
   buf.row_taps = reinterpret_cast<CeTap<acc_t>*>(base + at.row_taps);
   buf.col_taps = reinterpret_cast<CeTap<acc_t>*>(base + at.col_taps);
   buf.part_y = reinterpret_cast<int*>(base + at.part_y);
   buf.column_x = reinterpret_cast<int*>(base + at.column_x);
-  buf.slot = (plan.band + 1) * plan.part_cols;
+  buf.slot = plan.band * plan.part_cols;
   buf.pass_classes = plan.pass_classes;
   return buf;
 }
@@ -811,9 +814,9 @@ BISENET_HD int64_t ce_backward_blocks(const CeGeometry<acc_t>& geo, const CeBack
 BISENET_HD int ce_reached_rows(const CeTile& t, int h) { return reached_span(t.ly0, t.ly1, h); }
 BISENET_HD int ce_reached_cols(const CeTile& t, int w) { return reached_span(t.lx0, t.lx1, w); }
 BISENET_HD int ce_tile_window(const CeTile& t) { return (t.wy1 - t.wy0) * (t.wx1 - t.wx0); }
-BISENET_HD int ce_tile_tables(const CeTile& t, int w, int pass_classes) {
-  return (t.wy1 - t.wy0) + (1 + 2 * pass_classes * t.parts) * (t.wx1 - t.wx0) +
-         ((t.ly1 - t.ly0) * t.parts + 1) + (ce_reached_cols(t, w) + 2);
+BISENET_HD int ce_tile_tables(const CeTile& t, int w) {
+  return (t.wy1 - t.wy0) + (1 + t.parts) * (t.wx1 - t.wx0) + ((t.ly1 - t.ly0) * t.parts + 1) +
+         (ce_reached_cols(t, w) + 2);
 }
 BISENET_HD int ce_tile_segments(const CeTile& t) { return (t.ly1 - t.ly0) * t.parts; }
 BISENET_HD int ce_tile_columns(const CeTile& t, int h) {  // ce_backward_column_item's, where there are parts
@@ -821,15 +824,13 @@ BISENET_HD int ce_tile_columns(const CeTile& t, int h) {  // ce_backward_column_
 }
 BISENET_HD int ce_tile_outputs(const CeTile& t, int h, int w) { return ce_reached_rows(t, h) * ce_reached_cols(t, w); }
 
-// Prologue, item over the tables: the window rows' taps, the columns' taps, each class
-// slot's zero rows of to_row for segment band' and of to_next_row for segment -1 (band' =
-// ly1 - ly0; parts rows each), the parts' row bounds, the column bounds (clamped to the
-// window: the columns beyond it are other tiles').
+// Prologue, item over the tables: the window rows' taps, the columns' taps, the zeros, the
+// parts' row bounds, the column bounds (clamped to the window: the columns beyond it are
+// other tiles').
 template <typename acc_t>
 BISENET_HD void ce_backward_table_item(int item, const CeTile& t, const CeGeometry<acc_t>& geo,
                                        const CeBackwardBuffers<acc_t>& buf) {
   const int rows = t.wy1 - t.wy0, cols = t.wx1 - t.wx0, part_bounds = (t.ly1 - t.ly0) * t.parts + 1;
-  const int zero_row = t.parts * cols;  // a slot's zero row
   if (item < rows) {
     const Taps<acc_t> ty = bilinear_taps<acc_t>(t.wy0 + item, geo.h, geo.scale_y);
     const int row_bytes = cols * buf.pass_classes * static_cast<int>(sizeof(acc_t));
@@ -837,11 +838,9 @@ BISENET_HD void ce_backward_table_item(int item, const CeTile& t, const CeGeomet
   } else if ((item -= rows) < cols) {
     const Taps<acc_t> tx = bilinear_taps<acc_t>(t.wx0 + item, geo.w, geo.scale_x);
     buf.col_taps[item] = ce_tap(tx, tx.i0, tx.i1);
-  } else if ((item -= cols) < buf.pass_classes * zero_row) {
-    buf.to_row[item / zero_row * buf.slot + (t.ly1 - t.ly0) * zero_row + item % zero_row] = static_cast<acc_t>(0);
-  } else if ((item -= buf.pass_classes * zero_row) < buf.pass_classes * zero_row) {
-    buf.to_next_row[item / zero_row * buf.slot + item % zero_row] = static_cast<acc_t>(0);
-  } else if ((item -= buf.pass_classes * zero_row) < part_bounds) {
+  } else if ((item -= cols) < t.parts * cols) {
+    buf.zeros[item] = static_cast<acc_t>(0);
+  } else if ((item -= t.parts * cols) < part_bounds) {
     const int k = item / t.parts, q = item % t.parts;  // segment k's rows split evenly
     const int begin = first_dst_with_tap_at_least(t.ly0 + k, geo.h, geo.H, geo.scale_y);
     const int end = q == 0 ? begin : first_dst_with_tap_at_least(t.ly0 + k + 1, geo.h, geo.H, geo.scale_y);
@@ -950,13 +949,14 @@ BISENET_HD void ce_backward_segment_item(int kq, int x, int c0, const CeTile& t,
 #pragma unroll
   for (int i = 0; i < kClasses; ++i) {
     buf.to_row[i * buf.slot + kq * cols + x] = sum_row[i];
-    buf.to_next_row[i * buf.slot + (kq + t.parts) * cols + x] = sum_next[i];
+    buf.to_next_row[i * buf.slot + kq * cols + x] = sum_next[i];
   }
 }
 
 // Window column x's y-sum for output row i of the tile: segment ly0 + i's parts to its first
 // tap row (to_row, parts rows from row i * parts), then segment ly0 + i - 1's to the row after
-// (to_next_row, likewise), each in order, then the two added.
+// (to_next_row, parts rows from row (i - 1) * parts), each in order, then the two added (a
+// segment outside the tile, ly0 - 1's or ly1's, reads the buffers' zeros).
 template <typename acc_t>
 BISENET_HD acc_t ce_backward_column_sum(const acc_t* to_row, const acc_t* to_next_row, int parts, int cols, int x) {
   acc_t from_row = to_row[x], from_next_row = to_next_row[x];
@@ -967,11 +967,11 @@ BISENET_HD acc_t ce_backward_column_sum(const acc_t* to_row, const acc_t* to_nex
   return from_row + from_next_row;
 }
 
-// Output row i's sums of class slot q: where its segments' parts are (to_row, to_next_row), and
-// where its column sums go once summed (ce_backward_column_item): over the first row it reads
-// that this pass's segment items wrote, to_row's where segment ly0 + i is the tile's, else
-// (the last reached row) to_next_row's. The zero rows (to_next_row's for segment ly0 - 1,
-// to_row's for segment ly1) are never written, so they stay zero every pass.
+// Output row i's sums of class slot q: where its segments' parts are (to_row, to_next_row;
+// the zeros for a segment outside the tile: to_next_row's for i = 0, to_row's for i =
+// band'), and where its column sums go once summed (ce_backward_column_item): over the first
+// row it reads, to_row's where segment ly0 + i is the tile's, else (the last reached row)
+// to_next_row's; never the zeros.
 template <typename acc_t>
 struct CeOutputRow {
   acc_t* to_row;
@@ -983,9 +983,10 @@ template <typename acc_t>
 BISENET_HD CeOutputRow<acc_t> ce_output_row(int q, int i, const CeTile& t, const CeBackwardBuffers<acc_t>& buf) {
   const int cols = t.wx1 - t.wx0;
   CeOutputRow<acc_t> row;
-  row.to_row = buf.to_row + q * buf.slot + i * t.parts * cols;
-  row.to_next_row = buf.to_next_row + q * buf.slot + i * t.parts * cols;
-  row.summed = i < t.ly1 - t.ly0 ? row.to_row : row.to_next_row;
+  const bool first_tap_here = i < t.ly1 - t.ly0;  // segment ly0 + i is the tile's
+  row.to_row = first_tap_here ? buf.to_row + q * buf.slot + i * t.parts * cols : buf.zeros;
+  row.to_next_row = i > 0 ? buf.to_next_row + q * buf.slot + (i - 1) * t.parts * cols : buf.zeros;
+  row.summed = first_tap_here ? row.to_row : row.to_next_row;
   return row;
 }
 
@@ -1143,7 +1144,7 @@ BISENET_HD void ce_fused_segment_item(int kq, int x, const CeTile& t, const CeGe
   for (int q = 0; q < kCeChunkClasses; ++q) {
     if (q < geo.C) {
       buf.to_row[q * buf.slot + kq * cols + x] = sum_row[q];
-      buf.to_next_row[q * buf.slot + (kq + t.parts) * cols + x] = sum_next[q];
+      buf.to_next_row[q * buf.slot + kq * cols + x] = sum_next[q];
     }
   }
 }
@@ -1210,9 +1211,11 @@ BISENET_HD void ce_backward_rim_item(index_t item, const CeGeometry<acc_t>& geo,
 // device's; see kCeMaxSharedBytes), 1 x 1 at the least. An explicit tile is kept. Returns
 // whether the plan is within budget_bytes.
 //
-// The 1/4 and 1/8 heads' tiles (52.4 and 49.6 KiB) leave room for 4 blocks an SM on sm_90
+// The 1/4 and 1/8 heads' tiles (51.7 and 48.8 KiB) leave room for 4 blocks an SM on sm_90
 // (as many as the kernel's 64 registers allow); at 1/16 and 1/32 the 32 x 64 pixels take
-// 56.3 and 73.3 KiB (3 blocks an SM). Measured on an H200 (2026-11-28, bf16, batch 4): at
+// 54.8 and 70.3 KiB (4 and 3 blocks an SM by shared memory: 228 KiB an SM, 1 KiB of it
+// reserved a block; before the sums' tables dropped their rows of zeros, 56.3 and 73.3 KiB,
+// 3 and 3). Measured on an H200 (2026-11-28, bf16, batch 4): at
 // 1/32 the 1 x 2 tile's backward took 811 us where the 1 x 1 tile that a 54 KiB budget
 // shrank it to took 1867.
 template <typename acc_t>
