@@ -622,7 +622,8 @@ BISENET_HD acc_t ohem_weights_pixels(int64_t first, int64_t stride, int64_t pixe
 //              tap s into to_row[q][k][x] and with its weight to s + 1 into to_next_row[q][k][x]:
 //              each window pixel read once a pass and evaluated once a class;
 //     output:  item (q, i, j) of the reached low-res pixels: the y-sum of column x for low-res
-//              row ly0 + i is to_row[q][i][x] + to_next_row[q][i][x]; summed along x with x's
+//              row ly0 + i is to_row[q][i][x] + to_next_row[q][i - 1][x] (a segment outside
+//              the tile, i = band' or i - 1 = -1, reads zeros); summed along x with x's
 //              weight to lx0 + j, it is the gradient of logit (n, c0 + q, ly0 + i, lx0 + j), or
 //              on a grid line this tile's part of it, written once.
 // Two barriers per pass; the next pass's stage runs beside the output items. A pass shares

@@ -40,7 +40,7 @@ struct CeBackwardCall {
   // ohem_ce_math.h, ohem_hard_weight), or where there is no grad_loss (sum_only), the
   // gradient is grad_sum times sum_weight times grad_scale and the gather is skipped.
   at::Tensor grad_sum, sum_weight;
-  bool sum_only = false;  // no grad_loss: nothing to gather (grad_loss, lse and the plan unset)
+  bool sum_only = false;  // no grad_loss: nothing to gather (grad_loss and the plan unset)
   at::Tensor grad_scale;  // optional, () like lse on the device: the incoming gradient's factor
 };
 
@@ -90,9 +90,9 @@ struct OhemCall {
 // ohem_ce.cpp. prepare_ce_backward plans with shared_budget, the most shared memory a block
 // may take on the device that runs it (ohem_ce_math.h: kCeMaxSharedBytes).
 CeForwardCall prepare_ce_forward(const at::Tensor& logits, const at::Tensor& labels, bool with_mean);
-CeBackwardCall prepare_ce_backward(const std::optional<at::Tensor>& grad_loss, const at::Tensor& logits, const at::Tensor& labels,
-                                   const at::Tensor& lse, int64_t band, int64_t chunk, int64_t shared_budget,
-                                   const CeBackwardScales& scales);
+CeBackwardCall prepare_ce_backward(const std::optional<at::Tensor>& grad_loss, const at::Tensor& logits,
+                                   const at::Tensor& labels, const at::Tensor& lse, int64_t band, int64_t chunk,
+                                   int64_t shared_budget, const CeBackwardScales& scales);
 CeForwardGradCall prepare_ce_forward_grad(const at::Tensor& logits, const at::Tensor& labels, int64_t band,
                                           int64_t chunk, int64_t shared_budget, std::optional<double> threshold);
 OhemCall prepare_ohem_weights(const at::Tensor& loss, const at::Tensor& labels, double threshold, int64_t min_kept,
