@@ -159,6 +159,20 @@ def test_fused_gradcheck_float64(fused_path):
         assert torch.autograd.gradcheck(lambda x: loss_fused(x, labels, thresh=thresh, min_kept=min_kept), (leaf,))
 
 
+def test_fused_gradient_takes_the_incoming_one(fused_path):
+    """The loss's gradient for an incoming gradient other than 1 (a weighted head, a negative
+    factor): on the kernels' path the backward op multiplies by it itself (grad_scale) in
+    OHEM's hard branch, its top-k branch and CE's mean, against the reference's float64
+    gradient of the same objective."""
+    logits, labels = random_case(n=2, c=5, low=(5, 6), high=(19, 23), seed=8)
+    for thresh, min_kept in ((None, None), (0.7, 5), (0.9, 10 ** 6)):  # CE, hard branch, top-k
+        for factor in (2.5, -0.75):
+            leaf, exact = logits.clone().requires_grad_(True), logits.clone().requires_grad_(True)
+            (got,) = torch.autograd.grad(factor * loss_fused(leaf, labels, thresh=thresh, min_kept=min_kept), leaf)
+            (want,) = torch.autograd.grad(factor * loss_ref(exact, labels, thresh=thresh, min_kept=min_kept), exact)
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15, msg=lambda m: f"{thresh} {factor}: {m}")
+
+
 def selection_case(size, dtype, seed=0, device="cpu"):
     """Per-pixel losses (1, 1, size) with a long run of ties, zeros and ignored pixels."""
     g = torch.Generator().manual_seed(seed)
