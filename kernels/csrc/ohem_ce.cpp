@@ -241,7 +241,7 @@ void backward_cpu_typed(const CeBackwardCall& call, int64_t ignore_index) {
   const label_t* labels = call.labels.const_data_ptr<label_t>();
   const acc_t* lse = call.lse.const_data_ptr<acc_t>();
   scalar_t* out = call.grad_logits.mutable_data_ptr<scalar_t>();
-  const acc_t grad_scale = ce_grad_scale(call.grad_scale.defined() ? call.grad_scale.const_data_ptr<acc_t>() : nullptr);
+  const acc_t grad_scale = ce_grad_scale(data_or_null<acc_t>(call.grad_scale));
   if (call.grad_sum.defined()) {  // the weighted sum's gradient where it is the gradient, no gather
     const acc_t sum_weight = *call.sum_weight.const_data_ptr<acc_t>();
     if (call.sum_only || sum_weight != static_cast<acc_t>(0)) {

@@ -589,8 +589,8 @@ void backward_typed(const CeBackwardCall& call, int64_t ignore_index, int64_t sh
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(shared_budget)));
   scalar_t* grad_logits = call.grad_logits.mutable_data_ptr<scalar_t>();
-  const acc_t* sum_weight = call.sum_weight.defined() ? call.sum_weight.const_data_ptr<acc_t>() : nullptr;
-  const acc_t* grad_scale = call.grad_scale.defined() ? call.grad_scale.const_data_ptr<acc_t>() : nullptr;
+  const acc_t* sum_weight = data_or_null<acc_t>(call.sum_weight);
+  const acc_t* grad_scale = data_or_null<acc_t>(call.grad_scale);
   auto stream = c10::cuda::getCurrentCUDAStream();
   if (!call.sum_only) {  // the gather; its kernels return at once where *sum_weight is not 0
     const TileRim<acc_t> rim = tile_rim_of<acc_t>(call.rim, logits, call.plan);

@@ -21,6 +21,12 @@ struct CeForwardCall {
   CeForwardPlan plan;             // ohem_ce_math.h; band 0 when there is nothing to compute
 };
 
+// A call's optional tensor's data, or nullptr where the argument was not given.
+template <typename T>
+const T* data_or_null(const at::Tensor& tensor) {
+  return tensor.defined() ? tensor.const_data_ptr<T>() : nullptr;
+}
+
 // upsample_ce_backward's optional arguments beside grad_loss (their meaning: CeBackwardCall).
 struct CeBackwardScales {
   std::optional<at::Tensor> grad_sum, sum_weight, grad_scale;
