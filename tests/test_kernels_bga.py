@@ -10,6 +10,8 @@ Tests that need the compiled extension (kernels.load()) skip when it cannot be
 built, unless BISENET_REQUIRE_KERNELS=1, where they fail.
 """
 
+import random
+
 import pytest
 import torch
 
@@ -284,6 +286,47 @@ def test_sliced_inputs(kernel_device, extension, channels_last):
     assert torch.equal(extension.bga_forward(*sliced), extension.bga_forward(*dense))
     for got, want in zip(extension.bga_backward(grad_out, *sliced), extension.bga_backward(grad_out, *dense)):
         assert torch.equal(got, want)
+
+
+def random_shapes(count, seed):
+    """count seeded (shape, low_hw, channels_last, tile, seed) cases of the BGA: channels from
+    1 (odd counts: channels_last's groups of 16 cut short), sides from 1, upscales 1 to 4 and
+    between, downscales, the automatic tile and small explicit ones."""
+    rng = random.Random(seed)
+    for _ in range(count):
+        low_hw = (rng.randint(1, 9), rng.randint(1, 9))
+        factor = rng.choice([0.5, 1, 1.5, 2, 2.5, 4])
+        high = tuple(max(1, round(side * factor) + rng.randint(-1, 1)) for side in low_hw)
+        shape = (rng.randint(1, 2), rng.choice([1, 3, 8, 16, 17, 40])) + high
+        tile = rng.choice([(0, 0), (0, 0), (1, 1), (1, 2), (rng.randint(1, 5), rng.randint(1, 5))])
+        yield shape, low_hw, rng.random() < 0.5, tile, rng.randrange(2 ** 31)
+
+
+def test_random_shapes_and_tiles_match_float64_reference(kernel_device, extension):
+    """A seeded sweep of 40 shapes, memory formats and tiles (random_shapes) through both ops
+    and the op's autograd path, in float64 against the reference, beyond the listed shapes. An
+    explicit tile over the shared-memory budget must say so; the automatic one always fits."""
+    for index, (shape, low_hw, channels_last, tile, seed) in enumerate(random_shapes(40, seed=2026)):
+        what = f"case {index}: {shape} from {low_hw}, {'NHWC' if channels_last else 'NCHW'}, tile {tile}"
+        inputs = random_inputs(shape, low_hw, channels_last=channels_last, seed=seed)
+        grad_out = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+        want_out = bga.bga_aggregate_reference(*inputs)
+        want_grads = bga.bga_aggregate_backward_reference(grad_out, *inputs)
+        inputs, grad_out = [t.to(kernel_device) for t in inputs], grad_out.to(kernel_device)
+        if kernel_device.type == "cuda":
+            poison_cuda_cache(8 * sum(t.numel() for t in inputs))
+        torch.testing.assert_close(extension.bga_forward(*inputs).cpu(), want_out, rtol=1e-12, atol=1e-12,
+                                   msg=lambda m: f"{what}: {m}")
+        if tile_fits(extension, shape, low_hw, channels_last, torch.float64, tile):
+            grads = extension.bga_backward(grad_out, *inputs, *tile)
+            for name, grad, want in zip(GRAD_NAMES, grads, want_grads):
+                torch.testing.assert_close(grad.cpu(), want, rtol=1e-12, atol=1e-12, msg=lambda m: f"{what}, {name}: {m}")
+        else:
+            assert tile != (0, 0), what
+        out, grads = autograd_grads(bga.bga_aggregate, inputs, grad_out)
+        torch.testing.assert_close(out.cpu(), want_out, rtol=1e-12, atol=1e-12, msg=lambda m: f"{what}: {m}")
+        for name, grad, want in zip(GRAD_NAMES, grads, want_grads):
+            torch.testing.assert_close(grad.cpu(), want, rtol=1e-12, atol=1e-12, msg=lambda m: f"{what}, {name}: {m}")
 
 
 @pytest.mark.gpu

@@ -11,6 +11,7 @@ BISENET_REQUIRE_KERNELS=1, where they fail.
 """
 import math
 import os
+import random
 import threading
 import time
 
@@ -495,6 +496,69 @@ def test_sliced_inputs(kernel_device, extension):
     loss, lse, _, _ = extension.upsample_ce_forward(logits, labels, 255)
     dense_loss, dense_lse, _, _ = extension.upsample_ce_forward(logits.contiguous(), labels.contiguous(), 255)
     assert torch.equal(loss, dense_loss) and torch.equal(lse, dense_lse)
+
+
+def random_shapes(count, seed):
+    """count seeded (n, c, low, high, tile, seed) cases of the loss: sides from 1, upscales
+    from 1 to 32 and between (high-res sides within 130), downscales, C on both sides of the
+    forward with gradient's 20, the automatic tile and small explicit ones."""
+    rng = random.Random(seed)
+    for _ in range(count):
+        c = rng.choice([1, 2, 5, 19, 20, 21, 40])
+        low = (rng.randint(1, 12), rng.randint(1, 12))
+        factor = rng.choice([0.5, 1, 1.7, 2, 3, 4, 8, 16, 32])
+        high = tuple(max(1, min(130, round(side * factor) + rng.randint(-1, 1))) for side in low)
+        tile = rng.choice([(0, 0), (0, 0), (1, 1), (1, 2), (2, 1), (rng.randint(1, 6), rng.randint(1, 6))])
+        yield rng.randint(1, 2), c, low, high, tile, rng.randrange(2 ** 31)
+
+
+def test_random_shapes_and_tiles_match_float64_reference(kernel_device, extension):
+    """A seeded sweep of 40 shapes and tiles (random_shapes) through the three pixel ops and
+    the loss's autograd path (CE, OHEM's hard branch, its top-k branch; an incoming gradient
+    other than 1), in float64 against the reference: tile edges on every kind of pixel, tiny
+    and odd sides, downscales, beyond the listed cases. An explicit tile over the shared-memory
+    budget must say so; the automatic one always fits."""
+    for index, (n, c, low, high, (band, chunk), seed) in enumerate(random_shapes(40, seed=2026)):
+        what = f"case {index}: {n}x{c}x{low} -> {high}, tile {band}x{chunk}"
+        g = torch.Generator().manual_seed(seed)
+        logits = torch.randn(n, c, *low, generator=g, dtype=torch.float64) * 3
+        labels = torch.randint(0, c, (n, *high), generator=g)
+        labels[torch.rand(n, *high, generator=g) < 0.2] = 255
+        grad_loss = torch.randn(n, *high, generator=g, dtype=torch.float64)
+        grad_loss[:, ::3] = 0.0  # skipped pixels
+        want_loss, want_lse = loss_module.upsample_cross_entropy_reference(logits, labels, 255)
+        want_grad = loss_module.upsample_cross_entropy_backward_reference(grad_loss, logits, labels, want_lse, 255)
+        threshold = (None, 1.0, 2.5)[index % 3]
+        counted = (labels != 255) & (want_loss > (threshold if threshold is not None else -math.inf))
+        want_sum = loss_module.upsample_cross_entropy_backward_reference(counted.double(), logits, labels, want_lse, 255)
+        logits, grad_loss = logits.to(kernel_device), grad_loss.to(kernel_device)
+        labels = labels.to(kernel_device, torch.uint8 if index % 2 else torch.int64)
+        tol = 1e-13 * support_size(low, high)
+        if kernel_device.type == "cuda":
+            poison_cuda_cache(logits.numel() * 8 + labels.numel() * 8)
+        loss, lse, _, _ = extension.upsample_ce_forward(logits, labels, 255)
+        torch.testing.assert_close(loss.cpu(), want_loss, rtol=0, atol=1e-12, msg=lambda m: f"{what}: {m}")
+        torch.testing.assert_close(lse.cpu(), want_lse, rtol=0, atol=1e-12, msg=lambda m: f"{what}: {m}")
+        try:
+            grad = extension.upsample_ce_backward(grad_loss, logits, labels, lse, 255, band, chunk)
+            fused = extension.upsample_ce_forward_grad(logits, labels, 255, band, chunk, threshold) if c <= 20 else None
+        except RuntimeError as error:
+            assert (band, chunk) != (0, 0) and "bytes of shared memory" in str(error), f"{what}: {error}"
+            continue
+        torch.testing.assert_close(grad.cpu(), want_grad, rtol=0, atol=tol, msg=lambda m: f"{what}: {m}")
+        if fused is not None:
+            assert torch.equal(fused[0], loss) and torch.equal(fused[1], lse), what
+            torch.testing.assert_close(fused[4].cpu(), want_sum, rtol=0, atol=tol,
+                                       msg=lambda m: f"{what}, threshold {threshold}: {m}")
+        thresh, min_kept = ((None, None), (0.7, None), (0.9, 10 ** 6))[index % 3]
+        leaf, exact = logits.clone().requires_grad_(True), logits.cpu().requires_grad_(True)
+        got = loss_fused(leaf, labels, thresh=thresh, min_kept=min_kept)
+        want = loss_ref(exact, labels.cpu(), thresh=thresh, min_kept=min_kept)
+        (got_grad,) = torch.autograd.grad(-0.75 * got, leaf)
+        (want_grad_logits,) = torch.autograd.grad(-0.75 * want, exact)
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-12, atol=1e-14, msg=lambda m: f"{what}, {thresh}: {m}")
+        torch.testing.assert_close(got_grad.cpu(), want_grad_logits, rtol=1e-10, atol=1e-15,
+                                   msg=lambda m: f"{what}, {thresh}: {m}")
 
 
 @pytest.mark.gpu
