@@ -1,4 +1,5 @@
 import os
+import random
 import sys
 from pathlib import Path
 
@@ -115,6 +116,37 @@ def poison_cuda_cache(nbytes):
     for size in (nbytes, 4 * nbytes):
         torch.full((size // 4 + 1,), float("nan"), device="cuda")
     torch.cuda.synchronize()
+
+
+# Seeded random cases of the two ops, for the sweeps of test_kernels_loss, test_kernels_bga and
+# test_kernels_same_bits.
+
+def random_loss_shapes(count, seed):
+    """count seeded (n, c, low, high, tile, seed) cases of the loss: sides from 1, upscales
+    from 1 to 32 and between (high-res sides within 130), downscales, C on both sides of the
+    forward with gradient's 20, the automatic tile and small explicit ones."""
+    rng = random.Random(seed)
+    for _ in range(count):
+        c = rng.choice([1, 2, 5, 19, 20, 21, 40])
+        low = (rng.randint(1, 12), rng.randint(1, 12))
+        factor = rng.choice([0.5, 1, 1.7, 2, 3, 4, 8, 16, 32])
+        high = tuple(max(1, min(130, round(side * factor) + rng.randint(-1, 1))) for side in low)
+        tile = rng.choice([(0, 0), (0, 0), (1, 1), (1, 2), (2, 1), (rng.randint(1, 6), rng.randint(1, 6))])
+        yield rng.randint(1, 2), c, low, high, tile, rng.randrange(2 ** 31)
+
+
+def random_bga_shapes(count, seed):
+    """count seeded (shape, low_hw, channels_last, tile, seed) cases of the BGA: channels from
+    1 (odd counts: channels_last's groups of 16 cut short), sides from 1, upscales 1 to 4 and
+    between, downscales, the automatic tile and small explicit ones."""
+    rng = random.Random(seed)
+    for _ in range(count):
+        low_hw = (rng.randint(1, 9), rng.randint(1, 9))
+        factor = rng.choice([0.5, 1, 1.5, 2, 2.5, 4])
+        high = tuple(max(1, round(side * factor) + rng.randint(-1, 1)) for side in low_hw)
+        shape = (rng.randint(1, 2), rng.choice([1, 3, 8, 16, 17, 40])) + high
+        tile = rng.choice([(0, 0), (0, 0), (1, 1), (1, 2), (rng.randint(1, 5), rng.randint(1, 5))])
+        yield shape, low_hw, rng.random() < 0.5, tile, rng.randrange(2 ** 31)
 
 
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])

@@ -10,14 +10,12 @@ Tests that need the compiled extension (kernels.load()) skip when it cannot be
 built, unless BISENET_REQUIRE_KERNELS=1, where they fail.
 """
 
-import random
-
 import pytest
 import torch
 
 import bisenetv2
 from bisenetv2 import BiSeNetV2
-from conftest import dispatched_ops, poison_cuda_cache
+from conftest import dispatched_ops, poison_cuda_cache, random_bga_shapes
 from kernels import bga
 
 
@@ -288,25 +286,11 @@ def test_sliced_inputs(kernel_device, extension, channels_last):
         assert torch.equal(got, want)
 
 
-def random_shapes(count, seed):
-    """count seeded (shape, low_hw, channels_last, tile, seed) cases of the BGA: channels from
-    1 (odd counts: channels_last's groups of 16 cut short), sides from 1, upscales 1 to 4 and
-    between, downscales, the automatic tile and small explicit ones."""
-    rng = random.Random(seed)
-    for _ in range(count):
-        low_hw = (rng.randint(1, 9), rng.randint(1, 9))
-        factor = rng.choice([0.5, 1, 1.5, 2, 2.5, 4])
-        high = tuple(max(1, round(side * factor) + rng.randint(-1, 1)) for side in low_hw)
-        shape = (rng.randint(1, 2), rng.choice([1, 3, 8, 16, 17, 40])) + high
-        tile = rng.choice([(0, 0), (0, 0), (1, 1), (1, 2), (rng.randint(1, 5), rng.randint(1, 5))])
-        yield shape, low_hw, rng.random() < 0.5, tile, rng.randrange(2 ** 31)
-
-
 def test_random_shapes_and_tiles_match_float64_reference(kernel_device, extension):
-    """A seeded sweep of 40 shapes, memory formats and tiles (random_shapes) through both ops
+    """A seeded sweep of 40 shapes, memory formats and tiles (conftest: random_bga_shapes) through both ops
     and the op's autograd path, in float64 against the reference, beyond the listed shapes. An
     explicit tile over the shared-memory budget must say so; the automatic one always fits."""
-    for index, (shape, low_hw, channels_last, tile, seed) in enumerate(random_shapes(40, seed=2026)):
+    for index, (shape, low_hw, channels_last, tile, seed) in enumerate(random_bga_shapes(40, seed=2026)):
         what = f"case {index}: {shape} from {low_hw}, {'NHWC' if channels_last else 'NCHW'}, tile {tile}"
         inputs = random_inputs(shape, low_hw, channels_last=channels_last, seed=seed)
         grad_out = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))

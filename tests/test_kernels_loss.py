@@ -11,7 +11,6 @@ BISENET_REQUIRE_KERNELS=1, where they fail.
 """
 import math
 import os
-import random
 import threading
 import time
 
@@ -21,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from conftest import dispatched_ops, poison_cuda_cache
+from conftest import dispatched_ops, poison_cuda_cache, random_loss_shapes
 from kernels import build
 from kernels import loss as loss_module
 from kernels.loss import ohem_cross_entropy as loss_fused
@@ -498,27 +497,13 @@ def test_sliced_inputs(kernel_device, extension):
     assert torch.equal(loss, dense_loss) and torch.equal(lse, dense_lse)
 
 
-def random_shapes(count, seed):
-    """count seeded (n, c, low, high, tile, seed) cases of the loss: sides from 1, upscales
-    from 1 to 32 and between (high-res sides within 130), downscales, C on both sides of the
-    forward with gradient's 20, the automatic tile and small explicit ones."""
-    rng = random.Random(seed)
-    for _ in range(count):
-        c = rng.choice([1, 2, 5, 19, 20, 21, 40])
-        low = (rng.randint(1, 12), rng.randint(1, 12))
-        factor = rng.choice([0.5, 1, 1.7, 2, 3, 4, 8, 16, 32])
-        high = tuple(max(1, min(130, round(side * factor) + rng.randint(-1, 1))) for side in low)
-        tile = rng.choice([(0, 0), (0, 0), (1, 1), (1, 2), (2, 1), (rng.randint(1, 6), rng.randint(1, 6))])
-        yield rng.randint(1, 2), c, low, high, tile, rng.randrange(2 ** 31)
-
-
 def test_random_shapes_and_tiles_match_float64_reference(kernel_device, extension):
-    """A seeded sweep of 40 shapes and tiles (random_shapes) through the three pixel ops and
+    """A seeded sweep of 40 shapes and tiles (conftest: random_loss_shapes) through the three pixel ops and
     the loss's autograd path (CE, OHEM's hard branch, its top-k branch; an incoming gradient
     other than 1), in float64 against the reference: tile edges on every kind of pixel, tiny
     and odd sides, downscales, beyond the listed cases. An explicit tile over the shared-memory
     budget must say so; the automatic one always fits."""
-    for index, (n, c, low, high, (band, chunk), seed) in enumerate(random_shapes(40, seed=2026)):
+    for index, (n, c, low, high, (band, chunk), seed) in enumerate(random_loss_shapes(40, seed=2026)):
         what = f"case {index}: {n}x{c}x{low} -> {high}, tile {band}x{chunk}"
         g = torch.Generator().manual_seed(seed)
         logits = torch.randn(n, c, *low, generator=g, dtype=torch.float64) * 3

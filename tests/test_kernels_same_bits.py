@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import poison_cuda_cache
+from conftest import poison_cuda_cache, random_bga_shapes, random_loss_shapes
 
 EPS32, EPS64 = 2.0 ** -23, 2.0 ** -52  # one ulp at 1
 
@@ -511,3 +511,60 @@ def test_cuda_loss_equals_cpu_loop_bitwise(extension, high, low, dtype):
                                                    logits.cuda(), labels.cuda(), cuda_lse, 255, 0, 0, hard_sum.cuda(),
                                                    sum_weight.cuda(), grad_scale.cuda())
         assert torch.equal(cuda_grad.cpu(), grad), (weighted_loss is None, weight)
+
+
+def loss_op_outputs(extension, logits, labels, grad_loss, tile, threshold):
+    """{name: tensor} of every loss op on these inputs (on their device), the backward and
+    the forward with gradient at this tile; {} where the tile is over the budget."""
+    loss, lse, mean, denominator = extension.upsample_ce_forward(logits, labels, 255)
+    outputs = {"loss": loss, "lse": lse, "mean": mean, "denominator": denominator}
+    try:
+        outputs["grad"] = extension.upsample_ce_backward(grad_loss, logits, labels, lse, 255, *tile)
+        if logits.shape[1] <= 20:
+            fused = extension.upsample_ce_forward_grad(logits, labels, 255, *tile, threshold)
+            outputs.update(zip(("fused loss", "fused lse", "fused mean", "fused denominator", "grad_sum"), fused))
+            # the weighted sum (OHEM's hard branch, the CE mean's backward), a factor that rounds
+            scales = [torch.tensor(value, device=logits.device) for value in (0.375, 1.0 / 3.0)]
+            outputs["weighted"] = extension.upsample_ce_backward(None, logits, labels, lse, 255, 0, 0, fused[4], *scales)
+    except RuntimeError as error:
+        assert "bytes of shared memory" in str(error)
+        return {}
+    return outputs
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_random_shapes_equal_cpu_loops_bitwise(extension, dtype):
+    """The seeded sweeps' shapes and tiles (conftest: random_loss_shapes, random_bga_shapes) in
+    float32 and bfloat16: every op's every output on the GPU is the CPU loops' bit for bit."""
+    for index, (n, c, low, high, tile, seed) in enumerate(random_loss_shapes(40, seed=2026)):
+        generator = torch.Generator().manual_seed(seed)
+        logits = (torch.randn(n, c, *low, generator=generator) * 3).to(dtype)
+        labels = torch.randint(0, c, (n, *high), generator=generator)
+        labels[torch.rand(n, *high, generator=generator) < 0.2] = 255
+        grad_loss = torch.randn(n, *high, generator=generator)
+        grad_loss[:, ::3] = 0.0
+        threshold = (None, 1.0, 2.5)[index % 3]
+        want = loss_op_outputs(extension, logits, labels, grad_loss, tile, threshold)
+        poison_cuda_cache(logits.numel() * 8 + labels.numel() * 8)
+        got = loss_op_outputs(extension, logits.cuda(), labels.cuda(), grad_loss.cuda(), tile, threshold)
+        assert got.keys() == want.keys(), index
+        for name, value in want.items():
+            assert torch.equal(got[name].cpu(), value), f"loss case {index} ({n}x{c}x{low} -> {high}, {tile}): {name}"
+    for index, (shape, low_hw, channels_last, tile, seed) in enumerate(random_bga_shapes(40, seed=2026)):
+        generator = torch.Generator().manual_seed(seed)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        inputs = [torch.randn(shape, generator=generator)] + [torch.randn(shape[:2] + low_hw, generator=generator)
+                                                              for _ in range(3)]
+        inputs = [t.to(dtype).contiguous(memory_format=fmt) for t in inputs]
+        grad_out = torch.randn(shape, generator=generator).to(dtype)
+        what = f"BGA case {index} ({shape} from {low_hw}, channels_last {channels_last}, {tile})"
+        poison_cuda_cache(inputs[0].numel() * 8)
+        assert torch.equal(extension.bga_forward(*[t.cuda() for t in inputs]).cpu(), extension.bga_forward(*inputs)), what
+        if plan(extension, shape, low_hw, channels_last, dtype, tile) is None:
+            continue
+        poison_cuda_cache(inputs[0].numel() * 8)
+        cuda_grads = extension.bga_backward(grad_out.cuda(), *[t.cuda() for t in inputs], *tile)
+        for name, cuda_grad, cpu_grad in zip(("detail_keep", "sem_up", "detail_down", "sem_keep"), cuda_grads,
+                                             extension.bga_backward(grad_out, *inputs, *tile)):
+            assert torch.equal(cuda_grad.cpu(), cpu_grad), f"{what}: grad of {name}"
