@@ -1251,12 +1251,44 @@ def test_wrong_cuda_home_falls_back_to_the_toolkit(monkeypatch, tmp_path, capsys
         in capsys.readouterr().err
 
 
-def test_loss_copied_alone_builds_and_runs(tmp_path):
-    """The loss op copied into another project on its own (kernels/ without the BGA's files,
-    the package's __init__ replaced): it builds its own sources only, in a fresh process
-    and cache folder, with CUDA_HOME unset (kernels.load() finds the toolkit itself), and
-    its C++ CPU loop and the loss's kernel path run. CI has nvcc but no GPU: the CUDA side still compiles
-    (for sm_80 and sm_90)."""
+# Each op copied on its own: the files it leaves behind, and what the copy runs. The loss's
+# kernel path with the C++ CPU loops (cpu_loops), CE and OHEM, forward and backward; the
+# BGA's likewise.
+COPIES = {
+    "loss": (["bga*", "same_bits.c*"], """
+import torch
+from ops.loss import EXTENSION, ohem_cross_entropy, ohem_cross_entropy_reference
+EXTENSION.cpu_loops = True
+logits = torch.randn(2, 5, 4, 6, dtype=torch.float64)
+labels = torch.randint(0, 5, (2, 13, 17))
+for thresh in (None, 0.7):
+    leaf, exact = logits.clone().requires_grad_(True), logits.clone().requires_grad_(True)
+    ohem_cross_entropy(leaf, labels, thresh=thresh).backward()
+    ohem_cross_entropy_reference(exact, labels, thresh=thresh).backward()
+    assert torch.allclose(leaf.grad, exact.grad, rtol=1e-10, atol=1e-14)
+print("copy ok")
+"""),
+    "bga": (["ohem_ce*", "loss.py", "same_bits.c*"], """
+import torch
+from ops.bga import EXTENSION, bga_aggregate, bga_aggregate_reference
+EXTENSION.cpu_loops = True
+inputs = [torch.randn(2, 3, 9, 11, dtype=torch.float64)] + [torch.randn(2, 3, 3, 4, dtype=torch.float64) for _ in range(3)]
+leaves, exact = [[t.clone().requires_grad_(True) for t in inputs] for _ in range(2)]
+bga_aggregate(*leaves).square().sum().backward()
+bga_aggregate_reference(*exact).square().sum().backward()
+assert all(torch.allclose(a.grad, b.grad, rtol=1e-12, atol=1e-12) for a, b in zip(leaves, exact))
+print("copy ok")
+"""),
+}
+
+
+@pytest.mark.parametrize("op", sorted(COPIES))
+def test_op_copied_alone_builds_and_runs(tmp_path, op):
+    """Each op copied into another project on its own (kernels/ without the other op's files,
+    the package's __init__ replaced): it builds its own sources only, in a fresh process and
+    cache folder, with CUDA_HOME unset (its EXTENSION finds the toolkit itself), and its kernel
+    path runs on the C++ CPU loops against its reference. CI has nvcc but no GPU: the CUDA side
+    still compiles (for sm_80 and sm_90)."""
     import shutil
     import subprocess
     import sys
@@ -1265,30 +1297,17 @@ def test_loss_copied_alone_builds_and_runs(tmp_path):
             build.check_cuda_home()
         except RuntimeError as e:
             pytest.skip(str(e))
+    left_out, code = COPIES[op]
     kernels_dir = os.path.dirname(os.path.abspath(kernels.__file__))
-    copy = tmp_path / "project" / "lossops"
+    copy = tmp_path / "project" / "ops"
     shutil.copytree(kernels_dir, copy, ignore=shutil.ignore_patterns(
-        "bga*", "same_bits.c*", "__init__.py", "check.py", "bench.py", "__pycache__"))
+        *left_out, "__init__.py", "check.py", "bench.py", "README.md", "__pycache__"))
     (copy / "__init__.py").write_text("")
-    code = """
-import torch
-from lossops.loss import EXTENSION, ohem_cross_entropy, upsample_cross_entropy_reference
-ops = EXTENSION.load()
-logits = torch.randn(2, 5, 4, 6, dtype=torch.float64)
-labels = torch.randint(0, 5, (2, 13, 17))
-loss, lse, _, _ = ops.upsample_ce_forward(logits, labels, 255)
-want, _ = upsample_cross_entropy_reference(logits, labels, 255)
-assert torch.allclose(loss, want, rtol=1e-12, atol=1e-12)
-leaf = logits.requires_grad_(True)
-ohem_cross_entropy(leaf, labels, thresh=0.7).backward()
-assert torch.isfinite(leaf.grad).all()
-print("loss copy ok")
-"""
     env = dict(os.environ, BISENET_KERNELS_CACHE=str(tmp_path / "cache"), PYTHONPATH=str(copy.parent))
     env.pop("CUDA_HOME", None)
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                             cwd=str(tmp_path), timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "loss copy ok" in result.stdout
+    assert "copy ok" in result.stdout
     built = sorted(path.parent.name.split("_")[1] for path in (tmp_path / "cache").glob("*/*.so"))
-    assert built == ["loss"], built  # bisenet_loss_<key>: the loss's sources only
+    assert built == [op], built  # bisenet_<op>_<key>: its own sources only
