@@ -145,13 +145,23 @@ def copy_bandwidth_gbs(device, nbytes, warmup, iters):
 # Bytes the fused kernels must move, forward + backward
 
 def bytes_moved_loss(logits, labels, thresh):
-    """logits read by the forward and the backward, their gradient written; labels read
-    twice; per pixel, float32 loss and lse written once and read once; with OHEM (thresh)
-    the incoming per-pixel gradient (the weights times the sum's) written and read once, where
-    the CE mean's is one value."""
+    """What the fused step moves. C <= FUSED_GRAD_MOST_CLASSES (the forward with gradient):
+    the logits read once and their gradient written; grad_sum (the logits' shape, float32)
+    written and read once; the labels read; per pixel the float32 loss and lse written; with
+    OHEM (thresh) its hard branch, which the benchmark's random logits take: the selection's
+    first pass and its weights pass each read the loss and the labels, the weights written
+    (the top-k branch adds passes and the gather). Above: the forward and the backward each
+    read the logits and the labels; per pixel loss and lse written, lse read back, and with
+    OHEM the selection's loss read and the weights (the incoming gradient) written and read."""
     logit_bytes = logits.numel() * logits.element_size()
+    label_bytes = labels.numel() * labels.element_size()
+    pixels = labels.numel()
+    if logits.shape[1] <= FUSED_GRAD_MOST_CLASSES:
+        sum_bytes = logits.numel() * (8 if logits.dtype == torch.float64 else 4)
+        moved = 2 * logit_bytes + 2 * sum_bytes + label_bytes + 8 * pixels
+        return moved if thresh is None else moved + 2 * label_bytes + 12 * pixels
     per_pixel = (4 if thresh is None else 6) * 4
-    return 3 * logit_bytes + 2 * labels.numel() * labels.element_size() + per_pixel * labels.numel()
+    return 3 * logit_bytes + 2 * label_bytes + per_pixel * pixels
 
 
 def bytes_moved_bga(detail_keep, low):
