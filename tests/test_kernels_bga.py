@@ -287,9 +287,10 @@ def test_sliced_inputs(kernel_device, extension, channels_last):
 
 
 def test_random_shapes_and_tiles_match_float64_reference(kernel_device, extension):
-    """A seeded sweep of 40 shapes, memory formats and tiles (conftest: random_bga_shapes) through both ops
-    and the op's autograd path, in float64 against the reference, beyond the listed shapes. An
-    explicit tile over the shared-memory budget must say so; the automatic one always fits."""
+    """A seeded sweep of 40 shapes, memory formats and tiles (conftest: random_bga_shapes)
+    through both ops and the op's autograd path, in float64 against the reference, beyond the
+    listed shapes. An explicit tile over the shared-memory budget must say so; the automatic
+    one always fits."""
     for index, (shape, low_hw, channels_last, tile, seed) in enumerate(random_bga_shapes(40, seed=2026)):
         what = f"case {index}: {shape} from {low_hw}, {'NHWC' if channels_last else 'NCHW'}, tile {tile}"
         inputs = random_inputs(shape, low_hw, channels_last=channels_last, seed=seed)
@@ -304,13 +305,15 @@ def test_random_shapes_and_tiles_match_float64_reference(kernel_device, extensio
         if tile_fits(extension, shape, low_hw, channels_last, torch.float64, tile):
             grads = extension.bga_backward(grad_out, *inputs, *tile)
             for name, grad, want in zip(GRAD_NAMES, grads, want_grads):
-                torch.testing.assert_close(grad.cpu(), want, rtol=1e-12, atol=1e-12, msg=lambda m: f"{what}, {name}: {m}")
+                torch.testing.assert_close(grad.cpu(), want, rtol=1e-12, atol=1e-12,
+                                           msg=lambda m: f"{what}, {name}: {m}")
         else:
             assert tile != (0, 0), what
         out, grads = autograd_grads(bga.bga_aggregate, inputs, grad_out)
         torch.testing.assert_close(out.cpu(), want_out, rtol=1e-12, atol=1e-12, msg=lambda m: f"{what}: {m}")
         for name, grad, want in zip(GRAD_NAMES, grads, want_grads):
-            torch.testing.assert_close(grad.cpu(), want, rtol=1e-12, atol=1e-12, msg=lambda m: f"{what}, {name}: {m}")
+            torch.testing.assert_close(grad.cpu(), want, rtol=1e-12, atol=1e-12,
+                                       msg=lambda m: f"{what}, autograd, {name}: {m}")
 
 
 @pytest.mark.gpu

@@ -498,11 +498,11 @@ def test_sliced_inputs(kernel_device, extension):
 
 
 def test_random_shapes_and_tiles_match_float64_reference(kernel_device, extension):
-    """A seeded sweep of 40 shapes and tiles (conftest: random_loss_shapes) through the three pixel ops and
-    the loss's autograd path (CE, OHEM's hard branch, its top-k branch; an incoming gradient
-    other than 1), in float64 against the reference: tile edges on every kind of pixel, tiny
-    and odd sides, downscales, beyond the listed cases. An explicit tile over the shared-memory
-    budget must say so; the automatic one always fits."""
+    """A seeded sweep of 40 shapes and tiles (conftest: random_loss_shapes) through the three
+    pixel ops and the loss's autograd path (CE, OHEM's hard branch, its top-k branch; an
+    incoming gradient other than 1), in float64 against the reference: tile edges on every
+    kind of pixel, tiny and odd sides, downscales, beyond the listed cases. An explicit tile
+    over the shared-memory budget must say so; the automatic one always fits."""
     for index, (n, c, low, high, (band, chunk), seed) in enumerate(random_loss_shapes(40, seed=2026)):
         what = f"case {index}: {n}x{c}x{low} -> {high}, tile {band}x{chunk}"
         g = torch.Generator().manual_seed(seed)
@@ -515,7 +515,8 @@ def test_random_shapes_and_tiles_match_float64_reference(kernel_device, extensio
         want_grad = loss_module.upsample_cross_entropy_backward_reference(grad_loss, logits, labels, want_lse, 255)
         threshold = (None, 1.0, 2.5)[index % 3]
         counted = (labels != 255) & (want_loss > (threshold if threshold is not None else -math.inf))
-        want_sum = loss_module.upsample_cross_entropy_backward_reference(counted.double(), logits, labels, want_lse, 255)
+        want_sum = loss_module.upsample_cross_entropy_backward_reference(counted.double(), logits, labels, want_lse,
+                                                                         255)
         logits, grad_loss = logits.to(kernel_device), grad_loss.to(kernel_device)
         labels = labels.to(kernel_device, torch.uint8 if index % 2 else torch.int64)
         tol = 1e-13 * support_size(low, high)
@@ -526,7 +527,7 @@ def test_random_shapes_and_tiles_match_float64_reference(kernel_device, extensio
         torch.testing.assert_close(lse.cpu(), want_lse, rtol=0, atol=1e-12, msg=lambda m: f"{what}: {m}")
         try:
             grad = extension.upsample_ce_backward(grad_loss, logits, labels, lse, 255, band, chunk)
-            fused = extension.upsample_ce_forward_grad(logits, labels, 255, band, chunk, threshold) if c <= 20 else None
+            fused = None if c > 20 else extension.upsample_ce_forward_grad(logits, labels, 255, band, chunk, threshold)
         except RuntimeError as error:
             assert (band, chunk) != (0, 0) and "bytes of shared memory" in str(error), f"{what}: {error}"
             continue
@@ -1272,7 +1273,8 @@ print("copy ok")
 import torch
 from ops.bga import EXTENSION, bga_aggregate, bga_aggregate_reference
 EXTENSION.cpu_loops = True
-inputs = [torch.randn(2, 3, 9, 11, dtype=torch.float64)] + [torch.randn(2, 3, 3, 4, dtype=torch.float64) for _ in range(3)]
+inputs = [torch.randn(2, 3, 9, 11, dtype=torch.float64)]
+inputs += [torch.randn(2, 3, 3, 4, dtype=torch.float64) for _ in range(3)]
 leaves, exact = [[t.clone().requires_grad_(True) for t in inputs] for _ in range(2)]
 bga_aggregate(*leaves).square().sum().backward()
 bga_aggregate_reference(*exact).square().sum().backward()

@@ -525,7 +525,8 @@ def loss_op_outputs(extension, logits, labels, grad_loss, tile, threshold):
             outputs.update(zip(("fused loss", "fused lse", "fused mean", "fused denominator", "grad_sum"), fused))
             # the weighted sum (OHEM's hard branch, the CE mean's backward), a factor that rounds
             scales = [torch.tensor(value, device=logits.device) for value in (0.375, 1.0 / 3.0)]
-            outputs["weighted"] = extension.upsample_ce_backward(None, logits, labels, lse, 255, 0, 0, fused[4], *scales)
+            outputs["weighted"] = extension.upsample_ce_backward(None, logits, labels, lse, 255, 0, 0, fused[4],
+                                                                 *scales)
     except RuntimeError as error:
         assert "bytes of shared memory" in str(error)
         return {}
@@ -549,8 +550,9 @@ def test_cuda_random_shapes_equal_cpu_loops_bitwise(extension, dtype):
         poison_cuda_cache(logits.numel() * 8 + labels.numel() * 8)
         got = loss_op_outputs(extension, logits.cuda(), labels.cuda(), grad_loss.cuda(), tile, threshold)
         assert got.keys() == want.keys(), index
+        what = f"loss case {index} ({n}x{c}x{low} -> {high}, tile {tile})"
         for name, value in want.items():
-            assert torch.equal(got[name].cpu(), value), f"loss case {index} ({n}x{c}x{low} -> {high}, {tile}): {name}"
+            assert torch.equal(got[name].cpu(), value), f"{what}: {name}"
     for index, (shape, low_hw, channels_last, tile, seed) in enumerate(random_bga_shapes(40, seed=2026)):
         generator = torch.Generator().manual_seed(seed)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -560,11 +562,12 @@ def test_cuda_random_shapes_equal_cpu_loops_bitwise(extension, dtype):
         grad_out = torch.randn(shape, generator=generator).to(dtype)
         what = f"BGA case {index} ({shape} from {low_hw}, channels_last {channels_last}, {tile})"
         poison_cuda_cache(inputs[0].numel() * 8)
-        assert torch.equal(extension.bga_forward(*[t.cuda() for t in inputs]).cpu(), extension.bga_forward(*inputs)), what
+        on_gpu = [t.cuda() for t in inputs]
+        assert torch.equal(extension.bga_forward(*on_gpu).cpu(), extension.bga_forward(*inputs)), what
         if plan(extension, shape, low_hw, channels_last, dtype, tile) is None:
             continue
         poison_cuda_cache(inputs[0].numel() * 8)
-        cuda_grads = extension.bga_backward(grad_out.cuda(), *[t.cuda() for t in inputs], *tile)
+        cuda_grads = extension.bga_backward(grad_out.cuda(), *on_gpu, *tile)
         for name, cuda_grad, cpu_grad in zip(("detail_keep", "sem_up", "detail_down", "sem_keep"), cuda_grads,
                                              extension.bga_backward(grad_out, *inputs, *tile)):
             assert torch.equal(cuda_grad.cpu(), cpu_grad), f"{what}: grad of {name}"
