@@ -406,12 +406,12 @@ int64_t plan_forward(CeForwardCall& call) {
 }
 
 // A backward-tiled call's plan (the backward's, or forward: the forward with gradient's) for
-// logits and labels in their accumulation type, and its block count into *blocks.
+// logits and labels in their accumulation type, and its block count into *blocks where given.
 CeBackwardPlan tile_plan(const at::Tensor& logits, const at::Tensor& labels, int64_t band, int64_t chunk,
-                         int64_t shared_budget, bool forward, int64_t* blocks) {
+                         int64_t shared_budget, bool forward, int64_t* blocks = nullptr) {
   const auto plan_for = [&](auto geo) {
     const CeBackwardPlan plan = backward_plan(geo, band, chunk, shared_budget, forward);
-    *blocks = ce_backward_blocks(geo, plan);
+    if (blocks != nullptr) *blocks = ce_backward_blocks(geo, plan);
     return plan;
   };
   if (acc_type(logits) == at::kDouble) return plan_for(ce_geometry<double>(logits, labels));
@@ -503,8 +503,7 @@ CeBackwardCall prepare_ce_backward(const std::optional<at::Tensor>& grad_loss, c
   } else {
     call.grad_loss = grad_loss->contiguous();
   }
-  int64_t blocks = 0;
-  call.plan = tile_plan(logits, labels, band, chunk, shared_budget, false, &blocks);
+  call.plan = tile_plan(logits, labels, band, chunk, shared_budget, false);
   call.rim = rim_workspace(logits, call.plan);
   return call;
 }
