@@ -370,9 +370,23 @@ def host_table(args):
                       ""] + lines)
 
 
+class _Double(torch.autograd.Function):
+    """x * 2 as a Function: the autograd layer the fused ops take, with nothing of theirs."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 2
+
+
 def host_pieces(device, batch, size, dtype):
     """-> {piece: a call}: at the benchmark's shapes (the BGA channels_last, the main head's
-    loss), one tiny aten op, each C++ op alone, each kernel path's forward + backward and the
+    loss), one tiny aten op, torch's fixed cost of a forward + backward on the device (on a
+    GPU the autograd engine hands the backward to its device thread and waits: no fused op
+    can go below it), each C++ op alone, each kernel path's forward + backward and the
     references'."""
     ops = torch.ops.bisenet_cuda
     generator = torch.Generator().manual_seed(2)
@@ -392,8 +406,19 @@ def host_pieces(device, batch, size, dtype):
     loss, lse, _, _ = ops.upsample_ce_forward(plain_logits, labels, 255, False)
     grad_loss = torch.full((), 1.0 / labels.numel(), device=device).expand(labels.shape)
     one = torch.zeros(1, device=device)
+    leaf = torch.zeros(1, device=device, requires_grad=True)
+
+    def tiny_backward(fn):  # torch's own cost of a forward + backward, whatever the op
+        def step():
+            leaf.grad = None
+            fn(leaf).sum().backward()
+        return step
+
     return {
         "one aten op (add_, 1 element)": lambda: one.add_(1),
+        "torch's fixed cost: (x * 2).sum().backward(), 1 element": tiny_backward(lambda x: x * 2),
+        "torch's fixed cost: an autograd.Function's (x * 2).sum().backward(), 1 element": tiny_backward(
+            _Double.apply),
         "bisenet_cuda::bga_forward": lambda: ops.bga_forward(*bga_plain),
         "bisenet_cuda::bga_backward": lambda: ops.bga_backward(bga_grad, *bga_plain),
         "BGA kernel path, forward + backward": bga_step(bga_aggregate, bga_inputs, bga_grad),

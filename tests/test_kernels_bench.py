@@ -94,7 +94,8 @@ def test_host_table_times_each_ops_kernel_path_on_the_cpu(extension, tmp_path, m
 
 def test_host_parts_table_times_each_piece_and_profiles_the_steps(cpu_loops):
     """--host on a GPU machine adds, at the benchmark's shapes, each op's C++ call alone, each
-    kernel path's step, the references' and one aten op, then where a fused step's host time
+    kernel path's step, the references', one aten op and torch's fixed cost of a tiny forward
+    + backward (an aten op's, a Function's), then where a fused step's host time
     goes (torch.profiler's CPU events). Here on the CPU, tiny shapes, the C++ loops running."""
     import torch
     args = bench.parse_args(["--host", "--batch", "1", "--size", "64"])
@@ -102,7 +103,8 @@ def test_host_parts_table_times_each_piece_and_profiles_the_steps(cpu_loops):
     rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in text.splitlines()
             if line.count("|") == 3 and not line.startswith(("| piece", "| ---"))}
     assert list(rows) == [
-        "one aten op (add_, 1 element)", "bisenet_cuda::bga_forward", "bisenet_cuda::bga_backward",
+        "one aten op (add_, 1 element)", "torch's fixed cost: (x * 2).sum().backward(), 1 element",
+        "torch's fixed cost: an autograd.Function's (x * 2).sum().backward(), 1 element", "bisenet_cuda::bga_forward", "bisenet_cuda::bga_backward",
         "BGA kernel path, forward + backward", "BGA reference, forward + backward",
         "bisenet_cuda::upsample_ce_forward", "bisenet_cuda::upsample_ce_backward",
         "bisenet_cuda::upsample_ce_forward_grad", "bisenet_cuda::ohem_weights",
