@@ -539,9 +539,10 @@ def tile_table(args, device):
             name = f"{plan[0]} x {plan[1]}" + (" (automatic)" if tile == (0, 0) else "")
             mean_backward = ""
             if tile == (0, 0):  # the CE mean's backward: read grad_sum (float32), write the gradient
-                grad_sum, share = ops.upsample_ce_forward_grad(logits, labels, 255)[4], torch.tensor(0.5, device=device)
+                _, _, _, denominator, grad_sum = ops.upsample_ce_forward_grad(logits, labels, 255)
+                grad_mean = torch.tensor(0.5, device=device)
                 backward_ms, _ = median_ms(lambda: ops.upsample_ce_backward(None, logits, labels, lse, 255, 0, 0,
-                                                                            grad_sum, share),
+                                                                            grad_sum, grad_mean, None, denominator),
                                            device, args.warmup, args.iters)
                 nbytes = grad_sum.numel() * (grad_sum.element_size() + logits.element_size())
                 mean_backward = f"{1e3 * backward_ms:.0f} | {nbytes / backward_ms / 1e6 / copy_gbs:.0%}"

@@ -209,7 +209,7 @@ def _register_fakes():
 
     @torch.library.register_fake("bisenet_cuda::upsample_ce_backward")
     def _(grad_loss, logits, labels, lse, ignore_index, band=0, chunk=0, grad_sum=None, sum_weight=None,
-          grad_scale=None):
+          grad_scale=None, sum_divisor=None):
         check_inputs(logits, labels)
         return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
@@ -244,8 +244,9 @@ class _UpsampleCrossEntropyKernels(torch.autograd.Function):
     upsample_ce_forward_grad, which also returns grad_sum, the gradient of the counted pixels'
     summed losses, from the same exps (one kernel where a step took two, each evaluating
     every class of every pixel); the mean's gradient is then grad_sum times grad_mean /
-    denominator in the logits' dtype (the backward op without grad_loss: one elementwise
-    kernel), and only a gradient of the per-pixel loss runs the gather."""
+    denominator in the logits' dtype (the backward op without grad_loss, given grad_mean and
+    the denominator: one elementwise kernel, which divides), and only a gradient of the
+    per-pixel loss runs the gather."""
 
     @staticmethod
     def forward(ctx, logits, labels, ignore_index, with_mean, with_grad):
@@ -268,11 +269,11 @@ class _UpsampleCrossEntropyKernels(torch.autograd.Function):
         logits, labels, lse, denominator, grad_sum = ctx.saved_tensors
         grad = None
         if grad_mean is not None and ctx.with_mean:  # without the mean, its (0,) gradient is nothing
-            share = grad_mean / denominator  # each counted pixel's (the kernels skip the rest)
-            if grad_sum is not None and grad_loss is None:  # a training step's CE mean
+            if grad_sum is not None and grad_loss is None:  # a training step's CE mean: one op, which divides
                 return (torch.ops.bisenet_cuda.upsample_ce_backward(None, logits, labels, lse, ctx.ignore_index,
-                                                                    0, 0, grad_sum, share),
+                                                                    0, 0, grad_sum, grad_mean, None, denominator),
                         None, None, None, None)
+            share = grad_mean / denominator  # each counted pixel's (the kernels skip the rest)
             if grad_sum is not None:
                 grad = grad_sum * share
             else:

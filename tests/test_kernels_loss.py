@@ -295,14 +295,16 @@ def test_loss_dispatches_few_ops(cpu_loops, thresh):
     (the forward with the hard pixels' gradient, the weights op with the weighted sum, the
     backward op, which multiplies by the incoming gradient itself), not the dozens of small
     ops a selection made of tensor ops issues: each is a kernel launch on a GPU. The CE mean:
-    the forward with gradient returns it and its gradient's sum; the backward is a division
-    and the backward op without grad_loss (the sum weighted, in the logits' dtype)."""
+    the forward with gradient returns it and its gradient's sum; the backward is the backward
+    op without grad_loss (the sum weighted by the incoming gradient over the denominator, in
+    the logits' dtype). Beside the loss's own ops only the engine's seed (ones_like)."""
     logits, labels = random_case(n=2, c=19, low=(16, 16), high=(128, 128), seed=4)
     logits = logits.float().requires_grad_(True)
     loss_fused(logits, labels, thresh=thresh, validate=False).backward()  # warm-up
     logits.grad = None
     ops = dispatched_ops(lambda: loss_fused(logits, labels, thresh=thresh, validate=False).backward())
-    assert len(ops) <= 5, ops  # with ones_like (the seed), add_ (into .grad) and div (CE)
+    # beside the loss's own ops, the engine's seed and the gradient's detach into .grad (no kernel)
+    assert [op for op in ops if "bisenet" not in op] == ["aten.ones_like.default", "aten.detach.default"], ops
     if thresh is None:
         assert [op for op in ops if "bisenet" in op] == ["bisenet_cuda.upsample_ce_forward_grad.default",
                                                          "bisenet_cuda.upsample_ce_backward.default"], ops
@@ -794,8 +796,9 @@ def test_cpu_loop_ohem_hard_weight_and_the_backward_it_scales(extension):
     was taken; 0 in the top-k branch and with class weights. The backward op given grad_sum
     and sum_weight: grad_sum times the weight in the logits' dtype where the weight is not 0
     (no gather), the gather's very bits where it is 0; both or neither. Without grad_loss
-    (the CE mean's backward): grad_sum times the weight whatever it is. grad_scale: a factor
-    of the incoming gradient, the bits of grad_loss (and of the weight) multiplied by it."""
+    (the CE mean's backward): grad_sum times the weight whatever it is; with sum_divisor (the
+    CE mean's denominator) the weight over it, the bits of torch's division. grad_scale: a
+    factor of the incoming gradient, the bits of grad_loss (and of the weight) multiplied by it."""
     logits, labels = random_case(n=2, c=5, low=(5, 6), high=(19, 23), seed=14)
     loss, lse, _, _ = extension.upsample_ce_forward(logits, labels, 255)
     threshold = 1.0
@@ -828,6 +831,16 @@ def test_cpu_loop_ohem_hard_weight_and_the_backward_it_scales(extension):
     for sum_weight in (weight, zero):
         assert torch.equal(extension.upsample_ce_backward(None, logits, labels, lse, 255, 0, 0, grad_sum, sum_weight),
                            grad_sum * sum_weight)
+    # the CE mean's: the weight over a divisor (its denominator), the division torch's, rounding (1.5 / 7)
+    grad_mean, divisor = torch.tensor(1.5, dtype=torch.float64), torch.tensor(7.0, dtype=torch.float64)
+    assert torch.equal(extension.upsample_ce_backward(None, logits, labels, lse, 255, 0, 0, grad_sum, grad_mean, None,
+                                                      divisor), grad_sum * (grad_mean / divisor))
+    assert torch.equal(extension.upsample_ce_backward(None, logits.float(), labels, lse.float(), 255, 0, 0,
+                                                      grad_sum.float(), grad_mean.float(), factor.float(),
+                                                      divisor.float()),
+                       grad_sum.float() * ((grad_mean.float() / divisor.float()) * factor.float()))
+    assert torch.equal(extension.upsample_ce_backward(grad_loss, logits, labels, lse, 255, 0, 0, grad_sum, zero, None,
+                                                      divisor), gathered)  # sum_weight 0: the gather, as without
     assert torch.equal(extension.upsample_ce_backward(None, logits.float(), labels, lse.float(), 255, 0, 0,
                                                       grad_sum.float(), weight.float(), factor.float()),
                        (grad_sum.float() * (weight.float() * factor.float())))
@@ -851,6 +864,10 @@ def test_cpu_loop_ohem_hard_weight_and_the_backward_it_scales(extension):
         extension.upsample_ce_backward(grad_loss, logits, labels, lse, 255, 0, 0, grad_sum, weight.view(1))
     with pytest.raises(RuntimeError, match="grad_scale must be a 0-dim Double"):
         extension.upsample_ce_backward(grad_loss, logits, labels, lse, 255, 0, 0, None, None, factor.float())
+    with pytest.raises(RuntimeError, match="sum_divisor divides sum_weight, which is missing"):
+        extension.upsample_ce_backward(grad_loss, logits, labels, lse, 255, 0, 0, None, None, None, divisor)
+    with pytest.raises(RuntimeError, match="sum_divisor must be a 0-dim Double"):
+        extension.upsample_ce_backward(None, logits, labels, lse, 255, 0, 0, grad_sum, weight, None, divisor.view(1))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -499,18 +499,18 @@ def test_cuda_loss_equals_cpu_loop_bitwise(extension, high, low, dtype):
                 assert torch.equal(cuda_value.cpu(), value), (tile, threshold, name)
             if threshold is not None:
                 hard_sum = fused[4]
-    # OHEM's top-k branch (the gather), its hard branch (hard_sum weighted), the CE mean's
-    # backward (no grad_loss); the incoming gradient's factor rounds (1/3)
-    grad_scale = torch.tensor(1.0 / 3.0)
-    for weighted_loss, weight in ((grad_loss, 0.0), (grad_loss, 0.375), (None, 0.375)):
-        sum_weight = torch.tensor(weight)
-        grad = extension.upsample_ce_backward(weighted_loss, logits, labels, lse, 255, 0, 0, hard_sum, sum_weight,
-                                              grad_scale)
+    # OHEM's top-k branch (the gather), its hard branch (hard_sum weighted), the weighted sum
+    # alone (no grad_loss), the CE mean's backward (the weight over the denominator, 1.5 / 7
+    # rounding); the incoming gradient's factor rounds (1/3)
+    for weighted_loss, weight, scale, divisor in ((grad_loss, 0.0, 1.0 / 3.0, None), (grad_loss, 0.375, 1.0 / 3.0, None),
+                                                  (None, 0.375, 1.0 / 3.0, None), (None, 1.5, None, 7.0)):
+        scalars = [None if value is None else torch.tensor(value) for value in (weight, scale, divisor)]
+        grad = extension.upsample_ce_backward(weighted_loss, logits, labels, lse, 255, 0, 0, hard_sum, *scalars)
         poison_cuda_cache(logits.numel() * 8)
         cuda_grad = extension.upsample_ce_backward(None if weighted_loss is None else weighted_loss.cuda(),
                                                    logits.cuda(), labels.cuda(), cuda_lse, 255, 0, 0, hard_sum.cuda(),
-                                                   sum_weight.cuda(), grad_scale.cuda())
-        assert torch.equal(cuda_grad.cpu(), grad), (weighted_loss is None, weight)
+                                                   *[None if value is None else value.cuda() for value in scalars])
+        assert torch.equal(cuda_grad.cpu(), grad), (weighted_loss is None, weight, divisor)
 
 
 def loss_op_outputs(extension, logits, labels, grad_loss, tile, threshold):
@@ -523,10 +523,14 @@ def loss_op_outputs(extension, logits, labels, grad_loss, tile, threshold):
         if logits.shape[1] <= 20:
             fused = extension.upsample_ce_forward_grad(logits, labels, 255, *tile, threshold)
             outputs.update(zip(("fused loss", "fused lse", "fused mean", "fused denominator", "grad_sum"), fused))
-            # the weighted sum (OHEM's hard branch, the CE mean's backward), a factor that rounds
+            # the weighted sum (OHEM's hard branch), a factor that rounds; the CE mean's backward,
+            # the incoming gradient over the denominator
             scales = [torch.tensor(value, device=logits.device) for value in (0.375, 1.0 / 3.0)]
             outputs["weighted"] = extension.upsample_ce_backward(None, logits, labels, lse, 255, 0, 0, fused[4],
                                                                  *scales)
+            grad_mean = torch.tensor(1.5, device=logits.device)
+            outputs["mean's gradient"] = extension.upsample_ce_backward(None, logits, labels, lse, 255, 0, 0, fused[4],
+                                                                        grad_mean, None, fused[3])
     except RuntimeError as error:
         assert "bytes of shared memory" in str(error)
         return {}

@@ -243,12 +243,13 @@ void backward_cpu_typed(const CeBackwardCall& call, int64_t ignore_index) {
   scalar_t* out = call.grad_logits.mutable_data_ptr<scalar_t>();
   const acc_t grad_scale = ce_grad_scale(data_or_null<acc_t>(call.grad_scale));
   if (call.grad_sum.defined()) {  // the weighted sum's gradient where it is the gradient, no gather
-    const acc_t sum_weight = *call.sum_weight.const_data_ptr<acc_t>();
-    if (call.sum_only || sum_weight != static_cast<acc_t>(0)) {
+    const acc_t* sum_weight = call.sum_weight.const_data_ptr<acc_t>();
+    if (call.sum_only || *sum_weight != static_cast<acc_t>(0)) {
       const acc_t* grad_sum = call.grad_sum.const_data_ptr<acc_t>();
       const int64_t count = logits.numel();
+      const acc_t scale = ce_sum_weight(sum_weight, data_or_null<acc_t>(call.sum_divisor)) * grad_scale;
       for_items(ce_weighted_sum_items(count), false,
-                [&](int64_t item) { ce_weighted_sum_item(item, count, grad_sum, sum_weight * grad_scale, out); });
+                [&](int64_t item) { ce_weighted_sum_item(item, count, grad_sum, scale, out); });
       return;
     }
   }
@@ -485,6 +486,11 @@ CeBackwardCall prepare_ce_backward(const std::optional<at::Tensor>& grad_loss, c
     check_scale("grad_scale", *scales.grad_scale, logits);
     call.grad_scale = *scales.grad_scale;
   }
+  if (scales.sum_divisor.has_value()) {
+    TORCH_CHECK(scales.sum_weight.has_value(), "upsample_ce_backward: sum_divisor divides sum_weight, which is missing");
+    check_scale("sum_divisor", *scales.sum_divisor, logits);
+    call.sum_divisor = *scales.sum_divisor;
+  }
   call.logits = logits.contiguous();
   call.labels = labels.contiguous();
   call.lse = lse.contiguous();
@@ -616,9 +622,10 @@ at::Tensor upsample_ce_backward_cpu(const std::optional<at::Tensor>& grad_loss, 
                                     const at::Tensor& labels, const at::Tensor& lse, int64_t ignore_index, int64_t band,
                                     int64_t chunk, const std::optional<at::Tensor>& grad_sum,
                                     const std::optional<at::Tensor>& sum_weight,
-                                    const std::optional<at::Tensor>& grad_scale) {
+                                    const std::optional<at::Tensor>& grad_scale,
+                                    const std::optional<at::Tensor>& sum_divisor) {
   const CeBackwardCall call = prepare_ce_backward(grad_loss, logits, labels, lse, band, chunk, kCeMaxSharedBytes,
-                                                  {grad_sum, sum_weight, grad_scale});
+                                                  {grad_sum, sum_weight, grad_scale, sum_divisor});
   if (call.plan.band == 0 && !call.sum_only) return call.grad_logits;
 #define BISENET_CE_BACKWARD(scalar_t, label_t) backward_cpu_typed<scalar_t, label_t>(call, ignore_index)
   BISENET_CE_DISPATCH(call.logits, call.labels, BISENET_CE_BACKWARD);
@@ -774,7 +781,8 @@ TORCH_LIBRARY_FRAGMENT(bisenet_cuda, m) {
         "(Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "upsample_ce_backward(Tensor? grad_loss, Tensor logits, Tensor labels, Tensor lse, int ignore_index, int band=0, "
-      "int chunk=0, Tensor? grad_sum=None, Tensor? sum_weight=None, Tensor? grad_scale=None) -> Tensor");
+      "int chunk=0, Tensor? grad_sum=None, Tensor? sum_weight=None, Tensor? grad_scale=None, "
+      "Tensor? sum_divisor=None) -> Tensor");
   m.def("upsample_ce_backward_plan(int[] size, int[] low_size, ScalarType dtype, int band=0, int chunk=0, "
         "int? shared_budget=None, bool forward=False) -> int[]",
         &bisenet::upsample_ce_backward_plan);

@@ -264,15 +264,16 @@ __global__ void __launch_bounds__(kThreads, 4) ce_backward_kernel(
 
 // The weighted sum's gradient (ohem_ce_op.h: CeBackwardCall): without grad_loss (sum_only),
 // or where *sum_weight is not 0 (OHEM's hard branch, ohem_ce_math.h: ohem_hard_weight; the
-// gather's kernels returned at once), grad_sum times the weight times the incoming factor.
+// gather's kernels returned at once), grad_sum times the weight (over the divisor, the CE
+// mean's denominator, where given: ce_sum_weight) times the incoming factor.
 template <typename scalar_t, typename acc_t, typename index_t>
 __global__ void __launch_bounds__(kThreads) ce_weighted_sum_kernel(index_t count, const acc_t* __restrict__ grad_sum,
                                                                   const acc_t* __restrict__ sum_weight,
-                                                                  const acc_t* __restrict__ grad_scale, bool sum_only,
+                                                                  const acc_t* __restrict__ grad_scale,
+                                                                  const acc_t* __restrict__ sum_divisor, bool sum_only,
                                                                   scalar_t* __restrict__ grad_logits) {
-  const acc_t weight = *sum_weight;
-  if (!sum_only && weight == static_cast<acc_t>(0)) return;
-  const acc_t scale = weight * ce_grad_scale(grad_scale);
+  if (!sum_only && *sum_weight == static_cast<acc_t>(0)) return;
+  const acc_t scale = ce_sum_weight(sum_weight, sum_divisor) * ce_grad_scale(grad_scale);
   for (index_t item = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x;
        item < ce_weighted_sum_items(count); item += static_cast<index_t>(gridDim.x) * blockDim.x)
     ce_weighted_sum_item(item, count, grad_sum, scale, grad_logits);
@@ -606,12 +607,13 @@ void backward_typed(const CeBackwardCall& call, int64_t ignore_index, int64_t sh
   const int64_t items = ce_weighted_sum_items(count);
   const int64_t blocks = std::min<int64_t>((items + kThreads - 1) / kThreads, 65535LL * 8);
   const acc_t* grad_sum = call.grad_sum.const_data_ptr<acc_t>();
+  const acc_t* sum_divisor = data_or_null<acc_t>(call.sum_divisor);
   if (count < (int64_t{1} << 30))
     ce_weighted_sum_kernel<scalar_t, acc_t, int32_t><<<blocks, kThreads, 0, stream>>>(
-        static_cast<int32_t>(count), grad_sum, sum_weight, grad_scale, call.sum_only, grad_logits);
+        static_cast<int32_t>(count), grad_sum, sum_weight, grad_scale, sum_divisor, call.sum_only, grad_logits);
   else
     ce_weighted_sum_kernel<scalar_t, acc_t, int64_t><<<blocks, kThreads, 0, stream>>>(
-        count, grad_sum, sum_weight, grad_scale, call.sum_only, grad_logits);
+        count, grad_sum, sum_weight, grad_scale, sum_divisor, call.sum_only, grad_logits);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -694,10 +696,11 @@ at::Tensor upsample_ce_backward_cuda(const std::optional<at::Tensor>& grad_loss,
                                      const at::Tensor& labels, const at::Tensor& lse, int64_t ignore_index,
                                      int64_t band, int64_t chunk, const std::optional<at::Tensor>& grad_sum,
                                      const std::optional<at::Tensor>& sum_weight,
-                                     const std::optional<at::Tensor>& grad_scale) {
+                                     const std::optional<at::Tensor>& grad_scale,
+                                     const std::optional<at::Tensor>& sum_divisor) {
   const int64_t shared_budget = tile_shared_budget(logits);
   const CeBackwardCall call = prepare_ce_backward(grad_loss, logits, labels, lse, band, chunk, shared_budget,
-                                                  {grad_sum, sum_weight, grad_scale});
+                                                  {grad_sum, sum_weight, grad_scale, sum_divisor});
   if (call.plan.band == 0 && !call.sum_only) return call.grad_logits;
   c10::cuda::CUDAGuard guard(logits.device());
 #define BISENET_CE_BACKWARD(scalar_t, label_t) backward_typed<scalar_t, label_t>(call, ignore_index, shared_budget)

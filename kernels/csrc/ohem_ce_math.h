@@ -879,6 +879,14 @@ BISENET_HD acc_t ce_grad_scale(const acc_t* grad_scale) {
   return grad_scale != nullptr ? *grad_scale : static_cast<acc_t>(1);
 }
 
+// The weighted sum's weight: *sum_weight, over *sum_divisor where there is one (the CE mean's
+// backward: its incoming gradient over the counted pixels' number, the division torch's
+// `grad_mean / denominator` did; IEEE division on both sides, so the same bits).
+template <typename acc_t>
+BISENET_HD acc_t ce_sum_weight(const acc_t* sum_weight, const acc_t* sum_divisor) {
+  return sum_divisor != nullptr ? *sum_weight / *sum_divisor : *sum_weight;
+}
+
 template <typename acc_t>
 BISENET_HD void ce_backward_pixel_store(const CePixelLoad<acc_t>& loaded, int item, int classes, int64_t ignore_index,
                                         const CeBackwardBuffers<acc_t>& buf) {

@@ -29,7 +29,7 @@ const T* data_or_null(const at::Tensor& tensor) {
 
 // upsample_ce_backward's optional arguments beside grad_loss (their meaning: CeBackwardCall).
 struct CeBackwardScales {
-  std::optional<at::Tensor> grad_sum, sum_weight, grad_scale;
+  std::optional<at::Tensor> grad_sum, sum_weight, grad_scale, sum_divisor;
 };
 
 struct CeBackwardCall {
@@ -44,8 +44,10 @@ struct CeBackwardCall {
   // of pixels' losses (upsample_ce_forward_grad's), and sum_weight (() like lse, on the
   // device), each such pixel's weight. Where sum_weight is not 0 (OHEM's hard branch:
   // ohem_ce_math.h, ohem_hard_weight), or where there is no grad_loss (sum_only), the
-  // gradient is grad_sum times sum_weight times grad_scale and the gather is skipped.
+  // gradient is grad_sum times sum_weight (over sum_divisor, where given) times grad_scale
+  // and the gather is skipped.
   at::Tensor grad_sum, sum_weight;
+  at::Tensor sum_divisor;  // optional, () like lse on the device (the CE mean's denominator)
   bool sum_only = false;  // no grad_loss: nothing to gather (grad_loss and the plan unset)
   at::Tensor grad_scale;  // optional, () like lse on the device: the incoming gradient's factor
 };
