@@ -126,17 +126,31 @@ __global__ void __launch_bounds__(kCeForwardThreads, 4) ce_forward_kernel(
   }
 }
 
-// The CE mean: one block over the forward blocks' sums and counts.
+// The CE mean from the blocks' sums and counts: where a launch's one block (kSumThreads
+// threads, all of them) writes it.
 template <typename acc_t>
-__global__ void __launch_bounds__(kSumThreads) ce_mean_final_kernel(
-    const acc_t* __restrict__ block_sums, const int64_t* __restrict__ block_counts, int64_t blocks,
-    acc_t* __restrict__ mean, acc_t* __restrict__ denominator) {
+struct CeMeanFinal {
+  const acc_t* block_sums = nullptr;  // nullptr: no mean to write
+  const int64_t* block_counts = nullptr;
+  int64_t blocks = 0;
+  acc_t* mean = nullptr;
+  acc_t* denominator = nullptr;
+};
+
+template <typename acc_t>
+__device__ void ce_mean_final_block(const CeMeanFinal<acc_t>& final) {
   __shared__ acc_t sums[kSumThreads];
   __shared__ int64_t counts[kSumThreads];
-  sums[threadIdx.x] = sum_blocks_part(threadIdx.x, blocks, block_sums);
-  counts[threadIdx.x] = sum_blocks_part(threadIdx.x, blocks, block_counts);
+  sums[threadIdx.x] = sum_blocks_part(threadIdx.x, final.blocks, final.block_sums);
+  counts[threadIdx.x] = sum_blocks_part(threadIdx.x, final.blocks, final.block_counts);
   sum_tree(sums, counts);
-  if (threadIdx.x == 0) ce_mean_finish(sums[0], counts[0], mean, denominator);
+  if (threadIdx.x == 0) ce_mean_finish(sums[0], counts[0], final.mean, final.denominator);
+}
+
+// The CE mean of the forward's blocks: one block.
+template <typename acc_t>
+__global__ void __launch_bounds__(kSumThreads) ce_mean_final_kernel(CeMeanFinal<acc_t> final) {
+  ce_mean_final_block(final);
 }
 
 // The blocks' sums added into *total (one block).
@@ -342,15 +356,20 @@ __global__ void __launch_bounds__(kThreads, 2) ce_forward_grad_kernel(
   }
 }
 
-// The grid-line logits: one thread per (sample, class, grid-line low-res pixel).
+// The grid-line logits: one thread per (sample, class, grid-line low-res pixel). After the
+// forward with gradient, block 0 then writes the CE mean from its tiles' sums (final): its
+// own launch saved, the host's time to issue one.
 template <typename scalar_t, typename acc_t, typename index_t>
 __global__ void __launch_bounds__(kThreads) ce_backward_rim_kernel(CeGeometry<acc_t> geo, TileRim<acc_t> rim,
                                                                   index_t count, scalar_t* __restrict__ grad_logits,
-                                                                  const acc_t* __restrict__ sum_weight) {
+                                                                  const acc_t* __restrict__ sum_weight,
+                                                                  CeMeanFinal<acc_t> final) {
+  static_assert(kThreads == kSumThreads, "the mean's tree takes the block's threads");
   if (sum_weight != nullptr && *sum_weight != static_cast<acc_t>(0)) return;  // the weighted sum's
   for (index_t item = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; item < count;
        item += static_cast<index_t>(gridDim.x) * blockDim.x)
     ce_backward_rim_item<scalar_t, acc_t, index_t>(item, geo, rim, grad_logits);
+  if (final.block_sums != nullptr && blockIdx.x == 0) ce_mean_final_block(final);  // the same for the whole block
 }
 
 // ---------------------------------------------------------------------------------------
@@ -563,17 +582,26 @@ void forward_typed(const CeForwardCall& call, int64_t ignore_index) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// The rim's grid-line logits into out, after the tiles' kernel.
+// The CE mean's arguments: the forward blocks' sums and counts (none when the batch is empty).
+template <typename acc_t>
+CeMeanFinal<acc_t> mean_final(const CeForwardCall& call) {
+  return {call.block_sums.const_data_ptr<acc_t>(), call.block_counts.const_data_ptr<int64_t>(),
+          call.block_sums.numel(), call.mean.mutable_data_ptr<acc_t>(), call.denominator.mutable_data_ptr<acc_t>()};
+}
+
+// The rim's grid-line logits into out, after the tiles' kernel (at least one tile: the rim
+// holds a grid row of every plane, so at least one block); with final, the CE mean too.
 template <typename scalar_t, typename acc_t>
 void launch_rim(const CeGeometry<acc_t>& geo, const TileRim<acc_t>& rim, scalar_t* out, cudaStream_t stream,
-                const acc_t* sum_weight = nullptr) {
+                const acc_t* sum_weight = nullptr, const CeMeanFinal<acc_t>& final = {}) {
   const int64_t count = static_cast<int64_t>(geo.N) * geo.C * rim_pixels(rim, geo.h, geo.w);
   const int64_t blocks = std::min<int64_t>((count + kThreads - 1) / kThreads, 65535LL * 8);
   if (count < (int64_t{1} << 30))  // item + the grid's stride (at most 2^29) below 2^31
     ce_backward_rim_kernel<scalar_t, acc_t, int32_t>
-        <<<blocks, kThreads, 0, stream>>>(geo, rim, static_cast<int32_t>(count), out, sum_weight);
+        <<<blocks, kThreads, 0, stream>>>(geo, rim, static_cast<int32_t>(count), out, sum_weight, final);
   else
-    ce_backward_rim_kernel<scalar_t, acc_t, int64_t><<<blocks, kThreads, 0, stream>>>(geo, rim, count, out, sum_weight);
+    ce_backward_rim_kernel<scalar_t, acc_t, int64_t>
+        <<<blocks, kThreads, 0, stream>>>(geo, rim, count, out, sum_weight, final);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -636,15 +664,12 @@ void forward_grad_typed(const CeForwardGradCall& call, int64_t ignore_index, int
       forward.loss.mutable_data_ptr<acc_t>(), forward.lse.mutable_data_ptr<acc_t>(),
       forward.block_sums.mutable_data_ptr<acc_t>(), forward.block_counts.mutable_data_ptr<int64_t>(), grad_sum, rim);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  launch_rim(geo, rim, grad_sum, stream);
+  launch_rim(geo, rim, grad_sum, stream, static_cast<const acc_t*>(nullptr), mean_final<acc_t>(forward));
 }
 
-// The CE mean from the forward blocks' sums and counts (none when the batch is empty).
 template <typename acc_t>
 void mean_typed(const CeForwardCall& call) {
-  ce_mean_final_kernel<acc_t><<<1, kSumThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      call.block_sums.const_data_ptr<acc_t>(), call.block_counts.const_data_ptr<int64_t>(), call.block_sums.numel(),
-      call.mean.mutable_data_ptr<acc_t>(), call.denominator.mutable_data_ptr<acc_t>());
+  ce_mean_final_kernel<acc_t><<<1, kSumThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(mean_final<acc_t>(call));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -681,13 +706,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> upsample_
   const int64_t shared_budget = tile_shared_budget(logits);
   const CeForwardGradCall call = prepare_ce_forward_grad(logits, labels, band, chunk, shared_budget, threshold);
   c10::cuda::CUDAGuard guard(logits.device());
-  if (call.plan.band != 0) {
+  if (call.plan.band != 0) {  // its rim launch writes the mean
 #define BISENET_CE_FORWARD_GRAD(scalar_t, label_t) forward_grad_typed<scalar_t, label_t>(call, ignore_index, shared_budget)
     BISENET_CE_DISPATCH(call.forward.logits, call.forward.labels, BISENET_CE_FORWARD_GRAD);
 #undef BISENET_CE_FORWARD_GRAD
+  } else if (call.forward.loss.scalar_type() == at::kDouble) {  // no pixel: the mean of none
+    mean_typed<double>(call.forward);
+  } else {
+    mean_typed<float>(call.forward);
   }
-  if (call.forward.loss.scalar_type() == at::kDouble) mean_typed<double>(call.forward);
-  else mean_typed<float>(call.forward);
   const CeForwardCall& forward = call.forward;
   return {forward.loss, forward.lse, forward.mean, forward.denominator, call.grad_sum};
 }

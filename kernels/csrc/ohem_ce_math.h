@@ -1065,7 +1065,8 @@ BISENET_HD void ce_backward_output_item(int item, int outputs, int c0, const CeT
 // too), in acc_t; the CE mean's gradient is grad_sum times d mean / denominator (loss.py).
 // The CE mean's sums: each thread adds its segment items' counted losses in item order,
 // then the block's tree (ce_mean_tree_bytes, after the plan's buffers: CeBackwardLayout.tree),
-// then ce_mean_final_kernel over the blocks.
+// then the rim launch's block 0 over the blocks (ohem_ce.cu: ce_mean_final_block), as
+// ce_mean_final_kernel does after the forward.
 constexpr int kCeFusedMostClasses = kCeChunkClasses;
 
 // Prologue, item over the window pixels (row-major): its label into buf.labels (ce_label_code).
