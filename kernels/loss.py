@@ -367,7 +367,7 @@ class _OhemCrossEntropyKernels(torch.autograd.Function):
     gradient of their summed losses), then the selection, whose third output hard_weight is
     each hard pixel's weight where it took the hard branch, else 0. The backward op then gives
     hard_sum times hard_weight times the incoming gradient where hard_weight is not 0 (its
-    gather returns at once: one exp a class and pixel in the whole step), else the gather of
+    gather's blocks write that instead: one exp a class and pixel in the whole step), else the gather of
     weights times it (the top-k branch); the op multiplies by the incoming gradient itself
     (grad_scale), so the backward is that one op."""
 

@@ -181,16 +181,42 @@ __device__ __forceinline__ void for_grid_items(int rows, int cols, F f) {
   }
 }
 
+// The weighted sum's gradient (ohem_ce_op.h: CeBackwardCall): grad_logits (count elements)
+// = grad_sum times scale (ohem_ce_math.h: ce_weighted_sum_item), the launch's threads
+// striding over the items; index_t: int32_t where they fit (count below 2^30), else int64_t.
+template <typename scalar_t, typename acc_t>
+__device__ void weighted_sum_items(int64_t count, const acc_t* __restrict__ grad_sum, acc_t scale,
+                                   scalar_t* __restrict__ grad_logits) {
+  const auto walk = [&](auto items) {
+    using index_t = decltype(items);
+    for (index_t item = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; item < items;
+         item += static_cast<index_t>(gridDim.x) * blockDim.x)
+      ce_weighted_sum_item(item, static_cast<index_t>(count), grad_sum, scale, grad_logits);
+  };
+  if (count < (int64_t{1} << 30))  // item + the grid's stride below 2^31
+    walk(static_cast<int32_t>(ce_weighted_sum_items(count)));
+  else
+    walk(ce_weighted_sum_items(count));
+}
+
 // One block per tile of low-res rows and columns, all classes (ohem_ce_math.h, "Backward
 // tiling"): the window's pixels and taps into shared memory once, then per class the staged
-// logit rows, the segment sums and the tile's gradients. No atomics: deterministic.
+// logit rows, the segment sums and the tile's gradients. No atomics: deterministic. Where
+// *sum_weight is not 0 (OHEM's hard branch, ohem_ce_math.h: ohem_hard_weight; read on the
+// device) the blocks write the weighted sum's gradient instead (weighted_sum_items), no gather.
 template <typename scalar_t, typename label_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads, 4) ce_backward_kernel(
     CeGeometry<acc_t> geo, CeBackwardPlan plan, const scalar_t* __restrict__ logits,
     const label_t* __restrict__ labels, const acc_t* __restrict__ grad_loss, int grad_stride,
     const acc_t* __restrict__ lse, int64_t ignore_index, scalar_t* __restrict__ grad_logits, TileRim<acc_t> rim,
-    const acc_t* __restrict__ sum_weight, const acc_t* __restrict__ grad_scale) {
-  if (sum_weight != nullptr && *sum_weight != static_cast<acc_t>(0)) return;  // the weighted sum's: no gather
+    const acc_t* __restrict__ grad_sum, const acc_t* __restrict__ sum_weight, const acc_t* __restrict__ sum_divisor,
+    const acc_t* __restrict__ grad_scale) {
+  if (sum_weight != nullptr && *sum_weight != static_cast<acc_t>(0)) {  // the whole launch alike
+    const int64_t count = static_cast<int64_t>(geo.N) * geo.C * geo.h * geo.w;
+    weighted_sum_items(count, grad_sum, ce_sum_weight(sum_weight, sum_divisor) * ce_grad_scale(grad_scale),
+                       grad_logits);
+    return;
+  }
   const acc_t scale = ce_grad_scale(grad_scale);
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   const CeBackwardBuffers<acc_t> buf = ce_backward_buffers<acc_t>(shared_bytes, plan);
@@ -276,21 +302,16 @@ __global__ void __launch_bounds__(kThreads, 4) ce_backward_kernel(
   }
 }
 
-// The weighted sum's gradient (ohem_ce_op.h: CeBackwardCall): without grad_loss (sum_only),
-// or where *sum_weight is not 0 (OHEM's hard branch, ohem_ce_math.h: ohem_hard_weight; the
-// gather's kernels returned at once), grad_sum times the weight (over the divisor, the CE
-// mean's denominator, where given: ce_sum_weight) times the incoming factor.
-template <typename scalar_t, typename acc_t, typename index_t>
-__global__ void __launch_bounds__(kThreads) ce_weighted_sum_kernel(index_t count, const acc_t* __restrict__ grad_sum,
+// The weighted sum's gradient without grad_loss (sum_only; the CE mean's backward): grad_sum
+// times the weight (over the divisor, the CE mean's denominator, where given: ce_sum_weight)
+// times the incoming factor.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) ce_weighted_sum_kernel(int64_t count, const acc_t* __restrict__ grad_sum,
                                                                   const acc_t* __restrict__ sum_weight,
                                                                   const acc_t* __restrict__ grad_scale,
-                                                                  const acc_t* __restrict__ sum_divisor, bool sum_only,
+                                                                  const acc_t* __restrict__ sum_divisor,
                                                                   scalar_t* __restrict__ grad_logits) {
-  if (!sum_only && *sum_weight == static_cast<acc_t>(0)) return;
-  const acc_t scale = ce_sum_weight(sum_weight, sum_divisor) * ce_grad_scale(grad_scale);
-  for (index_t item = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x;
-       item < ce_weighted_sum_items(count); item += static_cast<index_t>(gridDim.x) * blockDim.x)
-    ce_weighted_sum_item(item, count, grad_sum, scale, grad_logits);
+  weighted_sum_items(count, grad_sum, ce_sum_weight(sum_weight, sum_divisor) * ce_grad_scale(grad_scale), grad_logits);
 }
 
 // The forward with gradient (ohem_ce_math.h, "Forward with gradient"): one block per backward
@@ -618,30 +639,25 @@ void backward_typed(const CeBackwardCall& call, int64_t ignore_index, int64_t sh
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(shared_budget)));
   scalar_t* grad_logits = call.grad_logits.mutable_data_ptr<scalar_t>();
+  const acc_t* grad_sum = data_or_null<acc_t>(call.grad_sum);
   const acc_t* sum_weight = data_or_null<acc_t>(call.sum_weight);
+  const acc_t* sum_divisor = data_or_null<acc_t>(call.sum_divisor);
   const acc_t* grad_scale = data_or_null<acc_t>(call.grad_scale);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  if (!call.sum_only) {  // the gather; its kernels return at once where *sum_weight is not 0
+  if (!call.sum_only) {  // the gather, or where *sum_weight is not 0 its blocks the weighted sum
     const TileRim<acc_t> rim = tile_rim_of<acc_t>(call.rim, logits, call.plan);
     kernel<<<ce_backward_blocks(geo, call.plan), kThreads, call.plan.shared_bytes, stream>>>(
         geo, call.plan, logits.const_data_ptr<scalar_t>(), call.labels.const_data_ptr<label_t>(),
         call.grad_loss.const_data_ptr<acc_t>(), call.grad_stride, call.lse.const_data_ptr<acc_t>(), ignore_index,
-        grad_logits, rim, sum_weight, grad_scale);
+        grad_logits, rim, grad_sum, sum_weight, sum_divisor, grad_scale);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    launch_rim(geo, rim, grad_logits, stream, sum_weight);
+    launch_rim(geo, rim, grad_logits, stream, sum_weight);  // returns at once likewise
+    return;
   }
-  if (sum_weight == nullptr) return;
   const int64_t count = logits.numel();
-  const int64_t items = ce_weighted_sum_items(count);
-  const int64_t blocks = std::min<int64_t>((items + kThreads - 1) / kThreads, 65535LL * 8);
-  const acc_t* grad_sum = call.grad_sum.const_data_ptr<acc_t>();
-  const acc_t* sum_divisor = data_or_null<acc_t>(call.sum_divisor);
-  if (count < (int64_t{1} << 30))
-    ce_weighted_sum_kernel<scalar_t, acc_t, int32_t><<<blocks, kThreads, 0, stream>>>(
-        static_cast<int32_t>(count), grad_sum, sum_weight, grad_scale, sum_divisor, call.sum_only, grad_logits);
-  else
-    ce_weighted_sum_kernel<scalar_t, acc_t, int64_t><<<blocks, kThreads, 0, stream>>>(
-        count, grad_sum, sum_weight, grad_scale, sum_divisor, call.sum_only, grad_logits);
+  const int64_t blocks = std::min<int64_t>((ce_weighted_sum_items(count) + kThreads - 1) / kThreads, 65535LL * 8);
+  ce_weighted_sum_kernel<scalar_t, acc_t><<<blocks, kThreads, 0, stream>>>(count, grad_sum, sum_weight, grad_scale,
+                                                                          sum_divisor, grad_logits);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
