@@ -661,7 +661,8 @@ void ohem_weights_cpu_typed(const OhemCall& call, int64_t ignore_index) {
     if (!state[kOhemUseHard]) ohem_pick_digit(pass_counts, shift, state);
   }
   *call.hard_weight.mutable_data_ptr<acc_t>() = ohem_hard_weight<acc_t>(state, call.classes > 0);
-  // the weights pass, its fixed-order sum of weight x loss as the kernels' (sum_final_kernel)
+  // the weights pass, its fixed-order sum of weight x loss as the kernels' (the weights pass's
+  // last block: ohem_ce.cu, ohem_weights_block)
   const auto weights_pass = [&](auto weight_of) {
     const int64_t blocks = call.block_sums.numel();
     acc_t* block_sums = call.block_sums.mutable_data_ptr<acc_t>();

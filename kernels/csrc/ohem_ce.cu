@@ -153,16 +153,6 @@ __global__ void __launch_bounds__(kSumThreads) ce_mean_final_kernel(CeMeanFinal<
   ce_mean_final_block(final);
 }
 
-// The blocks' sums added into *total (one block).
-template <typename acc_t>
-__global__ void __launch_bounds__(kSumThreads) sum_final_kernel(const acc_t* __restrict__ block_sums,
-                                                                int64_t blocks, acc_t* __restrict__ total) {
-  __shared__ acc_t sums[kSumThreads];
-  sums[threadIdx.x] = sum_blocks_part(threadIdx.x, blocks, block_sums);
-  sum_tree(sums);
-  if (threadIdx.x == 0) *total = sums[0];
-}
-
 // The items (k, x) of a rows x cols grid, strided over the block's threads as item = k * cols
 // + x would be, with one division per thread, not one per item.
 template <typename F>
@@ -394,9 +384,9 @@ __global__ void __launch_bounds__(kThreads) ce_backward_rim_kernel(CeGeometry<ac
 }
 
 // ---------------------------------------------------------------------------------------
-// OHEM weights (ohem_ce_math.h): one launch per radix pass, one for the weights (two more
-// with class weights), which also sums weight x loss by blocks, and one adding those (the
-// OHEM loss); the running numbers in `state` on the device, no host synchronisation.
+// OHEM weights (ohem_ce_math.h): one launch per radix pass, one for the weights (one more
+// with class weights), which also sums weight x loss by blocks and, in its last block, adds
+// those (the OHEM loss); the running numbers in `state` on the device, no host synchronisation.
 
 // Sums of per-thread counts over the block's warps into state[slot_a], state[slot_b].
 __device__ void add_counts(int64_t a, int64_t b, int64_t* state, int slot_a, int slot_b) {
@@ -519,27 +509,34 @@ struct OhemSelection {
 };
 
 // The weights pass of one block (ohem_weights_pixels, weight_of(loss, label) a pixel's
-// weight), its sum of weight x loss by the block's tree into block_sums at its index.
+// weight), its sum of weight x loss by the block's tree into block_sums at its index; the
+// last block to finish then adds the blocks' sums, in their order, into *value (the OHEM
+// loss; as a one-block launch after this one would, which the launch saves). The blocks'
+// sums, read only by that block and only then, come from L2, as the tally's class counts.
 template <typename acc_t, typename label_t, typename WeightOf>
 __device__ void ohem_weights_block(const acc_t* loss, const label_t* labels, int64_t pixels, acc_t* weights,
-                                   acc_t* block_sums, WeightOf weight_of) {
+                                   acc_t* block_sums, int64_t* state, acc_t* value, WeightOf weight_of) {
   __shared__ acc_t sums[kSumThreads];
   sums[threadIdx.x] = ohem_weights_pixels(
       blockIdx.x * static_cast<int64_t>(kSumThreads) + threadIdx.x, static_cast<int64_t>(gridDim.x) * kSumThreads,
       pixels, loss, labels, weights, weight_of);
   sum_tree(sums);
   if (threadIdx.x == 0) block_sums[blockIdx.x] = sums[0];
+  if (!last_block_to_finish(state)) return;  // the same for the whole block; past its barriers
+  sums[threadIdx.x] = sum_blocks_part(threadIdx.x, gridDim.x, block_sums);
+  sum_tree(sums);
+  if (threadIdx.x == 0) *value = sums[0];
 }
 
 template <typename acc_t, typename label_t>
 __global__ void __launch_bounds__(kSumThreads) ohem_weights_kernel(
     const acc_t* __restrict__ loss, const label_t* __restrict__ labels, int64_t pixels, int64_t ignore_index,
-    acc_t threshold, const int64_t* __restrict__ state, acc_t* __restrict__ weights, acc_t* __restrict__ block_sums,
-    acc_t* __restrict__ hard_weight) {
+    acc_t threshold, int64_t* state, acc_t* __restrict__ weights, acc_t* __restrict__ block_sums,
+    acc_t* __restrict__ hard_weight, acc_t* __restrict__ total_loss) {
   const OhemSelection selection(state);
   const OhemWeightValues<acc_t> values = ohem_weight_values<acc_t>(selection.state);
   if (blockIdx.x == 0 && threadIdx.x == 0) *hard_weight = ohem_hard_weight<acc_t>(selection.state, false);
-  ohem_weights_block(loss, labels, pixels, weights, block_sums, [&](acc_t value, label_t label) {
+  ohem_weights_block(loss, labels, pixels, weights, block_sums, state, total_loss, [&](acc_t value, label_t label) {
     const bool valid = static_cast<int64_t>(label) != ignore_index;
     return ohem_pixel_weight(ohem_pick(value, valid, threshold, selection.state), values);
   });
@@ -576,13 +573,13 @@ __global__ void __launch_bounds__(kThreads) ohem_class_tally_kernel(
 template <typename acc_t, typename label_t>
 __global__ void __launch_bounds__(kSumThreads) ohem_class_weights_kernel(
     const acc_t* __restrict__ loss, const label_t* __restrict__ labels, int64_t pixels, int64_t ignore_index,
-    acc_t threshold, const int64_t* __restrict__ state, const acc_t* __restrict__ class_weights, int classes,
+    acc_t threshold, int64_t* state, const acc_t* __restrict__ class_weights, int classes,
     const acc_t* __restrict__ total, acc_t* __restrict__ weights, acc_t* __restrict__ block_sums,
-    acc_t* __restrict__ hard_weight) {
+    acc_t* __restrict__ hard_weight, acc_t* __restrict__ total_loss) {
   const acc_t sum = *total;
   if (blockIdx.x == 0 && threadIdx.x == 0) *hard_weight = ohem_hard_weight<acc_t>(state, true);
   const OhemSelection selection(state);
-  ohem_weights_block(loss, labels, pixels, weights, block_sums, [&](acc_t value, label_t label) {
+  ohem_weights_block(loss, labels, pixels, weights, block_sums, state, total_loss, [&](acc_t value, label_t label) {
     return ohem_class_pixel_weight(value, label, static_cast<int64_t>(label) != ignore_index, threshold,
                                    selection.state, class_weights, classes, sum);
   });
@@ -773,16 +770,12 @@ void ohem_weights_typed(const OhemCall& call, int64_t ignore_index) {
   acc_t* weights = call.weights.mutable_data_ptr<acc_t>();
   acc_t* block_sums = call.block_sums.mutable_data_ptr<acc_t>();
   const int64_t sum_grid = call.block_sums.numel();  // sum_blocks(pixels)
-  const auto add_blocks = [&] {  // the OHEM loss from the weights pass's block sums
-    sum_final_kernel<acc_t><<<1, kSumThreads, 0, stream>>>(block_sums, sum_grid, call.value.mutable_data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  };
+  acc_t* value = call.value.mutable_data_ptr<acc_t>();  // the OHEM loss, by the weights pass's last block
   if (call.classes == 0) {
     ohem_weights_kernel<acc_t, label_t><<<sum_grid, kSumThreads, 0, stream>>>(
         loss, labels, pixels, ignore_index, threshold, state, weights, block_sums,
-        call.hard_weight.mutable_data_ptr<acc_t>());
+        call.hard_weight.mutable_data_ptr<acc_t>(), value);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    add_blocks();
     return;
   }
   int64_t* class_counts = call.class_counts.mutable_data_ptr<int64_t>();
@@ -794,9 +787,8 @@ void ohem_weights_typed(const OhemCall& call, int64_t ignore_index) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   ohem_class_weights_kernel<acc_t, label_t><<<sum_grid, kSumThreads, 0, stream>>>(
       loss, labels, pixels, ignore_index, threshold, state, class_weights, call.classes, total, weights, block_sums,
-      call.hard_weight.mutable_data_ptr<acc_t>());
+      call.hard_weight.mutable_data_ptr<acc_t>(), value);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  add_blocks();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ohem_weights_cuda(const at::Tensor& loss, const at::Tensor& labels,
