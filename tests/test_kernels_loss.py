@@ -1136,6 +1136,27 @@ def test_cuda_step_has_no_host_sync(cuda_kernel, thresh):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("thresh, most", [(None, 4), (0.7, 11), (1e-9, 11)])
+def test_cuda_step_launches_few_kernels(cuda_kernel, thresh, most):
+    """What the host issues a step, each launch its time to issue (the 1/4 step was bound by
+    it): the CE step at most 4 kernels (the forward with gradient and its rim, which writes the
+    mean; the engine's seed; the weighted sum), OHEM's at most 11 in either branch (1e-9: no
+    pixel is hard; the forward with gradient and its rim, the selection's zero-fill, 4 radix
+    passes for float32 and the weights pass, the seed, the gather, whose blocks write the hard
+    branch's weighted sum, and its rim). torch.profiler's CUDA activities."""
+    from kernels.bench import kernel_times
+    logits, labels = cuda_case(2, 19, (64, 64), (512, 512), seed=6)
+    logits = logits.to(torch.bfloat16).requires_grad_(True)
+
+    def step():
+        logits.grad = None
+        loss_fused(logits, labels, thresh=thresh, validate=False).backward()
+
+    launched = kernel_times(step, torch.device("cuda"), iters=3)
+    assert 0 < sum(launches for _, launches, _ in launched) <= most, launched
+
+
+@pytest.mark.gpu
 def test_cuda_bad_label_is_nan_not_a_crash(cuda_kernel):
     logits, labels = cuda_case(1, 19, (16, 16), (128, 128), seed=7)
     labels[0, 5, 5] = 77
