@@ -173,7 +173,8 @@ __device__ __forceinline__ void for_grid_items(int rows, int cols, F f) {
 
 // The weighted sum's gradient (ohem_ce_op.h: CeBackwardCall): grad_logits (count elements)
 // = grad_sum times scale (ohem_ce_math.h: ce_weighted_sum_item), the launch's threads
-// striding over the items; index_t: int32_t where they fit (count below 2^30), else int64_t.
+// striding over the items; index_t: int32_t where an item and the grid's stride fit (count
+// below 2^30, at most 2^21 blocks: the gather's launch may have more), else int64_t.
 template <typename scalar_t, typename acc_t>
 __device__ void weighted_sum_items(int64_t count, const acc_t* __restrict__ grad_sum, acc_t scale,
                                    scalar_t* __restrict__ grad_logits) {
@@ -183,7 +184,7 @@ __device__ void weighted_sum_items(int64_t count, const acc_t* __restrict__ grad
          item += static_cast<index_t>(gridDim.x) * blockDim.x)
       ce_weighted_sum_item(item, static_cast<index_t>(count), grad_sum, scale, grad_logits);
   };
-  if (count < (int64_t{1} << 30))  // item + the grid's stride below 2^31
+  if (count < (int64_t{1} << 30) && gridDim.x <= (1u << 21))  // item + stride (at most 2^29) below 2^31
     walk(static_cast<int32_t>(ce_weighted_sum_items(count)));
   else
     walk(ce_weighted_sum_items(count));
