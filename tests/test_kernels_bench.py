@@ -104,7 +104,8 @@ def test_host_parts_table_times_each_piece_and_profiles_the_steps(cpu_loops):
             if line.count("|") == 3 and not line.startswith(("| piece", "| ---"))}
     assert list(rows) == [
         "one aten op (add_, 1 element)", "torch's fixed cost: (x * 2).sum().backward(), 1 element",
-        "torch's fixed cost: an autograd.Function's (x * 2).sum().backward(), 1 element", "bisenet_cuda::bga_forward", "bisenet_cuda::bga_backward",
+        "torch's fixed cost: an autograd.Function's (x * 2).sum().backward(), 1 element",
+        "bisenet_cuda::bga_forward", "bisenet_cuda::bga_backward",
         "BGA kernel path, forward + backward", "BGA reference, forward + backward",
         "bisenet_cuda::upsample_ce_forward", "bisenet_cuda::upsample_ce_backward",
         "bisenet_cuda::upsample_ce_forward_grad", "bisenet_cuda::ohem_weights",

@@ -297,7 +297,8 @@ def test_loss_dispatches_few_ops(cpu_loops, thresh):
     ops a selection made of tensor ops issues: each is a kernel launch on a GPU. The CE mean:
     the forward with gradient returns it and its gradient's sum; the backward is the backward
     op without grad_loss (the sum weighted by the incoming gradient over the denominator, in
-    the logits' dtype). Beside the loss's own ops only the engine's seed (ones_like)."""
+    the logits' dtype). Beside the loss's own ops only the engine's seed (ones_like) and the
+    gradient's detach into .grad."""
     logits, labels = random_case(n=2, c=19, low=(16, 16), high=(128, 128), seed=4)
     logits = logits.float().requires_grad_(True)
     loss_fused(logits, labels, thresh=thresh, validate=False).backward()  # warm-up

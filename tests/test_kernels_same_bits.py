@@ -502,8 +502,9 @@ def test_cuda_loss_equals_cpu_loop_bitwise(extension, high, low, dtype):
     # OHEM's top-k branch (the gather), its hard branch (hard_sum weighted), the weighted sum
     # alone (no grad_loss), the CE mean's backward (the weight over the denominator, 1.5 / 7
     # rounding); the incoming gradient's factor rounds (1/3)
-    for weighted_loss, weight, scale, divisor in ((grad_loss, 0.0, 1.0 / 3.0, None), (grad_loss, 0.375, 1.0 / 3.0, None),
-                                                  (None, 0.375, 1.0 / 3.0, None), (None, 1.5, None, 7.0)):
+    cases = ((grad_loss, 0.0, 1.0 / 3.0, None), (grad_loss, 0.375, 1.0 / 3.0, None), (None, 0.375, 1.0 / 3.0, None),
+             (None, 1.5, None, 7.0))
+    for weighted_loss, weight, scale, divisor in cases:
         scalars = [None if value is None else torch.tensor(value) for value in (weight, scale, divisor)]
         grad = extension.upsample_ce_backward(weighted_loss, logits, labels, lse, 255, 0, 0, hard_sum, *scalars)
         poison_cuda_cache(logits.numel() * 8)

@@ -487,7 +487,8 @@ CeBackwardCall prepare_ce_backward(const std::optional<at::Tensor>& grad_loss, c
     call.grad_scale = *scales.grad_scale;
   }
   if (scales.sum_divisor.has_value()) {
-    TORCH_CHECK(scales.sum_weight.has_value(), "upsample_ce_backward: sum_divisor divides sum_weight, which is missing");
+    TORCH_CHECK(scales.sum_weight.has_value(),
+                "upsample_ce_backward: sum_divisor divides sum_weight, which is missing");
     check_scale("sum_divisor", *scales.sum_divisor, logits);
     call.sum_divisor = *scales.sum_divisor;
   }
