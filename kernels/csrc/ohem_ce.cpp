@@ -244,10 +244,11 @@ void backward_cpu_typed(const CeBackwardCall& call, int64_t ignore_index) {
   const acc_t grad_scale = ce_grad_scale(data_or_null<acc_t>(call.grad_scale));
   if (call.grad_sum.defined()) {  // the weighted sum's gradient where it is the gradient, no gather
     const acc_t* sum_weight = call.sum_weight.const_data_ptr<acc_t>();
-    if (call.sum_only || *sum_weight != static_cast<acc_t>(0)) {
+    if (call.sum_only || ce_weighted_sum_taken(sum_weight)) {
       const acc_t* grad_sum = call.grad_sum.const_data_ptr<acc_t>();
       const int64_t count = logits.numel();
-      const acc_t scale = ce_sum_weight(sum_weight, data_or_null<acc_t>(call.sum_divisor)) * grad_scale;
+      const acc_t scale = ce_weighted_sum_scale(sum_weight, data_or_null<acc_t>(call.sum_divisor),
+                                                data_or_null<acc_t>(call.grad_scale));
       for_items(ce_weighted_sum_items(count), false,
                 [&](int64_t item) { ce_weighted_sum_item(item, count, grad_sum, scale, out); });
       return;

@@ -202,10 +202,9 @@ __global__ void __launch_bounds__(kThreads, 4) ce_backward_kernel(
     const acc_t* __restrict__ lse, int64_t ignore_index, scalar_t* __restrict__ grad_logits, TileRim<acc_t> rim,
     const acc_t* __restrict__ grad_sum, const acc_t* __restrict__ sum_weight, const acc_t* __restrict__ sum_divisor,
     const acc_t* __restrict__ grad_scale) {
-  if (sum_weight != nullptr && *sum_weight != static_cast<acc_t>(0)) {  // the whole launch alike
+  if (ce_weighted_sum_taken(sum_weight)) {  // the whole launch alike
     const int64_t count = static_cast<int64_t>(geo.N) * geo.C * geo.h * geo.w;
-    weighted_sum_items(count, grad_sum, ce_sum_weight(sum_weight, sum_divisor) * ce_grad_scale(grad_scale),
-                       grad_logits);
+    weighted_sum_items(count, grad_sum, ce_weighted_sum_scale(sum_weight, sum_divisor, grad_scale), grad_logits);
     return;
   }
   const acc_t scale = ce_grad_scale(grad_scale);
@@ -294,15 +293,15 @@ __global__ void __launch_bounds__(kThreads, 4) ce_backward_kernel(
 }
 
 // The weighted sum's gradient without grad_loss (sum_only; the CE mean's backward): grad_sum
-// times the weight (over the divisor, the CE mean's denominator, where given: ce_sum_weight)
-// times the incoming factor.
+// times the weight (over the divisor, the CE mean's denominator, where given) times the
+// incoming factor (ce_weighted_sum_scale).
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) ce_weighted_sum_kernel(int64_t count, const acc_t* __restrict__ grad_sum,
                                                                   const acc_t* __restrict__ sum_weight,
                                                                   const acc_t* __restrict__ grad_scale,
                                                                   const acc_t* __restrict__ sum_divisor,
                                                                   scalar_t* __restrict__ grad_logits) {
-  weighted_sum_items(count, grad_sum, ce_sum_weight(sum_weight, sum_divisor) * ce_grad_scale(grad_scale), grad_logits);
+  weighted_sum_items(count, grad_sum, ce_weighted_sum_scale(sum_weight, sum_divisor, grad_scale), grad_logits);
 }
 
 // The forward with gradient (ohem_ce_math.h, "Forward with gradient"): one block per backward
@@ -377,7 +376,7 @@ __global__ void __launch_bounds__(kThreads) ce_backward_rim_kernel(CeGeometry<ac
                                                                   const acc_t* __restrict__ sum_weight,
                                                                   CeMeanFinal<acc_t> final) {
   static_assert(kThreads == kSumThreads, "the mean's tree takes the block's threads");
-  if (sum_weight != nullptr && *sum_weight != static_cast<acc_t>(0)) return;  // the weighted sum's
+  if (ce_weighted_sum_taken(sum_weight)) return;  // the gather's blocks wrote the weighted sum
   for (index_t item = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; item < count;
        item += static_cast<index_t>(gridDim.x) * blockDim.x)
     ce_backward_rim_item<scalar_t, acc_t, index_t>(item, geo, rim, grad_logits);

@@ -879,12 +879,22 @@ BISENET_HD acc_t ce_grad_scale(const acc_t* grad_scale) {
   return grad_scale != nullptr ? *grad_scale : static_cast<acc_t>(1);
 }
 
-// The weighted sum's weight: *sum_weight, over *sum_divisor where there is one (the CE mean's
-// backward: its incoming gradient over the counted pixels' number, the division torch's
-// `grad_mean / denominator` did; IEEE division on both sides, so the same bits).
+// Whether the backward's gradient is the weighted sum's where there is a gather to do: a
+// sum_weight given and not 0 (OHEM's hard branch, ohem_hard_weight; read where it lies, on
+// the device for the kernels: no sync). Without grad_loss it always is (sum_only).
 template <typename acc_t>
-BISENET_HD acc_t ce_sum_weight(const acc_t* sum_weight, const acc_t* sum_divisor) {
-  return sum_divisor != nullptr ? *sum_weight / *sum_divisor : *sum_weight;
+BISENET_HD bool ce_weighted_sum_taken(const acc_t* sum_weight) {
+  return sum_weight != nullptr && *sum_weight != static_cast<acc_t>(0);
+}
+
+// The weighted sum's factor of grad_sum: *sum_weight, over *sum_divisor where there is one
+// (the CE mean's backward: its incoming gradient over the counted pixels' number, the
+// division torch's `grad_mean / denominator` did; IEEE division on both sides, so the same
+// bits), times the incoming gradient's factor (ce_grad_scale).
+template <typename acc_t>
+BISENET_HD acc_t ce_weighted_sum_scale(const acc_t* sum_weight, const acc_t* sum_divisor, const acc_t* grad_scale) {
+  const acc_t weight = sum_divisor != nullptr ? *sum_weight / *sum_divisor : *sum_weight;
+  return weight * ce_grad_scale(grad_scale);
 }
 
 template <typename acc_t>
