@@ -575,14 +575,12 @@ OhemCall prepare_ohem_weights(const at::Tensor& loss, const at::Tensor& labels, 
                 weights.scalar_type(), " on ", weights.device());
     call.classes = static_cast<int>(weights.numel());
     call.class_weights = weights.contiguous();
-    call.class_total = at::empty({1}, loss.options());
   }
   const int64_t passes = loss.element_size();  // ohem_passes: 8 bits a pass
-  const at::Tensor scratch = at::zeros({kOhemStateSize + 256 * passes + 2 * call.classes},
-                                       loss.options().dtype(at::kLong));  // one launch zeroes all
-  call.state = scratch.narrow(0, 0, kOhemStateSize);
-  call.counts = scratch.narrow(0, kOhemStateSize, 256 * passes).view({passes, 256});
-  if (call.classes > 0) call.class_counts = scratch.narrow(0, kOhemStateSize + 256 * passes, 2 * call.classes);
+  call.scratch = at::empty({kOhemStateSize + 256 * passes + 2 * call.classes}, loss.options().dtype(at::kLong));
+  call.state = call.scratch.narrow(0, 0, kOhemStateSize);
+  call.counts = call.scratch.narrow(0, kOhemStateSize, 256 * passes).view({passes, 256});
+  if (call.classes > 0) call.class_counts = call.scratch.narrow(0, kOhemStateSize + 256 * passes, 2 * call.classes);
   return call;
 }
 
@@ -635,7 +633,7 @@ at::Tensor upsample_ce_backward_cpu(const std::optional<at::Tensor>& grad_loss, 
   return call.grad_logits;
 }
 
-// The CUDA implementation's kernels (ohem_ce.cu) one after the other, as loops.
+// The CUDA kernel's steps (ohem_ce.cu: ohem_select_kernel) one after the other, as loops.
 template <typename acc_t, typename label_t>
 void ohem_weights_cpu_typed(const OhemCall& call, int64_t ignore_index) {
   const acc_t* loss = call.loss.const_data_ptr<acc_t>();
@@ -663,8 +661,8 @@ void ohem_weights_cpu_typed(const OhemCall& call, int64_t ignore_index) {
     if (!state[kOhemUseHard]) ohem_pick_digit(pass_counts, shift, state);
   }
   *call.hard_weight.mutable_data_ptr<acc_t>() = ohem_hard_weight<acc_t>(state, call.classes > 0);
-  // the weights pass, its fixed-order sum of weight x loss as the kernels' (the weights pass's
-  // last block: ohem_ce.cu, ohem_weights_block)
+  // the weights pass, its fixed-order sum of weight x loss as the kernel's (its sum_blocks
+  // logical blocks, then block 0 over their sums)
   const auto weights_pass = [&](auto weight_of) {
     const int64_t blocks = call.block_sums.numel();
     acc_t* block_sums = call.block_sums.mutable_data_ptr<acc_t>();
@@ -707,6 +705,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ohem_weights_cpu(const at::Tensor
                                                                 int64_t min_kept,
                                                                 const std::optional<at::Tensor>& class_weights) {
   const OhemCall call = prepare_ohem_weights(loss, labels, threshold, min_kept, class_weights);
+  call.scratch.zero_();  // (the CUDA kernel zeroes it first thing)
 #define BISENET_OHEM_WEIGHTS(acc_t, label_t) ohem_weights_cpu_typed<acc_t, label_t>(call, ignore_index)
   BISENET_OHEM_DISPATCH(call.loss, call.labels, BISENET_OHEM_WEIGHTS);
 #undef BISENET_OHEM_WEIGHTS

@@ -11,6 +11,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <cooperative_groups.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -25,16 +26,11 @@ namespace {
 
 constexpr int kThreads = 256;
 static_assert(kThreads == kCeBackwardThreads, "the backward plan fills blocks of kCeBackwardThreads");
-constexpr int64_t kMaxBlocks = 65535LL * 8;
 
 template <typename scalar_t>
 struct AccType { using type = float; };
 template <>
 struct AccType<double> { using type = double; };
-
-int64_t blocks_for(int64_t items) {
-  return std::max<int64_t>(1, std::min<int64_t>((items + kThreads - 1) / kThreads, kMaxBlocks));
-}
 
 // Sums in a fixed order (ohem_ce_math.h): a block's tree through shared memory, a barrier
 // between steps; thread 0 then holds the block's sums.
@@ -384,9 +380,11 @@ __global__ void __launch_bounds__(kThreads) ce_backward_rim_kernel(CeGeometry<ac
 }
 
 // ---------------------------------------------------------------------------------------
-// OHEM weights (ohem_ce_math.h): one launch per radix pass, one for the weights (one more
-// with class weights), which also sums weight x loss by blocks and, in its last block, adds
-// those (the OHEM loss); the running numbers in `state` on the device, no host synchronisation.
+// OHEM weights (ohem_ce_math.h): the whole selection is one cooperative launch
+// (ohem_select_kernel): its blocks are all resident at once, so grid.sync() stands where a
+// launch boundary stood (the zero-fill, each radix pass, the class tally, the weights and the
+// final sum were 6 to 10 launches); the running numbers in `state` on the device, no host
+// synchronisation.
 
 // Sums of per-thread counts over the block's warps into state[slot_a], state[slot_b].
 __device__ void add_counts(int64_t a, int64_t b, int64_t* state, int slot_a, int slot_b) {
@@ -398,23 +396,6 @@ __device__ void add_counts(int64_t a, int64_t b, int64_t* state, int slot_a, int
     if (a) atomicAdd(reinterpret_cast<unsigned long long*>(state + slot_a), static_cast<unsigned long long>(a));
     if (b) atomicAdd(reinterpret_cast<unsigned long long*>(state + slot_b), static_cast<unsigned long long>(b));
   }
-}
-
-// Whether this block is the last of the grid to get here: every other block's global writes
-// and atomics before its call are then visible to this block's loads that bypass L1 (__ldcg).
-// The last block resets the ticket for the next launch. Called by all threads.
-__device__ bool last_block_to_finish(int64_t* state) {
-  __shared__ bool last;
-  __threadfence();  // this thread's atomics before the ticket
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    auto* ticket = reinterpret_cast<unsigned long long*>(state + kOhemTicket);
-    last = atomicAdd(ticket, 1ull) == gridDim.x - 1ull;
-    if (last) *ticket = 0;
-  }
-  __syncthreads();
-  if (last) __threadfence();
-  return last;
 }
 
 // The sum of `value` over the threads before this one (a block-wide exclusive scan).
@@ -432,45 +413,60 @@ __device__ int64_t block_exclusive_sum(int64_t value) {
   return inclusive - value;
 }
 
-// One pass of the radix select over bits [shift, shift + 8): the histogram of the matching
-// keys' digit, per-block bins in shared memory, lanes of a warp holding the same digit adding
-// once (__match_any_sync: late passes see long runs of one digit; every lane runs the same
-// iterations, lanes past the end holding digit -1, so the match sees all 32). The first pass
-// also counts the valid and hard pixels. The last block to finish sets up the selection
-// (first pass) and picks the digit, one thread per digit.
+// The selection's arguments, one struct (a cooperative launch takes the parameters as an
+// array of pointers). scratch: the state (kOhemStateSize), each pass's 256 counts, the class
+// counts (2 x classes); the kernel zeroes it first.
+template <typename acc_t, typename label_t>
+struct OhemArgs {
+  const acc_t* loss;
+  const label_t* labels;
+  int64_t pixels, ignore_index, min_kept;
+  acc_t threshold;
+  int64_t* scratch;
+  int64_t scratch_size;
+  int classes;                 // 0: no class weights
+  const acc_t* class_weights;  // (classes,)
+  acc_t* weights;              // (pixels,)
+  acc_t* block_sums;           // (sum_blocks,): the weights pass's logical blocks
+  int64_t sum_blocks;
+  acc_t* hard_weight;
+  acc_t* value;  // the OHEM loss
+};
+
+// One pass of the radix select over bits [shift, shift + 8), this block's share: the
+// histogram of the matching keys' digit, per-block bins in shared memory, lanes of a warp
+// holding the same digit adding once (__match_any_sync: late passes see long runs of one
+// digit; every lane runs the same iterations, lanes past the end holding digit -1, so the
+// match sees all 32), then added into the pass's counts. The first pass also counts the
+// valid and hard pixels into the state.
 template <typename acc_t, typename label_t, bool kFirst>
-__global__ void __launch_bounds__(kThreads) ohem_pass_kernel(
-    const acc_t* __restrict__ loss, const label_t* __restrict__ labels, int64_t pixels, int64_t ignore_index,
-    acc_t threshold, int64_t min_kept, int shift, int64_t* state, int64_t* counts) {
+__device__ void ohem_histogram(const OhemArgs<acc_t, label_t>& a, int64_t prefix, int shift, int64_t* counts) {
   static_assert(kThreads == 256, "one thread per digit");
-  if (!kFirst && state[kOhemUseHard]) return;
   __shared__ unsigned int bins[256];
-  __shared__ int64_t block_state[kOhemStateSize];
   bins[threadIdx.x] = 0;
   __syncthreads();
-  const int64_t prefix = kFirst ? 0 : state[kOhemPrefix];
   const int lane = threadIdx.x & 31;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   int64_t valid = 0, hard = 0;
   // kOhemUnroll grid strides at a time, their loads first (the loss whatever the label, so the
   // two loads do not wait on each other): that many in flight a thread, not one round trip
-  for (int64_t base = blockIdx.x * static_cast<int64_t>(blockDim.x) + (threadIdx.x & ~31); base < pixels;
+  for (int64_t base = blockIdx.x * static_cast<int64_t>(blockDim.x) + (threadIdx.x & ~31); base < a.pixels;
        base += kOhemUnroll * stride) {  // base is the same in a warp
     bool is_valid[kOhemUnroll];
     acc_t value[kOhemUnroll];
 #pragma unroll
     for (int u = 0; u < kOhemUnroll; ++u) {
       const int64_t p = base + u * stride + lane;
-      const bool inside = p < pixels;
-      const int64_t label = inside ? static_cast<int64_t>(labels[p]) : ignore_index;
-      value[u] = inside ? loss[p] : static_cast<acc_t>(0);
-      is_valid[u] = label != ignore_index;
+      const bool inside = p < a.pixels;
+      const int64_t label = inside ? static_cast<int64_t>(a.labels[p]) : a.ignore_index;
+      value[u] = inside ? a.loss[p] : static_cast<acc_t>(0);
+      is_valid[u] = label != a.ignore_index;
     }
 #pragma unroll
     for (int u = 0; u < kOhemUnroll; ++u) {
       if (kFirst) {
         valid += is_valid[u];
-        hard += is_valid[u] && value[u] > threshold;
+        hard += is_valid[u] && value[u] > a.threshold;
       }
       const int digit = is_valid[u] ? ohem_digit(ohem_key(value[u]), prefix, shift) : -1;
       const unsigned peers = __match_any_sync(0xFFFFFFFFu, digit);
@@ -481,108 +477,107 @@ __global__ void __launch_bounds__(kThreads) ohem_pass_kernel(
   if (bins[threadIdx.x] != 0)
     atomicAdd(reinterpret_cast<unsigned long long*>(counts + threadIdx.x),
               static_cast<unsigned long long>(bins[threadIdx.x]));
-  if (kFirst) add_counts(valid, hard, state, kOhemValid, kOhemHard);
-  if (!last_block_to_finish(state)) return;
-  if (threadIdx.x < kOhemStateSize) block_state[threadIdx.x] = __ldcg(state + threadIdx.x);
-  __syncthreads();
-  if (kFirst && threadIdx.x == 0) ohem_setup(block_state, min_kept);
-  __syncthreads();
-  if (!block_state[kOhemUseHard]) {  // the same in every thread
-    const int digit = 255 - static_cast<int>(threadIdx.x);
-    const int64_t count = __ldcg(counts + digit);
-    const int64_t remaining = block_state[kOhemRemaining];  // read before the scan's barrier
-    const int64_t above = block_exclusive_sum(count);       // keys on larger digits
-    if (ohem_is_digit(above, count, remaining)) ohem_take_digit(digit, above, count, shift, block_state);
-  }
-  __syncthreads();
-  if (threadIdx.x < kOhemStateSize && threadIdx.x != kOhemTicket) state[threadIdx.x] = block_state[threadIdx.x];
+  if (kFirst) add_counts(valid, hard, a.scratch, kOhemValid, kOhemHard);
 }
 
 // The selection's state, complete, copied into registers once a thread: read through the
 // pointer, nvcc loaded the k-th key again for every pixel, inside the pick's branch.
 struct OhemSelection {
   int64_t state[kOhemStateSize];
-  __device__ explicit OhemSelection(const int64_t* global_state) {
+  __device__ explicit OhemSelection(const int64_t* block_state) {
 #pragma unroll
-    for (int i = 0; i < kOhemStateSize; ++i) state[i] = global_state[i];
+    for (int i = 0; i < kOhemStateSize; ++i) state[i] = block_state[i];
   }
 };
 
-// The weights pass of one block (ohem_weights_pixels, weight_of(loss, label) a pixel's
-// weight), its sum of weight x loss by the block's tree into block_sums at its index; the
-// last block to finish then adds the blocks' sums, in their order, into *value (the OHEM
-// loss; as a one-block launch after this one would, which the launch saves). The blocks'
-// sums, read only by that block and only then, come from L2, as the tally's class counts.
-template <typename acc_t, typename label_t, typename WeightOf>
-__device__ void ohem_weights_block(const acc_t* loss, const label_t* labels, int64_t pixels, acc_t* weights,
-                                   acc_t* block_sums, int64_t* state, acc_t* value, WeightOf weight_of) {
-  __shared__ acc_t sums[kSumThreads];
-  sums[threadIdx.x] = ohem_weights_pixels(
-      blockIdx.x * static_cast<int64_t>(kSumThreads) + threadIdx.x, static_cast<int64_t>(gridDim.x) * kSumThreads,
-      pixels, loss, labels, weights, weight_of);
-  sum_tree(sums);
-  if (threadIdx.x == 0) block_sums[blockIdx.x] = sums[0];
-  if (!last_block_to_finish(state)) return;  // the same for the whole block; past its barriers
-  sums[threadIdx.x] = sum_blocks_part(threadIdx.x, gridDim.x, block_sums);
-  sum_tree(sums);
-  if (threadIdx.x == 0) *value = sums[0];
-}
-
-template <typename acc_t, typename label_t>
-__global__ void __launch_bounds__(kSumThreads) ohem_weights_kernel(
-    const acc_t* __restrict__ loss, const label_t* __restrict__ labels, int64_t pixels, int64_t ignore_index,
-    acc_t threshold, int64_t* state, acc_t* __restrict__ weights, acc_t* __restrict__ block_sums,
-    acc_t* __restrict__ hard_weight, acc_t* __restrict__ total_loss) {
-  const OhemSelection selection(state);
+// The whole selection, one cooperative launch (every block resident; grid.sync() a barrier
+// of the grid, its fences making the other blocks' writes visible):
+//   zero the scratch | sync | per pass: the histogram | sync | every block picks the digit
+//   from the same counts into its own copy of the state (the first pass: ohem_setup first),
+//   so no block waits on another's pick; the passes stop once the branch is the hard one
+//   (the same in every block) | with class weights: the tally per class | sync | every
+//   block's first thread the weighted total | the weights pass, over sum_blocks logical
+//   blocks (the CPU loop's order whatever the grid) | sync | block 0 adds their sums.
+// No thread leaves before a grid.sync(): every loop and branch around one is the same in
+// every block.
+template <typename acc_t, typename label_t, bool kClassWeights>
+__global__ void __launch_bounds__(kThreads) ohem_select_kernel(OhemArgs<acc_t, label_t> a) {
+  static_assert(kThreads == kSumThreads, "the sums' tree takes the block's threads");
+  namespace cg = cooperative_groups;
+  cg::grid_group grid = cg::this_grid();
+  const int64_t first = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = first; i < a.scratch_size; i += stride) a.scratch[i] = 0;
+  grid.sync();
+  __shared__ int64_t block_state[kOhemStateSize];
+  constexpr int passes = ohem_passes<acc_t>();
+  for (int pass = 0; pass < passes; ++pass) {
+    const int shift = 8 * (passes - 1 - pass);
+    int64_t* counts = a.scratch + kOhemStateSize + 256 * pass;
+    if (pass == 0) ohem_histogram<acc_t, label_t, true>(a, 0, shift, counts);
+    else ohem_histogram<acc_t, label_t, false>(a, block_state[kOhemPrefix], shift, counts);
+    grid.sync();  // the pass's counts (and the first's valid and hard counts) complete
+    if (pass == 0) {
+      if (threadIdx.x < kOhemStateSize) block_state[threadIdx.x] = __ldcg(a.scratch + threadIdx.x);
+      __syncthreads();
+      if (threadIdx.x == 0) ohem_setup(block_state, a.min_kept);
+      __syncthreads();
+    }
+    if (block_state[kOhemUseHard]) break;  // the hard branch: no k-th value (every block alike)
+    const int digit = 255 - static_cast<int>(threadIdx.x);
+    const int64_t count = __ldcg(counts + digit);
+    const int64_t remaining = block_state[kOhemRemaining];  // read before the scan's barrier
+    const int64_t above = block_exclusive_sum(count);       // keys on larger digits
+    if (ohem_is_digit(above, count, remaining)) ohem_take_digit(digit, above, count, shift, block_state);
+    __syncthreads();  // the block's state has the pass's digit
+  }
+  const OhemSelection selection(block_state);
+  if (blockIdx.x == 0 && threadIdx.x == 0) *a.hard_weight = ohem_hard_weight<acc_t>(selection.state, kClassWeights);
+  const acc_t threshold = a.threshold;
+  acc_t class_total = static_cast<acc_t>(0);
+  if (kClassWeights) {  // the kept and tied pixels per class: integers, the same counts in any order
+    extern __shared__ unsigned int class_bins[];  // (2, classes)
+    int64_t* class_counts = a.scratch + kOhemStateSize + 256 * passes;
+    for (int b = threadIdx.x; b < 2 * a.classes; b += blockDim.x) class_bins[b] = 0;
+    __syncthreads();
+    for (int64_t p = first; p < a.pixels; p += stride) {
+      const bool valid = static_cast<int64_t>(a.labels[p]) != a.ignore_index;
+      const int64_t slot = ohem_class_slot(ohem_pick(a.loss[p], valid, threshold, selection.state), a.labels[p],
+                                           a.classes);
+      if (slot >= 0) atomicAdd(&class_bins[slot], 1u);
+    }
+    __syncthreads();
+    for (int b = threadIdx.x; b < 2 * a.classes; b += blockDim.x) {
+      if (class_bins[b] != 0)
+        atomicAdd(reinterpret_cast<unsigned long long*>(class_counts + b), static_cast<unsigned long long>(class_bins[b]));
+    }
+    grid.sync();  // the class counts complete
+    __shared__ acc_t block_total;
+    if (threadIdx.x == 0) block_total = ohem_class_total(a.class_weights, class_counts, a.classes, selection.state);
+    __syncthreads();
+    class_total = block_total;
+  }
   const OhemWeightValues<acc_t> values = ohem_weight_values<acc_t>(selection.state);
-  if (blockIdx.x == 0 && threadIdx.x == 0) *hard_weight = ohem_hard_weight<acc_t>(selection.state, false);
-  ohem_weights_block(loss, labels, pixels, weights, block_sums, state, total_loss, [&](acc_t value, label_t label) {
-    const bool valid = static_cast<int64_t>(label) != ignore_index;
+  const auto weight_of = [&](acc_t value, label_t label) {
+    const bool valid = static_cast<int64_t>(label) != a.ignore_index;
+    if (kClassWeights)
+      return ohem_class_pixel_weight(value, label, valid, threshold, selection.state, a.class_weights, a.classes,
+                                     class_total);
     return ohem_pixel_weight(ohem_pick(value, valid, threshold, selection.state), values);
-  });
-}
-
-// With class weights: the kept and tied pixels counted per class (bins in shared memory,
-// integers: the same counts in any order), then the last block's first thread adds up their
-// weighted total in a fixed order.
-template <typename acc_t, typename label_t>
-__global__ void __launch_bounds__(kThreads) ohem_class_tally_kernel(
-    const acc_t* __restrict__ loss, const label_t* __restrict__ labels, int64_t pixels, int64_t ignore_index,
-    acc_t threshold, int64_t* state, int classes, int64_t* class_counts,
-    const acc_t* __restrict__ class_weights, acc_t* __restrict__ total) {
-  extern __shared__ unsigned int class_bins[];  // (2, classes)
-  for (int b = threadIdx.x; b < 2 * classes; b += blockDim.x) class_bins[b] = 0;
-  __syncthreads();
-  for (int64_t p = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; p < pixels;
-       p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const bool valid = static_cast<int64_t>(labels[p]) != ignore_index;
-    const int64_t slot = ohem_class_slot(ohem_pick(loss[p], valid, threshold, state), labels[p], classes);
-    if (slot >= 0) atomicAdd(&class_bins[slot], 1u);
+  };
+  __shared__ acc_t sums[kSumThreads];
+  for (int64_t b = blockIdx.x; b < a.sum_blocks; b += gridDim.x) {  // the same in the whole block
+    sums[threadIdx.x] = ohem_weights_pixels(b * kSumThreads + threadIdx.x, a.sum_blocks * kSumThreads, a.pixels,
+                                            a.loss, a.labels, a.weights, weight_of);
+    sum_tree(sums);
+    if (threadIdx.x == 0) a.block_sums[b] = sums[0];
+    __syncthreads();  // sums[0] and [1] read before the next block's values
   }
-  __syncthreads();
-  for (int b = threadIdx.x; b < 2 * classes; b += blockDim.x) {
-    if (class_bins[b] != 0)
-      atomicAdd(reinterpret_cast<unsigned long long*>(class_counts + b), static_cast<unsigned long long>(class_bins[b]));
-  }
-  // the class counts, read only now, come from L2; the state's selection fields are the
-  // previous launches' (only the ticket changes in this one)
-  if (last_block_to_finish(state) && threadIdx.x == 0)
-    *total = ohem_class_total(class_weights, class_counts, classes, state);
-}
-
-template <typename acc_t, typename label_t>
-__global__ void __launch_bounds__(kSumThreads) ohem_class_weights_kernel(
-    const acc_t* __restrict__ loss, const label_t* __restrict__ labels, int64_t pixels, int64_t ignore_index,
-    acc_t threshold, int64_t* state, const acc_t* __restrict__ class_weights, int classes,
-    const acc_t* __restrict__ total, acc_t* __restrict__ weights, acc_t* __restrict__ block_sums,
-    acc_t* __restrict__ hard_weight, acc_t* __restrict__ total_loss) {
-  const acc_t sum = *total;
-  if (blockIdx.x == 0 && threadIdx.x == 0) *hard_weight = ohem_hard_weight<acc_t>(state, true);
-  const OhemSelection selection(state);
-  ohem_weights_block(loss, labels, pixels, weights, block_sums, state, total_loss, [&](acc_t value, label_t label) {
-    return ohem_class_pixel_weight(value, label, static_cast<int64_t>(label) != ignore_index, threshold,
-                                   selection.state, class_weights, classes, sum);
-  });
+  grid.sync();  // every logical block's sum written
+  if (blockIdx.x != 0) return;
+  sums[threadIdx.x] = sum_blocks_part(threadIdx.x, a.sum_blocks, a.block_sums);
+  sum_tree(sums);
+  if (threadIdx.x == 0) *a.value = sums[0];
 }
 
 template <typename scalar_t, typename label_t>
@@ -749,46 +744,46 @@ at::Tensor upsample_ce_backward_cuda(const std::optional<at::Tensor>& grad_loss,
   return call.grad_logits;
 }
 
+// The blocks of a cooperative launch of `kernel`, `wanted` at most: every one must be resident
+// at once (a grid.sync() waits for all), so at most what the device holds of it.
+template <typename Kernel>
+int64_t cooperative_blocks(Kernel kernel, size_t shared_bytes, int64_t wanted, const at::Tensor& on) {
+  const int device = on.get_device();
+  int cooperative = 0, sms = 0, per_sm = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device));
+  TORCH_CHECK(cooperative, "ohem_weights: the selection is one cooperative launch, which ", on.device(),
+              " does not support");
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, shared_bytes));
+  TORCH_CHECK(per_sm > 0, "ohem_weights: no block of the selection's kernel fits on ", on.device());
+  return std::min<int64_t>(wanted, static_cast<int64_t>(per_sm) * sms);
+}
+
 template <typename acc_t, typename label_t>
 void ohem_weights_typed(const OhemCall& call, int64_t ignore_index) {
-  const acc_t* loss = call.loss.const_data_ptr<acc_t>();
-  const label_t* labels = call.labels.const_data_ptr<label_t>();
-  int64_t* state = call.state.mutable_data_ptr<int64_t>();
-  int64_t* counts = call.counts.mutable_data_ptr<int64_t>();
-  const int64_t pixels = call.loss.numel();
-  const acc_t threshold = static_cast<acc_t>(call.threshold);
-  const int64_t reduce_blocks = std::min<int64_t>(blocks_for(pixels), 1024);
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  const int passes = ohem_passes<acc_t>();
-  for (int pass = 0; pass < passes; ++pass) {
-    const int shift = 8 * (passes - 1 - pass);
-    const auto kernel = pass == 0 ? ohem_pass_kernel<acc_t, label_t, true> : ohem_pass_kernel<acc_t, label_t, false>;
-    kernel<<<reduce_blocks, kThreads, 0, stream>>>(loss, labels, pixels, ignore_index, threshold, call.min_kept, shift,
-                                                   state, counts + 256 * pass);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  acc_t* weights = call.weights.mutable_data_ptr<acc_t>();
-  acc_t* block_sums = call.block_sums.mutable_data_ptr<acc_t>();
-  const int64_t sum_grid = call.block_sums.numel();  // sum_blocks(pixels)
-  acc_t* value = call.value.mutable_data_ptr<acc_t>();  // the OHEM loss, by the weights pass's last block
-  if (call.classes == 0) {
-    ohem_weights_kernel<acc_t, label_t><<<sum_grid, kSumThreads, 0, stream>>>(
-        loss, labels, pixels, ignore_index, threshold, state, weights, block_sums,
-        call.hard_weight.mutable_data_ptr<acc_t>(), value);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return;
-  }
-  int64_t* class_counts = call.class_counts.mutable_data_ptr<int64_t>();
-  const acc_t* class_weights = call.class_weights.const_data_ptr<acc_t>();
-  acc_t* total = call.class_total.mutable_data_ptr<acc_t>();
+  OhemArgs<acc_t, label_t> args;
+  args.loss = call.loss.const_data_ptr<acc_t>();
+  args.labels = call.labels.const_data_ptr<label_t>();
+  args.pixels = call.loss.numel();
+  args.ignore_index = ignore_index;
+  args.min_kept = call.min_kept;
+  args.threshold = static_cast<acc_t>(call.threshold);
+  args.scratch = call.scratch.mutable_data_ptr<int64_t>();
+  args.scratch_size = call.scratch.numel();
+  args.classes = call.classes;
+  args.class_weights = call.classes > 0 ? call.class_weights.const_data_ptr<acc_t>() : nullptr;
+  args.weights = call.weights.mutable_data_ptr<acc_t>();
+  args.block_sums = call.block_sums.mutable_data_ptr<acc_t>();
+  args.sum_blocks = call.block_sums.numel();  // sum_blocks(pixels): the weights pass's logical blocks
+  args.hard_weight = call.hard_weight.mutable_data_ptr<acc_t>();
+  args.value = call.value.mutable_data_ptr<acc_t>();
+  const auto kernel = call.classes > 0 ? ohem_select_kernel<acc_t, label_t, true>
+                                       : ohem_select_kernel<acc_t, label_t, false>;
   const size_t bins_bytes = 2 * static_cast<size_t>(call.classes) * sizeof(unsigned int);  // <= 32 KB (kOhemMaxClasses)
-  ohem_class_tally_kernel<acc_t, label_t><<<reduce_blocks, kThreads, bins_bytes, stream>>>(
-      loss, labels, pixels, ignore_index, threshold, state, call.classes, class_counts, class_weights, total);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  ohem_class_weights_kernel<acc_t, label_t><<<sum_grid, kSumThreads, 0, stream>>>(
-      loss, labels, pixels, ignore_index, threshold, state, class_weights, call.classes, total, weights, block_sums,
-      call.hard_weight.mutable_data_ptr<acc_t>(), value);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int64_t blocks = cooperative_blocks(kernel, bins_bytes, args.sum_blocks, call.loss);
+  void* params[] = {&args};
+  C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(static_cast<unsigned>(blocks)),
+                                             dim3(kThreads), params, bins_bytes, c10::cuda::getCurrentCUDAStream()));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ohem_weights_cuda(const at::Tensor& loss, const at::Tensor& labels,

@@ -1301,16 +1301,16 @@ inline bool plan_ce_backward(const CeGeometry<acc_t>& geo, int band, int chunk, 
 // pixel's key: its loss clamped at 0 (a rounding can leave a loss a hair below 0, and -0.0
 // reads negative) as unsigned bits, which order like the non-negative floats. The running
 // numbers live in a small int64 array on the device (OhemState), so no value comes to the
-// host. One launch per pass (4 for float32, 8 for float64), each a histogram of the matching
-// keys' next digit; the first also counts the valid and hard pixels. The last block of a
-// pass to finish (a ticket) picks the digit; after the last pass the counts above and at the
-// k-th come from the histograms (ohem_take_digit). Then one launch writes the weights.
+// host. One pass per 8 bits (4 for float32, 8 for float64), each a histogram of the matching
+// keys' next digit; the first also counts the valid and hard pixels. After each pass the
+// digit is picked from the pass's counts; after the last the counts above and at the k-th
+// come from the histograms (ohem_take_digit). Then the weights pass. On CUDA all of it is one
+// cooperative launch, each block picking the digits for itself (ohem_ce.cu: ohem_select_kernel).
 // At most this many classes take class weights (the CUDA tally's bins in shared memory).
 constexpr int kOhemMaxClasses = 4096;
 
-// kOhemTicket: the blocks of a pass that have added their histogram (the last one resets it)
 enum OhemState { kOhemValid, kOhemHard, kOhemK, kOhemUseHard, kOhemRemaining, kOhemPrefix, kOhemGreater,
-                 kOhemTied, kOhemTicket, kOhemStateSize };
+                 kOhemTied, kOhemStateSize };
 
 template <typename acc_t>
 struct OhemKey;
@@ -1377,7 +1377,7 @@ BISENET_HD void ohem_take_digit(int digit, int64_t above, int64_t count, int shi
   }
 }
 
-// The whole pick, serially (the CPU loop; a block scans the 256 digits in parallel).
+// The whole pick, serially (the CPU loop; each CUDA block scans the 256 digits in parallel).
 BISENET_HD void ohem_pick_digit(const int64_t* counts, int shift, int64_t* state) {
   const int64_t remaining = state[kOhemRemaining];
   int64_t above = 0;

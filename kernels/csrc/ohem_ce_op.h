@@ -84,15 +84,17 @@ struct OhemCall {
   at::Tensor value;         // () like loss: sum(weights * loss), the OHEM loss
   at::Tensor hard_weight;   // () like loss: ohem_hard_weight
   at::Tensor block_sums;    // (sum_blocks,) like loss: its workspace
-  at::Tensor state;         // (kOhemStateSize,) int64, zeros: ohem_ce_math.h's OhemState
-  at::Tensor counts;        // (passes, 256) int64, zeros: each radix pass's histogram
+  // scratch: one int64 buffer, not zeroed here (the CPU loop zeroes it, the CUDA kernel
+  // itself, in its launch): state, counts and class_counts are views of it, in this order
+  at::Tensor scratch;
+  at::Tensor state;   // (kOhemStateSize,) int64: ohem_ce_math.h's OhemState
+  at::Tensor counts;  // (passes, 256) int64: each radix pass's histogram
   double threshold;
   int64_t min_kept;
-  // with class weights (classes > 0): the weights (C,) like loss, contiguous; the counts per
-  // class (2, C) int64, zeros; their weighted total (1,) like loss (ohem_class_total).
-  // state, counts and class_counts are views of one buffer, zeroed at once
+  // with class weights (classes > 0): the weights (C,) like loss, contiguous; the kept and
+  // tied pixels' counts per class (2, C) int64
   int classes = 0;
-  at::Tensor class_weights, class_counts, class_total;
+  at::Tensor class_weights, class_counts;
 };
 
 // ohem_ce.cpp. prepare_ce_backward plans with shared_budget, the most shared memory a block
