@@ -1112,6 +1112,26 @@ def test_cuda_ohem_weights_at_the_seeds_size(cuda_kernel):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_cuda_selection_launch_equals_cpu_loop(cuda_kernel, dtype, weighted):
+    """The selection's one cooperative launch (every block resident, grid.sync() between its
+    steps) against the CPU loop, bit for bit: 4 x 1024 x 1024 pixels are the 1024 logical
+    blocks of the weights pass's sum, more than the grid holds (the blocks loop over them);
+    both branches (threshold 4.0 keeps the hard pixels for k = 7, not for valid // 2), float64's
+    8 passes, and class weights (the tally and its barrier)."""
+    loss, labels = selection_case(4 * 1024 * 1024, dtype, seed=3, device="cuda")
+    class_weights = torch.linspace(0.5, 2.0, 19, dtype=dtype) if weighted else None
+    num_valid = int((labels != 255).sum())
+    for k in (7, num_valid // 2):
+        got = cuda_kernel.ohem_weights(loss, labels, 255, 4.0, k,
+                                       None if class_weights is None else class_weights.cuda())
+        want = cuda_kernel.ohem_weights(loss.cpu(), labels.cpu(), 255, 4.0, k, class_weights)
+        for name, got_value, want_value in zip(("weights", "value", "hard_weight"), got, want):
+            assert torch.equal(got_value.cpu(), want_value), (name, k)
+
+
+@pytest.mark.gpu
 def test_cuda_backward_is_deterministic(cuda_kernel):
     logits, labels = cuda_case(4, 19, (128, 128), (1024, 1024), seed=5)
     logits = logits.float().requires_grad_(True)
