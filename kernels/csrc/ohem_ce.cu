@@ -414,8 +414,8 @@ __device__ int64_t block_exclusive_sum(int64_t value) {
 }
 
 // The selection's arguments, one struct (a cooperative launch takes the parameters as an
-// array of pointers). scratch: the state (kOhemStateSize), each pass's 256 counts, the class
-// counts (2 x classes); the kernel zeroes it first.
+// array of pointers). state, counts and class_counts are views of scratch (ohem_ce_op.h:
+// OhemCall), which the kernel zeroes first.
 template <typename acc_t, typename label_t>
 struct OhemArgs {
   const acc_t* loss;
@@ -424,6 +424,9 @@ struct OhemArgs {
   acc_t threshold;
   int64_t* scratch;
   int64_t scratch_size;
+  int64_t* state;         // (kOhemStateSize,): OhemState
+  int64_t* counts;        // (passes, 256): each pass's histogram
+  int64_t* class_counts;  // (2, classes)
   int classes;                 // 0: no class weights
   const acc_t* class_weights;  // (classes,)
   acc_t* weights;              // (pixels,)
@@ -477,7 +480,7 @@ __device__ void ohem_histogram(const OhemArgs<acc_t, label_t>& a, int64_t prefix
   if (bins[threadIdx.x] != 0)
     atomicAdd(reinterpret_cast<unsigned long long*>(counts + threadIdx.x),
               static_cast<unsigned long long>(bins[threadIdx.x]));
-  if (kFirst) add_counts(valid, hard, a.scratch, kOhemValid, kOhemHard);
+  if (kFirst) add_counts(valid, hard, a.state, kOhemValid, kOhemHard);
 }
 
 // The selection's state, complete, copied into registers once a thread: read through the
@@ -513,12 +516,12 @@ __global__ void __launch_bounds__(kThreads) ohem_select_kernel(OhemArgs<acc_t, l
   constexpr int passes = ohem_passes<acc_t>();
   for (int pass = 0; pass < passes; ++pass) {
     const int shift = 8 * (passes - 1 - pass);
-    int64_t* counts = a.scratch + kOhemStateSize + 256 * pass;
+    int64_t* counts = a.counts + 256 * pass;
     if (pass == 0) ohem_histogram<acc_t, label_t, true>(a, 0, shift, counts);
     else ohem_histogram<acc_t, label_t, false>(a, block_state[kOhemPrefix], shift, counts);
     grid.sync();  // the pass's counts (and the first's valid and hard counts) complete
     if (pass == 0) {
-      if (threadIdx.x < kOhemStateSize) block_state[threadIdx.x] = __ldcg(a.scratch + threadIdx.x);
+      if (threadIdx.x < kOhemStateSize) block_state[threadIdx.x] = __ldcg(a.state + threadIdx.x);
       __syncthreads();
       if (threadIdx.x == 0) ohem_setup(block_state, a.min_kept);
       __syncthreads();
@@ -537,7 +540,6 @@ __global__ void __launch_bounds__(kThreads) ohem_select_kernel(OhemArgs<acc_t, l
   acc_t class_total = static_cast<acc_t>(0);
   if (kClassWeights) {  // the kept and tied pixels per class: integers, the same counts in any order
     extern __shared__ unsigned int class_bins[];  // (2, classes)
-    int64_t* class_counts = a.scratch + kOhemStateSize + 256 * passes;
     for (int b = threadIdx.x; b < 2 * a.classes; b += blockDim.x) class_bins[b] = 0;
     __syncthreads();
     for (int64_t p = first; p < a.pixels; p += stride) {
@@ -549,11 +551,12 @@ __global__ void __launch_bounds__(kThreads) ohem_select_kernel(OhemArgs<acc_t, l
     __syncthreads();
     for (int b = threadIdx.x; b < 2 * a.classes; b += blockDim.x) {
       if (class_bins[b] != 0)
-        atomicAdd(reinterpret_cast<unsigned long long*>(class_counts + b), static_cast<unsigned long long>(class_bins[b]));
+        atomicAdd(reinterpret_cast<unsigned long long*>(a.class_counts + b),
+                  static_cast<unsigned long long>(class_bins[b]));
     }
     grid.sync();  // the class counts complete
     __shared__ acc_t block_total;
-    if (threadIdx.x == 0) block_total = ohem_class_total(a.class_weights, class_counts, a.classes, selection.state);
+    if (threadIdx.x == 0) block_total = ohem_class_total(a.class_weights, a.class_counts, a.classes, selection.state);
     __syncthreads();
     class_total = block_total;
   }
@@ -770,6 +773,9 @@ void ohem_weights_typed(const OhemCall& call, int64_t ignore_index) {
   args.threshold = static_cast<acc_t>(call.threshold);
   args.scratch = call.scratch.mutable_data_ptr<int64_t>();
   args.scratch_size = call.scratch.numel();
+  args.state = call.state.mutable_data_ptr<int64_t>();
+  args.counts = call.counts.mutable_data_ptr<int64_t>();
+  args.class_counts = call.classes > 0 ? call.class_counts.mutable_data_ptr<int64_t>() : nullptr;
   args.classes = call.classes;
   args.class_weights = call.classes > 0 ? call.class_weights.const_data_ptr<acc_t>() : nullptr;
   args.weights = call.weights.mutable_data_ptr<acc_t>();
