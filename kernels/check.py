@@ -103,10 +103,11 @@ FULL = QUICK + [
 ]
 
 
-def run_cases(device, cases=QUICK, seed=0):
+def run_cases(device, cases=QUICK, seed=0, report=None):
     """-> [(op, case name, error or None, message)]: error is the relative error, message
     says what went wrong (empty when within TOLERANCE). The CUDA kernels are used for the
-    duration (each EXTENSION.use_cuda_kernel), whatever the caller had set."""
+    duration (each EXTENSION.use_cuda_kernel), whatever the caller had set. report, if
+    given, is called with each result as its case ends."""
     extensions = (loss.EXTENSION, bga.EXTENSION)
     previous = [extension.use_cuda_kernel for extension in extensions]
     for extension in extensions:
@@ -119,9 +120,11 @@ def run_cases(device, cases=QUICK, seed=0):
                 error = run(device, generator)
             except Exception as e:  # a launch failure is a disagreement too
                 results.append((op, name, None, f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"))
-                continue
-            bad = not error <= TOLERANCE  # NaN is bad
-            results.append((op, name, error, f"relative error {error:.2e} > {TOLERANCE:.0e}" if bad else ""))
+            else:
+                bad = not error <= TOLERANCE  # NaN is bad
+                results.append((op, name, error, f"relative error {error:.2e} > {TOLERANCE:.0e}" if bad else ""))
+            if report is not None:
+                report(results[-1])
     finally:
         for extension, value in zip(extensions, previous):
             extension.use_cuda_kernel = value
@@ -135,10 +138,13 @@ def main(argv=None):
     args = parser.parse_args(argv)
     from . import load
     load()
-    results = run_cases(torch.device(args.device), QUICK if args.quick else FULL)
-    for op, name, error, message in results:
+
+    def report(result):  # each line as its case ends: a kernel that never returns leaves the log at the case before
+        _, name, error, message = result
         shown = "—" if error is None else f"{error:.2e}"
-        print(f"{'FAIL' if message else 'ok  '} {name}: relative error {shown} {message}".rstrip())
+        print(f"{'FAIL' if message else 'ok  '} {name}: relative error {shown} {message}".rstrip(), flush=True)
+
+    results = run_cases(torch.device(args.device), QUICK if args.quick else FULL, report=report)
     failed = sum(1 for result in results if result[3])
     print(f"{len(results) - failed} passed, {failed} failed")
     return 1 if failed else 0

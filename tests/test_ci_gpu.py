@@ -68,6 +68,22 @@ def test_steps_keep_to_the_phase_budget(tmp_path):
     assert result.returncode == 2 and result.stderr.strip() == ".ci/gpu: GPU_BUDGET must be whole seconds, got '5m'"
 
 
+def test_a_kernel_that_never_returns_stops_the_check_phase(tmp_path):
+    # kernels.check running out of time skips every later step (each would wait on the hung
+    # kernel as long); failing in time does not
+    start = SCRIPT.index('  if [ "$last_rc" -eq 124 ]')
+    guard = SCRIPT[start:SCRIPT.index("  fi\n", start) + 5]
+    result = run_steps(tmp_path, "60", f'step "kernels.check" check.log 1 sleep 30\n{guard}'
+                                       'step "pytest" pytest.log 60 true\n')
+    hung, skipped = (tmp_path / "summary.txt").read_text().splitlines()
+    assert "FAILED rc=124" in hung and result.stdout.strip().endswith("failed=1")
+    assert skipped.startswith("pytest") and "SKIPPED: kernels.check ran out of time" in skipped
+    assert not (tmp_path / "pytest.log").exists()
+    (tmp_path / "summary.txt").unlink()
+    run_steps(tmp_path, "60", f'step "kernels.check" check.log 60 false\n{guard}step "pytest" pytest.log 60 true\n')
+    assert re.match(r"pytest +ok", (tmp_path / "summary.txt").read_text().splitlines()[1])
+
+
 def run_packages_block(tmp_path, workdir):
     """The script's block that installs .whl/ when python3 cannot import cityscapesscripts,
     cut out and run in `workdir` with a python3 that cannot (a shadowing package raises)."""

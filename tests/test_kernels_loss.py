@@ -1231,11 +1231,14 @@ def test_select_logs_its_choice():
 def test_check_cases_pass_and_catch_a_wrong_op(fused_path, monkeypatch):
     """kernels.check's cases (what select() runs before using the kernels) on the CPU, the ops
     down their reference paths and down their kernels' (the C++ loops): all within tolerance;
-    a wrong BGA is caught by name."""
+    a wrong BGA is caught by name; each result is reported as its case ends, a failing one too."""
     from kernels import bga, check
     assert all(not message for *_, message in check.run_cases(torch.device("cpu"), check.FULL))
     monkeypatch.setattr(bga, "bga_aggregate", lambda *inputs: bga.bga_aggregate_reference(*inputs) * 1.01)
-    failed = [(op, message) for op, _, _, message in check.run_cases(torch.device("cpu")) if message]
+    reported = []
+    results = check.run_cases(torch.device("cpu"), report=reported.append)
+    assert reported == results and len(results) == len(check.QUICK)
+    failed = [(op, message) for op, _, _, message in results if message]
     assert failed and all(op == "bga" and "relative error 1.0" in message for op, message in failed)
 
 
