@@ -34,6 +34,9 @@ CONFIGS = [
     ("bf16", "bf16 autocast", dict(amp="bf16"), True),
     ("channels_last", "model and input channels_last", dict(channels_last=True), True),
     ("fused-kernels", "--kernels cuda (fused loss and BGA)", dict(kernels="cuda"), False),
+    # the kernels where the reader does not bound the step (against packed+gpu-aug)
+    ("packed+fused-kernels", "packed+gpu-aug and --kernels cuda", dict(packed=True, aug_device="cuda", kernels="cuda"),
+     False),
     ("fused-sgd", "SGD(fused=True)", dict(fused_sgd=True), False),
     ("cudnn-benchmark", "cudnn.benchmark", dict(cudnn_benchmark=True), False),
     ("compile", "torch.compile of model and loss", dict(compile=True), False),
