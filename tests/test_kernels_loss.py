@@ -9,6 +9,7 @@ poisoned outputs, determinism, no host sync.
 Tests that need the compiled extension skip when it cannot be built, unless
 BISENET_REQUIRE_KERNELS=1, where they fail.
 """
+import itertools
 import math
 import os
 import threading
@@ -234,6 +235,36 @@ def test_class_weighted_ohem_weights_op_equals_reference(kernel_device, extensio
     assert torch.all(few.cpu()[labels.cpu() >= 5] == 0)
     with pytest.raises(RuntimeError, match="class_weights must be"):
         extension.ohem_weights(loss, labels, 255, 0.5, 17, class_weights.to(torch.float16).to(kernel_device))
+
+
+@pytest.mark.parametrize("size", [1, 31, 255, 257])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ohem_weights_op_at_small_sizes(kernel_device, extension, size, dtype):
+    """Fewer pixels than a block's threads, or one more (on a GPU one block, warps with no
+    pixel, a partial warp), k = 0 (min_kept 0), 1 and every valid pixel, both branches, int64
+    and uint8 labels, without and with the most class weights (4096: 32 KiB of bins a block):
+    against the reference, and on a GPU the CPU loop's bits."""
+    g = torch.Generator().manual_seed(size)
+    loss = torch.rand(size, generator=g, dtype=torch.float64).to(dtype) * 5
+    loss[::3] = loss[0]  # ties
+    labels = torch.randint(0, 19, (size,), generator=g)
+    labels[torch.rand(size, generator=g) < 0.2] = 255
+    loss[labels == 255] = 0.0
+    loss, labels = loss.view(1, 1, size), labels.view(1, 1, size)
+    num_valid = int((labels != 255).sum())
+    for class_weights in (None, torch.linspace(0.5, 2.0, 4096, dtype=dtype)):
+        on_device = None if class_weights is None else class_weights.to(kernel_device)
+        for label_dtype in (torch.int64, torch.uint8):
+            cases = labels.to(label_dtype)
+            for threshold, k in itertools.product((4.0, 10.0), (0, 1, num_valid)):
+                got = extension.ohem_weights(loss.to(kernel_device), cases.to(kernel_device), 255, threshold, k,
+                                             on_device)
+                want = loss_module.ohem_weights_reference(loss, labels, 255, threshold, k, class_weights)
+                assert_same_selection(got[0].cpu(), want)
+                if kernel_device.type == "cuda":
+                    cpu = extension.ohem_weights(loss, cases, 255, threshold, k, class_weights)
+                    for name, got_value, want_value in zip(("weights", "value", "hard_weight"), got, cpu):
+                        assert torch.equal(got_value.cpu(), want_value), (name, threshold, k)
 
 
 def test_backward_reads_an_expanded_gradient_as_one_value(kernel_device, extension):
