@@ -16,6 +16,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <map>
+#include <mutex>
 #include <tuple>
 #include <type_traits>
 
@@ -31,6 +33,37 @@ template <typename scalar_t>
 struct AccType { using type = float; };
 template <>
 struct AccType<double> { using type = double; };
+
+// What a launch asks of the driver that takes more than a lookup, asked once per kernel and
+// device, not every call: each step's host time is what bounds the small heads' steps.
+
+// Lets `kernel` take `bytes` of dynamic shared memory on the current device (above 48 KiB a
+// kernel must opt in); the attribute stays as set, so the driver is asked only when it changes.
+void allow_shared_bytes(const void* kernel, int64_t bytes) {
+  static std::mutex mutex;
+  static std::map<std::tuple<const void*, int>, int64_t> allowed;  // (kernel, device) -> bytes as set
+  const std::tuple<const void*, int> key{kernel, c10::cuda::current_device()};
+  std::lock_guard<std::mutex> lock(mutex);
+  const auto found = allowed.find(key);
+  if (found != allowed.end() && found->second == bytes) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  allowed[key] = bytes;
+}
+
+// How many blocks of `kernel` (kThreads each, `shared_bytes` of dynamic shared memory) an SM
+// of the current device holds at once, once per (kernel, device, bytes).
+int resident_blocks_per_sm(const void* kernel, size_t shared_bytes) {
+  static std::mutex mutex;
+  static std::map<std::tuple<const void*, int, size_t>, int> known;
+  const std::tuple<const void*, int, size_t> key{kernel, c10::cuda::current_device(), shared_bytes};
+  std::lock_guard<std::mutex> lock(mutex);
+  const auto found = known.find(key);
+  if (found != known.end()) return found->second;
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, shared_bytes));
+  known.emplace(key, per_sm);
+  return per_sm;
+}
 
 // Sums in a fixed order (ohem_ce_math.h): a block's tree through shared memory, a barrier
 // between steps; thread 0 then holds the block's sums.
@@ -630,9 +663,7 @@ void backward_typed(const CeBackwardCall& call, int64_t ignore_index, int64_t sh
   const auto kernel = ce_backward_kernel<scalar_t, label_t, acc_t>;
   // the plan is within the budget (prepare); above 48 KiB a kernel must opt in (the seed's
   // heads do), to the budget: the same value whichever call sets it
-  if (call.plan.shared_bytes > kCeSharedBytes)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(shared_budget)));
+  if (call.plan.shared_bytes > kCeSharedBytes) allow_shared_bytes(reinterpret_cast<const void*>(kernel), shared_budget);
   scalar_t* grad_logits = call.grad_logits.mutable_data_ptr<scalar_t>();
   const acc_t* grad_sum = data_or_null<acc_t>(call.grad_sum);
   const acc_t* sum_weight = data_or_null<acc_t>(call.sum_weight);
@@ -663,9 +694,7 @@ void forward_grad_typed(const CeForwardGradCall& call, int64_t ignore_index, int
   const auto geo = make_ce_geometry<acc_t>(forward.logits.size(0), forward.logits.size(1), forward.logits.size(2),
                                            forward.logits.size(3), forward.labels.size(1), forward.labels.size(2));
   const auto kernel = ce_forward_grad_kernel<scalar_t, label_t, acc_t>;
-  if (call.plan.shared_bytes > kCeSharedBytes)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(shared_budget)));
+  if (call.plan.shared_bytes > kCeSharedBytes) allow_shared_bytes(reinterpret_cast<const void*>(kernel), shared_budget);
   const TileRim<acc_t> rim = tile_rim_of<acc_t>(call.rim, forward.logits, call.plan);
   acc_t* grad_sum = call.grad_sum.mutable_data_ptr<acc_t>();
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -752,12 +781,12 @@ at::Tensor upsample_ce_backward_cuda(const std::optional<at::Tensor>& grad_loss,
 template <typename Kernel>
 int64_t cooperative_blocks(Kernel kernel, size_t shared_bytes, int64_t wanted, const at::Tensor& on) {
   const int device = on.get_device();
-  int cooperative = 0, sms = 0, per_sm = 0;
+  int cooperative = 0, sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device));
   TORCH_CHECK(cooperative, "ohem_weights: the selection is one cooperative launch, which ", on.device(),
               " does not support");
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, shared_bytes));
+  const int per_sm = resident_blocks_per_sm(reinterpret_cast<const void*>(kernel), shared_bytes);
   TORCH_CHECK(per_sm > 0, "ohem_weights: no block of the selection's kernel fits on ", on.device());
   return std::min<int64_t>(wanted, static_cast<int64_t>(per_sm) * sms);
 }
