@@ -1209,6 +1209,37 @@ def test_cuda_step_launches_few_kernels(cuda_kernel, thresh, most):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("thresh", [None, 0.7, 1e-9])
+def test_cuda_step_replays_in_a_cuda_graph(cuda_kernel, thresh):
+    """The fused step, forward and backward, captured in a CUDA graph (what torch.compile's
+    mode="reduce-overhead" and a whole-step capture do) and replayed: the bits of the step run
+    eagerly. A graph holds no host sync; the selection is a cooperative launch, which a graph
+    must take as one (1e-9: its top-k branch, every radix pass)."""
+    logits, labels = cuda_case(2, 19, (64, 64), (512, 512), seed=8)
+    logits = logits.float().requires_grad_(True)
+
+    def step():
+        logits.grad = None
+        loss = loss_fused(logits, labels, thresh=thresh, validate=False)
+        loss.backward()
+        return loss
+
+    want, want_grad = step().detach().clone(), logits.grad.clone()
+    side = torch.cuda.Stream()  # the warm-up off the capturing stream, as torch.cuda.graph asks
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = step()
+    for _ in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(loss, want) and torch.equal(logits.grad, want_grad)
+
+
+@pytest.mark.gpu
 def test_cuda_bad_label_is_nan_not_a_crash(cuda_kernel):
     logits, labels = cuda_case(1, 19, (16, 16), (128, 128), seed=7)
     labels[0, 5, 5] = 77
