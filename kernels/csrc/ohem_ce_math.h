@@ -119,6 +119,11 @@ BISENET_HD void ce_mean_finish(acc_t sum, int64_t count, acc_t* mean, acc_t* den
 }
 
 // ---------------------------------------------------------------------------------------
+// The alignment of a shared-memory struct of `bytes`: its size, for one load of it, up to 16
+// bytes, the widest shared load (float64's 32-byte structs take two): the blocks' buffers are
+// 16-byte aligned, no more (the shared memory's __align__(16), the layouts' offsets).
+BISENET_HD constexpr size_t ce_shared_align(size_t bytes) { return bytes < 16 ? bytes : 16; }
+
 // The backward takes the classes in passes of kCePassClasses (the last pass of an odd C has
 // one): a pass stages its classes' logit rows side by side, so that a pixel reads a pass's
 // values at one staged tap with one shared load, and the block meets at a barrier once a
@@ -128,7 +133,7 @@ constexpr int kCePassClasses = 2;
 
 // A pass's staged values at one (row, column).
 template <typename acc_t, int kClasses>
-struct alignas(kClasses * sizeof(acc_t)) CeStaged {
+struct alignas(ce_shared_align(kClasses * sizeof(acc_t))) CeStaged {
   acc_t z_log2[kClasses];
 };
 
@@ -172,9 +177,10 @@ constexpr int kCeChunkClasses = kCeGroupClasses * kCeChunkGroups;
 
 // A group's staged values at one (row, column).
 template <typename acc_t>
-struct alignas(kCeGroupClasses * sizeof(acc_t)) CeGroup {
+struct alignas(ce_shared_align(kCeGroupClasses * sizeof(acc_t))) CeGroup {
   acc_t z_log2[kCeGroupClasses];
 };
+static_assert(sizeof(CeGroup<float>) == 16 && sizeof(CeGroup<double>) == 32, "a group: 16 bytes, 32 in float64");
 
 // The group of staged values that starts at entry `entry` (one 16-byte shared load in float32).
 template <typename acc_t>
@@ -686,10 +692,11 @@ BISENET_HD CeTap<acc_t> ce_tap(const Taps<acc_t>& t, int first, int second) {
 // skipped), side by side so that the inner loop takes them with one 16-byte shared load from
 // one address (two for float64).
 template <typename acc_t>
-struct alignas(4 * sizeof(acc_t)) CePixel {
+struct alignas(ce_shared_align(4 * sizeof(acc_t))) CePixel {
   acc_t grad, lse_log2;
   int label;
 };
+static_assert(sizeof(CePixel<float>) == 16 && sizeof(CePixel<double>) == 32, "a pixel: 16 bytes, 32 in float64");
 
 // The shared-memory buffers of one backward block (capacities from the plan).
 template <typename acc_t>
