@@ -30,9 +30,25 @@ def _output_format(detail_keep):
     return torch.contiguous_format
 
 
+def _well_formed(detail_keep, sem_up, detail_down, sem_keep):
+    """check_inputs' conditions in one expression: the common case, a fifth of the per-input
+    checks' host time (which a fused step pays once a call)."""
+    if not (isinstance(detail_keep, torch.Tensor) and isinstance(sem_up, torch.Tensor)
+            and isinstance(detail_down, torch.Tensor) and isinstance(sem_keep, torch.Tensor)):
+        return False
+    low = sem_up.shape
+    return (detail_keep.dim() == 4 and len(low) == 4 and detail_down.shape == low and sem_keep.shape == low
+            and detail_keep.shape[:2] == low[:2] and 0 not in detail_keep.shape[1:] and 0 not in low[1:]
+            and detail_keep.dtype.is_floating_point
+            and detail_keep.dtype == sem_up.dtype == detail_down.dtype == sem_keep.dtype
+            and detail_keep.device == sem_up.device == detail_down.device == sem_keep.device)
+
+
 def check_inputs(detail_keep, sem_up, detail_down, sem_keep):
     """ValueError naming the offending input unless detail_keep is (N, C, H, W) and the
     other three are one (N, C, h, w) shape, all of one floating dtype on one device."""
+    if _well_formed(detail_keep, sem_up, detail_down, sem_keep):
+        return
     named = {"detail_keep": detail_keep, "sem_up": sem_up, "detail_down": detail_down,
              "sem_keep": sem_keep}
     for name, tensor in named.items():

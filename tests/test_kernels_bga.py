@@ -112,9 +112,14 @@ def test_rejects_mixed_dtypes_naming_them():
     ("low_sizes", "sem_keep .* and sem_up .* differ"),
     ("device", "one device"),
     ("integer", "sem_up must be floating point"),
+    ("all_integer", "detail_keep must be floating point"),
+    ("low_empty", "sem_up has no channel or an empty plane"),
+    ("not_a_tensor", "sem_keep must be a tensor, got ndarray"),
 ])
 def test_rejects_bad_shapes_and_devices(case, pattern):
+    """Each is refused by name; the one-expression check of the common case lets none through."""
     detail_keep, sem_up, detail_down, sem_keep = random_inputs((1, 2, 8, 8), (2, 2), dtype=torch.float32)
+    assert bga._well_formed(detail_keep, sem_up, detail_down, sem_keep)
     if case == "3d":
         detail_keep = detail_keep[0]
     elif case == "channels":
@@ -125,6 +130,13 @@ def test_rejects_bad_shapes_and_devices(case, pattern):
         sem_keep = sem_keep.to("meta")
     elif case == "integer":
         sem_up = sem_up.long()
+    elif case == "all_integer":
+        detail_keep, sem_up, detail_down, sem_keep = (t.long() for t in (detail_keep, sem_up, detail_down, sem_keep))
+    elif case == "low_empty":
+        sem_up, detail_down, sem_keep = (torch.zeros(1, 2, 0, 2) for _ in range(3))
+    elif case == "not_a_tensor":
+        sem_keep = sem_keep.numpy()
+    assert not bga._well_formed(detail_keep, sem_up, detail_down, sem_keep)
     with pytest.raises(ValueError, match=pattern):
         bga.bga_aggregate(detail_keep, sem_up, detail_down, sem_keep)
 
