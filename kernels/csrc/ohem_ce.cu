@@ -778,15 +778,14 @@ at::Tensor upsample_ce_backward_cuda(const std::optional<at::Tensor>& grad_loss,
 
 // The blocks of a cooperative launch of `kernel`, `wanted` at most: every one must be resident
 // at once (a grid.sync() waits for all), so at most what the device holds of it.
-template <typename Kernel>
-int64_t cooperative_blocks(Kernel kernel, size_t shared_bytes, int64_t wanted, const at::Tensor& on) {
+int64_t cooperative_blocks(const void* kernel, size_t shared_bytes, int64_t wanted, const at::Tensor& on) {
   const int device = on.get_device();
   int cooperative = 0, sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device));
   TORCH_CHECK(cooperative, "ohem_weights: the selection is one cooperative launch, which ", on.device(),
               " does not support");
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  const int per_sm = resident_blocks_per_sm(reinterpret_cast<const void*>(kernel), shared_bytes);
+  const int per_sm = resident_blocks_per_sm(kernel, shared_bytes);
   TORCH_CHECK(per_sm > 0, "ohem_weights: no block of the selection's kernel fits on ", on.device());
   return std::min<int64_t>(wanted, static_cast<int64_t>(per_sm) * sms);
 }
@@ -812,13 +811,13 @@ void ohem_weights_typed(const OhemCall& call, int64_t ignore_index) {
   args.sum_blocks = call.block_sums.numel();  // sum_blocks(pixels): the weights pass's logical blocks
   args.hard_weight = call.hard_weight.mutable_data_ptr<acc_t>();
   args.value = call.value.mutable_data_ptr<acc_t>();
-  const auto kernel = call.classes > 0 ? ohem_select_kernel<acc_t, label_t, true>
-                                       : ohem_select_kernel<acc_t, label_t, false>;
+  const void* kernel = reinterpret_cast<const void*>(call.classes > 0 ? ohem_select_kernel<acc_t, label_t, true>
+                                                                        : ohem_select_kernel<acc_t, label_t, false>);
   const size_t bins_bytes = 2 * static_cast<size_t>(call.classes) * sizeof(unsigned int);  // <= 32 KB (kOhemMaxClasses)
   const int64_t blocks = cooperative_blocks(kernel, bins_bytes, args.sum_blocks, call.loss);
   void* params[] = {&args};
-  C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(static_cast<unsigned>(blocks)),
-                                             dim3(kThreads), params, bins_bytes, c10::cuda::getCurrentCUDAStream()));
+  C10_CUDA_CHECK(cudaLaunchCooperativeKernel(kernel, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), params,
+                                             bins_bytes, c10::cuda::getCurrentCUDAStream()));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ohem_weights_cuda(const at::Tensor& loss, const at::Tensor& labels,
