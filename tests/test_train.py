@@ -93,15 +93,15 @@ def test_config_is_resolved_once_printed_grouped_and_saved(tmp_path, capsys):
     assert records[0]["loss"] == pytest.approx(sum(records[0][k] for k in records[0] if k.startswith("loss_")))
 
 
-def test_readme_demo_trains_on_the_data_it_generates(tmp_path):
+def test_readme_demo_trains_on_the_data_it_generates(tmp_path, monkeypatch):
     """The README's main command, `python train_ddp.py --demo`, two iterations long: it writes
     the synthetic set into the cache folder, trains with the demo's settings, evaluates and
     saves; the set is written once and found the next time."""
-    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the process's and the check's below
     save_dir = tmp_path / "demo"
     result = subprocess.run([sys.executable, str(ROOT / "train_ddp.py"), "--demo", "--iters", "2", "--save-interval",
                              "2", "--log-iters", "1", "--save-dir", str(save_dir)],
-                            capture_output=True, text=True, timeout=300, env=env)
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     out = result.stdout
     dataset = tmp_path / "cache" / "bisenetv2" / "synthetic_cityscapes_256x512"
@@ -112,9 +112,7 @@ def test_readme_demo_trains_on_the_data_it_generates(tmp_path):
     assert config["crop_size"] == [128, 256] and config["batch_size"] == 8 and config["iters"] == 2
     assert (save_dir / "best.pt").is_file()
     lines = []
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-        assert prepare_data.synthetic_in_cache(train_ddp.DEMO_FRAME_SIZE, 48, log=lines.append) == dataset
+    assert prepare_data.synthetic_in_cache(train_ddp.DEMO_FRAME_SIZE, 48, log=lines.append) == dataset
     assert lines == []  # found, not written again
 
 
