@@ -121,3 +121,46 @@ def test_missing_packages_come_from_the_wheels_folder(tmp_path):
     result = run_packages_block(tmp_path, workdir)
     assert "python packages: installed from .whl/ into" in result.stdout and "failed=0" in result.stdout, result.stderr
     assert result.stdout.strip().endswith(str(tmp_path / "bisenet-site" / "cityscapesscripts" / "helpers" / "annotation.py"))
+
+
+def run_phase(tmp_path, phase):
+    """`.ci/gpu PHASE` end to end on this machine, with stand-ins for the GPU machine's tools
+    (a python3 that sees a device; nvidia-smi, nvcc, compute-sanitizer, ncu), each recording
+    its calls. -> (result, the summary's step names, the calls)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    calls = tmp_path / "calls.txt"
+    for tool in ("python3", "nvidia-smi", "nvcc", "compute-sanitizer", "ncu"):
+        (bin_dir / tool).write_text(f'#!/bin/bash\necho "{tool} $*" >> {calls}\n')
+    for script in bin_dir.iterdir():
+        script.chmod(0o755)
+    out = tmp_path / phase
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": str(bin_dir / "python3"),
+           "OUT": str(out), "GPU_BUDGET": "300"}
+    result = subprocess.run(["bash", str(ROOT / ".ci" / "gpu"), phase], env=env, capture_output=True, text=True,
+                            timeout=120)
+    summary = (out / f"summary-{phase}.txt").read_text().splitlines()
+    steps = [re.match(r"(.*?) +(ok|FAILED|SKIPPED)", line).group(1) for line in summary[:-1]]
+    assert summary[-1] == f"--- .ci/gpu {phase}: passed; logs in {out}", summary
+    return result, steps, calls.read_text().splitlines()
+
+
+KERNEL_CHECKS = ["versions", "JIT build", "kernels.check", "pytest -m gpu (kernels)", "compute-sanitizer memcheck",
+                 "compute-sanitizer racecheck", "compute-sanitizer initcheck", "compute-sanitizer synccheck"]
+KERNEL_TABLES = ["kernels.bench (batch 4)", "kernels.bench --host", "kernels.bench --tiles",
+                 "kernels.bench (every head, 4 and 8)", "ncu (the fused kernels)"]
+
+
+@pytest.mark.parametrize("phase,groups", [
+    ("check", KERNEL_CHECKS + ["pytest -m gpu (the rest)"]),
+    ("bench", KERNEL_TABLES + ["bench.py"]),
+    # one process for both phases: the kernels' checks and tables before the other tests and bench.py
+    ("all", KERNEL_CHECKS + KERNEL_TABLES + ["pytest -m gpu (the rest)", "bench.py"])])
+def test_each_phase_runs_its_steps_in_order(tmp_path, phase, groups):
+    result, steps, calls = run_phase(tmp_path, phase)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert steps == groups
+    # kernels.check alone, then under each of compute-sanitizer's four tools
+    checks = [call.split(" --tool ")[-1].split()[0] if call.startswith("compute-sanitizer") else "alone"
+              for call in calls if "-m kernels.check" in call]
+    assert checks == ([] if phase == "bench" else ["alone", "memcheck", "racecheck", "initcheck", "synccheck"])
