@@ -2,6 +2,7 @@
 
     python bench.py --out bench.md                     # synthetic 2048x1024 frames, made once
     python bench.py --data-dir /data/cityscapes --num-workers 8
+    python bench.py --configs all --profile all         # and where the 'all' step's GPU time goes
 
 Each row trains a fresh model in this process with train_ddp.py's own pieces (resolve_config
 from the row's train_ddp flags, build_training, data.make_loader, data.next_batch,
@@ -23,6 +24,7 @@ import prepare_data
 import train_ddp
 from bisenetv2 import BiSeNetV2
 from data import BadInput
+from kernels import bench as kernels_bench
 
 BASELINE = dict(packed=False, aug_device="cpu", amp="none", channels_last=False, kernels="torch",
                 fused_sgd=False, cudnn_benchmark=False, compile=False)
@@ -45,6 +47,7 @@ CONFIGS = [
           cudnn_benchmark=True, compile=True), False),
 ]
 ASSUMED_MULTI_GPU_OVERHEAD = 1.15  # 8-GPU step time / 1-GPU step time: an estimate (BENCHMARKS.md), not measured
+PROFILE_STEPS = 5  # the steps --profile records after a row's measured ones
 
 
 def parse_args(argv=None):
@@ -64,6 +67,9 @@ def parse_args(argv=None):
     add("--infer-size", type=int, nargs=2, action="append", default=None, metavar=("H", "W"),
         help="inference input size, repeatable; None: 1024 2048 and 512 1024 (the paper's FPS setting)")
     add("--infer-iters", type=int, default=50)
+    add("--profile", nargs="+", default=[], metavar="NAME", choices=[name for name, *_ in CONFIGS],
+        help=f"after these rows' measured iterations, {PROFILE_STEPS} more under torch.profiler: every CUDA "
+             "kernel's time a step (on the CPU every op's), largest first, below the table")
     add("--out", help="also write the table to this file")
     args = parser.parse_args(argv)
     for name in ("iters", "infer_iters", "batch_size"):
@@ -82,13 +88,29 @@ def train_flags(settings):
             on_off("fused_sgd"), on_off("cudnn_benchmark"), *(["--compile"] if settings["compile"] else [])]
 
 
-def run_config(args, env, data_dir, pairs, settings):
+def run_config(args, env, data_dir, pairs, settings, profile=False):
+    """train_row, then the compiled graphs and cached GPU memory it leaves are let go for the next
+    row (its model, optimizer and loader went with its frame)."""
+    try:
+        return train_row(args, env, data_dir, pairs, settings, profile)
+    finally:
+        if settings["compile"]:
+            torch._dynamo.reset()
+        if env.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def train_row(args, env, data_dir, pairs, settings, profile):
     """Trains a fresh model for --warmup + --iters iterations with the row's settings. -> dict:
     images/s (measured iterations, wall clock, synchronised at both ends), median step ms (CUDA
     events between step starts on a GPU, the host clock on the CPU), reader share (time the
-    host waited for the loader / wall time), peak memory MiB (CUDA)."""
+    host waited for the loader / wall time), peak memory MiB (CUDA); with profile, "profile": the
+    kernels of PROFILE_STEPS more steps (kernels.bench.kernel_times) or the profiler's error."""
+    measured = args.warmup + args.iters
+    # kernel_times runs one step before its window; the loader serves every step's batch
     flags = ["--data-dir", data_dir, "--batch-size", str(args.batch_size), "--crop-size", *map(str, args.crop_size),
-             "--num-workers", str(args.num_workers), "--iters", str(args.warmup + args.iters), *train_flags(settings)]
+             "--num-workers", str(args.num_workers), "--iters", str(measured + (PROFILE_STEPS + 1 if profile else 0)),
+             *train_flags(settings)]
     config, ops = train_ddp.resolve_config(train_ddp.parse_args(flags), env)
     info = data.read_dataset_info(data_dir)
     pack = data.find_pack(data_dir, "train", info) if config.pack else None
@@ -98,8 +120,15 @@ def run_config(args, env, data_dir, pairs, settings):
     cuda = env.device.type == "cuda"
     clock = lambda: torch.cuda.Event(enable_timing=True) if cuda else time.perf_counter()
     model.train()
+
+    def step(it):
+        images, labels, waited = data.next_batch(batches, env.device, config)
+        train_ddp.train_step(step_model, criterion, optimizer, scaler, images, labels,
+                             train_ddp.lr_at(it, config), train_ddp.step_seed(config.seed, it, env.rank), amp_dtype)
+        return waited
+
     starts, reader_wait = [], 0.0
-    for it in range(config.iters):
+    for it in range(measured):
         if it == args.warmup:
             if cuda:
                 torch.cuda.synchronize(env.device)
@@ -109,10 +138,7 @@ def run_config(args, env, data_dir, pairs, settings):
             starts.append(clock())
             if cuda:
                 starts[-1].record()
-        images, labels, waited = data.next_batch(batches, env.device, config)
-        reader_wait += waited
-        train_ddp.train_step(step_model, criterion, optimizer, scaler, images, labels,
-                             train_ddp.lr_at(it, config), train_ddp.step_seed(config.seed, it, env.rank), amp_dtype)
+        reader_wait += step(it)
     starts.append(clock())
     if cuda:
         starts[-1].record()
@@ -122,11 +148,13 @@ def run_config(args, env, data_dir, pairs, settings):
     result = dict(kernels=config.kernels, images_per_s=args.iters * args.batch_size / wall,
                   step_ms=float(np.median(steps_ms)), reader_share=reader_wait / wall,
                   peak_mib=torch.cuda.max_memory_allocated(env.device) / 2**20 if cuda else None)
-    del batches, step_model, model, optimizer
-    if config.compile:
-        torch._dynamo.reset()
-    if cuda:
-        torch.cuda.empty_cache()
+    if profile:  # as kernels.bench.kernel_lines reads it
+        later = iter(range(measured, config.iters))
+        try:
+            result["profile"] = dict(kernels=kernels_bench.kernel_times(lambda: step(next(later)), env.device,
+                                                                        PROFILE_STEPS))
+        except Exception as e:  # a profiler that cannot run (no CUPTI) costs the breakdown, not the row
+            result["profile"] = dict(profile_error=f"{type(e).__name__}: {' '.join(str(e).split())[:120]}")
     return result
 
 
@@ -160,7 +188,7 @@ def benchmark(args, env):
         if not note:
             env.log(f"bench: {name} ...")
             try:
-                results[name] = result = run_config(args, env, data_dir, pairs, settings)
+                results[name] = result = run_config(args, env, data_dir, pairs, settings, name in args.profile)
                 if settings["kernels"] != "torch":
                     note = {"cuda": "kernels: fused CUDA loss and BGA",
                             "torch": "kernels: PyTorch references (no build)"}.get(
@@ -189,6 +217,11 @@ def benchmark(args, env):
                      f"SyncBatchNorm are not measured on one GPU).")
     else:
         lines.append("Projected 160k iterations on 8 GPUs: n/a (the 'all' row was not measured).")
+    # where the profiled rows' time goes: against the median step, the kernels' sum shows the gaps
+    lines += kernels_bench.kernel_lines(
+        [dict(case=f"{name}, median step {results[name]['step_ms']:.1f} ms",
+              profiled=f"torch.profiler over {PROFILE_STEPS} steps", **results[name]["profile"])
+         for name in args.profile if name in results], most=20)
     return "\n".join(lines) + "\n"
 
 

@@ -1,4 +1,5 @@
 """bench.py: the throughput table at tiny shapes (its numbers need a GPU)."""
+import re
 import subprocess
 import sys
 
@@ -9,14 +10,14 @@ from conftest import ROOT
 from datasets import make_dataset, pack, table_rows
 
 
-def run_small_benchmark(tmp_path, size, warmup, workers):
-    """bench.py on a small packed dataset at tiny shapes -> the table it wrote."""
+def run_small_benchmark(tmp_path, size, warmup, workers, flags=()):
+    """bench.py on a small packed dataset at tiny shapes (and `flags`) -> the table it wrote."""
     root = make_dataset(tmp_path / "data", size=size)
     pack(root)
     out = tmp_path / "bench.md"
     assert bench.main(["--data-dir", str(root), "--batch-size", "2", "--crop-size", "64", "128", "--iters", "3",
                        "--warmup", str(warmup), "--infer-size", "64", "128", "--infer-iters", "2",
-                       "--num-workers", str(workers), "--out", str(out)]) == 0
+                       "--num-workers", str(workers), "--out", str(out), *flags]) == 0
     return out.read_text()
 
 
@@ -27,10 +28,20 @@ def test_help_lists_the_benchmark_flags():
         assert flag in result.stdout
 
 
+def profiled_kernels(table, name):
+    """The --profile section of row `name`: {kernel: us a step}, and the total its heading gives."""
+    heading = re.search(rf"^{re.escape(name)}, median step [0-9.]+ ms \(torch\.profiler over {bench.PROFILE_STEPS} "
+                        r"steps\): ([0-9.]+) us a step in (\d+) kernels$", table, re.M)
+    assert heading, table
+    section = table[heading.end():].split("\n\n", 2)[1]  # the blank line, then the kernel table
+    rows = [line.split(" | ") for line in section.splitlines()[2:]]
+    return {row[0].strip("| `"): float(row[2]) for row in rows}, float(heading.group(1)), int(heading.group(2))
+
+
 def test_smoke_prints_every_row(tmp_path, capsys):
     """On the CPU: one table with every configuration row (those needing CUDA marked), the
-    inference rows and the projection line."""
-    table = run_small_benchmark(tmp_path, size=(40, 60), warmup=1, workers=0)
+    inference rows and the projection line; --profile's rows with their ops' time a step."""
+    table = run_small_benchmark(tmp_path, size=(40, 60), warmup=1, workers=0, flags=["--profile", "baseline", "all"])
     out = capsys.readouterr().out
     assert table in out
     rows = table_rows(table)
@@ -44,6 +55,11 @@ def test_smoke_prints_every_row(tmp_path, capsys):
         assert rows[name][1] == "-" and rows[name][5] == "needs CUDA"
     assert float(rows["fp32 eager, NCHW"][0]) > 0
     assert "Projected 160k iterations on 8 GPUs: n/a" in table
+    # the profiled row (on the CPU its aten ops, largest first, at most 20); 'all' needs CUDA: no section
+    ops, total, count = profiled_kernels(table, "baseline")
+    assert 0 < len(ops) <= 20 and len(ops) <= count and sum(ops.values()) <= total * 1.01
+    assert list(ops.values()) == sorted(ops.values(), reverse=True) and "aten::convolution" in "".join(ops)
+    assert "\nall, median step" not in table
 
 
 def test_unknown_row_is_a_usage_error():
@@ -56,9 +72,12 @@ def test_unknown_row_is_a_usage_error():
 def test_on_gpu_measures_every_row(tmp_path):
     """On a GPU every row is measured (the fused-kernels rows may report a failed build) and
     the projection line has a number."""
-    table = run_small_benchmark(tmp_path, size=(64, 128), warmup=2, workers=1)
+    table = run_small_benchmark(tmp_path, size=(64, 128), warmup=2, workers=1, flags=["--profile", "all"])
     rows = table_rows(table)
     for name, *_ in bench.CONFIGS:
         if not name.endswith("fused-kernels"):
             assert float(rows[name][1]) > 0 and float(rows[name][4]) > 0, rows[name]
     assert "Projected 160k iterations on 8 GPUs: n/a" not in table
+    # CUPTI's kernels of the compiled bf16 step: convolutions among them
+    kernels, total, count = profiled_kernels(table, "all")
+    assert total > 0 and len(kernels) == min(count, 20)
