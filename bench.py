@@ -77,6 +77,8 @@ def parse_args(argv=None):
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.warmup < 0:
         parser.error("--warmup must be at least 0")
+    if args.configs and (left_out := [name for name in args.profile if name not in args.configs]):
+        parser.error(f"--profile {' '.join(left_out)}: not among --configs (only measured rows are profiled)")
     return args
 
 

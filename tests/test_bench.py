@@ -62,10 +62,14 @@ def test_smoke_prints_every_row(tmp_path, capsys):
     assert "\nall, median step" not in table
 
 
-def test_unknown_row_is_a_usage_error():
-    result = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--configs", "nope"], capture_output=True,
-                            text=True)
-    assert result.returncode == 2 and "invalid choice: 'nope'" in result.stderr
+@pytest.mark.parametrize("flags,message", [
+    (["--configs", "nope"], "invalid choice: 'nope'"),
+    (["--profile", "nope"], "invalid choice: 'nope'"),
+    (["--configs", "all", "--profile", "all", "baseline"],
+     "--profile baseline: not among --configs (only measured rows are profiled)")])
+def test_unknown_row_is_a_usage_error(flags, message):
+    result = subprocess.run([sys.executable, str(ROOT / "bench.py"), *flags], capture_output=True, text=True)
+    assert result.returncode == 2 and message in result.stderr.strip().splitlines()[-1]  # after the usage
 
 
 @pytest.mark.gpu
