@@ -1,7 +1,10 @@
 """JIT build of each op's CUDA extension (its own .cpp and .cu in csrc/, with the headers
 there) with torch.utils.cpp_extension.load (ninja), lazily, into a cache folder keyed by
-those files, the torch version and the target architectures. An op module declares its
-`Extension`; copying an op means copying its Python file, this one and its csrc/ files.
+those files, the compiler flags, the torch version and the target architectures; a library
+already in its folder is loaded as it is (the key says it is the one these would build), so
+a cache folder built on another machine for the same torch and GPU serves as it is. An op
+module declares its `Extension`; copying an op means copying its Python file, this one and
+its csrc/ files.
 
 Several ranks may start at once: one builds under a file lock, the others wait for it; a
 lock left by a killed build (its process gone on this host, or older than
@@ -27,7 +30,10 @@ def cache_root():
 
 
 def arch_list():
-    """The visible GPU's architecture, else sm_80 and sm_90."""
+    """TORCH_CUDA_ARCH_LIST where set (torch's own variable: e.g. 9.0 to build for an H100 on
+    a machine without one), else the visible GPU's architecture, else sm_80 and sm_90."""
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return os.environ["TORCH_CUDA_ARCH_LIST"]
     if torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability()
         return f"{major}.{minor}"
@@ -118,31 +124,50 @@ def build_lock(lock, timeout=None, poll=0.5):
         lock.unlink(missing_ok=True)
 
 
-def build_and_load(name, sources, verbose=False):
-    """Builds (once per source version) and loads the library made of `sources` (paths);
-    its ops appear under torch.ops. Raises RuntimeError with the cause when it cannot."""
-    from torch.utils import cpp_extension
-    check_cuda_home()
-    arch = arch_list()
+# no implicit multiply-add contraction on either side: the kernels' arithmetic is written with
+# explicit fma (same_bits.h)
+CFLAGS = ["-O3", "-ffp-contract=off"]
+CUDA_CFLAGS = ["-O3", "-lineinfo", "--fmad=false"]
+
+
+def library_path(name, sources):
+    """The library `sources` build into: cache_root()/NAME_KEY/NAME_KEY.so, KEY a digest of
+    the sources, csrc/'s headers, the flags, the torch and CUDA versions and arch_list()."""
     digest = hashlib.sha256()
     for path in sorted(sources) + sorted(CSRC.glob("*.h")):
         digest.update(path.name.encode() + path.read_bytes())
-    digest.update(f"{torch.__version__} {torch.version.cuda} {arch}".encode())
-    key = digest.hexdigest()[:16]
-    build_dir = cache_root() / f"{name}_{key}"
+    digest.update(f"{torch.__version__} {torch.version.cuda} {arch_list()} {CFLAGS} {CUDA_CFLAGS}".encode())
+    full_name = f"{name}_{digest.hexdigest()[:16]}"
+    return cache_root() / full_name / f"{full_name}.so"
+
+
+def build_and_load(name, sources, verbose=False):
+    """Loads the library made of `sources` (paths), building it first unless its cache folder
+    has it; its ops appear under torch.ops. Raises RuntimeError with the cause when it cannot."""
+    from torch.utils import cpp_extension
+    check_cuda_home()
+    arch = arch_list()
+    library = library_path(name, sources)
+    build_dir = library.parent
     build_dir.mkdir(parents=True, exist_ok=True)
     old_arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
     os.environ["TORCH_CUDA_ARCH_LIST"] = arch
     try:
         with build_lock(build_dir / "bisenet_build.lock"):
+            if library.is_file():  # under the lock: not one a build is still writing
+                try:
+                    torch.ops.load_library(str(library))
+                    if verbose:
+                        print(f"kernels: {library} was in the cache: loaded, not built", flush=True)
+                    return
+                except (OSError, RuntimeError) as e:  # e.g. cut short, or built against another libstdc++
+                    print(f"kernels: the cached {library} does not load ({' '.join(str(e).split())[:200]}); "
+                          "building it again", file=sys.stderr, flush=True)
             # torch's own baton ('lock') is never waited on here: under our lock it is stale
             (build_dir / "lock").unlink(missing_ok=True)
-            cpp_extension.load(name=f"{name}_{key}", sources=[str(p) for p in sources],
-                               # no implicit multiply-add contraction on either side: the
-                               # kernels' arithmetic is written with explicit fma (same_bits.h)
-                               extra_cflags=["-O3", "-ffp-contract=off"],
-                               extra_cuda_cflags=["-O3", "-lineinfo", "--fmad=false"],
-                               build_directory=str(build_dir), is_python_module=False, verbose=verbose)
+            cpp_extension.load(name=library.stem, sources=[str(p) for p in sources], extra_cflags=CFLAGS,
+                               extra_cuda_cflags=CUDA_CFLAGS, build_directory=str(build_dir),
+                               is_python_module=False, verbose=verbose)
     except Exception as e:
         raise RuntimeError(f"kernels: building the CUDA extension {name} in {build_dir} failed: "
                            f"{type(e).__name__}: {str(e)[-2000:]}") from e

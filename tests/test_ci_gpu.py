@@ -123,24 +123,29 @@ def test_missing_packages_come_from_the_wheels_folder(tmp_path):
     assert result.stdout.strip().endswith(str(tmp_path / "bisenet-site" / "cityscapesscripts" / "helpers" / "annotation.py"))
 
 
-def run_phase(tmp_path, phase):
-    """`.ci/gpu PHASE` end to end on this machine, with stand-ins for the GPU machine's tools
-    (a python3 that sees a device; nvidia-smi, nvcc, compute-sanitizer, ncu), each recording
-    its calls. -> (result, the summary's step names, the calls)."""
+def run_phase(tmp_path, phase, root=ROOT, **environment):
+    """`.ci/gpu PHASE` end to end on this machine (in the checkout `root`, with `environment`
+    added), with stand-ins for the GPU machine's tools (a python3 that sees a device;
+    nvidia-smi, nvcc, compute-sanitizer, ncu), each recording its calls, the kernels' cache
+    and the architectures it was given. -> (result, the summary's step names, the calls)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     calls = tmp_path / "calls.txt"
     for tool in ("python3", "nvidia-smi", "nvcc", "compute-sanitizer", "ncu"):
-        (bin_dir / tool).write_text(f'#!/bin/bash\necho "{tool} $*" >> {calls}\n')
+        (bin_dir / tool).write_text(f'#!/bin/bash\necho "{tool} $* (cache $BISENET_KERNELS_CACHE, '
+                                    f'arch $TORCH_CUDA_ARCH_LIST)" >> {calls}\n')
     for script in bin_dir.iterdir():
         script.chmod(0o755)
     out = tmp_path / phase
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": str(bin_dir / "python3"),
            "OUT": str(out), "GPU_BUDGET": "300"}
-    result = subprocess.run(["bash", str(ROOT / ".ci" / "gpu"), phase], env=env, capture_output=True, text=True,
+    env.pop("BISENET_KERNELS_CACHE", None)
+    env.pop("TORCH_CUDA_ARCH_LIST", None)
+    env.update(environment)
+    result = subprocess.run(["bash", str(root / ".ci" / "gpu"), phase], env=env, capture_output=True, text=True,
                             timeout=120)
     summary = (out / f"summary-{phase}.txt").read_text().splitlines()
-    steps = [re.match(r"(.*?) +(ok|FAILED|SKIPPED)", line).group(1) for line in summary[:-1]]
+    steps = [m.group(1) for line in summary[:-1] if (m := re.match(r"(.*?) +(ok|FAILED|SKIPPED)", line))]
     assert summary[-1] == f"--- .ci/gpu {phase}: passed; logs in {out}", summary
     return result, steps, calls.read_text().splitlines()
 
@@ -164,3 +169,39 @@ def test_each_phase_runs_its_steps_in_order(tmp_path, phase, groups):
     checks = [call.split(" --tool ")[-1].split()[0] if call.startswith("compute-sanitizer") else "alone"
               for call in calls if "-m kernels.check" in call]
     assert checks == ([] if phase == "bench" else ["alone", "memcheck", "racecheck", "initcheck", "synccheck"])
+
+
+def test_prebuilt_libraries_travel_alone_and_are_used(tmp_path):
+    """`.ci/gpu prebuild` (a stand-in python3 playing the builds: each writes its library,
+    objects and ninja files) keeps the libraries alone in .kernels-cache/; a phase in a checkout
+    that carries that folder gives it to every step as the kernels' cache."""
+    checkout = tmp_path / "checkout"
+    (checkout / ".ci").mkdir(parents=True)
+    (checkout / ".ci" / "gpu").write_text(SCRIPT)
+    builder = tmp_path / "builder"
+    builder.write_text('#!/bin/bash\n'
+                       'if [[ "$2" == *__version__* ]]; then echo "2.11.0+cu130 CUDA 13.0"; exit 0; fi\n'
+                       'folder=$BISENET_KERNELS_CACHE/bisenet_$3_0123456789abcdef\n'
+                       'mkdir -p $folder && cd $folder && touch $(basename $folder).so $3.o $3.cuda.o build.ninja .ninja_log\n')
+    builder.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(builder)}
+    env.pop("TORCH_CUDA_ARCH_LIST", None)
+    script = ["bash", str(checkout / ".ci" / "gpu"), "prebuild"]
+    result = subprocess.run(script, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stderr.strip() == (
+        ".ci/gpu prebuild: set TORCH_CUDA_ARCH_LIST to the GPU machine's architecture (9.0 for an H100 or H200)")
+    result = subprocess.run(script, env={**env, "TORCH_CUDA_ARCH_LIST": "9.0"}, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "prebuilt for torch 2.11.0+cu130 CUDA 13.0, TORCH_CUDA_ARCH_LIST=9.0: " in result.stdout
+    cache = checkout / ".kernels-cache"
+    assert sorted(str(path.relative_to(cache)) for path in cache.rglob("*") if path.is_file()) == [
+        f"bisenet_{name}_0123456789abcdef/bisenet_{name}_0123456789abcdef.so" for name in ("bga", "loss", "same_bits")]
+    # an image's TORCH_CUDA_ARCH_LIST is not the phases' (they build for the GPU they run on)
+    result, steps, calls = run_phase(tmp_path, "check", root=checkout, TORCH_CUDA_ARCH_LIST="8.0;9.0;10.0")
+    assert steps[:2] == ["versions", "JIT build"]
+    given = [call for call in calls if "(cache " in call]  # a call's last line (python3 -c's code has several)
+    assert given and all(call.endswith(f"(cache {cache}, arch )") for call in given), given
+    assert (tmp_path / "check" / "summary-check.txt").read_text().startswith(
+        "kernels: the libraries of .kernels-cache/ where their key matches this machine's (.ci/gpu prebuild)\n"
+        "kernels: TORCH_CUDA_ARCH_LIST=8.0;9.0;10.0 unset: the build targets this machine's GPU\n")

@@ -1376,6 +1376,47 @@ def test_wrong_cuda_home_falls_back_to_the_toolkit(monkeypatch, tmp_path, capsys
         in capsys.readouterr().err
 
 
+def test_a_cached_library_is_loaded_not_built(extension, monkeypatch, capsys):
+    """A library in its key's cache folder loads as it is: no compiler, no ninja (a cache
+    folder built elsewhere for the same torch and GPU serves as it is)."""
+    from torch.utils import cpp_extension
+    sources = [build.CSRC / source for source in kernels.EXTENSIONS["bga"].sources]
+    assert build.library_path("bisenet_bga", sources).is_file()  # the extension fixture built it
+
+    def no_build(**kwargs):
+        raise AssertionError(f"cpp_extension.load called for {kwargs['name']}")
+    monkeypatch.setattr(cpp_extension, "load", no_build)
+    build.build_and_load("bisenet_bga", sources, verbose=True)
+    assert "was in the cache: loaded, not built" in capsys.readouterr().out
+
+
+def test_a_cached_library_that_does_not_load_is_built_again(tmp_path, monkeypatch, capsys):
+    from torch.utils import cpp_extension
+    monkeypatch.setattr(build, "check_cuda_home", lambda: None)
+    monkeypatch.setenv("BISENET_KERNELS_CACHE", str(tmp_path))
+    sources = [build.CSRC / source for source in kernels.EXTENSIONS["bga"].sources]
+    library = build.library_path("bisenet_bga", sources)
+    library.parent.mkdir(parents=True)
+    library.write_bytes(b"\x7fELF cut short")  # a link that was killed
+    builds = []
+    monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: builds.append(kwargs))
+    build.build_and_load("bisenet_bga", sources)
+    assert [(b["name"], b["build_directory"]) for b in builds] == [(library.stem, str(library.parent))]
+    assert f"kernels: the cached {library} does not load (" in capsys.readouterr().err
+
+
+def test_the_library_key_follows_flags_and_architectures(monkeypatch):
+    sources = [build.CSRC / source for source in kernels.EXTENSIONS["loss"].sources]
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    assert build.arch_list() == "9.0"  # torch's variable, where set, names the targets
+    sm90 = build.library_path("bisenet_loss", sources)
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0")
+    sm80 = build.library_path("bisenet_loss", sources)
+    monkeypatch.setattr(build, "CUDA_CFLAGS", build.CUDA_CFLAGS[:-1])  # --fmad=false dropped
+    assert len({sm90, sm80, build.library_path("bisenet_loss", sources)}) == 3
+    assert sm90.parent.name.startswith("bisenet_loss_") and sm90.name == sm90.parent.name + ".so"
+
+
 # Each op copied on its own: the files it leaves behind, and what the copy runs. The loss's
 # kernel path with the C++ CPU loops (cpu_loops), CE and OHEM, forward and backward; the
 # BGA's likewise.
