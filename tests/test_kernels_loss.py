@@ -1456,7 +1456,7 @@ def test_op_copied_alone_builds_and_runs(tmp_path, op):
     cache folder, with CUDA_HOME unset (its EXTENSION finds the toolkit itself), and its kernel
     path runs on the C++ CPU loops against its reference. CI has nvcc but no GPU: the CUDA side
     still compiles, for sm_90 alone (TORCH_CUDA_ARCH_LIST: the package's own build compiles
-    both sm_80 and sm_90; one is enough to show the copy builds, in half the time)."""
+    both sm_80 and sm_90; one is enough to show the copy builds: 81 s where both took 100)."""
     import shutil
     import subprocess
     import sys
