@@ -199,6 +199,9 @@ class Extension:
         self.cpu_loops = False
         self.is_loaded = False  # set by load(): runs_kernel's per-call test is then one attribute
 
+    def source_paths(self):
+        return [CSRC / source for source in self.sources]
+
     def loaded(self):
         if self.is_loaded:
             return True
@@ -213,7 +216,7 @@ class Extension:
         if self.is_loaded:
             return torch.ops.bisenet_cuda
         if not self.loaded():
-            build_and_load(self.name, [CSRC / source for source in self.sources], verbose=verbose)
+            build_and_load(self.name, self.source_paths(), verbose=verbose)
             if not self.loaded():
                 raise RuntimeError(f"kernels: {self.name} built but registers no {', '.join(self.ops)}")
         if self.register_fakes is not None:

@@ -1380,7 +1380,7 @@ def test_a_cached_library_is_loaded_not_built(extension, monkeypatch, capsys):
     """A library in its key's cache folder loads as it is: no compiler, no ninja (a cache
     folder built elsewhere for the same torch and GPU serves as it is)."""
     from torch.utils import cpp_extension
-    sources = [build.CSRC / source for source in kernels.EXTENSIONS["bga"].sources]
+    sources = kernels.EXTENSIONS["bga"].source_paths()
     assert build.library_path("bisenet_bga", sources).is_file()  # the extension fixture built it
 
     def no_build(**kwargs):
@@ -1394,7 +1394,7 @@ def test_a_cached_library_that_does_not_load_is_built_again(tmp_path, monkeypatc
     from torch.utils import cpp_extension
     monkeypatch.setattr(build, "check_cuda_home", lambda: None)
     monkeypatch.setenv("BISENET_KERNELS_CACHE", str(tmp_path))
-    sources = [build.CSRC / source for source in kernels.EXTENSIONS["bga"].sources]
+    sources = kernels.EXTENSIONS["bga"].source_paths()
     library = build.library_path("bisenet_bga", sources)
     library.parent.mkdir(parents=True)
     library.write_bytes(b"\x7fELF cut short")  # a link that was killed
@@ -1406,7 +1406,7 @@ def test_a_cached_library_that_does_not_load_is_built_again(tmp_path, monkeypatc
 
 
 def test_the_library_key_follows_flags_and_architectures(monkeypatch):
-    sources = [build.CSRC / source for source in kernels.EXTENSIONS["loss"].sources]
+    sources = kernels.EXTENSIONS["loss"].source_paths()
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
     assert build.arch_list() == "9.0"  # torch's variable, where set, names the targets
     sm90 = build.library_path("bisenet_loss", sources)
