@@ -6,7 +6,7 @@
     select(mode, device, log)   # -> (loss function, BGA function) for train_ddp.py --kernels,
                                 #    each CUDA kernel checked first (kernels/check.py)
 """
-from . import bga, loss
+from . import bga, build, loss
 from .bga import bga_aggregate, bga_aggregate_reference
 from .loss import ohem_cross_entropy, ohem_cross_entropy_reference
 
@@ -17,10 +17,9 @@ EXTENSIONS = {"loss": loss.EXTENSION, "bga": bga.EXTENSION}
 
 
 def load(verbose=False):
-    """Builds (once per source version) and loads every op's extension; raises RuntimeError
-    with the cause when one cannot be built."""
-    for extension in EXTENSIONS.values():
-        extension.load(verbose=verbose)
+    """Builds (once per source version; side by side) and loads every op's extension; raises
+    RuntimeError with the cause when one cannot be built."""
+    build.load_all(EXTENSIONS.values(), verbose=verbose)
 
 
 def select(mode, device, log=print):

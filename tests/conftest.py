@@ -52,8 +52,8 @@ def extension():
     import torch
     try:
         import kernels
-        kernels.load()
-        same_bits_extension().load()
+        from kernels.build import load_all
+        load_all([*kernels.EXTENSIONS.values(), same_bits_extension()])  # the builds side by side
     except Exception as error:
         if os.environ.get("BISENET_REQUIRE_KERNELS") == "1":
             pytest.fail(f"BISENET_REQUIRE_KERNELS=1 but the kernels did not build: {error!r}")

@@ -1412,10 +1412,47 @@ def test_the_library_key_follows_flags_and_architectures(monkeypatch):
     sm90 = build.library_path("bisenet_loss", sources)
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0")
     sm80 = build.library_path("bisenet_loss", sources)
-    monkeypatch.setattr(build, "CUDA_CFLAGS", build.CUDA_CFLAGS[:-1])  # --fmad=false dropped
+    monkeypatch.setattr(build, "CUDA_CFLAGS", [f for f in build.CUDA_CFLAGS if f != "--fmad=false"])
     assert len({sm90, sm80, build.library_path("bisenet_loss", sources)}) == 3
     assert sm90.parent.name.startswith("bisenet_loss_") and sm90.name == sm90.parent.name + ".so"
 
+
+
+@pytest.mark.parametrize("cores", [2, 8])
+def test_libraries_build_side_by_side_where_the_cores_allow(monkeypatch, cores):
+    """load_all: the libraries not yet loaded build at once where there are two cores for each
+    (its .cpp and .cu), TORCH_CUDA_ARCH_LIST set throughout every build and restored after,
+    and a failure is raised once every build has ended; on 2 cores one after the other (the
+    first failure stops them). Stand-ins play the builds."""
+    monkeypatch.setattr(build.os, "cpu_count", lambda: cores)
+    monkeypatch.setattr(build, "check_cuda_home", lambda: None)
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    monkeypatch.setattr(build, "arch_list", lambda: os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0"))
+    extensions = {name: build.Extension(name, [], [f"no_op_{name}"]) for name in ("a", "b", "c", "d")}
+    extensions["d"].is_loaded = True  # in the cache already: not built
+    running, seen, lock = set(), [], threading.Lock()
+
+    def fake_build(name, sources, verbose=False):
+        with lock:
+            running.add(name)
+            seen.append((name, sorted(running), os.environ.get("TORCH_CUDA_ARCH_LIST")))
+        time.sleep(0.2)
+        with lock:
+            running.discard(name)
+        if name == "b":
+            raise RuntimeError("kernels: building the CUDA extension b failed")
+        extensions[name].is_loaded = True
+    monkeypatch.setattr(build, "build_and_load", fake_build)
+    with pytest.raises(RuntimeError, match="extension b failed"):
+        build.load_all(extensions.values())
+    assert "TORCH_CUDA_ARCH_LIST" not in os.environ
+    if cores == 2:
+        assert [(name, others) for name, others, _ in seen] == [("a", ["a"]), ("b", ["b"])]
+        return
+    assert sorted(name for name, _, _ in seen) == ["a", "b", "c"]
+    assert max(len(others) for _, others, _ in seen) == 3
+    assert all(arch == "8.0;9.0" for _, _, arch in seen)
+    assert extensions["a"].is_loaded and extensions["c"].is_loaded  # built though b failed
 
 # Each op copied on its own: the files it leaves behind, and what the copy runs. The loss's
 # kernel path with the C++ CPU loops (cpu_loops), CE and OHEM, forward and backward; the
