@@ -250,7 +250,7 @@ def load_all(extensions, verbose=False):
     where the cores allow: a build keeps two busy (its .cpp and its .cu compiled at once), so
     as many at once as half the cores (a thread each; ninja and nvcc are processes). On a
     2-core machine without a GPU that is one after the other, where nvcc's threads fill the
-    cores (the three libraries of the tests: 93 s; 103 s side by side, 124 s before
+    cores (the three libraries of the tests: 93 s; 103-106 s all at once, 124 s before
     --threads). Raises the first failure, in the order given, once every build has ended."""
     extensions = list(extensions)
     to_build = [extension for extension in extensions if not extension.loaded()]
