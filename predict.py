@@ -276,7 +276,7 @@ def inference_table(model, device, sizes=((1024, 2048), (512, 1024)), batch=1, i
         predictor = Predictor(model, device, output="logits", log=log, **settings)
         row(label, lambda size: inference_fps(predictor, torch.randn(batch, 3, *size, device=device),
                                               iters, warmup))
-        del predictor
+        predictor = None  # released before empty_cache (the row's lambda has run)
         if settings.get("compile"):
             torch._dynamo.reset()
         if device.type == "cuda":
