@@ -1431,12 +1431,14 @@ def test_libraries_build_side_by_side_where_the_cores_allow(monkeypatch, cores):
     extensions = {name: build.Extension(name, [], [f"no_op_{name}"]) for name in ("a", "b", "c", "d")}
     extensions["d"].is_loaded = True  # in the cache already: not built
     running, seen, lock = set(), [], threading.Lock()
+    all_in = threading.Barrier(3, timeout=60) if cores == 8 else None  # three builds at once, or it breaks
 
     def fake_build(name, sources, verbose=False):
         with lock:
             running.add(name)
             seen.append((name, sorted(running), os.environ.get("TORCH_CUDA_ARCH_LIST")))
-        time.sleep(0.2)
+        if all_in is not None:
+            all_in.wait()
         with lock:
             running.discard(name)
         if name == "b":
@@ -1450,9 +1452,9 @@ def test_libraries_build_side_by_side_where_the_cores_allow(monkeypatch, cores):
         assert [(name, others) for name, others, _ in seen] == [("a", ["a"]), ("b", ["b"])]
         return
     assert sorted(name for name, _, _ in seen) == ["a", "b", "c"]
-    assert max(len(others) for _, others, _ in seen) == 3
     assert all(arch == "8.0;9.0" for _, _, arch in seen)
     assert extensions["a"].is_loaded and extensions["c"].is_loaded  # built though b failed
+
 
 # Each op copied on its own: the files it leaves behind, and what the copy runs. The loss's
 # kernel path with the C++ CPU loops (cpu_loops), CE and OHEM, forward and backward; the
