@@ -53,7 +53,7 @@ def extension():
     try:
         import kernels
         from kernels.build import load_all
-        load_all([*kernels.EXTENSIONS.values(), same_bits_extension()])  # the builds side by side
+        load_all([*kernels.EXTENSIONS.values(), same_bits_extension()])  # side by side where the cores allow
     except Exception as error:
         if os.environ.get("BISENET_REQUIRE_KERNELS") == "1":
             pytest.fail(f"BISENET_REQUIRE_KERNELS=1 but the kernels did not build: {error!r}")
