@@ -247,11 +247,12 @@ class Extension:
 
 def load_all(extensions, verbose=False):
     """Extension.load() for each of `extensions`, those not yet loaded built (or loaded from
-    the cache) side by side where the cores allow: a build keeps two busy (its .cpp and its .cu compiled at once), so
-    as many at once as half the cores (a thread each; ninja and nvcc are processes). On a
-    2-core machine without a GPU that is one after the other, where nvcc's threads fill the
-    cores (the three libraries of the tests: 93 s; 103-106 s all at once, 124 s before
-    --threads). Raises the first failure, in the order given, once every build has ended."""
+    the cache) side by side where the cores allow: a build keeps two busy (its .cpp and its
+    .cu compiled at once), so as many at once as half the cores (a thread each; ninja and
+    nvcc are processes). On a 2-core machine without a GPU that is one after the other, where
+    nvcc's threads fill the cores (the three libraries of the tests: 93 s; 103-106 s all at
+    once, 124 s before --threads). Raises the first failure, in the order given, once every
+    build has ended."""
     extensions = list(extensions)
     to_build = [extension for extension in extensions if not extension.loaded()]
     workers = min(len(to_build), (os.cpu_count() or 1) // 2)
