@@ -38,6 +38,7 @@ Only torch is needed. The fused CUDA kernels of this project plug into the BGA t
 computes the same function.
 """
 import pickle
+import re
 
 import torch
 import torch.nn as nn
@@ -299,9 +300,22 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
 
 
 def _describe(error):
-    """'TypeName: first line of the message', for one-line error reports."""
-    lines = str(error).strip().splitlines()
+    """'TypeName: first line of the message', for one-line error reports; of torch.load's
+    weights-only refusal its reason's first sentence, not its advice to load the file unsafely."""
+    message = str(error).strip()
+    refusal = re.search(r"WeightsUnpickler error:\s*(.*?)(?:\.\s|\n\s*\n|\s*$)", message, re.S)
+    if refusal:
+        return f"{type(error).__name__}: {' '.join(refusal.group(1).split())} (torch.load with weights_only=True)"
+    lines = message.splitlines()
     return type(error).__name__ + (f": {lines[0]}" if lines else "")
+
+
+def _fit_problems(missing, unexpected, misshaped, shown=4):
+    """['missing: a, b, c, d and 12 more', 'unexpected: ...', 'mis-shaped: ...'] for the kinds
+    that have names: a few of each, so that the error stays one readable line."""
+    return [f"{kind}: " + ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+            for kind, names in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
+            if names]
 
 
 def read_pdparams(path):
@@ -408,16 +422,16 @@ def paddleseg_state(model, path):
                 new_state[f"{torch_prefix}.{name}"] = take(f"{paddle}.{name}", f"{torch_prefix}.{name}")
 
     unexpected = sorted(set(paddle_state) - used)
-    problems = [f"{kind}: " + ", ".join(names) for kind, names in
-                (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if names]
+    problems = _fit_problems(missing, unexpected, misshaped)
     return {key: value for key, value in new_state.items() if value is not None}, problems
 
 
 def load_paddleseg(model, path):
     """Loads PaddleSeg BiSeNetV2 weights (`.pdparams`, e.g. PaddleSeg's
     bisenet_cityscapes_1024x1024_160k/model.pdparams) into `model`: PaddleSeg's names mapped
-    to ours, conv biases folded (paddleseg_state). Strict: raises ValueError listing every
-    missing, unexpected or mis-shaped tensor, and the model is left untouched. Returns the model.
+    to ours, conv biases folded (paddleseg_state). Strict: raises ValueError naming the
+    missing, unexpected or mis-shaped tensors (a few of each kind, and how many more), and the
+    model is left untouched. Returns the model.
     """
     state, problems = paddleseg_state(model, path)
     if problems:
@@ -451,6 +465,13 @@ def load_weights(model, path):
     if str(path).endswith(".pdparams"):
         return load_paddleseg(model, path)
     state = checkpoint_state(path)
+    ours = model.state_dict()
+    problems = _fit_problems(
+        [key for key in ours if key not in state], [key for key in state if key not in ours],
+        [f"{key} {tuple(value.shape)} (expected {tuple(ours[key].shape)})" for key, value in state.items()
+         if key in ours and isinstance(value, torch.Tensor) and value.shape != ours[key].shape])
+    if problems:
+        raise ValueError(f"{path}: does not fit BiSeNetV2({model.num_classes}): " + "; ".join(problems))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

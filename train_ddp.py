@@ -368,8 +368,9 @@ def build_model(config, env, bga_fn):
             skipped = load_matching(model, config.weights) if config.init_only else []
             if not config.init_only:
                 load_weights(model, config.weights)
-        except (OSError, ValueError) as e:
-            raise BadInput(f"--weights: {e}") from None
+        except (OSError, ValueError) as e:  # another number of classes: say how to fine-tune from them
+            hint = " (--init-only loads the tensors that fit)" if "mis-shaped: " in str(e) else ""
+            raise BadInput(f"--weights: {e}{hint}") from None
         env.log(f"initial weights: {config.weights}")
         for name in skipped:
             env.log(f"  --init-only: {name} {tuple(model.state_dict()[name].shape)} does not fit: freshly initialised")

@@ -1,3 +1,4 @@
+import argparse
 import pickle
 
 import numpy as np
@@ -149,3 +150,34 @@ def test_project_checkpoint_round_trip(tmp_path):
     # wrong number of classes is named, not a traceback from deep inside
     with pytest.raises(ValueError, match="does not fit BiSeNetV2"):
         load_weights(BiSeNetV2(5), tmp_path / "c.pt")
+
+
+def test_weights_that_do_not_fit_are_one_short_line(tmp_path):
+    """Another model's weights name a few tensors of each kind and count the rest (not
+    hundreds of names); a file torch.load refuses gives the reason, not torch's advice to
+    load it unsafely."""
+    torch.save({"model": BiSeNetV2(3).state_dict()}, tmp_path / "three.pt")
+    with pytest.raises(ValueError) as error:
+        load_weights(BiSeNetV2(19), tmp_path / "three.pt")
+    message = str(error.value)
+    assert "mis-shaped: head.classifier.weight (3, 128, 1, 1) (expected (19, 128, 1, 1))" in message
+    assert message.endswith(" and 6 more") and "\n" not in message  # 5 heads x (weight, bias)
+
+    torch.save({"model": {"stranger.weight": torch.zeros(3)}}, tmp_path / "stranger.pt")
+    write_pdparams(tmp_path / "stranger.pdparams", {"stranger.weight": np.zeros(3, np.float32)})
+    messages = []
+    for name in ("stranger.pt", "stranger.pdparams"):
+        with pytest.raises(ValueError) as error:
+            load_weights(BiSeNetV2(19), tmp_path / name)
+        messages.append(str(error.value))
+        assert messages[-1].count("missing: ") == 1 and len(messages[-1]) < 400 and "\n" not in messages[-1]
+        assert messages[-1].endswith(" more; unexpected: stranger.weight"), messages[-1]
+    assert f" and {len(BiSeNetV2(19).state_dict()) - 4} more; " in messages[0]  # every tensor missing, 4 named
+
+    torch.save({"model": {}, "args": argparse.Namespace(lr=0.05)}, tmp_path / "namespace.pt")
+    with pytest.raises(ValueError) as error:
+        load_weights(BiSeNetV2(19), tmp_path / "namespace.pt")
+    message = str(error.value)
+    assert "namespace.pt: not a readable checkpoint (UnpicklingError: Unsupported global" in message
+    assert "argparse.Namespace" in message and "weights_only` set to `False`" not in message
+    assert "\n" not in message
