@@ -636,7 +636,7 @@ def main(argv=None):
     parser.add_argument("--data-dir", "--data_dir", metavar="ROOT", help="pack a prepared dataset (with --pack)")
     parser.add_argument("--num-images", "--num_images", type=int, default=48, help="--synthetic: train frames")
     parser.add_argument("--seed", type=int, default=0, help="--synthetic, --val-fraction: random seed")
-    parser.add_argument("--num_workers", "--num-workers", type=int, default=None, help="default: all cores")
+    parser.add_argument("--num_workers", "--num-workers", type=int, default=None, help="worker processes (default: all cores)")
     parser.add_argument("--separator", default=" ", help="between image and label in the lists (' ' or ',')")
     parser.add_argument("--pack", action="store_true",
                         help="then decode train and val into ROOT/packed/ (uint8 arrays train_ddp.py memory-maps)")
@@ -667,6 +667,12 @@ def main(argv=None):
         parser.error("give --val-images with --val-labels, or --val-fraction")
     if args.val_fraction is not None and not 0 < args.val_fraction < 1:
         parser.error(f"--val-fraction must be between 0 and 1, got {args.val_fraction}")
+    if args.synthetic and args.num_images < 1:
+        parser.error(f"--num-images must be at least 1, got {args.num_images}")
+    if args.num_workers is not None and args.num_workers < 1:
+        parser.error(f"--num-workers must be at least 1, got {args.num_workers}")
+    if args.separator not in (" ", ","):
+        parser.error(f"--separator must be ' ' or ',', got {args.separator!r}")
     if not 0 <= args.ignore_index <= 255:
         parser.error(f"--ignore-index must be in 0..255, got {args.ignore_index}")
     label_map = dict(args.label_map) if args.label_map else None
