@@ -197,8 +197,13 @@ INFERENCE_ROWS = (  # label, Predictor settings
 def slide_windows(height, width, window, stride=None):
     """PaddleSeg's slide_inference grid over an (height, width) image: windows of `window`
     (H, W) every `stride` (H, W; None: half the window), the last row and column moved back
-    to end at the border (clipped to the image when it is smaller). -> [(top, bottom, left, right)]."""
+    to end at the border (clipped to the image when it is smaller). -> [(top, bottom, left, right)].
+    ValueError for a stride longer than the window: the pixels between windows would get no
+    prediction (PaddleSeg's slide_inference raises likewise)."""
     stride = stride or [max(1, side // 2) for side in window]
+    if stride[0] > window[0] or stride[1] > window[1]:
+        raise ValueError(f"stride {tuple(stride)} is longer than the window {tuple(window)}: "
+                         "the pixels between windows would get no prediction")
     def starts(size, win, step):
         count = 1 if size <= win else math.ceil((size - win) / step) + 1
         return [(max(min(i * step + win, size) - win, 0), min(i * step + win, size)) for i in range(count)]
@@ -333,7 +338,7 @@ def parse_args(argv=None):
     parser.add_argument("--slide", type=int, nargs=2, metavar=("H", "W"),
                         help="sliding-window inference with windows of H x W (PaddleSeg's slide_inference)")
     parser.add_argument("--stride", type=int, nargs=2, metavar=("H", "W"),
-                        help="--slide: the windows' step (default: half the window)")
+                        help="--slide: the windows' step, at most the window (default: half the window)")
     return parser.parse_args(argv)
 
 
@@ -402,6 +407,9 @@ def main(argv=None):
             return bad_input(f"{flag} {size[0]} {size[1]}: must be positive")
     if args.stride and not args.slide:
         return bad_input("--stride needs --slide")
+    if args.stride and (args.stride[0] > args.slide[0] or args.stride[1] > args.slide[1]):
+        return bad_input(f"--stride {args.stride[0]} {args.stride[1]}: longer than --slide {args.slide[0]} "
+                         f"{args.slide[1]}, the pixels between windows would get no prediction")
     if not input_path.exists():
         return bad_input(f"--input {input_path}: no such file or folder")
     images = find_images(input_path, out_dir)

@@ -129,7 +129,7 @@ def make_parser():
     group("--scales", type=float, nargs="+", default=[1.0], help="evaluation: inference scales")
     group("--slide", type=int, nargs=2, metavar=("H", "W"),
           help="evaluation: sliding-window inference with windows of H x W (PaddleSeg's slide_inference)")
-    group("--stride", type=int, nargs=2, metavar=("H", "W"), help="--slide: the windows' step (default: half)")
+    group("--stride", type=int, nargs=2, metavar=("H", "W"), help="--slide: the windows' step, at most the window (default: half)")
     group = parser.add_argument_group("bookkeeping").add_argument
     group("--save-dir", "--save_dir", default="output")
     group("--save-interval", "--save_interval", type=int, default=500)
@@ -166,7 +166,8 @@ def parse_args(argv=None):
               ("num_classes", "in 1..255", args.num_classes is None or 1 <= args.num_classes <= 255),
               ("ignore_index", "in 0..255", args.ignore_index is None or 0 <= args.ignore_index <= 255),
               ("slide", "positive", args.slide is None or min(args.slide) > 0),
-              ("stride", "positive, with --slide", args.stride is None or (args.slide and min(args.stride) > 0)),
+              ("stride", "positive and at most --slide, with --slide", args.stride is None or (
+                  args.slide and min(args.stride) > 0 and all(s <= w for s, w in zip(args.stride, args.slide)))),
               ("class_weights", "'auto' or non-negative numbers, not all 0", class_weights_ok(args.class_weights))]
     for name, rule, ok in rules:
         if not ok:

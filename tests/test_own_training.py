@@ -28,6 +28,8 @@ def test_slide_windows_are_paddlesegs_grid():
     assert predict.slide_windows(5, 7, (3, 4), (2, 2)) == [(0, 3, 0, 4), (0, 3, 2, 6), (0, 3, 3, 7),
                                                           (2, 5, 0, 4), (2, 5, 2, 6), (2, 5, 3, 7)]
     assert predict.slide_windows(4, 4, (8, 8), (2, 2)) == [(0, 4, 0, 4)]  # a window larger than the image
+    with pytest.raises(ValueError, match="no prediction"):  # columns 4 and 5 of every row in no window
+        predict.slide_windows(5, 12, (3, 4), (2, 6))
     windows = predict.slide_windows(100, 203, (32, 64))  # default stride: half a window
     covered = np.zeros((100, 203), int)
     for top, bottom, left, right in windows:
@@ -99,6 +101,7 @@ def test_median_frequency_weights():
     (["--class-weights", "nan", "1", "1"], "--class-weights must be"),
     (["--init-only"], "--init-only needs --weights"),
     (["--stride", "8", "8"], "--stride must be"),
+    (["--slide", "8", "8", "--stride", "8", "9"], "--stride must be positive and at most --slide"),
     (["--slide", "0", "8"], "--slide must be"),
 ])
 def test_bad_fine_tune_flags_are_one_line_errors(tmp_path, flags, fragment):
@@ -129,6 +132,10 @@ def test_eval_and_predict_with_a_covering_window_equal_whole_image(tmp_path, cap
     assert_one_line_error(*run_script("--weights", str(tmp_path / "w.pt"), "--input", str(root / "val"),
                                       "--out", str(tmp_path / "p"), "--stride", "4", "4", script="predict.py"),
                           "--stride needs --slide")
+    assert_one_line_error(*run_script("--weights", str(tmp_path / "w.pt"), "--input", str(root / "val"),
+                                      "--out", str(tmp_path / "p"), "--slide", "32", "32", "--stride", "33", "8",
+                                      script="predict.py"),
+                          "--stride 33 8: longer than --slide 32 32")
 
 
 def test_own_dataset_from_folders_to_predictions(tmp_path):
