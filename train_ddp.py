@@ -129,7 +129,8 @@ def make_parser():
     group("--scales", type=float, nargs="+", default=[1.0], help="evaluation: inference scales")
     group("--slide", type=int, nargs=2, metavar=("H", "W"),
           help="evaluation: sliding-window inference with windows of H x W (PaddleSeg's slide_inference)")
-    group("--stride", type=int, nargs=2, metavar=("H", "W"), help="--slide: the windows' step, at most the window (default: half)")
+    group("--stride", type=int, nargs=2, metavar=("H", "W"),
+          help="--slide: the windows' step, at most the window (default: half)")
     group = parser.add_argument_group("bookkeeping").add_argument
     group("--save-dir", "--save_dir", default="output")
     group("--save-interval", "--save_interval", type=int, default=500)
