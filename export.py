@@ -112,6 +112,13 @@ def main(argv=None):
 
     if min(args.size) < 1:
         return bad_input(f"--size {args.size[0]} {args.size[1]}: height and width must be positive")
+    out = Path(args.out)
+    if out.is_dir():
+        return bad_input(f"--out {out}: a folder, not the .onnx file to write")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file in the way
+        return bad_input(f"--out {out}: cannot make its folder ({e.strerror or e})")
     if not MIN_OPSET <= args.opset <= max_opset():
         return bad_input(f"--opset {args.opset}: unsupported; the exporter writes opsets "
                          f"{MIN_OPSET} to {max_opset()}")
@@ -127,8 +134,11 @@ def main(argv=None):
     except (OSError, ValueError) as e:
         return bad_input(f"--weights: {e}")
     print(f"export.py: classes: {len(dataset.class_names)} from {source}", file=sys.stderr)
-    export_onnx(model, args.out, tuple(args.size), args.dynamic, args.argmax, args.opset, dataset,
-                log=lambda line: print(f"export.py: {line}", file=sys.stderr))
+    try:  # the export goes to a temporary file first: a failed write leaves --out as it was
+        export_onnx(model, out, tuple(args.size), args.dynamic, args.argmax, args.opset, dataset,
+                    log=lambda line: print(f"export.py: {line}", file=sys.stderr))
+    except OSError as e:  # a full disk, no permission
+        return bad_input(f"--out {out}: cannot write it ({e.strerror or e})")
     return 0
 
 

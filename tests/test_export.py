@@ -1,5 +1,9 @@
 """export.py: ONNX graphs checked against PyTorch with onnxruntime on the CPU, on a real
 frame and on sizes that are not multiples of 32; predict.py on the exports."""
+import errno
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -163,13 +167,17 @@ def test_predict_dynamic_onnx_batches_two_sizes(model, frame_path, dynamic_expor
     (["--opset", "11"], "--opset 11: unsupported"),
     (["--opset", "999"], "--opset 999: unsupported"),
     (["--size", "0", "64"], "--size 0 64: height and width must be positive"),
+    (["--out", "FOLDER"], "FOLDER: a folder, not the .onnx file to write"),
+    (["--out", "CORRUPT.pt/model.onnx"], "CORRUPT.pt/model.onnx: cannot make its folder"),
 ])
 def test_export_bad_input_is_one_line_and_exit_2(weights, tmp_path, capsys, args, named):
     (tmp_path / "CORRUPT.pt").write_bytes(b"not a checkpoint")
     out = tmp_path / "model.onnx"
     out.write_bytes(b"a good export")
     argv = ["--weights", str(weights), "--out", str(out)] + args
-    argv = [str(tmp_path / a) if a in ("MISSING.pdparams", "CORRUPT.pt") else a for a in argv]
+    (tmp_path / "FOLDER").mkdir()
+    argv = [str(tmp_path / a) if a in ("MISSING.pdparams", "CORRUPT.pt", "FOLDER", "CORRUPT.pt/model.onnx") else a
+            for a in argv]
     assert export.main(argv) == 2
     stderr = capsys.readouterr().err.strip().splitlines()
     assert len(stderr) == 1 and named in stderr[0]
@@ -185,3 +193,19 @@ def test_predict_bad_onnx_is_one_line_and_exit_2(frame_path, tmp_path, capsys, c
     assert predict.main(["--weights", str(path), "--input", str(frame_path), "--out", str(tmp_path / "o")]) == 2
     stderr = capsys.readouterr().err.strip().splitlines()
     assert len(stderr) == 1 and named in stderr[0] and "model.onnx" in stderr[0]
+
+
+def test_export_that_cannot_be_written_is_one_line_and_keeps_the_old_file(tmp_path, capsys, monkeypatch):
+    weights = tmp_path / "w.pt"
+    torch.save({"model": BiSeNetV2(19).state_dict()}, weights)
+    out = tmp_path / "model.onnx"
+    out.write_bytes(b"a good export")
+
+    def full_disk(graph, args, path, **kwargs):
+        Path(path).write_bytes(b"half an ")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(torch.onnx, "export", full_disk)
+    assert export.main(["--weights", str(weights), "--out", str(out)]) == 2
+    stderr = capsys.readouterr().err.strip().splitlines()
+    assert stderr[-1] == f"export.py: error: --out {out}: cannot write it (No space left on device)"
+    assert out.read_bytes() == b"a good export" and not list(tmp_path.glob(".model.onnx.tmp*"))
