@@ -443,18 +443,24 @@ def main(argv=None):
     failed, done = 0, 0
     start = time.perf_counter()
 
+    def save(array, path):  # a rerun's file replaced whole or not at all (a full disk: BadInput)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            data.atomic_write(path, lambda f: Image.fromarray(array).save(f, format="PNG"))
+        except OSError as e:
+            raise data.BadInput(f"--out: cannot write {path} ({e.strerror or e})") from None
+
     def write(batch):  # batch: [(path, stem, photo)], photos of one size
         nonlocal done
         train_ids = run(preprocess([photo for _, _, photo in batch]))  # (N, H, W) uint8
         for (image_path, stem, photo), ids in zip(batch, train_ids):
             target = out_dir / stem
-            target.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(ids).save(f"{target}_trainIds.png")
+            save(ids, target.with_name(f"{target.name}_trainIds.png"))
             color = palette[ids]  # (H, W, 3)
-            Image.fromarray(color).save(f"{target}_color.png")
+            save(color, target.with_name(f"{target.name}_color.png"))
             if args.overlay:
                 blend = (1 - args.alpha) * np.asarray(photo, np.float32) + args.alpha * color
-                Image.fromarray(blend.round().clip(0, 255).astype(np.uint8)).save(f"{target}_overlay.png")
+                save(blend.round().clip(0, 255).astype(np.uint8), target.with_name(f"{target.name}_overlay.png"))
             done += 1
             if len(images) > 1:
                 elapsed = time.perf_counter() - start
@@ -462,24 +468,27 @@ def main(argv=None):
                       file=sys.stderr)
 
     batch = []
-    for image_path, stem in images:
-        try:
-            photo = read_photo(image_path)
-        except OSError as e:
-            log(f"skipping {e}")
-            failed += 1
-            continue
-        if fixed_size is not None and photo.size != fixed_size[::-1]:
-            log(f"skipping {image_path}: {photo.height}x{photo.width}, but the export's input is fixed at "
-                f"{fixed_size[0]}x{fixed_size[1]} (export with --dynamic for any size)")
-            failed += 1
-            continue
-        if batch and (batch[0][2].size != photo.size or len(batch) == most_per_call):
+    try:
+        for image_path, stem in images:
+            try:
+                photo = read_photo(image_path)
+            except OSError as e:
+                log(f"skipping {e}")
+                failed += 1
+                continue
+            if fixed_size is not None and photo.size != fixed_size[::-1]:
+                log(f"skipping {image_path}: {photo.height}x{photo.width}, but the export's input is fixed at "
+                    f"{fixed_size[0]}x{fixed_size[1]} (export with --dynamic for any size)")
+                failed += 1
+                continue
+            if batch and (batch[0][2].size != photo.size or len(batch) == most_per_call):
+                write(batch)
+                batch = []
+            batch.append((image_path, stem, photo))
+        if batch:
             write(batch)
-            batch = []
-        batch.append((image_path, stem, photo))
-    if batch:
-        write(batch)
+    except data.BadInput as e:  # no room for the outputs: every later image would fail alike
+        return bad_input(str(e))
     if failed:
         log(f"{failed} of {len(images)} image(s) skipped")
         return 1

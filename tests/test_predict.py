@@ -1,3 +1,5 @@
+import errno
+import os
 import subprocess
 import sys
 
@@ -134,3 +136,27 @@ def test_16_bit_greyscale_is_read_by_its_top_8_bits(checkpoint, tmp_path):
     assert code == 1 and "float.tif: 32-bit float greyscale (mode F)" in err, err
     wide_ids = np.asarray(Image.open(out / "wide_trainIds.png"))
     np.testing.assert_array_equal(wide_ids, np.asarray(Image.open(out / "narrow_trainIds.png")))
+
+
+def test_outputs_that_cannot_be_written_stop_in_one_line_and_keep_the_old_files(checkpoint, tmp_path, monkeypatch,
+                                                                                  capsys):
+    """A full disk: the output being written is named, the run stops (exit code 2), and the
+    earlier run's file of that name is left whole (written beside it, renamed over it)."""
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a_color.png").write_bytes(b"the earlier run's colours")
+    save = Image.Image.save
+
+    def full_disk_for_colours(image, fp, *args, **kwargs):
+        if image.mode != "RGB":
+            return save(image, fp, *args, **kwargs)
+        fp.write(b"half a PNG")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(Image.Image, "save", full_disk_for_colours)
+    assert predict.main(["--weights", str(checkpoint), "--input", str(tmp_path / "a.png"), "--out", str(out),
+                         "--device", "cpu"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error == f"predict.py: error: --out: cannot write {out / 'a_color.png'} (No space left on device)"
+    assert (out / "a_color.png").read_bytes() == b"the earlier run's colours"
+    assert sorted(p.name for p in out.iterdir()) == ["a_color.png", "a_trainIds.png"]  # no temporary file left
