@@ -529,9 +529,12 @@ def evaluate(model, pairs, config, env):
         confusion.update(pred, label.to(env.device))
         if config.pred_dir:
             out = (Path(config.pred_dir) / pair[0].parent.name / pair[0].name).with_suffix(".png")
-            out.parent.mkdir(parents=True, exist_ok=True)
             written = label_ids[pred.cpu().numpy()]
-            data.atomic_write(out, lambda f: Image.fromarray(written).save(f, format="PNG"))
+            try:  # a full disk: one line (torchrun then stops the other processes)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                data.atomic_write(out, lambda f: Image.fromarray(written).save(f, format="PNG"))
+            except OSError as e:
+                raise BadInput(f"--pred-dir: cannot write {out} ({e.strerror or e})") from None
         if env.main and (count % 100 == 0 or count == len(shard)):
             print(f"eval [{count}/{len(shard)}] {(time.perf_counter() - start) / count:.3f} s/image", flush=True)
     confusion.reduce_from_all_processes()
@@ -540,10 +543,16 @@ def evaluate(model, pairs, config, env):
 
 
 def read_val_list(config):
-    """The val pairs, every file's header checked (data.check_headers): a bad val file stops
-    the run at start, not at its first evaluation."""
+    """The val pairs, every file's header checked (data.check_headers), and --pred-dir made: a
+    bad val file or a --pred-dir that cannot be made stops the run at start, not at its first
+    evaluation."""
     pairs = data.read_list(config.data_dir, "val")
     data.check_headers(pairs)
+    if config.pred_dir:
+        try:
+            Path(config.pred_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise BadInput(f"--pred-dir {config.pred_dir}: cannot make it ({e.strerror or e})") from None
     return pairs
 
 
@@ -833,12 +842,22 @@ def train(config, env, ops, signals):
 
 def eval_only(config, env, ops):
     pairs = read_val_list(config)
+    out = Path(config.save_dir) / "eval_metrics.json"
+
+    def cannot_write(e):
+        return BadInput(f"--save-dir {config.save_dir}: cannot write {out.name} there ({e.strerror or e})")
+    if env.main:
+        try:  # before the evaluation, which an unusable --save-dir would waste
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise cannot_write(e) from None
     metrics = evaluate(build_model(config, env, ops[1]), pairs, config, env)
     env.log(format_metrics(metrics, config.dataset.class_names))
     if env.main:
-        out = Path(config.save_dir) / "eval_metrics.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        data.atomic_write(out, json.dumps(dict(weights=str(config.weights), **metrics), indent=2))
+        try:
+            data.atomic_write(out, json.dumps(dict(weights=str(config.weights), **metrics), indent=2))
+        except OSError as e:  # a full disk
+            raise cannot_write(e) from None
         env.log(f"wrote {out}")
 
 

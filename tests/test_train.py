@@ -16,6 +16,7 @@ from PIL import Image
 import data
 import prepare_data
 import train_ddp
+from bisenetv2 import BiSeNetV2
 from conftest import ROOT, shared_fixture
 from datasets import data_config, make_dataset, pack, sample_dataset
 
@@ -656,6 +657,36 @@ torch.save = save
                           f"last good checkpoint: {save_dir / 'iter_2.pt'}")
     assert sorted(p.name for p in save_dir.iterdir()) == ["iter_2.pt", "metrics.jsonl"]  # no temporary file, no lock
     assert load(save_dir / "iter_2.pt")["iter"] == 2
+
+
+def test_evaluation_outputs_that_cannot_be_written_are_one_line(tmp_path):
+    """--eval-only's --save-dir and --pred-dir are made before the evaluation, so one that
+    cannot be made stops the run there; a prediction a full disk refuses is named."""
+    root = make_dataset(tmp_path / "data")
+    torch.save({"model": BiSeNetV2(19).state_dict()}, tmp_path / "w.pt")
+    (tmp_path / "file").write_text("in the way")
+    common = ["--data-dir", str(root), "--eval-only", "--weights", str(tmp_path / "w.pt"), "--kernels", "torch"]
+    code, out, err = run_script(*common, "--save-dir", str(tmp_path / "file"))
+    assert_one_line_error(code, out, err, f"--save-dir {tmp_path / 'file'}: cannot write eval_metrics.json there")
+    assert "eval [" not in out
+    code, out, err = run_script(*common, "--save-dir", str(tmp_path / "out"),
+                                "--pred-dir", str(tmp_path / "file" / "p"))
+    assert_one_line_error(code, out, err, f"--pred-dir {tmp_path / 'file' / 'p'}: cannot make it (Not a directory)")
+    assert "eval [" not in out
+    full_disk_for_pngs = """
+import errno, data
+real_write = data.atomic_write
+def atomic_write(path, content):
+    if str(path).endswith(".png"):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return real_write(path, content)
+data.atomic_write = atomic_write
+"""
+    code, out, err = run_patched(full_disk_for_pngs, *common, "--save-dir", str(tmp_path / "out"),
+                                 "--pred-dir", str(tmp_path / "pred"))
+    assert_one_line_error(code, out, err, f"--pred-dir: cannot write {tmp_path / 'pred' / 'val'}",
+                          "(No space left on device)")
+    assert not (tmp_path / "out" / "eval_metrics.json").exists()
 
 
 def test_list_file_encoding_and_bad_pack_index(tmp_path):
