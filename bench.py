@@ -72,6 +72,7 @@ def parse_args(argv=None):
              "kernel's time a step (on the CPU every op's), largest first, below the table")
     add("--out", help="also write the table to this file")
     args = parser.parse_args(argv)
+    kernels_bench.check_out(parser, args.out)
     for name in ("iters", "infer_iters", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -236,7 +237,10 @@ def main(argv=None):
         table = benchmark(args, env)
         print(table, flush=True)
         if args.out:
-            data.atomic_write(args.out, table)
+            try:
+                data.atomic_write(args.out, table)
+            except OSError as e:  # a full disk (the table is printed above)
+                raise BadInput(f"--out {args.out}: cannot write it ({e.strerror or e})") from None
     except BadInput as e:
         print(f"bench.py: error: {data.one_line(e)}", file=sys.stderr, flush=True)
         return 2

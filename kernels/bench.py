@@ -38,6 +38,7 @@ side of a call adds over the C++ loops' row is there.
 import argparse
 import datetime
 import math
+import os
 import statistics
 import sys
 import time
@@ -77,9 +78,23 @@ def parse_args(argv=None):
                         help="also each row's kernels: torch.profiler's time per step of every CUDA kernel the "
                              "fused variant launches (on the CPU: the eager variant's ops)")
     args = parser.parse_args(argv)
+    check_out(parser, args.out)
     if args.quick:
         args.batch, args.size, args.iters, args.warmup = [2], 64, 3, 1
     return args
+
+
+def check_out(parser, out):
+    """parser.error for an --out (None: none) that is a folder or whose folder cannot be made:
+    said before the measurements, not after them."""
+    if out is None:
+        return
+    if os.path.isdir(out):
+        parser.error(f"--out {out}: a folder, not the file to write")
+    try:
+        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    except OSError as e:  # a file in the way
+        parser.error(f"--out {out}: cannot make its folder ({e.strerror or e})")
 
 
 # ---------------------------------------------------------------------------------------
@@ -668,8 +683,12 @@ def report(rows, copy_gbs, device):
 
 
 def write_text(path, text):
-    with open(path, "w") as f:
-        f.write(text + "\n")
+    try:
+        with open(path, "w") as f:
+            f.write(text + "\n")
+    except OSError as e:  # a full disk (the table is printed too)
+        print(f"kernels.bench: error: --out {path}: cannot write it ({e.strerror or e})", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def main(argv=None):

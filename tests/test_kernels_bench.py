@@ -55,6 +55,26 @@ def test_a_profiler_that_fails_costs_the_breakdown_not_the_table(tmp_path, monke
     assert out.read_text().count("no profile (RuntimeError: CUPTI unavailable)") == len(rows)
 
 
+def test_an_out_that_cannot_be_written_is_said_before_measuring(tmp_path, capsys, monkeypatch):
+    """A folder, or a file in the way of its folder, stops before any measurement (both
+    benchmarks' flags); a write that fails later (a full disk) is one line."""
+    import bench as training_bench
+    (tmp_path / "file").write_text("in the way")
+    for parse_args in (bench.parse_args, training_bench.parse_args):
+        for out, named in ((tmp_path, "a folder, not the file to write"),
+                           (tmp_path / "file" / "table.md", "cannot make its folder")):
+            with pytest.raises(SystemExit) as stop:
+                parse_args(["--out", str(out)])
+            assert stop.value.code == 2 and f"--out {out}: {named}" in capsys.readouterr().err.splitlines()[-1]
+    monkeypatch.setattr(bench, "open", lambda *args: (_ for _ in ()).throw(OSError(28, "No space left on device")),
+                        raising=False)
+    with pytest.raises(SystemExit) as stop:
+        bench.write_text(tmp_path / "table.md", "| table |")
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == f"kernels.bench: error: --out {tmp_path / 'table.md'}: cannot write it " \
+                                      "(No space left on device)\n"
+
+
 @pytest.mark.parametrize("flags", [["--quick"], ["--tiles"]])
 def test_cuda_bench_without_cuda_is_one_line(capsys, flags):
     import torch
