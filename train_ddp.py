@@ -257,6 +257,11 @@ def resolve_config(args, env):
     if sync_bn and not cuda:
         env.log("note: SyncBatchNorm needs CUDA; plain per-process BatchNorm on CPU")
         sync_bn = False
+    if not args.eval_only and args.batch_size * (env.world_size if sync_bn else 1) < 2:
+        raise BadInput(f"--batch-size {args.batch_size}: the context block's BatchNorm normalises one pooled value "
+                       "per channel and crop, so it needs at least 2 crops"
+                       + (" a process (without SyncBatchNorm)" if env.world_size > 1 else
+                          " a step (or several processes with SyncBatchNorm)"))
     class_weights = resolve_class_weights(args, data_dir, dataset, pack, env)
     settings = {k: v for k, v in vars(args).items() if k not in ("no_pack", "no_sync_bn")}
     config = Config(**dict(

@@ -526,6 +526,16 @@ def test_bad_flag_values_are_one_line(tmp_path, capsys):
         assert_one_line_error(stop.value.code, "", capsys.readouterr().err, fragment, "must be")
 
 
+def test_one_crop_a_step_is_refused_before_training(tmp_path, capsys):
+    """The context block's BatchNorm over one pooled value per channel cannot train on one
+    crop (torch raises at the first step); evaluation takes any batch."""
+    root = make_dataset(tmp_path / "data")
+    assert train_ddp.main(["--data-dir", str(root), "--iters", "1", "--save-dir", str(tmp_path / "out"), *TINY,
+                           "--batch-size", "1"]) == 2
+    assert_one_line_error(2, "", capsys.readouterr().err, "--batch-size 1: ", "at least 2 crops a step")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("loss", ["ce", "ohem"])
 def test_compile_sees_model_and_loss_without_graph_breaks(loss):
     """--compile: the model (with the fused BGA op) and the five-head loss (the fused loss op
