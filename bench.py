@@ -73,9 +73,11 @@ def parse_args(argv=None):
     add("--out", help="also write the table to this file")
     args = parser.parse_args(argv)
     kernels_bench.check_out(parser, args.out)
-    for name in ("iters", "infer_iters", "batch_size"):
+    for name in ("iters", "infer_iters"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.batch_size < 2:  # train_ddp.py refuses one crop a step likewise
+        parser.error("--batch-size must be at least 2 (the context block's BatchNorm of the pooled vector)")
     if args.warmup < 0:
         parser.error("--warmup must be at least 0")
     if args.configs and (left_out := [name for name in args.profile if name not in args.configs]):

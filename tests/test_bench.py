@@ -66,7 +66,8 @@ def test_smoke_prints_every_row(tmp_path, capsys):
     (["--configs", "nope"], "invalid choice: 'nope'"),
     (["--profile", "nope"], "invalid choice: 'nope'"),
     (["--configs", "all", "--profile", "all", "baseline"],
-     "--profile baseline: not among --configs (only measured rows are profiled)")])
+     "--profile baseline: not among --configs (only measured rows are profiled)"),
+    (["--batch-size", "1"], "--batch-size must be at least 2 (the context block's BatchNorm of the pooled vector)")])
 def test_unknown_row_is_a_usage_error(flags, message):
     result = subprocess.run([sys.executable, str(ROOT / "bench.py"), *flags], capture_output=True, text=True)
     assert result.returncode == 2 and message in result.stderr.strip().splitlines()[-1]  # after the usage
