@@ -325,7 +325,7 @@ def parse_args(argv=None):
     parser.add_argument("--input", required=True, help="an image or a folder of images")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--overlay", action="store_true", help="also write NAME_overlay.png")
-    parser.add_argument("--alpha", type=float, default=0.5, help="overlay: weight of the palette")
+    parser.add_argument("--alpha", type=float, default=0.5, help="overlay: weight of the palette, 0 to 1")
     parser.add_argument("--num-classes", type=int, default=None,
                         help="None: as many as --dataset's or the checkpoint's dataset has, else 19")
     parser.add_argument("--dataset", help="a data dir (or its dataset.json) whose classes' colours to draw; "
@@ -398,6 +398,8 @@ def main(argv=None):
     input_path, out_dir = Path(args.input), Path(args.out)
     if args.batch_size < 1:
         return bad_input(f"--batch-size {args.batch_size}: must be positive")
+    if not 0 <= args.alpha <= 1:  # (NaN fails it too)
+        return bad_input(f"--alpha {args.alpha}: must be between 0 and 1")
     if args.cuda_graph and device.type != "cuda":
         return bad_input(f"--cuda-graph needs a CUDA device, not {device}")
     if args.weights.endswith(".onnx") and (args.compile or args.cuda_graph or args.fp32 or args.slide):

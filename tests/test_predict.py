@@ -115,6 +115,10 @@ def test_colliding_names_out_file_and_devices_are_one_line(checkpoint, tmp_path)
     (tmp_path / "file").write_text("in the way")
     code, _, err = run_predict("--weights", str(checkpoint), "--input", str(images), "--out", str(tmp_path / "file"))
     assert_one_line_error(code, err, f"--out {tmp_path / 'file'}")
+    for alpha in ("1.5", "nan"):
+        code, _, err = run_predict("--weights", str(checkpoint), "--input", str(images), "--out", str(out),
+                                   "--overlay", "--alpha", alpha)
+        assert_one_line_error(code, err, f"--alpha {float(alpha)}: must be between 0 and 1")
     for device in ("banana", "cuda:7"):
         code, _, err = run_predict("--weights", str(checkpoint), "--input", str(images), "--out", str(out),
                                    "--device", device)
