@@ -160,6 +160,14 @@ def parse_args(argv=None):
     at_least_1 = ("iters", "batch_size", "save_interval", "log_iters", "keep_checkpoints", "eval_interval")
     rules = [(name, "at least 1", getattr(args, name) is None or getattr(args, name) >= 1) for name in at_least_1]
     rules += [("lr", "finite and positive", math.isfinite(args.lr) and args.lr > 0),  # (NaN fails every comparison)
+              ("momentum", "in [0, 1)", 0 <= args.momentum < 1),
+              ("weight_decay", "finite and at least 0", 0 <= args.weight_decay < math.inf),
+              ("power", "finite and at least 0", 0 <= args.power < math.inf),
+              ("warmup_iters", "at least 0", args.warmup_iters >= 0),
+              ("ohem_thresh", "in (0, 1] (a probability)", 0 < args.ohem_thresh <= 1),
+              ("ohem_min_kept", "at least 0", args.ohem_min_kept is None or args.ohem_min_kept >= 0),
+              ("aux_weight", "finite and at least 0", 0 <= args.aux_weight < math.inf),
+              ("max_scale", "finite", math.isfinite(args.max_scale)),
               ("crop_size", "positive", min(args.crop_size) > 0), ("num_workers", "at least 0", args.num_workers >= 0),
               ("scale_step", "positive", args.scale_step > 0),
               ("scales", "finite and positive", all(math.isfinite(s) and s > 0 for s in args.scales)),

@@ -520,7 +520,13 @@ def test_bad_flag_values_are_one_line(tmp_path, capsys):
                             (["--min-scale", "0"], "--min-scale"), (["--ignore-index", "256"], "--ignore-index"),
                             (["--ignore-index", "-1"], "--ignore-index"), (["--eval-interval", "0"], "--eval-interval"),
                             (["--scales", "1", "0"], "--scales must be finite and positive, got 1.0 0.0"),
-                            (["--scales", "nan"], "--scales")):
+                            (["--scales", "nan"], "--scales"),
+                            (["--momentum", "1"], "--momentum must be in [0, 1), got 1.0"),
+                            (["--weight-decay", "nan"], "--weight-decay"), (["--power", "-1"], "--power"),
+                            (["--warmup-iters", "-2"], "--warmup-iters"),
+                            (["--ohem-thresh", "0"], "--ohem-thresh must be in (0, 1] (a probability), got 0.0"),
+                            (["--ohem-thresh", "1.5"], "--ohem-thresh"), (["--ohem-min-kept", "-3"], "--ohem-min-kept"),
+                            (["--aux-weight", "inf"], "--aux-weight"), (["--max-scale", "inf"], "--max-scale")):
         with pytest.raises(SystemExit) as stop:
             train_ddp.main(["--data-dir", str(tmp_path), *flags])
         assert_one_line_error(stop.value.code, "", capsys.readouterr().err, fragment, "must be")
