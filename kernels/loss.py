@@ -59,6 +59,15 @@ def check_inputs(logits, labels):
         raise ValueError(f"ohem_cross_entropy: logits are on {logits.device} but labels on {labels.device}")
 
 
+def check_selection(thresh, min_kept):
+    """ValueError for an OHEM threshold that is not a probability in (0, 1] (thresh=None: CE)
+    or a negative min_kept."""
+    if thresh is not None and not 0 < thresh <= 1:
+        raise ValueError(f"ohem_cross_entropy: thresh {thresh} must be a probability in (0, 1], or None for CE")
+    if min_kept is not None and min_kept < 0:
+        raise ValueError(f"ohem_cross_entropy: min_kept {min_kept} must be at least 0, or None for valid // 16")
+
+
 def check_labels(labels, num_classes, ignore_index):
     """ValueError naming a label outside [0, C) that is not ignore_index (syncs on CUDA)."""
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
@@ -126,6 +135,7 @@ def mean_loss(loss, labels, ignore_index, class_weights):
 def ohem_cross_entropy_reference(logits, labels, thresh=0.7, min_kept=None, ignore_index=255, validate=True,
                                  class_weights=None):
     check_inputs(logits, labels)
+    check_selection(thresh, min_kept)
     if validate:
         check_labels(labels, logits.shape[1], ignore_index)
     loss, valid = pixel_losses(logits, labels, ignore_index)
@@ -403,6 +413,7 @@ def ohem_cross_entropy(logits, labels, thresh=0.7, min_kept=None, ignore_index=2
     loss (a bad label) makes the sum NaN whatever its weight. Where a rounding leaves a
     valid pixel's loss a hair below 0, the CUDA selection ranks it as 0."""
     check_inputs(logits, labels)
+    check_selection(thresh, min_kept)
     if validate:
         check_labels(labels, logits.shape[1], ignore_index)
     min_kept = -1 if min_kept is None else int(min_kept)

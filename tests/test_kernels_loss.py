@@ -12,6 +12,7 @@ BISENET_REQUIRE_KERNELS=1, where they fail.
 import itertools
 import math
 import os
+import re
 import threading
 import time
 
@@ -122,6 +123,18 @@ def test_bad_labels_are_named():
         loss_ref(logits, labels)
     with pytest.raises(ValueError, match="int64 or uint8"):
         loss_ref(logits, labels.clamp(max=4).int())
+
+
+@pytest.mark.parametrize("loss_fn", [loss_ref, loss_fused])
+@pytest.mark.parametrize("settings, named", [({"thresh": 0.0}, "thresh 0.0 must be a probability in (0, 1]"),
+                                             ({"thresh": 1.5}, "thresh 1.5 must be"),
+                                             ({"min_kept": -3}, "min_kept -3 must be at least 0")])
+def test_selection_settings_out_of_range_are_named(loss_fn, settings, named):
+    """A threshold that is no probability (0 was a math domain error, 1.5 kept every valid
+    pixel) and a negative min_kept (taken as valid // 16) are refused by both paths."""
+    logits, labels = random_case()
+    with pytest.raises(ValueError, match=re.escape(named)):
+        loss_fn(logits, labels.clamp(max=4), **settings)
 
 
 # --- the fused path on the CPU: the references, and the kernels' path (cpu_loops) ------
