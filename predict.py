@@ -12,7 +12,8 @@ with or --dataset names); --overlay adds NAME_overlay.png, the palette blended o
 A folder is searched recursively (except --out, when it is inside) and its sub-folders are
 mirrored under --out; two images whose outputs would share a name (street.png and
 street.jpg in one folder) stop the run before any work, naming both. Consecutive images of
-one size go through the model together, up to --batch-size at a time. Images are read as
+one size go through the model together, up to --batch-size at a time, while threads read
+the next images and write the last outputs. Images are read as
 in training (data.read_photo: 8-bit as RGB, 16-bit greyscale by its top 8 bits, float
 refused); preprocessing is PaddleSeg's: RGB, / 255, mean 0.5, std 0.5.
 
@@ -27,10 +28,13 @@ a fixed-size export, is reported and skipped; the exit code is then 1. Bad weigh
 arguments (a --device that is not here, an --out that is a file): one line and exit code 2.
 """
 import argparse
+import collections
 import copy
 import math
+import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -45,9 +49,10 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
 def preprocess(photos):
     """PIL images of one size -> (N, 3, H, W) float32, PaddleSeg's normalisation:
-    (rgb / 255 - 0.5) / 0.5."""
-    rgb = np.stack([np.asarray(photo.convert("RGB"), dtype=np.float32) for photo in photos])  # (N, H, W, 3)
-    return torch.from_numpy((rgb / 255.0 - 0.5) / 0.5).permute(0, 3, 1, 2).contiguous()
+    (rgb / 255 - 0.5) / 0.5, its three float32 roundings (in torch's threads, on the
+    uint8 image made NCHW first)."""
+    rgb = torch.from_numpy(np.stack([np.asarray(photo.convert("RGB")) for photo in photos]))  # (N, H, W, 3) uint8
+    return rgb.permute(0, 3, 1, 2).contiguous().float().div_(255.0).sub_(0.5).div_(0.5)
 
 
 # ---------------------------------------------------------------------------------------
@@ -369,6 +374,18 @@ def load_runner(args, num_classes, device, log):
             .cpu().numpy()), None, args.batch_size
 
 
+def read_ahead(pool, fn, items, ahead):
+    """fn(item) for each item in order, each computed in `pool` while the `ahead` before it
+    are consumed (a bounded read-ahead: Executor.map would start them all at once)."""
+    pending = collections.deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) > ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
 def read_photo(path):
     """-> the image as an RGB PIL image, by training's rule (data.read_photo: 16-bit
     greyscale by its top 8 bits); OSError naming the file and why it is refused."""
@@ -452,30 +469,44 @@ def main(argv=None):
         except OSError as e:
             raise data.BadInput(f"--out: cannot write {path} ({e.strerror or e})") from None
 
+    def write_outputs(ids, target, photo):  # in a thread of the pool
+        save(ids, target.with_name(f"{target.name}_trainIds.png"))
+        color = palette[ids]  # (H, W, 3)
+        save(color, target.with_name(f"{target.name}_color.png"))
+        if args.overlay:
+            blend = (1 - args.alpha) * np.asarray(photo, np.float32) + args.alpha * color
+            save(blend.round().clip(0, 255).astype(np.uint8), target.with_name(f"{target.name}_overlay.png"))
+
+    # decoding the images and encoding the PNGs take longer than a GPU's forward pass: threads
+    # of a pool read ahead and write behind (PIL and zlib release the GIL), in bounded numbers
+    threads = min(8, os.cpu_count() or 1)
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="predict-io")
+    writes = collections.deque()
+
     def write(batch):  # batch: [(path, stem, photo)], photos of one size
         nonlocal done
         train_ids = run(preprocess([photo for _, _, photo in batch]))  # (N, H, W) uint8
         for (image_path, stem, photo), ids in zip(batch, train_ids):
-            target = out_dir / stem
-            save(ids, target.with_name(f"{target.name}_trainIds.png"))
-            color = palette[ids]  # (H, W, 3)
-            save(color, target.with_name(f"{target.name}_color.png"))
-            if args.overlay:
-                blend = (1 - args.alpha) * np.asarray(photo, np.float32) + args.alpha * color
-                save(blend.round().clip(0, 255).astype(np.uint8), target.with_name(f"{target.name}_overlay.png"))
+            writes.append(pool.submit(write_outputs, ids, out_dir / stem, photo))
             done += 1
             if len(images) > 1:
                 elapsed = time.perf_counter() - start
                 print(f"[{done + failed}/{len(images)}] {image_path.name}  {elapsed / done:.2f} s/image",
                       file=sys.stderr)
+        while len(writes) > 2 * threads:  # a failed write raises here (BadInput)
+            writes.popleft().result()
+
+    def read(path):  # -> the photo, or the OSError that refuses it
+        try:
+            return read_photo(path)
+        except OSError as e:
+            return e
 
     batch = []
     try:
-        for image_path, stem in images:
-            try:
-                photo = read_photo(image_path)
-            except OSError as e:
-                log(f"skipping {e}")
+        for (image_path, stem), photo in zip(images, read_ahead(pool, read, [path for path, _ in images], threads)):
+            if isinstance(photo, OSError):
+                log(f"skipping {photo}")
                 failed += 1
                 continue
             if fixed_size is not None and photo.size != fixed_size[::-1]:
@@ -489,8 +520,12 @@ def main(argv=None):
             batch.append((image_path, stem, photo))
         if batch:
             write(batch)
+        while writes:
+            writes.popleft().result()
     except data.BadInput as e:  # no room for the outputs: every later image would fail alike
         return bad_input(str(e))
+    finally:
+        pool.shutdown(cancel_futures=True)  # after a failure, the writes not started are dropped
     if failed:
         log(f"{failed} of {len(images)} image(s) skipped")
         return 1

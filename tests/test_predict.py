@@ -164,3 +164,19 @@ def test_outputs_that_cannot_be_written_stop_in_one_line_and_keep_the_old_files(
     assert error == f"predict.py: error: --out: cannot write {out / 'a_color.png'} (No space left on device)"
     assert (out / "a_color.png").read_bytes() == b"the earlier run's colours"
     assert sorted(p.name for p in out.iterdir()) == ["a_color.png", "a_trainIds.png"]  # no temporary file left
+
+
+def test_preprocess_is_paddlesegs_normalisation_bit_for_bit():
+    """(rgb / 255 - 0.5) / 0.5 in float32, as numpy computes it, for every value (a plane of
+    all 256) and at a size whose rows leave a vector tail; RGBA and greyscale become RGB."""
+    values = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    odd = np.random.default_rng(0).integers(0, 256, (37, 53, 3), np.uint8)
+    for array in (np.stack([values, values[::-1], values.T], -1), odd):
+        expected = ((array.astype(np.float32) / 255.0 - 0.5) / 0.5).transpose(2, 0, 1)[None]
+        actual = predict.preprocess([Image.fromarray(array), Image.fromarray(array)])
+        assert actual.dtype == torch.float32 and actual.shape == (2, 3, *array.shape[:2]) and actual.is_contiguous()
+        assert np.array_equal(actual[1].numpy(), expected[0]) and np.array_equal(actual[:1].numpy(), expected)
+    grey = Image.fromarray(values)
+    assert torch.equal(predict.preprocess([grey]), predict.preprocess([grey.convert("RGB")]))
+    rgba = Image.fromarray(np.dstack([odd, odd[..., 0]]), "RGBA")
+    assert torch.equal(predict.preprocess([rgba]), predict.preprocess([Image.fromarray(odd)]))
