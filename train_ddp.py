@@ -33,6 +33,7 @@ import signal
 import sys
 import time
 import types
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
@@ -532,24 +533,26 @@ def evaluate(model, pairs, config, env):
     amp_dtype = AMP_DTYPES[config.eval_amp]
     shard = pairs[env.rank::env.world_size]
     start = time.perf_counter()
-    for count, pair in enumerate(shard, 1):
-        image, label = data.eval_sample(pair, config.dataset, config)
-        image = image[None].to(env.device)
-        if config.channels_last:
-            image = image.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(env.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            pred = infer(model, image, config.scales, config.flip, config.slide, config.stride).argmax(1)[0]
-        confusion.update(pred, label.to(env.device))
-        if config.pred_dir:
-            out = (Path(config.pred_dir) / pair[0].parent.name / pair[0].name).with_suffix(".png")
-            written = label_ids[pred.cpu().numpy()]
-            try:  # a full disk: one line (torchrun then stops the other processes)
-                out.parent.mkdir(parents=True, exist_ok=True)
-                data.atomic_write(out, lambda f: Image.fromarray(written).save(f, format="PNG"))
-            except OSError as e:
-                raise BadInput(f"--pred-dir: cannot write {out} ({e.strerror or e})") from None
-        if env.main and (count % 100 == 0 or count == len(shard)):
-            print(f"eval [{count}/{len(shard)}] {(time.perf_counter() - start) / count:.3f} s/image", flush=True)
+    threads = min(4, os.cpu_count() or 1)  # decoding a full-resolution frame outlasts its forward pass: read ahead
+    with ThreadPoolExecutor(threads, thread_name_prefix="eval-read") as pool:
+        samples = predict.read_ahead(pool, lambda pair: data.eval_sample(pair, config.dataset, config), shard, threads)
+        for count, (pair, (image, label)) in enumerate(zip(shard, samples), 1):
+            image = image[None].to(env.device)
+            if config.channels_last:
+                image = image.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(env.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                pred = infer(model, image, config.scales, config.flip, config.slide, config.stride).argmax(1)[0]
+            confusion.update(pred, label.to(env.device))
+            if config.pred_dir:
+                out = (Path(config.pred_dir) / pair[0].parent.name / pair[0].name).with_suffix(".png")
+                written = label_ids[pred.cpu().numpy()]
+                try:  # a full disk: one line (torchrun then stops the other processes)
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    data.atomic_write(out, lambda f: Image.fromarray(written).save(f, format="PNG"))
+                except OSError as e:
+                    raise BadInput(f"--pred-dir: cannot write {out} ({e.strerror or e})") from None
+            if env.main and (count % 100 == 0 or count == len(shard)):
+                print(f"eval [{count}/{len(shard)}] {(time.perf_counter() - start) / count:.3f} s/image", flush=True)
     confusion.reduce_from_all_processes()
     model.train(was_training)
     return confusion.compute()
