@@ -67,6 +67,11 @@ def atomic_write(path, content):
         raise
 
 
+def save_png(array, path):
+    """An (H, W) or (H, W, 3) uint8 array as a PNG, written atomically (atomic_write)."""
+    atomic_write(path, lambda f: Image.fromarray(array).save(f, format="PNG"))
+
+
 @contextlib.contextmanager
 def folder_lock(folder, log=print):
     """Holds FOLDER/.lock while open: one line of JSON {host, pid, start}, written to a

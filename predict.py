@@ -465,7 +465,7 @@ def main(argv=None):
     def save(array, path):  # a rerun's file replaced whole or not at all (a full disk: BadInput)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            data.atomic_write(path, lambda f: Image.fromarray(array).save(f, format="PNG"))
+            data.save_png(array, path)
         except OSError as e:
             raise data.BadInput(f"--out: cannot write {path} ({e.strerror or e})") from None
 

@@ -59,15 +59,11 @@ from PIL import Image, ImageDraw
 from data import (CITYSCAPES, CITYSCAPES_CLASSES, DATASET_FILE, PACK_FORMAT, BadInput, StalePack,
                   atomic_write, cache_dir, check_same_size, describe_labels_key, disallowed_values, file_stamps,
                   label_id_to_train_id, label_mode_problem, numbered_info, pack_dir, pack_labels_key,
-                  read_dataset_info, read_frame, read_label, read_list, read_pack, stored_values,
+                  read_dataset_info, read_frame, read_label, read_list, read_pack, save_png, stored_values,
                   write_dataset_info)
 
 SPLITS = ("train", "val", "test")
 ZIPS = ("gtFine_trainvaltest.zip", "leftImg8bit_trainvaltest.zip")
-
-
-def save_png(array, path):
-    atomic_write(path, lambda f: Image.fromarray(array).save(f, format="PNG"))
 
 
 def convert_one(task):

@@ -41,7 +41,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image
 
 import data
 import kernels
@@ -548,7 +547,7 @@ def evaluate(model, pairs, config, env):
                 written = label_ids[pred.cpu().numpy()]
                 try:  # a full disk: one line (torchrun then stops the other processes)
                     out.parent.mkdir(parents=True, exist_ok=True)
-                    data.atomic_write(out, lambda f: Image.fromarray(written).save(f, format="PNG"))
+                    data.save_png(written, out)
                 except OSError as e:
                     raise BadInput(f"--pred-dir: cannot write {out} ({e.strerror or e})") from None
             if env.main and (count % 100 == 0 or count == len(shard)):
