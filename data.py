@@ -67,9 +67,11 @@ def atomic_write(path, content):
         raise
 
 
-def save_png(array, path):
-    """An (H, W) or (H, W, 3) uint8 array as a PNG, written atomically (atomic_write)."""
-    atomic_write(path, lambda f: Image.fromarray(array).save(f, format="PNG"))
+def save_png(array, path, compress_level=6):
+    """An (H, W) or (H, W, 3) uint8 array as a PNG, written atomically (atomic_write).
+    compress_level: zlib's, 6 PIL's default; 1 encodes a photo-like image about 4x faster
+    (a 1024x2048 overlay: 110 ms, not 490) for a file about 25% larger."""
+    atomic_write(path, lambda f: Image.fromarray(array).save(f, format="PNG", compress_level=compress_level))
 
 
 @contextlib.contextmanager

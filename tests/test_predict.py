@@ -38,6 +38,9 @@ def test_predict_street_frame_equals_argmax(weights, tmp_path):
         expected = model(images).argmax(1)[0].numpy()
     np.testing.assert_array_equal(train_ids, expected)
     np.testing.assert_array_equal(color, data.dataset_palette(data.CITYSCAPES)[expected])
+    # the default --alpha 0.5, rounded from float32 arithmetic (error below 1e-4 at 0..255)
+    blend = 0.5 * np.asarray(photo, np.float64) + 0.5 * color
+    assert np.abs(np.asarray(overlay, np.float64) - blend).max() <= 0.5 + 1e-3
 
 
 def test_predict_folder_skips_corrupt_image(tmp_path):
@@ -88,6 +91,21 @@ def checkpoint(tmp_path):
     path = tmp_path / "model.pt"
     torch.save({"model": BiSeNetV2(19).state_dict()}, path)
     return path
+
+
+def test_overlay_weighs_the_palette_by_alpha(checkpoint, tmp_path):
+    """--alpha weighs the colours, 1 - alpha the photo: exact at 0 and 1, rounded between."""
+    photo = np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    Image.fromarray(photo).save(tmp_path / "street.png")
+    for alpha in (0.0, 0.25, 1.0):
+        out = tmp_path / f"out{alpha}"
+        assert predict.main(["--weights", str(checkpoint), "--input", str(tmp_path / "street.png"), "--out", str(out),
+                             "--device", "cpu", "--overlay", "--alpha", str(alpha)]) == 0
+        color = np.asarray(Image.open(out / "street_color.png"), np.float64)
+        overlay = np.asarray(Image.open(out / "street_overlay.png"), np.float64)
+        blend = (1 - alpha) * photo + alpha * color
+        bound = 0.0 if alpha in (0.0, 1.0) else 0.5 + 1e-3  # float32's error below 1e-4 at 0..255
+        assert np.abs(overlay - blend).max() <= bound, alpha
 
 
 def test_out_inside_input_is_never_read(checkpoint, tmp_path):
