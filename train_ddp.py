@@ -641,6 +641,26 @@ def best_so_far(best, save_dir, start_iter):
     return saved if saved["iter"] <= start_iter and saved["mIoU"] > best["mIoU"] else best
 
 
+def resume_point(save_dir, env):
+    """-> (path, checkpoint, best) of rank 0's newest checkpoint in save_dir, or (None, None,
+    None), sent to every rank (a BadInput on rank 0 is raised on every rank): all ranks start
+    from one iteration and one state, also where the nodes do not share --save-dir or see it
+    late (NFS caches listings), which would otherwise train diverged models, then hang."""
+    found = [None, None, None, None]  # path, checkpoint, best, rank 0's BadInput
+    if env.main:
+        try:
+            path, checkpoint = newest_checkpoint(save_dir)
+            if checkpoint is not None:
+                found[:3] = [path, checkpoint, best_so_far(checkpoint["best"], save_dir, checkpoint["iter"])]
+        except BadInput as e:
+            found[3] = str(e)
+    if dist.is_initialized():  # about 20 MB: the model and the optimizer's momentum
+        dist.broadcast_object_list(found, src=0)
+    if found[3] is not None:
+        raise BadInput(found[3])
+    return tuple(found[:3])
+
+
 def save_on_master(obj, path, env):
     """Rank 0 writes `obj` (a checkpoint, with its "iter") atomically; a failed write (a full
     disk) leaves no partial file and stops the run naming the path and the last good checkpoint."""
@@ -766,7 +786,7 @@ def train(config, env, ops, signals):
     model, step_model, criterion, optimizer, scaler = build_training(config, env, ops)
     start_iter, best = 0, dict(mIoU=-1.0, iter=None)
     if config.resume:
-        path, checkpoint = newest_checkpoint(save_dir)
+        path, checkpoint, resumed_best = resume_point(save_dir, env)
         if checkpoint is None:
             env.log(f"--resume: no checkpoint in {save_dir}; starting from scratch")
         else:
@@ -774,7 +794,7 @@ def train(config, env, ops, signals):
             model.load_state_dict(checkpoint["model"])
             optimizer.load_state_dict(checkpoint["optimizer"])
             scaler.load_state_dict(checkpoint["scaler"])
-            start_iter, best = checkpoint["iter"], best_so_far(checkpoint["best"], save_dir, checkpoint["iter"])
+            start_iter, best = checkpoint["iter"], resumed_best
             env.log(f"resumed from {path} at iteration {start_iter}")
     if env.main:
         trim_records(save_dir, start_iter, env.log)

@@ -780,3 +780,44 @@ def test_resume_takes_the_best_from_best_pt_when_no_later(tmp_path):
     (tmp_path / "best.pt").write_bytes(b"corrupt")
     with pytest.raises(data.BadInput, match="best.pt is unreadable"):
         train_ddp.best_so_far(older, tmp_path, 4)
+
+
+def resume_point_on_rank(rank, init_file, save_dirs, results):
+    """One of two gloo ranks, each with its own view of --save-dir: resume_point's answer (or
+    its BadInput) into results/RANK.json."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        env = train_ddp.Process(rank, 2, rank, torch.device("cpu"))
+        path, checkpoint, best = train_ddp.resume_point(save_dirs[rank], env)
+        answer = dict(path=str(path), iter=checkpoint["iter"], weight=checkpoint["model"]["w"].tolist(), best=best)
+    except data.BadInput as e:
+        answer = dict(error=str(e))
+    finally:
+        dist.destroy_process_group()
+    (results / f"{rank}.json").write_text(json.dumps(answer))
+
+
+def test_every_rank_resumes_from_rank_0s_checkpoint(tmp_path):
+    """Nodes that do not share --save-dir, or see it late (NFS), list other checkpoints:
+    every rank takes rank 0's (state and best), and rank 0's unreadable best.pt is every
+    rank's one-line error, not a rank left waiting."""
+    node0, node1, results = tmp_path / "node0", tmp_path / "node1", tmp_path / "results"
+    for folder in (node0, node1, results):
+        folder.mkdir()
+    for folder, it in ((node0, 4), (node1, 2)):  # node1's view lags behind
+        torch.save(dict(model=dict(w=torch.full((2,), float(it))), optimizer={}, iter=it, config={},
+                        best=dict(mIoU=0.1, iter=2)), folder / f"iter_{it}.pt")
+    torch.save(dict(metrics=dict(mIoU=0.3), iter=4), node0 / "best.pt")
+    save_dirs = [node0, node1]
+    torch.multiprocessing.spawn(resume_point_on_rank, args=(tmp_path / "init", save_dirs, results), nprocs=2)
+    for rank in (0, 1):
+        assert json.loads((results / f"{rank}.json").read_text()) == dict(
+            path=str(node0 / "iter_4.pt"), iter=4, weight=[4.0, 4.0], best=dict(mIoU=0.3, iter=4)), rank
+
+    (node0 / "best.pt").write_bytes(b"corrupt")
+    torch.multiprocessing.spawn(resume_point_on_rank, args=(tmp_path / "init2", save_dirs, results), nprocs=2)
+    for rank in (0, 1):
+        answer = json.loads((results / f"{rank}.json").read_text())
+        assert answer == dict(error=f"--resume: {node0 / 'best.pt'} is unreadable (UnpicklingError); move it away "
+                                    f"to resume"), rank
