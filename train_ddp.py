@@ -100,7 +100,7 @@ def make_parser():
     group("--aug-device", choices=("auto", "cpu", "cuda"), default="auto",
           help="cpu: augment each sample in the DataLoader workers; cuda: the workers only read uint8 "
                "frames, the main process augments the whole batch on the GPU (same draws); auto: cuda when "
-               "training on CUDA from a pack")
+               "training on CUDA from a pack, or from PNG frames of one size")
     group = parser.add_argument_group("speed (None: decided at start from the device)").add_argument
     group("--amp", choices=("bf16", "fp16", "none"), default=None, help="training autocast; None: bf16 on CUDA")
     group("--channels-last", action=argparse.BooleanOptionalAction, default=None,
@@ -251,7 +251,9 @@ def resolve_config(args, env):
     pack = None
     if not args.no_pack and not args.eval_only:
         pack = data.find_pack(data_dir, "train", dataset)
-    aug_device = args.aug_device if args.aug_device != "auto" else "cuda" if cuda and pack else "cpu"
+    aug_device = args.aug_device
+    if aug_device == "auto":
+        aug_device = "cuda" if cuda and not args.eval_only and (pack or one_frame_size(data_dir, env)) else "cpu"
     fused_sgd_available = "fused" in inspect.signature(torch.optim.SGD).parameters
     fused_sgd = cuda and fused_sgd_available if args.fused_sgd is None else args.fused_sgd
     for flag, wanted in (("--aug-device cuda", aug_device == "cuda"), ("--fused-sgd", fused_sgd)):
@@ -284,6 +286,23 @@ def resolve_config(args, env):
         sync_bn=sync_bn, eval_interval=args.eval_interval or args.save_interval))
     torch.backends.cudnn.benchmark = config.cudnn_benchmark
     return config, ops
+
+
+def one_frame_size(data_dir, env):
+    """--aug-device auto without a pack: whether the train frames share one size (their PNG
+    headers, some 25 us a frame), so that the batches can be augmented on the GPU (the workers
+    only decode: half their time a frame). Logged either way."""
+    pairs = data.read_list(data_dir, "train")
+    first = prepare_data.image_size(pairs[0][0]) if pairs else None
+    for image, _ in pairs:
+        if (size := prepare_data.image_size(image)) != first:
+            env.log(f"--aug-device auto: cpu, the train frames differ in size ({pairs[0][0]} is {first[0]}x{first[1]}, "
+                    f"{image} {size[0]}x{size[1]}); a batch augmented on the GPU needs one size")
+            return False
+    if pairs:
+        env.log(f"--aug-device auto: cuda, the {len(pairs)} train frames are all {first[0]}x{first[1]}: the workers "
+                "decode, the GPU augments each batch")
+    return bool(pairs)
 
 
 def median_frequency_weights(counts):

@@ -821,3 +821,16 @@ def test_every_rank_resumes_from_rank_0s_checkpoint(tmp_path):
         answer = json.loads((results / f"{rank}.json").read_text())
         assert answer == dict(error=f"--resume: {node0 / 'best.pt'} is unreadable (UnpicklingError); move it away "
                                     f"to resume"), rank
+
+
+def test_aug_device_auto_takes_the_gpu_for_png_frames_of_one_size(tmp_path, capsys):
+    """--aug-device auto on CUDA without a pack: the GPU augments the batches when the train
+    frames share one size (by their headers), the workers otherwise; logged either way."""
+    root = make_dataset(tmp_path / "data", num_train=3, size=(40, 60))
+    env = train_ddp.Process(0, 1, 0, torch.device("cpu"))
+    assert train_ddp.one_frame_size(root, env)
+    assert "--aug-device auto: cuda, the 3 train frames are all 60x40" in capsys.readouterr().out
+    Image.fromarray(np.zeros((30, 60, 3), np.uint8)).save(root / "train" / "img2.png")
+    assert not train_ddp.one_frame_size(root, env)
+    assert (f"--aug-device auto: cpu, the train frames differ in size ({root / 'train' / 'img0.png'} is 60x40, "
+            f"{root / 'train' / 'img2.png'} 60x30)") in capsys.readouterr().out
