@@ -31,6 +31,7 @@ BASELINE = dict(packed=False, aug_device="cpu", amp="none", channels_last=False,
 # (row name, what it changes against the baseline, the changed settings, runs on a CPU)
 CONFIGS = [
     ("baseline", "eager fp32, NCHW, --kernels torch, PNG decode + per-sample aug in workers", {}, True),
+    ("gpu-aug", "workers decode the PNGs only, batch augmented on the GPU", dict(aug_device="cuda"), False),
     ("packed+gpu-aug", "memory-mapped pack, workers gather uint8, batch augmented on the GPU",
      dict(packed=True, aug_device="cuda"), False),
     ("bf16", "bf16 autocast", dict(amp="bf16"), True),

@@ -51,7 +51,7 @@ def test_smoke_prints_every_row(tmp_path, capsys):
     for name in ("baseline", "bf16", "channels_last"):  # measured on the CPU
         images_per_s, step_ms = float(rows[name][1]), float(rows[name][2])
         assert images_per_s > 0 and step_ms > 0 and rows[name][3].endswith("%")
-    for name in ("packed+gpu-aug", "fused-kernels", "packed+fused-kernels", "fused-sgd", "cudnn-benchmark", "all"):
+    for name in ("gpu-aug", "packed+gpu-aug", "fused-kernels", "packed+fused-kernels", "fused-sgd", "cudnn-benchmark", "all"):
         assert rows[name][1] == "-" and rows[name][5] == "needs CUDA"
     assert float(rows["fp32 eager, NCHW"][0]) > 0
     assert "Projected 160k iterations on 8 GPUs: n/a" in table
