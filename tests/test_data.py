@@ -127,8 +127,9 @@ def test_sampler_shards_ranks_and_resumes():
 @pytest.mark.parametrize("device", DEVICES)
 def test_loader_from_pack_and_on_device_gives_the_png_batches(tmp_path, device):
     """The loader over the pack gives the PNG loader's batches bitwise; with aug_device
-    'cuda' (the workers read raw frames, batch_to_device augments the batch on `device`) the
-    draws are the same and the images agree up to float rounding."""
+    'cuda' (the workers read raw frames, from the pack or the PNGs alike, batch_to_device
+    augments the batch on `device`) the draws are the same and the images agree up to float
+    rounding."""
     root = make_dataset(tmp_path / "data", num_train=5, size=(37, 53))
     pack(root)
     pairs = data.read_list(root, "train")
@@ -139,10 +140,12 @@ def test_loader_from_pack_and_on_device_gives_the_png_batches(tmp_path, device):
     png = data.make_loader(pairs, None, data.CITYSCAPES, cpu_config, rank=0, world_size=1, start_iter=0)
     packed = data.make_loader(pairs, index, data.CITYSCAPES, cpu_config, rank=0, world_size=1, start_iter=0)
     raw = data.make_loader(pairs, index, data.CITYSCAPES, raw_config, rank=0, world_size=1, start_iter=0)
+    raw_png = data.make_loader(pairs, None, data.CITYSCAPES, raw_config, rank=0, world_size=1, start_iter=0)
     count = 0
-    for png_batch, packed_batch, raw_batch in zip(png, packed, raw):
+    for png_batch, packed_batch, raw_batch, raw_png_batch in zip(png, packed, raw, raw_png):
         count += 1
         assert all(torch.equal(a, b) for a, b in zip(png_batch, packed_batch))
+        assert all(torch.equal(a, b) for a, b in zip(raw_batch, raw_png_batch))  # decoded by the workers
         assert raw_batch[0].dtype == torch.uint8 and raw_batch[0].shape == (4, 37, 53, 3)
         images, labels = data.batch_to_device(raw_batch, torch.device(device), raw_config)
         assert images.device.type == device and images.shape == (4, 3, 48, 64)
