@@ -39,7 +39,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 import data
 from bisenetv2 import BiSeNetV2, ConvBN, load_weights
@@ -47,12 +46,17 @@ from bisenetv2 import BiSeNetV2, ConvBN, load_weights
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
 
+def normalize(rgb):
+    """uint8 -> float32, PaddleSeg's normalisation: (rgb / 255 - 0.5) / 0.5, its three
+    float32 roundings."""
+    return rgb.float().div_(255.0).sub_(0.5).div_(0.5)
+
+
 def preprocess(photos):
-    """PIL images of one size -> (N, 3, H, W) float32, PaddleSeg's normalisation:
-    (rgb / 255 - 0.5) / 0.5, its three float32 roundings (in torch's threads, on the
-    uint8 image made NCHW first)."""
+    """PIL images of one size -> (N, 3, H, W) float32, normalised (in torch's threads, on
+    the uint8 image made NCHW first)."""
     rgb = torch.from_numpy(np.stack([np.asarray(photo.convert("RGB")) for photo in photos]))  # (N, H, W, 3) uint8
-    return rgb.permute(0, 3, 1, 2).contiguous().float().div_(255.0).sub_(0.5).div_(0.5)
+    return normalize(rgb.permute(0, 3, 1, 2).contiguous())
 
 
 # ---------------------------------------------------------------------------------------
@@ -74,9 +78,11 @@ def fold_batchnorm(model):
 
 class Predictor:
     """The fast inference path for an eval-mode BiSeNetV2:
-    images (N, 3, H, W) float32, normalised, on any device -> on `device`, either
-    (N, H, W) uint8 train ids (output='train_ids', the argmax in the same graph) or the
-    (N, C, H, W) logits in `dtype` (output='logits').
+    images (N, 3, H, W) float32, normalised (preprocess), or (N, H, W, 3) uint8 RGB photos
+    (normalised on `device` by a table of normalize's 256 values: the same bits, a quarter
+    of the bytes to copy there and no pass over them on the host), on any device -> on
+    `device`, either (N, H, W) uint8 train ids (output='train_ids', the argmax in the same
+    graph) or the (N, C, H, W) logits in `dtype` (output='logits').
 
     dtype          torch.float32: the model as given (on CUDA, cuDNN may use TF32);
                    torch.bfloat16: BatchNorm folded into the convs in float32, then weights
@@ -104,14 +110,23 @@ class Predictor:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model.to(memory_format=self.memory_format)
         self.device, self.dtype, self.output, self.log = device, dtype, output, log
+        self.normalized = normalize(torch.arange(256, dtype=torch.uint8)).to(device)  # (256,): value -> normalised
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # one input shape at a time: autotune each once
         self.forward = torch.compile(self.eager_forward, dynamic=False) if compile else self.eager_forward
         self.cuda_graph = cuda_graph
         self.graph = None  # (input shape and dtype, static input, CUDAGraph, static output)
 
+    def prepare(self, images):
+        """-> images on the device, float32 and normalised (a uint8 (N, H, W, 3) batch: by
+        the table, into (N, 3, H, W) with channels_last strides)."""
+        if images.dtype != torch.uint8:
+            return images.to(self.device)
+        codes = images.to(self.device).reshape(-1).int()
+        return self.normalized.index_select(0, codes).view(images.shape).permute(0, 3, 1, 2)
+
     def eager_forward(self, images):
-        images = images.to(self.device, self.dtype, memory_format=self.memory_format)
+        images = self.prepare(images).to(self.dtype, memory_format=self.memory_format)
         logits = self.model(images)
         return logits.argmax(1).to(torch.uint8) if self.output == "train_ids" else logits
 
@@ -144,8 +159,9 @@ class Predictor:
 
 
 class OnnxPredictor:
-    """An ONNX export (export.py) run by onnxruntime: images (N, 3, H, W) float32 -> (N, H, W)
-    uint8 train ids as a numpy array, whether the graph outputs logits or train ids.
+    """An ONNX export (export.py) run by onnxruntime: images (N, 3, H, W) float32, normalised,
+    or (N, H, W, 3) uint8 RGB photos (normalised here) -> (N, H, W) uint8 train ids as a numpy
+    array, whether the graph outputs logits or train ids.
     `fixed_size` is the graph's (H, W), None when symbolic; `batch` is its fixed batch
     size, None when symbolic. device None: onnxruntime's CUDA provider when it has one, else
     the CPU (the log line names the provider); a CUDA device requires the CUDA provider.
@@ -181,6 +197,8 @@ class OnnxPredictor:
             f"input {inputs[0].shape}, output {outputs[0].name} {outputs[0].shape}")
 
     def __call__(self, images):
+        if images.dtype == torch.uint8:
+            images = normalize(images.permute(0, 3, 1, 2).contiguous())
         images = np.ascontiguousarray(np.asarray(images, dtype=np.float32))
         output = self.session.run(None, {self.input_name: images})[0]
         return output.argmax(1).astype(np.uint8) if self.outputs_logits else output.astype(np.uint8)
@@ -348,8 +366,8 @@ def parse_args(argv=None):
 
 
 def load_runner(args, num_classes, device, log):
-    """-> (run, fixed_size, most_per_call): run maps (N, 3, H, W) float32 to (N, H, W) uint8
-    train ids (numpy); fixed_size is the (H, W) every image must have, or None. Raises
+    """-> (run, fixed_size, most_per_call): run maps (N, H, W, 3) uint8 RGB photos to (N, H, W)
+    uint8 train ids (numpy); fixed_size is the (H, W) every image must have, or None. Raises
     OSError or ValueError for unreadable weights."""
     if args.weights.endswith(".onnx"):
         runner = OnnxPredictor(args.weights, None if args.device == "auto" else device, log)
@@ -370,8 +388,8 @@ def load_runner(args, num_classes, device, log):
     predictor.output = "logits"
     log(f"sliding windows of {args.slide[0]}x{args.slide[1]} every "
         + (f"{args.stride[0]}x{args.stride[1]}" if args.stride else "half a window"))
-    return (lambda images: slide_logits(predictor, images, args.slide, args.stride).argmax(1).to(torch.uint8)
-            .cpu().numpy()), None, args.batch_size
+    return (lambda images: slide_logits(predictor, predictor.prepare(images), args.slide, args.stride).argmax(1)
+            .to(torch.uint8).cpu().numpy()), None, args.batch_size
 
 
 def read_ahead(pool, fn, items, ahead):
@@ -387,10 +405,10 @@ def read_ahead(pool, fn, items, ahead):
 
 
 def read_photo(path):
-    """-> the image as an RGB PIL image, by training's rule (data.read_photo: 16-bit
-    greyscale by its top 8 bits); OSError naming the file and why it is refused."""
+    """-> the image as an (H, W, 3) uint8 RGB array, by training's rule (data.read_photo:
+    16-bit greyscale by its top 8 bits); OSError naming the file and why it is refused."""
     try:
-        return Image.fromarray(data.read_photo(path))
+        return data.read_photo(path)
     except data.BadInput as e:
         raise OSError(str(e)) from None
 
@@ -476,7 +494,7 @@ def main(argv=None):
         if args.overlay:
             # (1 - alpha) photo + alpha color in float32, in place (5x faster than float64's
             # temporaries), rounded: a convex blend of 0..255 needs no clip
-            blend = np.multiply(np.asarray(photo), np.float32(1 - args.alpha), dtype=np.float32)
+            blend = np.multiply(photo, np.float32(1 - args.alpha), dtype=np.float32)
             blend += np.multiply(color, np.float32(args.alpha), dtype=np.float32)
             # photo-like: zlib's fastest level, or its encoding bounds the run (4x the time for 20% less)
             save(np.rint(blend, out=blend).astype(np.uint8), target.with_name(f"{target.name}_overlay.png"), 1)
@@ -489,7 +507,7 @@ def main(argv=None):
 
     def write(batch):  # batch: [(path, stem, photo)], photos of one size
         nonlocal done
-        train_ids = run(preprocess([photo for _, _, photo in batch]))  # (N, H, W) uint8
+        train_ids = run(torch.from_numpy(np.stack([photo for _, _, photo in batch])))  # (N, H, W) uint8
         for (image_path, stem, photo), ids in zip(batch, train_ids):
             writes.append(pool.submit(write_outputs, ids, out_dir / stem, photo))
             done += 1
@@ -513,12 +531,12 @@ def main(argv=None):
                 log(f"skipping {photo}")
                 failed += 1
                 continue
-            if fixed_size is not None and photo.size != fixed_size[::-1]:
-                log(f"skipping {image_path}: {photo.height}x{photo.width}, but the export's input is fixed at "
+            if fixed_size is not None and photo.shape[:2] != tuple(fixed_size):
+                log(f"skipping {image_path}: {photo.shape[0]}x{photo.shape[1]}, but the export's input is fixed at "
                     f"{fixed_size[0]}x{fixed_size[1]} (export with --dynamic for any size)")
                 failed += 1
                 continue
-            if batch and (batch[0][2].size != photo.size or len(batch) == most_per_call):
+            if batch and (batch[0][2].shape != photo.shape or len(batch) == most_per_call):
                 write(batch)
                 batch = []
             batch.append((image_path, stem, photo))

@@ -57,6 +57,22 @@ def test_predictor_fp32_is_the_model(model, photo):
     assert train_ids.dtype == torch.uint8 and torch.equal(train_ids, expected.argmax(1).to(torch.uint8))
 
 
+def test_predictor_takes_uint8_photos(model, photo):
+    """(N, H, W, 3) uint8 RGB photos are normalised on the predictor's device by a table:
+    preprocess's bits for every value, and the same logits."""
+    values = torch.arange(256, dtype=torch.uint8).view(1, 16, 16, 1).expand(2, 16, 16, 3)
+    expected = (np.arange(256, dtype=np.float32) / 255.0 - 0.5) / 0.5
+    predictor = predict.Predictor(model, "cpu", output="logits")
+    prepared = predictor.prepare(values)
+    assert prepared.shape == (2, 3, 16, 16) and prepared.is_contiguous(memory_format=torch.channels_last)
+    assert np.array_equal(prepared.numpy().reshape(6, 256), np.broadcast_to(expected, (6, 256)))
+    boxes = [(0, 0, 333, 191), (5, 3, 338, 194)]
+    rgb = torch.from_numpy(np.stack([np.asarray(photo.crop(box)) for box in boxes]))
+    images = crops(photo, *boxes)
+    assert torch.equal(predictor.prepare(rgb), images)
+    assert torch.equal(predictor(rgb), reference(model, images))
+
+
 def test_predictor_channels_last_and_batch(model, photo):
     boxes = [(0, 0, 333, 191), (400, 200, 733, 391)]
     images = crops(photo, *boxes)
@@ -171,3 +187,19 @@ def test_gpu_predict_cli_fast_path(photo, tmp_path):
     for name in "abc":
         fast, fp32 = (np.asarray(Image.open(tmp_path / d / f"{name}_trainIds.png")) for d in ("fast", "fp32"))
         assert fast.shape == fp32.shape and (fast == fp32).mean() >= BF16[1]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cuda_graph", [False, True], ids=["eager", "cuda graph"])
+def test_gpu_predictor_normalises_uint8_photos_on_the_device(model, photo, cuda_graph):
+    """uint8 photos are normalised on the GPU to preprocess's bits (the table), eagerly and
+    inside a CUDA graph, and give the float input's logits."""
+    boxes = [(0, 0, 1024, 512), (13, 7, 1037, 519)]
+    rgb = torch.from_numpy(np.stack([np.asarray(photo.crop(box)) for box in boxes]))
+    images = crops(photo, *boxes)
+    predictor = predict.Predictor(model, "cuda", torch.bfloat16, channels_last=True, cuda_graph=cuda_graph,
+                                  output="logits", log=lambda line: None)
+    assert torch.equal(predictor.prepare(rgb).cpu(), images)
+    expected = predictor(images).clone()
+    assert_close(predictor(rgb), expected.float().cpu(), BF16)
+    assert_close(predictor(rgb.flip(2)), reference(model, images.flip(-1)), BF16)  # a graph replays new data
