@@ -122,6 +122,8 @@ class Predictor:
         the table, into (N, 3, H, W) with channels_last strides)."""
         if images.dtype != torch.uint8:
             return images.to(self.device)
+        if images.dim() != 4 or images.shape[-1] != 3:
+            raise ValueError(f"Predictor: uint8 photos must be (N, H, W, 3) RGB, got {tuple(images.shape)}")
         codes = images.to(self.device).reshape(-1).int()
         return self.normalized.index_select(0, codes).view(images.shape).permute(0, 3, 1, 2)
 

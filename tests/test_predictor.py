@@ -71,6 +71,8 @@ def test_predictor_takes_uint8_photos(model, photo):
     images = crops(photo, *boxes)
     assert torch.equal(predictor.prepare(rgb), images)
     assert torch.equal(predictor(rgb), reference(model, images))
+    with pytest.raises(ValueError, match=r"uint8 photos must be \(N, H, W, 3\) RGB, got \(2, 3, 191, 333\)"):
+        predictor(rgb.permute(0, 3, 1, 2))
 
 
 def test_predictor_channels_last_and_batch(model, photo):
