@@ -46,17 +46,11 @@ from bisenetv2 import BiSeNetV2, ConvBN, load_weights
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
 
-def normalize(rgb):
-    """uint8 -> float32, PaddleSeg's normalisation: (rgb / 255 - 0.5) / 0.5, its three
-    float32 roundings."""
-    return rgb.float().div_(255.0).sub_(0.5).div_(0.5)
-
-
 def preprocess(photos):
     """PIL images of one size -> (N, 3, H, W) float32, normalised (in torch's threads, on
     the uint8 image made NCHW first)."""
     rgb = torch.from_numpy(np.stack([np.asarray(photo.convert("RGB")) for photo in photos]))  # (N, H, W, 3) uint8
-    return normalize(rgb.permute(0, 3, 1, 2).contiguous())
+    return data.normalize(rgb.permute(0, 3, 1, 2).contiguous().float())
 
 
 # ---------------------------------------------------------------------------------------
@@ -79,7 +73,7 @@ def fold_batchnorm(model):
 class Predictor:
     """The fast inference path for an eval-mode BiSeNetV2:
     images (N, 3, H, W) float32, normalised (preprocess), or (N, H, W, 3) uint8 RGB photos
-    (normalised on `device` by a table of normalize's 256 values: the same bits, a quarter
+    (normalised on `device` by a table of data.normalize's 256 values: the same bits, a quarter
     of the bytes to copy there and no pass over them on the host), on any device -> on
     `device`, either (N, H, W) uint8 train ids (output='train_ids', the argmax in the same
     graph) or the (N, C, H, W) logits in `dtype` (output='logits').
@@ -110,7 +104,7 @@ class Predictor:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model.to(memory_format=self.memory_format)
         self.device, self.dtype, self.output, self.log = device, dtype, output, log
-        self.normalized = normalize(torch.arange(256, dtype=torch.uint8)).to(device)  # (256,): value -> normalised
+        self.normalized = data.normalize(torch.arange(256.0)).to(device)  # (256,) float32: value -> normalised
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # one input shape at a time: autotune each once
         self.forward = torch.compile(self.eager_forward, dynamic=False) if compile else self.eager_forward
@@ -200,7 +194,7 @@ class OnnxPredictor:
 
     def __call__(self, images):
         if images.dtype == torch.uint8:
-            images = normalize(images.permute(0, 3, 1, 2).contiguous())
+            images = data.normalize(images.permute(0, 3, 1, 2).float())
         images = np.ascontiguousarray(np.asarray(images, dtype=np.float32))
         output = self.session.run(None, {self.input_name: images})[0]
         return output.argmax(1).astype(np.uint8) if self.outputs_logits else output.astype(np.uint8)
