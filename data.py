@@ -432,7 +432,9 @@ def check_same_size(image_path, image_size, label_path, label_size):
 def check_headers(pairs):
     """Reads only the headers of every listed image and label (not their pixels): BadInput
     naming the first file that does not open, has a mode read_frame refuses, or differs in
-    size from its partner. What evaluation checks at start, before training."""
+    size from its partner. What evaluation checks at start, before training. -> the images'
+    (width, height)."""
+    image_sizes = []
     for image_path, label_path in pairs:
         sizes = []
         for path, mode_problem in ((image_path, photo_mode_problem), (label_path, label_mode_problem)):
@@ -445,6 +447,8 @@ def check_headers(pairs):
                 raise BadInput(f"{path}: {problem}")
             sizes.append(size)
         check_same_size(image_path, sizes[0], label_path, sizes[1])
+        image_sizes.append(sizes[0])
+    return image_sizes
 
 
 def read_label(label_path):

@@ -289,19 +289,20 @@ def resolve_config(args, env):
 
 
 def one_frame_size(data_dir, env):
-    """--aug-device auto without a pack: whether the train frames share one size (their PNG
-    headers, some 25 us a frame), so that the batches can be augmented on the GPU (the workers
-    only decode: half their time a frame). Logged either way."""
+    """--aug-device auto without a pack: whether the train frames share one size (by their
+    headers, data.check_headers: some 50 us a pair, and a bad file stops the run now), so that
+    the batches can be augmented on the GPU (the workers only decode: half their time a
+    frame). Logged either way."""
     pairs = data.read_list(data_dir, "train")
-    first = prepare_data.image_size(pairs[0][0]) if pairs else None
-    for image, _ in pairs:
-        if (size := prepare_data.image_size(image)) != first:
-            env.log(f"--aug-device auto: cpu, the train frames differ in size ({pairs[0][0]} is {first[0]}x{first[1]}, "
-                    f"{image} {size[0]}x{size[1]}); a batch augmented on the GPU needs one size")
-            return False
+    sizes = data.check_headers(pairs)
+    if (other := next((i for i, size in enumerate(sizes) if size != sizes[0]), None)) is not None:
+        env.log(f"--aug-device auto: cpu, the train frames differ in size ({pairs[0][0]} is {sizes[0][0]}x"
+                f"{sizes[0][1]}, {pairs[other][0]} {sizes[other][0]}x{sizes[other][1]}); a batch augmented on the "
+                "GPU needs one size")
+        return False
     if pairs:
-        env.log(f"--aug-device auto: cuda, the {len(pairs)} train frames are all {first[0]}x{first[1]}: the workers "
-                "decode, the GPU augments each batch")
+        env.log(f"--aug-device auto: cuda, the {len(pairs)} train frames are all {sizes[0][0]}x{sizes[0][1]}: the "
+                "workers decode, the GPU augments each batch")
     return bool(pairs)
 
 

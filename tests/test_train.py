@@ -831,6 +831,10 @@ def test_aug_device_auto_takes_the_gpu_for_png_frames_of_one_size(tmp_path, caps
     assert train_ddp.one_frame_size(root, env)
     assert "--aug-device auto: cuda, the 3 train frames are all 60x40" in capsys.readouterr().out
     Image.fromarray(np.zeros((30, 60, 3), np.uint8)).save(root / "train" / "img2.png")
+    Image.fromarray(np.zeros((30, 60), np.uint8)).save(root / "train" / "lab2.png")
     assert not train_ddp.one_frame_size(root, env)
     assert (f"--aug-device auto: cpu, the train frames differ in size ({root / 'train' / 'img0.png'} is 60x40, "
             f"{root / 'train' / 'img2.png'} 60x30)") in capsys.readouterr().out
+    (root / "train" / "img1.png").write_bytes(b"not a png")  # the headers are read: a bad file stops the start
+    with pytest.raises(data.BadInput, match="img1.png: unreadable image"):
+        train_ddp.one_frame_size(root, env)
