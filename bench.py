@@ -3,6 +3,7 @@
     python bench.py --out bench.md                     # synthetic 2048x1024 frames, made once
     python bench.py --data-dir /data/cityscapes --num-workers 8
     python bench.py --configs all --profile all         # and where the 'all' step's GPU time goes
+    python bench.py --io                                # predict.py on a folder, and evaluation: frames/s
 
 Each row trains a fresh model in this process with train_ddp.py's own pieces (resolve_config
 from the row's train_ddp flags, build_training, data.make_loader, data.next_batch,
@@ -10,10 +11,14 @@ train_step), so what is measured is the training loop itself. One process, one G
 BENCHMARKS.md for the rows and the columns.
 """
 import argparse
+import contextlib
 import datetime
+import io
 import os
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -71,10 +76,16 @@ def parse_args(argv=None):
     add("--profile", nargs="+", default=[], metavar="NAME", choices=[name for name, *_ in CONFIGS],
         help=f"after these rows' measured iterations, {PROFILE_STEPS} more under torch.profiler: every CUDA "
              "kernel's time a step (on the CPU every op's), largest first, below the table")
+    add("--io", action="store_true",
+        help="instead: predict.py over a folder of the data's train frames and --eval-only over its val frames "
+             "(random weights), frames/s with the threads that read ahead and write behind")
+    add("--io-frames", type=int, default=32,
+        help="--io: runs of N and 4N frames (the data's frames listed again as needed); frames/s from the "
+             "difference, which leaves out loading and the first frames' warm-up")
     add("--out", help="also write the table to this file")
     args = parser.parse_args(argv)
     kernels_bench.check_out(parser, args.out)
-    for name in ("iters", "infer_iters"):
+    for name in ("iters", "infer_iters", "io_frames"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.batch_size < 2:  # train_ddp.py refuses one crop a step likewise
@@ -231,13 +242,90 @@ def benchmark(args, env):
     return "\n".join(lines) + "\n"
 
 
+IO_ROWS = (  # label, predict.py flags, needs CUDA
+    ("predict.py", [], False),
+    ("predict.py --overlay", ["--overlay"], False),
+    ("predict.py --cuda-graph", ["--cuda-graph"], True),
+)
+
+
+def io_table(args, env):
+    """Markdown: predict.py over a folder of the data's train frames (IO_ROWS) and
+    train_ddp.py --eval-only over its val frames, random weights, in this process: each at
+    --io-frames N and 4N frames (symbolic links to the frames, again as needed), frames/s =
+    3N over the difference of the two wall times, which leaves out the start (loading the
+    weights, the first frames' warm-up)."""
+    cuda = env.device.type == "cuda"
+    data_dir = Path(args.data_dir or prepare_data.synthetic_in_cache(args.image_size, 16, log=env.log))
+    train, val = data.read_list(data_dir, "train"), data.read_list(data_dir, "val")
+    info = data.read_dataset_info(data_dir)
+    counts = (args.io_frames, 4 * args.io_frames)
+    height, width = data.read_photo(train[0][0]).shape[:2]
+    lines = [f"## `bench.py --io`: {torch.cuda.get_device_name(env.device) if cuda else f'CPU ({os.cpu_count()} cores)'}",
+             "", f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, "
+             f"data {data_dir} (frames of {width}x{height}), random weights, {counts[0]} and {counts[1]} frames a run",
+             "", f"| what | {counts[0]} frames s | {counts[1]} frames s | frames/s between | note |",
+             "| --- | ---: | ---: | ---: | --- |"]
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        weights = folder / "random.pt"
+        torch.manual_seed(0)
+        torch.save(dict(model=BiSeNetV2(len(info.class_names)).state_dict()), weights)
+
+        def row(label, run):  # run(frames, folder) -> exit code
+            times = []
+            for count in counts:
+                env.log(f"bench --io: {label}, {count} frames ...")
+                quiet = io.StringIO()
+                start = time.perf_counter()
+                with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+                    code = run(count, folder / f"{len(lines)}-{count}")
+                times.append(time.perf_counter() - start)
+                if code != 0:
+                    last = quiet.getvalue().strip().splitlines()[-1:] or ["no output"]
+                    lines.append(f"| {label} | - | - | - | failed: exit code {code}: {last[0][:160]} |")
+                    return
+            gap = times[1] - times[0]
+            rate, note = (f"{(counts[1] - counts[0]) / gap:.1f}", "") if gap > 0 else \
+                ("-", "the longer run was not slower: too few frames to tell")
+            lines.append(f"| {label} | {times[0]:.2f} | {times[1]:.2f} | {rate} | {note} |")
+
+        def predict_run(flags):
+            def run(count, work):
+                frames = work / "frames"
+                frames.mkdir(parents=True)
+                for i in range(count):  # symbolic links: the frames' files, no copies
+                    (frames / f"{i:05d}{train[i % len(train)][0].suffix}").symlink_to(train[i % len(train)][0])
+                return predict.main(["--weights", str(weights), "--input", str(frames), "--out", str(work / "out"),
+                                     "--device", str(env.device), *flags])
+            return run
+
+        def eval_run(count, work):
+            work.mkdir(parents=True)
+            for name in ("dataset.json",):
+                if (data_dir / name).is_file():
+                    (work / name).write_bytes((data_dir / name).read_bytes())
+            (work / "val.txt").write_text("".join(f"{val[i % len(val)][0]} {val[i % len(val)][1]}\n"
+                                                  for i in range(count)))
+            return train_ddp.main(["--eval-only", "--weights", str(weights), "--data-dir", str(work),
+                                   "--save-dir", str(work / "eval")])
+
+        for label, flags, needs_cuda in IO_ROWS:
+            if needs_cuda and not cuda:
+                lines.append(f"| {label} | - | - | - | needs CUDA |")
+            else:
+                row(label, predict_run(flags))
+        row("train_ddp.py --eval-only (float32)", eval_run)
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     args = parse_args(argv)
     env = train_ddp.setup_process()
     try:
         if env.world_size > 1:
             raise BadInput("bench.py runs in one process (one GPU)")
-        table = benchmark(args, env)
+        table = io_table(args, env) if args.io else benchmark(args, env)
         print(table, flush=True)
         if args.out:
             try:

@@ -67,7 +67,8 @@ def test_smoke_prints_every_row(tmp_path, capsys):
     (["--profile", "nope"], "invalid choice: 'nope'"),
     (["--configs", "all", "--profile", "all", "baseline"],
      "--profile baseline: not among --configs (only measured rows are profiled)"),
-    (["--batch-size", "1"], "--batch-size must be at least 2 (the context block's BatchNorm of the pooled vector)")])
+    (["--batch-size", "1"], "--batch-size must be at least 2 (the context block's BatchNorm of the pooled vector)"),
+    (["--io", "--io-frames", "0"], "--io-frames must be at least 1")])
 def test_unknown_row_is_a_usage_error(flags, message):
     result = subprocess.run([sys.executable, str(ROOT / "bench.py"), *flags], capture_output=True, text=True)
     assert result.returncode == 2 and message in result.stderr.strip().splitlines()[-1]  # after the usage
@@ -86,3 +87,26 @@ def test_on_gpu_measures_every_row(tmp_path):
     # CUPTI's kernels of the compiled bf16 step: convolutions among them
     kernels, total, count = profiled_kernels(table, "all")
     assert total > 0 and len(kernels) == min(count, 20)
+
+
+def test_io_table_times_predict_and_evaluation(tmp_path, capsys):
+    """--io: predict.py's rows and evaluation's, each a run of N and 4N frames; a row whose
+    run fails says so (a corrupt frame: predict.py's exit code 1), the others still run."""
+    root = make_dataset(tmp_path / "data", num_train=2, num_val=1, size=(40, 60))
+    out = tmp_path / "io.md"
+    assert bench.main(["--io", "--data-dir", str(root), "--io-frames", "1", "--out", str(out)]) == 0
+    table = out.read_text()
+    assert "(frames of 60x40), random weights, 1 and 4 frames a run" in table and table in capsys.readouterr().out
+    rows = table_rows(table)
+    assert list(rows)[1:] == [label for label, *_ in bench.IO_ROWS] + ["train_ddp.py --eval-only (float32)"]
+    for label in ("predict.py", "predict.py --overlay", "train_ddp.py --eval-only (float32)"):
+        first, longer, rate, note = rows[label][:4]
+        assert float(first) > 0 and float(longer) > 0
+        assert (rate, note) == ("-", "the longer run was not slower: too few frames to tell") or float(rate) > 0
+    assert rows["predict.py --cuda-graph"][3] == "needs CUDA"
+    (root / "train" / "img1.png").write_bytes(b"not a png")
+    assert bench.main(["--io", "--data-dir", str(root), "--io-frames", "1", "--out", str(out)]) == 0
+    rows = table_rows(out.read_text())
+    # the run of 4 frames lists img0, img1, img0, img1
+    assert rows["predict.py"][3] == "failed: exit code 1: predict.py: 2 of 4 image(s) skipped"
+    assert float(rows["train_ddp.py --eval-only (float32)"][0]) > 0

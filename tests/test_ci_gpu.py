@@ -41,8 +41,10 @@ def test_its_commands_parse():
     assert len(invocations) == 5
     for kernels_args in invocations:
         kernels_bench.parse_args(kernels_args.split())
-    bench_args = re.search(r'"\$python" bench\.py (.*?) --out', script).group(1).split()
-    bench.parse_args(bench_args)
+    bench_invocations = re.findall(r'"\$python" bench\.py (.*?) --out', script)
+    assert len(bench_invocations) == 2  # the training rows and inference; --io
+    for bench_args in bench_invocations:
+        bench.parse_args(bench_args.split())
 
 
 def run_steps(tmp_path, budget, steps):
@@ -158,9 +160,9 @@ KERNEL_TABLES = ["kernels.bench (batch 4)", "kernels.bench (every head, 4 and 8)
 
 @pytest.mark.parametrize("phase,groups", [
     ("check", KERNEL_CHECKS + ["pytest -m gpu (the rest)"]),
-    ("bench", KERNEL_TABLES + ["bench.py"]),
+    ("bench", KERNEL_TABLES + ["bench.py", "bench.py --io"]),
     # one process for both phases: the kernels' checks and tables before the other tests and bench.py
-    ("all", KERNEL_CHECKS + KERNEL_TABLES + ["pytest -m gpu (the rest)", "bench.py"])])
+    ("all", KERNEL_CHECKS + KERNEL_TABLES + ["pytest -m gpu (the rest)", "bench.py", "bench.py --io"])])
 def test_each_phase_runs_its_steps_in_order(tmp_path, phase, groups):
     result, steps, calls = run_phase(tmp_path, phase)
     assert result.returncode == 0, result.stdout + result.stderr
