@@ -71,7 +71,9 @@ def make_parser():
           help="make a synthetic Cityscapes-layout dataset in the cache and train on it briefly: "
                + ", ".join(f"{k}={v}" for k, v in DEMO_DEFAULTS.items()))
     group("--no-pack", action="store_true", help="read the PNGs even when DATA_DIR/packed/ holds a fresh pack")
-    group("--num-workers", type=int, default=4, help="DataLoader workers per process")
+    group("--num-workers", type=int, default=None,
+          help="DataLoader workers per process; None: this node's cores (the process's CPU affinity) over its "
+               "processes, less one for the process itself, 1 to 8")
     group = parser.add_argument_group("schedule and optimiser").add_argument
     group("--iters", type=int, default=160000)
     group("--batch-size", type=int, default=4, help="images per process")
@@ -168,7 +170,8 @@ def parse_args(argv=None):
               ("ohem_min_kept", "at least 0", args.ohem_min_kept is None or args.ohem_min_kept >= 0),
               ("aux_weight", "finite and at least 0", 0 <= args.aux_weight < math.inf),
               ("max_scale", "finite", math.isfinite(args.max_scale)),
-              ("crop_size", "positive", min(args.crop_size) > 0), ("num_workers", "at least 0", args.num_workers >= 0),
+              ("crop_size", "positive", min(args.crop_size) > 0),
+              ("num_workers", "at least 0", args.num_workers is None or args.num_workers >= 0),
               ("scale_step", "positive", args.scale_step > 0),
               ("scales", "finite and positive", all(math.isfinite(s) and s > 0 for s in args.scales)),
               ("min_scale", "positive and at most --max-scale", 0 < args.min_scale <= args.max_scale),
@@ -272,11 +275,12 @@ def resolve_config(args, env):
                        "per channel and crop, so it needs at least 2 crops"
                        + (" a process (without SyncBatchNorm)" if env.world_size > 1 else
                           " a step (or several processes with SyncBatchNorm)"))
-    class_weights = resolve_class_weights(args, data_dir, dataset, pack, env)
+    num_workers = args.num_workers if args.num_workers is not None else 0 if args.eval_only else auto_num_workers(env)
+    class_weights = resolve_class_weights(args, data_dir, dataset, pack, num_workers, env)
     settings = {k: v for k, v in vars(args).items() if k not in ("no_pack", "no_sync_bn")}
     config = Config(**dict(
         settings, dataset=dataset, num_classes=len(dataset.class_names), ignore_index=dataset.ignore_index,
-        class_weights=class_weights, device=str(env.device), world_size=env.world_size,
+        class_weights=class_weights, num_workers=num_workers, device=str(env.device), world_size=env.world_size,
         global_batch=args.batch_size * env.world_size, data_dir=data_dir,
         pack=str(pack["path"]) if pack else None, aug_device=aug_device, fused_sgd=fused_sgd,
         amp=args.amp or ("bf16" if cuda else "none"),
@@ -286,6 +290,19 @@ def resolve_config(args, env):
         sync_bn=sync_bn, eval_interval=args.eval_interval or args.save_interval))
     torch.backends.cudnn.benchmark = config.cudnn_benchmark
     return config, ops
+
+
+def auto_num_workers(env):
+    """--num-workers None: the cores this process may run on (its CPU affinity) shared by the
+    node's processes (torchrun's LOCAL_WORLD_SIZE), one left for each process itself, 1 to 8
+    (decoding a 2048x1024 PNG pair takes a core about 50 ms, and 8 feed some 160 frames/s).
+    Logged."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    workers = min(8, max(1, cores // processes - 1))
+    env.log(f"--num-workers auto: {workers} ({cores} cores for {processes} process(es) on this node, one left for "
+            "each, at most 8)")
+    return workers
 
 
 def one_frame_size(data_dir, env):
@@ -336,7 +353,7 @@ def resolve_dataset(args, data_dir, env):
     return dataset
 
 
-def resolve_class_weights(args, data_dir, dataset, pack, env):
+def resolve_class_weights(args, data_dir, dataset, pack, num_workers, env):
     """--class-weights as numbers (one per class), 'auto' counted from the training labels
     on rank 0 and sent to the others, or None."""
     if args.class_weights is None or args.eval_only:
@@ -351,7 +368,7 @@ def resolve_class_weights(args, data_dir, dataset, pack, env):
         start = time.perf_counter()
         counts = data.class_pixel_counts(data.read_list(data_dir, "train"),
                                          pack and data.read_pack(data_dir, "train", dataset), dataset,
-                                         args.num_workers)
+                                         num_workers)
         weights = [median_frequency_weights(counts)]
         env.log(f"--class-weights auto: median frequency balancing over {int(counts.sum())} labelled pixels "
                 f"({time.perf_counter() - start:.1f} s): {weights[0]}")

@@ -838,3 +838,16 @@ def test_aug_device_auto_takes_the_gpu_for_png_frames_of_one_size(tmp_path, caps
     (root / "train" / "img1.png").write_bytes(b"not a png")  # the headers are read: a bad file stops the start
     with pytest.raises(data.BadInput, match="img1.png: unreadable image"):
         train_ddp.one_frame_size(root, env)
+
+
+def test_num_workers_auto_shares_the_nodes_cores(monkeypatch, capsys):
+    """--num-workers None: the process's cores over the node's processes, one left for each,
+    1 to 8; logged."""
+    env = train_ddp.Process(0, 1, 0, torch.device("cpu"))
+    for cores, processes, workers in ((64, 1, 8), (16, 1, 8), (16, 8, 1), (2, 1, 1), (96, 8, 8), (48, 4, 8),
+                                      (24, 4, 5)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(processes))
+        assert train_ddp.auto_num_workers(env) == workers
+        assert (f"--num-workers auto: {workers} ({cores} cores for {processes} process(es) on this node"
+                in capsys.readouterr().out)
