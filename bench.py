@@ -260,7 +260,7 @@ def io_table(args, env):
     train, val = data.read_list(data_dir, "train"), data.read_list(data_dir, "val")
     info = data.read_dataset_info(data_dir)
     counts = (args.io_frames, 4 * args.io_frames)
-    height, width = data.read_photo(train[0][0]).shape[:2]
+    width, height = data.check_headers(train[:1])[0]  # the header only, not a full decode
     lines = [f"## `bench.py --io`: {torch.cuda.get_device_name(env.device) if cuda else f'CPU ({os.cpu_count()} cores)'}",
              "", f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, "
              f"data {data_dir} (frames of {width}x{height}), random weights, {counts[0]} and {counts[1]} frames a run",
@@ -302,9 +302,8 @@ def io_table(args, env):
 
         def eval_run(count, work):
             work.mkdir(parents=True)
-            for name in ("dataset.json",):
-                if (data_dir / name).is_file():
-                    (work / name).write_bytes((data_dir / name).read_bytes())
+            if (data_dir / "dataset.json").is_file():  # the data's classes, where not Cityscapes'
+                (work / "dataset.json").write_bytes((data_dir / "dataset.json").read_bytes())
             (work / "val.txt").write_text("".join(f"{val[i % len(val)][0]} {val[i % len(val)][1]}\n"
                                                   for i in range(count)))
             return train_ddp.main(["--eval-only", "--weights", str(weights), "--data-dir", str(work),

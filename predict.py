@@ -476,10 +476,10 @@ def main(argv=None):
     failed, done = 0, 0
     start = time.perf_counter()
 
-    def save(array, path, compress_level=6):  # a rerun's file replaced whole or not at all (a full disk: BadInput)
+    def save(array, path, **png):  # a rerun's file replaced whole or not at all (a full disk: BadInput)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            data.save_png(array, path, compress_level)
+            data.save_png(array, path, **png)
         except OSError as e:
             raise data.BadInput(f"--out: cannot write {path} ({e.strerror or e})") from None
 
@@ -493,7 +493,8 @@ def main(argv=None):
             blend = np.multiply(photo, np.float32(1 - args.alpha), dtype=np.float32)
             blend += np.multiply(color, np.float32(args.alpha), dtype=np.float32)
             # photo-like: zlib's fastest level, or its encoding bounds the run (4x the time for 20% less)
-            save(np.rint(blend, out=blend).astype(np.uint8), target.with_name(f"{target.name}_overlay.png"), 1)
+            save(np.rint(blend, out=blend).astype(np.uint8), target.with_name(f"{target.name}_overlay.png"),
+                 compress_level=1)
 
     # decoding the images and encoding the PNGs take longer than a GPU's forward pass: threads
     # of a pool read ahead and write behind (PIL and zlib release the GIL), in bounded numbers
