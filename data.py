@@ -533,10 +533,26 @@ def normalize(images):
     return images.div(255.0).sub_(0.5).div_(0.5)
 
 
+def normalize_table(device):
+    """(256,) float32 on `device`: normalize's value of each uint8 code, computed on the CPU
+    (CUDA divides by a scalar as a product with its reciprocal, which rounds differently)."""
+    return normalize(torch.arange(256.0)).to(device)
+
+
+def normalize_photos(photos, table):
+    """(N, H, W, 3) uint8 RGB -> (N, 3, H, W) float32 (channels_last strides), normalised by
+    `table` (normalize_table) on its device: normalize's bits, a quarter of the bytes to copy."""
+    if photos.dtype != torch.uint8 or photos.dim() != 4 or photos.shape[-1] != 3:
+        raise ValueError(f"photos must be (N, H, W, 3) uint8 RGB, got {tuple(photos.shape)} {photos.dtype}")
+    codes = photos.to(table.device).reshape(-1).int()
+    return table.index_select(0, codes).view(photos.shape).permute(0, 3, 1, 2)
+
+
 def eval_sample(pair, info, config):
-    """An evaluation frame at full resolution: normalised image (3, H, W) float32, label (H, W) uint8."""
+    """An evaluation frame at full resolution: image (H, W, 3) uint8 RGB (normalize_photos on
+    the device), label (H, W) uint8."""
     image, label = read_frame(*pair, info)
-    return normalize(image_tensor(image)), torch.from_numpy(label)
+    return torch.from_numpy(np.require(image, requirements="W")), torch.from_numpy(label)  # PIL's arrays are read-only
 
 
 # ---------------------------------------------------------------------------------------

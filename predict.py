@@ -104,7 +104,7 @@ class Predictor:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model.to(memory_format=self.memory_format)
         self.device, self.dtype, self.output, self.log = device, dtype, output, log
-        self.normalized = data.normalize(torch.arange(256.0)).to(device)  # (256,) float32: value -> normalised
+        self.normalized = data.normalize_table(device)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # one input shape at a time: autotune each once
         self.forward = torch.compile(self.eager_forward, dynamic=False) if compile else self.eager_forward
@@ -116,10 +116,10 @@ class Predictor:
         the table, into (N, 3, H, W) with channels_last strides)."""
         if images.dtype != torch.uint8:
             return images.to(self.device)
-        if images.dim() != 4 or images.shape[-1] != 3:
-            raise ValueError(f"Predictor: uint8 photos must be (N, H, W, 3) RGB, got {tuple(images.shape)}")
-        codes = images.to(self.device).reshape(-1).int()
-        return self.normalized.index_select(0, codes).view(images.shape).permute(0, 3, 1, 2)
+        try:
+            return data.normalize_photos(images, self.normalized)
+        except ValueError as e:
+            raise ValueError(f"Predictor: {e}") from None
 
     def eager_forward(self, images):
         images = self.prepare(images).to(self.dtype, memory_format=self.memory_format)

@@ -184,7 +184,7 @@ def test_outputs_that_cannot_be_written_stop_in_one_line_and_keep_the_old_files(
     assert sorted(p.name for p in out.iterdir()) == ["a_color.png", "a_trainIds.png"]  # no temporary file left
 
 
-def test_preprocess_is_paddlesegs_normalisation_bit_for_bit():
+def test_preprocess_and_normalize_photos_are_paddlesegs_normalisation_bit_for_bit():
     """(rgb / 255 - 0.5) / 0.5 in float32, as numpy computes it, for every value (a plane of
     all 256) and at a size whose rows leave a vector tail; RGBA and greyscale become RGB."""
     values = np.arange(256, dtype=np.uint8).reshape(16, 16)
@@ -194,6 +194,10 @@ def test_preprocess_is_paddlesegs_normalisation_bit_for_bit():
         actual = predict.preprocess([Image.fromarray(array), Image.fromarray(array)])
         assert actual.dtype == torch.float32 and actual.shape == (2, 3, *array.shape[:2]) and actual.is_contiguous()
         assert np.array_equal(actual[1].numpy(), expected[0]) and np.array_equal(actual[:1].numpy(), expected)
+        on_device = data.normalize_photos(torch.from_numpy(array)[None], data.normalize_table("cpu"))  # evaluation's
+        assert on_device.shape == expected.shape and np.array_equal(on_device.numpy(), expected)
+    with pytest.raises(ValueError, match=r"^photos must be \(N, H, W, 3\) uint8 RGB, got \(1, 37, 53, 3\) torch.float32$"):
+        data.normalize_photos(torch.from_numpy(odd)[None].float(), data.normalize_table("cpu"))
     grey = Image.fromarray(values)
     assert torch.equal(predict.preprocess([grey]), predict.preprocess([grey.convert("RGB")]))
     rgba = Image.fromarray(np.dstack([odd, odd[..., 0]]), "RGBA")

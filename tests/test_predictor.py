@@ -71,7 +71,7 @@ def test_predictor_takes_uint8_photos(model, photo):
     images = crops(photo, *boxes)
     assert torch.equal(predictor.prepare(rgb), images)
     assert torch.equal(predictor(rgb), reference(model, images))
-    with pytest.raises(ValueError, match=r"uint8 photos must be \(N, H, W, 3\) RGB, got \(2, 3, 191, 333\)"):
+    with pytest.raises(ValueError, match=r"Predictor: photos must be \(N, H, W, 3\) uint8 RGB, got \(2, 3, 191, 333\)"):
         predictor(rgb.permute(0, 3, 1, 2))
 
 

@@ -239,7 +239,7 @@ def test_evaluation_is_float32_unless_eval_amp(tmp_path, capsys):
                                 train_ddp.parse_args(common))
     model = load_weights(BiSeNetV2(19), weights).eval()
     with torch.no_grad():
-        expected = model(image[None]).argmax(1)[0].numpy()
+        expected = model(data.normalize(data.image_tensor(image.numpy()))[None]).argmax(1)[0].numpy()
     predicted = np.asarray(Image.open(tmp_path / "fp32" / image_path.parent.name / image_path.name))
     np.testing.assert_array_equal(predicted, data.train_id_to_label_id()[expected])
     assert "    eval_amp           none\n" in capsys.readouterr().out
