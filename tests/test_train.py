@@ -247,6 +247,26 @@ def test_evaluation_is_float32_unless_eval_amp(tmp_path, capsys):
     assert "    eval_amp           bf16\n" in capsys.readouterr().out
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["--channels-last", "--no-channels-last"])
+def test_gpu_evaluation_agrees_with_the_float32_cpu_model(tmp_path, layout):
+    """On CUDA (the photo sent as uint8 and normalised there by the table, either memory
+    format) the predictions are the float32 CPU model's argmax but for TF32's share of pixels
+    (cuDNN's float32 convs may round to 10 mantissa bits: test_predictor's bound, 99.9%)."""
+    from bisenetv2 import load_weights
+    root = sample_dataset(tmp_path)
+    weights = shared_fixture("paddleseg_bisenetv2", "bisenetv2_random.pdparams")
+    assert train_ddp.main(["--data-dir", str(root), "--eval-only", "--weights", str(weights), "--kernels", "torch",
+                           layout, "--save-dir", str(tmp_path / "out"), "--pred-dir", str(tmp_path / "pred")]) == 0
+    (image_path, label_path), = data.read_list(root, "val")
+    image, _ = data.read_frame(image_path, label_path, data.CITYSCAPES)
+    with torch.no_grad():
+        expected = load_weights(BiSeNetV2(19), weights).eval()(data.normalize(data.image_tensor(image))[None])
+    predicted = np.asarray(Image.open(tmp_path / "pred" / image_path.parent.name / image_path.name))
+    agree = (predicted == data.train_id_to_label_id()[expected.argmax(1)[0].numpy()]).mean()
+    assert agree >= 0.999, agree
+
+
 @pytest.mark.slow
 def test_learns_the_real_frame(tmp_path):
     """200 CPU iterations at 128x256 on the one real frame reach pixel accuracy >= 0.85 (on
