@@ -1,13 +1,15 @@
 """Export BiSeNetV2 to ONNX.
 
-    python export.py --weights W --out model.onnx [--size H W] [--dynamic] [--argmax] [--opset N]
+    python export.py --weights W --out model.onnx [--size H W] [--dynamic] [--argmax] [--photos] [--opset N]
 
 W is one of this project's checkpoints or a PaddleSeg `.pdparams`. The graph is the eval-mode
 model: input `images` (N, 3, H, W) float32, normalised as predict.py does ((rgb / 255 - 0.5)
-/ 0.5); output `logits` (N, num_classes, H, W) float32, the main head upsampled to the
-input, or with --argmax `train_ids` (N, H, W) uint8. --size is the example input (default
-512 1024) and, without --dynamic, the graph's fixed size with batch 1; --dynamic makes
-batch, height and width symbolic, so one export serves every size.
+/ 0.5), or with --photos (N, H, W, 3) uint8 RGB photos, normalised in the graph (a lookup
+in a table of those 256 values: the same bits, no pass over the image before the runtime);
+output `logits` (N, num_classes, H, W) float32, the main head upsampled to the input, or
+with --argmax `train_ids` (N, H, W) uint8. --size is the example input (default 512 1024)
+and, without --dynamic, the graph's fixed size with batch 1; --dynamic makes batch, height
+and width symbolic, so one export serves every size.
 
 The exporter is torch.export's (`torch.onnx.export(dynamo=True)`, torch's default since 2.9;
 it needs `onnxscript`): it records sizes symbolically and keeps the size arithmetic exact,
@@ -38,6 +40,21 @@ def max_opset():
     return onnx.defs.onnx_opset_version()
 
 
+class Photos(torch.nn.Module):
+    """(N, H, W, 3) uint8 RGB photos -> `model` of their normalised (N, 3, H, W) float32
+    images, by data.normalize_table's values (a Gather in ONNX)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.register_buffer("normalized", data.normalize_table("cpu"))  # (256,) float32
+
+    def forward(self, photos):
+        images = self.normalized[photos.long()]  # (N, H, W, 3) float32
+        # contiguous NCHW: the exporter's shape guards on the permuted strides would pin the batch
+        return self.model(images.permute(0, 3, 1, 2).contiguous())
+
+
 class TrainIds(torch.nn.Module):
     """images -> (N, H, W) uint8 train ids: the argmax of the model's logits over classes."""
 
@@ -50,9 +67,10 @@ class TrainIds(torch.nn.Module):
 
 
 def export_onnx(model, out, size=(512, 1024), dynamic=False, argmax=False, opset=MIN_OPSET, dataset=None,
-                log=print):
+                photos=False, log=print):
     """Exports the eval-mode graph of `model` (a BiSeNetV2; a float32 CPU copy is exported,
-    with the plain-PyTorch BGA) to the ONNX file `out`, with `dataset` (a data.DatasetInfo:
+    with the plain-PyTorch BGA; with `photos` its input is (N, H, W, 3) uint8, normalised in
+    the graph) to the ONNX file `out`, with `dataset` (a data.DatasetInfo:
     class names, colours) as dataset.json's content in the metadata entry "dataset"; checks
     it with onnx.checker and only then renames it over `out`. -> Path(out)."""
     import onnx
@@ -61,12 +79,14 @@ def export_onnx(model, out, size=(512, 1024), dynamic=False, argmax=False, opset
         log("the BGA is exported as the plain-PyTorch bga_aggregate, not the fused kernel")
         model.bga.aggregate = bga_aggregate
     graph = TrainIds(model).eval() if argmax else model
+    graph = Photos(graph).eval() if photos else graph
     output_name = "train_ids" if argmax else "logits"
-    images = torch.zeros(1, 3, *size)
+    images = torch.zeros(1, *size, 3, dtype=torch.uint8) if photos else torch.zeros(1, 3, *size)
+    height_dim, width_dim = (1, 2) if photos else (2, 3)
     dynamic_shapes = None
     if dynamic:
         dim = torch.export.Dim
-        dynamic_shapes = {"images": {0: dim("batch"), 2: dim("height"), 3: dim("width")}}
+        dynamic_shapes = ({0: dim("batch"), height_dim: dim("height"), width_dim: dim("width")},)  # the one input's
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
@@ -82,7 +102,9 @@ def export_onnx(model, out, size=(512, 1024), dynamic=False, argmax=False, opset
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    shape = "N x 3 x H x W" if dynamic else f"1 x 3 x {size[0]} x {size[1]}"
+    height, width = ("H", "W") if dynamic else size
+    shape = f"{'N' if dynamic else 1} x {height} x {width} x 3 uint8" if photos else \
+        f"{'N' if dynamic else 1} x 3 x {height} x {width}"
     log(f"wrote {out}: opset {opset}, images {shape} -> {output_name}, onnx.checker passed")
     return out
 
@@ -95,6 +117,9 @@ def parse_args(argv=None):
                         help="input height and width (the fixed size without --dynamic)")
     parser.add_argument("--dynamic", action="store_true", help="symbolic batch, height and width")
     parser.add_argument("--argmax", action="store_true", help="output uint8 train ids instead of logits")
+    parser.add_argument("--photos", action="store_true",
+                        help="input (N, H, W, 3) uint8 RGB photos, normalised in the graph, instead of normalised "
+                             "(N, 3, H, W) float32 images")
     parser.add_argument("--opset", type=int, default=MIN_OPSET, help=f"ONNX opset (default {MIN_OPSET})")
     parser.add_argument("--num-classes", type=int, default=None,
                         help="None: as many as the checkpoint's dataset (or --dataset's) has, else 19")
@@ -135,7 +160,7 @@ def main(argv=None):
         return bad_input(f"--weights: {e}")
     print(f"export.py: classes: {len(dataset.class_names)} from {source}", file=sys.stderr)
     try:  # the export goes to a temporary file first: a failed write leaves --out as it was
-        export_onnx(model, out, tuple(args.size), args.dynamic, args.argmax, args.opset, dataset,
+        export_onnx(model, out, tuple(args.size), args.dynamic, args.argmax, args.opset, dataset, args.photos,
                     log=lambda line: print(f"export.py: {line}", file=sys.stderr))
     except OSError as e:  # a full disk, no permission
         return bad_input(f"--out {out}: cannot write it ({e.strerror or e})")

@@ -156,8 +156,9 @@ class Predictor:
 
 class OnnxPredictor:
     """An ONNX export (export.py) run by onnxruntime: images (N, 3, H, W) float32, normalised,
-    or (N, H, W, 3) uint8 RGB photos (normalised here) -> (N, H, W) uint8 train ids as a numpy
-    array, whether the graph outputs logits or train ids.
+    or (N, H, W, 3) uint8 RGB photos (normalised here, or by the graph of an export with
+    --photos, which takes photos only) -> (N, H, W) uint8 train ids as a numpy array, whether
+    the graph outputs logits or train ids.
     `fixed_size` is the graph's (H, W), None when symbolic; `batch` is its fixed batch
     size, None when symbolic. device None: onnxruntime's CUDA provider when it has one, else
     the CPU (the log line names the provider); a CUDA device requires the CUDA provider.
@@ -185,7 +186,13 @@ class OnnxPredictor:
             raise ValueError(f"{path}: not a BiSeNetV2 export (one 4-d input, one output of train "
                              f"ids or logits)")
         self.input_name = inputs[0].name
-        batch, _, height, width = inputs[0].shape  # ints, or names where symbolic
+        self.takes_photos = inputs[0].type == "tensor(uint8)"  # export.py --photos: (N, H, W, 3) uint8
+        if self.takes_photos:
+            batch, height, width, channels = inputs[0].shape  # ints, or names where symbolic
+            if channels != 3:
+                raise ValueError(f"{path}: not a BiSeNetV2 export (a uint8 input must be (N, H, W, 3) photos)")
+        else:
+            batch, _, height, width = inputs[0].shape
         self.batch = batch if isinstance(batch, int) else None
         self.fixed_size = (height, width) if isinstance(height, int) and isinstance(width, int) else None
         self.outputs_logits = len(outputs[0].shape) == 4
@@ -193,9 +200,14 @@ class OnnxPredictor:
             f"input {inputs[0].shape}, output {outputs[0].name} {outputs[0].shape}")
 
     def __call__(self, images):
-        if images.dtype == torch.uint8:
-            images = data.normalize(images.permute(0, 3, 1, 2).float())
-        images = np.ascontiguousarray(np.asarray(images, dtype=np.float32))
+        if self.takes_photos:
+            if images.dtype != torch.uint8:
+                raise ValueError(f"this export (--photos) takes (N, H, W, 3) uint8 RGB photos, not {images.dtype}")
+            images = np.ascontiguousarray(np.asarray(images))
+        else:
+            if images.dtype == torch.uint8:
+                images = data.normalize(images.permute(0, 3, 1, 2).float())
+            images = np.ascontiguousarray(np.asarray(images, dtype=np.float32))
         output = self.session.run(None, {self.input_name: images})[0]
         return output.argmax(1).astype(np.uint8) if self.outputs_logits else output.astype(np.uint8)
 

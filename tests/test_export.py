@@ -161,6 +161,33 @@ def test_predict_dynamic_onnx_batches_two_sizes(model, frame_path, dynamic_expor
         assert train_ids.shape == expected.shape and (train_ids == expected).mean() >= 0.9999
 
 
+def test_photos_export_takes_uint8_photos_and_predict_uses_it(model, weights, frame_path, tmp_path, capsys):
+    """--photos --dynamic: the graph takes (N, H, W, 3) uint8 RGB and normalises it itself (a
+    lookup of the 256 normalised values), so its logits are the float export's; predict.py
+    feeds it the photos as they are, and refuses it float images."""
+    out = tmp_path / "photos.onnx"
+    assert export.main(["--weights", str(weights), "--out", str(out), "--size", "64", "96", "--photos",
+                        "--dynamic"]) == 0
+    assert "images N x H x W x 3 uint8 -> logits" in capsys.readouterr().err
+    assert graph_input_shape(out) == ["batch", "height", "width", 3]
+    assert onnx.load(str(out)).graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    photo = Image.open(frame_path).convert("RGB").crop((13, 7, 624, 382))
+    rgb = np.asarray(photo)
+    pair = np.stack([rgb, rgb[:, ::-1]])  # batch 2, an odd size
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    logits = torch.from_numpy(session.run(None, {"images": pair})[0])
+    assert_matches_pytorch(model, logits, predict.preprocess([photo, Image.fromarray(pair[1])]))
+    runner = predict.OnnxPredictor(out, log=lambda line: None)
+    assert runner.takes_photos and runner.fixed_size is None and runner.batch is None
+    with pytest.raises(ValueError, match=r"takes \(N, H, W, 3\) uint8 RGB photos, not torch.float32"):
+        runner(predict.preprocess([photo]))
+    photo.save(tmp_path / "street.png")
+    assert predict.main(["--weights", str(out), "--input", str(tmp_path / "street.png"), "--out",
+                         str(tmp_path / "pred")]) == 0
+    train_ids = np.asarray(Image.open(tmp_path / "pred" / "street_trainIds.png"))
+    np.testing.assert_array_equal(train_ids, logits[0].argmax(0).numpy())
+
+
 @pytest.mark.parametrize("args, named", [
     (["--weights", "MISSING.pdparams"], "MISSING.pdparams: no such weights file"),
     (["--weights", "CORRUPT.pt"], "CORRUPT.pt: not a readable checkpoint"),
