@@ -42,7 +42,7 @@ def max_opset():
 
 class Photos(torch.nn.Module):
     """(N, H, W, 3) uint8 RGB photos -> `model` of their normalised (N, 3, H, W) float32
-    images, by data.normalize_table's values (a Gather in ONNX)."""
+    images, by data.normalize_table's values (a GatherND in ONNX)."""
 
     def __init__(self, model):
         super().__init__()
