@@ -81,6 +81,18 @@ def cpu_loops(extension, monkeypatch):
     return extension
 
 
+@pytest.fixture
+def no_tf32():
+    """float32 convolutions and matmuls on CUDA, not TF32 (torch's cuDNN default), restored
+    after the test. Set and restored by hand: torch.backends' flags are computed attributes,
+    which pytest's monkeypatch (9.x) deletes on undo, an AttributeError."""
+    import torch
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 @pytest.fixture(params=["reference", "kernels"])
 def fused_path(request):
     """An op on the CPU as it runs there (its reference), and down its kernels' path (the

@@ -479,11 +479,9 @@ def test_cuda_compile_fullgraph_uses_one_op(cuda_kernel):
 
 
 @pytest.mark.gpu
-def test_bisenet_with_cuda_kernel_matches_default(cuda_kernel, monkeypatch):
+def test_bisenet_with_cuda_kernel_matches_default(cuda_kernel, no_tf32):
     # float32 convolutions and matmuls, not TF32 (torch's cuDNN default), on both sides:
     # TF32's 10-bit mantissa would swamp the comparison below
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     torch.manual_seed(0)
     model = BiSeNetV2(5).cuda().train().to(memory_format=torch.channels_last)
     images = torch.randn(2, 3, 128, 256, device="cuda").contiguous(memory_format=torch.channels_last)

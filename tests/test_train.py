@@ -249,10 +249,12 @@ def test_evaluation_is_float32_unless_eval_amp(tmp_path, capsys):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("layout", ["--channels-last", "--no-channels-last"])
-def test_gpu_evaluation_agrees_with_the_float32_cpu_model(tmp_path, layout):
+def test_gpu_evaluation_agrees_with_the_float32_cpu_model(tmp_path, no_tf32, layout):
     """On CUDA (the photo sent as uint8 and normalised there by the table, either memory
-    format) the predictions are the float32 CPU model's argmax but for TF32's share of pixels
-    (cuDNN's float32 convs may round to 10 mantissa bits: test_predictor's bound, 99.9%)."""
+    format) the predictions are the float32 CPU model's argmax on all but 0.05% of the
+    32768 pixels. TF32 is off here: its 10 mantissa bits flip about 60 pixels of this small
+    frame (emulated on the CPU), where float32's own rounding (7e-5 at most against float64)
+    can flip only the 12 whose two best logits lie within 1e-4 of the largest."""
     from bisenetv2 import load_weights
     root = sample_dataset(tmp_path)
     weights = shared_fixture("paddleseg_bisenetv2", "bisenetv2_random.pdparams")
@@ -264,7 +266,7 @@ def test_gpu_evaluation_agrees_with_the_float32_cpu_model(tmp_path, layout):
         expected = load_weights(BiSeNetV2(19), weights).eval()(data.normalize(data.image_tensor(image))[None])
     predicted = np.asarray(Image.open(tmp_path / "pred" / image_path.parent.name / image_path.name))
     agree = (predicted == data.train_id_to_label_id()[expected.argmax(1)[0].numpy()]).mean()
-    assert agree >= 0.999, agree
+    assert agree >= 0.9995, agree
 
 
 @pytest.mark.slow
