@@ -1,7 +1,7 @@
 """Segment images with BiSeNetV2, and the fast inference path.
 
     python predict.py --weights W --input IMG_OR_DIR --out DIR [--overlay] [--batch-size N]
-                      [--compile] [--cuda-graph] [--slide H W [--stride H W]]
+                      [--compile] [--cuda-graph] [--slide H W [--stride H W]] [--flip] [--scales S ...]
 
 W is one of this project's checkpoints (train_ddp.py's iter_N.pt / best.pt), a PaddleSeg
 `.pdparams` (e.g. bisenet_cityscapes_1024x1024_160k/model.pdparams) or an ONNX export
@@ -22,6 +22,8 @@ model and activations in bf16; --fp32 keeps float32) and channels_last; --compil
 torch.compile, --cuda-graph replays a CUDA graph per input shape. On the CPU: float32,
 eager. --slide H W segments each image window by window (every --stride, default half a
 window), the logits of overlapping windows averaged, as PaddleSeg's slide_inference.
+--flip and --scales 0.75 1.0 1.25 sum the softmax of the flipped image and of each scale
+at the image's size, as PaddleSeg's aug_pred (the same function as training's evaluation).
 `.onnx` weights run on onnxruntime's CPU provider (its CUDA provider with --device cuda
 when the installed onnxruntime has it). An unreadable image, or one that does not fit
 a fixed-size export, is reported and skipped; the exit code is then 1. Bad weights or
@@ -39,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 import data
 from bisenetv2 import BiSeNetV2, ConvBN, load_weights
@@ -258,6 +261,30 @@ def slide_logits(logits_fn, images, window, stride=None):
     return total / count
 
 
+def infer(model, image, scales, flip, slide=None, stride=None):
+    """PaddleSeg's aug_inference: softmax summed over scales (and flips) at the input size;
+    plain logits when there is a single scale 1.0 and no flip. With slide (H, W) every
+    forward pass is a sliding-window one (slide_logits; stride None: half a window). Training's
+    evaluation and predict.py's --flip, --scales and --slide."""
+    height, width = image.shape[-2:]
+    if slide:
+        whole_model = model
+        model = lambda images: slide_logits(whole_model, images, slide, stride)  # noqa: E731
+    if list(scales) == [1.0] and not flip:
+        return model(image)
+    total = 0
+    for scale in scales:
+        size = (int(height * scale + 0.5), int(width * scale + 0.5))
+        scaled = image if size == (height, width) else F.interpolate(image, size=size, mode="bilinear",
+                                                                      align_corners=False)
+        for flipped in ((False, True) if flip else (False,)):
+            logits = model(scaled.flip(-1) if flipped else scaled)
+            logits = logits.flip(-1) if flipped else logits
+            logits = F.interpolate(logits.float(), size=(height, width), mode="bilinear", align_corners=False)
+            total = total + logits.softmax(1)
+    return total
+
+
 def inference_fps(run, images, iters=50, warmup=10):
     """-> images/s of run(images) over `iters` calls after `warmup` calls (compilation, cuDNN
     autotuning and graph capture happen there). With `images` a CUDA tensor, timed with CUDA
@@ -370,6 +397,10 @@ def parse_args(argv=None):
                         help="sliding-window inference with windows of H x W (PaddleSeg's slide_inference)")
     parser.add_argument("--stride", type=int, nargs=2, metavar=("H", "W"),
                         help="--slide: the windows' step, at most the window (default: half the window)")
+    parser.add_argument("--flip", action="store_true",
+                        help="add the horizontally flipped image's prediction (softmax summed, PaddleSeg's aug_pred)")
+    parser.add_argument("--scales", type=float, nargs="+", default=[1.0], metavar="S",
+                        help="predict at these scales of the image, softmax summed at its size (PaddleSeg's aug_pred)")
     return parser.parse_args(argv)
 
 
@@ -391,13 +422,17 @@ def load_runner(args, num_classes, device, log):
     log(f"PyTorch on {device}: {str(dtype).removeprefix('torch.')}, "
         f"{'channels_last, cudnn.benchmark' if cuda else 'NCHW'}"
         f"{', compiled' if args.compile else ''}{', CUDA graphs' if args.cuda_graph else ''}")
-    if not args.slide:
+    augmented = args.flip or args.scales != [1.0]
+    if not (args.slide or augmented):
         return (lambda images: predictor(images).cpu().numpy()), None, args.batch_size
     predictor.output = "logits"
-    log(f"sliding windows of {args.slide[0]}x{args.slide[1]} every "
-        + (f"{args.stride[0]}x{args.stride[1]}" if args.stride else "half a window"))
-    return (lambda images: slide_logits(predictor, predictor.prepare(images), args.slide, args.stride).argmax(1)
-            .to(torch.uint8).cpu().numpy()), None, args.batch_size
+    if args.slide:
+        log(f"sliding windows of {args.slide[0]}x{args.slide[1]} every "
+            + (f"{args.stride[0]}x{args.stride[1]}" if args.stride else "half a window"))
+    if augmented:
+        log(f"softmax summed over scales {' '.join(map(str, args.scales))}" + (", each flipped too" if args.flip else ""))
+    return (lambda images: infer(predictor, predictor.prepare(images), args.scales, args.flip, args.slide,
+                                 args.stride).argmax(1).to(torch.uint8).cpu().numpy()), None, args.batch_size
 
 
 def read_ahead(pool, fn, items, ahead):
@@ -443,10 +478,16 @@ def main(argv=None):
         return bad_input(f"--batch-size {args.batch_size}: must be positive")
     if not 0 <= args.alpha <= 1:  # (NaN fails it too)
         return bad_input(f"--alpha {args.alpha}: must be between 0 and 1")
+    if not all(math.isfinite(scale) and scale > 0 for scale in args.scales):
+        return bad_input(f"--scales {' '.join(map(str, args.scales))}: each must be finite and positive")
+    if args.cuda_graph and len(set(args.scales)) > 1:  # one graph is kept: each call would capture again
+        return bad_input("--cuda-graph keeps one graph per input size; --scales needs one per scale")
     if args.cuda_graph and device.type != "cuda":
         return bad_input(f"--cuda-graph needs a CUDA device, not {device}")
-    if args.weights.endswith(".onnx") and (args.compile or args.cuda_graph or args.fp32 or args.slide):
-        return bad_input("--compile, --cuda-graph, --fp32 and --slide are for PyTorch weights, not an .onnx")
+    if args.weights.endswith(".onnx") and (args.compile or args.cuda_graph or args.fp32 or args.slide or args.flip
+                                           or args.scales != [1.0]):
+        return bad_input("--compile, --cuda-graph, --fp32, --slide, --flip and --scales are for PyTorch weights, "
+                         "not an .onnx")
     for flag, size in (("--slide", args.slide), ("--stride", args.stride)):
         if size is not None and min(size) < 1:
             return bad_input(f"{flag} {size[0]} {size[1]}: must be positive")

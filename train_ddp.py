@@ -40,7 +40,6 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 import data
 import kernels
@@ -535,29 +534,6 @@ class ConfusionMatrix:
                     class_IoU=[float(v) if p else None for v, p in zip(iou.tolist(), present.tolist())])
 
 
-def infer(model, image, scales, flip, slide=None, stride=None):
-    """PaddleSeg's aug_inference: softmax summed over scales (and flips) at the input size;
-    plain logits when there is a single scale 1.0 and no flip. With slide (H, W) every
-    forward pass is a sliding-window one (predict.slide_logits; stride None: half a window)."""
-    height, width = image.shape[-2:]
-    if slide:
-        whole_model = model
-        model = lambda images: predict.slide_logits(whole_model, images, slide, stride)  # noqa: E731
-    if list(scales) == [1.0] and not flip:
-        return model(image)
-    total = 0
-    for scale in scales:
-        size = (int(height * scale + 0.5), int(width * scale + 0.5))
-        scaled = image if size == (height, width) else F.interpolate(image, size=size, mode="bilinear",
-                                                                      align_corners=False)
-        for flipped in ((False, True) if flip else (False,)):
-            logits = model(scaled.flip(-1) if flipped else scaled)
-            logits = logits.flip(-1) if flipped else logits
-            logits = F.interpolate(logits.float(), size=(height, width), mode="bilinear", align_corners=False)
-            total = total + logits.softmax(1)
-    return total
-
-
 @torch.no_grad()
 def evaluate(model, pairs, config, env):
     """Full-resolution evaluation, batch 1, sharded over the processes, in float32 unless
@@ -578,7 +554,7 @@ def evaluate(model, pairs, config, env):
             # uint8 to the device, normalised there: a quarter of the bytes, no float pass on the host
             image = data.normalize_photos(image[None], normalized).contiguous(memory_format=memory_format)
             with torch.autocast(env.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                pred = infer(model, image, config.scales, config.flip, config.slide, config.stride).argmax(1)[0]
+                pred = predict.infer(model, image, config.scales, config.flip, config.slide, config.stride).argmax(1)[0]
             confusion.update(pred, label.to(env.device))
             if config.pred_dir:
                 out = (Path(config.pred_dir) / pair[0].parent.name / pair[0].name).with_suffix(".png")

@@ -138,6 +138,43 @@ def test_eval_and_predict_with_a_covering_window_equal_whole_image(tmp_path, cap
                           "--stride 33 8: longer than --slide 32 32")
 
 
+def test_eval_and_predict_with_flip_and_scales_are_paddlesegs_aug_inference(tmp_path, capsys):
+    """--flip --scales 0.5 1.25: evaluation's --pred-dir and predict.py write the same
+    predictions, the argmax of the softmax summed over each scale of the image and its
+    mirror image, each resized back (PaddleSeg's aug_inference, written out here)."""
+    root = make_dataset(tmp_path / "data", num_train=1, num_val=2, num_classes=3)
+    torch.manual_seed(0)
+    model = BiSeNetV2(3).eval()
+    torch.save({"model": model.state_dict()}, tmp_path / "w.pt")
+    aug = ["--flip", "--scales", "0.5", "1.25"]
+    assert train_ddp.main(["--data-dir", str(root), "--num-classes", "3", "--eval-only", "--weights",
+                           str(tmp_path / "w.pt"), "--kernels", "torch", "--pred-dir", str(tmp_path / "eval"),
+                           *aug]) == 0
+    assert predict.main(["--weights", str(tmp_path / "w.pt"), "--num-classes", "3", "--device", "cpu",
+                         "--input", str(root / "val"), "--out", str(tmp_path / "pred"), *aug]) == 0
+    assert "softmax summed over scales 0.5 1.25, each flipped too" in capsys.readouterr().err
+    for name in ("img0", "img1"):
+        photo = np.asarray(Image.open(root / "val" / f"{name}.png"))
+        image = data.normalize(data.image_tensor(photo))[None]  # (1, 3, 40, 60)
+        total = 0
+        with torch.no_grad():
+            for scale in (0.5, 1.25):
+                scaled = torch.nn.functional.interpolate(image, size=(int(40 * scale + 0.5), int(60 * scale + 0.5)),
+                                                         mode="bilinear", align_corners=False)
+                for logits in (model(scaled), model(scaled.flip(-1)).flip(-1)):
+                    total = total + torch.nn.functional.interpolate(logits, size=(40, 60), mode="bilinear",
+                                                                    align_corners=False).softmax(1)
+        expected = total.argmax(1)[0].numpy()
+        predicted = np.asarray(Image.open(tmp_path / "pred" / f"{name}_trainIds.png"))
+        np.testing.assert_array_equal(predicted, expected)
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "eval" / "val" / f"{name}.png")), expected)
+    common = ["--weights", str(tmp_path / "w.pt"), "--input", str(root / "val"), "--out", str(tmp_path / "p")]
+    assert_one_line_error(*run_script(*common, "--scales", "1", "0", script="predict.py"),
+                          "--scales 1.0 0.0: each must be finite and positive")
+    assert_one_line_error(*run_script(*common, "--cuda-graph", "--scales", "0.5", "1", script="predict.py"),
+                          "--cuda-graph keeps one graph per input size")
+
+
 def test_own_dataset_from_folders_to_predictions(tmp_path):
     """The README's worked example: 0/255 masks -> prepare_data -> a fine-tune from 19-class
     weights with class weights and evaluation -> predict.py, each with the documented commands."""
