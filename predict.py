@@ -8,7 +8,8 @@ W is one of this project's checkpoints (train_ddp.py's iter_N.pt / best.pt), a P
 (export.py's `.onnx`, run with onnxruntime). For every image NAME.ext it writes
 NAME_trainIds.png (uint8 train ids, the input's size) and NAME_color.png (the
 dataset's colours: Cityscapes', or those of the dataset.json the checkpoint was trained
-with or --dataset names); --overlay adds NAME_overlay.png, the palette blended over the photo.
+with or --dataset names); --overlay adds NAME_overlay.png, the palette blended over the photo,
+and --label-ids NAME_labelIds.png, Cityscapes' label ids (the test server's form).
 A folder is searched recursively (except --out, when it is inside) and its sub-folders are
 mirrored under --out; two images whose outputs would share a name (street.png and
 street.jpg in one folder) stop the run before any work, naming both. Consecutive images of
@@ -383,6 +384,9 @@ def parse_args(argv=None):
     parser.add_argument("--input", required=True, help="an image or a folder of images")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--overlay", action="store_true", help="also write NAME_overlay.png")
+    parser.add_argument("--label-ids", action="store_true",
+                        help="also write NAME_labelIds.png, Cityscapes' label ids (the official evaluator's and the "
+                             "test server's form; Cityscapes' classes only)")
     parser.add_argument("--alpha", type=float, default=0.5, help="overlay: weight of the palette, 0 to 1")
     parser.add_argument("--num-classes", type=int, default=None,
                         help="None: as many as --dataset's or the checkpoint's dataset has, else 19")
@@ -523,7 +527,10 @@ def main(argv=None):
     except (OSError, ValueError) as e:
         return bad_input(f"--weights: {e}")
     log(f"classes: {num_classes} from {source}")
+    if args.label_ids and dataset.label_ids is None:
+        return bad_input(f"--label-ids: the classes from {source} have no Cityscapes label ids")
     palette = data.dataset_palette(dataset)
+    label_ids = np.array(dataset.label_ids or (), np.uint8)  # train id -> Cityscapes label id
     log(f"{len(images)} image(s) -> {out_dir}")
 
     failed, done = 0, 0
@@ -538,6 +545,8 @@ def main(argv=None):
 
     def write_outputs(ids, target, photo):  # in a thread of the pool
         save(ids, target.with_name(f"{target.name}_trainIds.png"))
+        if args.label_ids:
+            save(label_ids[ids], target.with_name(f"{target.name}_labelIds.png"))
         color = np.take(palette, ids, axis=0)  # (H, W, 3); palette[ids] takes 3x as long
         save(color, target.with_name(f"{target.name}_color.png"))
         if args.overlay:

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 import data
+import predict
 import prepare_data
 import train_ddp
 from bisenetv2 import BiSeNetV2
@@ -243,6 +244,11 @@ def test_evaluation_is_float32_unless_eval_amp(tmp_path, capsys):
     predicted = np.asarray(Image.open(tmp_path / "fp32" / image_path.parent.name / image_path.name))
     np.testing.assert_array_equal(predicted, data.train_id_to_label_id()[expected])
     assert "    eval_amp           none\n" in capsys.readouterr().out
+    # predict.py --label-ids writes the same file (float32 on the CPU both)
+    assert predict.main(["--weights", str(weights), "--input", str(image_path), "--out", str(tmp_path / "pred"),
+                         "--label-ids", "--device", "cpu"]) == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "pred" / f"{image_path.stem}_labelIds.png")),
+                                  predicted)
     assert train_ddp.main([*common, "--save-dir", str(tmp_path / "b"), "--eval-amp", "bf16"]) == 0
     assert "    eval_amp           bf16\n" in capsys.readouterr().out
 
