@@ -8,8 +8,9 @@ W is one of this project's checkpoints (train_ddp.py's iter_N.pt / best.pt), a P
 (export.py's `.onnx`, run with onnxruntime). For every image NAME.ext it writes
 NAME_trainIds.png (uint8 train ids, the input's size) and NAME_color.png (the
 dataset's colours: Cityscapes', or those of the dataset.json the checkpoint was trained
-with or --dataset names); --overlay adds NAME_overlay.png, the palette blended over the photo,
-and --label-ids NAME_labelIds.png, Cityscapes' label ids (the test server's form).
+with or --dataset names); --overlay adds NAME_overlay.png, the palette blended over the photo.
+--label-ids DIR also writes DIR/NAME.png, Cityscapes' label ids, one PNG a frame as the
+official evaluator and the test server take them (training's --pred-dir writes the same).
 A folder is searched recursively (except --out, when it is inside) and its sub-folders are
 mirrored under --out; two images whose outputs would share a name (street.png and
 street.jpg in one folder) stop the run before any work, naming both. Consecutive images of
@@ -355,14 +356,14 @@ def inference_table(model, device, sizes=((1024, 2048), (512, 1024)), batch=1, i
     return "\n".join(lines) + "\n"
 
 
-def find_images(input_path, out_dir):
-    """-> list of (image path, output stem relative to --out); nothing under `out_dir` (when
-    --out is inside --input, this tool's own outputs are never inputs)."""
+def find_images(input_path, *out_dirs):
+    """-> list of (image path, output stem relative to --out); nothing under any of `out_dirs`
+    (when --out or --label-ids is inside --input, this tool's own outputs are never inputs)."""
     if input_path.is_file():
         return [(input_path, Path(input_path.stem))]
-    out_dir = out_dir.resolve()
+    out_dirs = [out_dir.resolve() for out_dir in out_dirs]
     files = sorted(p for p in input_path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                   and not p.resolve().is_relative_to(out_dir))
+                   and not any(p.resolve().is_relative_to(out_dir) for out_dir in out_dirs))
     return [(p, p.relative_to(input_path).with_suffix("")) for p in files]
 
 
@@ -384,9 +385,10 @@ def parse_args(argv=None):
     parser.add_argument("--input", required=True, help="an image or a folder of images")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--overlay", action="store_true", help="also write NAME_overlay.png")
-    parser.add_argument("--label-ids", action="store_true",
-                        help="also write NAME_labelIds.png, Cityscapes' label ids (the official evaluator's and the "
-                             "test server's form; Cityscapes' classes only)")
+    parser.add_argument("--label-ids", metavar="DIR",
+                        help="also write each prediction as Cityscapes' label ids to DIR/NAME.png, mirrored as --out: "
+                             "one PNG a frame, as the official evaluator and the test server take them (Cityscapes' "
+                             "classes only)")
     parser.add_argument("--alpha", type=float, default=0.5, help="overlay: weight of the palette, 0 to 1")
     parser.add_argument("--num-classes", type=int, default=None,
                         help="None: as many as --dataset's or the checkpoint's dataset has, else 19")
@@ -502,18 +504,24 @@ def main(argv=None):
                          f"{args.slide[1]}, the pixels between windows would get no prediction")
     if not input_path.exists():
         return bad_input(f"--input {input_path}: no such file or folder")
-    images = find_images(input_path, out_dir)
+    label_dir = Path(args.label_ids) if args.label_ids else None
+    if label_dir and label_dir.resolve() == out_dir.resolve():
+        return bad_input(f"--label-ids {label_dir}: the --out folder; the evaluator takes one PNG a frame in it")
+    images = find_images(input_path, out_dir, *([label_dir] if label_dir else []))
     if not images:
         return bad_input(f"--input {input_path}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in it")
-    if input_path.is_dir() and out_dir.resolve().is_relative_to(input_path.resolve()):
-        log(f"--out {out_dir} is inside --input: the files under it are not read")
+    for flag, folder in (("--out", out_dir), ("--label-ids", label_dir)):
+        if folder and input_path.is_dir() and folder.resolve().is_relative_to(input_path.resolve()):
+            log(f"{flag} {folder} is inside --input: the files under it are not read")
     if clash := same_output(images):
         return bad_input(f"{clash[0]} and {clash[1]} would write the same outputs "
                          f"({clash[0].with_suffix('').name}_trainIds.png); rename one")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # a file in the way
-        return bad_input(f"--out {out_dir}: not a folder this can write to ({e.strerror})")
+    for flag, folder in (("--out", out_dir), ("--label-ids", label_dir)):
+        try:
+            if folder:
+                folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # a file in the way
+            return bad_input(f"{flag} {folder}: not a folder this can write to ({e.strerror})")
     try:
         dataset, source = data.dataset_of_weights(args.weights, args.dataset, args.num_classes)
         num_classes = len(dataset.class_names)
@@ -536,17 +544,18 @@ def main(argv=None):
     failed, done = 0, 0
     start = time.perf_counter()
 
-    def save(array, path, **png):  # a rerun's file replaced whole or not at all (a full disk: BadInput)
+    def save(array, path, flag="--out", **png):  # a rerun's file replaced whole or not at all (a full disk: BadInput)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             data.save_png(array, path, **png)
         except OSError as e:
-            raise data.BadInput(f"--out: cannot write {path} ({e.strerror or e})") from None
+            raise data.BadInput(f"{flag}: cannot write {path} ({e.strerror or e})") from None
 
     def write_outputs(ids, target, photo):  # in a thread of the pool
         save(ids, target.with_name(f"{target.name}_trainIds.png"))
-        if args.label_ids:
-            save(label_ids[ids], target.with_name(f"{target.name}_labelIds.png"))
+        if label_dir:
+            stem = target.relative_to(out_dir)
+            save(label_ids[ids], label_dir / stem.parent / f"{stem.name}.png", flag="--label-ids")
         color = np.take(palette, ids, axis=0)  # (H, W, 3); palette[ids] takes 3x as long
         save(color, target.with_name(f"{target.name}_color.png"))
         if args.overlay:

@@ -173,7 +173,8 @@ def test_eval_and_predict_with_flip_and_scales_are_paddlesegs_aug_inference(tmp_
                           "--scales 1.0 0.0: each must be finite and positive")
     assert_one_line_error(*run_script(*common, "--cuda-graph", "--scales", "0.5", "1", script="predict.py"),
                           "--cuda-graph keeps one graph per input size")
-    assert_one_line_error(*run_script(*common, "--num-classes", "3", "--label-ids", script="predict.py"),
+    assert_one_line_error(*run_script(*common, "--num-classes", "3", "--label-ids", str(tmp_path / "ids"),
+                                      script="predict.py"),
                           "--label-ids: the classes from", "have no Cityscapes label ids")
 
 

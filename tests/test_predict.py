@@ -112,11 +112,18 @@ def test_out_inside_input_is_never_read(checkpoint, tmp_path):
     images = tmp_path / "images"
     images.mkdir()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), np.uint8)).save(images / "a.png")
-    common = ["--weights", str(checkpoint), "--input", str(images), "--out", str(images / "pred"), "--device", "cpu"]
+    common = ["--weights", str(checkpoint), "--input", str(images), "--out", str(images / "pred"), "--device", "cpu",
+              "--label-ids", str(images / "ids")]
     for _ in range(2):
         code, _, err = run_predict(*common)
-        assert code == 0 and "1 image(s)" in err and "is inside --input" in err, err
+        assert code == 0 and "1 image(s)" in err and f"--label-ids {images / 'ids'} is inside --input" in err, err
     assert sorted(p.name for p in (images / "pred").iterdir()) == ["a_color.png", "a_trainIds.png"]
+    train_ids = np.asarray(Image.open(images / "pred" / "a_trainIds.png"))
+    assert sorted(p.name for p in (images / "ids").iterdir()) == ["a.png"]  # one PNG a frame, the evaluator's form
+    np.testing.assert_array_equal(np.asarray(Image.open(images / "ids" / "a.png")),
+                                  data.train_id_to_label_id()[train_ids])
+    code, _, err = run_predict(*common[:-1], str(images / "pred"))
+    assert_one_line_error(code, err, f"--label-ids {images / 'pred'}: the --out folder")
 
 
 def test_colliding_names_out_file_and_devices_are_one_line(checkpoint, tmp_path):

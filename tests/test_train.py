@@ -244,10 +244,10 @@ def test_evaluation_is_float32_unless_eval_amp(tmp_path, capsys):
     predicted = np.asarray(Image.open(tmp_path / "fp32" / image_path.parent.name / image_path.name))
     np.testing.assert_array_equal(predicted, data.train_id_to_label_id()[expected])
     assert "    eval_amp           none\n" in capsys.readouterr().out
-    # predict.py --label-ids writes the same file (float32 on the CPU both)
-    assert predict.main(["--weights", str(weights), "--input", str(image_path), "--out", str(tmp_path / "pred"),
-                         "--label-ids", "--device", "cpu"]) == 0
-    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "pred" / f"{image_path.stem}_labelIds.png")),
+    # predict.py --label-ids over the split's folder writes the same file at the same place (float32 CPU both)
+    assert predict.main(["--weights", str(weights), "--input", str(image_path.parent.parent), "--out",
+                         str(tmp_path / "pred"), "--label-ids", str(tmp_path / "ids"), "--device", "cpu"]) == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "ids" / image_path.parent.name / image_path.name)),
                                   predicted)
     assert train_ddp.main([*common, "--save-dir", str(tmp_path / "b"), "--eval-amp", "bf16"]) == 0
     assert "    eval_amp           bf16\n" in capsys.readouterr().out
