@@ -221,7 +221,8 @@ def dataset_palette(info):
 def dataset_info_from_json(content, source):
     """dataset.json's content -> DatasetInfo; BadInput naming `source` and what is wrong.
     Keys: classes (required), colors (default: fixed_palette), ignore_index (default 255),
-    label_map (optional)."""
+    label_map (optional). Cityscapes' 19 classes in its order, ignore index 255 and no label
+    map (a checkpoint's or an export's record of Cityscapes) get Cityscapes' label ids."""
     def invalid(what):
         return BadInput(f"{source}: {what}")
 
@@ -256,11 +257,15 @@ def dataset_info_from_json(content, source):
                 raise invalid(f"'label_map' maps {key} to {value!r}, neither a train id "
                               f"0..{num_classes - 1} nor the ignore index {ignore_index}")
         label_map = {int(key): value for key, value in label_map.items()}
-    return DatasetInfo(tuple(names), tuple(tuple(c) for c in colors), ignore_index, label_map, None)
+    # Cityscapes' 19 classes in its order, its PNGs of train ids: its label ids (not stored)
+    cityscapes = tuple(names) == CITYSCAPES.class_names and ignore_index == 255 and label_map is None
+    return DatasetInfo(tuple(names), tuple(tuple(c) for c in colors), ignore_index, label_map,
+                       CITYSCAPES.label_ids if cityscapes else None)
 
 
 def dataset_info_json(info):
-    """DatasetInfo -> dataset.json's content (label_ids are Cityscapes' own, not stored)."""
+    """DatasetInfo -> dataset.json's content (label_ids are Cityscapes' own, not stored:
+    dataset_info_from_json gives them back to Cityscapes' classes)."""
     content = dict(classes=list(info.class_names), colors=[list(c) for c in info.colors],
                    ignore_index=info.ignore_index)
     if info.label_map is not None:

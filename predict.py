@@ -1,6 +1,6 @@
 """Segment images with BiSeNetV2, and the fast inference path.
 
-    python predict.py --weights W --input IMG_OR_DIR --out DIR [--overlay] [--batch-size N]
+    python predict.py --weights W --input IMG_OR_DIR --out DIR [--overlay] [--label-ids DIR] [--batch-size N]
                       [--compile] [--cuda-graph] [--slide H W [--stride H W]] [--flip] [--scales S ...]
 
 W is one of this project's checkpoints (train_ddp.py's iter_N.pt / best.pt), a PaddleSeg
@@ -11,8 +11,8 @@ dataset's colours: Cityscapes', or those of the dataset.json the checkpoint was 
 with or --dataset names); --overlay adds NAME_overlay.png, the palette blended over the photo.
 --label-ids DIR also writes DIR/NAME.png, Cityscapes' label ids, one PNG a frame as the
 official evaluator and the test server take them (training's --pred-dir writes the same).
-A folder is searched recursively (except --out, when it is inside) and its sub-folders are
-mirrored under --out; two images whose outputs would share a name (street.png and
+A folder is searched recursively (except --out and --label-ids, when inside) and its
+sub-folders are mirrored under --out; two images whose outputs would share a name (street.png and
 street.jpg in one folder) stop the run before any work, naming both. Consecutive images of
 one size go through the model together, up to --batch-size at a time, while threads read
 the next images and write the last outputs. Images are read as
@@ -276,7 +276,7 @@ def infer(model, image, scales, flip, slide=None, stride=None):
         return model(image)
     total = 0
     for scale in scales:
-        size = (int(height * scale + 0.5), int(width * scale + 0.5))
+        size = (max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5)))  # PaddleSeg's rounding
         scaled = image if size == (height, width) else F.interpolate(image, size=size, mode="bilinear",
                                                                       align_corners=False)
         for flipped in ((False, True) if flip else (False,)):
@@ -365,6 +365,11 @@ def find_images(input_path, *out_dirs):
     files = sorted(p for p in input_path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
                    and not any(p.resolve().is_relative_to(out_dir) for out_dir in out_dirs))
     return [(p, p.relative_to(input_path).with_suffix("")) for p in files]
+
+
+def label_path(label_dir, stem):
+    """--label-ids' file for an image's output stem: DIR/STEM.png (the image's name and folder)."""
+    return label_dir / stem.parent / f"{stem.name}.png"
 
 
 def same_output(images):
@@ -505,23 +510,25 @@ def main(argv=None):
     if not input_path.exists():
         return bad_input(f"--input {input_path}: no such file or folder")
     label_dir = Path(args.label_ids) if args.label_ids else None
-    if label_dir and label_dir.resolve() == out_dir.resolve():
-        return bad_input(f"--label-ids {label_dir}: the --out folder; the evaluator takes one PNG a frame in it")
+    if label_dir and out_dir.resolve().is_relative_to(label_dir.resolve()):
+        return bad_input(f"--label-ids {label_dir}: holds --out {out_dir}; the evaluator takes one PNG a frame "
+                         "in it")
     images = find_images(input_path, out_dir, *([label_dir] if label_dir else []))
     if not images:
         return bad_input(f"--input {input_path}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in it")
+    for image_path, stem in images if label_dir else ():
+        if label_path(label_dir, stem).resolve() == image_path.resolve():
+            return bad_input(f"--label-ids {label_dir}: would overwrite the input {image_path}")
     for flag, folder in (("--out", out_dir), ("--label-ids", label_dir)):
         if folder and input_path.is_dir() and folder.resolve().is_relative_to(input_path.resolve()):
             log(f"{flag} {folder} is inside --input: the files under it are not read")
     if clash := same_output(images):
         return bad_input(f"{clash[0]} and {clash[1]} would write the same outputs "
                          f"({clash[0].with_suffix('').name}_trainIds.png); rename one")
-    for flag, folder in (("--out", out_dir), ("--label-ids", label_dir)):
-        try:
-            if folder:
-                folder.mkdir(parents=True, exist_ok=True)
-        except OSError as e:  # a file in the way
-            return bad_input(f"{flag} {folder}: not a folder this can write to ({e.strerror})")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file in the way
+        return bad_input(f"--out {out_dir}: not a folder this can write to ({e.strerror})")
     try:
         dataset, source = data.dataset_of_weights(args.weights, args.dataset, args.num_classes)
         num_classes = len(dataset.class_names)
@@ -535,8 +542,13 @@ def main(argv=None):
     except (OSError, ValueError) as e:
         return bad_input(f"--weights: {e}")
     log(f"classes: {num_classes} from {source}")
-    if args.label_ids and dataset.label_ids is None:
+    if label_dir and dataset.label_ids is None:
         return bad_input(f"--label-ids: the classes from {source} have no Cityscapes label ids")
+    try:
+        if label_dir:
+            label_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file in the way
+        return bad_input(f"--label-ids {label_dir}: not a folder this can write to ({e.strerror})")
     palette = data.dataset_palette(dataset)
     label_ids = np.array(dataset.label_ids or (), np.uint8)  # train id -> Cityscapes label id
     log(f"{len(images)} image(s) -> {out_dir}")
@@ -554,8 +566,7 @@ def main(argv=None):
     def write_outputs(ids, target, photo):  # in a thread of the pool
         save(ids, target.with_name(f"{target.name}_trainIds.png"))
         if label_dir:
-            stem = target.relative_to(out_dir)
-            save(label_ids[ids], label_dir / stem.parent / f"{stem.name}.png", flag="--label-ids")
+            save(label_ids[ids], label_path(label_dir, target.relative_to(out_dir)), flag="--label-ids")
         color = np.take(palette, ids, axis=0)  # (H, W, 3); palette[ids] takes 3x as long
         save(color, target.with_name(f"{target.name}_color.png"))
         if args.overlay:

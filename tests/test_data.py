@@ -208,6 +208,11 @@ def test_dataset_info_round_trip_label_table_and_validation(tmp_path):
         data.write_dataset_info(tmp_path, info._replace(ignore_index=1))
     assert not path.exists()
     assert json.loads(json.dumps(data.dataset_info_json(data.CITYSCAPES)))["classes"][0] == "road"
+    # Cityscapes as a checkpoint or an export records it comes back whole, its label ids too
+    assert data.dataset_info_from_json(data.dataset_info_json(data.CITYSCAPES), "x") == data.CITYSCAPES
+    for changed in (data.CITYSCAPES._replace(ignore_index=254), data.CITYSCAPES._replace(label_map={7: 0}),
+                    data.CITYSCAPES._replace(class_names=("car",) + data.CITYSCAPES.class_names[1:])):
+        assert data.dataset_info_from_json(data.dataset_info_json(changed), "x").label_ids is None
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):

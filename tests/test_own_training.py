@@ -171,6 +171,7 @@ def test_eval_and_predict_with_flip_and_scales_are_paddlesegs_aug_inference(tmp_
     common = ["--weights", str(tmp_path / "w.pt"), "--input", str(root / "val"), "--out", str(tmp_path / "p")]
     assert_one_line_error(*run_script(*common, "--scales", "1", "0", script="predict.py"),
                           "--scales 1.0 0.0: each must be finite and positive")
+    assert predict.main([*common, "--num-classes", "3", "--device", "cpu", "--scales", "0.01"]) == 0  # 1x1: no crash
     assert_one_line_error(*run_script(*common, "--cuda-graph", "--scales", "0.5", "1", script="predict.py"),
                           "--cuda-graph keeps one graph per input size")
     assert_one_line_error(*run_script(*common, "--num-classes", "3", "--label-ids", str(tmp_path / "ids"),

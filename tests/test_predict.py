@@ -109,10 +109,16 @@ def test_overlay_weighs_the_palette_by_alpha(checkpoint, tmp_path):
 
 
 def test_out_inside_input_is_never_read(checkpoint, tmp_path):
+    """--out and --label-ids inside --input; the label ids of a checkpoint that records
+    Cityscapes' classes (as train_ddp.py's do); --label-ids where it would break the evaluator
+    or overwrite an input."""
     images = tmp_path / "images"
     images.mkdir()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), np.uint8)).save(images / "a.png")
-    common = ["--weights", str(checkpoint), "--input", str(images), "--out", str(images / "pred"), "--device", "cpu",
+    trained = tmp_path / "best.pt"
+    torch.save({"model": torch.load(checkpoint)["model"], "config": {"dataset": data.dataset_info_json(data.CITYSCAPES)}},
+               trained)
+    common = ["--weights", str(trained), "--input", str(images), "--out", str(images / "pred"), "--device", "cpu",
               "--label-ids", str(images / "ids")]
     for _ in range(2):
         code, _, err = run_predict(*common)
@@ -122,8 +128,12 @@ def test_out_inside_input_is_never_read(checkpoint, tmp_path):
     assert sorted(p.name for p in (images / "ids").iterdir()) == ["a.png"]  # one PNG a frame, the evaluator's form
     np.testing.assert_array_equal(np.asarray(Image.open(images / "ids" / "a.png")),
                                   data.train_id_to_label_id()[train_ids])
-    code, _, err = run_predict(*common[:-1], str(images / "pred"))
-    assert_one_line_error(code, err, f"--label-ids {images / 'pred'}: the --out folder")
+    for label_dir in (images / "pred", images):  # the evaluator would meet several PNGs a frame
+        code, _, err = run_predict(*common[:-1], str(label_dir))
+        assert_one_line_error(code, err, f"--label-ids {label_dir}: holds --out {images / 'pred'}")
+    code, _, err = run_predict(*common[:2], "--input", str(images / "a.png"), "--out", str(tmp_path / "o"),
+                               "--label-ids", str(images))
+    assert_one_line_error(code, err, f"--label-ids {images}: would overwrite the input {images / 'a.png'}")
 
 
 def test_colliding_names_out_file_and_devices_are_one_line(checkpoint, tmp_path):
