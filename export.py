@@ -42,7 +42,7 @@ def max_opset():
 
 class Photos(torch.nn.Module):
     """(N, H, W, 3) uint8 RGB photos -> `model` of their normalised (N, 3, H, W) float32
-    images, by data.normalize_table's values (a GatherND in ONNX)."""
+    images, by data.normalize_photos with the table of data.normalize_table (a Gather in ONNX)."""
 
     def __init__(self, model):
         super().__init__()
@@ -50,9 +50,8 @@ class Photos(torch.nn.Module):
         self.register_buffer("normalized", data.normalize_table("cpu"))  # (256,) float32
 
     def forward(self, photos):
-        images = self.normalized[photos.long()]  # (N, H, W, 3) float32
         # contiguous NCHW: the exporter's shape guards on the permuted strides would pin the batch
-        return self.model(images.permute(0, 3, 1, 2).contiguous())
+        return self.model(data.normalize_photos(photos, self.normalized).contiguous())
 
 
 class TrainIds(torch.nn.Module):

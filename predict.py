@@ -201,6 +201,7 @@ class OnnxPredictor:
         self.batch = batch if isinstance(batch, int) else None
         self.fixed_size = (height, width) if isinstance(height, int) and isinstance(width, int) else None
         self.outputs_logits = len(outputs[0].shape) == 4
+        self.normalized = data.normalize_table("cpu")  # for uint8 photos to a float export
         log(f"predictor: onnxruntime {onnxruntime.__version__} on {self.session.get_providers()[0]}, "
             f"input {inputs[0].shape}, output {outputs[0].name} {outputs[0].shape}")
 
@@ -211,7 +212,7 @@ class OnnxPredictor:
             images = np.ascontiguousarray(np.asarray(images))
         else:
             if images.dtype == torch.uint8:
-                images = data.normalize(images.permute(0, 3, 1, 2).float())
+                images = data.normalize_photos(images, self.normalized)
             images = np.ascontiguousarray(np.asarray(images, dtype=np.float32))
         output = self.session.run(None, {self.input_name: images})[0]
         return output.argmax(1).astype(np.uint8) if self.outputs_logits else output.astype(np.uint8)
