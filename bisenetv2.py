@@ -25,6 +25,10 @@ PaddleSeg conventions kept here because they change the numbers:
   * The BGA's average pool excludes the padding from the count (Paddle's exclusive=True).
   * The context block's BatchNorm normalises the pooled vector; its last 3x3 conv has a
     bias and no BN; the BGA's output conv has BN but no ReLU.
+  * Under a SyncBatchNorm across processes, the context block's two BNs of the pooled
+    vector keep the biased batch variance as their running variance, as Paddle's
+    SyncBatchNorm does (ContextEmbedding).
+  * Initialisation: Kaiming-normal conv weights, conv biases 0, BN weight 1 and bias 0.
   * Every interpolation is bilinear with align_corners=False.
   * BatchNorm epsilon 1e-5, momentum 0.1 (Paddle's 0.9 counts the other way round).
 
@@ -156,9 +160,37 @@ class GatherExpandDown(nn.Module):
         return F.relu(main + shortcut)
 
 
+def synced_processes(bn):
+    """How many processes `bn` pools its batch statistics over in this forward: the world of
+    a SyncBatchNorm training under torch.distributed, else 1."""
+    if not (isinstance(bn, nn.SyncBatchNorm) and bn.training and bn.track_running_stats
+            and torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return 1
+    return torch.distributed.get_world_size(bn.process_group)
+
+
+def keep_biased_running_var(bn, old_var, count):
+    """Turns the running-variance update `bn` just made from torch's into Paddle's
+    SyncBatchNorm's, given the variance before it and the `count` values a channel it
+    normalised over. torch keeps (1 - f) old + f var n / (n - 1) (the unbiased variance),
+    Paddle's SyncBatchNorm (1 - f) old + f var (the biased one, as the batch was normalised
+    with): the same less f var / (n - 1), that is new (1 - 1/n) + old (1 - f) / n."""
+    factor = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)  # as torch's
+    with torch.no_grad():
+        bn.running_var.mul_(1 - 1 / count).add_(old_var, alpha=(1 - factor) / count)
+
+
 class ContextEmbedding(nn.Module):
     """Global context on the 1/32 features: pool, BN, 1x1 conv-BN-ReLU, broadcast add,
-    then a plain 3x3 conv (with bias, no BN). Shape preserved."""
+    then a plain 3x3 conv (with bias, no BN). Shape preserved.
+
+    Its two BatchNorms see one value per image and channel, N of them a process. On several
+    GPUs PaddleSeg's layers are Paddle's SyncBatchNorm, whose running variance takes the
+    biased batch variance where torch's takes the unbiased one, n / (n - 1) times it: 16/15
+    for the recipe's 16 images, so evaluation would divide by a 3% larger deviation. Under a
+    SyncBatchNorm that syncs, these two keep Paddle's. (Every other BN averages thousands of
+    values a channel, where the two differ by less than 1e-4; on one GPU PaddleSeg's plain
+    BatchNorm2D runs cuDNN's update, which is torch's.)"""
 
     def __init__(self, channels):
         super().__init__()
@@ -167,7 +199,14 @@ class ContextEmbedding(nn.Module):
         self.out_conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x):
-        context = self.pool_conv(self.pool_bn(x.mean(dim=(2, 3), keepdim=True)))  # (N, C, 1, 1)
+        pooled = x.mean(dim=(2, 3), keepdim=True)  # (N, C, 1, 1)
+        synced = [(bn, processes) for bn in (self.pool_bn, self.pool_conv.bn)
+                  if (processes := synced_processes(bn)) > 1]
+        old_vars = [bn.running_var.clone() for bn, _ in synced]
+        context = self.pool_conv(self.pool_bn(pooled))
+        for (bn, processes), old_var in zip(synced, old_vars):
+            # every process holds N images (DDP training's equal batches)
+            keep_biased_running_var(bn, old_var, pooled.shape[0] * processes)
         return self.out_conv(context + x)
 
 
@@ -261,10 +300,12 @@ class BiSeNetV2(nn.Module):
 
     def reset_parameters(self):
         """PaddleSeg's initialisation: Kaiming-normal conv weights (fan_in, gain sqrt(2)),
-        BN weight 1 and bias 0; conv biases keep PyTorch's default."""
+        BN weight 1 and bias 0, and conv biases 0 (Paddle's default for a bias)."""
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
             elif isinstance(module, nn.BatchNorm2d):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)

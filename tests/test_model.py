@@ -181,3 +181,68 @@ def test_weights_that_do_not_fit_are_one_short_line(tmp_path):
     assert "namespace.pt: not a readable checkpoint (UnpicklingError: Unsupported global" in message
     assert "argparse.Namespace" in message and "weights_only` set to `False`" not in message
     assert "\n" not in message
+
+
+def test_initialisation_is_paddlesegs():
+    """Kaiming-normal conv weights (std sqrt(2 / fan_in)), conv biases 0 (Paddle's default
+    for a bias; torch's would be uniform), BN weight 1 and bias 0."""
+    torch.manual_seed(0)
+    model = BiSeNetV2(19)
+    biases = [m.bias for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.bias is not None]
+    assert len(biases) == 8  # the five heads' classifiers, the context block's 3x3, the BGA's two 1x1
+    assert all(torch.count_nonzero(bias) == 0 for bias in biases)
+    weight = model.semantic.stage5[1].dw_expand.conv.weight  # 768 depthwise 3x3 filters
+    std = weight.std().item() / (2 / 9) ** 0.5
+    assert 0.95 < std < 1.05  # 6912 draws: the sample std is within 2% of the true one
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all(torch.all(bn.weight == 1) and torch.all(bn.bias == 0) for bn in bns)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_keep_biased_running_var_gives_paddles_update(momentum):
+    """After torch's update (the unbiased variance), keep_biased_running_var leaves Paddle's
+    SyncBatchNorm's: (1 - f) old + f var with the biased variance of the n values normalised
+    (f the momentum, or 1 / batches for a cumulative average). float64: exact but for
+    rounding."""
+    from bisenetv2 import keep_biased_running_var
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm2d(5, momentum=momentum).double().train()
+    bn.running_var.uniform_(0.5, 2)
+    for step in range(3):
+        pooled = torch.randn(4, 5, 1, 1, dtype=torch.float64) * 3 + 1  # 4 values a channel
+        old_var = bn.running_var.clone()
+        bn(pooled)
+        assert not torch.allclose(bn.running_var, old_var)
+        keep_biased_running_var(bn, old_var, count=4)
+        factor = 0.1 if momentum is not None else 1 / (step + 1)
+        expected = (1 - factor) * old_var + factor * pooled.var(dim=(0, 2, 3), unbiased=False)
+        torch.testing.assert_close(bn.running_var, expected, rtol=1e-13, atol=0)
+
+
+def test_pooled_bns_keep_the_biased_variance_only_where_they_sync(monkeypatch):
+    """synced_processes: the world of a training SyncBatchNorm under torch.distributed, else 1.
+    ContextEmbedding corrects its two pooled BNs, with n = N images x processes, only then."""
+    import bisenetv2
+    sync_bn = torch.nn.SyncBatchNorm(4).train()
+    assert bisenetv2.synced_processes(sync_bn) == 1  # torch.distributed not initialised
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 8)
+    assert bisenetv2.synced_processes(sync_bn) == 8
+    assert bisenetv2.synced_processes(sync_bn.eval()) == 1
+    assert bisenetv2.synced_processes(torch.nn.BatchNorm2d(4).train()) == 1
+
+    calls = []
+    monkeypatch.setattr(bisenetv2, "keep_biased_running_var",
+                        lambda bn, old_var, count: calls.append((bn, old_var.clone(), count)))
+    block = bisenetv2.ContextEmbedding(4).train()
+    features = torch.randn(3, 4, 5, 6)
+    block(features)
+    assert calls == []  # plain BatchNorm2d: torch's update stands (PaddleSeg's on one GPU)
+    monkeypatch.setattr(bisenetv2, "synced_processes", lambda bn: 8 if bn.training else 1)
+    old_vars = [block.pool_bn.running_var.clone(), block.pool_conv.bn.running_var.clone()]
+    block(features)
+    assert [(bn, count) for bn, _, count in calls] == [(block.pool_bn, 24), (block.pool_conv.bn, 24)]
+    assert all(torch.equal(old, recorded) for old, (_, recorded, _) in zip(old_vars, calls))
+    calls.clear()
+    block.eval()(features)
+    assert calls == []
