@@ -200,8 +200,8 @@ class ContextEmbedding(nn.Module):
 
     def forward(self, x):
         pooled = x.mean(dim=(2, 3), keepdim=True)  # (N, C, 1, 1)
-        synced = [(bn, processes) for bn in (self.pool_bn, self.pool_conv.bn)
-                  if (processes := synced_processes(bn)) > 1]
+        synced = [(bn, synced_processes(bn)) for bn in (self.pool_bn, self.pool_conv.bn)]
+        synced = [(bn, processes) for bn, processes in synced if processes > 1]
         old_vars = [bn.running_var.clone() for bn, _ in synced]
         context = self.pool_conv(self.pool_bn(pooled))
         for (bn, processes), old_var in zip(synced, old_vars):

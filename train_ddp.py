@@ -9,7 +9,8 @@
 The defaults are the recipe: 160k iterations of 4 crops of 1024x1024 per process on 4 GPUs
 (global batch 16), SGD (momentum 0.9, weight decay 5e-4), lr 0.05 with poly(0.9) decay to 0
 and no warmup, plain cross-entropy on the main and the 4 auxiliary heads (weight 1 each),
-PaddleSeg's augmentation (data.py). The data dir holds train.txt / val.txt as written by
+PaddleSeg's augmentation (data.py); on CUDA training runs in bf16 autocast by default, where
+PaddleSeg trains in float32 (--amp none). The data dir holds train.txt / val.txt as written by
 prepare_data.py, and with `prepare_data.py --pack` a pack of the train split.
 
 Reading order: parse_args; setup_process; resolve_config (every automatic setting, decided
@@ -81,7 +82,7 @@ def make_parser():
     group("--momentum", type=float, default=0.9)
     group("--weight-decay", type=float, default=5e-4)
     group("--power", type=float, default=0.9, help="poly decay exponent")
-    group("--warmup-iters", type=int, default=0, help="linear warmup from 0")
+    group("--warmup-iters", type=int, default=0, help="linear warmup from 0, then the decay over the rest")
     group("--seed", type=int, default=0)
     group = parser.add_argument_group("loss").add_argument
     group("--loss", choices=("ce", "ohem"), default="ce")
@@ -164,7 +165,7 @@ def parse_args(argv=None):
               ("momentum", "in [0, 1)", 0 <= args.momentum < 1),
               ("weight_decay", "finite and at least 0", 0 <= args.weight_decay < math.inf),
               ("power", "finite and at least 0", 0 <= args.power < math.inf),
-              ("warmup_iters", "at least 0", args.warmup_iters >= 0),
+              ("warmup_iters", "at least 0 and below --iters", 0 <= args.warmup_iters < max(args.iters, 1)),
               ("ohem_thresh", "in (0, 1] (a probability)", 0 < args.ohem_thresh <= 1),
               ("ohem_min_kept", "at least 0", args.ohem_min_kept is None or args.ohem_min_kept >= 0),
               ("aux_weight", "finite and at least 0", 0 <= args.aux_weight < math.inf),
@@ -388,6 +389,10 @@ def kernels_in_use(ops):
 
 
 RESOLVED = ("device", "world_size", "global_batch", "pack", "sync_bn")  # settings that are not flags
+# the flags of the recipe's computation (their defaults are its values; the global batch and
+# the precision are compared apart)
+RECIPE = ("iters", "crop_size", "lr", "momentum", "weight_decay", "power", "warmup_iters", "loss", "aux_weight",
+          "class_weights", "min_scale", "max_scale", "scale_step")
 
 
 def format_config(config):
@@ -398,10 +403,15 @@ def format_config(config):
     for title, names in groups:
         lines.append(f"  {title}")
         lines += [f"    {name:<18} {getattr(config, name)}" for name in names if hasattr(config, name)]
-    recipe = config.global_batch in (16, 32) and config.lr == 0.05
+    defaults = make_parser()  # whose defaults are the recipe's
+    differences = [] if config.global_batch in (16, 32) else [f"global batch {config.global_batch}"]
+    differences += [f"{name} {getattr(config, name)}" for name in RECIPE
+                    if getattr(config, name) != defaults.get_default(name)]
+    if config.amp != "none":
+        differences.append(f"amp {config.amp} (PaddleSeg trains in float32: --amp none)")
     lines.append(f"global batch {config.global_batch} = {config.world_size} process(es) x {config.batch_size}; "
                  f"PaddleSeg's recipe: 16 = 4 GPUs x 4 (73.19% mIoU) or 32 = 8 GPUs x 4 (73.45%), at lr 0.05"
-                 + ("" if recipe else ": this run is not the recipe"))
+                 + ("" if not differences else "; this run is not the recipe: " + ", ".join(differences)))
     return "\n".join(lines)
 
 
@@ -488,11 +498,12 @@ def train_step(model, criterion, optimizer, scaler, images, labels, lr, seed, am
 
 
 def lr_at(it, config):
-    """Poly decay to 0 over --iters (PaddleSeg's PolynomialDecay, end_lr 0), after an
-    optional linear warmup from 0."""
+    """The lr of iteration `it` (from 0): poly decay to 0 (PaddleSeg's PolynomialDecay, end_lr
+    0), after an optional linear warmup from 0 (PaddleSeg's LinearWarmup, warmup_start_lr 0),
+    the decay then running over the iterations after the warmup, as PaddleSeg's does."""
     if it < config.warmup_iters:
         return config.lr * it / config.warmup_iters
-    return config.lr * (1 - it / config.iters) ** config.power
+    return config.lr * (1 - (it - config.warmup_iters) / (config.iters - config.warmup_iters)) ** config.power
 
 
 def step_seed(*keys):

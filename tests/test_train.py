@@ -1,5 +1,6 @@
 """train_ddp.py through its command line and train_step / evaluate: the config, checkpoints,
 exact resume, evaluation against the official evaluator, learning, bad input."""
+import argparse
 import json
 import os
 import signal
@@ -118,12 +119,22 @@ def test_readme_demo_trains_on_the_data_it_generates(tmp_path, monkeypatch):
     assert lines == []  # found, not written again
 
 
-def test_recipe_batch_is_not_flagged():
+def test_the_recipe_line_names_what_differs():
     args = train_ddp.parse_args(["--data-dir", "unused", "--kernels", "torch", "--batch-size", "16", "--no-pack"])
     config, _ = train_ddp.resolve_config(args, train_ddp.Process(0, 1, 0, torch.device("cpu")))
     assert "not the recipe" not in train_ddp.format_config(config)
     with pytest.raises(AttributeError, match="resolved once"):
         config.amp = "bf16"
+    # any flag of the computation off the recipe's value is named, and so is autocast
+    changed = train_ddp.Config(**{**vars(config), "warmup_iters": 5, "amp": "bf16", "world_size": 2, "global_batch": 32})
+    assert format_config_last_line(changed).endswith(
+        "; this run is not the recipe: warmup_iters 5, amp bf16 (PaddleSeg trains in float32: --amp none)")
+    changed = train_ddp.Config(**{**vars(config), "crop_size": [512, 1024], "global_batch": 8})
+    assert format_config_last_line(changed).endswith(": global batch 8, crop_size [512, 1024]")
+
+
+def format_config_last_line(config):
+    return train_ddp.format_config(config).splitlines()[-1]
 
 
 # --- the step, the loss, evaluation -----------------------------------------------------
@@ -540,6 +551,22 @@ def test_non_finite_weights_are_never_saved(tmp_path, monkeypatch, capsys):
     assert sorted(p.name for p in save_dir.glob("iter_*.pt")) == ["iter_2.pt", "iter_4.pt"]
 
 
+def test_lr_schedule_is_paddlesegs():
+    """PolynomialDecay(lr, decay_steps=iters, end_lr=0, power) stepped after each iteration:
+    iteration 0 at lr, the last at lr (1 / iters)^power. With a warmup, PaddleSeg's
+    LinearWarmup(start_lr=0, end_lr=lr, warmup_steps=W) around a decay over iters - W: lr it / W
+    below W, then the decay from lr, restarted."""
+    config = argparse.Namespace(lr=0.05, iters=100, power=0.9, warmup_iters=0)
+    assert train_ddp.lr_at(0, config) == 0.05
+    assert train_ddp.lr_at(50, config) == pytest.approx(0.05 * 0.5 ** 0.9, rel=1e-15)
+    assert train_ddp.lr_at(99, config) == pytest.approx(0.05 * 0.01 ** 0.9, rel=1e-15)
+    config.warmup_iters = 20
+    assert [train_ddp.lr_at(it, config) for it in (0, 5, 19)] == pytest.approx([0, 0.0125, 0.0475], rel=1e-15)
+    assert train_ddp.lr_at(20, config) == 0.05  # the decay starts at the warmup's end, from lr
+    assert train_ddp.lr_at(60, config) == pytest.approx(0.05 * 0.5 ** 0.9, rel=1e-15)
+    assert train_ddp.lr_at(99, config) == pytest.approx(0.05 * (1 / 80) ** 0.9, rel=1e-15)
+
+
 def test_bad_flag_values_are_one_line(tmp_path, capsys):
     assert_one_line_error(*run_script("--data-dir", str(tmp_path), "--lr", "nan"), "--lr must be finite and positive")
     for flags, fragment in ((["--lr", "0"], "--lr"), (["--lr", "inf"], "--lr"), (["--crop-size", "0", "8"], "--crop-size"),
@@ -552,6 +579,7 @@ def test_bad_flag_values_are_one_line(tmp_path, capsys):
                             (["--momentum", "1"], "--momentum must be in [0, 1), got 1.0"),
                             (["--weight-decay", "nan"], "--weight-decay"), (["--power", "-1"], "--power"),
                             (["--warmup-iters", "-2"], "--warmup-iters"),
+                            (["--iters", "10", "--warmup-iters", "10"], "--warmup-iters must be at least 0 and below --iters"),
                             (["--ohem-thresh", "0"], "--ohem-thresh must be in (0, 1] (a probability), got 0.0"),
                             (["--ohem-thresh", "1.5"], "--ohem-thresh"), (["--ohem-min-kept", "-3"], "--ohem-min-kept"),
                             (["--aux-weight", "inf"], "--aux-weight"), (["--max-scale", "inf"], "--max-scale")):
