@@ -557,6 +557,7 @@ def evaluate(model, pairs, config, env):
     normalized = data.normalize_table(env.device)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     shard = pairs[env.rank::env.world_size]
+    pred_files = prediction_files(pairs, config.pred_dir)[env.rank::env.world_size] if config.pred_dir else None
     start = time.perf_counter()
     threads = min(4, os.cpu_count() or 1)  # decoding a full-resolution frame outlasts its forward pass: read ahead
     with ThreadPoolExecutor(threads, thread_name_prefix="eval-read") as pool:
@@ -568,7 +569,7 @@ def evaluate(model, pairs, config, env):
                 pred = predict.infer(model, image, config.scales, config.flip, config.slide, config.stride).argmax(1)[0]
             confusion.update(pred, label.to(env.device))
             if config.pred_dir:
-                out = (Path(config.pred_dir) / pair[0].parent.name / pair[0].name).with_suffix(".png")
+                out = pred_files[count - 1]
                 written = label_ids[pred.cpu().numpy()]
                 try:  # a full disk: one line (torchrun then stops the other processes)
                     out.parent.mkdir(parents=True, exist_ok=True)
@@ -582,13 +583,26 @@ def evaluate(model, pairs, config, env):
     return confusion.compute()
 
 
+def prediction_files(pairs, pred_dir):
+    """--pred-dir's file for each val frame: its image's path below the deepest folder that
+    holds every image's folder, as .png (Cityscapes: below leftImg8bit/val, CITY/NAME.png,
+    where predict.py --input leftImg8bit/val --label-ids DIR writes it)."""
+    common = Path(os.path.commonpath([image.parent.parent for image, _ in pairs]))
+    return [Path(pred_dir) / image.relative_to(common).with_suffix(".png") for image, _ in pairs]
+
+
 def read_val_list(config):
     """The val pairs, every file's header checked (data.check_headers), and --pred-dir made: a
-    bad val file or a --pred-dir that cannot be made stops the run at start, not at its first
-    evaluation."""
+    bad val file, two frames that would write one prediction or a --pred-dir that cannot be
+    made stops the run at start, not at its first evaluation."""
     pairs = data.read_list(config.data_dir, "val")
     data.check_headers(pairs)
     if config.pred_dir:
+        written = {}
+        for (image, _), file in zip(pairs, prediction_files(pairs, config.pred_dir)):
+            if file in written:  # a.jpg and a.png in one folder
+                raise BadInput(f"--pred-dir: {written[file]} and {image} would both write {file}; rename one")
+            written[file] = image
         try:
             Path(config.pred_dir).mkdir(parents=True, exist_ok=True)
         except OSError as e:
