@@ -514,6 +514,10 @@ def main(argv=None):
     if label_dir and out_dir.resolve().is_relative_to(label_dir.resolve()):
         return bad_input(f"--label-ids {label_dir}: holds --out {out_dir}; the evaluator takes one PNG a frame "
                          "in it")
+    for flag, folder in (("--out", out_dir), ("--label-ids", label_dir)):
+        if folder and input_path.is_dir() and input_path.resolve().is_relative_to(folder.resolve()):
+            return bad_input(f"{flag} {folder}: is --input {input_path} or holds it, and no file under it is read "
+                             "as input (a rerun would read the outputs); choose a folder apart or inside --input")
     images = find_images(input_path, out_dir, *([label_dir] if label_dir else []))
     if not images:
         return bad_input(f"--input {input_path}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in it")

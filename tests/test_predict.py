@@ -134,6 +134,11 @@ def test_out_inside_input_is_never_read(checkpoint, tmp_path):
     code, _, err = run_predict(*common[:2], "--input", str(images / "a.png"), "--out", str(tmp_path / "o"),
                                "--label-ids", str(images))
     assert_one_line_error(code, err, f"--label-ids {images}: would overwrite the input {images / 'a.png'}")
+    # an --out or --label-ids that is --input or holds it: said so, not "no images"
+    for out, flags, named in ((images, [], f"--out {images}"), (tmp_path, [], f"--out {tmp_path}"),
+                              (tmp_path / "o", ["--label-ids", str(images)], f"--label-ids {images}")):
+        code, _, err = run_predict(*common[:2], "--input", str(images), "--out", str(out), *flags)
+        assert_one_line_error(code, err, f"{named}: is --input {images} or holds it")
 
 
 def test_colliding_names_out_file_and_devices_are_one_line(checkpoint, tmp_path):
