@@ -57,7 +57,7 @@ PROFILE_STEPS = 5  # the steps --profile records after a row's measured ones
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = data.OneLineErrors(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = parser.add_argument
     add("--data-dir", help="a prepared Cityscapes root; None: a synthetic set of --image-size frames in the cache")

@@ -16,6 +16,7 @@ Every augmentation draw of a sample is a function of (seed, the sample's positio
 training stream), so a step's batch is the same whichever worker, device or resumed run
 makes it.
 """
+import argparse
 import contextlib
 import datetime
 import hashlib
@@ -34,6 +35,14 @@ from PIL import Image
 class BadInput(Exception):
     """Bad input (a missing or corrupt file, wrong shapes, labels out of range, a stale pack,
     bad weights, a non-finite loss): the scripts' main reports it as one line, exit code 2."""
+
+
+class OneLineErrors(argparse.ArgumentParser):
+    """The scripts' parser: a bad flag is one line and exit code 2, as all bad input (no usage
+    block; --help has it)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 class StalePack(BadInput):

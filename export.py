@@ -20,7 +20,6 @@ The classes (names, colours, ignore index: dataset.json's content, from the chec
 config, --dataset, or Cityscapes') go into the model's metadata entry "dataset", where
 predict.py finds them.
 """
-import argparse
 import copy
 import json
 import os
@@ -109,7 +108,7 @@ def export_onnx(model, out, size=(512, 1024), dynamic=False, argmax=False, opset
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = data.OneLineErrors(description=__doc__.split("\n\n")[0])
     parser.add_argument("--weights", required=True, help="project checkpoint (.pt) or PaddleSeg .pdparams")
     parser.add_argument("--out", required=True, help="the .onnx file to write")
     parser.add_argument("--size", type=int, nargs=2, default=(512, 1024), metavar=("H", "W"),

@@ -31,7 +31,6 @@ when the installed onnxruntime has it). An unreadable image, or one that does no
 a fixed-size export, is reported and skipped; the exit code is then 1. Bad weights or
 arguments (a --device that is not here, an --out that is a file): one line and exit code 2.
 """
-import argparse
 import collections
 import copy
 import math
@@ -385,7 +384,7 @@ def same_output(images):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = data.OneLineErrors(description=__doc__.split("\n\n")[0])
     parser.add_argument("--weights", required=True,
                         help="project checkpoint (.pt), PaddleSeg .pdparams or ONNX export (.onnx)")
     parser.add_argument("--input", required=True, help="an image or a folder of images")

@@ -56,7 +56,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from data import (CITYSCAPES, CITYSCAPES_CLASSES, DATASET_FILE, PACK_FORMAT, BadInput, StalePack,
+from data import (CITYSCAPES, CITYSCAPES_CLASSES, DATASET_FILE, PACK_FORMAT, BadInput, OneLineErrors, StalePack,
                   atomic_write, cache_dir, check_same_size, describe_labels_key, disallowed_values, file_stamps,
                   label_id_to_train_id, label_mode_problem, numbered_info, pack_dir, pack_labels_key,
                   read_dataset_info, read_frame, read_label, read_list, read_pack, save_png, stored_values,
@@ -624,8 +624,20 @@ def label_map_entry(text):
     return source, target
 
 
+def check_output_folder(flag, folder):
+    """An output folder that cannot be made (a file in its place or above it, no permission)
+    is one line before any work; nothing is made here."""
+    existing = Path(folder).absolute()
+    while not existing.exists():  # the nearest part of it that exists
+        existing = existing.parent
+    if not existing.is_dir():
+        raise BadInput(f"{flag} {folder}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise BadInput(f"{flag} {folder}: {existing} is not writable")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineErrors(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cityscapes_path", "--cityscapes-path", help="Cityscapes root (leftImg8bit/, gtFine/)")
     parser.add_argument("--synthetic", metavar="DIR", help="write and prepare a synthetic dataset here")
     parser.add_argument("--images", metavar="DIR", help="your dataset: its images (with --labels, --out)")
@@ -678,6 +690,9 @@ def main(argv=None):
         parser.error("--label-map mixes colours (R,G,B) and grey values: masks are one or the other")
     log = lambda *a: print(*a, file=sys.stderr, flush=True)
     try:
+        for flag, folder in (("--synthetic", args.synthetic), ("--out", args.out)):
+            if folder:
+                check_output_folder(flag, folder)
         if args.synthetic:
             counts = make_synthetic(args.synthetic, args.num_images, args.seed, num_workers=args.num_workers)
         elif args.images:
@@ -698,6 +713,9 @@ def main(argv=None):
                     pack_split(root, split, num_workers=args.num_workers, log=log)
     except BadInput as e:
         print(f"prepare_data.py: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file that cannot be written (a full disk): named, one line
+        print(f"prepare_data.py: error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
         return 2
     print("frames: " + ", ".join(f"{split} {n}" for split, n in counts.items()))
     return 0

@@ -57,13 +57,8 @@ NUM_HEADS = 5  # the main head and the auxiliary heads on the stem and stages 3,
 NEVER = 2**62  # the iteration of a non-finite loss that has not happened
 
 
-class OneLineErrors(argparse.ArgumentParser):
-    def error(self, message):  # a bad flag is one line, exit 2, as all bad input (--help has the usage)
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def make_parser():
-    parser = OneLineErrors(description=__doc__.split("\n\n")[0],
+    parser = data.OneLineErrors(description=__doc__.split("\n\n")[0],
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     group = parser.add_argument_group("data").add_argument
     group("--data-dir", help="Cityscapes root with train.txt / val.txt (see prepare_data.py)")

@@ -224,3 +224,13 @@ def test_preprocess_and_normalize_photos_are_paddlesegs_normalisation_bit_for_bi
     assert torch.equal(predict.preprocess([grey]), predict.preprocess([grey.convert("RGB")]))
     rgba = Image.fromarray(np.dstack([odd, odd[..., 0]]), "RGBA")
     assert torch.equal(predict.preprocess([rgba]), predict.preprocess([Image.fromarray(odd)]))
+
+
+@pytest.mark.parametrize("script, flags, named", [
+    ("predict.py", ["--weights", "w.pt", "--input", "in", "--out", "out", "--alpha", "half"],
+     "argument --alpha: invalid float value: 'half'"),
+    ("export.py", ["--weights", "w.pt", "--out", "m.onnx", "--size", "64"], "argument --size: expected 2 arguments"),
+])
+def test_a_flag_argparse_refuses_is_one_line_without_the_usage(script, flags, named):
+    result = subprocess.run([sys.executable, str(ROOT / script), *flags], capture_output=True, text=True, timeout=300)
+    assert_one_line_error(result.returncode, result.stderr, f"{script}: error: {named}")

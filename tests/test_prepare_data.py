@@ -102,6 +102,18 @@ def test_cli_errors_are_one_line(tmp_path):
                                  *flags], capture_output=True, text=True)
         assert result.returncode == 2 and named in result.stderr.strip().splitlines()[-1], result.stderr
         assert "Traceback" not in result.stderr and not (tmp_path / "syn").exists()
+    # an output folder with a file in its place or above it: one line, nothing made
+    (tmp_path / "file.png").write_bytes(b"x")
+    for flags in (["--synthetic", str(tmp_path / "file.png")], ["--synthetic", str(tmp_path / "file.png" / "sub")],
+                  ["--images", str(tmp_path), "--labels", str(tmp_path), "--out", str(tmp_path / "file.png")]):
+        result = subprocess.run([sys.executable, str(ROOT / "prepare_data.py"), *flags], capture_output=True, text=True)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert f"{flags[-1]}: {tmp_path / 'file.png'} is a file, not a folder" in result.stderr, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.png"]
+    # a bad flag value argparse catches is one line too, without the usage block
+    result = subprocess.run([sys.executable, str(ROOT / "prepare_data.py"), "--synthetic", str(tmp_path / "s"),
+                             "--num-images", "two"], capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "--num_images: invalid int value" in result.stderr
 
 
 # --- --pack -----------------------------------------------------------------------------
