@@ -71,8 +71,10 @@ def atomic_write(path, content):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno is not None and e.filename is None:  # a write (a full disk) names
+            raise OSError(e.errno, e.strerror, str(path)) from e                   # no file: the one written
         raise
 
 

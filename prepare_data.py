@@ -714,7 +714,7 @@ def main(argv=None):
     except BadInput as e:
         print(f"prepare_data.py: error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:  # a file that cannot be written (a full disk): named, one line
+    except OSError as e:  # a file that cannot be written (a full disk; atomic_write names it): one line
         print(f"prepare_data.py: error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
         return 2
     print("frames: " + ", ".join(f"{split} {n}" for split, n in counts.items()))

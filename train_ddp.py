@@ -402,11 +402,14 @@ def format_config(config):
     differences = [] if config.global_batch in (16, 32) else [f"global batch {config.global_batch}"]
     differences += [f"{name} {getattr(config, name)}" for name in RECIPE
                     if getattr(config, name) != defaults.get_default(name)]
+    if config.world_size > 1 and not config.sync_bn:
+        differences.append("BatchNorm per process (the recipe's is synced: SyncBatchNorm)")
     if config.amp != "none":
         differences.append(f"amp {config.amp} (PaddleSeg trains in float32: --amp none)")
-    lines.append(f"global batch {config.global_batch} = {config.world_size} process(es) x {config.batch_size}; "
-                 f"PaddleSeg's recipe: 16 = 4 GPUs x 4 (73.19% mIoU) or 32 = 8 GPUs x 4 (73.45%), at lr 0.05"
-                 + ("" if not differences else "; this run is not the recipe: " + ", ".join(differences)))
+    if not config.eval_only:  # (evaluation alone trains nothing)
+        lines.append(f"global batch {config.global_batch} = {config.world_size} process(es) x {config.batch_size}; "
+                     f"PaddleSeg's recipe: 16 = 4 GPUs x 4 (73.19% mIoU) or 32 = 8 GPUs x 4 (73.45%), at lr 0.05"
+                     + ("" if not differences else "; this run is not the recipe: " + ", ".join(differences)))
     return "\n".join(lines)
 
 
@@ -581,9 +584,11 @@ def evaluate(model, pairs, config, env):
 def prediction_files(pairs, pred_dir):
     """--pred-dir's file for each val frame: its image's path below the deepest folder that
     holds every image's folder, as .png (Cityscapes: below leftImg8bit/val, CITY/NAME.png,
-    where predict.py --input leftImg8bit/val --label-ids DIR writes it)."""
-    common = Path(os.path.commonpath([image.parent.parent for image, _ in pairs]))
-    return [Path(pred_dir) / image.relative_to(common).with_suffix(".png") for image, _ in pairs]
+    where predict.py --input leftImg8bit/val --label-ids DIR writes it). The paths are made
+    absolute and their '..' folded first, so every file lies under pred_dir."""
+    images = [Path(os.path.abspath(image)) for image, _ in pairs]  # abspath folds '..' (resolve() would follow links)
+    common = Path(os.path.commonpath([image.parent.parent for image in images]))
+    return [Path(pred_dir) / image.relative_to(common).with_suffix(".png") for image in images]
 
 
 def read_val_list(config):
@@ -593,11 +598,14 @@ def read_val_list(config):
     pairs = data.read_list(config.data_dir, "val")
     data.check_headers(pairs)
     if config.pred_dir:
-        written = {}
+        written, inputs = {}, {path.resolve() for pair in pairs for path in pair}
         for (image, _), file in zip(pairs, prediction_files(pairs, config.pred_dir)):
-            if file in written:  # a.jpg and a.png in one folder
-                raise BadInput(f"--pred-dir: {written[file]} and {image} would both write {file}; rename one")
-            written[file] = image
+            if file.resolve() in inputs:  # --pred-dir the val images' folder
+                raise BadInput(f"--pred-dir {config.pred_dir}: would overwrite the val file {file}")
+            if file.resolve() in written:  # a.jpg and a.png in one folder
+                raise BadInput(f"--pred-dir: {written[file.resolve()]} and {image} would both write {file}; "
+                               "rename one")
+            written[file.resolve()] = image
         try:
             Path(config.pred_dir).mkdir(parents=True, exist_ok=True)
         except OSError as e:

@@ -179,11 +179,12 @@ def test_eval_and_predict_with_flip_and_scales_are_paddlesegs_aug_inference(tmp_
                           "--label-ids: the classes from", "have no Cityscapes label ids")
 
 
-def test_pred_dir_mirrors_the_val_images_folders(tmp_path, capsys):
+def test_pred_dir_mirrors_the_val_images_folders(tmp_path, monkeypatch):
     """--pred-dir keeps each frame's path below the deepest folder holding every image's
     folder, so frames of one name in other folders get files of their own (it wrote both to
-    x/f.png, and flattened nested folders); two frames that would write one file (f.jpg and
-    f.png in a folder) stop the run at start, naming both."""
+    x/f.png, and flattened nested folders), whether the list's paths are relative (with
+    '..'), absolute, or both; two frames that would write one file (f.jpg and f.png in a
+    folder), or a file that would overwrite a val file, stop the run at start, in one line."""
     root = make_dataset(tmp_path / "data", num_train=1, num_val=3, num_classes=3)
     torch.manual_seed(0)
     torch.save({"model": BiSeNetV2(3).eval().state_dict()}, tmp_path / "w.pt")
@@ -191,16 +192,20 @@ def test_pred_dir_mirrors_the_val_images_folders(tmp_path, capsys):
         (root / folder).mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(("a/x/f.png", "b/x/f.png", "a/x/deeper/g.png")):
         (root / "val" / f"img{i}.png").rename(root / image)
-    (root / "val.txt").write_text("a/x/f.png val/lab0.png\nb/x/f.png val/lab1.png\na/x/deeper/g.png val/lab2.png\n")
-    common = ["--data-dir", str(root), "--num-classes", "3", "--eval-only", "--weights", str(tmp_path / "w.pt"),
+    (root / "val.txt").write_text(f"val/../a/x/f.png val/lab0.png\n{root / 'b/x/f.png'} val/lab1.png\n"
+                                  "a/x/deeper/g.png val/lab2.png\n")
+    monkeypatch.chdir(tmp_path)  # a relative --data-dir, one absolute list entry
+    common = ["--data-dir", "data", "--num-classes", "3", "--eval-only", "--weights", str(tmp_path / "w.pt"),
               "--kernels", "torch", "--save-dir", str(tmp_path / "out")]
-    assert train_ddp.main([*common, "--pred-dir", str(tmp_path / "pred")]) == 0
+    assert train_ddp.main([*common, "--pred-dir", "pred"]) == 0
     assert sorted(str(p.relative_to(tmp_path / "pred")) for p in (tmp_path / "pred").rglob("*.png")) == [
         "a/x/deeper/g.png", "a/x/f.png", "b/x/f.png"]
+    assert_one_line_error(*run_script(*common, "--pred-dir", str(root)),
+                          f"--pred-dir {root}: would overwrite the val file {root / 'a/x/f.png'}")
     Image.open(root / "b/x/f.png").save(root / "b/x/f.jpg")
     (root / "val.txt").write_text("b/x/f.png val/lab0.png\nb/x/f.jpg val/lab1.png\n")
     code, out, err = run_script(*common, "--pred-dir", str(tmp_path / "pred2"))
-    assert_one_line_error(code, out, err, f"--pred-dir: {root / 'b/x/f.png'} and {root / 'b/x/f.jpg'} would both "
+    assert_one_line_error(code, out, err, "--pred-dir: data/b/x/f.png and data/b/x/f.jpg would both "
                           f"write {tmp_path / 'pred2' / 'x' / 'f.png'}; rename one")
     assert not (tmp_path / "pred2").exists()
 

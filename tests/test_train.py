@@ -126,11 +126,16 @@ def test_the_recipe_line_names_what_differs():
     with pytest.raises(AttributeError, match="resolved once"):
         config.amp = "bf16"
     # any flag of the computation off the recipe's value is named, and so is autocast
-    changed = train_ddp.Config(**{**vars(config), "warmup_iters": 5, "amp": "bf16", "world_size": 2, "global_batch": 32})
+    changed = train_ddp.Config(**{**vars(config), "warmup_iters": 5, "amp": "bf16", "world_size": 2,
+                                  "global_batch": 32, "sync_bn": True})
     assert format_config_last_line(changed).endswith(
         "; this run is not the recipe: warmup_iters 5, amp bf16 (PaddleSeg trains in float32: --amp none)")
     changed = train_ddp.Config(**{**vars(config), "crop_size": [512, 1024], "global_batch": 8})
     assert format_config_last_line(changed).endswith(": global batch 8, crop_size [512, 1024]")
+    changed = train_ddp.Config(**{**vars(config), "world_size": 4, "batch_size": 4, "sync_bn": False})
+    assert format_config_last_line(changed).endswith(
+        "; this run is not the recipe: BatchNorm per process (the recipe's is synced: SyncBatchNorm)")
+    assert "recipe" not in train_ddp.format_config(train_ddp.Config(**{**vars(config), "eval_only": True}))
 
 
 def format_config_last_line(config):
