@@ -176,6 +176,8 @@ def keep_biased_running_var(bn, old_var, count):
     Paddle's SyncBatchNorm (1 - f) old + f var (the biased one, as the batch was normalised
     with): the same less f var / (n - 1), that is new (1 - 1/n) + old (1 - f) / n."""
     factor = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)  # as torch's
+    # in place: SyncBatchNorm's backward keeps input, weight, mean, invstd and counts, not the
+    # running statistics (a plain BatchNorm2d's keeps them: this is for SyncBatchNorm only)
     with torch.no_grad():
         bn.running_var.mul_(1 - 1 / count).add_(old_var, alpha=(1 - factor) / count)
 
