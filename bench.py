@@ -263,7 +263,7 @@ def io_table(args, env):
     width, height = data.check_headers(train[:1])[0]  # the header only, not a full decode
     lines = [f"## `bench.py --io`: {torch.cuda.get_device_name(env.device) if cuda else f'CPU ({os.cpu_count()} cores)'}",
              "", f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, "
-             f"data {data_dir} (frames of {width}x{height}), random weights, {counts[0]} and {counts[1]} frames a run",
+             f"data {data_dir} (frames of {height}x{width}), random weights, {counts[0]} and {counts[1]} frames a run",
              "", f"| what | {counts[0]} frames s | {counts[1]} frames s | frames/s between | note |",
              "| --- | ---: | ---: | ---: | --- |"]
     with tempfile.TemporaryDirectory() as folder:

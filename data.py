@@ -438,11 +438,16 @@ def read_photo(path):
     return np.repeat(grey[:, :, None], 3, axis=2)           # (H, W, 3)
 
 
+def hxw(size):
+    """A PIL (width, height) size as the messages write sizes: HxW, height first, as --crop-size
+    H W and tensors' shapes."""
+    return f"{size[1]}x{size[0]}"
+
+
 def check_same_size(image_path, image_size, label_path, label_size):
     """BadInput unless an image and its label have one (width, height)."""
     if image_size != label_size:
-        raise BadInput(f"{image_path}: image is {image_size[0]}x{image_size[1]} but its label "
-                       f"{label_path} is {label_size[0]}x{label_size[1]}")
+        raise BadInput(f"{image_path}: image is {hxw(image_size)} but its label {label_path} is {hxw(label_size)}")
 
 
 def check_headers(pairs):

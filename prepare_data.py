@@ -57,7 +57,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from data import (CITYSCAPES, CITYSCAPES_CLASSES, DATASET_FILE, PACK_FORMAT, BadInput, OneLineErrors, StalePack,
-                  atomic_write, cache_dir, check_same_size, describe_labels_key, disallowed_values, file_stamps,
+                  atomic_write, cache_dir, check_same_size, describe_labels_key, disallowed_values, file_stamps, hxw,
                   label_id_to_train_id, label_mode_problem, numbered_info, pack_dir, pack_labels_key,
                   read_dataset_info, read_frame, read_label, read_list, read_pack, save_png, stored_values,
                   write_dataset_info)
@@ -130,8 +130,7 @@ def prepare_cityscapes(root, num_workers=None, separator=" "):
         for image, target, _ in frames[split]:
             with Image.open(image) as im, Image.open(target) as lab:
                 if im.size != lab.size:
-                    raise BadInput(f"{image}: image is {im.size[0]}x{im.size[1]} but its label {target} "
-                                   f"is {lab.size[0]}x{lab.size[1]}")
+                    raise BadInput(f"{image}: image is {hxw(im.size)} but its label {target} is {hxw(lab.size)}")
             lines.append(f"{image.relative_to(root)}{separator}{target.relative_to(root)}")
         list_file = root / f"{split}.txt"
         atomic_write(list_file, "\n".join(lines) + "\n")
@@ -507,8 +506,8 @@ def pack_one(task):
     images = np.load(images_file, mmap_mode="r+")
     labels = np.load(labels_file, mmap_mode="r+")
     if image.shape != images.shape[1:]:
-        raise BadInput(f"{image_path}: image is {image.shape[1]}x{image.shape[0]} but the split's first "
-                       f"frame is {images.shape[2]}x{images.shape[1]}; --pack needs one size per split")
+        raise BadInput(f"{image_path}: image is {image.shape[0]}x{image.shape[1]} but the split's first "
+                       f"frame is {images.shape[1]}x{images.shape[2]}; --pack needs one size per split")
     images[index] = image
     labels[index] = label
     images.flush()
@@ -529,9 +528,9 @@ def check_one_size(root, split, pairs):
     sizes = [image_size(root / image) for image, _ in pairs]
     differ = [i for i, size in enumerate(sizes) if size != sizes[0]]
     if differ:
-        named = ", ".join(f"{pairs[i][0]} is {sizes[i][0]}x{sizes[i][1]}" for i in differ[:3])
-        raise BadInput(f"{root / split}.txt: not packed: frames differ in size ({pairs[0][0]} is {sizes[0][0]}x"
-                       f"{sizes[0][1]}, {named}{', ...' if len(differ) > 3 else ''}: {len(differ)} of {len(pairs)} "
+        named = ", ".join(f"{pairs[i][0]} is {hxw(sizes[i])}" for i in differ[:3])
+        raise BadInput(f"{root / split}.txt: not packed: frames differ in size ({pairs[0][0]} is {hxw(sizes[0])}, "
+                       f"{named}{', ...' if len(differ) > 3 else ''}: {len(differ)} of {len(pairs)} "
                        f"frames differ from the first); a pack needs one size per split; the dataset stays usable "
                        f"unpacked (train_ddp.py reads its PNG files)")
 
@@ -593,7 +592,7 @@ def pack_split(root, split, num_workers=None, log=print):
     for old in out.glob(f"{split}.*.npy"):  # arrays of the replaced pack
         if old.name not in names.values():
             old.unlink(missing_ok=True)
-    log(f"{split}: {len(pairs)} frames of {width}x{height} packed -> {index_path}")
+    log(f"{split}: {len(pairs)} frames of {height}x{width} packed -> {index_path}")
     return index_path
 
 
@@ -602,7 +601,7 @@ def synthetic_in_cache(size, num_images, log=print):
     (data.cache_dir()), written on first use, its train split packed (a no-op when fresh)."""
     root = cache_dir() / f"synthetic_cityscapes_{size[0]}x{size[1]}"
     if not (root / "train.txt").is_file() or not (root / "val.txt").is_file():
-        log(f"writing a synthetic Cityscapes-layout dataset of {size[1]}x{size[0]} frames to {root}")
+        log(f"writing a synthetic Cityscapes-layout dataset of {size[0]}x{size[1]} frames to {root}")
         make_synthetic(root, num_images=num_images, size=tuple(size))
     pack_split(root, "train", log=lambda *a: None)
     return root

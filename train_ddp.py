@@ -308,12 +308,12 @@ def one_frame_size(data_dir, env):
     pairs = data.read_list(data_dir, "train")
     sizes = data.check_headers(pairs)
     if (other := next((i for i, size in enumerate(sizes) if size != sizes[0]), None)) is not None:
-        env.log(f"--aug-device auto: cpu, the train frames differ in size ({pairs[0][0]} is {sizes[0][0]}x"
-                f"{sizes[0][1]}, {pairs[other][0]} {sizes[other][0]}x{sizes[other][1]}); a batch augmented on the "
+        env.log(f"--aug-device auto: cpu, the train frames differ in size ({pairs[0][0]} is {data.hxw(sizes[0])}, "
+                f"{pairs[other][0]} {data.hxw(sizes[other])}); a batch augmented on the "
                 "GPU needs one size")
         return False
     if pairs:
-        env.log(f"--aug-device auto: cuda, the {len(pairs)} train frames are all {sizes[0][0]}x{sizes[0][1]}: the "
+        env.log(f"--aug-device auto: cuda, the {len(pairs)} train frames are all {data.hxw(sizes[0])}: the "
                 "workers decode, the GPU augments each batch")
     return bool(pairs)
 

@@ -96,7 +96,7 @@ def test_io_table_times_predict_and_evaluation(tmp_path, capsys):
     out = tmp_path / "io.md"
     assert bench.main(["--io", "--data-dir", str(root), "--io-frames", "1", "--out", str(out)]) == 0
     table = out.read_text()
-    assert "(frames of 60x40), random weights, 1 and 4 frames a run" in table and table in capsys.readouterr().out
+    assert "(frames of 40x60), random weights, 1 and 4 frames a run" in table and table in capsys.readouterr().out
     rows = table_rows(table)
     assert list(rows)[1:] == [label for label, *_ in bench.IO_ROWS] + ["train_ddp.py --eval-only (float32)"]
     for label in ("predict.py", "predict.py --overlay", "train_ddp.py --eval-only (float32)"):

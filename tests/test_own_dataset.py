@@ -125,7 +125,7 @@ def test_image_and_mask_of_other_sizes_are_named(tmp_path):
     Image.fromarray(np.zeros((24, 30), np.uint8)).save(masks / "frame001.png")
     out = tmp_path / "out"
     assert_one_line_error(prepare("--images", images, "--labels", masks, "--out", out, "--label-map", "0:0", "255:1"),
-                          "frame001.jpg: image is 32x24 but its label", "frame001.png is 30x24")
+                          "frame001.jpg: image is 24x32 but its label", "frame001.png is 24x30")
     assert not (out / "train.txt").exists()
 
 
@@ -147,7 +147,7 @@ def test_pack_of_frames_of_several_sizes_is_refused_and_png_reading_stays(tmp_pa
     prepare_here("--images", images, "--labels", masks, "--out", out, "--label-map", "0:0", "255:1",
                  "--val-images", images, "--val-labels", masks, "--num-workers", "1")
     assert_one_line_error(prepare("--data-dir", out, "--pack"), "train.txt: not packed: frames differ in size",
-                          "frame000.jpg is 32x24, ", "frame002.jpg is 32x20: 1 of 4 frames differ",
+                          "frame000.jpg is 24x32, ", "frame002.jpg is 20x32: 1 of 4 frames differ",
                           "stays usable unpacked")
     assert not list((out / "packed").glob("*.npy"))
     info = data.read_dataset_info(out)

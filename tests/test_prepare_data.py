@@ -73,7 +73,7 @@ def test_image_and_label_sizes_must_match(tmp_path):
     shutil.copytree(shared_fixture("cityscapes_sample"), root)
     label_ids = next(root.glob("gtFine/val/*/*_labelIds.png"))
     Image.fromarray(np.zeros((64, 64), np.uint8)).save(label_ids)
-    with pytest.raises(data.BadInput, match="256x128 but its label"):
+    with pytest.raises(data.BadInput, match="128x256 but its label"):
         prepare_data.prepare_cityscapes(root, num_workers=1)
 
 
@@ -175,7 +175,7 @@ def test_pack_rejects_bad_labels_and_mixed_sizes(tmp_path):
     assert not (tmp_path / "packed" / "train.json").exists() and not list((tmp_path / "packed").glob("*.npy"))
     write_frames(tmp_path, "train", [good, np.zeros((21, 30), np.uint8)])
     with pytest.raises(data.BadInput, match=r"train.txt: not packed: frames differ in size \(train/img0.png is "
-                                            r"30x20, train/img1.png is 30x21: 1 of 2 .* stays usable unpacked"):
+                                            r"20x30, train/img1.png is 21x30: 1 of 2 .* stays usable unpacked"):
         prepare_data.pack_split(tmp_path, "train", num_workers=2, log=lambda *a: None)
     assert not list((tmp_path / "packed").glob("*.npy"))
     result = subprocess.run([sys.executable, str(ROOT / "prepare_data.py"), "--cityscapes_path", str(tmp_path),

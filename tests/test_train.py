@@ -108,7 +108,7 @@ def test_readme_demo_trains_on_the_data_it_generates(tmp_path, monkeypatch):
     assert result.returncode == 0, result.stderr
     out = result.stdout
     dataset = tmp_path / "cache" / "bisenetv2" / "synthetic_cityscapes_256x512"
-    assert f"writing a synthetic Cityscapes-layout dataset of 512x256 frames to {dataset}" in out
+    assert f"writing a synthetic Cityscapes-layout dataset of 256x512 frames to {dataset}" in out
     assert "mIoU" in out and "done: 2 iterations" in out
     config = load(save_dir / "iter_2.pt")["config"]
     assert config["demo"] is True and config["data_dir"] == str(dataset)
@@ -651,7 +651,7 @@ def test_bad_val_file_stops_before_training(tmp_path):
     assert_one_line_error(code, out, err, "lab0.png", "mode RGB")
     Image.fromarray(np.zeros((41, 60), np.uint8)).save(root / "val" / "lab0.png")
     code, out, err = run_script(*common, "--eval-only", "--weights", str(tmp_path / "unused.pt"))
-    assert_one_line_error(code, out, err, "img0.png", "60x40", "60x41")
+    assert_one_line_error(code, out, err, "img0.png", "40x60", "41x60")
     # without evaluation the val files are not read
     assert run_script(*common, "--save-dir", str(tmp_path / "d"))[0] == 0
 
@@ -890,12 +890,12 @@ def test_aug_device_auto_takes_the_gpu_for_png_frames_of_one_size(tmp_path, caps
     root = make_dataset(tmp_path / "data", num_train=3, size=(40, 60))
     env = train_ddp.Process(0, 1, 0, torch.device("cpu"))
     assert train_ddp.one_frame_size(root, env)
-    assert "--aug-device auto: cuda, the 3 train frames are all 60x40" in capsys.readouterr().out
+    assert "--aug-device auto: cuda, the 3 train frames are all 40x60" in capsys.readouterr().out
     Image.fromarray(np.zeros((30, 60, 3), np.uint8)).save(root / "train" / "img2.png")
     Image.fromarray(np.zeros((30, 60), np.uint8)).save(root / "train" / "lab2.png")
     assert not train_ddp.one_frame_size(root, env)
-    assert (f"--aug-device auto: cpu, the train frames differ in size ({root / 'train' / 'img0.png'} is 60x40, "
-            f"{root / 'train' / 'img2.png'} 60x30)") in capsys.readouterr().out
+    assert (f"--aug-device auto: cpu, the train frames differ in size ({root / 'train' / 'img0.png'} is 40x60, "
+            f"{root / 'train' / 'img2.png'} 30x60)") in capsys.readouterr().out
     (root / "train" / "img1.png").write_bytes(b"not a png")  # the headers are read: a bad file stops the start
     with pytest.raises(data.BadInput, match="img1.png: unreadable image"):
         train_ddp.one_frame_size(root, env)
