@@ -246,3 +246,52 @@ def test_pooled_bns_keep_the_biased_variance_only_where_they_sync(monkeypatch):
     calls.clear()
     block.eval()(features)
     assert calls == []
+
+
+SYNC_BN_RUN = """
+import sys
+import torch
+import torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+import bisenetv2
+dist.init_process_group("gloo")  # two processes on one GPU (NCCL wants a GPU each)
+rank, world = dist.get_rank(), dist.get_world_size()
+torch.manual_seed(0)  # the same block and the same batches on every rank
+block = torch.nn.SyncBatchNorm.convert_sync_batchnorm(bisenetv2.ContextEmbedding(8)).cuda().train()
+features = torch.randn(world, 3, 8, 5, 6)  # (processes, N, C, H, W)
+block(features[rank].cuda()).square().sum().backward()  # the in-place update must leave the backward whole
+if rank == 0:
+    torch.save({"features": features, "conv": block.pool_conv.conv.weight.detach().cpu(),
+                "pool_bn": block.pool_bn.running_var.cpu(), "conv_bn": block.pool_conv.bn.running_var.cpu()},
+               sys.argv[2])
+dist.destroy_process_group()
+"""
+
+
+def paddle_running_vars(features, conv_weight):
+    """Paddle's SyncBatchNorm's running variances of the context block's two pooled BNs after one
+    step from their initial state (weight 1, bias 0, variance 1, momentum 0.1), in float64:
+    features (processes, N, C, H, W), every process's images in one batch."""
+    pooled = features.double().mean(dim=(3, 4)).flatten(0, 1)                  # (processes x N, C)
+    normalised = (pooled - pooled.mean(0)) / torch.sqrt(pooled.var(0, unbiased=False) + 1e-5)
+    convolved = normalised @ conv_weight.double()[:, :, 0, 0].T                 # the 1x1 conv
+    return [0.9 + 0.1 * values.var(0, unbiased=False) for values in (pooled, convolved)]
+
+
+@pytest.mark.gpu
+def test_synced_pooled_bns_keep_paddles_running_variance(tmp_path):
+    """Two torchrun processes with SyncBatchNorm (gloo, sharing the GPU): after a step, forward
+    and backward, the context block's pooled BNs hold Paddle's running variance over both
+    processes' 6 images (the biased one; torch's own would be 6/5 of the batch's part)."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    (tmp_path / "run.py").write_text(SYNC_BN_RUN)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(tmp_path / "run.py"), str(ROOT), str(tmp_path / "out.pt")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = torch.load(tmp_path / "out.pt")
+    # float32 on the GPU against float64: a few ulps of values near 1
+    for name, expected in zip(("pool_bn", "conv_bn"), paddle_running_vars(out["features"], out["conv"])):
+        torch.testing.assert_close(out[name].double(), expected, rtol=1e-5, atol=0, msg=name)
