@@ -58,7 +58,7 @@ PROFILE_STEPS = 5  # the steps --profile records after a row's measured ones
 
 def parse_args(argv=None):
     parser = data.OneLineErrors(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = parser.add_argument
     add("--data-dir", help="a prepared Cityscapes root; None: a synthetic set of --image-size frames in the cache")
     add("--image-size", type=int, nargs=2, default=[1024, 2048], metavar=("H", "W"),

@@ -513,19 +513,18 @@ def main(argv=None):
     if label_dir and out_dir.resolve().is_relative_to(label_dir.resolve()):
         return bad_input(f"--label-ids {label_dir}: holds --out {out_dir}; the evaluator takes one PNG a frame "
                          "in it")
-    for flag, folder in (("--out", out_dir), ("--label-ids", label_dir)):
-        if folder and input_path.is_dir() and input_path.resolve().is_relative_to(folder.resolve()):
+    for flag, folder in (("--out", out_dir), ("--label-ids", label_dir)) if input_path.is_dir() else ():
+        if folder and input_path.resolve().is_relative_to(folder.resolve()):
             return bad_input(f"{flag} {folder}: is --input {input_path} or holds it, and no file under it is read "
                              "as input (a rerun would read the outputs); choose a folder apart or inside --input")
+        if folder and folder.resolve().is_relative_to(input_path.resolve()):
+            log(f"{flag} {folder} is inside --input: the files under it are not read")
     images = find_images(input_path, out_dir, *([label_dir] if label_dir else []))
     if not images:
         return bad_input(f"--input {input_path}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in it")
     for image_path, stem in images if label_dir else ():
         if label_path(label_dir, stem).resolve() == image_path.resolve():
             return bad_input(f"--label-ids {label_dir}: would overwrite the input {image_path}")
-    for flag, folder in (("--out", out_dir), ("--label-ids", label_dir)):
-        if folder and input_path.is_dir() and folder.resolve().is_relative_to(input_path.resolve()):
-            log(f"{flag} {folder} is inside --input: the files under it are not read")
     if clash := same_output(images):
         return bad_input(f"{clash[0]} and {clash[1]} would write the same outputs "
                          f"({clash[0].with_suffix('').name}_trainIds.png); rename one")

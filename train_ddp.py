@@ -59,7 +59,7 @@ NEVER = 2**62  # the iteration of a non-finite loss that has not happened
 
 def make_parser():
     parser = data.OneLineErrors(description=__doc__.split("\n\n")[0],
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     group = parser.add_argument_group("data").add_argument
     group("--data-dir", help="Cityscapes root with train.txt / val.txt (see prepare_data.py)")
     group("--demo", action="store_true",
@@ -600,12 +600,12 @@ def read_val_list(config):
     if config.pred_dir:
         written, inputs = {}, {path.resolve() for pair in pairs for path in pair}
         for (image, _), file in zip(pairs, prediction_files(pairs, config.pred_dir)):
-            if file.resolve() in inputs:  # --pred-dir the val images' folder
+            target = file.resolve()
+            if target in inputs:  # --pred-dir the val images' folder
                 raise BadInput(f"--pred-dir {config.pred_dir}: would overwrite the val file {file}")
-            if file.resolve() in written:  # a.jpg and a.png in one folder
-                raise BadInput(f"--pred-dir: {written[file.resolve()]} and {image} would both write {file}; "
-                               "rename one")
-            written[file.resolve()] = image
+            if target in written:  # a.jpg and a.png in one folder
+                raise BadInput(f"--pred-dir: {written[target]} and {image} would both write {file}; rename one")
+            written[target] = image
         try:
             Path(config.pred_dir).mkdir(parents=True, exist_ok=True)
         except OSError as e:
