@@ -161,6 +161,7 @@ def parse_args(argv=None):
               ("weight_decay", "finite and at least 0", 0 <= args.weight_decay < math.inf),
               ("power", "finite and at least 0", 0 <= args.power < math.inf),
               ("warmup_iters", "at least 0 and below --iters", 0 <= args.warmup_iters < max(args.iters, 1)),
+              ("seed", "in 0..4294967295", 0 <= args.seed < 2**32),  # (numpy's seeds are non-negative)
               ("ohem_thresh", "in (0, 1] (a probability)", 0 < args.ohem_thresh <= 1),
               ("ohem_min_kept", "at least 0", args.ohem_min_kept is None or args.ohem_min_kept >= 0),
               ("aux_weight", "finite and at least 0", 0 <= args.aux_weight < math.inf),
@@ -239,12 +240,8 @@ def resolve_config(args, env):
     in the printed config. -> (Config, (loss function, BGA function) of --kernels)."""
     cuda = env.device.type == "cuda"
     data_dir = args.data_dir
-    if args.demo and not data_dir:  # rank 0 writes the synthetic set while the others wait
-        if not env.main:
-            dist.barrier()
-        data_dir = str(prepare_data.synthetic_in_cache(DEMO_FRAME_SIZE, 48, log=env.log))
-        if env.main and env.world_size > 1:
-            dist.barrier()
+    if args.demo and not data_dir:
+        data_dir = str(demo_data(env))
     dataset = resolve_dataset(args, data_dir, env)
     pack = None
     if not args.no_pack and not args.eval_only:
@@ -258,9 +255,11 @@ def resolve_config(args, env):
         if wanted and not cuda:
             raise BadInput(f"{flag} needs a CUDA device")
     try:
-        ops = kernels.select(args.kernels, device=env.device, log=env.log)
+        selection_log = []  # another rank's, which rank 0 prints where it differs
+        ops = kernels.select(args.kernels, device=env.device, log=env.log if env.main else selection_log.append)
     except RuntimeError as e:  # --kernels cuda without a build: one line
         raise BadInput(f"--kernels {args.kernels}: {' '.join(str(e).split())}") from None
+    ops = same_ops_on_every_rank(ops, selection_log, env)
     sync_bn = env.world_size > 1 and not args.no_sync_bn
     if sync_bn and not cuda:
         env.log("note: SyncBatchNorm needs CUDA; plain per-process BatchNorm on CPU")
@@ -285,6 +284,20 @@ def resolve_config(args, env):
         sync_bn=sync_bn, eval_interval=args.eval_interval or args.save_interval))
     torch.backends.cudnn.benchmark = config.cudnn_benchmark
     return config, ops
+
+
+def demo_data(env):
+    """--demo's synthetic set in the cache folder (prepare_data.synthetic_in_cache): rank 0
+    writes it while the others wait, then each other node's first process where that node's
+    cache is its own (a no-op where it sees rank 0's), so that no two processes write one folder."""
+    def in_cache():
+        return prepare_data.synthetic_in_cache(DEMO_FRAME_SIZE, 48, log=env.log)
+    if env.world_size > 1:
+        for writer in (env.main, env.local_rank == 0 and not env.main):
+            if writer:
+                in_cache()
+            dist.barrier()
+    return in_cache()
 
 
 def auto_num_workers(env):
@@ -370,6 +383,32 @@ def resolve_class_weights(args, data_dir, dataset, pack, num_workers, env):
     if dist.is_initialized():
         dist.broadcast_object_list(weights, src=0)
     return weights[0]
+
+
+def same_ops_on_every_rank(ops, selection_log, env):
+    """--kernels auto decides on each rank (its build, its checks): an op that any rank runs as
+    the PyTorch reference is every rank's reference, so that every rank computes the same
+    thing; rank 0 logs the selection of each rank that fell back (selection_log: a rank's
+    kernels.select lines). -> (loss function, BGA function)."""
+    if env.world_size == 1:
+        return ops
+    references = (kernels.ohem_cross_entropy_reference, kernels.bga_aggregate_reference)
+    every_rank = [None] * env.world_size
+    dist.all_gather_object(every_rank, ([op is not reference for op, reference in zip(ops, references)],
+                                        selection_log))
+    agreed, shown = [], set()
+    for i, (name, op, reference) in enumerate(zip(kernels.EXTENSIONS, ops, references)):
+        refusing = [rank for rank, (fused, _) in enumerate(every_rank) if not fused[i]]
+        if refusing and len(refusing) < env.world_size:
+            for rank in sorted(set(refusing) - shown):
+                for line in every_rank[rank][1]:
+                    env.log(f"rank {rank}: {line}")
+            shown.update(refusing)
+            env.log(f"kernels: the {name} op is the PyTorch reference on rank(s) {', '.join(map(str, refusing))}, "
+                    "so on every rank")
+            kernels.EXTENSIONS[name].use_cuda_kernel = False
+        agreed.append(reference if refusing else op)
+    return tuple(agreed)
 
 
 def kernels_in_use(ops):
@@ -738,6 +777,29 @@ def write_record(record, save_dir, tensorboard):
         tensorboard.flush()
 
 
+def read_records(path):
+    """The records of a metrics.jsonl; a line cut short by a kill is left out."""
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            if isinstance(record := json.loads(line), dict) and isinstance(record.get("iter"), int):
+                records.append((line, record))
+        except ValueError:
+            pass
+    return records
+
+
+def evaluated(save_dir, it, env):
+    """Whether SAVE_DIR/metrics.jsonl holds the evaluation of iteration `it` (rank 0's file,
+    its answer sent to every rank)."""
+    found = [False]
+    if env.main and (path := Path(save_dir) / "metrics.jsonl").is_file():
+        found[0] = any(record["iter"] == it and "mIoU" in record for _, record in read_records(path))
+    if dist.is_initialized():
+        dist.broadcast_object_list(found, src=0)
+    return found[0]
+
+
 def trim_records(save_dir, up_to, log):
     """Drops the records of SAVE_DIR/metrics.jsonl after iteration `up_to` (a resumed run
     writes them again) and any line cut short by a kill; rewritten atomically, logged."""
@@ -745,13 +807,7 @@ def trim_records(save_dir, up_to, log):
     if not path.is_file():
         return
     lines = path.read_text().splitlines()
-    kept = []
-    for line in lines:
-        try:
-            if json.loads(line)["iter"] <= up_to:
-                kept.append(line + "\n")
-        except (ValueError, KeyError, TypeError):
-            pass
+    kept = [line + "\n" for line, record in read_records(path) if record["iter"] <= up_to]
     if len(kept) < len(lines):
         data.atomic_write(path, "".join(kept))
         log(f"{path}: dropped {len(lines) - len(kept)} record(s) after iteration {up_to}")
@@ -810,6 +866,26 @@ def agreed_stop(signals, env):
     return int(received)
 
 
+def evaluate_and_record(model, val_pairs, config, env, done, best, tensorboard):
+    """The evaluation of iteration `done`: its table logged, a metrics.jsonl record,
+    eval_metrics.json, and best.pt when it beats `best`. -> the best so far."""
+    if env.world_size > 1:  # BN running statistics: the last step left each rank its own crops' (without
+        for buffer in model.buffers():  # SyncBatchNorm); evaluate rank 0's, the checkpoint's
+            dist.broadcast(buffer, src=0)
+    metrics = evaluate(model, val_pairs, config, env)
+    env.log(format_metrics(metrics, config.dataset.class_names))
+    save_dir = Path(config.save_dir)
+    if env.main:
+        write_record(dict(iter=done, mIoU=metrics["mIoU"], pixel_acc=metrics["pixel_acc"]), save_dir, tensorboard)
+        data.atomic_write(save_dir / "eval_metrics.json", json.dumps(dict(iter=done, **metrics), indent=2))
+    if metrics["mIoU"] > best["mIoU"]:
+        best = dict(mIoU=metrics["mIoU"], iter=done)
+        save_on_master(dict(model=model.state_dict(), iter=done, metrics=metrics, config=saved_config(config)),
+                       save_dir / "best.pt", env)
+    env.log(f"best mIoU {100 * best['mIoU']:.2f} at iteration {best['iter']}")
+    return best
+
+
 def train(config, env, ops, signals):
     """-> 0 when the run completed, else the signal that stopped it after a checkpoint."""
     pairs = data.read_list(config.data_dir, "train")
@@ -843,6 +919,10 @@ def train(config, env, ops, signals):
     batches = iter(data.make_loader(pairs, pack, config.dataset, config, env.rank, env.world_size, start_iter))
     tensorboard = open_tensorboard(config, start_iter) if config.tensorboard and env.main else None
     amp_dtype, cuda = AMP_DTYPES[config.amp], env.device.type == "cuda"
+
+    if start_iter == config.iters and config.do_eval and not evaluated(save_dir, start_iter, env):
+        env.log(f"nothing left to train after iteration {start_iter}; evaluating it (a stop there skipped that)")
+        best = evaluate_and_record(model, val_pairs, config, env, start_iter, best, tensorboard)
 
     loss_sum = torch.zeros(1 + NUM_HEADS, device=env.device)  # total and per head, summed over the log window
     first_bad_iter = torch.full((), NEVER, dtype=torch.int64, device=env.device)  # of a non-finite loss
@@ -892,17 +972,7 @@ def train(config, env, ops, signals):
                 for old in list_checkpoints(save_dir, up_to=done)[config.keep_checkpoints:]:  # later ones stay
                     old.unlink(missing_ok=True)
         if is_eval:
-            metrics = evaluate(model, val_pairs, config, env)
-            env.log(format_metrics(metrics, config.dataset.class_names))
-            if env.main:
-                write_record(dict(iter=done, mIoU=metrics["mIoU"], pixel_acc=metrics["pixel_acc"]), save_dir,
-                             tensorboard)
-                data.atomic_write(save_dir / "eval_metrics.json", json.dumps(dict(iter=done, **metrics), indent=2))
-            if metrics["mIoU"] > best["mIoU"]:
-                best = dict(mIoU=metrics["mIoU"], iter=done)
-                save_on_master(dict(model=model.state_dict(), iter=done, metrics=metrics, config=saved_config(config)),
-                               save_dir / "best.pt", env)
-            env.log(f"best mIoU {100 * best['mIoU']:.2f} at iteration {best['iter']}")
+            best = evaluate_and_record(model, val_pairs, config, env, done, best, tensorboard)
         if done % config.log_iters == 0 or is_save or is_eval:
             window_start = time.perf_counter()  # evaluation and saving stay out of batch_cost
         if stop:

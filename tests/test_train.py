@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -429,6 +430,37 @@ def test_stop_signal_saves_then_resume_is_bitwise_exact(tmp_path, monkeypatch, c
     assert_same_state(load(tmp_path / "a" / "iter_8.pt"), load(save_dir / "iter_8.pt"))
 
 
+def test_a_stop_at_the_last_iteration_is_evaluated_on_resume(tmp_path, monkeypatch, capsys):
+    """A signal in the last step saves that iteration without evaluating it (a stop does not
+    wait for an evaluation); --resume, with nothing left to train, evaluates it once."""
+    root = make_dataset(tmp_path / "data")
+    save_dir = tmp_path / "run"
+    common = ["--data-dir", str(root), "--iters", "4", "--save-interval", "4", "--do-eval", *TINY,
+              "--save-dir", str(save_dir)]
+    real_step, calls = train_ddp.train_step, []
+
+    def step_signalled_at_4(*args):
+        calls.append(1)
+        if len(calls) == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(*args)
+
+    monkeypatch.setattr(train_ddp, "train_step", step_signalled_at_4)
+    assert train_ddp.main(common) == 128 + signal.SIGTERM
+    assert (save_dir / "iter_4.pt").is_file() and not (save_dir / "eval_metrics.json").exists()
+    monkeypatch.setattr(train_ddp, "train_step", real_step)
+    capsys.readouterr()
+
+    def evaluations():
+        return [r for r in map(json.loads, (save_dir / "metrics.jsonl").read_text().splitlines()) if "mIoU" in r]
+    assert train_ddp.main([*common, "--resume"]) == 0
+    assert "nothing left to train after iteration 4; evaluating it" in capsys.readouterr().out
+    assert json.loads((save_dir / "eval_metrics.json").read_text())["iter"] == 4
+    assert [r["iter"] for r in evaluations()] == [4] and load(save_dir / "best.pt")["iter"] == 4
+    assert train_ddp.main([*common, "--resume"]) == 0  # evaluated already: not again
+    assert "evaluating it" not in capsys.readouterr().out and len(evaluations()) == 1
+
+
 @pytest.mark.slow
 def test_torchrun_sigterm_saves_then_resume_is_bitwise_exact(tmp_path):
     """SIGTERM to torchrun, its ranks and their DataLoader workers: every rank stops at the
@@ -451,6 +483,27 @@ def test_torchrun_sigterm_saves_then_resume_is_bitwise_exact(tmp_path):
     assert resumed.returncode == 0, output
     assert f"resumed from {tmp_path / 'b' / f'iter_{stop_iter}.pt'} at iteration {stop_iter}" in output
     assert_same_state(load(tmp_path / "a" / "iter_30.pt"), load(tmp_path / "b" / "iter_30.pt"))
+
+
+@pytest.mark.slow
+def test_torchrun_evaluation_during_training_is_the_saved_models(tmp_path):
+    """Without SyncBatchNorm (the CPU; --no-sync-bn) the last step leaves each rank the BN
+    running statistics of its own crops: the evaluation during training is of the saved model
+    (rank 0's), to the bit what --eval-only gives for its checkpoint."""
+    root = make_dataset(tmp_path / "data", num_train=6, num_val=3)
+    common = ["--data-dir", str(root), *TINY]
+    trained = torchrun([*common, "--iters", "4", "--save-interval", "4", "--do-eval", "--save-dir",
+                        str(tmp_path / "run")])
+    output = trained.communicate(timeout=600)[0]
+    assert trained.returncode == 0, output
+    evaluated = torchrun([*common, "--eval-only", "--weights", str(tmp_path / "run" / "iter_4.pt"), "--save-dir",
+                          str(tmp_path / "eval")])
+    output = evaluated.communicate(timeout=600)[0]
+    assert evaluated.returncode == 0, output
+    during = json.loads((tmp_path / "run" / "eval_metrics.json").read_text())
+    after = json.loads((tmp_path / "eval" / "eval_metrics.json").read_text())
+    assert {k: during[k] for k in ("mIoU", "pixel_acc", "class_IoU")} == \
+        {k: after[k] for k in ("mIoU", "pixel_acc", "class_IoU")}
 
 
 # --- packs ------------------------------------------------------------------------------
@@ -587,7 +640,8 @@ def test_bad_flag_values_are_one_line(tmp_path, capsys):
                             (["--iters", "10", "--warmup-iters", "10"], "--warmup-iters must be at least 0 and below --iters"),
                             (["--ohem-thresh", "0"], "--ohem-thresh must be in (0, 1] (a probability), got 0.0"),
                             (["--ohem-thresh", "1.5"], "--ohem-thresh"), (["--ohem-min-kept", "-3"], "--ohem-min-kept"),
-                            (["--aux-weight", "inf"], "--aux-weight"), (["--max-scale", "inf"], "--max-scale")):
+                            (["--aux-weight", "inf"], "--aux-weight"), (["--max-scale", "inf"], "--max-scale"),
+                            (["--seed", "-1"], "--seed must be in 0..4294967295, got -1")):
         with pytest.raises(SystemExit) as stop:
             train_ddp.main(["--data-dir", str(tmp_path), *flags])
         assert_one_line_error(stop.value.code, "", capsys.readouterr().err, fragment, "must be")
@@ -857,6 +911,62 @@ def resume_point_on_rank(rank, init_file, save_dirs, results):
     finally:
         dist.destroy_process_group()
     (results / f"{rank}.json").write_text(json.dumps(answer))
+
+
+def demo_data_on_rank(rank, init_file, nodes, results):
+    """One of three gloo ranks, ranks 1 and 2 on a second node with a cache of its own:
+    demo_data's folder into results/RANK.json, and a line in results/writers per write."""
+    import torch.distributed as dist
+    os.environ["XDG_CACHE_HOME"] = str(nodes[0 if rank == 0 else 1])
+    real_make = prepare_data.make_synthetic
+
+    def recorded_make(*args, **kwargs):
+        with open(results / "writers", "a") as f:
+            f.write(f"{rank}\n")
+        return real_make(*args, **kwargs)
+    prepare_data.make_synthetic, train_ddp.DEMO_FRAME_SIZE = recorded_make, (16, 32)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=3)
+    try:
+        root = train_ddp.demo_data(train_ddp.Process(rank, 3, 0 if rank < 2 else 1, torch.device("cpu")))
+    finally:
+        dist.destroy_process_group()
+    (results / f"{rank}.json").write_text(json.dumps(str(root)))
+
+
+def test_demo_data_is_written_once_a_node(tmp_path):
+    """--demo across nodes: rank 0 writes the set; a node whose cache is its own gets it from
+    its first process alone (two processes writing one folder broke each other's pack)."""
+    nodes, results = [tmp_path / "node0", tmp_path / "node1"], tmp_path / "results"
+    results.mkdir()
+    torch.multiprocessing.spawn(demo_data_on_rank, args=(tmp_path / "init", nodes, results), nprocs=3)
+    assert sorted((results / "writers").read_text().split()) == ["0", "1"]
+    for rank, node in ((0, nodes[0]), (1, nodes[1]), (2, nodes[1])):
+        root = Path(json.loads((results / f"{rank}.json").read_text()))
+        assert root.parent == node / "bisenetv2"
+        assert data.find_pack(root, "train", data.read_dataset_info(root)) is not None
+
+
+def test_an_op_one_rank_runs_as_the_reference_is_every_ranks(monkeypatch, capsys):
+    """--kernels auto decides per rank: where rank 2's check refused the fused loss, every rank
+    takes the loss's reference (keeping the fused BGA), and rank 0 prints rank 2's reason."""
+    import kernels
+    fused = (kernels.ohem_cross_entropy, kernels.bga_aggregate)
+    others = {1: ([True, True], ["kernels: fused CUDA kernels (upsample+CE/OHEM loss, BGA)"]),
+              2: ([False, True], ["kernels: the fused loss kernel disagrees with its reference (why)"])}
+
+    def all_gather_object(gathered, mine):
+        gathered[:] = [mine, others[1], others[2]]
+    monkeypatch.setattr(train_ddp.dist, "all_gather_object", all_gather_object)
+    monkeypatch.setattr(kernels.loss.EXTENSION, "use_cuda_kernel", None)
+    env = train_ddp.Process(0, 3, 0, torch.device("cpu"))
+    assert train_ddp.same_ops_on_every_rank(fused, [], env) == (kernels.ohem_cross_entropy_reference,
+                                                                kernels.bga_aggregate)
+    assert capsys.readouterr().out == (
+        "rank 2: kernels: the fused loss kernel disagrees with its reference (why)\n"
+        "kernels: the loss op is the PyTorch reference on rank(s) 2, so on every rank\n")
+    assert kernels.loss.EXTENSION.use_cuda_kernel is False
+    others[2] = others[1]  # all agree: nothing changes, nothing is said
+    assert train_ddp.same_ops_on_every_rank(fused, [], env) == fused and capsys.readouterr().out == ""
 
 
 def test_every_rank_resumes_from_rank_0s_checkpoint(tmp_path):
