@@ -15,6 +15,8 @@ plain-PyTorch reference below.
 The output (and every gradient) is in detail_keep's memory format: channels_last when
 detail_keep is channels_last (and not also plain contiguous), else NCHW.
 """
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -157,15 +159,41 @@ class _BgaKernels(torch.autograd.Function):
         return torch.ops.bisenet_cuda.bga_forward(detail_keep, sem_up, detail_down, sem_keep)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # (a gradient of the gradient: an error, not zeros)
     def backward(ctx, grad_out):
         return tuple(torch.ops.bisenet_cuda.bga_backward(grad_out, *ctx.saved_tensors))
+
+
+def _backward_fits(detail_keep, sem_up):
+    """Whether the backward kernel's tiles fit a block's shared memory for these sizes: past
+    an upscale of about 32 (NCHW; channels_last some 600) none may; such a call then runs the
+    reference, with a warning once a size."""
+    channels_last = _output_format(detail_keep) == torch.channels_last
+    return _plan_fits(tuple(detail_keep.shape[1:]), tuple(sem_up.shape[2:]), channels_last, detail_keep.dtype)
+
+
+_FITS = {}  # (C, H, W), (h, w), channels_last, dtype -> whether the backward's tiles fit: asked once a size
+
+
+@torch.compiler.assume_constant_result  # (torch.compile: a constant of the traced sizes)
+def _plan_fits(size, low_size, channels_last, dtype):
+    key = (size, low_size, channels_last, dtype)
+    if key not in _FITS:
+        try:
+            torch.ops.bisenet_cuda.bga_backward_plan([1, *size], low_size, channels_last, dtype)
+            _FITS[key] = True
+        except RuntimeError as e:
+            warnings.warn(f"{str(e).splitlines()[0]}: bga_aggregate runs the PyTorch reference for these sizes",
+                          stacklevel=3)
+            _FITS[key] = False
+    return _FITS[key]
 
 
 def bga_aggregate(detail_keep, sem_up, detail_down, sem_keep):
     """detail_keep * sigmoid(up(sem_up)) + up(detail_down * sigmoid(sem_keep)); see the
     module docstring. The CUDA kernels where EXTENSION.runs_kernel says so, else the reference."""
     check_inputs(detail_keep, sem_up, detail_down, sem_keep)
-    if EXTENSION.runs_kernel(detail_keep):
+    if EXTENSION.runs_kernel(detail_keep) and _backward_fits(detail_keep, sem_up):
         return _BgaKernels.apply(detail_keep, sem_up, detail_down, sem_keep)
     return bga_aggregate_reference(detail_keep, sem_up, detail_down, sem_keep)
 
@@ -175,6 +203,6 @@ def bga_aggregate_backward(grad_out, detail_keep, sem_up, detail_down, sem_keep)
     for the output gradient grad_out (N, C, H, W): the backward kernel, or the reference."""
     check_inputs(detail_keep, sem_up, detail_down, sem_keep)
     grad_out = grad_out.to(detail_keep.dtype)
-    if EXTENSION.runs_kernel(detail_keep):
+    if EXTENSION.runs_kernel(detail_keep) and _backward_fits(detail_keep, sem_up):
         return tuple(torch.ops.bisenet_cuda.bga_backward(grad_out, detail_keep, sem_up, detail_down, sem_keep))
     return bga_aggregate_backward_reference(grad_out, detail_keep, sem_up, detail_down, sem_keep)

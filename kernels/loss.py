@@ -31,6 +31,7 @@ tensors, not Python numbers); only `validate=True` syncs, to raise on a bad labe
       makes the loss NaN instead of raising.
 """
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +67,23 @@ def check_selection(thresh, min_kept):
         raise ValueError(f"ohem_cross_entropy: thresh {thresh} must be a probability in (0, 1], or None for CE")
     if min_kept is not None and min_kept < 0:
         raise ValueError(f"ohem_cross_entropy: min_kept {min_kept} must be at least 0, or None for valid // 16")
+
+
+def check_class_weights(class_weights, num_classes, validate):
+    """ValueError unless class_weights is None or a floating tensor (C,) for the logits' C;
+    with validate also unless its values are finite, at least 0 and not all 0 (syncs on CUDA)."""
+    if class_weights is None:
+        return
+    if not isinstance(class_weights, torch.Tensor) or not class_weights.is_floating_point() \
+            or tuple(class_weights.shape) != (num_classes,):
+        described = (f"{class_weights.dtype} {tuple(class_weights.shape)}" if isinstance(class_weights, torch.Tensor)
+                     else type(class_weights).__name__)
+        raise ValueError(f"ohem_cross_entropy: class_weights must be a floating tensor of shape ({num_classes},), "
+                         f"one weight a class, got {described}")
+    if validate and not (torch.isfinite(class_weights).all() & (class_weights >= 0).all()
+                         & (class_weights > 0).any()):
+        raise ValueError(f"ohem_cross_entropy: class_weights must be finite, at least 0 and not all 0, "
+                         f"got {class_weights.tolist()}")
 
 
 def check_labels(labels, num_classes, ignore_index):
@@ -136,6 +154,7 @@ def ohem_cross_entropy_reference(logits, labels, thresh=0.7, min_kept=None, igno
                                  class_weights=None):
     check_inputs(logits, labels)
     check_selection(thresh, min_kept)
+    check_class_weights(class_weights, logits.shape[1], validate)
     if validate:
         check_labels(labels, logits.shape[1], ignore_index)
     loss, valid = pixel_losses(logits, labels, ignore_index)
@@ -242,8 +261,10 @@ EXTENSION = Extension("bisenet_loss", ["ohem_ce.cpp", "ohem_ce.cu"],
                       ["upsample_ce_forward", "upsample_ce_backward", "upsample_ce_forward_grad", "ohem_weights"],
                       register_fakes=_register_fakes)
 
-# The most classes the forward with gradient takes (csrc/ohem_ce_math.h: kCeFusedMostClasses).
+# The most classes the forward with gradient takes (csrc/ohem_ce_math.h: kCeFusedMostClasses),
+# and the most shared memory a tile takes (kCeMaxSharedBytes).
 FUSED_GRAD_MOST_CLASSES = 20
+KERNEL_MOST_SHARED_BYTES = 96 * 1024
 
 
 class _UpsampleCrossEntropyKernels(torch.autograd.Function):
@@ -289,25 +310,63 @@ class _UpsampleCrossEntropyKernels(torch.autograd.Function):
             else:
                 grad_loss = share.expand(labels.shape) if grad_loss is None else grad_loss + share
         if grad_loss is not None:
-            per_pixel = torch.ops.bisenet_cuda.upsample_ce_backward(grad_loss.to(lse.dtype), logits, labels, lse,
-                                                                    ctx.ignore_index)
+            per_pixel = _gather(grad_loss.to(lse.dtype), logits, labels, lse, ctx.ignore_index)
             grad = per_pixel if grad is None else grad + per_pixel
         if grad is None:  # only lse was used
             return None, None, None, None, None
         return grad.to(logits.dtype), None, None, None, None
 
 
-def _with_grad(logits):
+def _with_grad(logits, labels):
     """Whether the loss's forward also computes its gradient (upsample_ce_forward_grad): the
-    logits need one, and C <= FUSED_GRAD_MOST_CLASSES."""
-    return logits.requires_grad and torch.is_grad_enabled() and logits.shape[1] <= FUSED_GRAD_MOST_CLASSES
+    logits need one, C <= FUSED_GRAD_MOST_CLASSES and its tiles fit."""
+    return (logits.requires_grad and torch.is_grad_enabled() and logits.shape[1] <= FUSED_GRAD_MOST_CLASSES
+            and _tiles_fit(logits, labels, forward=True))
+
+
+_BUDGETS = {}  # device index -> the most shared memory a block may take there, as the launchers take it
+_FITS = {}  # (C, low size, size, dtype, budget, forward) -> whether the kernels' tiles fit: asked once a size
+
+
+@torch.compiler.assume_constant_result  # (torch.compile: constants of the traced device and sizes)
+def _shared_budget(device_index):
+    if device_index not in _BUDGETS:
+        optin = torch.cuda.get_device_properties(device_index).shared_memory_per_block_optin
+        _BUDGETS[device_index] = min(KERNEL_MOST_SHARED_BYTES, optin)
+    return _BUDGETS[device_index]
+
+
+def _tiles_fit(logits, labels, forward):
+    """Whether the kernels' tiles for these sizes fit a block's shared memory: the backward's
+    gather (forward=False) or the forward with gradient. A tile holds at least one low-res
+    pixel's reach, so past an upscale of about 32 (float32; less in float64) none may fit;
+    that step then runs the PyTorch reference, with a warning once a size."""
+    budget = _shared_budget(logits.device.index) if logits.is_cuda else None  # None: the CPU loops', the most
+    return _plan_fits(logits.shape[1], tuple(logits.shape[2:]), tuple(labels.shape[1:]), accumulate_dtype(logits),
+                      budget, forward)
+
+
+@torch.compiler.assume_constant_result
+def _plan_fits(classes, low_size, size, dtype, budget, forward):
+    key = (classes, low_size, size, dtype, budget, forward)
+    if key not in _FITS:
+        try:
+            torch.ops.bisenet_cuda.upsample_ce_backward_plan([1, classes, *size], low_size, dtype,
+                                                             shared_budget=budget, forward=forward)
+            _FITS[key] = True
+        except RuntimeError as e:
+            step = "forward with gradient" if forward else "backward"
+            warnings.warn(f"{str(e).splitlines()[0]}: the loss's {step} for these sizes runs the PyTorch reference",
+                          stacklevel=2)
+            _FITS[key] = False
+    return _FITS[key]
 
 
 def _upsample_cross_entropy(logits, labels, ignore_index, with_mean):
     """upsample_cross_entropy for checked inputs."""
     if EXTENSION.runs_kernel(logits):
         return _UpsampleCrossEntropyKernels.apply(logits, labels, ignore_index, with_mean,
-                                                  with_mean and _with_grad(logits))
+                                                  with_mean and _with_grad(logits, labels))
     loss, lse = upsample_cross_entropy_reference(logits, labels, ignore_index)
     if not with_mean:
         return loss, lse, loss.new_empty(0), loss.new_empty(0)
@@ -333,6 +392,13 @@ def upsample_cross_entropy_backward(grad_loss, logits, labels, lse, ignore_index
     check_inputs(logits, labels)
     grad_loss = grad_loss.to(lse.dtype)
     if EXTENSION.runs_kernel(logits):
+        return _gather(grad_loss, logits, labels, lse, ignore_index)
+    return upsample_cross_entropy_backward_reference(grad_loss, logits, labels, lse, ignore_index)
+
+
+def _gather(grad_loss, logits, labels, lse, ignore_index):
+    """The backward kernel's gradient of the logits, or the reference's where its tiles do not fit."""
+    if _tiles_fit(logits, labels, forward=False):
         return torch.ops.bisenet_cuda.upsample_ce_backward(grad_loss, logits, labels, lse, ignore_index)
     return upsample_cross_entropy_backward_reference(grad_loss, logits, labels, lse, ignore_index)
 
@@ -414,10 +480,12 @@ def ohem_cross_entropy(logits, labels, thresh=0.7, min_kept=None, ignore_index=2
     valid pixel's loss a hair below 0, the CUDA selection ranks it as 0."""
     check_inputs(logits, labels)
     check_selection(thresh, min_kept)
+    check_class_weights(class_weights, logits.shape[1], validate)
     if validate:
         check_labels(labels, logits.shape[1], ignore_index)
     min_kept = -1 if min_kept is None else int(min_kept)
-    if thresh is not None and class_weights is None and EXTENSION.runs_kernel(logits) and _with_grad(logits):
+    if thresh is not None and class_weights is None and EXTENSION.runs_kernel(logits) and _with_grad(logits, labels) \
+            and _tiles_fit(logits, labels, forward=False):
         return _OhemCrossEntropyKernels.apply(logits, labels, ignore_index, -math.log(thresh), min_kept)
     with_mean = thresh is None and class_weights is None
     loss, _, mean, _ = _upsample_cross_entropy(logits, labels, ignore_index, with_mean)

@@ -104,7 +104,8 @@ def fused_path(request):
 
 def dispatched_ops(step):
     """The ops (their names, in order) that step() dispatches below autograd: on a GPU each is
-    a kernel launch, or a view."""
+    a kernel launch, or a view. A tiling plan the op asks for (once a size, on the host: the
+    *_plan ops, no tensors) is left out."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Recording(TorchDispatchMode):
@@ -113,7 +114,8 @@ def dispatched_ops(step):
             self.ops = []
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func))
+            if not str(func).endswith("_plan.default"):
+                self.ops.append(str(func))
             return func(*args, **(kwargs or {}))
 
     with Recording() as recording:

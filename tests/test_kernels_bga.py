@@ -10,6 +10,8 @@ Tests that need the compiled extension (kernels.load()) skip when it cannot be
 built, unless BISENET_REQUIRE_KERNELS=1, where they fail.
 """
 
+import warnings
+
 import pytest
 import torch
 
@@ -84,6 +86,43 @@ def test_kernel_path_gradcheck_cpu(cpu_loops):
     # backward; gradcheck compares it with finite differences
     inputs = [t.requires_grad_(True) for t in random_inputs((2, 3, 9, 11), (3, 4))]
     assert torch.autograd.gradcheck(bga.bga_aggregate, inputs)
+
+
+def test_kernel_path_refuses_a_gradient_of_its_gradient(cpu_loops):
+    """The backward op has no gradient of its own: a gradient penalty through the kernels'
+    path is an error (it was silently zero), as the reference path gives one."""
+    leaves = [t.requires_grad_(True) for t in random_inputs((1, 2, 8, 8), (2, 2))]
+    for fn in (bga.bga_aggregate_reference, bga.bga_aggregate):
+        grads = torch.autograd.grad(fn(*leaves).pow(2).sum(), leaves, create_graph=True)
+        penalty = sum(grad.pow(2).sum() for grad in grads)
+        if fn is bga.bga_aggregate_reference:
+            assert all(grad.abs().sum() > 0 for grad in torch.autograd.grad(penalty, leaves))
+        else:
+            with pytest.raises(RuntimeError, match="differentiate twice a function that was marked with @once_differentiable"):
+                penalty.backward()
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_upscales_beyond_the_tiles_run_the_reference(cpu_loops, channels_last, monkeypatch):
+    """2 x 2 to 128 x 128 (64x) NCHW, 1 x 1 to 1024 x 1024 channels_last: no tile of the backward
+    fits a block's shared memory; the op takes the reference (where the backward raised after
+    the forward), warned once a size, with the reference's output and gradients."""
+    shape, low = ((1, 3, 128, 128), (2, 2)) if not channels_last else ((1, 3, 1024, 1024), (1, 1))
+    inputs = random_inputs(shape, low, channels_last=channels_last, seed=4)
+    grad_out = torch.randn(shape, dtype=torch.float64)
+    want_out, want = autograd_grads(bga.bga_aggregate_reference, inputs, grad_out)
+    monkeypatch.setattr(bga, "_FITS", {})  # nothing asked yet
+    for call in range(2):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out, got = autograd_grads(bga.bga_aggregate, inputs, grad_out)
+        said = [str(w.message) for w in caught]
+        assert said == ([] if call else [f"bga_backward: upscale from {low[0]}x{low[1]} to {shape[2]}x{shape[3]} is "
+                                         "too large for the kernel's shared memory: bga_aggregate runs the PyTorch "
+                                         "reference for these sizes"]), said
+        torch.testing.assert_close(out, want_out, rtol=0, atol=0)
+        for grad, expected in zip(got, want):
+            torch.testing.assert_close(grad, expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

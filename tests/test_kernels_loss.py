@@ -15,6 +15,7 @@ import os
 import re
 import threading
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -135,6 +136,46 @@ def test_selection_settings_out_of_range_are_named(loss_fn, settings, named):
     logits, labels = random_case()
     with pytest.raises(ValueError, match=re.escape(named)):
         loss_fn(logits, labels.clamp(max=4), **settings)
+
+
+@pytest.mark.parametrize("loss_fn", [loss_ref, loss_fused])
+def test_class_weights_are_checked(loss_fn):
+    """class_weights must be one floating weight a class (torch's rule; 18 weights for 19
+    classes dropped the last class, 20 passed unnoticed); with validate, finite, at least 0 and
+    not all 0 (all negative made the mean's divisor its floor, a loss of -1e16)."""
+    logits, labels = random_case()  # 5 classes
+    labels = labels.clamp(max=4)
+    for weights in (torch.ones(4), torch.ones(6), torch.ones(1, 5), torch.ones(5, dtype=torch.int64), [1.0] * 5):
+        for thresh in (None, 0.7):
+            with pytest.raises(ValueError, match=re.escape("class_weights must be a floating tensor of shape (5,)")):
+                loss_fn(logits, labels, thresh=thresh, class_weights=weights)
+    for weights in (-torch.ones(5), torch.zeros(5), torch.tensor([1.0, math.nan, 1, 1, 1])):
+        with pytest.raises(ValueError, match="class_weights must be finite, at least 0 and not all 0"):
+            loss_fn(logits, labels, thresh=None, class_weights=weights)
+        loss_fn(logits, labels, thresh=None, class_weights=weights, validate=False)  # trusted: no sync, no check
+
+
+def test_upscales_beyond_the_tiles_run_the_reference(cpu_loops, monkeypatch):
+    """2 x 2 to 128 x 128 (64x): no tile of the backward's gather fits a block's shared memory
+    (nor, in float64, of the forward with gradient); those steps take the reference, warned
+    once a size, and the loss's gradient is the reference's, where it raised after the forward."""
+    monkeypatch.setattr(loss_module, "_FITS", {})  # nothing asked yet
+    logits, labels = random_case(n=1, c=3, low=(2, 2), high=(128, 128), seed=5)
+    cases = [(torch.float32, 0.7, ["backward"]), (torch.float32, None, []),  # the CE mean's backward gathers nothing
+             (torch.float64, None, ["forward with gradient", "backward"]), (torch.float64, 0.7, [])]  # warned already
+    for dtype, thresh, warned in cases:
+        exact = logits.clone().requires_grad_(True)
+        (want,) = torch.autograd.grad(loss_ref(exact, labels, thresh=thresh), exact)
+        leaf = logits.to(dtype).requires_grad_(True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            (got,) = torch.autograd.grad(loss_fused(leaf, labels, thresh=thresh), leaf)
+        said = [str(w.message) for w in caught]
+        assert [m.split("the loss's ")[-1].split(" for these sizes")[0] for m in said] == warned, said
+        assert all(re.fullmatch(r"upsample_ce_\w+: a tile of 1x1 low-res pixels \(2x2 to 128x128\) needs \d+ bytes of "
+                                r"shared memory, more than a block may take here \(98304\): the loss's .* for these "
+                                r"sizes runs the PyTorch reference", m) for m in said), said
+        torch.testing.assert_close(got.double(), want, rtol=1e-4 if dtype == torch.float32 else 1e-10, atol=1e-9)
 
 
 # --- the fused path on the CPU: the references, and the kernels' path (cpu_loops) ------
