@@ -164,23 +164,23 @@ class _BgaKernels(torch.autograd.Function):
         return tuple(torch.ops.bisenet_cuda.bga_backward(grad_out, *ctx.saved_tensors))
 
 
+_FITS = {}  # (detail_keep's shape and strides, sem_up's shape, dtype) -> whether the backward's tiles fit
+
+
 def _backward_fits(detail_keep, sem_up):
-    """Whether the backward kernel's tiles fit a block's shared memory for these sizes: past
-    an upscale of about 32 (NCHW; channels_last some 600) none may; such a call then runs the
-    reference, with a warning once a size."""
-    channels_last = _output_format(detail_keep) == torch.channels_last
-    return _plan_fits(tuple(detail_keep.shape[1:]), tuple(sem_up.shape[2:]), channels_last, detail_keep.dtype)
-
-
-_FITS = {}  # (C, H, W), (h, w), channels_last, dtype -> whether the backward's tiles fit: asked once a size
-
-
-@torch.compiler.assume_constant_result  # (torch.compile: a constant of the traced sizes)
-def _plan_fits(size, low_size, channels_last, dtype):
-    key = (size, low_size, channels_last, dtype)
+    """Whether a tile of the backward kernel fits a block's shared memory for these sizes: it
+    holds at least one low-res pixel's reach, so from an upscale of about 52 (NCHW float32, 36
+    in float64; channels_last about 690, 410) none does, and such a call runs the reference,
+    with a warning once a size. Not asked under torch.compile (its sizes may be symbolic):
+    there such sizes raise, as the op does."""
+    if torch.compiler.is_compiling():
+        return True
+    key = (detail_keep.shape, detail_keep.stride(), sem_up.shape, detail_keep.dtype)
     if key not in _FITS:
+        channels_last = _output_format(detail_keep) == torch.channels_last
         try:
-            torch.ops.bisenet_cuda.bga_backward_plan([1, *size], low_size, channels_last, dtype)
+            torch.ops.bisenet_cuda.bga_backward_plan([1, *detail_keep.shape[1:]], list(sem_up.shape[2:]), channels_last,
+                                                     detail_keep.dtype)
             _FITS[key] = True
         except RuntimeError as e:
             warnings.warn(f"{str(e).splitlines()[0]}: bga_aggregate runs the PyTorch reference for these sizes",

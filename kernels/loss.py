@@ -317,49 +317,51 @@ class _UpsampleCrossEntropyKernels(torch.autograd.Function):
         return grad.to(logits.dtype), None, None, None, None
 
 
-def _with_grad(logits, labels):
+def _with_grad(logits, labels, gather=False):
     """Whether the loss's forward also computes its gradient (upsample_ce_forward_grad): the
-    logits need one, C <= FUSED_GRAD_MOST_CLASSES and its tiles fit."""
-    return (logits.requires_grad and torch.is_grad_enabled() and logits.shape[1] <= FUSED_GRAD_MOST_CLASSES
-            and _tiles_fit(logits, labels, forward=True))
+    logits need one, C <= FUSED_GRAD_MOST_CLASSES and its tiles fit (gather: the backward
+    gather's too)."""
+    if not (logits.requires_grad and torch.is_grad_enabled() and logits.shape[1] <= FUSED_GRAD_MOST_CLASSES):
+        return False
+    return _tiles_fit(logits, labels, forward=True) and (not gather or _tiles_fit(logits, labels, forward=False))
 
 
-_BUDGETS = {}  # device index -> the most shared memory a block may take there, as the launchers take it
-_FITS = {}  # (C, low size, size, dtype, budget, forward) -> whether the kernels' tiles fit: asked once a size
-
-
-@torch.compiler.assume_constant_result  # (torch.compile: constants of the traced device and sizes)
-def _shared_budget(device_index):
-    if device_index not in _BUDGETS:
-        optin = torch.cuda.get_device_properties(device_index).shared_memory_per_block_optin
-        _BUDGETS[device_index] = min(KERNEL_MOST_SHARED_BYTES, optin)
-    return _BUDGETS[device_index]
+_FITS = {}  # (logits' shape, labels' shape, dtype, device) -> [gather's, forward with gradient's]: None until asked
 
 
 def _tiles_fit(logits, labels, forward):
-    """Whether the kernels' tiles for these sizes fit a block's shared memory: the backward's
-    gather (forward=False) or the forward with gradient. A tile holds at least one low-res
-    pixel's reach, so past an upscale of about 32 (float32; less in float64) none may fit;
-    that step then runs the PyTorch reference, with a warning once a size."""
-    budget = _shared_budget(logits.device.index) if logits.is_cuda else None  # None: the CPU loops', the most
-    return _plan_fits(logits.shape[1], tuple(logits.shape[2:]), tuple(labels.shape[1:]), accumulate_dtype(logits),
-                      budget, forward)
+    """Whether a tile of the forward with gradient (forward=True) or of the backward's gather
+    fits a block's shared memory for these sizes on this device. A tile holds at least one
+    low-res pixel's reach, so from an upscale of about 48 (float32; 40 within sm_75's 64
+    KiB, 34 in float64) no tile of the gather fits, from about 76 (58) none of the forward
+    with gradient: such a step runs the PyTorch reference, with a warning once a size. Not
+    asked under torch.compile (its sizes may be symbolic): there such sizes raise, as the ops do."""
+    if torch.compiler.is_compiling():
+        return True
+    key = (logits.shape, labels.shape, logits.dtype, logits.device)
+    fits = _FITS.get(key)
+    if fits is None:
+        fits = _FITS[key] = [None, None]
+    if fits[forward] is None:  # asked once
+        fits[forward] = _plan_fits(logits, labels, forward)
+    return fits[forward]
 
 
-@torch.compiler.assume_constant_result
-def _plan_fits(classes, low_size, size, dtype, budget, forward):
-    key = (classes, low_size, size, dtype, budget, forward)
-    if key not in _FITS:
-        try:
-            torch.ops.bisenet_cuda.upsample_ce_backward_plan([1, classes, *size], low_size, dtype,
-                                                             shared_budget=budget, forward=forward)
-            _FITS[key] = True
-        except RuntimeError as e:
-            step = "forward with gradient" if forward else "backward"
-            warnings.warn(f"{str(e).splitlines()[0]}: the loss's {step} for these sizes runs the PyTorch reference",
-                          stacklevel=2)
-            _FITS[key] = False
-    return _FITS[key]
+def _plan_fits(logits, labels, forward):
+    budget = None  # the CPU loops': KERNEL_MOST_SHARED_BYTES
+    if logits.is_cuda:  # as the launchers take it
+        optin = torch.cuda.get_device_properties(logits.device).shared_memory_per_block_optin
+        budget = min(KERNEL_MOST_SHARED_BYTES, optin)
+    try:
+        size = [1, logits.shape[1], *labels.shape[1:]]  # (N, C, H, W): the plan is a sample's
+        torch.ops.bisenet_cuda.upsample_ce_backward_plan(size, list(logits.shape[2:]), accumulate_dtype(logits),
+                                                         shared_budget=budget, forward=forward)
+        return True
+    except RuntimeError as e:
+        step = "forward with gradient" if forward else "backward"
+        warnings.warn(f"{str(e).splitlines()[0]}: the loss's {step} for these sizes runs the PyTorch reference",
+                      stacklevel=3)
+        return False
 
 
 def _upsample_cross_entropy(logits, labels, ignore_index, with_mean):
@@ -484,8 +486,8 @@ def ohem_cross_entropy(logits, labels, thresh=0.7, min_kept=None, ignore_index=2
     if validate:
         check_labels(labels, logits.shape[1], ignore_index)
     min_kept = -1 if min_kept is None else int(min_kept)
-    if thresh is not None and class_weights is None and EXTENSION.runs_kernel(logits) and _with_grad(logits, labels) \
-            and _tiles_fit(logits, labels, forward=False):
+    if thresh is not None and class_weights is None and EXTENSION.runs_kernel(logits) \
+            and _with_grad(logits, labels, gather=True):
         return _OhemCrossEntropyKernels.apply(logits, labels, ignore_index, -math.log(thresh), min_kept)
     with_mean = thresh is None and class_weights is None
     loss, _, mean, _ = _upsample_cross_entropy(logits, labels, ignore_index, with_mean)

@@ -98,7 +98,7 @@ def test_kernel_path_refuses_a_gradient_of_its_gradient(cpu_loops):
         if fn is bga.bga_aggregate_reference:
             assert all(grad.abs().sum() > 0 for grad in torch.autograd.grad(penalty, leaves))
         else:
-            with pytest.raises(RuntimeError, match="differentiate twice a function that was marked with @once_differentiable"):
+            with pytest.raises(RuntimeError, match="differentiate twice a function .* @once_differentiable"):
                 penalty.backward()
 
 
@@ -386,13 +386,14 @@ def test_cuda_on_a_side_stream(cuda_kernel):
         assert torch.equal(leaf.grad, want.grad)
 
 
-def test_compile_fullgraph_cpu(fused_path):
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_compile_fullgraph_cpu(fused_path, dynamic):
     """One graph, on the CPU path (the reference) and on the kernels' (the autograd.Function
-    and the C++ ops' fakes)."""
+    and the C++ ops' fakes), with static and with symbolic sizes."""
     def gated_sum(detail_keep, sem_up, detail_down, sem_keep):
         return (bga.bga_aggregate(detail_keep, sem_up, detail_down, sem_keep) * 2).relu().sum()
 
-    compiled = torch.compile(gated_sum, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(gated_sum, fullgraph=True, backend="aot_eager", dynamic=dynamic)
     inputs = random_inputs((2, 3, 9, 11), (3, 4), dtype=torch.float32)
     eager_leaves = [t.clone().requires_grad_(True) for t in inputs]
     compiled_leaves = [t.clone().requires_grad_(True) for t in inputs]

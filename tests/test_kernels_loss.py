@@ -678,15 +678,17 @@ def test_cuda_five_head_loss_compiled_under_bf16_autocast(cuda_kernel):
         torch.testing.assert_close(got.grad.float(), want.grad.float(), rtol=2 ** -7, atol=1e-8)
 
 
+@pytest.mark.parametrize("dynamic", [False, True])
 @pytest.mark.parametrize("thresh", [None, 0.7])
-def test_compile_fullgraph_cpu(fused_path, thresh):
+def test_compile_fullgraph_cpu(fused_path, thresh, dynamic):
     """One graph (no break: nothing in the loss asks the host for a value), on the CPU path
-    (the references) and on the kernels' (the autograd.Functions and the C++ ops' fakes)."""
+    (the references) and on the kernels' (the autograd.Functions and the C++ ops' fakes),
+    with static and with symbolic sizes."""
     logits, labels = random_case(n=2, c=5, seed=4)
     leaves = [logits.float().requires_grad_(True) for _ in range(2)]
     fn = lambda x: loss_fused(x, labels, thresh=thresh, min_kept=30, validate=False)  # noqa: E731
     eager = fn(leaves[0])
-    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")(leaves[1])
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager", dynamic=dynamic)(leaves[1])
     torch.testing.assert_close(compiled, eager)
     eager.backward()
     compiled.backward()
