@@ -107,22 +107,38 @@ def train_flags(settings):
 
 def run_config(args, env, data_dir, pairs, settings, profile=False):
     """train_row, then the compiled graphs and cached GPU memory it leaves are let go for the next
-    row (its model, optimizer and loader went with its frame)."""
-    try:
-        return train_row(args, env, data_dir, pairs, settings, profile)
-    finally:
+    row (its model, optimizer and loader went with its frame); with profile, once its profile is
+    taken (its "profile" entry, a function, does that)."""
+    def release():
         if settings["compile"]:
             torch._dynamo.reset()
         if env.device.type == "cuda":
             torch.cuda.empty_cache()
+    try:
+        result = train_row(args, env, data_dir, pairs, settings, profile)
+    except BaseException:
+        release()
+        raise
+    if not profile:
+        release()
+        return result
+    take_profile = result["profile"]
+
+    def profile_then_release():
+        try:
+            return take_profile()
+        finally:
+            release()
+    return dict(result, profile=profile_then_release)
 
 
 def train_row(args, env, data_dir, pairs, settings, profile):
     """Trains a fresh model for --warmup + --iters iterations with the row's settings. -> dict:
     images/s (measured iterations, wall clock, synchronised at both ends), median step ms (CUDA
     events between step starts on a GPU, the host clock on the CPU), reader share (time the
-    host waited for the loader / wall time), peak memory MiB (CUDA); with profile, "profile": the
-    kernels of PROFILE_STEPS more steps (kernels.bench.kernel_times) or the profiler's error."""
+    host waited for the loader / wall time), peak memory MiB (CUDA); with profile, "profile": a
+    function that takes the kernels of PROFILE_STEPS more steps (kernels.bench.kernel_times) ->
+    dict(kernels=...) or the profiler's error, which the caller runs after every row is timed."""
     measured = args.warmup + args.iters
     # kernel_times runs one step before its window; the loader serves every step's batch
     flags = ["--data-dir", data_dir, "--batch-size", str(args.batch_size), "--crop-size", *map(str, args.crop_size),
@@ -167,11 +183,13 @@ def train_row(args, env, data_dir, pairs, settings, profile):
                   peak_mib=torch.cuda.max_memory_allocated(env.device) / 2**20 if cuda else None)
     if profile:  # as kernels.bench.kernel_lines reads it
         later = iter(range(measured, config.iters))
-        try:
-            result["profile"] = dict(kernels=kernels_bench.kernel_times(lambda: step(next(later)), env.device,
-                                                                        PROFILE_STEPS))
-        except Exception as e:  # a profiler that cannot run (no CUPTI) costs the breakdown, not the row
-            result["profile"] = dict(profile_error=f"{type(e).__name__}: {' '.join(str(e).split())[:120]}")
+
+        def take_profile():
+            try:
+                return dict(kernels=kernels_bench.kernel_times(lambda: step(next(later)), env.device, PROFILE_STEPS))
+            except Exception as e:  # a profiler that cannot run (no CUPTI) costs the breakdown, not the row
+                return dict(profile_error=f"{type(e).__name__}: {' '.join(str(e).split())[:120]}")
+        result["profile"] = take_profile
     return result
 
 
@@ -218,9 +236,11 @@ def benchmark(args, env):
         peak = "-" if result["peak_mib"] is None else f"{result['peak_mib']:.0f}"
         lines.append(f"| {name} | {what} | {result['images_per_s']:.1f} | {result['step_ms']:.1f} | "
                      f"{100 * result['reader_share']:.0f}% | {peak} | {note} |")
-        # each row as it is measured: a run cut short by a time limit (.ci/gpu) keeps it in its log
+        # each row as it is measured: a run cut short by a time limit (.ci/gpu) keeps it in its log, and in --out
         env.log(f"bench: {name}: {result['images_per_s']:.1f} img/s, {result['step_ms']:.1f} ms a step, "
                 f"reader {100 * result['reader_share']:.0f}%, peak {peak} MiB")
+        if args.out:
+            write_out(args.out, "\n".join(lines + ["", "(the rows so far: the run goes on)"]) + "\n")
     # inference: predict.py's paths (fp32 eager, bf16 channels_last, compiled, CUDA graphs; onnxruntime on the CPU)
     sizes = [tuple(size) for size in args.infer_size] if args.infer_size else [(1024, 2048), (512, 1024)]
     lines += ["", predict.inference_table(BiSeNetV2(19), env.device, sizes=sizes, iters=args.infer_iters,
@@ -234,7 +254,13 @@ def benchmark(args, env):
                      f"SyncBatchNorm are not measured on one GPU).")
     else:
         lines.append("Projected 160k iterations on 8 GPUs: n/a (the 'all' row was not measured).")
-    # where the profiled rows' time goes: against the median step, the kernels' sum shows the gaps
+    # where the profiled rows' time goes, taken now that every row and the inference table are timed (a
+    # profiler's after-effects, CUPTI left attached, would slow the launches of what is timed after it);
+    # against the median step, the kernels' sum shows the gaps
+    for name in args.profile:
+        if name in results:
+            env.log(f"bench: {name}: profile ...")
+            results[name]["profile"] = results[name]["profile"]()
     lines += kernels_bench.kernel_lines(
         [dict(case=f"{name}, median step {results[name]['step_ms']:.1f} ms",
               profiled=f"torch.profiler over {PROFILE_STEPS} steps", **results[name]["profile"])
@@ -318,6 +344,13 @@ def io_table(args, env):
     return "\n".join(lines) + "\n"
 
 
+def write_out(path, text):
+    try:
+        data.atomic_write(path, text)
+    except OSError as e:  # a full disk (the table is printed)
+        raise BadInput(f"--out {path}: cannot write it ({e.strerror or e})") from None
+
+
 def main(argv=None):
     args = parse_args(argv)
     env = train_ddp.setup_process()
@@ -327,10 +360,7 @@ def main(argv=None):
         table = io_table(args, env) if args.io else benchmark(args, env)
         print(table, flush=True)
         if args.out:
-            try:
-                data.atomic_write(args.out, table)
-            except OSError as e:  # a full disk (the table is printed above)
-                raise BadInput(f"--out {args.out}: cannot write it ({e.strerror or e})") from None
+            write_out(args.out, table)
     except BadInput as e:
         print(f"bench.py: error: {data.one_line(e)}", file=sys.stderr, flush=True)
         return 2

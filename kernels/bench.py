@@ -300,14 +300,22 @@ def measure_row(name, make_step, fns, nbytes, args, device, dtype):
             raise WrongResult(f"kernels.bench: {name}: {label} disagrees with eager ({message})")
         row[f"{label}_ms"], row[f"{label}_host_ms"] = median_ms(step, device, args.warmup, args.iters)
         row[f"{label}_mb"] = peak_mb(step, device)
-        if args.profile and label == fns[-1][0]:  # fused on a GPU
-            row["profiled"] = label
-            try:
-                row["kernels"] = kernel_times(step, device, args.iters)
-            except Exception as e:  # a profiler that cannot run (no CUPTI) costs the breakdown, not the table
-                row["profile_error"] = f"{type(e).__name__}: {' '.join(str(e).split())[:120]}"
+        if args.profile and label == fns[-1][0]:  # fused on a GPU: profiled once every row is timed (profile_rows)
+            row["profiled"], row["profile_step"] = label, step
     row["bytes"] = nbytes
     return row
+
+
+def profile_rows(rows, device, iters):
+    """Each row's profile_step under kernel_times, after every row was timed: a profiler's
+    after-effects (CUPTI can stay attached, slowing launches) reach no timing."""
+    for row in rows:
+        if (step := row.pop("profile_step", None)) is None:
+            continue
+        try:
+            row["kernels"] = kernel_times(step, device, iters)
+        except Exception as e:  # a profiler that cannot run (no CUPTI) costs the breakdown, not the table
+            row["profile_error"] = f"{type(e).__name__}: {' '.join(str(e).split())[:120]}"
 
 
 def loss_rows(args, device):
@@ -742,6 +750,7 @@ def main(argv=None):
     except WrongResult as e:
         print(e, file=sys.stderr)
         raise SystemExit(1)
+    profile_rows(rows, device, args.iters)
     text = report(rows, copy_gbs, device)
     print("\n" + text)
     if args.out:
