@@ -134,13 +134,14 @@ class Predictor:
     def __call__(self, images):
         if not self.cuda_graph:
             return self.forward(images)
-        key = (tuple(images.shape), images.dtype)
-        if self.graph is None or self.graph[0] != key:
-            self.graph = None  # free the old graph's memory before capturing the new one
-            self.graph = self.capture(images, key)
-        _, static_images, graph, static_output = self.graph
-        static_images.copy_(images, non_blocking=True)
-        graph.replay()
+        with torch.cuda.device(self.device):  # capture and replay use the current device's stream: this one's
+            key = (tuple(images.shape), images.dtype)
+            if self.graph is None or self.graph[0] != key:
+                self.graph = None  # free the old graph's memory before capturing the new one
+                self.graph = self.capture(images, key)
+            _, static_images, graph, static_output = self.graph
+            static_images.copy_(images, non_blocking=True)
+            graph.replay()
         return static_output
 
     def capture(self, images, key):

@@ -520,7 +520,9 @@ def build_training(config, env, ops):
 
 def train_step(model, criterion, optimizer, scaler, images, labels, lr, seed, amp_dtype):
     """One SGD step -> per-head losses (5,) and their weighted total, detached, on the
-    device. No CPU-GPU sync point: lr is a Python number and the seed is set on the host."""
+    device. No CPU-GPU sync point of its own: lr is a Python number and the seed is set on the
+    host (torch's SyncBatchNorm, with several GPUs, has one in each layer's forward: it drops
+    empty processes' statistics with a boolean mask, pytorch issue 78656)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     torch.manual_seed(seed)  # the dropout draws
@@ -595,11 +597,15 @@ def evaluate(model, pairs, config, env):
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     shard = pairs[env.rank::env.world_size]
     pred_files = prediction_files(pairs, config.pred_dir)[env.rank::env.world_size] if config.pred_dir else None
-    start = time.perf_counter()
+    start, sizes, autotuning = time.perf_counter(), set(), torch.backends.cudnn.benchmark
     threads = min(4, os.cpu_count() or 1)  # decoding a full-resolution frame outlasts its forward pass: read ahead
     with ThreadPoolExecutor(threads, thread_name_prefix="eval-read") as pool:
         samples = predict.read_ahead(pool, lambda pair: data.eval_sample(pair, config.dataset, config), shard, threads)
         for count, (pair, (image, label)) in enumerate(zip(shard, samples), 1):
+            sizes.add(tuple(image.shape[:2]))
+            if len(sizes) == 2 and torch.backends.cudnn.benchmark:  # it autotunes every new size, seconds each
+                torch.backends.cudnn.benchmark = False  # (restored below)
+                print(f"rank {env.rank}: evaluation: val frames of several sizes: cudnn.benchmark off for it", flush=True)
             # uint8 to the device, normalised there: a quarter of the bytes, no float pass on the host
             image = data.normalize_photos(image[None], normalized).contiguous(memory_format=memory_format)
             with torch.autocast(env.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -617,6 +623,7 @@ def evaluate(model, pairs, config, env):
                 print(f"eval [{count}/{len(shard)}] {(time.perf_counter() - start) / count:.3f} s/image", flush=True)
     confusion.reduce_from_all_processes()
     model.train(was_training)
+    torch.backends.cudnn.benchmark = autotuning
     return confusion.compute()
 
 
@@ -943,7 +950,7 @@ def train(config, env, ops, signals):
         is_save = done % config.save_interval == 0 or done == config.iters
         is_eval = config.do_eval and (done % config.eval_interval == 0 or done == config.iters)
         if done % config.log_iters == 0 or is_save or is_eval:
-            check_finite(first_bad_iter, done, save_dir, env)  # a CPU-GPU sync point, the loop's only one
+            check_finite(first_bad_iter, done, save_dir, env)  # a CPU-GPU sync point, the loop's own only one
             if stop := agreed_stop(signals, env):  # save now; an evaluation due now would delay that
                 is_save, is_eval = True, False
             if is_save or is_eval:  # nothing non-finite is evaluated or written

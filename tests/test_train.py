@@ -270,6 +270,29 @@ def test_evaluation_is_float32_unless_eval_amp(tmp_path, capsys):
     assert "    eval_amp           bf16\n" in capsys.readouterr().out
 
 
+def test_evaluation_of_frames_of_several_sizes_does_not_autotune_each(tmp_path, capsys):
+    """cudnn.benchmark autotunes every new input size (seconds, and memory, each): an
+    evaluation whose val frames differ in size turns it off once it meets a second size, says
+    so, and gives it back afterwards."""
+    root = make_dataset(tmp_path / "data", num_val=3)
+    make_dataset(tmp_path / "other", num_train=1, num_val=1, size=(30, 50), seed=1)
+    for name in ("img0.png", "lab0.png"):
+        (root / "val" / f"small_{name}").write_bytes((tmp_path / "other" / "val" / name).read_bytes())
+    with open(root / "val.txt", "a") as f:
+        f.write("val/small_img0.png val/small_lab0.png\n")
+    weights = tmp_path / "random.pt"
+    torch.save(dict(model=BiSeNetV2(19).state_dict()), weights)
+    saved = torch.backends.cudnn.benchmark
+    try:
+        assert train_ddp.main(["--data-dir", str(root), "--eval-only", "--weights", str(weights), "--kernels", "torch",
+                               "--cudnn-benchmark", "--save-dir", str(tmp_path / "eval")]) == 0
+        assert torch.backends.cudnn.benchmark is True  # given back
+    finally:
+        torch.backends.cudnn.benchmark = saved
+    said = "rank 0: evaluation: val frames of several sizes: cudnn.benchmark off for it\n"
+    assert capsys.readouterr().out.count(said) == 1
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("layout", ["--channels-last", "--no-channels-last"])
 def test_gpu_evaluation_agrees_with_the_float32_cpu_model(tmp_path, no_tf32, layout):
