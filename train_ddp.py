@@ -950,7 +950,7 @@ def train(config, env, ops, signals):
         is_save = done % config.save_interval == 0 or done == config.iters
         is_eval = config.do_eval and (done % config.eval_interval == 0 or done == config.iters)
         if done % config.log_iters == 0 or is_save or is_eval:
-            check_finite(first_bad_iter, done, save_dir, env)  # a CPU-GPU sync point, the loop's own only one
+            check_finite(first_bad_iter, done, save_dir, env)  # a CPU-GPU sync point: the loop's one, SyncBN's aside
             if stop := agreed_stop(signals, env):  # save now; an evaluation due now would delay that
                 is_save, is_eval = True, False
             if is_save or is_eval:  # nothing non-finite is evaluated or written
