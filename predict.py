@@ -74,6 +74,9 @@ def fold_batchnorm(model):
     return model
 
 
+AUTOTUNED_SHAPES = 2  # cudnn.benchmark autotunes each new input shape; past this many it is turned off
+
+
 class Predictor:
     """The fast inference path for an eval-mode BiSeNetV2:
     images (N, 3, H, W) float32, normalised (preprocess), or (N, H, W, 3) uint8 RGB photos
@@ -93,7 +96,9 @@ class Predictor:
                    the input in and replay it; a new shape recaptures (and is logged). The
                    returned tensor is then the graph's output buffer, overwritten by the
                    next call: clone it to keep it.
-    On CUDA it turns on torch.backends.cudnn.benchmark (a process-wide setting).
+    On CUDA it turns on torch.backends.cudnn.benchmark (a process-wide setting), which
+    autotunes every new input shape (seconds each): past AUTOTUNED_SHAPES shapes (a folder of
+    photos of many sizes) it turns it off again, logged, as training's evaluation does.
     """
 
     def __init__(self, model, device, dtype=torch.float32, channels_last=False, compile=False,
@@ -114,6 +119,7 @@ class Predictor:
         self.forward = torch.compile(self.eager_forward, dynamic=False) if compile else self.eager_forward
         self.cuda_graph = cuda_graph
         self.graph = None  # (input shape and dtype, static input, CUDAGraph, static output)
+        self.shapes = set()  # the input shapes cudnn.benchmark autotuned for
 
     def prepare(self, images):
         """-> images on the device, float32 and normalised (a uint8 (N, H, W, 3) batch: by
@@ -132,6 +138,12 @@ class Predictor:
 
     @torch.no_grad()
     def __call__(self, images):
+        if torch.backends.cudnn.benchmark and images.shape not in self.shapes:
+            self.shapes.add(images.shape)
+            if len(self.shapes) > AUTOTUNED_SHAPES:
+                torch.backends.cudnn.benchmark = False
+                self.log(f"predictor: {len(self.shapes)} input shapes ({tuple(images.shape)} the last): "
+                         "cudnn.benchmark off (it autotunes every new shape, seconds each)")
         if not self.cuda_graph:
             return self.forward(images)
         with torch.cuda.device(self.device):  # capture and replay use the current device's stream: this one's

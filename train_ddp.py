@@ -603,9 +603,10 @@ def evaluate(model, pairs, config, env):
         samples = predict.read_ahead(pool, lambda pair: data.eval_sample(pair, config.dataset, config), shard, threads)
         for count, (pair, (image, label)) in enumerate(zip(shard, samples), 1):
             sizes.add(tuple(image.shape[:2]))
-            if len(sizes) == 2 and torch.backends.cudnn.benchmark:  # it autotunes every new size, seconds each
+            if len(sizes) > predict.AUTOTUNED_SHAPES and torch.backends.cudnn.benchmark:  # it autotunes each new size
                 torch.backends.cudnn.benchmark = False  # (restored below)
-                print(f"rank {env.rank}: evaluation: val frames of several sizes: cudnn.benchmark off for it", flush=True)
+                print(f"rank {env.rank}: evaluation: val frames of more than {predict.AUTOTUNED_SHAPES} sizes: "
+                      "cudnn.benchmark off for it", flush=True)
             # uint8 to the device, normalised there: a quarter of the bytes, no float pass on the host
             image = data.normalize_photos(image[None], normalized).contiguous(memory_format=memory_format)
             with torch.autocast(env.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):

@@ -272,14 +272,15 @@ def test_evaluation_is_float32_unless_eval_amp(tmp_path, capsys):
 
 def test_evaluation_of_frames_of_several_sizes_does_not_autotune_each(tmp_path, capsys):
     """cudnn.benchmark autotunes every new input size (seconds, and memory, each): an
-    evaluation whose val frames differ in size turns it off once it meets a second size, says
-    so, and gives it back afterwards."""
+    evaluation whose val frames come in more than predict.AUTOTUNED_SHAPES (2) sizes turns it
+    off at the third, says so, and gives it back afterwards."""
     root = make_dataset(tmp_path / "data", num_val=3)
-    make_dataset(tmp_path / "other", num_train=1, num_val=1, size=(30, 50), seed=1)
-    for name in ("img0.png", "lab0.png"):
-        (root / "val" / f"small_{name}").write_bytes((tmp_path / "other" / "val" / name).read_bytes())
-    with open(root / "val.txt", "a") as f:
-        f.write("val/small_img0.png val/small_lab0.png\n")
+    for i, size in enumerate([(30, 50), (20, 40)]):  # three sizes in all
+        make_dataset(tmp_path / f"other{i}", num_train=1, num_val=1, size=size, seed=1)
+        for name in ("img0.png", "lab0.png"):
+            (root / "val" / f"{i}_{name}").write_bytes((tmp_path / f"other{i}" / "val" / name).read_bytes())
+        with open(root / "val.txt", "a") as f:
+            f.write(f"val/{i}_img0.png val/{i}_lab0.png\n")
     weights = tmp_path / "random.pt"
     torch.save(dict(model=BiSeNetV2(19).state_dict()), weights)
     saved = torch.backends.cudnn.benchmark
@@ -289,7 +290,7 @@ def test_evaluation_of_frames_of_several_sizes_does_not_autotune_each(tmp_path, 
         assert torch.backends.cudnn.benchmark is True  # given back
     finally:
         torch.backends.cudnn.benchmark = saved
-    said = "rank 0: evaluation: val frames of several sizes: cudnn.benchmark off for it\n"
+    said = "rank 0: evaluation: val frames of more than 2 sizes: cudnn.benchmark off for it\n"
     assert capsys.readouterr().out.count(said) == 1
 
 
