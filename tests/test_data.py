@@ -59,18 +59,31 @@ def test_distort_matches_pil_enhance():
     rng = np.random.default_rng(3)
     photo = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8))
     image = torch.from_numpy(np.asarray(photo).transpose(2, 0, 1).copy()).float()
-    for op, name, enhancer in [(0, "brightness", ImageEnhance.Brightness), (2, "saturation", ImageEnhance.Color)]:
-        params = dict(NO_DISTORT, distort_apply=[i == op for i in range(4)], brightness=1.3, saturation=0.7)
-        ours = data.distort(image, params)
-        theirs = np.asarray(enhancer(photo).enhance(params[name])).transpose(2, 0, 1)
-        # PIL truncates each blend to uint8 (< 1 grey level) and rounds its grey image to uint8
-        # (< 0.5, weighted by 1 - factor in the blend)
-        bound = 1 + 0.5 * abs(1 - params[name]) + 1e-3
-        assert (ours - torch.from_numpy(theirs.astype(np.float32))).abs().max() <= bound
-    # hue: a full turn (256 steps of PIL's uint8 hue) is the identity, half a turn is not
+    for op, name, enhancer, grey_error in [(0, "brightness", ImageEnhance.Brightness, 0.5),
+                                           (1, "contrast", ImageEnhance.Contrast, 1.0),
+                                           (2, "saturation", ImageEnhance.Color, 0.5)]:
+        for factor in (0.7, 1.3):
+            params = dict(NO_DISTORT, distort_apply=[i == op for i in range(4)], **{name: factor})
+            ours = data.distort(image, params)
+            theirs = np.asarray(enhancer(photo).enhance(factor)).transpose(2, 0, 1)
+            # PIL truncates each blend to uint8 (< 1 grey level) and rounds what it blends with,
+            # weighted by |1 - factor| in the blend: the grey image to uint8 (< 0.5), for contrast
+            # the mean of that grey image, rounded again (< 1)
+            bound = 1 + grey_error * abs(1 - factor) + 1e-3
+            assert (ours - torch.from_numpy(theirs.astype(np.float32))).abs().max() <= bound, (name, factor)
+    # hue: PaddleSeg adds the delta to PIL's uint8 HSV hue; a full turn (256) is the identity
     full = dict(distort_order=[3], distort_apply=[False, False, False, True], hue=256.0)
     torch.testing.assert_close(data.distort(image, full), image, atol=1e-3, rtol=0)
-    assert (data.distort(image, dict(full, hue=128.0)) - image).abs().max() > 50
+    for delta in (18, -18):  # PaddleSeg's range, both ways
+        hsv = np.array(photo.convert("HSV"))
+        hsv[:, :, 0] = (hsv[:, :, 0].astype(int) + delta) % 256
+        theirs = np.asarray(Image.fromarray(hsv, mode="HSV").convert("RGB")).transpose(2, 0, 1)
+        ours = data.distort(image, dict(full, hue=float(delta)))
+        # PIL truncates the hue to a 255th of a turn (a channel moves up to 6 grey levels a 255th
+        # at full saturation) and rounds saturation and value (1 level each); a delta is a 256th
+        # of a turn here, PIL's 255th but where it wraps (18 x 6 x 255 / (255 x 256) < 0.5)
+        bound = 6 + 1 + 1 + 0.5
+        assert (ours - torch.from_numpy(theirs.astype(np.float32))).abs().max() <= bound, delta
 
 
 def reference_augment(image, label, params, crop_size):

@@ -242,9 +242,12 @@ def selection_case(size, dtype, seed=0, device="cpu"):
 
 
 def assert_same_selection(got, want):
-    """The same pixels kept, with the same weights up to the float rounding of share / k."""
+    """The same pixels kept, with the same weights up to the rounding of share / k and of the
+    sums that normalise them (each a few dozen roundings at most: 1e-6 in float32, 1e-13 in
+    float64, so a float64 weight rounded through float32 is caught)."""
     assert torch.equal(got > 0, want > 0)
-    torch.testing.assert_close(got.double(), want.double(), rtol=1e-6, atol=0)
+    rtol = 1e-6 if got.dtype == torch.float32 else 1e-13
+    torch.testing.assert_close(got.double(), want.double(), rtol=rtol, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -261,7 +264,7 @@ def test_ohem_weights_op_equals_reference(kernel_device, extension, dtype):
             assert_same_selection(got.cpu(), want)
             # the OHEM loss, summed in the fixed order: nonnegative terms, a few roundings
             rtol = 1e-5 if dtype == torch.float32 else 1e-13
-            torch.testing.assert_close(value, (loss * got).sum(), rtol=rtol, atol=0)
+            torch.testing.assert_close(value.cpu(), (loss.cpu() * want).sum(), rtol=rtol, atol=0)
     default_k, *_ = extension.ohem_weights(loss, labels.to(torch.uint8), 255, 4.0, -1)  # valid // 16
     assert_same_selection(default_k.cpu(), loss_module.ohem_weights_reference(loss.cpu(), labels.cpu(), 255, 4.0, -1))
 
@@ -280,7 +283,7 @@ def test_class_weighted_ohem_weights_op_equals_reference(kernel_device, extensio
             want = loss_module.ohem_weights_reference(loss.cpu(), labels.cpu(), 255, threshold, k, class_weights)
             assert_same_selection(got.cpu(), want)
             rtol = 1e-5 if dtype == torch.float32 else 1e-13
-            torch.testing.assert_close(value, (loss * got).sum(), rtol=rtol, atol=0)
+            torch.testing.assert_close(value.cpu(), (loss.cpu() * want).sum(), rtol=rtol, atol=0)
             assert got.sum().item() == pytest.approx(1.0, rel=1e-5)
     # labels >= 5 weigh 0
     few, *_ = extension.ohem_weights(loss, labels, 255, 0.5, 17, class_weights[:5].to(kernel_device))
@@ -613,13 +616,17 @@ def test_random_shapes_and_tiles_match_float64_reference(kernel_device, extensio
         loss, lse, _, _ = extension.upsample_ce_forward(logits, labels, 255)
         torch.testing.assert_close(loss.cpu(), want_loss, rtol=0, atol=1e-12, msg=lambda m: f"{what}: {m}")
         torch.testing.assert_close(lse.cpu(), want_lse, rtol=0, atol=1e-12, msg=lambda m: f"{what}: {m}")
-        try:
-            grad = extension.upsample_ce_backward(grad_loss, logits, labels, lse, 255, band, chunk)
-            fused = None if c > 20 else extension.upsample_ce_forward_grad(logits, labels, 255, band, chunk, threshold)
-        except RuntimeError as error:
-            assert (band, chunk) != (0, 0) and "bytes of shared memory" in str(error), f"{what}: {error}"
-            continue
-        torch.testing.assert_close(grad.cpu(), want_grad, rtol=0, atol=tol, msg=lambda m: f"{what}: {m}")
+        def in_explicit_tile(op, *args):  # None where the explicit tile is over the budget, which it must say
+            try:
+                return op(*args)
+            except RuntimeError as error:
+                assert (band, chunk) != (0, 0) and "bytes of shared memory" in str(error), f"{what}: {error}"
+                return None
+        grad = in_explicit_tile(extension.upsample_ce_backward, grad_loss, logits, labels, lse, 255, band, chunk)
+        fused = None if c > 20 else in_explicit_tile(extension.upsample_ce_forward_grad, logits, labels, 255, band,
+                                                     chunk, threshold)
+        if grad is not None:
+            torch.testing.assert_close(grad.cpu(), want_grad, rtol=0, atol=tol, msg=lambda m: f"{what}: {m}")
         if fused is not None:
             assert torch.equal(fused[0], loss) and torch.equal(fused[1], lse), what
             torch.testing.assert_close(fused[4].cpu(), want_sum, rtol=0, atol=tol,

@@ -682,10 +682,10 @@ def test_one_crop_a_step_is_refused_before_training(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("loss", ["ce", "ohem"])
-def test_compile_sees_model_and_loss_without_graph_breaks(loss):
+def test_compile_sees_model_and_loss_without_graph_breaks(loss, cpu_loops):
     """--compile: the model (with the fused BGA op) and the five-head loss (the fused loss op
-    and its sync-free selection) each trace as one graph; a host sync or an unsupported op in
-    either would be a graph break."""
+    and its sync-free selection) each trace as one graph, down the kernels' path (the C++ loops
+    standing in); a host sync or an unsupported op in either would be a graph break."""
     import kernels
     from bisenetv2 import BiSeNetV2
     model = BiSeNetV2(19).train()
