@@ -54,6 +54,9 @@ CONFIGS = [
 ]
 ASSUMED_MULTI_GPU_OVERHEAD = 1.15  # 8-GPU step time / 1-GPU step time: an estimate (BENCHMARKS.md), not measured
 PROFILE_STEPS = 5  # the steps --profile records after a row's measured ones
+# each row's profile detaches CUPTI as it stops (kineto reads this then): left attached, torch's default (pytorch
+# issue 144455), it slowed every later launch by some 10-20%, so every row timed after a profiled one
+os.environ.setdefault("TEARDOWN_CUPTI", "1")
 
 
 def parse_args(argv=None):
@@ -107,38 +110,22 @@ def train_flags(settings):
 
 def run_config(args, env, data_dir, pairs, settings, profile=False):
     """train_row, then the compiled graphs and cached GPU memory it leaves are let go for the next
-    row (its model, optimizer and loader went with its frame); with profile, once its profile is
-    taken (its "profile" entry, a function, does that)."""
-    def release():
+    row (its model, optimizer and loader went with its frame)."""
+    try:
+        return train_row(args, env, data_dir, pairs, settings, profile)
+    finally:
         if settings["compile"]:
             torch._dynamo.reset()
         if env.device.type == "cuda":
             torch.cuda.empty_cache()
-    try:
-        result = train_row(args, env, data_dir, pairs, settings, profile)
-    except BaseException:
-        release()
-        raise
-    if not profile:
-        release()
-        return result
-    take_profile = result["profile"]
-
-    def profile_then_release():
-        try:
-            return take_profile()
-        finally:
-            release()
-    return dict(result, profile=profile_then_release)
 
 
 def train_row(args, env, data_dir, pairs, settings, profile):
     """Trains a fresh model for --warmup + --iters iterations with the row's settings. -> dict:
     images/s (measured iterations, wall clock, synchronised at both ends), median step ms (CUDA
     events between step starts on a GPU, the host clock on the CPU), reader share (time the
-    host waited for the loader / wall time), peak memory MiB (CUDA); with profile, "profile": a
-    function that takes the kernels of PROFILE_STEPS more steps (kernels.bench.kernel_times) ->
-    dict(kernels=...) or the profiler's error, which the caller runs after every row is timed."""
+    host waited for the loader / wall time), peak memory MiB (CUDA); with profile, "profile": the
+    kernels of PROFILE_STEPS more steps (kernels.bench.kernel_times) or the profiler's error."""
     measured = args.warmup + args.iters
     # kernel_times runs one step before its window; the loader serves every step's batch
     flags = ["--data-dir", data_dir, "--batch-size", str(args.batch_size), "--crop-size", *map(str, args.crop_size),
@@ -183,13 +170,11 @@ def train_row(args, env, data_dir, pairs, settings, profile):
                   peak_mib=torch.cuda.max_memory_allocated(env.device) / 2**20 if cuda else None)
     if profile:  # as kernels.bench.kernel_lines reads it
         later = iter(range(measured, config.iters))
-
-        def take_profile():
-            try:
-                return dict(kernels=kernels_bench.kernel_times(lambda: step(next(later)), env.device, PROFILE_STEPS))
-            except Exception as e:  # a profiler that cannot run (no CUPTI) costs the breakdown, not the row
-                return dict(profile_error=f"{type(e).__name__}: {' '.join(str(e).split())[:120]}")
-        result["profile"] = take_profile
+        try:
+            result["profile"] = dict(kernels=kernels_bench.kernel_times(lambda: step(next(later)), env.device,
+                                                                        PROFILE_STEPS))
+        except Exception as e:  # a profiler that cannot run (no CUPTI) costs the breakdown, not the row
+            result["profile"] = dict(profile_error=f"{type(e).__name__}: {' '.join(str(e).split())[:120]}")
     return result
 
 
@@ -240,7 +225,8 @@ def benchmark(args, env):
         env.log(f"bench: {name}: {result['images_per_s']:.1f} img/s, {result['step_ms']:.1f} ms a step, "
                 f"reader {100 * result['reader_share']:.0f}%, peak {peak} MiB")
         if args.out:
-            write_out(args.out, "\n".join(lines + ["", "(the rows so far: the run goes on)"]) + "\n")
+            with contextlib.suppress(OSError):  # (the table's last write says so)
+                data.atomic_write(args.out, "\n".join(lines + ["", "(the rows so far: the run goes on)"]) + "\n")
     # inference: predict.py's paths (fp32 eager, bf16 channels_last, compiled, CUDA graphs; onnxruntime on the CPU)
     sizes = [tuple(size) for size in args.infer_size] if args.infer_size else [(1024, 2048), (512, 1024)]
     lines += ["", predict.inference_table(BiSeNetV2(19), env.device, sizes=sizes, iters=args.infer_iters,
@@ -254,13 +240,7 @@ def benchmark(args, env):
                      f"SyncBatchNorm are not measured on one GPU).")
     else:
         lines.append("Projected 160k iterations on 8 GPUs: n/a (the 'all' row was not measured).")
-    # where the profiled rows' time goes, taken now that every row and the inference table are timed (a
-    # profiler's after-effects, CUPTI left attached, would slow the launches of what is timed after it);
-    # against the median step, the kernels' sum shows the gaps
-    for name in args.profile:
-        if name in results:
-            env.log(f"bench: {name}: profile ...")
-            results[name]["profile"] = results[name]["profile"]()
+    # where the profiled rows' time goes: against the median step, the kernels' sum shows the gaps
     lines += kernels_bench.kernel_lines(
         [dict(case=f"{name}, median step {results[name]['step_ms']:.1f} ms",
               profiled=f"torch.profiler over {PROFILE_STEPS} steps", **results[name]["profile"])
@@ -344,13 +324,6 @@ def io_table(args, env):
     return "\n".join(lines) + "\n"
 
 
-def write_out(path, text):
-    try:
-        data.atomic_write(path, text)
-    except OSError as e:  # a full disk (the table is printed)
-        raise BadInput(f"--out {path}: cannot write it ({e.strerror or e})") from None
-
-
 def main(argv=None):
     args = parse_args(argv)
     env = train_ddp.setup_process()
@@ -360,7 +333,10 @@ def main(argv=None):
         table = io_table(args, env) if args.io else benchmark(args, env)
         print(table, flush=True)
         if args.out:
-            write_out(args.out, table)
+            try:
+                data.atomic_write(args.out, table)
+            except OSError as e:  # a full disk (the table is printed above)
+                raise BadInput(f"--out {args.out}: cannot write it ({e.strerror or e})") from None
     except BadInput as e:
         print(f"bench.py: error: {data.one_line(e)}", file=sys.stderr, flush=True)
         return 2

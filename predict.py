@@ -74,7 +74,7 @@ def fold_batchnorm(model):
     return model
 
 
-AUTOTUNED_SHAPES = 2  # cudnn.benchmark autotunes each new input shape; past this many it is turned off
+AUTOTUNED_SHAPES = 2  # cudnn.benchmark autotunes each new input size; past this many it is turned off
 
 
 class Predictor:
@@ -97,7 +97,7 @@ class Predictor:
                    returned tensor is then the graph's output buffer, overwritten by the
                    next call: clone it to keep it.
     On CUDA it turns on torch.backends.cudnn.benchmark (a process-wide setting), which
-    autotunes every new input shape (seconds each): past AUTOTUNED_SHAPES shapes (a folder of
+    autotunes every new input size (seconds each): past AUTOTUNED_SHAPES sizes (a folder of
     photos of many sizes) it turns it off again, logged, as training's evaluation does.
     """
 
@@ -119,7 +119,7 @@ class Predictor:
         self.forward = torch.compile(self.eager_forward, dynamic=False) if compile else self.eager_forward
         self.cuda_graph = cuda_graph
         self.graph = None  # (input shape and dtype, static input, CUDAGraph, static output)
-        self.shapes = set()  # the input shapes cudnn.benchmark autotuned for
+        self.sizes = set()  # the input sizes (H, W) cudnn.benchmark autotuned for
 
     def prepare(self, images):
         """-> images on the device, float32 and normalised (a uint8 (N, H, W, 3) batch: by
@@ -138,12 +138,13 @@ class Predictor:
 
     @torch.no_grad()
     def __call__(self, images):
-        if torch.backends.cudnn.benchmark and images.shape not in self.shapes:
-            self.shapes.add(images.shape)
-            if len(self.shapes) > AUTOTUNED_SHAPES:
+        size = images.shape[1:3] if images.dtype == torch.uint8 else images.shape[-2:]  # (N, H, W, 3) or (N, 3, H, W)
+        if torch.backends.cudnn.benchmark and size not in self.sizes:
+            self.sizes.add(size)
+            if len(self.sizes) > AUTOTUNED_SHAPES:
                 torch.backends.cudnn.benchmark = False
-                self.log(f"predictor: {len(self.shapes)} input shapes ({tuple(images.shape)} the last): "
-                         "cudnn.benchmark off (it autotunes every new shape, seconds each)")
+                self.log(f"predictor: {len(self.sizes)} input sizes ({size[0]}x{size[1]} the last): cudnn.benchmark "
+                         "off (it autotunes every new size, seconds each)")
         if not self.cuda_graph:
             return self.forward(images)
         with torch.cuda.device(self.device):  # capture and replay use the current device's stream: this one's

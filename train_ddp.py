@@ -599,7 +599,7 @@ def evaluate(model, pairs, config, env):
     pred_files = prediction_files(pairs, config.pred_dir)[env.rank::env.world_size] if config.pred_dir else None
     start, sizes, autotuning = time.perf_counter(), set(), torch.backends.cudnn.benchmark
     threads = min(4, os.cpu_count() or 1)  # decoding a full-resolution frame outlasts its forward pass: read ahead
-    with ThreadPoolExecutor(threads, thread_name_prefix="eval-read") as pool:
+    with ThreadPoolExecutor(threads, thread_name_prefix="eval-read") as pool, restored_autotuning(autotuning):
         samples = predict.read_ahead(pool, lambda pair: data.eval_sample(pair, config.dataset, config), shard, threads)
         for count, (pair, (image, label)) in enumerate(zip(shard, samples), 1):
             sizes.add(tuple(image.shape[:2]))
@@ -624,8 +624,16 @@ def evaluate(model, pairs, config, env):
                 print(f"eval [{count}/{len(shard)}] {(time.perf_counter() - start) / count:.3f} s/image", flush=True)
     confusion.reduce_from_all_processes()
     model.train(was_training)
-    torch.backends.cudnn.benchmark = autotuning
     return confusion.compute()
+
+
+@contextlib.contextmanager
+def restored_autotuning(autotuning):
+    """cudnn.benchmark set back to `autotuning` on leaving, whatever happened."""
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = autotuning
 
 
 def prediction_files(pairs, pred_dir):

@@ -164,7 +164,7 @@ TRAINING_AND_COUNTERS = ["bench.py", "bench.py --io", "ncu (the fused kernels)"]
     ("bench", KERNEL_TABLES + TRAINING_AND_COUNTERS),
     # one process for both phases: the kernels' checks and tables before the other tests, bench.py, ncu
     ("all", KERNEL_CHECKS + KERNEL_TABLES + ["pytest -m gpu (the rest)"] + TRAINING_AND_COUNTERS),
-    ("training", TRAINING_AND_COUNTERS)])  # what 'all' leaves last, for a lease's second call
+    ("training", ["versions", "JIT build"] + TRAINING_AND_COUNTERS)])  # what 'all' leaves last: a second call
 def test_each_phase_runs_its_steps_in_order(tmp_path, phase, groups):
     result, steps, calls = run_phase(tmp_path, phase)
     assert result.returncode == 0, result.stdout + result.stderr

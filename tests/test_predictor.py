@@ -98,22 +98,22 @@ def test_predictor_bf16_within_bf16_rounding(model, photo):
     assert_close(logits, reference(model, images), BF16)
 
 
-def test_predictor_stops_autotuning_past_two_shapes(model):
-    """cudnn.benchmark (which the predictor turns on on CUDA) autotunes every new input shape:
-    at the third shape the predictor turns it off, once, and says so."""
+def test_predictor_stops_autotuning_past_two_sizes(model):
+    """cudnn.benchmark (which the predictor turns on on CUDA) autotunes every new input size:
+    at the third size the predictor turns it off, once, and says so."""
     said, saved = [], torch.backends.cudnn.benchmark
     predictor = predict.Predictor(model, "cpu", log=said.append)
     try:
         torch.backends.cudnn.benchmark = True  # as on CUDA
         autotuning = []
-        for size in ((32, 64), (32, 64), (64, 64), (32, 64), (64, 128), (96, 64)):
-            predictor(torch.zeros(1, 3, *size))
+        for n, size in ((1, (32, 64)), (2, (32, 64)), (1, (64, 64)), (3, (32, 64)), (1, (64, 128)), (1, (96, 64))):
+            predictor(torch.zeros(n, 3, *size) if n != 2 else torch.zeros(n, *size, 3, dtype=torch.uint8))
             autotuning.append(torch.backends.cudnn.benchmark)
     finally:
         torch.backends.cudnn.benchmark = saved
-    assert autotuning == [True, True, True, True, False, False]
-    assert said == ["predictor: 3 input shapes ((1, 3, 64, 128) the last): cudnn.benchmark off (it autotunes every "
-                    "new shape, seconds each)"]
+    assert autotuning == [True, True, True, True, False, False]  # batch sizes and layouts are not sizes
+    assert said == ["predictor: 3 input sizes (64x128 the last): cudnn.benchmark off (it autotunes every new size, "
+                    "seconds each)"]
 
 
 def test_predictor_rejects_cuda_graph_without_cuda(model):
