@@ -74,7 +74,20 @@ def fold_batchnorm(model):
     return model
 
 
-AUTOTUNED_SHAPES = 2  # cudnn.benchmark autotunes each new input size; past this many it is turned off
+AUTOTUNED_SIZES = 2  # cudnn.benchmark autotunes each new input size; past this many it is turned off
+
+
+def past_autotuned_sizes(sizes, size):
+    """cudnn.benchmark autotunes every new input size (seconds each, and memory): `size` (H, W)
+    joins `sizes`, the ones it autotuned for; past AUTOTUNED_SIZES of them it is turned off.
+    -> True when this call turned it off (the caller says so)."""
+    if not torch.backends.cudnn.benchmark or size in sizes:
+        return False
+    sizes.add(size)
+    if len(sizes) <= AUTOTUNED_SIZES:
+        return False
+    torch.backends.cudnn.benchmark = False
+    return True
 
 
 class Predictor:
@@ -97,7 +110,7 @@ class Predictor:
                    returned tensor is then the graph's output buffer, overwritten by the
                    next call: clone it to keep it.
     On CUDA it turns on torch.backends.cudnn.benchmark (a process-wide setting), which
-    autotunes every new input size (seconds each): past AUTOTUNED_SHAPES sizes (a folder of
+    autotunes every new input size (seconds each): past AUTOTUNED_SIZES sizes (a folder of
     photos of many sizes) it turns it off again, logged, as training's evaluation does.
     """
 
@@ -139,12 +152,9 @@ class Predictor:
     @torch.no_grad()
     def __call__(self, images):
         size = images.shape[1:3] if images.dtype == torch.uint8 else images.shape[-2:]  # (N, H, W, 3) or (N, 3, H, W)
-        if torch.backends.cudnn.benchmark and size not in self.sizes:
-            self.sizes.add(size)
-            if len(self.sizes) > AUTOTUNED_SHAPES:
-                torch.backends.cudnn.benchmark = False
-                self.log(f"predictor: {len(self.sizes)} input sizes ({size[0]}x{size[1]} the last): cudnn.benchmark "
-                         "off (it autotunes every new size, seconds each)")
+        if past_autotuned_sizes(self.sizes, size):
+            self.log(f"predictor: {len(self.sizes)} input sizes ({size[0]}x{size[1]} the last): cudnn.benchmark "
+                     "off (it autotunes every new size, seconds each)")
         if not self.cuda_graph:
             return self.forward(images)
         with torch.cuda.device(self.device):  # capture and replay use the current device's stream: this one's

@@ -602,10 +602,8 @@ def evaluate(model, pairs, config, env):
     with ThreadPoolExecutor(threads, thread_name_prefix="eval-read") as pool, restored_autotuning(autotuning):
         samples = predict.read_ahead(pool, lambda pair: data.eval_sample(pair, config.dataset, config), shard, threads)
         for count, (pair, (image, label)) in enumerate(zip(shard, samples), 1):
-            sizes.add(tuple(image.shape[:2]))
-            if len(sizes) > predict.AUTOTUNED_SHAPES and torch.backends.cudnn.benchmark:  # it autotunes each new size
-                torch.backends.cudnn.benchmark = False  # (restored below)
-                print(f"rank {env.rank}: evaluation: val frames of more than {predict.AUTOTUNED_SHAPES} sizes: "
+            if predict.past_autotuned_sizes(sizes, tuple(image.shape[:2])):  # (restored after the evaluation)
+                print(f"rank {env.rank}: evaluation: val frames of more than {predict.AUTOTUNED_SIZES} sizes: "
                       "cudnn.benchmark off for it", flush=True)
             # uint8 to the device, normalised there: a quarter of the bytes, no float pass on the host
             image = data.normalize_photos(image[None], normalized).contiguous(memory_format=memory_format)
@@ -793,10 +791,10 @@ def write_record(record, save_dir, tensorboard):
         tensorboard.flush()
 
 
-def read_records(path):
-    """The records of a metrics.jsonl; a line cut short by a kill is left out."""
+def read_records(lines):
+    """(line, record) for the lines of a metrics.jsonl; a line cut short by a kill is left out."""
     records = []
-    for line in path.read_text().splitlines():
+    for line in lines:
         try:
             if isinstance(record := json.loads(line), dict) and isinstance(record.get("iter"), int):
                 records.append((line, record))
@@ -810,7 +808,8 @@ def evaluated(save_dir, it, env):
     its answer sent to every rank)."""
     found = [False]
     if env.main and (path := Path(save_dir) / "metrics.jsonl").is_file():
-        found[0] = any(record["iter"] == it and "mIoU" in record for _, record in read_records(path))
+        found[0] = any(record["iter"] == it and "mIoU" in record
+                       for _, record in read_records(path.read_text().splitlines()))
     if dist.is_initialized():
         dist.broadcast_object_list(found, src=0)
     return found[0]
@@ -823,7 +822,7 @@ def trim_records(save_dir, up_to, log):
     if not path.is_file():
         return
     lines = path.read_text().splitlines()
-    kept = [line + "\n" for line, record in read_records(path) if record["iter"] <= up_to]
+    kept = [line + "\n" for line, record in read_records(lines) if record["iter"] <= up_to]
     if len(kept) < len(lines):
         data.atomic_write(path, "".join(kept))
         log(f"{path}: dropped {len(lines) - len(kept)} record(s) after iteration {up_to}")

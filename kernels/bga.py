@@ -15,12 +15,10 @@ plain-PyTorch reference below.
 The output (and every gradient) is in detail_keep's memory format: channels_last when
 detail_keep is channels_last (and not also plain contiguous), else NCHW.
 """
-import warnings
-
 import torch
 import torch.nn.functional as F
 
-from .build import Extension
+from .build import Extension, plan_fits
 
 __all__ = ["bga_aggregate", "bga_aggregate_backward", "bga_aggregate_reference",
            "bga_aggregate_backward_reference", "EXTENSION"]
@@ -175,18 +173,14 @@ def _backward_fits(detail_keep, sem_up):
     there such sizes raise, as the op does."""
     if torch.compiler.is_compiling():
         return True
-    key = (detail_keep.shape, detail_keep.stride(), sem_up.shape, detail_keep.dtype)
-    if key not in _FITS:
-        channels_last = _output_format(detail_keep) == torch.channels_last
-        try:
-            torch.ops.bisenet_cuda.bga_backward_plan([1, *detail_keep.shape[1:]], list(sem_up.shape[2:]), channels_last,
-                                                     detail_keep.dtype)
-            _FITS[key] = True
-        except RuntimeError as e:
-            warnings.warn(f"{str(e).splitlines()[0]}: bga_aggregate runs the PyTorch reference for these sizes",
-                          stacklevel=3)
-            _FITS[key] = False
-    return _FITS[key]
+    return plan_fits(_FITS, (detail_keep.shape, detail_keep.stride(), sem_up.shape, detail_keep.dtype),
+                     "bga_aggregate runs the PyTorch reference for these sizes", _ask_plan, detail_keep, sem_up)
+
+
+def _ask_plan(detail_keep, sem_up):
+    channels_last = _output_format(detail_keep) == torch.channels_last
+    torch.ops.bisenet_cuda.bga_backward_plan([1, *detail_keep.shape[1:]], list(sem_up.shape[2:]), channels_last,
+                                             detail_keep.dtype)
 
 
 def bga_aggregate(detail_keep, sem_up, detail_down, sem_keep):

@@ -16,6 +16,7 @@ import os
 import socket
 import sys
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -272,3 +273,17 @@ def load_all(extensions, verbose=False):
                 raise error
     for extension in extensions:
         extension.load(verbose=verbose)
+
+
+def plan_fits(cache, key, consequence, ask_plan, *args):
+    """cache[key]: whether ask_plan(*args) (an op's C++ plan for some sizes) returns rather than
+    raising that no tile fits a block's shared memory; asked once a key. A refusal warns once,
+    its first line and `consequence` (what the op does instead)."""
+    if key not in cache:
+        try:
+            ask_plan(*args)
+            cache[key] = True
+        except RuntimeError as e:
+            warnings.warn(f"{str(e).splitlines()[0]}: {consequence}", stacklevel=4)
+            cache[key] = False
+    return cache[key]

@@ -31,12 +31,11 @@ tensors, not Python numbers); only `validate=True` syncs, to raise on a bad labe
       makes the loss NaN instead of raising.
 """
 import math
-import warnings
 
 import torch
 import torch.nn.functional as F
 
-from .build import Extension
+from .build import Extension, plan_fits
 
 __all__ = ["ohem_cross_entropy", "ohem_cross_entropy_reference", "upsample_cross_entropy",
            "upsample_cross_entropy_backward", "ohem_weights_op", "check_labels", "EXTENSION"]
@@ -326,7 +325,9 @@ def _with_grad(logits, labels, gather=False):
     return _tiles_fit(logits, labels, forward=True) and (not gather or _tiles_fit(logits, labels, forward=False))
 
 
-_FITS = {}  # (logits' shape, labels' shape, dtype, device) -> [gather's, forward with gradient's]: None until asked
+_FITS = {}  # (logits' shape, labels' shape, dtype, device, forward) -> whether the tiles fit: asked once
+_INSTEAD = {forward: f"the loss's {'forward with gradient' if forward else 'backward'} for these sizes runs the "
+                     "PyTorch reference" for forward in (True, False)}
 
 
 def _tiles_fit(logits, labels, forward):
@@ -338,30 +339,18 @@ def _tiles_fit(logits, labels, forward):
     asked under torch.compile (its sizes may be symbolic): there such sizes raise, as the ops do."""
     if torch.compiler.is_compiling():
         return True
-    key = (logits.shape, labels.shape, logits.dtype, logits.device)
-    fits = _FITS.get(key)
-    if fits is None:
-        fits = _FITS[key] = [None, None]
-    if fits[forward] is None:  # asked once
-        fits[forward] = _plan_fits(logits, labels, forward)
-    return fits[forward]
+    return plan_fits(_FITS, (logits.shape, labels.shape, logits.dtype, logits.device, forward), _INSTEAD[forward],
+                     _ask_plan, logits, labels, forward)
 
 
-def _plan_fits(logits, labels, forward):
+def _ask_plan(logits, labels, forward):
     budget = None  # the CPU loops': KERNEL_MOST_SHARED_BYTES
     if logits.is_cuda:  # as the launchers take it
         optin = torch.cuda.get_device_properties(logits.device).shared_memory_per_block_optin
         budget = min(KERNEL_MOST_SHARED_BYTES, optin)
-    try:
-        size = [1, logits.shape[1], *labels.shape[1:]]  # (N, C, H, W): the plan is a sample's
-        torch.ops.bisenet_cuda.upsample_ce_backward_plan(size, list(logits.shape[2:]), accumulate_dtype(logits),
-                                                         shared_budget=budget, forward=forward)
-        return True
-    except RuntimeError as e:
-        step = "forward with gradient" if forward else "backward"
-        warnings.warn(f"{str(e).splitlines()[0]}: the loss's {step} for these sizes runs the PyTorch reference",
-                      stacklevel=3)
-        return False
+    size = [1, logits.shape[1], *labels.shape[1:]]  # (N, C, H, W): the plan is a sample's
+    torch.ops.bisenet_cuda.upsample_ce_backward_plan(size, list(logits.shape[2:]), accumulate_dtype(logits),
+                                                     shared_budget=budget, forward=forward)
 
 
 def _upsample_cross_entropy(logits, labels, ignore_index, with_mean):

@@ -272,7 +272,7 @@ def test_evaluation_is_float32_unless_eval_amp(tmp_path, capsys):
 
 def test_evaluation_of_frames_of_several_sizes_does_not_autotune_each(tmp_path, capsys):
     """cudnn.benchmark autotunes every new input size (seconds, and memory, each): an
-    evaluation whose val frames come in more than predict.AUTOTUNED_SHAPES (2) sizes turns it
+    evaluation whose val frames come in more than predict.AUTOTUNED_SIZES (2) sizes turns it
     off at the third, says so, and gives it back afterwards."""
     root = make_dataset(tmp_path / "data", num_val=3)
     for i, size in enumerate([(30, 50), (20, 40)]):  # three sizes in all
