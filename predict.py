@@ -24,7 +24,7 @@ model and activations in bf16; --fp32 keeps float32) and channels_last; --compil
 torch.compile, --cuda-graph replays a CUDA graph per input shape. On the CPU: float32,
 eager. --slide H W segments each image window by window (every --stride, default half a
 window), the logits of overlapping windows averaged, as PaddleSeg's slide_inference.
---flip and --scales 0.75 1.0 1.25 sum the softmax of the flipped image and of each scale
+--flip and --scales 0.75 1.0 1.25 average the logits of the flipped image and of each scale
 at the image's size, as PaddleSeg's aug_pred (the same function as training's evaluation).
 `.onnx` weights run on onnxruntime's CPU provider (its CUDA provider with --device cuda
 when the installed onnxruntime has it). An unreadable image, or one that does not fit
@@ -288,9 +288,9 @@ def slide_logits(logits_fn, images, window, stride=None):
 
 
 def infer(model, image, scales, flip, slide=None, stride=None):
-    """PaddleSeg's aug_inference: softmax summed over scales (and flips) at the input size;
-    plain logits when there is a single scale 1.0 and no flip. With slide (H, W) every
-    forward pass is a sliding-window one (slide_logits; stride None: half a window). Training's
+    """PaddleSeg's aug_inference (2.8 onward): the logits of each scale (and flip), resized
+    to the input size, averaged; plain logits when there is a single scale 1.0 and no flip
+    (PaddleSeg 2.7 and before summed softmaxes). With slide (H, W) every forward pass is a sliding-window one (slide_logits; stride None: half a window). Training's
     evaluation and predict.py's --flip, --scales and --slide."""
     height, width = image.shape[-2:]
     if slide:
@@ -307,8 +307,8 @@ def infer(model, image, scales, flip, slide=None, stride=None):
             logits = model(scaled.flip(-1) if flipped else scaled)
             logits = logits.flip(-1) if flipped else logits
             logits = F.interpolate(logits.float(), size=(height, width), mode="bilinear", align_corners=False)
-            total = total + logits.softmax(1)
-    return total
+            total = total + logits
+    return total / (len(scales) * (2 if flip else 1))
 
 
 def inference_fps(run, images, iters=50, warmup=10):
@@ -433,9 +433,9 @@ def parse_args(argv=None):
     parser.add_argument("--stride", type=int, nargs=2, metavar=("H", "W"),
                         help="--slide: the windows' step, at most the window (default: half the window)")
     parser.add_argument("--flip", action="store_true",
-                        help="add the horizontally flipped image's prediction (softmax summed, PaddleSeg's aug_pred)")
+                        help="add the horizontally flipped image's prediction (logits averaged, PaddleSeg's aug_pred)")
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0], metavar="S",
-                        help="predict at these scales of the image, softmax summed at its size (PaddleSeg's aug_pred)")
+                        help="predict at these scales of the image, logits averaged at its size (PaddleSeg's aug_pred)")
     return parser.parse_args(argv)
 
 
@@ -465,7 +465,7 @@ def load_runner(args, num_classes, device, log):
         log(f"sliding windows of {args.slide[0]}x{args.slide[1]} every "
             + (f"{args.stride[0]}x{args.stride[1]}" if args.stride else "half a window"))
     if augmented:
-        log(f"softmax summed over scales {' '.join(map(str, args.scales))}" + (", each flipped too" if args.flip else ""))
+        log(f"logits averaged over scales {' '.join(map(str, args.scales))}" + (", each flipped too" if args.flip else ""))
     return (lambda images: infer(predictor, predictor.prepare(images), args.scales, args.flip, args.slide,
                                  args.stride).argmax(1).to(torch.uint8).cpu().numpy()), None, args.batch_size
 

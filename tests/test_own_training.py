@@ -140,8 +140,9 @@ def test_eval_and_predict_with_a_covering_window_equal_whole_image(tmp_path, cap
 
 def test_eval_and_predict_with_flip_and_scales_are_paddlesegs_aug_inference(tmp_path, capsys):
     """--flip --scales 0.5 1.25: evaluation's --pred-dir and predict.py write the same
-    predictions, the argmax of the softmax summed over each scale of the image and its
-    mirror image, each resized back (PaddleSeg's aug_inference, written out here)."""
+    predictions, the argmax of the logits averaged over each scale of the image and its
+    mirror image, each resized back (PaddleSeg's aug_inference since 2.8, written out here;
+    the sum of softmaxes of 2.7 and before gives other argmaxes on these frames)."""
     root = make_dataset(tmp_path / "data", num_train=1, num_val=2, num_classes=3)
     torch.manual_seed(0)
     model = BiSeNetV2(3).eval()
@@ -152,19 +153,21 @@ def test_eval_and_predict_with_flip_and_scales_are_paddlesegs_aug_inference(tmp_
                            *aug]) == 0
     assert predict.main(["--weights", str(tmp_path / "w.pt"), "--num-classes", "3", "--device", "cpu",
                          "--input", str(root / "val"), "--out", str(tmp_path / "pred"), *aug]) == 0
-    assert "softmax summed over scales 0.5 1.25, each flipped too" in capsys.readouterr().err
+    assert "logits averaged over scales 0.5 1.25, each flipped too" in capsys.readouterr().err
     for name in ("img0", "img1"):
         photo = np.asarray(Image.open(root / "val" / f"{name}.png"))
         image = data.normalize(data.image_tensor(photo))[None]  # (1, 3, 40, 60)
-        total = 0
+        total, softmaxes = 0, 0
         with torch.no_grad():
             for scale in (0.5, 1.25):
                 scaled = torch.nn.functional.interpolate(image, size=(int(40 * scale + 0.5), int(60 * scale + 0.5)),
                                                          mode="bilinear", align_corners=False)
                 for logits in (model(scaled), model(scaled.flip(-1)).flip(-1)):
-                    total = total + torch.nn.functional.interpolate(logits, size=(40, 60), mode="bilinear",
-                                                                    align_corners=False).softmax(1)
-        expected = total.argmax(1)[0].numpy()
+                    resized = torch.nn.functional.interpolate(logits, size=(40, 60), mode="bilinear",
+                                                              align_corners=False)
+                    total, softmaxes = total + resized, softmaxes + resized.softmax(1)
+        expected = (total / 4).argmax(1)[0].numpy()
+        assert (softmaxes.argmax(1)[0].numpy() != expected).any()  # the test tells the two apart
         predicted = np.asarray(Image.open(tmp_path / "pred" / f"{name}_trainIds.png"))
         np.testing.assert_array_equal(predicted, expected)
         np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "eval" / "val" / f"{name}.png")), expected)
