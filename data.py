@@ -707,9 +707,18 @@ def to_device(tensor, device):
 
 
 def luminance(image):
-    """ITU-R 601-2 luma, as PIL's convert('L'): (..., 3, H, W) -> (..., 1, H, W)."""
-    weights = to_device(torch.tensor([0.299, 0.587, 0.114], dtype=image.dtype), image.device).view(3, 1, 1)
-    return (image * weights).sum(-3, keepdim=True)
+    """PIL's convert('L') of integer-valued RGB images (..., 3, H, W) in [0, 255] -> (..., 1,
+    H, W): (19595 r + 38470 g + 7471 b + 2^15) >> 16, ITU-R 601-2 in 16-bit fixed point. In
+    float32 every partial sum is an integer below 2^24, so the result is PIL's to the bit."""
+    red, green, blue = image.unbind(-3)
+    return torch.floor((red * 19595 + green * 38470 + blue * 7471 + 32768) / 65536).unsqueeze(-3)
+
+
+def blend(base, images, factor):
+    """PIL's Image.blend(base, images, factor) of uint8 images, in float32: base + factor *
+    (images - base), clipped to [0, 255] and truncated (PIL's C: one float rounding each for
+    the product and the sum, then the cast to UINT8)."""
+    return (base + factor * (images - base)).clamp(0, 255).floor()
 
 
 def shift_hue(image, delta):
@@ -738,27 +747,33 @@ DISTORT_FACTORS = ("brightness", "contrast", "saturation", "hue")
 
 
 def distort_op(op, images, factor):
-    """RandomDistort's op `op` on images (n, 3, H, W); factor (n, 1, 1, 1) float32."""
+    """RandomDistort's op `op` on integer-valued images (n, 3, H, W) in [0, 255]; factor (n,
+    1, 1, 1) float32. Brightness, contrast and saturation are PIL's ImageEnhance to the bit;
+    the hue is rotated in float and rounded (PIL rounds too, after its uint8 HSV: within 8.5
+    grey levels of it)."""
     if op == 0:    # brightness: blend with black
-        return images * factor
-    if op == 1:    # contrast: blend with each image's mean grey level
-        mean = luminance(images).mean((-3, -2, -1), keepdim=True)
-        return mean + factor * (images - mean)
-    if op == 2:    # saturation: blend with the grey image
+        return blend(0.0, images, factor)
+    if op == 1:    # contrast: blend with each image's mean grey level, rounded (PIL's int(mean + 0.5))
         grey = luminance(images)
-        return grey + factor * (images - grey)
-    return shift_hue(images, factor[:, 0])
+        pixels = grey.shape[-2] * grey.shape[-1]
+        total = grey.sum((-3, -2, -1), keepdim=True, dtype=torch.float64).long()  # exact: integers < 2^53
+        return blend(((2 * total + pixels) // (2 * pixels)).to(images.dtype), images, factor)
+    if op == 2:    # saturation: blend with the grey image
+        return blend(luminance(images), images, factor)
+    return shift_hue(images, factor[:, 0]).round().clamp(0, 255)
 
 
 def distort_batch(images, params_list):
     """PaddleSeg's RandomDistort on float RGB images (B, 3, H, W) in [0, 255], one params
-    dict per image, with PIL ImageEnhance's formulas (in float: no uint8 rounding between
-    the ops). Batched: at each of the 4 places of the random order, each op runs once on
-    the images that have it there and applied (chosen on the host from the params)."""
+    dict per image, on PaddleSeg's uint8 image: the input truncated to integers first (its
+    astype('uint8'), applied or not: the padding's 127.5 becomes 127), then the ops (see
+    distort_op), each result integer-valued as PIL's. Batched: at each of the 4 places of the
+    random order, each op runs once on the images that have it there and applied (chosen on
+    the host from the params)."""
     batch = images.shape[0]
+    images = images.clamp(0, 255).floor()
     factors = to_device(torch.tensor([[p.get(name, 0.0) for name in DISTORT_FACTORS] for p in params_list],
                                      dtype=torch.float32), images.device)            # (B, 4)
-    copied = False
     for place in range(max(len(p["distort_order"]) for p in params_list)):
         for op in range(4):
             chosen = [b for b, p in enumerate(params_list) if place < len(p["distort_order"])
@@ -766,14 +781,11 @@ def distort_batch(images, params_list):
             if not chosen:
                 continue
             if len(chosen) == batch:
-                factor = factors[:, op].view(batch, 1, 1, 1)
-                images = distort_op(op, images, factor).clamp(0, 255)
+                images = distort_op(op, images, factors[:, op].view(batch, 1, 1, 1))
                 continue
-            if not copied:  # the caller's tensor stays untouched; then updated in place
-                images, copied = images.clone(), True
             index = to_device(torch.tensor(chosen), images.device)
             factor = factors[index, op].view(len(chosen), 1, 1, 1)
-            images.index_copy_(0, index, distort_op(op, images[index], factor).clamp(0, 255))
+            images.index_copy_(0, index, distort_op(op, images[index], factor))
     return images
 
 
@@ -806,10 +818,11 @@ def crop_taps(offsets, scaled_sizes, in_size, crop, flips, device):
     return [to_device(torch.stack(column), device) for column in zip(*rows)]
 
 
-def augment_batch(images, labels, params_list, crop_size, ignore_index=255):
+def resized_crops(images, labels, params_list, crop_size, ignore_index=255):
     """images (B, 3, H, W) in [0, 255] (uint8 or float), labels (B, H, W) uint8, on any
-    device; one params dict per sample (draw_augmentation) -> normalised float32 images
-    (B, 3, h, w) and uint8 labels (B, h, w), (h, w) = crop_size.
+    device; one params dict per sample (draw_augmentation) -> float32 images (B, 3, h, w)
+    in [0, 255] and uint8 labels (B, h, w), (h, w) = crop_size: ResizeStepScaling,
+    RandomPaddingCrop and RandomHorizontalFlip.
 
     The resize is computed for the crop window only: gathers along rows, then columns, with
     the taps of `F.interpolate(bilinear / nearest, align_corners=False)` (cv2's INTER_LINEAR /
@@ -832,7 +845,14 @@ def augment_batch(images, labels, params_list, crop_size, ignore_index=255):
     label_rows = labels.gather(1, y_near[:, :, None].expand(batch, crop_h, width))
     out_labels = label_rows.gather(2, x_near[:, None, :].expand(batch, crop_h, crop_w))
     out_labels = torch.where(inside, out_labels, torch.full_like(out_labels, ignore_index))
-    return normalize(distort_batch(out, params_list)), out_labels
+    return out, out_labels
+
+
+def augment_batch(images, labels, params_list, crop_size, ignore_index=255):
+    """PaddleSeg's training augmentation of a batch: resized_crops, then RandomDistort and
+    Normalize -> normalised float32 images (B, 3, h, w) and uint8 labels (B, h, w)."""
+    crops, out_labels = resized_crops(images, labels, params_list, crop_size, ignore_index)
+    return normalize(distort_batch(crops, params_list)), out_labels
 
 
 def augment(image, label, params, crop_size, ignore_index=255):
