@@ -673,8 +673,13 @@ def find_pack(data_dir, split, info):
 def draw_augmentation(rng, height, width, config):
     """Every random choice of one sample's augmentation, in PaddleSeg's order (uses
     config.min_scale, max_scale, scale_step, crop_size)."""
-    num_scales = int(round((config.max_scale - config.min_scale) / config.scale_step)) + 1
-    scale = float(rng.choice(np.linspace(config.min_scale, config.max_scale, num_scales)))
+    if config.min_scale == config.max_scale:
+        scale = config.min_scale
+    elif config.scale_step == 0:  # PaddleSeg's continuous draw
+        scale = float(rng.uniform(config.min_scale, config.max_scale))
+    else:  # PaddleSeg's count of steps, a floor: 0.5..2.0 by 0.4 is 0.5, 1.0, 1.5, 2.0
+        num_scales = int((config.max_scale - config.min_scale) / config.scale_step + 1)
+        scale = float(rng.choice(np.linspace(config.min_scale, config.max_scale, num_scales)))
     scaled_h, scaled_w = int(round(scale * height)), int(round(scale * width))
     crop_h, crop_w = config.crop_size
     padded_h, padded_w = max(scaled_h, crop_h), max(scaled_w, crop_w)

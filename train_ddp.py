@@ -93,7 +93,9 @@ def make_parser():
     group = parser.add_argument_group("augmentation").add_argument
     group("--min-scale", type=float, default=0.5)
     group("--max-scale", type=float, default=2.0)
-    group("--scale-step", type=float, default=0.25)
+    group("--scale-step", type=float, default=0.25,
+          help="the scales from --min-scale by this step, as many as fit (PaddleSeg's ResizeStepScaling); "
+               "0: uniform in [--min-scale, --max-scale]")
     group("--aug-device", choices=("auto", "cpu", "cuda"), default="auto",
           help="cpu: augment each sample in the DataLoader workers; cuda: the workers only read uint8 "
                "frames, the main process augments the whole batch on the GPU (same draws); auto: cuda when "
@@ -168,7 +170,7 @@ def parse_args(argv=None):
               ("max_scale", "finite", math.isfinite(args.max_scale)),
               ("crop_size", "positive", min(args.crop_size) > 0),
               ("num_workers", "at least 0", args.num_workers is None or args.num_workers >= 0),
-              ("scale_step", "positive", args.scale_step > 0),
+              ("scale_step", "finite and at least 0 (0: any scale in the range)", 0 <= args.scale_step < math.inf),
               ("scales", "finite and positive", all(math.isfinite(s) and s > 0 for s in args.scales)),
               ("min_scale", "positive and at most --max-scale", 0 < args.min_scale <= args.max_scale),
               ("num_classes", "in 1..255", args.num_classes is None or 1 <= args.num_classes <= 255),

@@ -143,6 +143,20 @@ def test_batched_augmentation_equals_whole_image_chain(device):
             torch.testing.assert_close(out_images[b].cpu(), expected, atol=1 / 127.5 + 1e-6, rtol=0)
 
 
+def test_scales_are_paddlesegs_resize_step_scaling():
+    """PaddleSeg's count of steps is a floor (0.5..2.0 by 0.4: 4 scales, the last 2.0); step 0
+    draws any scale in the range; equal bounds, that scale."""
+    def scales(*flags):
+        config = data_config(*flags)
+        rng = np.random.default_rng(0)
+        return {data.draw_augmentation(rng, 100, 200, config)["scaled_size"] for _ in range(400)}
+    assert scales() == {(int(round(s * 100)), int(round(s * 200))) for s in np.arange(0.5, 2.01, 0.25)}
+    assert scales("--scale-step", "0.4") == {(50, 100), (100, 200), (150, 300), (200, 400)}
+    continuous = scales("--scale-step", "0")
+    assert len(continuous) > 100 and all(50 <= h <= 200 and 100 <= w <= 400 for h, w in continuous)
+    assert scales("--min-scale", "1.5", "--max-scale", "1.5") == {(150, 300)}
+
+
 def test_sampler_shards_ranks_and_resumes():
     full = list(data.StepSampler(10, 2, 0, 2, seed=1, start_iter=0, iters=12))
     other = list(data.StepSampler(10, 2, 1, 2, seed=1, start_iter=0, iters=12))

@@ -652,7 +652,7 @@ def test_lr_schedule_is_paddlesegs():
 def test_bad_flag_values_are_one_line(tmp_path, capsys):
     assert_one_line_error(*run_script("--data-dir", str(tmp_path), "--lr", "nan"), "--lr must be finite and positive")
     for flags, fragment in ((["--lr", "0"], "--lr"), (["--lr", "inf"], "--lr"), (["--crop-size", "0", "8"], "--crop-size"),
-                            (["--num-workers", "-1"], "--num-workers"), (["--scale-step", "0"], "--scale-step"),
+                            (["--num-workers", "-1"], "--num-workers"), (["--scale-step", "-0.25"], "--scale-step"),
                             (["--min-scale", "2", "--max-scale", "1"], "--min-scale"),
                             (["--min-scale", "0"], "--min-scale"), (["--ignore-index", "256"], "--ignore-index"),
                             (["--ignore-index", "-1"], "--ignore-index"), (["--eval-interval", "0"], "--eval-interval"),
