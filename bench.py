@@ -1,6 +1,6 @@
 """Training throughput of train_ddp.py's step variants, and inference FPS: one markdown table.
 
-    python bench.py --out bench.md                     # synthetic 2048x1024 frames, made once
+    python bench.py --out bench.md                     # synthetic 1024x2048 frames, made once
     python bench.py --data-dir /data/cityscapes --num-workers 8
     python bench.py --configs all --profile all         # and where the 'all' step's GPU time goes
     python bench.py --io                                # predict.py on a folder, and evaluation: frames/s

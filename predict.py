@@ -26,8 +26,8 @@ eager. --slide H W segments each image window by window (every --stride, default
 window), the logits of overlapping windows averaged, as PaddleSeg's slide_inference.
 --flip and --scales 0.75 1.0 1.25 average the logits of the flipped image and of each scale
 at the image's size, as PaddleSeg's aug_pred (the same function as training's evaluation).
-`.onnx` weights run on onnxruntime's CPU provider (its CUDA provider with --device cuda
-when the installed onnxruntime has it). An unreadable image, or one that does not fit
+`.onnx` weights run on onnxruntime's CUDA provider when the installed onnxruntime has one
+(not with --device cpu), else on its CPU provider. An unreadable image, or one that does not fit
 a fixed-size export, is reported and skipped; the exit code is then 1. Bad weights or
 arguments (a --device that is not here, an --out that is a file): one line and exit code 2.
 """

@@ -32,7 +32,7 @@ OUT/val.txt (paths relative to OUT, ../ where outside it) and OUT/dataset.json (
 --pack stores each split listed in train.txt / val.txt once more, decoded: ROOT/packed/SPLIT.json
 (the index) and two raw .npy arrays beside it, images (N, H, W, 3) uint8 RGB and train ids
 (N, H, W) uint8, which train_ddp.py memory-maps instead of decoding PNGs (about 50 ms per
-2048x1024 frame and core). The labels are validated while packing. The index holds the
+1024x2048 frame and core). The labels are validated while packing. The index holds the
 list file's SHA-256 and each source file's size and mtime, so a pack of a list or files that
 changed since is detected as stale (data.read_pack raises StalePack); the arrays are written
 under fresh names and the index is renamed over the old one last, so a reader sees the old
@@ -644,7 +644,7 @@ def main(argv=None):
     parser.add_argument("--num-images", "--num_images", type=int, default=48, help="--synthetic: train frames")
     parser.add_argument("--seed", type=int, default=0, help="--synthetic, --val-fraction: random seed")
     parser.add_argument("--num_workers", "--num-workers", type=int, default=None, help="worker processes (default: all cores)")
-    parser.add_argument("--separator", default=" ", help="between image and label in the lists (' ' or ',')")
+    parser.add_argument("--separator", default=" ", help="between image and label in --cityscapes_path's lists (' ' or ',')")
     parser.add_argument("--pack", action="store_true",
                         help="then decode train and val into ROOT/packed/ (uint8 arrays train_ddp.py memory-maps)")
     own = parser.add_argument_group("your own dataset (--images)")
@@ -680,6 +680,8 @@ def main(argv=None):
         parser.error(f"--num-workers must be at least 1, got {args.num_workers}")
     if args.separator not in (" ", ","):
         parser.error(f"--separator must be ' ' or ',', got {args.separator!r}")
+    if args.separator != " " and not args.cityscapes_path:  # (the other lists are written with a space)
+        parser.error("--separator is for --cityscapes_path's lists")
     if not 0 <= args.ignore_index <= 255:
         parser.error(f"--ignore-index must be in 0..255, got {args.ignore_index}")
     label_map = dict(args.label_map) if args.label_map else None

@@ -305,7 +305,7 @@ def demo_data(env):
 def auto_num_workers(env):
     """--num-workers None: the cores this process may run on (its CPU affinity) shared by the
     node's processes (torchrun's LOCAL_WORLD_SIZE), one left for each process itself, 1 to 8
-    (decoding a 2048x1024 PNG pair takes a core about 50 ms, and 8 feed some 160 frames/s).
+    (decoding a 1024x2048 PNG pair takes a core about 50 ms, and 8 feed some 160 frames/s).
     Logged."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))

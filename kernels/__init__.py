@@ -1,6 +1,7 @@
 """BiSeNetV2's fused CUDA kernels and their PyTorch references.
 
-    ohem_cross_entropy(logits, labels, thresh=0.7, min_kept=None, ignore_index=255, validate=True)
+    ohem_cross_entropy(logits, labels, thresh=0.7, min_kept=None, ignore_index=255, validate=True,
+                       class_weights=None)
     bga_aggregate(detail_keep, sem_up, detail_down, sem_keep)
     load()                      # JIT-build every op's CUDA extension (kernels/build.py)
     select(mode, device, log)   # -> (loss function, BGA function) for train_ddp.py --kernels,

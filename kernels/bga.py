@@ -8,9 +8,9 @@ detail_keep (N, C, H, W); sem_up, detail_down, sem_keep (N, C, h, w); `up` is bi
 `bisenetv2.bga_aggregate`: `model.bga.aggregate = kernels.bga.bga_aggregate`.
 
 On CUDA tensors, when the extension is in use (see `EXTENSION.use_cuda_kernel`),
-`bga_aggregate` runs the fused kernels of csrc/bga.cu (two forward kernels, one backward
-kernel) as the ops bisenet_cuda::bga_forward / bga_backward under a torch.autograd.Function,
-the ops' fakes registered, so torch.compile sees one op each way; otherwise, and on CPU, the
+`bga_aggregate` runs the fused kernels of csrc/bga.cu (two forward kernels, the gate and
+the output; two backward, the tiles and the rim) as the ops bisenet_cuda::bga_forward /
+bga_backward under a torch.autograd.Function, the ops' fakes registered, so torch.compile sees one op each way; otherwise, and on CPU, the
 plain-PyTorch reference below.
 The output (and every gradient) is in detail_keep's memory format: channels_last when
 detail_keep is channels_last (and not also plain contiguous), else NCHW.

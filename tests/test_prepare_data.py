@@ -97,7 +97,8 @@ def test_cli_errors_are_one_line(tmp_path):
     # numbers and separators the commands cannot use are named before anything is written
     for flags, named in ((["--num-images", "0"], "--num-images must be at least 1, got 0"),
                          (["--num-workers", "-1"], "--num-workers must be at least 1, got -1"),
-                         (["--separator", ";"], "--separator must be ' ' or ',', got ';'")):
+                         (["--separator", ";"], "--separator must be ' ' or ',', got ';'"),
+                         (["--separator", ","], "--separator is for --cityscapes_path's lists")):
         result = subprocess.run([sys.executable, str(ROOT / "prepare_data.py"), "--synthetic", str(tmp_path / "syn"),
                                  *flags], capture_output=True, text=True)
         assert result.returncode == 2 and named in result.stderr.strip().splitlines()[-1], result.stderr
