@@ -48,8 +48,10 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
 import sys
 import zipfile
+import zlib
 from multiprocessing import Pool
 from pathlib import Path
 
@@ -66,28 +68,77 @@ SPLITS = ("train", "val", "test")
 ZIPS = ("gtFine_trainvaltest.zip", "leftImg8bit_trainvaltest.zip")
 
 
-def convert_one(task):
-    """(source, target) -> None: writes target's train ids from polygons or labelIds."""
-    source, target = task
-    if source.endswith("_polygons.json"):
-        from cityscapesscripts.helpers.annotation import Annotation
-        from cityscapesscripts.preparation.json2labelImg import createLabelImage
-        annotation = Annotation()
+def train_ids_from_polygons(source):
+    """-> (H, W) uint8 train ids of a gtFine polygons JSON, drawn by cityscapesscripts;
+    BadInput naming the file for JSON it cannot read or a label it does not know (where
+    cityscapesscripts would exit the process: a pool worker's exit hung the pool)."""
+    from cityscapesscripts.helpers.annotation import Annotation
+    from cityscapesscripts.helpers.labels import name2label
+    from cityscapesscripts.preparation.json2labelImg import createLabelImage
+    annotation = Annotation()
+    try:
         annotation.fromJsonFile(source)
-        train_ids = np.asarray(createLabelImage(annotation, "trainIds"))
-    else:
-        train_ids = label_id_to_train_id()[np.asarray(Image.open(source))]
+    except Exception as e:  # (JSON syntax, a missing key, a value of another type)
+        raise BadInput(f"{source}: unreadable polygons JSON ({type(e).__name__}: {e})") from None
+    for obj in annotation.objects:
+        name = obj.label[:-len("group")] if obj.label not in name2label and obj.label.endswith("group") else obj.label
+        if not obj.deleted and name not in name2label:
+            raise BadInput(f"{source}: label {obj.label!r} is not a Cityscapes label")
+    try:
+        return np.asarray(createLabelImage(annotation, "trainIds"))
+    except Exception as e:  # (a polygon that is not a list of points)
+        raise BadInput(f"{source}: cannot draw its polygons ({type(e).__name__}: {e})") from None
+
+
+def train_ids_from_label_ids(source):
+    """-> (H, W) uint8 train ids of a gtFine labelIds PNG; BadInput naming the file when it is
+    unreadable, not one channel, or holds values that are no Cityscapes label id (0..33)."""
+    label_ids = read_label(source)
+    beyond = np.flatnonzero(stored_values(label_ids)[34:]) + 34
+    if beyond.size:
+        raise BadInput(f"{source}: values {beyond[:8].tolist()} are not Cityscapes label ids (0..33)")
+    return label_id_to_train_id()[label_ids]
+
+
+def convert_one(task):
+    """(source, target) -> None: writes target's train ids from polygons or labelIds (in a
+    pool worker: an exit of the process becomes BadInput naming the file)."""
+    source, target = task
+    try:
+        if source.endswith("_polygons.json"):
+            train_ids = train_ids_from_polygons(source)
+        else:
+            train_ids = train_ids_from_label_ids(source)
+    except SystemExit as e:
+        raise BadInput(f"{source}: the conversion exited ({e.code})") from None
     save_png(train_ids.astype(np.uint8), target)
 
 
 def extract_zips(root):
+    """Extracts the Cityscapes zips under root: each into a hidden folder first, its top-level
+    entries (leftImg8bit/, gtFine/, ...) then renamed into place, so an interrupted extraction
+    leaves no folder half-written and a rerun extracts that zip again; a zip whose entries are
+    all in place is skipped. BadInput naming a zip that cannot be read."""
     for name in ZIPS:
-        with zipfile.ZipFile(root / name) as archive:
-            members = archive.infolist()
-            for i, member in enumerate(members, 1):
-                archive.extract(member, root)
-                if i % 1000 == 0 or i == len(members):
-                    print(f"extracting {name}: {i}/{len(members)}", file=sys.stderr, flush=True)
+        staging = root / f".extracting_{name}"
+        shutil.rmtree(staging, ignore_errors=True)  # an interrupted run's
+        try:
+            with zipfile.ZipFile(root / name) as archive:
+                members = archive.infolist()
+                tops = sorted({member.filename.split("/")[0] for member in members})
+                if all((root / top).exists() for top in tops):
+                    continue
+                for i, member in enumerate(members, 1):
+                    archive.extract(member, staging)
+                    if i % 1000 == 0 or i == len(members):
+                        print(f"extracting {name}: {i}/{len(members)}", file=sys.stderr, flush=True)
+        except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as e:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise BadInput(f"{root / name}: unreadable zip ({type(e).__name__}: {e})") from None
+        for top in tops:
+            if not (root / top).exists():
+                (staging / top).rename(root / top)
+        shutil.rmtree(staging)
 
 
 def find_frames(root, split):
@@ -110,13 +161,16 @@ def prepare_cityscapes(root, num_workers=None, separator=" "):
     root = Path(root)
     if not root.is_dir():
         raise BadInput(f"--cityscapes_path {root}: no such directory")
-    if not (root / "leftImg8bit").is_dir() and all((root / z).is_file() for z in ZIPS):
+    if all((root / z).is_file() for z in ZIPS) and not all((root / d).is_dir() for d in ("leftImg8bit", "gtFine")):
         extract_zips(root)
     if not (root / "leftImg8bit").is_dir():
         raise BadInput(f"{root}: no leftImg8bit/ folder (nor {' and '.join(ZIPS)})")
     frames = {split: find_frames(root, split) for split in SPLITS}
+    if not any(frames.values()):
+        raise BadInput(f"{root}: no frames at leftImg8bit/SPLIT/CITY/*_leftImg8bit.png (SPLIT {', '.join(SPLITS)})")
+    # a target is written again when its source is newer (a --synthetic run over another)
     tasks = [(str(source), str(target)) for split in SPLITS for _, target, source in frames[split]
-             if not target.is_file()]
+             if not target.is_file() or (source is not None and source.stat().st_mtime_ns > target.stat().st_mtime_ns)]
     if tasks:
         with Pool(num_workers or os.cpu_count()) as pool:
             for done, _ in enumerate(pool.imap_unordered(convert_one, tasks, chunksize=8), 1):
@@ -678,6 +732,8 @@ def main(argv=None):
         parser.error(f"--num-images must be at least 1, got {args.num_images}")
     if args.num_workers is not None and args.num_workers < 1:
         parser.error(f"--num-workers must be at least 1, got {args.num_workers}")
+    if not 0 <= args.seed < 2**32:  # (numpy's seeds are non-negative)
+        parser.error(f"--seed must be in 0..4294967295, got {args.seed}")
     if args.separator not in (" ", ","):
         parser.error(f"--separator must be ' ' or ',', got {args.separator!r}")
     if args.separator != " " and not args.cityscapes_path:  # (the other lists are written with a space)

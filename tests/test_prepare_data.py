@@ -98,7 +98,8 @@ def test_cli_errors_are_one_line(tmp_path):
     for flags, named in ((["--num-images", "0"], "--num-images must be at least 1, got 0"),
                          (["--num-workers", "-1"], "--num-workers must be at least 1, got -1"),
                          (["--separator", ";"], "--separator must be ' ' or ',', got ';'"),
-                         (["--separator", ","], "--separator is for --cityscapes_path's lists")):
+                         (["--separator", ","], "--separator is for --cityscapes_path's lists"),
+                         (["--seed", "-1"], "--seed must be in 0..4294967295, got -1")):
         result = subprocess.run([sys.executable, str(ROOT / "prepare_data.py"), "--synthetic", str(tmp_path / "syn"),
                                  *flags], capture_output=True, text=True)
         assert result.returncode == 2 and named in result.stderr.strip().splitlines()[-1], result.stderr
@@ -183,3 +184,94 @@ def test_pack_rejects_bad_labels_and_mixed_sizes(tmp_path):
                              "--pack"], capture_output=True, text=True)
     assert result.returncode == 2  # no leftImg8bit/: a one-line error
     assert result.stderr.strip().count("\n") == 0
+
+
+def one_frame_tree(root, label_ids=None, polygons=None, split="train"):
+    """A Cityscapes tree of one 20x30 frame with its labelIds array or polygons JSON text."""
+    (root / "leftImg8bit" / split / "c").mkdir(parents=True)
+    (root / "gtFine" / split / "c").mkdir(parents=True)
+    Image.new("RGB", (30, 20)).save(root / "leftImg8bit" / split / "c" / "c_000000_000019_leftImg8bit.png")
+    gt = root / "gtFine" / split / "c" / "c_000000_000019_gtFine_"
+    if label_ids is not None:
+        Image.fromarray(label_ids).save(f"{gt}labelIds.png")
+    if polygons is not None:
+        (root / f"{gt}polygons.json").write_text(polygons)
+    return root
+
+
+def test_bad_label_sources_are_named(tmp_path):
+    """A polygons JSON or labelIds PNG that cannot be converted: one line naming it, exit 2, no
+    list (a label cityscapesscripts does not know made its worker exit and hung the pool; a
+    16-bit value was a traceback; an RGB labelIds or an id beyond 33 was written as ignored)."""
+    truncated = tmp_path / "truncated.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 34, (20, 30), dtype=np.uint8)).save(truncated)
+    cases = {"unknown label": (None, '{"imgHeight": 20, "imgWidth": 30, "objects": '
+                                     '[{"label": "zzz", "polygon": [[0, 0], [5, 0], [5, 5]]}]}',
+                               "label 'zzz' is not a Cityscapes label"),
+             "cut json": (None, '{"imgHeight": 20, "imgW', "unreadable polygons JSON (JSONDecodeError"),
+             "missing key": (None, '{"imgHeight": 20, "objects": []}', "unreadable polygons JSON (KeyError"),
+             "16-bit": (np.full((20, 30), 1000, np.uint16), None, "values [1000] are beyond"),
+             "rgb": (np.full((20, 30, 3), 7, np.uint8), None, "label image has mode RGB"),
+             "id 200": (np.full((20, 30), 200, np.uint8), None, "values [200] are not Cityscapes label ids"),
+             "truncated": (None, None, "unreadable image")}
+    for name, (label_ids, polygons, message) in cases.items():
+        root = one_frame_tree(tmp_path / name.replace(" ", "_"), label_ids, polygons)
+        if name == "truncated":
+            gt = next(root.glob("gtFine/train/c")) / "c_000000_000019_gtFine_labelIds.png"
+            gt.write_bytes(truncated.read_bytes()[:len(truncated.read_bytes()) // 2])
+        result = subprocess.run([sys.executable, str(ROOT / "prepare_data.py"), "--cityscapes_path", str(root),
+                                 "--num-workers", "2"], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2, (name, result.stderr)
+        last = result.stderr.strip().splitlines()[-1]
+        assert message in last and "c_000000_000019_gtFine_" in last, (name, result.stderr)
+        assert "Traceback" not in result.stderr and not (root / "train.txt").exists()
+
+
+def test_a_source_newer_than_its_target_is_converted_again(tmp_path):
+    """--synthetic over an earlier one (another seed) rewrites polygons whose old train ids
+    stayed, no longer theirs; now a target older than its source is written again."""
+    from cityscapesscripts.preparation.json2labelImg import json2labelImg
+    root = tmp_path / "synthetic"
+    prepare_data.make_synthetic(root, num_images=2, size=(32, 64), num_workers=1)
+    prepare_data.make_synthetic(root, num_images=2, seed=1, size=(32, 64), num_workers=1)
+    for _, label in read_list(root, "train") + read_list(root, "val"):
+        json2labelImg(str(root / label.replace("_labelTrainIds.png", "_polygons.json")), str(tmp_path / "t.png"),
+                      "trainIds")
+        np.testing.assert_array_equal(np.asarray(Image.open(root / label)), np.asarray(Image.open(tmp_path / "t.png")))
+
+
+def test_a_tree_without_frames_is_refused(tmp_path):
+    (tmp_path / "leftImg8bit" / "train" / "x").mkdir(parents=True)
+    with pytest.raises(data.BadInput, match="no frames at leftImg8bit/SPLIT/CITY/"):
+        prepare_data.prepare_cityscapes(tmp_path, num_workers=1)
+
+
+def test_interrupted_or_corrupt_zips(tmp_path, monkeypatch):
+    """An extraction stopped part way leaves no half-written folder, so a rerun extracts it all
+    (a rerun took the partial tree as it was); an unreadable zip is named in one line."""
+    source = one_frame_tree(tmp_path / "source", label_ids=np.full((20, 30), 7, np.uint8))
+    one_frame_tree(source, label_ids=np.full((20, 30), 7, np.uint8), split="val")
+    root = tmp_path / "zipped"
+    root.mkdir()
+    for name, folder in zip(prepare_data.ZIPS, ("gtFine", "leftImg8bit")):
+        with zipfile.ZipFile(root / name, "w") as archive:
+            for path in sorted((source / folder).rglob("*")):
+                archive.write(path, path.relative_to(source))
+    extract, calls = zipfile.ZipFile.extract, []
+
+    def interrupted(self, member, path=None, pwd=None):
+        calls.append(member)
+        if "leftImg8bit" in self.filename and len(calls) > 8:  # the third of its 6
+            raise KeyboardInterrupt
+        return extract(self, member, path, pwd)
+    monkeypatch.setattr(zipfile.ZipFile, "extract", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_data.prepare_cityscapes(root, num_workers=1)
+    assert (root / "gtFine").is_dir() and not (root / "leftImg8bit").exists()
+    monkeypatch.setattr(zipfile.ZipFile, "extract", extract)
+    assert prepare_data.prepare_cityscapes(root, num_workers=1) == {"train": 1, "val": 1}
+    assert not list(root.glob(".extracting_*"))
+    shutil.rmtree(root / "leftImg8bit")
+    (root / prepare_data.ZIPS[1]).write_bytes((root / prepare_data.ZIPS[1]).read_bytes()[:500])
+    with pytest.raises(data.BadInput, match="leftImg8bit_trainvaltest.zip: unreadable zip"):
+        prepare_data.prepare_cityscapes(root, num_workers=1)
