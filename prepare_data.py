@@ -25,7 +25,7 @@ by a permutation seeded with --seed. Every label is read (in a pool of workers):
 be its image's, and each value must be in --label-map (stored value -> train id) or be
 --ignore-index; without a map the values are train ids. Colour masks (--label-map R,G,B:ID)
 and 16-bit masks (a value above 255 in the map) are checked likewise, then converted once into
-train id PNGs under OUT/labels/SPLIT/, which the lists name. The classes are --classes, or
+train id PNGs under OUT/train_ids/SPLIT/, which the lists name. The classes are --classes, or
 class0..classN-1 up to the highest train id (found, or a map's target). Writes OUT/train.txt,
 OUT/val.txt (paths relative to OUT, ../ where outside it) and OUT/dataset.json (data.DatasetInfo).
 
@@ -200,16 +200,20 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 IMAGE_SUFFIX, LABEL_SUFFIX = "_leftImg8bit", "_gtFine_labelTrainIds"  # Cityscapes' names pair too
 
 
-def files_by_key(folder, extensions, suffix, flag):
-    """-> {pairing key: path} of the files under `folder` (recursive, hidden files skipped)
-    with one of `extensions` (any case). The key is the path under `folder` without the
-    extension and without `suffix` at the end of the name."""
+def files_by_key(folder, extensions, suffix, flag, skip=None):
+    """-> {pairing key: path} of the files under `folder` (recursive, hidden files and the
+    folder `skip` left out) with one of `extensions` (any case). The key is the path under
+    `folder` without the extension and without `suffix` at the end of the name. BadInput
+    naming a folder that cannot be read."""
     folder = Path(folder)
     if not folder.is_dir():
         raise BadInput(f"{flag} {folder}: no such directory")
+    skip = skip and Path(skip).resolve()
     found = {}
-    for path in sorted(folder.rglob("*")):
-        if path.name.startswith(".") or path.suffix.lower() not in extensions or not path.is_file():
+    for path in sorted(walk_files(folder, flag)):
+        if path.name.startswith(".") or path.suffix.lower() not in extensions:
+            continue
+        if skip and (skip == path.resolve().parent or skip in path.resolve().parents):
             continue
         key = path.relative_to(folder).with_suffix("").as_posix()
         key = key[:-len(suffix)] if key.endswith(suffix) else key
@@ -219,12 +223,21 @@ def files_by_key(folder, extensions, suffix, flag):
     return found
 
 
-def find_pairs(images_dir, labels_dir, image_flag="--images", label_flag="--labels"):
+def walk_files(folder, flag):
+    """-> every file under folder (links followed as Path.rglob does); BadInput naming a
+    folder that cannot be read (Path.rglob skips it without a word)."""
+    def unreadable(error):
+        raise BadInput(f"{flag}: {error.filename}: cannot read the folder ({error.strerror})")
+    return [Path(top) / name for top, _, names in os.walk(folder, onerror=unreadable, followlinks=True)
+            for name in names if (Path(top) / name).is_file()]
+
+
+def find_pairs(images_dir, labels_dir, image_flag="--images", label_flag="--labels", skip=None):
     """-> [(image, label)] sorted by key: images and label PNGs at the same path under their
     folders up to the extension (and the Cityscapes suffixes); BadInput naming the first few
     unpaired files and their count, or for no pairs at all."""
-    images = files_by_key(images_dir, IMAGE_EXTENSIONS, IMAGE_SUFFIX, image_flag)
-    labels = files_by_key(labels_dir, (".png",), LABEL_SUFFIX, label_flag)
+    images = files_by_key(images_dir, IMAGE_EXTENSIONS, IMAGE_SUFFIX, image_flag, skip)
+    labels = files_by_key(labels_dir, (".png",), LABEL_SUFFIX, label_flag, skip)
     unpaired = [images[key] for key in sorted(images.keys() - labels.keys())]
     unpaired += [labels[key] for key in sorted(labels.keys() - images.keys())]
     if unpaired:
@@ -255,7 +268,7 @@ def check_map_targets(label_map, num_classes, ignore_index):
 
 # ---------------------------------------------------------------------------------------
 # Masks that need converting: colours (--label-map R,G,B:ID) or values above 255 (16-bit
-# masks). They are rewritten once as train id PNGs under OUT/labels/, which the lists name.
+# masks). They are rewritten once as train id PNGs under OUT/train_ids/, which the lists name.
 
 def mask_value_text(value):
     """A --label-map source as written: 255, or 128,64,128 for a colour."""
@@ -309,8 +322,8 @@ def convert_mask(task):
 class MaskConversion:
     """--label-map with colours or values above 255: every mask checked against the map
     (check, in worker processes; grey values may also be the ignore index), then rewritten
-    as train id PNGs under OUT/labels/SPLIT/ at its path under its label folder (write).
-    Nothing is written before every mask has passed."""
+    as train id PNGs under OUT/train_ids/SPLIT/ at its path under its label folder (targets,
+    then write). Nothing is written before every mask and every list line has passed."""
 
     def __init__(self, label_map, ignore_index):
         self.colour = isinstance(next(iter(label_map)), tuple)
@@ -335,16 +348,31 @@ class MaskConversion:
             present[[self.mapping[code] for code in codes.tolist()]] = True
         return present
 
-    def write(self, splits, label_dirs, out, num_workers, log):
-        """-> splits with each mask replaced by its train id PNG under OUT/labels/SPLIT/."""
-        converted = {split: [(image, out / "labels" / split / mask.relative_to(label_dirs[split]).with_suffix(".png"))
-                             for image, mask in pairs] for split, pairs in splits.items()}
+    @staticmethod
+    def folder(out, inputs):
+        """-> OUT/train_ids, where the converted masks go; BadInput where one of `inputs` ({flag:
+        folder}) is that folder or lies in it (the conversion would write over what it reads).
+        Where that folder lies in an input, find_pairs leaves it out."""
+        folder = Path(out) / "train_ids"
+        for flag, source in inputs.items():
+            if Path(source).resolve() == folder.resolve() or folder.resolve() in Path(source).resolve().parents:
+                raise BadInput(f"--out {out}: the converted masks go to {folder}, which holds {flag} {source}; "
+                               f"choose another --out")
+        return folder
+
+    @staticmethod
+    def targets(splits, label_dirs, folder):
+        """-> splits with each mask replaced by its train id PNG's path under folder/SPLIT/."""
+        return {split: [(image, folder / split / mask.relative_to(label_dirs[split]).with_suffix(".png"))
+                        for image, mask in pairs] for split, pairs in splits.items()}
+
+    def write(self, splits, converted, num_workers, log):
+        """Writes each mask of `splits` as its train id PNG at its place in `converted`."""
         tasks = [(mask, target, self.colour, self.sources, self.train_ids)
                  for split in splits for (_, mask), (_, target) in zip(splits[split], converted[split])]
         with Pool(min(num_workers or os.cpu_count(), len(tasks))) as pool:
             list(pool.imap(convert_mask, tasks, chunksize=8))
-        log(f"masks: {len(tasks)} converted to train ids under {out / 'labels'}")
-        return converted
+        log(f"masks: {len(tasks)} converted to train ids under {Path(os.path.commonpath([t[1] for t in tasks]))}")
 
 
 def dataset_info_for(present, classes, label_map, ignore_index):
@@ -388,9 +416,13 @@ def prepare_folders(images, labels, out, val_fraction=None, val_images=None, val
     """Pairs the images and labels, splits them, checks every label, writes OUT/train.txt,
     OUT/val.txt and OUT/dataset.json. -> {split: frame count}."""
     out = Path(out)
-    pairs = find_pairs(images, labels)
+    converting = bool(label_map) and (isinstance(next(iter(label_map)), tuple) or max(label_map) > 255)
+    inputs = {"--images": images, "--labels": labels, "--val-images": val_images, "--val-labels": val_labels}
+    converted_dir = MaskConversion.folder(out, {f: d for f, d in inputs.items() if d}) if converting else None
+    pairs = find_pairs(images, labels, skip=converted_dir)
     if val_images:
-        splits = dict(train=pairs, val=find_pairs(val_images, val_labels, "--val-images", "--val-labels"))
+        splits = dict(train=pairs, val=find_pairs(val_images, val_labels, "--val-images", "--val-labels",
+                                                  converted_dir))
         log(f"pairs: train {len(pairs)} from {images}, val {len(splits['val'])} from {val_images}")
     else:
         val_fraction = 0.1 if val_fraction is None else val_fraction
@@ -402,14 +434,14 @@ def prepare_folders(images, labels, out, val_fraction=None, val_images=None, val
         in_val[np.random.default_rng(seed).permutation(len(pairs))[:num_val]] = True
         splits = dict(train=[p for p, v in zip(pairs, in_val) if not v], val=[p for p, v in zip(pairs, in_val) if v])
         log(f"pairs: {len(pairs)}, val {num_val} of them (--val-fraction {val_fraction}, --seed {seed})")
-    if label_map and (isinstance(next(iter(label_map)), tuple) or max(label_map) > 255):
+    conversion = None
+    if converting:
         conversion = MaskConversion(label_map, ignore_index)
+        converted = conversion.targets(splits, dict(train=Path(labels), val=Path(val_labels or labels)), converted_dir)
         present = conversion.check(splits, num_workers)
         present[[t for t in label_map.values() if t != ignore_index]] = True  # every class the map names
         info = dataset_info_for(present, classes, None, ignore_index)
         check_map_targets(label_map, len(info.class_names), ignore_index)
-        splits = conversion.write(splits, dict(train=Path(labels), val=Path(val_labels or labels)), out,
-                                  num_workers, log)
     else:
         everything = splits["train"] + splits["val"]
         with Pool(min(num_workers or os.cpu_count(), len(everything))) as pool:
@@ -419,8 +451,11 @@ def prepare_folders(images, labels, out, val_fraction=None, val_images=None, val
             error = disallowed_values(label, values, info)
             if error:
                 raise error
+    listed = converted if conversion else splits
+    lines = {split: [list_line(out, *pair) for pair in split_pairs] for split, split_pairs in listed.items()}
     out.mkdir(parents=True, exist_ok=True)
-    lines = {split: [list_line(out, *pair) for pair in split_pairs] for split, split_pairs in splits.items()}
+    if conversion:  # (after every check: a failed run leaves the masks its old lists name)
+        conversion.write(splits, converted, num_workers, log)
     write_dataset_info(out, info)
     for split, split_lines in lines.items():
         atomic_write(out / f"{split}.txt", "\n".join(split_lines) + "\n")

@@ -2,8 +2,11 @@
 dataset.json), the label map applied as labels are read and packed, bad input through the
 command line."""
 import json
+import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -214,12 +217,15 @@ def test_colour_and_16_bit_masks_are_converted_to_train_ids(tmp_path):
     assert info.class_names == ("background", "road", "person") and info.label_map is None
     for split in ("train", "val"):
         for image, label in list_pairs(out, split):
-            assert label == f"labels/{split}/{image.split('/')[-1]}"  # the converted masks, train ids
+            assert label == f"train_ids/{split}/{image.split('/')[-1]}"  # the converted masks, train ids
             _, ids = data.read_frame(out / image, out / label, info)
             np.testing.assert_array_equal(ids, expected[image.split("/")[-1]])
-    out = tmp_path / "wide"  # 16-bit masks; 2000 is not trained on
-    result = prepare("--images", images, "--labels", wide, "--out", out, "--label-map", "0:0", "1000:1", "2000:255")
-    assert result.returncode == 0, result.stderr
+    # 16-bit masks; 2000 is not trained on
+    for _ in range(2):  # OUT/train_ids is in --labels: the rerun leaves it out of the pairs
+        result = prepare("--images", images, "--labels", wide, "--out", wide, "--label-map", "0:0", "1000:1",
+                         "2000:255")
+        assert result.returncode == 0, result.stderr
+    out = wide
     image, label = list_pairs(out, "train")[0]
     _, ids = data.read_frame(out / image, out / label, data.read_dataset_info(out))
     want = expected[image.split("/")[-1]]
@@ -231,3 +237,52 @@ def test_colour_and_16_bit_masks_are_converted_to_train_ids(tmp_path):
     assert not out.exists()
     assert prepare("--images", images, "--labels", colour, "--out", out, "--label-map", "0,0,0:0",
                    "1000:1").returncode == 2  # colours and grey values do not mix
+
+
+def test_converted_masks_never_overwrite_the_masks_they_read(tmp_path):
+    """--labels DATA/labels/train with --out DATA: the converted masks go to DATA/train_ids
+    (they went to DATA/labels/SPLIT/, here the colour masks themselves); an input in the
+    conversion folder is one line, the conversion folder in an input is left out of the
+    pairs (a rerun paired its own output); a run that fails its list lines leaves the converted
+    masks the old lists name (they were rewritten before the check)."""
+    images, colour, _, expected = colour_and_wide_masks(tmp_path / "data")
+    shutil.move(colour, tmp_path / "data" / "labels")
+    (tmp_path / "data" / "labels" / "train").mkdir()
+    for mask in (tmp_path / "data" / "labels").glob("*.png"):
+        shutil.move(mask, tmp_path / "data" / "labels" / "train")
+    (tmp_path / "data" / "images" / "train").mkdir()
+    for photo in images.glob("*.png"):
+        shutil.move(photo, images / "train")
+    originals = {path: path.read_bytes() for path in (tmp_path / "data" / "labels").rglob("*.png")}
+    colour_map = ["--label-map", "0,0,0:0", "128,64,128:1", "220,20,60:2"]
+    common = ["--images", images / "train", "--labels", tmp_path / "data" / "labels" / "train", *colour_map]
+    result = prepare(*common, "--out", tmp_path / "data")
+    assert result.returncode == 0, result.stderr
+    assert {path: path.read_bytes() for path in (tmp_path / "data" / "labels").rglob("*.png")} == originals
+    assert prepare(*common, "--out", tmp_path / "data").returncode == 0  # a rerun reads no output of its own
+    assert_one_line_error(prepare("--images", images / "train", "--labels", tmp_path / "data" / "train_ids",
+                                  *colour_map, "--out", tmp_path / "data"), "the converted masks go to",
+                          "which holds --labels")
+    converted = {path: path.read_bytes() for path in (tmp_path / "data" / "train_ids").rglob("*.png")}
+    assert len(converted) == len(expected)
+    # a new pair whose name a list cannot hold, and another map: refused, nothing rewritten
+    shutil.copy(images / "train" / "f0.png", images / "train" / "new one.png")
+    shutil.copy(tmp_path / "data" / "labels" / "train" / "f0.png", tmp_path / "data" / "labels" / "train" / "new one.png")
+    swapped = ["--label-map", "0,0,0:0", "128,64,128:2", "220,20,60:1"]
+    assert_one_line_error(prepare("--images", images / "train", "--labels", tmp_path / "data" / "labels" / "train",
+                                  *swapped, "--out", tmp_path / "data"), "a space or comma in the path")
+    assert {path: path.read_bytes() for path in (tmp_path / "data" / "train_ids").rglob("*.png")} == converted
+
+
+def test_a_folder_that_cannot_be_read_is_named(tmp_path, monkeypatch):
+    """Path.rglob skipped an unreadable subfolder without a word (its pairs missing)."""
+    images, masks = make_binary_folders(tmp_path, 4)
+    scandir = os.scandir
+
+    def refusing(path="."):
+        if Path(path) == masks / "more":
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+    monkeypatch.setattr(os, "scandir", refusing)
+    with pytest.raises(data.BadInput, match="--labels: .*masks/more: cannot read the folder"):
+        prepare_data.find_pairs(images, masks)
