@@ -361,6 +361,20 @@ def _fit_problems(missing, unexpected, misshaped, shown=4):
             if names]
 
 
+def _nonfinite(state, ours):
+    """The keys of `state` whose tensor holds NaN or infinity once cast to the dtype of
+    `ours`'s tensor of that key, as loading casts it."""
+    return [key for key, value in state.items() if isinstance(value, torch.Tensor) and ours[key].is_floating_point()
+            and not torch.isfinite(value.to(ours[key].dtype)).all()]
+
+
+def _refuse_nonfinite(path, names):
+    """ValueError naming the first of the tensors `names` that hold NaN or infinity, and how many."""
+    if names:
+        raise ValueError(f"{path}: NaN or infinity in {len(names)} tensor{'s' if len(names) > 1 else ''}, "
+                         f"the first {names[0]}")
+
+
 def read_pdparams(path):
     """Reads a PaddleSeg .pdparams into {name: numpy.ndarray}; no Paddle needed."""
     try:
@@ -426,11 +440,12 @@ def paddleseg_state(model, path):
     float64, each conv bias that feeds a BatchNorm folded into the BN's running mean
     (BN(conv(x) + b) == BN'(conv(x)) with mean' = mean - b), and a list of what does not fit
     `model` ("missing: ...", "unexpected: ...", "mis-shaped: ..."); a tensor that is missing
-    or mis-shaped is absent from state."""
+    or mis-shaped is absent from state. ValueError naming the first tensor of state that holds
+    NaN or infinity (by its PaddleSeg name)."""
     paddle_state = read_pdparams(path)
     ours = model.state_dict()
     new_state, used = {}, set()
-    missing, misshaped = [], []
+    missing, misshaped, nonfinite = [], [], []
 
     def take(paddle_key, torch_key):
         used.add(paddle_key)
@@ -441,6 +456,8 @@ def paddleseg_state(model, path):
         if tuple(value.shape) != tuple(ours[torch_key].shape):
             misshaped.append(f"{paddle_key} {tuple(value.shape)} (expected {tuple(ours[torch_key].shape)})")
             return None
+        if not torch.isfinite(value.to(ours[torch_key].dtype)).all():
+            nonfinite.append(paddle_key)
         return value
 
     def take_bn(paddle, ours_bn, conv_bias=None):
@@ -466,7 +483,9 @@ def paddleseg_state(model, path):
 
     unexpected = sorted(set(paddle_state) - used)
     problems = _fit_problems(missing, unexpected, misshaped)
-    return {key: value for key, value in new_state.items() if value is not None}, problems
+    new_state = {key: value for key, value in new_state.items() if value is not None}
+    _refuse_nonfinite(path, nonfinite or _nonfinite(new_state, ours))  # the latter: a folded mean past the dtype
+    return new_state, problems
 
 
 def load_paddleseg(model, path):
@@ -474,7 +493,7 @@ def load_paddleseg(model, path):
     bisenet_cityscapes_1024x1024_160k/model.pdparams) into `model`: PaddleSeg's names mapped
     to ours, conv biases folded (paddleseg_state). Strict: raises ValueError naming the
     missing, unexpected or mis-shaped tensors (a few of each kind, and how many more), and the
-    model is left untouched. Returns the model.
+    model is left untouched; likewise for a tensor holding NaN or infinity. Returns the model.
     """
     state, problems = paddleseg_state(model, path)
     if problems:
@@ -503,7 +522,8 @@ def checkpoint_state(path):
 
 
 def load_weights(model, path):
-    """Loads either a PaddleSeg `.pdparams` or one of this project's checkpoints, strictly.
+    """Loads either a PaddleSeg `.pdparams` or one of this project's checkpoints, strictly
+    (ValueError for tensors that do not fit or hold NaN or infinity; the model left untouched).
     Returns the model."""
     if str(path).endswith(".pdparams"):
         return load_paddleseg(model, path)
@@ -515,6 +535,7 @@ def load_weights(model, path):
          if key in ours and isinstance(value, torch.Tensor) and value.shape != ours[key].shape])
     if problems:
         raise ValueError(f"{path}: does not fit BiSeNetV2({model.num_classes}): " + "; ".join(problems))
+    _refuse_nonfinite(path, _nonfinite(state, ours))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -527,12 +548,14 @@ def load_matching(model, path):
     """Loads, from a PaddleSeg `.pdparams` or a project checkpoint, every tensor whose name
     and shape match `model`'s and leaves the others as they are: a fine-tune from weights
     trained with another number of classes (only the heads' last convs differ). -> the
-    names of `model`'s tensors left as they were. ValueError when no tensor fits."""
+    names of `model`'s tensors left as they were. ValueError when no tensor fits, or one that
+    fits holds NaN or infinity."""
     ours = model.state_dict()
     state = paddleseg_state(model, path)[0] if str(path).endswith(".pdparams") else checkpoint_state(path)
     fits = {key: value.to(ours[key].dtype) for key, value in state.items()
             if key in ours and isinstance(value, torch.Tensor) and value.shape == ours[key].shape}
     if not any(key.endswith(".weight") for key in fits):
         raise ValueError(f"{path}: no tensor of it fits BiSeNetV2({model.num_classes})")
+    _refuse_nonfinite(path, _nonfinite(fits, ours))
     model.load_state_dict(fits, strict=False)
     return sorted(key for key in ours if key not in fits and not key.endswith("num_batches_tracked"))

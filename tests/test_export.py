@@ -191,6 +191,7 @@ def test_photos_export_takes_uint8_photos_and_predict_uses_it(model, weights, fr
 @pytest.mark.parametrize("args, named", [
     (["--weights", "MISSING.pdparams"], "MISSING.pdparams: no such weights file"),
     (["--weights", "CORRUPT.pt"], "CORRUPT.pt: not a readable checkpoint"),
+    (["--weights", "NAN.pt"], "NAN.pt: NaN or infinity in 1 tensor, the first head.classifier.weight"),
     (["--opset", "11"], "--opset 11: unsupported"),
     (["--opset", "999"], "--opset 999: unsupported"),
     (["--size", "0", "64"], "--size 0 64: height and width must be positive"),
@@ -199,11 +200,16 @@ def test_photos_export_takes_uint8_photos_and_predict_uses_it(model, weights, fr
 ])
 def test_export_bad_input_is_one_line_and_exit_2(weights, tmp_path, capsys, args, named):
     (tmp_path / "CORRUPT.pt").write_bytes(b"not a checkpoint")
+    if "NAN.pt" in args:
+        state = BiSeNetV2(19).state_dict()
+        state["head.classifier.weight"][0, 0] = float("inf")
+        torch.save({"model": state}, tmp_path / "NAN.pt")
     out = tmp_path / "model.onnx"
     out.write_bytes(b"a good export")
     argv = ["--weights", str(weights), "--out", str(out)] + args
     (tmp_path / "FOLDER").mkdir()
-    argv = [str(tmp_path / a) if a in ("MISSING.pdparams", "CORRUPT.pt", "FOLDER", "CORRUPT.pt/model.onnx") else a
+    argv = [str(tmp_path / a) if a in ("MISSING.pdparams", "CORRUPT.pt", "NAN.pt", "FOLDER", "CORRUPT.pt/model.onnx")
+            else a
             for a in argv]
     assert export.main(argv) == 2
     stderr = capsys.readouterr().err.strip().splitlines()

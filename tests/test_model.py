@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bisenetv2 import BiSeNetV2, load_paddleseg, load_weights, pad_same, read_pdparams
+from bisenetv2 import BiSeNetV2, load_matching, load_paddleseg, load_weights, pad_same, read_pdparams
 from conftest import shared_fixture
 
 
@@ -181,6 +181,31 @@ def test_weights_that_do_not_fit_are_one_short_line(tmp_path):
     assert "namespace.pt: not a readable checkpoint (UnpicklingError: Unsupported global" in message
     assert "argparse.Namespace" in message and "weights_only` set to `False`" not in message
     assert "\n" not in message
+
+
+def test_weights_holding_nan_or_inf_are_refused_by_name(paddle_weights, tmp_path):
+    """Every loader names the first tensor holding NaN or infinity (the file's name for it) and
+    counts them, and leaves the model untouched; a float64 value past float32 counts too."""
+    state = BiSeNetV2(19).state_dict()
+    state["detail.layers.0.conv.weight"][0, 0, 0, 0] = float("nan")
+    state["head.classifier.bias"][3] = float("inf")
+    torch.save({"model": state}, tmp_path / "nan.pt")
+    paddle = read_pdparams(paddle_weights)
+    paddle["sb.stem.conv._batch_norm._variance"][0] = np.nan
+    paddle["bga.conv._conv.bias"] = np.full_like(paddle["bga.conv._batch_norm._mean"], -np.inf)  # folded into the mean
+    write_pdparams(tmp_path / "nan.pdparams", paddle)
+    paddle = read_pdparams(paddle_weights)
+    paddle["head.conv_1x1.bias"] = paddle["head.conv_1x1.bias"].astype(np.float64) + 1e300
+    write_pdparams(tmp_path / "huge.pdparams", paddle)
+    for name, named in (("nan.pt", "NaN or infinity in 2 tensors, the first detail.layers.0.conv.weight"),
+                        ("nan.pdparams", "NaN or infinity in 2 tensors, the first sb.stem.conv._batch_norm._variance"),
+                        ("huge.pdparams", "NaN or infinity in 1 tensor, the first head.conv_1x1.bias")):
+        for load in (load_weights, load_matching):
+            model = BiSeNetV2(19)
+            before = {k: v.clone() for k, v in model.state_dict().items()}
+            with pytest.raises(ValueError, match=f"^{tmp_path / name}: {named}$"):
+                load(model, tmp_path / name)
+            assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), (name, load)
 
 
 def test_initialisation_is_paddlesegs():

@@ -165,6 +165,18 @@ def test_colliding_names_out_file_and_devices_are_one_line(checkpoint, tmp_path)
         assert_one_line_error(code, err, f"--device {device}")
 
 
+def test_weights_holding_nan_are_one_line_and_write_nothing(tmp_path):
+    state = BiSeNetV2(19).state_dict()
+    state["semantic.stem.conv.bn.running_var"][0] = float("nan")
+    torch.save({"model": state}, tmp_path / "nan.pt")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+    code, _, err = run_predict("--weights", str(tmp_path / "nan.pt"), "--input", str(tmp_path / "a.png"), "--out",
+                               str(tmp_path / "out"), "--device", "cpu")
+    assert_one_line_error(code, err, f"--weights: {tmp_path / 'nan.pt'}: NaN or infinity in 1 tensor, the first "
+                                     "semantic.stem.conv.bn.running_var")
+    assert not list((tmp_path / "out").iterdir())
+
+
 def test_16_bit_greyscale_is_read_by_its_top_8_bits(checkpoint, tmp_path):
     """A 16-bit greyscale PNG segments as the 8-bit greyscale image of value >> 8; a float
     image is refused by name (skipped, exit code 1)."""
