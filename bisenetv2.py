@@ -440,8 +440,9 @@ def paddleseg_state(model, path):
     float64, each conv bias that feeds a BatchNorm folded into the BN's running mean
     (BN(conv(x) + b) == BN'(conv(x)) with mean' = mean - b), and a list of what does not fit
     `model` ("missing: ...", "unexpected: ...", "mis-shaped: ..."); a tensor that is missing
-    or mis-shaped is absent from state. ValueError naming the first tensor of state that holds
-    NaN or infinity (by its PaddleSeg name)."""
+    or mis-shaped is absent from state. ValueError naming a tensor of state that is not a
+    numeric array, or the first that holds NaN or infinity (by its PaddleSeg name)."""
+    import numpy as np  # (the model itself needs only torch)
     paddle_state = read_pdparams(path)
     ours = model.state_dict()
     new_state, used = {}, set()
@@ -452,7 +453,12 @@ def paddleseg_state(model, path):
         if paddle_key not in paddle_state:
             missing.append(paddle_key)
             return None
-        value = torch.as_tensor(paddle_state[paddle_key]).double()
+        array = paddle_state[paddle_key]
+        numpy = isinstance(array, (np.ndarray, np.generic))
+        if not (numpy and array.dtype.kind in "biuf"):
+            what = f"dtype {array.dtype}" if numpy else f"a {type(array).__name__}"
+            raise ValueError(f"{path}: {paddle_key} is not a numeric array ({what})")
+        value = torch.as_tensor(array).double()
         if tuple(value.shape) != tuple(ours[torch_key].shape):
             misshaped.append(f"{paddle_key} {tuple(value.shape)} (expected {tuple(ours[torch_key].shape)})")
             return None

@@ -127,6 +127,16 @@ def test_load_paddleseg_refuses_code_in_pickle(tmp_path):
         load_paddleseg(BiSeNetV2(19), tmp_path / "evil.pdparams")
 
 
+@pytest.mark.parametrize("value, what", [(np.array(["a"]), "dtype <U1"), (np.array([1, None], object), "dtype object"),
+                                         (np.array([1j]), "dtype complex128"), ("text", "a str")])
+def test_pdparams_of_non_numeric_arrays_are_named(tmp_path, value, what):
+    write_pdparams(tmp_path / "w.pdparams", {"db.convs.0._conv.weight": value})
+    for load in (load_weights, load_matching):
+        with pytest.raises(ValueError, match=rf"^{tmp_path / 'w.pdparams'}: db\.convs\.0\._conv\.weight is not a "
+                                             rf"numeric array \({what}\)$"):
+            load(BiSeNetV2(19), tmp_path / "w.pdparams")
+
+
 @pytest.mark.parametrize("content", [b"", b"not a pickle at all"])
 def test_corrupt_weights_are_named(tmp_path, content):
     for name in ("w.pdparams", "w.pt"):
