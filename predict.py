@@ -33,6 +33,7 @@ arguments (a --device that is not here, an --out that is a file): one line and e
 """
 import collections
 import copy
+import json
 import math
 import os
 import sys
@@ -188,11 +189,14 @@ class OnnxPredictor:
     --photos, which takes photos only) -> (N, H, W) uint8 train ids as a numpy array, whether
     the graph outputs logits or train ids.
     `fixed_size` is the graph's (H, W), None when symbolic; `batch` is its fixed batch
-    size, None when symbolic. device None: onnxruntime's CUDA provider when it has one, else
-    the CPU (the log line names the provider); a CUDA device requires the CUDA provider.
-    Raises ValueError when the file is not a readable export."""
+    size, None when symbolic; `num_classes` is the number of classes it predicts: its logits'
+    channels, or for an export of train ids (--argmax) the classes its metadata records
+    (export.py), None when it records none. device None: onnxruntime's CUDA provider when it
+    has one, else the CPU (the log line names the provider); a CUDA device requires the CUDA
+    provider. Raises ValueError when the file is not a readable export, or when `num_classes`
+    is given and the export's number is known and another."""
 
-    def __init__(self, path, device=None, log=print):
+    def __init__(self, path, device=None, log=print, num_classes=None):
         import onnxruntime
         available = onnxruntime.get_available_providers()
         providers = ["CPUExecutionProvider"]
@@ -224,9 +228,26 @@ class OnnxPredictor:
         self.batch = batch if isinstance(batch, int) else None
         self.fixed_size = (height, width) if isinstance(height, int) and isinstance(width, int) else None
         self.outputs_logits = len(outputs[0].shape) == 4
+        classes = outputs[0].shape[1] if self.outputs_logits else None  # an int, or a name where symbolic
+        self.num_classes = classes if isinstance(classes, int) else self.recorded_classes(path)
+        if None not in (num_classes, self.num_classes) and num_classes != self.num_classes:
+            raise ValueError(f"{path}: an export of {self.num_classes} classes, not {num_classes}")
         self.normalized = data.normalize_table("cpu")  # for uint8 photos to a float export
         log(f"predictor: onnxruntime {onnxruntime.__version__} on {self.session.get_providers()[0]}, "
             f"input {inputs[0].shape}, output {outputs[0].name} {outputs[0].shape}")
+
+    def recorded_classes(self, path):
+        """-> the number of classes the export's metadata entry "dataset" names, None without one."""
+        saved = self.session.get_modelmeta().custom_metadata_map.get("dataset")
+        if not saved:
+            return None
+        try:
+            recorded = data.dataset_info_from_json(json.loads(saved), f"{path}: its metadata entry 'dataset'")
+        except json.JSONDecodeError:
+            raise ValueError(f"{path}: its metadata entry 'dataset' is not JSON") from None
+        except data.BadInput as e:
+            raise ValueError(str(e)) from None
+        return len(recorded.class_names)
 
     def __call__(self, images):
         if self.takes_photos:
@@ -442,9 +463,12 @@ def parse_args(argv=None):
 def load_runner(args, num_classes, device, log):
     """-> (run, fixed_size, most_per_call): run maps (N, H, W, 3) uint8 RGB photos to (N, H, W)
     uint8 train ids (numpy); fixed_size is the (H, W) every image must have, or None. Raises
-    OSError or ValueError for unreadable weights."""
+    OSError or ValueError for unreadable weights, or weights of another number of classes."""
     if args.weights.endswith(".onnx"):
-        runner = OnnxPredictor(args.weights, None if args.device == "auto" else device, log)
+        runner = OnnxPredictor(args.weights, None if args.device == "auto" else device, log, num_classes)
+        if runner.num_classes is None:
+            log(f"the export records no number of classes (train ids, no metadata): its ids are taken as "
+                f"{num_classes} classes, unchecked")
         most = min(runner.batch or args.batch_size, args.batch_size)
         if most < args.batch_size:
             log(f"the export's batch size is fixed at {runner.batch}: images go {most} at a time")

@@ -144,6 +144,28 @@ def test_predict_onnx_fixed_size_skips_other_sizes(frame_path, argmax_export, tm
     assert (tmp_path / "out" / "fits_trainIds.png").exists() and not (tmp_path / "out" / "other_trainIds.png").exists()
 
 
+def test_predict_refuses_an_export_of_other_classes(argmax_export, dynamic_export, frame_path, tmp_path, capsys):
+    """An export's classes (its logits' channels, or the metadata of an --argmax export) must
+    be the classes asked for (--num-classes, --dataset), as a checkpoint's must; an --argmax
+    export without metadata runs unchecked, logged."""
+    data.write_dataset_info(tmp_path, data.numbered_info(2))
+    unrecorded = onnx.load(str(argmax_export))
+    del unrecorded.metadata_props[:]
+    onnx.save(unrecorded, str(tmp_path / "unrecorded.onnx"))
+    common = ["--input", str(frame_path), "--out", str(tmp_path / "out")]
+    for path, flags, known in ((dynamic_export, ["--num-classes", "2"], 19),
+                               (argmax_export, ["--dataset", str(tmp_path)], 19),
+                               (tmp_path / "unrecorded.onnx", ["--num-classes", "2"], None)):
+        assert predict.OnnxPredictor(path, log=lambda line: None).num_classes == known
+        code = predict.main(["--weights", str(path), *common, *flags])
+        err = capsys.readouterr().err
+        if known is None:
+            assert code == 0 and "the export records no number of classes" in err, err
+        else:
+            assert code == 2 and err == f"predict.py: error: --weights: {path}: an export of 19 classes, not 2\n"
+    assert predict.main(["--weights", str(argmax_export), *common, "--num-classes", "19"]) == 0
+
+
 def test_predict_dynamic_onnx_batches_two_sizes(model, frame_path, dynamic_export, tmp_path):
     folder = tmp_path / "images"
     folder.mkdir()
