@@ -29,7 +29,8 @@ at the image's size, as PaddleSeg's aug_pred (the same function as training's ev
 `.onnx` weights run on onnxruntime's CUDA provider when the installed onnxruntime has one
 (not with --device cpu), else on its CPU provider. An unreadable image, or one that does not fit
 a fixed-size export, is reported and skipped; the exit code is then 1. Bad weights or
-arguments (a --device that is not here, an --out that is a file): one line and exit code 2.
+arguments (a --device that is not here or not cpu or cuda, an --out that is a file): one line
+and exit code 2.
 """
 import collections
 import copy
@@ -528,6 +529,8 @@ def main(argv=None):
                               else args.device)
     except RuntimeError:
         return bad_input(f"--device {args.device}: not a device (auto, cpu, cuda or cuda:N)")
+    if device.type not in ("cpu", "cuda"):  # (mps, xpu, meta: not a path this runs, nor onnxruntime's)
+        return bad_input(f"--device {args.device}: not a device predict.py runs on (auto, cpu, cuda or cuda:N)")
     if device.type == "cuda" and not torch.cuda.is_available():
         return bad_input(f"--device {args.device}: no CUDA device here")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():

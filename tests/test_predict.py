@@ -159,8 +159,9 @@ def test_colliding_names_out_file_and_devices_are_one_line(checkpoint, tmp_path)
         code, _, err = run_predict("--weights", str(checkpoint), "--input", str(images), "--out", str(out),
                                    "--overlay", "--alpha", alpha)
         assert_one_line_error(code, err, f"--alpha {float(alpha)}: must be between 0 and 1")
-    for device in ("banana", "cuda:7"):
-        code, _, err = run_predict("--weights", str(checkpoint), "--input", str(images), "--out", str(out),
+    for weights, device in ((checkpoint, "banana"), (checkpoint, "cuda:7"), (checkpoint, "mps"), (checkpoint, "meta"),
+                            (tmp_path / "model.onnx", "xpu")):
+        code, _, err = run_predict("--weights", str(weights), "--input", str(images), "--out", str(out),
                                    "--device", device)
         assert_one_line_error(code, err, f"--device {device}")
 
