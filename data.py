@@ -400,7 +400,7 @@ WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # read as photos by 
 
 
 def photo_mode_problem(mode):
-    """-> why read_photo refuses images of PIL `mode`, or None."""
+    """-> why read_photo (photo_array) refuses images of PIL `mode`, or None."""
     if mode == "F":
         return "32-bit float greyscale (mode F) has no fixed range; save the photo as 8- or 16-bit"
     if mode.startswith("I;") and mode not in WIDE_GREY_MODES:
@@ -415,25 +415,31 @@ def label_mode_problem(mode):
 
 def read_photo(path):
     """-> the image at `path` as (H, W, 3) uint8 RGB, the one rule of training, evaluation,
-    packing and predict.py: 8-bit images as PIL's convert('RGB') (greyscale and palette
-    expanded, alpha dropped); 16-bit greyscale (PIL modes I;16, I;16B, ...) and 32-bit
-    integer greyscale (mode I, how some 16-bit files load) holding 0..65535 by their top 8
-    bits (value >> 8, i.e. the 8-bit image of the same full range) in all three channels.
-    BadInput naming the file for an unreadable image, float greyscale (mode F), or mode I
-    values outside 0..65535."""
+    packing and predict.py (photo_array). BadInput naming the file for an unreadable image, or
+    one photo_array refuses."""
     try:
         with Image.open(path) as im:
-            if problem := photo_mode_problem(im.mode):
-                raise BadInput(f"{path}: {problem}")
-            if im.mode not in WIDE_GREY_MODES:
-                return np.asarray(im.convert("RGB"))
-            values = np.asarray(im)
+            return photo_array(im, path)
     except BadInput:
         raise
     except Exception as e:  # PIL raises several types for truncated or foreign files
         raise BadInput(f"{path}: unreadable image ({type(e).__name__})") from None
+
+
+def photo_array(im, name):
+    """An opened PIL image -> (H, W, 3) uint8 RGB: 8-bit images as PIL's convert('RGB')
+    (greyscale and palette expanded, alpha dropped); 16-bit greyscale (PIL modes I;16, I;16B,
+    ...) and 32-bit integer greyscale (mode I, how some 16-bit files load) holding 0..65535 by
+    their top 8 bits (value >> 8, i.e. the 8-bit image of the same full range) in all three
+    channels. BadInput naming `name` for float greyscale (mode F), or mode I values outside
+    0..65535; PIL's own errors for a file it cannot decode."""
+    if problem := photo_mode_problem(im.mode):
+        raise BadInput(f"{name}: {problem}")
+    if im.mode not in WIDE_GREY_MODES:
+        return np.asarray(im.convert("RGB"))
+    values = np.asarray(im)
     if values.min() < 0 or values.max() > 65535:
-        raise BadInput(f"{path}: 32-bit greyscale values {values.min()}..{values.max()} are outside 0..65535")
+        raise BadInput(f"{name}: 32-bit greyscale values {values.min()}..{values.max()} are outside 0..65535")
     grey = (values.astype(np.int64) >> 8).astype(np.uint8)  # (H, W)
     return np.repeat(grey[:, :, None], 3, axis=2)           # (H, W, 3)
 

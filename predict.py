@@ -54,8 +54,14 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
 def preprocess(photos):
     """PIL images of one size -> (N, 3, H, W) float32, normalised (in torch's threads, on
-    the uint8 image made NCHW first)."""
-    rgb = torch.from_numpy(np.stack([np.asarray(photo.convert("RGB")) for photo in photos]))  # (N, H, W, 3) uint8
+    the uint8 image made NCHW first); each made RGB by predict.py's and training's rule
+    (data.photo_array: 16-bit greyscale by its top 8 bits), ValueError naming one it refuses."""
+    try:
+        rgb = [data.photo_array(photo, getattr(photo, "filename", "") or f"photos[{i}]")
+               for i, photo in enumerate(photos)]
+    except data.BadInput as e:
+        raise ValueError(str(e)) from None
+    rgb = torch.from_numpy(np.stack(rgb))  # (N, H, W, 3) uint8
     return data.normalize(rgb.permute(0, 3, 1, 2).contiguous().float())
 
 

@@ -239,6 +239,23 @@ def test_preprocess_and_normalize_photos_are_paddlesegs_normalisation_bit_for_bi
     assert torch.equal(predict.preprocess([rgba]), predict.preprocess([Image.fromarray(odd)]))
 
 
+def test_preprocess_reads_photos_by_read_photos_rule(tmp_path):
+    """preprocess (the Python API) makes 16-bit greyscale RGB by its top 8 bits, as predict.py
+    and training read the file (PIL's convert('RGB') saturated it), and refuses what they refuse."""
+    wide = np.random.default_rng(0).integers(0, 65536, (6, 10)).astype(np.uint16)
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    expected = predict.preprocess([Image.fromarray((wide >> 8).astype(np.uint8))])
+    read = torch.from_numpy(data.read_photo(tmp_path / "wide.png")).permute(2, 0, 1)[None].float()
+    assert torch.equal(data.normalize(read), expected)
+    for photo in (Image.open(tmp_path / "wide.png"), Image.fromarray(wide), Image.fromarray(wide.astype(np.int32))):
+        assert torch.equal(predict.preprocess([photo]), expected), photo.mode
+    Image.fromarray(wide.astype(np.float32)).save(tmp_path / "float.tif")
+    with pytest.raises(ValueError, match=rf"^{tmp_path / 'float.tif'}: 32-bit float greyscale \(mode F\)"):
+        predict.preprocess([Image.open(tmp_path / "float.tif")])
+    with pytest.raises(ValueError, match=r"^photos\[1\]: 32-bit greyscale values -1\.\.0 are outside 0\.\.65535$"):
+        predict.preprocess([Image.fromarray(wide), Image.fromarray(np.array([[0, -1]], np.int32))])
+
+
 @pytest.mark.parametrize("script, flags, named", [
     ("predict.py", ["--weights", "w.pt", "--input", "in", "--out", "out", "--alpha", "half"],
      "argument --alpha: invalid float value: 'half'"),
