@@ -531,7 +531,7 @@ def load_weights(model, path):
     """Loads either a PaddleSeg `.pdparams` or one of this project's checkpoints, strictly
     (ValueError for tensors that do not fit or hold NaN or infinity; the model left untouched).
     Returns the model."""
-    if str(path).endswith(".pdparams"):
+    if str(path).lower().endswith(".pdparams"):
         return load_paddleseg(model, path)
     state = checkpoint_state(path)
     ours = model.state_dict()
@@ -557,7 +557,7 @@ def load_matching(model, path):
     names of `model`'s tensors left as they were. ValueError when no tensor fits, or one that
     fits holds NaN or infinity."""
     ours = model.state_dict()
-    state = paddleseg_state(model, path)[0] if str(path).endswith(".pdparams") else checkpoint_state(path)
+    state = paddleseg_state(model, path)[0] if str(path).lower().endswith(".pdparams") else checkpoint_state(path)
     fits = {key: value.to(ours[key].dtype) for key, value in state.items()
             if key in ours and isinstance(value, torch.Tensor) and value.shape == ours[key].shape}
     if not any(key.endswith(".weight") for key in fits):

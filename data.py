@@ -321,11 +321,11 @@ def dataset_of_weights(weights, dataset_dir=None, num_classes=None):
         return read_dataset_info(root), str(root / DATASET_FILE)
     saved = None
     try:
-        if str(weights).endswith(".onnx"):
+        if str(weights).lower().endswith(".onnx"):
             import onnx
             saved = {p.key: p.value for p in onnx.load(str(weights)).metadata_props}.get("dataset")
             saved = saved and json.loads(saved)
-        elif not str(weights).endswith(".pdparams"):
+        elif not str(weights).lower().endswith(".pdparams"):
             config = torch.load(weights, map_location="cpu", weights_only=True).get("config")
             saved = config.get("dataset") if isinstance(config, dict) else None
     except Exception:  # the weights' own loader names what is wrong with the file

@@ -471,7 +471,7 @@ def load_runner(args, num_classes, device, log):
     """-> (run, fixed_size, most_per_call): run maps (N, H, W, 3) uint8 RGB photos to (N, H, W)
     uint8 train ids (numpy); fixed_size is the (H, W) every image must have, or None. Raises
     OSError or ValueError for unreadable weights, or weights of another number of classes."""
-    if args.weights.endswith(".onnx"):
+    if args.weights.lower().endswith(".onnx"):
         runner = OnnxPredictor(args.weights, None if args.device == "auto" else device, log, num_classes)
         if runner.num_classes is None:
             log(f"the export records no number of classes (train ids, no metadata): its ids are taken as "
@@ -552,8 +552,8 @@ def main(argv=None):
         return bad_input("--cuda-graph keeps one graph per input size; --scales needs one per scale")
     if args.cuda_graph and device.type != "cuda":
         return bad_input(f"--cuda-graph needs a CUDA device, not {device}")
-    if args.weights.endswith(".onnx") and (args.compile or args.cuda_graph or args.fp32 or args.slide or args.flip
-                                           or args.scales != [1.0]):
+    if args.weights.lower().endswith(".onnx") and (args.compile or args.cuda_graph or args.fp32 or args.slide
+                                                   or args.flip or args.scales != [1.0]):
         return bad_input("--compile, --cuda-graph, --fp32, --slide, --flip and --scales are for PyTorch weights, "
                          "not an .onnx")
     for flag, size in (("--slide", args.slide), ("--stride", args.stride)):

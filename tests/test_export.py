@@ -2,6 +2,7 @@
 frame and on sizes that are not multiples of 32; predict.py on the exports."""
 import errno
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -129,6 +130,15 @@ def test_argmax_export_and_predict_onnx(model, frame_path, argmax_export, tmp_pa
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "street_1024x512_color.png")),
                                   data.dataset_palette(data.CITYSCAPES)[train_ids])
     assert Image.open(tmp_path / "street_1024x512_overlay.png").size == (1024, 512)
+
+
+def test_predict_takes_an_upper_case_onnx_suffix(argmax_export, frame_path, tmp_path, capsys):
+    """model.ONNX (a name export.py writes) is an export, its metadata read, as model.onnx."""
+    upper = tmp_path / "model.ONNX"
+    shutil.copy(argmax_export, upper)
+    assert predict.main(["--weights", str(upper), "--input", str(frame_path), "--out", str(tmp_path / "out")]) == 0
+    assert f"classes: 19 from {upper}'s dataset" in capsys.readouterr().err
+    assert (tmp_path / "out" / "street_1024x512_trainIds.png").exists()
 
 
 def test_predict_onnx_fixed_size_skips_other_sizes(frame_path, argmax_export, tmp_path, capsys):

@@ -1,5 +1,6 @@
 import argparse
 import pickle
+import shutil
 
 import numpy as np
 import pytest
@@ -125,6 +126,16 @@ def test_load_paddleseg_refuses_code_in_pickle(tmp_path):
     write_pdparams(tmp_path / "evil.pdparams", {"x": Evil()})
     with pytest.raises(ValueError, match="refusing to unpickle builtins.print"):
         load_paddleseg(BiSeNetV2(19), tmp_path / "evil.pdparams")
+
+
+def test_an_upper_case_pdparams_suffix_is_paddlesegs(paddle_weights, tmp_path):
+    upper = tmp_path / "model.PDPARAMS"
+    shutil.copy(paddle_weights, upper)
+    expected = load_paddleseg(BiSeNetV2(19), paddle_weights).state_dict()
+    for load in (load_weights, load_matching):
+        model = BiSeNetV2(19)
+        load(model, upper)
+        assert all(torch.equal(expected[k], v) for k, v in model.state_dict().items()), load
 
 
 @pytest.mark.parametrize("value, what", [(np.array(["a"]), "dtype <U1"), (np.array([1, None], object), "dtype object"),
