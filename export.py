@@ -135,6 +135,8 @@ def main(argv=None):
 
     if min(args.size) < 1:
         return bad_input(f"--size {args.size[0]} {args.size[1]}: height and width must be positive")
+    if args.num_classes is not None and not 1 <= args.num_classes <= 255:  # train_ddp.py's range
+        return bad_input(f"--num-classes {args.num_classes}: must be in 1..255")
     out = Path(args.out)
     if out.is_dir():
         return bad_input(f"--out {out}: a folder, not the .onnx file to write")

@@ -544,6 +544,8 @@ def main(argv=None):
     input_path, out_dir = Path(args.input), Path(args.out)
     if args.batch_size < 1:
         return bad_input(f"--batch-size {args.batch_size}: must be positive")
+    if args.num_classes is not None and not 1 <= args.num_classes <= 255:  # train_ddp.py's range
+        return bad_input(f"--num-classes {args.num_classes}: must be in 1..255")
     if not 0 <= args.alpha <= 1:  # (NaN fails it too)
         return bad_input(f"--alpha {args.alpha}: must be between 0 and 1")
     if not all(math.isfinite(scale) and scale > 0 for scale in args.scales):

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import data
+import export
 import predict
 from bisenetv2 import BiSeNetV2, load_paddleseg
 from conftest import ROOT, shared_fixture
@@ -254,6 +255,17 @@ def test_preprocess_reads_photos_by_read_photos_rule(tmp_path):
         predict.preprocess([Image.open(tmp_path / "float.tif")])
     with pytest.raises(ValueError, match=r"^photos\[1\]: 32-bit greyscale values -1\.\.0 are outside 0\.\.65535$"):
         predict.preprocess([Image.fromarray(wide), Image.fromarray(np.array([[0, -1]], np.int32))])
+
+
+@pytest.mark.parametrize("count", ["0", "-1", "256"])
+def test_num_classes_outside_1_to_255_is_one_line(checkpoint, tmp_path, capsys, count):
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+    for script, flags in ((predict, ["--input", str(tmp_path / "a.png"), "--out", str(tmp_path / "out")]),
+                          (export, ["--out", str(tmp_path / "m.onnx")])):
+        assert script.main(["--weights", str(checkpoint), *flags, "--num-classes", count]) == 2
+        err = capsys.readouterr().err
+        assert err == f"{script.__name__}.py: error: --num-classes {count}: must be in 1..255\n", err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "m.onnx").exists()
 
 
 @pytest.mark.parametrize("script, flags, named", [
