@@ -28,9 +28,9 @@ window), the logits of overlapping windows averaged, as PaddleSeg's slide_infere
 at the image's size, as PaddleSeg's aug_pred (the same function as training's evaluation).
 `.onnx` weights run on onnxruntime's CUDA provider when the installed onnxruntime has one
 (not with --device cpu), else on its CPU provider. An unreadable image, or one that does not fit
-a fixed-size export, is reported and skipped; the exit code is then 1. Bad weights or
-arguments (a --device that is not here or not cpu or cuda, an --out that is a file): one line
-and exit code 2.
+a fixed-size export, or a folder that cannot be listed, is reported and skipped; the exit code is
+then 1. Bad weights or arguments (a --device that is not here or not cpu or cuda, an --out that
+is a file): one line and exit code 2.
 """
 import collections
 import copy
@@ -409,14 +409,24 @@ def inference_table(model, device, sizes=((1024, 2048), (512, 1024)), batch=1, i
 
 
 def find_images(input_path, *out_dirs):
-    """-> list of (image path, output stem relative to --out); nothing under any of `out_dirs`
-    (when --out or --label-ids is inside --input, this tool's own outputs are never inputs)."""
+    """-> (images, unreadable): images a list of (image path, output stem relative to --out),
+    nothing under any of `out_dirs` (when --out or --label-ids is inside --input, this tool's
+    own outputs are never inputs); unreadable the (folder, OSError) of each folder that could
+    not be listed (os.walk's onerror: Path.rglob skips them silently)."""
     if input_path.is_file():
-        return [(input_path, Path(input_path.stem))]
+        return [(input_path, Path(input_path.stem))], []
     out_dirs = [out_dir.resolve() for out_dir in out_dirs]
-    files = sorted(p for p in input_path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                   and not any(p.resolve().is_relative_to(out_dir) for out_dir in out_dirs))
-    return [(p, p.relative_to(input_path).with_suffix("")) for p in files]
+
+    def outside(path):
+        return not any(path.resolve().is_relative_to(out_dir) for out_dir in out_dirs)
+
+    files, unreadable = [], []
+    for folder, subfolders, names in os.walk(input_path, onerror=lambda e: unreadable.append((e.filename, e))):
+        folder = Path(folder)
+        subfolders[:] = [name for name in subfolders if outside(folder / name)]  # the outputs are not walked
+        files += [folder / name for name in names if Path(name).suffix.lower() in IMAGE_SUFFIXES]
+    files = sorted(p for p in files if p.is_file() and outside(p))
+    return [(p, p.relative_to(input_path).with_suffix("")) for p in files], unreadable
 
 
 def label_path(label_dir, stem):
@@ -578,9 +588,13 @@ def main(argv=None):
                              "as input (a rerun would read the outputs); choose a folder apart or inside --input")
         if folder and folder.resolve().is_relative_to(input_path.resolve()):
             log(f"{flag} {folder} is inside --input: the files under it are not read")
-    images = find_images(input_path, out_dir, *([label_dir] if label_dir else []))
+    images, unreadable = find_images(input_path, out_dir, *([label_dir] if label_dir else []))
+    unread = [f"{folder} cannot be read ({error.strerror or error})" for folder, error in unreadable]
     if not images:
-        return bad_input(f"--input {input_path}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in it")
+        return bad_input(f"--input {input_path}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in it"
+                         + (f"; {unread[0]}" if unread else ""))
+    for line in unread:
+        log(f"skipping a folder: {line}")
     for image_path, stem in images if label_dir else ():
         if label_path(label_dir, stem).resolve() == image_path.resolve():
             return bad_input(f"--label-ids {label_dir}: would overwrite the input {image_path}")
@@ -689,10 +703,11 @@ def main(argv=None):
         return bad_input(str(e))
     finally:
         pool.shutdown(cancel_futures=True)  # after a failure, the writes not started are dropped
+    if unreadable:
+        log(f"{len(unreadable)} folder(s) not read: their images were not segmented")
     if failed:
         log(f"{failed} of {len(images)} image(s) skipped")
-        return 1
-    return 0
+    return 1 if failed or unreadable else 0
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@ import errno
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -60,6 +61,37 @@ def test_predict_folder_skips_corrupt_image(tmp_path):
     assert "broken.png" in result.stderr and "Traceback" not in result.stderr
     assert np.asarray(Image.open(out / "sub" / "good_trainIds.png")).shape == (40, 60)
     assert not list(out.glob("broken*"))
+
+
+def test_a_folder_that_cannot_be_read_is_reported_and_exits_1(tmp_path, monkeypatch, capsys):
+    """A subfolder that cannot be listed is named and the exit code is 1, as for an unreadable
+    image (Path.rglob skipped it silently); an --input that cannot be listed is one line. The
+    tests run as root, whom chmod does not stop: os.scandir is made to refuse."""
+    torch.save({"model": BiSeNetV2(19).state_dict()}, tmp_path / "model.pt")
+    images = tmp_path / "images"
+    (images / "locked").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(images / "a.png")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(images / "locked" / "b.png")
+    scandir, refused = os.scandir, set()
+
+    def permission_denied(path="."):
+        if Path(path) in refused:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return scandir(path)
+    monkeypatch.setattr(os, "scandir", permission_denied)
+    argv = ["--weights", str(tmp_path / "model.pt"), "--input", str(images), "--out", str(tmp_path / "out"),
+            "--device", "cpu"]
+    refused.add(images / "locked")
+    assert predict.main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"skipping a folder: {images / 'locked'} cannot be read (Permission denied)" in err, err
+    assert "1 folder(s) not read" in err and "Traceback" not in err, err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a_color.png", "a_trainIds.png"]
+    refused.add(images)
+    assert predict.main(argv) == 2
+    assert capsys.readouterr().err == (f"predict.py: error: --input {images}: no images "
+                                       f"({', '.join(sorted(predict.IMAGE_SUFFIXES))}) in it; {images} cannot be read "
+                                       "(Permission denied)\n")
 
 
 def test_predict_bad_weights_is_one_line_error(tmp_path):
