@@ -224,11 +224,11 @@ def files_by_key(folder, extensions, suffix, flag, skip=None):
 
 
 def walk_files(folder, flag):
-    """-> every file under folder (links followed as Path.rglob does); BadInput naming a
-    folder that cannot be read (Path.rglob skips it without a word)."""
+    """-> every file under folder (linked files, not linked folders, as Path.rglob); BadInput
+    naming a folder that cannot be read (Path.rglob skipped it without a word)."""
     def unreadable(error):
         raise BadInput(f"{flag}: {error.filename}: cannot read the folder ({error.strerror})")
-    return [Path(top) / name for top, _, names in os.walk(folder, onerror=unreadable, followlinks=True)
+    return [Path(top) / name for top, _, names in os.walk(folder, onerror=unreadable)
             for name in names if (Path(top) / name).is_file()]
 
 
