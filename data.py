@@ -732,36 +732,62 @@ def blend(base, images, factor):
     return (base + factor * (images - base)).clamp(0, 255).floor()
 
 
-def shift_hue(image, delta):
-    """Rotates the hue of RGB images (..., 3, H, W) in [0, 255] by delta/256 of a turn
-    (delta a number or a tensor broadcasting against (..., H, W)); PIL's HSV hue is a
-    uint8, so PaddleSeg's hue delta of up to 18 is about 25 degrees."""
-    rgb = image / 255.0
-    maxc, _ = rgb.max(-3)
-    minc, _ = rgb.min(-3)
-    span = maxc - minc
-    safe_span = torch.where(span > 0, span, torch.ones_like(span))
-    r, g, b = rgb.unbind(-3)
-    hue = torch.where(maxc == r, (g - b) / safe_span,
-                      torch.where(maxc == g, 2.0 + (b - r) / safe_span, 4.0 + (r - g) / safe_span))
-    hue = torch.where(span > 0, hue / 6.0, torch.zeros_like(hue))
-    hue = torch.remainder(hue + delta / 256.0, 1.0)
-    saturation = torch.where(maxc > 0, span / torch.where(maxc > 0, maxc, torch.ones_like(maxc)),
-                             torch.zeros_like(maxc))
-    # HSV -> RGB: channel n gets v - v*s*clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6
-    k = torch.remainder(torch.stack([5.0 + hue * 6, 3.0 + hue * 6, 1.0 + hue * 6], -3), 6.0)
-    ramp = torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0)
-    return (maxc.unsqueeze(-3) * (1 - saturation.unsqueeze(-3) * ramp)) * 255.0
+# Which of (value, p, q, t) each RGB channel takes in each sixth of the hue circle (Pillow's
+# hsv2rgb, colorsys's order).
+HSV_SECTOR_CHANNELS = ((0, 3, 1), (2, 0, 1), (1, 0, 3), (1, 2, 0), (3, 1, 0), (0, 1, 2))
+
+
+def shift_hue(images, delta):
+    """PaddleSeg's hue op, to PIL's bits: PIL's convert('HSV') of integer-valued RGB images
+    (n, 3, H, W) in [0, 255], the uint8 hue plus delta ((n, 1, 1) float64) cast back to uint8
+    as numpy does on x86-64 (truncated toward zero, then modulo 256), PIL's HSV -> RGB.
+    Pillow's C (Convert.c: rgb2hsv_row, hsv2rgb) mixes float variables and double arithmetic:
+    here every step is float64, rounded to float32 where C stores a float (exact: a float
+    op's double result rounded to float is the float op's). Divisions are by device tensors:
+    CUDA divides by a Python number as a multiply by its reciprocal."""
+    def as_float(x):  # a C float variable
+        return x.float().double()
+
+    def constant(value):
+        return torch.full((), value, dtype=torch.float64, device=images.device)
+
+    red, green, blue = images.double().unbind(-3)
+    value = torch.maximum(red, torch.maximum(green, blue))
+    grey = value == torch.minimum(red, torch.minimum(green, blue))
+    span = torch.where(grey, 1.0, value - torch.minimum(red, torch.minimum(green, blue)))
+    saturation = as_float(span / torch.where(value > 0, value, 1.0))
+    to_red, to_green, to_blue = (as_float((value - channel) / span) for channel in (red, green, blue))
+    hue = torch.where(red == value, as_float(to_blue - to_green),
+                      torch.where(green == value, as_float(2.0 + to_red - to_blue), as_float(4.0 + to_green - to_red)))
+    hue = as_float(torch.fmod(hue / constant(6.0) + 1.0, 1.0))
+    hue_byte = torch.where(grey, 0.0, torch.trunc(hue * 255.0).clamp(0, 255))
+    saturation_byte = torch.where(grey, 0.0, torch.trunc(saturation * 255.0).clamp(0, 255))
+    hue_byte = torch.remainder(torch.trunc(hue_byte + delta), 256.0)  # numpy's float64 -> uint8
+    position = hue_byte * 6.0 / constant(255.0)                        # 0..6: the sector and where in it
+    sector = torch.floor(position)
+    within = as_float(position - sector)
+    saturation_fraction = as_float(saturation_byte / constant(255.0))
+    c_round = lambda x: torch.floor(x + 0.5).clamp(0, 255)  # C round() of x >= 0 (x + 0.5 exact below 2^52)
+    p = c_round(value * (1.0 - saturation_fraction))
+    q = c_round(value * (1.0 - as_float(saturation_fraction * within)))
+    t = c_round(value * (1.0 - saturation_fraction * (1.0 - within)))
+    candidates = torch.stack([value, p, q, t], -3)                                  # (n, 4, H, W)
+    table = to_device(torch.tensor(HSV_SECTOR_CHANNELS), images.device)             # (6, 3)
+    choice = table[sector.long() % 6].movedim(-1, -3)                                # (n, 3, H, W)
+    rgb = candidates.gather(-3, choice)
+    return torch.where((saturation_byte == 0).unsqueeze(-3), value.unsqueeze(-3), rgb).float()
 
 
 DISTORT_FACTORS = ("brightness", "contrast", "saturation", "hue")
 
 
 def distort_op(op, images, factor):
-    """RandomDistort's op `op` on integer-valued images (n, 3, H, W) in [0, 255]; factor (n,
-    1, 1, 1) float32. Brightness, contrast and saturation are PIL's ImageEnhance to the bit;
-    the hue is rotated in float and rounded (PIL rounds too, after its uint8 HSV: within 8.5
-    grey levels of it)."""
+    """RandomDistort's op `op` on integer-valued images (n, 3, H, W) in [0, 255], to PIL's
+    bits (ImageEnhance; the hue as PaddleSeg shifts PIL's HSV); factor (n, 1, 1, 1) float64,
+    as numpy draws it (PIL's blends take it as a C float)."""
+    if op == 3:
+        return shift_hue(images, factor[:, 0])
+    factor = factor.float()
     if op == 0:    # brightness: blend with black
         return blend(0.0, images, factor)
     if op == 1:    # contrast: blend with each image's mean grey level, rounded (PIL's int(mean + 0.5))
@@ -769,22 +795,20 @@ def distort_op(op, images, factor):
         pixels = grey.shape[-2] * grey.shape[-1]
         total = grey.sum((-3, -2, -1), keepdim=True, dtype=torch.float64).long()  # exact: integers < 2^53
         return blend(((2 * total + pixels) // (2 * pixels)).to(images.dtype), images, factor)
-    if op == 2:    # saturation: blend with the grey image
-        return blend(luminance(images), images, factor)
-    return shift_hue(images, factor[:, 0]).round().clamp(0, 255)
+    return blend(luminance(images), images, factor)  # saturation: blend with the grey image
 
 
 def distort_batch(images, params_list):
     """PaddleSeg's RandomDistort on float RGB images (B, 3, H, W) in [0, 255], one params
     dict per image, on PaddleSeg's uint8 image: the input truncated to integers first (its
-    astype('uint8'), applied or not: the padding's 127.5 becomes 127), then the ops (see
-    distort_op), each result integer-valued as PIL's. Batched: at each of the 4 places of the
+    astype('uint8'), applied or not: the padding's 127.5 becomes 127), then the ops, each to
+    PIL's bits (distort_op). Batched: at each of the 4 places of the
     random order, each op runs once on the images that have it there and applied (chosen on
     the host from the params)."""
     batch = images.shape[0]
     images = images.clamp(0, 255).floor()
     factors = to_device(torch.tensor([[p.get(name, 0.0) for name in DISTORT_FACTORS] for p in params_list],
-                                     dtype=torch.float32), images.device)            # (B, 4)
+                                     dtype=torch.float64), images.device)            # (B, 4)
     for place in range(max(len(p["distort_order"]) for p in params_list)):
         for op in range(4):
             chosen = [b for b, p in enumerate(params_list) if place < len(p["distort_order"])

@@ -58,8 +58,8 @@ def test_flip_moves_image_and_label_together():
 
 def test_distort_is_pils_on_paddlesegs_uint8_image():
     """PaddleSeg's RandomDistort casts the image to uint8 (truncating the resize's floats and
-    the padding's 127.5) and runs PIL: brightness, contrast and saturation give PIL's bits, at
-    factors inside and outside [0, 1] (PIL's two blend branches), on odd sizes."""
+    the padding's 127.5) and runs PIL: every op gives PIL's bits, the blends at factors inside
+    and outside [0, 1] (PIL's two branches), on odd sizes, the hue at float deltas."""
     from PIL import ImageEnhance
     rng = np.random.default_rng(3)
     # the cast alone: every op skipped, the input truncated as numpy's astype('uint8')
@@ -77,23 +77,18 @@ def test_distort_is_pils_on_paddlesegs_uint8_image():
             params = dict(NO_DISTORT, distort_apply=[i == op for i in range(4)], **{name: factor})
             theirs = np.asarray(enhancer(photo).enhance(factor)).transpose(2, 0, 1)
             np.testing.assert_array_equal(data.distort(image, params).numpy(), theirs, err_msg=f"{name} {factor}")
-    # hue: PaddleSeg adds the delta to PIL's uint8 HSV hue; a full turn (256) is the identity
-    photo = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8))
-    image = torch.from_numpy(np.asarray(photo).transpose(2, 0, 1).copy()).float()
-    full = dict(distort_order=[3], distort_apply=[False, False, False, True], hue=256.0)
-    assert torch.equal(data.distort(image, full), image)
-    for delta in (18, -18):  # PaddleSeg's range, both ways
-        hsv = np.array(photo.convert("HSV"))
-        hsv[:, :, 0] = (hsv[:, :, 0].astype(int) + delta) % 256
+    # hue: PaddleSeg adds its float delta to PIL's uint8 HSV hue and numpy casts the sum back
+    # to uint8 (truncated, then modulo 256 on x86-64); every colour, greys and both wraps
+    colours = np.stack(np.meshgrid(np.arange(0, 256, 5), np.arange(0, 256, 3), np.arange(256),
+                                   indexing="ij"), -1).reshape(-1, 256, 3).astype(np.uint8)  # (H, 256, 3)
+    image = torch.from_numpy(colours.transpose(2, 0, 1).copy()).float()
+    full = dict(distort_order=[3], distort_apply=[False, False, False, True])
+    for delta in (18.0, -18.0, 0.0, 17.63, -0.4, -13.07, 5.5):
+        hsv = np.array(Image.fromarray(colours).convert("HSV"))
+        with np.errstate(invalid="ignore"):
+            hsv[:, :, 0] = hsv[:, :, 0] + delta  # PaddleSeg's functional.hue
         theirs = np.asarray(Image.fromarray(hsv, mode="HSV").convert("RGB")).transpose(2, 0, 1)
-        ours = data.distort(image, dict(full, hue=float(delta)))
-        assert torch.equal(ours, ours.round())
-        # PIL truncates the hue to a 255th of a turn (a channel moves up to 6 grey levels a 255th
-        # at full saturation) and rounds saturation and value (1 level each); a delta is a 256th
-        # of a turn here, PIL's 255th but where it wraps (18 x 6 x 255 / (255 x 256) < 0.5);
-        # ours is rounded at the end (0.5)
-        bound = 6 + 1 + 1 + 0.5 + 0.5
-        assert (ours - torch.from_numpy(theirs.astype(np.float32))).abs().max() <= bound, delta
+        np.testing.assert_array_equal(data.distort(image, dict(full, hue=delta)).numpy(), theirs, err_msg=str(delta))
 
 
 def reference_crop(image, label, params, crop_size):
@@ -135,12 +130,9 @@ def test_batched_augmentation_equals_whole_image_chain(device):
         torch.testing.assert_close(crops[b].cpu(), expected_crop, atol=1e-4, rtol=0)
         assert set(out_labels[b].unique().tolist()) <= set(range(19)) | {255}
         # (the distortion truncates: a crop's last-bit difference could move a grey level, so it
-        # starts from the batch's own crop)
+        # starts from the batch's own crop; each op is IEEE arithmetic, the same bits on a GPU)
         expected = data.normalize(data.distort(crops[b].cpu(), params[b]))
-        if device == "cpu":
-            assert torch.equal(out_images[b], expected)
-        else:  # another device's rounding of a hue can differ in its last bit: one grey level
-            torch.testing.assert_close(out_images[b].cpu(), expected, atol=1 / 127.5 + 1e-6, rtol=0)
+        assert torch.equal(out_images[b].cpu(), expected)
 
 
 def test_scales_are_paddlesegs_resize_step_scaling():
@@ -195,11 +187,8 @@ def test_loader_from_pack_and_on_device_gives_the_png_batches(tmp_path, device):
         images, labels = data.batch_to_device(raw_batch, torch.device(device), raw_config)
         assert images.device.type == device and images.shape == (4, 3, 48, 64)
         assert torch.equal(labels.cpu(), png_batch[1])
-        # the same float32 ops on the same numbers (the contrast's mean is an exact integer sum)
-        if device == "cpu":
-            assert torch.equal(images, png_batch[0])
-        else:  # another device's rounding of a hue can differ in its last bit: one grey level
-            torch.testing.assert_close(images.cpu(), png_batch[0], atol=1 / 127.5 + 1e-6, rtol=0)
+        # the same IEEE ops on the same numbers (the contrast's mean is an exact integer sum)
+        assert torch.equal(images.cpu(), png_batch[0])
     assert count == 3
 
 
