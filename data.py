@@ -399,6 +399,13 @@ LABEL_MODES = ("L", "P", "I", "I;16", "I;16L", "I;16B", "I;16N")
 WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # read as photos by their top 8 of 16 bits
 
 
+def ignored_folder(path):
+    """Whether a folder that cannot be read is passed over without a word (prepare_data.py's
+    and predict.py's walks): hidden ones and lost+found (a mount point's, root's), as
+    Path.rglob passed over every such folder."""
+    return Path(path).name.startswith(".") or Path(path).name == "lost+found"
+
+
 def photo_mode_problem(mode):
     """-> why read_photo (photo_array) refuses images of PIL `mode`, or None."""
     if mode == "F":

@@ -421,7 +421,11 @@ def find_images(input_path, *out_dirs):
         return not any(path.resolve().is_relative_to(out_dir) for out_dir in out_dirs)
 
     files, unreadable = [], []
-    for folder, subfolders, names in os.walk(input_path, onerror=lambda e: unreadable.append((e.filename, e))):
+
+    def unlisted(error):  # (a hidden folder or lost+found below --input passes unread, as under Path.rglob)
+        if Path(error.filename) == input_path or not data.ignored_folder(error.filename):
+            unreadable.append((error.filename, error))
+    for folder, subfolders, names in os.walk(input_path, onerror=unlisted):
         folder = Path(folder)
         subfolders[:] = [name for name in subfolders if outside(folder / name)]  # the outputs are not walked
         files += [folder / name for name in names if Path(name).suffix.lower() in IMAGE_SUFFIXES]

@@ -60,7 +60,7 @@ from PIL import Image, ImageDraw
 
 from data import (CITYSCAPES, CITYSCAPES_CLASSES, DATASET_FILE, PACK_FORMAT, BadInput, OneLineErrors, StalePack,
                   atomic_write, cache_dir, check_same_size, describe_labels_key, disallowed_values, file_stamps, hxw,
-                  label_id_to_train_id, label_mode_problem, numbered_info, pack_dir, pack_labels_key,
+                  ignored_folder, label_id_to_train_id, label_mode_problem, numbered_info, pack_dir, pack_labels_key,
                   read_dataset_info, read_frame, read_label, read_list, read_pack, save_png, stored_values,
                   write_dataset_info)
 
@@ -112,6 +112,15 @@ def convert_one(task):
     except SystemExit as e:
         raise BadInput(f"{source}: the conversion exited ({e.code})") from None
     save_png(train_ids.astype(np.uint8), target)
+    stamp = os.stat(source)
+    os.utime(target, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))  # converted from this version of the source
+
+
+def converted_from(source, target):
+    """Whether target holds the train ids of this version of source: it carries the source's
+    modification time (convert_one stamps it). A source replaced by an older file (unzip, cp
+    -p) or dated ahead of the clock is converted again, once."""
+    return target.is_file() and (source is None or source.stat().st_mtime_ns == target.stat().st_mtime_ns)
 
 
 def extract_zips(root):
@@ -135,6 +144,9 @@ def extract_zips(root):
         except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as e:
             shutil.rmtree(staging, ignore_errors=True)
             raise BadInput(f"{root / name}: unreadable zip ({type(e).__name__}: {e})") from None
+        except BaseException:  # (an interruption, a full disk: no hidden copy left behind)
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         for top in tops:
             if not (root / top).exists():
                 (staging / top).rename(root / top)
@@ -168,9 +180,9 @@ def prepare_cityscapes(root, num_workers=None, separator=" "):
     frames = {split: find_frames(root, split) for split in SPLITS}
     if not any(frames.values()):
         raise BadInput(f"{root}: no frames at leftImg8bit/SPLIT/CITY/*_leftImg8bit.png (SPLIT {', '.join(SPLITS)})")
-    # a target is written again when its source is newer (a --synthetic run over another)
+    # a target is written again when its source changed (a --synthetic run over another)
     tasks = [(str(source), str(target)) for split in SPLITS for _, target, source in frames[split]
-             if not target.is_file() or (source is not None and source.stat().st_mtime_ns > target.stat().st_mtime_ns)]
+             if not converted_from(source, target)]
     if tasks:
         with Pool(num_workers or os.cpu_count()) as pool:
             for done, _ in enumerate(pool.imap_unordered(convert_one, tasks, chunksize=8), 1):
@@ -227,7 +239,8 @@ def walk_files(folder, flag):
     """-> every file under folder (linked files, not linked folders, as Path.rglob); BadInput
     naming a folder that cannot be read (Path.rglob skipped it without a word)."""
     def unreadable(error):
-        raise BadInput(f"{flag}: {error.filename}: cannot read the folder ({error.strerror})")
+        if Path(error.filename) == Path(folder) or not ignored_folder(error.filename):
+            raise BadInput(f"{flag}: {error.filename}: cannot read the folder ({error.strerror})")
     return [Path(top) / name for top, _, names in os.walk(folder, onerror=unreadable)
             for name in names if (Path(top) / name).is_file()]
 

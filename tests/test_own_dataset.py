@@ -275,14 +275,19 @@ def test_converted_masks_never_overwrite_the_masks_they_read(tmp_path):
 
 
 def test_a_folder_that_cannot_be_read_is_named(tmp_path, monkeypatch):
-    """Path.rglob skipped an unreadable subfolder without a word (its pairs missing)."""
+    """Path.rglob skipped an unreadable subfolder without a word (its pairs missing); hidden
+    ones and lost+found it passed over, as before."""
     images, masks = make_binary_folders(tmp_path, 4)
     scandir = os.scandir
 
     def refusing(path="."):
-        if Path(path) == masks / "more":
+        if Path(path) == blocked:
             raise PermissionError(13, "Permission denied", str(path))
         return scandir(path)
     monkeypatch.setattr(os, "scandir", refusing)
+    (masks / "more" / "lost+found").mkdir()
+    blocked = masks / "more" / "lost+found"  # a mount point's: passed over, as rglob did
+    assert len(prepare_data.find_pairs(images, masks)) == 4
+    blocked = masks / "more"
     with pytest.raises(data.BadInput, match="--labels: .*masks/more: cannot read the folder"):
         prepare_data.find_pairs(images, masks)

@@ -65,7 +65,8 @@ def test_predict_folder_skips_corrupt_image(tmp_path):
 
 def test_a_folder_that_cannot_be_read_is_reported_and_exits_1(tmp_path, monkeypatch, capsys):
     """A subfolder that cannot be listed is named and the exit code is 1, as for an unreadable
-    image (Path.rglob skipped it silently); an --input that cannot be listed is one line. The
+    image (Path.rglob skipped it silently), but for hidden ones and lost+found, which rglob
+    passed over too; an --input that cannot be listed is one line. The
     tests run as root, whom chmod does not stop: os.scandir is made to refuse."""
     torch.save({"model": BiSeNetV2(19).state_dict()}, tmp_path / "model.pt")
     images = tmp_path / "images"
@@ -81,6 +82,10 @@ def test_a_folder_that_cannot_be_read_is_reported_and_exits_1(tmp_path, monkeypa
     monkeypatch.setattr(os, "scandir", permission_denied)
     argv = ["--weights", str(tmp_path / "model.pt"), "--input", str(images), "--out", str(tmp_path / "out"),
             "--device", "cpu"]
+    for ignored in (".Trash-1000", "lost+found"):  # unreadable below --input and passed over, as rglob did
+        (images / ignored).mkdir()
+        refused.add(images / ignored)
+    assert predict.main([*argv[:-4], "--out", str(tmp_path / "all"), "--device", "cpu"]) == 0, capsys.readouterr().err
     refused.add(images / "locked")
     assert predict.main(argv) == 1
     err = capsys.readouterr().err

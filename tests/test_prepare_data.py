@@ -1,4 +1,5 @@
 """prepare_data.py: polygons and labelIds conversion, lists, reruns, zips, bad input."""
+import os
 import shutil
 import subprocess
 import sys
@@ -227,9 +228,10 @@ def test_bad_label_sources_are_named(tmp_path):
         assert "Traceback" not in result.stderr and not (root / "train.txt").exists()
 
 
-def test_a_source_newer_than_its_target_is_converted_again(tmp_path):
+def test_a_changed_source_is_converted_again(tmp_path):
     """--synthetic over an earlier one (another seed) rewrites polygons whose old train ids
-    stayed, no longer theirs; now a target older than its source is written again."""
+    stayed, no longer theirs; now a target carries its source's modification time and is
+    written again when they differ: a source replaced by an older file too, and only once."""
     from cityscapesscripts.preparation.json2labelImg import json2labelImg
     root = tmp_path / "synthetic"
     prepare_data.make_synthetic(root, num_images=2, size=(32, 64), num_workers=1)
@@ -238,6 +240,17 @@ def test_a_source_newer_than_its_target_is_converted_again(tmp_path):
         json2labelImg(str(root / label.replace("_labelTrainIds.png", "_polygons.json")), str(tmp_path / "t.png"),
                       "trainIds")
         np.testing.assert_array_equal(np.asarray(Image.open(root / label)), np.asarray(Image.open(tmp_path / "t.png")))
+    _, label = read_list(root, "train")[0]
+    polygons = root / label.replace("_labelTrainIds.png", "_polygons.json")
+    earlier = root / read_list(root, "train")[1][1].replace("_labelTrainIds.png", "_polygons.json")
+    polygons.write_bytes(earlier.read_bytes())  # another frame's polygons, dated 2001 (as cp -p, unzip keep dates)
+    os.utime(polygons, (978307200, 978307200))
+    prepare_data.prepare_cityscapes(root, num_workers=1)
+    json2labelImg(str(polygons), str(tmp_path / "t.png"), "trainIds")
+    np.testing.assert_array_equal(np.asarray(Image.open(root / label)), np.asarray(Image.open(tmp_path / "t.png")))
+    stamps = {path: path.stat().st_mtime_ns for path in root.glob("gtFine/*/*/*_labelTrainIds.png")}
+    prepare_data.prepare_cityscapes(root, num_workers=1)  # nothing to convert
+    assert {path: path.stat().st_mtime_ns for path in root.glob("gtFine/*/*/*_labelTrainIds.png")} == stamps
 
 
 def test_a_tree_without_frames_is_refused(tmp_path):
@@ -268,6 +281,7 @@ def test_interrupted_or_corrupt_zips(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         prepare_data.prepare_cityscapes(root, num_workers=1)
     assert (root / "gtFine").is_dir() and not (root / "leftImg8bit").exists()
+    assert not list(root.glob(".extracting_*"))  # no hidden partial copy left behind
     monkeypatch.setattr(zipfile.ZipFile, "extract", extract)
     assert prepare_data.prepare_cityscapes(root, num_workers=1) == {"train": 1, "val": 1}
     assert not list(root.glob(".extracting_*"))
