@@ -774,7 +774,9 @@ def shift_hue(images, delta):
     sector = torch.floor(position)
     within = as_float(position - sector)
     saturation_fraction = as_float(saturation_byte / constant(255.0))
-    c_round = lambda x: torch.floor(x + 0.5).clamp(0, 255)  # C round() of x >= 0 (x + 0.5 exact below 2^52)
+    # C's round() of x >= 0: floor(x + 0.5) differs only within 2^-54 below a half, where no
+    # p, q or t comes (checked over every colour)
+    c_round = lambda x: torch.floor(x + 0.5).clamp(0, 255)
     p = c_round(value * (1.0 - saturation_fraction))
     q = c_round(value * (1.0 - as_float(saturation_fraction * within)))
     t = c_round(value * (1.0 - saturation_fraction * (1.0 - within)))

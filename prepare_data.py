@@ -104,6 +104,7 @@ def convert_one(task):
     """(source, target) -> None: writes target's train ids from polygons or labelIds (in a
     pool worker: an exit of the process becomes BadInput naming the file)."""
     source, target = task
+    stamp = os.stat(source)  # before reading: a source replaced meanwhile leaves the next run a difference
     try:
         if source.endswith("_polygons.json"):
             train_ids = train_ids_from_polygons(source)
@@ -112,15 +113,20 @@ def convert_one(task):
     except SystemExit as e:
         raise BadInput(f"{source}: the conversion exited ({e.code})") from None
     save_png(train_ids.astype(np.uint8), target)
-    stamp = os.stat(source)
     os.utime(target, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))  # converted from this version of the source
 
 
 def converted_from(source, target):
     """Whether target holds the train ids of this version of source: it carries the source's
-    modification time (convert_one stamps it). A source replaced by an older file (unzip, cp
-    -p) or dated ahead of the clock is converted again, once."""
-    return target.is_file() and (source is None or source.stat().st_mtime_ns == target.stat().st_mtime_ns)
+    modification time (convert_one stamps it), or on a filesystem of whole seconds (a source
+    linked from a finer one) that time rounded down to its second. A source replaced by an
+    older file (unzip, cp -p) or dated ahead of the clock is converted again, once."""
+    if not target.is_file():
+        return False
+    if source is None:
+        return True
+    source_ns, target_ns = source.stat().st_mtime_ns, target.stat().st_mtime_ns
+    return target_ns == source_ns or (target_ns % 10**9 == 0 and target_ns == source_ns // 10**9 * 10**9)
 
 
 def extract_zips(root):

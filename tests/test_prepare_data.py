@@ -248,6 +248,11 @@ def test_a_changed_source_is_converted_again(tmp_path):
     prepare_data.prepare_cityscapes(root, num_workers=1)
     json2labelImg(str(polygons), str(tmp_path / "t.png"), "trainIds")
     np.testing.assert_array_equal(np.asarray(Image.open(root / label)), np.asarray(Image.open(tmp_path / "t.png")))
+    # a target on a filesystem of whole seconds carries its stamp rounded down: not converted again
+    os.utime(polygons, ns=(0, 978307201 * 10**9 + 5 * 10**8))  # another second, and a half
+    prepare_data.prepare_cityscapes(root, num_workers=1)
+    assert (root / label).stat().st_mtime_ns == 978307201 * 10**9 + 5 * 10**8
+    os.utime(root / label, ns=(0, 978307201 * 10**9))
     stamps = {path: path.stat().st_mtime_ns for path in root.glob("gtFine/*/*/*_labelTrainIds.png")}
     prepare_data.prepare_cityscapes(root, num_workers=1)  # nothing to convert
     assert {path: path.stat().st_mtime_ns for path in root.glob("gtFine/*/*/*_labelTrainIds.png")} == stamps
