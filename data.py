@@ -759,9 +759,9 @@ def shift_hue(images, delta):
         return torch.full((), value, dtype=torch.float64, device=images.device)
 
     red, green, blue = images.double().unbind(-3)
-    value = torch.maximum(red, torch.maximum(green, blue))
-    grey = value == torch.minimum(red, torch.minimum(green, blue))
-    span = torch.where(grey, 1.0, value - torch.minimum(red, torch.minimum(green, blue)))
+    value, low = torch.maximum(red, torch.maximum(green, blue)), torch.minimum(red, torch.minimum(green, blue))
+    grey = value == low
+    span = torch.where(grey, 1.0, value - low)
     saturation = as_float(span / torch.where(value > 0, value, 1.0))
     to_red, to_green, to_blue = (as_float((value - channel) / span) for channel in (red, green, blue))
     hue = torch.where(red == value, as_float(to_blue - to_green),
@@ -811,9 +811,9 @@ def distort_batch(images, params_list):
     """PaddleSeg's RandomDistort on float RGB images (B, 3, H, W) in [0, 255], one params
     dict per image, on PaddleSeg's uint8 image: the input truncated to integers first (its
     astype('uint8'), applied or not: the padding's 127.5 becomes 127), then the ops, each to
-    PIL's bits (distort_op). Batched: at each of the 4 places of the
-    random order, each op runs once on the images that have it there and applied (chosen on
-    the host from the params)."""
+    PIL's bits (distort_op). Batched: at each of the 4 places of the random order, each op
+    runs once on the images that have it there and applied (chosen on the host from the
+    params)."""
     batch = images.shape[0]
     images = images.clamp(0, 255).floor()
     factors = to_device(torch.tensor([[p.get(name, 0.0) for name in DISTORT_FACTORS] for p in params_list],

@@ -231,7 +231,7 @@ def files_by_key(folder, extensions, suffix, flag, skip=None):
     for path in sorted(walk_files(folder, flag)):
         if path.name.startswith(".") or path.suffix.lower() not in extensions:
             continue
-        if skip and (skip == path.resolve().parent or skip in path.resolve().parents):
+        if skip and skip in path.resolve().parents:
             continue
         key = path.relative_to(folder).with_suffix("").as_posix()
         key = key[:-len(suffix)] if key.endswith(suffix) else key
