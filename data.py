@@ -399,11 +399,21 @@ LABEL_MODES = ("L", "P", "I", "I;16", "I;16L", "I;16B", "I;16N")
 WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # read as photos by their top 8 of 16 bits
 
 
-def ignored_folder(path):
-    """Whether a folder that cannot be read is passed over without a word (prepare_data.py's
-    and predict.py's walks): hidden ones and lost+found (a mount point's, root's), as
-    Path.rglob passed over every such folder."""
-    return Path(path).name.startswith(".") or Path(path).name == "lost+found"
+def walk_files(top, unreadable, keep_folder=lambda folder: True):
+    """-> every file under the folder `top` (linked files, not linked folders, as Path.rglob),
+    the subfolders keep_folder refuses left out; unreadable(OSError) for each folder that
+    cannot be listed (Path.rglob passed over them without a word), but for hidden ones and
+    lost+found (a mount point's, root's) below `top`, which it passes over as before
+    (prepare_data.py's and predict.py's walks)."""
+    def listing_failed(error):
+        name = Path(error.filename).name
+        if Path(error.filename) == Path(top) or not (name.startswith(".") or name == "lost+found"):
+            unreadable(error)
+    files = []
+    for folder, subfolders, names in os.walk(top, onerror=listing_failed):
+        subfolders[:] = [name for name in subfolders if keep_folder(Path(folder) / name)]
+        files += [Path(folder) / name for name in names if (Path(folder) / name).is_file()]
+    return files
 
 
 def photo_mode_problem(mode):

@@ -412,7 +412,7 @@ def find_images(input_path, *out_dirs):
     """-> (images, unreadable): images a list of (image path, output stem relative to --out),
     nothing under any of `out_dirs` (when --out or --label-ids is inside --input, this tool's
     own outputs are never inputs); unreadable the (folder, OSError) of each folder that could
-    not be listed (os.walk's onerror: Path.rglob skips them silently)."""
+    not be listed (data.walk_files: Path.rglob skipped them silently)."""
     if input_path.is_file():
         return [(input_path, Path(input_path.stem))], []
     out_dirs = [out_dir.resolve() for out_dir in out_dirs]
@@ -420,16 +420,10 @@ def find_images(input_path, *out_dirs):
     def outside(path):
         return not any(path.resolve().is_relative_to(out_dir) for out_dir in out_dirs)
 
-    files, unreadable = [], []
-
-    def unlisted(error):  # (a hidden folder or lost+found below --input passes unread, as under Path.rglob)
-        if Path(error.filename) == input_path or not data.ignored_folder(error.filename):
-            unreadable.append((error.filename, error))
-    for folder, subfolders, names in os.walk(input_path, onerror=unlisted):
-        folder = Path(folder)
-        subfolders[:] = [name for name in subfolders if outside(folder / name)]  # the outputs are not walked
-        files += [folder / name for name in names if Path(name).suffix.lower() in IMAGE_SUFFIXES]
-    files = sorted(p for p in files if p.is_file() and outside(p))
+    unreadable = []
+    files = data.walk_files(input_path, lambda error: unreadable.append((error.filename, error)),
+                            outside)  # (the outputs are not walked)
+    files = sorted(p for p in files if p.suffix.lower() in IMAGE_SUFFIXES and outside(p))
     return [(p, p.relative_to(input_path).with_suffix("")) for p in files], unreadable
 
 

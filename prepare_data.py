@@ -60,9 +60,9 @@ from PIL import Image, ImageDraw
 
 from data import (CITYSCAPES, CITYSCAPES_CLASSES, DATASET_FILE, PACK_FORMAT, BadInput, OneLineErrors, StalePack,
                   atomic_write, cache_dir, check_same_size, describe_labels_key, disallowed_values, file_stamps, hxw,
-                  ignored_folder, label_id_to_train_id, label_mode_problem, numbered_info, pack_dir, pack_labels_key,
+                  label_id_to_train_id, label_mode_problem, numbered_info, pack_dir, pack_labels_key,
                   read_dataset_info, read_frame, read_label, read_list, read_pack, save_png, stored_values,
-                  write_dataset_info)
+                  walk_files, write_dataset_info)
 
 SPLITS = ("train", "val", "test")
 ZIPS = ("gtFine_trainvaltest.zip", "leftImg8bit_trainvaltest.zip")
@@ -226,12 +226,12 @@ def files_by_key(folder, extensions, suffix, flag, skip=None):
     folder = Path(folder)
     if not folder.is_dir():
         raise BadInput(f"{flag} {folder}: no such directory")
+    def unreadable(error):
+        raise BadInput(f"{flag}: {error.filename}: cannot read the folder ({error.strerror})")
     skip = skip and Path(skip).resolve()
     found = {}
-    for path in sorted(walk_files(folder, flag)):
+    for path in sorted(walk_files(folder, unreadable, lambda subfolder: subfolder.resolve() != skip)):
         if path.name.startswith(".") or path.suffix.lower() not in extensions:
-            continue
-        if skip and skip in path.resolve().parents:
             continue
         key = path.relative_to(folder).with_suffix("").as_posix()
         key = key[:-len(suffix)] if key.endswith(suffix) else key
@@ -239,16 +239,6 @@ def files_by_key(folder, extensions, suffix, flag, skip=None):
             raise BadInput(f"{found[key]} and {path}: two files under {flag} pair as {key!r}; keep one")
         found[key] = path
     return found
-
-
-def walk_files(folder, flag):
-    """-> every file under folder (linked files, not linked folders, as Path.rglob); BadInput
-    naming a folder that cannot be read (Path.rglob skipped it without a word)."""
-    def unreadable(error):
-        if Path(error.filename) == Path(folder) or not ignored_folder(error.filename):
-            raise BadInput(f"{flag}: {error.filename}: cannot read the folder ({error.strerror})")
-    return [Path(top) / name for top, _, names in os.walk(folder, onerror=unreadable)
-            for name in names if (Path(top) / name).is_file()]
 
 
 def find_pairs(images_dir, labels_dir, image_flag="--images", label_flag="--labels", skip=None):
