@@ -12,7 +12,10 @@
 //            so results below 2^-126.5 (2^-1022.5) are 0, from 2^127.5 (2^1023.5) inf;
 //   exp2_acc: |relative error| <= 2 ulp for u < 127.5 (1023.5); 2^u for u < -126.5 (-1022.5)
 //             flushes to 0, for u >= 127.5 (1023.5) is inf;
-//   log_acc: |error| <= 2 ulp of the result's magnitude or 2^-24 (2^-53) absolute near 1.
+//   log_acc: |error| <= 2 ulp of the result's magnitude or 2^-24 (2^-53) absolute near 1;
+//   sigmoid_acc (fast, the BGA's): |error| <= 2.5 + 1.25 max(-v, 0) ulp (its exp's argument
+//            rounded once: a relative error that grows where the sigmoid is tiny), and below
+//            2^-23 (2^-52) absolute everywhere.
 // Light on purpose: no torch headers.
 #pragma once
 
@@ -216,6 +219,10 @@ BISENET_HD double exp2_acc(double u, double u_lo) { return exp2_in_range(exp2_cl
 
 BISENET_HD float log2e(float) { return kLog2eFloat; }
 BISENET_HD double log2e(double) { return kLog2eDouble; }
+// -log2(e): v * minus_log2e(v) is one multiply, then the two clamps' min and max (nvcc
+// turned -(v * log2e(v)) into two multiplies and a compare for the lower clamp)
+BISENET_HD float minus_log2e(float) { return -kLog2eFloat; }
+BISENET_HD double minus_log2e(double) { return -kLog2eDouble; }
 BISENET_HD float ln2(float) { return kLn2Float; }
 BISENET_HD double ln2(double) { return kLn2Double; }
 
@@ -305,24 +312,37 @@ BISENET_HD double exp_acc(double x) {
 
 // 1 / x for x >= 1 (NaN for NaN), branch-free: nvcc compiles an IEEE division with a
 // slow-path branch, a point no instruction of the next sigmoid can be scheduled across. The
-// initial guess from the bits (within 5.1%), then three Newton steps r + r (1 - x r), each two
-// fmas: within 0.59 ulp of 1 / x for every float32 x in [1, 2^126) (measured against the
-// correctly rounded division, 2026-11-27), where the result is normal; 0 from 2^126 (a
-// subnormal 1 / x) and for inf. float64 (the tests' oracle) divides.
+// initial guess from the bits (within 5.1%), then one step of third order, r (1 + e + e^2)
+// with e = 1 - x r (three fmas: the error to about e^3), and one Newton step r + r (1 - x r)
+// (two): within 0.78 ulp of 1 / x for every float32 x in [1, 2^126) (measured over every
+// mantissa, the error's pattern repeating in each binade, 2026-11-29; three Newton steps,
+// six fmas, gave 0.50), where the result is normal; 0 from 2^126 (a subnormal 1 / x) and for
+// inf. float64 (the tests' oracle) divides.
 BISENET_HD float reciprocal_at_least_one(float x) {
   float r = bits_to_value(static_cast<int32_t>(0x7EF311C3 - value_to_bits(x)));
-  r = fma_acc(r, fma_acc(-x, r, 1.0f), r);
-  r = fma_acc(r, fma_acc(-x, r, 1.0f), r);
+  const float e = fma_acc(-x, r, 1.0f);
+  r = fma_acc(r, fma_acc(e, e, e), r);
   r = fma_acc(r, fma_acc(-x, r, 1.0f), r);
   return x >= 8.50705917e37f ? 0.0f : r;  // 2^126; NaN compares false and stays NaN
 }
 
 BISENET_HD double reciprocal_at_least_one(double x) { return 1.0 / x; }
 
-// 1 / (1 + exp(-v))
+// The fast sigmoid, 1 / (1 + 2^(-v log2(e))): the product rounded once and exp2_acc (its
+// selects clamp it; NaN stays NaN, -inf gives 0 and inf 1), then the reciprocal above. Where
+// exp_acc carries v log2(e) in two parts, this drops the second (two fmas and an add) and
+// exp_acc's own clamp of v (two selects): with the reciprocal's fma, 25 instructions a
+// sigmoid on sm_90 where it took 32. The product's error, its rounding (|u| 2^-24) and
+// log2(e)'s own rounding to float (0.22 |u| 2^-24), is at most 1.23 |v| 2^-24 relative in 2^u,
+// and reaches the sigmoid s times 1 - s: under 0.35 ulp for v >= 0, up to 1.23 |v| ulp where
+// v is very negative (s tiny), and never more than about 0.28 2^-24 absolute. Bounds
+// (tests/test_kernels_same_bits.py): 2.5 + 1.25 max(-v, 0) ulp, and 2^-23 absolute; measured
+// over every 61st float32 with a normal sigmoid (2026-11-29): 2.27 ulp for v >= -1, 4.9 from
+// -4, 15.4 from -16, 29.8 from -32, 63.3 at most (v = -84.6, s = 2^-122), 2^-23.2 absolute
+// (exp_acc's: 2.38 ulp, 2^-23.4 absolute).
 template <typename acc_t>
 BISENET_HD acc_t sigmoid_acc(acc_t v) {
-  return reciprocal_at_least_one(static_cast<acc_t>(1) + exp_acc(-v));
+  return reciprocal_at_least_one(static_cast<acc_t>(1) + exp2_acc(v * minus_log2e(v)));
 }
 
 // What the same_bits_math op (same_bits.cpp, same_bits.cu) applies: fn 0 exp_acc, 1 log_acc,
