@@ -337,9 +337,10 @@ BISENET_HD double reciprocal_at_least_one(double x) { return 1.0 / x; }
 // and reaches the sigmoid s times 1 - s: under 0.35 ulp for v >= 0, up to 1.23 |v| ulp where
 // v is very negative (s tiny), and never more than about 0.28 2^-24 absolute. Bounds
 // (tests/test_kernels_same_bits.py): 2.5 + 1.25 max(-v, 0) ulp, and 2^-23 absolute; measured
-// over every 61st float32 with a normal sigmoid (2026-11-29): 2.27 ulp for v >= -1, 4.9 from
-// -4, 15.4 from -16, 29.8 from -32, 63.3 at most (v = -84.6, s = 2^-122), 2^-23.2 absolute
-// (exp_acc's: 2.38 ulp, 2^-23.4 absolute).
+// over every float32 with a normal sigmoid (2026-11-29; the bound held everywhere, its least
+// margin 0.23 ulp near v = 0): 2.27 ulp for v >= -1, 5.1 from -4, 15.5 from -16, 30.1 from
+// -32, 64.4 at most (v = -86.6, s = 2^-125), 2^-23.17 absolute (exp_acc's: 2.48 ulp; over
+// every 61st float32 2.38 ulp and 2^-23.42 absolute, the fast one 2^-23.18).
 template <typename acc_t>
 BISENET_HD acc_t sigmoid_acc(acc_t v) {
   return reciprocal_at_least_one(static_cast<acc_t>(1) + exp2_acc(v * minus_log2e(v)));
