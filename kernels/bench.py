@@ -9,6 +9,8 @@
     python -m kernels.bench --tiles            # the loss ops alone per head, and the BGA backward
                                                # alone: each backward's automatic tile against the
                                                # tiles around it
+    python -m kernels.bench --sass [--arch sm_90]  # each kernel's static size: SASS instructions,
+                                               # registers, stack, static shared memory (no GPU)
 
 Loss rows: logits of each BiSeNetV2 head (main 1/8 and auxiliary 1/4, 1/8, 1/16, 1/32 of a
 1024x1024 crop, 19 classes; the 1/8 auxiliary head has the main head's shape) against uint8 labels of 1024x1024, CE and OHEM (thresh 0.7,
@@ -34,14 +36,25 @@ a GPU machine --host adds host_parts_table: at the benchmark's shapes (the first
 the host's time to issue each C++ op alone, each kernel path's step, the references' and
 one aten op, and torch.profiler's CPU events of the fused BGA and CE steps; what the CUDA
 side of a call adds over the C++ loops' row is there.
+
+--sass needs no GPU either: every kernel of the built libraries (kernels.load()) for one
+architecture, read with cuobjdump (-sass, -res-usage): the instructions of its code (NOPs
+left out), registers, stack, static shared memory (as cuobjdump counts it: from sm_90 with
+the 1 KiB the system reserves a block; a launch's dynamic shared memory is not in it); the
+performance guide between GPU runs (kernels/README.md's model). The libraries hold the architectures they were built for
+(TORCH_CUDA_ARCH_LIST; sm_80 and sm_90 on a machine without a GPU).
 """
 import argparse
 import datetime
 import math
 import os
+import re
+import shutil
 import statistics
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -77,7 +90,12 @@ def parse_args(argv=None):
     parser.add_argument("--profile", action="store_true",
                         help="also each row's kernels: torch.profiler's time per step of every CUDA kernel the "
                              "fused variant launches (on the CPU: the eager variant's ops)")
+    parser.add_argument("--sass", action="store_true",
+                        help="only each kernel's static size from its SASS for --arch (cuobjdump; no GPU needed)")
+    parser.add_argument("--arch", default="sm_90", help="--sass: the architecture read (default: %(default)s)")
     args = parser.parse_args(argv)
+    if not re.fullmatch(r"sm_\d+a?", args.arch):
+        parser.error(f"--arch {args.arch}: an architecture such as sm_90")
     check_out(parser, args.out)
     if args.quick:
         args.batch, args.size, args.iters, args.warmup = [2], 64, 3, 1
@@ -690,6 +708,100 @@ def report(rows, copy_gbs, device):
     return "\n".join([header(device, copy_gbs), "", table(rows, copy_gbs, device)] + kernel_lines(rows))
 
 
+# ---------------------------------------------------------------------------------------
+# --sass: the kernels' static size
+
+def find_cuobjdump():
+    """-> the cuobjdump to read the SASS with: on PATH, in the CUDA toolkit (build.check_cuda_home's),
+    or the one triton's wheel carries (a toolkit may lack it); which one is printed. SystemExit
+    with one line when there is none."""
+    from . import build
+    candidates = [shutil.which("cuobjdump"), Path(build.check_cuda_home()) / "bin" / "cuobjdump"]
+    try:
+        import triton
+        candidates.append(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+    except ImportError:
+        pass
+    for candidate in candidates:
+        if candidate is not None and os.access(candidate, os.X_OK) and Path(candidate).is_file():
+            print(f"kernels.bench: cuobjdump: {candidate}", flush=True)
+            return str(candidate)
+    print("kernels.bench: error: --sass needs cuobjdump: none on PATH, in the CUDA toolkit or in triton's wheel",
+          file=sys.stderr)
+    raise SystemExit(2)
+
+
+def run_tool(command):
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        print(f"kernels.bench: error: {' '.join(command)} failed: {' '.join(result.stderr.split())[:300]}",
+              file=sys.stderr)
+        raise SystemExit(1)
+    return result.stdout
+
+
+def sass_sizes(cuobjdump, library, arch):
+    """-> {mangled kernel name: [instructions, registers, stack bytes, static shared bytes]} of
+    `library`'s code for `arch`: the SASS lines of each function (cuobjdump -sass) but NOPs, and
+    cuobjdump -res-usage's REG, STACK and SHARED."""
+    sizes, name = {}, None
+    for line in run_tool([cuobjdump, "-sass", "-arch", arch, str(library)]).splitlines():
+        if match := re.match(r"\s+Function : (\S+)", line):
+            name = match.group(1)
+            sizes[name] = [0, 0, 0, 0]
+        elif name and (match := re.match(r"\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line)):
+            sizes[name][0] += match.group(1) != "NOP"
+    usage = run_tool([cuobjdump, "-res-usage", "-arch", arch, str(library)])
+    for name, registers, stack, shared in re.findall(r"Function (\S+):\s+REG:(\d+) STACK:(\d+) SHARED:(\d+)", usage):
+        if name in sizes:
+            sizes[name][1:] = [int(registers), int(stack), int(shared)]
+    return sizes
+
+
+def readable_kernel_names(mangled):
+    """-> {mangled: short name}: demangled by c++filt where it is found (else the mangled names,
+    said once), the namespaces, the return type and the parameter list left out."""
+    names = list(mangled)
+    cxxfilt = shutil.which("c++filt")
+    if cxxfilt is None:
+        print("kernels.bench: no c++filt on PATH: kernel names stay mangled", flush=True)
+        return {name: name for name in names}
+    demangled = subprocess.run([cxxfilt], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
+    short = {}
+    for name, full in zip(names, demangled):
+        full = re.sub(r"^void ", "", full).replace("bisenet::(anonymous namespace)::", "").replace("bisenet::", "")
+        depth, end = 0, len(full)
+        for at, char in enumerate(full):  # the parameter list: the first '(' outside the template arguments
+            depth += {"<": 1, ">": -1}.get(char, 0)
+            if char == "(" and depth == 0:
+                end = at
+                break
+        short[name] = full[:end].replace("c10::BFloat16", "bf16").replace("c10::Half", "fp16")
+    return short
+
+
+def sass_table(arch):
+    """Markdown table of every kernel of the ops' libraries (kernels.EXTENSIONS) for `arch`."""
+    from . import EXTENSIONS, build, load
+    load()
+    cuobjdump = find_cuobjdump()
+    lines = [f"static SASS for {arch} (cuobjdump; torch {torch.__version__}, CUDA {torch.version.cuda}), "
+             f"{datetime.date.today().isoformat()}", "",
+             "| op | kernel | instructions | registers | stack bytes | static shared bytes |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for op, extension in EXTENSIONS.items():
+        library = build.library_path(extension.name, extension.source_paths())
+        sizes = sass_sizes(cuobjdump, library, arch)
+        if not sizes:
+            print(f"kernels.bench: error: {library} holds no {arch} code (built for {build.arch_list()}; "
+                  f"TORCH_CUDA_ARCH_LIST chooses)", file=sys.stderr)
+            raise SystemExit(1)
+        names = readable_kernel_names(sizes)
+        for name in sorted(sizes, key=lambda name: names[name]):
+            lines.append(f"| {op} | `{names[name]}` | " + " | ".join(str(value) for value in sizes[name]) + " |")
+    return "\n".join(lines)
+
+
 def write_text(path, text):
     try:
         with open(path, "w") as f:
@@ -701,6 +813,12 @@ def write_text(path, text):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.sass:
+        text = sass_table(args.arch)
+        print(text)
+        if args.out:
+            write_text(args.out, text)
+        return text
     if args.host:
         text = host_table(args)
         if torch.cuda.is_available():  # and each piece's host time on the GPU, at the benchmark's shapes

@@ -88,6 +88,46 @@ def test_cuda_bench_without_cuda_is_one_line(capsys, flags):
     assert err.endswith("torch sees no CUDA device (--device cpu times the eager column alone, or --tiles the C++ loops)")
 
 
+def test_sass_table_sizes_every_kernel_of_the_ops(extension, tmp_path, capsys):
+    """--sass: a row for every __global__ kernel of each op's .cu (one per instantiation), with
+    its instructions and registers, for an architecture the libraries were built for; one
+    they were not built for is one line, exit 1, and a malformed --arch a usage error."""
+    import re
+
+    import kernels
+    from kernels import build
+    try:
+        bench.find_cuobjdump()
+    except SystemExit:
+        pytest.skip("no cuobjdump here (PATH, the CUDA toolkit, triton's wheel)")
+    arch = "sm_" + build.arch_list().split(";")[0].replace(".", "")
+    out = tmp_path / "sass.md"
+    text = bench.main(["--sass", "--arch", arch, "--out", str(out)])
+    assert out.read_text() == text + "\n"
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| loss") or line.startswith("| bga")]
+    for op, extension_of_op in kernels.EXTENSIONS.items():
+        for source in extension_of_op.source_paths():
+            if source.suffix != ".cu":
+                continue
+            for kernel in re.findall(r"__global__ void (?:__launch_bounds__\([^)]*\) )?(\w+)\(", source.read_text()):
+                assert any(row[0] == f"| {op}" and row[1].startswith(f"`{kernel}<") for row in rows), (op, kernel)
+    for row in rows:
+        instructions, registers = int(row[2]), int(row[3])
+        assert instructions > 0 and 0 < registers <= 255, row
+    assert any(row[1] == "`bga_forward_kernel<bf16, float, 8, int>`" for row in rows)
+    built = {"sm_" + entry.replace(".", "") for entry in build.arch_list().split(";")}
+    absent = next(candidate for candidate in ("sm_75", "sm_86", "sm_100") if candidate not in built)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["--sass", "--arch", absent])
+    assert stop.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"holds no {absent} code" in err[0]
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["--sass", "--arch", "90"])
+    assert stop.value.code == 2 and "--arch 90: an architecture such as sm_90" in capsys.readouterr().err
+
+
 def test_host_table_times_each_ops_kernel_path_on_the_cpu(extension, tmp_path, monkeypatch):
     """--host: each op down its kernel path (the C++ loops running) and its reference, a row
     an op; the ops' CPU tensors take the references again afterwards."""
