@@ -41,8 +41,9 @@ side of a call adds over the C++ loops' row is there.
 architecture, read with cuobjdump (-sass, -res-usage): the instructions of its code (NOPs
 left out), registers, stack, static shared memory (as cuobjdump counts it: from sm_90 with
 the 1 KiB the system reserves a block; a launch's dynamic shared memory is not in it); the
-performance guide between GPU runs (kernels/README.md's model). The libraries hold the architectures they were built for
-(TORCH_CUDA_ARCH_LIST; sm_80 and sm_90 on a machine without a GPU).
+performance guide between GPU runs (kernels/README.md's model). The libraries hold the
+architectures they were built for (TORCH_CUDA_ARCH_LIST; sm_80 and sm_90 on a machine
+without a GPU).
 """
 import argparse
 import datetime
@@ -716,7 +717,11 @@ def find_cuobjdump():
     or the one triton's wheel carries (a toolkit may lack it); which one is printed. SystemExit
     with one line when there is none."""
     from . import build
-    candidates = [shutil.which("cuobjdump"), Path(build.check_cuda_home()) / "bin" / "cuobjdump"]
+    candidates = [shutil.which("cuobjdump")]
+    try:  # the libraries may come from the cache with no toolkit here
+        candidates.append(Path(build.check_cuda_home()) / "bin" / "cuobjdump")
+    except RuntimeError:
+        pass
     try:
         import triton
         candidates.append(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
