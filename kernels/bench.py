@@ -9,7 +9,7 @@
     python -m kernels.bench --tiles            # the loss ops alone per head, and the BGA backward
                                                # alone: each backward's automatic tile against the
                                                # tiles around it
-    python -m kernels.bench --sass [--arch sm_90]  # each kernel's static size: SASS instructions,
+    python -m kernels.bench --sass [--arch ARCH]   # each kernel's static size: SASS instructions,
                                                # registers, stack, static shared memory (no GPU)
 
 Loss rows: logits of each BiSeNetV2 head (main 1/8 and auxiliary 1/4, 1/8, 1/16, 1/32 of a
@@ -93,8 +93,10 @@ def parse_args(argv=None):
                              "fused variant launches (on the CPU: the eager variant's ops)")
     parser.add_argument("--sass", action="store_true",
                         help="only each kernel's static size from its SASS for --arch (cuobjdump; no GPU needed)")
-    parser.add_argument("--arch", default="sm_90", help="--sass: the architecture read (default: %(default)s)")
+    parser.add_argument("--arch", help="--sass: the architecture read (default: the visible GPU's, else sm_90)")
     args = parser.parse_args(argv)
+    if args.arch is None:
+        args.arch = "sm_%d%d" % torch.cuda.get_device_capability() if torch.cuda.is_available() else "sm_90"
     if not re.fullmatch(r"sm_\d+a?", args.arch):
         parser.error(f"--arch {args.arch}: an architecture such as sm_90")
     check_out(parser, args.out)

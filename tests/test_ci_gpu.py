@@ -37,8 +37,9 @@ def test_its_commands_parse():
     import bench
     script = SCRIPT.replace("\\\n", " ")  # continued lines joined
     invocations = re.findall(r'"\$python" -m kernels\.bench (.*?)(?: --out .*)?$', script, re.M)
-    # the timed tables (with compile; the host's part; the tiles; every head), the pass under ncu
-    assert len(invocations) == 5
+    # the timed tables (with compile; the host's part; the tiles; every head), the static sizes,
+    # the pass under ncu
+    assert len(invocations) == 6
     for kernels_args in invocations:
         kernels_bench.parse_args(kernels_args.split())
     bench_invocations = re.findall(r'"\$python" bench\.py (.*?) --out', script)
@@ -155,7 +156,7 @@ def run_phase(tmp_path, phase, root=ROOT, **environment):
 KERNEL_CHECKS = ["versions", "JIT build", "kernels.check", "pytest -m gpu (kernels)", "compute-sanitizer memcheck",
                  "compute-sanitizer racecheck", "compute-sanitizer initcheck", "compute-sanitizer synccheck"]
 KERNEL_TABLES = ["kernels.bench (batch 4)", "kernels.bench (every head, 4 and 8)", "kernels.bench --host",
-                 "kernels.bench --tiles"]
+                 "kernels.bench --tiles", "kernels.bench --sass"]
 TRAINING_AND_COUNTERS = ["bench.py", "bench.py --io", "ncu (the fused kernels)"]
 
 
