@@ -818,14 +818,18 @@ def write_text(path, text):
         raise SystemExit(2)
 
 
+def emit(text, out):
+    """Prints a table, writes it to --out (None: nowhere) too, and returns it."""
+    print(text)
+    if out:
+        write_text(out, text)
+    return text
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.sass:
-        text = sass_table(args.arch)
-        print(text)
-        if args.out:
-            write_text(args.out, text)
-        return text
+        return emit(sass_table(args.arch), args.out)
     if args.host:
         text = host_table(args)
         if torch.cuda.is_available():  # and each piece's host time on the GPU, at the benchmark's shapes
@@ -833,10 +837,7 @@ def main(argv=None):
             load()
             use_kernels(True)
             text += "\n\n" + host_parts_table(args, torch.device("cuda"))
-        print(text)
-        if args.out:
-            write_text(args.out, text)
-        return text
+        return emit(text, args.out)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print(f"kernels.bench: error: --device {args.device}, but torch sees no CUDA device "
@@ -850,10 +851,7 @@ def main(argv=None):
         except WrongResult as e:
             print(e, file=sys.stderr)
             raise SystemExit(1)
-        print(text)
-        if args.out:
-            write_text(args.out, text)
-        return text
+        return emit(text, args.out)
     if device.type == "cuda":
         from . import load, use_kernels
         load()
