@@ -38,16 +38,16 @@ def pytest_collection_modifyitems(config, items):
 # --- the CUDA extension (tests/test_kernels_*.py) ----------------------------------------
 
 def same_bits_extension():
-    """The test op same_bits_math (csrc/same_bits.cpp, .cu): same_bits.h's functions on both
-    devices. .ci/gpu builds it beside the ops' extensions."""
+    """The test ops same_bits_math and same_bits_divide (csrc/same_bits.cpp, .cu): same_bits.h's
+    functions on both devices. .ci/gpu builds them beside the ops' extensions."""
     from kernels.build import Extension
-    return Extension("bisenet_same_bits", ["same_bits.cpp", "same_bits.cu"], ["same_bits_math"])
+    return Extension("bisenet_same_bits", ["same_bits.cpp", "same_bits.cu"], ["same_bits_math", "same_bits_divide"])
 
 
 @pytest.fixture(scope="session")
 def extension():
     """torch.ops.bisenet_cuda with every op's extension loaded (kernels.load()), and the
-    same_bits_math test op; skips when they cannot be built, unless BISENET_REQUIRE_KERNELS=1
+    same_bits test ops; skips when they cannot be built, unless BISENET_REQUIRE_KERNELS=1
     (CI), where that fails the test."""
     import torch
     try:

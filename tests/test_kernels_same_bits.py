@@ -1,10 +1,10 @@
 """The kernels compute the same bits on the host and on the device (kernels/csrc/same_bits.h).
 
-CPU: the error of same_bits.h's exp, log and sigmoid against higher-precision references;
-the BGA and loss backwards' plans (tile, shared-memory capacities) against what every tile
+CPU: the error of same_bits.h's exp, log and sigmoid against higher-precision references,
+its integer divider against exact division; the BGA and loss backwards' plans (tile, shared-memory capacities) against what every tile
 of them needs, swept over sizes; a tiling over the shared-memory budget fails on the CPU as it would
 at launch. GPU (marked gpu): the CUDA kernels and the C++ CPU loops give identical results,
-bit for bit, for the math functions, the BGA and the loss, on odd sizes.
+bit for bit, for the math functions, the divider, the BGA and the loss, on odd sizes.
 """
 import math
 
@@ -155,6 +155,35 @@ def test_math_rejects_bad_input(extension):
         extension.same_bits_math(torch.ones(2, dtype=torch.bfloat16), "exp")
 
 
+def divider_cases(seed):
+    """(divisor, dividends): every divisor to 2048, the powers of two and their neighbours to
+    2^31 - 1, random ones; per divisor the dividends at and next to its multiples (the first
+    40, 60 random ones), 0, 1, 2^31 - 2, 2^31 - 1 and 100 random ones below 2^31."""
+    generator = torch.Generator().manual_seed(seed)
+    top = 2 ** 31 - 1
+    divisors = list(range(1, 2049)) + [2 ** k + e for k in range(11, 31) for e in (-1, 0, 1)] + [top - 1, top]
+    divisors += torch.randint(1, 2 ** 31, (200,), generator=generator).tolist()
+    for divisor in divisors:
+        multiples = torch.cat([torch.arange(40), torch.randint(0, top // divisor + 1, (60,), generator=generator)])
+        multiples = multiples * divisor
+        n = torch.cat([multiples - 1, multiples, multiples + 1, torch.tensor([0, 1, top - 1, top]),
+                       torch.randint(0, 2 ** 31, (100,), generator=generator)])
+        yield divisor, n[(n >= 0) & (n <= top)]
+
+
+def test_divider_is_exact(extension):
+    # n / d by a multiply-high, an add and a shift (same_bits.h: FastDivider; the BGA
+    # forward's 32-bit index path): exact for n and d below 2^31
+    for divisor, n in divider_cases(seed=0):
+        assert torch.equal(extension.same_bits_divide(n, divisor), n // divisor), divisor
+    with pytest.raises(RuntimeError, match="n must be int64"):
+        extension.same_bits_divide(torch.ones(2, dtype=torch.int32), 3)
+    with pytest.raises(RuntimeError, match=r"divisor must be in \[1, 2\^31\), got 0"):
+        extension.same_bits_divide(torch.ones(2, dtype=torch.int64), 0)
+    with pytest.raises(RuntimeError, match=r"n must be in \[0, 2\^31\)"):
+        extension.same_bits_divide(torch.tensor([2 ** 31]), 3)
+
+
 # ---------------------------------------------------------------------------------------
 # The BGA backward's plan (CPU; the plan is made on the host for both devices)
 
@@ -284,6 +313,28 @@ def test_bga_loops_give_the_same_bits_in_either_item_order(extension, monkeypatc
             [extension.bga_forward(*inputs)] + list(extension.bga_backward(grad_out, *inputs, *tile))))
         assert_same_bits(ascending, descending, (size, low, tile))
         assert not any(t.isnan().any() for t in ascending), (size, low, tile)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_bga_forward_index_widths_give_the_same_bits(extension, monkeypatch, channels_last, dtype):
+    # below 2^30 outputs the forward finds each item's (n, c, y, x) with FastDivider in 32 bits,
+    # from there by 64-bit divisions (the kernel alike) (BISENET_CPU_WIDE_INDEX=1 makes the CPU loop take that
+    # path): the same outputs, for 16-byte vectors (W or C a multiple of 16 bytes) and single
+    # elements
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    generator = torch.Generator().manual_seed(9)
+    for high, low, channels in (((33, 35), (9, 9), 20), ((16, 24), (4, 6), 16), ((9, 11), (3, 4), 3),
+                                ((5, 3), (9, 11), 7)):
+        inputs = [torch.randn(3, channels, *high, generator=generator)]
+        inputs += [torch.randn(3, channels, *low, generator=generator) for _ in range(3)]
+        inputs = [t.to(dtype).contiguous(memory_format=fmt) for t in inputs]
+        monkeypatch.delenv("BISENET_CPU_WIDE_INDEX", raising=False)
+        narrow = extension.bga_forward(*inputs)
+        monkeypatch.setenv("BISENET_CPU_WIDE_INDEX", "1")
+        wide = extension.bga_forward(*inputs)
+        monkeypatch.delenv("BISENET_CPU_WIDE_INDEX")
+        assert torch.equal(narrow, wide), (high, low, channels)  # (test_kernels_bga: narrow against the reference)
 
 
 @pytest.mark.parametrize("tile", [(0, 0), (1, 1), (2, 3), (5, 64)])
@@ -443,6 +494,12 @@ def test_cuda_math_equals_cpu_bitwise(extension, fn):
     x64 = torch.randn(100_000, dtype=torch.float64) * 300
     x64 = x64.abs() if fn == "log" else x64
     assert torch.equal(extension.same_bits_math(x64, fn), extension.same_bits_math(x64.cuda(), fn).cpu())
+
+
+@pytest.mark.gpu
+def test_cuda_divider_is_exact(extension):
+    for divisor, n in divider_cases(seed=1):
+        assert torch.equal(extension.same_bits_divide(n.cuda(), divisor).cpu(), n // divisor), divisor
 
 
 ODD_SIZES = [((257, 257), (65, 65)), ((257, 513), (33, 65)), ((97, 131), (13, 17)), ((9, 11), (3, 4)),

@@ -100,9 +100,18 @@ void forward_cpu_typed(const BgaForwardCall& call) {
   const bool reversed = cpu_items_reversed();
   for_items(call.gated.numel(), reversed, [&](int64_t offset) { bga_gate_item(offset, detail_down, sem_keep, gated); });
   constexpr int kVec = 16 / sizeof(scalar_t);
+  // the launch's index type (bga.cu): 32 bits and the dividers below 2^30 outputs
+  const bool small =
+      !cpu_wide_index() && call.out.numel() < (int64_t{1} << 30) && call.gated.numel() < (int64_t{1} << 31);
   for_items(call.out.numel() / call.vector, reversed, [&](int64_t vec) {
-    if (call.vector == kVec)
+    if (call.vector == kVec && small)
+      bga_forward_item<scalar_t, acc_t, kVec, int32_t>(static_cast<int32_t>(vec), geo, call.channels_last, keep, up,
+                                                       gated, result);
+    else if (call.vector == kVec)
       bga_forward_item<scalar_t, acc_t, kVec, int64_t>(vec, geo, call.channels_last, keep, up, gated, result);
+    else if (small)
+      bga_forward_item<scalar_t, acc_t, 1, int32_t>(static_cast<int32_t>(vec), geo, call.channels_last, keep, up,
+                                                    gated, result);
     else
       bga_forward_item<scalar_t, acc_t, 1, int64_t>(vec, geo, call.channels_last, keep, up, gated, result);
   });

@@ -47,6 +47,7 @@ struct BgaGeometry {
   int64_t hi_sn, hi_sc, hi_sy, hi_sx;
   int64_t lo_sn, lo_sc, lo_sy, lo_sx;
   acc_t scale_y, scale_x;  // in / out, as ATen computes them
+  FastDivider divide_C, divide_H, divide_W;  // the forward's 32-bit index path
 };
 
 // detail_down * sigmoid(sem_keep) at one low-res offset.
@@ -82,7 +83,20 @@ BISENET_HD void bga_forward_item(index_t vec, const BgaGeometry<acc_t>& geo, boo
                                  scalar_t* out) {
   const index_t index = vec * kVec;
   int n, c, y, x;
-  if (channels_last) {  // (N, H, W, C) in memory
+  if (sizeof(index_t) == 4) {  // index < 2^30: the launch's dividers, not three divisions
+    const uint32_t at = static_cast<uint32_t>(index);
+    const FastDivider& inner = channels_last ? geo.divide_C : geo.divide_W;  // the fastest dimension
+    const FastDivider& middle = channels_last ? geo.divide_W : geo.divide_H;
+    const FastDivider& outer = channels_last ? geo.divide_H : geo.divide_C;
+    const uint32_t rest0 = divide(at, inner), rest1 = divide(rest0, middle), rest2 = divide(rest1, outer);
+    const int fastest = static_cast<int>(at - rest0 * inner.divisor);
+    const int second = static_cast<int>(rest0 - rest1 * middle.divisor);
+    const int third = static_cast<int>(rest1 - rest2 * outer.divisor);
+    c = channels_last ? fastest : third;
+    x = channels_last ? second : fastest;
+    y = channels_last ? third : second;
+    n = static_cast<int>(rest2);
+  } else if (channels_last) {  // (N, H, W, C) in memory
     c = static_cast<int>(index % geo.C);
     index_t rest = index / geo.C;
     x = static_cast<int>(rest % geo.W);
@@ -493,6 +507,9 @@ inline BgaGeometry<acc_t> make_geometry(const int64_t* hi_sizes, const int64_t* 
   geo.lo_sx = lo_strides[3];
   geo.scale_y = bilinear_scale<acc_t>(geo.h, geo.H);
   geo.scale_x = bilinear_scale<acc_t>(geo.w, geo.W);
+  geo.divide_C = make_divider(static_cast<uint32_t>(geo.C > 0 ? geo.C : 1));
+  geo.divide_H = make_divider(static_cast<uint32_t>(geo.H > 0 ? geo.H : 1));
+  geo.divide_W = make_divider(static_cast<uint32_t>(geo.W > 0 ? geo.W : 1));
   return geo;
 }
 

@@ -44,6 +44,33 @@ BISENET_HD T* held_pointer(T* p) {
   return p;
 }
 
+// n / d for a divisor d fixed at the launch, by a multiply-high, an add and a shift (Granlund
+// and Montgomery's method, as ATen's IntDivider): exact for n and d below 2^31, so host and
+// device agree, where a 32-bit division by a runtime d is about 20 instructions on the GPU.
+// shift = ceil(log2 d), magic = floor(2^32 (2^shift - d) / d) + 1; then
+// n / d = (umulhi(n, magic) + n) >> shift, the sum below 2^32 since n < 2^31.
+struct FastDivider {
+  uint32_t divisor, magic, shift;
+};
+
+inline FastDivider make_divider(uint32_t divisor) {  // host side; 1 <= divisor < 2^31
+  FastDivider f;
+  f.divisor = divisor;
+  f.shift = 0;
+  while ((uint64_t{1} << f.shift) < divisor) ++f.shift;
+  f.magic = static_cast<uint32_t>((uint64_t{1} << 32) * ((uint64_t{1} << f.shift) - divisor) / divisor + 1);
+  return f;
+}
+
+BISENET_HD uint32_t divide(uint32_t n, const FastDivider& f) {  // n < 2^31
+#if defined(__CUDA_ARCH__)
+  const uint32_t high = __umulhi(n, f.magic);
+#else
+  const uint32_t high = static_cast<uint32_t>((static_cast<uint64_t>(n) * f.magic) >> 32);
+#endif
+  return (high + n) >> f.shift;
+}
+
 // kVec consecutive elements, read or written as one vector (an aligned pointer's: the host
 // checks).
 template <typename T, int kVec>
@@ -59,6 +86,14 @@ struct alignas(sizeof(T) * kVec) Vec {
 inline bool cpu_items_reversed() {
   const char* order = getenv("BISENET_CPU_ITEM_ORDER");
   return order != nullptr && strcmp(order, "reverse") == 0;
+}
+
+// Host only: the index width of the CPU loops, the launch's (32 bits where the items fit,
+// with FastDivider's divisions) unless BISENET_CPU_WIDE_INDEX=1, where they take the 64-bit
+// path the launch keeps for larger tensors: the tests compare the two.
+inline bool cpu_wide_index() {
+  const char* wide = getenv("BISENET_CPU_WIDE_INDEX");
+  return wide != nullptr && strcmp(wide, "1") == 0;
 }
 
 template <typename F>
