@@ -640,7 +640,9 @@ def tiles_around(rows, cols, most_rows, most_cols):
 def bga_tile_table(args, device):
     """Markdown: the BGA backward op alone at the benchmark's shape (first --batch, first
     --dtypes), NCHW and channels_last, with its automatic tile and the tiles around it, each
-    checked against the automatic tile's gradients first (bga_math.h: plan_backward)."""
+    checked against the automatic tile's gradients first (bga_math.h: plan_backward); in
+    channels_last also the automatic tile with one channel a walk item (lanes=1), where the
+    automatic choice may take two (walk_lanes)."""
     ops = torch.ops.bisenet_cuda
     batch, dtype_name = args.batch[0], args.dtypes[0]
     dtype = DTYPES[dtype_name]
@@ -649,20 +651,25 @@ def bga_tile_table(args, device):
     shapes = [(batch, channels, side * 4, side * 4)] + [(batch, channels, side, side)] * 3
     lines = [f"{versions(device)}; the BGA backward op alone, {batch} x {channels} x {side * 4}^2 from {side}^2, "
              f"{dtype_name}", "",
-             "| layout | tile (low-res rows x columns) | channels a block | shared KiB | us | vs automatic |",
-             "| --- | --- | ---: | ---: | ---: | ---: |"]
+             "| layout | tile (low-res rows x columns) | channels a block | walk lanes | shared KiB | us | vs automatic |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for layout, fmt in (("NCHW", torch.contiguous_format), ("NHWC", torch.channels_last)):
         inputs = [torch.randn(shape, generator=generator).to(device=device, dtype=dtype).contiguous(memory_format=fmt)
                   for shape in [shapes[0]] + shapes]  # grad_out, detail_keep, sem_up, detail_down, sem_keep
         size, low, channels_last = list(shapes[0]), [side, side], fmt == torch.channels_last
         automatic = ops.bga_backward_plan(size, low, channels_last, dtype)
+        tiles = tiles_around(automatic[1], automatic[2], side, side)
+        if channels_last:
+            tiles.insert(1, (0, 0, 1))  # (tile_h, tile_w, lanes)
         for tile, plan, ms, speed in timed_tiles(
-                tiles_around(automatic[1], automatic[2], side, side),
+                tiles,
                 lambda tile: ops.bga_backward_plan(size, low, channels_last, dtype, *tile),
                 lambda tile: ops.bga_backward(*inputs, *tile),
                 f"the BGA {layout} backward", AGREEMENT[dtype], device, args):
-            name = f"{plan[1]} x {plan[2]}" + (" (automatic)" if tile == (0, 0) else "")
-            lines.append(f"| {layout} | {name} | {plan[0]} | {plan[5] / 1024:.1f} | {1e3 * ms:.0f} | {speed:.2f}x |")
+            name = f"{plan[1]} x {plan[2]}" + {(0, 0): " (automatic)", (0, 0, 1): " (the automatic tile)"}.get(tile, "")
+            lanes = plan[11] if plan[8] else "—"  # a walk's (channels_last)
+            lines.append(f"| {layout} | {name} | {plan[0]} | {lanes} | {plan[5] / 1024:.1f} | {1e3 * ms:.0f} | "
+                         f"{speed:.2f}x |")
     return "\n".join(lines)
 
 

@@ -137,7 +137,7 @@ def _register_fakes():
         return _empty_like_output(detail_keep, _output_format(detail_keep))
 
     @torch.library.register_fake("bisenet_cuda::bga_backward")
-    def _(grad_out, detail_keep, sem_up, detail_down, sem_keep):
+    def _(grad_out, detail_keep, sem_up, detail_down, sem_keep, tile_h=0, tile_w=0, lanes=0):
         check_inputs(detail_keep, sem_up, detail_down, sem_keep)
         fmt = _output_format(detail_keep)
         return (_empty_like_output(detail_keep, fmt), _empty_like_output(sem_up, fmt),

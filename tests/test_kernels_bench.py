@@ -210,16 +210,21 @@ def test_tiles_table_times_the_automatic_tile_and_those_around_it(extension, tmp
 
 def test_tiles_table_times_the_bga_backward_tiles_too(extension, tmp_path):
     """--tiles, second table: the BGA backward alone, NCHW and channels_last, the automatic
-    tile first (1.00x), then the tiles around it that fit, each checked against it."""
+    tile first (1.00x), in channels_last then the automatic tile with one walk lane, then the
+    tiles around it that fit, each checked against it."""
     out = tmp_path / "tiles.md"
-    bench.main(["--tiles", "--device", "cpu", "--batch", "1", "--size", "128", "--dtypes", "fp32", "--iters", "1",
+    bench.main(["--tiles", "--device", "cpu", "--batch", "1", "--size", "128", "--dtypes", "bf16", "--iters", "1",
                 "--warmup", "0", "--heads", "32", "--out", str(out)])
     rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in out.read_text().splitlines()
             if line.startswith(("| NCHW", "| NHWC"))]
     automatic = [row for row in rows if row[1].endswith("(automatic)")]
-    assert [row[0] for row in automatic] == ["NCHW", "NHWC"] and all(row[5] == "1.00x" for row in automatic)
-    assert {row[0] for row in rows if row not in automatic} == {"NCHW", "NHWC"}
-    assert all(float(row[4]) > 0 for row in rows)
+    assert [row[0] for row in automatic] == ["NCHW", "NHWC"] and all(row[6] == "1.00x" for row in automatic)
+    assert [row[3] for row in automatic] == ["—", "2"]  # bf16, 128 channels: a channel pair a walk item
+    one_lane = [row for row in rows if row[1].endswith("(the automatic tile)")]
+    assert [(row[0], row[3]) for row in one_lane] == [("NHWC", "1")]
+    assert one_lane[0][1].split(" (")[0] == automatic[1][1].split(" (")[0]
+    assert {row[0] for row in rows if row not in automatic + one_lane} == {"NCHW", "NHWC"}
+    assert all(float(row[5]) > 0 for row in rows)
 
 
 @pytest.mark.parametrize("op, size, head, message", [

@@ -339,6 +339,34 @@ def test_sliced_inputs(kernel_device, extension, channels_last):
         assert torch.equal(got, want)
 
 
+def off_by_one_element(tensor):
+    """tensor's values, in its strides, one element past the start of a fresh storage: in a
+    16-bit type 2 bytes, off the 4 bytes a pair of channels is read as."""
+    storage = torch.empty(tensor.numel() + 1, dtype=tensor.dtype, device=tensor.device)
+    moved = storage[1:].as_strided(tensor.shape, tensor.stride())
+    return moved.copy_(tensor)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tile", [(0, 0), (1, 1), (2, 3)])
+def test_walk_lanes_give_the_same_bits(kernel_device, extension, dtype, tile):
+    """16-bit channels_last with an even C walks a channel pair an item (bga_math.h:
+    walk_lanes). One channel an item (lanes=1), the walk of tensors off 4 bytes (one lane by
+    walk_lanes) and the NCHW window give the same gradients, bit for bit."""
+    for size, low in (((2, 20, 33, 35), (9, 9)), ((1, 32, 16, 24), (4, 6)), ((1, 18, 5, 3), (9, 11))):
+        inputs = random_inputs(size, low, dtype=dtype, device=kernel_device, channels_last=True, seed=size[1])
+        grad_out = torch.randn(size, device=kernel_device).to(dtype).contiguous(memory_format=torch.channels_last)
+        paired = extension.bga_backward(grad_out, *inputs, *tile)
+        assert extension.bga_backward_plan(list(size), list(low), True, dtype, *tile)[-1] == 2
+        single = extension.bga_backward(grad_out, *inputs, *tile, 1)
+        unaligned = extension.bga_backward(off_by_one_element(grad_out), off_by_one_element(inputs[0]), *inputs[1:],
+                                           *tile)
+        nchw = extension.bga_backward(*[t.contiguous() for t in [grad_out] + inputs], *tile)
+        for other in (single, unaligned, nchw):
+            for got, want in zip(other, paired):
+                assert torch.equal(got, want), (size, low)
+
+
 def test_random_shapes_and_tiles_match_float64_reference(kernel_device, extension):
     """A seeded sweep of 40 shapes, memory formats and tiles (conftest: random_bga_shapes)
     through both ops and the op's autograd path, in float64 against the reference, beyond the

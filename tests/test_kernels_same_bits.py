@@ -187,15 +187,15 @@ def test_divider_is_exact(extension):
 # ---------------------------------------------------------------------------------------
 # The BGA backward's plan (CPU; the plan is made on the host for both devices)
 
-def plan(extension, size, low, channels_last, dtype, tile=(0, 0)):
+def plan(extension, size, low, channels_last, dtype, tile=(0, 0), lanes=0):
     """-> dict of bga_backward_plan's numbers, or None when the tiling is over budget."""
     try:
-        values = extension.bga_backward_plan(list(size), list(low), channels_last, dtype, *tile)
+        values = extension.bga_backward_plan(list(size), list(low), channels_last, dtype, *tile, lanes)
     except RuntimeError as error:
         assert "shared memory" in str(error)
         return None
     keys = ["group", "tile_h", "tile_w", "window_capacity", "row_capacity", "shared_bytes", "most_window", "most_row",
-            "walk", "rim_entries", "written"]
+            "walk", "rim_entries", "written", "lanes"]
     return dict(zip(keys, values))
 
 
@@ -258,6 +258,25 @@ def test_tiling_over_budget_fails_on_cpu_as_at_launch(extension):
     inputs = [t.contiguous(memory_format=torch.channels_last) for t in inputs]
     with pytest.raises(RuntimeError, match="bytes of shared memory, more than the kernel's 49152"):
         extension.bga_backward(torch.randn(size, dtype=torch.float64), *inputs, 16, 16)
+
+
+def test_walk_lanes(extension):
+    # a channel pair a walk item for 16-bit channels_last data in groups of 16 channels with C
+    # even (bga_math.h: walk_lanes; the op also asks the tensors on 4 bytes); one otherwise
+    size, low = [2, 32, 64, 64], [16, 16]
+    for dtype in (torch.bfloat16, torch.float16):
+        assert plan(extension, size, low, True, dtype)["lanes"] == 2
+        assert plan(extension, [2, 20, 64, 64], low, True, dtype)["lanes"] == 2  # groups of 16 and 4
+        assert plan(extension, [2, 19, 64, 64], low, True, dtype)["lanes"] == 1  # C odd
+        assert plan(extension, [2, 8, 64, 64], low, True, dtype)["lanes"] == 1  # a group of 8
+        assert plan(extension, size, low, False, dtype)["lanes"] == 1  # NCHW: no walk
+        assert plan(extension, size, low, True, dtype, lanes=1)["lanes"] == 1
+    for dtype in (torch.float32, torch.float64):
+        assert plan(extension, size, low, True, dtype)["lanes"] == 1
+    with pytest.raises(RuntimeError, match="2 lanes need channels_last 16-bit data"):
+        extension.bga_backward_plan(size, low, True, torch.float32, 0, 0, 2)
+    with pytest.raises(RuntimeError, match=r"lanes must be 0 \(automatic\), 1 or 2, got 3"):
+        extension.bga_backward_plan(size, low, True, torch.bfloat16, 0, 0, 3)
 
 
 @pytest.mark.parametrize("tile", [(1, 1), (2, 3), (3, 2)])

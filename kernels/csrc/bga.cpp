@@ -2,18 +2,21 @@
 //
 //   bisenet_cuda::bga_forward(detail_keep, sem_up, detail_down, sem_keep) -> out
 //   bisenet_cuda::bga_backward(grad_out, detail_keep, sem_up, detail_down, sem_keep,
-//                              tile_h=0, tile_w=0)
+//                              tile_h=0, tile_w=0, lanes=0)
 //       -> (grad_detail_keep, grad_sem_up, grad_detail_down, grad_sem_keep)
-//   bisenet_cuda::bga_backward_plan(size, low_size, channels_last, dtype, tile_h=0, tile_w=0)
+//   bisenet_cuda::bga_backward_plan(size, low_size, channels_last, dtype, tile_h=0, tile_w=0,
+//                                   lanes=0)
 //       -> [group, tile_h, tile_w, window_capacity, row_capacity, shared_bytes,
-//           most_window_items, most_row_items, walk, rim_entries, low_res_written]
+//           most_window_items, most_row_items, walk, rim_entries, low_res_written, lanes]
 //
 // detail_keep / grad_out (N, C, H, W), the others (N, C, h, w). Outputs are in
 // detail_keep's memory format (channels_last when detail_keep is channels_last and not
 // also plain contiguous, else NCHW); inputs in another format are copied into it.
 // tile_h / tile_w (low-res pixels) override the backward's tiling (0: automatic); the
-// tests use them to put tile borders everywhere. The backward's plan (tile, buffer
-// capacities, shared bytes, channels per block, walk or window; bga_math.h) and its rim
+// tests use them to put tile borders everywhere. lanes: the channels a channels_last walk
+// item takes, 0 walk_lanes' choice (bga_math.h), 1 one, 2 two (an error where walk_lanes
+// would not take two); the tests and kernels.bench --tiles compare them. The backward's plan (tile, buffer
+// capacities, shared bytes, channels per block, walk or window and the walk's lanes; bga_math.h) and its rim
 // workspace are made here once for both devices, so a tiling
 // over the kernel's shared-memory budget is the same error on the CPU as on the GPU;
 // bga_backward_plan shows it (size = (N, C, H, W), low_size = (h, w)) with the most
@@ -117,6 +120,17 @@ void forward_cpu_typed(const BgaForwardCall& call) {
   });
 }
 
+// The walk's lanes for the op's `lanes` argument (see the file comment): 0 walk_lanes' choice,
+// 1, or 2 where walk_lanes would take two.
+int chosen_lanes(const char* op, const BgaBackwardPlan& plan, int64_t lanes, int64_t channels, int64_t element_size,
+                 bool aligned) {
+  TORCH_CHECK(lanes >= 0 && lanes <= 2, op, ": lanes must be 0 (automatic), 1 or 2, got ", lanes);
+  const int automatic = walk_lanes(plan, channels, element_size, aligned);
+  TORCH_CHECK(lanes != 2 || automatic == 2, op, ": 2 lanes need channels_last 16-bit data, an even C, channel "
+              "groups of 16 and the tensors on 4 bytes");
+  return lanes == 0 ? automatic : static_cast<int>(lanes);
+}
+
 // The backward's plan for these sizes (see the file comment); raises when it cannot launch.
 template <typename acc_t>
 BgaBackwardPlan backward_plan(const BgaGeometry<acc_t>& geo, int group, bool walk, int64_t tile_h, int64_t tile_w) {
@@ -169,9 +183,13 @@ void backward_cpu_typed(const BgaBackwardCall& call) {
         std::memset(static_cast<void*>(walk_columns.data()), 0xFF, walk_columns.size() * sizeof(walk_columns[0]));
       for_items(t.x1 - t.x0, reversed,
                 [&](int64_t item) { walk_column_item(static_cast<int>(item), t, geo, walk_columns.data()); });
-      for_items(tile_walk_items(t, group), reversed, [&](int64_t item) {
-        backward_walk_item<scalar_t, acc_t>(static_cast<int>(item), group, t, geo, data, walk_columns.data(),
-                                            row_grad.data(), row_sem_grad.data());
+      for_items(tile_walk_items(t, group, plan.lanes), reversed, [&](int64_t item) {
+        if (plan.lanes == 2)
+          backward_walk_item<scalar_t, acc_t, 2>(static_cast<int>(item), group, t, geo, data, walk_columns.data(),
+                                                 row_grad.data(), row_sem_grad.data());
+        else
+          backward_walk_item<scalar_t, acc_t, 1>(static_cast<int>(item), group, t, geo, data, walk_columns.data(),
+                                                 row_grad.data(), row_sem_grad.data());
       });
     } else {
       for_items(window_items, reversed, [&](int64_t item) {
@@ -224,7 +242,7 @@ BgaForwardCall prepare_bga_forward(const at::Tensor& detail_keep, const at::Tens
 
 BgaBackwardCall prepare_bga_backward(const at::Tensor& grad_out, const at::Tensor& detail_keep,
                                      const at::Tensor& sem_up, const at::Tensor& detail_down,
-                                     const at::Tensor& sem_keep, int64_t tile_h, int64_t tile_w) {
+                                     const at::Tensor& sem_keep, int64_t tile_h, int64_t tile_w, int64_t lanes) {
   check_inputs("bga_backward", detail_keep, sem_up, detail_down, sem_keep);
   TORCH_CHECK(grad_out.sizes() == detail_keep.sizes(), "bga_backward: grad_out ", grad_out.sizes(),
               " and detail_keep ", detail_keep.sizes(), " differ");
@@ -263,6 +281,10 @@ BgaBackwardCall prepare_bga_backward(const at::Tensor& grad_out, const at::Tenso
                                                    call.sem_up.sizes().data(), call.sem_up.strides().data()),
                               group, call.channels_last, tile_h, tile_w);
   });
+  const auto on_4_bytes = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 4 == 0; };
+  call.plan.lanes = chosen_lanes("bga_backward", call.plan, lanes, detail_keep.size(1), detail_keep.element_size(),
+                                 on_4_bytes(call.grad_out) && on_4_bytes(call.detail_keep) &&
+                                     on_4_bytes(call.grad_detail_keep) && on_4_bytes(call.sem_up));
   const at::ScalarType acc = detail_keep.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   call.rim = at::empty({tile_rim_elements(kBgaRimValues, static_cast<int>(sem_up.size(0)), static_cast<int>(sem_up.size(1)),
                                           static_cast<int>(sem_up.size(2)), static_cast<int>(sem_up.size(3)),
@@ -283,8 +305,9 @@ at::Tensor bga_forward_cpu(const at::Tensor& detail_keep, const at::Tensor& sem_
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bga_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& detail_keep, const at::Tensor& sem_up, const at::Tensor& detail_down,
-    const at::Tensor& sem_keep, int64_t tile_h, int64_t tile_w) {
-  const BgaBackwardCall call = prepare_bga_backward(grad_out, detail_keep, sem_up, detail_down, sem_keep, tile_h, tile_w);
+    const at::Tensor& sem_keep, int64_t tile_h, int64_t tile_w, int64_t lanes) {
+  const BgaBackwardCall call =
+      prepare_bga_backward(grad_out, detail_keep, sem_up, detail_down, sem_keep, tile_h, tile_w, lanes);
   if (!call.empty) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, detail_keep.scalar_type(), "bga_backward_cpu",
                                     [&] { backward_cpu_typed<scalar_t>(call); });
@@ -295,7 +318,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bga_backward_cpu(
 // The plan bga_backward would follow for these sizes, and the most elements any of its
 // tiles needs in each buffer (walking the tiles as the kernel does).
 std::vector<int64_t> bga_backward_plan_impl(at::IntArrayRef size, at::IntArrayRef low_size, bool channels_last,
-                                            at::ScalarType dtype, int64_t tile_h, int64_t tile_w) {
+                                            at::ScalarType dtype, int64_t tile_h, int64_t tile_w, int64_t lanes) {
   TORCH_CHECK(size.size() == 4 && low_size.size() == 2, "bga_backward_plan: size must be (N, C, H, W) and low_size (h, w)");
   TORCH_CHECK(at::isFloatingType(dtype), "bga_backward_plan: dtype must be floating point, got ", dtype);
   const int64_t hi_sizes[4] = {size[0], size[1], size[2], size[3]};
@@ -317,7 +340,9 @@ std::vector<int64_t> bga_backward_plan_impl(at::IntArrayRef size, at::IntArrayRe
       }
     written += rim_pixels(make_tile_rim<acc_t>(nullptr, 1, 1, geo.h, geo.w, plan.tile_h, plan.tile_w, false), geo.h, geo.w);
     result = {plan.group, plan.tile_h, plan.tile_w, plan.window_capacity, plan.row_capacity, plan.shared_bytes, most_window,
-              most_row, plan.walk ? 1 : 0, plan.rim_entries, written};
+              most_row, plan.walk ? 1 : 0, plan.rim_entries, written,
+              chosen_lanes("bga_backward_plan", plan, lanes, size[1], static_cast<int64_t>(sizeof(scalar_t)),
+                           true)};  // (tensors on 4 bytes)
   });
   return result;
 }
@@ -329,10 +354,10 @@ TORCH_LIBRARY_FRAGMENT(bisenet_cuda, m) {
   m.def("bga_forward(Tensor detail_keep, Tensor sem_up, Tensor detail_down, Tensor sem_keep) -> Tensor");
   m.def(
       "bga_backward(Tensor grad_out, Tensor detail_keep, Tensor sem_up, Tensor detail_down, Tensor sem_keep, "
-      "int tile_h=0, int tile_w=0) -> (Tensor, Tensor, Tensor, Tensor)");
+      "int tile_h=0, int tile_w=0, int lanes=0) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "bga_backward_plan(int[] size, int[] low_size, bool channels_last, ScalarType dtype, int tile_h=0, "
-      "int tile_w=0) -> int[]",
+      "int tile_w=0, int lanes=0) -> int[]",
       &bisenet::bga_backward_plan_impl);
 }
 

@@ -58,9 +58,11 @@ __global__ void __launch_bounds__(kThreads) bga_forward_kernel(
 // Backward, kernel 1: one block per (low-res tile, channel group, sample); see bga_math.h.
 // kGroup > 0 makes the channel group a compile-time constant (1 for NCHW, 16 for
 // channels_last), which turns the item loops' divisions by it into shifts. kWalk:
-// channels_last's walk items instead of the window and x-pass items.
-template <typename scalar_t, typename acc_t, int kGroup, bool kWalk>
-__global__ void __launch_bounds__(kThreads) bga_backward_kernel(
+// channels_last's walk items instead of the window and x-pass items, each of kLanes channels
+// (walk_lanes). At 2 lanes the registers are held to 64, as one lane needs anyway, so that 4
+// blocks fit an SM (the tile's 46 KiB of shared memory allow 4).
+template <typename scalar_t, typename acc_t, int kGroup, bool kWalk, int kLanes>
+__global__ void __launch_bounds__(kThreads, kLanes == 2 ? 4 : 0) bga_backward_kernel(
     BgaGeometry<acc_t> geo, BgaBackwardData<scalar_t> data, TileRim<acc_t> rim, int runtime_group,
     int window_capacity, int row_capacity) {
   const int group = kGroup > 0 ? kGroup : runtime_group;
@@ -77,9 +79,9 @@ __global__ void __launch_bounds__(kThreads) bga_backward_kernel(
     BgaWalkColumn<acc_t>* columns = reinterpret_cast<BgaWalkColumn<acc_t>*>(shared_bytes);  // the window's room
     for (int item = threadIdx.x; item < t.x1 - t.x0; item += blockDim.x) walk_column_item(item, t, geo, columns);
     __syncthreads();
-    const int walk_items = static_cast<int>(tile_walk_items(t, group));
+    const int walk_items = static_cast<int>(tile_walk_items(t, group, kLanes));
     for (int item = threadIdx.x; item < walk_items; item += blockDim.x)
-      backward_walk_item<scalar_t, acc_t>(item, group, t, geo, data, columns, row_grad, row_sem_grad);
+      backward_walk_item<scalar_t, acc_t, kLanes>(item, group, t, geo, data, columns, row_grad, row_sem_grad);
   } else {
     const int window_items = static_cast<int>(tile_window_items<acc_t>(t, group, false));
     for (int item = threadIdx.x; item < window_items; item += blockDim.x)
@@ -164,13 +166,19 @@ void backward_typed(const BgaBackwardCall& call) {
   const size_t shared = static_cast<size_t>(plan.shared_bytes);
   auto stream = c10::cuda::getCurrentCUDAStream();
   if (!plan.walk) {
-    bga_backward_kernel<scalar_t, acc_t, 1, false><<<grid, kThreads, shared, stream>>>(
+    bga_backward_kernel<scalar_t, acc_t, 1, false, 1><<<grid, kThreads, shared, stream>>>(
         geo, data, rim, group, plan.window_capacity, plan.row_capacity);
+  } else if (group == 16 && plan.lanes == 2) {
+    if constexpr (sizeof(scalar_t) == 2)  // walk_lanes takes two for 16-bit data only
+      bga_backward_kernel<scalar_t, acc_t, 16, true, 2><<<grid, kThreads, shared, stream>>>(
+          geo, data, rim, group, plan.window_capacity, plan.row_capacity);
+    else
+      TORCH_CHECK(false, "bga_backward: 2 lanes for ", sizeof(scalar_t), "-byte data");
   } else if (group == 16) {
-    bga_backward_kernel<scalar_t, acc_t, 16, true><<<grid, kThreads, shared, stream>>>(
+    bga_backward_kernel<scalar_t, acc_t, 16, true, 1><<<grid, kThreads, shared, stream>>>(
         geo, data, rim, group, plan.window_capacity, plan.row_capacity);
   } else {
-    bga_backward_kernel<scalar_t, acc_t, 0, true><<<grid, kThreads, shared, stream>>>(
+    bga_backward_kernel<scalar_t, acc_t, 0, true, 1><<<grid, kThreads, shared, stream>>>(
         geo, data, rim, group, plan.window_capacity, plan.row_capacity);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -197,8 +205,9 @@ at::Tensor bga_forward_cuda(const at::Tensor& detail_keep, const at::Tensor& sem
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bga_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& detail_keep, const at::Tensor& sem_up, const at::Tensor& detail_down,
-    const at::Tensor& sem_keep, int64_t tile_h, int64_t tile_w) {
-  const BgaBackwardCall call = prepare_bga_backward(grad_out, detail_keep, sem_up, detail_down, sem_keep, tile_h, tile_w);
+    const at::Tensor& sem_keep, int64_t tile_h, int64_t tile_w, int64_t lanes) {
+  const BgaBackwardCall call =
+      prepare_bga_backward(grad_out, detail_keep, sem_up, detail_down, sem_keep, tile_h, tile_w, lanes);
   if (!call.empty) {
     c10::cuda::CUDAGuard guard(detail_keep.device());
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, detail_keep.scalar_type(), "bga_backward_cuda",

@@ -331,19 +331,24 @@ BISENET_HD void walk_column_item(int item, const BgaTile& t, const BgaGeometry<a
   columns[item] = column;
 }
 
-// Step 1, channels_last, walk items: item = row * group + slot walks owned row y0 + row of
-// channel c0 + slot along x, keeping the sums of low-res columns j and j + 1 (the taps of
-// the pixels with i0 = j: when the walk reaches a pixel, j is its i0, so tap_weight(tx, j)
-// and (tx, j + 1) are the table's here and next) and storing column j's when the walk passes
-// it, at the index the x-pass item of (column, row) uses. The same fma_acc chain, in the same
-// order, as the x-pass's: NCHW and channels_last agree bit for bit.
-template <typename scalar_t, typename acc_t>
+// Step 1, channels_last, walk items: item = row * (group / kLanes) + k walks owned row
+// y0 + row of the kLanes channels from c0 + k * kLanes along x, keeping for each the sums of
+// low-res columns j and j + 1 (the taps of the pixels with i0 = j: when the walk reaches a
+// pixel, j is its i0, so tap_weight(tx, j) and (tx, j + 1) are the table's here and next) and
+// storing column j's when the walk passes it, at the index the x-pass item of (column, row)
+// uses. Each channel's fma_acc chain is the x-pass's, in the same order: NCHW and
+// channels_last agree bit for bit, whatever kLanes. kLanes = 2 (walk_lanes) moves a
+// channel pair as one 4-byte vector and shares the walk's control, its column table reads
+// and pointers between the two.
+template <typename scalar_t, typename acc_t, int kLanes>
 BISENET_HD void backward_walk_item(int item, int group, const BgaTile& t, const BgaGeometry<acc_t>& geo,
                                    const BgaBackwardData<scalar_t>& d, const BgaWalkColumn<acc_t>* columns,
                                    acc_t* row_grad, acc_t* row_sem_grad) {
-  const int slot = item % group;
-  const int row = item / group;
-  if (slot >= t.channels) return;  // an unused slot: its row-buffer entries are never read
+  using Lanes = Vec<scalar_t, kLanes>;
+  const int per_row = group / kLanes;
+  const int slot = item % per_row * kLanes;
+  const int row = item / per_row;
+  if (slot >= t.channels) return;  // unused slots: their row-buffer entries are never read
   const int j_end = t.lx0 + reached_columns(t, geo);
   const int c = t.c0 + slot;
   const int y = t.y0 + row;
@@ -359,37 +364,42 @@ BISENET_HD void backward_walk_item(int item, int group, const BgaTile& t, const 
   const scalar_t* up_plane = d.sem_up + t.n * geo.lo_sn + c * geo.lo_sc;
   const scalar_t* up_row0 = held_pointer(up_plane + ty.i0 * geo.lo_sy);
   const int up_second_row = static_cast<int>((ty.i1 - ty.i0) * geo.lo_sy);  // from up_row0: 0 or one row
-  acc_t grad_here = static_cast<acc_t>(0), sem_here = static_cast<acc_t>(0);  // column j
-  acc_t grad_next = static_cast<acc_t>(0), sem_next = static_cast<acc_t>(0);  // column j + 1
+  acc_t grad_here[kLanes], sem_here[kLanes], grad_next[kLanes], sem_next[kLanes];  // columns j, j + 1
+#pragma unroll
+  for (int l = 0; l < kLanes; ++l) grad_here[l] = sem_here[l] = grad_next[l] = sem_next[l] = static_cast<acc_t>(0);
   int j = t.lx0;
   // column j's entry in the row buffers, ((j - lx0) * column_pitch + row) * group + slot
   const int column_stride = odd_pitch(t.y1 - t.y0) * group;
   int at = row * group + slot;
   const auto store_column = [&]() {  // column j is complete for this row: store it, move to j + 1
-    row_grad[at] = grad_here;
-    row_sem_grad[at] = sem_here;
-    grad_here = grad_next;
-    sem_here = sem_next;
-    grad_next = static_cast<acc_t>(0);
-    sem_next = static_cast<acc_t>(0);
+#pragma unroll
+    for (int l = 0; l < kLanes; ++l) {
+      row_grad[at + l] = grad_here[l];
+      row_sem_grad[at + l] = sem_here[l];
+      grad_here[l] = grad_next[l];
+      sem_here[l] = sem_next[l];
+      grad_next[l] = static_cast<acc_t>(0);
+      sem_next[l] = static_cast<acc_t>(0);
+    }
     at += column_stride;
     ++j;
   };
-  // g and detail_keep of kAhead pixels are loaded before the first is used, so a thread has
-  // that many loads in flight (a pixel past the row's end loads the last one again, unused)
-  constexpr int kAhead = 4;
+  // g and detail_keep of kAhead pixels, 4 values of each a thread (kLanes a load), are loaded
+  // before the first is used, so that they are in flight together (a pixel past the row's end
+  // loads the last one again, unused)
+  constexpr int kAhead = 4 / kLanes;
   const int last = (t.x1 - 1) * hi_sx;
   // sem_up's four tap values, loaded again only when the column taps move (every 4 pixels at
   // x4; the same x in every thread of a warp, so the branch is uniform)
   int taps_of = -1;
-  acc_t up00 = static_cast<acc_t>(0), up01 = up00, up10 = up00, up11 = up00;
+  acc_t up00[kLanes] = {}, up01[kLanes] = {}, up10[kLanes] = {}, up11[kLanes] = {};
   for (int x_start = t.x0, hi_start = t.x0 * hi_sx; x_start < t.x1; x_start += kAhead, hi_start += kAhead * hi_sx) {
-    acc_t grads[kAhead], keeps[kAhead];
+    Lanes grads[kAhead], keeps[kAhead];
     int hi = hi_start;
 #pragma unroll
     for (int k = 0; k < kAhead; ++k, hi += hi_sx) {
-      grads[k] = load_acc<scalar_t, acc_t>(grad_row, hi < last ? hi : last);
-      keeps[k] = load_acc<scalar_t, acc_t>(keep_row, hi < last ? hi : last);
+      grads[k] = load_vec<scalar_t, kLanes>(grad_row, hi < last ? hi : last);
+      keeps[k] = load_vec<scalar_t, kLanes>(keep_row, hi < last ? hi : last);
     }
     hi = hi_start;
 #pragma unroll
@@ -399,23 +409,36 @@ BISENET_HD void backward_walk_item(int item, int group, const BgaTile& t, const 
       const BgaWalkColumn<acc_t> column = columns[x - t.x0];
       while (j < column.i0) store_column();
       if (column.i0 != taps_of) {
-        up00 = load_acc<scalar_t, acc_t>(up_row0, column.lo0);
-        up01 = load_acc<scalar_t, acc_t>(up_row0, column.lo1);
-        up10 = load_acc<scalar_t, acc_t>(up_row0, up_second_row + column.lo0);
-        up11 = load_acc<scalar_t, acc_t>(up_row0, up_second_row + column.lo1);
+        const Lanes tap00 = load_vec<scalar_t, kLanes>(up_row0, column.lo0);
+        const Lanes tap01 = load_vec<scalar_t, kLanes>(up_row0, column.lo1);
+        const Lanes tap10 = load_vec<scalar_t, kLanes>(up_row0, up_second_row + column.lo0);
+        const Lanes tap11 = load_vec<scalar_t, kLanes>(up_row0, up_second_row + column.lo1);
+#pragma unroll
+        for (int l = 0; l < kLanes; ++l) {
+          up00[l] = static_cast<acc_t>(tap00.v[l]);
+          up01[l] = static_cast<acc_t>(tap01.v[l]);
+          up10[l] = static_cast<acc_t>(tap10.v[l]);
+          up11[l] = static_cast<acc_t>(tap11.v[l]);
+        }
         taps_of = column.i0;
       }
       Taps<acc_t> tx;  // the weights bilinear_combine reads
       tx.i0 = tx.i1 = column.i0;
       tx.w0 = column.w0;
       tx.w1 = column.w1;
-      acc_t up_value = bilinear_combine(ty, tx, up00, up01, up10, up11);
-      acc_t sem_grad;
-      grad_keep_row[hi] = static_cast<scalar_t>(pixel_values(grads[k], keeps[k], up_value, &sem_grad));
-      grad_here = fma_acc(column.here, grads[k], grad_here);
-      sem_here = fma_acc(column.here, sem_grad, sem_here);
-      grad_next = fma_acc(column.next, grads[k], grad_next);
-      sem_next = fma_acc(column.next, sem_grad, sem_next);
+      Lanes grad_keep;
+#pragma unroll
+      for (int l = 0; l < kLanes; ++l) {
+        const acc_t g = static_cast<acc_t>(grads[k].v[l]);
+        acc_t up_value = bilinear_combine(ty, tx, up00[l], up01[l], up10[l], up11[l]);
+        acc_t sem_grad;
+        grad_keep.v[l] = static_cast<scalar_t>(pixel_values(g, static_cast<acc_t>(keeps[k].v[l]), up_value, &sem_grad));
+        grad_here[l] = fma_acc(column.here, g, grad_here[l]);
+        sem_here[l] = fma_acc(column.here, sem_grad, sem_here[l]);
+        grad_next[l] = fma_acc(column.next, g, grad_next[l]);
+        sem_next[l] = fma_acc(column.next, sem_grad, sem_next[l]);
+      }
+      store_vec(grad_keep_row, hi, grad_keep);
     }
   }
   while (j < j_end) store_column();
@@ -533,6 +556,7 @@ inline int64_t row_buffer_elements(int owned_h, int tile_w, int group) {
 struct BgaBackwardPlan {
   int group;
   bool walk;  // channels_last: walk items instead of window and x-pass items
+  int lanes;  // channels a walk item takes (walk_lanes)
   int tile_h, tile_w;
   int window_capacity, row_capacity;  // elements of each window buffer, each row buffer
   int64_t shared_bytes;
@@ -547,6 +571,7 @@ inline void size_buffers(const BgaGeometry<acc_t>& geo, int group, bool walk, in
   const int owned_w = most_owned_span(geo.w, geo.W, geo.scale_x, tile_w);
   plan->group = group;
   plan->walk = walk;
+  plan->lanes = 1;  // walk_lanes, where the tensors are at hand
   plan->tile_h = tile_h;
   plan->tile_w = tile_w;
   plan->window_capacity = static_cast<int>(window_buffer_elements<acc_t>(owned_h, owned_w, group, walk));
@@ -588,8 +613,8 @@ template <typename acc_t>
 BISENET_HD int64_t tile_row_items(const BgaTile& t, const BgaGeometry<acc_t>& geo, int group) {
   return static_cast<int64_t>(reached_columns(t, geo)) * odd_pitch(t.y1 - t.y0) * group;
 }
-BISENET_HD int64_t tile_walk_items(const BgaTile& t, int group) {
-  return static_cast<int64_t>(t.y1 - t.y0) * group;
+BISENET_HD int64_t tile_walk_items(const BgaTile& t, int group, int lanes) {
+  return static_cast<int64_t>(t.y1 - t.y0) * (group / lanes);
 }
 template <typename acc_t>
 BISENET_HD int64_t tile_low_items(const BgaTile& t, const BgaGeometry<acc_t>& geo, int group) {
@@ -618,6 +643,14 @@ inline BgaPlanStatus plan_backward(const BgaGeometry<acc_t>& geo, int group, boo
   }
   size_buffers(geo, group, walk, tile_h, tile_w, plan);
   return plan->shared_bytes <= budget_bytes ? BgaPlanStatus::kOk : BgaPlanStatus::kOverBudget;
+}
+
+// Channels a walk item takes (the plan's lanes, set where the tensors are at hand): 2 for
+// 16-bit data in the channel groups of 16, where C is even and the walked tensors (grad_out,
+// detail_keep, grad_detail_keep, sem_up) start on 4 bytes, so every pair's vector is aligned;
+// else 1.
+inline int walk_lanes(const BgaBackwardPlan& plan, int64_t channels, int64_t element_size, bool aligned) {
+  return plan.walk && plan.group == 16 && channels % 2 == 0 && element_size == 2 && aligned ? 2 : 1;
 }
 
 }  // namespace bisenet

@@ -58,6 +58,6 @@ BgaForwardCall prepare_bga_forward(const at::Tensor& detail_keep, const at::Tens
                                    const at::Tensor& detail_down, const at::Tensor& sem_keep);
 BgaBackwardCall prepare_bga_backward(const at::Tensor& grad_out, const at::Tensor& detail_keep,
                                      const at::Tensor& sem_up, const at::Tensor& detail_down,
-                                     const at::Tensor& sem_keep, int64_t tile_h, int64_t tile_w);
+                                     const at::Tensor& sem_keep, int64_t tile_h, int64_t tile_w, int64_t lanes);
 
 }  // namespace bisenet

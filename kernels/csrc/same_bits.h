@@ -78,6 +78,17 @@ struct alignas(sizeof(T) * kVec) Vec {
   T v[kVec];
 };
 
+// ptr[offset], ... ptr[offset + kVec - 1] as one vector, the offset in 64 bits as load_acc's
+// (the backward walk's loads: with an int offset nvcc spent more address instructions).
+template <typename T, int kVec>
+BISENET_HD Vec<T, kVec> load_vec(const T* ptr, int64_t offset) {
+  return *reinterpret_cast<const Vec<T, kVec>*>(ptr + offset);
+}
+template <typename T, int kVec>
+BISENET_HD void store_vec(T* ptr, int64_t offset, const Vec<T, kVec>& value) {
+  *reinterpret_cast<Vec<T, kVec>*>(ptr + offset) = value;
+}
+
 // Host only: the order of the CPU loops' items. The CPU loops run each kernel phase's items
 // (and blocks) one after the other, ascending; with BISENET_CPU_ITEM_ORDER=reverse,
 // descending, and where a kernel runs two phases side by side with no barrier between them,
