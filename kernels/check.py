@@ -7,7 +7,7 @@ kernels.select("auto") runs the quick cases once per process (milliseconds) befo
 out the CUDA kernels, and falls back to the reference of an op that disagrees; .ci/gpu runs
 all of them under compute-sanitizer. Each case compares the op on float32 inputs with the
 reference computed in float64 from the same inputs: the relative L2 error of the result and
-of every input gradient must be within TOLERANCE.
+of every input gradient must be within TOLERANCE (TOLERANCE_16_BIT for the bfloat16 case).
 """
 import argparse
 import sys
@@ -21,6 +21,10 @@ from . import bga, loss
 # sums of at most a few hundred float32 terms; 1e-4 is several times those bounds, far below
 # what a wrong tap, a missed tile or a race gives (order 1e-2 and up).
 TOLERANCE = 1e-4
+# bfloat16 results rounded once, 2^-9 relative at most (1.7e-3 measured as the relative L2
+# error of the BGA kernels' outputs and gradients; 3.4e-3 down eager bfloat16's several
+# roundings, which the CPU test runs too): twice that, far below a wrong channel (order 1)
+TOLERANCE_16_BIT = 2.0 ** -7
 
 
 def relative_error(actual, expected):
@@ -52,15 +56,18 @@ def loss_case(name, n, classes, low, high, thresh, weighted=False, constant_plan
         fused.backward()
         exact.backward()
         return max(relative_error(fused, exact), relative_error(fused_logits.grad, exact_logits.grad))
-    return "loss", name, run
+    return "loss", name, run, TOLERANCE
 
 
-def bga_case(name, n, channels, high, low, channels_last):
+def bga_case(name, n, channels, high, low, channels_last, dtype=torch.float32):
+    """dtype bfloat16 with channels_last and an even C: the backward walks a channel pair an
+    item (bga_math.h: walk_lanes), the path bfloat16 training takes."""
     def run(device, generator):
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         shapes = [(n, channels, *high)] + [(n, channels, *low)] * 3
-        inputs = [torch.randn(shape, generator=generator).to(device).contiguous(memory_format=fmt) for shape in shapes]
-        grad_out = torch.randn(shapes[0], generator=generator).to(device)
+        inputs = [torch.randn(shape, generator=generator).to(device=device, dtype=dtype).contiguous(memory_format=fmt)
+                  for shape in shapes]
+        grad_out = torch.randn(shapes[0], generator=generator).to(device=device, dtype=dtype)
         fused_leaves = [t.clone().requires_grad_(True) for t in inputs]
         exact_leaves = [t.double().requires_grad_(True) for t in inputs]
         fused = bga.bga_aggregate(*fused_leaves)
@@ -69,7 +76,7 @@ def bga_case(name, n, channels, high, low, channels_last):
         exact.backward(grad_out.double())
         return max([relative_error(fused, exact)] +
                    [relative_error(a.grad, b.grad) for a, b in zip(fused_leaves, exact_leaves)])
-    return "bga", name, run
+    return "bga", name, run, TOLERANCE if dtype == torch.float32 else TOLERANCE_16_BIT
 
 
 QUICK = [
@@ -80,6 +87,8 @@ QUICK = [
               constant_planes=True),
     bga_case("BGA 2x3x33x35 from 9x9 NCHW", 2, 3, (33, 35), (9, 9), False),
     bga_case("BGA 2x20x33x35 from 9x9 NHWC", 2, 20, (33, 35), (9, 9), True),
+    bga_case("BGA 2x20x33x35 from 9x9 NHWC bf16 (a channel pair a walk item)", 2, 20, (33, 35), (9, 9), True,
+             torch.bfloat16),
 ]
 # and the sizes where the tiling once overflowed its shared memory (257 from 65), odd
 # factors, a downscale: each kernel's edges, for compute-sanitizer
@@ -114,15 +123,15 @@ def run_cases(device, cases=QUICK, seed=0, report=None):
         extension.use_cuda_kernel = True
     results = []
     try:
-        for op, name, run in cases:
+        for op, name, run, tolerance in cases:
             generator = torch.Generator().manual_seed(seed)
             try:
                 error = run(device, generator)
             except Exception as e:  # a launch failure is a disagreement too
                 results.append((op, name, None, f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"))
             else:
-                bad = not error <= TOLERANCE  # NaN is bad
-                results.append((op, name, error, f"relative error {error:.2e} > {TOLERANCE:.0e}" if bad else ""))
+                bad = not error <= tolerance  # NaN is bad
+                results.append((op, name, error, f"relative error {error:.2e} > {tolerance:.0e}" if bad else ""))
             if report is not None:
                 report(results[-1])
     finally:

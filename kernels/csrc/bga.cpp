@@ -15,10 +15,10 @@
 // tile_h / tile_w (low-res pixels) override the backward's tiling (0: automatic); the
 // tests use them to put tile borders everywhere. lanes: the channels a channels_last walk
 // item takes, 0 walk_lanes' choice (bga_math.h), 1 one, 2 two (an error where walk_lanes
-// would not take two); the tests and kernels.bench --tiles compare them. The backward's plan (tile, buffer
-// capacities, shared bytes, channels per block, walk or window and the walk's lanes; bga_math.h) and its rim
-// workspace are made here once for both devices, so a tiling
-// over the kernel's shared-memory budget is the same error on the CPU as on the GPU;
+// would not take two); the tests and kernels.bench --tiles compare them. The backward's
+// plan (tile, buffer capacities, shared bytes, channels per block, walk or window, the
+// walk's lanes; bga_math.h) and its rim workspace are made here once for both devices, so a
+// tiling over the kernel's shared-memory budget is the same error on the CPU as on the GPU;
 // bga_backward_plan shows it (size = (N, C, H, W), low_size = (h, w)) with the most
 // elements any tile of it needs and how many low-res pixels are written (by the tiles inside
 // their grid lines, then by the rim pass: each once, h * w), for the tests' sweep of sizes.

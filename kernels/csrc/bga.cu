@@ -60,7 +60,8 @@ __global__ void __launch_bounds__(kThreads) bga_forward_kernel(
 // channels_last), which turns the item loops' divisions by it into shifts. kWalk:
 // channels_last's walk items instead of the window and x-pass items, each of kLanes channels
 // (walk_lanes). At 2 lanes the registers are held to 64, as one lane needs anyway, so that 4
-// blocks fit an SM (the tile's 46 KiB of shared memory allow 4).
+// blocks fit an SM (the tile's 46 KiB of shared memory allow 4); at 1 no minimum (0), as
+// before (a minimum of 1 cost the NCHW kernel 14 registers).
 template <typename scalar_t, typename acc_t, int kGroup, bool kWalk, int kLanes>
 __global__ void __launch_bounds__(kThreads, kLanes == 2 ? 4 : 0) bga_backward_kernel(
     BgaGeometry<acc_t> geo, BgaBackwardData<scalar_t> data, TileRim<acc_t> rim, int runtime_group,
