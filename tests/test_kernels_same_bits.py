@@ -1,9 +1,9 @@
 """The kernels compute the same bits on the host and on the device (kernels/csrc/same_bits.h).
 
 CPU: the error of same_bits.h's exp, log and sigmoid against higher-precision references,
-its integer divider against exact division; the BGA and loss backwards' plans (tile, shared-memory capacities) against what every tile
-of them needs, swept over sizes; a tiling over the shared-memory budget fails on the CPU as it would
-at launch. GPU (marked gpu): the CUDA kernels and the C++ CPU loops give identical results,
+its integer divider against exact division; the BGA and loss backwards' plans (tile,
+shared-memory capacities) against what every tile of them needs, swept over sizes; a tiling
+over the shared-memory budget fails on the CPU as it would at launch. GPU (marked gpu): the CUDA kernels and the C++ CPU loops give identical results,
 bit for bit, for the math functions, the divider, the BGA and the loss, on odd sizes.
 """
 import math

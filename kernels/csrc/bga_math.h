@@ -15,8 +15,9 @@
 //      and g * detail_keep * s * (1 - s), s = sigmoid(up(sem_up)), summed along x into
 //      the low-res columns the tile reaches (the "row buffer"). NCHW: window items (one
 //      per pixel, consecutive threads along x, into the window buffer), then x-pass items
-//      (per row and low-res column). channels_last: walk items, one per (row, channel)
-//      walking along the row (consecutive threads along C), with the column sums in
+//      (per row and low-res column). channels_last: walk items, one per (row, channel),
+//      or (row, channel pair) in 16-bit types (walk_lanes), walking along the row
+//      (consecutive threads along C), with the column sums in
 //      registers, so there is no window buffer (its room holds the tile's column table)
 //      and the tile can be large;
 //   2. y-pass items: per low-res pixel the tile reaches, the weighted sum along y, then the
