@@ -158,9 +158,12 @@ void backward_cpu_typed(const BgaBackwardCall& call) {
   std::vector<acc_t> window_sem_grad(window_grad.size());
   std::vector<acc_t> row_grad(static_cast<size_t>(plan.row_capacity));
   std::vector<acc_t> row_sem_grad(row_grad.size());
-  // the walk's column table, in the kernel the window buffers' room (window_capacity checks it)
+  // the walk's column table and step 2's tables, in the kernel the window buffers' room
+  // (window_capacity checks them)
   std::vector<BgaWalkColumn<acc_t>> walk_columns(
       plan.walk ? static_cast<size_t>(plan.window_capacity / walk_column_elements<acc_t>()) : 0);
+  std::vector<BgaYRow<acc_t>> y_table(static_cast<size_t>(2 * plan.window_capacity * sizeof(acc_t) /
+                                                          sizeof(BgaYRow<acc_t>) + 1));
   const BgaBackwardData<scalar_t> data = backward_data<scalar_t>(call);
   const TileRim<acc_t> rim = backward_rim<acc_t>(call);
   const int groups = (geo.C + group - 1) / group;
@@ -175,9 +178,12 @@ void backward_cpu_typed(const BgaBackwardCall& call) {
         std::fill(buffer->begin(), buffer->end(), std::numeric_limits<acc_t>::quiet_NaN());
     const int64_t window_items = tile_window_items<acc_t>(t, group, plan.walk);
     const int64_t row_items = tile_row_items(t, geo, group);
-    TORCH_CHECK(window_items <= plan.window_capacity && row_items <= plan.row_capacity, "bga_backward: tile (",
-                t.tile_y, ", ", t.tile_x, ") needs ", window_items, " window and ", row_items,
-                " row elements, the plan has room for ", plan.window_capacity, " and ", plan.row_capacity);
+    const int64_t table_elements = y_table_elements<acc_t>(t.y1 - t.y0, reached_rows(t, geo));
+    TORCH_CHECK(window_items <= plan.window_capacity && table_elements <= plan.window_capacity &&
+                    row_items <= plan.row_capacity,
+                "bga_backward: tile (", t.tile_y, ", ", t.tile_x, ") needs ", std::max(window_items, table_elements),
+                " window and ", row_items, " row elements, the plan has room for ", plan.window_capacity, " and ",
+                plan.row_capacity);
     if (plan.walk) {
       if (reversed)  // as unwritten shared memory: 0xFF bytes (i0 -1, weights NaN)
         std::memset(static_cast<void*>(walk_columns.data()), 0xFF, walk_columns.size() * sizeof(walk_columns[0]));
@@ -201,9 +207,13 @@ void backward_cpu_typed(const BgaBackwardCall& call) {
                                    row_grad.data(), row_sem_grad.data());
       });
     }
+    if (reversed)  // as unwritten shared memory
+      std::memset(static_cast<void*>(y_table.data()), 0xFF, y_table.size() * sizeof(y_table[0]));
+    for_items(tile_y_table_items(t, geo), reversed,
+              [&](int64_t item) { y_table_item(static_cast<int>(item), t, geo, y_table.data()); });
     for_items(tile_low_items(t, geo, group), reversed, [&](int64_t item) {
-      backward_ypass_item<scalar_t, acc_t>(static_cast<int>(item), group, t, geo, row_grad.data(), row_sem_grad.data(),
-                                           data, rim);
+      backward_ypass_item<scalar_t, acc_t>(static_cast<int>(item), group, t, geo, y_table.data(), row_grad.data(),
+                                           row_sem_grad.data(), data, rim);
     });
   });
   for_items(geo.N * rim_pixels(rim, geo.h, geo.w) * geo.C, reversed,
@@ -334,7 +344,8 @@ std::vector<int64_t> bga_backward_plan_impl(at::IntArrayRef size, at::IntArrayRe
     for (int tile_y = 0; tile_y * plan.tile_h < geo.h; ++tile_y)
       for (int tile_x = 0; tile_x * plan.tile_w < geo.w; ++tile_x) {
         const BgaTile t = make_tile(geo, 0, 0, plan.group, tile_y, tile_x, plan.tile_h, plan.tile_w);
-        most_window = std::max(most_window, tile_window_items<acc_t>(t, plan.group, plan.walk));
+        most_window = std::max({most_window, tile_window_items<acc_t>(t, plan.group, plan.walk),
+                                y_table_elements<acc_t>(t.y1 - t.y0, reached_rows(t, geo))});
         most_row = std::max(most_row, tile_row_items(t, geo, plan.group));
         written += tile_finished_pixels(reached_rows(t, geo), reached_columns(t, geo), plan.tile_h, plan.tile_w);
       }

@@ -93,9 +93,13 @@ __global__ void __launch_bounds__(kThreads, kLanes == 2 ? 4 : 0) bga_backward_ke
       backward_xpass_item<acc_t>(item, group, t, geo, window_grad, window_sem_grad, row_grad, row_sem_grad);
   }
   __syncthreads();
+  BgaYRow<acc_t>* y_rows = reinterpret_cast<BgaYRow<acc_t>*>(shared_bytes);  // the window's room, free now
+  const int y_table_items = tile_y_table_items(t, geo);
+  for (int item = threadIdx.x; item < y_table_items; item += blockDim.x) y_table_item(item, t, geo, y_rows);
+  __syncthreads();
   const int low_items = static_cast<int>(tile_low_items(t, geo, group));
   for (int item = threadIdx.x; item < low_items; item += blockDim.x)
-    backward_ypass_item<scalar_t, acc_t>(item, group, t, geo, row_grad, row_sem_grad, data, rim);
+    backward_ypass_item<scalar_t, acc_t>(item, group, t, geo, y_rows, row_grad, row_sem_grad, data, rim);
 }
 
 // Backward, kernel 2: one thread per low-res pixel on a grid line and channel.

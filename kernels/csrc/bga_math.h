@@ -20,8 +20,10 @@
 //      (consecutive threads along C), with the column sums in
 //      registers, so there is no window buffer (its room holds the tile's column table)
 //      and the tile can be large;
-//   2. y-pass items: per low-res pixel the tile reaches, the weighted sum along y, then the
-//      three low-res gradients, or on a grid line the rim's two partial sums;
+//   2. y-table items (per owned row its weights, per reached low-res row its rows, into
+//      the window buffers' room), then y-pass items: per low-res pixel the tile reaches, the
+//      weighted sum along y, then the three low-res gradients, or on a grid line the rim's
+//      two partial sums;
 //   then, over the whole plane, rim items: per low-res pixel on a grid line, the sum of the
 //   tiles' partial sums, then the three gradients.
 // A column's sum runs along x in the same order in both layouts (the same fma_acc
@@ -445,13 +447,77 @@ BISENET_HD void backward_walk_item(int item, int group, const BgaTile& t, const 
   while (j < j_end) store_column();
 }
 
+// Step 2's tables, made once a tile after step 1 in the window buffers' room (free then in
+// both layouts; bga.cu: a barrier before and after): per owned row y0 + r, its first tap row
+// and tap_weight there and at the next row (as the walk's column table: the y-pass took
+// tap_weight(bilinear_taps(y), i) for every row of every low-res pixel), then per low-res row
+// ly0 + ii the tile reaches, the owned rows that reach it (first_dst_with_tap_at_least's two
+// searches, once a row where the y-pass made them once a pixel and channel).
+template <typename acc_t>
+struct alignas(16) BgaYRow {
+  int i0;            // the first row tap
+  acc_t here, next;  // tap_weight at low-res rows i0 and i0 + 1
+};
+
+struct BgaYRange {
+  int begin, end;  // the owned rows [begin, end) reach the low-res row
+};
+
+// The ranges follow the rows' entries.
+template <typename acc_t>
+BISENET_HD BgaYRange* y_ranges(BgaYRow<acc_t>* rows, int owned_rows) {
+  return reinterpret_cast<BgaYRange*>(rows + owned_rows);
+}
+template <typename acc_t>
+BISENET_HD const BgaYRange* y_ranges(const BgaYRow<acc_t>* rows, int owned_rows) {
+  return reinterpret_cast<const BgaYRange*>(rows + owned_rows);
+}
+
+// The acc_t elements of each of the two window buffers the tables of owned_rows rows and
+// reached low-res rows take.
+template <typename acc_t>
+BISENET_HD int64_t y_table_elements(int owned_rows, int reached) {
+  const int64_t bytes = static_cast<int64_t>(owned_rows) * static_cast<int64_t>(sizeof(BgaYRow<acc_t>)) +
+                        static_cast<int64_t>(reached) * static_cast<int64_t>(sizeof(BgaYRange));
+  const int64_t per_element = 2 * static_cast<int64_t>(sizeof(acc_t));
+  return (bytes + per_element - 1) / per_element;
+}
+
+template <typename acc_t>
+BISENET_HD int tile_y_table_items(const BgaTile& t, const BgaGeometry<acc_t>& geo) {
+  return (t.y1 - t.y0) + reached_rows(t, geo);
+}
+
+// item < owned rows: that row's entry; then item - owned rows = ii: low-res row ly0 + ii's range.
+template <typename acc_t>
+BISENET_HD void y_table_item(int item, const BgaTile& t, const BgaGeometry<acc_t>& geo, BgaYRow<acc_t>* rows) {
+  const int owned_rows = t.y1 - t.y0;
+  if (item < owned_rows) {
+    const Taps<acc_t> ty = bilinear_taps<acc_t>(t.y0 + item, geo.h, geo.scale_y);
+    BgaYRow<acc_t> row;
+    row.i0 = ty.i0;
+    row.here = tap_weight(ty, ty.i0);
+    row.next = tap_weight(ty, ty.i0 + 1);
+    rows[item] = row;
+    return;
+  }
+  const int i = t.ly0 + item - owned_rows;
+  const int begin = first_dst_with_tap_at_least(i - 1, geo.h, geo.H, geo.scale_y);
+  const int end = first_dst_with_tap_at_least(i + 1, geo.h, geo.H, geo.scale_y);
+  BgaYRange range;
+  range.begin = begin > t.y0 ? begin : t.y0;
+  range.end = end < t.y1 ? end : t.y1;
+  y_ranges(rows, owned_rows)[item - owned_rows] = range;
+}
+
 // Step 2, y-pass items: item = ((ii * reached_columns) + k) * group + slot, low-res pixel
 // (ly0 + ii, lx0 + k), ii < reached_rows: the row buffers' sums along y over the owned
 // rows that reach it; inside the grid lines the three gradients, on them the rim's
-// partial sums.
+// partial sums. The rows [first(i - 1), first(i + 1)) have their first tap at i - 1 or i,
+// so the weight at i is the table's next or here: tap_weight(taps(y), i), the same bits.
 template <typename scalar_t, typename acc_t>
 BISENET_HD void backward_ypass_item(int item, int group, const BgaTile& t, const BgaGeometry<acc_t>& geo,
-                                    const acc_t* row_grad, const acc_t* row_sem_grad,
+                                    const BgaYRow<acc_t>* rows, const acc_t* row_grad, const acc_t* row_sem_grad,
                                     const BgaBackwardData<scalar_t>& d, const TileRim<acc_t>& rim) {
   int slot = item % group;
   if (slot >= t.channels) return;
@@ -461,13 +527,12 @@ BISENET_HD void backward_ypass_item(int item, int group, const BgaTile& t, const
   int ii = rest / columns;
   int i = t.ly0 + ii;
   int column_pitch = odd_pitch(t.y1 - t.y0);
-  int y_begin = first_dst_with_tap_at_least(i - 1, geo.h, geo.H, geo.scale_y);
-  int y_end = first_dst_with_tap_at_least(i + 1, geo.h, geo.H, geo.scale_y);
-  y_begin = y_begin > t.y0 ? y_begin : t.y0;
-  y_end = y_end < t.y1 ? y_end : t.y1;
+  const BgaYRange range = y_ranges(rows, t.y1 - t.y0)[ii];
   acc_t up_t_grad = static_cast<acc_t>(0), up_t_sem_grad = static_cast<acc_t>(0);
-  for (int y = y_begin; y < y_end; ++y) {
-    acc_t weight = tap_weight(bilinear_taps<acc_t>(y, geo.h, geo.scale_y), i);
+#pragma unroll 4  // (nvcc unrolled it 16 times: 8 more registers in the NCHW kernel, no fewer instructions)
+  for (int y = range.begin; y < range.end; ++y) {
+    const BgaYRow<acc_t> row = rows[y - t.y0];
+    const acc_t weight = row.i0 == i ? row.here : row.next;
     int at = (k * column_pitch + (y - t.y0)) * group + slot;
     up_t_grad = fma_acc(weight, row_grad[at], up_t_grad);
     up_t_sem_grad = fma_acc(weight, row_sem_grad[at], up_t_sem_grad);
@@ -575,7 +640,10 @@ inline void size_buffers(const BgaGeometry<acc_t>& geo, int group, bool walk, in
   plan->lanes = 1;  // walk_lanes, where the tensors are at hand
   plan->tile_h = tile_h;
   plan->tile_w = tile_w;
-  plan->window_capacity = static_cast<int>(window_buffer_elements<acc_t>(owned_h, owned_w, group, walk));
+  // step 1's buffers (NCHW's window, the walk's column table), then step 2's tables in their room
+  const int64_t step1 = window_buffer_elements<acc_t>(owned_h, owned_w, group, walk);
+  const int64_t step2 = y_table_elements<acc_t>(owned_h, tile_h + 1);
+  plan->window_capacity = static_cast<int>(step1 > step2 ? step1 : step2);
   plan->row_capacity = static_cast<int>(row_buffer_elements(owned_h, tile_w, group));
   plan->shared_bytes = 2 * (static_cast<int64_t>(plan->window_capacity) + plan->row_capacity) *
                        static_cast<int64_t>(sizeof(acc_t));
