@@ -120,6 +120,11 @@ void forward_cpu_typed(const BgaForwardCall& call) {
   });
 }
 
+// Whether t's data starts on a multiple of `bytes` (a vector of that size reads it aligned).
+bool starts_on(const at::Tensor& t, int64_t bytes) {
+  return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % bytes == 0;
+}
+
 // The walk's lanes for the op's `lanes` argument (see the file comment): 0 walk_lanes' choice,
 // 1, or 2 where walk_lanes would take two.
 int chosen_lanes(const char* op, const BgaBackwardPlan& plan, int64_t lanes, int64_t channels, int64_t element_size,
@@ -177,13 +182,11 @@ void backward_cpu_typed(const BgaBackwardCall& call) {
       for (std::vector<acc_t>* buffer : {&window_grad, &window_sem_grad, &row_grad, &row_sem_grad})
         std::fill(buffer->begin(), buffer->end(), std::numeric_limits<acc_t>::quiet_NaN());
     const int64_t window_items = tile_window_items<acc_t>(t, group, plan.walk);
+    const int64_t room = tile_room_elements(t, geo, group, plan.walk);
     const int64_t row_items = tile_row_items(t, geo, group);
-    const int64_t table_elements = y_table_elements<acc_t>(t.y1 - t.y0, reached_rows(t, geo));
-    TORCH_CHECK(window_items <= plan.window_capacity && table_elements <= plan.window_capacity &&
-                    row_items <= plan.row_capacity,
-                "bga_backward: tile (", t.tile_y, ", ", t.tile_x, ") needs ", std::max(window_items, table_elements),
-                " window and ", row_items, " row elements, the plan has room for ", plan.window_capacity, " and ",
-                plan.row_capacity);
+    TORCH_CHECK(room <= plan.window_capacity && row_items <= plan.row_capacity, "bga_backward: tile (", t.tile_y,
+                ", ", t.tile_x, ") needs ", room, " window and ", row_items, " row elements, the plan has room for ",
+                plan.window_capacity, " and ", plan.row_capacity);
     if (plan.walk) {
       if (reversed)  // as unwritten shared memory: 0xFF bytes (i0 -1, weights NaN)
         std::memset(static_cast<void*>(walk_columns.data()), 0xFF, walk_columns.size() * sizeof(walk_columns[0]));
@@ -239,13 +242,10 @@ BgaForwardCall prepare_bga_forward(const at::Tensor& detail_keep, const at::Tens
   // a vector touches starts on one (sem_up and gated only in channels_last, where they are
   // read as vectors too: 32 bytes of float for 8 bf16)
   const int64_t vector = 16 / detail_keep.element_size();
-  const auto aligned = [](const at::Tensor& t, int64_t bytes) {
-    return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % bytes == 0;
-  };
   const int64_t fastest = call.channels_last ? detail_keep.size(1) : detail_keep.size(3);
-  bool vectorise = fastest % vector == 0 && aligned(call.detail_keep, 16) && aligned(call.out, 16);
+  bool vectorise = fastest % vector == 0 && starts_on(call.detail_keep, 16) && starts_on(call.out, 16);
   if (call.channels_last)
-    vectorise = vectorise && aligned(call.sem_up, 16) && aligned(call.gated, vector * call.gated.element_size());
+    vectorise = vectorise && starts_on(call.sem_up, 16) && starts_on(call.gated, vector * call.gated.element_size());
   call.vector = vectorise ? static_cast<int>(vector) : 1;
   return call;
 }
@@ -291,10 +291,9 @@ BgaBackwardCall prepare_bga_backward(const at::Tensor& grad_out, const at::Tenso
                                                    call.sem_up.sizes().data(), call.sem_up.strides().data()),
                               group, call.channels_last, tile_h, tile_w);
   });
-  const auto on_4_bytes = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 4 == 0; };
   call.plan.lanes = chosen_lanes("bga_backward", call.plan, lanes, detail_keep.size(1), detail_keep.element_size(),
-                                 on_4_bytes(call.grad_out) && on_4_bytes(call.detail_keep) &&
-                                     on_4_bytes(call.grad_detail_keep) && on_4_bytes(call.sem_up));
+                                 starts_on(call.grad_out, 4) && starts_on(call.detail_keep, 4) &&
+                                     starts_on(call.grad_detail_keep, 4) && starts_on(call.sem_up, 4));
   const at::ScalarType acc = detail_keep.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   call.rim = at::empty({tile_rim_elements(kBgaRimValues, static_cast<int>(sem_up.size(0)), static_cast<int>(sem_up.size(1)),
                                           static_cast<int>(sem_up.size(2)), static_cast<int>(sem_up.size(3)),
@@ -344,8 +343,7 @@ std::vector<int64_t> bga_backward_plan_impl(at::IntArrayRef size, at::IntArrayRe
     for (int tile_y = 0; tile_y * plan.tile_h < geo.h; ++tile_y)
       for (int tile_x = 0; tile_x * plan.tile_w < geo.w; ++tile_x) {
         const BgaTile t = make_tile(geo, 0, 0, plan.group, tile_y, tile_x, plan.tile_h, plan.tile_w);
-        most_window = std::max({most_window, tile_window_items<acc_t>(t, plan.group, plan.walk),
-                                y_table_elements<acc_t>(t.y1 - t.y0, reached_rows(t, geo))});
+        most_window = std::max(most_window, tile_room_elements(t, geo, plan.group, plan.walk));
         most_row = std::max(most_row, tile_row_items(t, geo, plan.group));
         written += tile_finished_pixels(reached_rows(t, geo), reached_columns(t, geo), plan.tile_h, plan.tile_w);
       }

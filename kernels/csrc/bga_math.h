@@ -678,6 +678,13 @@ BISENET_HD int64_t tile_window_items(const BgaTile& t, int group, bool walk) {
   return walk ? static_cast<int64_t>(t.x1 - t.x0) * walk_column_elements<acc_t>()
               : static_cast<int64_t>(t.y1 - t.y0) * odd_pitch(t.x1 - t.x0) * group;
 }
+// What a tile takes of each window buffer: step 1's items, then step 2's tables in their room.
+template <typename acc_t>
+inline int64_t tile_room_elements(const BgaTile& t, const BgaGeometry<acc_t>& geo, int group, bool walk) {
+  const int64_t step1 = tile_window_items<acc_t>(t, group, walk);
+  const int64_t step2 = y_table_elements<acc_t>(t.y1 - t.y0, reached_rows(t, geo));
+  return step1 > step2 ? step1 : step2;
+}
 template <typename acc_t>
 BISENET_HD int64_t tile_row_items(const BgaTile& t, const BgaGeometry<acc_t>& geo, int group) {
   return static_cast<int64_t>(reached_columns(t, geo)) * odd_pitch(t.y1 - t.y0) * group;
