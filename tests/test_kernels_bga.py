@@ -283,7 +283,9 @@ def test_cpu_loop_rejects_mismatched_dtype(extension):
 
 
 @pytest.mark.parametrize("high, low, pattern", [
-    ((1, 2, 4, 2**30), (1, 2, 1, 2**28), r"rows of about 2\^31 elements \(C \* W\) or more are not supported"),
+    ((1, 2, 4, 2**30), (1, 2, 1, 2**28), r"rows of about 2\^31 elements \(C \* W, or 2 C \* w in sem_up\)"),
+    # sem_up's two tap rows: (2 w - 1) C past the first's start, where w C alone fits
+    ((1, 2, 2, 2**29), (1, 2, 1, 2**29), r"rows of about 2\^31 elements \(C \* W, or 2 C \* w in sem_up\)"),
     ((1, 1, 2**16, 2**15), (1, 1, 2**14, 2**13), r"planes of 2\^31 elements \(H \* W\) or more are not supported"),
 ])
 def test_cpu_loop_backward_rejects_sizes_past_32_bit_offsets(extension, high, low, pattern):

@@ -261,10 +261,12 @@ BgaBackwardCall prepare_bga_backward(const at::Tensor& grad_out, const at::Tenso
   TORCH_CHECK(grad_out.device() == detail_keep.device(), "bga_backward: grad_out is on ", grad_out.device(),
               " but detail_keep is on ", detail_keep.device());
   TORCH_CHECK(tile_h >= 0 && tile_w >= 0, "bga_backward: tile sizes must be >= 0, got ", tile_h, "x", tile_w);
-  // the walk's 32-bit offsets within a row run up to 4 pixels past its end
+  // the walk's 32-bit offsets: within a high-res row up to 4 pixels past its end, and in
+  // sem_up from its first tap row's start to the second row's last column, (2 w - 1) C
   TORCH_CHECK(detail_keep.size(1) * (detail_keep.size(3) + 4) < (int64_t{1} << 31) &&
-                  sem_up.size(1) * sem_up.size(3) < (int64_t{1} << 31),
-              "bga_backward: rows of about 2^31 elements (C * W) or more are not supported, got ", detail_keep.sizes());
+                  2 * sem_up.size(1) * sem_up.size(3) < (int64_t{1} << 31),
+              "bga_backward: rows of about 2^31 elements (C * W, or 2 C * w in sem_up) or more are not supported, got ",
+              detail_keep.sizes(), " and ", sem_up.sizes());
   // NCHW's window items: 32-bit offsets within a plane
   TORCH_CHECK(detail_keep.size(2) * detail_keep.size(3) < (int64_t{1} << 31) &&
                   sem_up.size(2) * sem_up.size(3) < (int64_t{1} << 31),
