@@ -283,7 +283,7 @@ def test_cpu_loop_rejects_mismatched_dtype(extension):
 
 
 @pytest.mark.parametrize("high, low, pattern", [
-    ((1, 2, 4, 2**30), (1, 2, 1, 2**28), r"rows of about 2\^31 elements \(C \* W, or 2 C \* w in sem_up\)"),
+    ((1, 2**16, 4, 2**15), (1, 2**16, 1, 2**13), r"rows of about 2\^31 elements \(C \* W, or 2 C \* w in sem_up\)"),
     # sem_up's two tap rows: (2 w - 1) C past the first's start, where w C alone fits
     ((1, 2, 2, 2**29), (1, 2, 1, 2**29), r"rows of about 2\^31 elements \(C \* W, or 2 C \* w in sem_up\)"),
     ((1, 1, 2**16, 2**15), (1, 1, 2**14, 2**13), r"planes of 2\^31 elements \(H \* W\) or more are not supported"),
@@ -295,6 +295,46 @@ def test_cpu_loop_backward_rejects_sizes_past_32_bit_offsets(extension, high, lo
         return torch.zeros(1, 1, 1, 1).expand(*shape)
     with pytest.raises(RuntimeError, match=pattern):
         extension.bga_backward(big(high), big(high), big(low), big(low), big(low))
+
+
+@pytest.mark.parametrize("high, low", [((1, 1, 1, 2**30), (1, 1, 1, 2)), ((1, 1, 2, 2), (1, 1, 2**30, 1)),
+                                       ((2**30, 1, 1, 1), (2**30, 1, 1, 1))])
+def test_cpu_loop_rejects_sides_of_2_30(extension, high, low):
+    # the geometry's and the tiles' int arithmetic (W = 2^31 made the scale negative: a wrong
+    # output, no error); expanded scalars, nothing allocated
+    def big(shape):
+        return torch.zeros(1, 1, 1, 1).expand(*shape)
+    pattern = r"sides of 2\^30 or more are not supported"
+    with pytest.raises(RuntimeError, match=pattern):
+        extension.bga_forward(big(high), big(low), big(low), big(low))
+    with pytest.raises(RuntimeError, match=pattern):
+        extension.bga_backward(big(high), big(high), big(low), big(low), big(low))
+    with pytest.raises(RuntimeError, match=pattern):
+        extension.bga_backward_plan(list(high), list(low[2:]), True, torch.float32)
+
+
+@pytest.mark.parametrize("tile", [(2**20, 1), (1, 2**31 - 1), (-1, 0)])
+def test_cpu_loop_rejects_tiles_outside_2_20(extension, tile):
+    # a tile side of 2^31 - 1 wrapped the rim's entries and the tile counts (a crash)
+    inputs = random_inputs((1, 16, 8, 8), (2, 2), channels_last=True)
+    with pytest.raises(RuntimeError, match=r"tile sizes must be in \[0, 2\^20\)"):
+        extension.bga_backward(torch.ones_like(inputs[0]), *inputs, *tile)
+    with pytest.raises(RuntimeError, match=r"tile sizes must be in \[0, 2\^20\)"):
+        extension.bga_backward_plan([1, 16, 8, 8], [2, 2], True, torch.float64, *tile)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cpu_loop_ignores_the_stride_of_a_size_1_dimension(extension, channels_last):
+    # PyTorch calls a tensor dense whatever stride its size-1 dimensions carry; the walk's loads
+    # ahead step past W = 1 (a stride of 2^31 made that offset negative: a wild read)
+    inputs = random_inputs((2, 16, 8, 1), (2, 1), channels_last=channels_last)
+    odd = [torch.as_strided(t, t.shape, t.stride()[:3] + (2**31,)) for t in inputs]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    grad_out = torch.randn(2, 16, 8, 1, dtype=torch.float64).contiguous(memory_format=fmt)
+    torch.testing.assert_close(extension.bga_forward(*odd), bga.bga_aggregate_reference(*inputs), rtol=1e-12, atol=1e-12)
+    for grad, want in zip(extension.bga_backward(grad_out, *odd),
+                          bga.bga_aggregate_backward_reference(grad_out, *inputs)):
+        torch.testing.assert_close(grad, want, rtol=1e-12, atol=1e-12)
 
 
 # ---------------------------------------------------------------------------------------

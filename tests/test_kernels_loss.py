@@ -1081,6 +1081,28 @@ def test_cpu_loop_rejects_bad_inputs(extension):
         extension.upsample_ce_backward(loss, logits, labels, lse.float(), 255)
 
 
+@pytest.mark.parametrize("high, low", [((1, 2**30, 1), (1, 2, 1, 1)), ((1, 1, 1), (1, 1, 1, 2**30))])
+def test_cpu_loop_rejects_sides_of_2_30(extension, high, low):
+    # a band added to a side near 2^31 wrapped (a tile loop that never ended); expanded
+    # scalars, nothing allocated
+    labels = torch.zeros(1, 1, 1, dtype=torch.uint8).expand(*high)
+    logits = torch.zeros(1, 1, 1, 1).expand(*low)
+    pattern = r"sides of 2\^30 or more are not supported"
+    for call in (lambda: extension.upsample_ce_forward(logits, labels, 255),
+                 lambda: extension.upsample_ce_forward_grad(logits, labels, 255),
+                 lambda: extension.upsample_ce_forward_plan([1, 2, *high[1:]], list(low[2:]), torch.float32),
+                 lambda: extension.upsample_ce_backward_plan([1, 2, *high[1:]], list(low[2:]), torch.float32)):
+        with pytest.raises(RuntimeError, match=pattern):
+            call()
+
+
+def test_forward_grad_plan_where_band_times_width_passes_2_32(extension):
+    # the automatic chunk's bound, band x W, in 64 bits: in int it wrapped to 0, a division by
+    # zero that killed the process; now the plan's own error (no tile fits such rows)
+    with pytest.raises(RuntimeError, match=r"a tile of 1x1 low-res pixels \(64x1 to 16x67108864\) needs"):
+        extension.upsample_ce_backward_plan([1, 19, 16, 2**26], [64, 1], torch.float32, forward=True)
+
+
 # --- GPU: the CUDA kernels ------------------------------------------------------------
 
 def cuda_case(n, c, low, high, seed, ignore_frac=0.2, scale=3.0):

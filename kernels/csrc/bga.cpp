@@ -46,6 +46,19 @@ namespace {
 
 using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
+// Every side below kSideLimit (bilinear.h): the geometry's and the tiles' int arithmetic stays
+// below 2^31.
+void check_sides(const char* op, at::IntArrayRef high, at::IntArrayRef low) {
+  TORCH_CHECK(sides_below_limit(high) && sides_below_limit(low), op, ": sides of 2^30 or more are not supported, got ",
+              high, " and ", low);
+}
+
+// Explicit tile sides (0: the plan's) below kTileLimit.
+void check_tiles(const char* op, int64_t tile_h, int64_t tile_w) {
+  TORCH_CHECK(tile_h >= 0 && tile_w >= 0 && tile_h < kTileLimit && tile_w < kTileLimit, op,
+              ": tile sizes must be in [0, 2^20), got ", tile_h, "x", tile_w);
+}
+
 void check_inputs(const char* op, const at::Tensor& detail_keep, const at::Tensor& sem_up,
                   const at::Tensor& detail_down, const at::Tensor& sem_keep) {
   const at::Tensor* low[] = {&sem_up, &detail_down, &sem_keep};
@@ -68,6 +81,7 @@ void check_inputs(const char* op, const at::Tensor& detail_keep, const at::Tenso
     TORCH_CHECK(t.device() == detail_keep.device(), op, ": ", low_names[i], " is on ", t.device(),
                 " but detail_keep is on ", detail_keep.device());
   }
+  check_sides(op, detail_keep.sizes(), sem_up.sizes());
 }
 
 at::MemoryFormat output_format(const at::Tensor& detail_keep) {
@@ -92,8 +106,7 @@ using acc_of = typename std::conditional<std::is_same<scalar_t, double>::value, 
 template <typename scalar_t>
 void forward_cpu_typed(const BgaForwardCall& call) {
   using acc_t = acc_of<scalar_t>;
-  auto geo = make_geometry<acc_t>(call.detail_keep.sizes().data(), call.detail_keep.strides().data(),
-                                  call.sem_up.sizes().data(), call.sem_up.strides().data());
+  auto geo = call_geometry<acc_t>(call);
   const scalar_t* keep = call.detail_keep.const_data_ptr<scalar_t>();
   const scalar_t* up = call.sem_up.const_data_ptr<scalar_t>();
   acc_t* gated = call.gated.mutable_data_ptr<acc_t>();
@@ -157,8 +170,7 @@ void backward_cpu_typed(const BgaBackwardCall& call) {
   using acc_t = acc_of<scalar_t>;
   const BgaBackwardPlan& plan = call.plan;
   const int group = plan.group;
-  auto geo = make_geometry<acc_t>(call.detail_keep.sizes().data(), call.detail_keep.strides().data(),
-                                  call.sem_up.sizes().data(), call.sem_up.strides().data());
+  auto geo = call_geometry<acc_t>(call);
   std::vector<acc_t> window_grad(static_cast<size_t>(plan.window_capacity));
   std::vector<acc_t> window_sem_grad(window_grad.size());
   std::vector<acc_t> row_grad(static_cast<size_t>(plan.row_capacity));
@@ -260,7 +272,7 @@ BgaBackwardCall prepare_bga_backward(const at::Tensor& grad_out, const at::Tenso
               grad_out.scalar_type(), " but detail_keep is ", detail_keep.scalar_type());
   TORCH_CHECK(grad_out.device() == detail_keep.device(), "bga_backward: grad_out is on ", grad_out.device(),
               " but detail_keep is on ", detail_keep.device());
-  TORCH_CHECK(tile_h >= 0 && tile_w >= 0, "bga_backward: tile sizes must be >= 0, got ", tile_h, "x", tile_w);
+  check_tiles("bga_backward", tile_h, tile_w);
   // the walk's 32-bit offsets: within a high-res row up to 4 pixels past its end, and in
   // sem_up from its first tap row's start to the second row's last column, (2 w - 1) C
   TORCH_CHECK(detail_keep.size(1) * (detail_keep.size(3) + 4) < (int64_t{1} << 31) &&
@@ -289,9 +301,7 @@ BgaBackwardCall prepare_bga_backward(const at::Tensor& grad_out, const at::Tenso
   const int group = channel_group(format, detail_keep.size(1));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, detail_keep.scalar_type(), "bga_backward_plan", [&] {
     using acc_t = acc_of<scalar_t>;
-    call.plan = backward_plan(make_geometry<acc_t>(call.detail_keep.sizes().data(), call.detail_keep.strides().data(),
-                                                   call.sem_up.sizes().data(), call.sem_up.strides().data()),
-                              group, call.channels_last, tile_h, tile_w);
+    call.plan = backward_plan(call_geometry<acc_t>(call), group, call.channels_last, tile_h, tile_w);
   });
   call.plan.lanes = chosen_lanes("bga_backward", call.plan, lanes, detail_keep.size(1), detail_keep.element_size(),
                                  starts_on(call.grad_out, 4) && starts_on(call.detail_keep, 4) &&
@@ -330,16 +340,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bga_backward_cpu(
 // tiles needs in each buffer (walking the tiles as the kernel does).
 std::vector<int64_t> bga_backward_plan_impl(at::IntArrayRef size, at::IntArrayRef low_size, bool channels_last,
                                             at::ScalarType dtype, int64_t tile_h, int64_t tile_w, int64_t lanes) {
-  TORCH_CHECK(size.size() == 4 && low_size.size() == 2, "bga_backward_plan: size must be (N, C, H, W) and low_size (h, w)");
+  TORCH_CHECK(size.size() == 4 && low_size.size() == 2 && size[2] > 0 && size[3] > 0 && low_size[0] > 0 &&
+                  low_size[1] > 0,
+              "bga_backward_plan: size must be (N, C, H, W) and low_size (h, w), non-empty planes");
   TORCH_CHECK(at::isFloatingType(dtype), "bga_backward_plan: dtype must be floating point, got ", dtype);
+  check_sides("bga_backward_plan", size, low_size);
+  check_tiles("bga_backward_plan", tile_h, tile_w);
   const int64_t hi_sizes[4] = {size[0], size[1], size[2], size[3]};
   const int64_t lo_sizes[4] = {size[0], size[1], low_size[0], low_size[1]};
-  const int64_t strides[4] = {0, 0, 0, 0};  // the plan does not depend on them
   const int group = channel_group(channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous, size[1]);
   std::vector<int64_t> result;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "bga_backward_plan", [&] {
     using acc_t = acc_of<scalar_t>;
-    const auto geo = make_geometry<acc_t>(hi_sizes, strides, lo_sizes, strides);
+    const auto geo = make_geometry<acc_t>(hi_sizes, lo_sizes, channels_last);
     const BgaBackwardPlan plan = backward_plan(geo, group, channels_last, tile_h, tile_w);
     int64_t most_window = 0, most_row = 0, written = 0;
     for (int tile_y = 0; tile_y * plan.tile_h < geo.h; ++tile_y)

@@ -112,15 +112,9 @@ __global__ void __launch_bounds__(kThreads) bga_backward_rim_kernel(
 }
 
 template <typename scalar_t>
-BgaGeometry<typename AccType<scalar_t>::type> geometry_of(const at::Tensor& high, const at::Tensor& low) {
-  return make_geometry<typename AccType<scalar_t>::type>(high.sizes().data(), high.strides().data(),
-                                                         low.sizes().data(), low.strides().data());
-}
-
-template <typename scalar_t>
 void forward_typed(const BgaForwardCall& call) {
   using acc_t = typename AccType<scalar_t>::type;
-  auto geo = geometry_of<scalar_t>(call.detail_keep, call.sem_up);
+  auto geo = call_geometry<acc_t>(call);
   const scalar_t* keep_ptr = call.detail_keep.const_data_ptr<scalar_t>();
   scalar_t* out_ptr = call.out.mutable_data_ptr<scalar_t>();
   const int64_t elements = call.detail_keep.numel();
@@ -161,7 +155,7 @@ void backward_typed(const BgaBackwardCall& call) {
   using acc_t = typename AccType<scalar_t>::type;
   const BgaBackwardPlan& plan = call.plan;
   const int group = plan.group;
-  auto geo = geometry_of<scalar_t>(call.detail_keep, call.sem_up);
+  auto geo = call_geometry<acc_t>(call);
   const TileRim<acc_t> rim = backward_rim<acc_t>(call);
   const int groups = (geo.C + group - 1) / group;
   TORCH_CHECK(groups <= 65535 && geo.N <= 65535, "bga_backward: too many channels or samples for the grid");

@@ -575,10 +575,13 @@ BISENET_HD void backward_rim_item(index_t item, bool channels_last, const BgaGeo
   finish_low_res<scalar_t, acc_t>(lo, rim_sum(rim, 0, n, c, i, j), rim_sum(rim, 1, n, c, i, j), d);
 }
 
-// Sizes and strides as at::Tensor::sizes() / strides() give them (N, C, H, W order).
+// Sizes as at::Tensor::sizes() gives them (N, C, H, W order), of tensors dense in one memory
+// format (NCHW, or channels_last); their strides follow from the sizes. (A dimension of size
+// 1 may carry any stride in a tensor PyTorch calls dense; this one's is what a larger size
+// would give, so an offset past such a dimension's only index, as the walk's clamped loads
+// ahead make, stays within int.)
 template <typename acc_t>
-inline BgaGeometry<acc_t> make_geometry(const int64_t* hi_sizes, const int64_t* hi_strides,
-                                        const int64_t* lo_sizes, const int64_t* lo_strides) {
+inline BgaGeometry<acc_t> make_geometry(const int64_t* hi_sizes, const int64_t* lo_sizes, bool channels_last) {
   BgaGeometry<acc_t> geo;
   geo.N = static_cast<int>(hi_sizes[0]);
   geo.C = static_cast<int>(hi_sizes[1]);
@@ -586,14 +589,15 @@ inline BgaGeometry<acc_t> make_geometry(const int64_t* hi_sizes, const int64_t* 
   geo.W = static_cast<int>(hi_sizes[3]);
   geo.h = static_cast<int>(lo_sizes[2]);
   geo.w = static_cast<int>(lo_sizes[3]);
-  geo.hi_sn = hi_strides[0];
-  geo.hi_sc = hi_strides[1];
-  geo.hi_sy = hi_strides[2];
-  geo.hi_sx = hi_strides[3];
-  geo.lo_sn = lo_strides[0];
-  geo.lo_sc = lo_strides[1];
-  geo.lo_sy = lo_strides[2];
-  geo.lo_sx = lo_strides[3];
+  const auto dense_strides = [&](int64_t rows, int64_t cols, int64_t* sn, int64_t* sc, int64_t* sy, int64_t* sx) {
+    const int64_t channels = geo.C;
+    *sn = channels * rows * cols;
+    *sc = channels_last ? 1 : rows * cols;
+    *sy = channels_last ? cols * channels : cols;
+    *sx = channels_last ? channels : 1;
+  };
+  dense_strides(geo.H, geo.W, &geo.hi_sn, &geo.hi_sc, &geo.hi_sy, &geo.hi_sx);
+  dense_strides(geo.h, geo.w, &geo.lo_sn, &geo.lo_sc, &geo.lo_sy, &geo.lo_sx);
   geo.scale_y = bilinear_scale<acc_t>(geo.h, geo.H);
   geo.scale_x = bilinear_scale<acc_t>(geo.w, geo.W);
   geo.divide_C = make_divider(static_cast<uint32_t>(geo.C > 0 ? geo.C : 1));

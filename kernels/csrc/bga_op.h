@@ -45,6 +45,12 @@ BgaBackwardData<scalar_t> backward_data(const BgaBackwardCall& call) {
   return data;
 }
 
+// The geometry of a prepared call (its tensors dense in its memory format).
+template <typename acc_t, typename Call>
+BgaGeometry<acc_t> call_geometry(const Call& call) {
+  return make_geometry<acc_t>(call.detail_keep.sizes().data(), call.sem_up.sizes().data(), call.channels_last);
+}
+
 template <typename acc_t>
 TileRim<acc_t> backward_rim(const BgaBackwardCall& call) {
   return make_tile_rim<acc_t>(call.rim.mutable_data_ptr<acc_t>(), static_cast<int>(call.detail_keep.size(0)),

@@ -66,6 +66,20 @@ BISENET_HD acc_t tap_weight(const Taps<acc_t>& t, int i) {
   return weight;
 }
 
+// The sizes the ops take, checked on the host (ohem_ce.cpp, bga.cpp): every side (N, C, H, W,
+// h, w) below kSideLimit and every tile side (band, chunk, tile_h, tile_w) below kTileLimit,
+// so that in int a side plus a tile (a tile loop's last step), a rim's 2 (tile_h + tile_w)
+// entries and a tile's spans stay below 2^31.
+constexpr int64_t kSideLimit = int64_t{1} << 30;
+constexpr int64_t kTileLimit = int64_t{1} << 20;
+
+template <typename Sizes>
+inline bool sides_below_limit(const Sizes& sizes) {
+  for (const int64_t side : sizes)
+    if (side >= kSideLimit) return false;
+  return true;
+}
+
 // Host side: the most high-res indices any tile of `tile` low-res indices (tiles starting at
 // 0, tile, 2 tile, ...) owns, [first(i0), first(i0 + tile)): the backward kernels'
 // shared-memory capacities, from the tap arithmetic the kernels run (same_bits.h).

@@ -73,6 +73,12 @@ at::ScalarType acc_type(const at::Tensor& logits) {
   return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// Every side below kSideLimit (bilinear.h): the tiles' int arithmetic stays below 2^31.
+void check_sides(const char* op, at::IntArrayRef high, at::IntArrayRef low) {
+  TORCH_CHECK(sides_below_limit(high) && sides_below_limit(low), op, ": sides of 2^30 or more are not supported, got ",
+              high, " and ", low);
+}
+
 void check_inputs(const char* op, const at::Tensor& logits, const at::Tensor& labels) {
   TORCH_CHECK(logits.dim() == 4, op, ": logits must be (N, C, h, w), got ", logits.sizes());
   TORCH_CHECK(labels.dim() == 3, op, ": labels must be (N, H, W), got ", labels.sizes());
@@ -89,6 +95,7 @@ void check_inputs(const char* op, const at::Tensor& logits, const at::Tensor& la
               labels.device());
   TORCH_CHECK(logits.numel() < (int64_t{1} << 31) && labels.size(1) * labels.size(2) < (int64_t{1} << 31), op,
               ": sizes too large");  // 32-bit offsets inside a sample
+  check_sides(op, labels.sizes(), logits.sizes());
 }
 
 void check_pixel_tensor(const char* op, const char* name, const at::Tensor& tensor, const at::Tensor& logits,
@@ -388,7 +395,7 @@ template <typename acc_t>
 CeBackwardPlan backward_plan(const CeGeometry<acc_t>& geo, int64_t band, int64_t chunk, int64_t shared_budget,
                              bool forward = false) {
   const char* op = forward ? "upsample_ce_forward_grad" : "upsample_ce_backward";
-  TORCH_CHECK(band >= 0 && chunk >= 0 && band < (int64_t{1} << 20) && chunk < (int64_t{1} << 20), op,
+  TORCH_CHECK(band >= 0 && chunk >= 0 && band < kTileLimit && chunk < kTileLimit, op,
               ": band and chunk must be in [0, 2^20), got ", band, " and ", chunk);
   CeBackwardPlan plan;
   const bool fits = plan_ce_backward(geo, static_cast<int>(band), static_cast<int>(chunk), shared_budget, &plan,
@@ -740,6 +747,7 @@ void check_plan_sizes(const char* op, at::IntArrayRef size, at::IntArrayRef low_
   TORCH_CHECK(size.size() == 4 && low_size.size() == 2 && size[2] > 0 && size[3] > 0 && low_size[0] > 0 &&
                   low_size[1] > 0,
               op, ": size must be (N, C, H, W) and low_size (h, w), non-empty planes");
+  check_sides(op, size, low_size);
 }
 
 std::vector<int64_t> upsample_ce_backward_plan(at::IntArrayRef size, at::IntArrayRef low_size, at::ScalarType dtype,

@@ -1281,8 +1281,9 @@ inline bool plan_ce_backward(const CeGeometry<acc_t>& geo, int band, int chunk, 
   chunk = static_cast<int>((static_cast<int64_t>(target_cols) * geo.w + geo.W - 1) / geo.W);
   plan->band = band < 1 ? 1 : (band > geo.h ? geo.h : band);
   if (pass_classes == kCeChunkClasses) {  // an inner tile's segment items one round of the block
-    const int most = static_cast<int>(static_cast<int64_t>(kCeBackwardThreads) * geo.w / (plan->band * geo.W));
-    chunk = chunk < most ? chunk : most;
+    const int64_t most =
+        static_cast<int64_t>(kCeBackwardThreads) * geo.w / (static_cast<int64_t>(plan->band) * geo.W);
+    chunk = chunk < most ? chunk : static_cast<int>(most);
   }
   plan->chunk = chunk < 1 ? 1 : (chunk > geo.w ? geo.w : chunk);
   while (true) {
