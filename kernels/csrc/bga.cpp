@@ -53,12 +53,6 @@ void check_sides(const char* op, at::IntArrayRef high, at::IntArrayRef low) {
               high, " and ", low);
 }
 
-// Explicit tile sides (0: the plan's) below kTileLimit.
-void check_tiles(const char* op, int64_t tile_h, int64_t tile_w) {
-  TORCH_CHECK(tile_h >= 0 && tile_w >= 0 && tile_h < kTileLimit && tile_w < kTileLimit, op,
-              ": tile sizes must be in [0, 2^20), got ", tile_h, "x", tile_w);
-}
-
 void check_inputs(const char* op, const at::Tensor& detail_keep, const at::Tensor& sem_up,
                   const at::Tensor& detail_down, const at::Tensor& sem_keep) {
   const at::Tensor* low[] = {&sem_up, &detail_down, &sem_keep};
@@ -152,6 +146,9 @@ int chosen_lanes(const char* op, const BgaBackwardPlan& plan, int64_t lanes, int
 // The backward's plan for these sizes (see the file comment); raises when it cannot launch.
 template <typename acc_t>
 BgaBackwardPlan backward_plan(const BgaGeometry<acc_t>& geo, int group, bool walk, int64_t tile_h, int64_t tile_w) {
+  // explicit tile sides (0: the plan's) below kTileLimit (bilinear.h)
+  TORCH_CHECK(tile_h >= 0 && tile_w >= 0 && tile_h < kTileLimit && tile_w < kTileLimit,
+              "bga_backward: tile sizes must be in [0, 2^20), got ", tile_h, "x", tile_w);
   BgaBackwardPlan plan;
   const BgaPlanStatus status = plan_backward(geo, group, walk, static_cast<int>(tile_h), static_cast<int>(tile_w),
                                              kBgaSharedBytes, &plan);
@@ -272,7 +269,6 @@ BgaBackwardCall prepare_bga_backward(const at::Tensor& grad_out, const at::Tenso
               grad_out.scalar_type(), " but detail_keep is ", detail_keep.scalar_type());
   TORCH_CHECK(grad_out.device() == detail_keep.device(), "bga_backward: grad_out is on ", grad_out.device(),
               " but detail_keep is on ", detail_keep.device());
-  check_tiles("bga_backward", tile_h, tile_w);
   // the walk's 32-bit offsets: within a high-res row up to 4 pixels past its end, and in
   // sem_up from its first tap row's start to the second row's last column, (2 w - 1) C
   TORCH_CHECK(detail_keep.size(1) * (detail_keep.size(3) + 4) < (int64_t{1} << 31) &&
@@ -345,7 +341,6 @@ std::vector<int64_t> bga_backward_plan_impl(at::IntArrayRef size, at::IntArrayRe
               "bga_backward_plan: size must be (N, C, H, W) and low_size (h, w), non-empty planes");
   TORCH_CHECK(at::isFloatingType(dtype), "bga_backward_plan: dtype must be floating point, got ", dtype);
   check_sides("bga_backward_plan", size, low_size);
-  check_tiles("bga_backward_plan", tile_h, tile_w);
   const int64_t hi_sizes[4] = {size[0], size[1], size[2], size[3]};
   const int64_t lo_sizes[4] = {size[0], size[1], low_size[0], low_size[1]};
   const int group = channel_group(channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous, size[1]);
